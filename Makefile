@@ -1,0 +1,39 @@
+# fedseg: the two commands a fresh clone needs are `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-install
+
+# Flower must never try to install runtime dependencies (it would pull a CUDA torch), phone home,
+# or write outside the project.
+export FLWR_HOME := $(CURDIR)/.flwr
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU wheel; every later pip call is held to the same pins.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/fedseg synth --out data/synthetic --cases 60 --seed 0
+	$(BIN)/fedseg train data/synthetic --out runs/centralized
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf runs data/synthetic .flwr

@@ -1,0 +1,3 @@
+"""fedseg: federated learning for brain-tumour segmentation on multimodal MRI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""fedseg command line: one module per command, each with ``register(app)``."""

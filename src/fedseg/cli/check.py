@@ -1,0 +1,82 @@
+"""``fedseg check``: report every problem of a dataset folder before a site trains on it.
+
+Exit codes: 0 the folder is clean; 1 problems were found (one line each); 2 bad usage (the
+folder does not exist, unknown ``--layout``); 3 an internal failure.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedseg.cli._common import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_PROBLEMS, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``check`` command to ``app``."""
+
+    @app.command("check")
+    def check(
+        directory: Annotated[
+            Path,
+            typer.Argument(
+                metavar="DIR",
+                help="Dataset folder (BraTS 2020/2021, BraTS 2023 or MSD Task01), "
+                "or one case folder.",
+                show_default=False,
+            ),
+        ],
+        layout: Annotated[
+            str | None,
+            typer.Option("--layout", help="brats2021, brats2023 or msd (default: detect)."),
+        ] = None,
+        require_labels: Annotated[
+            bool,
+            typer.Option(
+                "--require-labels/--no-require-labels",
+                help="Report cases without a segmentation (MSD imagesTs excepted).",
+            ),
+        ] = True,
+        json_out: Annotated[
+            bool, typer.Option("--json", help="Print a JSON report instead.")
+        ] = False,
+    ) -> None:
+        """Check every case of DIR: files present and readable, shapes, affines, spacing,
+        label values, NaN/inf and empty images. Prints one line per problem:
+        "<path>: <code> <message>". Exit 0 when clean, 1 with problems, 2 on bad usage,
+        3 on an internal failure."""
+        import json
+
+        from fedseg.data.check import check_dataset
+
+        if not directory.is_dir():
+            print(f"error: {directory}: no such folder", file=sys.stderr)
+            raise typer.Exit(EXIT_BAD_INPUT)
+        try:
+            with user_errors():
+                report = check_dataset(directory, layout=layout, require_labels=require_labels)
+        except typer.Exit:
+            raise
+        except Exception as exc:  # the CLI never prints a traceback; report a bug in one line
+            print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            raise typer.Exit(EXIT_INTERNAL) from None
+        if json_out:
+            print(json.dumps(report.to_dict(), indent=2))
+        elif report.ok:
+            print(
+                f"OK: {report.cases_checked} case(s) checked in {directory} "
+                f"(layout {report.layout}), no problems"
+            )
+        else:
+            for problem in report.problems:
+                print(problem.line())
+            print(
+                f"{len(report.problems)} problem(s) in "
+                f"{report.cases_checked - report.cases_clean} of {report.cases_checked} "
+                f"case(s) in {directory} (layout {report.layout or 'unknown'})"
+            )
+        if not report.ok:
+            raise typer.Exit(EXIT_PROBLEMS)

@@ -1,0 +1,156 @@
+"""``fedseg study``: the whole comparison in one command (what ``make demo`` runs).
+
+Exit codes: 0 success; 2 bad usage or bad input (unknown arm, bad option value, unreadable
+data, results in --out from another configuration); 3 an internal failure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedseg.cli._common import user_errors
+
+_HELP = (
+    "Compare centralized, local-only and federated training on the same virtual hospitals."
+    "\n\n"
+    "Without options: generates a synthetic BraTS-style cohort into OUT/data (reused on "
+    "reruns), splits it into 4 sites with the mixed partition (quantity + tumour-size + scanner "
+    "skew), trains every arm (centralized, local, fedavg, fedprox, scaffold, fedbn) for the "
+    "same budget of rounds x local epochs, scores every final model on every site's test cases "
+    "and on the pooled test set (Dice and HD95 per region), and writes OUT/report.html, "
+    "OUT/metrics.json, OUT/metrics.csv and OUT/models/<arm>.pt (readable by `fedseg evaluate`)."
+    "\n\n"
+    "Rerun the same command to resume: finished arms are kept and only missing ones run."
+    "\n\n"
+    "Exit codes: 0 success, 2 bad input, 3 internal failure."
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``study`` command to ``app``."""
+    app.command("study", help=_HELP)(study_command)
+
+
+def study_command(
+    arms: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated arms: centralized, local, fedavg, fedprox, "
+            "scaffold, fedbn, or all."
+        ),
+    ] = "all",
+    sites: Annotated[
+        int | None, typer.Option(help="Number of virtual hospitals (default 4).")
+    ] = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            help="Federated rounds (num-server-rounds); the epoch budget "
+            "of every arm is rounds x local epochs."
+        ),
+    ] = None,
+    local_epochs: Annotated[
+        int | None, typer.Option("--local-epochs", help="Local epochs per round.")
+    ] = None,
+    partition: Annotated[
+        str | None,
+        typer.Option(
+            help="Partition scheme (iid, quantity, tumour-size, scanner, dirichlet, "
+            "mixed) or a CSV file case_id,site."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the cohort, partition and training.")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="A labelled BraTS 2020/2021/2023 or MSD folder instead of the generated cohort."
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Study folder (results, models, report).")] = Path(
+        "runs/study"
+    ),
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Edge of the cubic training grid.")
+    ] = None,
+    base_channels: Annotated[
+        int | None, typer.Option("--base-channels", help="U-Net width of the first level.")
+    ] = None,
+    depth: Annotated[int | None, typer.Option(help="U-Net levels.")] = None,
+    cases: Annotated[
+        int | None, typer.Option(help="Cases of the generated cohort (ignored with --data).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Keep arms finished in an earlier run.")
+    ] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the pooled results as JSON on stdout.")
+    ] = False,
+) -> None:
+    """Run the study (see ``fedseg study --help``)."""
+    from fedseg.cli.options import config_from_options
+    from fedseg.study.study import parse_arms, run_study
+
+    with user_errors():
+        selected = parse_arms(arms)
+        options: dict[str, Any] = {
+            "num_sites": sites,
+            "num_server_rounds": rounds,
+            "local_epochs": local_epochs,
+            "seed": seed,
+            "image_size": image_size,
+            # the whole prepared volume is the training patch unless the config says otherwise
+            "patch_size": image_size,
+            "base_channels": base_channels,
+            "depth": depth,
+            "num_cases": cases,
+        }
+        if partition is not None:
+            if partition.lower().endswith(".csv") or Path(partition).is_file():
+                options.update(partition="csv", partition_file=partition)
+            else:
+                options["partition"] = partition
+        cfg = config_from_options(**options)
+        doc = run_study(out, cfg, arms=selected, data=data, progress=not quiet, resume=resume)
+    _print_summary(doc, as_json)
+
+
+def _print_summary(doc: dict[str, Any], as_json: bool) -> None:
+    from fedseg.data.case import REGIONS
+    from fedseg.study.report import pretty, summary_rows
+
+    rows = summary_rows(doc)
+    if as_json:
+        pooled = {
+            r["arm"]: {
+                **{k: r[k] for k in REGIONS},
+                "mean-dice": r["mean"],
+                "vs-centralized": None if r["ratio"] != r["ratio"] else r["ratio"],
+                "worst-site": r["worst-site"],
+                "worst-site-dice": r["worst-dice"],
+            }
+            for r in rows
+        }
+        print(json.dumps({"report": doc["report"], "pooled": pooled}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="pooled test Dice per arm")
+    for col in ("arm", *REGIONS, "mean", "vs centralized", "worst site"):
+        table.add_column(col, justify="left" if col in ("arm", "worst site") else "right")
+    for r in rows:
+        ratio = "-" if r["ratio"] != r["ratio"] else f"{r['ratio']:.0%}"
+        worst = "-" if r["worst-site"] is None else f"{r['worst-site']} ({r['worst-dice']:.3f})"
+        table.add_row(
+            pretty(r["arm"]), *(f"{r[k]:.3f}" for k in REGIONS), f"{r['mean']:.3f}", ratio, worst
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"report: {doc['report']}")

@@ -1,0 +1,243 @@
+"""The one config source of fedseg.
+
+Values come from the Flower app config (``[tool.flwr.app.config]`` in pyproject.toml, kebab-case
+keys, overridable with ``flwr run --run-config``) or from CLI options, and are parsed once into
+the frozen, validated :class:`FedsegConfig`. A bad key or value raises
+:class:`fedseg.errors.ConfigError` naming the key, what is allowed and the closest match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedseg.errors import ConfigError
+
+#: federated strategies the ServerApp knows (``strategy`` key)
+STRATEGIES: tuple[str, ...] = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "scaffold",
+    "fedbn",
+    "cyclic",
+)
+
+
+@dataclass(frozen=True)
+class FedsegConfig:
+    """Validated configuration. Field names are the snake_case form of the kebab-case keys."""
+
+    # model / data geometry
+    spatial_dims: int = 3
+    image_size: int = 48
+    patch_size: int = 48
+    base_channels: int = 8
+    depth: int = 4
+    # optimisation
+    batch_size: int = 2
+    learning_rate: float = 0.002
+    weight_decay: float = 0.00001
+    epochs: int = 30
+    augment: bool = True
+    # cohort
+    num_cases: int = 60
+    test_fraction: float = 0.25
+    val_fraction: float = 0.15
+    seed: int = 0
+    # federation (Flower ServerApp / ClientApp)
+    strategy: str = "fedavg"
+    num_server_rounds: int = 10
+    local_epochs: int = 1
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    server_tau: float = 0.001
+    fraction_train: float = 1.0
+    min_fraction: float = 0.5
+    round_timeout: float = 600.0
+    num_sites: int = 4
+    partition: str = "mixed"
+    partition_alpha: float = 0.5
+    data_path: str = ""
+    partition_file: str = ""
+    reset_optimizer: bool = True
+    out_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.spatial_dims in (2, 3), "spatial-dims", "2 or 3", self.spatial_dims)
+        _check(self.image_size >= 16, "image-size", "an integer >= 16", self.image_size)
+        div = 2 ** (self.depth - 1)
+        _check(
+            self.image_size % div == 0,
+            "image-size",
+            f"a multiple of {div} (2**(depth-1))",
+            self.image_size,
+        )
+        _check(
+            16 <= self.patch_size <= self.image_size and self.patch_size % div == 0,
+            "patch-size",
+            f"a multiple of {div} between 16 and image-size ({self.image_size})",
+            self.patch_size,
+        )
+        _check(self.base_channels >= 2, "base-channels", "an integer >= 2", self.base_channels)
+        _check(2 <= self.depth <= 6, "depth", "an integer in [2, 6]", self.depth)
+        _check(self.batch_size >= 1, "batch-size", "an integer >= 1", self.batch_size)
+        _check(self.learning_rate > 0, "learning-rate", "a number > 0", self.learning_rate)
+        _check(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
+        _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _check(self.num_cases >= 4, "num-cases", "an integer >= 4", self.num_cases)
+        test = self.test_fraction
+        _check(0 < test < 1, "test-fraction", "a number in (0, 1)", test)
+        _check(0 <= self.val_fraction < 1, "val-fraction", "a number in [0, 1)", self.val_fraction)
+        _check(
+            self.test_fraction + self.val_fraction < 0.9,
+            "val-fraction",
+            "test-fraction + val-fraction < 0.9",
+            self.val_fraction,
+        )
+        self._check_federation()
+
+    def _check_federation(self) -> None:
+        from fedseg.data.partition import SCHEMES
+
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("partition", self.partition, SCHEMES)
+        rounds = self.num_server_rounds
+        _check(rounds >= 1, "num-server-rounds", "an integer >= 1", rounds)
+        _check(self.local_epochs >= 1, "local-epochs", "an integer >= 1", self.local_epochs)
+        _check(
+            math.isfinite(self.proximal_mu) and self.proximal_mu >= 0,
+            "proximal-mu",
+            "a finite number >= 0",
+            self.proximal_mu,
+        )
+        _check(
+            math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
+            "server-learning-rate",
+            "a finite number > 0",
+            self.server_learning_rate,
+        )
+        _check(
+            math.isfinite(self.server_tau) and self.server_tau > 0,
+            "server-tau",
+            "a finite number > 0",
+            self.server_tau,
+        )
+        frac = self.fraction_train
+        _check(0 < frac <= 1, "fraction-train", "a number in (0, 1]", frac)
+        _check(0 < self.min_fraction <= 1, "min-fraction", "a number in (0, 1]", self.min_fraction)
+        _check(
+            math.isfinite(self.round_timeout) and self.round_timeout > 0,
+            "round-timeout",
+            "a finite number of seconds > 0",
+            self.round_timeout,
+        )
+        _check(self.num_sites >= 1, "num-sites", "an integer >= 1", self.num_sites)
+        _check(
+            math.isfinite(self.partition_alpha) and self.partition_alpha > 0,
+            "partition-alpha",
+            "a finite number > 0",
+            self.partition_alpha,
+        )
+        _check(
+            self.partition != "csv" or bool(self.partition_file),
+            "partition-file",
+            "a CSV path (case_id,site) when partition is 'csv'",
+            self.partition_file,
+        )
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """U-Net channels per level: base-channels doubled at each of ``depth`` levels."""
+        return tuple(self.base_channels * 2**i for i in range(self.depth))
+
+    def replace(self, **changes: Any) -> FedsegConfig:
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Return the kebab-case mapping (the Flower run-config form) of this config."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], *, strict: bool = True) -> FedsegConfig:
+        """Parse a kebab-case mapping (Flower run config, CLI overrides) into a config.
+
+        Parameters
+        ----------
+        run_config:
+            Keys in kebab-case as in ``[tool.flwr.app.config]``.
+        strict:
+            When true, an unknown key is an error; otherwise it is ignored (a Flower run config
+            may carry keys meant for other components).
+
+        Raises
+        ------
+        ConfigError
+            For an unknown key (with the closest known key) or a value of the wrong type/range.
+        """
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if key not in known:
+                if strict:
+                    close = difflib.get_close_matches(key, list(known), n=1)
+                    hint = f"; did you mean '{close[0]}'?" if close else ""
+                    raise ConfigError(f"unknown config key '{key}'{hint}")
+                continue
+            f = known[key]
+            kwargs[f.name] = _coerce(key, value, f.type)
+        return cls(**kwargs)
+
+
+def _check(ok: bool, key: str, expected: str, found: object) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {expected}, found {found!r}")
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"config key '{key}': expected one of {', '.join(allowed)}, found {value!r}{hint}"
+        )
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Coerce a run-config value to the field's type, refusing silent lossy conversions."""
+    tname = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    if tname == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}': expected true or false, found {value!r}")
+    if tname == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, found {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected an integer, found {value!r}")
+    if tname == "float":
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, found {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected a number, found {value!r}") from None
+    if tname == "str":
+        return str(value)
+    return value

@@ -1,0 +1,91 @@
+"""The one exception hierarchy of fedseg.
+
+Every error raised at a boundary (CLI, config, files read from disk, replies from sites)
+is a :class:`FedsegError`. Each class carries a short ``code`` so that a site can report
+*what kind* of failure happened to the server without sending a traceback, a file path or
+a case identifier (see :func:`FedsegError.public`).
+"""
+
+from __future__ import annotations
+
+
+class FedsegError(Exception):
+    """Base class of all fedseg errors."""
+
+    code: str = "E000"
+
+    def public(self) -> str:
+        """Return the part of this error that may leave a site: code and class only."""
+        return f"{self.code}:{type(self).__name__}"
+
+
+class ConfigError(FedsegError, ValueError):
+    """A configuration key has a bad or unknown value."""
+
+    code = "E100"
+
+
+class DataError(FedsegError):
+    """Base class of problems with input data."""
+
+    code = "E200"
+
+
+class LayoutError(DataError):
+    """A folder matches none of the supported dataset layouts."""
+
+    code = "E201"
+
+
+class MissingModalityError(DataError):
+    """A case lacks one of the four MRI modalities (or its label when one is required)."""
+
+    code = "E202"
+
+
+class CorruptFileError(DataError):
+    """A file cannot be read as NIfTI (truncated, not gzip, bad header...)."""
+
+    code = "E203"
+
+
+class GeometryError(DataError):
+    """Shapes, affines or spacings disagree between the files of one case, or are implausible."""
+
+    code = "E204"
+
+
+class LabelValueError(DataError):
+    """A segmentation holds label values that its layout does not allow."""
+
+    code = "E205"
+
+
+class IntensityError(DataError):
+    """An image holds NaN or infinite values, or is empty."""
+
+    code = "E206"
+
+
+class PartitionError(DataError):
+    """Cases cannot be split into sites as asked (bad CSV, too few cases...)."""
+
+    code = "E207"
+
+
+class CheckpointError(FedsegError):
+    """A checkpoint is missing, corrupt, or does not match the model."""
+
+    code = "E300"
+
+
+class UpdateValidationError(FedsegError):
+    """A site's reply (model update) is malformed: keys, shapes, dtypes, non-finite values."""
+
+    code = "E400"
+
+
+class AggregationError(FedsegError):
+    """Updates cannot be combined: bad weights, or arrays whose count or shapes disagree."""
+
+    code = "E401"

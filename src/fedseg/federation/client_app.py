@@ -1,0 +1,104 @@
+"""The fedseg ClientApp: a thin adapter between Flower messages and the site logic.
+
+``app`` is what ``[tool.flwr.app.components] clientapp`` points at; it reads the Flower run config
+from the Context. :func:`build_client_app` builds the same app with config values fixed in a
+closure, for the Simulation Engine's Python API (which passes an empty run config).
+
+The boundary policy: a site never stops the federation and never sends details of a failure.
+Every handler is wrapped so that any exception is logged here, in full, and the reply carries
+only ``code:Class`` (:func:`fedseg.federation.records.public_code`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedseg.config import FedsegConfig
+from fedseg.federation import records as R
+from fedseg.federation import site
+
+log = logging.getLogger("fedseg.site")
+
+Handler = Callable[[Message, Context, FedsegConfig], RecordDict]
+
+
+def guarded_reply(
+    handler: Handler,
+    msg: Message,
+    context: Context,
+    overrides: Mapping[str, Any] | None = None,
+) -> Message:
+    """Run ``handler`` and wrap its content in a reply; on any failure reply with a code only.
+
+    Parameters
+    ----------
+    handler:
+        One of :func:`fedseg.federation.site.handle_train` / ``handle_evaluate`` /
+        ``handle_query``.
+    msg, context:
+        What Flower passed to the ClientApp.
+    overrides:
+        Run-config values that take precedence over ``context.run_config``.
+
+    Returns
+    -------
+    flwr.app.Message
+        The reply (never raises).
+    """
+    name: str | None = None
+    try:
+        cfg = site.site_config(context, overrides)
+        try:
+            name = site.resolve_site(context, cfg).name
+        except Exception:  # noqa: BLE001 - reported below by the handler itself
+            name = None
+        content = handler(msg, context, cfg)
+    except Exception as exc:  # noqa: BLE001 - the site boundary: nothing may escape
+        log.exception(
+            "site %s: %s failed (reply carries only %s)",
+            name or f"node-{context.node_id}",
+            msg.metadata.message_type,
+            R.public_code(exc),
+        )
+        content = R.error_content(exc, name)
+    return Message(content, reply_to=msg)
+
+
+def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """Build the fedseg ClientApp.
+
+    Parameters
+    ----------
+    overrides:
+        Kebab-case run-config values that take precedence over ``context.run_config`` (the
+        simulation runner passes the whole config, ``data-path`` and ``partition-file``).
+
+    Returns
+    -------
+    flwr.clientapp.ClientApp
+        With ``train``, ``evaluate`` and ``query`` handlers.
+    """
+    fixed = dict(overrides or {})
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        return guarded_reply(site.handle_train, msg, context, fixed)
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return guarded_reply(site.handle_evaluate, msg, context, fixed)
+
+    @client.query()
+    def query(msg: Message, context: Context) -> Message:
+        return guarded_reply(site.handle_query, msg, context, fixed)
+
+    return client
+
+
+app = build_client_app()

@@ -1,0 +1,128 @@
+"""A Flower :class:`~flwr.serverapp.Grid` that runs a ClientApp in the calling process.
+
+No Ray, no SuperLink: each message is handed to ``client_app(message, context)`` at once, with
+one persistent :class:`~flwr.app.Context` per node (as a SuperNode keeps it). Used by the tests
+(fast, deterministic, and a fault can be injected per node) and handy for debugging a strategy
+step by step. The Simulation Engine (:mod:`fedseg.federation.runner`) is the real thing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+
+#: ``fault(message) -> reply | None``: replace a node's reply (``None`` drops it, a timeout)
+Fault = Callable[[Message, Message], Message | None]
+
+
+class InProcessGrid(Grid):
+    """Run ``client_app`` synchronously for each message.
+
+    Parameters
+    ----------
+    client_app:
+        The ClientApp every node runs.
+    node_configs:
+        One node config per node (e.g. ``{"partition-id": i, "num-partitions": k}``).
+    run_config:
+        The run config every node's Context sees.
+    """
+
+    _ids = itertools.count(1001)
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: Iterable[Mapping[str, Any]],
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        _ensure_task_identity()
+        self.client_app = client_app
+        self.contexts: dict[int, Context] = {}
+        for cfg in node_configs:
+            node_id = next(self._ids)
+            self.contexts[node_id] = Context(
+                run_id=0,
+                node_id=node_id,
+                node_config=dict(cfg),
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+        #: node id -> fault applied to its replies (tests)
+        self.faults: dict[int, Fault] = {}
+        self.sent: list[Message] = []
+
+    # Grid API ----------------------------------------------------------------------------
+    def set_run(self, run: Any) -> None:  # pragma: no cover - no SuperLink run here
+        """Not used."""
+
+    @property
+    def run(self) -> Any:  # pragma: no cover
+        """Not used."""
+        raise NotImplementedError("InProcessGrid has no SuperLink run")
+
+    def create_message(  # pragma: no cover - deprecated in Flower
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Build a message (deprecated Flower API, kept for the ABC)."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """All nodes (they never disconnect)."""
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
+        """Not used: :meth:`send_and_receive` runs the messages directly."""
+        raise NotImplementedError("InProcessGrid only supports send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
+        """Not used: :meth:`send_and_receive` runs the messages directly."""
+        raise NotImplementedError("InProcessGrid only supports send_and_receive")
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Run each message on its node now; ``timeout`` is ignored (a fault can drop replies)."""
+        replies: list[Message] = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            reply = self.client_app(msg, self.contexts[node])
+            fault = self.faults.get(node)
+            if fault is not None:
+                reply = fault(msg, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+    def node_of(self, key: str, value: Any) -> int:
+        """The node whose node config has ``key == value``."""
+        for node, ctx in self.contexts.items():
+            if ctx.node_config.get(key) == value:
+                return node
+        raise KeyError(f"no node with {key}={value!r}")
+
+
+def _ensure_task_identity() -> None:
+    # Messages take their run and source ids from the process's TaskIdentity, which only the
+    # Flower runtimes set; outside them give it the ServerApp's identity.
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("run_id", 0), ("task_id", 1), ("node_id", SUPERLINK_NODE_ID)):
+        try:
+            getattr(TaskIdentity, attr)
+        except RuntimeError:
+            setattr(TaskIdentity, attr, value)

@@ -1,0 +1,233 @@
+"""fedseg's round loop: Flower's ``Strategy.start`` plus checkpoints, resume and a history.
+
+Each round: training half (:meth:`FedsegStrategy.run_train`, replies awaited up to
+``round-timeout``), evaluation half (every site scores the new global model on its held-out
+cases), a history row, then an atomic checkpoint. A round whose replies all fail, or fall below
+the quorum, leaves the model unchanged, is recorded as ``"failed"`` and the run goes on.
+
+Resume: when ``checkpoint`` exists, the loop starts after its last completed round with its
+model, strategy state and history. Sites seed their training with ``(seed, round, site)`` and
+the server samples with ``(seed, round)``, so a resumed run ends with the same weights as an
+uninterrupted one (for state kept at the sites, see ``reset-optimizer`` and SCAFFOLD / FedBN in
+:mod:`fedseg.federation.site`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from fedseg.config import FedsegConfig
+from fedseg.federation import records as R
+from fedseg.federation.checkpoint import load_checkpoint, save_checkpoint
+from fedseg.federation.strategy import EvaluateReport, FedsegStrategy, TrainReport
+
+log = logging.getLogger("fedseg.server")
+
+Progress = Callable[[int, int, dict[str, Any]], None]
+
+
+@dataclass
+class LoopResult:
+    """What :func:`run_rounds` returns.
+
+    Attributes
+    ----------
+    weights:
+        Final global model ``{name: array}``.
+    history:
+        One row per round (see :func:`history_row`).
+    site_weights:
+        FedBN: each site's personalised model; otherwise ``None``.
+    sites:
+        Node id to site name, as learnt in the handshake.
+    start_round:
+        The last round already done when the loop started (0 for a fresh run).
+    ready_time:
+        ``time.perf_counter()`` when every site had answered the handshake (start-up cost).
+    """
+
+    weights: dict[str, np.ndarray]
+    history: list[dict[str, Any]]
+    site_weights: dict[str, dict[str, np.ndarray]] | None = None
+    sites: dict[int, str] = field(default_factory=dict)
+    start_round: int = 0
+    ready_time: float = 0.0
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: FedsegStrategy,
+    initial: dict[str, np.ndarray],
+    cfg: FedsegConfig,
+    *,
+    checkpoint: Path | None = None,
+    progress: Progress | None = None,
+) -> LoopResult:
+    """Run rounds ``last checkpointed + 1 .. num-server-rounds``.
+
+    Parameters
+    ----------
+    grid:
+        Flower grid (Simulation Engine, SuperLink, or :class:`InProcessGrid`).
+    strategy:
+        The adapter; its state is restored from the checkpoint.
+    initial:
+        The initial global model (used when there is no checkpoint).
+    cfg:
+        Configuration (``num-server-rounds``, ``round-timeout``, ``num-sites``).
+    checkpoint:
+        Checkpoint file, read when present and rewritten after every round; none when ``None``.
+    progress:
+        Called as ``progress(round, num_rounds, history_row)`` after each round.
+
+    Returns
+    -------
+    LoopResult
+
+    Raises
+    ------
+    fedseg.errors.ConfigError
+        The checkpoint was written with another configuration.
+    """
+    weights = {k: np.asarray(v) for k, v in initial.items()}
+    history: list[dict[str, Any]] = []
+    start = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = load_checkpoint(Path(checkpoint), cfg)
+        weights, history, start = state["weights"], state["history"], state["round"]
+        strategy.load_state_dict(state["strategy"])
+        log.info("resuming after round %d from %s", start, checkpoint)
+    strategy.global_weights = dict(weights)
+
+    _wait_for_sites(grid, cfg)
+    strategy.discover_sites(grid, timeout=cfg.round_timeout)
+    ready_time = time.perf_counter()
+    arrays = R.to_array_record(weights)
+    for server_round in range(start + 1, cfg.num_server_rounds + 1):
+        t0 = time.perf_counter()
+        strategy.discover_sites(grid, timeout=cfg.round_timeout)  # nodes that joined late
+        new, _ = strategy.run_train(grid, server_round, arrays, cfg.round_timeout)
+        if new is not None:
+            arrays = new
+        strategy.global_weights = R.from_array_record(arrays)
+        t_train = time.perf_counter() - t0
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            timeout=cfg.round_timeout,
+        )
+        strategy.aggregate_evaluate(server_round, replies)
+        wall = time.perf_counter() - t0
+        train_report = strategy.last_train or TrainReport(server_round, status="failed")
+        eval_report = strategy.last_evaluate or EvaluateReport(server_round)
+        row = history_row(train_report, eval_report, wall, t_train)
+        history.append(row)
+        weights = R.from_array_record(arrays)
+        if checkpoint is not None:
+            save_checkpoint(
+                Path(checkpoint),
+                server_round=server_round,
+                weights=weights,
+                strategy_state=strategy.state_dict(),
+                history=history,
+                cfg=cfg,
+            )
+        log.info(
+            "round %d/%d %s: train-loss %s, mean Dice %s, %.2f s",
+            server_round,
+            cfg.num_server_rounds,
+            row["status"],
+            row["train-loss"],
+            row["mean-dice"],
+            wall,
+        )
+        if progress is not None:
+            progress(server_round, cfg.num_server_rounds, row)
+    return LoopResult(
+        weights=R.from_array_record(arrays),
+        history=history,
+        site_weights=strategy.site_models(),
+        sites=dict(strategy.sites),
+        start_round=start,
+        ready_time=ready_time,
+    )
+
+
+def history_row(
+    train: TrainReport, evaluate: EvaluateReport, wall_seconds: float, train_wall_seconds: float
+) -> dict[str, Any]:
+    """One round of ``history.json``: plain JSON types, NaN written as ``null``.
+
+    Keys: ``round``, ``status`` (``ok`` / ``failed``), ``reason``, ``sampled``, ``accepted``,
+    ``rejected`` (site -> reason), ``train-loss``, ``train`` (site -> metrics), ``dice`` (site ->
+    region -> Dice), ``mean-dice`` (region -> case-weighted mean), ``eval-failed``,
+    ``train-seconds`` (site training on the critical path), ``eval-seconds``,
+    ``train-wall-seconds`` (the training half as the server saw it), ``round-seconds`` (the whole
+    round), ``overhead-seconds`` (round minus site train and eval on the critical path:
+    messaging, serialisation, aggregation, scheduling, and queueing when there are fewer
+    workers than sites) and ``site-train-seconds-sum``.
+    """
+    compute = train.compute_seconds + evaluate.compute_seconds
+    site_sum = sum(m.get("train-seconds", 0.0) for m in train.metrics.values())
+    return _clean(
+        {
+            "round": train.server_round,
+            "status": train.status,
+            "reason": train.reason,
+            "sampled": list(train.sampled),
+            "accepted": list(train.accepted),
+            "rejected": dict(train.rejected),
+            "train-loss": train.train_loss(),
+            "train": {s: dict(m) for s, m in train.metrics.items()},
+            "dice": {s: dict(d) for s, d in evaluate.dice.items()},
+            "mean-dice": evaluate.mean_dice(),
+            "eval-failed": dict(evaluate.failed),
+            "train-seconds": train.compute_seconds,
+            "eval-seconds": evaluate.compute_seconds,
+            "train-wall-seconds": train_wall_seconds,
+            "round-seconds": wall_seconds,
+            "overhead-seconds": max(0.0, wall_seconds - compute),
+            "site-train-seconds-sum": site_sum,
+        }
+    )
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _wait_for_sites(grid: Grid, cfg: FedsegConfig) -> None:
+    """Wait (up to ``round-timeout``) until ``num-sites`` nodes are connected, then go on."""
+    deadline = time.monotonic() + cfg.round_timeout
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= cfg.num_sites:
+            return
+        if time.monotonic() >= deadline:
+            log.warning(
+                "%d of %d sites connected after %.0f s; going on with them",
+                connected,
+                cfg.num_sites,
+                cfg.round_timeout,
+            )
+            return
+        log.info("waiting for sites: %d of %d connected", connected, cfg.num_sites)
+        time.sleep(1.0)

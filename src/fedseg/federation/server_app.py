@@ -1,0 +1,131 @@
+"""The fedseg ServerApp: parse the config, build the strategy, run :func:`run_rounds`, write.
+
+``app`` is what ``[tool.flwr.app.components] serverapp`` points at (``flwr run``, Simulation or
+Deployment Engine); it reads the Flower run config from the Context and writes into ``out-dir``
+(``runs/federated-<strategy>`` when empty). :func:`build_server_app` builds the same app with
+config values fixed in a closure and a callback that receives the result (the in-process
+Simulation runner uses it).
+
+Outputs in the run folder
+-------------------------
+``checkpoint.pt``
+    After every round (resume: run the same command again).
+``history.json``
+    One row per round (:func:`fedseg.federation.loop.history_row`).
+``final_model.pt``
+    The global model, ``fedseg-model-v1`` payload (``fedseg evaluate`` reads it).
+``site_models/<site>.pt``
+    FedBN only: each site's personalised model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedseg.config import FedsegConfig
+from fedseg.federation.checkpoint import save_model
+from fedseg.federation.loop import LoopResult, Progress, run_rounds
+from fedseg.federation.strategy import FedsegStrategy
+from fedseg.utils.io import atomic_write_json
+
+log = logging.getLogger("fedseg.server")
+
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.json"
+FINAL_MODEL = "final_model.pt"
+SITE_MODELS = "site_models"
+
+
+def initial_model(cfg: FedsegConfig) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The initial global model (seeded by ``seed``, as the site trainer builds it).
+
+    Returns
+    -------
+    weights, param_names
+        ``{name: float32 array}`` in state-dict order, and the trainable parameters' names.
+    """
+    import torch
+
+    from fedseg.model.unet import build_unet
+
+    torch.manual_seed(cfg.seed)
+    model = build_unet(cfg)
+    weights = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    return weights, [n for n, _ in model.named_parameters()]
+
+
+def out_dir_of(cfg: FedsegConfig) -> Path:
+    """Where the ServerApp writes: ``out-dir``, or ``runs/federated-<strategy>``."""
+    return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / f"federated-{cfg.strategy}"
+
+
+def serve(
+    grid: Grid, cfg: FedsegConfig, out: Path, *, progress: Progress | None = None
+) -> LoopResult:
+    """Run the federation for ``cfg`` on ``grid`` and write the run folder ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    initial, param_names = initial_model(cfg)
+    strategy = FedsegStrategy(cfg, param_names=param_names, num_sites=cfg.num_sites)
+    strategy.summary()
+    result = run_rounds(
+        grid, strategy, initial, cfg, checkpoint=out / CHECKPOINT, progress=progress
+    )
+    write_outputs(out, result, cfg)
+    return result
+
+
+def write_outputs(out: Path, result: LoopResult, cfg: FedsegConfig) -> None:
+    """``history.json``, ``final_model.pt`` and (FedBN) ``site_models/<site>.pt``."""
+    rounds = len(result.history)
+    atomic_write_json(out / HISTORY, {"config": cfg.to_run_config(), "rounds": result.history})
+    save_model(out / FINAL_MODEL, result.weights, cfg, rounds)
+    if result.site_weights:
+        for site, weights in result.site_weights.items():
+            save_model(out / SITE_MODELS / f"{site}.pt", weights, cfg, rounds)
+
+
+def build_server_app(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    out: Path | None = None,
+    progress: Progress | None = None,
+    on_result: Callable[[LoopResult], None] | None = None,
+) -> ServerApp:
+    """Build the fedseg ServerApp.
+
+    Parameters
+    ----------
+    overrides:
+        Kebab-case run-config values taking precedence over ``context.run_config``.
+    out:
+        Run folder (default: :func:`out_dir_of`).
+    progress:
+        Called after each round, see :func:`fedseg.federation.loop.run_rounds`.
+    on_result:
+        Receives the :class:`LoopResult` at the end (same process).
+
+    Returns
+    -------
+    flwr.serverapp.ServerApp
+    """
+    fixed = dict(overrides or {})
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = FedsegConfig.from_run_config({**dict(context.run_config), **fixed}, strict=False)
+        result = serve(grid, cfg, out if out is not None else out_dir_of(cfg), progress=progress)
+        if on_result is not None:
+            on_result(result)
+
+    return server
+
+
+app = build_server_app()

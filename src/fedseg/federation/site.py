@@ -1,0 +1,489 @@
+"""What one site does when a message arrives: find its data, train or evaluate, build the reply.
+
+The ClientApp (:mod:`fedseg.federation.client_app`) only routes messages here and guards the
+boundary; the gradient steps run in :class:`fedseg.site.trainer.SiteTrainer` and the numerical
+parts of the algorithms in :mod:`fedseg.strategies`.
+
+Which data a site uses
+----------------------
+Deployment
+    ``node_config["data-path"]`` is the site's own folder (all of its cases) and
+    ``node_config["site-name"]`` its name (``node-<id>`` when absent).
+Simulation
+    ``node_config["partition-id"]`` picks the n-th site (natural order) of the CSV
+    ``run_config["partition-file"]`` (``case_id,site``, written by the runner) over the cohort
+    in ``run_config["data-path"]``. Under ``flwr run`` with the pyproject defaults (both empty)
+    the default cohort is generated once (:func:`ensure_default_cohort`) and the partition is
+    computed from ``partition``, ``num-sites``, ``partition-alpha`` and ``seed``.
+
+Inside a site, a deterministic split (seeded by ``seed``) holds out ``test-fraction`` of the
+cases for :func:`evaluate`; the rest trains.
+
+What a site keeps between rounds
+--------------------------------
+``"scaffold-c"`` (SCAFFOLD's control variate ``c_i``, zeros before the site's first round, left
+as it was when the site skipped a round or failed) and ``"fedbn-local"`` (FedBN's normalisation
+parameters, which never take the server's values), in ``context.state`` (kept by the SuperNode,
+or by the Simulation Engine, for one Flower run) and, when a state folder is configured, in a
+round-stamped file (:func:`state_file`) so that a server resumed in a new run finds the sites as
+they were. The prepared cases and the trainer are cached per process in :data:`_SITES`, so a Ray
+actor does not reload them every round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedseg.config import FedsegConfig
+from fedseg.data.case import REGIONS
+from fedseg.errors import ConfigError, PartitionError, UpdateValidationError
+from fedseg.federation import records as R
+
+if TYPE_CHECKING:
+    from fedseg.data.transforms import Prepared
+    from fedseg.site.trainer import SiteTrainer
+
+log = logging.getLogger("fedseg.site")
+
+SCAFFOLD_STATE = "scaffold-c"
+FEDBN_STATE = "fedbn-local"
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where a site's data is and what the site is called.
+
+    Parameters
+    ----------
+    name:
+        Site name sent to the server (never a path or a case id).
+    root:
+        The dataset folder.
+    case_ids:
+        The site's cases inside ``root`` (``None``: every case found there).
+    """
+
+    name: str
+    root: Path
+    case_ids: tuple[str, ...] | None
+
+
+@dataclass
+class SiteRuntime:
+    """A site's prepared data and trainer, built once per process."""
+
+    spec: SiteSpec
+    trainer: SiteTrainer
+    train_items: list[Prepared]
+    test_items: list[Prepared]
+
+
+_SITES: dict[tuple[Any, ...], SiteRuntime] = {}
+
+
+def site_config(context: Context, overrides: Mapping[str, Any] | None = None) -> FedsegConfig:
+    """The site's config: the Flower run config, with ``overrides`` (simulation) on top."""
+    merged = {**dict(context.run_config), **dict(overrides or {})}
+    return FedsegConfig.from_run_config(merged, strict=False)
+
+
+def resolve_site(context: Context, cfg: FedsegConfig) -> SiteSpec:
+    """Find this site's data from the node config (deployment) or the partition (simulation).
+
+    Raises
+    ------
+    ConfigError
+        Neither a node ``data-path`` nor a simulation partition is configured.
+    PartitionError
+        The partition file has fewer sites than the simulation has nodes.
+    """
+    node = context.node_config
+    if "data-path" in node and str(node["data-path"]):
+        name = str(node.get("site-name", "") or f"node-{context.node_id}")
+        return SiteSpec(name=name, root=Path(str(node["data-path"])), case_ids=None)
+    if "partition-id" in node:
+        root = Path(cfg.data_path) if cfg.data_path else ensure_default_cohort(cfg)
+        parts = simulation_partition(root, cfg)
+        sites = list(parts)
+        index = int(node["partition-id"])
+        if not 0 <= index < len(sites):
+            raise PartitionError(
+                f"partition-id {index} but the partition names {len(sites)} site(s); "
+                "set num-sites to the number of simulated nodes"
+            )
+        name = sites[index]
+        return SiteSpec(name=name, root=root, case_ids=tuple(parts[name]))
+    raise ConfigError("this node has no 'data-path' in its node config (--node-config)")
+
+
+def default_data_path() -> Path:
+    """Where a simulation with an empty ``data-path`` keeps its generated cohort.
+
+    ``$FEDSEG_DATA`` when set, else ``data/synthetic`` under the working directory (the
+    folder ``make demo`` uses).
+    """
+    env = os.environ.get("FEDSEG_DATA")
+    return Path(env) if env else Path.cwd() / "data" / "synthetic"
+
+
+def ensure_default_cohort(cfg: FedsegConfig) -> Path:
+    """The default synthetic cohort (``num-cases``, ``seed``), generated once if missing.
+
+    Simulated sites may start together: a file lock lets one of them generate while the others
+    wait; ``cohort.csv``, written last, marks a complete cohort.
+    """
+    import fcntl
+
+    root = default_data_path()
+    if (root / "cohort.csv").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "cohort.csv").is_file():
+            from fedseg.data.synth import generate_cohort
+
+            log.info("generating the default cohort (%d cases) in %s", cfg.num_cases, root)
+            generate_cohort(root, cfg.num_cases, seed=cfg.seed, progress=False)
+    return root
+
+
+_PARTITIONS: dict[tuple[Any, ...], dict[str, list[str]]] = {}
+
+
+def simulation_partition(root: Path, cfg: FedsegConfig) -> dict[str, list[str]]:
+    """The simulated sites' cases: ``partition-file`` when given, else computed from the config.
+
+    Computed partitions (``partition``, ``num-sites``, ``partition-alpha``, ``seed``) depend only
+    on the cohort and the config, so every simulated site derives the same one.
+    """
+    from fedseg.data.partition import case_attributes, partition, read_partition
+
+    if cfg.partition_file:
+        return read_partition(Path(cfg.partition_file))
+    key = (str(root), cfg.partition, cfg.num_sites, cfg.partition_alpha, cfg.seed)
+    if key not in _PARTITIONS:
+        attrs = list(case_attributes(root).values())
+        _PARTITIONS[key] = partition(
+            attrs, cfg.num_sites, cfg.partition, alpha=cfg.partition_alpha, seed=cfg.seed
+        )
+    return _PARTITIONS[key]
+
+
+def get_runtime(spec: SiteSpec, cfg: FedsegConfig) -> SiteRuntime:
+    """The cached runtime of a site, built (cases loaded, trainer created) on first use."""
+    key = (str(spec.root), spec.name, spec.case_ids, _model_key(cfg))
+    runtime = _SITES.get(key)
+    if runtime is None:
+        runtime = _build_runtime(spec, cfg)
+        _SITES[key] = runtime
+    return runtime
+
+
+def _model_key(cfg: FedsegConfig) -> FedsegConfig:
+    # The runtime does not depend on the server-side knobs; keep one per training setup.
+    return cfg.replace(
+        num_server_rounds=1, round_timeout=600.0, fraction_train=1.0, min_fraction=0.5
+    )
+
+
+def _build_runtime(spec: SiteSpec, cfg: FedsegConfig) -> SiteRuntime:
+    from fedseg.data.cohort import load_prepared, split_cases
+    from fedseg.site.trainer import SiteTrainer
+    from fedseg.study.centralized import default_cache_dir
+
+    ids = list(spec.case_ids) if spec.case_ids is not None else _discover_ids(spec.root)
+    split = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)
+    cache = default_cache_dir(spec.root)
+    train = load_prepared(spec.root, cfg.image_size, case_ids=split["train"], cache_dir=cache)
+    test = load_prepared(spec.root, cfg.image_size, case_ids=split["test"], cache_dir=cache)
+    trainer = SiteTrainer(cfg, train, test)
+    return SiteRuntime(spec=spec, trainer=trainer, train_items=train, test_items=test)
+
+
+def _discover_ids(root: Path) -> list[str]:
+    from fedseg.data.readers import discover_cases
+
+    return [r.case_id for r in discover_cases(root)]
+
+
+def site_seed(seed: int, server_round: int, site: str) -> int:
+    """The training seed of ``site`` in ``server_round``: stable across processes and resumes."""
+    digest = hashlib.sha256(f"{seed}:{server_round}:{site}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------------------------
+# handlers
+
+
+def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
+    """The handshake: tell the server this site's name; with ``prepare``, load the data now.
+
+    Preparing at the handshake moves the one-off costs (imports, reading and preprocessing the
+    cases, building the model) out of round 1. A site whose data cannot be prepared still tells
+    its name, with the public error code beside it.
+    """
+    spec = resolve_site(context, cfg)
+    content = RecordDict({R.SITE: R.site_record(spec.name)})
+    # Only simulated sites live in a long-lived worker; a SuperNode starts a new ClientApp
+    # process for every message, where preparing now would only cost time.
+    long_lived = "partition-id" in context.node_config
+    if long_lived and bool(_message_config(msg).get("prepare", False)):
+        # Import the training stack first, so that even a site whose data fails leaves this
+        # worker process warm for the other sites it may serve later (simulation actors).
+        import fedseg.site.trainer  # noqa: F401
+        from fedseg.model.unet import build_unet
+
+        build_unet(cfg)
+        try:
+            get_runtime(spec, cfg)
+        except Exception as exc:  # noqa: BLE001 - reported as a code; the details stay here
+            log.exception("site %s: preparing the data failed", spec.name)
+            content[R.ERROR] = ConfigRecord({"code": R.public_code(exc)})
+    return content
+
+
+def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
+    """Load the received model, train ``local-epochs`` with the strategy's hooks, reply.
+
+    Raises
+    ------
+    UpdateValidationError
+        The received model does not fit this site's model.
+    """
+    import torch
+
+    spec = resolve_site(context, cfg)
+    rt = get_runtime(spec, cfg)
+    trainer = rt.trainer
+    conf = _message_config(msg)
+    strategy = str(conf.get("strategy", cfg.strategy))
+    server_round = int(conf.get("server-round", 0))
+    epochs = int(conf.get("local-epochs", cfg.local_epochs))
+    mu = float(conf.get("proximal-mu", cfg.proximal_mu))
+
+    received = _received_weights(msg)
+    saved = load_site_state(context, cfg, spec, server_round, inclusive=False)
+    _load_global(trainer, received, strategy, saved.get(FEDBN_STATE))
+    if cfg.reset_optimizer:
+        trainer.reset_optimizer()
+
+    names = [n for n, _ in trainer.model.named_parameters()]
+    loss_hook = None
+    grad_hook = None
+    if strategy == "fedprox" and mu > 0:
+        from fedseg.strategies.fedprox import proximal_term
+
+        ref = [torch.as_tensor(received[n]).to(trainer.device) for n in names]
+
+        def loss_hook(model: torch.nn.Module) -> torch.Tensor:
+            return proximal_term(model.parameters(), ref, mu)
+
+    c_local: list[np.ndarray] = []
+    c_global: list[np.ndarray] = []
+    w_start: list[np.ndarray] = []
+    if strategy == "scaffold":
+        from fedseg.strategies.scaffold import apply_scaffold_correction
+
+        c_global = _named_list(_array_record(msg, R.C_GLOBAL), names, "c-global")
+        stored = saved.get(SCAFFOLD_STATE)
+        if stored is None:
+            c_local = [np.zeros_like(c) for c in c_global]
+        else:
+            c_local = _named_list(stored, names, SCAFFOLD_STATE)
+        w_start = [p.detach().cpu().numpy().copy() for p in trainer.model.parameters()]
+        cg_t = [torch.as_tensor(c).to(trainer.device) for c in c_global]
+        cl_t = [torch.as_tensor(c).to(trainer.device) for c in c_local]
+
+        def grad_hook(model: torch.nn.Module) -> None:
+            apply_scaffold_correction(model.parameters(), cg_t, cl_t)
+
+    fit = trainer.train(
+        epochs,
+        seed=site_seed(cfg.seed, server_round, spec.name),
+        loss_hook=loss_hook,
+        grad_hook=grad_hook,
+    )
+    weights = trainer.get_weights()
+    content = RecordDict(
+        {
+            R.ARRAYS: R.to_array_record(weights),
+            R.METRICS: MetricRecord(
+                {
+                    "num-examples": int(fit["num-examples"]),
+                    "train-loss": float(fit["loss"]),
+                    "train-seconds": float(fit["train-seconds"]),
+                }
+            ),
+            R.SITE: R.site_record(spec.name),
+        }
+    )
+    if strategy == "scaffold":
+        from fedseg.strategies.scaffold import site_control_update
+
+        w_end = [weights[n] for n in names]
+        new_c, delta_c = site_control_update(
+            c_local, c_global, w_start, w_end, int(fit["steps"]), cfg.learning_rate
+        )
+        new_state = {SCAFFOLD_STATE: dict(zip(names, new_c, strict=True))}
+        content[R.DELTA_C] = R.to_array_record(dict(zip(names, delta_c, strict=True)))
+        save_site_state(context, cfg, spec, server_round, new_state)
+    if strategy == "fedbn":
+        from fedseg.strategies.fedbn import split_local
+
+        _, local = split_local(weights)
+        save_site_state(context, cfg, spec, server_round, {FEDBN_STATE: local})
+    return content
+
+
+def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
+    """Dice per region of the received model (FedBN: with this site's norms) on held-out cases."""
+    spec = resolve_site(context, cfg)
+    rt = get_runtime(spec, cfg)
+    conf = _message_config(msg)
+    strategy = str(conf.get("strategy", cfg.strategy))
+    server_round = int(conf.get("server-round", 0))
+    saved = load_site_state(context, cfg, spec, server_round, inclusive=True)
+    _load_global(rt.trainer, _received_weights(msg), strategy, saved.get(FEDBN_STATE))
+    t0 = time.perf_counter()
+    table = rt.trainer.evaluate(rt.test_items)
+    metrics: dict[str, float | int] = {"num-examples": int(table["num-examples"])}
+    for region in REGIONS:
+        metrics[f"dice-{region}"] = float(table.get(region, {}).get("dice", float("nan")))
+    metrics["eval-seconds"] = time.perf_counter() - t0
+    return RecordDict({R.METRICS: MetricRecord(metrics), R.SITE: R.site_record(spec.name)})
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _message_config(msg: Message) -> ConfigRecord:
+    return msg.content.config_records.get(R.CONFIG, ConfigRecord())
+
+
+def _array_record(msg: Message, key: str) -> dict[str, np.ndarray]:
+    rec = msg.content.array_records.get(key)
+    if rec is None:
+        raise UpdateValidationError(f"the message has no '{key}' record")
+    try:
+        return R.from_array_record(rec)
+    except ValueError as exc:
+        raise UpdateValidationError(f"record '{key}' cannot be decoded: {exc}") from None
+
+
+def _received_weights(msg: Message) -> dict[str, np.ndarray]:
+    return _array_record(msg, R.ARRAYS)
+
+
+def _named_list(named: Mapping[str, np.ndarray], names: list[str], what: str) -> list[np.ndarray]:
+    missing = [n for n in names if n not in named]
+    if missing or len(named) != len(names):
+        raise UpdateValidationError(
+            f"'{what}' does not match the model parameters ({len(named)} for {len(names)})"
+        )
+    return [np.asarray(named[n]) for n in names]
+
+
+def _load_global(
+    trainer: SiteTrainer,
+    received: dict[str, np.ndarray],
+    strategy: str,
+    local_norms: dict[str, np.ndarray] | None,
+) -> None:
+    if strategy != "fedbn":
+        trainer.set_weights(received, strict=True)
+        return
+    from fedseg.strategies.fedbn import split_local
+
+    shared, _ = split_local(received)  # never take normalisation parameters from the server
+    if local_norms is None:  # before the site's first round: the initial model's norms
+        _, local_norms = split_local(trainer.get_weights())
+    trainer.set_weights({**shared, **local_norms}, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# site state between rounds (and across a restart of the server)
+
+#: how many rounds of state a site keeps in its state file
+_KEEP_ROUNDS = 3
+
+
+def state_file(context: Context, cfg: FedsegConfig, spec: SiteSpec) -> Path | None:
+    """Where a site also keeps its state on disk, if anywhere.
+
+    Deployment: ``node_config["state-dir"]`` (a folder of the site's own). Simulation: the
+    run's ``out-dir`` (``OUT/site_state/<site>.pt``). ``None``: ``context.state`` only.
+    """
+    node = context.node_config
+    if "state-dir" in node and str(node["state-dir"]):
+        folder = Path(str(node["state-dir"]))
+    elif "partition-id" in node and cfg.out_dir:
+        folder = Path(cfg.out_dir) / "site_state"
+    else:
+        return None
+    return folder / f"{spec.name}.pt"
+
+
+def load_site_state(
+    context: Context, cfg: FedsegConfig, spec: SiteSpec, server_round: int, *, inclusive: bool
+) -> dict[str, dict[str, np.ndarray]]:
+    """The site's state (``scaffold-c``, ``fedbn-local``) as it was before ``server_round``.
+
+    With a state file (:func:`state_file`), the state saved in the latest round ``<
+    server_round`` (``<=`` when ``inclusive``, for evaluation after training) is used, so a
+    server resumed from its checkpoint meets the sites in the state they had then, even though
+    a new Flower run starts with an empty ``context.state``. Without one, ``context.state``.
+    """
+    from fedseg.federation.checkpoint import to_numpy
+    from fedseg.utils.io import load_torch
+
+    path = state_file(context, cfg, spec)
+    if path is not None and path.is_file():
+        saved = load_torch(path)
+        if saved.get("strategy") == cfg.strategy:
+            rounds = saved.get("rounds", {})
+            usable = [r for r in rounds if (r <= server_round if inclusive else r < server_round)]
+            return to_numpy(rounds[max(usable)]) if usable else {}
+    return {
+        key: R.from_array_record(rec)
+        for key, rec in context.state.array_records.items()
+        if key in (SCAFFOLD_STATE, FEDBN_STATE)
+    }
+
+
+def save_site_state(
+    context: Context,
+    cfg: FedsegConfig,
+    spec: SiteSpec,
+    server_round: int,
+    state: dict[str, dict[str, np.ndarray]],
+) -> None:
+    """Keep the state a round produced: in ``context.state`` and in the state file, if any."""
+    from fedseg.federation.checkpoint import to_torch
+    from fedseg.utils.io import load_torch, save_torch
+
+    for key, arrays in state.items():
+        context.state[key] = R.to_array_record(arrays)
+    path = state_file(context, cfg, spec)
+    if path is None:
+        return
+    rounds: dict[int, Any] = {}
+    if path.is_file():
+        saved = load_torch(path)
+        if saved.get("strategy") == cfg.strategy:
+            rounds = {r: v for r, v in saved.get("rounds", {}).items() if r < server_round}
+    rounds[int(server_round)] = to_torch(state)
+    keep = sorted(rounds)[-_KEEP_ROUNDS:]
+    save_torch(path, {"strategy": cfg.strategy, "rounds": {r: rounds[r] for r in keep}})

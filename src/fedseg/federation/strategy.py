@@ -1,0 +1,617 @@
+"""The server-side Flower strategy of fedseg: validate every reply, apply a quorum, aggregate.
+
+:class:`FedsegStrategy` is a thin :class:`flwr.serverapp.strategy.Strategy` adapter. For each
+round it
+
+1. samples ``fraction-train`` of the known sites, deterministically from ``(seed, round)`` and
+   the sites' names (so a resumed run samples the same sites as an uninterrupted one);
+2. sends the global model (FedBN: only the shared, non-normalisation keys), the round's train
+   config (``server-round``, ``strategy``, ``local-epochs``, ``proximal-mu``) and, for SCAFFOLD,
+   the server control variate;
+3. checks **every** reply before any arithmetic (:func:`fedseg.strategies.validation.filter_valid`:
+   keys, shapes, dtypes, finite values, ``num-examples`` a positive int; a site's error reply or
+   a missing reply counts as a failure), logs each rejection with the site's name and node id;
+4. below the quorum (``min-fraction`` of the sampled sites) leaves the global model unchanged and
+   marks the round failed; otherwise calls the pure cores in :mod:`fedseg.strategies`.
+
+Where Flower's own FedAvg ends the run on one inconsistent reply and checks no NaN, this one
+drops the bad reply and goes on.
+
+The algorithms (server side)
+----------------------------
+``fedavg``, ``fedprox``
+    :func:`~fedseg.strategies.aggregate.fedavg` weighted by ``num-examples``; FedProx differs only
+    at the site (``proximal-mu`` in the train config).
+``fedadam``, ``fedyogi``
+    ``delta = fedavg(site models) - w`` then :func:`~fedseg.strategies.fedopt.fedadam_step` /
+    :func:`~fedseg.strategies.fedopt.fedyogi_step` (``server-learning-rate``, ``server-tau``),
+    with the moments ``m, v`` kept in the strategy state.
+``scaffold``
+    :func:`~fedseg.strategies.scaffold.server_update` on the model deltas and the sites'
+    ``delta-c`` (validated like the weights), with ``c`` kept in the strategy state.
+``fedbn``
+    Sites never load normalisation parameters from the server. The server averages every key:
+    the shared keys are the global model the sites receive; the averaged normalisation keys only
+    serve the reported global model. Each site's latest normalisation parameters are kept for
+    its personalised model (:meth:`FedsegStrategy.site_models`).
+``cyclic``
+    Cyclic weight transfer: in each round the model visits the sampled sites one at a time in a
+    fixed order (by site name), each site starting from the previous site's weights; a site that
+    fails is skipped. See :meth:`FedsegStrategy.run_train`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedseg.config import FedsegConfig
+from fedseg.data.case import REGIONS
+from fedseg.errors import AggregationError, UpdateValidationError
+from fedseg.federation import records as R
+
+log = logging.getLogger("fedseg.server")
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass
+class TrainReport:
+    """What happened in the training half of one round.
+
+    Attributes
+    ----------
+    server_round:
+        The round (1-based).
+    status:
+        ``"ok"`` (the global model was updated) or ``"failed"`` (unchanged).
+    sampled:
+        Sites the round was sent to (cyclic: in visiting order).
+    accepted:
+        Sites whose reply passed validation.
+    rejected:
+        Site name to reason, for failed, malformed, missing (timed out) replies.
+    metrics:
+        Per accepted site: ``num-examples``, ``train-loss``, ``train-seconds``.
+    compute_seconds:
+        Site training on the round's critical path (max over sites; cyclic: the sum).
+    reason:
+        Why the round failed (empty when it did not).
+    """
+
+    server_round: int
+    status: str = "ok"
+    sampled: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    compute_seconds: float = 0.0
+    reason: str = ""
+
+    def train_loss(self) -> float | None:
+        """Mean training loss of the accepted sites, weighted by ``num-examples``."""
+        rows = [m for m in self.metrics.values() if "train-loss" in m]
+        total = sum(m.get("num-examples", 0.0) for m in rows)
+        if not rows or total <= 0:
+            return None
+        return sum(m["train-loss"] * m.get("num-examples", 0.0) for m in rows) / total
+
+
+@dataclass
+class EvaluateReport:
+    """Per-site Dice of the global model (FedBN: personalised) on each site's held-out cases."""
+
+    server_round: int
+    dice: dict[str, dict[str, float]] = field(default_factory=dict)
+    num_examples: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    compute_seconds: float = 0.0
+
+    def mean_dice(self) -> dict[str, float | None]:
+        """Dice per region averaged over sites, weighted by their held-out case counts."""
+        out: dict[str, float | None] = {}
+        for region in REGIONS:
+            pairs = [
+                (d[region], self.num_examples.get(s, 0))
+                for s, d in self.dice.items()
+                if region in d and math.isfinite(d[region])
+            ]
+            total = sum(n for _, n in pairs)
+            out[region] = sum(v * n for v, n in pairs) / total if total > 0 else None
+        return out
+
+
+class FedsegStrategy(Strategy):
+    """Validating, quorum-checking Flower strategy over the pure cores of :mod:`fedseg.strategies`.
+
+    Parameters
+    ----------
+    cfg:
+        The run's configuration (``strategy``, ``fraction-train``, ``min-fraction``,
+        ``local-epochs``, ``proximal-mu``, ``server-learning-rate``, ``server-tau``, ``seed``).
+    param_names:
+        Names of the model's trainable parameters (SCAFFOLD's control variates); all keys of the
+        global model when ``None``.
+    num_sites:
+        ``N`` of SCAFFOLD's server step (all sites of the federation); the number of known sites
+        when ``None``.
+    """
+
+    def __init__(
+        self,
+        cfg: FedsegConfig,
+        *,
+        param_names: Sequence[str] | None = None,
+        num_sites: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.strategy
+        self.param_names = list(param_names) if param_names is not None else None
+        self.num_sites = num_sites
+        #: node id -> site name (from the query handshake)
+        self.sites: dict[int, str] = {}
+        self.global_weights: Weights | None = None
+        self.m: list[np.ndarray] | None = None
+        self.v: list[np.ndarray] | None = None
+        self.c_global: Weights | None = None
+        #: FedBN: each site's latest normalisation parameters
+        self.site_local: dict[str, Weights] = {}
+        self.last_train: TrainReport | None = None
+        self.last_evaluate: EvaluateReport | None = None
+        self._sent: dict[int, str] = {}
+
+    # ---------------------------------------------------------------- Flower Strategy API
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        c = self.cfg
+        log.info(
+            "fedseg strategy %s: fraction-train %.2f, min-fraction %.2f, local-epochs %d",
+            self.name,
+            c.fraction_train,
+            c.min_fraction,
+            c.local_epochs,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample sites and build one train message each (see the module docstring)."""
+        nodes = self.sample(grid, server_round)
+        return self._train_messages(server_round, arrays, config, nodes)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, apply the quorum, aggregate with the pure cores.
+
+        Returns
+        -------
+        tuple
+            ``(new global model, MetricRecord)``, or ``(None, None)`` for a failed round (the
+            caller keeps the global model unchanged). :attr:`last_train` holds the details.
+        """
+        if self.global_weights is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        report = TrainReport(server_round=server_round, sampled=sorted(self._sent.values()))
+        self.last_train = report
+        valid, extras = self._validated(server_round, replies, report)
+        if not self._quorum(len(valid), len(self._sent), report):
+            return None, None
+        try:
+            new = self._aggregate(server_round, valid, extras)
+        except (AggregationError, UpdateValidationError, ValueError) as exc:
+            report.status, report.reason = "failed", f"aggregation failed: {exc}"
+            log.warning("round %d: %s; global model unchanged", server_round, report.reason)
+            return None, None
+        self.global_weights = new
+        report.compute_seconds = max(
+            (m.get("train-seconds", 0.0) for m in report.metrics.values()), default=0.0
+        )
+        return R.to_array_record(new), self._train_metrics(report)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global model (FedBN: shared keys) to every known site for evaluation."""
+        nodes = self._connected(grid)
+        self._sent = {n: self.site_of(n) for n in nodes}
+        send = self._outgoing_weights(arrays)
+        conf = ConfigRecord(dict(config))
+        conf["server-round"] = server_round
+        conf["strategy"] = self.name
+        content = RecordDict({R.ARRAYS: send, R.CONFIG: conf})
+        return [Message(content, n, MessageType.EVALUATE) for n in nodes]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Collect per-site Dice; failed replies are recorded, never fatal."""
+        report = EvaluateReport(server_round=server_round)
+        self.last_evaluate = report
+        seen: set[str] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            site = self._sent.get(node)
+            if site is None or site in seen:
+                continue
+            seen.add(site)
+            reason = self._failure(msg)
+            if reason is None:
+                metrics = R.metrics_dict(msg.content.metric_records.get(R.METRICS))
+                try:
+                    n = _positive_int(metrics.get("num-examples"))
+                    report.dice[site] = {r: metrics[f"dice-{r}"] for r in REGIONS}
+                    report.num_examples[site] = n
+                    report.compute_seconds = max(
+                        report.compute_seconds, metrics.get("eval-seconds", 0.0)
+                    )
+                    continue
+                except (KeyError, UpdateValidationError) as exc:
+                    reason = f"malformed evaluation reply: {exc}"
+            report.failed[site] = reason
+            log.warning("round %d: evaluation at %s: %s", server_round, self._who(node), reason)
+        for site in self._sent.values():
+            if site not in seen:
+                report.failed[site] = "no reply within the round timeout"
+        mean = {f"dice-{r}": v for r, v in report.mean_dice().items() if v is not None}
+        return MetricRecord(mean) if mean else None
+
+    # ---------------------------------------------------------------- round driver
+    def run_train(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """One training half-round: configure, send and wait up to ``timeout``, aggregate.
+
+        For ``cyclic`` the sampled sites are visited one after the other (each with ``timeout``);
+        the round succeeds when at least the quorum of them trained validly, and its model is
+        the last valid site's. A failed round leaves the global model unchanged.
+        """
+        if self.name != "cyclic":
+            messages = self.configure_train(server_round, arrays, ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            return self.aggregate_train(server_round, replies)
+
+        nodes = self.sample(grid, server_round)
+        start = R.from_array_record(arrays)
+        report = TrainReport(server_round=server_round, sampled=[self.site_of(n) for n in nodes])
+        current = arrays
+        for node in nodes:
+            messages = self._train_messages(server_round, current, ConfigRecord(), [node])
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            new, _ = self.aggregate_train(server_round, replies)
+            step = self.last_train or TrainReport(server_round, status="failed")
+            report.rejected.update(step.rejected)
+            if new is not None:
+                current = new
+                report.accepted += step.accepted
+                report.metrics.update(step.metrics)
+                report.compute_seconds += step.compute_seconds
+        self.last_train = report
+        if not self._quorum(len(report.accepted), len(nodes), report):
+            self.global_weights = start
+            return None, None
+        return current, self._train_metrics(report)
+
+    # ---------------------------------------------------------------- sites
+    def discover_sites(self, grid: Grid, timeout: float) -> dict[int, str]:
+        """Ask connected nodes not seen before for their site name (the ``query`` handshake).
+
+        The sites also load their data then (``prepare``), so round 1 carries no start-up cost.
+        A node that does not answer is called ``node-<id>``; a name already taken gets
+        ``@<node id>`` appended, so names stay unique.
+        """
+        unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.sites]
+        if not unknown:
+            return dict(self.sites)
+        content = RecordDict({R.CONFIG: ConfigRecord({"want": "site-name", "prepare": True})})
+        messages = [Message(content, n, MessageType.QUERY) for n in unknown]
+        names: dict[int, str] = {}
+        for msg in grid.send_and_receive(messages, timeout=timeout):
+            node = msg.metadata.src_node_id
+            if msg.has_error() or not msg.has_content():
+                continue
+            name = R.reply_site_name(msg.content)
+            if name is not None:
+                names[node] = _safe_name(name)
+            code = R.reply_error(msg.content)
+            if code is not None:
+                log.warning("site %s (node %d) could not prepare: %s", name, node, code)
+        taken = set(self.sites.values())
+        for node in unknown:
+            name = names.get(node, f"node-{node}")
+            if name in taken:
+                name = f"{name}@{node}"
+            taken.add(name)
+            self.sites[node] = name
+        return dict(self.sites)
+
+    def site_of(self, node_id: int) -> str:
+        """The site name of a node (``node-<id>`` before the handshake)."""
+        return self.sites.get(node_id, f"node-{node_id}")
+
+    def sample(self, grid: Grid, server_round: int) -> list[int]:
+        """``max(1, int(fraction-train * K))`` of the K connected sites, ordered by name.
+
+        Deterministic for ``(seed, server_round)`` and the set of site names.
+        """
+        nodes = self._connected(grid)
+        k = max(1, int(len(nodes) * self.cfg.fraction_train))
+        if k >= len(nodes):
+            return nodes
+        rng = np.random.default_rng([self.cfg.seed, server_round])
+        picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
+        return [nodes[i] for i in picked]
+
+    def site_models(self) -> dict[str, Weights] | None:
+        """FedBN: each site's personalised model (global shared keys + its own norms)."""
+        if self.name != "fedbn" or self.global_weights is None:
+            return None
+        from fedseg.strategies.fedbn import split_local
+
+        shared, _ = split_local(self.global_weights)
+        return {
+            site: {k: (local[k] if k in local else shared[k]) for k in self.global_weights}
+            for site, local in sorted(self.site_local.items())
+        }
+
+    # ---------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's state between rounds: FedOpt moments, SCAFFOLD ``c``, FedBN norms."""
+        return {
+            "m": None if self.m is None else list(self.m),
+            "v": None if self.v is None else list(self.v),
+            "c-global": None if self.c_global is None else dict(self.c_global),
+            "site-local": {s: dict(w) for s, w in self.site_local.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (arrays as NumPy)."""
+        self.m = None if state.get("m") is None else [np.asarray(x) for x in state["m"]]
+        self.v = None if state.get("v") is None else [np.asarray(x) for x in state["v"]]
+        c = state.get("c-global")
+        self.c_global = None if c is None else {k: np.asarray(x) for k, x in c.items()}
+        self.site_local = {
+            s: {k: np.asarray(x) for k, x in w.items()}
+            for s, w in (state.get("site-local") or {}).items()
+        }
+
+    # ---------------------------------------------------------------- internals
+    def _connected(self, grid: Grid) -> list[int]:
+        nodes = list(grid.get_node_ids())
+        return sorted(nodes, key=lambda n: (self.site_of(n), n))
+
+    def _who(self, node_id: int) -> str:
+        return f"site {self.site_of(node_id)} (node {node_id})"
+
+    def _outgoing_weights(self, arrays: ArrayRecord) -> ArrayRecord:
+        if self.name != "fedbn":
+            return arrays
+        from fedseg.strategies.fedbn import split_local
+
+        shared, _ = split_local(dict(arrays.items()))
+        return ArrayRecord(shared)
+
+    def _train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int]
+    ) -> list[Message]:
+        self.global_weights = R.from_array_record(arrays)
+        self._sent = {n: self.site_of(n) for n in nodes}
+        conf = ConfigRecord(dict(config))
+        conf["server-round"] = server_round
+        conf["strategy"] = self.name
+        conf["local-epochs"] = self.cfg.local_epochs
+        conf["proximal-mu"] = float(self.cfg.proximal_mu) if self.name == "fedprox" else 0.0
+        content = RecordDict({R.ARRAYS: self._outgoing_weights(arrays), R.CONFIG: conf})
+        if self.name == "scaffold":
+            content[R.C_GLOBAL] = R.to_array_record(self._c_global())
+        return [Message(content, n, MessageType.TRAIN) for n in nodes]
+
+    def _model(self) -> Weights:
+        if self.global_weights is None:
+            raise RuntimeError("no global model yet: configure_train sets it")
+        return self.global_weights
+
+    def _c_global(self) -> Weights:
+        if self.c_global is None:
+            model = self._model()
+            names = self.param_names if self.param_names is not None else list(model)
+            self.c_global = {n: np.zeros_like(model[n]) for n in names}
+        return self.c_global
+
+    def _failure(self, msg: Message) -> str | None:
+        if msg.has_error():
+            log.debug("Flower error reply: %s", msg.error.reason)
+            return f"Flower error {msg.error.code} (ClientApp did not complete)"
+        code = R.reply_error(msg.content)
+        if code is not None:
+            return f"site reported error {code}"
+        return None
+
+    def _validated(
+        self, server_round: int, replies: Iterable[Message], report: TrainReport
+    ) -> tuple[list[tuple[str, Weights, int]], dict[str, dict[str, Any]]]:
+        from fedseg.strategies.validation import filter_valid, validate_update
+
+        candidates: list[tuple[str, Any, object]] = []
+        extras: dict[str, dict[str, Any]] = {}
+        nodes: dict[str, int] = {}
+        replied: set[str] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            site = self._sent.get(node)
+            if site is None:
+                log.warning("round %d: ignored a reply from unsampled node %d", server_round, node)
+                continue
+            nodes[site] = node
+            replied.add(site)
+            reason = self._failure(msg)
+            if reason is None:
+                try:
+                    update, num, extra = self._parse_train_reply(msg)
+                except UpdateValidationError as exc:
+                    reason = str(exc)
+            if reason is not None:
+                report.rejected[site] = reason
+                continue
+            candidates.append((site, update, num))
+            extras[site] = extra
+        for node, site in self._sent.items():
+            if site not in replied:
+                nodes[site] = node
+                report.rejected[site] = "no reply within the round timeout"
+
+        valid_raw, bad = filter_valid(candidates, self._model())
+        for site, reason in bad:
+            report.rejected[site] = reason
+        valid: list[tuple[str, Weights, int]] = []
+        for site, update, num in valid_raw:
+            if self.name == "scaffold":
+                try:
+                    validate_update(extras[site]["delta-c"], self._c_global(), num)
+                except UpdateValidationError as exc:
+                    report.rejected[site] = f"delta-c: {exc}"
+                    continue
+            valid.append((site, dict(update), int(num)))  # type: ignore[call-overload]
+            report.accepted.append(site)
+            report.metrics[site] = extras[site]["metrics"]
+        for site, reason in sorted(report.rejected.items()):
+            log.warning(
+                "round %d: rejected %s: %s",
+                server_round,
+                self._who(nodes[site]) if site in nodes else site,
+                reason,
+            )
+        # A fixed order (by site name) makes the floating-point sums independent of arrival order.
+        valid.sort(key=lambda t: t[0])
+        report.accepted.sort()
+        return valid, extras
+
+    def _parse_train_reply(self, msg: Message) -> tuple[Weights, object, dict[str, Any]]:
+        content = msg.content
+        rec = content.array_records.get(R.ARRAYS)
+        if rec is None:
+            raise UpdateValidationError("reply has no 'arrays' record")
+        try:
+            update = R.from_array_record(rec)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad reply
+            raise UpdateValidationError(
+                f"'arrays' cannot be decoded as plain arrays ({type(exc).__name__})"
+            ) from None
+        metrics_rec = content.metric_records.get(R.METRICS)
+        num = metrics_rec.get("num-examples") if metrics_rec is not None else None
+        extra: dict[str, Any] = {"metrics": R.metrics_dict(metrics_rec)}
+        if self.name == "scaffold":
+            dc = content.array_records.get(R.DELTA_C)
+            if dc is None:
+                raise UpdateValidationError("SCAFFOLD reply has no 'delta-c' record")
+            try:
+                extra["delta-c"] = R.from_array_record(dc)
+            except Exception as exc:  # noqa: BLE001
+                raise UpdateValidationError(
+                    f"'delta-c' cannot be decoded as plain arrays ({type(exc).__name__})"
+                ) from None
+        return update, num, extra
+
+    def _quorum(self, num_valid: int, num_sent: int, report: TrainReport) -> bool:
+        from fedseg.strategies.validation import quorum_met
+
+        if num_sent > 0 and quorum_met(num_valid, num_sent, self.cfg.min_fraction):
+            return True
+        report.status = "failed"
+        report.reason = (
+            f"quorum not met: {num_valid} valid of {num_sent} sampled "
+            f"(min-fraction {self.cfg.min_fraction})"
+        )
+        log.warning("round %d: %s; global model unchanged", report.server_round, report.reason)
+        return False
+
+    def _aggregate(
+        self,
+        server_round: int,
+        valid: list[tuple[str, Weights, int]],
+        extras: dict[str, dict[str, Any]],
+    ) -> Weights:
+        from fedseg.strategies.aggregate import fedavg
+
+        w = self._model()
+        keys = list(w)
+        counts = [n for _, _, n in valid]
+        updates = [[u[k] for k in keys] for _, u, _ in valid]
+        if self.name in ("fedavg", "fedprox", "cyclic", "fedbn"):
+            avg = fedavg(updates, counts)
+            if self.name == "fedbn":
+                from fedseg.strategies.fedbn import split_local
+
+                for site, u, _ in valid:
+                    self.site_local[site] = {k: np.array(v) for k, v in split_local(u)[1].items()}
+            return dict(zip(keys, avg, strict=True))
+        if self.name in ("fedadam", "fedyogi"):
+            from fedseg.strategies.fedopt import fedadam_step, fedyogi_step
+
+            avg = fedavg(updates, counts)
+            current = [w[k] for k in keys]
+            delta = [a - c for a, c in zip(avg, current, strict=True)]
+            if self.name == "fedadam":
+                new, self.m, self.v = fedadam_step(
+                    current,
+                    delta,
+                    self.m,
+                    self.v,
+                    lr=self.cfg.server_learning_rate,
+                    tau=self.cfg.server_tau,
+                    server_round=server_round,
+                )
+            else:
+                new, self.m, self.v = fedyogi_step(
+                    current,
+                    delta,
+                    self.m,
+                    self.v,
+                    lr=self.cfg.server_learning_rate,
+                    tau=self.cfg.server_tau,
+                )
+            return dict(zip(keys, new, strict=True))
+        if self.name == "scaffold":
+            from fedseg.strategies.scaffold import server_update
+
+            c = self._c_global()
+            c_keys = list(c)
+            deltas_w = [[u[k] - w[k] for k in keys] for _, u, _ in valid]
+            deltas_c = [[extras[s]["delta-c"][k] for k in c_keys] for s, _, _ in valid]
+            total = max(self.num_sites or 0, len(self.sites), len(valid))
+            new_w, new_c = server_update(
+                [w[k] for k in keys], [c[k] for k in c_keys], deltas_w, deltas_c, total
+            )
+            self.c_global = dict(zip(c_keys, new_c, strict=True))
+            return dict(zip(keys, new_w, strict=True))
+        raise AggregationError(f"unknown strategy {self.name!r}")
+
+    def _train_metrics(self, report: TrainReport) -> MetricRecord:
+        out: dict[str, float | int] = {"num-sites": len(report.accepted)}
+        loss = report.train_loss()
+        if loss is not None:
+            out["train-loss"] = loss
+        return MetricRecord(out)
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or value is None:
+        raise UpdateValidationError(f"num-examples must be a positive int, got {value!r}")
+    number = float(value)  # type: ignore[arg-type]
+    if not number.is_integer() or number <= 0:
+        raise UpdateValidationError(f"num-examples must be a positive int, got {value!r}")
+    return int(number)
+
+
+def _safe_name(name: str) -> str:
+    """A site name usable in logs and file names: letters, digits, ``._-``, at most 64."""
+    cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)[:64]
+    return cleaned.strip(".") or "site"

@@ -1,0 +1,1 @@
+"""Model layer: the U-Net, its loss, region metrics and inference."""

@@ -1,0 +1,77 @@
+"""Inference: sliding-window prediction on the prepared grid, and mapping back to the input grid."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+    from fedseg.config import FedsegConfig
+    from fedseg.data.transforms import Prepared
+
+
+def predict_probs(model: nn.Module, image: np.ndarray, cfg: FedsegConfig, device: torch.device) -> np.ndarray:
+    """Region probabilities for one prepared image.
+
+    3D models use MONAI's ``sliding_window_inference`` with the training patch size (one window
+    when the patch covers the image); 2D models predict every axial slice.
+
+    Parameters
+    ----------
+    model:
+        The U-Net (put in eval mode by this function).
+    image:
+        ``(4, S, S, S)`` prepared image.
+    cfg:
+        Configuration (``spatial_dims``, ``patch_size``).
+    device:
+        Where to run.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` ``(3, S, S, S)`` sigmoid probabilities.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    with torch.no_grad():
+        if cfg.spatial_dims == 3:
+            logits = sliding_window_inference(
+                x[None], roi_size=(cfg.patch_size,) * 3, sw_batch_size=2, predictor=model, overlap=0.25
+            )[0]
+        else:
+            slices = x.permute(3, 0, 1, 2)  # (Z, C, X, Y)
+            outs = [model(slices[i : i + 16]) for i in range(0, slices.shape[0], 16)]
+            logits = torch.cat(outs).permute(1, 2, 3, 0)
+    return torch.sigmoid(logits).float().cpu().numpy()
+
+
+def to_original_grid(probs: np.ndarray, prep: Prepared, threshold: float = 0.5) -> np.ndarray:
+    """Map prepared-grid probabilities back to binary regions on the case's own grid.
+
+    The probabilities are resized (trilinear) to the brain crop and pasted into an empty volume
+    of the original shape; thresholding happens after resizing so boundaries stay smooth.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``bool`` ``(3, X, Y, Z)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    crop_shape = tuple(e - s for s, e in zip(prep.bbox_start, prep.bbox_end, strict=True))
+    t = torch.from_numpy(np.ascontiguousarray(probs))[None]
+    mode = "trilinear" if t.ndim == 5 else "bilinear"
+    resized = F.interpolate(t, size=crop_shape, mode=mode, align_corners=False)[0].numpy()
+    out = np.zeros((probs.shape[0], *prep.orig_shape), dtype=bool)
+    sl = tuple(slice(s, e) for s, e in zip(prep.bbox_start, prep.bbox_end, strict=True))
+    out[(slice(None), *sl)] = resized >= threshold
+    return out

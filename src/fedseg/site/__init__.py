@@ -1,0 +1,1 @@
+"""Site-side training, free of any federation framework."""

@@ -1,0 +1,272 @@
+"""The framework-free site trainer (train / evaluate / get_weights / set_weights).
+
+This is the only place that runs gradient steps. The centralized baseline, local-only training
+and every federated algorithm use it; federated algorithms change the local objective only
+through two hooks (an extra loss term, e.g. FedProx's proximal term, and a gradient hook, e.g.
+SCAFFOLD's control-variate correction), so the training loop itself exists once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedseg.data.case import MODALITIES
+from fedseg.errors import UpdateValidationError
+from fedseg.model.metrics import mean_dice, mean_over_cases, region_metrics
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedseg.config import FedsegConfig
+    from fedseg.data.transforms import Prepared
+
+LossHook = Callable[["torch.nn.Module"], "torch.Tensor"]
+GradHook = Callable[["torch.nn.Module"], None]
+
+
+def poly_lr(base: float, done: float, total: float, exponent: float = 0.9) -> float:
+    """Polynomial learning-rate decay (nnU-Net): ``base * (1 - done/total) ** exponent``.
+
+    Parameters
+    ----------
+    base:
+        Initial learning rate.
+    done, total:
+        Progress so far (epochs or rounds completed) and the whole budget.
+    exponent:
+        Decay exponent.
+
+    Returns
+    -------
+    float
+        The learning rate for the next epoch/round; never below 1% of ``base``.
+    """
+    frac = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+    return max(base * (1.0 - frac) ** exponent, 0.01 * base)
+
+
+class SiteTrainer:
+    """Train and evaluate the U-Net on one site's prepared cases.
+
+    Parameters
+    ----------
+    cfg:
+        Configuration (model size, batch size, learning rate, augmentation).
+    train_items:
+        Labelled prepared cases used for training.
+    val_items:
+        Labelled prepared cases used by :meth:`evaluate` by default.
+    device:
+        Torch device; the GPU when present if ``None``.
+    modalities:
+        Subset of :data:`fedseg.data.case.MODALITIES` fed to the network (all four by default).
+    """
+
+    def __init__(
+        self,
+        cfg: FedsegConfig,
+        train_items: Sequence[Prepared],
+        val_items: Sequence[Prepared] = (),
+        *,
+        device: torch.device | None = None,
+        modalities: Sequence[str] = MODALITIES,
+    ) -> None:
+        import torch
+
+        from fedseg.data.transforms import SegmentationDataset, train_augmentation
+        from fedseg.model.losses import build_loss
+        from fedseg.model.unet import build_unet
+        from fedseg.utils.runtime import pick_device
+
+        unknown = [m for m in modalities if m not in MODALITIES]
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        self.cfg = cfg
+        self.device = device or pick_device()
+        self.channel_index = [MODALITIES.index(m) for m in modalities]
+        self.train_items = list(train_items)
+        self.val_items = list(val_items)
+        self.augment = train_augmentation(cfg)
+        self.dataset = SegmentationDataset(self.train_items, cfg.spatial_dims, self.augment)
+        torch.manual_seed(cfg.seed)
+        self.model = build_unet(cfg, in_channels=len(self.channel_index)).to(self.device)
+        self.loss_fn = build_loss()
+        self.optimizer = self._new_optimizer()
+
+    # ------------------------------------------------------------------ weights
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Return a copy of the model's state as ``{name: float32 array}`` in state-dict order."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray], *, strict: bool = True) -> None:
+        """Load weights by name.
+
+        Parameters
+        ----------
+        weights:
+            ``{name: array}``; with ``strict=False`` a subset may be given (FedBN keeps
+            normalisation parameters local and receives only the shared ones).
+
+        Raises
+        ------
+        UpdateValidationError
+            On unknown names, missing names (strict) or shape mismatches.
+        """
+        import torch
+
+        state = self.model.state_dict()
+        extra = [k for k in weights if k not in state]
+        missing = [k for k in state if k not in weights] if strict else []
+        if extra or missing:
+            raise UpdateValidationError(
+                f"weights do not match the model: unknown {extra[:3]}, missing {missing[:3]}"
+            )
+        for k, v in weights.items():
+            if tuple(v.shape) != tuple(state[k].shape):
+                raise UpdateValidationError(
+                    f"weight '{k}': expected shape {tuple(state[k].shape)}, got {tuple(v.shape)}"
+                )
+        new = {k: torch.as_tensor(np.asarray(v)).to(state[k].dtype) for k, v in weights.items()}
+        self.model.load_state_dict(new, strict=strict)
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Set the learning rate of every parameter group (schedules are driven from outside)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def reset_optimizer(self) -> None:
+        """Forget optimizer state (Adam moments), e.g. at the start of each federated round."""
+        self.optimizer = self._new_optimizer()
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        import torch
+
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        epochs: int = 1,
+        *,
+        seed: int | None = None,
+        loss_hook: LossHook | None = None,
+        grad_hook: GradHook | None = None,
+        progress: Callable[[int, int, float], None] | None = None,
+        learning_rate: float | None = None,
+    ) -> dict[str, float]:
+        """Run ``epochs`` passes over the training data.
+
+        Parameters
+        ----------
+        epochs:
+            Number of local epochs.
+        seed:
+            Seeds shuffling and augmentation so a call is reproducible (resume, identity tests).
+        loss_hook:
+            Returns an extra term added to each batch loss (FedProx).
+        grad_hook:
+            Called after ``backward`` and before the optimizer step (SCAFFOLD).
+        progress:
+            Called as ``progress(step, total_steps, loss)`` after each step.
+        learning_rate:
+            When given, the learning rate for this call (see :func:`poly_lr`).
+
+        Returns
+        -------
+        dict
+            ``loss`` (mean batch loss), ``num-examples``, ``steps``, ``train-seconds``.
+        """
+        import torch
+        from torch.utils.data import DataLoader
+
+        if not self.train_items:
+            raise ValueError("this site has no training cases")
+        if learning_rate is not None:
+            self.set_learning_rate(learning_rate)
+        gen = torch.Generator()
+        if seed is not None:
+            gen.manual_seed(seed)
+            torch.manual_seed(seed)
+            self.augment.set_random_state(seed=seed % (2**32))
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=True,
+            generator=gen,
+            num_workers=0,
+        )
+        total = epochs * len(loader)
+        self.model.train()
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        step = 0
+        for _ in range(epochs):
+            for batch in loader:
+                x = batch["image"][:, self.channel_index].to(self.device, non_blocking=True)
+                y = batch["label"].to(self.device, non_blocking=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(self.model(x), y)
+                if loss_hook is not None:
+                    loss = loss + loss_hook(self.model)
+                loss.backward()
+                if grad_hook is not None:
+                    grad_hook(self.model)
+                self.optimizer.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                if progress is not None:
+                    progress(step, total, losses[-1])
+        return {
+            "loss": float(np.mean(losses)),
+            "num-examples": len(self.train_items),
+            "steps": step,
+            "train-seconds": time.perf_counter() - t0,
+        }
+
+    # ------------------------------------------------------------------ evaluation
+    def predict(self, prep: Prepared) -> np.ndarray:
+        """Region probabilities ``(3, S, S, S)`` for one prepared case."""
+        from fedseg.model.inference import predict_probs
+
+        return predict_probs(self.model, prep.image[self.channel_index], self.cfg, self.device)
+
+    def evaluate(
+        self, items: Sequence[Prepared] | None = None, *, hd95: bool = False
+    ) -> dict[str, Any]:
+        """Dice (and optionally HD95) per region on prepared cases, on the prepared grid.
+
+        Returns
+        -------
+        dict
+            ``{"WT": {"dice": ..}, "TC": .., "ET": .., "mean-dice": .., "num-examples": n,
+            "per-case": {case_id: table}}``.
+        """
+        cases = self.val_items if items is None else list(items)
+        per_case: dict[str, dict[str, dict[str, float]]] = {}
+        for prep in cases:
+            if prep.regions is None:
+                continue
+            pred = self.predict(prep) >= 0.5
+            per_case[prep.case_id] = region_metrics(pred, prep.regions, prep.spacing, hd95=hd95)
+        table: dict[str, Any] = dict(mean_over_cases(list(per_case.values())))
+        if per_case:
+            table["mean-dice"] = mean_dice(table)
+        table["num-examples"] = len(per_case)
+        table["per-case"] = per_case
+        return table
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state(self) -> dict[str, Any]:
+        """Model and optimizer state for a checkpoint (tensors and plain containers only)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,1 @@
+"""Study arms (centralized, local-only, federated) and their reports."""

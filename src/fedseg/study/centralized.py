@@ -1,0 +1,173 @@
+"""The centralized baseline: one model trained on pooled data, with checkpoints and resume.
+
+Run folder layout::
+
+    RUN_DIR/split.json          train / val / test case ids
+    RUN_DIR/checkpoint.pt       last epoch: model, optimizer, epoch, history, config (atomic)
+    RUN_DIR/best.pt             model with the best validation mean Dice (atomic)
+    RUN_DIR/metrics.csv         one row per epoch: loss and validation Dice per region
+    RUN_DIR/test_metrics.json   final held-out test Dice / HD95 per region and per case
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedseg.config import FedsegConfig
+from fedseg.data.case import MODALITIES, REGIONS
+from fedseg.errors import ConfigError
+from fedseg.utils.io import atomic_write_csv, atomic_write_json, load_torch, save_torch
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+
+
+def default_cache_dir(data: Path) -> Path | None:
+    """The prepared-case cache beside the data when writable, else none."""
+    cache = Path(data) / ".fedseg-cache"
+    try:
+        cache.mkdir(exist_ok=True)
+    except OSError:
+        return None
+    return cache
+
+
+def train_centralized(
+    data: Path,
+    out: Path,
+    cfg: FedsegConfig,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    modalities: tuple[str, ...] = MODALITIES,
+) -> dict[str, Any]:
+    """Train the centralized baseline on pooled data and evaluate it on held-out cases.
+
+    Parameters
+    ----------
+    data:
+        Dataset folder (any supported layout, labelled).
+    out:
+        Run folder; created if needed.
+    cfg:
+        Configuration.
+    resume:
+        Continue from ``out/checkpoint.pt`` when present (its config must match).
+    progress:
+        Show progress bars.
+    modalities:
+        Input modalities (ablations use a subset).
+
+    Returns
+    -------
+    dict
+        The test metrics table (also written to ``test_metrics.json``).
+
+    Raises
+    ------
+    ConfigError
+        When resuming a run folder created with a different configuration.
+    """
+    from fedseg.data.cohort import load_prepared, split_cases
+    from fedseg.data.readers import discover_cases
+    from fedseg.site.trainer import SiteTrainer, poly_lr
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT
+    state: dict[str, Any] | None = None
+    if resume and ckpt_path.is_file():
+        state = load_torch(ckpt_path)
+        _check_same_config(state, cfg, modalities, ckpt_path)
+
+    split_path = out / "split.json"
+    if state is not None and split_path.is_file():
+        split = json.loads(split_path.read_text())
+    else:
+        ids = [r.case_id for r in discover_cases(Path(data))]
+        split = split_cases(ids, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+        atomic_write_json(split_path, split)
+
+    cache = default_cache_dir(Path(data))
+    load = lambda ids: load_prepared(  # noqa: E731
+        Path(data), cfg.image_size, case_ids=ids, cache_dir=cache, progress=progress
+    )
+    train_items, val_items = load(split["train"]), load(split["val"])
+    trainer = SiteTrainer(cfg, train_items, val_items or train_items[:2], modalities=modalities)
+
+    history: list[dict[str, Any]] = []
+    best = -1.0
+    start = 0
+    if state is not None:
+        trainer.load_state(state["trainer"])
+        history, best, start = list(state["history"]), float(state["best"]), int(state["epoch"])
+
+    bar = _epoch_bar(cfg.epochs, start, progress)
+    for epoch in range(start, cfg.epochs):
+        lr = poly_lr(cfg.learning_rate, epoch, cfg.epochs)
+        fit = trainer.train(1, seed=cfg.seed * 100_003 + epoch, learning_rate=lr)
+        val = trainer.evaluate()
+        row = {"epoch": epoch + 1, "loss": fit["loss"], "train-seconds": fit["train-seconds"]}
+        row.update({f"val-dice-{r}": val[r]["dice"] for r in REGIONS})
+        row["val-mean-dice"] = val["mean-dice"]
+        history.append(row)
+        if val["mean-dice"] > best:
+            best = val["mean-dice"]
+            save_torch(out / BEST, _model_payload(trainer, cfg, modalities, epoch + 1))
+        save_torch(
+            ckpt_path,
+            {
+                **_model_payload(trainer, cfg, modalities, epoch + 1),
+                "trainer": trainer.state(),
+                "history": history,
+                "best": best,
+            },
+        )
+        atomic_write_csv(out / "metrics.csv", history, list(row))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{fit['loss']:.3f}", val_dice=f"{val['mean-dice']:.3f}")
+    if bar is not None:
+        bar.close()
+
+    # Final evaluation of the best model on held-out test cases, with HD95.
+    trainer.model.load_state_dict(load_torch(out / BEST)["model"])
+    test = trainer.evaluate(load(split["test"]), hd95=True)
+    result = {"split": {k: len(v) for k, v in split.items()}, "best-val-mean-dice": best, **test}
+    atomic_write_json(out / "test_metrics.json", result)
+    return result
+
+
+def _model_payload(trainer: Any, cfg: FedsegConfig, modalities: tuple[str, ...], epoch: int) -> dict[str, Any]:
+    return {
+        "format": "fedseg-model-v1",
+        "config": cfg.to_run_config(),
+        "modalities": list(modalities),
+        "epoch": epoch,
+        "model": trainer.model.state_dict(),
+    }
+
+
+def _check_same_config(state: dict[str, Any], cfg: FedsegConfig, modalities: tuple[str, ...], path: Path) -> None:
+    saved = dict(state.get("config", {}))
+    now = cfg.to_run_config()
+    # The epoch budget may grow on resume; everything else must match.
+    diffs = [k for k in now if k != "epochs" and saved.get(k) != now[k]]
+    if list(state.get("modalities", MODALITIES)) != list(modalities):
+        diffs.append("modalities")
+    if diffs:
+        k = diffs[0]
+        raise ConfigError(
+            f"{path} was written with a different config ('{k}': {saved.get(k)!r} there, "
+            f"{now.get(k)!r} now); use --no-resume or another --out"
+        )
+
+
+def _epoch_bar(total: int, start: int, progress: bool) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="centralized", unit="epoch")

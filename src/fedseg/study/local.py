@@ -1,0 +1,197 @@
+"""Non-federated study arms: one model trained for a fixed number of epochs, and local-only.
+
+The centralized arm of the study (one model on the union of the sites' training cases) and the
+local-only arm (each site alone on its own cases) both run :func:`train_for_epochs`: the same
+:class:`~fedseg.site.trainer.SiteTrainer`, the same initial weights (seeded by ``cfg.seed``)
+and the same epoch budget as the federated arms (rounds x local epochs), so the arms differ
+only in which data each model sees and how updates are combined.
+
+After every epoch the model is scored (Dice only) on given evaluation cases to draw a learning
+curve. The curve is only a picture of training: the model kept is always the last epoch's,
+never one selected on those cases.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedseg.data.case import REGIONS
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedseg.config import FedsegConfig
+    from fedseg.data.transforms import Prepared
+
+#: called after each epoch as ``on_epoch(epoch, epochs, row)`` with the curve row
+EpochCallback = Callable[[int, int, dict[str, Any]], None]
+
+
+@dataclass
+class BaselineRun:
+    """The outcome of :func:`train_for_epochs`.
+
+    Attributes
+    ----------
+    weights:
+        Final model weights ``{name: array}`` in state-dict order.
+    curve:
+        One row per epoch: ``epoch``, ``loss``, ``num-cases`` (evaluation cases), Dice per
+        region (``WT``, ``TC``, ``ET``) and ``mean-dice`` on the evaluation cases.
+    timings:
+        ``epoch-seconds``, ``train-seconds`` and ``eval-seconds``, one value per epoch.
+    """
+
+    weights: dict[str, np.ndarray]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, list[float]] = field(default_factory=dict)
+
+
+def train_for_epochs(
+    cfg: FedsegConfig,
+    train_items: Sequence[Prepared],
+    eval_items: Sequence[Prepared],
+    epochs: int,
+    *,
+    device: torch.device | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> BaselineRun:
+    """Train one fresh model for ``epochs`` passes and score it after each one.
+
+    Parameters
+    ----------
+    cfg:
+        Configuration; the model is initialised from ``cfg.seed`` like every other arm.
+    train_items:
+        Training cases.
+    eval_items:
+        Cases scored after each epoch for the learning curve (Dice only).
+    epochs:
+        Number of epochs (the study's budget: rounds x local epochs).
+    device:
+        Torch device (the GPU when present if ``None``).
+    on_epoch:
+        Progress callback, see :data:`EpochCallback`.
+
+    Returns
+    -------
+    BaselineRun
+
+    Raises
+    ------
+    ValueError
+        If there is no training case or ``epochs < 1``.
+    """
+    from fedseg.site.trainer import SiteTrainer
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    trainer = SiteTrainer(cfg, train_items, eval_items, device=device)
+    run = BaselineRun(
+        weights={}, timings={"epoch-seconds": [], "train-seconds": [], "eval-seconds": []}
+    )
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        # the same per-epoch seeds as the centralized baseline (fedseg train)
+        fit = trainer.train(1, seed=cfg.seed * 100_003 + epoch)
+        t1 = time.perf_counter()
+        table = trainer.evaluate(eval_items) if eval_items else {"num-examples": 0}
+        t2 = time.perf_counter()
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": fit["loss"],
+            "num-cases": int(table["num-examples"]),
+        }
+        if table["num-examples"]:
+            row.update({r: float(table[r]["dice"]) for r in REGIONS})
+            row["mean-dice"] = float(table["mean-dice"])
+        run.curve.append(row)
+        run.timings["epoch-seconds"].append(t2 - t0)
+        run.timings["train-seconds"].append(t1 - t0)
+        run.timings["eval-seconds"].append(t2 - t1)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs, row)
+    run.weights = trainer.get_weights()
+    return run
+
+
+def run_local_arm(
+    cfg: FedsegConfig,
+    site_train: Mapping[str, Sequence[Prepared]],
+    site_test: Mapping[str, Sequence[Prepared]],
+    epochs: int,
+    *,
+    device: torch.device | None = None,
+    on_epoch: Callable[[str, int, int, dict[str, Any]], None] | None = None,
+) -> dict[str, BaselineRun]:
+    """Local-only training: every site trains its own model on its own cases, alone.
+
+    Parameters
+    ----------
+    cfg:
+        Configuration.
+    site_train:
+        Site name to its training cases.
+    site_test:
+        Site name to its test cases (scored after each epoch for the site's curve).
+    epochs:
+        Epochs per site (the study's budget).
+    device:
+        Torch device.
+    on_epoch:
+        Called as ``on_epoch(site, epoch, epochs, row)``.
+
+    Returns
+    -------
+    dict[str, BaselineRun]
+        One run per site, in ``site_train`` order.
+    """
+    runs: dict[str, BaselineRun] = {}
+    for site, items in site_train.items():
+        cb = None
+        if on_epoch is not None:
+            cb = lambda e, n, row, _s=site: on_epoch(_s, e, n, row)  # noqa: E731
+        runs[site] = train_for_epochs(
+            cfg, items, site_test.get(site, ()), epochs, device=device, on_epoch=cb
+        )
+    return runs
+
+
+def pool_curves(curves: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Combine per-site learning curves into one, weighting each site by its evaluation cases.
+
+    The pooled Dice at epoch ``e`` is the mean over all evaluation cases of all sites, each
+    scored by its own site's model: the local-only arm's counterpart of a pooled test score.
+
+    Parameters
+    ----------
+    curves:
+        One curve per site (rows as in :attr:`BaselineRun.curve`), all of the same length.
+
+    Returns
+    -------
+    list[dict]
+        Rows with ``epoch``, ``loss`` (mean over sites), ``num-cases``, per-region Dice and
+        ``mean-dice``.
+    """
+    if not curves:
+        return []
+    out: list[dict[str, Any]] = []
+    for rows in zip(*curves, strict=True):
+        scored = [r for r in rows if r.get("num-cases", 0) > 0 and "mean-dice" in r]
+        total = sum(int(r["num-cases"]) for r in scored)
+        row: dict[str, Any] = {
+            "epoch": rows[0]["epoch"],
+            "loss": float(np.mean([r["loss"] for r in rows])),
+            "num-cases": total,
+        }
+        if total:
+            for key in (*REGIONS, "mean-dice"):
+                row[key] = float(sum(r[key] * r["num-cases"] for r in scored) / total)
+        out.append(row)
+    return out

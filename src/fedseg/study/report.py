@@ -1,0 +1,705 @@
+"""The study report: one self-contained HTML file (inline CSS, PNGs embedded as base64, no JS).
+
+Sections: configuration and cohort, findings written from the numbers (including what they do
+not show), pooled results per arm with the ratio to centralized and the worst site, learning
+curves, per-site results, fairness, how the sites differ, segmentation overlays, timing, and
+how everything was measured. The input is the study's result document (``metrics.json``, see
+:func:`fedseg.study.study.run_study`) and optionally the overlay arrays, so a report can be
+rebuilt from a finished study folder without any model: :func:`rebuild_report`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedseg.data.case import REGIONS
+from fedseg.study.study import FEDERATED_ARMS, PER_SITE_ARMS, POOLED
+from fedseg.utils.io import atomic_write_text
+
+_PRETTY = {
+    "centralized": "Centralized",
+    "local": "Local only",
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "scaffold": "SCAFFOLD",
+    "fedbn": "FedBN",
+}
+# a curve still gaining this much mean Dice over the last quarter of training is "not converged"
+_STILL_RISING = 0.02
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;
+margin:2em auto;padding:0 1em;color:#1d1d1f;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:1.8em;border-bottom:1px solid #ddd;
+padding-bottom:.2em} .sub{color:#555;margin-top:0}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+th,td{border:1px solid #d0d0d0;padding:.25em .55em;text-align:right}
+th{background:#f3f3f3} td.l,th.l{text-align:left} tr.pooled td{font-weight:600;background:#fafafa}
+tr.grp td{border-top:2px solid #999} .best{background:#e6f4ea;font-weight:700}
+.kv td:first-child{text-align:left;color:#555} .kv td{text-align:left}
+.notes li{margin:.3em 0} .muted{color:#777;font-size:.9em}
+img{max-width:100%;height:auto;border:1px solid #eee;margin:.4em 0}
+code{background:#f5f5f5;padding:0 .25em}
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# numbers
+
+
+def pretty(arm: str) -> str:
+    """Display name of an arm (``fedavg`` -> ``FedAvg``)."""
+    return _PRETTY.get(arm, arm)
+
+
+def _sites_of(res: Mapping[str, Any]) -> list[str]:
+    return [s for s in res.get("metrics", {}) if s != POOLED]
+
+
+def _mean_dice(m: Mapping[str, Any] | None) -> float:
+    if not m:
+        return math.nan
+    v = m.get("mean-dice")
+    if v is None and all(r in m for r in REGIONS):
+        v = float(np.mean([m[r]["dice"] for r in REGIONS]))
+    return math.nan if v is None else float(v)
+
+
+def worst_site(res: Mapping[str, Any]) -> tuple[str | None, float]:
+    """The site with the lowest mean Dice for one arm, and that Dice."""
+    scored = [(_mean_dice(res["metrics"][s]), s) for s in _sites_of(res)]
+    scored = [(d, s) for d, s in scored if not math.isnan(d)]
+    if not scored:
+        return None, math.nan
+    d, s = min(scored)
+    return s, d
+
+
+def summary_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per arm: pooled Dice per region, mean +/- SE, HD95, ratio to centralized, fairness.
+
+    Returns
+    -------
+    list[dict]
+        Keys ``arm``, ``WT``/``TC``/``ET`` (Dice), ``mean``, ``se``, ``hd95-WT``/..,
+        ``ratio`` (pooled mean Dice / centralized's, NaN without centralized), ``worst-site``,
+        ``worst-dice``, ``spread`` (best minus worst site), ``num-cases``.
+    """
+    arms = doc.get("arms", {})
+    central = _mean_dice(arms.get("centralized", {}).get("metrics", {}).get(POOLED))
+    rows = []
+    for arm, res in arms.items():
+        p = res["metrics"][POOLED]
+        site_dice = [_mean_dice(res["metrics"][s]) for s in _sites_of(res)]
+        site_dice = [d for d in site_dice if not math.isnan(d)]
+        ws, wd = worst_site(res)
+        mean = _mean_dice(p)
+        row: dict[str, Any] = {
+            "arm": arm,
+            **{r: p[r]["dice"] for r in REGIONS},
+            **{f"hd95-{r}": p[r].get("hd95", math.nan) for r in REGIONS},
+            "mean": mean,
+            "se": p.get("mean-dice-se"),
+            "ratio": mean / central if central and not math.isnan(central) else math.nan,
+            "worst-site": ws,
+            "worst-dice": wd,
+            "spread": (max(site_dice) - min(site_dice)) if site_dice else math.nan,
+            "num-cases": p.get("num-cases"),
+        }
+        rows.append(row)
+    return rows
+
+
+def findings(doc: Mapping[str, Any]) -> list[str]:
+    """Plain-text notes drawn from the numbers, including their limits.
+
+    Parameters
+    ----------
+    doc:
+        The study's result document.
+
+    Returns
+    -------
+    list[str]
+        Sentences, most important first.
+    """
+    arms = doc.get("arms", {})
+    study = doc.get("study", {})
+    rows = {r["arm"]: r for r in summary_rows(doc)}
+    notes: list[str] = []
+    central = rows.get("centralized")
+    fed = [a for a in FEDERATED_ARMS if a in rows]
+
+    if central is not None:
+        for a in fed:
+            r = rows[a]
+            notes.append(
+                f"{pretty(a)} reached {r['ratio']:.0%} of the centralized pooled mean Dice "
+                f"({r['mean']:.3f} vs {central['mean']:.3f})."
+            )
+    ses = [r["se"] for r in rows.values() if r.get("se")]
+    noise = 2 * float(np.median(ses)) if ses else 0.0
+    if fed:
+        best = max(fed, key=lambda a: rows[a]["mean"])
+        if "local" in rows:
+            diff = rows[best]["mean"] - rows["local"]["mean"]
+            if abs(diff) <= noise:
+                verb, tail = "is level with", f"difference {diff:+.3f}, within noise"
+            else:
+                verb = "beats" if diff > 0 else "does not beat"
+                tail = f"difference {diff:+.3f}"
+            notes.append(
+                f"The best federated arm, {pretty(best)} ({rows[best]['mean']:.3f}), {verb} "
+                f"local-only training ({rows['local']['mean']:.3f}) on the pooled test cases "
+                f"({tail})."
+            )
+    worst = [(rows[a]["worst-dice"], a) for a in rows if not math.isnan(rows[a]["worst-dice"])]
+    if len(worst) > 1:
+        d, a = max(worst)
+        d2, a2 = min(worst)
+        notes.append(
+            f"Fairness: the worst-served site fares best under {pretty(a)} ({d:.3f}, "
+            f"{rows[a]['worst-site']}) and worst under {pretty(a2)} ({d2:.3f}, "
+            f"{rows[a2]['worst-site']})."
+        )
+    for a in PER_SITE_ARMS:
+        cross = arms.get(a, {}).get("cross-site") or {}
+        own = [v for m, t in cross.items() for s, v in t.items() if s == m]
+        other = [v for m, t in cross.items() for s, v in t.items() if s != m]
+        own = [v for v in own if v is not None and not math.isnan(v)]
+        other = [v for v in other if v is not None and not math.isnan(v)]
+        if own and other:
+            notes.append(
+                f"{pretty(a)}: each site's own model scores {np.mean(own):.3f} on its own test "
+                f"cases but {np.mean(other):.3f} on the other sites' (mean over site pairs)."
+            )
+    n = study.get("num-test") or (central or next(iter(rows.values()), {})).get("num-cases")
+    if ses:
+        se = float(np.median(ses))
+        notes.append(
+            f"The pooled test set has {n} cases: a pooled mean Dice has a standard error of "
+            f"about ±{se:.3f}, so differences between arms smaller than about {2 * se:.3f} are "
+            "within noise (one split, one seed)."
+        )
+    rising = [a for a, res in arms.items() if _still_rising(res.get("curve", []))]
+    if rising:
+        notes.append(
+            "Still improving at the end of training: "
+            + ", ".join(pretty(a) for a in rising)
+            + f" (more than {_STILL_RISING} mean Dice gained over the last quarter); a longer "
+            "budget may change the ranking."
+        )
+    failed = _failed_rounds(arms)
+    if failed:
+        notes.append("Rounds with failed or missing sites: " + ", ".join(failed) + ".")
+    if study.get("generated"):
+        notes.append(
+            f"The cohort is synthetic (generated by fedseg, seed {study.get('seed')}): absolute "
+            "Dice values say nothing about performance on real BraTS data; compare the arms "
+            "with each other."
+        )
+    return notes
+
+
+def _still_rising(curve: Sequence[Mapping[str, Any]]) -> bool:
+    pts = [(r["epoch"], r["mean-dice"]) for r in curve if r.get("mean-dice") is not None]
+    if len(pts) < 4:
+        return False
+    last_epoch = pts[-1][0]
+    earlier = [d for e, d in pts if e <= 0.75 * last_epoch]
+    return bool(earlier) and pts[-1][1] - earlier[-1] > _STILL_RISING
+
+
+def _failed_rounds(arms: Mapping[str, Any]) -> list[str]:
+    out = []
+    for a, res in arms.items():
+        bad = [h for h in res.get("history", []) if str(h.get("status", "ok")).lower() != "ok"]
+        if bad:
+            out.append(f"{pretty(a)} {len(bad)} of {len(res['history'])}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    try:
+        fv = float(v)
+    except (TypeError, ValueError):
+        return _e(v)
+    if math.isnan(fv):
+        return "–"
+    if math.isinf(fv):
+        return "∞"
+    return f"{fv:.{digits}f}"
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.0%}"
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    left: int = 1,
+    row_classes: Sequence[str] | None = None,
+) -> str:
+    """Cells are already HTML (escaped by the caller); the first ``left`` columns align left."""
+    th = "".join(f'<th class="{"l" if i < left else ""}">{h}</th>' for i, h in enumerate(header))
+    body = []
+    for k, row in enumerate(rows):
+        cls = f' class="{row_classes[k]}"' if row_classes and row_classes[k] else ""
+        tds = "".join(
+            c if c.startswith("<td") else f'<td class="{"l" if i < left else ""}">{c}</td>'
+            for i, c in enumerate(row)
+        )
+        body.append(f"<tr{cls}>{tds}</tr>")
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _header(doc: Mapping[str, Any]) -> str:
+    cfg = doc.get("config", {})
+    st = doc.get("study", {})
+    if st.get("generated"):
+        cohort = (
+            f"synthetic BraTS-2021-style cohort generated by <code>fedseg synth</code>: "
+            f"{_e(st.get('num-cases'))} cases, seed {_e(st.get('seed'))} "
+            f"(<code>{_e(st.get('data'))}</code>)"
+        )
+    else:
+        cohort = (
+            f"dataset folder <code>{_e(st.get('data'))}</code>: {_e(st.get('num-cases'))} cases"
+        )
+    alpha = st.get("partition-alpha")
+    kv = [
+        ("cohort", cohort),
+        (
+            "sites",
+            f"{_e(st.get('num-sites'))} virtual hospitals, partition "
+            f"<code>{_e(st.get('partition'))}</code> "
+            f"(alpha {_e(alpha)}, seed {_e(st.get('seed'))})",
+        ),
+        (
+            "split per site",
+            f"test fraction {_e(st.get('test-fraction'))}: "
+            f"{_e(st.get('num-train'))} training and {_e(st.get('num-test'))} test cases in all",
+        ),
+        (
+            "training budget",
+            f"{_e(st.get('num-server-rounds'))} rounds × {_e(st.get('local-epochs'))} "
+            f"local epoch(s) = {_e(st.get('epoch-budget'))} epochs for every arm",
+        ),
+        (
+            "model",
+            f"3D residual U-Net, {_e(cfg.get('image-size'))}³ grid, "
+            f"patch {_e(cfg.get('patch-size'))}, "
+            f"base channels {_e(cfg.get('base-channels'))}, depth {_e(cfg.get('depth'))}"
+            if cfg.get("spatial-dims", 3) == 3
+            else f"2D residual U-Net, {_e(cfg.get('image-size'))}² slices, base channels "
+            f"{_e(cfg.get('base-channels'))}, depth {_e(cfg.get('depth'))}",
+        ),
+        (
+            "optimisation",
+            f"AdamW lr {_e(cfg.get('learning-rate'))}, weight decay "
+            f"{_e(cfg.get('weight-decay'))}, batch {_e(cfg.get('batch-size'))}, "
+            f"augmentation {'on' if cfg.get('augment') else 'off'}; FedProx mu "
+            f"{_e(cfg.get('proximal-mu'))}",
+        ),
+        ("arms", ", ".join(_e(pretty(a)) for a in doc.get("arms", {}))),
+        (
+            "run",
+            f"{_e(doc.get('created', ''))} on {_e(st.get('device', '?'))}, "
+            f"{_f(st.get('seconds'), 0)} s for this invocation",
+        ),
+    ]
+    rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in kv)
+    return (
+        "<h1>fedseg study: federated vs centralized brain-tumour segmentation</h1>"
+        '<p class="sub">WT = whole tumour, TC = tumour core, ET = enhancing tumour. '
+        "Higher Dice and lower HD95 are better.</p>"
+        f'<table class="kv"><tbody>{rows}</tbody></table>'
+    )
+
+
+def _summary_section(doc: Mapping[str, Any]) -> str:
+    rows = summary_rows(doc)
+    if not rows:
+        return "<h2>Results</h2><p>No arm has finished yet.</p>"
+    best = max(r["mean"] for r in rows if not math.isnan(r["mean"])) if rows else math.nan
+    header = [
+        "arm",
+        *(f"Dice {r}" for r in REGIONS),
+        "mean Dice ± SE",
+        "vs centralized",
+        *(f"HD95 {r} (mm)" for r in REGIONS),
+        "worst site (mean Dice)",
+        "site spread",
+    ]
+    body = []
+    for r in rows:
+        mean = f"{_f(r['mean'])} ± {_f(r['se'])}"
+        mean_cell = f'<td class="best">{mean}</td>' if r["mean"] == best else mean
+        body.append(
+            [
+                _e(pretty(r["arm"])),
+                *(_f(r[k]) for k in REGIONS),
+                mean_cell,
+                _pct(r["ratio"]),
+                *(_f(r[f"hd95-{k}"], 1) for k in REGIONS),
+                f"{_e(r['worst-site'] or '–')} ({_f(r['worst-dice'])})",
+                _f(r["spread"]),
+            ]
+        )
+    from fedseg.study import plots
+
+    pooled = {r["arm"]: doc["arms"][r["arm"]]["metrics"][POOLED] for r in rows}
+    worst = {r["arm"]: r["worst-dice"] for r in rows}
+    return (
+        "<h2>Results on the pooled test set</h2>"
+        "<p>All test cases of all sites; arms with one model per site (local only, FedBN) score "
+        "each case with its own site's model. <em>vs centralized</em> is the arm's pooled mean "
+        "Dice divided by the centralized arm's. The worst site is the site with the lowest "
+        "mean Dice for that arm.</p>"
+        + _table(header, body)
+        + _img(plots.dice_bars(pooled, worst), "pooled Dice per arm")
+    )
+
+
+def _curves_section(doc: Mapping[str, Any]) -> str:
+    from fedseg.study import plots
+
+    curves = {a: r.get("curve", []) for a, r in doc.get("arms", {}).items() if r.get("curve")}
+    if not curves:
+        return ""
+    return (
+        "<h2>Learning curves</h2>"
+        "<p>Mean Dice on the test cases after each epoch (centralized: pooled test set; local "
+        "only: each site's model on its own test cases) or each round (federated: the global "
+        "model, or for FedBN each site's model, on each site's test cases, weighted by cases), "
+        "plotted against the epochs of local training used so far (round × local epochs). "
+        "These scores are for display only: the reported model is always the last one.</p>"
+        + _img(plots.learning_curves(curves), "learning curves")
+    )
+
+
+def _per_site_section(doc: Mapping[str, Any]) -> str:
+    from fedseg.study import plots
+
+    arms = doc.get("arms", {})
+    if not arms:
+        return ""
+    central = arms.get("centralized", {}).get("metrics", {})
+    header = [
+        "arm",
+        "test set",
+        "cases",
+        *(f"Dice {r}" for r in REGIONS),
+        "mean Dice",
+        "vs centralized",
+        *(f"HD95 {r}" for r in REGIONS),
+    ]
+    body, classes = [], []
+    for arm, res in arms.items():
+        sites = [*_sites_of(res), POOLED]
+        for k, site in enumerate(sites):
+            m = res["metrics"][site]
+            c = _mean_dice(central.get(site)) if central else math.nan
+            d = _mean_dice(m)
+            body.append(
+                [
+                    _e(pretty(arm)) if k == 0 else "",
+                    _e(site),
+                    _e(m.get("num-cases", "")),
+                    *(_f(m[r]["dice"]) if r in m else "–" for r in REGIONS),
+                    _f(d),
+                    _pct(d / c) if c and not math.isnan(c) else "–",
+                    *(_f(m[r].get("hd95"), 1) if r in m else "–" for r in REGIONS),
+                ]
+            )
+            cls = []
+            if k == 0:
+                cls.append("grp")
+            if site == POOLED:
+                cls.append("pooled")
+            classes.append(" ".join(cls))
+    all_sites = sorted({s for r in arms.values() for s in _sites_of(r)})
+    matrix = [[_mean_dice(r["metrics"].get(s)) for s in all_sites] for r in arms.values()]
+    heat = plots.site_heatmap(
+        matrix,
+        [pretty(a) for a in arms],
+        all_sites,
+        title="mean Dice per arm and site",
+        col_label="test set of site",
+    )
+    return (
+        "<h2>Per site</h2>"
+        "<p>Every final model on every site's test set (per-site models on their own site). "
+        "HD95 in mm on the prepared grid.</p>"
+        + _table(header, body, left=2, row_classes=classes)
+        + "<h3>Fairness</h3><p>How evenly each arm serves the sites; the worst site per arm "
+        "is also in the results table above.</p>"
+        + _img(heat, "mean Dice per arm and site")
+        + _cross_site(arms)
+    )
+
+
+def _cross_site(arms: Mapping[str, Any]) -> str:
+    from fedseg.study import plots
+
+    parts = []
+    for arm in PER_SITE_ARMS:
+        cross = arms.get(arm, {}).get("cross-site") or {}
+        if not cross:
+            continue
+        models = list(cross)
+        tests = sorted({t for v in cross.values() for t in v})
+        matrix = [[cross[m].get(t, math.nan) for t in tests] for m in models]
+        png = plots.site_heatmap(
+            matrix,
+            models,
+            tests,
+            title=f"{pretty(arm)}: model of site (row) on test set of site (column)",
+            row_label="model of",
+            col_label="test set of",
+        )
+        parts.append(_img(png, f"{arm} cross-site Dice"))
+    if not parts:
+        return ""
+    return (
+        "<h3>Per-site models on other sites</h3><p>Mean Dice of each site's own model on every "
+        "site's test cases (diagonal: its own site). Off-diagonal values show how far a "
+        "site's model generalises to the other hospitals.</p>" + "".join(parts)
+    )
+
+
+def _heterogeneity_section(doc: Mapping[str, Any]) -> str:
+    from fedseg.study import plots
+
+    summary = doc.get("sites") or []
+    if not summary:
+        return ""
+    header = [
+        "site",
+        "cases",
+        "train",
+        "test",
+        "WT ml mean",
+        "WT ml median",
+        "WT ml min–max",
+        "ET ml mean",
+        "dominant scanner",
+        "scanners",
+    ]
+    body = []
+    for r in summary:
+        share = r.get("dominant_scanner_share")
+        dom = "–" if share is None else f"{_e(r['dominant_scanner'])} ({share:.0%})"
+        body.append(
+            [
+                _e(r["site"]),
+                _e(r["num_cases"]),
+                _e(r.get("num_train", "–")),
+                _e(r.get("num_test", "–")),
+                _f(r.get("wt_ml_mean"), 1),
+                _f(r.get("wt_ml_median"), 1),
+                f"{_f(r.get('wt_ml_min'), 1)}–{_f(r.get('wt_ml_max'), 1)}",
+                _f(r.get("et_ml_mean"), 1),
+                dom,
+                _e(", ".join(f"{k}: {v}" for k, v in r.get("scanners", {}).items())),
+            ]
+        )
+    return (
+        "<h2>How the sites differ</h2>"
+        "<p>Quantity skew (cases per site), tumour-size skew (whole-tumour volumes) and scanner "
+        "skew (acquisition profiles), as produced by the partition scheme.</p>"
+        + _table(header, body, left=1)
+        + _img(plots.heterogeneity(summary), "site heterogeneity")
+    )
+
+
+def _overlay_section(overlays: Mapping[str, Any] | None) -> str:
+    from fedseg.study import plots
+
+    if not overlays or not overlays.get("case_ids"):
+        return ""
+    arms = ", ".join(_e(pretty(a)) for a in overlays["arms"])
+    return (
+        "<h2>Segmentations</h2>"
+        f"<p>{len(overlays['case_ids'])} pooled test cases (a typical-sized tumour from "
+        f"different sites), the axial FLAIR slice with the most whole tumour, on the prepared "
+        f"grid. Contours: WT green, TC yellow, ET red; ground truth, then {arms}.</p>"
+        + _img(plots.overlays(overlays), "segmentation overlays")
+    )
+
+
+def _timing_section(doc: Mapping[str, Any]) -> str:
+    arms = doc.get("arms", {})
+    if not arms:
+        return ""
+    header = [
+        "arm",
+        "total (s)",
+        "training (s)",
+        "final evaluation (s)",
+        "simulation start-up (s)",
+        "per round / epoch (s)",
+        "site training in rounds (s)",
+        "federation overhead (s)",
+        "overhead share of rounds",
+    ]
+    body = []
+    for arm, res in arms.items():
+        t = res.get("timings", {})
+        fed = bool(t.get("round-seconds"))
+        per = t.get("round-seconds") or t.get("epoch-seconds") or []
+        train = t.get("train-seconds") if fed else None
+        over = t.get("overhead-seconds") if fed else None
+        startup = t.get("startup-seconds") if fed else None
+        rounds_total = float(np.sum(t["round-seconds"])) if fed else math.nan
+        share = float(np.sum(over)) / rounds_total if over and rounds_total else math.nan
+        body.append(
+            [
+                _e(pretty(arm)),
+                _f(t.get("total-seconds"), 1),
+                _f(t.get("training-seconds"), 1),
+                _f(t.get("evaluation-seconds"), 1),
+                _f(np.sum(startup) if startup else None, 1),
+                _f(np.mean(per) if per else None, 2),
+                _f(np.sum(train) if train else None, 1),
+                _f(np.sum(over) if over else None, 1),
+                _pct(share),
+            ]
+        )
+    return (
+        "<h2>Timing</h2>"
+        "<p>Wall-clock seconds on this machine. <em>Training</em> includes the learning-curve "
+        "scoring after each epoch or round and, for federated arms, starting the Flower "
+        "Simulation Engine (Ray), shown separately. Local only trains the sites one after "
+        "another (a real deployment would run them in parallel). For federated arms, site "
+        "training counts the slowest site of each round (the critical path) and the overhead is "
+        "the rest of a round besides site training and evaluation: messaging, serialisation, "
+        "aggregation and scheduling.</p>" + _table(header, body)
+    )
+
+
+def _method_section(doc: Mapping[str, Any]) -> str:
+    cfg = doc.get("config", {})
+    return (
+        '<h2>How this was measured</h2><ul class="notes">'
+        "<li>Every arm starts from the same initial weights (seed "
+        f"{_e(cfg.get('seed'))}) and gets the same budget of passes over local data. "
+        "<em>Centralized</em>: one model on the union of the sites' training cases. "
+        "<em>Local only</em>: each site trains alone on its own cases. Federated arms: Flower "
+        "simulation, all sites every round.</li>"
+        "<li>Each site's cases are split into training and test cases once; the pooled test "
+        "set is the union of the sites' test sets. No case is used for both.</li>"
+        "<li>Dice and HD95 (95th-percentile Hausdorff distance, mm at the prepared voxel size) "
+        f"per region on the prepared {_e(cfg.get('image-size'))}³ grid, thresholded at 0.5; "
+        "empty prediction and empty reference give Dice 1 and HD95 0, exactly one empty "
+        "gives Dice 0 and the grid diagonal as HD95 (BraTS conventions).</li>"
+        "<li>The final model of each arm is the last one; no model is selected on test cases. "
+        "± values are standard errors over test cases of the per-case mean Dice.</li>"
+        "<li>Files: <code>metrics.json</code>, <code>metrics.csv</code>, <code>curves.csv</code>, "
+        "<code>partition.csv</code>, <code>heterogeneity.json</code>, <code>split.json</code>, "
+        "<code>models/&lt;arm&gt;.pt</code> (readable by <code>fedseg evaluate</code>).</li>"
+        "</ul>"
+        "<details><summary>Full configuration</summary><pre>"
+        + _e(json.dumps(cfg, indent=2))
+        + "</pre></details>"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+
+
+def render_report(doc: Mapping[str, Any], overlays: Mapping[str, Any] | None = None) -> str:
+    """Build the report's HTML.
+
+    Parameters
+    ----------
+    doc:
+        The study's result document (``metrics.json``).
+    overlays:
+        Optional overlay arrays (see :func:`fedseg.study.plots.overlays`).
+
+    Returns
+    -------
+    str
+        A complete, self-contained HTML document.
+    """
+    notes = findings(doc)
+    notes_html = (
+        '<h2>Findings</h2><ul class="notes">'
+        + "".join(f"<li>{_e(n)}</li>" for n in notes)
+        + "</ul>"
+        if notes
+        else ""
+    )
+    body = "".join(
+        [
+            _header(doc),
+            notes_html,
+            _summary_section(doc),
+            _curves_section(doc),
+            _per_site_section(doc),
+            _heterogeneity_section(doc),
+            _overlay_section(overlays),
+            _timing_section(doc),
+            _method_section(doc),
+        ]
+    )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        "<title>fedseg study report</title>"
+        f"<style>{_CSS}</style></head><body>{body}</body></html>\n"
+    )
+
+
+def write_report(
+    path: Path, doc: Mapping[str, Any], overlays: Mapping[str, Any] | None = None
+) -> Path:
+    """Render the report and write it atomically to ``path``; return ``path``."""
+    return atomic_write_text(Path(path), render_report(doc, overlays))
+
+
+def rebuild_report(study_dir: Path) -> Path:
+    """Rewrite ``study_dir/report.html`` from ``metrics.json`` and ``overlays.npz``.
+
+    Raises
+    ------
+    fedseg.errors.CheckpointError
+        When ``metrics.json`` is missing or unreadable.
+    """
+    from fedseg.errors import CheckpointError
+    from fedseg.study.study import load_overlays
+
+    study_dir = Path(study_dir)
+    path = study_dir / "metrics.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the study results ({exc})") from None
+    return write_report(study_dir / "report.html", doc, load_overlays(study_dir / "overlays.npz"))

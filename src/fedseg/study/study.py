@@ -1,0 +1,928 @@
+"""The one-command study: centralized vs local-only vs federated arms on the same sites.
+
+:func:`run_study` (``fedseg study``, what ``make demo`` runs) does, in order:
+
+1. the cohort: a given dataset folder, or a generated synthetic one in ``OUT/data`` (reused
+   when it is already there);
+2. the sites: the cohort is partitioned into ``num-sites`` virtual hospitals with the
+   ``partition`` scheme (``mixed`` by default: quantity, tumour-size and scanner skew), and each
+   site's cases are split into train / test with
+   :func:`fedseg.data.cohort.split_cases` (``test-fraction``, no validation set), exactly as the
+   federated runner splits them; the pooled test set is the union of the sites' test sets;
+3. the arms, each with the same epoch budget (``num-server-rounds`` x ``local-epochs`` passes
+   over local data) and the same initial weights: ``centralized`` (one model on the union of
+   the sites' training sets), ``local`` (each site alone), and the federated strategies
+   ``fedavg``, ``fedprox``, ``scaffold``, ``fedbn``
+   (:func:`fedseg.federation.runner.run_federated_arm`);
+4. evaluation of every final model on every site's test set and on the pooled test set (Dice
+   and HD95 per region, on the prepared grid). Arms with one model per site (``local``,
+   ``fedbn``) are scored with each site's model on its own cases, also for the pooled set, and
+   additionally across sites (Dice of site A's model on site B's test cases);
+5. the outputs (see below) and the HTML report.
+
+Output folder::
+
+    OUT/data/                   generated cohort (only without --data)
+    OUT/partition.csv           case_id,site
+    OUT/heterogeneity.json      how the sites differ (cases, tumour volumes, scanners)
+    OUT/split.json              per site: train / test case ids
+    OUT/arms/<arm>/result.json  one finished arm (the resume marker); federated arms also
+                                keep their runner's files in OUT/arms/<arm>/federation/
+    OUT/models/<arm>.pt         final model (fedseg-model-v1, readable by ``fedseg evaluate``);
+                                per-site models as OUT/models/<arm>-<site>.pt (local, fedbn)
+    OUT/metrics.json            everything below in one document (returned by run_study)
+    OUT/metrics.csv             arm,site,region,dice,hd95,num_cases (site "pooled" = all tests)
+    OUT/curves.csv              learning curves: arm,epoch,round,WT,TC,ET,mean_dice,loss
+    OUT/overlays.npz            the slices drawn in the report (plain arrays)
+    OUT/report.html             self-contained report
+
+Rerunning the same command skips every arm whose ``result.json`` exists (and was computed
+with the same configuration, data and partition) and only redoes what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedseg.config import FedsegConfig
+from fedseg.data.case import MODALITIES, REGIONS
+from fedseg.errors import ConfigError
+from fedseg.utils.io import atomic_write_csv, atomic_write_json, load_torch, save_torch
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedseg.data.transforms import Prepared
+    from fedseg.site.trainer import SiteTrainer
+
+#: every arm, in the order they run and are reported
+ARMS: tuple[str, ...] = ("centralized", "local", "fedavg", "fedprox", "scaffold", "fedbn")
+#: the arms run through the federated runner (Flower)
+FEDERATED_ARMS: tuple[str, ...] = ("fedavg", "fedprox", "scaffold", "fedbn")
+#: the arms that end with one model per site
+PER_SITE_ARMS: tuple[str, ...] = ("local", "fedbn")
+RESULTS_FORMAT = "fedseg-study-v1"
+POOLED = "pooled"
+#: the marker written into a generated cohort folder once generation has finished
+COHORT_MARKER = ".fedseg-cohort.json"
+#: number of pooled test cases drawn in the report's segmentation overlays
+NUM_OVERLAY_CASES = 3
+# keys that do not change any arm's result (the study sets the strategy per arm and the
+# epoch budget from rounds x local epochs; the partition file is covered by the partition)
+_NOT_FINGERPRINTED = frozenset(
+    {
+        "strategy",
+        "epochs",
+        "val-fraction",
+        "data-path",
+        "partition-file",
+        "out-dir",
+        "round-timeout",
+    }
+)
+
+
+# --------------------------------------------------------------------------------------------
+# arms
+
+
+def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Normalise a selection of arms: case-insensitive, comma-separated or a list, ``all``.
+
+    Parameters
+    ----------
+    arms:
+        ``"fedavg,Local"``, ``["centralized", "fedbn"]``, ``"all"`` or ``None`` (all arms).
+
+    Returns
+    -------
+    tuple[str, ...]
+        The selected arms without duplicates, in :data:`ARMS` order.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown arm (naming the valid ones and the closest match) or an empty selection.
+    """
+    import difflib
+
+    if arms is None:
+        return ARMS
+    items = arms.split(",") if isinstance(arms, str) else [str(a) for a in arms]
+    wanted = {a.strip().lower() for a in items if a.strip()}
+    if "all" in wanted:
+        return ARMS
+    for name in sorted(wanted):
+        if name not in ARMS:
+            close = difflib.get_close_matches(name, ARMS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown arm '{name}': expected one of {', '.join(ARMS)} (or all){hint}"
+            )
+    if not wanted:
+        raise ConfigError(f"no arm selected: expected one or more of {', '.join(ARMS)}")
+    return tuple(a for a in ARMS if a in wanted)
+
+
+def epoch_budget(cfg: FedsegConfig) -> int:
+    """Passes over local data every arm gets: ``num-server-rounds`` x ``local-epochs``."""
+    return int(cfg.num_server_rounds) * int(cfg.local_epochs)
+
+
+# --------------------------------------------------------------------------------------------
+# the study
+
+
+@dataclass
+class _Sites:
+    """The study's sites: partition, splits and prepared cases."""
+
+    parts: dict[str, list[str]]
+    train: dict[str, list[Prepared]]
+    test: dict[str, list[Prepared]]
+
+    @property
+    def pooled_train(self) -> list[Prepared]:
+        return [p for items in self.train.values() for p in items]
+
+    @property
+    def pooled_test(self) -> list[Prepared]:
+        return [p for items in self.test.values() for p in items]
+
+
+def run_study(
+    out: Path,
+    cfg: FedsegConfig,
+    *,
+    arms: str | Sequence[str] | None = ARMS,
+    data: Path | None = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Run the study (see the module docstring) and write its results and report into ``out``.
+
+    Parameters
+    ----------
+    out:
+        Output folder; created if needed.
+    cfg:
+        Configuration. The study uses ``num-sites``, ``partition`` (``partition-alpha``,
+        ``partition-file``), ``num-server-rounds`` x ``local-epochs`` (the epoch budget of every
+        arm), ``test-fraction``, ``seed``, ``num-cases`` (generated cohort) and the model and
+        optimisation keys. ``epochs`` and ``strategy`` are not used.
+    arms:
+        Arms to run (see :func:`parse_arms`); all of :data:`ARMS` by default.
+    data:
+        A labelled dataset folder (BraTS 2020/2021/2023 or MSD layout). ``None`` generates the
+        synthetic cohort (``num-cases`` cases, seed ``seed``) into ``out/data``.
+    progress:
+        Show the heterogeneity table and progress bars (on stderr).
+    resume:
+        Skip arms whose results are already in ``out`` (computed with the same configuration,
+        data and partition). With ``False`` every selected arm is recomputed.
+
+    Returns
+    -------
+    dict
+        The content of ``out/metrics.json`` (format ``fedseg-study-v1``): ``config``,
+        ``study`` (settings and cohort), ``sites`` (heterogeneity with train / test counts),
+        ``arms`` (per arm: ``metrics`` per site and ``pooled``, ``curve``, ``timings``...),
+        ``report`` (path of report.html).
+
+    Raises
+    ------
+    ConfigError
+        Unknown arm, a bad partition setting, or existing results in ``out`` that were
+        computed with another configuration, data or partition.
+    fedseg.errors.DataError
+        When the data cannot be read, partitioned or split as asked.
+    """
+    from fedseg.utils.runtime import pick_device
+
+    selected = parse_arms(arms)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = _console(progress)
+    t_start = time.perf_counter()
+
+    data_dir, generated = _cohort(out, cfg, data, progress)
+    sites, summary = _make_sites(out, cfg, data_dir, progress, console)
+    fingerprint = _fingerprint(cfg, data_dir, sites.parts)
+    device = pick_device()
+
+    results: dict[str, Any] = {}
+    for arm in selected:
+        path = _result_path(out, arm)
+        if resume and path.is_file():
+            previous = _load_arm_result(path, fingerprint, out)
+            if previous is not None:
+                if console is not None:
+                    console.print(f"[dim]{arm}: finished earlier, results reused ({path})[/dim]")
+                results[arm] = previous
+                continue
+        if not resume:  # also forget the federated runner's checkpoint of this arm
+            shutil.rmtree(out / "arms" / arm, ignore_errors=True)
+        results[arm] = _run_arm(arm, out, cfg, data_dir, sites, device, progress)
+        results[arm]["fingerprint"] = fingerprint
+        atomic_write_json(path, results[arm])
+        if console is not None:
+            console.print(_one_line(arm, results[arm]))
+
+    # arms finished in an earlier invocation but not selected now stay in the report
+    for arm in ARMS:
+        path = _result_path(out, arm)
+        if arm not in results and path.is_file():
+            previous = _load_arm_result(path, fingerprint, out, strict=False)
+            if previous is not None:
+                results[arm] = previous
+    ordered = {arm: results[arm] for arm in ARMS if arm in results}
+
+    doc: dict[str, Any] = {
+        "format": RESULTS_FORMAT,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": cfg.to_run_config(),
+        "study": {
+            "arms": list(ordered),
+            "num-sites": len(sites.parts),
+            "partition": cfg.partition,
+            "partition-alpha": cfg.partition_alpha,
+            "num-server-rounds": cfg.num_server_rounds,
+            "local-epochs": cfg.local_epochs,
+            "epoch-budget": epoch_budget(cfg),
+            "test-fraction": cfg.test_fraction,
+            "seed": cfg.seed,
+            "data": str(data_dir),
+            "generated": generated,
+            "num-cases": sum(len(v) for v in sites.parts.values()),
+            "num-train": len(sites.pooled_train),
+            "num-test": len(sites.pooled_test),
+            "device": str(device),
+            "seconds": time.perf_counter() - t_start,
+        },
+        "sites": summary,
+        "arms": ordered,
+    }
+    _write_tables(out, doc)
+    overlays = _overlays(out, cfg, sites, ordered, device)
+    if overlays is not None:
+        _save_overlays(out / "overlays.npz", overlays)
+
+    from fedseg.study.report import write_report
+
+    report = write_report(out / "report.html", doc, overlays)
+    doc["report"] = str(report)
+    atomic_write_json(out / "metrics.json", doc)
+    return doc
+
+
+# --------------------------------------------------------------------------------------------
+# cohort and sites
+
+
+def _cohort(out: Path, cfg: FedsegConfig, data: Path | None, progress: bool) -> tuple[Path, bool]:
+    """The data folder of the study and whether it was generated."""
+    if data is not None:
+        from fedseg.errors import LayoutError
+
+        data = Path(data)
+        if not data.is_dir():
+            raise LayoutError(f"dataset folder {data} does not exist or is not a folder")
+        return data, False
+    from fedseg.data.synth import generate_cohort
+
+    root = out / "data"
+    marker = root / COHORT_MARKER
+    wanted = {"num-cases": cfg.num_cases, "seed": cfg.seed}
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found != wanted:
+            key = next(k for k in wanted if found.get(k) != wanted[k])
+            raise ConfigError(
+                f"{root} holds a cohort generated with {key} {found.get(key)!r}, not "
+                f"{wanted[key]!r}; use another --out, or delete {root}"
+            )
+        return root, True
+    generate_cohort(root, cfg.num_cases, seed=cfg.seed, progress=progress)
+    atomic_write_json(marker, wanted)
+    return root, True
+
+
+def _make_sites(
+    out: Path, cfg: FedsegConfig, data_dir: Path, progress: bool, console: Any
+) -> tuple[_Sites, list[dict[str, Any]]]:
+    from fedseg.data.cohort import load_prepared, split_cases
+    from fedseg.data.partition import (
+        case_attributes,
+        heterogeneity_summary,
+        partition,
+        summary_table,
+        write_partition,
+        write_summary_json,
+    )
+    from fedseg.study.centralized import default_cache_dir
+
+    attrs = case_attributes(data_dir)
+    csv_path = Path(cfg.partition_file) if cfg.partition == "csv" else None
+    parts = partition(
+        list(attrs.values()),
+        cfg.num_sites,
+        cfg.partition,
+        alpha=cfg.partition_alpha,
+        seed=cfg.seed,
+        csv_path=csv_path,
+    )
+    splits = {
+        site: split_cases(ids, test_fraction=cfg.test_fraction, val_fraction=0, seed=cfg.seed)
+        for site, ids in parts.items()
+    }
+    summary = heterogeneity_summary(parts, attrs)
+    for row in summary:
+        row["num_train"] = len(splits[row["site"]]["train"])
+        row["num_test"] = len(splits[row["site"]]["test"])
+    meta = {
+        "data": str(data_dir),
+        "scheme": cfg.partition,
+        "num_sites": len(parts),
+        "num_cases": len(attrs),
+        "alpha": cfg.partition_alpha,
+        "seed": cfg.seed,
+    }
+    write_partition(parts, out / "partition.csv")
+    write_summary_json(summary, out / "heterogeneity.json", meta=meta)
+    atomic_write_json(
+        out / "split.json",
+        {s: {"train": v["train"], "test": v["test"]} for s, v in splits.items()},
+    )
+    if console is not None:
+        title = f"{len(attrs)} cases, {len(parts)} sites, partition {cfg.partition}"
+        console.print(summary_table(summary, title=title))
+
+    ids = sorted(attrs)
+    prepared = load_prepared(
+        data_dir,
+        cfg.image_size,
+        case_ids=ids,
+        cache_dir=default_cache_dir(data_dir),
+        progress=progress,
+    )
+    by_id = {p.case_id: p for p in prepared}
+    sites = _Sites(
+        parts=parts,
+        train={s: [by_id[c] for c in v["train"]] for s, v in splits.items()},
+        test={s: [by_id[c] for c in v["test"]] for s, v in splits.items()},
+    )
+    return sites, summary
+
+
+def _fingerprint(
+    cfg: FedsegConfig, data_dir: Path, parts: Mapping[str, list[str]]
+) -> dict[str, Any]:
+    conf = {k: v for k, v in cfg.to_run_config().items() if k not in _NOT_FINGERPRINTED}
+    digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return {"config": conf, "data": str(Path(data_dir).resolve()), "partition-sha1": digest}
+
+
+def _result_path(out: Path, arm: str) -> Path:
+    return out / "arms" / arm / "result.json"
+
+
+def _load_arm_result(
+    path: Path, fingerprint: Mapping[str, Any], out: Path, *, strict: bool = True
+) -> dict[str, Any] | None:
+    """A finished arm's result, or None when it must be recomputed (its model file is gone).
+
+    With ``strict`` a result computed under another configuration is an error; otherwise
+    (arms not selected this time) it is left out of the report.
+    """
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a damaged result file only means the arm runs again
+    found = result.get("fingerprint", {})
+    if found != fingerprint:
+        if not strict:
+            return None
+        raise ConfigError(
+            f"{path} was computed with {_first_difference(found, fingerprint)}; "
+            "use another --out, or --no-resume to recompute"
+        )
+    if not all((out / rel).is_file() for rel in result.get("models", {}).values()):
+        return None
+    return result
+
+
+def _first_difference(found: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    fc, nc = found.get("config", {}), now.get("config", {})
+    for key in sorted(set(fc) | set(nc)):
+        if fc.get(key) != nc.get(key):
+            return f"a different config ('{key}': {fc.get(key)!r} there, {nc.get(key)!r} now)"
+    if found.get("data") != now.get("data"):
+        return f"other data ({found.get('data')} there, {now.get('data')} now)"
+    return "a different partition of the cases into sites"
+
+
+# --------------------------------------------------------------------------------------------
+# running one arm
+
+
+def _run_arm(
+    arm: str,
+    out: Path,
+    cfg: FedsegConfig,
+    data_dir: Path,
+    sites: _Sites,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train one arm, save its models, evaluate them; return its result document."""
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if arm == "centralized":
+        shared, per_site, curve, timings = _run_centralized(cfg, sites, device, progress)
+    elif arm == "local":
+        shared, per_site, curve, timings, extra = _run_local(cfg, sites, device, progress)
+    else:
+        shared, per_site, curve, timings, extra = _run_federated(
+            arm, out, cfg, data_dir, sites, progress
+        )
+    t_train = time.perf_counter() - t0
+
+    models = _save_models(out, arm, cfg, shared, per_site, device)
+    evaluator = _evaluator(cfg, device)
+    ev = _evaluate_models(evaluator, shared, per_site, sites.test)
+    timings["total-seconds"] = time.perf_counter() - t0
+    timings["training-seconds"] = t_train
+    timings["evaluation-seconds"] = timings["total-seconds"] - t_train
+    return {
+        "arm": arm,
+        "kind": "federated" if arm in FEDERATED_ARMS else "baseline",
+        "epochs": epoch_budget(cfg),
+        "models": models,
+        "metrics": ev["metrics"],
+        "per-case": ev["per-case"],
+        "cross-site": ev["cross-site"],
+        "curve": curve,
+        "timings": timings,
+        **extra,
+    }
+
+
+Weights = dict[str, np.ndarray]
+
+
+def _run_centralized(
+    cfg: FedsegConfig, sites: _Sites, device: torch.device, progress: bool
+) -> tuple[Weights, dict[str, Weights] | None, list[dict[str, Any]], dict[str, Any]]:
+    from fedseg.study.local import train_for_epochs
+
+    budget = epoch_budget(cfg)
+    with _Bar("centralized", budget, "epoch", progress) as bar:
+        run = train_for_epochs(
+            cfg,
+            sites.pooled_train,
+            sites.pooled_test,
+            budget,
+            device=device,
+            on_epoch=lambda e, n, row: bar.step(row.get("mean-dice")),
+        )
+    return run.weights, None, run.curve, dict(run.timings)
+
+
+def _run_local(
+    cfg: FedsegConfig, sites: _Sites, device: torch.device, progress: bool
+) -> tuple[None, dict[str, Weights], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    from fedseg.study.local import pool_curves, run_local_arm
+
+    budget = epoch_budget(cfg)
+    with _Bar("local", budget * len(sites.train), "epoch", progress) as bar:
+        runs = run_local_arm(
+            cfg,
+            sites.train,
+            sites.test,
+            budget,
+            device=device,
+            on_epoch=lambda s, e, n, row: bar.step(row.get("mean-dice"), site=s),
+        )
+    per_site = {s: r.weights for s, r in runs.items()}
+    curve = pool_curves([r.curve for r in runs.values()])
+    # the sites train one after the other here; in a real deployment they would in parallel
+    epoch_seconds = [
+        float(sum(v))
+        for v in zip(*(r.timings["epoch-seconds"] for r in runs.values()), strict=True)
+    ]
+    timings: dict[str, Any] = {
+        "epoch-seconds": epoch_seconds,
+        "site-seconds": {s: float(sum(r.timings["epoch-seconds"])) for s, r in runs.items()},
+    }
+    extra = {"site-curves": {s: r.curve for s, r in runs.items()}}
+    return None, per_site, curve, timings, extra
+
+
+def _run_federated(
+    arm: str, out: Path, cfg: FedsegConfig, data_dir: Path, sites: _Sites, progress: bool
+) -> tuple[
+    Weights, dict[str, Weights] | None, list[dict[str, Any]], dict[str, Any], dict[str, Any]
+]:
+    from fedseg.federation.runner import run_federated_arm
+
+    arm_cfg = cfg.replace(strategy=arm)
+    with _Bar(arm, cfg.num_server_rounds, "round", progress) as bar:
+        bar.note("starting the Flower simulation")
+        result = run_federated_arm(
+            arm,
+            arm_cfg,
+            data_dir,
+            sites.parts,
+            out / "arms" / arm / "federation",
+            progress=lambda r, n, info: bar.step(_mean_from_info(info)),
+        )
+    per_site = dict(result.site_weights) if result.site_weights else None
+    curve = curve_from_history(result.history, cfg.local_epochs)
+    timings = {k: [float(x) for x in v] for k, v in dict(result.timings).items()}
+    return result.final_weights, per_site, curve, timings, {"history": result.history}
+
+
+# --------------------------------------------------------------------------------------------
+# federated history -> learning curve
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float | np.floating) and not isinstance(value, bool):
+        v = float(value)
+        return v if np.isfinite(v) else None
+    return None
+
+
+def _regions(block: Any) -> dict[str, float] | None:
+    """``{region: dice}`` when ``block`` holds a finite Dice for every region, else None."""
+    if not isinstance(block, Mapping):
+        return None
+    out = {r: _number(block.get(r)) for r in REGIONS}
+    return None if any(v is None for v in out.values()) else out  # type: ignore[return-value]
+
+
+def curve_from_history(
+    history: Sequence[Mapping[str, Any]], local_epochs: int
+) -> list[dict[str, Any]]:
+    """Turn a federated arm's per-round history into learning-curve rows.
+
+    A round's Dice per region is the runner's ``mean-dice``: the per-site Dice of the global
+    model (FedBN: each site's own model) on each site's test cases, weighted by the sites' case
+    counts, the federated counterpart of a pooled test score. The x value ``epoch`` is
+    ``round x local_epochs``, the epoch budget used so far, so all arms share one axis.
+
+    Parameters
+    ----------
+    history:
+        ``ArmResult.history`` rows (:func:`fedseg.federation.loop.history_row`): ``round``,
+        ``status``, ``train-loss``, ``dice`` (site -> region -> Dice) and ``mean-dice``
+        (region -> case-weighted mean).
+    local_epochs:
+        Local epochs per round.
+
+    Returns
+    -------
+    list[dict]
+        Rows ``epoch``, ``round``, ``WT``, ``TC``, ``ET``, ``mean-dice``, ``site-dice`` (site ->
+        mean over regions), ``loss`` (when known) and ``status``. Rounds without a Dice for
+        every region (e.g. a failed round) are left out.
+    """
+    rows: list[dict[str, Any]] = []
+    for i, entry in enumerate(history):
+        pooled = _regions(entry.get("mean-dice"))
+        if pooled is None:
+            continue
+        rnd = int(entry.get("round", i + 1))
+        row: dict[str, Any] = {"epoch": rnd * int(local_epochs), "round": rnd, **pooled}
+        row["mean-dice"] = float(np.mean(list(pooled.values())))
+        sites = entry.get("dice")
+        if isinstance(sites, Mapping):
+            per_site = {s: _regions(d) for s, d in sites.items()}
+            row["site-dice"] = {
+                s: float(np.mean(list(d.values()))) for s, d in per_site.items() if d is not None
+            }
+        loss = _number(entry.get("train-loss"))
+        if loss is not None:
+            row["loss"] = loss
+        if "status" in entry:
+            row["status"] = entry["status"]
+        rows.append(row)
+    return rows
+
+
+def _mean_from_info(info: Mapping[str, Any] | None) -> float | None:
+    pooled = _regions((info or {}).get("mean-dice"))
+    return None if pooled is None else float(np.mean(list(pooled.values())))
+
+
+# --------------------------------------------------------------------------------------------
+# models and evaluation
+
+
+def _evaluator(cfg: FedsegConfig, device: torch.device) -> SiteTrainer:
+    from fedseg.site.trainer import SiteTrainer
+
+    return SiteTrainer(cfg, (), device=device)
+
+
+def _payload(evaluator: SiteTrainer, cfg: FedsegConfig, weights: Weights) -> dict[str, Any]:
+    from fedseg.study.centralized import _model_payload
+
+    evaluator.set_weights(weights)
+    return _model_payload(evaluator, cfg, MODALITIES, epoch_budget(cfg))
+
+
+def _save_models(
+    out: Path,
+    arm: str,
+    cfg: FedsegConfig,
+    shared: Weights | None,
+    per_site: Mapping[str, Weights] | None,
+    device: torch.device,
+) -> dict[str, str]:
+    """Write the arm's models; return ``{"*" or site: path relative to out}``.
+
+    Local-only has no shared model, only the sites' own ones; FedBN has both (the shared one
+    carries whatever normalisation parameters the server last held).
+    """
+    evaluator = _evaluator(cfg, device)
+    files: dict[str, str] = {}
+    if shared is not None:
+        rel = f"models/{arm}.pt"
+        save_torch(out / rel, _payload(evaluator, cfg, shared))
+        files["*"] = rel
+    for site, weights in (per_site or {}).items():
+        rel = f"models/{arm}-{site}.pt"
+        save_torch(out / rel, _payload(evaluator, cfg, weights))
+        files[site] = rel
+    return files
+
+
+def _summarise(table: Mapping[str, Any], per_case: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A site's (or the pooled) metrics: region means, mean Dice, case count, standard error."""
+    out: dict[str, Any] = {r: dict(table[r]) for r in REGIONS if r in table}
+    n = len(per_case)
+    out["num-cases"] = n
+    if n:
+        means = [float(np.mean([c[r]["dice"] for r in REGIONS])) for c in per_case]
+        out["mean-dice"] = float(np.mean(means))
+        out["mean-dice-se"] = float(np.std(means, ddof=1) / np.sqrt(n)) if n > 1 else None
+    return out
+
+
+def _evaluate_models(
+    evaluator: SiteTrainer,
+    shared: Weights | None,
+    per_site: Mapping[str, Weights] | None,
+    site_test: Mapping[str, Sequence[Prepared]],
+) -> dict[str, Any]:
+    """Score an arm: each site's test set (its own model when per-site), pooled, cross-site."""
+    from fedseg.model.metrics import mean_over_cases
+
+    metrics: dict[str, Any] = {}
+    per_case: dict[str, dict[str, Any]] = {}
+    loaded: int | None = None
+    for site, items in site_test.items():
+        weights = per_site[site] if per_site else shared
+        if weights is None:
+            raise ValueError("an arm needs a shared model or one model per site")
+        if id(weights) != loaded:
+            evaluator.set_weights(weights)
+            loaded = id(weights)
+        table = evaluator.evaluate(items, hd95=True)
+        cases = table["per-case"]
+        metrics[site] = _summarise(table, list(cases.values()))
+        per_case.update({cid: {"site": site, **m} for cid, m in cases.items()})
+    all_cases = [{r: c[r] for r in REGIONS} for c in per_case.values()]
+    metrics[POOLED] = _summarise(mean_over_cases(all_cases), all_cases)
+
+    cross: dict[str, dict[str, float]] = {}
+    if per_site:
+        for model_site, weights in per_site.items():
+            evaluator.set_weights(weights)
+            cross[model_site] = {}
+            for test_site, items in site_test.items():
+                if test_site == model_site:
+                    cross[model_site][test_site] = metrics[test_site].get("mean-dice", float("nan"))
+                else:
+                    cross[model_site][test_site] = float(
+                        evaluator.evaluate(items).get("mean-dice", float("nan"))
+                    )
+    return {"metrics": metrics, "per-case": per_case, "cross-site": cross}
+
+
+# --------------------------------------------------------------------------------------------
+# tables, overlays
+
+
+def metrics_rows(arms: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Flatten arm results into ``arm, site, region, dice, hd95, num_cases`` rows."""
+    rows: list[dict[str, Any]] = []
+    for arm, res in arms.items():
+        for site, m in res["metrics"].items():
+            for r in REGIONS:
+                if r in m:
+                    rows.append(
+                        {
+                            "arm": arm,
+                            "site": site,
+                            "region": r,
+                            "dice": m[r].get("dice"),
+                            "hd95": m[r].get("hd95"),
+                            "num_cases": m.get("num-cases"),
+                        }
+                    )
+    return rows
+
+
+def _write_tables(out: Path, doc: Mapping[str, Any]) -> None:
+    atomic_write_csv(
+        out / "metrics.csv",
+        metrics_rows(doc["arms"]),
+        ["arm", "site", "region", "dice", "hd95", "num_cases"],
+    )
+    curve_rows = []
+    for arm, res in doc["arms"].items():
+        for row in res.get("curve", []):
+            curve_rows.append(
+                {
+                    "arm": arm,
+                    **{k: row.get(k) for k in ("epoch", "round", *REGIONS, "loss")},
+                    "mean_dice": row.get("mean-dice"),
+                }
+            )
+    fields = ["arm", "epoch", "round", *REGIONS, "mean_dice", "loss"]
+    atomic_write_csv(out / "curves.csv", curve_rows, fields)
+
+
+def best_federated_arm(arms: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The federated arm with the highest pooled mean Dice (None when no federated arm ran)."""
+    scored = [
+        (res["metrics"][POOLED].get("mean-dice", -1.0), arm)
+        for arm, res in arms.items()
+        if arm in FEDERATED_ARMS and POOLED in res.get("metrics", {})
+    ]
+    return max(scored)[1] if scored else None
+
+
+def _overlay_cases(sites: _Sites, n: int) -> list[tuple[str, Prepared]]:
+    """``n`` pooled test cases, from different sites in turn: each site's median-sized tumour."""
+    queues: dict[str, list[Prepared]] = {}
+    for site, items in sites.test.items():
+        labelled = [p for p in items if p.regions is not None]
+        # median first, then outwards: typical cases rather than the easiest (largest) ones
+        by_size = sorted(labelled, key=lambda p: (int(p.regions[0].sum()), p.case_id))  # type: ignore[index]
+        mid = len(by_size) // 2
+        order = sorted(range(len(by_size)), key=lambda i: (abs(i - mid), i))
+        queues[site] = [by_size[i] for i in order]
+    chosen: list[tuple[str, Prepared]] = []
+    while len(chosen) < n and any(queues.values()):
+        for site, q in queues.items():
+            if q and len(chosen) < n:
+                chosen.append((site, q.pop(0)))
+    return chosen
+
+
+def _overlays(
+    out: Path,
+    cfg: FedsegConfig,
+    sites: _Sites,
+    arms: Mapping[str, Mapping[str, Any]],
+    device: torch.device,
+) -> dict[str, Any] | None:
+    """Axial FLAIR slices: ground truth, centralized and the best federated arm's predictions."""
+    shown = [a for a in ("centralized",) if a in arms]
+    best = best_federated_arm(arms)
+    if best is None:  # no federated arm: show the best other one next to centralized
+        others = [a for a in arms if a != "centralized" and POOLED in arms[a]["metrics"]]
+        if others:
+            best = max(others, key=lambda a: arms[a]["metrics"][POOLED].get("mean-dice", -1.0))
+    if best is not None:
+        shown.append(best)
+    cases = _overlay_cases(sites, NUM_OVERLAY_CASES)
+    if not shown or not cases:
+        return None
+    evaluator = _evaluator(cfg, device)
+    flair_index = MODALITIES.index("flair")
+    slices, flair, gt = [], [], []
+    for _, prep in cases:
+        regions = np.asarray(prep.regions)  # _overlay_cases keeps labelled cases only
+        # the axial slice with the most whole tumour
+        z = int(np.argmax(regions[0].reshape(-1, regions.shape[-1]).sum(0)))
+        slices.append(z)
+        flair.append(prep.image[flair_index, :, :, z])
+        gt.append(regions[:, :, :, z])
+    preds: dict[str, np.ndarray] = {}
+    for arm in shown:
+        files = arms[arm]["models"]
+        arm_preds = []
+        for (site, prep), z in zip(cases, slices, strict=True):
+            rel = files.get(site, files.get("*"))
+            state = load_torch(out / rel)["model"]
+            evaluator.set_weights({k: v.numpy() for k, v in state.items()})
+            arm_preds.append((evaluator.predict(prep)[:, :, :, z] >= 0.5).astype(np.uint8))
+        preds[arm] = np.stack(arm_preds)
+    return {
+        "case_ids": [p.case_id for _, p in cases],
+        "sites": [s for s, _ in cases],
+        "slices": slices,
+        "arms": shown,
+        "flair": np.stack(flair).astype(np.float32),
+        "gt": np.stack(gt).astype(np.uint8),
+        "pred": preds,
+    }
+
+
+def _save_overlays(path: Path, ov: Mapping[str, Any]) -> None:
+    from fedseg.utils.io import atomic_write
+
+    arrays = {
+        "case_ids": np.asarray(ov["case_ids"]),
+        "sites": np.asarray(ov["sites"]),
+        "slices": np.asarray(ov["slices"]),
+        "arms": np.asarray(ov["arms"]),
+        "flair": ov["flair"],
+        "gt": ov["gt"],
+        **{f"pred_{arm}": a for arm, a in ov["pred"].items()},
+    }
+    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
+
+
+def load_overlays(path: Path) -> dict[str, Any] | None:
+    """Read ``overlays.npz`` back into the structure :func:`run_study` passes to the report."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        arms = [str(a) for a in z["arms"]]
+        return {
+            "case_ids": [str(c) for c in z["case_ids"]],
+            "sites": [str(s) for s in z["sites"]],
+            "slices": [int(s) for s in z["slices"]],
+            "arms": arms,
+            "flair": z["flair"],
+            "gt": z["gt"],
+            "pred": {a: z[f"pred_{a}"] for a in arms},
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# progress display
+
+
+def _console(progress: bool) -> Any:
+    if not progress:
+        return None
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _one_line(arm: str, res: Mapping[str, Any]) -> str:
+    m = res["metrics"][POOLED]
+    dice = "  ".join(f"{r} {m[r]['dice']:.3f}" for r in REGIONS if r in m)
+    secs = res["timings"].get("total-seconds", 0.0)
+    mean = m.get("mean-dice", float("nan"))
+    return f"[bold]{arm}[/bold]: pooled Dice {dice} (mean {mean:.3f}) in {secs:.0f} s"
+
+
+class _Bar:
+    """A tqdm bar per arm (a no-op without progress)."""
+
+    def __init__(self, name: str, total: int, unit: str, enabled: bool) -> None:
+        self.name, self.total, self.unit, self.enabled = name, total, unit, enabled
+        self.bar: Any = None
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.name, unit=self.unit, leave=True)
+        return self
+
+    def step(self, dice: float | None = None, **info: Any) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        post = {k: str(v) for k, v in info.items()}
+        if dice is not None:
+            post["dice"] = f"{dice:.3f}"
+        if post:
+            self.bar.set_postfix(post)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny case, and a writer that lays it out on disk like the real datasets.
+
+The writer encodes each layout's file names and label numbering by hand (from the dataset
+documentation), independently of :mod:`fedseg.data.readers`, so reader tests compare against
+the conventions themselves rather than against the library's own writer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fedseg.data.case import Case
+
+TINY_SHAPE = (12, 12, 12)
+
+# internal modality order is t1, t1ce, t2, flair
+_BRATS_NAMES = {
+    "brats2021": ("_", ("t1", "t1ce", "t2", "flair"), {0: 0, 1: 1, 2: 2, 4: 4}),
+    "brats2023": ("-", ("t1n", "t1c", "t2w", "t2f"), {0: 0, 1: 1, 2: 2, 4: 3}),
+}
+# MSD: channels FLAIR, T1w, t1gd, T2w; labels 1 oedema, 2 non-enhancing, 3 enhancing
+_MSD_CHANNELS = (3, 0, 1, 2)
+_MSD_LABELS = {0: 0, 1: 2, 2: 1, 4: 3}
+
+
+def make_tiny_case(case_id: str = "case_000", seed: int = 0) -> Case:
+    """A 12^3 case whose four channels are told apart by their level, labels 0/1/2/4."""
+    rng = np.random.default_rng(seed)
+    image = np.stack([100.0 * (i + 1) + rng.random(TINY_SHAPE) for i in range(4)]).astype(
+        np.float32
+    )
+    label = np.zeros(TINY_SHAPE, dtype=np.uint8)
+    label[3:9, 3:9, 3:9] = 2
+    label[4:8, 4:8, 4:8] = 1
+    label[5:7, 5:7, 5:7] = 4
+    affine = np.array([[-1.0, 0, 0, 6.0], [0, -1.0, 0, 7.0], [0, 0, 1.0, -5.0], [0, 0, 0, 1]])
+    return Case(case_id=case_id, image=image, label=label, affine=affine)
+
+
+def write_nii(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """Write ``data`` as NIfTI at ``path`` (creating folders)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def _relabel(label: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    out = np.zeros_like(label)
+    for src, dst in mapping.items():
+        out[label == src] = dst
+    return out
+
+
+def write_case_as(case: Case, root: Path, layout: str) -> Path:
+    """Write ``case`` under ``root`` in ``layout``; return its folder (BraTS) or image (MSD)."""
+    if layout == "msd":
+        sub = "imagesTr" if case.label is not None else "imagesTs"
+        image_path = write_nii(
+            root / sub / f"{case.case_id}.nii.gz",
+            np.stack([case.image[c] for c in _MSD_CHANNELS], axis=-1),
+            case.affine,
+        )
+        meta_path = root / "dataset.json"
+        meta = (
+            json.loads(meta_path.read_text())
+            if meta_path.exists()
+            else {
+                "name": "BRATS",
+                "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                "labels": {
+                    "0": "background",
+                    "1": "edema",
+                    "2": "non-enhancing tumor",
+                    "3": "enhancing tumour",
+                },
+                "training": [],
+                "test": [],
+            }
+        )
+        if case.label is not None:
+            write_nii(
+                root / "labelsTr" / image_path.name, _relabel(case.label, _MSD_LABELS), case.affine
+            )
+            meta["training"].append(
+                {"image": f"./imagesTr/{image_path.name}", "label": f"./labelsTr/{image_path.name}"}
+            )
+        else:
+            meta["test"].append(f"./imagesTs/{image_path.name}")
+        meta_path.write_text(json.dumps(meta))
+        return image_path
+    sep, names, labels = _BRATS_NAMES[layout]
+    folder = root / case.case_id
+    for channel, name in enumerate(names):
+        write_nii(folder / f"{case.case_id}{sep}{name}.nii.gz", case.image[channel], case.affine)
+    if case.label is not None:
+        write_nii(
+            folder / f"{case.case_id}{sep}seg.nii.gz", _relabel(case.label, labels), case.affine
+        )
+    return folder
+
+
+@pytest.fixture
+def tiny_case() -> Case:
+    """A fresh tiny case (see :func:`make_tiny_case`)."""
+    return make_tiny_case()
+
+
+@pytest.fixture
+def write_case() -> Callable[[Case, Path, str], Path]:
+    """The :func:`write_case_as` writer."""
+    return write_case_as

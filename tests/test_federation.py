@@ -1,0 +1,346 @@
+"""Federation on Flower, in process: the real ClientApp and round loop on an InProcessGrid.
+
+Tiny: 20^3 hand-written BraTS-2021-layout cases prepared to 16^3, a 3-level U-Net with 4 base
+channels, 3 sites of 3 cases (2 train, 1 held out), 2-3 rounds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedseg.config import FedsegConfig
+from fedseg.data.case import Case
+from fedseg.errors import ConfigError
+from fedseg.federation import records as R
+from fedseg.federation import site as site_module
+from fedseg.federation.client_app import build_client_app
+from fedseg.federation.inprocess import InProcessGrid
+from fedseg.federation.loop import LoopResult
+from fedseg.federation.server_app import FINAL_MODEL, HISTORY, SITE_MODELS, serve
+from fedseg.federation.site import FEDBN_STATE, SCAFFOLD_STATE
+from fedseg.strategies.fedbn import is_norm_key
+
+SIZE = 20
+NUM_CASES = 9
+
+
+def write_cohort(root: Path, num_cases: int = NUM_CASES, seed: int = 0) -> list[str]:
+    """Tiny BraTS-2021-layout cases: a bright ellipsoid brain with a layered tumour."""
+    from fedseg.data.readers import save_case
+
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing="ij")).astype(np.float32)
+    brain = (((grid - SIZE / 2 + 0.5) / (SIZE * 0.42)) ** 2).sum(0) < 1
+    ids = []
+    for i in range(num_cases):
+        centre = rng.integers(7, SIZE - 7, 3)
+        radius = rng.uniform(2.5, 3.5)
+        d = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+        label = np.zeros((SIZE,) * 3, np.uint8)
+        label[(d < radius) & brain] = 2
+        label[(d < radius * 0.6) & brain] = 1
+        label[(d < radius * 0.3) & brain] = 4
+        image = rng.normal(1.0, 0.1, (4, SIZE, SIZE, SIZE)).astype(np.float32) * brain
+        image[:, label > 0] += 1.0
+        image[1, label == 4] += 1.0
+        cid = f"CASE_{i:03d}"
+        save_case(Case(cid, image, label, np.eye(4)), root, "brats2021")
+        ids.append(cid)
+    return ids
+
+
+def tiny_cfg(**kw: Any) -> FedsegConfig:
+    base: dict[str, Any] = dict(
+        image_size=16,
+        patch_size=16,
+        base_channels=4,
+        depth=3,
+        batch_size=2,
+        augment=False,
+        test_fraction=0.34,
+        num_server_rounds=2,
+        num_sites=3,
+        round_timeout=30.0,
+    )
+    base.update(kw)
+    return FedsegConfig(**base)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Any:
+    """One thread per site, as a Ray actor with 1 CPU gets (and far faster on a busy 2-core box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
+    root = tmp_path_factory.mktemp("fed-cohort") / "data"
+    ids = write_cohort(root)
+    parts = {f"site-{k}": ids[3 * k : 3 * k + 3] for k in range(3)}
+    return root, parts
+
+
+def make_grid(
+    cfg: FedsegConfig, root: Path, parts: dict[str, list[str]], tmp: Path
+) -> tuple[InProcessGrid, FedsegConfig]:
+    from fedseg.data.partition import write_partition
+
+    csv = tmp / "partition.csv"
+    write_partition(parts, csv)
+    cfg = cfg.replace(data_path=str(root), partition_file=str(csv), num_sites=len(parts))
+    app = build_client_app(cfg.to_run_config())
+    grid = InProcessGrid(
+        app, [{"partition-id": i, "num-partitions": len(parts)} for i in range(len(parts))]
+    )
+    return grid, cfg
+
+
+def run(
+    cfg: FedsegConfig,
+    cohort: tuple[Path, dict[str, list[str]]],
+    out: Path,
+    *,
+    grid: InProcessGrid | None = None,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    parts: dict[str, list[str]] | None = None,
+) -> tuple[LoopResult, InProcessGrid]:
+    root, default_parts = cohort
+    # out-dir also tells the simulated sites where to keep their state files
+    g, full = make_grid(cfg.replace(out_dir=str(out)), root, parts or default_parts, out.parent)
+    return serve(grid or g, full, out, progress=progress), grid or g
+
+
+# ------------------------------------------------------------------------------- basics
+
+
+def test_fedavg_round_trip_writes_the_run_folder(cohort: Any, tmp_path: Path) -> None:
+    from fedseg.study.evaluate import load_model
+
+    result, _ = run(tiny_cfg(), cohort, tmp_path / "out")
+
+    history = json.loads((tmp_path / "out" / HISTORY).read_text())["rounds"]
+    assert [r["round"] for r in history] == [1, 2]
+    assert all(r["status"] == "ok" and r["rejected"] == {} for r in history)
+    assert sorted(history[-1]["dice"]) == ["site-0", "site-1", "site-2"]
+    assert set(history[-1]["dice"]["site-0"]) == {"WT", "TC", "ET"}
+    assert history[-1]["train-loss"] is not None
+    assert history[-1]["round-seconds"] >= history[-1]["train-seconds"] > 0
+    model, cfg, _ = load_model(tmp_path / "out" / FINAL_MODEL, device="cpu")
+    state = model.state_dict()
+    for k, v in result.weights.items():
+        np.testing.assert_array_equal(state[k].numpy(), v)
+    assert cfg.strategy == "fedavg"
+
+
+# ------------------------------------------------------------------------------- failures
+
+
+def test_site_with_bad_data_is_rejected_with_a_code_only(cohort: Any, tmp_path: Path) -> None:
+    root, parts = cohort
+    broken = {**parts, "site-2": ["GHOST_CASE_77", *parts["site-2"]]}
+    g, cfg = make_grid(tiny_cfg(), root, broken, tmp_path)
+    replies: list[Any] = []
+    node = g.node_of("partition-id", 2)
+    g.faults[node] = lambda msg, reply: (replies.append(reply), reply)[1]
+
+    result = serve(g, cfg, tmp_path / "out")
+
+    assert [r["status"] for r in result.history] == ["ok", "ok"]
+    for row in result.history:
+        assert row["accepted"] == ["site-0", "site-1"]
+        assert row["rejected"] == {"site-2": "site reported error E207:PartitionError"}
+        assert "site-2" in row["eval-failed"]
+    assert replies
+    for reply in replies:
+        text = repr(reply.content)
+        assert "GHOST" not in text and str(root) not in text and "Traceback" not in text
+
+
+def test_site_raising_inside_training_does_not_stop_the_run(
+    cohort: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedseg.site.trainer import SiteTrainer
+
+    root, parts = cohort
+    real_train = SiteTrainer.train
+    poisoned = set(parts["site-1"])
+
+    def train(self: SiteTrainer, *a: Any, **kw: Any) -> dict[str, float]:
+        if {p.case_id for p in self.train_items} <= poisoned:
+            raise RuntimeError(f"boom at {root}/{parts['site-1'][0]}")
+        return real_train(self, *a, **kw)
+
+    monkeypatch.setattr(SiteTrainer, "train", train)
+
+    result, _ = run(tiny_cfg(), cohort, tmp_path / "out")
+
+    assert [r["status"] for r in result.history] == ["ok", "ok"]
+    assert result.history[0]["rejected"] == {"site-1": "site reported error E000:RuntimeError"}
+    assert "site-1" in result.history[0]["dice"]  # its evaluation still works
+
+
+def test_round_with_every_site_failing_keeps_the_model_and_goes_on(
+    cohort: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedseg.federation.server_app import initial_model
+    from fedseg.site.trainer import SiteTrainer
+
+    real_train = SiteTrainer.train
+    calls = {"n": 0}
+
+    def train(self: SiteTrainer, *a: Any, **kw: Any) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] <= 3:  # all three sites of round 1
+            raise ValueError("nope")
+        return real_train(self, *a, **kw)
+
+    monkeypatch.setattr(SiteTrainer, "train", train)
+    after: dict[int, dict[str, np.ndarray]] = {}
+    cfg = tiny_cfg()
+
+    def grab(r: int, n: int, row: dict[str, Any]) -> None:
+        from fedseg.federation.checkpoint import load_checkpoint
+
+        after[r] = load_checkpoint(tmp_path / "out" / "checkpoint.pt", full_cfg)["weights"]
+
+    root, parts = cohort
+    g, full_cfg = make_grid(cfg, root, parts, tmp_path)
+    result = serve(g, full_cfg, tmp_path / "out", progress=grab)
+
+    assert [r["status"] for r in result.history] == ["failed", "ok"]
+    assert "quorum not met: 0 valid of 3" in result.history[0]["reason"]
+    initial, _ = initial_model(full_cfg)
+    for k, v in initial.items():
+        np.testing.assert_array_equal(after[1][k], v)
+    assert any(not np.array_equal(after[2][k], v) for k, v in initial.items())
+
+
+# ------------------------------------------------------------------------------- resume
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "scaffold", "fedbn"])
+def test_kill_and_resume_gives_the_same_weights(cohort: Any, tmp_path: Path, strategy: str) -> None:
+    cfg = tiny_cfg(strategy=strategy, num_server_rounds=3, server_learning_rate=0.05)
+    uninterrupted, _ = run(cfg, cohort, tmp_path / "a" / "out")
+
+    def kill_after_two(r: int, n: int, row: dict[str, Any]) -> None:
+        if r == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg, cohort, tmp_path / "b" / "out", progress=kill_after_two)
+    # a new run: new strategy, new grid (fresh site contexts), sites' caches gone
+    site_module._SITES.clear()
+    resumed, _ = run(cfg, cohort, tmp_path / "b" / "out")
+
+    assert resumed.start_round == 2
+    assert [r["round"] for r in resumed.history] == [1, 2, 3]
+    for k, v in uninterrupted.weights.items():
+        np.testing.assert_array_equal(resumed.weights[k], v)
+    if strategy == "fedbn":
+        assert uninterrupted.site_weights is not None and resumed.site_weights is not None
+        for site, weights in uninterrupted.site_weights.items():
+            for k, v in weights.items():
+                np.testing.assert_array_equal(resumed.site_weights[site][k], v)
+    assert resumed.history[2]["dice"] == uninterrupted.history[2]["dice"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(cohort: Any, tmp_path: Path) -> None:
+    run(tiny_cfg(num_server_rounds=1), cohort, tmp_path / "out")
+
+    with pytest.raises(ConfigError, match="'learning-rate'"):
+        run(tiny_cfg(learning_rate=0.5), cohort, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------- algorithms
+
+
+def test_fedbn_keeps_normalisation_parameters_local(cohort: Any, tmp_path: Path) -> None:
+    from fedseg.study.evaluate import load_model
+
+    result, grid = run(tiny_cfg(strategy="fedbn"), cohort, tmp_path / "out")
+
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert train_msgs
+    for m in train_msgs:
+        keys = list(m.content[R.ARRAYS].keys())
+        assert keys and not any(is_norm_key(k) for k in keys)
+    local = {}
+    for node, ctx in grid.contexts.items():
+        name = result.sites[node]
+        local[name] = R.from_array_record(ctx.state[FEDBN_STATE])
+        assert local[name] and all(is_norm_key(k) for k in local[name])
+    assert result.site_weights is not None and sorted(result.site_weights) == sorted(local)
+    a, b = result.site_weights["site-0"], result.site_weights["site-1"]
+    norm = [k for k in a if is_norm_key(k)]
+    assert any(not np.array_equal(a[k], b[k]) for k in norm)  # personalised
+    for k in a:
+        if not is_norm_key(k):
+            np.testing.assert_array_equal(a[k], b[k])  # shared
+    for site, weights in local.items():
+        model, _, _ = load_model(tmp_path / "out" / SITE_MODELS / f"{site}.pt", device="cpu")
+        for k, v in weights.items():
+            np.testing.assert_array_equal(model.state_dict()[k].numpy(), v)
+
+
+def test_scaffold_carries_control_variates_across_rounds(cohort: Any, tmp_path: Path) -> None:
+    cfg = tiny_cfg(strategy="scaffold", fraction_train=0.67, num_server_rounds=3, min_fraction=0.5)
+    root, parts = cohort
+    g, full = make_grid(cfg, root, parts, tmp_path)
+    snapshots: list[tuple[list[str], dict[str, dict[str, np.ndarray]]]] = []
+
+    def snap(r: int, n: int, row: dict[str, Any]) -> None:
+        state = {}
+        for node, ctx in g.contexts.items():
+            rec = ctx.state.array_records.get(SCAFFOLD_STATE)
+            if rec is not None:
+                state[g_sites[node]] = R.from_array_record(rec)
+        snapshots.append((row["accepted"], state))
+
+    g_sites: dict[int, str] = {}
+    from fedseg.federation import strategy as strategy_module
+
+    real_discover = strategy_module.FedsegStrategy.discover_sites
+
+    def discover(self: Any, grid: Any, timeout: float) -> dict[int, str]:
+        names = real_discover(self, grid, timeout)
+        g_sites.update(names)
+        captured["strategy"] = self
+        return names
+
+    captured: dict[str, Any] = {}
+    strategy_module.FedsegStrategy.discover_sites = discover  # type: ignore[method-assign]
+    try:
+        serve(g, full, tmp_path / "out", progress=snap)
+    finally:
+        strategy_module.FedsegStrategy.discover_sites = real_discover  # type: ignore[method-assign]
+
+    assert all(len(acc) == 2 for acc, _ in snapshots)
+    for (accepted, now), (_, before) in zip(snapshots[1:], snapshots[:-1], strict=True):
+        for site, c in before.items():
+            if site not in accepted:  # skipped this round: c_i kept as it was
+                for k in c:
+                    np.testing.assert_array_equal(now[site][k], c[k])
+            else:  # trained: c_i moved
+                assert any(not np.array_equal(now[site][k], c[k]) for k in c)
+    # c = (1/N) * sum_i c_i (sites never sampled hold zeros)
+    _, final = snapshots[-1]
+    c_global = captured["strategy"].c_global
+    for k, c in c_global.items():
+        total = sum(final[s][k] for s in final)
+        np.testing.assert_allclose(c, total / 3, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,128 @@
+"""Federation on Flower's Deployment Engine over loopback: 1 SuperLink, 2 SuperNodes, flwr run.
+
+Each SuperNode starts a new ClientApp process per message (torch and MONAI imported every time)
+and polls every 3 s, so one round takes tens of seconds even for the tiny model: this test
+runs only when ``FEDSEG_TEST_DEPLOYMENT=1`` (CI's time budget), and is marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_federation import write_cohort
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("FEDSEG_TEST_DEPLOYMENT") != "1",
+        reason="set FEDSEG_TEST_DEPLOYMENT=1 to run the loopback Deployment test (~2 min)",
+    ),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("flower-superlink did not become healthy")
+
+
+def test_two_hospitals_over_loopback(tmp_path: Path) -> None:
+    sites = {"hospital-a": tmp_path / "site-a", "hospital-b": tmp_path / "site-b"}
+    for seed, folder in enumerate(sites.values(), start=1):
+        write_cohort(folder, 3, seed=seed)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec & co.
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+    }
+    link_port = _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+
+    def start(name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed below
+        logs.append(log)
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=log, stderr=log)
+        procs.append(proc)
+        return proc
+
+    out = tmp_path / "out"
+    try:
+        link = start(
+            "superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
+            "--port", str(link_port),
+        )  # fmt: skip
+        _wait_healthy(link_port, link)
+        for name, folder in sites.items():
+            start(
+                name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                "--port", str(_free_port()),
+                "--node-config", f"data-path='{folder}' site-name='{name}'",
+            )  # fmt: skip
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "loop"\n\n'
+            f'[superlink.loop]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+        )
+        run_config = (
+            "num-server-rounds=1 num-sites=2 image-size=16 patch-size=16 base-channels=4 "
+            f"depth=3 augment=false test-fraction=0.34 round-timeout=180.0 out-dir='{out}'"
+        )
+        t0 = time.perf_counter()
+        done = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "loop", "--stream", "--run-config", run_config],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=480,
+        )
+        seconds = time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs:
+            log.close()
+
+    assert done.returncode == 0, done.stdout.decode()[-2000:] + done.stderr.decode()[-2000:]
+    history = json.loads((out / "history.json").read_text())["rounds"]
+    assert [r["status"] for r in history] == ["ok"]
+    assert history[0]["accepted"] == ["hospital-a", "hospital-b"]
+    assert sorted(history[0]["dice"]) == ["hospital-a", "hospital-b"]
+    assert (out / "final_model.pt").is_file()
+    print(f"deployment: flwr run {seconds:.1f} s, round {history[0]['round-seconds']:.1f} s")

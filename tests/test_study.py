@@ -1,0 +1,480 @@
+"""The one-command study: files, metrics coverage, report, resume, arm selection, CLI."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedseg.config import FedsegConfig
+from fedseg.data.case import REGIONS, Case
+from fedseg.data.readers import save_case
+from fedseg.errors import ConfigError
+from fedseg.study import study as study_mod
+from fedseg.study.local import pool_curves
+from fedseg.study.study import ARMS, curve_from_history, parse_arms, run_study
+
+TINY = FedsegConfig(
+    image_size=16,
+    patch_size=16,
+    base_channels=4,
+    depth=3,
+    batch_size=2,
+    augment=False,
+    num_cases=8,
+    num_sites=2,
+    num_server_rounds=2,
+    local_epochs=1,
+)
+BASELINES = ("centralized", "local")
+
+
+def write_tiny_cohort(root: Path, n: int = 8, size: int = 24, seed: int = 0) -> Path:
+    """``n`` small BraTS-2021-layout cases (a spherical tumour in a ball "brain") + cohort.csv."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij")).astype(float)
+    centre = (size - 1) / 2
+    brain = ((grid - centre) ** 2).sum(0) < (size * 0.45) ** 2
+    rows = []
+    for i in range(n):
+        c = rng.uniform(size * 0.35, size * 0.65, 3)
+        r = rng.uniform(3.0, 5.5)
+        d = np.sqrt(((grid - c[:, None, None, None]) ** 2).sum(0))
+        label = np.zeros((size,) * 3, np.uint8)
+        label[(d < r) & brain] = 2
+        label[(d < r * 0.6) & brain] = 4
+        label[(d < r * 0.3) & brain] = 1
+        image = np.zeros((4, size, size, size), np.float32)
+        for m in range(4):
+            image[m][brain] = 100 + 10 * m + rng.normal(0, 5, int(brain.sum()))
+        image[3][label > 0] += 80
+        image[1][label == 4] += 120
+        case_id = f"T_{i:03d}"
+        save_case(Case(case_id, image, label, np.eye(4), {}), root)
+        rows.append(
+            {
+                "case_id": case_id,
+                "scanner": ("scanner-a", "scanner-b")[i % 2],
+                "wt_ml": (label > 0).sum() / 1000,
+                "tc_ml": np.isin(label, (1, 4)).sum() / 1000,
+                "et_ml": (label == 4).sum() / 1000,
+            }
+        )
+    with open(root / "cohort.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_cohort(tmp_path_factory.mktemp("cohort"))
+
+
+@pytest.fixture(scope="module")
+def baseline_study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("study")
+    doc = run_study(out, TINY, arms=BASELINES, data=tiny_data, progress=False)
+    return out, doc
+
+
+def _pngs(html_text: str) -> list[bytes]:
+    return [
+        base64.b64decode(b)
+        for b in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html_text)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# the study on real (tiny) training
+
+
+def test_study_writes_all_files(baseline_study: tuple[Path, dict]) -> None:
+    out, doc = baseline_study
+    for name in (
+        "partition.csv",
+        "heterogeneity.json",
+        "split.json",
+        "metrics.json",
+        "metrics.csv",
+        "curves.csv",
+        "overlays.npz",
+        "report.html",
+        "models/centralized.pt",
+        "models/local-site-0.pt",
+        "models/local-site-1.pt",
+        "arms/centralized/result.json",
+        "arms/local/result.json",
+    ):
+        assert (out / name).is_file(), name
+    assert doc["report"] == str(out / "report.html")
+    assert json.loads((out / "metrics.json").read_text())["arms"].keys() == set(BASELINES)
+
+
+def test_metrics_cover_every_arm_site_and_region(baseline_study: tuple[Path, dict]) -> None:
+    out, doc = baseline_study
+    sites = list(json.loads((out / "split.json").read_text()))
+    with open(out / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    found = {(r["arm"], r["site"], r["region"]) for r in rows}
+    expected = {(a, s, r) for a in BASELINES for s in [*sites, "pooled"] for r in REGIONS}
+    assert found == expected
+    assert len(rows) == len(expected)
+    for r in rows:
+        assert 0.0 <= float(r["dice"]) <= 1.0
+        assert float(r["hd95"]) >= 0.0
+
+
+def test_pooled_is_the_union_of_site_tests(baseline_study: tuple[Path, dict]) -> None:
+    out, doc = baseline_study
+    split = json.loads((out / "split.json").read_text())
+    for arm in BASELINES:
+        metrics = doc["arms"][arm]["metrics"]
+        assert metrics["pooled"]["num-cases"] == sum(len(v["test"]) for v in split.values())
+        assert sorted(doc["arms"][arm]["per-case"]) == sorted(
+            c for v in split.values() for c in v["test"]
+        )
+        # each case is scored once: pooled Dice is the case-weighted mean of the site Dice
+        for r in REGIONS:
+            weighted = sum(metrics[s][r]["dice"] * metrics[s]["num-cases"] for s in split)
+            assert metrics["pooled"][r]["dice"] == pytest.approx(
+                weighted / len(doc["arms"][arm]["per-case"])
+            )
+
+
+def test_splits_are_disjoint_and_follow_split_cases(baseline_study: tuple[Path, dict]) -> None:
+    from fedseg.data.cohort import split_cases
+
+    out, _ = baseline_study
+    parts: dict[str, list[str]] = {}
+    with open(out / "partition.csv") as fh:
+        for row in csv.DictReader(fh):
+            parts.setdefault(row["site"], []).append(row["case_id"])
+    split = json.loads((out / "split.json").read_text())
+    for site, ids in parts.items():
+        expected = split_cases(ids, TINY.test_fraction, 0, TINY.seed)
+        assert split[site]["train"] == expected["train"]
+        assert split[site]["test"] == expected["test"]
+        assert not set(split[site]["train"]) & set(split[site]["test"])
+
+
+def test_curves_have_one_row_per_epoch_of_the_budget(baseline_study: tuple[Path, dict]) -> None:
+    _, doc = baseline_study
+    budget = TINY.num_server_rounds * TINY.local_epochs
+    for arm in BASELINES:
+        curve = doc["arms"][arm]["curve"]
+        assert [r["epoch"] for r in curve] == list(range(1, budget + 1))
+        assert all(0.0 <= r["mean-dice"] <= 1.0 for r in curve)
+    assert set(doc["arms"]["local"]["cross-site"]) == {"site-0", "site-1"}
+
+
+def test_report_contains_the_table_and_decodable_pngs(baseline_study: tuple[Path, dict]) -> None:
+    from matplotlib.image import imread
+
+    out, _ = baseline_study
+    text = (out / "report.html").read_text()
+    assert "<table" in text
+    assert "Dice WT" in text and "HD95 ET" in text
+    assert "Centralized" in text and "Local only" in text
+    assert "<script" not in text
+    pngs = _pngs(text)
+    assert len(pngs) >= 5  # bars, curves, site heatmap, cross-site, heterogeneity, overlays
+    for png in pngs:
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert imread(io.BytesIO(png), format="png").ndim == 3
+
+
+def test_saved_models_are_read_by_fedseg_evaluate(baseline_study: tuple[Path, dict]) -> None:
+    from fedseg.study.evaluate import load_model
+
+    out, _ = baseline_study
+    model, cfg, modalities = load_model(out / "models" / "centralized.pt")
+    assert cfg.image_size == TINY.image_size and cfg.base_channels == TINY.base_channels
+    assert len(modalities) == 4
+    load_model(out / "models" / "local-site-1.pt")
+
+
+def test_rerun_skips_finished_arms(
+    baseline_study: tuple[Path, dict], tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, doc = baseline_study
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished arm was trained again")
+
+    monkeypatch.setattr(study_mod, "_run_arm", no_training)
+    again = run_study(out, TINY, arms="Centralized", data=tiny_data, progress=False)
+    # the selected arm is reused, the other finished one stays in the report
+    assert list(again["arms"]) == list(BASELINES)
+    for arm in BASELINES:
+        assert again["arms"][arm]["metrics"] == doc["arms"][arm]["metrics"]
+
+
+def test_no_resume_recomputes_selected_arms(
+    baseline_study: tuple[Path, dict], tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, doc = baseline_study
+    (out / "arms" / "centralized" / "federation").mkdir()  # a stale runner checkpoint folder
+    ran: list[str] = []
+
+    def rerun(arm: str, *args: object, **kwargs: object) -> dict:
+        ran.append(arm)
+        assert not (out / "arms" / arm).exists()  # the arm's old files are gone first
+        return {k: v for k, v in doc["arms"][arm].items() if k != "fingerprint"}
+
+    monkeypatch.setattr(study_mod, "_run_arm", rerun)
+    run_study(out, TINY, arms="centralized", data=tiny_data, progress=False, resume=False)
+    assert ran == ["centralized"]
+    assert (out / "arms" / "centralized" / "result.json").is_file()
+
+
+def test_rerun_with_another_config_is_refused(
+    baseline_study: tuple[Path, dict], tiny_data: Path
+) -> None:
+    out, _ = baseline_study
+    with pytest.raises(ConfigError, match="num-server-rounds"):
+        run_study(
+            out,
+            TINY.replace(num_server_rounds=3),
+            arms="centralized",
+            data=tiny_data,
+            progress=False,
+        )
+
+
+def test_generated_cohort_is_made_once_and_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedseg.data.synth as synth
+
+    calls: list[tuple[Path, int, int]] = []
+
+    def fake_generate(out_dir: Path, num_cases: int, seed: int = 0, **kw: object) -> list:
+        calls.append((Path(out_dir), num_cases, seed))
+        write_tiny_cohort(Path(out_dir), n=num_cases, seed=seed)
+        return []
+
+    monkeypatch.setattr(synth, "generate_cohort", fake_generate)
+    cfg = TINY.replace(num_server_rounds=1)
+    doc = run_study(tmp_path, cfg, arms="local", data=None, progress=False)
+    assert calls == [(tmp_path / "data", cfg.num_cases, cfg.seed)]
+    assert doc["study"]["generated"] is True
+    run_study(tmp_path, cfg, arms="local", data=None, progress=False)
+    assert len(calls) == 1
+    with pytest.raises(ConfigError, match="num-cases"):
+        run_study(tmp_path, cfg.replace(num_cases=9), arms="local", data=None, progress=False)
+
+
+def _fake_runner(calls: list[dict]) -> types.ModuleType:
+    """A stand-in for fedseg.federation.runner honouring its contract, without Flower."""
+    from fedseg.site.trainer import SiteTrainer
+
+    @dataclass
+    class ArmResult:
+        name: str
+        history: list
+        final_weights: dict
+        site_weights: dict | None
+        timings: dict = field(default_factory=dict)
+
+    def run_federated_arm(strategy, cfg, data, partition, out, *, progress=None):  # noqa: ANN001
+        calls.append({"strategy": strategy, "cfg": cfg, "data": data, "partition": partition})
+        weights = SiteTrainer(cfg, ()).get_weights()
+        history = []
+        for rnd in range(1, cfg.num_server_rounds + 1):
+            dice = {s: {r: 0.1 * rnd for r in REGIONS} for s in partition}
+            row = {
+                "round": rnd,
+                "status": "ok",
+                "train-loss": 1.0 / rnd,
+                "dice": dice,
+                "mean-dice": {r: 0.1 * rnd for r in REGIONS},
+            }
+            history.append(row)
+            if progress is not None:
+                progress(rnd, cfg.num_server_rounds, row)
+        per_site = {s: dict(weights) for s in partition} if strategy == "fedbn" else None
+        n = cfg.num_server_rounds
+        timings = {
+            "round-seconds": [1.0] * n,
+            "train-seconds": [0.5] * n,
+            "overhead-seconds": [0.5] * n,
+            "startup-seconds": [3.0],
+        }
+        return ArmResult(strategy, history, weights, per_site, timings)
+
+    module = types.ModuleType("fedseg.federation.runner")
+    module.run_federated_arm = run_federated_arm  # type: ignore[attr-defined]
+    return module
+
+
+def test_federated_arms_follow_the_runner_contract(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict] = []
+    monkeypatch.setitem(sys.modules, "fedseg.federation.runner", _fake_runner(calls))
+    arms = ("fedavg", "fedprox", "scaffold", "fedbn")
+    doc = run_study(tmp_path, TINY, arms=arms, data=tiny_data, progress=False)
+
+    parts = json.loads((tmp_path / "split.json").read_text())
+    assert [c["strategy"] for c in calls] == list(arms)
+    for call in calls:
+        assert call["cfg"].strategy == call["strategy"]
+        assert call["data"] == tiny_data
+        assert sorted(call["partition"]) == sorted(parts)
+    for arm in arms:
+        res = doc["arms"][arm]
+        assert set(res["metrics"]) == {"site-0", "site-1", "pooled"}
+        assert [r["round"] for r in res["curve"]] == [1, 2]
+        assert res["curve"][1]["mean-dice"] == pytest.approx(0.2)
+        assert res["timings"]["startup-seconds"] == [3.0]
+    for name in ("fedavg.pt", "fedprox.pt", "scaffold.pt", "fedbn.pt", "fedbn-site-0.pt"):
+        assert (tmp_path / "models" / name).is_file(), name
+    assert set(doc["arms"]["fedbn"]["cross-site"]) == {"site-0", "site-1"}
+    assert doc["arms"]["fedavg"]["cross-site"] == {}
+    # without a centralized arm the overlays show the best federated arm alone
+    assert "Segmentations" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_federated_arm_runs_on_flower(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("fedseg.federation.runner")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / ".flwr"))
+    doc = run_study(tmp_path / "s", TINY, arms="fedbn", data=tiny_data, progress=False)
+    res = doc["arms"]["fedbn"]
+    assert set(res["metrics"]) == {"site-0", "site-1", "pooled"}
+    assert [r["round"] for r in res["curve"]] == [1, 2]
+    assert (tmp_path / "s" / "models" / "fedbn-site-1.pt").is_file()
+    assert (tmp_path / "s" / "arms" / "fedbn" / "federation" / "history.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# arm selection
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, ARMS),
+        ("all", ARMS),
+        ("FedAvg, local,fedavg", ("local", "fedavg")),
+        (["SCAFFOLD", "centralized"], ("centralized", "scaffold")),
+    ],
+)
+def test_parse_arms(given: object, expected: tuple[str, ...]) -> None:
+    assert parse_arms(given) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("given", "fragment"),
+    [
+        ("fedsgd", "did you mean 'fedavg'"),
+        ("centralized,quantum", "expected one of centralized, local, fedavg"),
+        ("", "no arm selected"),
+        (" , ", "no arm selected"),
+    ],
+)
+def test_bad_arms(given: str, fragment: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        run_study(tmp_path, TINY, arms=given, data=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+# --------------------------------------------------------------------------------------------
+# curves
+
+
+def test_curve_from_history_reads_the_runner_rows() -> None:
+    history = [
+        {
+            "round": 1,
+            "status": "ok",
+            "train-loss": 0.9,
+            "dice": {
+                "site-0": {"WT": 0.5, "TC": 0.2, "ET": 0.1},
+                "site-1": {"WT": 0.9, "TC": 0.6, "ET": None},  # NaN is written as null
+            },
+            "mean-dice": {"WT": 0.6, "TC": 0.3, "ET": 0.15},
+        },
+        {"round": 2, "status": "failed", "dice": {}, "mean-dice": {r: None for r in REGIONS}},
+        {"round": 3, "status": "ok", "dice": {}, "mean-dice": {"WT": 0.7, "TC": 0.4, "ET": 0.2}},
+    ]
+    rows = curve_from_history(history, local_epochs=2)
+    assert [(r["round"], r["epoch"]) for r in rows] == [(1, 2), (3, 6)]  # failed round left out
+    first = rows[0]
+    assert (first["WT"], first["TC"], first["ET"]) == (0.6, 0.3, 0.15)
+    assert first["mean-dice"] == pytest.approx(0.35)
+    assert first["site-dice"] == {"site-0": pytest.approx(0.8 / 3)}
+    assert first["loss"] == 0.9
+    assert "loss" not in rows[1]
+
+
+def test_pool_curves_weights_sites_by_cases() -> None:
+    a = [
+        {"epoch": 1, "loss": 1.0, "num-cases": 3, "WT": 0.3, "TC": 0.3, "ET": 0.3, "mean-dice": 0.3}
+    ]
+    b = [
+        {"epoch": 1, "loss": 3.0, "num-cases": 1, "WT": 0.7, "TC": 0.7, "ET": 0.7, "mean-dice": 0.7}
+    ]
+    (row,) = pool_curves([a, b])
+    assert row["num-cases"] == 4
+    assert row["mean-dice"] == pytest.approx(0.4)
+    assert row["loss"] == pytest.approx(2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_unknown_arm_exits_2_with_one_line() -> None:
+    from fedseg.cli.main import app
+
+    result = CliRunner().invoke(app, ["study", "--arms", "fedsgd"])
+    assert result.exit_code == 2
+    assert "unknown arm 'fedsgd'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_runs_a_tiny_study(tmp_path: Path, tiny_data: Path) -> None:
+    from fedseg.cli.main import app
+
+    args = [
+        "study",
+        "--arms",
+        "local",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "s"),
+        "--sites",
+        "2",
+        "--rounds",
+        "1",
+        "--image-size",
+        "16",
+        "--base-channels",
+        "4",
+        "--depth",
+        "3",
+        "--quiet",
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(doc["report"]).is_file()
+    assert set(doc["pooled"]) == {"local"}
+    assert 0.0 <= doc["pooled"]["local"]["mean-dice"] <= 1.0

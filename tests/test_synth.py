@@ -1,0 +1,352 @@
+"""Tests of the synthetic BraTS-style generator, its scanner profiles and ``fedseg synth``.
+
+Six cases are generated in all (about 0.4 s each, plus ~3 s to load the templates once).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fedseg.cli import synth as synth_cli
+from fedseg.data import synth
+from fedseg.data.case import MODALITIES, CaseRef
+from fedseg.data.scanners import SCANNER_PROFILES, ScannerProfile, get_profile, profile_names
+from fedseg.data.synth import (
+    COHORT_COLUMNS,
+    ML_PER_VOXEL,
+    case_rng,
+    generate_case,
+    generate_cohort,
+)
+from fedseg.errors import ConfigError
+
+NUM_CASES = 2
+SUFFIXES = ("t1", "t1ce", "t2", "flair", "seg")
+SCANNERS = ("siemens-3t", "old-1.5t-lowres")
+
+Cohort = tuple[Path, list[CaseRef]]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
+    out = tmp_path_factory.mktemp("cohort")
+    refs = generate_cohort(out, NUM_CASES, seed=0, scanners=list(SCANNERS), progress=False)
+    return out, refs
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[synth._Synthesis, synth._Synthesis]:
+    """One draw (seed 7, case 0) rendered by two scanners, with its tissue maps."""
+    a, b = (synth._synthesise(case_rng(7, 0), get_profile(name)) for name in SCANNERS)
+    return a, b
+
+
+def _read_case(folder: Path) -> tuple[np.ndarray, np.ndarray, list[nib.Nifti1Image]]:
+    cid = folder.name
+    imgs = [nib.load(str(folder / f"{cid}_{s}.nii.gz")) for s in SUFFIXES]
+    image = np.stack([np.asarray(i.dataobj) for i in imgs[:4]]).astype(np.float32)
+    label = np.asarray(imgs[4].dataobj)
+    return image, label, imgs
+
+
+def _cases(cohort: Cohort) -> list[tuple[np.ndarray, np.ndarray]]:
+    out, refs = cohort
+    return [_read_case(out / r.case_id)[:2] for r in refs]
+
+
+def _ellipsoid_dice(mask: np.ndarray) -> float:
+    """Dice between a mask and the ellipsoid with the same centre and second moments."""
+    idx = np.argwhere(mask)
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    pad = (hi - lo) // 2 + 2  # room for the ellipsoid to stick out of the mask's box
+    crop = mask[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+    mask = np.pad(crop, [(int(p), int(p)) for p in pad])
+    pts = np.argwhere(mask).astype(float)
+    centre = pts.mean(axis=0)
+    evals, evecs = np.linalg.eigh(np.cov((pts - centre).T))
+    axes = np.sqrt(5 * evals)  # a solid ellipsoid has variance a^2 / 5 along each axis
+    grid = np.indices(mask.shape).reshape(3, -1).T - centre
+    ell = (((grid @ evecs) / axes) ** 2).sum(axis=1).reshape(mask.shape) <= 1
+    return float(2 * (ell & mask).sum() / (ell.sum() + mask.sum()))
+
+
+# --- files and geometry ----------------------------------------------------------------------
+
+
+def test_files_named_as_brats2021(cohort: Cohort) -> None:
+    out, refs = cohort
+    ids = [f"SYN_{i:05d}" for i in range(NUM_CASES)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*ids, "cohort.csv"])
+    for cid, ref in zip(ids, refs, strict=True):
+        names = sorted(p.name for p in (out / cid).iterdir())
+        assert names == sorted(f"{cid}_{s}.nii.gz" for s in SUFFIXES)
+        assert ref.case_id == cid
+        assert ref.layout == "brats2021"
+        assert ref.images == {m: out / cid / f"{cid}_{m}.nii.gz" for m in MODALITIES}
+        assert ref.label == out / cid / f"{cid}_seg.nii.gz"
+
+
+def test_geometry_agrees_and_is_ras_2mm(cohort: Cohort) -> None:
+    out, refs = cohort
+    for ref in refs:
+        _, _, imgs = _read_case(out / ref.case_id)
+        first = imgs[0]
+        for img in imgs:
+            assert img.shape == first.shape
+            np.testing.assert_allclose(img.affine, first.affine)
+        assert nib.aff2axcodes(first.affine) == ("R", "A", "S")
+        np.testing.assert_allclose(first.header.get_zooms(), (2.0, 2.0, 2.0))
+        assert all(70 <= n <= 110 for n in first.shape)
+        assert [i.get_data_dtype() for i in imgs] == [np.int16] * 4 + [np.uint8]
+
+
+def test_labels_regions_and_background(cohort: Cohort) -> None:
+    for image, label in _cases(cohort):
+        assert set(np.unique(label).tolist()) <= {0, 1, 2, 4}
+        for values in ((1, 2, 4), (1, 4), (4,)):  # WT, TC, ET
+            assert np.isin(label, values).sum() > 50
+        brain = image[0] > 0
+        # One brain mask for all modalities; exactly 0 outside (skull-stripped).
+        for m in range(4):
+            assert np.array_equal(image[m] > 0, brain)
+        assert not (label[~brain] > 0).any()  # tumour inside the brain
+        assert 1_000 < brain.sum() * ML_PER_VOXEL < 2_000  # an adult brain, in ml
+        assert image.min() >= 0
+        assert image.max() < 32767
+
+
+def test_volumes_plausible(cohort: Cohort) -> None:
+    for _, label in _cases(cohort):
+        assert 10 <= (label > 0).sum() * ML_PER_VOXEL <= 130
+
+
+def test_cohort_csv_matches_files(cohort: Cohort) -> None:
+    out, _ = cohort
+    with open(out / "cohort.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert tuple(reader.fieldnames or ()) == COHORT_COLUMNS
+    assert [r["case_id"] for r in rows] == [f"SYN_{i:05d}" for i in range(NUM_CASES)]
+    assert [r["scanner"] for r in rows] == [SCANNERS[i % 2] for i in range(NUM_CASES)]
+    for row in rows:
+        _, label, _ = _read_case(out / row["case_id"])
+        expected = {
+            "wt_ml": np.isin(label, (1, 2, 4)).sum() * ML_PER_VOXEL,
+            "tc_ml": np.isin(label, (1, 4)).sum() * ML_PER_VOXEL,
+            "et_ml": (label == 4).sum() * ML_PER_VOXEL,
+        }
+        for key, value in expected.items():
+            assert float(row[key]) == pytest.approx(value, abs=1e-3)
+
+
+# --- determinism -----------------------------------------------------------------------------
+
+
+def test_case_depends_only_on_seed_and_index(cohort: Cohort) -> None:
+    # Case 1 of the cohort comes from (seed 0, index 1) alone: regenerating it in memory gives
+    # the written files exactly, so a cohort's first cases do not depend on its size (nor on
+    # the worker processes that wrote it: NUM_CASES > 1 uses a pool on a multi-core machine).
+    out, _ = cohort
+    case = generate_case("SYN_00001", case_rng(0, 1), get_profile(SCANNERS[1]))
+    image, label, imgs = _read_case(out / "SYN_00001")
+    assert np.array_equal(case.image, image)
+    assert np.array_equal(case.label, label)
+    np.testing.assert_allclose(case.affine, imgs[0].affine)
+    assert case.meta["scanner"] == SCANNERS[1]
+    assert case.meta["wt_ml"] == pytest.approx((label > 0).sum() * ML_PER_VOXEL)
+
+
+def test_other_seed_other_case(cohort: Cohort, pair: tuple) -> None:
+    _, label = _cases(cohort)[0]
+    assert not np.array_equal(pair[0].label, label)
+
+
+# --- appearance ------------------------------------------------------------------------------
+
+
+def test_enhancing_tumour_stands_out_on_t1ce_not_on_t1(cohort: Cohort) -> None:
+    t1, t1ce = MODALITIES.index("t1"), MODALITIES.index("t1ce")
+    for image, label in _cases(cohort):
+        et, rest = label == 4, np.isin(label, (1, 2))
+        ratio_t1ce = image[t1ce][et].mean() / image[t1ce][rest].mean()
+        ratio_t1 = image[t1][et].mean() / image[t1][rest].mean()
+        assert ratio_t1ce > 1.35
+        assert 0.7 < ratio_t1 < 1.1
+
+
+def test_oedema_bright_on_flair(cohort: Cohort) -> None:
+    flair = MODALITIES.index("flair")
+    for image, label in _cases(cohort):
+        normal = (image[0] > 0) & (label == 0)
+        assert image[flair][label == 2].mean() > 1.2 * np.median(image[flair][normal])
+
+
+def test_oedema_bright_against_white_matter(pair: tuple) -> None:
+    for syn in pair:
+        wm = (syn.tissue[..., 2] > 0.9) & (syn.label == 0)
+        for mod in ("flair", "t2"):
+            img = syn.image[MODALITIES.index(mod)]
+            assert img[syn.label == 2].mean() > 1.5 * np.median(img[wm])
+
+
+def test_tissue_contrasts(pair: tuple) -> None:
+    for syn in pair:
+        pure = {
+            k: (syn.tissue[..., i] > 0.9) & (syn.label == 0)
+            for i, k in enumerate(("csf", "gm", "wm"))
+        }
+        med = {
+            mod: {k: float(np.median(syn.image[m][v])) for k, v in pure.items()}
+            for m, mod in enumerate(MODALITIES)
+        }
+        assert med["t1"]["wm"] > med["t1"]["gm"] > med["t1"]["csf"]
+        assert med["t1ce"]["wm"] > med["t1ce"]["gm"] > med["t1ce"]["csf"]
+        assert med["t2"]["csf"] > med["t2"]["gm"] > med["t2"]["wm"]
+        assert med["flair"]["gm"] > med["flair"]["wm"] > med["flair"]["csf"]
+
+
+def test_tumour_is_irregular(cohort: Cohort) -> None:
+    grid = np.indices((40, 40, 40)).astype(float)
+    ellipsoid = ((grid[0] - 20) / 12) ** 2 + ((grid[1] - 19) / 7) ** 2 + ((grid[2] - 21) / 9) ** 2
+    assert _ellipsoid_dice(ellipsoid <= 1) > 0.97  # the yardstick recognises an ellipsoid
+    for _, label in _cases(cohort):
+        assert _ellipsoid_dice(np.isin(label, (1, 4))) < 0.9
+        assert _ellipsoid_dice(label > 0) < 0.9
+
+
+# --- scanner profiles ------------------------------------------------------------------------
+
+
+def test_scanner_profiles_change_intensities_not_anatomy(pair: tuple) -> None:
+    a, b = pair
+    assert np.array_equal(a.label, b.label)  # the scanner changes the look only
+    assert np.array_equal(a.brain, b.brain)
+
+    def roughness(img: np.ndarray) -> float:
+        # Voxel-to-voxel differences relative to the level: noise and sharpness.
+        diff = np.abs(np.diff(img, axis=0))[a.brain[1:] & a.brain[:-1]]
+        return float(np.median(diff) / np.median(img[a.brain]))
+
+    for m in range(4):
+        med_a, med_b = np.median(a.image[m][a.brain]), np.median(b.image[m][a.brain])
+        assert abs(med_a / med_b - 1) > 0.2
+    assert all(abs(roughness(a.image[m]) / roughness(b.image[m]) - 1) > 0.15 for m in range(4))
+
+
+def test_profiles_are_distinct_and_named() -> None:
+    names = profile_names()
+    assert 4 <= len(names) <= 6
+    assert list(SCANNER_PROFILES) == names
+    looks = {(p.noise, p.bias_strength, p.blur_sigma) for p in SCANNER_PROFILES.values()}
+    assert len(looks) == len(names)
+    assert all(get_profile(n).name == n for n in names)
+
+
+def test_unknown_profile_raises_config_error_naming_valid_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        get_profile("siemens-7t")
+    for name in profile_names():
+        assert name in str(err.value)
+
+
+_GOOD = dict(
+    name="x",
+    description="",
+    gamma=(1.0, 1.0, 1.0, 1.0),
+    noise=0.02,
+    bias_strength=0.1,
+    blur_sigma=(0.5, 0.5, 0.5),
+    intensity_scale=(1.0, 1.0, 1.0, 1.0),
+)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"name": ""},
+        {"gamma": (1.0, 1.0, 1.0)},
+        {"gamma": (1.0, 0.0, 1.0, 1.0)},
+        {"noise": -0.1},
+        {"noise": float("nan")},
+        {"blur_sigma": (0.5, -1.0, 0.5)},
+        {"intensity_scale": (1.0, 1.0, 1.0, float("inf"))},
+        {"enhancement": -1.0},
+    ],
+)
+def test_bad_profile(change: dict) -> None:
+    with pytest.raises(ConfigError):
+        ScannerProfile(**{**_GOOD, **change})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_cases": 0},
+        {"num_cases": -2},
+        {"num_cases": 1, "seed": -1},
+        {"num_cases": 1, "scanners": []},
+        {"num_cases": 1, "scanners": ["siemens-3t", "nope"]},
+        {"num_cases": 1, "workers": 0},
+    ],
+)
+def test_bad_cohort_arguments(kwargs: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        generate_cohort(tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_output_folder_is_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("")
+    with pytest.raises(ConfigError):
+        generate_cohort(target, 1, progress=False)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def _cli() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:  # keeps ``synth`` a subcommand, as in the real ``fedseg`` app
+        pass
+
+    synth_cli.register(app)
+    return app
+
+
+def test_cli_writes_cohort_and_json_summary(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    args = ["synth", "--out", str(out), "--cases", "1", "--seed", "3"]
+    result = CliRunner().invoke(_cli(), [*args, "--scanners", "ge-1.5t", "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["num_cases"] == 1
+    assert summary["scanners"] == {"ge-1.5t": 1}
+    assert (out / "SYN_00000" / "SYN_00000_seg.nii.gz").is_file()
+    assert (out / "cohort.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--cases", "0"],
+        ["--cases", "1", "--scanners", "siemens-7t"],
+        ["--cases", "1", "--scanners", ","],
+        ["--cases", "1", "--seed", "-4"],
+        ["--cases", "1", "--workers", "0"],
+    ],
+)
+def test_cli_bad_arguments_exit_2(args: list[str], tmp_path: Path) -> None:
+    result = CliRunner().invoke(_cli(), ["synth", "--out", str(tmp_path / "c"), *args])
+    assert result.exit_code == 2
+    assert "error:" in result.output
