@@ -23,8 +23,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/fedseg synth --out data/synthetic --cases 60 --seed 0
-	$(BIN)/fedseg train data/synthetic --out runs/centralized
+	$(BIN)/fedseg study --out runs/study
 
 test: install
 	$(BIN)/python -m pytest

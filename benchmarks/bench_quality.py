@@ -4,7 +4,7 @@ Targets (issue: foundation): held-out mean Dice >= 0.80 for WT and >= 0.60 for E
 modalities; a model given only T1 must do clearly worse on ET (the synthetic data is not a
 threshold problem: enhancement is visible mainly on T1ce).
 
-    .venv/bin/python benchmarks/bench_quality.py [--cases 60] [--epochs 30] [--out benchmarks/out/quality]
+    .venv/bin/python benchmarks/bench_quality.py [--cases 60] [--epochs 30] [--out DIR]
 
 Prints one JSON line per arm and a summary line.
 """
@@ -43,7 +43,9 @@ def main() -> None:
     results = {}
     for name in args.arms.split(","):
         t0 = time.perf_counter()
-        res = train_centralized(data, args.out / f"run-{name}", cfg, modalities=arms[name], progress=False)
+        res = train_centralized(
+            data, args.out / f"run-{name}", cfg, modalities=arms[name], progress=False
+        )
         row = {
             "arm": name,
             "modalities": list(arms[name]),
@@ -57,7 +59,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     summary = {"benchmark": "quality", "cases": args.cases, "generate_s": round(gen_s, 1)}
     if "all" in results and "t1" in results:
-        summary["et_gap_all_minus_t1"] = round(results["all"]["dice_ET"] - results["t1"]["dice_ET"], 3)
+        summary["et_gap_all_minus_t1"] = round(
+            results["all"]["dice_ET"] - results["t1"]["dice_ET"], 3
+        )
     print(json.dumps(summary))
 
 

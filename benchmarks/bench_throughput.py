@@ -4,7 +4,7 @@ The issue's target: fedseg adds no tax of its own (within 10%). Both loops run t
 loss, optimizer, batch size and data (random volumes at the configured size, augmentation off in
 both so only the loop itself is compared).
 
-    .venv/bin/python benchmarks/bench_throughput.py [--image-size 48] [--base-channels 8] [--steps 30]
+    .venv/bin/python benchmarks/bench_throughput.py [--image-size 48] [--steps 30]
 
 Prints one JSON line.
 """
@@ -46,7 +46,11 @@ def main() -> None:
             f"c{i}",
             rng.normal(size=(4, s, s, s)).astype(np.float32),
             (rng.random((3, s, s, s)) > 0.8).astype(np.uint8),
-            (0, 0, 0), (s,) * 3, (s,) * 3, (1.0,) * 3, {},
+            (0, 0, 0),
+            (s,) * 3,
+            (s,) * 3,
+            (1.0,) * 3,
+            {},
         )
         for i in range(n)
     ]
@@ -55,8 +59,12 @@ def main() -> None:
     def bare() -> float:
         torch.manual_seed(0)
         model = build_unet(cfg).to(device)
-        loss_fn = DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, squared_pred=True, batch=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        loss_fn = DiceCELoss(
+            sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, squared_pred=True, batch=True
+        )
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
         xs = torch.from_numpy(np.stack([it.image for it in items]))
         ys = torch.from_numpy(np.stack([it.regions for it in items])).float()
         model.train()

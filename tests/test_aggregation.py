@@ -720,3 +720,43 @@ def test_fedbn_merge_default_order_and_errors():
 )
 def test_is_norm_key(key, expected):
     assert is_norm_key(key) is expected
+
+
+def test_scaffold_step_correction_equals_gradient_correction_under_sgd():
+    import torch
+
+    from fedseg.strategies.scaffold import apply_scaffold_step_correction
+
+    torch.manual_seed(0)
+    target = torch.randn(5, dtype=torch.float64)
+    c = [torch.randn(5, dtype=torch.float64)]
+    ci = [torch.randn(5, dtype=torch.float64)]
+    lr = 0.1
+    results = []
+    for mode in ("grad", "step"):
+        w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.SGD([w], lr=lr)
+        for _ in range(4):
+            opt.zero_grad()
+            ((w - target) ** 2).sum().backward()
+            if mode == "grad":
+                apply_scaffold_correction([w], c, ci)
+            opt.step()
+            if mode == "step":
+                apply_scaffold_step_correction([w], c, ci, lr)
+        results.append(w.detach().numpy().copy())
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-12)
+
+
+def test_scaffold_step_correction_shifts_by_exactly_lr_c():
+    import torch
+
+    from fedseg.strategies.scaffold import apply_scaffold_step_correction
+
+    w = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    c = [torch.tensor([0.5, 0.0, -1.0], dtype=torch.float64)]
+    zero = [torch.zeros(3, dtype=torch.float64)]
+    apply_scaffold_step_correction([w], c, zero, 0.2)
+    assert w.detach().tolist() == [1.0 - 0.1, -2.0, 3.0 + 0.2]
+    with pytest.raises(ValueError, match="shape"):
+        apply_scaffold_step_correction([w], [torch.zeros(2)], [torch.zeros(2)], 0.1)

@@ -344,3 +344,45 @@ def test_scaffold_carries_control_variates_across_rounds(cohort: Any, tmp_path: 
     for k, c in c_global.items():
         total = sum(final[s][k] for s in final)
         np.testing.assert_allclose(c, total / 3, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- config, runner
+
+
+@pytest.mark.parametrize(
+    ("given", "fragment"),
+    [
+        ({"strategy": "fedavgg"}, "'strategy': expected one of fedavg, fedprox"),
+        ({"strategy": "fedavgg"}, "did you mean 'fedavg'"),
+        ({"partition": "mix"}, "did you mean 'mixed'"),
+        ({"num-server-rounds": 0}, "'num-server-rounds': expected an integer >= 1"),
+        ({"local-epochs": 0}, "'local-epochs'"),
+        ({"proximal-mu": -0.1}, "'proximal-mu': expected a finite number >= 0"),
+        ({"server-learning-rate": 0}, "'server-learning-rate'"),
+        ({"server-tau": "nan"}, "'server-tau'"),
+        ({"fraction-train": 0}, "'fraction-train': expected a number in (0, 1]"),
+        ({"min-fraction": 1.5}, "'min-fraction': expected a number in (0, 1]"),
+        ({"round-timeout": "inf"}, "'round-timeout'"),
+        ({"num-sites": 0}, "'num-sites'"),
+        ({"partition-alpha": 0}, "'partition-alpha'"),
+        ({"partition": "csv"}, "'partition-file'"),
+        ({"reset-optimizer": "maybe"}, "'reset-optimizer': expected true or false"),
+    ],
+)
+def test_bad_federation_config_values(given: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        FedsegConfig.from_run_config(given)
+    assert fragment in str(info.value)
+
+
+def test_runner_refuses_to_resume_another_partition(cohort: Any, tmp_path: Path) -> None:
+    from fedseg.data.partition import write_partition
+    from fedseg.federation.runner import run_federated_arm
+
+    root, parts = cohort
+    out = tmp_path / "arm"
+    write_partition({"a": parts["site-0"], "b": parts["site-1"]}, out / "partition.csv")
+    (out / "checkpoint.pt").write_bytes(b"a run was here")
+
+    with pytest.raises(ConfigError, match="another partition"):
+        run_federated_arm("fedavg", tiny_cfg(), root, parts, out)

@@ -52,7 +52,7 @@ class FedsegConfig:
     seed: int = 0
     # federation (Flower ServerApp / ClientApp)
     strategy: str = "fedavg"
-    num_server_rounds: int = 10
+    num_server_rounds: int = 20
     local_epochs: int = 1
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01

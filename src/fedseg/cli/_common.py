@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import typer
 
@@ -33,3 +33,17 @@ def run_cli(fn: Callable[[], T]) -> T:
     """Call ``fn`` under :func:`user_errors`."""
     with user_errors():
         return fn()
+
+
+def make_console(stderr: bool = False) -> Any:
+    """A rich console; 140 columns wide when output is not a terminal (logs, CI, pipes).
+
+    Rich falls back to 80 columns off a terminal, which wraps the per-site tables into
+    unreadable columns.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=140)
+    return console

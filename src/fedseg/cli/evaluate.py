@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
     def evaluate(
         model: Path = typer.Argument(..., help="Run folder or checkpoint file (.pt)."),
         data: Path = typer.Argument(..., help="Dataset folder in any supported layout."),
-        out: Path = typer.Option(..., "--out", help="Prediction folder (<case>.nii.gz, metrics.csv)."),
+        out: Path = typer.Option(
+            ..., "--out", help="Prediction folder (<case>.nii.gz, metrics.csv)."
+        ),
         hd95: bool = typer.Option(True, "--hd95/--no-hd95", help="Also compute HD95 (slower)."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
@@ -36,4 +38,6 @@ def register(app: typer.Typer) -> None:
             m = summary["mean"]
             typer.echo("mean Dice  " + "  ".join(f"{r} {m[r]['dice']:.3f}" for r in REGIONS))
             if hd95:
-                typer.echo("mean HD95  " + "  ".join(f"{r} {m[r]['hd95']:.1f}" for r in REGIONS) + " mm")
+                typer.echo(
+                    "mean HD95  " + "  ".join(f"{r} {m[r]['hd95']:.1f}" for r in REGIONS) + " mm"
+                )

@@ -68,12 +68,11 @@ def partition_command(
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    from rich.console import Console
-
+    from fedseg.cli._common import make_console
     from fedseg.data.partition import summary_table
 
     title = f"{doc['num_cases']} cases, {doc['num_sites']} sites, scheme {doc['scheme']}"
-    console = Console()
+    console = make_console()
     console.print(summary_table(doc["sites"], title=title))
     console.print(f"wrote {doc['partition_csv']} and {doc['summary_json']}")
 

@@ -121,13 +121,20 @@ def run_federated_arm(
     from fedseg.errors import ConfigError
     from fedseg.federation.client_app import build_client_app
     from fedseg.federation.loop import LoopResult
-    from fedseg.federation.server_app import build_server_app
+    from fedseg.federation.server_app import CHECKPOINT, build_server_app
 
     if not partition:
         raise ConfigError("the partition has no sites")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / PARTITION_CSV
+    wanted = {site: sorted(ids) for site, ids in partition.items()}
+    if (out / CHECKPOINT).is_file() and csv_path.is_file():
+        before = read_partition(csv_path)
+        if {s: sorted(v) for s, v in before.items()} != wanted:
+            raise ConfigError(
+                f"{out} holds a run of another partition; remove it or use another folder"
+            )
     write_partition(partition, csv_path)
     num_sites = len(read_partition(csv_path))
     arm_cfg = cfg.replace(

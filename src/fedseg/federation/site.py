@@ -48,6 +48,7 @@ from fedseg.config import FedsegConfig
 from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError, PartitionError, UpdateValidationError
 from fedseg.federation import records as R
+from fedseg.site.trainer import poly_lr
 
 if TYPE_CHECKING:
     from fedseg.data.transforms import Prepared
@@ -279,9 +280,15 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     if cfg.reset_optimizer:
         trainer.reset_optimizer()
 
+    # The same poly decay over the epoch budget as the centralized and local-only arms.
+    lr = poly_lr(
+        cfg.learning_rate,
+        max(server_round - 1, 0) * cfg.local_epochs,
+        cfg.num_server_rounds * cfg.local_epochs,
+    )
     names = [n for n, _ in trainer.model.named_parameters()]
     loss_hook = None
-    grad_hook = None
+    step_hook = None
     if strategy == "fedprox" and mu > 0:
         from fedseg.strategies.fedprox import proximal_term
 
@@ -294,7 +301,7 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     c_global: list[np.ndarray] = []
     w_start: list[np.ndarray] = []
     if strategy == "scaffold":
-        from fedseg.strategies.scaffold import apply_scaffold_correction
+        from fedseg.strategies.scaffold import apply_scaffold_step_correction
 
         c_global = _named_list(_array_record(msg, R.C_GLOBAL), names, "c-global")
         stored = saved.get(SCAFFOLD_STATE)
@@ -306,14 +313,16 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         cg_t = [torch.as_tensor(c).to(trainer.device) for c in c_global]
         cl_t = [torch.as_tensor(c).to(trainer.device) for c in c_local]
 
-        def grad_hook(model: torch.nn.Module) -> None:
-            apply_scaffold_correction(model.parameters(), cg_t, cl_t)
+        # In parameter space after each AdamW step (see apply_scaffold_step_correction).
+        def step_hook(model: torch.nn.Module) -> None:
+            apply_scaffold_step_correction(model.parameters(), cg_t, cl_t, lr)
 
     fit = trainer.train(
         epochs,
         seed=site_seed(cfg.seed, server_round, spec.name),
         loss_hook=loss_hook,
-        grad_hook=grad_hook,
+        step_hook=step_hook,
+        learning_rate=lr,
     )
     weights = trainer.get_weights()
     content = RecordDict(
@@ -334,7 +343,7 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
 
         w_end = [weights[n] for n in names]
         new_c, delta_c = site_control_update(
-            c_local, c_global, w_start, w_end, int(fit["steps"]), cfg.learning_rate
+            c_local, c_global, w_start, w_end, int(fit["steps"]), lr
         )
         new_state = {SCAFFOLD_STATE: dict(zip(names, new_c, strict=True))}
         content[R.DELTA_C] = R.to_array_record(dict(zip(names, delta_c, strict=True)))

@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from fedseg.data.transforms import Prepared
 
 
-def predict_probs(model: nn.Module, image: np.ndarray, cfg: FedsegConfig, device: torch.device) -> np.ndarray:
+def predict_probs(
+    model: nn.Module, image: np.ndarray, cfg: FedsegConfig, device: torch.device
+) -> np.ndarray:
     """Region probabilities for one prepared image.
 
     3D models use MONAI's ``sliding_window_inference`` with the training patch size (one window
@@ -44,7 +46,11 @@ def predict_probs(model: nn.Module, image: np.ndarray, cfg: FedsegConfig, device
     with torch.no_grad():
         if cfg.spatial_dims == 3:
             logits = sliding_window_inference(
-                x[None], roi_size=(cfg.patch_size,) * 3, sw_batch_size=2, predictor=model, overlap=0.25
+                x[None],
+                roi_size=(cfg.patch_size,) * 3,
+                sw_batch_size=2,
+                predictor=model,
+                overlap=0.25,
             )[0]
         else:
             slices = x.permute(3, 0, 1, 2)  # (Z, C, X, Y)

@@ -41,7 +41,7 @@ def region_metrics(
         ``{"WT": {"dice": d, "hd95": h}, "TC": ..., "ET": ...}``.
     """
     import torch
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.metrics import compute_dice
 
     p = torch.as_tensor(np.asarray(pred, dtype=bool)[None]).float()
     r = torch.as_tensor(np.asarray(ref, dtype=bool)[None]).float()
@@ -57,7 +57,7 @@ def region_metrics(
     return out
 
 
-def _hd95(p: "torch.Tensor", r: "torch.Tensor", spacing: tuple[float, ...]) -> float:  # noqa: F821
+def _hd95(p: torch.Tensor, r: torch.Tensor, spacing: tuple[float, ...]) -> float:  # noqa: F821
     from monai.metrics import compute_hausdorff_distance
 
     pe, re = bool(p.any()), bool(r.any())

@@ -84,7 +84,9 @@ class SiteTrainer:
 
         unknown = [m for m in modalities if m not in MODALITIES]
         if unknown or not modalities:
-            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+            raise ValueError(
+                f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}"
+            )
         self.cfg = cfg
         self.device = device or pick_device()
         self.channel_index = [MODALITIES.index(m) for m in modalities]
@@ -157,6 +159,7 @@ class SiteTrainer:
         seed: int | None = None,
         loss_hook: LossHook | None = None,
         grad_hook: GradHook | None = None,
+        step_hook: GradHook | None = None,
         progress: Callable[[int, int, float], None] | None = None,
         learning_rate: float | None = None,
     ) -> dict[str, float]:
@@ -171,7 +174,9 @@ class SiteTrainer:
         loss_hook:
             Returns an extra term added to each batch loss (FedProx).
         grad_hook:
-            Called after ``backward`` and before the optimizer step (SCAFFOLD).
+            Called after ``backward`` and before the optimizer step.
+        step_hook:
+            Called after each optimizer step (SCAFFOLD's drift correction).
         progress:
             Called as ``progress(step, total_steps, loss)`` after each step.
         learning_rate:
@@ -218,6 +223,8 @@ class SiteTrainer:
                 if grad_hook is not None:
                     grad_hook(self.model)
                 self.optimizer.step()
+                if step_hook is not None:
+                    step_hook(self.model)
                 losses.append(float(loss.detach()))
                 step += 1
                 if progress is not None:

@@ -275,3 +275,51 @@ def server_update(
         out=[np.empty(np.shape(c), dtype=np.asarray(c).dtype) for c in c_global],
     )
     return new_w, new_c
+
+
+def apply_scaffold_step_correction(
+    model_params: Iterable[torch.Tensor],
+    c_global: Sequence[torch.Tensor],
+    c_local: Sequence[torch.Tensor],
+    lr: float,
+) -> None:
+    """Move each parameter by ``-lr * (c_global - c_local)`` in place, after an optimizer step.
+
+    For plain SGD this equals :func:`apply_scaffold_correction` before the step (the step is
+    linear in the gradient). With an adaptive optimizer (AdamW, used by fedseg's sites) the
+    gradient-space form is wrong: Adam normalises the added control variates, whose scale
+    ``(w_global - w_local) / (K * lr)`` is that of a parameter displacement per unit rate, so they
+    swamp the true gradients. Applied in parameter space after the step, as NVFlare's SCAFFOLD
+    does, the correction stays an ``lr``-sized drift correction whatever the optimizer.
+
+    Parameters
+    ----------
+    model_params : iterable of torch.Tensor
+        The trainable parameters, in the order of the control variates.
+    c_global, c_local : sequence of torch.Tensor
+        Server and site control variates.
+    lr : float
+        The learning rate of this step (the one used in :func:`site_control_update`).
+
+    Raises
+    ------
+    ValueError
+        The counts or shapes of parameters and control variates disagree.
+    """
+    import torch
+
+    params = list(model_params)
+    if not len(params) == len(c_global) == len(c_local):
+        raise ValueError(
+            f"{len(params)} parameters but {len(c_global)} global and {len(c_local)} "
+            "local control variates"
+        )
+    with torch.no_grad():
+        for index, (param, c, ci) in enumerate(zip(params, c_global, c_local, strict=True)):
+            if c.shape != param.shape or ci.shape != param.shape:
+                raise ValueError(
+                    f"parameter {index} has shape {tuple(param.shape)}, control variates "
+                    f"{tuple(c.shape)} and {tuple(ci.shape)}"
+                )
+            if param.requires_grad:
+                param.sub_(lr * (c - ci))

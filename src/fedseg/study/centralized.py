@@ -140,7 +140,9 @@ def train_centralized(
     return result
 
 
-def _model_payload(trainer: Any, cfg: FedsegConfig, modalities: tuple[str, ...], epoch: int) -> dict[str, Any]:
+def _model_payload(
+    trainer: Any, cfg: FedsegConfig, modalities: tuple[str, ...], epoch: int
+) -> dict[str, Any]:
     return {
         "format": "fedseg-model-v1",
         "config": cfg.to_run_config(),
@@ -150,7 +152,9 @@ def _model_payload(trainer: Any, cfg: FedsegConfig, modalities: tuple[str, ...],
     }
 
 
-def _check_same_config(state: dict[str, Any], cfg: FedsegConfig, modalities: tuple[str, ...], path: Path) -> None:
+def _check_same_config(
+    state: dict[str, Any], cfg: FedsegConfig, modalities: tuple[str, ...], path: Path
+) -> None:
     saved = dict(state.get("config", {}))
     now = cfg.to_run_config()
     # The epoch budget may grow on resume; everything else must match.

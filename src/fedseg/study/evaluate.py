@@ -21,7 +21,9 @@ def resolve_checkpoint(path: Path) -> Path:
         for name in ("best.pt", "final_model.pt", "checkpoint.pt"):
             if (p / name).is_file():
                 return p / name
-        raise CheckpointError(f"{p}: no best.pt, final_model.pt or checkpoint.pt in this run folder")
+        raise CheckpointError(
+            f"{p}: no best.pt, final_model.pt or checkpoint.pt in this run folder"
+        )
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     return p
@@ -46,14 +48,18 @@ def load_model(path: Path, device: Any = None) -> tuple[Any, FedsegConfig, tuple
     ckpt_path = resolve_checkpoint(path)
     payload = load_torch(ckpt_path)
     if not isinstance(payload, dict) or payload.get("format") != "fedseg-model-v1":
-        raise CheckpointError(f"{ckpt_path}: not a fedseg model checkpoint (format fedseg-model-v1)")
+        raise CheckpointError(
+            f"{ckpt_path}: not a fedseg model checkpoint (format fedseg-model-v1)"
+        )
     cfg = FedsegConfig.from_run_config(payload["config"], strict=False)
     modalities = tuple(payload.get("modalities", MODALITIES))
     model = build_unet(cfg, in_channels=len(modalities))
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt_path}: weights do not fit the declared network: {exc}") from None
+        raise CheckpointError(
+            f"{ckpt_path}: weights do not fit the declared network: {exc}"
+        ) from None
     device = device or pick_device()
     return model.to(device), cfg, modalities
 

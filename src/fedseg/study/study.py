@@ -95,6 +95,10 @@ _NOT_FINGERPRINTED = frozenset(
 # arms
 
 
+#: Fewest cases a virtual hospital gets from the skewed partitions (when the cohort allows).
+MIN_SITE_CASES = 6
+
+
 def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
     """Normalise a selection of arms: case-insensitive, comma-separated or a list, ``all``.
 
@@ -338,6 +342,8 @@ def _make_sites(
         cfg.partition,
         alpha=cfg.partition_alpha,
         seed=cfg.seed,
+        # A hospital with a handful of cases cannot hold out test cases and still train.
+        min_cases=max(2, min(MIN_SITE_CASES, len(attrs) // cfg.num_sites)),
         csv_path=csv_path,
     )
     splits = {
@@ -882,9 +888,9 @@ def load_overlays(path: Path) -> dict[str, Any] | None:
 def _console(progress: bool) -> Any:
     if not progress:
         return None
-    from rich.console import Console
+    from fedseg.cli._common import make_console
 
-    return Console(stderr=True)
+    return make_console(stderr=True)
 
 
 def _one_line(arm: str, res: Mapping[str, Any]) -> str:

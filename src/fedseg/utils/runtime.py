@@ -8,7 +8,7 @@ import random
 import numpy as np
 
 
-def pick_device(prefer: str | None = None) -> "torch.device":  # noqa: F821
+def pick_device(prefer: str | None = None) -> torch.device:  # noqa: F821
     """Return the GPU when one is present (or ``prefer`` when given), else the CPU.
 
     ``FEDSEG_DEVICE`` in the environment overrides the automatic choice.
