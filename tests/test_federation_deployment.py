@@ -1,8 +1,9 @@
 """Federation on Flower's Deployment Engine over loopback: 1 SuperLink, 2 SuperNodes, flwr run.
 
 Each SuperNode starts a new ClientApp process per message (torch and MONAI imported every time)
-and polls every 3 s, so one round takes tens of seconds even for the tiny model: this test
-runs only when ``FEDSEG_TEST_DEPLOYMENT=1`` (CI's time budget), and is marked ``slow``.
+and polls every 3 s, so one round takes tens of seconds even for the tiny model (about 1 min in all
+on an idle 2-core machine). It is marked ``slow`` and runs by default; set
+``FEDSEG_SKIP_DEPLOYMENT=1`` to leave it out of a quick local run.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from test_federation import write_cohort
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        os.environ.get("FEDSEG_TEST_DEPLOYMENT") != "1",
-        reason="set FEDSEG_TEST_DEPLOYMENT=1 to run the loopback Deployment test (~2 min)",
+        os.environ.get("FEDSEG_SKIP_DEPLOYMENT") == "1",
+        reason="FEDSEG_SKIP_DEPLOYMENT=1 leaves out the loopback Deployment test (~1 min)",
     ),
 ]
 
