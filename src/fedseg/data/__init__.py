@@ -1,0 +1,1 @@
+"""Data layer: case representation, readers, synthetic cohort, checks, partitions, transforms."""

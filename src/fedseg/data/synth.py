@@ -1,0 +1,738 @@
+"""Synthetic BraTS-style multimodal MRI cases with glioma-like tumours.
+
+No dataset can be downloaded here, so cases are generated. The anatomy is real: the MNI152
+2009 templates shipped inside nilearn (T1, grey matter, white matter, brain mask) at 2 mm,
+cropped to the brain. CSF is derived (brain mask minus GM minus WM, plus the ventricles,
+which are dark on the T1 template). Each case then gets:
+
+* a smooth random deformation (small affine plus a displacement field of a few mm) and an
+  optional mild mass effect around the tumour;
+* an irregular tumour (a union of random ellipsoids perturbed by smooth noise) placed in
+  deep white matter: necrotic or solid non-enhancing core (label 1), an enhancing rim
+  (label 4, 2-4 voxels thick, in places non-enhancing), and oedema (label 2) that spreads
+  along white matter with an extent drawn independently of the core size;
+* tissue intensities per modality with realistic relative contrasts, per-case jitter and
+  smooth texture, then the scanner's contrast curve, blur (partial volume and effective
+  resolution), multiplicative bias field and Rician noise (:mod:`fedseg.data.scanners`).
+
+The enhancing tumour is visible mainly on T1ce (on T1, T2 and FLAIR it looks like the
+non-enhancing parts of the rim), so that a model given only T1 does worse on ET.
+Background is exactly 0 (skull-stripped), labels follow BraTS 2021 numbering.
+
+Smooth random fields are drawn on a coarse grid and upsampled with separable Gaussian
+interpolation matrices (three small matrix products) instead of filtering the full grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from fedseg.data.case import MODALITIES, REGION_LABELS, REGIONS, Case, CaseRef
+from fedseg.data.scanners import ScannerProfile, get_profile, profile_names
+from fedseg.errors import ConfigError
+
+VOXEL_MM: float = 2.0
+ML_PER_VOXEL: float = VOXEL_MM**3 / 1000.0
+#: columns of ``cohort.csv``, in order
+COHORT_COLUMNS: tuple[str, ...] = ("case_id", "scanner", "wt_ml", "tc_ml", "et_ml")
+CASE_PREFIX = "SYN_"
+
+_MARGIN = 5  # voxels of background kept around the template brain's bounding box
+_MAX_STORED = 32767.0
+
+# Internal tissue classes of the tumour map (label 1 has two looks: necrosis and solid).
+_NONE, _NCR, _ED, _NET, _ET = 0, 1, 2, 3, 4
+_CLASS_TO_LABEL = np.array([0, 1, 2, 1, 4], dtype=np.uint8)
+
+# Relative intensities (t1, t1ce, t2, flair) before the scanner's curve and scale.
+# T1: WM > GM > CSF; T1ce like T1 with a bright ET; T2: CSF brightest, GM > WM;
+# FLAIR: CSF suppressed, GM > WM, oedema brightest. ET and solid non-enhancing tumour (NET)
+# share their T1, T2 and FLAIR values on purpose: only T1ce separates them.
+_TISSUE = {
+    "csf": (0.18, 0.18, 1.00, 0.09),
+    "gm": (0.52, 0.50, 0.58, 0.56),
+    "wm": (0.72, 0.69, 0.40, 0.42),
+}
+_TUMOUR = {
+    _NCR: (0.24, 0.20, 0.92, 0.50),
+    _NET: (0.43, 0.44, 0.70, 0.74),
+    _ED: (0.47, 0.45, 0.86, 0.95),
+    _ET: (0.43, 1.25, 0.70, 0.74),
+}
+_T1CE = MODALITIES.index("t1ce")
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    """The cropped template anatomy shared by all cases (built once)."""
+
+    tissue: np.ndarray  # (X*Y*Z, 3) float32: csf, gm, wm fractions (0 outside the brain)
+    shape: tuple[int, int, int]
+    affine: np.ndarray  # 4x4, RAS, 2 mm
+    candidates: np.ndarray  # (K, 3) float32 voxel positions suitable as tumour centres
+    support: np.ndarray  # (X*Y*Z,) bool: the brain dilated by 2 voxels (where tissue can be)
+
+
+@functools.lru_cache(maxsize=1)
+def _anatomy() -> _Anatomy:
+    """Load the nilearn MNI152 2009 templates at 2 mm and derive CSF; cached per process."""
+    from nilearn import datasets  # heavy import (~2 s), only when cases are generated
+
+    # Loading at 1 mm and subsampling every other voxel gives exactly the grid of
+    # ``resolution=2`` (same origin) in a quarter of the time nilearn's resampling takes.
+    def load(loader: Callable[..., Any]) -> np.ndarray:
+        img = loader(resolution=1)
+        smooth = ndi.gaussian_filter(np.asarray(img.get_fdata(), dtype=np.float32), 0.8)
+        return smooth[::2, ::2, ::2]
+
+    t1_img = datasets.load_mni152_template(resolution=1)
+    affine = np.asarray(t1_img.affine, dtype=np.float64) @ np.diag([2.0, 2.0, 2.0, 1.0])
+    t1 = load(lambda resolution: t1_img)
+    gm = np.clip(load(datasets.load_mni152_gm_template), 0, 1)
+    wm = np.clip(load(datasets.load_mni152_wm_template), 0, 1)
+    mask = load(datasets.load_mni152_brain_mask) > 0.5
+
+    gm = np.where(mask, gm, 0.0).astype(np.float32)
+    wm = np.where(mask, wm, 0.0).astype(np.float32)
+    over = gm + wm
+    scale = np.where(over > 1.0, 1.0 / np.maximum(over, 1e-6), 1.0)
+    gm *= scale
+    wm *= scale
+    csf = np.where(mask, 1.0 - gm - wm, 0.0).astype(np.float32)
+    # The GM/WM maps leave the ventricles partly unexplained (the choroid plexus shows up as
+    # GM); the T1 template is unambiguous there: deep and dark means CSF.
+    depth = ndi.distance_transform_edt(mask)
+    ventricles = np.clip((0.5 - t1) / 0.2, 0.0, 1.0) * (depth > 4)
+    new_csf = np.maximum(csf, ventricles).astype(np.float32)
+    rest = np.maximum(gm + wm, 1e-6)
+    keep = np.where(mask, (1.0 - new_csf) / rest, 0.0)
+    gm, wm, csf = gm * keep, wm * keep, new_csf
+
+    # Crop to the brain's bounding box plus a margin, padding where the box leaves the grid.
+    idx = np.argwhere(mask)
+    lo = idx.min(axis=0) - _MARGIN
+    hi = idx.max(axis=0) + 1 + _MARGIN
+    shape = tuple(int(v) for v in hi - lo)
+    src_lo = np.maximum(lo, 0)
+    src_hi = np.minimum(hi, mask.shape)
+    dst_lo = src_lo - lo
+    dst_hi = dst_lo + (src_hi - src_lo)
+    src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi, strict=True))
+    dst = tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi, strict=True))
+    stack = np.zeros((*shape, 3), dtype=np.float32)
+    for k, vol in enumerate((csf, gm, wm)):
+        stack[(*dst, k)] = vol[src]
+    new_affine = affine.copy()
+    new_affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+
+    # Tumour centres: deep white matter of the cerebral hemispheres (gliomas are mostly
+    # supratentorial), off the midline, away from the cerebellum and brainstem.
+    cmask = np.zeros(shape, dtype=bool)
+    cmask[dst] = ((wm > 0.6) & (depth >= 9))[src]
+    cand = np.argwhere(cmask)
+    world = cand @ new_affine[:3, :3].T + new_affine[:3, 3]
+    ok = (
+        (np.abs(world[:, 0]) >= 10)
+        & (world[:, 2] >= -20)
+        & (world[:, 2] <= 50)
+        & ~((world[:, 1] < -45) & (world[:, 2] < 5))
+    )
+    return _Anatomy(
+        tissue=stack.reshape(-1, 3),
+        shape=shape,  # type: ignore[arg-type]
+        affine=new_affine,
+        candidates=cand[ok].astype(np.float32),
+        support=ndi.binary_dilation(stack.sum(axis=-1) > 0, iterations=2).ravel(),
+    )
+
+
+@functools.lru_cache(maxsize=128)
+def _upsampler(n_out: int, n_ctrl: int, spacing: float) -> np.ndarray:
+    """Matrix (n_out, n_ctrl) interpolating control points spaced ``spacing`` voxels apart.
+
+    Gaussian kernels of width 0.6 spacing give a smooth (C-infinity) field without the creases
+    of linear interpolation; scaled so that unit-variance control values give a field of
+    about unit variance.
+    """
+    first = (n_out - 1 - spacing * (n_ctrl - 1)) / 2.0  # centred, overhanging both ends
+    pos = first + spacing * np.arange(n_ctrl)
+    x = np.arange(n_out, dtype=np.float64)
+    w = np.exp(-0.5 * ((x[:, None] - pos[None, :]) / (0.6 * spacing)) ** 2)
+    w /= math.sqrt(float((w**2).sum(axis=1).mean()))
+    return w.astype(np.float32)
+
+
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], cell: float, count: int = 1
+) -> np.ndarray:
+    """Draw ``count`` smooth, roughly unit-variance random fields with correlation ~``cell``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` array ``(count, *shape)``.
+    """
+    ctrl_n = [int(math.ceil(n / cell)) + 3 for n in shape]
+    wx, wy, wz = (_upsampler(n, c, float(cell)) for n, c in zip(shape, ctrl_n, strict=True))
+    a, b, c = ctrl_n
+    X, Y, Z = shape
+    ctrl = rng.standard_normal((count, *ctrl_n), dtype=np.float32)
+    out = np.empty((count, *shape), dtype=np.float32)
+    # One axis at a time, each step a plain 2D matrix product (BLAS), the last one the largest.
+    for i in range(count):
+        t = ctrl[i].reshape(a * b, c) @ wz.T
+        t = wy @ t.reshape(a, b, Z).transpose(1, 0, 2).reshape(b, a * Z)
+        t = t.reshape(Y, a, Z).transpose(1, 0, 2).reshape(a, Y * Z)
+        out[i] = (wx @ t).reshape(shape)
+    return out
+
+
+def _rotation(rng: np.random.Generator, max_deg: float | None) -> np.ndarray:
+    """A rotation matrix: small Euler angles up to ``max_deg``, or uniformly random if None."""
+    if max_deg is None:
+        q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+        q *= np.sign(np.diag(r))
+        if np.linalg.det(q) < 0:
+            q[:, 0] = -q[:, 0]
+        return q
+    ax, ay, az = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    return rx @ ry @ rz
+
+
+def _trilinear(vol: np.ndarray, shape: tuple[int, int, int], coords: np.ndarray) -> np.ndarray:
+    """Sample ``vol`` ((X*Y*Z, C), C channels at once) at ``coords`` (3, ...) trilinearly.
+
+    Positions outside the grid are clamped to its border, which is background here.
+    """
+    out_shape = coords.shape[1:]
+    pts = coords.reshape(3, -1)
+    X, Y, Z = shape
+    base = np.zeros(pts.shape[1], dtype=np.int64)
+    fracs = []
+    for axis, n in enumerate(shape):
+        p = np.clip(pts[axis], 0.0, n - 1.001)
+        i = p.astype(np.int64)
+        fracs.append((p - i).astype(np.float32))
+        base = base * n + i if axis else i
+    fx, fy, fz = fracs
+    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+    out = np.zeros((pts.shape[1], vol.shape[1]), dtype=np.float32)
+    for dx, wx in ((0, gx), (1, fx)):
+        for dy, wy in ((0, gy), (1, fy)):
+            wxy = wx * wy
+            for dz, wz in ((0, gz), (1, fz)):
+                corner = np.take(vol, base + ((dx * Y + dy) * Z + dz), axis=0)
+                out += corner * (wxy * wz)[:, None]
+    return out.reshape(*out_shape, vol.shape[1])
+
+
+@dataclass
+class _Tumour:
+    classes: np.ndarray  # (X, Y, Z) uint8 internal classes
+    oedema_strength: np.ndarray  # (X, Y, Z) float32 in [0, 1]: how oedematous an ED voxel is
+
+
+def _lowest(values: np.ndarray, allowed: np.ndarray, count: int) -> np.ndarray:
+    """Boolean mask of the ``count`` allowed voxels with the lowest ``values``."""
+    v = np.where(allowed, values, np.inf)
+    flat = v.ravel()
+    n_allowed = int(allowed.sum())
+    count = max(0, min(count, n_allowed))
+    if count == 0:
+        return np.zeros(values.shape, dtype=bool)
+    thr = np.partition(flat, count - 1)[count - 1]
+    return v <= thr
+
+
+def _make_tumour(
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    brain: np.ndarray,
+    centre: np.ndarray,
+    tc_vox: int,
+    ed_vox: int,
+) -> _Tumour:
+    """Grow core, rim and oedema around ``centre`` (voxel coords) with the given volumes."""
+    shape = brain.shape
+    r_tc = (3 * tc_vox / (4 * math.pi)) ** (1 / 3)
+    r_wt = (3 * (tc_vox + ed_vox) / (4 * math.pi)) ** (1 / 3)
+    half = int(math.ceil(1.8 * r_wt + 5))
+    c = np.round(centre).astype(int)
+    lo = np.maximum(c - half, 0)
+    hi = np.minimum(c + half + 1, shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    bshape = tuple(int(v) for v in hi - lo)
+    brain_b = brain[box]
+    csf_b, wm_b = tissue[box][..., 0], tissue[box][..., 2]
+    rel = centre - lo
+    grid = np.ogrid[tuple(slice(0, n) for n in bshape)]
+    d = [(g - rel[k]).astype(np.float32) for k, g in enumerate(grid)]
+
+    # Core: union of 2-4 random ellipsoids, boundary perturbed by smooth noise.
+    q = np.full(bshape, np.inf, dtype=np.float32)
+    for _ in range(int(rng.integers(2, 5))):
+        off = rng.normal(0.0, 0.4 * r_tc, 3)
+        axes = r_tc * rng.uniform(0.5, 1.1, 3)
+        rot = _rotation(rng, None)
+        acc = np.zeros(bshape, dtype=np.float32)
+        for k in range(3):
+            u = sum(rot[k, j] * (d[j] - off[j]) for j in range(3))
+            acc += (u / axes[k]) ** 2
+        np.minimum(q, acc, out=q)
+    q = np.sqrt(q) * np.exp(0.3 * _smooth_noise(rng, bshape, max(2.5, 0.5 * r_tc))[0])
+    core = _lowest(q, brain_b, tc_vox)
+    lab, n = ndi.label(core)
+    if n > 1:
+        core = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+
+    classes = np.zeros(bshape, dtype=np.uint8)
+    # Enhancing rim 2-4 voxels thick (varying around the tumour), inside the core's surface.
+    depth = ndi.distance_transform_edt(np.pad(core, 1))[1:-1, 1:-1, 1:-1]
+    thickness = rng.uniform(2.0, 3.8) * np.exp(0.2 * _smooth_noise(rng, bshape, 4.0)[0])
+    rim = core & (depth <= thickness)
+    inner = core & ~rim
+    classes[rim] = _ET
+    # Part of the rim does not enhance (label 1, looks like ET except on T1ce).
+    patch = _smooth_noise(rng, bshape, 4.0)[0]
+    n_rim = int(rim.sum())
+    classes[_lowest(patch, rim, int(rng.uniform(0.05, 0.3) * n_rim))] = _NET
+    if rng.random() < 0.25:
+        classes[inner] = _NET  # solid tumour without necrosis
+    else:
+        classes[inner] = _NCR
+        patch = _smooth_noise(rng, bshape, 4.0)[0]
+        classes[_lowest(patch, inner, int(rng.uniform(0.0, 0.25) * inner.sum()))] = _NET
+
+    # Oedema follows white matter (slow through grey matter, none in CSF), finger-like.
+    dist = ndi.distance_transform_edt(~core).astype(np.float32)
+    speed = 0.25 + 0.75 * wm_b
+    eff = dist / speed * np.exp(0.35 * _smooth_noise(rng, bshape, 5.0)[0])
+    oedema = _lowest(eff, brain_b & ~core & (csf_b < 0.5), ed_vox)
+    # Drop islands of oedema that the noise detached from the tumour.
+    lab, n = ndi.label(oedema | core)
+    if n > 1:
+        oedema &= lab == np.bincount(lab[core]).argmax()
+    classes[oedema] = _ED
+    strength_b = np.zeros(bshape, dtype=np.float32)
+    if oedema.any():
+        edge = float(eff[oedema].max())
+        strength_b[oedema] = 1.0 - eff[oedema] / max(edge, 1e-6)
+
+    full = np.zeros(shape, dtype=np.uint8)
+    full[box] = classes
+    strength = np.zeros(shape, dtype=np.float32)
+    strength[box] = strength_b
+    return _Tumour(classes=full, oedema_strength=strength)
+
+
+def _render(
+    rng: np.random.Generator,
+    scanner: ScannerProfile,
+    tissue: np.ndarray,
+    brain: np.ndarray,
+    tumour: _Tumour,
+) -> np.ndarray:
+    """Turn tissue fractions and tumour classes into four stored-unit images (float32)."""
+    shape = brain.shape
+    # Work on the brain's voxels only (about a third of the grid), except for the blur.
+    idx = np.flatnonzero(brain)
+    tex = _smooth_noise(rng, shape, 3.0, 2).reshape(2, -1)[:, idx]
+    bias = _smooth_noise(rng, shape, 22.0, 1 + len(MODALITIES)).reshape(1 + len(MODALITIES), -1)
+    bias = bias[:, idx]
+    fractions = tissue.reshape(-1, 3)[idx]
+    classes = tumour.classes.ravel()[idx]
+    in_tumour = classes > 0
+    cls = classes[in_tumour]
+    ed = cls == _ED
+    strength = tumour.oedema_strength.ravel()[idx][in_tumour][ed]
+    images = np.zeros((len(MODALITIES), *shape), dtype=np.float32)
+    grid = np.zeros(shape, dtype=np.float32)
+
+    tissue_vals = np.stack([np.asarray(_TISSUE[k]) for k in ("csf", "gm", "wm")])
+    tissue_vals = (tissue_vals * (1 + rng.normal(0, 0.04, tissue_vals.shape))).astype(np.float32)
+    tumour_vals = {k: np.asarray(v) * (1 + rng.normal(0, 0.07, 4)) for k, v in _TUMOUR.items()}
+    # Enhancement is relative to the unenhanced tumour, scaled by the scanner's protocol.
+    gain = scanner.enhancement * (1 + rng.normal(0, 0.08))
+    base_et = tumour_vals[_NET][_T1CE]
+    tumour_vals[_ET][_T1CE] = base_et + (tumour_vals[_ET][_T1CE] - base_et) * gain
+
+    for m in range(len(MODALITIES)):
+        angle = rng.uniform(0, 2 * math.pi)
+        t = math.cos(angle) * tex[0] + math.sin(angle) * tex[1]
+        vals = fractions @ tissue_vals[:, m]
+        vals *= 1.0 + 0.035 * t
+        normal = vals[in_tumour]
+        tum = np.zeros_like(normal)
+        for k, v in tumour_vals.items():
+            tum[cls == k] = v[m]
+        tum *= 1.0 + 0.1 * t[in_tumour]
+        # Oedema is water added to the tissue it invades: strongest near the core.
+        w = 0.65 + 0.35 * strength
+        tum[ed] = w * tum[ed] + (1 - w) * normal[ed]
+        vals[in_tumour] = tum
+        np.maximum(vals, 0.0, out=vals)
+        if scanner.gamma[m] != 1.0:
+            np.power(vals, scanner.gamma[m], out=vals)
+        grid.ravel()[idx] = vals
+        vals = ndi.gaussian_filter(grid, scanner.blur_sigma, truncate=3.0).ravel()[idx]
+        field = 0.8 * bias[0] + 0.6 * bias[m + 1]
+        scale = scanner.intensity_scale[m] * (1 + rng.normal(0, 0.05))
+        vals *= np.exp(scanner.bias_strength * field)
+        vals = vals * scale + scanner.intensity_offset
+        sigma = scanner.noise * scanner.intensity_scale[m]
+        n = rng.standard_normal((2, idx.size), dtype=np.float32) * sigma
+        vals = np.sqrt((vals + n[0]) ** 2 + n[1] ** 2)
+        # Stored as integers later: round now so that the Case equals what is written.
+        images[m].ravel()[idx] = np.clip(np.rint(vals), 1.0, _MAX_STORED)
+    return images
+
+
+def _region_volumes(label: np.ndarray) -> dict[str, float]:
+    """Volumes (ml) of WT, TC, ET."""
+    counts = np.bincount(label.ravel(), minlength=5)
+    return {
+        f"{r.lower()}_ml": round(float(sum(counts[v] for v in REGION_LABELS[r])) * ML_PER_VOXEL, 3)
+        for r in REGIONS
+    }
+
+
+def generate_case(case_id: str, rng: np.random.Generator, scanner: ScannerProfile) -> Case:
+    """Generate one synthetic BraTS-style case.
+
+    Parameters
+    ----------
+    case_id:
+        Identifier stored in the case (e.g. ``"SYN_00000"``).
+    rng:
+        Source of all randomness; the same generator state gives the same case. The anatomy
+        and tumour do not depend on ``scanner``, only the intensities do.
+    scanner:
+        The acquisition profile (see :mod:`fedseg.data.scanners`).
+
+    Returns
+    -------
+    Case
+        ``image`` ``float32`` ``(4, X, Y, Z)`` in ``t1, t1ce, t2, flair`` order, integral values
+        in stored units (0 outside the brain); ``label`` ``uint8`` in BraTS 2021 numbering;
+        a RAS affine with 2 mm spacing; ``meta`` with ``scanner``, ``wt_ml``, ``tc_ml``,
+        ``et_ml``.
+    """
+    synthesis = _synthesise(rng, scanner)
+    meta: dict[str, object] = {"scanner": scanner.name, "source": "fedseg.synth"}
+    meta.update(_region_volumes(synthesis.label))
+    return Case(
+        case_id=case_id,
+        image=synthesis.image,
+        label=synthesis.label,
+        affine=synthesis.affine,
+        meta=meta,
+    )
+
+
+@dataclass
+class _Synthesis:
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+    tissue: np.ndarray  # (X, Y, Z, 3) csf, gm, wm fractions after the deformation
+    brain: np.ndarray
+
+
+def _synthesise(rng: np.random.Generator, scanner: ScannerProfile) -> _Synthesis:
+    """Draw anatomy, tumour and images; also returns the tissue maps (used by tests)."""
+    # The matrix products here are small: extra BLAS threads only spin, and under load from
+    # other processes they slow everything down several times.
+    with _single_blas_thread():
+        return _synthesise_unlimited(rng, scanner)
+
+
+def _single_blas_thread() -> AbstractContextManager[object]:
+    try:
+        from threadpoolctl import threadpool_limits  # comes with scikit-learn (nilearn)
+    except ImportError:  # pragma: no cover - optional
+        return nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _synthesise_unlimited(rng: np.random.Generator, scanner: ScannerProfile) -> _Synthesis:
+    anat = _anatomy()
+    shape = anat.shape
+    ctr = (np.asarray(shape, dtype=np.float64) - 1) / 2
+
+    # Tumour volumes: core and oedema drawn independently (log-uniform), WT aimed at 15-120 ml
+    # (removing detached fragments later can take a little off).
+    tc_ml = math.exp(rng.uniform(math.log(4.0), math.log(45.0)))
+    ed_ml = math.exp(rng.uniform(math.log(3.0), math.log(90.0)))
+    if tc_ml + ed_ml > 120.0:
+        f = 120.0 / (tc_ml + ed_ml)
+        tc_ml, ed_ml = tc_ml * f, ed_ml * f
+    if tc_ml + ed_ml < 15.0:
+        ed_ml = 15.0 - tc_ml
+    tc_vox = int(round(tc_ml / ML_PER_VOXEL))
+    ed_vox = int(round(ed_ml / ML_PER_VOXEL))
+    c_template = anat.candidates[rng.integers(len(anat.candidates))].astype(np.float64)
+
+    # Deformation, as output voxel -> template voxel: scale 0.95-1.08 per axis, rotation up to
+    # 5 degrees, shift up to 2 voxels, smooth displacement with an rms of 1-2.4 mm.
+    a_mat = _rotation(rng, 5.0) @ np.diag(rng.uniform(0.95, 1.08, 3))
+    shift = rng.uniform(-2.0, 2.0, 3)
+    disp = _smooth_noise(rng, shape, 10.0, 3) * rng.uniform(0.5, 1.2)
+    # The tumour centre in output space: invert the affine part, then correct once for disp.
+    a_inv = np.linalg.inv(a_mat)
+    c_out = a_inv @ (c_template - ctr - shift) + ctr
+    ci = tuple(int(np.clip(round(v), 0, n - 1)) for v, n in zip(c_out, shape, strict=True))
+    c_out = a_inv @ (c_template - ctr - shift - disp[(slice(None), *ci)]) + ctr
+    c_out = np.clip(c_out, 0, np.asarray(shape) - 1)
+
+    axes = [np.arange(n, dtype=np.float32) for n in shape]
+    rel = [_along(axes[k] - ctr[k], k) for k in range(3)]
+    coords = disp  # reused in place: coords = A (x - ctr) + ctr + shift + disp
+    for i in range(3):
+        plane = a_mat[i, 0] * rel[0] + a_mat[i, 1] * rel[1] + (ctr[i] + shift[i])  # (X, Y, 1)
+        coords[i] += plane
+        coords[i] += a_mat[i, 2] * rel[2]
+    # Mild mass effect: tissue near the tumour is pushed outwards (sampled nearer the centre);
+    # the radial map r -> r (1 - k exp(-r^2 / 2 s^2)) has no folds for k < 1. Computed in a box
+    # of 3.5 s around the tumour, beyond which it is negligible.
+    k_mass = rng.uniform(0.0, 0.3)
+    if k_mass > 0.02:
+        s = (3 * (tc_vox + ed_vox) / (4 * math.pi)) ** (1 / 3)
+        lo = np.maximum(np.floor(c_out - 3.5 * s), 0).astype(int)
+        hi = np.minimum(np.ceil(c_out + 3.5 * s) + 1, shape).astype(int)
+        dc = [_along(axes[k][lo[k] : hi[k]] - c_out[k], k) for k in range(3)]
+        g = k_mass * np.exp(-(dc[0] ** 2 + dc[1] ** 2 + dc[2] ** 2) / (2 * s * s))
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        for i in range(3):
+            coords[(i, *box)] -= dc[i] * g
+
+    # Interpolate only where the nearest template voxel is near the brain (about half).
+    near = np.zeros(shape, dtype=np.float32)
+    for i, n in enumerate(shape):
+        near *= n
+        near += np.clip(np.rint(coords[i]), 0, n - 1)
+    inside = np.take(anat.support, near.astype(np.int64))
+    tissue = np.zeros((*shape, 3), dtype=np.float32)
+    tissue[inside] = _trilinear(anat.tissue, shape, coords[:, inside])
+    total = tissue.sum(axis=-1)
+    brain = total > 0.5
+    np.divide(tissue, np.where(brain, total, np.inf)[..., None], out=tissue)
+
+    tumour = _make_tumour(rng, tissue, brain, c_out, tc_vox, ed_vox)
+    image = _render(rng, scanner, tissue, brain, tumour)
+    label = _CLASS_TO_LABEL[tumour.classes]
+    return _Synthesis(image, label, anat.affine.copy(), tissue, brain)
+
+
+def _along(values: np.ndarray, axis: int) -> np.ndarray:
+    """Reshape a 1D array to broadcast along ``axis`` of a 3D grid."""
+    return values.reshape([-1 if j == axis else 1 for j in range(3)])
+
+
+def case_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of case ``index`` in a cohort drawn with ``seed``.
+
+    Derived from ``(seed, index)`` only, so the first cases of a cohort do not depend on how
+    many cases are generated.
+
+    Parameters
+    ----------
+    seed:
+        The cohort's seed (>= 0).
+    index:
+        The case's position in the cohort (>= 0).
+
+    Returns
+    -------
+    numpy.random.Generator
+        A fresh generator; pass it to :func:`generate_case`.
+    """
+    return np.random.default_rng(np.random.SeedSequence([seed, index]))
+
+
+def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write a NIfTI file atomically (temporary name in the same folder, then rename)."""
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_case(case: Case, out_dir: Path) -> CaseRef:
+    """Write a case in BraTS 2021 layout: ``out_dir/<id>/<id>_<modality>.nii.gz`` and ``_seg``.
+
+    Parameters
+    ----------
+    case:
+        A case whose image values fit ``int16`` (as :func:`generate_case` makes them).
+    out_dir:
+        The cohort folder; the case folder is created inside it.
+
+    Returns
+    -------
+    CaseRef
+        Where the files are, with layout ``"brats2021"``.
+    """
+    folder = Path(out_dir) / case.case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    images: dict[str, Path] = {}
+    for m, name in enumerate(MODALITIES):
+        path = folder / f"{case.case_id}_{name}.nii.gz"
+        data = np.clip(np.rint(case.image[m]), -32768, _MAX_STORED).astype(np.int16)
+        _save_nifti(path, data, case.affine)
+        images[name] = path
+    label_path = folder / f"{case.case_id}_seg.nii.gz"
+    if case.label is not None:
+        _save_nifti(label_path, case.label.astype(np.uint8), case.affine)
+    return CaseRef(
+        case_id=case.case_id,
+        layout="brats2021",
+        images=images,
+        label=label_path if case.label is not None else None,
+    )
+
+
+def generate_cohort(
+    out_dir: Path,
+    num_cases: int,
+    seed: int = 0,
+    scanners: Sequence[str] | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+) -> list[CaseRef]:
+    """Generate and write a synthetic cohort in BraTS 2021 layout.
+
+    Case ``i`` is ``SYN_{i:05d}``, drawn with :func:`case_rng` ``(seed, i)`` on scanner
+    ``scanners[i % len(scanners)]`` (round-robin), so a cohort's first cases do not depend on
+    its size (nor on ``workers``). Also writes ``out_dir/cohort.csv`` with columns
+    :data:`COHORT_COLUMNS`, one row per case.
+
+    Parameters
+    ----------
+    out_dir:
+        Folder to write into (created if missing). Files of the generated cases and
+        ``cohort.csv`` are replaced; anything else there is left alone.
+    num_cases:
+        Number of cases, >= 1.
+    seed:
+        Non-negative seed of the cohort.
+    scanners:
+        Names of scanner profiles (:func:`fedseg.data.scanners.profile_names`); all of them
+        when ``None``.
+    progress:
+        Show a progress bar on stderr.
+    workers:
+        Processes generating cases in parallel; ``None`` uses the available CPU cores (at most
+        4), ``1`` generates in this process.
+
+    Returns
+    -------
+    list of CaseRef
+        One per case, in order.
+
+    Raises
+    ------
+    ConfigError
+        If ``num_cases`` < 1, ``seed`` < 0, ``workers`` < 1, ``scanners`` is empty or names an
+        unknown profile, or ``out_dir`` is an existing file.
+    """
+    if isinstance(num_cases, bool) or not isinstance(num_cases, int) or num_cases < 1:
+        raise ConfigError(f"num_cases must be an integer >= 1, got {num_cases!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise ConfigError(f"workers must be an integer >= 1 or None, got {workers!r}")
+    names = list(profile_names() if scanners is None else scanners)
+    if not names:
+        raise ConfigError(f"scanners must name at least one of: {', '.join(profile_names())}")
+    profiles = [get_profile(n) for n in names]
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {str(out)!r} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    if workers is None:
+        workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    workers = min(workers, num_cases)
+    jobs = [(out, seed, i, profiles[i % len(profiles)]) for i in range(num_cases)]
+    _anatomy()  # loaded once here, so that forked workers share it
+    results: list[tuple[CaseRef, dict[str, object]]] = []
+    with ExitStack() as stack:
+        if workers == 1:
+            produced: Iterable[tuple[CaseRef, dict[str, object]]] = map(_generate_and_write, jobs)
+        else:
+            # Fork (workers inherit the loaded templates) before the progress bar's thread
+            # starts; spawn where fork does not exist.
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+            pool = stack.enter_context(ctx.Pool(workers))
+            produced = pool.imap(_generate_and_write, jobs)
+        advance = stack.enter_context(_progress_bar(progress, num_cases))
+        for result in produced:
+            results.append(result)
+            advance()
+    _write_csv(out / "cohort.csv", [row for _, row in results])
+    return [ref for ref, _ in results]
+
+
+def _generate_and_write(
+    job: tuple[Path, int, int, ScannerProfile],
+) -> tuple[CaseRef, dict[str, object]]:
+    """Generate case ``index`` of a cohort and write it; returns its ref and CSV row."""
+    out, seed, index, profile = job
+    case_id = f"{CASE_PREFIX}{index:05d}"
+    case = generate_case(case_id, case_rng(seed, index), profile)
+    ref = write_case(case, out)
+    return ref, {"case_id": case_id, **{k: case.meta[k] for k in COHORT_COLUMNS[1:]}}
+
+
+def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(COHORT_COLUMNS))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(
+                    {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()}
+                )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
+    """Yield an ``advance()`` callable driving a rich progress bar on stderr (if enabled)."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("generating cases", total=total)
+        yield lambda: progress.advance(task)

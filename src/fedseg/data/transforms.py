@@ -1,0 +1,184 @@
+"""Preprocessing and augmentation with MONAI transforms.
+
+Preprocessing (every case, train and test): crop to the brain's bounding box, z-score each
+modality inside the brain, resize to the configured cubic size. The crop box and original grid
+are kept so predictions can be mapped back onto the input's own grid.
+
+Augmentation (training data only): random flips, a small random affine, intensity scale and
+shift, and a random crop to the patch size when the patch is smaller than the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedseg.data.case import Case, label_to_regions
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedseg.config import FedsegConfig
+
+
+@dataclass
+class Prepared:
+    """A case after preprocessing, ready for the network.
+
+    Attributes
+    ----------
+    case_id:
+        Identifier.
+    image:
+        ``float32`` ``(4, S, S, S)``, z-scored inside the brain, 0 outside.
+    regions:
+        ``uint8`` ``(3, S, S, S)`` WT/TC/ET masks, or ``None`` for unlabelled cases.
+    bbox_start, bbox_end:
+        The brain crop in the original grid (voxel indices, end exclusive).
+    orig_shape:
+        Spatial shape of the original grid.
+    spacing:
+        Voxel size (mm) of the *prepared* grid, for metrics computed on it.
+    meta:
+        The case's metadata (scanner, site...).
+    """
+
+    case_id: str
+    image: np.ndarray
+    regions: np.ndarray | None
+    bbox_start: tuple[int, ...]
+    bbox_end: tuple[int, ...]
+    orig_shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    meta: dict[str, object]
+
+
+def preprocess_case(case: Case, image_size: int, margin: int = 2) -> Prepared:
+    """Crop to the brain, normalise per modality inside the brain and resize to ``image_size``³.
+
+    Parameters
+    ----------
+    case:
+        A loaded case (image ``(4, X, Y, Z)``; label in BraTS 2021 numbering or ``None``).
+    image_size:
+        Edge length of the cubic output grid.
+    margin:
+        Voxels kept around the brain's bounding box.
+
+    Returns
+    -------
+    Prepared
+    """
+    from monai.transforms import NormalizeIntensity, Resize, SpatialCrop
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    img = np.asarray(case.image, dtype=np.float32)
+    start, end = generate_spatial_bounding_box(img, select_fn=lambda x: x > 0, margin=margin)
+    if any(e <= s for s, e in zip(start, end, strict=True)):  # an all-zero image: keep the grid
+        start, end = [0] * (img.ndim - 1), list(img.shape[1:])
+    crop = SpatialCrop(roi_start=start, roi_end=end)
+    size = (image_size,) * (img.ndim - 1)
+    image = NormalizeIntensity(nonzero=True, channel_wise=True)(crop(img))
+    image = Resize(spatial_size=size, mode="area")(image)
+    regions = None
+    if case.label is not None:
+        reg = crop(label_to_regions(case.label).astype(np.float32))
+        regions = Resize(spatial_size=size, mode="nearest")(reg)
+        regions = np.asarray(regions, dtype=np.uint8)
+    crop_shape = np.asarray(end) - np.asarray(start)
+    spacing = tuple(float(s) for s in np.asarray(case.spacing) * crop_shape / image_size)
+    return Prepared(
+        case_id=case.case_id,
+        image=np.ascontiguousarray(np.asarray(image, dtype=np.float32)),
+        regions=regions,
+        bbox_start=tuple(int(s) for s in start),
+        bbox_end=tuple(int(e) for e in end),
+        orig_shape=tuple(int(s) for s in img.shape[1:]),
+        spacing=spacing,
+        meta=dict(case.meta),
+    )
+
+
+def train_augmentation(cfg: FedsegConfig) -> Any:
+    """MONAI dictionary transforms applied to training samples (keys ``image``, ``label``)."""
+    from monai.transforms import (
+        Compose,
+        RandAffined,
+        RandFlipd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        RandSpatialCropd,
+    )
+
+    nd = cfg.spatial_dims
+    keys = ["image", "label"]
+    ts: list[Any] = []
+    if cfg.patch_size < cfg.image_size and nd == 3:
+        ts.append(RandSpatialCropd(keys=keys, roi_size=(cfg.patch_size,) * nd, random_size=False))
+    if cfg.augment:
+        ts += [RandFlipd(keys=keys, prob=0.5, spatial_axis=i) for i in range(nd)]
+        ts.append(
+            RandAffined(
+                keys=keys,
+                prob=0.2,
+                rotate_range=(0.2,) * (1 if nd == 2 else 3),
+                scale_range=(0.1,) * nd,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            )
+        )
+        ts.append(RandScaleIntensityd(keys="image", factors=0.1, prob=0.5))
+        ts.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5))
+    return Compose(ts)
+
+
+class SegmentationDataset:
+    """A torch-style dataset over prepared cases: whole volumes (3D) or axial slices (2D).
+
+    Parameters
+    ----------
+    items:
+        Prepared, labelled cases.
+    spatial_dims:
+        3 yields ``(4, S, S, S)`` volumes; 2 yields ``(4, S, S)`` axial slices that contain brain.
+    transform:
+        Optional MONAI dictionary transform (training augmentation).
+    """
+
+    def __init__(
+        self, items: Sequence[Prepared], spatial_dims: int = 3, transform: Any | None = None
+    ) -> None:
+        self.items = list(items)
+        self.spatial_dims = spatial_dims
+        self.transform = transform
+        if spatial_dims == 2:
+            self.index = [
+                (i, z)
+                for i, it in enumerate(self.items)
+                for z in range(it.image.shape[-1])
+                if np.any(it.image[..., z] != 0)
+            ]
+        else:
+            self.index = [(i, -1) for i in range(len(self.items))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        import torch
+
+        i, z = self.index[idx]
+        it = self.items[i]
+        if it.regions is None:
+            raise ValueError(f"case {it.case_id} has no label; cannot train on it")
+        image, label = it.image, it.regions
+        if z >= 0:
+            image, label = image[..., z], label[..., z]
+        sample = {"image": torch.from_numpy(image), "label": torch.from_numpy(label).float()}
+        if self.transform is not None:
+            sample = self.transform(sample)
+            sample = {k: torch.as_tensor(np.asarray(v)) for k, v in sample.items()}
+        return sample
