@@ -52,8 +52,8 @@ class FedsegConfig:
     seed: int = 0
     # federation (Flower ServerApp / ClientApp)
     strategy: str = "fedavg"
-    num_server_rounds: int = 20
-    local_epochs: int = 1
+    num_server_rounds: int = 15
+    local_epochs: int = 2
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
     server_tau: float = 0.001
