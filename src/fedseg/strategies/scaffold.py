@@ -131,18 +131,8 @@ def apply_scaffold_correction(
     """
     import torch  # only sites need this function; keep the module importable without torch
 
-    params = list(model_params)
-    if not len(params) == len(c_global) == len(c_local):
-        raise ValueError(
-            f"{len(params)} parameters but {len(c_global)} global and {len(c_local)} "
-            "local control variates"
-        )
-    for index, (param, c, ci) in enumerate(zip(params, c_global, c_local, strict=True)):
-        if c.shape != param.shape or ci.shape != param.shape:
-            raise ValueError(
-                f"parameter {index} has shape {tuple(param.shape)}, control variates "
-                f"{tuple(c.shape)} and {tuple(ci.shape)}"
-            )
+    params = _checked_params(model_params, c_global, c_local)
+    for param, c, ci in zip(params, c_global, c_local, strict=True):
         if not param.requires_grad:
             continue
         with torch.no_grad():
@@ -308,18 +298,32 @@ def apply_scaffold_step_correction(
     """
     import torch
 
+    params = _checked_params(model_params, c_global, c_local)
+    with torch.no_grad():
+        for param, c, ci in zip(params, c_global, c_local, strict=True):
+            if param.requires_grad:
+                param.sub_(lr * (c - ci))
+
+
+def _checked_params(
+    model_params: Iterable[torch.Tensor],
+    c_global: Sequence[torch.Tensor],
+    c_local: Sequence[torch.Tensor],
+) -> list[torch.Tensor]:
+    """The parameters as a list, after checking counts and shapes against the control variates.
+
+    Checked before any parameter is touched, so a bad control variate changes nothing.
+    """
     params = list(model_params)
     if not len(params) == len(c_global) == len(c_local):
         raise ValueError(
             f"{len(params)} parameters but {len(c_global)} global and {len(c_local)} "
             "local control variates"
         )
-    with torch.no_grad():
-        for index, (param, c, ci) in enumerate(zip(params, c_global, c_local, strict=True)):
-            if c.shape != param.shape or ci.shape != param.shape:
-                raise ValueError(
-                    f"parameter {index} has shape {tuple(param.shape)}, control variates "
-                    f"{tuple(c.shape)} and {tuple(ci.shape)}"
-                )
-            if param.requires_grad:
-                param.sub_(lr * (c - ci))
+    for index, (param, c, ci) in enumerate(zip(params, c_global, c_local, strict=True)):
+        if c.shape != param.shape or ci.shape != param.shape:
+            raise ValueError(
+                f"parameter {index} has shape {tuple(param.shape)}, control variates "
+                f"{tuple(c.shape)} and {tuple(ci.shape)}"
+            )
+    return params
