@@ -138,7 +138,8 @@ def split_cases(
     n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
     if n - n_test - n_val < 1:
         raise PartitionError(
-            f"{n} cases cannot be split into test ({n_test}), val ({n_val}) and a non-empty train set"
+            f"{n} cases cannot be split into test ({n_test}), val ({n_val}) "
+            "and a non-empty train set"
         )
     order = np.random.default_rng(seed).permutation(n)
     shuffled = [ids[i] for i in order]
