@@ -236,6 +236,19 @@ class SiteTrainer:
             "train-seconds": time.perf_counter() - t0,
         }
 
+    def train_epoch(self, epoch: int, total_epochs: int) -> dict[str, float]:
+        """One epoch of a fixed-budget run (centralized baseline, local-only arm).
+
+        Epoch ``epoch`` (0-based) of ``total_epochs`` is seeded from ``cfg.seed`` and the epoch,
+        and uses the poly learning-rate decay over the budget, so every arm that trains by
+        epochs sees the same shuffling, augmentation and schedule.
+        """
+        return self.train(
+            1,
+            seed=self.cfg.seed * 100_003 + epoch,
+            learning_rate=poly_lr(self.cfg.learning_rate, epoch, total_epochs),
+        )
+
     # ------------------------------------------------------------------ evaluation
     def predict(self, prep: Prepared) -> np.ndarray:
         """Region probabilities ``(3, S, S, S)`` for one prepared case."""

@@ -72,7 +72,7 @@ def train_centralized(
     """
     from fedseg.data.cohort import load_prepared, split_cases
     from fedseg.data.readers import discover_cases
-    from fedseg.site.trainer import SiteTrainer, poly_lr
+    from fedseg.site.trainer import SiteTrainer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +106,7 @@ def train_centralized(
 
     bar = _epoch_bar(cfg.epochs, start, progress)
     for epoch in range(start, cfg.epochs):
-        lr = poly_lr(cfg.learning_rate, epoch, cfg.epochs)
-        fit = trainer.train(1, seed=cfg.seed * 100_003 + epoch, learning_rate=lr)
+        fit = trainer.train_epoch(epoch, cfg.epochs)
         val = trainer.evaluate()
         row = {"epoch": epoch + 1, "loss": fit["loss"], "train-seconds": fit["train-seconds"]}
         row.update({f"val-dice-{r}": val[r]["dice"] for r in REGIONS})

@@ -87,7 +87,7 @@ def train_for_epochs(
     ValueError
         If there is no training case or ``epochs < 1``.
     """
-    from fedseg.site.trainer import SiteTrainer, poly_lr
+    from fedseg.site.trainer import SiteTrainer
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -98,11 +98,7 @@ def train_for_epochs(
     for epoch in range(epochs):
         t0 = time.perf_counter()
         # the same per-epoch seeds as the centralized baseline (fedseg train)
-        fit = trainer.train(
-            1,
-            seed=cfg.seed * 100_003 + epoch,
-            learning_rate=poly_lr(cfg.learning_rate, epoch, epochs),
-        )
+        fit = trainer.train_epoch(epoch, epochs)
         t1 = time.perf_counter()
         table = trainer.evaluate(eval_items) if eval_items else {"num-examples": 0}
         t2 = time.perf_counter()
