@@ -28,6 +28,28 @@ STRATEGIES: tuple[str, ...] = (
     "cyclic",
 )
 
+#: server-side aggregation rules (``aggregator`` key); ``mean`` is the strategy's own average
+AGGREGATORS: tuple[str, ...] = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+
+#: simulated attacks of a malicious site (``attack`` key)
+ATTACKS: tuple[str, ...] = (
+    "none",
+    "sign-flip",
+    "noise",
+    "scale",
+    "lie",
+    "free-rider",
+    "nan",
+    "label-flip",
+    "backdoor",
+)
+
+#: differential-privacy modes (``dp-mode`` key)
+DP_MODES: tuple[str, ...] = ("none", "sample", "client")
+
+#: secure-aggregation modes (``secure-aggregation`` key)
+SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
+
 
 @dataclass(frozen=True)
 class FedsegConfig:
@@ -67,6 +89,25 @@ class FedsegConfig:
     partition_file: str = ""
     reset_optimizer: bool = True
     out_dir: str = ""
+    # robustness (#5): robust aggregation and simulated attacks
+    aggregator: str = "mean"
+    trim_fraction: float = 0.2
+    byzantine_sites: int = 1
+    update_clip_norm: float = 0.0
+    anomaly_threshold: float = 0.0
+    attack: str = "none"
+    attack_strength: float = 10.0
+    malicious_sites: str = ""
+    # privacy (#4): differential privacy and the per-site budget
+    dp_mode: str = "none"
+    dp_noise_multiplier: float = 0.0
+    dp_clip_norm: float = 1.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 0.00001
+    dp_epsilon_budget: float = 0.0
+    # secure aggregation (#4): SecAgg+ or CKKS homomorphic encryption
+    secure_aggregation: str = "none"
+    secagg_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "spatial-dims", "2 or 3", self.spatial_dims)
@@ -101,6 +142,9 @@ class FedsegConfig:
             self.val_fraction,
         )
         self._check_federation()
+        self._check_robustness()
+        self._check_privacy()
+        self._check_secure()
 
     def _check_federation(self) -> None:
         from fedseg.data.partition import SCHEMES
@@ -150,6 +194,54 @@ class FedsegConfig:
             "a CSV path (case_id,site) when partition is 'csv'",
             self.partition_file,
         )
+
+    def _check_robustness(self) -> None:
+        """Validate the robust-aggregation and attack keys (#5)."""
+        _check_choice("aggregator", self.aggregator, AGGREGATORS)
+        _check_choice("attack", self.attack, ATTACKS)
+        trim = self.trim_fraction
+        _check(0 <= trim < 0.5, "trim-fraction", "a number in [0, 0.5)", trim)
+        f = self.byzantine_sites
+        _check(f >= 0, "byzantine-sites", "an integer >= 0", f)
+        clip = self.update_clip_norm
+        _check(math.isfinite(clip) and clip >= 0, "update-clip-norm", "a finite number >= 0", clip)
+        thr = self.anomaly_threshold
+        _check(math.isfinite(thr) and thr >= 0, "anomaly-threshold", "a finite number >= 0", thr)
+        strength = self.attack_strength
+        _check(math.isfinite(strength), "attack-strength", "a finite number", strength)
+
+    def _check_privacy(self) -> None:
+        """Validate the differential-privacy keys (#4)."""
+        _check_choice("dp-mode", self.dp_mode, DP_MODES)
+        sigma = self.dp_noise_multiplier
+        _check(
+            math.isfinite(sigma) and sigma >= 0,
+            "dp-noise-multiplier",
+            "a finite number >= 0",
+            sigma,
+        )
+        _check(
+            self.dp_clip_norm > 0,
+            "dp-clip-norm",
+            "a number > 0 (inf: no clipping)",
+            self.dp_clip_norm,
+        )
+        eps = self.dp_target_epsilon
+        _check(math.isfinite(eps) and eps >= 0, "dp-target-epsilon", "a finite number >= 0", eps)
+        _check(0 < self.dp_delta < 1, "dp-delta", "a number in (0, 1)", self.dp_delta)
+        budget = self.dp_epsilon_budget
+        _check(
+            math.isfinite(budget) and budget >= 0,
+            "dp-epsilon-budget",
+            "a finite number >= 0 (0: no budget)",
+            budget,
+        )
+
+    def _check_secure(self) -> None:
+        """Validate the secure-aggregation keys and refuse combinations that cannot work (#4)."""
+        _check_choice("secure-aggregation", self.secure_aggregation, SECURE_MODES)
+        thr = self.secagg_threshold
+        _check(0 < thr <= 1, "secagg-threshold", "a number in (0, 1]", thr)
 
     @property
     def channels(self) -> tuple[int, ...]:
