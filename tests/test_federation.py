@@ -233,9 +233,17 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "scaffold", "fedbn"])
-def test_kill_and_resume_gives_the_same_weights(cohort: Any, tmp_path: Path, strategy: str) -> None:
-    cfg = tiny_cfg(strategy=strategy, num_server_rounds=3, server_learning_rate=0.05)
+@pytest.mark.parametrize(
+    ("strategy", "reset"),
+    [("fedavg", True), ("fedadam", True), ("scaffold", True), ("fedbn", True), ("fedavg", False)],
+)
+def test_kill_and_resume_gives_the_same_weights(
+    cohort: Any, tmp_path: Path, strategy: str, reset: bool
+) -> None:
+    # reset=False: the sites' Adam moments are carried over rounds, and over the restart.
+    cfg = tiny_cfg(
+        strategy=strategy, num_server_rounds=3, server_learning_rate=0.05, reset_optimizer=reset
+    )
     uninterrupted, _ = run(cfg, cohort, tmp_path / "a" / "out")
 
     def kill_after_two(r: int, n: int, row: dict[str, Any]) -> None:
@@ -343,6 +351,56 @@ def test_scaffold_carries_control_variates_across_rounds(cohort: Any, tmp_path: 
     c_global = captured["strategy"].c_global
     for k, c in c_global.items():
         total = sum(final[s][k] for s in final)
+        np.testing.assert_allclose(c, total / 3, rtol=1e-4, atol=1e-6)
+
+
+def test_scaffold_control_variate_moves_only_when_the_server_applied_it(
+    cohort: Any, tmp_path: Path
+) -> None:
+    """A site whose reply was lost starts its next round from its last *applied* c_i."""
+    from flwr.app import MessageType
+
+    cfg = tiny_cfg(strategy="scaffold", num_server_rounds=3, min_fraction=0.5)
+    root, parts = cohort
+    out = tmp_path / "out"
+    g, full = make_grid(cfg.replace(out_dir=str(out)), root, parts, tmp_path)
+    lossy = g.node_of("partition-id", 1)
+
+    def drop_round_2(msg: Any, reply: Any) -> Any:
+        conf = msg.content.config_records.get(R.CONFIG)
+        is_train = msg.metadata.message_type == MessageType.TRAIN
+        return None if is_train and conf is not None and conf["server-round"] == 2 else reply
+
+    g.faults[lossy] = drop_round_2
+    captured: dict[str, Any] = {}
+    from fedseg.federation import strategy as strategy_module
+
+    real = strategy_module.FedsegStrategy.state_dict
+
+    def keep(self: Any) -> dict[str, Any]:
+        captured["strategy"] = self
+        return real(self)
+
+    strategy_module.FedsegStrategy.state_dict = keep  # type: ignore[method-assign]
+    try:
+        result = serve(g, full, out)
+    finally:
+        strategy_module.FedsegStrategy.state_dict = real  # type: ignore[method-assign]
+
+    assert [r["status"] for r in result.history] == ["ok", "ok", "ok"]
+    assert "site-1" not in result.history[1]["accepted"]
+    strat = captured["strategy"]
+    assert strat.scaffold_applied == {"site-0": 3, "site-1": 3, "site-2": 3}
+    # The lost round-2 c_i was computed but never committed: round 3 started from round 1's.
+    ctx = g.contexts[lossy]
+    assert f"{SCAFFOLD_STATE}@2" in ctx.state.array_records
+    # SCAFFOLD's invariant c = (1/N) sum_i c_i holds over the committed c_i.
+    committed = {
+        site: R.from_array_record(g.contexts[node].state.array_records[f"{SCAFFOLD_STATE}@3"])
+        for node, site in strat.sites.items()
+    }
+    for k, c in strat.c_global.items():
+        total = sum(committed[s][k] for s in committed)
         np.testing.assert_allclose(c, total / 3, rtol=1e-4, atol=1e-6)
 
 

@@ -147,7 +147,11 @@ def run_federated_arm(
     overrides = arm_cfg.to_run_config()
     holder: dict[str, LoopResult] = {}
     server_app = build_server_app(
-        overrides, out=out, progress=progress, on_result=lambda r: holder.setdefault("r", r)
+        overrides,
+        out=out,
+        progress=progress,
+        on_result=lambda r: holder.setdefault("r", r),
+        workers=simulation_workers(num_sites),
     )
     client_app = build_client_app(overrides)
 
@@ -183,6 +187,11 @@ def run_federated_arm(
         timings=timings,
         out=out,
     )
+
+
+def simulation_workers(num_sites: int) -> int:
+    """Sites the Simulation Engine trains at once: a 1-CPU actor per core, at most one per site."""
+    return max(1, min(num_sites, os.cpu_count() or 1))
 
 
 def _backend_config(num_sites: int) -> dict[str, Any]:

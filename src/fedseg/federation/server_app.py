@@ -67,15 +67,30 @@ def out_dir_of(cfg: FedsegConfig) -> Path:
 
 
 def serve(
-    grid: Grid, cfg: FedsegConfig, out: Path, *, progress: Progress | None = None
+    grid: Grid,
+    cfg: FedsegConfig,
+    out: Path,
+    *,
+    progress: Progress | None = None,
+    workers: int | None = None,
 ) -> LoopResult:
-    """Run the federation for ``cfg`` on ``grid`` and write the run folder ``out``."""
+    """Run the federation for ``cfg`` on ``grid`` and write the run folder ``out``.
+
+    ``workers``: how many sites can compute at once (simulation: the Ray workers; ``None``:
+    every site on its own machine); only used to report the per-round overhead.
+    """
     out.mkdir(parents=True, exist_ok=True)
     initial, param_names = initial_model(cfg)
     strategy = FedsegStrategy(cfg, param_names=param_names, num_sites=cfg.num_sites)
     strategy.summary()
     result = run_rounds(
-        grid, strategy, initial, cfg, checkpoint=out / CHECKPOINT, progress=progress
+        grid,
+        strategy,
+        initial,
+        cfg,
+        checkpoint=out / CHECKPOINT,
+        progress=progress,
+        workers=workers,
     )
     write_outputs(out, result, cfg)
     return result
@@ -97,6 +112,7 @@ def build_server_app(
     out: Path | None = None,
     progress: Progress | None = None,
     on_result: Callable[[LoopResult], None] | None = None,
+    workers: int | None = None,
 ) -> ServerApp:
     """Build the fedseg ServerApp.
 
@@ -110,6 +126,8 @@ def build_server_app(
         Called after each round, see :func:`fedseg.federation.loop.run_rounds`.
     on_result:
         Receives the :class:`LoopResult` at the end (same process).
+    workers:
+        Sites that can compute at once, for the overhead figures (see :func:`serve`).
 
     Returns
     -------
@@ -121,7 +139,8 @@ def build_server_app(
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = FedsegConfig.from_run_config({**dict(context.run_config), **fixed}, strict=False)
-        result = serve(grid, cfg, out if out is not None else out_dir_of(cfg), progress=progress)
+        folder = out if out is not None else out_dir_of(cfg)
+        result = serve(grid, cfg, folder, progress=progress, workers=workers)
         if on_result is not None:
             on_result(result)
 

@@ -58,6 +58,7 @@ log = logging.getLogger("fedseg.site")
 
 SCAFFOLD_STATE = "scaffold-c"
 FEDBN_STATE = "fedbn-local"
+OPTIMIZER_STATE = "optimizer"
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,10 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     cases, building the model) out of round 1. A site whose data cannot be prepared still tells
     its name, with the public error code beside it.
     """
+    if _message_config(msg).get("want") == "ckks-sum":  # secure aggregation: decrypt the sum
+        from fedseg.secure.ckks_federation import decrypt_sum_reply
+
+        return decrypt_sum_reply(msg, context, cfg)
     spec = resolve_site(context, cfg)
     content = RecordDict({R.SITE: R.site_record(spec.name)})
     # Only simulated sites live in a long-lived worker; a SuperNode starts a new ClientApp
@@ -277,8 +282,7 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     received = _received_weights(msg)
     saved = load_site_state(context, cfg, spec, server_round, inclusive=False)
     _load_global(trainer, received, strategy, saved.get(FEDBN_STATE))
-    if cfg.reset_optimizer:
-        trainer.reset_optimizer()
+    _restore_optimizer(trainer, cfg, saved.get(OPTIMIZER_STATE))
 
     # The same poly decay over the epoch budget as the centralized and local-only arms.
     lr = poly_lr(
@@ -304,7 +308,7 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         from fedseg.strategies.scaffold import apply_scaffold_step_correction
 
         c_global = _named_list(_array_record(msg, R.C_GLOBAL), names, "c-global")
-        stored = saved.get(SCAFFOLD_STATE)
+        stored = scaffold_start_state(context, cfg, spec, conf, saved)
         if stored is None:
             c_local = [np.zeros_like(c) for c in c_global]
         else:
@@ -325,6 +329,9 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         learning_rate=lr,
     )
     weights = trainer.get_weights()
+    if not cfg.reset_optimizer:
+        moments = {OPTIMIZER_STATE: trainer.optimizer_arrays()}
+        save_site_state(context, cfg, spec, server_round, moments)
     content = RecordDict(
         {
             R.ARRAYS: R.to_array_record(weights),
@@ -346,6 +353,12 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
             c_local, c_global, w_start, w_end, int(fit["steps"]), lr
         )
         new_state = {SCAFFOLD_STATE: dict(zip(names, new_c, strict=True))}
+        # Pending until the server applies this round's delta-c (see scaffold_start_state).
+        context.state[f"{SCAFFOLD_STATE}@{server_round}"] = R.to_array_record(
+            new_state[SCAFFOLD_STATE]
+        )
+        for key in _stale_stamped_keys(context, SCAFFOLD_STATE):
+            del context.state[key]
         content[R.DELTA_C] = R.to_array_record(dict(zip(names, delta_c, strict=True)))
         save_site_state(context, cfg, spec, server_round, new_state)
     if strategy == "fedbn":
@@ -353,6 +366,10 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
 
         _, local = split_local(weights)
         save_site_state(context, cfg, spec, server_round, {FEDBN_STATE: local})
+    if cfg.secure_aggregation == "ckks":  # last: the plain model never leaves the site
+        from fedseg.secure.ckks_federation import seal_train_reply
+
+        content = seal_train_reply(content, context, cfg)
     return content
 
 
@@ -422,11 +439,79 @@ def _load_global(
     trainer.set_weights({**shared, **local_norms}, strict=True)
 
 
+def _restore_optimizer(
+    trainer: SiteTrainer, cfg: FedsegConfig, saved: dict[str, np.ndarray] | None
+) -> None:
+    """A fresh optimizer each round, or (``reset-optimizer = false``) the site's saved moments.
+
+    The moments travel in the site state (``context.state`` and the state file), not in the
+    process: a simulated site may be served by another worker next round, a SuperNode starts a
+    new ClientApp process per message, and a resumed server meets the sites as they were.
+    """
+    trainer.reset_optimizer()
+    if not cfg.reset_optimizer and saved:
+        trainer.load_optimizer_arrays(saved)
+
+
 # --------------------------------------------------------------------------------------------
 # site state between rounds (and across a restart of the server)
 
-#: how many rounds of state a site keeps in its state file
-_KEEP_ROUNDS = 3
+#: how many rounds of state a site keeps (state file and round-stamped ``context.state`` keys)
+_KEEP_ROUNDS = 8
+
+
+def scaffold_start_state(
+    context: Context,
+    cfg: FedsegConfig,
+    spec: SiteSpec,
+    conf: ConfigRecord,
+    saved: Mapping[str, dict[str, np.ndarray]],
+) -> dict[str, np.ndarray] | None:
+    """The control variate ``c_i`` a SCAFFOLD site starts the round from (``None``: zeros).
+
+    The server sends ``scaffold-base-round``: the last round whose ``delta-c`` from this site it
+    applied (0: never). A site computes a new ``c_i`` in every round it trains, but that value is
+    only *committed* once the server has used its ``delta-c``; a reply the server rejected or
+    never received must not move ``c_i``, or ``c = mean(c_i)`` (SCAFFOLD's invariant) breaks.
+    So the site starts from the state it saved in exactly that round.
+
+    Raises
+    ------
+    UpdateValidationError
+        The state of the base round is no longer kept at this site (more than ``_KEEP_ROUNDS``
+        rounds of its replies were rejected in a row).
+    """
+    if "scaffold-base-round" not in conf:  # a server that does not track acceptance
+        return saved.get(SCAFFOLD_STATE)
+    base = int(conf["scaffold-base-round"])
+    if base <= 0:
+        return None
+    path = state_file(context, cfg, spec)
+    if path is not None and path.is_file():
+        from fedseg.federation.checkpoint import to_numpy
+        from fedseg.utils.io import load_torch
+
+        stored = load_torch(path)
+        rounds = stored.get("rounds", {}) if stored.get("strategy") == cfg.strategy else {}
+        if base in rounds and SCAFFOLD_STATE in rounds[base]:
+            return to_numpy(rounds[base][SCAFFOLD_STATE])
+    rec = context.state.array_records.get(f"{SCAFFOLD_STATE}@{base}")
+    if rec is not None:
+        return R.from_array_record(rec)
+    raise UpdateValidationError(
+        f"this site no longer holds its SCAFFOLD state of round {base} "
+        f"(it keeps {_KEEP_ROUNDS} rounds)"
+    )
+
+
+def _stale_stamped_keys(context: Context, prefix: str) -> list[str]:
+    """Round-stamped ``context.state`` keys ``prefix@r`` beyond the newest ``_KEEP_ROUNDS``."""
+    stamped = sorted(
+        (int(k.rsplit("@", 1)[1]), k)
+        for k in context.state.array_records
+        if k.startswith(f"{prefix}@") and k.rsplit("@", 1)[1].isdigit()
+    )
+    return [k for _, k in stamped[:-_KEEP_ROUNDS]]
 
 
 def state_file(context: Context, cfg: FedsegConfig, spec: SiteSpec) -> Path | None:
@@ -468,7 +553,7 @@ def load_site_state(
     return {
         key: R.from_array_record(rec)
         for key, rec in context.state.array_records.items()
-        if key in (SCAFFOLD_STATE, FEDBN_STATE)
+        if key in (SCAFFOLD_STATE, FEDBN_STATE, OPTIMIZER_STATE)
     }
 
 
@@ -492,7 +577,8 @@ def save_site_state(
     if path.is_file():
         saved = load_torch(path)
         if saved.get("strategy") == cfg.strategy:
-            rounds = {r: v for r, v in saved.get("rounds", {}).items() if r < server_round}
-    rounds[int(server_round)] = to_torch(state)
+            rounds = {r: v for r, v in saved.get("rounds", {}).items() if r <= server_round}
+    # Several parts of a round's state may be saved one after the other: merge them.
+    rounds[int(server_round)] = {**rounds.get(int(server_round), {}), **to_torch(state)}
     keep = sorted(rounds)[-_KEEP_ROUNDS:]
     save_torch(path, {"strategy": cfg.strategy, "rounds": {r: rounds[r] for r in keep}})

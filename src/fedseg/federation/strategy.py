@@ -114,6 +114,8 @@ class EvaluateReport:
     num_examples: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     compute_seconds: float = 0.0
+    #: per site, the evaluation's compute seconds
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def mean_dice(self) -> dict[str, float | None]:
         """Dice per region averaged over sites, weighted by their held-out case counts."""
@@ -164,6 +166,8 @@ class FedsegStrategy(Strategy):
         self.c_global: Weights | None = None
         #: FedBN: each site's latest normalisation parameters
         self.site_local: dict[str, Weights] = {}
+        #: SCAFFOLD: per site, the last round whose ``delta-c`` was applied to ``c``
+        self.scaffold_applied: dict[str, int] = {}
         self.last_train: TrainReport | None = None
         self.last_evaluate: EvaluateReport | None = None
         self._sent: dict[int, str] = {}
@@ -250,6 +254,7 @@ class FedsegStrategy(Strategy):
                     n = _positive_int(metrics.get("num-examples"))
                     report.dice[site] = {r: metrics[f"dice-{r}"] for r in REGIONS}
                     report.num_examples[site] = n
+                    report.seconds[site] = float(metrics.get("eval-seconds", 0.0))
                     report.compute_seconds = max(
                         report.compute_seconds, metrics.get("eval-seconds", 0.0)
                     )
@@ -274,6 +279,10 @@ class FedsegStrategy(Strategy):
         the round succeeds when at least the quorum of them trained validly, and its model is
         the last valid site's. A failed round leaves the global model unchanged.
         """
+        if self.cfg.secure_aggregation == "ckks":  # sites send ciphertexts, see the module
+            from fedseg.secure.ckks_federation import run_train_ckks
+
+            return run_train_ckks(self, grid, server_round, arrays, timeout)
         if self.name != "cyclic":
             messages = self.configure_train(server_round, arrays, ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=timeout)
@@ -370,6 +379,7 @@ class FedsegStrategy(Strategy):
             "v": None if self.v is None else list(self.v),
             "c-global": None if self.c_global is None else dict(self.c_global),
             "site-local": {s: dict(w) for s, w in self.site_local.items()},
+            "scaffold-applied": dict(self.scaffold_applied),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -382,6 +392,8 @@ class FedsegStrategy(Strategy):
             s: {k: np.asarray(x) for k, x in w.items()}
             for s, w in (state.get("site-local") or {}).items()
         }
+        applied = state.get("scaffold-applied") or {}
+        self.scaffold_applied = {str(s): int(r) for s, r in applied.items()}
 
     # ---------------------------------------------------------------- internals
     def _connected(self, grid: Grid) -> list[int]:
@@ -410,9 +422,19 @@ class FedsegStrategy(Strategy):
         conf["local-epochs"] = self.cfg.local_epochs
         conf["proximal-mu"] = float(self.cfg.proximal_mu) if self.name == "fedprox" else 0.0
         content = RecordDict({R.ARRAYS: self._outgoing_weights(arrays), R.CONFIG: conf})
-        if self.name == "scaffold":
-            content[R.C_GLOBAL] = R.to_array_record(self._c_global())
-        return [Message(content, n, MessageType.TRAIN) for n in nodes]
+        if self.name != "scaffold":
+            return [Message(content, n, MessageType.TRAIN) for n in nodes]
+        # SCAFFOLD: each site starts from its c_i of the last round the server applied.
+        c_rec = R.to_array_record(self._c_global())
+        messages = []
+        for n in nodes:
+            site_conf = ConfigRecord(dict(conf))
+            site_conf["scaffold-base-round"] = self.scaffold_applied.get(self.site_of(n), 0)
+            site_content = RecordDict(
+                {R.ARRAYS: content[R.ARRAYS], R.CONFIG: site_conf, R.C_GLOBAL: c_rec}
+            )
+            messages.append(Message(site_content, n, MessageType.TRAIN))
+        return messages
 
     def _model(self) -> Weights:
         if self.global_weights is None:
@@ -533,20 +555,52 @@ class FedsegStrategy(Strategy):
         log.warning("round %d: %s; global model unchanged", report.server_round, report.reason)
         return False
 
+    def _average(
+        self, updates: list[list[np.ndarray]], counts: list[int], valid: list[Any]
+    ) -> list[np.ndarray]:
+        """FedAvg; with ``aggregator``, ``update-clip-norm`` or ``anomaly-threshold`` set, the
+        robust pipeline :func:`fedseg.strategies.robust.robust_aggregate` (#5), whose dropped
+        sites move from ``accepted`` to ``rejected`` in the round's report."""
+        from fedseg.strategies.aggregate import fedavg
+
+        c = self.cfg
+        if c.aggregator == "mean" and not c.update_clip_norm and not c.anomaly_threshold:
+            return fedavg(updates, counts)
+        from fedseg.strategies.robust import robust_aggregate
+
+        res = robust_aggregate(
+            list(self._model().values()),
+            updates,
+            counts,
+            [site for site, _, _ in valid],
+            rule=c.aggregator,
+            f=c.byzantine_sites,
+            trim=c.trim_fraction,
+            clip=c.update_clip_norm,
+            anomaly=c.anomaly_threshold,
+        )
+        report = self.last_train
+        for site, reason in res.rejected.items():
+            log.warning("rejected site %s: %s", site, reason)
+            if report is not None:
+                report.rejected[site] = reason
+                report.accepted = [s for s in report.accepted if s != site]
+        for site, norm in res.clipped.items():
+            log.info("site %s: update norm %.4g clipped to %g", site, norm, c.update_clip_norm)
+        return res.weights
+
     def _aggregate(
         self,
         server_round: int,
         valid: list[tuple[str, Weights, int]],
         extras: dict[str, dict[str, Any]],
     ) -> Weights:
-        from fedseg.strategies.aggregate import fedavg
-
         w = self._model()
         keys = list(w)
         counts = [n for _, _, n in valid]
         updates = [[u[k] for k in keys] for _, u, _ in valid]
         if self.name in ("fedavg", "fedprox", "cyclic", "fedbn"):
-            avg = fedavg(updates, counts)
+            avg = self._average(updates, counts, valid)
             if self.name == "fedbn":
                 from fedseg.strategies.fedbn import split_local
 
@@ -556,7 +610,7 @@ class FedsegStrategy(Strategy):
         if self.name in ("fedadam", "fedyogi"):
             from fedseg.strategies.fedopt import fedadam_step, fedyogi_step
 
-            avg = fedavg(updates, counts)
+            avg = self._average(updates, counts, valid)
             current = [w[k] for k in keys]
             delta = [a - c for a, c in zip(avg, current, strict=True)]
             if self.name == "fedadam":
@@ -591,6 +645,8 @@ class FedsegStrategy(Strategy):
                 [w[k] for k in keys], [c[k] for k in c_keys], deltas_w, deltas_c, total
             )
             self.c_global = dict(zip(c_keys, new_c, strict=True))
+            for site, _, _ in valid:
+                self.scaffold_applied[site] = server_round
             return dict(zip(keys, new_w, strict=True))
         raise AggregationError(f"unknown strategy {self.name!r}")
 

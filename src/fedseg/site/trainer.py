@@ -144,6 +144,45 @@ class SiteTrainer:
         """Forget optimizer state (Adam moments), e.g. at the start of each federated round."""
         self.optimizer = self._new_optimizer()
 
+    def optimizer_arrays(self) -> dict[str, np.ndarray]:
+        """The optimizer's per-parameter state as ``{"<param index>.<name>": array}``.
+
+        Plain arrays, so it can travel in a Flower record or a weights-only file; the parameter
+        groups (learning rate, betas) come from the config and are not included.
+        """
+        import torch
+
+        out: dict[str, np.ndarray] = {}
+        for index, entry in self.optimizer.state_dict()["state"].items():
+            for name, value in entry.items():
+                out[f"{index}.{name}"] = torch.as_tensor(value).detach().cpu().numpy().copy()
+        return out
+
+    def load_optimizer_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Load what :meth:`optimizer_arrays` returned into the current optimizer.
+
+        Raises
+        ------
+        UpdateValidationError
+            A key is not ``<index>.<name>`` or names a parameter the model does not have.
+        """
+        import torch
+
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        num_params = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        for key, value in arrays.items():
+            index, _, name = key.partition(".")
+            if not index.isdigit() or not name or int(index) >= num_params:
+                raise UpdateValidationError(f"optimizer state key {key!r} does not fit this model")
+            tensor = torch.as_tensor(np.asarray(value))
+            # Adam's step counter stays on the CPU; moments live with the parameters.
+            state.setdefault(int(index), {})[name] = (
+                tensor if name == "step" else tensor.to(self.device)
+            )
+        full = self.optimizer.state_dict()
+        full["state"] = state
+        self.optimizer.load_state_dict(full)
+
     def _new_optimizer(self) -> torch.optim.Optimizer:
         import torch
 
