@@ -11,7 +11,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean wheelhouse
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
+
+# Every wheel a hospital without internet needs (CPU torch included), for
+# `pip install --no-index --find-links wheelhouse fedseg` (docs/deployment.md).
+wheelhouse: install
+	$(BIN)/pip wheel -q --disable-pip-version-check --wheel-dir wheelhouse \
+		-c requirements/constraints.txt torch==2.13.0 .
 
 clean:
 	rm -rf runs data/synthetic .flwr

@@ -15,7 +15,7 @@ from fedseg.errors import AggregationError, ConfigError, FedsegError
 from fedseg.strategies import aggregate
 from fedseg.strategies.aggregate import apply_delta, fedavg, weighted_sum
 from fedseg.strategies.fedbn import is_norm_key, merge, norm_keys_of_module, split_local
-from fedseg.strategies.fedopt import fedadagrad_step, fedadam_step, fedyogi_step
+from fedseg.strategies.fedopt import fedadagrad_step, fedadam_step, fedavgm_step, fedyogi_step
 from fedseg.strategies.fedprox import proximal_term
 from fedseg.strategies.scaffold import (
     apply_scaffold_correction,
@@ -651,6 +651,54 @@ def test_fedopt_matches_flower_strategy(name, monkeypatch, tmp_path):
         else:
             w, m, v = fedadagrad_step(w, delta, m, v, lr=0.05, tau=1e-3)
         # Assert
+        _assert_close(w, expected, tol=1e-10)
+
+
+def test_fedavgm_two_steps_by_hand():
+    w, d1, d2 = [np.array([1.0, 2.0])], [np.array([0.5, -1.0])], [np.array([0.1, 0.0])]
+    # Round 1: buffer = -d1 = [-0.5, 1]; w = w - 0.1 * buffer = [1.05, 1.9]
+    w1, b1 = fedavgm_step(w, d1, None, momentum=0.9)
+    np.testing.assert_allclose(w1[0], [1.05, 1.9])
+    np.testing.assert_allclose(b1[0], [-0.5, 1.0])
+    # Round 2: buffer = 0.9 * [-0.5, 1] + [-0.1, 0] = [-0.55, 0.9]; w = [1.105, 1.81]
+    w2, b2 = fedavgm_step(w1, d2, b1, momentum=0.9)
+    np.testing.assert_allclose(b2[0], [-0.55, 0.9])
+    np.testing.assert_allclose(w2[0], [1.105, 1.81])
+    # momentum 0 with lr 1 is plain FedAvg: w + delta
+    w3, _ = fedavgm_step(w, d1, None, momentum=0.0, lr=1.0)
+    np.testing.assert_allclose(w3[0], w[0] + d1[0])
+
+
+@pytest.mark.parametrize("kwargs", [{"momentum": 1.0}, {"momentum": -0.1}, {"lr": 0.0}])
+def test_bad_fedavgm_hyperparameters(kwargs):
+    with pytest.raises(ConfigError):
+        fedavgm_step([np.zeros(1)], [np.zeros(1)], None, **kwargs)
+
+
+def test_fedavgm_matches_flower_strategy(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    strategies = pytest.importorskip("flwr.serverapp.strategy")
+    from flwr.app import Array, ArrayRecord
+
+    flower = strategies.FedAvgM(server_learning_rate=0.3, server_momentum=0.7)
+    rng = np.random.default_rng(11)
+    keys, shapes = ["conv.weight", "conv.bias"], [(2, 3), (3,)]
+    w = [rng.standard_normal(s) for s in shapes]
+    buffer = None
+    flower.current_arrays = ArrayRecord({k: Array(x.copy()) for k, x in zip(keys, w, strict=True)})
+    for server_round in (1, 2, 3):
+        models = [[x + 0.1 * rng.standard_normal(x.shape) for x in w] for _ in range(3)]
+        counts = [5, 11, 2]
+        replies = [
+            _flower_reply(dict(zip(keys, model, strict=True)), n, node)
+            for node, (model, n) in enumerate(zip(models, counts, strict=True), start=1)
+        ]
+        record, _ = flower.aggregate_train(server_round, replies)
+        expected = [record[k].numpy() for k in keys]
+        delta = [a - x for a, x in zip(fedavg(models, counts), w, strict=True)]
+        w, buffer = fedavgm_step(w, delta, buffer, momentum=0.7, lr=0.3)
         _assert_close(w, expected, tol=1e-10)
 
 

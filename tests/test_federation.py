@@ -235,7 +235,14 @@ class Killed(Exception):
 
 @pytest.mark.parametrize(
     ("strategy", "reset"),
-    [("fedavg", True), ("fedadam", True), ("scaffold", True), ("fedbn", True), ("fedavg", False)],
+    [
+        ("fedavg", True),
+        ("fedavgm", True),
+        ("fedadam", True),
+        ("scaffold", True),
+        ("fedbn", True),
+        ("fedavg", False),
+    ],
 )
 def test_kill_and_resume_gives_the_same_weights(
     cohort: Any, tmp_path: Path, strategy: str, reset: bool
@@ -410,7 +417,7 @@ def test_scaffold_control_variate_moves_only_when_the_server_applied_it(
 @pytest.mark.parametrize(
     ("given", "fragment"),
     [
-        ({"strategy": "fedavgg"}, "'strategy': expected one of fedavg, fedprox"),
+        ({"strategy": "fedavgg"}, "'strategy': expected one of fedavg, fedavgm, fedprox"),
         ({"strategy": "fedavgg"}, "did you mean 'fedavg'"),
         ({"partition": "mix"}, "did you mean 'mixed'"),
         ({"num-server-rounds": 0}, "'num-server-rounds': expected an integer >= 1"),

@@ -22,7 +22,7 @@ from fedseg.data.readers import save_case
 from fedseg.errors import ConfigError
 from fedseg.study import study as study_mod
 from fedseg.study.local import pool_curves
-from fedseg.study.study import ARMS, curve_from_history, parse_arms, run_study
+from fedseg.study.study import ARMS, DEFAULT_ARMS, curve_from_history, parse_arms, run_study
 
 TINY = FedsegConfig(
     image_size=16,
@@ -368,8 +368,10 @@ def test_federated_arm_runs_on_flower(
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        (None, ARMS),
+        (None, DEFAULT_ARMS),
+        ("default", DEFAULT_ARMS),
         ("all", ARMS),
+        ("default,FedAvgM", DEFAULT_ARMS[:3] + ("fedavgm",) + DEFAULT_ARMS[3:]),
         ("FedAvg, local,fedavg", ("local", "fedavg")),
         (["SCAFFOLD", "centralized"], ("centralized", "scaffold")),
     ],
@@ -446,6 +448,41 @@ def test_cli_unknown_arm_exits_2_with_one_line() -> None:
     assert result.exit_code == 2
     assert "unknown arm 'fedsgd'" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragment"),
+    [
+        (["bogus=1"], "unknown config key 'bogus'"),
+        (["reset-optimizer"], "expected KEY=VALUE"),
+        (["local-epochs=two"], "'local-epochs': expected an integer"),
+    ],
+)
+def test_cli_bad_set_exits_2_naming_the_key(sets: list[str], fragment: str) -> None:
+    from fedseg.cli.main import app
+
+    args = ["study", "--quiet"]
+    for item in sets:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+
+
+def test_set_overrides_reach_the_config_and_options_win() -> None:
+    from fedseg.cli.options import config_from_options, parse_sets
+
+    assert parse_sets(["attack='scale'", "proximal_mu = 0.1"]) == {
+        "attack": "scale",
+        "proximal-mu": "0.1",
+    }
+    cfg = config_from_options(
+        sets=["reset-optimizer=true", "local-epochs=3", "strategy=fedavgm"], local_epochs=5
+    )
+    assert cfg.reset_optimizer is True
+    assert cfg.strategy == "fedavgm"
+    assert cfg.local_epochs == 5
 
 
 def test_cli_runs_a_tiny_study(tmp_path: Path, tiny_data: Path) -> None:

@@ -20,6 +20,7 @@ from fedseg.errors import ConfigError
 #: federated strategies the ServerApp knows (``strategy`` key)
 STRATEGIES: tuple[str, ...] = (
     "fedavg",
+    "fedavgm",
     "fedprox",
     "fedadam",
     "fedyogi",
@@ -79,6 +80,7 @@ class FedsegConfig:
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
     server_tau: float = 0.001
+    server_momentum: float = 0.9
     fraction_train: float = 1.0
     min_fraction: float = 0.5
     round_timeout: float = 600.0
@@ -87,7 +89,7 @@ class FedsegConfig:
     partition_alpha: float = 0.5
     data_path: str = ""
     partition_file: str = ""
-    reset_optimizer: bool = True
+    reset_optimizer: bool = False
     out_dir: str = ""
     # robustness (#5): robust aggregation and simulated attacks
     aggregator: str = "mean"
@@ -108,6 +110,10 @@ class FedsegConfig:
     # secure aggregation (#4): SecAgg+ or CKKS homomorphic encryption
     secure_aggregation: str = "none"
     secagg_threshold: float = 0.5
+    ckks_poly_degree: int = 4096
+    ckks_scale_bits: int = 30
+    secagg_clip_range: float = 1.0
+    secagg_max_weight: float = 1000.0
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "spatial-dims", "2 or 3", self.spatial_dims)
@@ -172,6 +178,8 @@ class FedsegConfig:
             "a finite number > 0",
             self.server_tau,
         )
+        beta = self.server_momentum
+        _check(0 <= beta < 1, "server-momentum", "a number in [0, 1)", beta)
         frac = self.fraction_train
         _check(0 < frac <= 1, "fraction-train", "a number in (0, 1]", frac)
         _check(0 < self.min_fraction <= 1, "min-fraction", "a number in (0, 1]", self.min_fraction)
@@ -209,6 +217,14 @@ class FedsegConfig:
         _check(math.isfinite(thr) and thr >= 0, "anomaly-threshold", "a finite number >= 0", thr)
         strength = self.attack_strength
         _check(math.isfinite(strength), "attack-strength", "a finite number", strength)
+        robust = self.aggregator != "mean" or clip > 0 or thr > 0
+        if robust and self.strategy in ("scaffold", "cyclic"):
+            raise ConfigError(
+                f"config key 'aggregator' (with update-clip-norm, anomaly-threshold): robust "
+                f"aggregation works with fedavg, fedprox, fedbn, fedadam, fedyogi, not "
+                f"'{self.strategy}' (SCAFFOLD's control variates and cyclic's single model "
+                f"have no robust counterpart here); found aggregator {self.aggregator!r}"
+            )
 
     def _check_privacy(self) -> None:
         """Validate the differential-privacy keys (#4)."""
@@ -236,12 +252,38 @@ class FedsegConfig:
             "a finite number >= 0 (0: no budget)",
             budget,
         )
+        noisy = sigma > 0 or eps > 0
+        _check(
+            not (math.isinf(self.dp_clip_norm) and noisy),
+            "dp-clip-norm",
+            "a finite bound when dp-noise-multiplier or dp-target-epsilon is set",
+            self.dp_clip_norm,
+        )
+        if self.dp_mode == "client" and self.aggregator != "mean":
+            raise ConfigError(
+                f"config key 'dp-mode': client-level DP's noise (sigma * clip / sites) is "
+                f"calibrated for the mean of clipped updates, not aggregator "
+                f"{self.aggregator!r}; use aggregator 'mean' or dp-mode 'sample'"
+            )
+        if self.dp_mode == "client" and self.strategy in ("scaffold", "cyclic"):
+            raise ConfigError(
+                f"config key 'dp-mode': client-level DP clips and noises averaged model updates, "
+                f"which strategy '{self.strategy}' does not produce; use fedavg, fedprox, "
+                f"fedbn, fedadam or fedyogi"
+            )
 
     def _check_secure(self) -> None:
         """Validate the secure-aggregation keys and refuse combinations that cannot work (#4)."""
         _check_choice("secure-aggregation", self.secure_aggregation, SECURE_MODES)
         thr = self.secagg_threshold
         _check(0 < thr <= 1, "secagg-threshold", "a number in (0, 1]", thr)
+        clip = self.secagg_clip_range
+        _check(math.isfinite(clip) and clip > 0, "secagg-clip-range", "a finite number > 0", clip)
+        top = self.secagg_max_weight
+        _check(math.isfinite(top) and top > 0, "secagg-max-weight", "a finite number > 0", top)
+        from fedseg.secure.rules import check_secure_combination
+
+        check_secure_combination(self)
 
     @property
     def channels(self) -> tuple[int, ...]:

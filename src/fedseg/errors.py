@@ -89,3 +89,15 @@ class AggregationError(FedsegError):
     """Updates cannot be combined: bad weights, or arrays whose count or shapes disagree."""
 
     code = "E401"
+
+
+class ProvisionError(FedsegError):
+    """Federation key material cannot be created (existing files, unwritable folder...)."""
+
+    code = "E500"
+
+
+class PrivacyBudgetError(FedsegError):
+    """A site refuses a round that would take it past its differential-privacy budget."""
+
+    code = "E600"

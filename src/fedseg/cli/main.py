@@ -19,7 +19,17 @@ app = typer.Typer(
 )
 
 # Each module defines ``register(app)``; commands import their heavy dependencies lazily.
-_COMMAND_MODULES = ("synth", "check", "partition", "train", "evaluate", "study")
+_COMMAND_MODULES = (
+    "synth",
+    "check",
+    "partition",
+    "train",
+    "evaluate",
+    "study",
+    "provision",
+    "privacy_sweep",
+    "robustness",
+)
 
 for _name in _COMMAND_MODULES:
     try:

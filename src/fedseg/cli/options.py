@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fedseg.config import FedsegConfig
+from fedseg.errors import ConfigError
 
 
-def config_from_options(**options: Any) -> FedsegConfig:
-    """Defaults from :class:`FedsegConfig`, overridden by the options that were given (not None)."""
-    given = {k.replace("_", "-"): v for k, v in options.items() if v is not None}
+def config_from_options(*, sets: Sequence[str] = (), **options: Any) -> FedsegConfig:
+    """Defaults from :class:`FedsegConfig`, overridden by the options that were given (not None).
+
+    ``sets`` are ``KEY=VALUE`` strings (``--set``), any key of ``[tool.flwr.app.config]``; an
+    explicit option wins over a ``--set`` of the same key.
+    """
+    given = {**parse_sets(sets)}
+    given.update({k.replace("_", "-"): v for k, v in options.items() if v is not None})
     return FedsegConfig.from_run_config(given)
+
+
+def parse_sets(sets: Sequence[str]) -> dict[str, str]:
+    """``["reset-optimizer=false", "proximal-mu=0.1"]`` -> ``{key: value}`` (values as text).
+
+    Quotes around a value are dropped (``attack='scale'``); the config parser converts and
+    checks the values.
+
+    Raises
+    ------
+    ConfigError
+        An item is not ``KEY=VALUE``.
+    """
+    out: dict[str, str] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set local-epochs=2")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.replace("_", "-")] = value
+    return out

@@ -39,10 +39,11 @@ def study_command(
     arms: Annotated[
         str,
         typer.Option(
-            help="Comma-separated arms: centralized, local, fedavg, fedprox, "
-            "scaffold, fedbn, or all."
+            help="Comma-separated arms: centralized, local, fedavg, fedavgm, fedprox, fedadam, "
+            "fedyogi, scaffold, fedbn, cyclic; 'default' (centralized, local, fedavg, fedprox, "
+            "scaffold, fedbn) or 'all'."
         ),
-    ] = "all",
+    ] = "default",
     sites: Annotated[
         int | None, typer.Option(help="Number of virtual hospitals (default 4).")
     ] = None,
@@ -88,6 +89,14 @@ def study_command(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Keep arms finished in an earlier run.")
     ] = True,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Any config key of [tool.flwr.app.config], repeatable: "
+            "--set reset-optimizer=false --set proximal-mu=0.1",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the pooled results as JSON on stdout.")
@@ -116,7 +125,7 @@ def study_command(
                 options.update(partition="csv", partition_file=partition)
             else:
                 options["partition"] = partition
-        cfg = config_from_options(**options)
+        cfg = config_from_options(sets=sets or (), **options)
         doc = run_study(out, cfg, arms=selected, data=data, progress=not quiet, resume=resume)
     _print_summary(doc, as_json)
 

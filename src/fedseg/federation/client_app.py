@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from fedseg.config import FedsegConfig
 from fedseg.federation import records as R
 from fedseg.federation import site
+from fedseg.secure.secagg import secagg_train_mod
 
 log = logging.getLogger("fedseg.site")
 
@@ -86,7 +87,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     fixed = dict(overrides or {})
     client = ClientApp()
 
-    @client.train()
+    # SecAgg+ (secure-aggregation 'secagg+'): Flower's mod masks the reply; a no-op otherwise
+    @client.train(mods=[secagg_train_mod])
     def train(msg: Message, context: Context) -> Message:
         return guarded_reply(site.handle_train, msg, context, fixed)
 

@@ -134,6 +134,8 @@ def run_rounds(
         train_report = strategy.last_train or TrainReport(server_round, status="failed")
         eval_report = strategy.last_evaluate or EvaluateReport(server_round)
         row = history_row(train_report, eval_report, wall, t_train, workers=workers)
+        if cfg.dp_mode != "none":  # the privacy ledger after this round (#4)
+            row["privacy"] = _clean(strategy.privacy.history_entry(server_round))
         history.append(row)
         weights = R.from_array_record(arrays)
         if checkpoint is not None:

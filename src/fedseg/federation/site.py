@@ -270,9 +270,12 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     """
     import torch
 
+    from fedseg.site.attacks import attack_weights, site_attack, trainer_for
+
     spec = resolve_site(context, cfg)
     rt = get_runtime(spec, cfg)
-    trainer = rt.trainer
+    attack = site_attack(cfg, spec.name, context.node_config)  # a simulated malicious site (#5)
+    trainer = trainer_for(rt, attack)
     conf = _message_config(msg)
     strategy = str(conf.get("strategy", cfg.strategy))
     server_round = int(conf.get("server-round", 0))
@@ -321,6 +324,11 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         def step_hook(model: torch.nn.Module) -> None:
             apply_scaffold_step_correction(model.parameters(), cg_t, cl_t, lr)
 
+    privacy = None
+    if cfg.dp_mode == "sample":  # DP-SGD; refuses (PrivacyBudgetError) a round past the budget
+        from fedseg.site.privacy import DP_STATE, finish_private_round, start_private_round
+
+        privacy = start_private_round(trainer, cfg, saved.get(DP_STATE), epochs)
     fit = trainer.train(
         epochs,
         seed=site_seed(cfg.seed, server_round, spec.name),
@@ -329,6 +337,9 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         learning_rate=lr,
     )
     weights = trainer.get_weights()
+    if attack is not None:
+        seed = site_seed(cfg.seed, server_round, spec.name)
+        weights = attack_weights(attack, received, weights, seed=seed)
     if not cfg.reset_optimizer:
         moments = {OPTIMIZER_STATE: trainer.optimizer_arrays()}
         save_site_state(context, cfg, spec, server_round, moments)
@@ -345,6 +356,10 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
             R.SITE: R.site_record(spec.name),
         }
     )
+    if privacy is not None:  # epsilon spent so far goes to the server's privacy ledger
+        dp_metrics, dp_state = finish_private_round(privacy)
+        content.metric_records[R.METRICS].update(dp_metrics)
+        save_site_state(context, cfg, spec, server_round, {DP_STATE: dp_state})
     if strategy == "scaffold":
         from fedseg.strategies.scaffold import site_control_update
 
@@ -553,7 +568,7 @@ def load_site_state(
     return {
         key: R.from_array_record(rec)
         for key, rec in context.state.array_records.items()
-        if key in (SCAFFOLD_STATE, FEDBN_STATE, OPTIMIZER_STATE)
+        if key in (SCAFFOLD_STATE, FEDBN_STATE, OPTIMIZER_STATE, "dp-accountant")
     }
 
 

@@ -38,6 +38,11 @@ The algorithms (server side)
     Cyclic weight transfer: in each round the model visits the sampled sites one at a time in a
     fixed order (by site name), each site starting from the previous site's weights; a site that
     fails is skipped. See :meth:`FedsegStrategy.run_train`.
+
+Robust aggregation (``aggregator``, ``update-clip-norm``, ``anomaly-threshold``): for fedavg,
+fedprox, fedbn (and as the delta source of fedadam / fedyogi) the average is replaced by
+:func:`fedseg.strategies.robust.robust_aggregate`; sites its anomaly filter drops are moved from
+``accepted`` to ``rejected`` with the reason.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from fedseg.config import FedsegConfig
 from fedseg.data.case import REGIONS
 from fedseg.errors import AggregationError, UpdateValidationError
 from fedseg.federation import records as R
+from fedseg.strategies.dp import ServerPrivacy
 
 log = logging.getLogger("fedseg.server")
 
@@ -171,6 +177,8 @@ class FedsegStrategy(Strategy):
         self.last_train: TrainReport | None = None
         self.last_evaluate: EvaluateReport | None = None
         self._sent: dict[int, str] = {}
+        #: differential privacy (#4): client-level clip/noise/accountant, the per-site ledger
+        self.privacy = ServerPrivacy(cfg)
 
     # ---------------------------------------------------------------- Flower Strategy API
     def summary(self) -> None:
@@ -207,10 +215,13 @@ class FedsegStrategy(Strategy):
         report = TrainReport(server_round=server_round, sampled=sorted(self._sent.values()))
         self.last_train = report
         valid, extras = self._validated(server_round, replies, report)
+        spent = {site: e["metrics"] for site, e in extras.items()}  # dp-epsilon per site
+        self.privacy.observe(server_round, spent, report.rejected)
         if not self._quorum(len(valid), len(self._sent), report):
             return None, None
         try:
-            new = self._aggregate(server_round, valid, extras)
+            new = self._aggregate(server_round, self.privacy.clip(valid, self._model()), extras)
+            new = self.privacy.release(server_round, new, len(valid), [s for s, _, _ in valid])
         except (AggregationError, UpdateValidationError, ValueError) as exc:
             report.status, report.reason = "failed", f"aggregation failed: {exc}"
             log.warning("round %d: %s; global model unchanged", server_round, report.reason)
@@ -279,10 +290,14 @@ class FedsegStrategy(Strategy):
         the round succeeds when at least the quorum of them trained validly, and its model is
         the last valid site's. A failed round leaves the global model unchanged.
         """
-        if self.cfg.secure_aggregation == "ckks":  # sites send ciphertexts, see the module
-            from fedseg.secure.ckks_federation import run_train_ckks
+        refused = self.privacy.refusal(server_round)  # client-level DP: the budget is spent
+        if refused is not None:
+            self.last_train = TrainReport(server_round, status="failed", reason=refused)
+            return None, None
+        if self.cfg.secure_aggregation != "none":  # the server sees only the sum
+            from fedseg.secure import run_secure_train
 
-            return run_train_ckks(self, grid, server_round, arrays, timeout)
+            return run_secure_train(self, grid, server_round, arrays, timeout)
         if self.name != "cyclic":
             messages = self.configure_train(server_round, arrays, ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=timeout)
@@ -380,6 +395,7 @@ class FedsegStrategy(Strategy):
             "c-global": None if self.c_global is None else dict(self.c_global),
             "site-local": {s: dict(w) for s, w in self.site_local.items()},
             "scaffold-applied": dict(self.scaffold_applied),
+            "privacy": self.privacy.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -394,6 +410,7 @@ class FedsegStrategy(Strategy):
         }
         applied = state.get("scaffold-applied") or {}
         self.scaffold_applied = {str(s): int(r) for s, r in applied.items()}
+        self.privacy.load_state_dict(state.get("privacy") or {})
 
     # ---------------------------------------------------------------- internals
     def _connected(self, grid: Grid) -> list[int]:
@@ -607,6 +624,14 @@ class FedsegStrategy(Strategy):
                 for site, u, _ in valid:
                     self.site_local[site] = {k: np.array(v) for k, v in split_local(u)[1].items()}
             return dict(zip(keys, avg, strict=True))
+        if self.name == "fedavgm":
+            from fedseg.strategies.fedopt import fedavgm_step
+
+            avg = self._average(updates, counts, valid)
+            current = [w[k] for k in keys]
+            delta = [a - c for a, c in zip(avg, current, strict=True)]
+            new, self.m = fedavgm_step(current, delta, self.m, momentum=self.cfg.server_momentum)
+            return dict(zip(keys, new, strict=True))
         if self.name in ("fedadam", "fedyogi"):
             from fedseg.strategies.fedopt import fedadam_step, fedyogi_step
 

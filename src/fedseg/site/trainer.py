@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from fedseg.config import FedsegConfig
     from fedseg.data.transforms import Prepared
+    from fedseg.site.privacy import SitePrivacy
 
 LossHook = Callable[["torch.nn.Module"], "torch.Tensor"]
 GradHook = Callable[["torch.nn.Module"], None]
@@ -98,6 +99,8 @@ class SiteTrainer:
         self.model = build_unet(cfg, in_channels=len(self.channel_index)).to(self.device)
         self.loss_fn = build_loss()
         self.optimizer = self._new_optimizer()
+        #: DP-SGD engine (``dp-mode sample``), see :func:`fedseg.site.privacy.enable_site_privacy`
+        self.privacy: SitePrivacy | None = None
 
     # ------------------------------------------------------------------ weights
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -246,6 +249,8 @@ class SiteTrainer:
             num_workers=0,
         )
         total = epochs * len(loader)
+        if self.privacy is not None:  # DP-SGD: Opacus wrappers and Poisson batches until detach
+            loader = self.privacy.attach(self, loader, seed=seed)
         self.model.train()
         losses: list[float] = []
         t0 = time.perf_counter()
@@ -268,6 +273,8 @@ class SiteTrainer:
                 step += 1
                 if progress is not None:
                     progress(step, total, losses[-1])
+        if self.privacy is not None:
+            self.privacy.detach(self)
         return {
             "loss": float(np.mean(losses)),
             "num-examples": len(self.train_items),

@@ -34,7 +34,7 @@ import numpy as np
 
 from fedseg.errors import AggregationError, ConfigError
 
-__all__ = ["fedadagrad_step", "fedadam_step", "fedyogi_step"]
+__all__ = ["fedadagrad_step", "fedadam_step", "fedavgm_step", "fedyogi_step"]
 
 _State = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]
 
@@ -96,6 +96,56 @@ def _finish(
 
 def _first_moment(m: list[np.ndarray], delta: list[np.ndarray], beta1: float) -> list[np.ndarray]:
     return [beta1 * mt + (1 - beta1) * dt for mt, dt in zip(m, delta, strict=True)]
+
+
+def fedavgm_step(
+    w: Sequence[np.ndarray],
+    delta: Sequence[np.ndarray],
+    buffer: Sequence[np.ndarray] | None,
+    *,
+    momentum: float = 0.9,
+    lr: float | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One FedAvgM server step (Hsu et al. 2019): SGD with momentum on the pseudo-gradient.
+
+    With ``g = -delta`` (Flower's ``old - new``), as in Flower 1.41's ``FedAvgM`` and
+    ``torch.optim.SGD``::
+
+        buffer = g                        (first round: ``buffer is None``)
+        buffer = momentum * buffer + g    (later rounds)
+        w      = w - lr * buffer
+
+    ``lr`` defaults to ``1 - momentum``: an effective server learning rate
+    ``lr / (1 - momentum)`` of 1, the regime Hsu et al. found to work best, so that momentum
+    smooths the sites' average instead of amplifying it.
+
+    Returns
+    -------
+    tuple
+        ``(new w, new buffer)``, in ``w``'s dtypes.
+
+    Raises
+    ------
+    ConfigError
+        ``momentum`` outside [0, 1) or ``lr`` not > 0.
+    AggregationError
+        ``delta`` or ``buffer`` does not match ``w`` (count or shapes).
+    """
+    beta = _real("server momentum", momentum, 0.0, 1.0, low_open=False)
+    step = (
+        1.0 - beta
+        if lr is None
+        else _real("server learning rate", lr, 0.0, math.inf, low_open=True)
+    )
+    if step <= 0:
+        raise ConfigError(f"server learning rate must be > 0, got {step!r}")
+    weights, d, m, _ = _prepare(w, delta, buffer, None)
+    grad = [-x for x in d]
+    new_buf = grad if buffer is None else [beta * b + g for b, g in zip(m, grad, strict=True)]
+    new_w = [
+        (x - step * b).astype(x.dtype, copy=False) for x, b in zip(weights, new_buf, strict=True)
+    ]
+    return new_w, [b.astype(x.dtype, copy=False) for b, x in zip(new_buf, weights, strict=True)]
 
 
 def fedadam_step(

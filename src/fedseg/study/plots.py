@@ -24,9 +24,13 @@ ARM_COLOURS: dict[str, str] = {
     "centralized": "#222222",
     "local": "#8c8c8c",
     "fedavg": "#1f77b4",
+    "fedavgm": "#17becf",
     "fedprox": "#ff7f0e",
+    "fedadam": "#d62728",
+    "fedyogi": "#e377c2",
     "scaffold": "#9467bd",
     "fedbn": "#2ca02c",
+    "cyclic": "#8c564b",
 }
 #: contour colour per region in the overlays (BraTS habit: WT green, TC yellow, ET red)
 REGION_COLOURS: dict[str, str] = {"WT": "#39d353", "TC": "#ffd500", "ET": "#ff2d2d"}

@@ -28,9 +28,13 @@ _PRETTY = {
     "centralized": "Centralized",
     "local": "Local only",
     "fedavg": "FedAvg",
+    "fedavgm": "FedAvgM",
     "fedprox": "FedProx",
+    "fedadam": "FedAdam",
+    "fedyogi": "FedYogi",
     "scaffold": "SCAFFOLD",
     "fedbn": "FedBN",
+    "cyclic": "Cyclic",
 }
 # a curve still gaining this much mean Dice over the last quarter of training is "not converged"
 _STILL_RISING = 0.02
@@ -603,6 +607,31 @@ def _timing_section(doc: Mapping[str, Any]) -> str:
     )
 
 
+def _privacy_section(doc: Mapping[str, Any]) -> str:
+    """Epsilon spent per site by the arms that ran with differential privacy (#4)."""
+    from fedseg.strategies.ledger import privacy_summary
+
+    rows = privacy_summary(doc.get("arms", {}))
+    if not rows:
+        return ""
+
+    def spent(eps: dict[str, Any]) -> str:
+        return ", ".join(f"{s} {_f(e, 2) if e is not None else 'inf'}" for s, e in eps.items())
+
+    body = [
+        [
+            _e(pretty(r["arm"])),
+            _e(r["mode"]),
+            _e(f"{r['delta']:g}"),
+            _e(spent(r["epsilon"])),
+            _e(", ".join(f"{s} (round {k})" for s, k in r["exhausted"].items()) or "none"),
+        ]
+        for r in rows
+    ]
+    header = ["arm", "dp-mode", "delta", "epsilon spent per site", "budget exhausted"]
+    return "<h2>Differential privacy</h2>" + _table(header, body, left=5)
+
+
 def _method_section(doc: Mapping[str, Any]) -> str:
     cfg = doc.get("config", {})
     return (
@@ -667,6 +696,7 @@ def render_report(doc: Mapping[str, Any], overlays: Mapping[str, Any] | None = N
             _heterogeneity_section(doc),
             _overlay_section(overlays),
             _timing_section(doc),
+            _privacy_section(doc),
             _method_section(doc),
         ]
     )

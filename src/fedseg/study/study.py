@@ -64,10 +64,23 @@ if TYPE_CHECKING:
     from fedseg.data.transforms import Prepared
     from fedseg.site.trainer import SiteTrainer
 
-#: every arm, in the order they run and are reported
-ARMS: tuple[str, ...] = ("centralized", "local", "fedavg", "fedprox", "scaffold", "fedbn")
-#: the arms run through the federated runner (Flower)
-FEDERATED_ARMS: tuple[str, ...] = ("fedavg", "fedprox", "scaffold", "fedbn")
+#: every arm, in the order they run and are reported (``--arms all``)
+ARMS: tuple[str, ...] = (
+    "centralized",
+    "local",
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "scaffold",
+    "fedbn",
+    "cyclic",
+)
+#: the arms of the default study (``fedseg study`` without ``--arms``, ``--arms default``)
+DEFAULT_ARMS: tuple[str, ...] = ("centralized", "local", "fedavg", "fedprox", "scaffold", "fedbn")
+#: the arms run through the federated runner (Flower): every federated strategy
+FEDERATED_ARMS: tuple[str, ...] = tuple(a for a in ARMS if a not in ("centralized", "local"))
 #: the arms that end with one model per site
 PER_SITE_ARMS: tuple[str, ...] = ("local", "fedbn")
 RESULTS_FORMAT = "fedseg-study-v1"
@@ -100,12 +113,13 @@ MIN_SITE_CASES = 6
 
 
 def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Normalise a selection of arms: case-insensitive, comma-separated or a list, ``all``.
+    """Normalise a selection of arms: case-insensitive, comma-separated or a list.
 
     Parameters
     ----------
     arms:
-        ``"fedavg,Local"``, ``["centralized", "fedbn"]``, ``"all"`` or ``None`` (all arms).
+        ``"fedavg,Local"``, ``["centralized", "fedbn"]``, ``"all"`` (every arm of :data:`ARMS`),
+        ``"default"`` or ``None`` (:data:`DEFAULT_ARMS`); ``"default,fedavgm"`` adds to those.
 
     Returns
     -------
@@ -120,17 +134,19 @@ def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
     import difflib
 
     if arms is None:
-        return ARMS
+        return DEFAULT_ARMS
     items = arms.split(",") if isinstance(arms, str) else [str(a) for a in arms]
     wanted = {a.strip().lower() for a in items if a.strip()}
     if "all" in wanted:
         return ARMS
+    if "default" in wanted:
+        wanted = (wanted - {"default"}) | set(DEFAULT_ARMS)
     for name in sorted(wanted):
         if name not in ARMS:
             close = difflib.get_close_matches(name, ARMS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
-                f"unknown arm '{name}': expected one of {', '.join(ARMS)} (or all){hint}"
+                f"unknown arm '{name}': expected one of {', '.join(ARMS)} (or all, default){hint}"
             )
     if not wanted:
         raise ConfigError(f"no arm selected: expected one or more of {', '.join(ARMS)}")
@@ -167,7 +183,7 @@ def run_study(
     out: Path,
     cfg: FedsegConfig,
     *,
-    arms: str | Sequence[str] | None = ARMS,
+    arms: str | Sequence[str] | None = DEFAULT_ARMS,
     data: Path | None = None,
     progress: bool = True,
     resume: bool = True,
@@ -184,7 +200,7 @@ def run_study(
         arm), ``test-fraction``, ``seed``, ``num-cases`` (generated cohort) and the model and
         optimisation keys. ``epochs`` and ``strategy`` are not used.
     arms:
-        Arms to run (see :func:`parse_arms`); all of :data:`ARMS` by default.
+        Arms to run (see :func:`parse_arms`); :data:`DEFAULT_ARMS` by default.
     data:
         A labelled dataset folder (BraTS 2020/2021/2023 or MSD layout). ``None`` generates the
         synthetic cohort (``num-cases`` cases, seed ``seed``) into ``out/data``.

@@ -1,0 +1,200 @@
+"""``fedseg privacy-sweep``: the privacy-utility study (Dice, epsilon, attack AUC, cost per arm).
+
+Exit codes: 0 success (skipped arms are recorded in the table, not errors); 2 bad usage or bad
+input (unknown arm, bad epsilon list, bad option value, unreadable data); 3 an internal failure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedseg.cli._common import user_errors
+
+_HELP = (
+    "Run the same federation at several privacy levels and compare utility, privacy and cost."
+    "\n\n"
+    "Arms: no-dp (reference), dp-eps-<e> for each --epsilons value (sample-level DP-SGD at "
+    "every site, noise calibrated for that epsilon per site), and secure-<mode> for each "
+    "--secure mode (secure aggregation, no DP). An arm whose feature this build lacks is "
+    "skipped with the reason recorded. Per arm: pooled-test Dice WT/TC/ET, epsilon spent, "
+    "membership-inference attack AUC on the final model (training vs held-out cases), wall "
+    "time and bytes exchanged. Writes OUT/privacy.csv, OUT/privacy.json, three PNGs and "
+    "OUT/report.html."
+    "\n\n"
+    "Defaults: the default study's cohort (60 generated cases, 4 sites, mixed partition), "
+    "FedAvg, the study's U-Net (48^3, 8 base channels, depth 4), 10 rounds x 2 local epochs: "
+    "about 25 minutes on a 2-core machine. Rerun the same command to resume."
+    "\n\n"
+    "Exit codes: 0 success, 2 bad input, 3 internal failure."
+)
+
+#: defaults of the sweep: the default study's model and cohort, FedAvg, 10 rounds x 2 local
+#: epochs (the study runs 15), so that the 6 arms that run (secagg+ is refused by this build)
+#: fit in about 25 minutes on a 2-core machine (BENCHMARKS.md, "Privacy-utility study")
+SWEEP_DEFAULTS: dict[str, Any] = {
+    "num_server_rounds": 10,
+    "local_epochs": 2,
+    "image_size": 48,
+    "patch_size": 48,
+    "base_channels": 8,
+    "depth": 4,
+}
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``privacy-sweep`` command to ``app``."""
+    app.command("privacy-sweep", help=_HELP)(privacy_sweep_command)
+
+
+def privacy_sweep_command(
+    epsilons: Annotated[
+        str,
+        typer.Option(
+            help="Target epsilons per site of the DP arms, comma-separated (none: no DP arm)."
+        ),
+    ] = "1,3,8,30",
+    secure: Annotated[
+        str,
+        typer.Option(help="Secure-aggregation modes to try, each one arm: secagg+, ckks, or none."),
+    ] = "secagg+,ckks",
+    arms: Annotated[
+        str,
+        typer.Option(help="Run only these arms (e.g. no-dp,dp-eps-8), or all."),
+    ] = "all",
+    dp_mode: Annotated[
+        str,
+        typer.Option(
+            "--dp-mode",
+            help="DP of the dp-eps arms: sample (DP-SGD at each site) or client (clipped, "
+            "noised site updates).",
+        ),
+    ] = "sample",
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds (default 10).")] = None,
+    local_epochs: Annotated[
+        int | None, typer.Option("--local-epochs", help="Local epochs per round (default 2).")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="Federated strategy (default fedavg).")
+    ] = None,
+    sites: Annotated[int | None, typer.Option(help="Virtual hospitals (default 4).")] = None,
+    delta: Annotated[float | None, typer.Option(help="DP delta (dp-delta, default 1e-5).")] = None,
+    clip_norm: Annotated[
+        float | None, typer.Option("--clip-norm", help="DP per-sample clipping norm.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of cohort, partition, training.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="A labelled BraTS/MSD folder instead of the generated cohort."),
+    ] = None,
+    cases: Annotated[
+        int | None, typer.Option(help="Cases of the generated cohort (default 60).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Sweep folder.")] = Path("runs/privacy"),
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Edge of the cubic grid (default 48).")
+    ] = None,
+    base_channels: Annotated[
+        int | None, typer.Option("--base-channels", help="U-Net first-level width (default 8).")
+    ] = None,
+    depth: Annotated[int | None, typer.Option(help="U-Net levels (default 4).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Keep arms finished in an earlier run.")
+    ] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the table as JSON on stdout.")
+    ] = False,
+) -> None:
+    """Run the sweep (see ``fedseg privacy-sweep --help``)."""
+    from fedseg.cli.options import config_from_options
+    from fedseg.study.privacy_sweep import (
+        parse_epsilons,
+        parse_secure,
+        plan_arms,
+        run_privacy_sweep,
+        table_rows,
+    )
+
+    with user_errors():
+        eps = parse_epsilons(epsilons)
+        modes = parse_secure(secure)
+        plan_arms(eps, modes, arms, dp_mode)  # bad names fail before any work
+        size = image_size if image_size is not None else SWEEP_DEFAULTS["image_size"]
+        options: dict[str, Any] = {
+            **SWEEP_DEFAULTS,
+            "num_server_rounds": rounds,
+            "local_epochs": local_epochs,
+            "strategy": strategy,
+            "num_sites": sites,
+            "dp_delta": delta,
+            "dp_clip_norm": clip_norm,
+            "seed": seed,
+            "num_cases": cases,
+            "image_size": size,
+            "patch_size": size,
+            "base_channels": base_channels,
+            "depth": depth,
+        }
+        for key, value in SWEEP_DEFAULTS.items():
+            if options[key] is None:
+                options[key] = value
+        cfg = config_from_options(**options)
+        doc = run_privacy_sweep(
+            out,
+            cfg,
+            epsilons=eps,
+            secure=modes,
+            arms=arms,
+            dp_mode=dp_mode,
+            data=data,
+            progress=not quiet,
+            resume=resume,
+        )
+    rows = table_rows(doc["arms"])
+    if as_json:
+        print(
+            json.dumps(
+                {"report": doc["report"], "utility-target": doc["utility-target"], "arms": rows}
+            )
+        )
+        return
+    _print_table(rows, doc)
+
+
+def _print_table(rows: list[dict[str, Any]], doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from fedseg.cli._common import make_console
+    from fedseg.data.case import REGIONS
+
+    def f(v: Any, digits: int = 3) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    table = Table(title="privacy-utility sweep (pooled test Dice)")
+    for col in ("arm", "eps spent", *REGIONS, "mean", "MIA AUC", "time s", "MB", "note"):
+        table.add_column(col, justify="left" if col in ("arm", "note") else "right")
+    for r in rows:
+        table.add_row(
+            r["arm"],
+            f(r.get("epsilon_spent"), 2),
+            *(f(r.get(k)) for k in REGIONS),
+            f(r.get("mean_dice")),
+            f(r.get("mia_auc_loss"), 2),
+            f(r.get("federation_seconds"), 0),
+            f(r.get("mb_sent"), 1),
+            "" if r.get("status") == "ok" else f"skipped: {r.get('reason')}",
+        )
+    console = make_console()
+    console.print(table)
+    target = doc["utility-target"]
+    if target.get("met") is not None:
+        verdict = "met" if target["met"] else "not met"
+        console.print(
+            f"utility target (epsilon 8, mean Dice within 5 points of no DP): {verdict} "
+            f"(drop {100 * target['drop']:.1f} points)"
+        )
+    console.print(f"report: {doc['report']}")

@@ -1,0 +1,96 @@
+"""``fedseg provision``: key material and start scripts for a federation over TLS.
+
+Exit codes: 0 success; 2 bad description or existing key material (without --force).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedseg.cli._common import user_errors
+
+_HELP = """Create a CA, the server's TLS certificate and one key pair per hospital, in one folder
+per party, ready to hand over (see docs/deployment.md).
+
+Describe the federation in a TOML file (DESCRIPTION) or with options (options override the
+file's server values; --site adds sites):
+
+  fedseg provision --server-address fl.example.org --site hospital-a --site hospital-b --out pki
+
+OUT/server/ goes to the aggregation server (ca.crt, server.pem, server.key, the sites' public
+keys, run-superlink.sh, register-sites.sh); OUT/site-NAME/ to each hospital (ca.crt, its private
+key, run-supernode.sh). OUT/ca/ca.key signs server certificates: keep it offline. Private keys
+are written with mode 0600. Existing key material is never overwritten without --force.
+
+Exit codes: 0 success, 2 bad description or existing key material.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``provision`` command to ``app``."""
+    app.command("provision", help=_HELP)(provision_command)
+
+
+def provision_command(
+    description: Annotated[
+        Path | None, typer.Argument(help="Federation description (TOML).", show_default=False)
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("pki"),
+    server_address: Annotated[
+        str | None, typer.Option(help="DNS name or IP the sites dial.", show_default=False)
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="SuperLink port (default 9092).", show_default=False)
+    ] = None,
+    dns_name: Annotated[
+        list[str] | None, typer.Option("--dns-name", help="Extra certificate DNS name.")
+    ] = None,
+    ip: Annotated[list[str] | None, typer.Option("--ip", help="Extra certificate IP.")] = None,
+    site: Annotated[list[str] | None, typer.Option("--site", help="Hospital name.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing key material.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Create the federation's key material (see ``fedseg provision --help``)."""
+    from fedseg.deploy import provision as P
+    from fedseg.errors import ConfigError
+
+    with user_errors():
+        doc: dict = {"server": {}, "sites": []}
+        if description is not None:
+            import tomllib
+
+            try:
+                doc = tomllib.loads(description.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise ConfigError(f"federation description not found: {description}") from None
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{description}: not valid TOML ({exc})") from None
+            doc.setdefault("server", {})
+            doc.setdefault("sites", [])
+        server = doc["server"] if isinstance(doc.get("server"), dict) else {}
+        if server_address is not None:
+            server["address"] = server_address
+        if port is not None:
+            server["port"] = port
+        if dns_name:
+            server["dns-names"] = [*server.get("dns-names", []), *dns_name]
+        if ip:
+            server["ip-addresses"] = [*server.get("ip-addresses", []), *ip]
+        if isinstance(doc.get("sites"), list):
+            doc["sites"] = [*doc["sites"], *(site or [])]
+        if "address" not in server and description is None:
+            raise ConfigError("give a DESCRIPTION file or --server-address and --site")
+        spec = P.spec_from_dict(doc, source=str(description or "options"))
+        result = P.provision(spec, out, force=force)
+    if as_json:
+        typer.echo(json.dumps({"out": str(result.out), **result.manifest}, indent=2))
+        return
+    typer.echo(f"wrote key material for {spec.superlink} under {result.out}:")
+    typer.echo(f"  {result.server_dir}/  -> the aggregation server")
+    for name, folder in result.site_dirs.items():
+        typer.echo(f"  {folder}/  -> {name}")
+    typer.echo(f"  {result.ca_dir}/  -> keep offline (CA private key)")

@@ -1,0 +1,2 @@
+"""Running fedseg across real machines: key material (:mod:`.provision`) and test networks
+(:mod:`.netns`, network namespaces for the failure drills)."""

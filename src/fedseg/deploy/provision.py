@@ -1,0 +1,592 @@
+"""Key material for a federation: a CA, the server's TLS certificate, one key pair per site.
+
+Built on the ``cryptography`` library (no hand-rolled crypto). From a small description (the
+address sites dial, the server's other names, the site names) :func:`provision` writes one
+folder per party, ready to hand over::
+
+    OUT/
+      ca/                 ca.crt, ca.key          (keep offline: signs server certificates)
+      server/             ca.crt, server.pem, server.key, site-keys/<site>.pub, sites.csv,
+                          run-superlink.sh, register-sites.sh, flwr-connection.toml
+      site-<name>/        ca.crt, <name>.key, <name>.pub, run-supernode.sh
+      manifest.json       what was written, certificate and key fingerprints (no secrets)
+
+The TLS certificate is what the SuperNodes check (``--root-certificates ca.crt``); the site keys
+are EC P-384 in OpenSSH format, the form Flower's SuperNode authentication reads
+(``--auth-supernode-private-key``) and ``flwr supernode register`` accepts. Private keys are
+written with mode 0600 and never leave their folder.
+
+Description file (TOML)::
+
+    [server]
+    address = "fl.example.org"          # what sites dial: DNS name or IP
+    port = 9092                         # SuperLink port (Fleet, Control and Runtime APIs)
+    dns-names = ["fl.internal"]         # more names on the certificate (optional)
+    ip-addresses = ["192.0.2.10"]       # IPs on the certificate (optional)
+
+    [[sites]]
+    name = "hospital-a"
+    data-path = "/srv/brats"            # optional: written into run-supernode.sh
+
+``sites = ["hospital-a", "hospital-b"]`` is accepted too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedseg.errors import ConfigError, ProvisionError
+
+DEFAULT_PORT = 9092
+CA_DAYS = 3650
+SERVER_DAYS = 825
+_SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_SERVER_KEYS = ("address", "port", "dns-names", "ip-addresses")
+_SITE_KEYS = ("name", "data-path")
+# The ServerApp process reaches the SuperLink's Runtime API on the loopback over the same TLS
+# certificate, so the loopback names are always on it.
+_LOOPBACK_DNS = ("localhost",)
+_LOOPBACK_IPS = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One hospital: its name (also the SuperNode name) and, optionally, its data folder."""
+
+    name: str
+    data_path: str = ""
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """What :func:`provision` needs.
+
+    Attributes
+    ----------
+    address:
+        The host sites dial (DNS name or IP address).
+    port:
+        The SuperLink port.
+    dns_names, ip_addresses:
+        Extra subject alternative names of the server certificate.
+    sites:
+        The hospitals, in order.
+    """
+
+    address: str
+    sites: tuple[SiteSpec, ...]
+    port: int = DEFAULT_PORT
+    dns_names: tuple[str, ...] = ()
+    ip_addresses: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_spec(self)
+
+    @property
+    def superlink(self) -> str:
+        """``host:port`` as the SuperNodes dial it (IPv6 in brackets)."""
+        host = f"[{self.address}]" if _is_ipv6(self.address) else self.address
+        return f"{host}:{self.port}"
+
+    def san_dns(self) -> list[str]:
+        """DNS names on the server certificate (address when a name, extra names, localhost)."""
+        names = [] if _is_ip(self.address) else [self.address]
+        return _unique([*names, *self.dns_names, *_LOOPBACK_DNS])
+
+    def san_ips(self) -> list[str]:
+        """IP addresses on the server certificate (address when an IP, extra IPs, loopback)."""
+        ips = [self.address] if _is_ip(self.address) else []
+        return _unique(
+            [str(ipaddress.ip_address(i)) for i in [*ips, *self.ip_addresses, *_LOOPBACK_IPS]]
+        )
+
+
+@dataclass
+class ProvisionResult:
+    """Where :func:`provision` wrote what."""
+
+    out: Path
+    ca_dir: Path
+    server_dir: Path
+    site_dirs: dict[str, Path] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# description
+
+
+def validate_spec(spec: FederationSpec) -> None:
+    """Check a :class:`FederationSpec`; raise :class:`ConfigError` naming the bad value."""
+    if not isinstance(spec.address, str) or not spec.address:
+        raise ConfigError("server address is empty: give the DNS name or IP that sites dial")
+    if not (_is_ip(spec.address) or _is_dns(spec.address)):
+        raise ConfigError(f"server address {spec.address!r} is neither an IP nor a DNS name")
+    if isinstance(spec.port, bool) or not isinstance(spec.port, int) or not 0 < spec.port < 65536:
+        raise ConfigError(f"server port must be an integer in 1..65535, got {spec.port!r}")
+    for name in spec.dns_names:
+        if not isinstance(name, str) or not _is_dns(name):
+            raise ConfigError(f"dns-names: {name!r} is not a DNS name")
+    for ip in spec.ip_addresses:
+        if not isinstance(ip, str) or not _is_ip(ip):
+            raise ConfigError(f"ip-addresses: {ip!r} is not an IP address")
+    if not spec.sites:
+        raise ConfigError("no sites: name at least one hospital")
+    seen: set[str] = set()
+    for site in spec.sites:
+        if not isinstance(site.name, str) or not _SITE_NAME.match(site.name):
+            raise ConfigError(
+                f"site name {site.name!r}: use 1-63 lowercase letters, digits, '-' or '_', "
+                "starting with a letter or digit"
+            )
+        if site.name in seen:
+            raise ConfigError(f"site name {site.name!r} appears twice")
+        seen.add(site.name)
+        if not isinstance(site.data_path, str) or "'" in site.data_path:
+            raise ConfigError(f"site {site.name}: data-path must be a string without quotes (')")
+
+
+def load_spec(path: Path) -> FederationSpec:
+    """Read a federation description (TOML, see the module docstring).
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file, unknown keys, or bad values (the message names the key).
+    """
+    try:
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"federation description not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return spec_from_dict(doc, source=str(path))
+
+
+def spec_from_dict(doc: dict[str, Any], *, source: str = "description") -> FederationSpec:
+    """Build a :class:`FederationSpec` from a parsed description."""
+    _unknown(doc, ("server", "sites"), source)
+    server = doc.get("server")
+    if not isinstance(server, dict):
+        raise ConfigError(f"{source}: missing [server] table with at least 'address'")
+    _unknown(server, _SERVER_KEYS, f"{source} [server]")
+    if "address" not in server:
+        raise ConfigError(f"{source} [server]: missing 'address' (DNS name or IP sites dial)")
+    raw_sites = doc.get("sites")
+    if not isinstance(raw_sites, list) or not raw_sites:
+        raise ConfigError(f"{source}: 'sites' must be a non-empty list of names or [[sites]]")
+    sites = []
+    for item in raw_sites:
+        if isinstance(item, str):
+            sites.append(SiteSpec(item))
+        elif isinstance(item, dict):
+            _unknown(item, _SITE_KEYS, f"{source} [[sites]]")
+            if "name" not in item:
+                raise ConfigError(f"{source} [[sites]]: an entry has no 'name'")
+            sites.append(SiteSpec(item["name"], item.get("data-path", "")))
+        else:
+            raise ConfigError(f"{source}: bad site entry {item!r}")
+    for key in ("dns-names", "ip-addresses"):
+        if not isinstance(server.get(key, []), list):
+            raise ConfigError(f"{source} [server]: '{key}' must be a list of strings")
+    return FederationSpec(
+        address=server["address"],
+        port=server.get("port", DEFAULT_PORT),
+        dns_names=tuple(server.get("dns-names", [])),
+        ip_addresses=tuple(server.get("ip-addresses", [])),
+        sites=tuple(sites),
+    )
+
+
+def _unknown(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)}){hint}")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ipv6(text: str) -> bool:
+    return _is_ip(text) and ipaddress.ip_address(text).version == 6
+
+
+def _is_dns(text: str) -> bool:
+    if len(text) > 253 or _is_ip(text):
+        return False
+    return all(_DNS_LABEL.match(label) for label in text.rstrip(".").split("."))
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+# --------------------------------------------------------------------------------------------
+# key material
+
+
+def make_ca(common_name: str = "fedseg federation CA", days: int = CA_DAYS) -> tuple[Any, Any]:
+    """A self-signed CA (EC P-384): returns ``(private_key, certificate)``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_server_cert(
+    ca_key: Any, ca_cert: Any, dns_names: list[str], ips: list[str], days: int = SERVER_DAYS
+) -> tuple[Any, Any]:
+    """A server certificate signed by the CA for these DNS names and IPs (EC P-384)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    cn = dns_names[0] if dns_names else ips[0]
+    now = dt.datetime.now(dt.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_site_keys(comment: str) -> tuple[bytes, bytes]:
+    """An EC P-384 key pair in OpenSSH format: ``(private, public)`` bytes.
+
+    The public line ends with ``comment`` (the site name) so an operator can tell keys apart.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public + f" {comment}\n".encode()
+
+
+def ssh_fingerprint(public_line: bytes) -> str:
+    """OpenSSH-style ``SHA256:...`` fingerprint of a public key line."""
+    import base64
+
+    blob = base64.b64decode(public_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _pem_cert(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _pem_key(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def site_dir_name(site: str) -> str:
+    """The folder handed to ``site``: ``site-<name>``."""
+    return f"site-{site}"
+
+
+def provision(spec: FederationSpec, out: Path, *, force: bool = False) -> ProvisionResult:
+    """Create the CA, the server certificate and every site's keys under ``out``.
+
+    Parameters
+    ----------
+    spec:
+        The federation (see :class:`FederationSpec`).
+    out:
+        Output folder; created if missing.
+    force:
+        Replace existing key material (otherwise refuse to touch it).
+
+    Returns
+    -------
+    ProvisionResult
+
+    Raises
+    ------
+    ProvisionError
+        Key material already exists under ``out`` and ``force`` is false, or ``out`` cannot be
+        written.
+    """
+    out = Path(out)
+    targets = [out / "ca", out / "server", *(out / site_dir_name(s.name) for s in spec.sites)]
+    existing = [p for p in targets if p.exists() and any(p.iterdir())]
+    if existing and not force:
+        raise ProvisionError(
+            f"key material already exists in {', '.join(str(p) for p in existing)}; "
+            "refusing to overwrite it (use --force to replace it; sites must then get new folders)"
+        )
+    try:
+        return _write_all(spec, out)
+    except OSError as exc:
+        raise ProvisionError(f"cannot write key material under {out}: {exc}") from None
+
+
+def _write_all(spec: FederationSpec, out: Path) -> ProvisionResult:
+    ca_key, ca_cert = make_ca()
+    srv_key, srv_cert = make_server_cert(ca_key, ca_cert, spec.san_dns(), spec.san_ips())
+    ca_pem = _pem_cert(ca_cert)
+    ca_dir, server = out / "ca", out / "server"
+    _write(ca_dir / "ca.crt", ca_pem, 0o644)
+    _write(ca_dir / "ca.key", _pem_key(ca_key), 0o600)
+    os.chmod(ca_dir, 0o700)
+    _write(server / "ca.crt", ca_pem, 0o644)
+    _write(server / "server.pem", _pem_cert(srv_cert), 0o644)
+    _write(server / "server.key", _pem_key(srv_key), 0o600)
+    result = ProvisionResult(out=out, ca_dir=ca_dir, server_dir=server)
+    sites_rows = ["site,fingerprint"]
+    manifest_sites = {}
+    for site in spec.sites:
+        private, public = make_site_keys(site.name)
+        folder = out / site_dir_name(site.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        _write(folder / "ca.crt", ca_pem, 0o644)
+        _write(folder / f"{site.name}.key", private, 0o600)
+        _write(folder / f"{site.name}.pub", public, 0o644)
+        _write(folder / "run-supernode.sh", supernode_script(spec, site).encode(), 0o755)
+        _write(server / "site-keys" / f"{site.name}.pub", public, 0o644)
+        fingerprint = ssh_fingerprint(public)
+        sites_rows.append(f"{site.name},{fingerprint}")
+        manifest_sites[site.name] = {"folder": folder.name, "key-fingerprint": fingerprint}
+        result.site_dirs[site.name] = folder
+    _write(server / "sites.csv", ("\n".join(sites_rows) + "\n").encode(), 0o644)
+    _write(server / "run-superlink.sh", superlink_script(spec).encode(), 0o755)
+    _write(server / "register-sites.sh", register_script(spec).encode(), 0o755)
+    _write(server / "flwr-connection.toml", connection_toml(spec).encode(), 0o644)
+    from cryptography.hazmat.primitives import hashes
+
+    result.manifest = {
+        "superlink": spec.superlink,
+        "ca-sha256": ca_cert.fingerprint(hashes.SHA256()).hex(),
+        "server-sha256": srv_cert.fingerprint(hashes.SHA256()).hex(),
+        "server-dns-names": spec.san_dns(),
+        "server-ip-addresses": spec.san_ips(),
+        "server-not-after": srv_cert.not_valid_after_utc.isoformat(),
+        "sites": manifest_sites,
+    }
+    _write(out / "manifest.json", json.dumps(result.manifest, indent=2).encode(), 0o644)
+    return result
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` so the file never exists with wider permissions than ``mode``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed it, an old file may be wider
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# scripts handed over with the keys
+
+_ENV = """\
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1  # never pip/uv-install at run time
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+"""
+
+
+def superlink_command(spec: FederationSpec, folder: str = ".", database: str = "") -> list[str]:
+    """The ``flower-superlink`` command line: TLS, SuperNode authentication, persistent state."""
+    return [
+        "flower-superlink",
+        "--host", "0.0.0.0", "--port", str(spec.port),
+        "--ssl-ca-certfile", f"{folder}/ca.crt",
+        "--ssl-certfile", f"{folder}/server.pem",
+        "--ssl-keyfile", f"{folder}/server.key",
+        "--enable-supernode-auth",
+        "--database", database or f"{folder}/state/superlink.db",
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+
+
+def supernode_command(
+    spec: FederationSpec, site: SiteSpec, folder: str, data_path: str, port: int = 9094
+) -> list[str]:
+    """The ``flower-supernode`` command line of ``site`` (TLS with the CA, its own key)."""
+    return [
+        "flower-supernode",
+        "--superlink", spec.superlink,
+        "--root-certificates", f"{folder}/ca.crt",
+        "--auth-supernode-private-key", f"{folder}/{site.name}.key",
+        "--node-config", f"data-path='{data_path}' site-name='{site.name}'",
+        "--port", str(port),
+    ]  # fmt: skip
+
+
+def superlink_script(spec: FederationSpec) -> str:
+    """``server/run-superlink.sh``."""
+    cmd = superlink_command(spec, '"$HERE"', '"$STATE"/superlink.db')
+    return f"""#!/bin/sh
+# Start the fedseg aggregation server (Flower SuperLink) with TLS and SuperNode authentication.
+# Sites connect to {spec.superlink}; open that TCP port to them, nothing else.
+# State (runs, registered sites) persists in $STATE/superlink.db across restarts.
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+STATE=${{FEDSEG_STATE:-$HERE/state}}
+mkdir -p "$STATE"
+{_ENV}exec {_join(cmd)} "$@"
+"""
+
+
+def register_script(spec: FederationSpec) -> str:
+    """``server/register-sites.sh``: ``flwr supernode register`` for every site key."""
+    lines = [
+        f'flwr supernode register "$HERE/site-keys/{s.name}.pub" "$CONNECTION" --name {s.name}'
+        for s in spec.sites
+    ]
+    body = "\n".join(lines)
+    return f"""#!/bin/sh
+# Enrol the hospitals' public keys with the running SuperLink (run once, on the server, after
+# run-superlink.sh is up). Only enrolled keys can connect. CONNECTION names the entry of
+# $FLWR_HOME/config.toml that points at this SuperLink (see flwr-connection.toml).
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+CONNECTION=${{1:-fedseg}}
+{_ENV}{body}
+"""
+
+
+def supernode_script(spec: FederationSpec, site: SiteSpec) -> str:
+    """``site-<name>/run-supernode.sh``: the SuperNode with this site's key and data path."""
+    data = site.data_path or "/path/to/this/hospitals/cases"
+    cmd = supernode_command(spec, site, '"$HERE"', "$DATA_PATH", port=0)
+    node = cmd.index("--node-config")
+    shown = [*map(_quote, cmd[:node]), '--node-config "' + cmd[node + 1] + '"']
+    shown += ["--port", '"$RUNTIME_PORT"']
+    return f"""#!/bin/sh
+# Join the fedseg federation as {site.name}. Set DATA_PATH to the folder holding this hospital's
+# cases (BraTS or MSD layout); the images never leave this machine, only model weights do.
+# The private key {site.name}.key identifies this hospital: keep it here, mode 0600.
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+DATA_PATH=${{DATA_PATH:-{data}}}
+RUNTIME_PORT=${{RUNTIME_PORT:-9094}}  # local port of the SuperNode's runtime API
+{_ENV}exec {" ".join(shown)} "$@"
+"""
+
+
+def connection_toml(spec: FederationSpec) -> str:
+    """The ``$FLWR_HOME/config.toml`` entry the researcher (and the register script) use."""
+    return f"""# Append to $FLWR_HOME/config.toml (default ~/.flwr/config.toml) on the researcher's
+# machine (and on the server, for register-sites.sh); set root-certificates to this ca.crt.
+# Then: flwr run . fedseg --stream --run-config "num-server-rounds=15 ..."
+[superlink.fedseg]
+address = "{spec.superlink}"
+root-certificates = "/path/to/server/ca.crt"
+"""
+
+
+def _quote(arg: str) -> str:
+    return arg if arg.startswith('"') else shlex.quote(arg)
+
+
+def _join(cmd: list[str]) -> str:
+    return " ".join(_quote(a) for a in cmd)

@@ -1,0 +1,1 @@
+"""Privacy: differential privacy, the per-site epsilon ledger, membership inference."""

@@ -1,0 +1,77 @@
+"""Which settings secure aggregation cannot be combined with, and why (called by the config).
+
+Under secure aggregation the server sees only the sum of the sites' updates, never one site's
+update, so everything that must look at individual updates is refused with the reason:
+
+- robust aggregators (``median``, ``trimmed-mean``, ``krum``, ``multi-krum``, ``bulyan``),
+  ``anomaly-threshold``, ``update-clip-norm`` and ``dp-mode = "client"`` (server-side
+  clipping): they rank, filter or clip single updates (``dp-mode = "sample"``, DP-SGD at the
+  sites, works);
+- ``scaffold``: the server step needs each site's control-variate delta beside its model (not
+  encrypted here); ``fedbn``: the server keeps each site's own normalisation parameters;
+  ``cyclic``: there is no sum, one site's model is the next site's start.
+
+``fedavg``, ``fedprox``, ``fedadam`` and ``fedyogi`` work: they need only the weighted average.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedseg.config import FedsegConfig
+
+#: strategies that need only the weighted sum of the sites' models
+SUM_ONLY_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+_STRATEGY_WHY = {
+    "scaffold": "SCAFFOLD's server step needs each site's control-variate delta",
+    "fedbn": "FedBN keeps each site's own normalisation parameters at the server",
+    "cyclic": "cyclic weight transfer passes one site's model to the next, there is no sum",
+}
+
+
+def check_secure_combination(cfg: FedsegConfig) -> None:
+    """Refuse settings that need individual updates when secure aggregation is on.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the value and why it cannot work under secure aggregation.
+    """
+    mode = cfg.secure_aggregation
+    if mode == "none":
+        return
+    where = f"under secure-aggregation '{mode}' the server sees only the sum of the updates"
+    if cfg.aggregator != "mean":
+        raise ConfigError(
+            f"config key 'aggregator': {cfg.aggregator!r} needs each site's update, but {where}; "
+            "use aggregator 'mean' or secure-aggregation 'none'"
+        )
+    if cfg.anomaly_threshold > 0:
+        raise ConfigError(
+            f"config key 'anomaly-threshold': {cfg.anomaly_threshold!r} compares single "
+            f"updates, but {where}; set it to 0"
+        )
+    if cfg.update_clip_norm > 0:
+        raise ConfigError(
+            f"config key 'update-clip-norm': {cfg.update_clip_norm!r} clips single updates at "
+            f"the server, but {where}; set it to 0"
+        )
+    if cfg.dp_mode == "client":
+        raise ConfigError(
+            f"config key 'dp-mode': 'client' clips each site's update at the server, but "
+            f"{where}; use dp-mode 'sample' (DP-SGD at the sites) with secure aggregation"
+        )
+    if cfg.strategy not in SUM_ONLY_STRATEGIES:
+        raise ConfigError(
+            f"config key 'strategy': {cfg.strategy!r} cannot run under secure-aggregation "
+            f"'{mode}': {_STRATEGY_WHY.get(cfg.strategy, 'it needs single updates')}; "
+            f"use one of {', '.join(SUM_ONLY_STRATEGIES)}"
+        )
+    if mode == "ckks":
+        from fedseg.secure.ckks import CkksParams
+
+        CkksParams(poly_degree=cfg.ckks_poly_degree, scale_bits=cfg.ckks_scale_bits)

@@ -1,0 +1,378 @@
+"""Figures and the HTML report of the privacy-utility sweep (:mod:`fedseg.study.privacy_sweep`).
+
+The figures are built as the study's are (:mod:`fedseg.study.plots`: a matplotlib ``Figure``
+without pyplot, rendered to PNG bytes) and the report reuses the study report's HTML pieces
+(:mod:`fedseg.study.report`: styles, tables, embedded images, number formatting). Inputs are the
+sweep's table rows (:func:`fedseg.study.privacy_sweep.table_rows`) and result document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedseg.data.case import REGIONS
+from fedseg.study.plots import REGION_COLOURS, _figure, _png
+from fedseg.study.report import _CSS, _e, _f, _img, _table
+from fedseg.utils.io import atomic_write_text
+
+_MEAN_COLOUR = "#1f77b4"
+_SECURE_COLOUR = "#2ca02c"
+_NONE_COLOUR = "#555555"
+
+
+def _ok(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _reference(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((r for r in _ok(rows) if r["arm"] == "no-dp"), None)
+
+
+def _dp_points(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, Mapping[str, Any]]]:
+    """DP arms that ran, by epsilon spent (the target when no epsilon was reported)."""
+    pts = []
+    for r in _ok(rows):
+        if r.get("dp_mode") in (None, "none"):
+            continue
+        eps = r.get("epsilon_spent") or r.get("target_epsilon")
+        if eps:
+            pts.append((float(eps), r))
+    return sorted(pts, key=lambda p: p[0])
+
+
+def _no_dp_note(ax: Any, pts: Sequence[Any]) -> None:
+    if not pts:
+        ax.text(0.5, 0.5, "no DP arm ran", transform=ax.transAxes, ha="center", color=_NONE_COLOUR)
+        ax.set_xlim(0.5, 50)
+
+
+def dice_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Pooled test Dice (mean and per region) against the epsilon spent, log x axis.
+
+    The non-private federation is drawn as horizontal reference lines (dashed: mean Dice).
+
+    Returns
+    -------
+    bytes
+        A PNG.
+    """
+    fig = _figure(7.5, 4.2)
+    ax = fig.subplots()
+    ax.set_xscale("log")
+    pts = _dp_points(rows)
+    series = [("mean_dice", "mean", _MEAN_COLOUR)] + [(r, r, REGION_COLOURS[r]) for r in REGIONS]
+    if pts:
+        x = [p[0] for p in pts]
+        for key, label, colour in series:
+            y = [p[1].get(key) for p in pts]
+            lw = 2.2 if key == "mean_dice" else 1.2
+            ax.plot(x, y, marker="o", color=colour, lw=lw, label=f"DP, {label}")
+    _no_dp_note(ax, pts)
+    ref = _reference(rows)
+    if ref is not None:
+        for key, label, colour in series:
+            style = "--" if key == "mean_dice" else ":"
+            ax.axhline(ref[key], color=colour, ls=style, lw=1, label=f"no DP, {label}")
+    ax.set_xlabel("epsilon spent per site (log scale)")
+    ax.set_ylabel("pooled test Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("utility against privacy")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", frameon=False, fontsize=8)
+    return _png(fig)
+
+
+def mia_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Membership-inference AUC (loss and calibrated attacks) against epsilon, log x axis.
+
+    No DP is the dashed reference line, 0.5 (guessing) the dotted one.
+    """
+    fig = _figure(7.5, 4.2)
+    ax = fig.subplots()
+    ax.set_xscale("log")
+    pts = _dp_points(rows)
+    attacks = [
+        ("mia_auc_loss", "loss attack", "#d62728"),
+        ("mia_auc_calibrated", "calibrated attack", "#9467bd"),
+    ]
+    for key, label, colour in attacks:
+        xy = [(p[0], p[1].get(key)) for p in pts if p[1].get(key) is not None]
+        if xy:
+            ax.plot(*zip(*xy, strict=True), marker="o", color=colour, label=f"DP, {label}")
+    _no_dp_note(ax, pts)
+    ref = _reference(rows)
+    if ref is not None:
+        for key, label, colour in attacks:
+            if ref.get(key) is not None:
+                ax.axhline(ref[key], color=colour, ls="--", lw=1, label=f"no DP, {label}")
+    ax.axhline(0.5, color="#777777", ls=":", lw=1, label="guessing (0.5)")
+    ax.set_xlabel("epsilon spent per site (log scale)")
+    ax.set_ylabel("attack AUC (train vs held-out cases)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("membership inference against the final model")
+    fig.legend(
+        *ax.get_legend_handles_labels(), loc="outside right center", frameon=False, fontsize=8
+    )
+    return _png(fig)
+
+
+def cost_bars(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Time of the federation and megabytes exchanged per arm (two bar panels).
+
+    The time is the process's CPU time when every arm has it (see the report's method notes),
+    else the wall time.
+    """
+    ran = _ok(rows)
+    fig = _figure(10, 3.6)
+    axes = fig.subplots(1, 2)
+    names = [r["arm"] for r in ran]
+    colours = [
+        _SECURE_COLOUR
+        if r.get("secure_aggregation") not in (None, "none")
+        else (_MEAN_COLOUR if r.get("dp_mode") not in (None, "none") else _NONE_COLOUR)
+        for r in ran
+    ]
+    # CPU time when every arm has it: on a shared machine the wall time follows the load
+    cpu = bool(ran) and all(r.get("federation_cpu_seconds") is not None for r in ran)
+    time_key = "federation_cpu_seconds" if cpu else "federation_seconds"
+    time_title = "federation CPU time (s)" if cpu else "federation wall time (s)"
+    for ax, key, title in (
+        (axes[0], time_key, time_title),
+        (axes[1], "mb_sent", "bytes exchanged (MB, both directions)"),
+    ):
+        values = [float(r.get(key) or 0.0) for r in ran]
+        ax.bar(range(len(ran)), values, color=colours)
+        ax.set_xticks(range(len(ran)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+        for i, v in enumerate(values):
+            ax.text(
+                i, v, f"{v:.0f}" if v >= 10 else f"{v:.1f}", ha="center", va="bottom", fontsize=7
+            )
+    if not ran:
+        axes[0].text(0.5, 0.5, "no arm ran", transform=axes[0].transAxes, ha="center")
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+
+
+def _findings(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    notes: list[str] = []
+    target = doc.get("utility-target", {})
+    if target.get("met") is None:
+        notes.append(f"Utility target (epsilon 8): not evaluated; {target.get('note', '')}.")
+    else:
+        verdict = "met" if target["met"] else "NOT met"
+        notes.append(
+            f"Utility target {verdict}: at epsilon 8 the mean pooled Dice is "
+            f"{target['dp']:.3f} against {target['no-dp']:.3f} without DP "
+            f"(drop {100 * target['drop']:.1f} points; target: at most "
+            f"{100 * target['margin']:.0f})."
+        )
+    ref = _reference(rows)
+    if ref is not None and ref.get("mia_auc_loss") is not None:
+        auc = ref["mia_auc_loss"]
+        reading = (
+            "close to guessing: the model does not fit its training cases much better"
+            if auc < 0.6
+            else "the final model leaks which cases it was trained on"
+        )
+        notes.append(f"Without DP the loss-threshold attack reaches AUC {auc:.2f} ({reading}).")
+        for eps, r in _dp_points(rows):
+            if r.get("mia_auc_loss") is not None:
+                notes.append(
+                    f"{r['arm']}: epsilon {eps:.2f} spent, attack AUC {r['mia_auc_loss']:.2f}, "
+                    f"mean Dice {r['mean_dice']:.3f}."
+                )
+    for name, res in doc.get("arms", {}).items():
+        faults = res.get("site-failures") or {}
+        if faults.get("count"):
+            reasons = "; ".join(f"{k} x{v}" for k, v in faults.get("reasons", {}).items())
+            notes.append(
+                f"{name}: {faults['count']} site replies failed in rounds {faults['rounds']} "
+                f"({reasons}); its model was trained and scored by fewer sites than planned, "
+                "so its numbers are not a clean measurement."
+            )
+    skipped = [r for r in rows if r.get("status") != "ok"]
+    for r in skipped:
+        notes.append(f"{r['arm']} was skipped: {r.get('reason')}.")
+    return notes
+
+
+def _header(doc: Mapping[str, Any]) -> str:
+    sw = doc.get("sweep", {})
+    cfg = doc.get("config", {})
+    cohort = (
+        f"synthetic BraTS-style cohort, {_e(sw.get('num-cases'))} cases"
+        if sw.get("generated")
+        else f"<code>{_e(sw.get('data'))}</code>, {_e(sw.get('num-cases'))} cases"
+    )
+    kv = [
+        ("cohort", cohort),
+        (
+            "sites",
+            f"{_e(sw.get('num-sites'))} virtual hospitals, partition "
+            f"<code>{_e(sw.get('partition'))}</code>; {_e(sw.get('num-train'))} training "
+            f"(members) and {_e(sw.get('num-test'))} held-out test cases (non-members)",
+        ),
+        (
+            "federation",
+            f"{_e(sw.get('strategy'))}, {_e(sw.get('num-server-rounds'))} rounds × "
+            f"{_e(sw.get('local-epochs'))} local epoch(s)",
+        ),
+        (
+            "model",
+            f"U-Net {_e(cfg.get('image-size'))}³, base channels {_e(cfg.get('base-channels'))}, "
+            f"depth {_e(cfg.get('depth'))}, batch {_e(cfg.get('batch-size'))}",
+        ),
+        (
+            "DP",
+            f"dp-mode {_e(sw.get('dp-mode', 'sample'))}, target epsilons "
+            f"{_e(sw.get('epsilons'))}, delta "
+            f"{_e(sw.get('dp-delta'))}, clip norm {_e(sw.get('dp-clip-norm'))}",
+        ),
+        ("secure aggregation", _e(", ".join(sw.get("secure", [])) or "none tried")),
+        (
+            "run",
+            f"{_e(doc.get('created', ''))} on {_e(sw.get('device'))}, "
+            f"{_f(sw.get('seconds'), 0)} s for this invocation",
+        ),
+    ]
+    body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in kv)
+    return (
+        "<h1>fedseg privacy-utility sweep</h1>"
+        '<p class="sub">The same federation at several privacy levels: Dice of the final model on '
+        "the pooled test cases, the epsilon each site spent, a membership-inference attack, and "
+        "what each protection costs in time and bytes.</p>"
+        f'<table class="kv"><tbody>{body}</tbody></table>'
+    )
+
+
+def _results_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    header = [
+        "arm",
+        "status",
+        "target ε",
+        "ε spent",
+        "secure",
+        *REGIONS,
+        "mean",
+        "drop vs no DP",
+        "MIA AUC ± SE",
+        "MIA AUC calibrated",
+        "TPR @ FPR 0.1",
+        "time (s)",
+        "CPU (s)",
+        "MB sent",
+        "messages",
+        "site failures",
+    ]
+    body = []
+    for r in rows:
+        ok = r.get("status") == "ok"
+        drop = r.get("dice_drop_vs_no_dp")
+        body.append(
+            [
+                _e(r["arm"]),
+                _e(r.get("status")) if ok else f"skipped: {_e(r.get('reason'))}",
+                _f(r.get("target_epsilon"), 1),
+                _f(r.get("epsilon_spent"), 2),
+                _e(r.get("secure_aggregation")),
+                *(_f(r.get(k)) for k in REGIONS),
+                _f(r.get("mean_dice")),
+                "–" if drop is None else f"{100 * drop:+.1f} pts",
+                _f(r.get("mia_auc_loss"), 2)
+                + ("" if r.get("mia_auc_loss_se") is None else f" ± {r['mia_auc_loss_se']:.2f}"),
+                _f(r.get("mia_auc_calibrated"), 2),
+                _f(r.get("mia_tpr_at_fpr_0.1"), 2),
+                _f(r.get("federation_seconds"), 0),
+                _f(r.get("federation_cpu_seconds"), 0),
+                _f(r.get("mb_sent"), 1),
+                _e(r.get("num_messages") if r.get("num_messages") is not None else "–"),
+                _e(r.get("site_failures") if r.get("site_failures") is not None else "–"),
+            ]
+        )
+    return _table(header, body, left=2)
+
+
+def _method() -> str:
+    items = [
+        "Dice: the final global model on every site's held-out test cases, pooled (mean over "
+        "cases), thresholded at 0.5, on the prepared grid, as in <code>fedseg study</code>.",
+        "ε spent: read from the run's history (the per-site privacy ledger); the worst site's "
+        "value at the stated δ. Arms without DP have none.",
+        "Membership inference: loss-threshold attack (Yeom et al. 2018); score = −(soft Dice + "
+        "BCE) of the final model per case; members are the sites' training cases, non-members "
+        "their held-out test cases; AUC by ranks (Mann-Whitney U, ties count half). The "
+        "calibrated attack subtracts each case's loss under the initial model (Watson et al. "
+        "2022). With a few dozen cases the AUC moves in steps of 1/(members × non-members) "
+        "and its standard error (Hanley-McNeil, shown as ± SE) is several points.",
+        "Bytes: every message content the server sent and every reply, serialised with "
+        "Flower's protobuf serialiser (no transport framing); handshake and evaluation "
+        "messages included.",
+        "Time: wall time of the whole federation in one process (the sites train in turn); "
+        "CPU: this process's CPU time over the same span (with one torch thread close to an "
+        "idle machine's wall time). On a shared machine the wall time follows the load: "
+        "compare CPU times across arms.",
+    ]
+    return (
+        '<h2>How it was measured</h2><ul class="notes">'
+        + "".join(f"<li>{i}</li>" for i in items)
+        + "</ul>"
+    )
+
+
+def render(
+    doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], figures: Mapping[str, bytes]
+) -> str:
+    """The sweep report's HTML (self-contained).
+
+    Parameters
+    ----------
+    doc:
+        The sweep's result document (``privacy.json``).
+    rows:
+        The table rows (:func:`fedseg.study.privacy_sweep.table_rows`).
+    figures:
+        File name to PNG bytes (``dice_vs_epsilon.png``, ``mia_vs_epsilon.png``, ``cost.png``).
+    """
+    notes = _findings(doc, rows)
+    parts = [
+        _header(doc),
+        '<h2>Findings</h2><ul class="notes">'
+        + "".join(f"<li>{_e(n)}</li>" for n in notes)
+        + "</ul>",
+        "<h2>Results per arm</h2>",
+        _results_table(rows),
+    ]
+    captions = {
+        "dice_vs_epsilon.png": "Pooled test Dice against epsilon",
+        "mia_vs_epsilon.png": "Membership-inference AUC against epsilon",
+        "cost.png": "Cost of each protection: wall time and bytes",
+    }
+    for name, caption in captions.items():
+        if name in figures:
+            parts.append(f"<h2>{_e(caption)}</h2>{_img(figures[name], caption)}")
+    parts.append(_method())
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        "<title>fedseg privacy-utility sweep</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
+
+
+def write(
+    path: Path,
+    doc: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    figures: Mapping[str, bytes],
+) -> Path:
+    """Render the report and write it atomically to ``path``; return ``path``."""
+    return atomic_write_text(Path(path), render(doc, rows, figures))

@@ -1,0 +1,1022 @@
+"""The privacy-utility study (``fedseg privacy-sweep``): one federation at several privacy levels.
+
+:func:`run_privacy_sweep` takes the default study's cohort and sites (the same generated cohort,
+``mixed`` partition and per-site train / test split as ``fedseg study``, see
+:mod:`fedseg.study.study`) and runs the same federation (FedAvg by default) once per *arm*:
+
+``no-dp``
+    No protection: the reference.
+``dp-eps-<e>``
+    Sample-level DP-SGD at every site (``dp-mode = "sample"``) with the noise calibrated for a
+    target epsilon ``e`` per site (``dp-target-epsilon``, at ``dp-delta``), for each ``e`` of
+    ``--epsilons`` (1, 3, 8, 30 by default).
+``secure-<mode>``
+    No DP, secure aggregation on (``secure-aggregation`` = ``secagg+`` / ``ckks``): what the
+    protection of the updates in transit costs in time and bytes.
+
+Per arm: pooled-test Dice (WT, TC, ET) of the final model, the epsilon each site spent (read from
+the run's history, i.e. the privacy ledger), the wall time of the federation, the bytes that
+crossed the wire, and a membership-inference attack on the final model
+(:mod:`fedseg.privacy.mia`: the sites' training cases are the members, their held-out test
+cases the non-members).
+
+How the federation runs and what is measured
+--------------------------------------------
+Each arm runs the real ServerApp and ClientApp (:func:`fedseg.federation.server_app.
+build_server_app`, :func:`fedseg.federation.client_app.build_client_app`) on an
+:class:`~fedseg.federation.inprocess.InProcessGrid` in this process: the same round loop,
+checkpoints, validation and messages as on the Simulation Engine, without Ray's start-up and
+with the sites training one after another. The grid is metered (:class:`MeteredGrid`): every
+message the server sends and every reply is serialised with Flower's own protobuf serialiser
+(``flwr.common.serde.recorddict_to_proto``) and its size counted, so "bytes" is what Flower would
+put on the wire for the message content (arrays, configs, metrics, ciphertexts), without the
+transport's framing. "Time" is the wall time of the whole federation (all rounds, handshake
+included); the sites train in turn, so on a real deployment the round time would shrink by up
+to the number of sites while the protection's overhead stays.
+
+Features that are not there
+---------------------------
+An arm whose feature this build lacks is *skipped with a recorded reason*, never run as
+something else: the config is tried, and an arm is skipped when the run refuses it
+(:class:`fedseg.errors.ConfigError`, ``NotImplementedError``) or when its first round shows no
+sign of the feature (a DP arm whose history reports no epsilon; a secure arm whose messages
+carry only the plain records). Its folder is then removed so that a later build runs it.
+
+Output folder::
+
+    OUT/data/                      generated cohort (only without --data)
+    OUT/partition.csv, split.json  the sites and their train / test cases
+    OUT/arms/<arm>/                the arm's run folder (checkpoint, history.json, final model)
+    OUT/arms/<arm>/result.json     one finished (or skipped) arm: the resume marker
+    OUT/arms/<arm>/arm.json        the configuration the arm's folder was started with (an
+                                   interrupted arm of the same configuration resumes from its
+                                   last checkpointed round)
+    OUT/arms/<arm>/progress.json   per round: bytes down / up, messages, seconds
+    OUT/arms/<arm>/mia_cases.csv   per case: member, loss, Dice, reference loss
+    OUT/privacy.json               everything (returned by run_privacy_sweep)
+    OUT/privacy.csv                one row per arm (the table)
+    OUT/dice_vs_epsilon.png, mia_vs_epsilon.png, cost.png
+    OUT/report.html                self-contained report
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedseg.config import SECURE_MODES, FedsegConfig
+from fedseg.data.case import REGIONS
+from fedseg.errors import ConfigError
+from fedseg.federation.inprocess import InProcessGrid
+from fedseg.utils.io import atomic_write_csv, atomic_write_json
+
+if TYPE_CHECKING:
+    from flwr.app import Message
+
+log = logging.getLogger("fedseg.privacy")
+
+SWEEP_FORMAT = "fedseg-privacy-sweep-v1"
+#: target epsilons of the DP arms by default (per site, at ``dp-delta``)
+DEFAULT_EPSILONS: tuple[float, ...] = (1.0, 3.0, 8.0, 30.0)
+#: secure-aggregation modes tried by default (each one arm without DP)
+DEFAULT_SECURE: tuple[str, ...] = tuple(m for m in SECURE_MODES if m != "none")
+#: the reference arm
+NO_DP = "no-dp"
+#: the utility target of the issue: at this epsilon, mean Dice within ``UTILITY_MARGIN``
+UTILITY_EPSILON = 8.0
+UTILITY_MARGIN = 0.05
+#: per-round traffic and seconds of an arm, in its run folder (survives a resume)
+PROGRESS = "progress.json"
+#: what an arm's run folder was started with (a folder started otherwise is not resumed)
+ARM_MARKER = "arm.json"
+#: the records a plain (unprotected) federation exchanges
+_PLAIN_RECORDS = frozenset({"arrays", "config", "metrics", "site", "error", "c-global", "delta-c"})
+# run-config keys that do not change an arm's result (resume check)
+_NOT_COMPARED = frozenset({"data-path", "partition-file", "out-dir", "round-timeout", "epochs"})
+# fields of privacy.csv
+CSV_FIELDS: tuple[str, ...] = (
+    "arm",
+    "status",
+    "dp_mode",
+    "target_epsilon",
+    "epsilon_spent",
+    "delta",
+    "secure_aggregation",
+    *REGIONS,
+    "mean_dice",
+    "dice_drop_vs_no_dp",
+    "mia_auc_loss",
+    "mia_auc_loss_se",
+    "mia_auc_dice",
+    "mia_auc_calibrated",
+    "mia_tpr_at_fpr_0.1",
+    "federation_seconds",
+    "federation_cpu_seconds",
+    "mb_sent",
+    "mb_down",
+    "mb_up",
+    "num_messages",
+    "site_failures",
+    "reason",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# the arms
+
+
+@dataclass(frozen=True)
+class SweepArm:
+    """One privacy level of the sweep.
+
+    Attributes
+    ----------
+    name:
+        ``no-dp``, ``dp-eps-<e>`` or ``secure-<mode>``.
+    dp_mode:
+        ``none`` or ``sample``.
+    target_epsilon:
+        ``dp-target-epsilon`` (0 without DP).
+    secure:
+        ``secure-aggregation`` (``none``, ``secagg+``, ``ckks``).
+    """
+
+    name: str
+    dp_mode: str = "none"
+    target_epsilon: float = 0.0
+    secure: str = "none"
+
+    def config(self, cfg: FedsegConfig) -> FedsegConfig:
+        """``cfg`` with this arm's privacy keys set (validated)."""
+        return cfg.replace(
+            dp_mode=self.dp_mode,
+            dp_target_epsilon=self.target_epsilon,
+            secure_aggregation=self.secure,
+        )
+
+
+def parse_epsilons(text: str | Sequence[float] | None) -> tuple[float, ...]:
+    """``"1,3,8,30"`` (or numbers) to sorted unique target epsilons; ``""``/``"none"``: no DP arm.
+
+    Raises
+    ------
+    ConfigError
+        A value that is not a finite number > 0.
+    """
+    if text is None:
+        return DEFAULT_EPSILONS
+    items = text.split(",") if isinstance(text, str) else list(text)
+    values: list[float] = []
+    for item in items:
+        if isinstance(item, str):
+            item = item.strip()
+            if not item or item.lower() == "none":
+                continue
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"--epsilons: expected comma-separated numbers > 0 (e.g. 1,3,8,30), found {item!r}"
+            ) from None
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--epsilons: expected finite numbers > 0, found {item!r}")
+        values.append(value)
+    return tuple(sorted(set(values)))
+
+
+def parse_secure(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"ckks,secagg+"`` to secure-aggregation modes (each one arm); ``"none"``: no secure arm.
+
+    Raises
+    ------
+    ConfigError
+        An unknown mode (with the closest match).
+    """
+    if text is None:
+        return DEFAULT_SECURE
+    items = text.split(",") if isinstance(text, str) else list(text)
+    allowed = [m for m in SECURE_MODES if m != "none"]
+    modes: list[str] = []
+    for item in items:
+        mode = str(item).strip().lower()
+        if not mode or mode == "none":
+            continue
+        if mode not in allowed:
+            close = difflib.get_close_matches(mode, allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"--secure: expected {', '.join(allowed)} or none, found {mode!r}{hint}"
+            )
+        if mode not in modes:
+            modes.append(mode)
+    return tuple(modes)
+
+
+def _eps_name(eps: float) -> str:
+    return f"dp-eps-{eps:g}"
+
+
+def plan_arms(
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    secure: Sequence[str] = DEFAULT_SECURE,
+    selected: str | Sequence[str] | None = None,
+    dp_mode: str = "sample",
+) -> list[SweepArm]:
+    """The sweep's arms: ``no-dp``, one DP arm per epsilon, one secure arm per mode.
+
+    Parameters
+    ----------
+    epsilons, secure:
+        See :func:`parse_epsilons`, :func:`parse_secure`.
+    selected:
+        Arm names to keep (comma-separated or a list; ``all``/``None``: every planned arm).
+    dp_mode:
+        ``dp-mode`` of the DP arms: ``sample`` (DP-SGD at the sites, the default) or
+        ``client`` (clipped and noised site updates).
+
+    Raises
+    ------
+    ConfigError
+        A selected name that is not a planned arm, nothing left to run, or a bad ``dp_mode``.
+    """
+    if dp_mode not in ("sample", "client"):
+        raise ConfigError(f"--dp-mode: expected sample or client, found {dp_mode!r}")
+    arms = [SweepArm(NO_DP)]
+    arms += [SweepArm(_eps_name(e), dp_mode, float(e)) for e in epsilons]
+    arms += [SweepArm(f"secure-{m}", secure=m) for m in secure]
+    if selected is None:
+        return arms
+    items = selected.split(",") if isinstance(selected, str) else [str(a) for a in selected]
+    wanted = [a.strip().lower() for a in items if a.strip()]
+    if "all" in wanted:
+        return arms
+    names = [a.name for a in arms]
+    for name in wanted:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"--arms: unknown arm {name!r}: this sweep has {', '.join(names)} "
+                f"(set by --epsilons and --secure){hint}"
+            )
+    if not wanted:
+        raise ConfigError(f"--arms: no arm selected; expected one or more of {', '.join(names)}")
+    return [a for a in arms if a.name in wanted]
+
+
+# --------------------------------------------------------------------------------------------
+# traffic
+
+
+def content_bytes(message: Message) -> int:
+    """Bytes of a message's content as Flower serialises it (protobuf ``RecordDict``)."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return int(recorddict_to_proto(message.content).ByteSize())
+
+
+class _Meter:
+    """Counters of the traffic through a grid."""
+
+    def __init__(self) -> None:
+        self.down = 0
+        self.up = 0
+        self.messages = 0
+        self.record_keys: set[str] = set()
+
+    def add(self, message: Message, direction: str) -> None:
+        size = content_bytes(message)
+        if direction == "down":
+            self.down += size
+        else:
+            self.up += size
+        self.messages += 1
+        self.record_keys.update(str(k) for k in message.content.keys())
+
+    def snapshot(self) -> dict[str, int]:
+        return {"down": self.down, "up": self.up, "messages": self.messages}
+
+
+class MeteredGrid(InProcessGrid):
+    """An :class:`~fedseg.federation.inprocess.InProcessGrid` that counts what crosses it.
+
+    ``meter.down`` / ``meter.up``: bytes of the content of the messages sent to the sites and
+    of their replies (:func:`content_bytes`); ``meter.messages``: how many; ``meter.record_keys``:
+    every record name seen (what tells a protocol on the wire). Messages are not kept.
+    """
+
+    def __init__(
+        self,
+        client_app: Any,
+        node_configs: Iterable[Mapping[str, Any]],
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(client_app, node_configs, run_config)
+        self.meter = _Meter()
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Run the messages (see InProcessGrid) and count them and their replies."""
+        batch = list(messages)
+        for msg in batch:
+            self.meter.add(msg, "down")
+        replies = list(super().send_and_receive(batch, timeout=timeout))
+        for reply in replies:
+            self.meter.add(reply, "up")
+        self.sent.clear()  # the base class keeps every message; a sweep would hold GBs
+        return replies
+
+
+# --------------------------------------------------------------------------------------------
+# reading the run's history
+
+
+def epsilon_spent(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The epsilon spent so far, from the last history row that reports one.
+
+    The privacy ledger's entry (``row["privacy"]["epsilon"]``: site to epsilon so far, see
+    README "Differential privacy") is read first. Without it, every finite number in the row
+    under a key naming ``epsilon`` counts (e.g. the sites' ``dp-epsilon`` training metric),
+    except targets and budgets (configured values, not spent ones).
+
+    Returns
+    -------
+    dict or None
+        ``{"max": worst site's epsilon, "values": {site or key path: epsilon}, "round": r,
+        "source": "privacy ledger" | "history"}``; ``None`` when no row reports an epsilon (a
+        run without DP, or a build without the privacy ledger).
+    """
+    for row in reversed(list(history)):
+        ledger = row.get("privacy")
+        per_site = ledger.get("epsilon") if isinstance(ledger, Mapping) else None
+        found: dict[str, float] = {}
+        source = "privacy ledger"
+        if isinstance(per_site, Mapping):
+            found = {str(k): float(v) for k, v in per_site.items() if _finite(v)}
+        if not found:
+            source = "history"
+            _collect_epsilons(row, (), found)
+        if found:
+            return {
+                "max": max(found.values()),
+                "values": found,
+                "round": row.get("round"),
+                "source": source,
+            }
+    return None
+
+
+def _finite(value: Any) -> bool:
+    return (
+        isinstance(value, int | float | np.floating)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def _collect_epsilons(obj: Any, path: tuple[str, ...], out: dict[str, float]) -> None:
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            _collect_epsilons(value, (*path, str(key)), out)
+        return
+    if isinstance(obj, bool) or not isinstance(obj, int | float | np.floating):
+        return
+    names = [p.lower() for p in path]
+    if not any("epsilon" in p for p in names):
+        return
+    if any("target" in p or "budget" in p for p in names):
+        return
+    value = float(obj)
+    if math.isfinite(value):
+        out["/".join(path)] = value
+
+
+def site_failures(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Site replies that failed during a run: rejected training replies and failed evaluations.
+
+    An arm with failures still ends (the quorum decides), but its numbers then come from fewer
+    sites than planned; the report says so.
+
+    Returns
+    -------
+    dict
+        ``count`` (site-round failures in all), ``rounds`` (rounds with at least one) and
+        ``reasons`` (reason or error code to how often).
+    """
+    reasons: dict[str, int] = {}
+    rounds: list[int] = []
+    count = 0
+    for row in history:
+        found = dict(row.get("rejected") or {})
+        failed_eval = dict(row.get("eval-failed") or {})
+        n = len(found) + len(failed_eval)
+        if n:
+            rounds.append(int(row.get("round", 0)))
+            count += n
+        for reason in [*found.values(), *failed_eval.values()]:
+            reasons[str(reason)] = reasons.get(str(reason), 0) + 1
+    return {"count": count, "rounds": rounds, "reasons": reasons}
+
+
+def secure_evidence(record_keys: Iterable[str], history_row: Mapping[str, Any]) -> str | None:
+    """What shows that a secure protocol ran: a non-plain record on the wire or a history key.
+
+    Returns
+    -------
+    str or None
+        A short description of the evidence, ``None`` when the traffic was plain.
+    """
+    extra = sorted(set(record_keys) - _PLAIN_RECORDS)
+    if extra:
+        return f"records on the wire: {', '.join(extra)}"
+    keys: list[str] = []
+    _keys(history_row, keys)
+    hits = [k for k in keys if any(w in k.lower() for w in ("secure", "secagg", "ckks"))]
+    return f"history keys: {', '.join(sorted(set(hits)))}" if hits else None
+
+
+def _keys(obj: Any, out: list[str]) -> None:
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            out.append(str(key))
+            _keys(value, out)
+
+
+# --------------------------------------------------------------------------------------------
+# one arm
+
+
+class ArmUnavailable(Exception):
+    """The arm's feature is not in this build (the reason is the message)."""
+
+
+@dataclass
+class FederationRun:
+    """What :func:`run_arm_federation` returns."""
+
+    history: list[dict[str, Any]]
+    weights: dict[str, np.ndarray]
+    seconds: float
+    traffic: dict[str, Any]
+    record_keys: list[str]
+    cpu_seconds: float = 0.0
+
+
+def run_arm_federation(
+    arm: SweepArm,
+    cfg: FedsegConfig,
+    data: Path,
+    partition: Mapping[str, list[str]],
+    out: Path,
+    *,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+) -> FederationRun:
+    """Run the federation of one arm on a metered in-process grid (see the module docstring).
+
+    Parameters
+    ----------
+    arm:
+        The privacy level.
+    cfg:
+        The sweep's config (strategy, rounds, model...); the arm's keys are set on top.
+    data:
+        Cohort folder.
+    partition:
+        Site name to case ids.
+    out:
+        The arm's run folder (an existing checkpoint there is resumed).
+    progress:
+        Called after each round as ``progress(round, num_rounds, history_row)``.
+
+    Returns
+    -------
+    FederationRun
+
+    Raises
+    ------
+    ArmUnavailable
+        The build refuses the arm's config, or round 1 shows no sign of its feature.
+    """
+    from flwr.app import Context, RecordDict
+
+    from fedseg.data.partition import write_partition
+    from fedseg.federation import site as site_module
+    from fedseg.federation.client_app import build_client_app
+    from fedseg.federation.loop import LoopResult
+    from fedseg.federation.runner import _logs_to
+    from fedseg.federation.server_app import build_server_app
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "partition.csv"
+    write_partition(dict(partition), csv_path)
+    try:
+        arm_cfg = arm.config(cfg).replace(
+            num_sites=len(partition),
+            data_path=str(Path(data).resolve()),
+            partition_file=str(csv_path),
+            out_dir=str(out),
+        )
+    except ConfigError as exc:
+        raise ArmUnavailable(f"the config is refused: {exc}") from None
+    overrides = arm_cfg.to_run_config()
+    holder: dict[str, LoopResult] = {}
+    # per-round traffic and seconds, kept in the run folder so that a resumed arm adds up
+    progress_path = out / PROGRESS
+    earlier = (_load_json(progress_path) or {}).get("rounds", []) if progress_path.is_file() else []
+    rounds: list[dict[str, Any]] = []
+    last = {"down": 0, "up": 0, "messages": 0, "seconds": 0.0, "cpu-seconds": 0.0}
+
+    def on_round(rnd: int, total: int, row: dict[str, Any]) -> None:
+        now = {
+            **grid.meter.snapshot(),
+            "seconds": time.perf_counter() - t0,
+            "cpu-seconds": time.process_time() - c0,
+        }
+        rounds.append({"round": rnd, **{k: now[k] - last[k] for k in last}})
+        last.update(now)
+        kept = [r for r in earlier if r["round"] < rounds[0]["round"]]
+        atomic_write_json(progress_path, {"rounds": kept + rounds})
+        if len(rounds) == 1:
+            _check_feature(arm, row, grid.meter.record_keys)
+        if progress is not None:
+            progress(rnd, total, row)
+
+    server_app = build_server_app(
+        overrides, out=out, progress=on_round, on_result=lambda r: holder.setdefault("r", r)
+    )
+    client_app = build_client_app(overrides)
+    nodes = [{"partition-id": i, "num-partitions": len(partition)} for i in range(len(partition))]
+    grid = MeteredGrid(client_app, nodes, overrides)
+    context = Context(
+        run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(overrides)
+    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        with _logs_to(out / "federation.log"), _quiet(), _calibration_cache():
+            server_app(grid, context)
+    except (ConfigError, NotImplementedError) as exc:
+        raise ArmUnavailable(f"the federation refused it: {exc}") from None
+    finally:
+        # the sites' prepared cases and trainers are cached per process and per config
+        site_module._SITES.clear()
+    tail = time.perf_counter() - t0 - last["seconds"]  # writing the final model
+    if "r" not in holder:
+        raise RuntimeError(f"the federation of arm {arm.name} ended without a result")
+    result = holder["r"]
+    first = rounds[0]["round"] if rounds else result.start_round + 1
+    per_round = [r for r in earlier if r["round"] < first] + rounds
+    down = sum(int(r["down"]) for r in per_round)
+    up = sum(int(r["up"]) for r in per_round)
+    traffic = {
+        "down": down,
+        "up": up,
+        "messages": sum(int(r["messages"]) for r in per_round),
+        "total": down + up,
+        "per-round": per_round,
+        "resumed-after-round": result.start_round,
+    }
+    seconds = sum(float(r["seconds"]) for r in per_round) + tail
+    cpu = time.process_time() - c0 - last["cpu-seconds"]
+    cpu += sum(float(r.get("cpu-seconds", 0.0)) for r in per_round)
+    return FederationRun(
+        history=result.history,
+        weights=result.weights,
+        seconds=seconds,
+        cpu_seconds=cpu,
+        traffic=traffic,
+        record_keys=sorted(grid.meter.record_keys),
+    )
+
+
+@contextlib.contextmanager
+def _calibration_cache() -> Iterator[None]:
+    """Memoise Opacus's noise calibration while an arm runs in this process.
+
+    With ``dp-target-epsilon`` every site calibrates its noise multiplier again at the start of
+    every round (:func:`fedseg.site.privacy.calibrate_noise` calls
+    :func:`opacus.accountants.utils.get_noise_multiplier`: a binary search over RDP
+    computations, seconds to tens of seconds a call here). The result is a pure function of
+    its arguments, and all sites of the sweep live in this process, so one value per site is
+    computed and reused: the same noise, without 4 sites x rounds searches. Restored on exit.
+    """
+    try:
+        import opacus.accountants.utils as opacus_utils
+    except ImportError:  # no Opacus: nothing to calibrate
+        yield
+        return
+    original = opacus_utils.get_noise_multiplier
+    cache: dict[tuple[Any, ...], float] = {}
+
+    def cached(*args: Any, **kwargs: Any) -> float:
+        key = (repr(args), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        if key not in cache:
+            cache[key] = original(*args, **kwargs)
+        return cache[key]
+
+    opacus_utils.get_noise_multiplier = cached
+    try:
+        yield
+    finally:
+        opacus_utils.get_noise_multiplier = original
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep fedseg's round lines in the arm's log only, and Opacus's notices off the console.
+
+    Opacus configures the root logger when imported, so fedseg's INFO lines would reach the
+    console through propagation; they are already in ``federation.log``.
+    """
+    ours = logging.getLogger("fedseg")
+    before = ours.propagate
+    ours.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            yield
+    finally:
+        ours.propagate = before
+
+
+def _check_feature(arm: SweepArm, row: Mapping[str, Any], record_keys: Iterable[str]) -> None:
+    """Stop an arm whose first round shows no sign of its feature (not in this build)."""
+    if arm.dp_mode == "none" and arm.secure == "none":
+        return
+    if row.get("status") != "ok":
+        raise ArmUnavailable(
+            f"round 1 failed with it ({row.get('reason') or 'no reason given'}; "
+            f"rejected: {row.get('rejected') or {}})"
+        )
+    if arm.dp_mode != "none" and epsilon_spent([row]) is None:
+        raise ArmUnavailable(
+            f"dp-mode '{arm.dp_mode}' ran round 1 without reporting an epsilon in the history "
+            "(differential privacy is not implemented in this build)"
+        )
+    if arm.secure != "none" and secure_evidence(record_keys, row) is None:
+        raise ArmUnavailable(
+            f"secure-aggregation '{arm.secure}' ran round 1 with plain records only "
+            "(not implemented in this build)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep
+
+
+def run_privacy_sweep(
+    out: Path,
+    cfg: FedsegConfig,
+    *,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    secure: Sequence[str] = DEFAULT_SECURE,
+    arms: str | Sequence[str] | None = None,
+    dp_mode: str = "sample",
+    data: Path | None = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Run the privacy-utility sweep (see the module docstring) and write its outputs.
+
+    Parameters
+    ----------
+    out:
+        Output folder.
+    cfg:
+        The federation's config (``strategy``, ``num-server-rounds``, ``local-epochs``, model,
+        cohort, ``dp-delta``, ``dp-clip-norm``...). ``dp-mode``, ``dp-target-epsilon`` and
+        ``secure-aggregation`` are set per arm.
+    epsilons, secure, arms, dp_mode:
+        See :func:`plan_arms`.
+    data:
+        A labelled dataset folder; ``None`` generates the default study's cohort in ``out/data``.
+    progress:
+        Progress bars and the site table on stderr.
+    resume:
+        Keep arms finished earlier with the same configuration (``False``: rerun them).
+
+    Returns
+    -------
+    dict
+        The content of ``privacy.json``: ``format``, ``config``, ``sweep`` (settings, cohort,
+        timing), ``arms`` (name to result) and ``outputs`` (file names).
+
+    Raises
+    ------
+    ConfigError
+        Bad arm selection, or a bad setting of the cohort / partition.
+    fedseg.errors.DataError
+        The data cannot be read or partitioned.
+    """
+    from fedseg.study.study import _cohort, _console, _make_sites
+    from fedseg.utils.runtime import pick_device
+
+    planned = plan_arms(epsilons, secure, arms, dp_mode)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = _console(progress)
+    t_start = time.perf_counter()
+    data_dir, generated = _cohort(out, cfg, data, progress)
+    sites, summary = _make_sites(out, cfg, data_dir, progress, console)
+    device = pick_device()
+
+    results: dict[str, dict[str, Any]] = {}
+    for arm in planned:
+        path = out / "arms" / arm.name / "result.json"
+        try:
+            arm_cfg = arm.config(cfg)
+        except ConfigError as exc:  # a mode this build refuses (e.g. not implemented yet)
+            results[arm.name] = {**_arm_base(arm, cfg), "status": "skipped", "reason": str(exc)}
+            shutil.rmtree(out / "arms" / arm.name, ignore_errors=True)
+            if console is not None:
+                console.print(_one_line(results[arm.name]))
+            continue
+        wanted = _comparable(arm_cfg, data_dir, sites.parts)
+        if resume and path.is_file():
+            previous = _load_json(path)
+            if previous is not None and previous.get("fingerprint") == wanted:
+                if previous.get("status") == "ok" and "site-failures" not in previous:
+                    history = _load_json(path.parent / "history.json") or {}
+                    previous["site-failures"] = site_failures(history.get("rounds", []))
+                results[arm.name] = previous
+                if console is not None:
+                    console.print(f"[dim]{arm.name}: finished earlier, results reused[/dim]")
+                continue
+        folder = out / "arms" / arm.name
+        started = _load_json(folder / ARM_MARKER) if (folder / ARM_MARKER).is_file() else None
+        if not resume or started != wanted:  # an interrupted arm of this config is resumed
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            atomic_write_json(folder / ARM_MARKER, wanted)
+        res = _run_arm(arm, out, cfg, data_dir, sites, device, progress)
+        res["fingerprint"] = wanted
+        atomic_write_json(path, res)
+        results[arm.name] = res
+        if console is not None:
+            console.print(_one_line(res))
+
+    doc: dict[str, Any] = {
+        "format": SWEEP_FORMAT,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": cfg.to_run_config(),
+        "sweep": {
+            "arms": [a.name for a in planned],
+            "epsilons": list(epsilons),
+            "dp-mode": dp_mode,
+            "secure": list(secure),
+            "strategy": cfg.strategy,
+            "num-sites": len(sites.parts),
+            "partition": cfg.partition,
+            "num-server-rounds": cfg.num_server_rounds,
+            "local-epochs": cfg.local_epochs,
+            "dp-delta": cfg.dp_delta,
+            "dp-clip-norm": cfg.dp_clip_norm,
+            "data": str(data_dir),
+            "generated": generated,
+            "num-cases": sum(len(v) for v in sites.parts.values()),
+            "num-train": len(sites.pooled_train),
+            "num-test": len(sites.pooled_test),
+            "device": str(device),
+            "seconds": time.perf_counter() - t_start,
+        },
+        "sites": summary,
+        "arms": results,
+    }
+    doc["utility-target"] = utility_target(results)
+    write_outputs(out, doc)
+    return doc
+
+
+def _run_arm(
+    arm: SweepArm,
+    out: Path,
+    cfg: FedsegConfig,
+    data_dir: Path,
+    sites: Any,
+    device: Any,
+    progress: bool,
+) -> dict[str, Any]:
+    from fedseg.federation.server_app import initial_model
+    from fedseg.privacy.mia import run_mia
+    from fedseg.study.study import _Bar, _evaluate_models, _evaluator, _mean_from_info
+
+    base = _arm_base(arm, cfg)
+    folder = out / "arms" / arm.name
+    try:
+        with _Bar(arm.name, cfg.num_server_rounds, "round", progress) as bar:
+            run = run_arm_federation(
+                arm,
+                cfg,
+                data_dir,
+                sites.parts,
+                folder,
+                progress=lambda r, n, info: bar.step(_mean_from_info(info)),
+            )
+    except ArmUnavailable as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("arm %s skipped: %s", arm.name, exc)
+        return {**base, "status": "skipped", "reason": str(exc)}
+
+    t0 = time.perf_counter()
+    evaluator = _evaluator(arm.config(cfg), device)
+    ev = _evaluate_models(evaluator, run.weights, None, sites.test)
+    reference, _ = initial_model(cfg)
+    mia = run_mia(
+        cfg, run.weights, sites.pooled_train, sites.pooled_test, reference=reference, device=device
+    )
+    cases = mia.pop("cases")
+    atomic_write_csv(
+        folder / "mia_cases.csv",
+        [{"case": cid, **row} for cid, row in sorted(cases.items())],
+        ["case", "member", "loss", "dice", "loss-reference"],
+    )
+    failed = [r["round"] for r in run.history if r.get("status") != "ok"]
+    faults = site_failures(run.history)
+    return {
+        **base,
+        "status": "ok",
+        "reason": "",
+        "metrics": ev["metrics"],
+        "epsilon": epsilon_spent(run.history),
+        "mia": mia,
+        "traffic": run.traffic,
+        "record-keys": run.record_keys,
+        "failed-rounds": failed,
+        "site-failures": faults,
+        "timings": {
+            "federation-seconds": run.seconds,
+            # this process's CPU time (the sites train in it): a cost figure that a busy,
+            # shared machine inflates far less than the wall time
+            "federation-cpu-seconds": run.cpu_seconds,
+            "round-seconds": [float(r.get("round-seconds") or 0.0) for r in run.history],
+            "evaluation-seconds": time.perf_counter() - t0,
+        },
+        "history": "history.json",
+    }
+
+
+def _arm_base(arm: SweepArm, cfg: FedsegConfig) -> dict[str, Any]:
+    return {
+        "arm": arm.name,
+        "dp-mode": arm.dp_mode,
+        "target-epsilon": arm.target_epsilon,
+        "secure-aggregation": arm.secure,
+        "delta": cfg.dp_delta,
+    }
+
+
+def _comparable(
+    cfg: FedsegConfig, data_dir: Path, parts: Mapping[str, list[str]]
+) -> dict[str, Any]:
+    conf = {k: v for k, v in cfg.to_run_config().items() if k not in _NOT_COMPARED}
+    return {"config": conf, "data": str(Path(data_dir).resolve()), "partition": dict(parts)}
+
+
+def _load_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _one_line(res: Mapping[str, Any]) -> str:
+    if res.get("status") != "ok":
+        return f"[bold]{res['arm']}[/bold]: skipped ({res.get('reason')})"
+    row = table_row(res, None)
+    eps = "-" if row["epsilon_spent"] is None else f"{row['epsilon_spent']:.2f}"
+    return (
+        f"[bold]{res['arm']}[/bold]: mean Dice {row['mean_dice']:.3f}, epsilon {eps}, "
+        f"MIA AUC {row['mia_auc_loss']:.2f}, {row['federation_seconds']:.0f} s, "
+        f"{row['mb_sent']:.1f} MB"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+
+
+def _pooled_mean(res: Mapping[str, Any]) -> float | None:
+    pooled = res.get("metrics", {}).get("pooled")
+    if not pooled:
+        return None
+    if pooled.get("mean-dice") is not None:
+        return float(pooled["mean-dice"])
+    return float(np.mean([pooled[r]["dice"] for r in REGIONS]))
+
+
+def table_row(res: Mapping[str, Any], reference: float | None) -> dict[str, Any]:
+    """One row of ``privacy.csv`` for an arm result (``reference``: no-DP mean Dice)."""
+    row: dict[str, Any] = {
+        "arm": res["arm"],
+        "status": res.get("status"),
+        "dp_mode": res.get("dp-mode"),
+        "target_epsilon": res.get("target-epsilon") or None,
+        "delta": res.get("delta") if res.get("dp-mode") != "none" else None,
+        "secure_aggregation": res.get("secure-aggregation"),
+        "reason": res.get("reason", ""),
+        "epsilon_spent": None,
+    }
+    if res.get("status") != "ok":
+        return row
+    pooled = res["metrics"]["pooled"]
+    mean = _pooled_mean(res)
+    eps = res.get("epsilon")
+    traffic = res.get("traffic", {})
+    mia = res.get("mia", {})
+    loss_attack = mia.get("loss", {})
+    se = None
+    if loss_attack.get("auc") is not None:
+        from fedseg.privacy.mia import auc_standard_error
+
+        se = auc_standard_error(
+            loss_attack["auc"], loss_attack["num-members"], loss_attack["num-nonmembers"]
+        )
+    row.update(
+        {
+            **{r: pooled[r]["dice"] for r in REGIONS},
+            "mean_dice": mean,
+            "dice_drop_vs_no_dp": None if reference is None or mean is None else reference - mean,
+            "epsilon_spent": None if not eps else eps["max"],
+            "mia_auc_loss": loss_attack.get("auc"),
+            "mia_auc_loss_se": se,
+            "mia_auc_dice": mia.get("dice", {}).get("auc"),
+            "mia_auc_calibrated": mia.get("calibrated", {}).get("auc"),
+            "mia_tpr_at_fpr_0.1": mia.get("loss", {}).get("tpr-at-fpr", {}).get("0.1"),
+            "federation_seconds": res["timings"]["federation-seconds"],
+            "federation_cpu_seconds": res["timings"].get("federation-cpu-seconds"),
+            "mb_sent": traffic.get("total", 0) / 1e6,
+            "mb_down": traffic.get("down", 0) / 1e6,
+            "mb_up": traffic.get("up", 0) / 1e6,
+            "num_messages": traffic.get("messages"),
+            "site_failures": (res.get("site-failures") or {}).get("count"),
+        }
+    )
+    return row
+
+
+def table_rows(arms: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``privacy.csv`` rows, one per arm, with the Dice drop against ``no-dp`` when it ran."""
+    ref_res = arms.get(NO_DP)
+    reference = _pooled_mean(ref_res) if ref_res and ref_res.get("status") == "ok" else None
+    return [table_row(res, reference) for res in arms.values()]
+
+
+def utility_target(arms: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The issue's utility target: at epsilon 8, mean Dice within 5 points of no-DP.
+
+    Returns
+    -------
+    dict
+        ``met`` (True / False, or None when either arm did not run), ``no-dp``, ``dp`` (mean
+        Dice), ``drop``, ``arm``, ``margin``.
+    """
+    name = _eps_name(UTILITY_EPSILON)
+    ref, dp = arms.get(NO_DP), arms.get(name)
+    out: dict[str, Any] = {"arm": name, "margin": UTILITY_MARGIN, "met": None}
+    if not ref or not dp or ref.get("status") != "ok" or dp.get("status") != "ok":
+        out["note"] = f"needs both {NO_DP} and {name} to have run"
+        return out
+    a, b = _pooled_mean(ref), _pooled_mean(dp)
+    if a is None or b is None:
+        out["note"] = "no pooled Dice"
+        return out
+    out.update({"no-dp": a, "dp": b, "drop": a - b, "met": bool(a - b <= UTILITY_MARGIN + 1e-9)})
+    return out
+
+
+def write_outputs(out: Path, doc: dict[str, Any]) -> None:
+    """``privacy.csv``, the three PNGs, ``report.html`` and ``privacy.json`` into ``out``."""
+    from fedseg.study.privacy_report import cost_bars, dice_vs_epsilon, mia_vs_epsilon, write
+
+    rows = table_rows(doc["arms"])
+    atomic_write_csv(out / "privacy.csv", rows, CSV_FIELDS)
+    figures = {
+        "dice_vs_epsilon.png": dice_vs_epsilon(rows),
+        "mia_vs_epsilon.png": mia_vs_epsilon(rows),
+        "cost.png": cost_bars(rows),
+    }
+    for name, png in figures.items():
+        (out / name).write_bytes(png)
+    report = write(out / "report.html", doc, rows, figures)
+    doc["outputs"] = {
+        "table": "privacy.csv",
+        "figures": sorted(figures),
+        "report": "report.html",
+    }
+    doc["report"] = str(report)
+    atomic_write_json(out / "privacy.json", doc)

@@ -1,0 +1,544 @@
+"""The attack-by-defence study (#5): how much one or two poisoned hospitals hurt, and what helps.
+
+For each *setting* (``1of4``: 1 malicious site among 4; ``2of6``: 2 among 6) the cohort is split
+into ``n`` sites with the study's partition, the first ``m`` sites (by name) are made malicious
+(run-config ``malicious-sites``), and every cell *attack x defence* is one federated run through
+the real ServerApp strategy and ClientApp code path on an :class:`InProcessGrid` (no Ray
+start-up per cell). A cell's score is the final global model's mean Dice (WT, TC, ET averaged)
+on the pooled held-out cases of all sites (each site's held-out split, case-weighted), the same
+number the round loop records as ``mean-dice``. Each setting also runs the no-attack FedAvg
+reference.
+
+Defences
+--------
+``fedavg`` (no defence), ``median``, ``trimmed-mean`` (cutting exactly ``m`` per end: trim
+``m / n``), ``krum``, ``multi-krum``, ``bulyan`` (``byzantine-sites = m``), ``clip`` (FedAvg of
+updates clipped to the median L2 norm of the honest updates seen in that setting's clean
+reference run) and ``anomaly`` (FedAvg after dropping updates more than
+:data:`ANOMALY_THRESHOLD` times farther than typical from the median update). A rule whose
+bound the setting violates (Krum and Multi-Krum need ``n > 2m + 2``, Bulyan ``n >= 4m + 3``)
+is not run: its cell is ``n/a`` with the bound as the reason.
+
+Attack strengths (:data:`STRENGTHS`) are fixed per attack so that cells compare; see
+:mod:`fedseg.site.attacks` for what each attack does.
+
+Outputs in ``OUT``: ``robustness.json`` (every cell, written after each so that a rerun resumes),
+``robustness.csv``, ``heatmap-<setting>.png`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedseg.config import ATTACKS, FedsegConfig
+from fedseg.data.case import REGIONS
+from fedseg.errors import ConfigError
+from fedseg.utils.io import atomic_write_json, atomic_write_text
+
+#: every defence the study knows, in display order
+DEFENCES: tuple[str, ...] = (
+    "fedavg",
+    "median",
+    "trimmed-mean",
+    "krum",
+    "multi-krum",
+    "bulyan",
+    "clip",
+    "anomaly",
+)
+DEFAULT_DEFENCES: tuple[str, ...] = ("fedavg", "median", "trimmed-mean", "krum", "clip", "anomaly")
+DEFAULT_ATTACKS: tuple[str, ...] = ("scale", "sign-flip", "lie", "label-flip")
+DEFAULT_SETTINGS: tuple[str, ...] = ("1of4", "2of6")
+
+#: attack-strength per attack in the study (boost, reversal, noise multiplier, z)
+STRENGTHS: dict[str, float] = {
+    "sign-flip": 4.0,
+    "scale": 100.0,
+    "noise": 100.0,
+    "lie": 1.5,
+    "free-rider": 1.0,
+    "nan": 1.0,
+    "label-flip": 1.0,
+    "backdoor": 1.0,
+}
+#: ``anomaly-threshold`` of the ``anomaly`` defence
+ANOMALY_THRESHOLD = 3.0
+RESULTS = "robustness.json"
+CLEAN = "none"  # the attack name of the no-attack reference
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """``m`` malicious sites among ``n``."""
+
+    malicious: int
+    sites: int
+
+    @property
+    def name(self) -> str:
+        """``"1of4"``."""
+        return f"{self.malicious}of{self.sites}"
+
+    def malicious_sites(self) -> list[str]:
+        """The malicious site names: the first ``m`` (``site-0``, ...)."""
+        return [f"site-{i}" for i in range(self.malicious)]
+
+
+def parse_settings(text: str | Sequence[str]) -> list[Setting]:
+    """``"1of4,2of6"`` -> settings.
+
+    Raises
+    ------
+    ConfigError
+        Not ``MofN`` with ``1 <= M < N / 2`` (a majority must stay honest) and ``N >= 2``.
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[Setting] = []
+    for raw in items:
+        item = raw.strip().lower()
+        m_text, sep, n_text = item.partition("of")
+        if not sep or not m_text.isdigit() or not n_text.isdigit():
+            raise ConfigError(f"--settings {raw!r}: expected MofN, e.g. 1of4")
+        m, n = int(m_text), int(n_text)
+        if not (1 <= m and 2 * m < n):
+            raise ConfigError(
+                f"--settings {raw!r}: expected 1 <= M < N/2 (a majority of honest sites)"
+            )
+        out.append(Setting(m, n))
+    if not out:
+        raise ConfigError("--settings: give at least one MofN")
+    return out
+
+
+def _parse_list(text: str | Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
+    import difflib
+
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = [i.strip() for i in items if i.strip()]
+    for item in out:
+        if item not in allowed:
+            close = difflib.get_close_matches(item, list(allowed), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"--{what} {item!r}: expected some of {', '.join(allowed)}{hint}")
+    if not out:
+        raise ConfigError(f"--{what}: give at least one")
+    return out
+
+
+def parse_attacks(text: str | Sequence[str]) -> list[str]:
+    """Comma-separated attacks (:data:`fedseg.config.ATTACKS` but ``none``)."""
+    return _parse_list(text, [a for a in ATTACKS if a != "none"], "attacks")
+
+
+def parse_defences(text: str | Sequence[str]) -> list[str]:
+    """Comma-separated defences (:data:`DEFENCES`)."""
+    return _parse_list(text, DEFENCES, "defences")
+
+
+def infeasible(defence: str, setting: Setting) -> str | None:
+    """Why ``defence`` cannot run in ``setting`` (its bound on ``n`` and ``f = m``), or ``None``."""
+    m, n = setting.malicious, setting.sites
+    if defence in ("krum", "multi-krum") and not n > 2 * m + 2:
+        return f"{defence} needs n > 2f + 2 = {2 * m + 2} sites"
+    if defence == "bulyan" and not n >= 4 * m + 3:
+        return f"bulyan needs n >= 4f + 3 = {4 * m + 3} sites"
+    return None
+
+
+def defence_config(defence: str, setting: Setting, clip_norm: float) -> dict[str, Any]:
+    """The config keys of a defence in a setting (see the module docstring)."""
+    m, n = setting.malicious, setting.sites
+    if defence == "fedavg":
+        return {"aggregator": "mean"}
+    if defence == "trimmed-mean":
+        return {"aggregator": "trimmed-mean", "trim-fraction": (m + 0.5) / n}
+    if defence in ("median", "krum", "multi-krum", "bulyan"):
+        return {"aggregator": defence, "byzantine-sites": m}
+    if defence == "clip":
+        return {"aggregator": "mean", "update-clip-norm": clip_norm}
+    if defence == "anomaly":
+        return {"aggregator": "mean", "anomaly-threshold": ANOMALY_THRESHOLD}
+    raise ConfigError(f"unknown defence {defence!r}")
+
+
+# ------------------------------------------------------------------------------ one cell
+def run_cell(
+    cfg: FedsegConfig,
+    data: Path,
+    partition_csv: Path,
+    num_sites: int,
+    *,
+    record_norms: bool = False,
+) -> dict[str, Any]:
+    """One federated run on an :class:`InProcessGrid`; returns its final scores.
+
+    Returns
+    -------
+    dict
+        ``dice`` (mean over regions of the last round's pooled ``mean-dice``, ``None`` when no
+        site could be scored), ``dice-regions``, ``failed-rounds``, ``rejected`` (site ->
+        rounds it was left out), ``seconds`` and, with ``record_norms``, ``update-norms`` (L2
+        norms of every reply's delta to the model it was sent).
+    """
+    from fedseg.federation import records as R
+    from fedseg.federation.client_app import build_client_app
+    from fedseg.federation.inprocess import InProcessGrid
+    from fedseg.federation.loop import run_rounds
+    from fedseg.federation.server_app import initial_model
+    from fedseg.federation.strategy import FedsegStrategy
+
+    run_cfg = cfg.replace(
+        data_path=str(data), partition_file=str(partition_csv), num_sites=num_sites, out_dir=""
+    )
+    app = build_client_app(run_cfg.to_run_config())
+    grid = InProcessGrid(app, [{"partition-id": i} for i in range(num_sites)])
+    norms: list[float] = []
+    if record_norms:
+
+        def record(msg: Any, reply: Any) -> Any:
+            if msg.metadata.message_type == "train" and reply is not None and reply.has_content():
+                rec = reply.content.array_records.get(R.ARRAYS)
+                if rec is not None:
+                    sent = R.from_array_record(msg.content.array_records[R.ARRAYS])
+                    got = R.from_array_record(rec)
+                    sq = sum(
+                        float(np.sum((got[k].astype(np.float64) - sent[k]) ** 2)) for k in sent
+                    )
+                    norms.append(math.sqrt(sq))
+            return reply
+
+        for node in grid.contexts:
+            grid.faults[node] = record
+    initial, names = initial_model(run_cfg)
+    strategy = FedsegStrategy(run_cfg, param_names=names, num_sites=num_sites)
+    t0 = time.perf_counter()
+    result = run_rounds(grid, strategy, initial, run_cfg)
+    seconds = time.perf_counter() - t0
+    last = result.history[-1] if result.history else {}
+    regions = {r: v for r, v in (last.get("mean-dice") or {}).items() if v is not None}
+    rejected: dict[str, int] = {}
+    for row in result.history:
+        for site in row.get("rejected", {}):
+            rejected[site] = rejected.get(site, 0) + 1
+    out: dict[str, Any] = {
+        "dice": float(np.mean([regions[r] for r in REGIONS if r in regions])) if regions else None,
+        "dice-regions": regions,
+        "failed-rounds": [r["round"] for r in result.history if r.get("status") != "ok"],
+        "rejected": rejected,
+        "seconds": seconds,
+    }
+    if record_norms:
+        out["update-norms"] = norms
+    return out
+
+
+# ------------------------------------------------------------------------------ the matrix
+def _fingerprint(cfg: FedsegConfig, data: Path) -> str:
+    keep = {
+        k: v
+        for k, v in cfg.to_run_config().items()
+        if k not in ("out-dir", "data-path", "partition-file", "num-sites")
+    }
+    text = json.dumps({"cfg": keep, "data": str(data)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_robustness(
+    cfg: FedsegConfig,
+    out: Path,
+    *,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    defences: Sequence[str] = DEFAULT_DEFENCES,
+    settings: Sequence[Setting] = (),
+    data: Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the attack x defence matrix and write ``OUT`` (see the module docstring).
+
+    Parameters
+    ----------
+    cfg:
+        Model, optimisation and federation settings (rounds, local epochs, partition, seed);
+        the robustness keys are set per cell.
+    out:
+        The study folder; results already there for the same configuration are reused.
+    attacks, defences, settings:
+        The matrix (defaults :data:`DEFAULT_ATTACKS`, :data:`DEFAULT_DEFENCES`,
+        :data:`DEFAULT_SETTINGS`).
+    data:
+        A dataset folder; by default a synthetic cohort of ``num-cases`` is generated into
+        ``OUT/data`` once.
+    progress:
+        Called with one line of text per finished cell.
+
+    Returns
+    -------
+    dict
+        The result document written to ``OUT/robustness.json``.
+
+    Raises
+    ------
+    ConfigError
+        A bad matrix, or a cohort too small for a setting's number of sites.
+    """
+    from fedseg.data.partition import case_attributes, partition, write_partition
+    from fedseg.study.study import _cohort
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = list(settings) or parse_settings(",".join(DEFAULT_SETTINGS))
+    attacks = list(attacks)
+    defences = list(defences)
+    say = progress or (lambda _line: None)
+    t_start = time.perf_counter()
+    data_dir, generated = _cohort(out, cfg, data, progress=False)
+    base = cfg.replace(
+        attack="none",
+        malicious_sites="",
+        aggregator="mean",
+        update_clip_norm=0.0,
+        anomaly_threshold=0.0,
+        strategy="fedavg",
+    )
+    fp = _fingerprint(base, data_dir)
+    path = out / RESULTS
+    doc: dict[str, Any] = {}
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found.get("fingerprint") == fp:
+            doc = found
+    doc.update(
+        {
+            "fingerprint": fp,
+            "config": base.to_run_config(),
+            "data": str(data_dir),
+            "generated": generated,
+            "attacks": attacks,
+            "defences": defences,
+            "settings": [s.name for s in settings],
+            "strengths": {a: STRENGTHS[a] for a in attacks},
+            "anomaly-threshold": ANOMALY_THRESHOLD,
+        }
+    )
+    cells: dict[str, Any] = doc.setdefault("cells", {})
+    attrs = list(case_attributes(data_dir).values())
+    for setting in settings:
+        sname = setting.name
+        parts = partition(
+            attrs, setting.sites, cfg.partition, alpha=cfg.partition_alpha, seed=cfg.seed
+        )
+        csv_path = out / f"partition-{sname}.csv"
+        write_partition(parts, csv_path)
+        bad = setting.malicious_sites()
+        per = cells.setdefault(sname, {})
+        ref_key = f"{CLEAN}|fedavg"
+        if ref_key not in per:
+            res = run_cell(base, data_dir, csv_path, setting.sites, record_norms=True)
+            per[ref_key] = res
+            atomic_write_json(path, doc)
+            say(f"{sname} reference (no attack, FedAvg): Dice {_fmt(res['dice'])}")
+        honest_norms = per[ref_key].get("update-norms") or [1.0]
+        clip_norm = float(np.median(honest_norms))
+        doc.setdefault("clip-norm", {})[sname] = clip_norm
+        for attack in attacks:
+            for defence in defences:
+                key = f"{attack}|{defence}"
+                if key in per:
+                    continue
+                why = infeasible(defence, setting)
+                if why is not None:
+                    per[key] = {"dice": None, "na": why}
+                    atomic_write_json(path, doc)
+                    continue
+                keys = {
+                    "attack": attack,
+                    "attack-strength": STRENGTHS[attack],
+                    "malicious-sites": ",".join(bad),
+                    **defence_config(defence, setting, clip_norm),
+                }
+                cell_cfg = FedsegConfig.from_run_config({**base.to_run_config(), **keys})
+                res = run_cell(cell_cfg, data_dir, csv_path, setting.sites)
+                per[key] = res
+                atomic_write_json(path, doc)
+                say(
+                    f"{sname} {attack:>10} x {defence:<12} Dice {_fmt(res['dice'])} "
+                    f"({res['seconds']:.0f} s)"
+                )
+    doc["seconds-this-invocation"] = time.perf_counter() - t_start
+    atomic_write_json(path, doc)
+    write_outputs(out, doc)
+    return doc
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.3f}"
+
+
+def matrix(doc: Mapping[str, Any], setting: str) -> tuple[list[str], list[str], np.ndarray]:
+    """Defences (rows) x attacks (columns) of final mean Dice (NaN: n/a or not run)."""
+    rows, cols = list(doc["defences"]), list(doc["attacks"])
+    per = doc.get("cells", {}).get(setting, {})
+    m = np.full((len(rows), len(cols)), np.nan)
+    for i, d in enumerate(rows):
+        for j, a in enumerate(cols):
+            v = per.get(f"{a}|{d}", {}).get("dice")
+            if v is not None:
+                m[i, j] = float(v)
+    return rows, cols, m
+
+
+def reference(doc: Mapping[str, Any], setting: str) -> float | None:
+    """The no-attack FedAvg Dice of a setting."""
+    return doc.get("cells", {}).get(setting, {}).get(f"{CLEAN}|fedavg", {}).get("dice")
+
+
+def write_outputs(out: Path, doc: Mapping[str, Any]) -> None:
+    """``robustness.csv``, ``heatmap-<setting>.png`` and ``report.html`` from the document."""
+    from fedseg.study.plots import site_heatmap
+
+    rows_out = []
+    figures: dict[str, bytes] = {}
+    for setting in doc["settings"]:
+        ref = reference(doc, setting)
+        per = doc.get("cells", {}).get(setting, {})
+        for key, cell in per.items():
+            attack, defence = key.split("|")
+            dice = cell.get("dice")
+            rows_out.append(
+                {
+                    "setting": setting,
+                    "attack": attack,
+                    "defence": defence,
+                    "dice": "" if dice is None else f"{dice:.4f}",
+                    "clean-fedavg-dice": "" if ref is None else f"{ref:.4f}",
+                    "drop": "" if dice is None or ref is None else f"{ref - dice:.4f}",
+                    "note": cell.get("na", ""),
+                }
+            )
+        rows, cols, m = matrix(doc, setting)
+        title = f"{setting}: final mean Dice (clean FedAvg {_fmt(ref)})"
+        figures[setting] = site_heatmap(
+            m, rows, cols, title=title, row_label="defence", col_label="attack"
+        )
+        (out / f"heatmap-{setting}.png").write_bytes(figures[setting])
+    with open(out / "robustness.csv", "w", newline="") as fh:
+        fields = ["setting", "attack", "defence", "dice", "clean-fedavg-dice", "drop", "note"]
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows_out)
+    atomic_write_text(out / "report.html", render_report(doc, figures))
+
+
+def findings(doc: Mapping[str, Any], setting: str, tolerance: float = 0.03) -> list[str]:
+    """Plain sentences from the numbers: FedAvg's damage and the defences that recover."""
+    ref = reference(doc, setting)
+    if ref is None:
+        return [f"{setting}: the clean reference has no score."]
+    rows, cols, m = matrix(doc, setting)
+    out = []
+    if "fedavg" in rows:
+        fav = m[rows.index("fedavg")]
+        for j, a in enumerate(cols):
+            if np.isfinite(fav[j]):
+                recovered = [
+                    rows[i]
+                    for i in range(len(rows))
+                    if rows[i] != "fedavg" and np.isfinite(m[i, j]) and m[i, j] >= ref - tolerance
+                ]
+                out.append(
+                    f"{setting}, {a}: FedAvg {fav[j]:.3f} vs clean {ref:.3f} "
+                    f"(drop {ref - fav[j]:+.3f}); within {tolerance:.2f} of clean: "
+                    f"{', '.join(recovered) if recovered else 'no defence'}."
+                )
+    return out
+
+
+def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
+    """The HTML report (styles and helpers of :mod:`fedseg.study.report`)."""
+    from fedseg.study.report import _CSS, _e, _f, _img, _table
+
+    cfg = doc.get("config", {})
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>fedseg robustness study</title><style>{_CSS}</style></head><body>",
+        "<h1>fedseg robustness: attacks x defences</h1>",
+        '<p class="sub">Final mean Dice (WT, TC, ET averaged) of the global model on the pooled '
+        "held-out cases of all sites. Higher is better; n/a: the rule's bound on n and f is not "
+        "met in that setting.</p>",
+    ]
+    kv = [
+        (
+            "data",
+            f"<code>{_e(doc.get('data'))}</code>"
+            + (" (synthetic, generated)" if doc.get("generated") else ""),
+        ),
+        (
+            "model",
+            f"{_e(cfg.get('spatial-dims'))}D U-Net, {_e(cfg.get('image-size'))} px, base "
+            f"channels {_e(cfg.get('base-channels'))}, depth {_e(cfg.get('depth'))}",
+        ),
+        (
+            "federation",
+            f"{_e(cfg.get('num-server-rounds'))} rounds x "
+            f"{_e(cfg.get('local-epochs'))} local epoch(s), partition "
+            f"<code>{_e(cfg.get('partition'))}</code>, seed {_e(cfg.get('seed'))}",
+        ),
+        ("attack strengths", ", ".join(f"{_e(a)} {_e(s)}" for a, s in doc["strengths"].items())),
+        (
+            "clip bound (median honest update norm, clean run)",
+            ", ".join(f"{_e(s)}: {_f(v, 4)}" for s, v in doc.get("clip-norm", {}).items()),
+        ),
+        ("anomaly threshold", _e(doc.get("anomaly-threshold"))),
+        ("time", f"{_f(doc.get('seconds-this-invocation'), 0)} s for the last invocation"),
+    ]
+    parts.append(
+        '<table class="kv"><tbody>'
+        + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in kv)
+        + "</tbody></table>"
+    )
+    for setting in doc["settings"]:
+        m_sites = setting.split("of")
+        parts.append(
+            f"<h2>{_e(m_sites[0])} of {_e(m_sites[1])} sites malicious ({_e(setting)})</h2>"
+        )
+        notes = findings(doc, setting)
+        parts.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+        if setting in figures:
+            parts.append(_img(figures[setting], f"heatmap {setting}"))
+        rows, cols, m = matrix(doc, setting)
+        per = doc.get("cells", {}).get(setting, {})
+        body = []
+        for i, d in enumerate(rows):
+            cells = [_e(d)]
+            for j, a in enumerate(cols):
+                cell = per.get(f"{a}|{d}", {})
+                cells.append(_e("n/a") if "na" in cell else _f(m[i, j]))
+            body.append(cells)
+        parts.append(_table(["defence \\ attack", *(_e(c) for c in cols)], body))
+        na = sorted({c["na"] for c in per.values() if "na" in c})
+        if na:
+            parts.append('<p class="muted">n/a: ' + "; ".join(_e(x) for x in na) + "</p>")
+        dropped = {k: c["rejected"] for k, c in per.items() if c.get("rejected")}
+        if dropped:
+            parts.append(
+                '<p class="muted">sites left out (site: rounds): '
+                + "; ".join(
+                    f"{_e(k)} → " + ", ".join(f"{_e(s)}: {n}" for s, n in v.items())
+                    for k, v in dropped.items()
+                )
+                + "</p>"
+            )
+    parts.append("</body></html>")
+    return "\n".join(parts)

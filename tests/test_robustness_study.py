@@ -1,0 +1,119 @@
+"""``fedseg robustness`` (#5): matrix parsing, rule bounds, and a tiny end-to-end study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedseg.cli.main import app
+from fedseg.data.case import Case
+from fedseg.errors import ConfigError
+from fedseg.study.robustness import (
+    Setting,
+    defence_config,
+    infeasible,
+    parse_attacks,
+    parse_defences,
+    parse_settings,
+)
+
+SIZE = 20
+
+
+def write_cohort(root: Path, num_cases: int) -> None:
+    from fedseg.data.readers import save_case
+
+    rng = np.random.default_rng(1)
+    grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing="ij")).astype(np.float32)
+    brain = (((grid - SIZE / 2 + 0.5) / (SIZE * 0.42)) ** 2).sum(0) < 1
+    for i in range(num_cases):
+        centre = rng.integers(7, SIZE - 7, 3)
+        d = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+        label = np.zeros((SIZE,) * 3, np.uint8)
+        label[(d < 3.2) & brain] = 2
+        label[(d < 1.9) & brain] = 1
+        label[(d < 1.0) & brain] = 4
+        image = rng.normal(1.0, 0.1, (4, SIZE, SIZE, SIZE)).astype(np.float32) * brain
+        image[:, label > 0] += 1.0
+        save_case(Case(f"CASE_{i:03d}", image, label, np.eye(4)), root, "brats2021")
+
+
+def test_parse_settings_and_lists() -> None:
+    assert parse_settings("1of4, 2of6") == [Setting(1, 4), Setting(2, 6)]
+    assert parse_attacks("scale,lie") == ["scale", "lie"]
+    assert parse_defences("median") == ["median"]
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda: parse_settings("2of4"), "1 <= M < N/2"),
+        (lambda: parse_settings("one-of-four"), "expected MofN"),
+        (lambda: parse_settings(""), "expected MofN"),
+        (lambda: parse_attacks("scael"), "did you mean 'scale'"),
+        (lambda: parse_attacks("none"), "expected some of"),
+        (lambda: parse_defences("krun"), "did you mean 'krum'"),
+    ],
+)
+def test_bad_matrix_options(call: Any, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        call()
+
+
+def test_rule_bounds_and_defence_keys() -> None:
+    assert infeasible("krum", Setting(1, 4)) == "krum needs n > 2f + 2 = 4 sites"
+    assert infeasible("krum", Setting(1, 5)) is None
+    assert infeasible("bulyan", Setting(1, 6)) == "bulyan needs n >= 4f + 3 = 7 sites"
+    assert infeasible("median", Setting(2, 5)) is None
+    trim = defence_config("trimmed-mean", Setting(2, 6), 1.0)["trim-fraction"]
+    assert int(trim * 6) == 2  # exactly m values cut per end
+    assert defence_config("clip", Setting(1, 4), 0.7) == {
+        "aggregator": "mean",
+        "update-clip-norm": 0.7,
+    }
+
+
+def test_tiny_study_end_to_end_through_the_cli(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_cohort(data, 6)
+    out = tmp_path / "rob"
+    args = [
+        "robustness", "--data", str(data), "--out", str(out), "--settings", "1of3",
+        "--attacks", "scale", "--defences", "fedavg,median,krum", "--rounds", "1",
+        "--local-epochs", "1", "--spatial-dims", "3", "--image-size", "16",
+        "--base-channels", "4", "--depth", "3", "--set", "test-fraction=0.5",
+        "--set", "batch-size=2", "--json", "-q",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    cells = summary["settings"]["1of3"]
+    assert cells["clean-fedavg"] is not None
+    assert cells["dice"]["krum"]["scale"] is None  # n=3 <= 2f+2: not run
+    assert isinstance(cells["dice"]["median"]["scale"], float)
+    doc = json.loads((out / "robustness.json").read_text())
+    per = doc["cells"]["1of3"]
+    assert per["scale|krum"]["na"] == "krum needs n > 2f + 2 = 4 sites"
+    assert len(per["none|fedavg"]["update-norms"]) == 3
+    assert doc["clip-norm"]["1of3"] == pytest.approx(np.median(per["none|fedavg"]["update-norms"]))
+    assert (out / "heatmap-1of3.png").read_bytes()[:4] == b"\x89PNG"
+    assert "scale,1of3" not in (out / "robustness.csv").read_text()
+    assert "1of3,scale,median," in (out / "robustness.csv").read_text()
+    report = (out / "report.html").read_text()
+    assert "1 of 3 sites malicious" in report and "krum needs n &gt; 2f + 2" in report
+
+    # a rerun resumes: nothing is trained again, the numbers stay
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
+
+
+def test_cli_bad_attack_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["robustness", "--attacks", "explode", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--attacks 'explode'" in result.output
