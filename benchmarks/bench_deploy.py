@@ -64,7 +64,7 @@ def _counters(netns: str, iface: str) -> tuple[int, int]:
     return int(out[0]), int(out[1])
 
 
-def make_data(tmp: Path, sites: list[str], cases: int, image_size: int) -> dict[str, Path]:
+def make_data(tmp: Path, sites: list[str], cases: int) -> dict[str, Path]:
     """One cohort, split into per-site folders of symlinked cases (BraTS layout)."""
     from fedseg.data.synth import generate_cohort
 
@@ -77,7 +77,6 @@ def make_data(tmp: Path, sites: list[str], cases: int, image_size: int) -> dict[
         for ref in refs[i * cases : (i + 1) * cases]:
             (folder / ref.case_id).symlink_to(cohort / ref.case_id)
         folders[site] = folder
-    del image_size
     return folders
 
 
@@ -115,6 +114,8 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
     with NetLab(sites, tmp / "logs") as lab:
         (tmp / "state").mkdir()
         cmd = superlink_command(spec, str(pki.server_dir), str(tmp / "state" / "db.sqlite"))
+        if args.state == "memory":  # Flower's in-memory state (lost on restart)
+            cmd = cmd[: cmd.index("--database")] + cmd[cmd.index("--database") + 2 :]
         lab.start("server", "superlink", cmd, env)
         log = tmp / "logs" / "superlink.log"
         deadline = time.monotonic() + 120
@@ -155,6 +156,11 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
             [str(BIN / "flwr"), "run", str(ROOT), "fedseg", "--stream", "--run-config", run_config],
             env, args.rounds * args.round_timeout * 2 + 300, cwd=ROOT,
         )  # fmt: skip
+        # `flwr run --stream` can return while the run goes on (its log stream broke: seen under
+        # load, the SuperLink's SQLite answered "database is locked"): wait for the run's output.
+        deadline = time.monotonic() + args.rounds * args.round_timeout * 2 + 300
+        while not (out / "history.json").is_file() and time.monotonic() < deadline:
+            time.sleep(1.0)
         wall = time.perf_counter() - t0
         stop.set()
         sampler.join()
@@ -233,15 +239,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--simulation", action="store_true", help="also run the Simulation Engine")
+    p.add_argument(
+        "--state",
+        choices=("sqlite", "memory"),
+        default="sqlite",
+        help="SuperLink state: --database file (default) or in memory",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     load = os.getloadavg()[0]
     sites = [f"site-{i:02d}" for i in range(args.sites)]
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp_:
         tmp = Path(tmp_)
-        data = make_data(tmp, sites, args.cases, 0)
+        data = make_data(tmp, sites, args.cases)
         common = {"model": args.model, "sites": args.sites, "cases-per-site": args.cases,
-                  "load-at-start": round(load, 1)}  # fmt: skip
+                  "state": args.state, "load-at-start": round(load, 1)}  # fmt: skip
         print(json.dumps(common | run_deploy(args, tmp, data)), flush=True)
         if args.simulation:
             print(json.dumps(common | run_sim(args, tmp, data)), flush=True)

@@ -220,6 +220,47 @@ def test_poisson_sampling_accounts_every_step_including_empty_batches() -> None:
     assert all(q == pytest.approx(1 / 3) for _, q, _ in privacy.history)
 
 
+def test_an_empty_first_poisson_batch_is_the_noise_only_step() -> None:
+    # Opacus describes an empty *first* batch from dataset[0]; for dict samples that failed with
+    # "zeros(): argument 'dtype' must be torch.dtype" (it iterated the dict's keys).
+    data = _Cases(4, dtype=torch.float32)
+    trainer = _tiny_trainer()
+    trainer.model.float()
+    privacy = SitePrivacy(1.0, 1.0, 1e-5)
+    dp_loader = privacy.attach(trainer, torch.utils.data.DataLoader(data, batch_size=2), seed=0)
+    try:
+        empty = dp_loader.loader.collate_fn([])
+        assert empty == []
+        dp_loader._empty_step()  # what iterating does with it: a counted noise-only step
+    finally:
+        privacy.detach(trainer)
+    assert sum(s for _, _, s in privacy.history) == 1
+
+
+def test_a_step_that_raises_still_gives_the_plain_model_back(cohort: Any) -> None:
+    from fedseg.data.cohort import load_prepared
+    from fedseg.site.privacy import enable_site_privacy
+    from fedseg.site.trainer import SiteTrainer
+
+    root, _ = cohort
+    items = load_prepared(root, 16)
+    cfg = _dp_cfg(dp_mode="sample", dp_noise_multiplier=1.0)
+    trainer = SiteTrainer(cfg, items[:3], items[3:4])
+    enable_site_privacy(trainer, cfg)
+    names = list(trainer.model.state_dict())
+
+    def boom(model: torch.nn.Module) -> torch.Tensor:
+        raise RuntimeError("a failing step")
+
+    with pytest.raises(RuntimeError, match="a failing step"):
+        trainer.train(1, seed=0, loss_hook=boom)
+    # no Opacus wrapper left: the next round can load the server's (plain) weights
+    assert list(trainer.model.state_dict()) == names
+    trainer.set_weights(trainer.get_weights(), strict=True)
+    fit = trainer.train(1, seed=1)
+    assert fit["num-examples"] == 3
+
+
 # ------------------------------------------------------------------------------- budget
 
 

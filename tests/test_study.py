@@ -179,6 +179,21 @@ def test_curves_have_one_row_per_epoch_of_the_budget(baseline_study: tuple[Path,
     assert set(doc["arms"]["local"]["cross-site"]) == {"site-0", "site-1"}
 
 
+def test_baselines_are_scored_at_the_federated_rounds_budgets(tiny_data: Path) -> None:
+    """eval_every=local-epochs: scored after epochs 2, 4 and the last (5), not in between."""
+    from fedseg.data.cohort import load_prepared
+    from fedseg.study.local import train_for_epochs
+
+    items = load_prepared(tiny_data, TINY.image_size)
+    run = train_for_epochs(TINY, items[:2], items[2:3], 5, eval_every=2)
+    scored = [r["epoch"] for r in run.curve if "mean-dice" in r]
+    assert scored == [2, 4, 5]
+    assert [r["epoch"] for r in run.curve] == [1, 2, 3, 4, 5]
+    assert all(r["num-cases"] == 0 for r in run.curve if r["epoch"] in (1, 3))
+    with pytest.raises(ValueError, match="eval_every"):
+        train_for_epochs(TINY, items[:2], items[2:3], 2, eval_every=0)
+
+
 def test_report_contains_the_table_and_decodable_pngs(baseline_study: tuple[Path, dict]) -> None:
     from matplotlib.image import imread
 

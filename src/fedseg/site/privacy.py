@@ -125,19 +125,26 @@ def history_to_array(history: Iterable[Sequence[float]]) -> np.ndarray:
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The noise multiplier that spends ``target_epsilon`` at ``delta`` over ``steps`` steps.
 
-    Uses :func:`opacus.accountants.utils.get_noise_multiplier` (RDP accountant).
+    Uses :func:`opacus.accountants.utils.get_noise_multiplier` (RDP accountant). A site asks
+    again at the start of every round and the search takes seconds, so the results are
+    memoised per process (a pure function of the arguments).
 
     Raises
     ------
     ConfigError
         A non-positive target or step count, or a sample rate outside ``(0, 1]``.
     """
-    from opacus.accountants.utils import get_noise_multiplier
-
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise ConfigError(f"dp-target-epsilon must be a finite number > 0, got {target_epsilon}")
     if steps <= 0 or not 0 < sample_rate <= 1:
         raise ConfigError(f"cannot calibrate noise for {steps} steps at sample rate {sample_rate}")
+    return _calibrate_cached(float(target_epsilon), float(delta), float(sample_rate), int(steps))
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate_cached(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
@@ -476,6 +483,12 @@ class SitePrivacy:
                 dp_loss = _PerSampleBackwardCriterion(criterion, params)
             else:
                 dp_loss = criterion
+        # Opacus describes an empty *first* Poisson batch from ``dataset[0]``, which fails on
+        # dict samples (it iterates the keys); without that description it yields ``[]``,
+        # which _SkipEmpty turns into the noise-only step.
+        collate = getattr(dp_loader, "collate_fn", None)
+        if collate is not None and hasattr(collate, "sample_empty_shapes"):
+            collate.sample_empty_shapes = None
         self._attached = (trainer.model, trainer.optimizer, trainer.loss_fn)
         self._engine = engine
         trainer.model, trainer.optimizer, trainer.loss_fn = module, optimizer, dp_loss

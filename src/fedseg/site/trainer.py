@@ -255,26 +255,29 @@ class SiteTrainer:
         losses: list[float] = []
         t0 = time.perf_counter()
         step = 0
-        for _ in range(epochs):
-            for batch in loader:
-                x = batch["image"][:, self.channel_index].to(self.device, non_blocking=True)
-                y = batch["label"].to(self.device, non_blocking=True)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(self.model(x), y)
-                if loss_hook is not None:
-                    loss = loss + loss_hook(self.model)
-                loss.backward()
-                if grad_hook is not None:
-                    grad_hook(self.model)
-                self.optimizer.step()
-                if step_hook is not None:
-                    step_hook(self.model)
-                losses.append(float(loss.detach()))
-                step += 1
-                if progress is not None:
-                    progress(step, total, losses[-1])
-        if self.privacy is not None:
-            self.privacy.detach(self)
+        try:
+            for _ in range(epochs):
+                for batch in loader:
+                    x = batch["image"][:, self.channel_index].to(self.device, non_blocking=True)
+                    y = batch["label"].to(self.device, non_blocking=True)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss = self.loss_fn(self.model(x), y)
+                    if loss_hook is not None:
+                        loss = loss + loss_hook(self.model)
+                    loss.backward()
+                    if grad_hook is not None:
+                        grad_hook(self.model)
+                    self.optimizer.step()
+                    if step_hook is not None:
+                        step_hook(self.model)
+                    losses.append(float(loss.detach()))
+                    step += 1
+                    if progress is not None:
+                        progress(step, total, losses[-1])
+        finally:
+            # also when a step raised: the plain model must come back for the next round
+            if self.privacy is not None:
+                self.privacy.detach(self)
         return {
             "loss": float(np.mean(losses)),
             "num-examples": len(self.train_items),

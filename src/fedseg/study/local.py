@@ -60,8 +60,9 @@ def train_for_epochs(
     *,
     device: torch.device | None = None,
     on_epoch: EpochCallback | None = None,
+    eval_every: int = 1,
 ) -> BaselineRun:
-    """Train one fresh model for ``epochs`` passes and score it after each one.
+    """Train one fresh model for ``epochs`` passes and score it every ``eval_every`` epochs.
 
     Parameters
     ----------
@@ -77,6 +78,10 @@ def train_for_epochs(
         Torch device (the GPU when present if ``None``).
     on_epoch:
         Progress callback, see :data:`EpochCallback`.
+    eval_every:
+        Score after every ``eval_every``-th epoch and after the last one (the study passes
+        ``local-epochs``, so baselines are scored at the same epoch budgets as the federated
+        rounds); other epochs' rows have ``num-cases`` 0 and no Dice.
 
     Returns
     -------
@@ -85,12 +90,14 @@ def train_for_epochs(
     Raises
     ------
     ValueError
-        If there is no training case or ``epochs < 1``.
+        If there is no training case, ``epochs < 1`` or ``eval_every < 1``.
     """
     from fedseg.site.trainer import SiteTrainer
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
     trainer = SiteTrainer(cfg, train_items, eval_items, device=device)
     run = BaselineRun(
         weights={}, timings={"epoch-seconds": [], "train-seconds": [], "eval-seconds": []}
@@ -100,7 +107,8 @@ def train_for_epochs(
         # the same per-epoch seeds as the centralized baseline (fedseg train)
         fit = trainer.train_epoch(epoch, epochs)
         t1 = time.perf_counter()
-        table = trainer.evaluate(eval_items) if eval_items else {"num-examples": 0}
+        scored = (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
+        table = trainer.evaluate(eval_items) if eval_items and scored else {"num-examples": 0}
         t2 = time.perf_counter()
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -128,6 +136,7 @@ def run_local_arm(
     *,
     device: torch.device | None = None,
     on_epoch: Callable[[str, int, int, dict[str, Any]], None] | None = None,
+    eval_every: int = 1,
 ) -> dict[str, BaselineRun]:
     """Local-only training: every site trains its own model on its own cases, alone.
 
@@ -145,6 +154,8 @@ def run_local_arm(
         Torch device.
     on_epoch:
         Called as ``on_epoch(site, epoch, epochs, row)``.
+    eval_every:
+        Score every ``eval_every`` epochs (see :func:`train_for_epochs`).
 
     Returns
     -------
@@ -157,7 +168,13 @@ def run_local_arm(
         if on_epoch is not None:
             cb = lambda e, n, row, _s=site: on_epoch(_s, e, n, row)  # noqa: E731
         runs[site] = train_for_epochs(
-            cfg, items, site_test.get(site, ()), epochs, device=device, on_epoch=cb
+            cfg,
+            items,
+            site_test.get(site, ()),
+            epochs,
+            device=device,
+            on_epoch=cb,
+            eval_every=eval_every,
         )
     return runs
 

@@ -515,6 +515,7 @@ def _run_centralized(
             budget,
             device=device,
             on_epoch=lambda e, n, row: bar.step(row.get("mean-dice")),
+            eval_every=cfg.local_epochs,  # scored at the federated rounds' epoch budgets
         )
     return run.weights, None, run.curve, dict(run.timings)
 
@@ -533,6 +534,7 @@ def _run_local(
             budget,
             device=device,
             on_epoch=lambda s, e, n, row: bar.step(row.get("mean-dice"), site=s),
+            eval_every=cfg.local_epochs,
         )
     per_site = {s: r.weights for s, r in runs.items()}
     curve = pool_curves([r.curve for r in runs.values()])
