@@ -411,6 +411,35 @@ def test_scaffold_control_variate_moves_only_when_the_server_applied_it(
         np.testing.assert_allclose(c, total / 3, rtol=1e-4, atol=1e-6)
 
 
+def test_a_superlink_error_reply_is_booked_under_the_site_it_is_about(
+    cohort: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site gone offline: the SuperLink answers for it, with its own node id as the source."""
+    from flwr.app import Error, Message, MessageType
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    cfg = tiny_cfg(num_server_rounds=1)
+    root, parts = cohort
+    g, full = make_grid(cfg.replace(out_dir=str(tmp_path / "out")), root, parts, tmp_path)
+    gone = g.node_of("partition-id", 2)
+
+    def superlink_answers(msg: Any, reply: Any) -> Any:
+        if msg.metadata.message_type == MessageType.QUERY:  # it said its name, then vanished
+            return reply
+        error = Message(Error(code=0, reason="node offline"), reply_to=msg)
+        error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+        return error
+
+    g.faults[gone] = superlink_answers
+    with caplog.at_level("WARNING", logger="fedseg.server"):
+        result = serve(g, full, tmp_path / "out")
+    row = result.history[0]
+    assert row["status"] == "ok"
+    assert "Flower error" in row["rejected"]["site-2"]
+    assert "site-2" in row["eval-failed"]
+    assert "unsampled node" not in caplog.text
+
+
 # ------------------------------------------------------------------------------- config, runner
 
 

@@ -110,7 +110,7 @@ def run_rounds(
         state = load_checkpoint(Path(checkpoint), cfg)
         weights, history, start = state["weights"], state["history"], state["round"]
         strategy.load_state_dict(state["strategy"])
-        log.info("resuming after round %d from %s", start, checkpoint)
+        log.warning("resuming after round %d from %s", start, checkpoint)
     strategy.global_weights = dict(weights)
 
     _wait_for_sites(grid, cfg)

@@ -177,6 +177,8 @@ class FedsegStrategy(Strategy):
         self.last_train: TrainReport | None = None
         self.last_evaluate: EvaluateReport | None = None
         self._sent: dict[int, str] = {}
+        #: the messages of the current half-round (their ids are set when the grid pushes them)
+        self._outbox: list[Message] = []
         #: differential privacy (#4): client-level clip/noise/accountant, the per-site ledger
         self.privacy = ServerPrivacy(cfg)
 
@@ -243,7 +245,8 @@ class FedsegStrategy(Strategy):
         conf["server-round"] = server_round
         conf["strategy"] = self.name
         content = RecordDict({R.ARRAYS: send, R.CONFIG: conf})
-        return [Message(content, n, MessageType.EVALUATE) for n in nodes]
+        self._outbox = [Message(content, n, MessageType.EVALUATE) for n in nodes]
+        return list(self._outbox)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -253,7 +256,7 @@ class FedsegStrategy(Strategy):
         self.last_evaluate = report
         seen: set[str] = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._source(msg)
             site = self._sent.get(node)
             if site is None or site in seen:
                 continue
@@ -417,6 +420,22 @@ class FedsegStrategy(Strategy):
         nodes = list(grid.get_node_ids())
         return sorted(nodes, key=lambda n: (self.site_of(n), n))
 
+    def _source(self, msg: Message) -> int:
+        """The site node a reply is about.
+
+        A reply's source is the site, except for the error reply the SuperLink writes itself
+        when a site is gone or cut off (its source is the SuperLink): that one is matched to
+        the site through the message it answers.
+        """
+        node = msg.metadata.src_node_id
+        if node in self._sent:
+            return node
+        answered = msg.metadata.reply_to_message_id
+        for out in self._outbox:
+            if answered and out.metadata.message_id == answered:
+                return out.metadata.dst_node_id
+        return node
+
     def _who(self, node_id: int) -> str:
         return f"site {self.site_of(node_id)} (node {node_id})"
 
@@ -440,7 +459,8 @@ class FedsegStrategy(Strategy):
         conf["proximal-mu"] = float(self.cfg.proximal_mu) if self.name == "fedprox" else 0.0
         content = RecordDict({R.ARRAYS: self._outgoing_weights(arrays), R.CONFIG: conf})
         if self.name != "scaffold":
-            return [Message(content, n, MessageType.TRAIN) for n in nodes]
+            self._outbox = [Message(content, n, MessageType.TRAIN) for n in nodes]
+            return list(self._outbox)
         # SCAFFOLD: each site starts from its c_i of the last round the server applied.
         c_rec = R.to_array_record(self._c_global())
         messages = []
@@ -451,6 +471,7 @@ class FedsegStrategy(Strategy):
                 {R.ARRAYS: content[R.ARRAYS], R.CONFIG: site_conf, R.C_GLOBAL: c_rec}
             )
             messages.append(Message(site_content, n, MessageType.TRAIN))
+        self._outbox = list(messages)
         return messages
 
     def _model(self) -> Weights:
@@ -484,7 +505,7 @@ class FedsegStrategy(Strategy):
         nodes: dict[str, int] = {}
         replied: set[str] = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._source(msg)
             site = self._sent.get(node)
             if site is None:
                 log.warning("round %d: ignored a reply from unsampled node %d", server_round, node)
