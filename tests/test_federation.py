@@ -275,6 +275,20 @@ def test_kill_and_resume_gives_the_same_weights(
     assert resumed.history[2]["dice"] == uninterrupted.history[2]["dice"]
 
 
+def test_site_state_file_keeps_adam_moments_of_the_latest_rounds_only(
+    cohort: Any, tmp_path: Path
+) -> None:
+    from fedseg.utils.io import load_torch
+
+    cfg = tiny_cfg(num_server_rounds=4, reset_optimizer=False)
+    run(cfg, cohort, tmp_path / "out")
+    saved = load_torch(tmp_path / "out" / "site_state" / "site-0.pt")
+    rounds = saved["rounds"]
+    assert sorted(rounds) == [1, 2, 3, 4]
+    with_moments = sorted(r for r, st in rounds.items() if site_module.OPTIMIZER_STATE in st)
+    assert with_moments == [3, 4]
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(cohort: Any, tmp_path: Path) -> None:
     run(tiny_cfg(num_server_rounds=1), cohort, tmp_path / "out")
 
@@ -409,6 +423,11 @@ def test_scaffold_control_variate_moves_only_when_the_server_applied_it(
     for k, c in strat.c_global.items():
         total = sum(committed[s][k] for s in committed)
         np.testing.assert_allclose(c, total / 3, rtol=1e-4, atol=1e-6)
+    # The state files keep no round older than the base a site was last told.
+    from fedseg.utils.io import load_torch
+
+    rounds = {s: sorted(load_torch(out / "site_state" / f"{s}.pt")["rounds"]) for s in committed}
+    assert rounds == {"site-0": [2, 3], "site-1": [1, 2, 3], "site-2": [2, 3]}
 
 
 def test_a_superlink_error_reply_is_booked_under_the_site_it_is_about(

@@ -375,7 +375,9 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         for key in _stale_stamped_keys(context, SCAFFOLD_STATE):
             del context.state[key]
         content[R.DELTA_C] = R.to_array_record(dict(zip(names, delta_c, strict=True)))
-        save_site_state(context, cfg, spec, server_round, new_state)
+        # Rounds before the base round can never be a base again (it only moves forward).
+        base = int(conf.get("scaffold-base-round", 0))
+        save_site_state(context, cfg, spec, server_round, new_state, keep_from=base)
     if strategy == "fedbn":
         from fedseg.strategies.fedbn import split_local
 
@@ -473,6 +475,8 @@ def _restore_optimizer(
 
 #: how many rounds of state a site keeps (state file and round-stamped ``context.state`` keys)
 _KEEP_ROUNDS = 8
+#: of those, how many keep the optimizer's moments (``reset-optimizer = false``)
+_KEEP_OPTIMIZER_ROUNDS = 2
 
 
 def scaffold_start_state(
@@ -578,8 +582,14 @@ def save_site_state(
     spec: SiteSpec,
     server_round: int,
     state: dict[str, dict[str, np.ndarray]],
+    *,
+    keep_from: int = 0,
 ) -> None:
-    """Keep the state a round produced: in ``context.state`` and in the state file, if any."""
+    """Keep the state a round produced: in ``context.state`` and in the state file, if any.
+
+    The file keeps the newest ``_KEEP_ROUNDS`` rounds (Adam's moments only in the newest
+    ``_KEEP_OPTIMIZER_ROUNDS``), none older than ``keep_from``.
+    """
     from fedseg.federation.checkpoint import to_torch
     from fedseg.utils.io import load_torch, save_torch
 
@@ -595,5 +605,11 @@ def save_site_state(
             rounds = {r: v for r, v in saved.get("rounds", {}).items() if r <= server_round}
     # Several parts of a round's state may be saved one after the other: merge them.
     rounds[int(server_round)] = {**rounds.get(int(server_round), {}), **to_torch(state)}
-    keep = sorted(rounds)[-_KEEP_ROUNDS:]
-    save_torch(path, {"strategy": cfg.strategy, "rounds": {r: rounds[r] for r in keep}})
+    keep = [r for r in sorted(rounds)[-_KEEP_ROUNDS:] if r >= keep_from]
+    kept = {r: rounds[r] for r in keep}
+    # Adam's moments (two model-sized arrays) are only read back from the latest rounds (the
+    # next round, or a server resumed one round back): older copies would only slow every
+    # round's read and write of this file.
+    for r in keep[:-_KEEP_OPTIMIZER_ROUNDS]:
+        kept[r] = {k: v for k, v in kept[r].items() if k != OPTIMIZER_STATE}
+    save_torch(path, {"strategy": cfg.strategy, "rounds": kept})

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,9 +221,24 @@ class FedsegStrategy(Strategy):
         self.privacy.observe(server_round, spent, report.rejected)
         if not self._quorum(len(valid), len(self._sent), report):
             return None, None
-        try:
+
+        def combine() -> Weights:
             new = self._aggregate(server_round, self.privacy.clip(valid, self._model()), extras)
-            new = self.privacy.release(server_round, new, len(valid), [s for s, _, _ in valid])
+            return self.privacy.release(server_round, new, len(valid), [s for s, _, _ in valid])
+
+        return self.finish_round(server_round, report, combine)
+
+    def finish_round(
+        self, server_round: int, report: TrainReport, combine: Callable[[], Weights]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Run ``combine`` (the round's aggregation) and make its result the global model.
+
+        Shared by the plain, CKKS and SecAgg+ paths. An aggregation, validation or value error
+        marks the round failed with the reason and leaves the global model unchanged
+        (``(None, None)``); otherwise returns the new model and the round's train metrics.
+        """
+        try:
+            new = combine()
         except (AggregationError, UpdateValidationError, ValueError) as exc:
             report.status, report.reason = "failed", f"aggregation failed: {exc}"
             log.warning("round %d: %s; global model unchanged", server_round, report.reason)

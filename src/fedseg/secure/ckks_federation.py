@@ -303,23 +303,18 @@ def run_train_ckks(
         log.warning("round %d: %s; global model unchanged", server_round, report.reason)
         return None, None
     average = C.unflatten(vector / sum(n for _, n in used), model, keys)
-    try:
+
+    def combine() -> dict[str, np.ndarray]:
         from fedseg.strategies.validation import validate_update
 
         validate_update(average, model, 1)
-        new = strategy._aggregate(server_round, [("ckks-sum", average, 1)], {})
-    except (UpdateValidationError, ValueError) as exc:
-        report.status, report.reason = "failed", f"aggregation failed: {exc}"
-        log.warning("round %d: %s; global model unchanged", server_round, report.reason)
-        return None, None
-    strategy.global_weights = new
-    report.compute_seconds = max(
-        (m.get("train-seconds", 0.0) for m in report.metrics.values()), default=0.0
-    )
-    metrics = strategy._train_metrics(report)
-    metrics["ckks-add-seconds"] = add_seconds
-    metrics["ckks-decrypt-seconds"] = decrypt_seconds
-    return R.to_array_record(new), metrics
+        return strategy._aggregate(server_round, [("ckks-sum", average, 1)], {})
+
+    record, metrics = strategy.finish_round(server_round, report, combine)
+    if metrics is not None:
+        metrics["ckks-add-seconds"] = add_seconds
+        metrics["ckks-decrypt-seconds"] = decrypt_seconds
+    return record, metrics
 
 
 def _parse_reply(

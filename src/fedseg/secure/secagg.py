@@ -280,27 +280,23 @@ def run_train_secagg(
         return None, None
     model = strategy._model()
     keys = sorted(model)
-    try:
-        if len(sink.average) != len(keys):
+    summed = sink.average
+
+    def combine() -> dict[str, np.ndarray]:
+        if len(summed) != len(keys):
             raise UpdateValidationError(
-                f"SecAgg+ returned {len(sink.average)} arrays for {len(keys)} model keys"
+                f"SecAgg+ returned {len(summed)} arrays for {len(keys)} model keys"
             )
         average = {
             k: (np.asarray(model[k], np.float64) + d.reshape(np.shape(model[k]))).astype(
                 np.asarray(model[k]).dtype
             )
-            for k, d in zip(keys, sink.average, strict=True)
+            for k, d in zip(keys, summed, strict=True)
         }
         validate_update(average, model, 1)
-        new = strategy._aggregate(server_round, [("secagg-sum", average, 1)], {})
-    except (UpdateValidationError, ValueError) as exc:
-        report.status, report.reason = "failed", f"aggregation failed: {exc}"
-        log.warning("round %d: %s; global model unchanged", server_round, report.reason)
-        return None, None
-    strategy.global_weights = new
-    report.compute_seconds = max(
-        (m.get("train-seconds", 0.0) for m in report.metrics.values()), default=0.0
-    )
-    metrics = strategy._train_metrics(report)
-    metrics["secagg-seconds"] = seconds
-    return R.to_array_record(new), metrics
+        return strategy._aggregate(server_round, [("secagg-sum", average, 1)], {})
+
+    record, metrics = strategy.finish_round(server_round, report, combine)
+    if metrics is not None:
+        metrics["secagg-seconds"] = seconds
+    return record, metrics
