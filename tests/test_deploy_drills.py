@@ -57,6 +57,7 @@ from fedseg.deploy.provision import (
     superlink_command,
     supernode_command,
 )
+from fedseg.federation.strategy import NO_REPLY, UNREACHABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -380,7 +381,8 @@ def test_killed_site_round_goes_on_and_site_rejoins(drill: Drill) -> None:
     first, *later = drill.history()
     assert first["status"] == "ok"
     assert first["accepted"] == ["hospital-a"]
-    assert first["rejected"]["hospital-b"] == "no reply within the round timeout"
+    # gone: either nothing came back in time, or the SuperLink already answered that it is gone
+    assert first["rejected"]["hospital-b"] in (NO_REPLY, UNREACHABLE)
     assert first["train-wall-seconds"] <= TIMEOUT + 15
     assert any("hospital-b" in r["accepted"] for r in later)
     assert drill.restarts["hospital-b"] >= 1
@@ -390,7 +392,7 @@ def test_cut_link_round_ends_on_time(drill: Drill) -> None:
     last = drill.history()[-1]
     assert drill.events["a-restored"] - drill.events["a-cut"] > TIMEOUT
     assert "hospital-a" not in last["accepted"]
-    assert last["rejected"]["hospital-a"] == "no reply within the round timeout"
+    assert last["rejected"]["hospital-a"] in (NO_REPLY, UNREACHABLE)
     assert last["status"] == "ok"
     assert last["train-wall-seconds"] <= TIMEOUT + 15
 

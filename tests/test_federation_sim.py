@@ -89,10 +89,12 @@ def test_simulation_arm_survives_a_broken_site_and_resumes(tmp_path: Path) -> No
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        grid, cfg = make_grid(tiny_cfg(num_server_rounds=2), data, parts, tmp_path / "inproc")
-        serve(grid, cfg, tmp_path / "inproc" / "out")
-        grid, cfg = make_grid(tiny_cfg(num_server_rounds=3), data, parts, tmp_path / "inproc")
-        reference = serve(grid, cfg, tmp_path / "inproc" / "out")
+        # out-dir: the sites keep their state (Adam's moments) in files there, as in the arm
+        ref_out = tmp_path / "inproc" / "out"
+        for rounds in (2, 3):
+            ref_cfg = tiny_cfg(num_server_rounds=rounds, out_dir=str(ref_out))
+            grid, cfg = make_grid(ref_cfg, data, parts, tmp_path / "inproc")
+            reference = serve(grid, cfg, ref_out)
     finally:
         torch.set_num_threads(threads)
     for k, v in reference.weights.items():

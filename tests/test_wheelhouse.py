@@ -40,7 +40,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why_not() is not None, reaso
 
 
 def _offline_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    # PYTHON*: e.g. the PYTHONPATH Flower's Ray backend exports in this process would make pip
+    # see this checkout's fedseg as "already installed" and skip it.
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHON"))
+    }
     env |= {
         "PIP_CONFIG_FILE": os.devnull,  # no index, no find-links, no constraints from config
         "PIP_NO_CACHE_DIR": "1",
@@ -81,13 +85,16 @@ def test_install_from_wheelhouse_without_network(tmp_path: Path) -> None:
         "    pass\n"
         "import fedseg, flwr, monai, torch\n"
         "print(torch.__version__, flwr.__version__, monai.__version__)\n"
+        "print(fedseg.__file__)\n"
     )
     used = subprocess.run(
         ["unshare", "-n", f"{venv}/bin/python", "-c", check],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert used.returncode == 0, used.stderr[-2000:]
-    assert used.stdout.split() == ["2.13.0+cpu", "1.41.0", "1.6.1"]
+    versions, where = used.stdout.split("\n")[:2]
+    assert versions.split() == ["2.13.0+cpu", "1.41.0", "1.6.1"]
+    assert where.startswith(str(venv)), f"fedseg imported from {where}, not the new venv"
     cli = subprocess.run(
         ["unshare", "-n", f"{venv}/bin/fedseg", "--help"],
         env=env, capture_output=True, text=True, timeout=300,

@@ -157,14 +157,23 @@ def run_federated_arm(
 
     _flower_env_defaults()
     t_call = time.perf_counter()
+    # Flower's Ray backend exports this process's sys.path as PYTHONPATH; put it back after, so
+    # that later subprocesses (pip, other tools) do not inherit it.
+    pythonpath = os.environ.get("PYTHONPATH")
     with _logs_to(out / FLOWER_LOG), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Ray's notice about GPU env vars
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_sites,
-            backend_config=_backend_config(num_sites),  # type: ignore[arg-type]
-        )
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_sites,
+                backend_config=_backend_config(num_sites),  # type: ignore[arg-type]
+            )
+        finally:
+            if pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = pythonpath
     total = time.perf_counter() - t_call
     if "r" not in holder:
         raise RuntimeError(f"the federated run ended without a result; see {out / FLOWER_LOG}")

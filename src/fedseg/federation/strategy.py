@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -67,6 +68,11 @@ from fedseg.strategies.dp import ServerPrivacy
 log = logging.getLogger("fedseg.server")
 
 Weights = dict[str, np.ndarray]
+
+#: why a sampled site is rejected when nothing came back before the round's timeout
+NO_REPLY = "no reply within the round timeout"
+#: ... and when the SuperLink answered for it that the node is gone (killed, link cut)
+UNREACHABLE = "site unreachable (the SuperLink reports its node unavailable)"
 
 
 @dataclass
@@ -294,7 +300,7 @@ class FedsegStrategy(Strategy):
             log.warning("round %d: evaluation at %s: %s", server_round, self._who(node), reason)
         for site in self._sent.values():
             if site not in seen:
-                report.failed[site] = "no reply within the round timeout"
+                report.failed[site] = NO_REPLY
         mean = {f"dice-{r}": v for r, v in report.mean_dice().items() if v is not None}
         return MetricRecord(mean) if mean else None
 
@@ -504,6 +510,8 @@ class FedsegStrategy(Strategy):
     def _failure(self, msg: Message) -> str | None:
         if msg.has_error():
             log.debug("Flower error reply: %s", msg.error.reason)
+            if msg.error.code == ErrorCode.NODE_UNAVAILABLE:  # written by the SuperLink
+                return UNREACHABLE
             return f"Flower error {msg.error.code} (ClientApp did not complete)"
         code = R.reply_error(msg.content)
         if code is not None:
@@ -541,7 +549,7 @@ class FedsegStrategy(Strategy):
         for node, site in self._sent.items():
             if site not in replied:
                 nodes[site] = node
-                report.rejected[site] = "no reply within the round timeout"
+                report.rejected[site] = NO_REPLY
 
         valid_raw, bad = filter_valid(candidates, self._model())
         for site, reason in bad:

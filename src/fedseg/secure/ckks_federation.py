@@ -231,7 +231,7 @@ def run_train_ckks(
         ``(new global model, MetricRecord)``, or ``(None, None)`` for a failed round;
         ``strategy.last_train`` holds the report as for a plain round.
     """
-    from fedseg.federation.strategy import TrainReport, _positive_int
+    from fedseg.federation.strategy import NO_REPLY, TrainReport, _positive_int
 
     messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
     replies = grid.send_and_receive(messages, timeout=timeout)
@@ -262,7 +262,7 @@ def run_train_ckks(
         report.rejected[site] = reason
     for site in strategy._sent.values():
         if site not in replied:
-            report.rejected[site] = "no reply within the round timeout"
+            report.rejected[site] = NO_REPLY
     privacy = getattr(strategy, "privacy", None)  # DP-SGD's per-site ledger (dp-epsilon)
     if privacy is not None:
         privacy.observe(server_round, dict(report.metrics), report.rejected)
