@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_trainer import make_items as trainer_items
 
 from fedseg.config import FedsegConfig
 from fedseg.data.transforms import Prepared
@@ -25,24 +26,9 @@ TINY = FedsegConfig(
 )
 
 
-def make_items(n: int, seed: int = 0, size: int = 16) -> list[Prepared]:
-    """Tiny noisy cases with a blob tumour (as in test_trainer)."""
-    rng = np.random.default_rng(seed)
-    items = []
-    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
-    for i in range(n):
-        c = rng.integers(5, size - 5, 3)
-        r = rng.uniform(2.5, 4.0)
-        d = np.sqrt(((grid - c[:, None, None, None]) ** 2).sum(0))
-        wt, core = d < r, d < r / 2
-        image = rng.normal(0, 1.0, (4, size, size, size)).astype(np.float32)
-        image[:, wt] += 1.0
-        image[1, core] += 1.0
-        regions = np.stack([wt, core, core]).astype(np.uint8)
-        items.append(
-            Prepared(f"c{i}", image, regions, (0, 0, 0), (size,) * 3, (size,) * 3, (1.0,) * 3, {})
-        )
-    return items
+def make_items(n: int, seed: int = 0) -> list[Prepared]:
+    """Tiny noisy cases with a blob tumour: test_trainer's, with more noise and less contrast."""
+    return trainer_items(n, seed, noise=1.0, contrast=1.0)
 
 
 # ------------------------------------------------------------------------------------------

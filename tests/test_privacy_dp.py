@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_federation import make_grid, tiny_cfg, write_cohort
+from test_federation import (  # the autouse fixture: one torch thread per site, as in a Ray actor
+    _one_torch_thread,  # noqa: F401
+    make_grid,
+    tiny_cfg,
+    write_cohort,
+)
 
 from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError, PrivacyBudgetError
@@ -42,14 +47,6 @@ from fedseg.strategies.ledger import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------- accountant

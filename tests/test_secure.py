@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_federation import make_grid, tiny_cfg, write_cohort
+from test_federation import (  # the autouse fixture: one torch thread per site, as in a Ray actor
+    _one_torch_thread,  # noqa: F401
+    make_grid,
+    tiny_cfg,
+    write_cohort,
+)
 
 from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError, UpdateValidationError
@@ -191,16 +196,6 @@ def test_deployed_site_without_key_file_is_refused() -> None:
 
 
 # ---------------------------------------------------------------------- tiny federation
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Any:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

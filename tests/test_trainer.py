@@ -16,8 +16,10 @@ TINY = FedsegConfig(
 )
 
 
-def make_items(n: int, seed: int = 0, size: int = 16) -> list[Prepared]:
-    """Tiny cases: a bright blob (the tumour) on noise, visible on every modality."""
+def make_items(
+    n: int, seed: int = 0, size: int = 16, *, noise: float = 0.3, contrast: float = 2.0
+) -> list[Prepared]:
+    """Tiny cases: a blob tumour (``+contrast``) on Gaussian ``noise``, on every modality."""
     rng = np.random.default_rng(seed)
     items = []
     grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
@@ -26,9 +28,9 @@ def make_items(n: int, seed: int = 0, size: int = 16) -> list[Prepared]:
         r = rng.uniform(2.5, 4.0)
         d = np.sqrt(((grid - c[:, None, None, None]) ** 2).sum(0))
         wt, core = d < r, d < r / 2
-        image = rng.normal(0, 0.3, (4, size, size, size)).astype(np.float32)
-        image[:, wt] += 2.0
-        image[1, core] += 2.0
+        image = rng.normal(0, noise, (4, size, size, size)).astype(np.float32)
+        image[:, wt] += contrast
+        image[1, core] += contrast
         regions = np.stack([wt, core, core]).astype(np.uint8)
         items.append(
             Prepared(f"c{i}", image, regions, (0, 0, 0), (size,) * 3, (size,) * 3, (1.0,) * 3, {})
