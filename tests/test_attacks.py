@@ -159,10 +159,11 @@ def test_robust_aggregator_refused_with_scaffold_and_cyclic() -> None:
 
 
 # ------------------------------------------------------------------------------- in process
-def write_cohort(root: Path, num_cases: int) -> list[str]:
+def write_cohort(root: Path, num_cases: int, seed: int = 0) -> list[str]:
+    """Tiny BraTS-2021-layout cases: a ball brain, a fixed-size layered tumour at a random place."""
     from fedseg.data.readers import save_case
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing="ij")).astype(np.float32)
     brain = (((grid - SIZE / 2 + 0.5) / (SIZE * 0.42)) ** 2).sum(0) < 1
     ids = []

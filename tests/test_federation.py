@@ -275,6 +275,17 @@ def test_kill_and_resume_gives_the_same_weights(
     assert resumed.history[2]["dice"] == uninterrupted.history[2]["dice"]
 
 
+def saved_site_state(
+    out: Path, site: str, server_round: int | None = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """What ``site`` saved in ``server_round`` (default: its latest round) in its state file."""
+    from fedseg.federation.checkpoint import to_numpy
+    from fedseg.utils.io import load_torch
+
+    rounds = load_torch(out / "site_state" / f"{site}.pt")["rounds"]
+    return to_numpy(rounds[max(rounds) if server_round is None else server_round])
+
+
 def test_site_state_file_keeps_adam_moments_of_the_latest_rounds_only(
     cohort: Any, tmp_path: Path
 ) -> None:
@@ -294,6 +305,9 @@ def test_resume_refuses_a_checkpoint_of_another_config(cohort: Any, tmp_path: Pa
 
     with pytest.raises(ConfigError, match="'learning-rate'"):
         run(tiny_cfg(learning_rate=0.5), cohort, tmp_path / "out")
+    # the centralized baseline's budget does not matter to a federated run
+    result, _ = run(tiny_cfg(num_server_rounds=2, epochs=7), cohort, tmp_path / "out")
+    assert [r["round"] for r in result.history] == [1, 2]
 
 
 # ------------------------------------------------------------------------------- algorithms
@@ -310,9 +324,8 @@ def test_fedbn_keeps_normalisation_parameters_local(cohort: Any, tmp_path: Path)
         keys = list(m.content[R.ARRAYS].keys())
         assert keys and not any(is_norm_key(k) for k in keys)
     local = {}
-    for node, ctx in grid.contexts.items():
-        name = result.sites[node]
-        local[name] = R.from_array_record(ctx.state[FEDBN_STATE])
+    for name in result.sites.values():  # each site's norms, as its state file keeps them
+        local[name] = saved_site_state(tmp_path / "out", name)[FEDBN_STATE]
         assert local[name] and all(is_norm_key(k) for k in local[name])
     assert result.site_weights is not None and sorted(result.site_weights) == sorted(local)
     a, b = result.site_weights["site-0"], result.site_weights["site-1"]
@@ -412,13 +425,14 @@ def test_scaffold_control_variate_moves_only_when_the_server_applied_it(
     assert "site-1" not in result.history[1]["accepted"]
     strat = captured["strategy"]
     assert strat.scaffold_applied == {"site-0": 3, "site-1": 3, "site-2": 3}
-    # The lost round-2 c_i was computed but never committed: round 3 started from round 1's.
-    ctx = g.contexts[lossy]
-    assert f"{SCAFFOLD_STATE}@2" in ctx.state.array_records
+    # The lost round-2 c_i was computed and kept (not committed): round 3 started from round 1's.
+    assert SCAFFOLD_STATE in saved_site_state(out, "site-1", server_round=2)
+    # With a state file, nothing travels in the Context (it would go with every message).
+    assert not any(k.startswith(SCAFFOLD_STATE) for k in g.contexts[lossy].state.array_records)
     # SCAFFOLD's invariant c = (1/N) sum_i c_i holds over the committed c_i.
     committed = {
-        site: R.from_array_record(g.contexts[node].state.array_records[f"{SCAFFOLD_STATE}@3"])
-        for node, site in strat.sites.items()
+        site: saved_site_state(out, site, server_round=3)[SCAFFOLD_STATE]
+        for site in strat.sites.values()
     }
     for k, c in strat.c_global.items():
         total = sum(committed[s][k] for s in committed)

@@ -2,8 +2,8 @@
 
 Each SuperNode starts a new ClientApp process per message (torch and MONAI imported every time)
 and polls every 3 s, so one round takes tens of seconds even for the tiny model (about 1 min in all
-on an idle 2-core machine). It is marked ``slow`` and runs by default; set
-``FEDSEG_SKIP_DEPLOYMENT=1`` to leave it out of a quick local run.
+on an idle 2-core machine, for each secure-aggregation mode). It is marked ``slow`` and runs by
+default; set ``FEDSEG_SKIP_DEPLOYMENT=1`` to leave it out of a quick local run.
 """
 
 from __future__ import annotations
@@ -53,10 +53,19 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.
     raise TimeoutError("flower-superlink did not become healthy")
 
 
-def test_two_hospitals_over_loopback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("secure", ["none", "ckks", "secagg+"])
+def test_two_hospitals_over_loopback(tmp_path: Path, secure: str) -> None:
+    """Plain, CKKS-encrypted (key given to the sites only) and SecAgg+-masked updates."""
     sites = {"hospital-a": tmp_path / "site-a", "hospital-b": tmp_path / "site-b"}
     for seed, folder in enumerate(sites.values(), start=1):
         write_cohort(folder, 3, seed=seed)
+    node_extra = ""
+    if secure == "ckks":  # the hospitals' shared key, as `fedseg provision --ckks` hands it out
+        from fedseg.secure import ckks as C
+        from fedseg.secure.ckks_federation import write_key_file
+
+        key = write_key_file(tmp_path / "secrets" / "ckks.ctx", C.CkksParams(4096, 30))
+        node_extra = f" ckks-key-file='{key}'"
     home = tmp_path / "flwr-home"
     home.mkdir()
     env = {
@@ -90,7 +99,7 @@ def test_two_hospitals_over_loopback(tmp_path: Path) -> None:
             start(
                 name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                 "--port", str(_free_port()),
-                "--node-config", f"data-path='{folder}' site-name='{name}'",
+                "--node-config", f"data-path='{folder}' site-name='{name}'{node_extra}",
             )  # fmt: skip
         (home / "config.toml").write_text(
             '[superlink]\ndefault = "loop"\n\n'
@@ -98,7 +107,8 @@ def test_two_hospitals_over_loopback(tmp_path: Path) -> None:
         )
         run_config = (
             "num-server-rounds=1 num-sites=2 image-size=16 patch-size=16 base-channels=4 "
-            f"depth=3 augment=false test-fraction=0.34 round-timeout=180.0 out-dir='{out}'"
+            f"depth=3 augment=false test-fraction=0.34 round-timeout=180.0 out-dir='{out}' "
+            f"secure-aggregation='{secure}'"
         )
         t0 = time.perf_counter()
         done = subprocess.run(
@@ -126,4 +136,7 @@ def test_two_hospitals_over_loopback(tmp_path: Path) -> None:
     assert history[0]["accepted"] == ["hospital-a", "hospital-b"]
     assert sorted(history[0]["dice"]) == ["hospital-a", "hospital-b"]
     assert (out / "final_model.pt").is_file()
-    print(f"deployment: flwr run {seconds:.1f} s, round {history[0]['round-seconds']:.1f} s")
+    if secure == "ckks":  # the sites sent ciphertexts, not weights
+        assert all(m["ciphertext-bytes"] > 0 for m in history[0]["train"].values())
+    round_seconds = history[0]["round-seconds"]
+    print(f"deployment ({secure}): flwr run {seconds:.1f} s, round {round_seconds:.1f} s")

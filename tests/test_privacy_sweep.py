@@ -37,6 +37,8 @@ ARGS = [
     "8",
     "--secure",
     "ckks",
+    "--pretrain",
+    "0",
     "--quiet",
     "--json",
 ]
@@ -210,6 +212,8 @@ def test_rerun_reuses_finished_arms(sweep: tuple[Path, dict[str, Any], Path]) ->
         (["--image-size", "12"], "image-size"),
         (["--delta", "2"], "dp-delta"),
         (["--dp-mode", "local"], "--dp-mode"),
+        (["--pretrain", "-1"], "--pretrain"),
+        (["--dp-trainable", "bias"], "dp-trainable"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
@@ -220,6 +224,67 @@ def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: list[str], fragm
     assert fragment in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_pretraining_on_public_data_starts_every_arm_and_adds_a_public_only_row(
+    tmp_path: Path,
+) -> None:
+    from fedseg.cli.main import app
+    from fedseg.model.unet import build_unet
+    from fedseg.site.privacy import trainable_names
+    from fedseg.utils.io import load_torch
+
+    data = write_cohort(tmp_path / "hospitals")
+    public = write_cohort(tmp_path / "public", n=8, seed=1)
+    out = tmp_path / "sweep"
+    args = [*ARGS[: ARGS.index("--epsilons")], "--epsilons", "8", "--secure", "none"]
+    args += ["--arms", "no-dp,dp-eps-8", "--pretrain", "1", "--dp-trainable", "norm"]
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "privacy-sweep",
+            *("--data", str(data), "--out", str(out), "--public-data", str(public)),
+            *args,
+            *("--quiet", "--json"),
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "privacy.json").read_text())
+    model = out / "public" / "model" / "best.pt"
+    pre = doc["sweep"]["pretraining"]
+    assert pre["model"] == str(model.resolve()) and model.is_file()
+    assert pre["data"] == str(public.resolve()) and pre["generated"] is False
+    assert doc["config"]["init-model"] == pre["model"]
+    assert list(doc["arms"]) == ["public-only", "no-dp", "dp-eps-8"]
+    only = doc["arms"]["public-only"]
+    assert only["status"] == "ok" and only["epsilon"] is None
+    split = json.loads((out / "split.json").read_text())
+    assert only["metrics"]["pooled"]["num-cases"] == sum(len(s["test"]) for s in split.values())
+    assert only["traffic"]["total"] == 0
+    start = {k: v.numpy() for k, v in load_torch(model)["model"].items()}
+    cfg = FedsegConfig(image_size=16, patch_size=16, base_channels=4, depth=3)
+    norm = set(trainable_names(build_unet(cfg), "norm"))
+    conv = [k for k in start if k not in norm]
+    for arm in ("no-dp", "dp-eps-8"):
+        history = json.loads((out / "arms" / arm / "history.json").read_text())
+        assert history["config"]["init-model"] == pre["model"]
+        assert doc["arms"][arm]["fingerprint"]["config"]["init-model-sha256"] == pre["sha256"]
+    final = {
+        arm: {
+            k: v.numpy()
+            for k, v in load_torch(out / "arms" / arm / "final_model.pt")["model"].items()
+        }
+        for arm in ("no-dp", "dp-eps-8")
+    }
+    if doc["arms"]["dp-eps-8"]["status"] == "ok":  # DP fine-tunes the norm layers only
+        for k in conv:
+            np.testing.assert_allclose(final["dp-eps-8"][k], start[k], rtol=1e-6, atol=0)
+        assert any(not np.array_equal(final["dp-eps-8"][k], start[k]) for k in norm)
+    assert any(not np.allclose(final["no-dp"][k], start[k]) for k in conv)  # no DP: everything
+    html = (out / "report.html").read_text()
+    assert "public-only" in html and "pretrained centrally for 1 epochs" in html
 
 
 # --------------------------------------------------------------------------------------------

@@ -233,3 +233,37 @@ def test_cli_help_runs() -> None:
     )
     assert done.returncode == 0
     assert "--server-address" in done.stdout
+
+
+def test_ckks_key_goes_to_every_site_and_never_to_the_server(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from fedseg.config import FedsegConfig
+    from fedseg.secure.ckks_federation import site_context
+
+    done = CliRunner().invoke(
+        app,
+        ["provision", "--server-address", "10.1.2.3", "--site", "h1", "--site", "h2",
+         "--ckks", "--out", str(tmp_path), "--json"],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    keys = [tmp_path / f"site-{s}" / "ckks.ctx" for s in ("h1", "h2")]
+    assert keys[0].read_bytes() == keys[1].read_bytes()  # one shared key
+    assert all(_mode(k) == 0o600 for k in keys)
+    assert not list(tmp_path.glob("server/**/ckks*")) and not list(tmp_path.glob("ca/ckks*"))
+    manifest = json.loads(done.output)
+    assert len(manifest["ckks-key-sha256"]) == 64
+    script = (tmp_path / "site-h1" / "run-supernode.sh").read_text()
+    assert "ckks-key-file='$HERE/ckks.ctx'" in script
+    assert (
+        subprocess.run(["sh", "-n", str(tmp_path / "site-h1" / "run-supernode.sh")]).returncode == 0
+    )
+    # What a deployed site does with it: a secret CKKS context for the default parameters.
+    node = {"data-path": "/x", "ckks-key-file": str(keys[0])}
+    ctx = Context(run_id=0, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    assert site_context(ctx, FedsegConfig()).is_private()
+    # Without --ckks there is no key and the scripts do not name one.
+    plain = tmp_path / "plain"
+    provision(SPEC, plain)
+    assert not list(plain.rglob("ckks.ctx"))
+    assert "ckks-key-file" not in (plain / "site-hospital-a" / "run-supernode.sh").read_text()

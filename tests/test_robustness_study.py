@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_attacks import write_cohort
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app
-from fedseg.data.case import Case
 from fedseg.errors import ConfigError
 from fedseg.study.robustness import (
     Setting,
@@ -21,26 +21,6 @@ from fedseg.study.robustness import (
     parse_defences,
     parse_settings,
 )
-
-SIZE = 20
-
-
-def write_cohort(root: Path, num_cases: int) -> None:
-    from fedseg.data.readers import save_case
-
-    rng = np.random.default_rng(1)
-    grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing="ij")).astype(np.float32)
-    brain = (((grid - SIZE / 2 + 0.5) / (SIZE * 0.42)) ** 2).sum(0) < 1
-    for i in range(num_cases):
-        centre = rng.integers(7, SIZE - 7, 3)
-        d = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
-        label = np.zeros((SIZE,) * 3, np.uint8)
-        label[(d < 3.2) & brain] = 2
-        label[(d < 1.9) & brain] = 1
-        label[(d < 1.0) & brain] = 4
-        image = rng.normal(1.0, 0.1, (4, SIZE, SIZE, SIZE)).astype(np.float32) * brain
-        image[:, label > 0] += 1.0
-        save_case(Case(f"CASE_{i:03d}", image, label, np.eye(4)), root, "brats2021")
 
 
 def test_parse_settings_and_lists() -> None:
@@ -80,7 +60,7 @@ def test_rule_bounds_and_defence_keys() -> None:
 
 def test_tiny_study_end_to_end_through_the_cli(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    write_cohort(data, 6)
+    write_cohort(data, 6, seed=1)
     out = tmp_path / "rob"
     args = [
         "robustness", "--data", str(data), "--out", str(out), "--settings", "1of3",

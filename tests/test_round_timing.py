@@ -18,6 +18,8 @@ from fedseg.federation.strategy import EvaluateReport, TrainReport
         ([4.0, 3.0, 2.0, 1.0], 1, 10.0),  # one worker: all in a row
         ([4.0, 3.0, 3.0], 2, 6.0),  # {4} and {3,3}
         ([1.0, 1.0], 8, 1.0),  # more workers than sites
+        ([1.0, 2.0, 5.0], 2, 6.0),  # in dispatch order the long job waits for a free worker
+        ([5.0, 2.0, 1.0], 2, 5.0),  # longest first: {5} and {2, 1}
     ],
 )
 def test_critical_path_by_hand(seconds: list[float], workers: int | None, expected: float) -> None:
@@ -53,3 +55,16 @@ def test_cyclic_rounds_count_every_visit() -> None:
     train.compute_seconds = 5.0  # cyclic: the visits are sequential
     row = history_row(train, ev, wall_seconds=7.5, train_wall_seconds=5.2, workers=2)
     assert row["overhead-seconds"] == pytest.approx(7.5 - 5.0 - 1.0)
+
+
+def test_the_critical_path_follows_the_engines_dispatch_order() -> None:
+    # Sites are dispatched in natural name order (site-2 before site-10), whatever the order
+    # their replies arrived in: site-1 (1 s) and site-2 (2 s) start, site-10 (5 s) waits 1 s.
+    train, ev = _reports([1.0, 2.0, 5.0], [0.0, 0.0, 0.0])
+    train.metrics = {
+        "site-10": {"train-seconds": 5.0, "num-examples": 1.0},
+        "site-2": {"train-seconds": 2.0, "num-examples": 1.0},
+        "site-1": {"train-seconds": 1.0, "num-examples": 1.0},
+    }
+    row = history_row(train, ev, wall_seconds=6.5, train_wall_seconds=6.2, workers=2)
+    assert row["overhead-seconds"] == pytest.approx(0.5)

@@ -194,6 +194,31 @@ def test_baselines_are_scored_at_the_federated_rounds_budgets(tiny_data: Path) -
         train_for_epochs(TINY, items[:2], items[2:3], 2, eval_every=0)
 
 
+def test_baselines_start_from_init_model_like_the_federated_arms(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``init-model`` the centralized / local-only model starts from that file too."""
+    from fedseg.data.cohort import load_prepared
+    from fedseg.federation.checkpoint import save_model
+    from fedseg.federation.server_app import initial_model
+    from fedseg.site.trainer import SiteTrainer
+    from fedseg.study.local import train_for_epochs
+
+    start, _ = initial_model(TINY)
+    pretrained = {k: v + np.float32(0.5) for k, v in start.items()}
+    save_model(tmp_path / "pre.pt", pretrained, TINY, 3)
+    # no training: what comes out is where the model started
+    monkeypatch.setattr(SiteTrainer, "train_epoch", lambda self, e, n: {"loss": 0.0})
+    items = load_prepared(tiny_data, TINY.image_size)
+
+    plain = train_for_epochs(TINY, items[:2], (), 1)
+    warm = train_for_epochs(TINY.replace(init_model=str(tmp_path / "pre.pt")), items[:2], (), 1)
+
+    for k, v in start.items():
+        np.testing.assert_array_equal(plain.weights[k], v)
+        np.testing.assert_array_equal(warm.weights[k], pretrained[k])
+
+
 def test_report_contains_the_table_and_decodable_pngs(baseline_study: tuple[Path, dict]) -> None:
     from matplotlib.image import imread
 

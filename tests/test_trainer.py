@@ -137,3 +137,44 @@ def test_learning_rate_argument_sets_every_group() -> None:
     t = SiteTrainer(TINY, make_items(2), device=torch.device("cpu"))
     t.train(1, seed=0, learning_rate=0.123)
     assert [g["lr"] for g in t.optimizer.param_groups] == [0.123]
+
+
+def test_optimizer_state_round_trip_continues_training_exactly() -> None:
+    # Train 1 epoch, carry the AdamW moments as packed arrays into a new trainer, train 1 more:
+    # the same weights as 2 epochs in one trainer (what a site does across rounds).
+    items = make_items(4)
+    cpu = torch.device("cpu")
+    one = SiteTrainer(TINY, items, device=cpu)
+    one.train(1, seed=1)
+    one.train(1, seed=2)
+
+    a = SiteTrainer(TINY, items, device=cpu)
+    a.train(1, seed=1)
+    packed = a.optimizer_arrays()
+    assert set(packed) == {"params", "param.exp_avg", "param.exp_avg_sq", "scalar.step"}
+    num_params = sum(p.numel() for p in a.model.parameters())
+    assert packed["param.exp_avg"].shape == (num_params,)
+    b = SiteTrainer(TINY, items, device=cpu)
+    b.set_weights(a.get_weights())
+    b.load_optimizer_arrays(packed)
+    b.train(1, seed=2)
+    for k, v in one.get_weights().items():
+        np.testing.assert_array_equal(b.get_weights()[k], v)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda s: s.pop("params"), "no 'params'"),
+        (lambda s: s.update(params=s["params"] + 10_000), "parameters"),
+        (lambda s: s.update({"param.exp_avg": s["param.exp_avg"][:-1]}), "'param.exp_avg'"),
+        (lambda s: s.update({"weird": s["scalar.step"]}), "'weird'"),
+    ],
+)
+def test_optimizer_state_that_does_not_fit_is_refused(mutate, fragment: str) -> None:
+    t = SiteTrainer(TINY, make_items(2), device=torch.device("cpu"))
+    t.train(1, seed=0)
+    state = t.optimizer_arrays()
+    mutate(state)
+    with pytest.raises(UpdateValidationError, match=fragment):
+        t.load_optimizer_arrays(state)

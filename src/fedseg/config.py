@@ -48,6 +48,10 @@ ATTACKS: tuple[str, ...] = (
 #: differential-privacy modes (``dp-mode`` key)
 DP_MODES: tuple[str, ...] = ("none", "sample", "client")
 
+#: what DP-SGD trains at a site (``dp-trainable`` key, ``dp-mode sample``): every parameter, the
+#: normalisation layers' affine parameters, or those and every bias (the rest stays frozen)
+DP_TRAINABLE: tuple[str, ...] = ("all", "norm", "norm-bias")
+
 #: secure-aggregation modes (``secure-aggregation`` key)
 SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
 
@@ -64,9 +68,9 @@ class FedsegConfig:
     depth: int = 4
     # optimisation
     batch_size: int = 2
-    learning_rate: float = 0.002
+    learning_rate: float = 0.003
     weight_decay: float = 0.00001
-    epochs: int = 30
+    epochs: int = 20
     augment: bool = True
     # cohort
     num_cases: int = 60
@@ -75,7 +79,7 @@ class FedsegConfig:
     seed: int = 0
     # federation (Flower ServerApp / ClientApp)
     strategy: str = "fedavg"
-    num_server_rounds: int = 15
+    num_server_rounds: int = 10
     local_epochs: int = 2
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
@@ -107,6 +111,9 @@ class FedsegConfig:
     dp_target_epsilon: float = 0.0
     dp_delta: float = 0.00001
     dp_epsilon_budget: float = 0.0
+    dp_trainable: str = "all"
+    # the initial global model: a fedseg-model-v1 file (e.g. pretrained on public data)
+    init_model: str = ""
     # secure aggregation (#4): SecAgg+ or CKKS homomorphic encryption
     secure_aggregation: str = "none"
     secagg_threshold: float = 0.5
@@ -229,6 +236,7 @@ class FedsegConfig:
     def _check_privacy(self) -> None:
         """Validate the differential-privacy keys (#4)."""
         _check_choice("dp-mode", self.dp_mode, DP_MODES)
+        _check_choice("dp-trainable", self.dp_trainable, DP_TRAINABLE)
         sigma = self.dp_noise_multiplier
         _check(
             math.isfinite(sigma) and sigma >= 0,

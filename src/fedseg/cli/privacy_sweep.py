@@ -25,16 +25,24 @@ _HELP = (
     "time and bytes exchanged. Writes OUT/privacy.csv, OUT/privacy.json, three PNGs and "
     "OUT/report.html."
     "\n\n"
+    "Pretraining (--pretrain N, N > 0): a U-Net is first trained centrally for N epochs on "
+    "public data (--public-data, or --public-cases generated cases with their own seed on "
+    "modern 3 T scanners only, disjoint from the hospitals) and every arm, no-dp included, "
+    "starts from it; a public-only row scores it before any hospital training. DP arms then "
+    "train only what --dp-trainable names (all, norm, norm-bias), privately."
+    "\n\n"
     "Defaults: the default study's cohort (60 generated cases, 4 sites, mixed partition), "
-    "FedAvg, the study's U-Net (48^3, 8 base channels, depth 4), 10 rounds x 2 local epochs: "
-    "about 25 minutes on a 2-core machine. Rerun the same command to resume."
+    "FedAvg, the study's U-Net (48^3, 8 base channels, depth 4), 10 rounds x 2 local epochs, "
+    "pretraining __PRETRAIN__ epochs on __PUBLIC__ public cases, DP-SGD on __TRAINABLE__: "
+    "about __MINUTES__ minutes on a 2-core machine. Rerun the same command to resume."
     "\n\n"
     "Exit codes: 0 success, 2 bad input, 3 internal failure."
 )
 
 #: defaults of the sweep: the default study's model and cohort, FedAvg, 10 rounds x 2 local
-#: epochs (the study runs 15), so that the 6 arms that run (secagg+ is refused by this build)
-#: fit in about 25 minutes on a 2-core machine (BENCHMARKS.md, "Privacy-utility study")
+#: epochs, DP-SGD on the norm layers and biases of the publicly pretrained model (from a random
+#: start no DP arm learns: BENCHMARKS.md, "Privacy-utility study"); about 30 minutes on a
+#: 2-core machine
 SWEEP_DEFAULTS: dict[str, Any] = {
     "num_server_rounds": 10,
     "local_epochs": 2,
@@ -42,7 +50,19 @@ SWEEP_DEFAULTS: dict[str, Any] = {
     "patch_size": 48,
     "base_channels": 8,
     "depth": 4,
+    "dp_trainable": "norm-bias",
 }
+#: epochs of centralized pretraining on public data by default
+DEFAULT_PRETRAIN = 30
+#: minutes of the default sweep on the 2-core machine (BENCHMARKS.md, "Privacy-utility study")
+_DEFAULT_MINUTES = "30"
+
+_HELP = (
+    _HELP.replace("__PRETRAIN__", str(DEFAULT_PRETRAIN))
+    .replace("__PUBLIC__", "24")
+    .replace("__TRAINABLE__", SWEEP_DEFAULTS["dp_trainable"])
+    .replace("__MINUTES__", _DEFAULT_MINUTES)
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -101,6 +121,34 @@ def privacy_sweep_command(
         int | None, typer.Option("--base-channels", help="U-Net first-level width (default 8).")
     ] = None,
     depth: Annotated[int | None, typer.Option(help="U-Net levels (default 4).")] = None,
+    pretrain: Annotated[
+        int,
+        typer.Option(
+            help="Epochs of centralized pretraining on public data; every arm starts from that "
+            "model (0: random start)."
+        ),
+    ] = DEFAULT_PRETRAIN,
+    public_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-data",
+            help="A labelled folder of public cases for the pretraining (default: generated, "
+            "disjoint from the hospitals).",
+        ),
+    ] = None,
+    public_cases: Annotated[
+        int,
+        typer.Option("--public-cases", help="Cases of the generated public cohort."),
+    ] = 24,  # fedseg.study.privacy_sweep.DEFAULT_PUBLIC_CASES (not imported: start-up time)
+    dp_trainable: Annotated[
+        str | None,
+        typer.Option(
+            "--dp-trainable",
+            help="What DP-SGD trains at the sites: all, norm (normalisation affine "
+            "parameters) or norm-bias (and every bias); the rest stays as received "
+            f"(default {SWEEP_DEFAULTS['dp_trainable']}).",
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Keep arms finished in an earlier run.")
     ] = True,
@@ -138,6 +186,7 @@ def privacy_sweep_command(
             "patch_size": size,
             "base_channels": base_channels,
             "depth": depth,
+            "dp_trainable": dp_trainable,
         }
         for key, value in SWEEP_DEFAULTS.items():
             if options[key] is None:
@@ -153,6 +202,9 @@ def privacy_sweep_command(
             data=data,
             progress=not quiet,
             resume=resume,
+            pretrain=pretrain,
+            public_data=public_data,
+            public_cases=public_cases,
         )
     rows = table_rows(doc["arms"])
     if as_json:

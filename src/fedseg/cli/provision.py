@@ -52,6 +52,14 @@ def provision_command(
     ip: Annotated[list[str] | None, typer.Option("--ip", help="Extra certificate IP.")] = None,
     site: Annotated[list[str] | None, typer.Option("--site", help="Hospital name.")] = None,
     force: Annotated[bool, typer.Option(help="Replace existing key material.")] = False,
+    ckks: Annotated[
+        bool,
+        typer.Option(
+            "--ckks",
+            help="Also give every site the shared CKKS secret key (ckks.ctx, never to the "
+            "server), for secure-aggregation = ckks.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Create the federation's key material (see ``fedseg provision --help``)."""
@@ -85,7 +93,7 @@ def provision_command(
         if "address" not in server and description is None:
             raise ConfigError("give a DESCRIPTION file or --server-address and --site")
         spec = P.spec_from_dict(doc, source=str(description or "options"))
-        result = P.provision(spec, out, force=force)
+        result = P.provision(spec, out, force=force, ckks=ckks)
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), **result.manifest}, indent=2))
         return

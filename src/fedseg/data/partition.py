@@ -496,7 +496,8 @@ def summary_table(summary: Sequence[Mapping[str, Any]], *, title: str | None = N
 # files
 
 
-def _natural_key(name: str) -> list[Any]:
+def natural_key(name: str) -> list[Any]:
+    """Sort key for natural order: ``site-2`` before ``site-10``."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
@@ -583,7 +584,7 @@ def read_partition(path: Path) -> dict[str, list[str]]:
     parts: dict[str, list[str]] = {}
     for cid, site in site_of.items():
         parts.setdefault(site, []).append(cid)
-    return {site: sorted(parts[site]) for site in sorted(parts, key=_natural_key)}
+    return {site: sorted(parts[site]) for site in sorted(parts, key=natural_key)}
 
 
 def _from_csv(cases: Sequence[CaseAttributes], num_sites: int, path: Path) -> dict[str, list[str]]:

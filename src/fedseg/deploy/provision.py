@@ -9,12 +9,21 @@ folder per party, ready to hand over::
       server/             ca.crt, server.pem, server.key, site-keys/<site>.pub, sites.csv,
                           run-superlink.sh, register-sites.sh, flwr-connection.toml
       site-<name>/        ca.crt, <name>.key, <name>.pub, run-supernode.sh
+                          ckks.ctx (with ``ckks``: the sites' shared CKKS secret key)
       manifest.json       what was written, certificate and key fingerprints (no secrets)
 
 The TLS certificate is what the SuperNodes check (``--root-certificates ca.crt``); the site keys
 are EC P-384 in OpenSSH format, the form Flower's SuperNode authentication reads
 (``--auth-supernode-private-key``) and ``flwr supernode register`` accepts. Private keys are
 written with mode 0600 and never leave their folder.
+
+With ``ckks`` (``fedseg provision --ckks``), every site folder also gets the same CKKS secret
+context (TenSEAL, :func:`fedseg.secure.ckks_federation.write_key_file`), mode 0600, and its
+``run-supernode.sh`` names it in the node config (``ckks-key-file``), so the federation can run
+with ``secure-aggregation = "ckks"``: sites encrypt their updates under a key the server never
+receives (the server folder gets no copy). Whoever runs ``provision`` sees that key: for CKKS to
+protect the updates from the server's operator, provisioning must be done by another party (or
+the key made with ``python -m fedseg.secure.keygen`` at one hospital and copied to the others).
 
 Description file (TOML)::
 
@@ -386,7 +395,9 @@ def site_dir_name(site: str) -> str:
     return f"site-{site}"
 
 
-def provision(spec: FederationSpec, out: Path, *, force: bool = False) -> ProvisionResult:
+def provision(
+    spec: FederationSpec, out: Path, *, force: bool = False, ckks: bool = False
+) -> ProvisionResult:
     """Create the CA, the server certificate and every site's keys under ``out``.
 
     Parameters
@@ -397,6 +408,9 @@ def provision(spec: FederationSpec, out: Path, *, force: bool = False) -> Provis
         Output folder; created if missing.
     force:
         Replace existing key material (otherwise refuse to touch it).
+    ckks:
+        Also give every site the shared CKKS secret key (``ckks.ctx``, default parameters of
+        ``ckks-poly-degree`` / ``ckks-scale-bits``) and name it in ``run-supernode.sh``.
 
     Returns
     -------
@@ -417,13 +431,14 @@ def provision(spec: FederationSpec, out: Path, *, force: bool = False) -> Provis
             "refusing to overwrite it (use --force to replace it; sites must then get new folders)"
         )
     try:
-        return _write_all(spec, out)
+        return _write_all(spec, out, ckks=ckks)
     except OSError as exc:
         raise ProvisionError(f"cannot write key material under {out}: {exc}") from None
 
 
-def _write_all(spec: FederationSpec, out: Path) -> ProvisionResult:
+def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> ProvisionResult:
     ca_key, ca_cert = make_ca()
+    ckks_key = _ckks_key_bytes() if ckks else b""
     srv_key, srv_cert = make_server_cert(ca_key, ca_cert, spec.san_dns(), spec.san_ips())
     ca_pem = _pem_cert(ca_cert)
     ca_dir, server = out / "ca", out / "server"
@@ -444,7 +459,10 @@ def _write_all(spec: FederationSpec, out: Path) -> ProvisionResult:
         _write(folder / "ca.crt", ca_pem, 0o644)
         _write(folder / f"{site.name}.key", private, 0o600)
         _write(folder / f"{site.name}.pub", public, 0o644)
-        _write(folder / "run-supernode.sh", supernode_script(spec, site).encode(), 0o755)
+        if ckks_key:
+            _write(folder / CKKS_KEY_FILE, ckks_key, 0o600)
+        script = supernode_script(spec, site, ckks=bool(ckks_key))
+        _write(folder / "run-supernode.sh", script.encode(), 0o755)
         _write(server / "site-keys" / f"{site.name}.pub", public, 0o644)
         fingerprint = ssh_fingerprint(public)
         sites_rows.append(f"{site.name},{fingerprint}")
@@ -465,8 +483,24 @@ def _write_all(spec: FederationSpec, out: Path) -> ProvisionResult:
         "server-not-after": srv_cert.not_valid_after_utc.isoformat(),
         "sites": manifest_sites,
     }
+    if ckks_key:  # lets the sites check they hold the same key; the key itself is not here
+        result.manifest["ckks-key-sha256"] = hashlib.sha256(ckks_key).hexdigest()
     _write(out / "manifest.json", json.dumps(result.manifest, indent=2).encode(), 0o644)
     return result
+
+
+#: the CKKS secret context in a site folder (``--ckks``)
+CKKS_KEY_FILE = "ckks.ctx"
+
+
+def _ckks_key_bytes() -> bytes:
+    """A new serialised CKKS secret context with the configuration's default parameters."""
+    from fedseg.config import FedsegConfig
+    from fedseg.secure import ckks as C
+
+    cfg = FedsegConfig()
+    params = C.CkksParams(poly_degree=cfg.ckks_poly_degree, scale_bits=cfg.ckks_scale_bits)
+    return C.secret_context_bytes(C.create_secret_context(params))
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -508,15 +542,27 @@ def superlink_command(spec: FederationSpec, folder: str = ".", database: str = "
 
 
 def supernode_command(
-    spec: FederationSpec, site: SiteSpec, folder: str, data_path: str, port: int = 9094
+    spec: FederationSpec,
+    site: SiteSpec,
+    folder: str,
+    data_path: str,
+    port: int = 9094,
+    *,
+    ckks: bool = False,
 ) -> list[str]:
-    """The ``flower-supernode`` command line of ``site`` (TLS with the CA, its own key)."""
+    """The ``flower-supernode`` command line of ``site`` (TLS with the CA, its own key).
+
+    With ``ckks`` the node config names the site's CKKS key file (``FOLDER/ckks.ctx``).
+    """
+    node_config = f"data-path='{data_path}' site-name='{site.name}'"
+    if ckks:
+        node_config += f" ckks-key-file='{folder}/{CKKS_KEY_FILE}'"
     return [
         "flower-supernode",
         "--superlink", spec.superlink,
         "--root-certificates", f"{folder}/ca.crt",
         "--auth-supernode-private-key", f"{folder}/{site.name}.key",
-        "--node-config", f"data-path='{data_path}' site-name='{site.name}'",
+        "--node-config", node_config,
         "--port", str(port),
     ]  # fmt: skip
 
@@ -554,10 +600,12 @@ CONNECTION=${{1:-fedseg}}
 """
 
 
-def supernode_script(spec: FederationSpec, site: SiteSpec) -> str:
+def supernode_script(spec: FederationSpec, site: SiteSpec, *, ckks: bool = False) -> str:
     """``site-<name>/run-supernode.sh``: the SuperNode with this site's key and data path."""
     data = site.data_path or "/path/to/this/hospitals/cases"
-    cmd = supernode_command(spec, site, '"$HERE"', "$DATA_PATH", port=0)
+    cmd = supernode_command(spec, site, "$HERE", "$DATA_PATH", port=0, ckks=ckks)
+    # "$HERE" quoted in the plain arguments; inside the node config's double quotes, bare
+    cmd = ['"$HERE"' + a[len("$HERE") :] if a.startswith("$HERE") else a for a in cmd]
     node = cmd.index("--node-config")
     shown = [*map(_quote, cmd[:node]), '--node-config "' + cmd[node + 1] + '"']
     shown += ["--port", '"$RUNTIME_PORT"']

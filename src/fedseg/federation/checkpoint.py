@@ -26,7 +26,9 @@ from fedseg.utils.io import load_torch, save_torch
 FORMAT = "fedseg-federated-v1"
 MODEL_FORMAT = "fedseg-model-v1"
 #: config keys that may change when a run is resumed (a longer run, a new timeout)
-RESUMABLE_CHANGES = frozenset({"num-server-rounds", "round-timeout", "out-dir"})
+#: keys a resumed run may change: more rounds, another timeout or folder, and ``epochs`` (the
+#: centralized baseline's budget, which a federated run never reads)
+RESUMABLE_CHANGES = frozenset({"num-server-rounds", "round-timeout", "out-dir", "epochs"})
 
 
 def save_checkpoint(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from fedseg.config import FedsegConfig
 from fedseg.federation import records as R
 from fedseg.federation.checkpoint import load_checkpoint, save_checkpoint
+from fedseg.federation.messaging import send_and_receive
 from fedseg.federation.strategy import EvaluateReport, FedsegStrategy, TrainReport
 
 log = logging.getLogger("fedseg.server")
@@ -123,9 +124,11 @@ def run_rounds(
         new, _ = strategy.run_train(grid, server_round, arrays, cfg.round_timeout)
         if new is not None:
             arrays = new
-        strategy.global_weights = R.from_array_record(arrays)
+        weights = R.from_array_record(arrays)  # decoded once a round
+        strategy.global_weights = dict(weights)
         t_train = time.perf_counter() - t0
-        replies = grid.send_and_receive(
+        replies = send_and_receive(
+            grid,
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
             timeout=cfg.round_timeout,
         )
@@ -137,7 +140,6 @@ def run_rounds(
         if cfg.dp_mode != "none":  # the privacy ledger after this round (#4)
             row["privacy"] = _clean(strategy.privacy.history_entry(server_round))
         history.append(row)
-        weights = R.from_array_record(arrays)
         if checkpoint is not None:
             save_checkpoint(
                 Path(checkpoint),
@@ -159,7 +161,7 @@ def run_rounds(
         if progress is not None:
             progress(server_round, cfg.num_server_rounds, row)
     return LoopResult(
-        weights=R.from_array_record(arrays),
+        weights=R.from_array_record(arrays),  # a copy the caller owns
         history=history,
         site_weights=strategy.site_models(),
         sites=dict(strategy.sites),
@@ -169,22 +171,39 @@ def run_rounds(
 
 
 def critical_path_seconds(seconds: list[float], workers: int | None) -> float:
-    """Least time ``seconds`` of independent site jobs take on ``workers`` parallel workers.
+    """How long independent site jobs take on ``workers`` parallel workers, in the given order.
 
-    The longest-processing-time-first schedule (within 4/3 of the optimum, exact for the
-    common case of at most two jobs per worker); ``workers=None``: one worker per job (the max).
+    List scheduling as the Simulation Engine does it: the jobs are handed out in order, each to
+    the worker that is free first; the result is the time the last one ends, i.e. the round's
+    compute time if messaging, serialisation and aggregation took no time at all.
+    ``workers=None``: one worker per job (the longest job).
 
     >>> critical_path_seconds([3.0, 2.0, 2.0, 1.0], 2)
     4.0
+    >>> critical_path_seconds([1.0, 2.0, 5.0], 2)  # the long job comes last and waits
+    6.0
     """
     if not seconds:
         return 0.0
     if workers is None or workers >= len(seconds):
         return max(seconds)
-    loads = [0.0] * max(1, workers)
-    for t in sorted(seconds, reverse=True):
-        loads[loads.index(min(loads))] += t
-    return max(loads)
+    free_at = [0.0] * max(1, workers)
+    for t in seconds:
+        first = free_at.index(min(free_at))
+        free_at[first] += t
+    return max(free_at)
+
+
+def dispatch_order(per_site: Mapping[str, float]) -> list[float]:
+    """The sites' values in the order the Simulation Engine hands their messages to workers.
+
+    Flower queues one message per virtual node in node-registration order, i.e. by partition
+    id, and :func:`fedseg.federation.site.resolve_site` gives partition ``i`` the ``i``-th site
+    in natural name order (``site-2`` before ``site-10``).
+    """
+    from fedseg.data.partition import natural_key
+
+    return [per_site[s] for s in sorted(per_site, key=natural_key)]
 
 
 def history_row(
@@ -208,10 +227,11 @@ def history_row(
 
     With ``workers`` (sites computing at once, e.g. 2 Ray workers for 4 sites), the site training
     and evaluation on the critical path is the schedule of the sites' times on that many workers
-    (:func:`critical_path_seconds`), so queueing behind a busy worker is compute, not overhead;
+    in the order the Simulation Engine dispatches them (:func:`critical_path_seconds`,
+    :func:`dispatch_order`), so queueing behind a busy worker is compute, not overhead;
     ``workers`` is recorded in the row.
     """
-    site_train = [m.get("train-seconds", 0.0) for m in train.metrics.values()]
+    site_train = dispatch_order({s: m.get("train-seconds", 0.0) for s, m in train.metrics.items()})
     site_sum = sum(site_train)
     compute = train.compute_seconds + evaluate.compute_seconds
     if workers is not None:
@@ -219,7 +239,7 @@ def history_row(
         train_path = (
             train.compute_seconds if sequential else critical_path_seconds(site_train, workers)
         )
-        eval_path = critical_path_seconds(list(evaluate.seconds.values()), workers)
+        eval_path = critical_path_seconds(dispatch_order(evaluate.seconds), workers)
         compute = train_path + (eval_path if evaluate.seconds else evaluate.compute_seconds)
     return _clean(
         {

@@ -44,12 +44,20 @@ SITE_MODELS = "site_models"
 
 
 def initial_model(cfg: FedsegConfig) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The initial global model (seeded by ``seed``, as the site trainer builds it).
+    """The initial global model: ``init-model``'s weights, or seeded by ``seed``.
+
+    Without ``init-model`` the model is built as the site trainer builds it (same seed).
 
     Returns
     -------
     weights, param_names
         ``{name: float32 array}`` in state-dict order, and the trainable parameters' names.
+
+    Raises
+    ------
+    ConfigError
+        ``init-model`` names a file that is missing, not a ``fedseg-model-v1`` model, or whose
+        weights do not fit the configured network (names or shapes).
     """
     import torch
 
@@ -58,7 +66,46 @@ def initial_model(cfg: FedsegConfig) -> tuple[dict[str, np.ndarray], list[str]]:
     torch.manual_seed(cfg.seed)
     model = build_unet(cfg)
     weights = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    if cfg.init_model:
+        weights = load_init_model(Path(cfg.init_model), weights)
     return weights, [n for n, _ in model.named_parameters()]
+
+
+def load_init_model(path: Path, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Read the ``init-model`` file and check it against the network's weights ``like``.
+
+    Raises
+    ------
+    ConfigError
+        Missing or unreadable file, another format, or names / shapes that differ from ``like``.
+    """
+    from fedseg.errors import CheckpointError, ConfigError
+    from fedseg.federation.checkpoint import MODEL_FORMAT, to_numpy
+    from fedseg.utils.io import load_torch
+
+    where = f"config key 'init-model': {path}"
+    try:
+        payload = load_torch(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT or not model:
+        raise ConfigError(f"{where}: expected a {MODEL_FORMAT} model (final_model.pt, best.pt)")
+    found = {str(k): np.asarray(to_numpy(v)) for k, v in dict(model).items()}
+    missing = [k for k in like if k not in found]
+    extra = [k for k in found if k not in like]
+    if missing or extra:
+        raise ConfigError(
+            f"{where}: its weights do not fit the configured network (missing {missing[:3]}, "
+            f"unknown {extra[:3]}); check image-size, base-channels, depth"
+        )
+    for k, ref in like.items():
+        if found[k].shape != ref.shape:
+            raise ConfigError(
+                f"{where}: weight '{k}' has shape {found[k].shape}, the configured network "
+                f"{ref.shape}; check base-channels, depth and the input modalities"
+            )
+    return {k: found[k].astype(ref.dtype, copy=True) for k, ref in like.items()}
 
 
 def out_dir_of(cfg: FedsegConfig) -> Path:

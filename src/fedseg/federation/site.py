@@ -23,15 +23,17 @@ What a site keeps between rounds
 --------------------------------
 ``"scaffold-c"`` (SCAFFOLD's control variate ``c_i``, zeros before the site's first round, left
 as it was when the site skipped a round or failed) and ``"fedbn-local"`` (FedBN's normalisation
-parameters, which never take the server's values), in ``context.state`` (kept by the SuperNode,
-or by the Simulation Engine, for one Flower run) and, when a state folder is configured, in a
-round-stamped file (:func:`state_file`) so that a server resumed in a new run finds the sites as
-they were. The prepared cases and the trainer are cached per process in :data:`_SITES`, so a Ray
-actor does not reload them every round.
+parameters, which never take the server's values), AdamW's moments (``"optimizer"``, unless
+``reset-optimizer``) and the DP accountant: in a round-stamped file when a state folder is
+configured (:func:`state_file`; always in the study's simulations), so that a server resumed in
+a new run finds the sites as they were, else in ``context.state`` (kept by the SuperNode, or by
+the Simulation Engine, for one Flower run). The prepared cases and the trainer are cached per
+process in :data:`_SITES`, so a Ray actor does not reload them every round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -340,9 +342,11 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     if attack is not None:
         seed = site_seed(cfg.seed, server_round, spec.name)
         weights = attack_weights(attack, received, weights, seed=seed)
+    # What this round leaves at the site, saved once at the end (one write of the state file).
+    round_state: dict[str, dict[str, np.ndarray]] = {}
+    keep_from = 0
     if not cfg.reset_optimizer:
-        moments = {OPTIMIZER_STATE: trainer.optimizer_arrays()}
-        save_site_state(context, cfg, spec, server_round, moments)
+        round_state[OPTIMIZER_STATE] = trainer.optimizer_arrays()
     content = RecordDict(
         {
             R.ARRAYS: R.to_array_record(weights),
@@ -359,7 +363,7 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     if privacy is not None:  # epsilon spent so far goes to the server's privacy ledger
         dp_metrics, dp_state = finish_private_round(privacy)
         content.metric_records[R.METRICS].update(dp_metrics)
-        save_site_state(context, cfg, spec, server_round, {DP_STATE: dp_state})
+        round_state[DP_STATE] = dp_state
     if strategy == "scaffold":
         from fedseg.strategies.scaffold import site_control_update
 
@@ -367,22 +371,24 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         new_c, delta_c = site_control_update(
             c_local, c_global, w_start, w_end, int(fit["steps"]), lr
         )
-        new_state = {SCAFFOLD_STATE: dict(zip(names, new_c, strict=True))}
-        # Pending until the server applies this round's delta-c (see scaffold_start_state).
-        context.state[f"{SCAFFOLD_STATE}@{server_round}"] = R.to_array_record(
-            new_state[SCAFFOLD_STATE]
-        )
-        for key in _stale_stamped_keys(context, SCAFFOLD_STATE):
-            del context.state[key]
+        round_state[SCAFFOLD_STATE] = dict(zip(names, new_c, strict=True))
+        # Pending until the server applies this round's delta-c (see scaffold_start_state):
+        # kept per round, in the state file if there is one, else in context.state.
+        if state_file(context, cfg, spec) is None:
+            context.state[f"{SCAFFOLD_STATE}@{server_round}"] = R.to_array_record(
+                round_state[SCAFFOLD_STATE]
+            )
+            for key in _stale_stamped_keys(context, SCAFFOLD_STATE):
+                del context.state[key]
         content[R.DELTA_C] = R.to_array_record(dict(zip(names, delta_c, strict=True)))
         # Rounds before the base round can never be a base again (it only moves forward).
-        base = int(conf.get("scaffold-base-round", 0))
-        save_site_state(context, cfg, spec, server_round, new_state, keep_from=base)
+        keep_from = int(conf.get("scaffold-base-round", 0))
     if strategy == "fedbn":
         from fedseg.strategies.fedbn import split_local
 
-        _, local = split_local(weights)
-        save_site_state(context, cfg, spec, server_round, {FEDBN_STATE: local})
+        _, round_state[FEDBN_STATE] = split_local(weights)
+    if round_state:
+        save_site_state(context, cfg, spec, server_round, round_state, keep_from=keep_from)
     if cfg.secure_aggregation == "ckks":  # last: the plain model never leaves the site
         from fedseg.secure.ckks_federation import seal_train_reply
 
@@ -397,7 +403,12 @@ def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> Record
     conf = _message_config(msg)
     strategy = str(conf.get("strategy", cfg.strategy))
     server_round = int(conf.get("server-round", 0))
-    saved = load_site_state(context, cfg, spec, server_round, inclusive=True)
+    # Only FedBN evaluates with state of the site's own (its normalisation parameters).
+    saved = (
+        load_site_state(context, cfg, spec, server_round, inclusive=True)
+        if strategy == "fedbn"
+        else {}
+    )
     _load_global(rt.trainer, _received_weights(msg), strategy, saved.get(FEDBN_STATE))
     t0 = time.perf_counter()
     table = rt.trainer.evaluate(rt.test_items)
@@ -508,12 +519,11 @@ def scaffold_start_state(
     path = state_file(context, cfg, spec)
     if path is not None and path.is_file():
         from fedseg.federation.checkpoint import to_numpy
-        from fedseg.utils.io import load_torch
 
-        stored = load_torch(path)
+        stored = _read_state_file(path)
         rounds = stored.get("rounds", {}) if stored.get("strategy") == cfg.strategy else {}
         if base in rounds and SCAFFOLD_STATE in rounds[base]:
-            return to_numpy(rounds[base][SCAFFOLD_STATE])
+            return _own_copy(to_numpy(rounds[base][SCAFFOLD_STATE]))
     rec = context.state.array_records.get(f"{SCAFFOLD_STATE}@{base}")
     if rec is not None:
         return R.from_array_record(rec)
@@ -560,15 +570,14 @@ def load_site_state(
     a new Flower run starts with an empty ``context.state``. Without one, ``context.state``.
     """
     from fedseg.federation.checkpoint import to_numpy
-    from fedseg.utils.io import load_torch
 
     path = state_file(context, cfg, spec)
     if path is not None and path.is_file():
-        saved = load_torch(path)
+        saved = _read_state_file(path)
         if saved.get("strategy") == cfg.strategy:
             rounds = saved.get("rounds", {})
             usable = [r for r in rounds if (r <= server_round if inclusive else r < server_round)]
-            return to_numpy(rounds[max(usable)]) if usable else {}
+            return _own_copy(to_numpy(rounds[max(usable)])) if usable else {}
     return {
         key: R.from_array_record(rec)
         for key, rec in context.state.array_records.items()
@@ -585,22 +594,25 @@ def save_site_state(
     *,
     keep_from: int = 0,
 ) -> None:
-    """Keep the state a round produced: in ``context.state`` and in the state file, if any.
+    """Keep the state a round produced: in the state file if there is one, else ``context.state``.
 
     The file keeps the newest ``_KEEP_ROUNDS`` rounds (Adam's moments only in the newest
     ``_KEEP_OPTIMIZER_ROUNDS``), none older than ``keep_from``.
     """
     from fedseg.federation.checkpoint import to_torch
-    from fedseg.utils.io import load_torch, save_torch
+    from fedseg.utils.io import save_torch
 
-    for key, arrays in state.items():
-        context.state[key] = R.to_array_record(arrays)
     path = state_file(context, cfg, spec)
     if path is None:
+        for key, arrays in state.items():
+            context.state[key] = R.to_array_record(arrays)
         return
+    # With a state file, context.state is never read back (load_site_state reads the file):
+    # keeping a copy there would only make every message to the site heavier (a simulated
+    # site's Context travels to and from its Ray worker with each message).
     rounds: dict[int, Any] = {}
     if path.is_file():
-        saved = load_torch(path)
+        saved = _read_state_file(path)
         if saved.get("strategy") == cfg.strategy:
             rounds = {r: v for r, v in saved.get("rounds", {}).items() if r <= server_round}
     # Several parts of a round's state may be saved one after the other: merge them.
@@ -612,4 +624,47 @@ def save_site_state(
     # round's read and write of this file.
     for r in keep[:-_KEEP_OPTIMIZER_ROUNDS]:
         kept[r] = {k: v for k, v in kept[r].items() if k != OPTIMIZER_STATE}
-    save_torch(path, {"strategy": cfg.strategy, "rounds": kept})
+    payload = {"strategy": cfg.strategy, "rounds": kept}
+    save_torch(path, payload)
+    _remember_state_file(path, payload)
+
+
+#: the last state file this process read or wrote: path -> (identity, contents)
+_STATE_FILES: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+
+def _file_identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _read_state_file(path: Path) -> dict[str, Any]:
+    """The state file's contents, read again only when the file changed since this process
+    last read or wrote it (a site reads it up to three times a round).
+
+    Files are replaced atomically (a new inode each time), so ``(inode, mtime, size)`` tells a
+    file another process wrote from the one remembered here. The contents are shared: callers
+    build new containers and never modify them.
+    """
+    from fedseg.utils.io import load_torch
+
+    key = str(path)
+    identity = _file_identity(path)
+    cached = _STATE_FILES.get(key)
+    if cached is not None and cached[0] == identity:
+        return cached[1]
+    contents = load_torch(path)
+    _STATE_FILES[key] = (identity, contents)
+    return contents
+
+
+def _own_copy(obj: Any) -> Any:
+    """Arrays the caller may modify: copies, never views of the remembered file contents."""
+    if isinstance(obj, dict):
+        return {k: _own_copy(v) for k, v in obj.items()}
+    return np.array(obj, copy=True) if isinstance(obj, np.ndarray) else obj
+
+
+def _remember_state_file(path: Path, contents: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        _STATE_FILES[str(path)] = (_file_identity(path), contents)

@@ -63,6 +63,7 @@ from fedseg.config import FedsegConfig
 from fedseg.data.case import REGIONS
 from fedseg.errors import AggregationError, UpdateValidationError
 from fedseg.federation import records as R
+from fedseg.federation.messaging import send_and_receive
 from fedseg.strategies.dp import ServerPrivacy
 
 log = logging.getLogger("fedseg.server")
@@ -324,7 +325,7 @@ class FedsegStrategy(Strategy):
             return run_secure_train(self, grid, server_round, arrays, timeout)
         if self.name != "cyclic":
             messages = self.configure_train(server_round, arrays, ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=timeout)
+            replies = send_and_receive(grid, messages, timeout=timeout)
             return self.aggregate_train(server_round, replies)
 
         nodes = self.sample(grid, server_round)
@@ -333,7 +334,7 @@ class FedsegStrategy(Strategy):
         current = arrays
         for node in nodes:
             messages = self._train_messages(server_round, current, ConfigRecord(), [node])
-            replies = grid.send_and_receive(messages, timeout=timeout)
+            replies = send_and_receive(grid, messages, timeout=timeout)
             new, _ = self.aggregate_train(server_round, replies)
             step = self.last_train or TrainReport(server_round, status="failed")
             report.rejected.update(step.rejected)
@@ -362,7 +363,7 @@ class FedsegStrategy(Strategy):
         content = RecordDict({R.CONFIG: ConfigRecord({"want": "site-name", "prepare": True})})
         messages = [Message(content, n, MessageType.QUERY) for n in unknown]
         names: dict[int, str] = {}
-        for msg in grid.send_and_receive(messages, timeout=timeout):
+        for msg in send_and_receive(grid, messages, timeout=timeout):
             node = msg.metadata.src_node_id
             if msg.has_error() or not msg.has_content():
                 continue

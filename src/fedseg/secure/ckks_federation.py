@@ -60,6 +60,7 @@ from flwr.serverapp import Grid
 from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError, UpdateValidationError
 from fedseg.federation import records as R
+from fedseg.federation.messaging import send_and_receive
 from fedseg.secure import ckks as C
 
 if TYPE_CHECKING:
@@ -234,7 +235,7 @@ def run_train_ckks(
     from fedseg.federation.strategy import NO_REPLY, TrainReport, _positive_int
 
     messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-    replies = grid.send_and_receive(messages, timeout=timeout)
+    replies = send_and_receive(grid, messages, timeout=timeout)
     model = strategy._model()
     keys = sorted(model)
     length = int(sum(np.asarray(model[k]).size for k in keys))
@@ -370,7 +371,7 @@ def _decrypt_at_a_site(
         node = by_name[site]
         content = RecordDict({R.CONFIG: conf, CIPHERTEXT: ciphertext})
         message = Message(content, node, MessageType.QUERY)
-        for reply in grid.send_and_receive([message], timeout=strategy.cfg.round_timeout):
+        for reply in send_and_receive(grid, [message], timeout=strategy.cfg.round_timeout):
             reason = strategy._failure(reply)
             rec = None if reason is not None else reply.content.array_records.get(CKKS_SUM)
             if rec is not None and "sum" in rec:

@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 
 from fedseg.errors import UpdateValidationError
 from fedseg.federation import records as R
+from fedseg.federation.messaging import send_and_receive
 
 if TYPE_CHECKING:
     from fedseg.federation.strategy import FedsegStrategy
@@ -167,7 +168,7 @@ class _Recording:
         self.errors: dict[int, str] = {}
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = send_and_receive(self.grid, messages, timeout=timeout)
         for reply in replies:
             if reply.has_error():
                 self.errors[reply.metadata.src_node_id] = str(reply.error.reason or "")

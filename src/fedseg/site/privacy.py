@@ -23,6 +23,14 @@ Per-sample gradients
     backward pass per case through the batched forward graph (instance norm has no
     cross-sample coupling, so these are exact). ``benchmarks/bench_dp.py`` measures them;
     :data:`DEFAULT_GRAD_SAMPLE_MODE` is the fastest on the default 3D U-Net (see BENCHMARKS.md).
+What is trained
+    ``dp-trainable``: every parameter (``all``), or only a small subset while the rest stays
+    exactly at the received global values: the normalisation layers' affine parameters
+    (``norm``), or those and every bias (``norm-bias``). The noise is added to every trained
+    coordinate, so its norm grows with the square root of their number (~3·10^5 for the default
+    U-Net, ~600 for ``norm``); fine-tuning a model pretrained on public data (``init-model``)
+    through such a subset is the usual remedy when a site has few cases (DP-BiTFiT, Bu et al.
+    2022; De et al. 2022; Tramèr & Boneh 2021). The accounting does not depend on it.
 The loss
     DP needs one loss per case, so DP training uses :class:`PerSampleDiceCELoss` (Dice and BCE per
     case, averaged over the batch) instead of the batch-pooled Dice of
@@ -274,6 +282,51 @@ def validate_model(model: torch.nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# what DP-SGD trains (``dp-trainable``)
+
+
+def trainable_names(model: torch.nn.Module, trainable: str) -> list[str]:
+    """Names of the parameters DP-SGD trains under ``dp-trainable = trainable``.
+
+    ``all``: every parameter; ``norm``: the affine parameters of the normalisation layers
+    (instance, batch, group, layer norm); ``norm-bias``: those and every parameter named
+    ``bias``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown ``trainable`` (with the allowed values), or a choice that selects nothing.
+    """
+    import torch
+
+    from fedseg.config import DP_TRAINABLE
+
+    if trainable not in DP_TRAINABLE:
+        raise ConfigError(
+            f"config key 'dp-trainable': expected one of {', '.join(DP_TRAINABLE)}, "
+            f"found {trainable!r}"
+        )
+    names = [n for n, _ in model.named_parameters()]
+    if trainable == "all":
+        return names
+    norms = (
+        torch.nn.modules.batchnorm._NormBase,  # batch and instance norm
+        torch.nn.GroupNorm,
+        torch.nn.LayerNorm,
+    )
+    keep: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, norms):
+            keep.update(f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters())
+    if trainable == "norm-bias":
+        keep.update(n for n in names if n.rsplit(".", 1)[-1] == "bias")
+    chosen = [n for n in names if n in keep]
+    if not chosen:
+        raise ConfigError(f"config key 'dp-trainable': {trainable!r} selects no parameter here")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
 # per-sample-backward: per-case gradients by one backward per case
 
 
@@ -395,11 +448,14 @@ class SitePrivacy:
     poisson_sampling:
         Draw batches by Poisson sampling (what the accountant assumes). ``False`` only for
         tests that compare with non-private training batch for batch.
+    trainable:
+        ``dp-trainable`` (:func:`trainable_names`): the other parameters are frozen between
+        :meth:`attach` and :meth:`detach` and keep their values exactly.
 
     Raises
     ------
     ConfigError
-        Unknown mode, negative noise, or noise with an infinite clip bound.
+        Unknown mode or ``trainable``, negative noise, or noise with an infinite clip bound.
     """
 
     def __init__(
@@ -411,7 +467,15 @@ class SitePrivacy:
         history: Iterable[Sequence[float]] = (),
         grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
         poisson_sampling: bool = True,
+        trainable: str = "all",
     ) -> None:
+        from fedseg.config import DP_TRAINABLE
+
+        if trainable not in DP_TRAINABLE:
+            raise ConfigError(
+                f"config key 'dp-trainable': expected one of {', '.join(DP_TRAINABLE)}, "
+                f"found {trainable!r}"
+            )
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ConfigError(
                 f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
@@ -426,8 +490,10 @@ class SitePrivacy:
         self.history: list[AccountantEntry] = normalise_history(history)
         self.grad_sample_mode = grad_sample_mode
         self.poisson_sampling = poisson_sampling
+        self.trainable = trainable
         self._engine: Any = None
         self._attached: tuple[Any, Any, Any] | None = None
+        self._frozen: list[Any] = []
 
     # ---------------------------------------------------------------- accounting
     def epsilon(self) -> float:
@@ -455,6 +521,14 @@ class SitePrivacy:
 
         self.detach(trainer)  # a previous call that raised may have left the wrappers on
         trainer.model.train()  # Opacus refuses a module in eval mode
+        # Frozen before make_private, so that Opacus computes, clips and noises the trained
+        # parameters only; without a gradient AdamW leaves the frozen ones untouched.
+        keep = set(trainable_names(trainer.model, self.trainable))
+        for name, p in trainer.model.named_parameters():
+            if name not in keep and p.requires_grad:
+                p.requires_grad_(False)
+                p.grad = None
+                self._frozen.append(p)
         engine = PrivacyEngine(accountant="rdp")
         engine.accountant.history = list(self.history)
         gen = torch.Generator()
@@ -495,7 +569,11 @@ class SitePrivacy:
         return _SkipEmpty(dp_loader, optimizer, trainer.model, ghost=mode == "ghost")
 
     def detach(self, trainer: Any) -> None:
-        """Undo :meth:`attach`: plain model, optimizer and loss back; keep the accountant."""
+        """Undo :meth:`attach`: plain model, optimizer and loss back, parameters unfrozen;
+        keep the accountant."""
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
         if self._attached is None:
             return
         wrapped = trainer.model
@@ -518,7 +596,8 @@ def enable_site_privacy(
     """Give ``trainer`` a :class:`SitePrivacy` from the config (``dp-mode sample``).
 
     The noise multiplier is :func:`resolve_noise_multiplier` for the trainer's training cases;
-    ``history`` is the accountant's history restored from the site state.
+    ``history`` is the accountant's history restored from the site state; ``dp-trainable``
+    chooses the parameters DP-SGD trains (:func:`trainable_names`).
 
     Raises
     ------
@@ -527,7 +606,9 @@ def enable_site_privacy(
     """
     validate_model(trainer.model)
     sigma = resolve_noise_multiplier(cfg, len(trainer.train_items))
-    privacy = SitePrivacy(sigma, cfg.dp_clip_norm, cfg.dp_delta, history=history)
+    privacy = SitePrivacy(
+        sigma, cfg.dp_clip_norm, cfg.dp_delta, history=history, trainable=cfg.dp_trainable
+    )
     trainer.privacy = privacy
     return privacy
 

@@ -148,17 +148,28 @@ class SiteTrainer:
         self.optimizer = self._new_optimizer()
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
-        """The optimizer's per-parameter state as ``{"<param index>.<name>": array}``.
+        """The optimizer's per-parameter state, packed into a few flat arrays.
 
-        Plain arrays, so it can travel in a Flower record or a weights-only file; the parameter
-        groups (learning rate, betas) come from the config and are not included.
+        ``"params"``: the indices (in ``model.parameters()`` order) of the parameters that have
+        state (a frozen parameter has none); ``"param.<name>"``: the parameter-shaped entries
+        (AdamW's ``exp_avg``, ``exp_avg_sq``) of those parameters, flattened and concatenated;
+        ``"scalar.<name>"``: the one-value entries (``step``), one per parameter. A handful of
+        arrays instead of three per parameter keeps the site state file quick to read and write
+        every round. The parameter groups (learning rate, betas) come from the config.
         """
         import torch
 
-        out: dict[str, np.ndarray] = {}
-        for index, entry in self.optimizer.state_dict()["state"].items():
-            for name, value in entry.items():
-                out[f"{index}.{name}"] = torch.as_tensor(value).detach().cpu().numpy().copy()
+        state = self.optimizer.state_dict()["state"]
+        indices = sorted(state)
+        out: dict[str, np.ndarray] = {"params": np.asarray(indices, dtype=np.int64)}
+        # AdamW keeps the same entries for every parameter it has stepped
+        names = sorted(set.intersection(*(set(state[i]) for i in indices))) if indices else []
+        for name in names:
+            values = [torch.as_tensor(state[i][name]).detach().cpu() for i in indices]
+            if all(v.dim() == 0 for v in values):  # AdamW's step counter
+                out[f"scalar.{name}"] = np.asarray([float(v) for v in values], dtype=np.float64)
+            else:
+                out[f"param.{name}"] = torch.cat([v.reshape(-1) for v in values]).numpy().copy()
         return out
 
     def load_optimizer_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -167,21 +178,39 @@ class SiteTrainer:
         Raises
         ------
         UpdateValidationError
-            A key is not ``<index>.<name>`` or names a parameter the model does not have.
+            The arrays do not fit this model's parameters (unknown key, parameter index out of
+            range, or a length that is not the parameters' total size).
         """
         import torch
 
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        num_params = sum(len(g["params"]) for g in self.optimizer.param_groups)
-        for key, value in arrays.items():
-            index, _, name = key.partition(".")
-            if not index.isdigit() or not name or int(index) >= num_params:
-                raise UpdateValidationError(f"optimizer state key {key!r} does not fit this model")
-            tensor = torch.as_tensor(np.asarray(value))
-            # Adam's step counter stays on the CPU; moments live with the parameters.
-            state.setdefault(int(index), {})[name] = (
-                tensor if name == "step" else tensor.to(self.device)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if "params" not in arrays:
+            raise UpdateValidationError("optimizer state has no 'params' entry")
+        indices = [int(i) for i in np.asarray(arrays["params"]).reshape(-1)]
+        if any(not 0 <= i < len(params) for i in indices) or len(set(indices)) != len(indices):
+            raise UpdateValidationError(
+                f"optimizer state names parameters {indices[:5]}... of a model with "
+                f"{len(params)} parameters"
             )
+        state: dict[int, dict[str, torch.Tensor]] = {i: {} for i in indices}
+        sizes = [params[i].numel() for i in indices]
+        for key, value in arrays.items():
+            if key == "params":
+                continue
+            kind, _, name = key.partition(".")
+            flat = torch.as_tensor(np.asarray(value)).reshape(-1)
+            if kind == "scalar" and name and flat.numel() == len(indices):
+                for i, v in zip(indices, flat, strict=True):
+                    # Adam's step counter stays on the CPU, as float32 like torch's own
+                    state[i][name] = v.to(torch.float32).clone()
+            elif kind == "param" and name and flat.numel() == sum(sizes):
+                for i, chunk in zip(indices, torch.split(flat, sizes), strict=True):
+                    state[i][name] = chunk.reshape(params[i].shape).clone().to(self.device)
+            else:
+                raise UpdateValidationError(
+                    f"optimizer state entry {key!r} ({flat.numel()} values) does not fit this "
+                    f"model ({len(indices)} parameters, {sum(sizes)} values)"
+                )
         full = self.optimizer.state_dict()
         full["state"] = state
         self.optimizer.load_state_dict(full)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,7 +68,8 @@ def train_for_epochs(
     Parameters
     ----------
     cfg:
-        Configuration; the model is initialised from ``cfg.seed`` like every other arm.
+        Configuration; the model is initialised like every other arm: from ``init-model``
+        when set, else from ``cfg.seed``.
     train_items:
         Training cases.
     eval_items:
@@ -99,6 +101,10 @@ def train_for_epochs(
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every}")
     trainer = SiteTrainer(cfg, train_items, eval_items, device=device)
+    if cfg.init_model:  # the same starting point as the federated arms (e.g. a public model)
+        from fedseg.federation.server_app import load_init_model
+
+        trainer.set_weights(load_init_model(Path(cfg.init_model), trainer.get_weights()))
     run = BaselineRun(
         weights={}, timings={"epoch-seconds": [], "train-seconds": [], "eval-seconds": []}
     )

@@ -42,6 +42,10 @@ def _dp_points(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, Mapping[s
     return sorted(pts, key=lambda p: p[0])
 
 
+def _public_only(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((r for r in _ok(rows) if r["arm"] == "public-only"), None)
+
+
 def _no_dp_note(ax: Any, pts: Sequence[Any]) -> None:
     if not pts:
         ax.text(0.5, 0.5, "no DP arm ran", transform=ax.transAxes, ha="center", color=_NONE_COLOUR)
@@ -75,6 +79,11 @@ def dice_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
         for key, label, colour in series:
             style = "--" if key == "mean_dice" else ":"
             ax.axhline(ref[key], color=colour, ls=style, lw=1, label=f"no DP, {label}")
+    public = _public_only(rows)
+    if public is not None and public.get("mean_dice") is not None:
+        ax.axhline(
+            public["mean_dice"], color=_NONE_COLOUR, ls="-.", lw=1, label="public data only, mean"
+        )
     ax.set_xlabel("epsilon spent per site (log scale)")
     ax.set_ylabel("pooled test Dice")
     ax.set_ylim(0, 1)
@@ -176,7 +185,30 @@ def _findings(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list
             f"(drop {100 * target['drop']:.1f} points; target: at most "
             f"{100 * target['margin']:.0f})."
         )
+    public = _public_only(rows)
     ref = _reference(rows)
+    if public is not None and public.get("mean_dice") is not None:
+        gain = (
+            ""
+            if ref is None
+            else (f"; the non-private federation reaches {ref['mean_dice']:.3f} from it")
+        )
+        notes.append(
+            f"The model pretrained on public data alone, before any hospital training, scores "
+            f"{public['mean_dice']:.3f} on the hospitals' test cases{gain}."
+        )
+        if public.get("mia_auc_loss") is not None:
+            notes.append(
+                f"The membership attack reads AUC {public['mia_auc_loss']:.2f} on the public "
+                "model, which saw no hospital case: its noise floor with these few cases."
+            )
+        for eps, r in _dp_points(rows):
+            if r.get("mean_dice") is not None:
+                added = 100 * (r["mean_dice"] - public["mean_dice"])
+                notes.append(
+                    f"{r['arm']} (epsilon {eps:.2f}): private fine-tuning adds {added:+.1f} "
+                    f"points to the public model."
+                )
     if ref is not None and ref.get("mia_auc_loss") is not None:
         auc = ref["mia_auc_loss"]
         reading = (
@@ -236,8 +268,10 @@ def _header(doc: Mapping[str, Any]) -> str:
             "DP",
             f"dp-mode {_e(sw.get('dp-mode', 'sample'))}, target epsilons "
             f"{_e(sw.get('epsilons'))}, delta "
-            f"{_e(sw.get('dp-delta'))}, clip norm {_e(sw.get('dp-clip-norm'))}",
+            f"{_e(sw.get('dp-delta'))}, clip norm {_e(sw.get('dp-clip-norm'))}; "
+            f"DP-SGD trains {_trained(sw)}",
         ),
+        ("initial model", _initial_model(sw)),
         ("secure aggregation", _e(", ".join(sw.get("secure", [])) or "none tried")),
         (
             "run",
@@ -252,6 +286,44 @@ def _header(doc: Mapping[str, Any]) -> str:
         "the pooled test cases, the epsilon each site spent, a membership-inference attack, and "
         "what each protection costs in time and bytes.</p>"
         f'<table class="kv"><tbody>{body}</tbody></table>'
+    )
+
+
+def _trained(sw: Mapping[str, Any]) -> str:
+    which = sw.get("dp-trainable", "all")
+    counts = sw.get("dp-trained-parameters") or {}
+    size = (
+        f" ({counts['trained']:,} of {counts['total']:,} parameters)" if counts.get("total") else ""
+    )
+    names = {
+        "all": "every parameter",
+        "norm": "only the normalisation layers' affine parameters",
+        "norm-bias": "only the normalisation layers' affine parameters and the biases",
+    }
+    return _e(f"{names.get(which, which)}{size}; the other arms train every parameter")
+
+
+def _initial_model(sw: Mapping[str, Any]) -> str:
+    pre = sw.get("pretraining")
+    if not pre:
+        if sw.get("init-model"):
+            return f"every arm starts from <code>{_e(sw['init-model'])}</code>"
+        return "random (seeded), the same for every arm: no pretraining"
+    if pre.get("generated"):
+        what = (
+            f"{_e(pre.get('num-cases'))} generated public cases (seed {_e(pre.get('seed'))}, "
+            f"scanners {_e(', '.join(pre.get('scanners') or []))}), no hospital case"
+        )
+    else:
+        what = f"the public cases in <code>{_e(pre.get('data'))}</code>"
+    split = pre.get("split") or {}
+    public_test = (pre.get("public-test") or {}).get("mean-dice")
+    return (
+        f"pretrained centrally for {_e(pre.get('epochs'))} epochs on {what} (split "
+        f"{_e(split.get('train'))} train / {_e(split.get('val'))} validation / "
+        f"{_e(split.get('test'))} test; mean Dice {_f(public_test)} on its public test "
+        f"cases; {_f(pre.get('train-seconds'), 0)} s of training); every arm, the non-private "
+        f"one included, starts from it"
     )
 
 

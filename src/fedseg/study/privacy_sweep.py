@@ -14,6 +14,20 @@
     No DP, secure aggregation on (``secure-aggregation`` = ``secagg+`` / ``ckks``): what the
     protection of the updates in transit costs in time and bytes.
 
+``public-only`` (with ``pretrain``)
+    No federation: the model pretrained on public data, scored as it is (zero-shot), so that a
+    reader sees what the federated (private or not) fine-tuning adds.
+
+Pretraining on public data (``pretrain`` epochs > 0)
+    A *public* cohort, disjoint from the hospitals', is generated (``public_cases`` cases, seed
+    ``seed + PUBLIC_SEED_OFFSET``, only the modern 3 T :data:`PUBLIC_SCANNERS`, while the
+    hospitals have all five scanner profiles) or taken from ``public_data``; a centralized U-Net
+    is trained on it (:func:`fedseg.study.centralized.train_centralized`, ``pretrain`` epochs)
+    and its best-validation model becomes ``init-model`` of **every** arm, the non-private
+    reference included, so the comparison stays like for like. No hospital case is used for
+    the pretraining, so it costs no privacy; DP arms then fine-tune privately only the
+    parameters ``dp-trainable`` names (all, by default).
+
 Per arm: pooled-test Dice (WT, TC, ET) of the final model, the epsilon each site spent (read from
 the run's history, i.e. the privacy ledger), the wall time of the federation, the bytes that
 crossed the wire, and a membership-inference attack on the final model
@@ -45,6 +59,8 @@ carry only the plain records). Its folder is then removed so that a later build 
 Output folder::
 
     OUT/data/                      generated cohort (only without --data)
+    OUT/public/data/               generated public cohort (pretraining, without public_data)
+    OUT/public/model/              the centralized pretraining run (best.pt: the init-model)
     OUT/partition.csv, split.json  the sites and their train / test cases
     OUT/arms/<arm>/                the arm's run folder (checkpoint, history.json, final model)
     OUT/arms/<arm>/result.json     one finished (or skipped) arm: the resume marker
@@ -94,6 +110,27 @@ DEFAULT_EPSILONS: tuple[float, ...] = (1.0, 3.0, 8.0, 30.0)
 DEFAULT_SECURE: tuple[str, ...] = tuple(m for m in SECURE_MODES if m != "none")
 #: the reference arm
 NO_DP = "no-dp"
+#: the pretrained model scored without any site training (only with pretraining)
+PUBLIC_ONLY = "public-only"
+#: the generated public cohort: its own seed (seed + this), fewer cases, modern 3 T scanners
+PUBLIC_SEED_OFFSET = 1000
+DEFAULT_PUBLIC_CASES = 24
+PUBLIC_SCANNERS: tuple[str, ...] = ("siemens-3t", "philips-3t")
+# the config fields the pretraining takes from the sweep's config
+_PRETRAIN_KEYS: tuple[str, ...] = (
+    "spatial_dims",
+    "image_size",
+    "patch_size",
+    "base_channels",
+    "depth",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "augment",
+    "test_fraction",
+    "val_fraction",
+    "seed",
+)
 #: the utility target of the issue: at this epsilon, mean Dice within ``UTILITY_MARGIN``
 UTILITY_EPSILON = 8.0
 UTILITY_MARGIN = 0.05
@@ -689,6 +726,9 @@ def run_privacy_sweep(
     data: Path | None = None,
     progress: bool = True,
     resume: bool = True,
+    pretrain: int = 0,
+    public_data: Path | None = None,
+    public_cases: int = DEFAULT_PUBLIC_CASES,
 ) -> dict[str, Any]:
     """Run the privacy-utility sweep (see the module docstring) and write its outputs.
 
@@ -708,17 +748,25 @@ def run_privacy_sweep(
         Progress bars and the site table on stderr.
     resume:
         Keep arms finished earlier with the same configuration (``False``: rerun them).
+    pretrain:
+        Epochs of centralized pretraining on public data (0: none, every arm starts from the
+        seeded random model or ``cfg.init_model``); see the module docstring.
+    public_data:
+        A labelled folder of public cases for the pretraining (``None``: generated).
+    public_cases:
+        Cases of the generated public cohort.
 
     Returns
     -------
     dict
         The content of ``privacy.json``: ``format``, ``config``, ``sweep`` (settings, cohort,
-        timing), ``arms`` (name to result) and ``outputs`` (file names).
+        pretraining, timing), ``arms`` (name to result) and ``outputs`` (file names).
 
     Raises
     ------
     ConfigError
-        Bad arm selection, or a bad setting of the cohort / partition.
+        Bad arm selection, a bad pretraining setting, or a bad setting of the cohort /
+        partition.
     fedseg.errors.DataError
         The data cannot be read or partitioned.
     """
@@ -726,6 +774,11 @@ def run_privacy_sweep(
     from fedseg.utils.runtime import pick_device
 
     planned = plan_arms(epsilons, secure, arms, dp_mode)
+    if pretrain < 0 or public_cases < 4:
+        raise ConfigError(
+            f"--pretrain: expected epochs >= 0 and --public-cases >= 4, found {pretrain} and "
+            f"{public_cases}"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     console = _console(progress)
@@ -735,6 +788,15 @@ def run_privacy_sweep(
     device = pick_device()
 
     results: dict[str, dict[str, Any]] = {}
+    public: dict[str, Any] | None = None
+    if pretrain > 0:
+        public = pretrain_public_model(
+            out, cfg, pretrain, data=public_data, cases=public_cases, progress=progress
+        )
+        cfg = cfg.replace(init_model=public["model"])
+        results[PUBLIC_ONLY] = _public_only(cfg, sites, device, public)
+        if console is not None:
+            console.print(_one_line(results[PUBLIC_ONLY]))
     for arm in planned:
         path = out / "arms" / arm.name / "result.json"
         try:
@@ -785,6 +847,10 @@ def run_privacy_sweep(
             "local-epochs": cfg.local_epochs,
             "dp-delta": cfg.dp_delta,
             "dp-clip-norm": cfg.dp_clip_norm,
+            "dp-trainable": cfg.dp_trainable,
+            "dp-trained-parameters": _count_trained(cfg),
+            "init-model": cfg.init_model,
+            "pretraining": public,
             "data": str(data_dir),
             "generated": generated,
             "num-cases": sum(len(v) for v in sites.parts.values()),
@@ -869,6 +935,162 @@ def _run_arm(
     }
 
 
+def pretrain_public_model(
+    out: Path,
+    cfg: FedsegConfig,
+    epochs: int,
+    *,
+    data: Path | None = None,
+    cases: int = DEFAULT_PUBLIC_CASES,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the initial model of every arm on public data, centrally (resumable).
+
+    The public cohort is ``data``, or ``cases`` generated cases in ``out/public/data`` (seed
+    ``cfg.seed + PUBLIC_SEED_OFFSET``, scanners :data:`PUBLIC_SCANNERS`): no case of the
+    hospitals. The centralized baseline (``epochs`` epochs, its own train / validation / test
+    split of the public cases) runs in ``out/public/model``; its best-validation model is the
+    init-model.
+
+    Returns
+    -------
+    dict
+        ``model`` (path of the init-model), ``sha256`` (of that file), ``data``, ``generated``,
+        ``seed``, ``scanners``, ``num-cases``, ``epochs``, ``split`` (case counts),
+        ``public-test`` (the model's Dice on the public held-out cases), ``seconds`` (this
+        call) and ``train-seconds`` (the training epochs, also when resumed).
+
+    Raises
+    ------
+    ConfigError
+        A generated public cohort of other settings already in ``out/public/data``.
+    fedseg.errors.DataError
+        ``data`` cannot be read.
+    """
+    from fedseg.study.centralized import BEST, train_centralized
+
+    t0 = time.perf_counter()
+    root = Path(out) / "public"
+    seed = cfg.seed + PUBLIC_SEED_OFFSET
+    scanners: list[str] | None = None
+    if data is None:
+        from fedseg.data.synth import generate_cohort
+
+        scanners = list(PUBLIC_SCANNERS)
+        data = root / "data"
+        marker = data / "public.json"
+        wanted = {"num-cases": cases, "seed": seed, "scanners": scanners}
+        found = _load_json(marker) if marker.is_file() else None
+        if found is not None and found != wanted:
+            raise ConfigError(
+                f"{data} holds a public cohort generated with {found}, not {wanted}; use "
+                f"another --out, or delete {data}"
+            )
+        if found is None:
+            generate_cohort(data, cases, seed=seed, scanners=scanners, progress=progress)
+            atomic_write_json(marker, wanted)
+    elif not Path(data).is_dir():
+        from fedseg.errors import LayoutError
+
+        raise LayoutError(f"public dataset folder {data} does not exist or is not a folder")
+    # only what shapes the model and its training: the federation's and DP's keys (which differ
+    # per arm and sweep) must not make a finished pretraining look like another configuration
+    pcfg = FedsegConfig(
+        **{k: getattr(cfg, k) for k in _PRETRAIN_KEYS},
+        epochs=epochs,
+        num_cases=cases,
+    )
+    test = train_centralized(Path(data), root / "model", pcfg, progress=progress)
+    model = (root / "model" / BEST).resolve()
+    return {
+        "model": str(model),
+        "sha256": _sha256(model),
+        "data": str(Path(data).resolve()),
+        "generated": scanners is not None,
+        "seed": seed if scanners is not None else None,
+        "scanners": scanners,
+        "num-cases": sum(test["split"].values()),
+        "epochs": epochs,
+        "split": test["split"],
+        "public-test": {
+            **{r: test[r]["dice"] for r in REGIONS if r in test},
+            "mean-dice": test.get("mean-dice"),
+        },
+        # this call (generation, training, test); a resumed pretraining counts only what was
+        # left, its epochs' training time is ``train-seconds``
+        "seconds": time.perf_counter() - t0,
+        "train-seconds": _train_seconds(root / "model" / "metrics.csv"),
+    }
+
+
+def _train_seconds(metrics_csv: Path) -> float | None:
+    import csv
+
+    try:
+        with open(metrics_csv, newline="") as fh:
+            return float(sum(float(r["train-seconds"]) for r in csv.DictReader(fh)))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _public_only(
+    cfg: FedsegConfig, sites: Any, device: Any, public: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The ``public-only`` row: the pretrained model on the hospitals' test cases, no training."""
+    from fedseg.federation.server_app import initial_model
+    from fedseg.privacy.mia import run_mia
+    from fedseg.study.study import _evaluate_models, _evaluator
+
+    t0 = time.perf_counter()
+    weights, _ = initial_model(cfg)
+    ev = _evaluate_models(_evaluator(cfg, device), weights, None, sites.test)
+    mia = run_mia(cfg, weights, sites.pooled_train, sites.pooled_test, device=device)
+    mia.pop("cases", None)
+    return {
+        "arm": PUBLIC_ONLY,
+        "dp-mode": "none",
+        "target-epsilon": 0.0,
+        "secure-aggregation": "none",
+        "delta": cfg.dp_delta,
+        "status": "ok",
+        "reason": "",
+        "metrics": ev["metrics"],
+        "epsilon": None,
+        "mia": mia,
+        "traffic": {"down": 0, "up": 0, "messages": 0, "total": 0},
+        "site-failures": {"count": 0, "rounds": [], "reasons": {}},
+        "timings": {
+            "federation-seconds": 0.0,
+            "federation-cpu-seconds": 0.0,
+            "pretraining-seconds": float(public.get("seconds") or 0.0),
+            "evaluation-seconds": time.perf_counter() - t0,
+        },
+    }
+
+
+def _count_trained(cfg: FedsegConfig) -> dict[str, int]:
+    """Parameters DP-SGD trains under ``dp-trainable`` (``trained``) of ``total``."""
+    import torch
+
+    from fedseg.model.unet import build_unet
+    from fedseg.site.privacy import trainable_names
+
+    with torch.random.fork_rng():
+        model = build_unet(cfg)
+    keep = set(trainable_names(model, cfg.dp_trainable))
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    return {
+        "trained": sum(v for n, v in sizes.items() if n in keep),
+        "total": sum(sizes.values()),
+    }
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _arm_base(arm: SweepArm, cfg: FedsegConfig) -> dict[str, Any]:
     return {
         "arm": arm.name,
@@ -883,6 +1105,9 @@ def _comparable(
     cfg: FedsegConfig, data_dir: Path, parts: Mapping[str, list[str]]
 ) -> dict[str, Any]:
     conf = {k: v for k, v in cfg.to_run_config().items() if k not in _NOT_COMPARED}
+    if cfg.init_model:  # the same path may hold another model after a new pretraining
+        path = Path(cfg.init_model)
+        conf["init-model-sha256"] = _sha256(path) if path.is_file() else None
     return {"config": conf, "data": str(Path(data_dir).resolve()), "partition": dict(parts)}
 
 

@@ -601,9 +601,11 @@ def _timing_section(doc: Mapping[str, Any]) -> str:
         "scoring after each epoch or round and, for federated arms, starting the Flower "
         "Simulation Engine (Ray), shown separately. Local only trains the sites one after "
         "another (a real deployment would run them in parallel). For federated arms, site "
-        "training counts the slowest site of each round (the critical path) and the overhead is "
-        "the rest of a round besides site training and evaluation: messaging, serialisation, "
-        "aggregation and scheduling.</p>" + _table(header, body)
+        "training and evaluation count on their critical path: the sites' measured compute "
+        "scheduled, in the order the Simulation Engine dispatches them, on its workers (so "
+        "waiting for a busy worker is compute). The overhead is the rest of each round: "
+        "messaging and Flower's polling, serialisation, the sites' state files, validation, "
+        "aggregation and the checkpoint.</p>" + _table(header, body)
     )
 
 
