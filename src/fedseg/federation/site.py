@@ -629,7 +629,9 @@ def save_site_state(
     _remember_state_file(path, payload)
 
 
-#: the last state file this process read or wrote: path -> (identity, contents)
+#: the one state file this process read or wrote last: path -> (identity, contents). One entry
+#: is enough (a message's handler reads and writes one site's file) and keeps a worker that
+#: serves many sites from holding every site's optimizer moments.
 _STATE_FILES: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
 
@@ -639,8 +641,8 @@ def _file_identity(path: Path) -> tuple[int, int, int]:
 
 
 def _read_state_file(path: Path) -> dict[str, Any]:
-    """The state file's contents, read again only when the file changed since this process
-    last read or wrote it (a site reads it up to three times a round).
+    """The state file's contents, read again only when it is not the file this process last
+    read or wrote, or that file changed since (a site reads it up to three times a round).
 
     Files are replaced atomically (a new inode each time), so ``(inode, mtime, size)`` tells a
     file another process wrote from the one remembered here. The contents are shared: callers
@@ -654,6 +656,7 @@ def _read_state_file(path: Path) -> dict[str, Any]:
     if cached is not None and cached[0] == identity:
         return cached[1]
     contents = load_torch(path)
+    _STATE_FILES.clear()
     _STATE_FILES[key] = (identity, contents)
     return contents
 
@@ -666,5 +669,6 @@ def _own_copy(obj: Any) -> Any:
 
 
 def _remember_state_file(path: Path, contents: dict[str, Any]) -> None:
+    _STATE_FILES.clear()
     with contextlib.suppress(OSError):
         _STATE_FILES[str(path)] = (_file_identity(path), contents)
