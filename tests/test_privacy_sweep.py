@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_study import write_tiny_cohort
 from typer.testing import CliRunner
 
 from fedseg.config import FedsegConfig
-from fedseg.data.case import REGIONS, Case
+from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError
 from fedseg.study import privacy_sweep as ps
 
@@ -47,26 +48,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def write_cohort(root: Path, n: int = 8, seed: int = 0) -> Path:
     """``n`` small BraTS-2021-layout cases: a layered spherical tumour in a ball "brain"."""
-    from fedseg.data.readers import save_case
-
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing="ij")).astype(float)
-    brain = ((grid - (SIZE - 1) / 2) ** 2).sum(0) < (SIZE * 0.45) ** 2
-    for i in range(n):
-        c = rng.uniform(SIZE * 0.35, SIZE * 0.65, 3)
-        r = rng.uniform(3.0, 5.0)
-        d = np.sqrt(((grid - c[:, None, None, None]) ** 2).sum(0))
-        label = np.zeros((SIZE,) * 3, np.uint8)
-        label[(d < r) & brain] = 2
-        label[(d < r * 0.6) & brain] = 4
-        label[(d < r * 0.3) & brain] = 1
-        image = np.zeros((4, SIZE, SIZE, SIZE), np.float32)
-        for m in range(4):
-            image[m][brain] = 100 + 10 * m + rng.normal(0, 5, int(brain.sum()))
-        image[3][label > 0] += 80
-        image[1][label == 4] += 120
-        save_case(Case(f"P_{i:03d}", image, label, np.eye(4), {}), root)
-    return root
+    return write_tiny_cohort(root, n, SIZE, seed, max_radius=5.0, prefix="P", cohort_csv=False)
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,18 @@ TINY = FedsegConfig(
 BASELINES = ("centralized", "local")
 
 
-def write_tiny_cohort(root: Path, n: int = 8, size: int = 24, seed: int = 0) -> Path:
-    """``n`` small BraTS-2021-layout cases (a spherical tumour in a ball "brain") + cohort.csv."""
+def write_tiny_cohort(
+    root: Path,
+    n: int = 8,
+    size: int = 24,
+    seed: int = 0,
+    *,
+    max_radius: float = 5.5,
+    prefix: str = "T",
+    cohort_csv: bool = True,
+) -> Path:
+    """``n`` small BraTS-2021-layout cases (a spherical tumour in a ball "brain") and, with
+    ``cohort_csv``, a cohort.csv of scanners and region volumes."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij")).astype(float)
     centre = (size - 1) / 2
@@ -48,7 +58,7 @@ def write_tiny_cohort(root: Path, n: int = 8, size: int = 24, seed: int = 0) -> 
     rows = []
     for i in range(n):
         c = rng.uniform(size * 0.35, size * 0.65, 3)
-        r = rng.uniform(3.0, 5.5)
+        r = rng.uniform(3.0, max_radius)
         d = np.sqrt(((grid - c[:, None, None, None]) ** 2).sum(0))
         label = np.zeros((size,) * 3, np.uint8)
         label[(d < r) & brain] = 2
@@ -59,7 +69,7 @@ def write_tiny_cohort(root: Path, n: int = 8, size: int = 24, seed: int = 0) -> 
             image[m][brain] = 100 + 10 * m + rng.normal(0, 5, int(brain.sum()))
         image[3][label > 0] += 80
         image[1][label == 4] += 120
-        case_id = f"T_{i:03d}"
+        case_id = f"{prefix}_{i:03d}"
         save_case(Case(case_id, image, label, np.eye(4), {}), root)
         rows.append(
             {
@@ -70,10 +80,11 @@ def write_tiny_cohort(root: Path, n: int = 8, size: int = 24, seed: int = 0) -> 
                 "et_ml": (label == 4).sum() / 1000,
             }
         )
-    with open(root / "cohort.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if cohort_csv:
+        with open(root / "cohort.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     return root
 
 

@@ -285,6 +285,16 @@ def validate_model(model: torch.nn.Module) -> None:
 # what DP-SGD trains (``dp-trainable``)
 
 
+def _check_trainable(trainable: str) -> None:
+    from fedseg.config import DP_TRAINABLE
+
+    if trainable not in DP_TRAINABLE:
+        raise ConfigError(
+            f"config key 'dp-trainable': expected one of {', '.join(DP_TRAINABLE)}, "
+            f"found {trainable!r}"
+        )
+
+
 def trainable_names(model: torch.nn.Module, trainable: str) -> list[str]:
     """Names of the parameters DP-SGD trains under ``dp-trainable = trainable``.
 
@@ -299,13 +309,7 @@ def trainable_names(model: torch.nn.Module, trainable: str) -> list[str]:
     """
     import torch
 
-    from fedseg.config import DP_TRAINABLE
-
-    if trainable not in DP_TRAINABLE:
-        raise ConfigError(
-            f"config key 'dp-trainable': expected one of {', '.join(DP_TRAINABLE)}, "
-            f"found {trainable!r}"
-        )
+    _check_trainable(trainable)
     names = [n for n, _ in model.named_parameters()]
     if trainable == "all":
         return names
@@ -469,13 +473,7 @@ class SitePrivacy:
         poisson_sampling: bool = True,
         trainable: str = "all",
     ) -> None:
-        from fedseg.config import DP_TRAINABLE
-
-        if trainable not in DP_TRAINABLE:
-            raise ConfigError(
-                f"config key 'dp-trainable': expected one of {', '.join(DP_TRAINABLE)}, "
-                f"found {trainable!r}"
-            )
+        _check_trainable(trainable)
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ConfigError(
                 f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"

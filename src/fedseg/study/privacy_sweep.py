@@ -770,7 +770,7 @@ def run_privacy_sweep(
     fedseg.errors.DataError
         The data cannot be read or partitioned.
     """
-    from fedseg.study.study import _cohort, _console, _make_sites
+    from fedseg.study.study import _cohort, _cohort_facts, _console, _make_sites
     from fedseg.utils.runtime import pick_device
 
     planned = plan_arms(epsilons, secure, arms, dp_mode)
@@ -851,13 +851,7 @@ def run_privacy_sweep(
             "dp-trained-parameters": _count_trained(cfg),
             "init-model": cfg.init_model,
             "pretraining": public,
-            "data": str(data_dir),
-            "generated": generated,
-            "num-cases": sum(len(v) for v in sites.parts.values()),
-            "num-train": len(sites.pooled_train),
-            "num-test": len(sites.pooled_test),
-            "device": str(device),
-            "seconds": time.perf_counter() - t_start,
+            **_cohort_facts(sites, data_dir, generated, device, t_start),
         },
         "sites": summary,
         "arms": results,

@@ -280,13 +280,7 @@ def run_study(
             "epoch-budget": epoch_budget(cfg),
             "test-fraction": cfg.test_fraction,
             "seed": cfg.seed,
-            "data": str(data_dir),
-            "generated": generated,
-            "num-cases": sum(len(v) for v in sites.parts.values()),
-            "num-train": len(sites.pooled_train),
-            "num-test": len(sites.pooled_test),
-            "device": str(device),
-            "seconds": time.perf_counter() - t_start,
+            **_cohort_facts(sites, data_dir, generated, device, t_start),
         },
         "sites": summary,
         "arms": ordered,
@@ -334,6 +328,24 @@ def _cohort(out: Path, cfg: FedsegConfig, data: Path | None, progress: bool) -> 
     generate_cohort(root, cfg.num_cases, seed=cfg.seed, progress=progress)
     atomic_write_json(marker, wanted)
     return root, True
+
+
+def _cohort_facts(
+    sites: _Sites, data_dir: Path, generated: bool, device: Any, t_start: float
+) -> dict[str, Any]:
+    """Where the cases came from, how many trained and tested, the device and the run time.
+
+    Shared by the study's and the privacy sweep's result documents.
+    """
+    return {
+        "data": str(data_dir),
+        "generated": generated,
+        "num-cases": sum(len(v) for v in sites.parts.values()),
+        "num-train": len(sites.pooled_train),
+        "num-test": len(sites.pooled_test),
+        "device": str(device),
+        "seconds": time.perf_counter() - t_start,
+    }
 
 
 def _make_sites(
