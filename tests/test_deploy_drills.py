@@ -402,8 +402,11 @@ def test_server_restart_resumes_from_checkpoint(drill: Drill) -> None:
     assert [r["round"] for r in drill.before_kill] == [1, 2]
     assert rounds[:2] == drill.before_kill  # nothing trained before the kill was lost
     # The restarted ServerApp sent training only for round 3: hospital-c (never restarted, never
-    # cut off) pulled one training message per round in all, not 3 + 3.
-    assert _count(drill.logs / "hospital-c-1.log", "Receiving: train message") == ROUNDS
+    # cut off) pulled one training message per round, not 3 + 3; plus at most one: round 3's
+    # training goes out with round 2's evaluation, before round 2's checkpoint, and may have
+    # reached it before the kill (it is redone after the restart, from the checkpoint).
+    trains = _count(drill.logs / "hospital-c-1.log", "Receiving: train message")
+    assert ROUNDS <= trains <= ROUNDS + 1
 
 
 def test_nan_update_dropped_and_logged_with_site_name(drill: Drill) -> None:

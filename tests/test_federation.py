@@ -92,7 +92,12 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, li
 
 
 def make_grid(
-    cfg: FedsegConfig, root: Path, parts: dict[str, list[str]], tmp: Path
+    cfg: FedsegConfig,
+    root: Path,
+    parts: dict[str, list[str]],
+    tmp: Path,
+    *,
+    push_pull: bool = False,
 ) -> tuple[InProcessGrid, FedsegConfig]:
     from fedseg.data.partition import write_partition
 
@@ -101,7 +106,9 @@ def make_grid(
     cfg = cfg.replace(data_path=str(root), partition_file=str(csv), num_sites=len(parts))
     app = build_client_app(cfg.to_run_config())
     grid = InProcessGrid(
-        app, [{"partition-id": i, "num-partitions": len(parts)} for i in range(len(parts))]
+        app,
+        [{"partition-id": i, "num-partitions": len(parts)} for i in range(len(parts))],
+        push_pull=push_pull,
     )
     return grid, cfg
 
@@ -114,10 +121,17 @@ def run(
     grid: InProcessGrid | None = None,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     parts: dict[str, list[str]] | None = None,
+    push_pull: bool = False,
 ) -> tuple[LoopResult, InProcessGrid]:
     root, default_parts = cohort
     # out-dir also tells the simulated sites where to keep their state files
-    g, full = make_grid(cfg.replace(out_dir=str(out)), root, parts or default_parts, out.parent)
+    g, full = make_grid(
+        cfg.replace(out_dir=str(out)),
+        root,
+        parts or default_parts,
+        out.parent,
+        push_pull=push_pull,
+    )
     return serve(grid or g, full, out, progress=progress), grid or g
 
 
@@ -141,6 +155,29 @@ def test_fedavg_round_trip_writes_the_run_folder(cohort: Any, tmp_path: Path) ->
     for k, v in result.weights.items():
         np.testing.assert_array_equal(state[k].numpy(), v)
     assert cfg.strategy == "fedavg"
+
+
+def test_a_simulated_handshake_prepares_every_site_in_the_worker(
+    cohort: Any, tmp_path: Path
+) -> None:
+    """Any worker may serve any simulated site: one handshake loads all of them, once."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    root, parts = cohort
+    broken = {**parts, "site-2": ["GHOST_CASE_77", *parts["site-2"]]}
+    g, cfg = make_grid(tiny_cfg(), root, broken, tmp_path)
+    site_module._SITES.clear()
+    content = RecordDict({"config": ConfigRecord({"want": "site-name", "prepare": True})})
+    node = g.node_of("partition-id", 0)
+    (reply,) = g.send_and_receive([Message(content, node, MessageType.QUERY)])
+
+    assert "error" not in reply.content.config_records  # site-2's failure is not site-0's
+    prepared = sorted(rt.spec.name for rt in site_module._SITES.values())
+    assert prepared == ["site-0", "site-1"]  # site-2's data fail: its own handshake says so
+    (reply,) = g.send_and_receive(
+        [Message(content, g.node_of("partition-id", 2), MessageType.QUERY)]
+    )
+    assert reply.content.config_records["error"]["code"] == "E207:PartitionError"
 
 
 # ------------------------------------------------------------------------------- failures
@@ -234,18 +271,22 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize(
-    ("strategy", "reset"),
+    ("strategy", "reset", "push_pull"),
     [
-        ("fedavg", True),
-        ("fedavgm", True),
-        ("fedadam", True),
-        ("scaffold", True),
-        ("fedbn", True),
-        ("fedavg", False),
+        ("fedavg", True, False),
+        ("fedavgm", True, False),
+        ("fedadam", True, False),
+        ("scaffold", True, False),
+        ("fedbn", True, False),
+        ("fedavg", False, False),
+        # Overlapped evaluation: killed at round 2's row, round 3 has already trained at the
+        # sites (their state files run ahead of the checkpoint) and is redone on resume.
+        ("scaffold", True, True),
+        ("fedavg", False, True),
     ],
 )
 def test_kill_and_resume_gives_the_same_weights(
-    cohort: Any, tmp_path: Path, strategy: str, reset: bool
+    cohort: Any, tmp_path: Path, strategy: str, reset: bool, push_pull: bool
 ) -> None:
     # reset=False: the sites' Adam moments are carried over rounds, and over the restart.
     cfg = tiny_cfg(
@@ -258,10 +299,14 @@ def test_kill_and_resume_gives_the_same_weights(
             raise Killed
 
     with pytest.raises(Killed):
-        run(cfg, cohort, tmp_path / "b" / "out", progress=kill_after_two)
+        run(cfg, cohort, tmp_path / "b" / "out", progress=kill_after_two, push_pull=push_pull)
+    if push_pull:  # round 3 went out with round 2's evaluation, before round 2's checkpoint
+        from fedseg.utils.io import load_torch
+
+        assert 3 in load_torch(tmp_path / "b" / "out" / "site_state" / "site-0.pt")["rounds"]
     # a new run: new strategy, new grid (fresh site contexts), sites' caches gone
     site_module._SITES.clear()
-    resumed, _ = run(cfg, cohort, tmp_path / "b" / "out")
+    resumed, _ = run(cfg, cohort, tmp_path / "b" / "out", push_pull=push_pull)
 
     assert resumed.start_round == 2
     assert [r["round"] for r in resumed.history] == [1, 2, 3]
@@ -275,15 +320,79 @@ def test_kill_and_resume_gives_the_same_weights(
     assert resumed.history[2]["dice"] == uninterrupted.history[2]["dice"]
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold", "fedbn", "cyclic"])
+def test_overlapped_evaluation_changes_the_clock_only(
+    cohort: Any, tmp_path: Path, strategy: str
+) -> None:
+    """Evaluation pushed with the next round's training: same models, same scores, same rows."""
+    cfg = tiny_cfg(strategy=strategy, num_server_rounds=3, reset_optimizer=False)
+    sequential, _ = run(cfg, cohort, tmp_path / "a" / "out")
+    site_module._SITES.clear()
+    root, parts = cohort
+    grid, full = make_grid(
+        cfg.replace(out_dir=str(tmp_path / "b" / "out")), root, parts, tmp_path, push_pull=True
+    )
+    calls: list[str] = []  # what the server did, in order: pushes (by kind) and pulls
+    push, pull = grid.push_messages, grid.pull_messages
+
+    def logged_push(messages: Any) -> Any:
+        batch = list(messages)
+        calls.append("push " + ",".join(sorted({m.metadata.message_type for m in batch})))
+        return push(batch)
+
+    def logged_pull(ids: Any) -> Any:
+        if not calls or calls[-1] != "pull":
+            calls.append("pull")
+        return pull(ids)
+
+    grid.push_messages, grid.pull_messages = logged_push, logged_pull  # type: ignore[method-assign]
+    overlapped = serve(grid, full, tmp_path / "b" / "out")
+
+    for k, v in sequential.weights.items():
+        np.testing.assert_array_equal(overlapped.weights[k], v)
+    keep = ("round", "status", "accepted", "train-loss", "dice", "mean-dice")
+    assert [{k: r[k] for k in keep} for r in overlapped.history] == [
+        {k: r[k] for k in keep} for r in sequential.history
+    ]
+    rounds = calls[calls.index("push train") :]  # after the handshake
+    if strategy == "cyclic":  # several messages a round: evaluated before the next round
+        assert "push evaluate" in rounds and rounds[rounds.index("push evaluate") + 1] == "pull"
+        assert [r["evaluation-overlapped"] for r in overlapped.history] == [False] * 3
+        return
+    # each round's evaluation goes out, then the next round's training, before any reply
+    ev, tr = "push evaluate", "push train"
+    assert rounds == [tr, "pull", ev, tr, "pull", ev, tr, "pull", ev, "pull"]
+    assert [r["evaluation-overlapped"] for r in overlapped.history] == [False, True, True]
+    assert not any(r["evaluation-overlapped"] for r in sequential.history)
+
+
+@pytest.mark.parametrize(
+    ("given", "overlaps"),
+    [
+        ({}, True),
+        ({"dp_mode": "sample"}, True),
+        ({"strategy": "cyclic"}, False),  # the model visits the sites one after the other
+        ({"secure_aggregation": "ckks"}, False),  # a second exchange decrypts the sum
+        ({"secure_aggregation": "secagg+"}, False),  # four stages of messages
+        ({"dp_mode": "client"}, False),  # the budget check books the next round first
+    ],
+)
+def test_which_rounds_overlap_evaluation(given: dict[str, Any], overlaps: bool) -> None:
+    from fedseg.federation.strategy import FedsegStrategy
+
+    assert FedsegStrategy(FedsegConfig(**given)).overlaps_evaluation is overlaps
+
+
 def saved_site_state(
     out: Path, site: str, server_round: int | None = None
 ) -> dict[str, dict[str, np.ndarray]]:
     """What ``site`` saved in ``server_round`` (default: its latest round) in its state file."""
-    from fedseg.federation.checkpoint import to_numpy
     from fedseg.utils.io import load_torch
 
     rounds = load_torch(out / "site_state" / f"{site}.pt")["rounds"]
-    return to_numpy(rounds[max(rounds) if server_round is None else server_round])
+    return site_module.saved_round_state(
+        rounds[max(rounds) if server_round is None else server_round]
+    )
 
 
 def test_site_state_file_keeps_adam_moments_of_the_latest_rounds_only(

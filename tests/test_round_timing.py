@@ -68,3 +68,46 @@ def test_the_critical_path_follows_the_engines_dispatch_order() -> None:
     }
     row = history_row(train, ev, wall_seconds=6.5, train_wall_seconds=6.2, workers=2)
     assert row["overhead-seconds"] == pytest.approx(0.5)
+
+
+def test_an_overlapped_evaluation_is_one_schedule_with_the_next_training() -> None:
+    # Round 2's interval holds round 1's evaluation (1, 2, 1, 1 s) queued ahead of round 2's
+    # training (3, 1, 4, 2 s). On 2 workers, in dispatch order, each job to the first free
+    # worker: e0 A 0-1, e1 B 0-2, e2 A 1-2, e3 A 2-3, t0 B 2-5, t1 A 3-4, t2 A 4-8, t3 B 5-7.
+    train, _ = _reports([3.0, 1.0, 4.0, 2.0], [0.5, 0.5, 0.5, 0.5])
+    _, previous = _reports([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 1.0, 1.0])
+    own = EvaluateReport(server_round=2)
+    own.seconds = {"site-0": 9.0}  # round 2's own evaluation, in round 3's interval
+    own.compute_seconds = 9.0
+    common = {"train_wall_seconds": 8.2, "workers": 2, "previous": previous}
+    row = history_row(
+        train, own, wall_seconds=8.25, overlapped=True, own_evaluation=False, **common
+    )
+    assert row["overhead-seconds"] == pytest.approx(8.25 - 8.0)
+    assert row["evaluation-overlapped"] is True
+    assert row["eval-seconds"] == 9.0  # the row still reports its own model's evaluation
+    # Evaluated before the training went out: two schedules in a row. Evaluation: e0 A 0-1,
+    # e1 B 0-2, e2 A 1-2, e3 A 2-3 (3 s); training: t0 A 0-3, t1 B 0-1, t2 B 1-5, t3 A 3-5 (5 s).
+    row = history_row(train, own, wall_seconds=8.5, own_evaluation=False, **common)
+    assert row["overhead-seconds"] == pytest.approx(8.5 - 3.0 - 5.0)
+    assert row["evaluation-overlapped"] is False
+    # The last round also holds its own evaluation (9 s).
+    row = history_row(train, own, wall_seconds=17.5, overlapped=True, **common)
+    assert row["overhead-seconds"] == pytest.approx(17.5 - 8.0 - 9.0)
+
+
+def test_an_overlapped_evaluation_without_a_worker_count_runs_per_site() -> None:
+    # Deployment: each site its own machine, evaluating then training: max(1 + 3, 2 + 1) = 4 s.
+    train, _ = _reports([3.0, 1.0], [0.0, 0.0])
+    _, previous = _reports([1.0, 1.0], [1.0, 2.0])
+    own = EvaluateReport(server_round=2)
+    row = history_row(
+        train,
+        own,
+        wall_seconds=4.5,
+        train_wall_seconds=4.4,
+        previous=previous,
+        overlapped=True,
+        own_evaluation=False,
+    )
+    assert row["overhead-seconds"] == pytest.approx(0.5)

@@ -32,6 +32,12 @@ class InProcessGrid(Grid):
         One node config per node (e.g. ``{"partition-id": i, "num-partitions": k}``).
     run_config:
         The run config every node's Context sees.
+    push_pull:
+        Also offer Flower's ``push_messages`` / ``pull_messages``, as the Simulation Engine's
+        grid does: a pushed message runs at once and its reply waits to be pulled, so several
+        exchanges can be in flight (:class:`fedseg.federation.messaging.Exchange`). Without,
+        only ``send_and_receive`` (messages run when sent). A dropped reply is never pulled:
+        the exchange waits for its timeout.
     """
 
     _ids = itertools.count(1001)
@@ -41,6 +47,8 @@ class InProcessGrid(Grid):
         client_app: ClientApp,
         node_configs: Iterable[Mapping[str, Any]],
         run_config: Mapping[str, Any] | None = None,
+        *,
+        push_pull: bool = False,
     ) -> None:
         _ensure_task_identity()
         self.client_app = client_app
@@ -57,6 +65,11 @@ class InProcessGrid(Grid):
         #: node id -> fault applied to its replies (tests)
         self.faults: dict[int, Fault] = {}
         self.sent: list[Message] = []
+        #: with ``push_pull``: the messages of each ``push_messages`` call, in order
+        self.pushes: list[list[Message]] = []
+        #: how often :mod:`fedseg.federation.messaging` pulls (``None``: no push/pull here)
+        self.pull_seconds: float | None = 0.0 if push_pull else None
+        self._replies: dict[str, Message] = {}
 
     # Grid API ----------------------------------------------------------------------------
     def set_run(self, run: Any) -> None:  # pragma: no cover - no SuperLink run here
@@ -82,30 +95,42 @@ class InProcessGrid(Grid):
         """All nodes (they never disconnect)."""
         return list(self.contexts)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        """Not used: :meth:`send_and_receive` runs the messages directly."""
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Run each message now and keep its reply for :meth:`pull_messages` (``push_pull``)."""
+        if self.pull_seconds is None:
+            raise NotImplementedError("this InProcessGrid only supports send_and_receive")
+        batch = list(messages)
+        self.pushes.append(batch)
+        ids = []
+        for msg in batch:
+            reply = self._run(msg)
+            ids.append(msg.metadata.message_id)
+            if reply is not None:
+                self._replies[msg.metadata.message_id] = reply
+        return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        """Not used: :meth:`send_and_receive` runs the messages directly."""
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies to these message ids that are in, each returned once (``push_pull``)."""
+        if self.pull_seconds is None:
+            raise NotImplementedError("this InProcessGrid only supports send_and_receive")
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Run each message on its node now; ``timeout`` is ignored (a fault can drop replies)."""
-        replies: list[Message] = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            reply = self.client_app(msg, self.contexts[node])
-            fault = self.faults.get(node)
-            if fault is not None:
-                reply = fault(msg, reply)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+        replies = [self._run(msg) for msg in messages]
+        return [r for r in replies if r is not None]
+
+    def _run(self, msg: Message) -> Message | None:
+        msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        self.sent.append(msg)
+        node = msg.metadata.dst_node_id
+        reply = self.client_app(msg, self.contexts[node])
+        fault = self.faults.get(node)
+        if fault is not None:
+            reply = fault(msg, reply)
+        return reply
 
     def node_of(self, key: str, value: Any) -> int:
         """The node whose node config has ``key == value``."""

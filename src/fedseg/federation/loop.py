@@ -1,9 +1,20 @@
 """fedseg's round loop: Flower's ``Strategy.start`` plus checkpoints, resume and a history.
 
-Each round: training half (:meth:`FedsegStrategy.run_train`, replies awaited up to
-``round-timeout``), evaluation half (every site scores the new global model on its held-out
-cases), a history row, then an atomic checkpoint. A round whose replies all fail, or fall below
-the quorum, leaves the model unchanged, is recorded as ``"failed"`` and the run goes on.
+Each round: training (:meth:`FedsegStrategy.run_train`, replies awaited up to
+``round-timeout``), evaluation (every site scores the new global model on its held-out cases),
+a history row, then an atomic checkpoint. A round whose replies all fail, or fall below the
+quorum, leaves the model unchanged, is recorded as ``"failed"`` and the run goes on.
+
+Evaluation overlaps the next round's training: once round ``r`` is aggregated, the evaluation
+of its model and round ``r + 1``'s training (which starts from the same model) are pushed
+together, the evaluation first, so the sites score the model and then train without waiting
+for another dispatch, and the server writes round ``r``'s row and checkpoint while they train.
+Round ``r`` is complete, and checkpointed, once its scores are in; its interval on the clock
+(``round-seconds``) runs from the push of its training to the push of the next round's, and so
+holds the evaluation of round ``r - 1``'s model (the last round also holds its own). Cyclic
+training, secure aggregation (several messages a round) and client-level DP evaluate before
+the next round starts instead (:attr:`FedsegStrategy.overlaps_evaluation`), and so does
+every round on a grid without ``push_messages`` / ``pull_messages``.
 
 Resume: when ``checkpoint`` exists, the loop starts after its last completed round with its
 model, strategy state and history. Sites seed their training with ``(seed, round, site)`` and
@@ -29,7 +40,7 @@ from flwr.serverapp import Grid
 from fedseg.config import FedsegConfig
 from fedseg.federation import records as R
 from fedseg.federation.checkpoint import load_checkpoint, save_checkpoint
-from fedseg.federation.messaging import send_and_receive
+from fedseg.federation.messaging import Exchange, pull_interval
 from fedseg.federation.strategy import EvaluateReport, FedsegStrategy, TrainReport
 
 log = logging.getLogger("fedseg.server")
@@ -118,32 +129,29 @@ def run_rounds(
     strategy.discover_sites(grid, timeout=cfg.round_timeout)
     ready_time = time.perf_counter()
     arrays = R.to_array_record(weights)
-    for server_round in range(start + 1, cfg.num_server_rounds + 1):
-        t0 = time.perf_counter()
-        strategy.discover_sites(grid, timeout=cfg.round_timeout)  # nodes that joined late
-        new, _ = strategy.run_train(grid, server_round, arrays, cfg.round_timeout)
-        if new is not None:
-            arrays = new
-        weights = R.from_array_record(arrays)  # decoded once a round
-        strategy.global_weights = dict(weights)
-        t_train = time.perf_counter() - t0
-        replies = send_and_receive(
-            grid,
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-            timeout=cfg.round_timeout,
+    # Overlap needs a grid that can have two exchanges in flight (push now, pull later).
+    overlap = strategy.overlaps_evaluation and pull_interval(grid) is not None
+    pending: _Trained | None = None  # the last round trained, its model not yet evaluated
+
+    def finish(done: _Trained, evaluation: EvaluateReport, end: float, *, last: bool) -> None:
+        """Round ``done`` is complete: its history row, then its checkpoint (model ``weights``)."""
+        row = history_row(
+            done.train,
+            evaluation,
+            end - done.t0,
+            done.train_wall,
+            workers=workers,
+            previous=done.previous,
+            overlapped=done.overlapped,
+            own_evaluation=last,
         )
-        strategy.aggregate_evaluate(server_round, replies)
-        wall = time.perf_counter() - t0
-        train_report = strategy.last_train or TrainReport(server_round, status="failed")
-        eval_report = strategy.last_evaluate or EvaluateReport(server_round)
-        row = history_row(train_report, eval_report, wall, t_train, workers=workers)
         if cfg.dp_mode != "none":  # the privacy ledger after this round (#4)
-            row["privacy"] = _clean(strategy.privacy.history_entry(server_round))
+            row["privacy"] = _clean(strategy.privacy.history_entry(done.round))
         history.append(row)
         if checkpoint is not None:
             save_checkpoint(
                 Path(checkpoint),
-                server_round=server_round,
+                server_round=done.round,
                 weights=weights,
                 strategy_state=strategy.state_dict(),
                 history=history,
@@ -151,15 +159,67 @@ def run_rounds(
             )
         log.info(
             "round %d/%d %s: train-loss %s, mean Dice %s, %.2f s",
-            server_round,
+            done.round,
             cfg.num_server_rounds,
             row["status"],
             row["train-loss"],
             row["mean-dice"],
-            wall,
+            row["round-seconds"],
         )
         if progress is not None:
-            progress(server_round, cfg.num_server_rounds, row)
+            progress(done.round, cfg.num_server_rounds, row)
+
+    def evaluate(done: _Trained) -> EvaluateReport:
+        """Send the current model to every site for evaluation and wait for the scores."""
+        messages = strategy.configure_evaluate(done.round, arrays, ConfigRecord(), grid)
+        strategy.aggregate_evaluate(
+            done.round, Exchange(grid, messages, timeout=cfg.round_timeout).wait()
+        )
+        return strategy.last_evaluate or EvaluateReport(done.round)
+
+    for server_round in range(start + 1, cfg.num_server_rounds + 1):
+        t0 = time.perf_counter()
+        strategy.discover_sites(grid, timeout=cfg.round_timeout)  # nodes that joined late
+        previous: EvaluateReport | None = None
+        if overlap:
+            # The previous round's model is evaluated and this round trains from it: both go
+            # out now, the evaluation first, so the sites score it while the server waits for
+            # the scores and writes the previous round's checkpoint.
+            evaluation = None
+            if pending is not None:
+                evaluation = Exchange(
+                    grid,
+                    strategy.configure_evaluate(pending.round, arrays, ConfigRecord(), grid),
+                    timeout=cfg.round_timeout,
+                )
+            messages = strategy.start_train(grid, server_round, arrays)
+            training = Exchange(grid, messages or [], timeout=cfg.round_timeout)
+            if pending is not None and evaluation is not None:
+                strategy.aggregate_evaluate(pending.round, evaluation.wait())
+                previous = strategy.last_evaluate or EvaluateReport(pending.round)
+                finish(pending, previous, t0, last=False)
+            new = None
+            if messages is not None:
+                new, _ = strategy.aggregate_train(server_round, training.wait())
+        else:
+            if pending is not None:
+                previous = evaluate(pending)
+                finish(pending, previous, t0, last=False)
+            new, _ = strategy.run_train(grid, server_round, arrays, cfg.round_timeout)
+        if new is not None:
+            arrays = new
+        weights = R.from_array_record(arrays)  # decoded once a round
+        strategy.global_weights = dict(weights)
+        pending = _Trained(
+            round=server_round,
+            train=strategy.last_train or TrainReport(server_round, status="failed"),
+            t0=t0,
+            train_wall=time.perf_counter() - t0,
+            previous=previous,
+            overlapped=overlap and previous is not None,
+        )
+    if pending is not None:  # the last round's model: evaluated on its own
+        finish(pending, evaluate(pending), time.perf_counter(), last=True)
     return LoopResult(
         weights=R.from_array_record(arrays),  # a copy the caller owns
         history=history,
@@ -168,6 +228,24 @@ def run_rounds(
         start_round=start,
         ready_time=ready_time,
     )
+
+
+@dataclass
+class _Trained:
+    """A round whose training is aggregated and whose model is not evaluated yet.
+
+    ``t0`` starts the round's interval on the server clock and ``train_wall`` is the time from
+    there to the aggregated model. ``previous`` is the evaluation of the round before, which ran
+    in this round's interval: ahead of the training in the sites' queues (``overlapped``), or
+    before it was sent.
+    """
+
+    round: int
+    train: TrainReport
+    t0: float
+    train_wall: float
+    previous: EvaluateReport | None
+    overlapped: bool
 
 
 def critical_path_seconds(seconds: list[float], workers: int | None) -> float:
@@ -213,34 +291,64 @@ def history_row(
     train_wall_seconds: float,
     *,
     workers: int | None = None,
+    previous: EvaluateReport | None = None,
+    overlapped: bool = False,
+    own_evaluation: bool = True,
 ) -> dict[str, Any]:
     """One round of ``history.json``: plain JSON types, NaN written as ``null``.
 
     Keys: ``round``, ``status`` (``ok`` / ``failed``), ``reason``, ``sampled``, ``accepted``,
     ``rejected`` (site -> reason), ``train-loss``, ``train`` (site -> metrics), ``dice`` (site ->
-    region -> Dice), ``mean-dice`` (region -> case-weighted mean), ``eval-failed``,
-    ``train-seconds`` (site training on the critical path), ``eval-seconds``,
-    ``train-wall-seconds`` (the training half as the server saw it), ``round-seconds`` (the whole
-    round), ``overhead-seconds`` (round minus site train and eval on the critical path:
-    messaging, serialisation, aggregation, scheduling, and queueing when there are fewer
-    workers than sites) and ``site-train-seconds-sum``.
+    region -> Dice of this round's model), ``mean-dice`` (region -> case-weighted mean),
+    ``eval-failed``, ``train-seconds`` (the longest site training), ``eval-seconds`` (the longest
+    site evaluation), ``train-wall-seconds`` (from the round's start to its aggregated model),
+    ``round-seconds`` (the round's interval, ``wall_seconds``), ``overhead-seconds`` (the
+    interval minus the site training and evaluation that ran in it, on their critical path:
+    messaging, serialisation, aggregation, checkpoints, scheduling), ``site-train-seconds-sum``,
+    ``workers`` and ``evaluation-overlapped``.
 
-    With ``workers`` (sites computing at once, e.g. 2 Ray workers for 4 sites), the site training
-    and evaluation on the critical path is the schedule of the sites' times on that many workers
-    in the order the Simulation Engine dispatches them (:func:`critical_path_seconds`,
-    :func:`dispatch_order`), so queueing behind a busy worker is compute, not overhead;
-    ``workers`` is recorded in the row.
+    What ran in the interval (see :mod:`fedseg.federation.loop`): ``previous`` (the evaluation
+    of the round before, if any), then this round's training, and this round's own evaluation
+    when ``own_evaluation`` (the last round; also the default, a round on its own). With
+    ``overlapped`` the previous evaluation and the training were queued at the sites together,
+    so they form one schedule.
+
+    With ``workers`` (sites computing at once, e.g. 2 Ray workers for 4 sites), the critical
+    path is the schedule of the sites' times on that many workers in the order the Simulation
+    Engine dispatches them (:func:`critical_path_seconds`, :func:`dispatch_order`: evaluations
+    before trainings, each in partition order), so queueing behind a busy worker is compute,
+    not overhead. Without, every site has its own machine: the longest site (for ``overlapped``,
+    its evaluation plus its training).
     """
-    site_train = dispatch_order({s: m.get("train-seconds", 0.0) for s, m in train.metrics.items()})
+    train_secs = {s: m.get("train-seconds", 0.0) for s, m in train.metrics.items()}
+    site_train = dispatch_order(train_secs)
     site_sum = sum(site_train)
-    compute = train.compute_seconds + evaluate.compute_seconds
+    before = dict(previous.seconds) if previous is not None else {}
+    sequential = train.compute_seconds >= site_sum > 0  # cyclic: one site after another
     if workers is not None:
-        sequential = train.compute_seconds >= site_sum > 0  # cyclic: one site after another
-        train_path = (
-            train.compute_seconds if sequential else critical_path_seconds(site_train, workers)
-        )
-        eval_path = critical_path_seconds(dispatch_order(evaluate.seconds), workers)
-        compute = train_path + (eval_path if evaluate.seconds else evaluate.compute_seconds)
+        if overlapped and not sequential:
+            compute = critical_path_seconds(dispatch_order(before) + site_train, workers)
+        else:
+            train_path = (
+                train.compute_seconds if sequential else critical_path_seconds(site_train, workers)
+            )
+            compute = critical_path_seconds(dispatch_order(before), workers) + train_path
+        if own_evaluation:
+            compute += (
+                critical_path_seconds(dispatch_order(evaluate.seconds), workers)
+                if evaluate.seconds
+                else evaluate.compute_seconds
+            )
+    else:
+        if overlapped and not sequential:
+            compute = max(
+                (before.get(s, 0.0) + train_secs.get(s, 0.0) for s in {*before, *train_secs}),
+                default=0.0,
+            )
+        else:
+            compute = max(before.values(), default=0.0) + train.compute_seconds
+        if own_evaluation:
+            compute += evaluate.compute_seconds
     return _clean(
         {
             "round": train.server_round,
@@ -261,6 +369,7 @@ def history_row(
             "overhead-seconds": max(0.0, wall_seconds - compute),
             "site-train-seconds-sum": site_sum,
             "workers": workers,
+            "evaluation-overlapped": bool(overlapped),
         }
     )
 

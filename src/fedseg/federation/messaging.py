@@ -25,7 +25,13 @@ REMOTE_PULL_SECONDS = 0.25
 
 
 def pull_interval(grid: Grid) -> float | None:
-    """How often to pull replies from ``grid``; ``None``: use its own ``send_and_receive``."""
+    """How often to pull replies from ``grid``; ``None``: use its own ``send_and_receive``.
+
+    A grid may say so itself with a ``pull_seconds`` attribute (fedseg's in-process grid).
+    """
+    own = getattr(grid, "pull_seconds", None)
+    if isinstance(own, int | float):
+        return float(own)
     try:
         from flwr.superlink.grid.http_grid import HttpGrid
         from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -46,23 +52,61 @@ def send_and_receive(
     The semantics of Flower's ``Grid.send_and_receive`` (``timeout=None`` waits for every
     reply), with a shorter pull interval (see the module docstring).
     """
-    interval = pull_interval(grid)
-    if interval is None:
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    pending = set(grid.push_messages(messages))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    replies: list[Message] = []
-    while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending:
-            break
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            time.sleep(min(interval, left))
+    return Exchange(grid, messages, timeout=timeout).wait()
+
+
+class Exchange:
+    """Messages pushed now whose replies are collected later (:meth:`wait`).
+
+    Several exchanges may be in flight at once: the round loop pushes the evaluation of one
+    round's model together with the next round's training, and waits for each in turn. On a
+    grid that only offers ``send_and_receive`` (fedseg's in-process grid, which runs a message
+    when it is sent) the messages are sent by :meth:`wait`, so exchanges run one after the
+    other in the order they are waited for.
+
+    Parameters
+    ----------
+    grid:
+        The Flower grid.
+    messages:
+        The messages to push (none: an exchange that is already complete).
+    timeout:
+        Seconds from now to wait for the replies; ``None``: until every reply is in.
+    """
+
+    def __init__(self, grid: Grid, messages: Iterable[Message], *, timeout: float | None) -> None:
+        self.grid = grid
+        messages = list(messages)
+        self.interval = pull_interval(grid)
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.replies: list[Message] = []
+        self.pending: set[str] = set()
+        self.unsent: list[Message] = []
+        if not messages:
+            return
+        if self.interval is None:
+            self.unsent = messages
         else:
-            time.sleep(interval)
-    return replies
+            self.pending = set(grid.push_messages(messages))
+
+    def wait(self) -> list[Message]:
+        """The replies, once all are in or the timeout has passed (those in by then)."""
+        if self.unsent:
+            messages, self.unsent = self.unsent, []
+            self.replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        while self.pending:
+            got = list(self.grid.pull_messages(self.pending))
+            self.replies.extend(got)
+            self.pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not self.pending:
+                break
+            sleep = self.interval or LOCAL_PULL_SECONDS
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sleep = min(sleep, left)
+            time.sleep(sleep)
+        self.pending = set()  # what has not come back by now is not waited for again
+        return list(self.replies)

@@ -23,10 +23,14 @@ site -> server, any failure
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
+from numpy.lib import format as npformat
 
 from fedseg.errors import FedsegError
 
@@ -43,22 +47,105 @@ INTERNAL_CODE = FedsegError.code
 
 
 def to_array_record(named: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Wrap ``{name: ndarray}`` into an ArrayRecord, keeping the order."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in named.items()})
+    """Wrap ``{name: ndarray}`` into an ArrayRecord, keeping the order.
+
+    Each entry is a standard Flower :class:`~flwr.app.Array` (``stype`` ``numpy.ndarray``, the
+    bytes of ``np.save``), so any Flower code can read it; the ``.npy`` header is built once per
+    dtype and shape (:func:`npy_header`) instead of by ``np.save`` for every array of every
+    message.
+    """
+    record = ArrayRecord()
+    for k, v in named.items():
+        record[k] = encode_array(v)
+    return record
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Unwrap an ArrayRecord into ``{name: ndarray}`` (``np.load(allow_pickle=False)`` inside).
+    """Unwrap an ArrayRecord into ``{name: ndarray}`` (writable copies, never pickles).
 
     Raises
     ------
     ValueError
         An entry cannot be decoded as a plain (non-object) NumPy array.
     """
-    out: dict[str, np.ndarray] = {}
-    for k, v in record.items():
-        out[k] = v.numpy()
-    return out
+    return {k: decode_array(v) for k, v in record.items()}
+
+
+#: ``.npy`` headers by (dtype, shape): a model's arrays have the same ones every round
+_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered array of ``dtype`` and ``shape``.
+
+    Built with NumPy's own header writer (format 1.0, or 2.0 when the header does not fit), so
+    ``header + array.tobytes()`` is byte for byte what ``np.save`` writes.
+    """
+    key = (dtype.str, shape)
+    header = _HEADERS.get(key)
+    if header is None:
+        fields = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        buffer = io.BytesIO()
+        try:
+            npformat.write_array_header_1_0(buffer, fields)
+        except ValueError:  # header too long for format 1.0 (a very high-dimensional shape)
+            buffer = io.BytesIO()
+            npformat.write_array_header_2_0(buffer, fields)
+        header = buffer.getvalue()
+        if len(_HEADERS) < 4096:
+            _HEADERS[key] = header
+    return header
+
+
+def encode_array(value: np.ndarray) -> Array:
+    """One ndarray as a Flower :class:`~flwr.app.Array` holding exactly ``np.save``'s bytes."""
+    arr = np.ascontiguousarray(value)
+    if arr.dtype.hasobject:  # refused by Flower's own path (np.save without pickles)
+        return Array(arr)
+    shape = tuple(int(n) for n in arr.shape)
+    data = npy_header(arr.dtype, shape) + arr.tobytes()
+    return Array(dtype=str(arr.dtype), shape=shape, stype=SType.NUMPY, data=data)
+
+
+def decode_array(array: Array) -> np.ndarray:
+    """A Flower Array as a writable ndarray; never unpickles.
+
+    The data are read straight from the buffer when the ``.npy`` header is the one ``np.save``
+    writes for the dtype and shape the Array declares and the length matches; anything else
+    (another header layout, a Fortran-ordered array, a mismatch) goes through ``np.load``
+    (``allow_pickle=False``), which decodes whatever the header itself says or raises.
+
+    Raises
+    ------
+    ValueError
+        The entry cannot be decoded as a plain (non-object) NumPy array.
+    """
+    data = array.data
+    try:
+        dtype = np.dtype(array.dtype)
+        shape = tuple(int(n) for n in array.shape)
+    except (TypeError, ValueError):
+        dtype, shape = None, None
+    if (
+        array.stype == SType.NUMPY
+        and dtype is not None
+        and shape is not None
+        and not dtype.hasobject
+        and data[:6] == _NPY_MAGIC
+    ):
+        header = npy_header(dtype, shape)
+        count = math.prod(shape)
+        if len(data) == len(header) + count * dtype.itemsize and data[: len(header)] == header:
+            return (
+                np.frombuffer(data, dtype=dtype, count=count, offset=len(header))
+                .reshape(shape)
+                .copy()
+            )
+    try:
+        return np.asarray(array.numpy())
+    except (TypeError, ValueError, EOFError, OSError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def public_code(exc: BaseException) -> str:

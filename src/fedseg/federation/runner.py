@@ -60,7 +60,8 @@ class ArmResult:
         FedBN: site name to personalised model; ``None`` otherwise.
     timings:
         ``round-seconds``, ``train-seconds`` (site training on the critical path),
-        ``overhead-seconds`` (round minus site train + eval) per round, and
+        ``overhead-seconds`` (the round's interval minus the site training and evaluation that
+        ran in it, see :func:`fedseg.federation.loop.history_row`) per round, and
         ``startup-seconds`` (one value: from the call until every site answered the handshake,
         i.e. Ray start and actor creation) and ``total-seconds`` (one value).
     out:

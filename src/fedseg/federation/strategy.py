@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,6 +186,9 @@ class FedsegStrategy(Strategy):
         self._sent: dict[int, str] = {}
         #: the messages of the current half-round (their ids are set when the grid pushes them)
         self._outbox: list[Message] = []
+        #: the same for the evaluation in flight, which may overlap the next round's training
+        self._eval_sent: dict[int, str] = {}
+        self._eval_outbox: list[Message] = []
         #: differential privacy (#4): client-level clip/noise/accountant, the per-site ledger
         self.privacy = ServerPrivacy(cfg)
 
@@ -261,14 +264,14 @@ class FedsegStrategy(Strategy):
     ) -> Iterable[Message]:
         """Send the global model (FedBN: shared keys) to every known site for evaluation."""
         nodes = self._connected(grid)
-        self._sent = {n: self.site_of(n) for n in nodes}
+        self._eval_sent = {n: self.site_of(n) for n in nodes}
         send = self._outgoing_weights(arrays)
         conf = ConfigRecord(dict(config))
         conf["server-round"] = server_round
         conf["strategy"] = self.name
         content = RecordDict({R.ARRAYS: send, R.CONFIG: conf})
-        self._outbox = [Message(content, n, MessageType.EVALUATE) for n in nodes]
-        return list(self._outbox)
+        self._eval_outbox = [Message(content, n, MessageType.EVALUATE) for n in nodes]
+        return list(self._eval_outbox)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -278,8 +281,8 @@ class FedsegStrategy(Strategy):
         self.last_evaluate = report
         seen: set[str] = set()
         for msg in replies:
-            node = self._source(msg)
-            site = self._sent.get(node)
+            node = self._source(msg, self._eval_sent, self._eval_outbox)
+            site = self._eval_sent.get(node)
             if site is None or site in seen:
                 continue
             seen.add(site)
@@ -299,7 +302,7 @@ class FedsegStrategy(Strategy):
                     reason = f"malformed evaluation reply: {exc}"
             report.failed[site] = reason
             log.warning("round %d: evaluation at %s: %s", server_round, self._who(node), reason)
-        for site in self._sent.values():
+        for site in self._eval_sent.values():
             if site not in seen:
                 report.failed[site] = NO_REPLY
         mean = {f"dice-{r}": v for r, v in report.mean_dice().items() if v is not None}
@@ -315,9 +318,7 @@ class FedsegStrategy(Strategy):
         the round succeeds when at least the quorum of them trained validly, and its model is
         the last valid site's. A failed round leaves the global model unchanged.
         """
-        refused = self.privacy.refusal(server_round)  # client-level DP: the budget is spent
-        if refused is not None:
-            self.last_train = TrainReport(server_round, status="failed", reason=refused)
+        if self._refused(server_round):
             return None, None
         if self.cfg.secure_aggregation != "none":  # the server sees only the sum
             from fedseg.secure import run_secure_train
@@ -348,6 +349,42 @@ class FedsegStrategy(Strategy):
             self.global_weights = start
             return None, None
         return current, self._train_metrics(report)
+
+    @property
+    def overlaps_evaluation(self) -> bool:
+        """Whether a round's training can be sent out with the previous model's evaluation.
+
+        True for the one-message rounds (:meth:`start_train` then :meth:`aggregate_train`);
+        cyclic training and secure aggregation exchange several messages in a row instead. Not
+        with client-level DP either: whether the next round may run is decided (and booked in
+        the privacy ledger) before it is sent, which must come after the previous round's
+        checkpoint.
+        """
+        return (
+            self.name != "cyclic"
+            and self.cfg.secure_aggregation == "none"
+            and self.cfg.dp_mode != "client"
+        )
+
+    def start_train(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord
+    ) -> list[Message] | None:
+        """The training messages of a one-message round, to push; ``None``: the round is refused.
+
+        A refused round (client-level DP with the budget spent) is recorded in
+        :attr:`last_train` as failed and sends nothing. The replies go to
+        :meth:`aggregate_train`.
+        """
+        if self._refused(server_round):
+            return None
+        return list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
+
+    def _refused(self, server_round: int) -> bool:
+        refused = self.privacy.refusal(server_round)  # client-level DP: the budget is spent
+        if refused is None:
+            return False
+        self.last_train = TrainReport(server_round, status="failed", reason=refused)
+        return True
 
     # ---------------------------------------------------------------- sites
     def discover_sites(self, grid: Grid, timeout: float) -> dict[int, str]:
@@ -442,18 +479,25 @@ class FedsegStrategy(Strategy):
         nodes = list(grid.get_node_ids())
         return sorted(nodes, key=lambda n: (self.site_of(n), n))
 
-    def _source(self, msg: Message) -> int:
-        """The site node a reply is about.
+    def _source(
+        self,
+        msg: Message,
+        sent: Mapping[int, str] | None = None,
+        outbox: Sequence[Message] | None = None,
+    ) -> int:
+        """The site node a reply is about (among the training messages unless told otherwise).
 
         A reply's source is the site, except for the error reply the SuperLink writes itself
         when a site is gone or cut off (its source is the SuperLink): that one is matched to
         the site through the message it answers.
         """
+        sent = self._sent if sent is None else sent
+        outbox = self._outbox if outbox is None else outbox
         node = msg.metadata.src_node_id
-        if node in self._sent:
+        if node in sent:
             return node
         answered = msg.metadata.reply_to_message_id
-        for out in self._outbox:
+        for out in outbox:
             if answered and out.metadata.message_id == answered:
                 return out.metadata.dst_node_id
         return node

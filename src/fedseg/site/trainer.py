@@ -135,8 +135,11 @@ class SiteTrainer:
                 raise UpdateValidationError(
                     f"weight '{k}': expected shape {tuple(state[k].shape)}, got {tuple(v.shape)}"
                 )
-        new = {k: torch.as_tensor(np.asarray(v)).to(state[k].dtype) for k, v in weights.items()}
-        self.model.load_state_dict(new, strict=strict)
+        # The state dict's tensors share storage with the model's parameters and buffers: copy
+        # into them in place (what load_state_dict does, without its per-module hooks).
+        with torch.no_grad():
+            for k, v in weights.items():
+                state[k].copy_(torch.as_tensor(np.asarray(v)))
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the learning rate of every parameter group (schedules are driven from outside)."""
@@ -200,20 +203,25 @@ class SiteTrainer:
             kind, _, name = key.partition(".")
             flat = torch.as_tensor(np.asarray(value)).reshape(-1)
             if kind == "scalar" and name and flat.numel() == len(indices):
-                for i, v in zip(indices, flat, strict=True):
-                    # Adam's step counter stays on the CPU, as float32 like torch's own
-                    state[i][name] = v.to(torch.float32).clone()
+                # Adam's step counter stays on the CPU, as float32 like torch's own
+                steps = flat.to(torch.float32, copy=True)
+                for i, v in zip(indices, steps, strict=True):
+                    state[i][name] = v.clone()
             elif kind == "param" and name and flat.numel() == sum(sizes):
-                for i, chunk in zip(indices, torch.split(flat, sizes), strict=True):
-                    state[i][name] = chunk.reshape(params[i].shape).clone().to(self.device)
+                # one copy of the whole buffer (the optimizer's own), each parameter a view of it
+                owned = flat.to(device=self.device, dtype=params[indices[0]].dtype, copy=True)
+                for i, chunk in zip(indices, torch.split(owned, sizes), strict=True):
+                    state[i][name] = chunk.view(params[i].shape)
             else:
                 raise UpdateValidationError(
                     f"optimizer state entry {key!r} ({flat.numel()} values) does not fit this "
                     f"model ({len(indices)} parameters, {sum(sizes)} values)"
                 )
-        full = self.optimizer.state_dict()
-        full["state"] = state
-        self.optimizer.load_state_dict(full)
+        # A fresh optimizer has no state: set it per parameter, as load_state_dict would, without
+        # its deep copy of every tensor.
+        self.optimizer.state.clear()
+        for i, entries in state.items():
+            self.optimizer.state[params[i]] = entries
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         import torch

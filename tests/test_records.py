@@ -1,0 +1,138 @@
+"""The wire codec (fedseg.federation.records) and the packed site state (federation.site)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from fedseg.errors import UpdateValidationError
+from fedseg.federation import records as R
+from fedseg.federation.site import pack_arrays, saved_round_state, unpack_arrays
+
+ARRAYS = [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.arange(5, dtype=np.int64),
+    np.array([True, False, True]),
+    np.zeros((0, 3), dtype=np.float32),
+    np.float64(2.5) * np.ones(()),  # 0-d: sent as shape (1,), as Flower's own path does
+    np.arange(6, dtype=">f4").reshape(2, 3),  # big-endian
+    np.arange(24, dtype=np.float64).reshape(2, 3, 4)[:, ::2],  # not contiguous
+    np.zeros((1,) * 40, dtype=np.float32),  # a header too long for .npy format 1.0
+]
+
+
+def _np_save(a: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(a), allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("a", ARRAYS, ids=lambda a: f"{a.dtype.str}{list(np.shape(a))}")
+def test_encoding_is_byte_for_byte_np_save(a: np.ndarray) -> None:
+    enc = R.encode_array(a)
+    assert enc.data == _np_save(a)  # what Flower's Array(ndarray) holds
+    assert enc.stype == Array(np.ascontiguousarray(a)).stype
+    assert (enc.dtype, tuple(enc.shape)) == (str(a.dtype), np.ascontiguousarray(a).shape)
+    np.testing.assert_array_equal(enc.numpy(), np.ascontiguousarray(a))  # Flower reads it
+
+
+@pytest.mark.parametrize("a", ARRAYS, ids=lambda a: f"{a.dtype.str}{list(np.shape(a))}")
+def test_decoding_reads_flowers_own_arrays(a: np.ndarray) -> None:
+    want = np.ascontiguousarray(a)
+    for arr in (Array(want), Array(np.asfortranarray(want)), R.encode_array(a)):
+        got = R.decode_array(arr)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_decoded_arrays_are_writable_copies() -> None:
+    rec = R.to_array_record({"w": np.ones((2, 2), dtype=np.float32)})
+    got = R.from_array_record(rec)["w"]
+    got += 1.0  # in place: must not raise, and must not change the record
+    np.testing.assert_array_equal(R.from_array_record(rec)["w"], np.ones((2, 2)))
+    assert list(R.to_array_record({"b": np.zeros(1), "a": np.zeros(1)})) == ["b", "a"]
+
+
+def test_a_declared_dtype_that_lies_is_decoded_as_the_header_says() -> None:
+    # The Array claims float32 but carries a float64 .npy: the fast path does not apply and the
+    # header wins, so validation sees the real dtype (and refuses it).
+    honest = Array(np.arange(4, dtype=np.float64))
+    liar = Array(dtype="float32", shape=(4,), stype=honest.stype, data=honest.data)
+    got = R.decode_array(liar)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, np.arange(4))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _np_save(np.arange(4, dtype=np.float32))[:-3],  # truncated
+        b"not an npy file at all",
+        b"\x93NUMPY\x01\x00",  # a magic string and nothing else
+    ],
+)
+def test_damaged_entries_raise_value_error(data: bytes) -> None:
+    arr = Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=data)
+    with pytest.raises(ValueError):
+        R.decode_array(arr)
+
+
+def test_object_arrays_are_never_unpickled() -> None:
+    header = b"\x93NUMPY\x01\x00" + (118).to_bytes(2, "little")
+    text = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    data = header + text.encode().ljust(117) + b"\n" + b"\x80\x04."
+    with pytest.raises(ValueError):
+        R.decode_array(Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=data))
+    with pytest.raises(ValueError):
+        R.from_array_record(
+            ArrayRecord({"x": Array(dtype="float32", shape=(1,), stype="other", data=b"")})
+        )
+
+
+# --------------------------------------------------------------------- packed site state
+
+
+def test_many_same_typed_arrays_pack_into_one_and_back() -> None:
+    rng = np.random.default_rng(0)
+    named = {f"layer{i}.weight": rng.normal(size=(i + 1, 3)).astype(np.float32) for i in range(9)}
+    packed = pack_arrays(named)
+    assert packed["packed-values"].shape == (sum(3 * (i + 1) for i in range(9)),)
+    assert packed["packed-names"] == list(named)
+    back = unpack_arrays(packed)
+    assert list(back) == list(named)
+    for k, v in named.items():
+        np.testing.assert_array_equal(back[k], v)
+        assert back[k].dtype == v.dtype
+
+
+def test_small_or_mixed_dicts_are_kept_as_they_are() -> None:
+    small = {"params": np.arange(3), "param.exp_avg": np.zeros(3, dtype=np.float32)}
+    assert pack_arrays(small).keys() == small.keys()
+    mixed = {f"k{i}": np.zeros(2, dtype=np.float32 if i % 2 else np.float64) for i in range(10)}
+    assert pack_arrays(mixed).keys() == mixed.keys()
+    assert unpack_arrays(small).keys() == small.keys()
+
+
+def test_a_damaged_packed_state_is_refused() -> None:
+    named = {f"k{i}": np.zeros(2, dtype=np.float32) for i in range(8)}
+    packed = pack_arrays(named)
+    packed["packed-values"] = packed["packed-values"][:-1]
+    with pytest.raises(UpdateValidationError, match="do not agree"):
+        unpack_arrays(packed)
+
+
+def test_a_saved_round_comes_back_unpacked_and_owned() -> None:
+    import torch
+
+    from fedseg.federation.checkpoint import to_torch
+
+    named = {f"k{i}": np.full(2, i, dtype=np.float32) for i in range(8)}
+    stored = to_torch({"scaffold-c": pack_arrays(named), "optimizer": {"params": np.arange(2)}})
+    got = saved_round_state(stored)
+    np.testing.assert_array_equal(got["scaffold-c"]["k5"], [5.0, 5.0])
+    got["scaffold-c"]["k5"] += 1.0  # the caller's copy, not the stored tensor
+    assert torch.equal(stored["scaffold-c"]["packed-values"][10:12], torch.full((2,), 5.0))
+    np.testing.assert_array_equal(got["optimizer"]["params"], [0, 1])
