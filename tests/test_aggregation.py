@@ -6,6 +6,7 @@ Float64 throughout unless a test is about another dtype; "exact" means to 1e-12.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -39,11 +40,15 @@ def _assert_close(actual: list[np.ndarray], expected: list[np.ndarray], tol: flo
         np.testing.assert_allclose(a, e, rtol=tol, atol=tol)
 
 
-@pytest.fixture(params=["default-blocks", "tiny-blocks"])
+@pytest.fixture(params=["default-blocks", "tiny-blocks", "tiny-blocks-3-threads"])
 def block_bytes(request, monkeypatch):
-    """Run FedAvg tests both with the real block size and with 64-byte blocks (many blocks)."""
-    if request.param == "tiny-blocks":
+    """Run FedAvg tests with the real block size, with 64-byte blocks (many blocks), and with
+    64-byte blocks shared by 3 threads (the path large updates take)."""
+    if request.param != "default-blocks":
         monkeypatch.setattr(aggregate, "_BLOCK_BYTES", 64)
+    if request.param == "tiny-blocks-3-threads":
+        monkeypatch.setattr(aggregate, "_PARALLEL_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(aggregate, "default_threads", lambda: 3)
     return request.param
 
 
@@ -150,7 +155,7 @@ def test_fedavg_mixed_dtypes_promote():
     _assert_close(result, [np.array([2.0, 3.0])])
 
 
-def test_fedavg_non_contiguous_inputs():
+def test_fedavg_non_contiguous_inputs(block_bytes):
     rng = np.random.default_rng(6)
     base = [rng.standard_normal((4, 6)) for _ in range(3)]
     fortran = [[np.asfortranarray(b)] for b in base]
@@ -158,6 +163,9 @@ def test_fedavg_non_contiguous_inputs():
     expected = [np.average(np.stack(base), axis=0, weights=[1, 2, 3])]
     _assert_close(fedavg(fortran, [1, 2, 3]), expected)
     _assert_close(fedavg(strided, [1, 2, 3]), expected)
+    # 1-D strided views stay strided after reshape(-1): the BLAS call must not see raw memory.
+    flat = [np.repeat(b.reshape(-1), 3)[::3] for b in base]
+    _assert_close(fedavg([[f] for f in flat], [1, 2, 3]), [expected[0].reshape(-1)])
 
 
 def test_fedavg_writes_into_out():
@@ -169,9 +177,7 @@ def test_fedavg_writes_into_out():
 
 
 @pytest.mark.parametrize("threads", [1, 2, None])
-def test_fedavg_blas_threads_stay_within_the_rounding_bound(threads):
-    # OpenBLAS's threaded kernel handles block edges differently: a few elements may differ in
-    # the last bits from the single-threaded result, never beyond the documented bound.
+def test_fedavg_threads_stay_within_the_rounding_bound(threads):
     rng = np.random.default_rng(11)
     updates = [[rng.standard_normal(50_000).astype(np.float32)] for _ in range(3)]
     factors = np.array([1, 2, 3]) / 6
@@ -181,9 +187,92 @@ def test_fedavg_blas_threads_stay_within_the_rounding_bound(threads):
     assert np.all(np.abs(result - np.tensordot(factors, stacked, axes=1)) <= bound)
 
 
-def test_fedavg_limits_blas_threads_during_the_call():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fedavg_is_bit_identical_for_every_thread_count(dtype, monkeypatch):
+    monkeypatch.setattr(aggregate, "_BLOCK_BYTES", 4096)
+    rng = np.random.default_rng(12)
+    updates = [
+        [rng.standard_normal(s).astype(dtype) for s in [(70, 53), (5,), (3001,)]] for _ in range(6)
+    ]
+    counts = [3, 1, 4, 1, 5, 9]
+    reference = fedavg(updates, counts, threads=1)
+    for threads in (2, 3, 4, 7):
+        result = fedavg(updates, counts, threads=threads)
+        for r, e in zip(result, reference, strict=True):
+            np.testing.assert_array_equal(r, e)
+
+
+def _record_threads(monkeypatch) -> set[int]:
+    """Replace the float32 axpy with a wrapper that records which threads call it."""
+    seen: set[int] = set()
+    kernel = aggregate._BLAS_AXPY[np.dtype(np.float32)]
+
+    def spy(x, y, a):
+        seen.add(threading.get_ident())
+        kernel(x, y, a)
+
+    monkeypatch.setitem(aggregate._BLAS_AXPY, np.dtype(np.float32), spy)
+    return seen
+
+
+def test_fedavg_shares_large_updates_between_threads(monkeypatch):
+    monkeypatch.setattr(aggregate, "default_threads", lambda: 2)
+    seen = _record_threads(monkeypatch)
+    updates = [[np.full(aggregate._PARALLEL_MIN_ELEMENTS, float(i), np.float32)] for i in range(3)]
+    result = fedavg(updates, [1, 1, 2])
+    np.testing.assert_array_equal(result[0], np.full(aggregate._PARALLEL_MIN_ELEMENTS, 1.25))
+    assert len(seen) == 2
+    assert threading.get_ident() in seen  # the caller takes one share
+
+
+def test_fedavg_keeps_small_updates_on_the_calling_thread(monkeypatch):
+    monkeypatch.setattr(aggregate, "default_threads", lambda: 4)
+    seen = _record_threads(monkeypatch)
+    updates = [[np.ones(1000, np.float32), np.ones((30, 30), np.float32)] for _ in range(3)]
+    fedavg(updates, [1, 2, 3])
+    assert seen == {threading.get_ident()}
+
+
+def test_fedavg_passes_a_worker_thread_error_to_the_caller(monkeypatch):
+    monkeypatch.setattr(aggregate, "_BLOCK_BYTES", 64)
+
+    def broken(x, y, a):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setitem(aggregate._BLAS_AXPY, np.dtype(np.float32), broken)
+    updates = [[np.ones(1000, np.float32)] for _ in range(2)]
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        fedavg(updates, [1, 1], threads=2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_native_axpy_is_available_and_exact(dtype):
+    # SciPy's Cython BLAS table is what lets threads run axpy without the GIL; without it
+    # aggregation silently falls back to one thread, so CI's stack must have it.
+    axpy = aggregate._NATIVE_AXPY[np.dtype(dtype)]
+    assert axpy is not None
+    x = np.array([1.0, -2.0, 0.5, 4.0], dtype=dtype)
+    y = np.array([10.0, 20.0, 30.0, 40.0], dtype=dtype)
+    axpy(x[1:], y[1:], 2.0)  # offsets: the pointer must follow the view
+    np.testing.assert_array_equal(y, np.array([10.0, 16.0, 31.0, 48.0], dtype=dtype))
+
+
+def test_split_keeps_order_and_balances_elements():
+    target = np.empty(100)
+    sizes = [10, 10, 10, 10, 40, 10, 10]
+    bounds = np.cumsum([0, *sizes])
+    blocks = [(target, [], int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    groups = aggregate._split(blocks, 2)
+    assert [[w[2] for w in g] for g in groups] == [[0, 10, 20, 30, 40], [80, 90]]
+    assert [w for g in aggregate._split(blocks, 3) for w in g] == blocks
+    assert len(aggregate._split(blocks, 3)) == 3
+    assert len(aggregate._split(blocks[:2], 5)) == 2
+    assert aggregate._split(blocks, 1) == [blocks]
+
+
+def test_fedavg_holds_blas_to_one_thread_during_the_call():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    with aggregate._blas_threads_limit(1, 10**6):
+    with aggregate._blas_single_thread(10**6):
         inside = {
             i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"
         }

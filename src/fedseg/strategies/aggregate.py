@@ -7,20 +7,24 @@ Speed
 Averaging is memory-bound: it has to read ``K`` updates and write one result, so the floor is
 ``itemsize * P * (K + 1) / bandwidth``. A plain ``out += w * x`` loop streams every input through
 memory three to four times (a temporary for ``w * x``, then the add) and lands far above that.
-Here each tensor is processed in blocks of a few MiB: the output block stays in cache while the
+Here each tensor is cut into blocks of 1 MiB: an output block stays in a core's cache while the
 ``K`` inputs stream through it, and each input is folded in by one BLAS ``axpy`` call
-(``y += a * x``, a single vectorised pass). ``benchmarks/bench_aggregation.py`` measures it: on
-the 2-core development VM (K = 10, P = 10 M float32) about 31 ms, 1.5x the floor computed from a
-one-thread ``np.add`` (21 GB/s) and 1.9-2.1x the floor from a two-thread ``np.add`` (25-30 GB/s);
-with OpenBLAS threads (``threads=None``) 21-24 ms, 1.4x the stricter floor. A naive loop: 6-7x.
+(``y += a * x``, a single vectorised pass). One core cannot draw the machine's bandwidth (on the
+2-core development VM a one-thread ``np.add`` streams about half of what two threads do), so
+large updates are shared between a few threads, each taking a contiguous run of blocks. The
+``axpy`` is SciPy's BLAS called through ctypes, which releases the GIL (SciPy's own Python
+wrapper holds it, and threads calling it would run one after another).
+``benchmarks/bench_aggregation.py`` measures it against the floor; the figures are in
+BENCHMARKS.md. A naive loop is 4-6x the floor.
 
-Threads: by default (``threads=1``) the BLAS calls run single-threaded. OpenBLAS threads
-spin-wait for each other on every call, and on a machine with more runnable processes than cores
-(a simulation sharing two cores with its sites, a CI runner) that made FedAvg 7-50x slower than
-single-threaded on the 10 M benchmark and gave 0.45 s spikes on the 0.3 M fedseg UNet (4 ms
-single-threaded). On a dedicated multi-core server, ``threads=None`` (leave OpenBLAS as
-configured) or ``threads=n`` is faster. The limit uses ``threadpoolctl`` (installed with
-scikit-learn, which nilearn requires); without it the setting is ignored.
+Threads: these are fedseg's own (the caller and threads started per call); OpenBLAS is held to
+one thread inside each ``axpy``. OpenBLAS's threads spin-wait for each other on every call, and
+on a machine with more runnable processes than cores (a simulation sharing two cores with its
+sites, a CI runner) that made FedAvg 7-50x slower than single-threaded; fedseg's threads each
+run one long stream of blocks and never wait on each other. By default (``threads=None``)
+updates of at least 2**20 elements use :func:`default_threads` (the usable CPUs, at most 4),
+smaller ones the calling thread alone. The limit uses ``threadpoolctl`` (installed with
+scikit-learn, which nilearn requires); without it OpenBLAS keeps its own setting.
 
 Accuracy
 --------
@@ -32,17 +36,20 @@ rounding, so for every element::
     |result - exact| <= (K + 1) * u * sum_k |w_k * x_k|      (u = 2**-24 for float32)
 
 i.e. a few float32 ulps for ``K = 10``: far below the noise of SGD. float64 inputs give the same
-bound with ``u = 2**-53`` (what the tests use). Results are deterministic for a given machine,
-order of updates and thread setting; across CPUs (FMA or not), orderings or BLAS thread counts
-(OpenBLAS treats the edges of each thread's share differently) a few elements may differ in the
-last bits, always within the bound.
+bound with ``u = 2**-53`` (what the tests use). Results are deterministic for a given machine and
+order of updates, and the thread count does not change them (the blocks are the same, whichever
+thread runs them). Across CPUs (FMA or not) or orderings a few elements may differ in the last bits,
+always within the bound.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import numbers
+import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,13 +58,66 @@ from scipy.linalg import blas as _blas
 
 from fedseg.errors import AggregationError, ConfigError
 
-__all__ = ["apply_delta", "fedavg", "weighted_sum"]
+__all__ = ["apply_delta", "default_threads", "fedavg", "weighted_sum"]
 
-# Output block size. It must fit in the last-level cache together with the streaming inputs;
-# 1-4 MiB blocks measured within a few percent of each other, 256 KiB and below were slower.
-_BLOCK_BYTES = 4 * 1024 * 1024
+# Block size. Each thread keeps one output block in its core's cache (2 MiB of L2 per core on
+# the development VM) while the K inputs stream through it: 1 MiB measured best there with two
+# threads (512 KiB 10% slower, 4 MiB 4%, 256 KiB 1.5x; BENCHMARKS.md).
+_BLOCK_BYTES = 1024 * 1024
 
+# Below this many elements per update one thread does it all: the call is well under a
+# millisecond of memory traffic, less than starting worker threads costs to pay back.
+_PARALLEL_MIN_ELEMENTS = 1 << 20
+
+# Memory bandwidth is saturated by a few streaming threads; more only add scheduling.
+_MAX_DEFAULT_THREADS = 4
+
+# ``y += a * x`` on a contiguous block: (x, y, a). Must not hold the GIL (see _native_axpy).
 _Axpy = Callable[[np.ndarray, np.ndarray, float], None]
+
+
+def _native_axpy(name: str, scalar: type) -> _Axpy | None:
+    """BLAS ``?axpy`` from SciPy's Cython BLAS table, called through ctypes (GIL released).
+
+    SciPy's f2py wrappers (``scipy.linalg.blas.saxpy``) hold the GIL for the whole call, so
+    worker threads calling them run one after another. ``scipy.linalg.cython_blas`` exports the
+    same Fortran routines as C function pointers (PyCapsules in ``__pyx_capi__``, the way numba
+    reaches them); a ctypes ``CFUNCTYPE`` call releases the GIL while BLAS runs. Returns None
+    when that table is not there (then aggregation runs on one thread with the f2py wrapper).
+    """
+    try:
+        from scipy.linalg import cython_blas
+
+        capsule = cython_blas.__pyx_capi__[name]
+        get_name = ctypes.pythonapi.PyCapsule_GetName
+        get_name.restype = ctypes.c_char_p
+        get_name.argtypes = [ctypes.py_object]
+        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+        get_pointer.restype = ctypes.c_void_p
+        get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        address = get_pointer(capsule, get_name(capsule))
+    except (ImportError, AttributeError, KeyError, ValueError):
+        return None
+    if not address:
+        return None
+    int_p, scalar_p = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(scalar)
+    # Fortran calling convention: every argument by reference (n, a, x, incx, y, incy).
+    routine = ctypes.CFUNCTYPE(
+        None, int_p, scalar_p, ctypes.c_void_p, int_p, ctypes.c_void_p, int_p
+    )(address)
+    one = ctypes.c_int(1)
+
+    def axpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
+        routine(
+            ctypes.byref(ctypes.c_int(y.size)),
+            ctypes.byref(scalar(a)),
+            x.ctypes.data,
+            ctypes.byref(one),
+            y.ctypes.data,
+            ctypes.byref(one),
+        )
+
+    return axpy
 
 
 def _saxpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
@@ -69,9 +129,13 @@ def _daxpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
     _blas.daxpy(x, y, a=a)
 
 
+_NATIVE_AXPY: dict[np.dtype, _Axpy | None] = {
+    np.dtype(np.float32): _native_axpy("saxpy", ctypes.c_float),
+    np.dtype(np.float64): _native_axpy("daxpy", ctypes.c_double),
+}
 _BLAS_AXPY: dict[np.dtype, _Axpy] = {
-    np.dtype(np.float32): _saxpy,
-    np.dtype(np.float64): _daxpy,
+    dtype: native or fallback
+    for (dtype, native), fallback in zip(_NATIVE_AXPY.items(), (_saxpy, _daxpy), strict=True)
 }
 
 
@@ -80,10 +144,15 @@ _THREADED_BLAS_MIN_SIZE = 10_000
 _blas_controller: Any = None  # threadpoolctl selection of the loaded BLAS libraries, False if none
 
 
-def _blas_threads_limit(threads: int | None, largest: int) -> contextlib.AbstractContextManager:
-    """Context manager limiting the BLAS threads for one aggregation (no-op when not needed)."""
+def _blas_single_thread(largest: int) -> contextlib.AbstractContextManager:
+    """Context manager holding OpenBLAS to one thread per call (no-op when not needed).
+
+    fedseg splits the work between its own threads; OpenBLAS's threads would spin-wait for each
+    other inside every call, which collapses on a machine with more runnable processes than
+    cores (7-50x slower measured on the 2-core VM while sites trained).
+    """
     global _blas_controller
-    if threads is None or largest <= _THREADED_BLAS_MIN_SIZE:
+    if largest <= _THREADED_BLAS_MIN_SIZE:
         return contextlib.nullcontext()
     if _blas_controller is None:
         try:
@@ -95,7 +164,22 @@ def _blas_threads_limit(threads: int | None, largest: int) -> contextlib.Abstrac
             _blas_controller = ThreadpoolController().select(user_api="blas")
     if not _blas_controller:
         return contextlib.nullcontext()
-    return _blas_controller.limit(limits=threads)
+    return _blas_controller.limit(limits=1)
+
+
+def default_threads() -> int:
+    """Threads :func:`fedavg` uses by default: the usable CPUs, at most 4.
+
+    Returns
+    -------
+    int
+        ``min(4, CPUs this process may run on)``; 1 where only one is usable.
+    """
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(_MAX_DEFAULT_THREADS, usable))
 
 
 def _check_threads(threads: int | None) -> int | None:
@@ -183,28 +267,99 @@ def _check_out(out: Sequence[np.ndarray], arrays: list[list[np.ndarray]]) -> lis
     return checked
 
 
-def _accumulate(target: np.ndarray, sources: list[np.ndarray], weights: list[float]) -> None:
-    """target[...] = sum_k weights[k] * sources[k], block by block (target is C-contiguous)."""
+# One block of work: flat target, flat sources, start, stop.
+_Block = tuple[np.ndarray, list[np.ndarray], int, int]
+
+
+def _blocks(target: np.ndarray, sources: list[np.ndarray]) -> list[_Block]:
+    """Cut one tensor's weighted sum into blocks (target is C-contiguous, so flat is a view)."""
     flat_target = target.reshape(-1)
-    # reshape(-1) is a view for C-contiguous inputs (the usual case) and a C-order copy otherwise.
+    # The native axpy reads raw memory with stride 1: strided inputs are copied once here.
+    flat_sources = [np.ascontiguousarray(source).reshape(-1) for source in sources]
+    size = flat_target.size
+    block = max(1, _BLOCK_BYTES // flat_target.dtype.itemsize)
+    return [
+        (flat_target, flat_sources, start, min(start + block, size))
+        for start in range(0, size, block)
+    ]
+
+
+def _accumulate_block(work: _Block, weights: list[float]) -> None:
+    """target[start:stop] = sum_k weights[k] * sources[k][start:stop]."""
+    flat_target, flat_sources, start, stop = work
+    chunk = flat_target[start:stop]
+    dtype = chunk.dtype
+    axpy = _BLAS_AXPY[dtype]
+    np.multiply(flat_sources[0][start:stop], weights[0], out=chunk, casting="same_kind")
+    for source, weight in zip(flat_sources[1:], weights[1:], strict=True):
+        piece = source[start:stop]
+        if piece.dtype != dtype:
+            piece = piece.astype(dtype)
+        axpy(piece, chunk, weight)
+
+
+def _split(blocks: list[_Block], parts: int) -> list[list[_Block]]:
+    """Split blocks, in order, into at most ``parts`` runs of about equal element counts."""
+    total = sum(stop - start for _, _, start, stop in blocks)
+    groups: list[list[_Block]] = [[]]
+    done = 0
+    for work in blocks:
+        # Start a new run once this one has its share (the last run takes the rest).
+        if groups[-1] and len(groups) < parts and done >= total * len(groups) / parts:
+            groups.append([])
+        groups[-1].append(work)
+        done += work[3] - work[2]
+    return groups
+
+
+def _run_blocks(blocks: list[_Block], weights: list[float], threads: int) -> None:
+    """Run the blocks on ``threads`` threads (each a contiguous run), or inline for one."""
+
+    def run(group: list[_Block]) -> None:
+        for work in group:
+            _accumulate_block(work, weights)
+
+    groups = _split(blocks, threads) if threads > 1 else [blocks]
+    if len(groups) == 1:
+        run(groups[0])
+        return
+    # The calling thread takes the first run, one started thread each of the others. They are
+    # started per call rather than kept in a pool: a pool would not survive the fork of a Ray or
+    # multiprocessing worker, and starting one costs ~0.1 ms against >= 3 ms of memory traffic
+    # at the sizes that get here.
+    errors: list[BaseException] = []
+
+    def run_catching(group: list[_Block]) -> None:
+        try:
+            run(group)
+        except BaseException as exc:  # re-raised on the calling thread below
+            errors.append(exc)
+
+    workers = [
+        threading.Thread(target=run_catching, args=(group,), name="fedavg", daemon=True)
+        for group in groups[1:]
+    ]
+    for worker in workers:
+        worker.start()
+    run_catching(groups[0])
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+
+
+def _accumulate_generic(
+    target: np.ndarray, sources: list[np.ndarray], weights: list[float]
+) -> None:
+    """Weighted sum for floating dtypes without a BLAS kernel (float16, longdouble).
+
+    Accumulated in at least float64, block by block, on the calling thread.
+    """
+    flat_target = target.reshape(-1)
     flat_sources = [source.reshape(-1) for source in sources]
     size = flat_target.size
-    dtype = flat_target.dtype
-    block = max(1, _BLOCK_BYTES // dtype.itemsize)
-    axpy = _BLAS_AXPY.get(dtype)
-    if axpy is not None:
-        for start in range(0, size, block):
-            stop = min(start + block, size)
-            chunk = flat_target[start:stop]
-            np.multiply(flat_sources[0][start:stop], weights[0], out=chunk, casting="same_kind")
-            for source, weight in zip(flat_sources[1:], weights[1:], strict=True):
-                piece = source[start:stop]
-                if piece.dtype != dtype:
-                    piece = piece.astype(dtype)
-                axpy(piece, chunk, weight)
-        return
-    # Other floating dtypes (float16, longdouble): no BLAS kernel, accumulate in at least float64.
-    acc_dtype = np.promote_types(dtype, np.float64)
+    block = max(1, _BLOCK_BYTES // flat_target.dtype.itemsize)
+    acc_dtype = np.promote_types(flat_target.dtype, np.float64)
     acc = np.empty(min(block, size), dtype=acc_dtype)
     tmp = np.empty_like(acc)
     for start in range(0, size, block):
@@ -223,7 +378,7 @@ def weighted_sum(
     weights: Sequence[float],
     *,
     out: Sequence[np.ndarray] | None = None,
-    threads: int | None = 1,
+    threads: int | None = None,
 ) -> list[np.ndarray]:
     """Return ``sum_k weights[k] * updates[k]``, tensor by tensor, without normalising.
 
@@ -237,9 +392,10 @@ def weighted_sum(
         Preallocated C-contiguous floating arrays to write into (lets a caller reuse buffers
         between rounds). They must not overlap any update. Default: new arrays whose dtype is
         ``np.result_type`` of the inputs of each tensor.
-    threads : int or None, default 1
-        BLAS threads for this call; ``None`` leaves OpenBLAS's own setting (see the module
-        docstring: faster on a dedicated server, much slower on an oversubscribed one).
+    threads : int or None, default None
+        Threads that share the work (each takes a contiguous run of blocks; OpenBLAS itself is
+        held to one thread). ``None``: :func:`default_threads` when an update has at least
+        2**20 elements, else 1. The result is bit-identical for every thread count.
 
     Returns
     -------
@@ -264,10 +420,21 @@ def weighted_sum(
         ]
     else:
         targets = _check_out(out, arrays)
+    blocks: list[_Block] = []
+    for position, target in enumerate(targets):
+        sources = [update[position] for update in arrays]
+        if target.dtype in _BLAS_AXPY:
+            blocks.extend(_blocks(target, sources))
+        else:
+            _accumulate_generic(target, sources, factors)
+    elements = sum(target.size for target in targets)
+    if limit is None:
+        limit = default_threads() if elements >= _PARALLEL_MIN_ELEMENTS else 1
+    if any(_NATIVE_AXPY[work[0].dtype] is None for work in blocks):
+        limit = 1  # the f2py fallback holds the GIL: more threads would only queue
     largest = max((target.size for target in targets), default=0)
-    with _blas_threads_limit(limit, largest):
-        for position, target in enumerate(targets):
-            _accumulate(target, [update[position] for update in arrays], factors)
+    with _blas_single_thread(largest):
+        _run_blocks(blocks, factors, limit)
     return list(targets)
 
 
@@ -276,7 +443,7 @@ def fedavg(
     weights: Sequence[float],
     *,
     out: Sequence[np.ndarray] | None = None,
-    threads: int | None = 1,
+    threads: int | None = None,
 ) -> list[np.ndarray]:
     """Weighted average of updates (FedAvg, McMahan et al. 2017).
 
@@ -289,8 +456,8 @@ def fedavg(
         (``num-examples``). They are normalised here, so only their ratios matter.
     out : sequence of np.ndarray, optional
         Preallocated output arrays, see :func:`weighted_sum`.
-    threads : int or None, default 1
-        BLAS threads, see :func:`weighted_sum`.
+    threads : int or None, default None
+        Threads sharing the work, see :func:`weighted_sum`.
 
     Returns
     -------
