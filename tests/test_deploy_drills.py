@@ -117,6 +117,8 @@ class Drill:
         self.refusals: dict[str, tuple[int | None, str]] = {}
         self.runs: list[subprocess.CompletedProcess[str] | None] = []
         self.before_kill: list[dict[str, Any]] = []
+        #: the checkpoint's round left unscored at the kill (its model aggregated, scores out)
+        self.unscored_at_kill: dict[str, Any] | None = None
         self.case_ids: list[str] = []
         self.restarts: dict[str, int] = {}
         self.reattached = 0
@@ -252,13 +254,19 @@ class Drill:
         supervisor.start()
         ckpt = self.out / "checkpoint.pt"
         self._wait(lambda: _checkpoint_round(ckpt) >= 2, 4 * TIMEOUT + 300, "round 2")
+        # Round 2's model is checkpointed once round 3 (which also scores it) is pushed: kill
+        # the server once hospital-a has that message, so that the restarted server's round 3
+        # is the next one it receives (the cut below waits for it).
+        a_log = self.logs / "hospital-a-1.log"
+        self._wait(lambda: _count(a_log, "Receiving: train message") >= 3, 300, "a's round 3")
         from fedseg.utils.io import load_torch
 
-        self.before_kill = list(load_torch(ckpt)["history"])
+        saved = load_torch(ckpt)
+        self.before_kill = list(saved["history"])
+        self.unscored_at_kill = saved.get("unscored")
         self.lab.kill(self.stream)
         self.lab.kill(link)
         self.events["server-killed"] = time.monotonic() - t0
-        a_log = self.logs / "hospital-a-1.log"
         a_trains = _count(a_log, "Receiving: train message")
         link = self.start_superlink("2")
         self.stream = self.flwr_run("2")
@@ -399,12 +407,17 @@ def test_cut_link_round_ends_on_time(drill: Drill) -> None:
 
 def test_server_restart_resumes_from_checkpoint(drill: Drill) -> None:
     rounds = drill.history()
-    assert [r["round"] for r in drill.before_kill] == [1, 2]
-    assert rounds[:2] == drill.before_kill  # nothing trained before the kill was lost
+    # Killed with round 2's model checkpointed and its scores still out (they travel with
+    # round 3's training): round 1's row, and round 2's training report, waiting for them.
+    assert [r["round"] for r in drill.before_kill] == [1]
+    assert drill.unscored_at_kill is not None and drill.unscored_at_kill["round"] == 2
+    assert rounds[:1] == drill.before_kill  # nothing trained before the kill was lost
+    assert rounds[1]["accepted"] == drill.unscored_at_kill["train"]["accepted"]
+    assert rounds[1]["rejected"] == drill.unscored_at_kill["train"]["rejected"]
     # The restarted ServerApp sent training only for round 3: hospital-c (never restarted, never
     # cut off) pulled one training message per round, not 3 + 3; plus at most one: round 3's
-    # training goes out with round 2's evaluation, before round 2's checkpoint, and may have
-    # reached it before the kill (it is redone after the restart, from the checkpoint).
+    # training went out before the kill and may have reached it (it is redone after the
+    # restart, from the checkpoint).
     trains = _count(drill.logs / "hospital-c-1.log", "Receiving: train message")
     assert ROUNDS <= trains <= ROUNDS + 1
 

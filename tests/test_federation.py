@@ -300,10 +300,17 @@ def test_kill_and_resume_gives_the_same_weights(
 
     with pytest.raises(Killed):
         run(cfg, cohort, tmp_path / "b" / "out", progress=kill_after_two, push_pull=push_pull)
-    if push_pull:  # round 3 went out with round 2's evaluation, before round 2's checkpoint
+    if push_pull:  # round 3 went out with round 2's evaluation, before round 2's row
         from fedseg.utils.io import load_torch
 
-        assert 3 in load_torch(tmp_path / "b" / "out" / "site_state" / "site-0.pt")["rounds"]
+        folder = tmp_path / "b" / "out" / "site_state"
+        ahead = {*load_torch(folder / "site-0.pt")["rounds"]} if strategy == "scaffold" else set()
+        ahead |= {int(p.name[-9:-3]) for p in folder.glob("site-0.adam-r*.pt")}
+        assert 3 in ahead
+        # what was on disk: round 2's model, aggregated but not yet scored
+        saved = load_torch(tmp_path / "b" / "out" / "checkpoint.pt")
+        assert saved["round"] == 2 and saved["unscored"]["round"] == 2
+        assert [r["round"] for r in saved["history"]] == [1]
     # a new run: new strategy, new grid (fresh site contexts), sites' caches gone
     site_module._SITES.clear()
     resumed, _ = run(cfg, cohort, tmp_path / "b" / "out", push_pull=push_pull)
@@ -320,12 +327,17 @@ def test_kill_and_resume_gives_the_same_weights(
     assert resumed.history[2]["dice"] == uninterrupted.history[2]["dice"]
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "scaffold", "fedbn", "cyclic"])
+@pytest.mark.parametrize(
+    ("strategy", "fraction"),
+    [("fedavg", 1.0), ("scaffold", 1.0), ("fedbn", 1.0), ("cyclic", 1.0), ("fedavg", 0.67)],
+)
 def test_overlapped_evaluation_changes_the_clock_only(
-    cohort: Any, tmp_path: Path, strategy: str
+    cohort: Any, tmp_path: Path, strategy: str, fraction: float
 ) -> None:
-    """Evaluation pushed with the next round's training: same models, same scores, same rows."""
-    cfg = tiny_cfg(strategy=strategy, num_server_rounds=3, reset_optimizer=False)
+    """Evaluation fused into the next round's training: same models, same scores, same rows."""
+    cfg = tiny_cfg(
+        strategy=strategy, num_server_rounds=3, reset_optimizer=False, fraction_train=fraction
+    )
     sequential, _ = run(cfg, cohort, tmp_path / "a" / "out")
     site_module._SITES.clear()
     root, parts = cohort
@@ -337,7 +349,11 @@ def test_overlapped_evaluation_changes_the_clock_only(
 
     def logged_push(messages: Any) -> Any:
         batch = list(messages)
-        calls.append("push " + ",".join(sorted({m.metadata.message_type for m in batch})))
+        kinds = {m.metadata.message_type for m in batch}
+        confs = [m.content.config_records.get(R.CONFIG, {}) for m in batch]
+        if any("evaluate-round" in c for c in confs):
+            kinds = {f"{k}+evaluate" for k in kinds}  # a training message that also scores
+        calls.append("push " + ",".join(sorted(kinds)))
         return push(batch)
 
     def logged_pull(ids: Any) -> Any:
@@ -359,11 +375,57 @@ def test_overlapped_evaluation_changes_the_clock_only(
         assert "push evaluate" in rounds and rounds[rounds.index("push evaluate") + 1] == "pull"
         assert [r["evaluation-overlapped"] for r in overlapped.history] == [False] * 3
         return
-    # each round's evaluation goes out, then the next round's training, before any reply
-    ev, tr = "push evaluate", "push train"
-    assert rounds == [tr, "pull", ev, tr, "pull", ev, tr, "pull", ev, "pull"]
+    # from round 2 each training message also scores the previous model; the last model is
+    # scored on its own; a site left out of a round's sample gets an evaluation message
+    ev, tr, both = "push evaluate", "push train", "push train+evaluate"
+    if fraction == 1.0:
+        assert rounds == [tr, "pull", both, "pull", both, "pull", ev, "pull"]
+    else:
+        assert rounds == [tr, "pull", ev, both, "pull", ev, both, "pull", ev, "pull"]
+        assert any(len(r["sampled"]) < 3 for r in overlapped.history)
     assert [r["evaluation-overlapped"] for r in overlapped.history] == [False, True, True]
     assert not any(r["evaluation-overlapped"] for r in sequential.history)
+
+
+def test_a_failed_fused_evaluation_keeps_the_training_and_names_the_code(
+    cohort: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evaluate = site_module._evaluate_received
+
+    def broken_at_site_1(rt: Any, *args: Any) -> Any:
+        if rt.spec.name == "site-1":
+            raise ValueError("scoring failed")
+        return evaluate(rt, *args)
+
+    monkeypatch.setattr(site_module, "_evaluate_received", broken_at_site_1)
+    result, _ = run(tiny_cfg(num_server_rounds=2), cohort, tmp_path / "out", push_pull=True)
+
+    first, second = result.history
+    assert (
+        "site-1" in first["eval-failed"] and "site reported error" in first["eval-failed"]["site-1"]
+    )
+    assert "ValueError" in first["eval-failed"]["site-1"]
+    assert "site-1" not in first["dice"] and sorted(first["dice"]) == ["site-0", "site-2"]
+    assert second["accepted"] == ["site-0", "site-1", "site-2"]  # its training still counted
+
+
+def test_a_failed_training_still_delivers_the_fused_scores(
+    cohort: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train = site_module._train_received
+
+    def broken_round_2_at_site_2(msg: Any, context: Any, cfg: Any, spec: Any, *a: Any) -> Any:
+        if spec.name == "site-2" and int(msg.content["config"]["server-round"]) == 2:
+            raise RuntimeError("out of memory")
+        return train(msg, context, cfg, spec, *a)
+
+    monkeypatch.setattr(site_module, "_train_received", broken_round_2_at_site_2)
+    result, _ = run(tiny_cfg(num_server_rounds=2), cohort, tmp_path / "out", push_pull=True)
+
+    first, second = result.history
+    assert sorted(first["dice"]) == ["site-0", "site-1", "site-2"]  # round 1 scored by all
+    assert first["eval-failed"] == {}
+    assert "site-2" in second["rejected"] and "RuntimeError" in second["rejected"]["site-2"]
 
 
 @pytest.mark.parametrize(
@@ -395,18 +457,61 @@ def saved_site_state(
     )
 
 
-def test_site_state_file_keeps_adam_moments_of_the_latest_rounds_only(
+def test_site_state_keeps_adam_moments_of_the_latest_rounds_only(
     cohort: Any, tmp_path: Path
 ) -> None:
     from fedseg.utils.io import load_torch
 
-    cfg = tiny_cfg(num_server_rounds=4, reset_optimizer=False)
+    cfg = tiny_cfg(strategy="fedbn", num_server_rounds=5, reset_optimizer=False)
     run(cfg, cohort, tmp_path / "out")
-    saved = load_torch(tmp_path / "out" / "site_state" / "site-0.pt")
-    rounds = saved["rounds"]
-    assert sorted(rounds) == [1, 2, 3, 4]
-    with_moments = sorted(r for r, st in rounds.items() if site_module.OPTIMIZER_STATE in st)
-    assert with_moments == [3, 4]
+    folder = tmp_path / "out" / "site_state"
+    rounds = load_torch(folder / "site-0.pt")["rounds"]
+    assert sorted(rounds) == [1, 2, 3, 4, 5]  # FedBN's norms of every round
+    assert not any(site_module.OPTIMIZER_STATE in st for st in rounds.values())
+    # the moments: one file per round, the newest three (what a resume can go back to)
+    moments = sorted(p.name for p in folder.glob("site-0.adam-r*.pt"))
+    assert moments == [f"site-0.adam-r{r:06d}.pt" for r in (3, 4, 5)]
+    assert load_torch(folder / moments[-1])["strategy"] == "fedbn"
+
+
+def test_a_redone_round_drops_the_moments_of_the_future_it_replaces(
+    cohort: Any, tmp_path: Path
+) -> None:
+    from flwr.app import Context
+
+    cfg = tiny_cfg(reset_optimizer=False, out_dir=str(tmp_path / "out"))
+    spec = site_module.SiteSpec(name="site-0", root=tmp_path, case_ids=("a",))
+    context = Context(
+        run_id=0,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 1},
+        state=site_module.RecordDict(),
+        run_config={},
+    )
+    moments = {"param.exp_avg": np.arange(3, dtype=np.float32)}
+    for r in (1, 2, 3, 4):
+        site_module.save_site_state(
+            context,
+            cfg,
+            spec,
+            r,
+            {site_module.OPTIMIZER_STATE: {"param.exp_avg": moments["param.exp_avg"] + r}},
+        )
+    # a resumed server redoes round 3: round 4's moments were from the replaced future
+    site_module.save_site_state(context, cfg, spec, 3, {site_module.OPTIMIZER_STATE: moments})
+    folder = tmp_path / "out" / "site_state"
+    assert sorted(p.name for p in folder.glob("*.pt")) == [
+        f"site-0.adam-r{r:06d}.pt"
+        for r in (2, 3)  # round 1 had aged out already
+    ]
+    loaded = site_module.load_site_state(context, cfg, spec, 4, inclusive=False)
+    np.testing.assert_array_equal(
+        loaded[site_module.OPTIMIZER_STATE]["param.exp_avg"], moments["param.exp_avg"]
+    )
+    back = site_module.load_site_state(context, cfg, spec, 3, inclusive=False)
+    np.testing.assert_array_equal(
+        back[site_module.OPTIMIZER_STATE]["param.exp_avg"], moments["param.exp_avg"] + 2
+    )
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(cohort: Any, tmp_path: Path) -> None:

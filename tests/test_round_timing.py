@@ -71,9 +71,9 @@ def test_the_critical_path_follows_the_engines_dispatch_order() -> None:
 
 
 def test_an_overlapped_evaluation_is_one_schedule_with_the_next_training() -> None:
-    # Round 2's interval holds round 1's evaluation (1, 2, 1, 1 s) queued ahead of round 2's
-    # training (3, 1, 4, 2 s). On 2 workers, in dispatch order, each job to the first free
-    # worker: e0 A 0-1, e1 B 0-2, e2 A 1-2, e3 A 2-3, t0 B 2-5, t1 A 3-4, t2 A 4-8, t3 B 5-7.
+    # Round 2's interval holds round 1's evaluation (1, 2, 1, 1 s), each site's in the same
+    # message as its round-2 training (3, 1, 4, 2 s): jobs of 4, 3, 5, 3 s. On 2 workers, in
+    # dispatch order, each job to the first free worker: s0 A 0-4, s1 B 0-3, s2 B 3-8, s3 A 4-7.
     train, _ = _reports([3.0, 1.0, 4.0, 2.0], [0.5, 0.5, 0.5, 0.5])
     _, previous = _reports([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 1.0, 1.0])
     own = EvaluateReport(server_round=2)
@@ -94,6 +94,26 @@ def test_an_overlapped_evaluation_is_one_schedule_with_the_next_training() -> No
     # The last round also holds its own evaluation (9 s).
     row = history_row(train, own, wall_seconds=17.5, overlapped=True, **common)
     assert row["overhead-seconds"] == pytest.approx(17.5 - 8.0 - 9.0)
+
+
+def test_a_fused_message_is_one_job_not_an_evaluation_queued_ahead() -> None:
+    # Evaluations 2, 2, 2 s and trainings 1, 1, 4 s on 2 workers. One message per site: jobs of
+    # 3, 3, 6 s: s0 A 0-3, s1 B 0-3, s2 A 3-9 (9 s). Evaluations queued ahead of trainings would
+    # have been e0 A 0-2, e1 B 0-2, e2 A 2-4, t0 B 2-3, t1 B 3-4, t2 A 4-8 (8 s).
+    train, _ = _reports([1.0, 1.0, 4.0], [0.0, 0.0, 0.0])
+    _, previous = _reports([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])
+    own = EvaluateReport(server_round=2)
+    row = history_row(
+        train,
+        own,
+        wall_seconds=9.5,
+        train_wall_seconds=9.4,
+        workers=2,
+        previous=previous,
+        overlapped=True,
+        own_evaluation=False,
+    )
+    assert row["overhead-seconds"] == pytest.approx(0.5)
 
 
 def test_an_overlapped_evaluation_without_a_worker_count_runs_per_site() -> None:

@@ -2,8 +2,9 @@
 
 ``OUT/checkpoint.pt`` is rewritten after every round (:func:`fedseg.utils.io.save_torch`, atomic)
 and holds everything the server needs to go on after a crash: the global model, the last
-completed round, the strategy's state (FedAdam/FedYogi moments, SCAFFOLD's ``c``, FedBN's
-per-site norms), the history so far and the config. Arrays are stored as torch tensors so that
+aggregated round (and, while its scores are still out, what its history row needs), the
+strategy's state (FedAdam/FedYogi moments, SCAFFOLD's ``c``, FedBN's per-site norms), the
+history so far and the config. Arrays are stored as torch tensors so that
 :func:`fedseg.utils.io.load_torch` can read the file with ``weights_only=True``.
 
 ``OUT/final_model.pt`` (and FedBN's ``OUT/site_models/<site>.pt``) use the model payload of the
@@ -39,19 +40,26 @@ def save_checkpoint(
     strategy_state: Mapping[str, Any],
     history: list[dict[str, Any]],
     cfg: FedsegConfig,
+    unscored: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the checkpoint of a completed round atomically."""
-    save_torch(
-        path,
-        {
-            "format": FORMAT,
-            "round": int(server_round),
-            "weights": to_torch(dict(weights)),
-            "strategy": to_torch(dict(strategy_state)),
-            "history": history,
-            "config": cfg.to_run_config(),
-        },
-    )
+    """Write the checkpoint of a round atomically.
+
+    ``weights`` is the model after ``server_round``. ``history`` holds the rows of the rounds
+    before, and this round's own unless ``unscored`` is given: then its model is aggregated but
+    not yet evaluated, and ``unscored`` (plain values) is what the loop needs to score it and
+    write its row after a resume.
+    """
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "round": int(server_round),
+        "weights": to_torch(dict(weights)),
+        "strategy": to_torch(dict(strategy_state)),
+        "history": history,
+        "config": cfg.to_run_config(),
+    }
+    if unscored is not None:
+        payload["unscored"] = dict(unscored)
+    save_torch(path, payload)
 
 
 def load_checkpoint(path: Path, cfg: FedsegConfig) -> dict[str, Any]:
@@ -60,7 +68,8 @@ def load_checkpoint(path: Path, cfg: FedsegConfig) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``round``, ``weights`` and ``strategy`` (NumPy arrays), ``history``, ``config``.
+        ``round``, ``weights`` and ``strategy`` (NumPy arrays), ``history``, ``config``, and
+        ``unscored`` (``None`` when the round's row is in ``history``).
 
     Raises
     ------
@@ -87,6 +96,7 @@ def load_checkpoint(path: Path, cfg: FedsegConfig) -> dict[str, Any]:
         "strategy": to_numpy(state["strategy"]),
         "history": list(state["history"]),
         "config": saved,
+        "unscored": state.get("unscored"),
     }
 
 

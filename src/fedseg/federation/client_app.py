@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedseg.config import FedsegConfig
 from fedseg.federation import records as R
-from fedseg.federation import site
+from fedseg.federation import site, trace
 from fedseg.secure.secagg import secagg_train_mod
 
 log = logging.getLogger("fedseg.site")
@@ -51,6 +51,7 @@ def guarded_reply(
     flwr.app.Message
         The reply (never raises).
     """
+    started = trace.now()
     name: str | None = None
     try:
         cfg = site.site_config(context, overrides)
@@ -67,6 +68,22 @@ def guarded_reply(
             R.public_code(exc),
         )
         content = R.error_content(exc, name)
+        # What the handler had finished before failing and may still send (the scores of a
+        # fused evaluation): records of its own, never details of the failure.
+        partial = getattr(exc, "fedseg_partial_content", None)
+        if isinstance(partial, RecordDict):
+            for key, record in partial.items():
+                content[key] = record
+    if trace.enabled():
+        metrics = R.metrics_dict(content.metric_records.get(R.METRICS))
+        trace.record(
+            "site",
+            type=msg.metadata.message_type,
+            site=name,
+            start=started,
+            end=trace.now(),
+            compute=metrics.get("train-seconds", 0.0) + metrics.get("eval-seconds", 0.0),
+        )
     return Message(content, reply_to=msg)
 
 

@@ -5,19 +5,23 @@ Each round: training (:meth:`FedsegStrategy.run_train`, replies awaited up to
 a history row, then an atomic checkpoint. A round whose replies all fail, or fall below the
 quorum, leaves the model unchanged, is recorded as ``"failed"`` and the run goes on.
 
-Evaluation overlaps the next round's training: once round ``r`` is aggregated, the evaluation
-of its model and round ``r + 1``'s training (which starts from the same model) are pushed
-together, the evaluation first, so the sites score the model and then train without waiting
-for another dispatch, and the server writes round ``r``'s row and checkpoint while they train.
-Round ``r`` is complete, and checkpointed, once its scores are in; its interval on the clock
-(``round-seconds``) runs from the push of its training to the push of the next round's, and so
-holds the evaluation of round ``r - 1``'s model (the last round also holds its own). Cyclic
-training, secure aggregation (several messages a round) and client-level DP evaluate before
-the next round starts instead (:attr:`FedsegStrategy.overlaps_evaluation`), and so does
-every round on a grid without ``push_messages`` / ``pull_messages``.
+Evaluation overlaps the next round's training: once round ``r`` is aggregated, round ``r + 1``'s
+training messages (which carry round ``r``'s model) also ask each site to score that model
+first (``evaluate-round``), so one message per site does both; a site that does not train in
+``r + 1`` gets an evaluation message of its own. This halves the messages a round (each costs a
+dispatch, a hand-off to a worker and, deployed, a SuperNode poll and a ClientApp process). While
+the sites work, the server checkpoints round ``r``'s model as aggregated but not yet scored
+(``unscored`` in the checkpoint); round ``r``'s history row is written when the scores come
+back with ``r + 1``'s replies, and checkpointed with ``r + 1``'s model. Round ``r``'s interval
+on the clock (``round-seconds``) runs from the push of its training to the push of the next
+round's, and so holds the evaluation of round ``r - 1``'s model (the last round also holds its
+own). Cyclic training, secure aggregation (several messages a round) and client-level DP
+evaluate before the next round starts instead (:attr:`FedsegStrategy.overlaps_evaluation`), and
+so does every round on a grid without ``push_messages`` / ``pull_messages``.
 
-Resume: when ``checkpoint`` exists, the loop starts after its last completed round with its
-model, strategy state and history. Sites seed their training with ``(seed, round, site)`` and
+Resume: when ``checkpoint`` exists, the loop starts after its last aggregated round with its
+model, strategy state and history (an unscored round is scored with the next round's training).
+Sites seed their training with ``(seed, round, site)`` and
 the server samples with ``(seed, round)``, so a resumed run ends with the same weights as an
 uninterrupted one (for state kept at the sites, see ``reset-optimizer`` and SCAFFOLD / FedBN in
 :mod:`fedseg.federation.site`).
@@ -29,7 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +122,13 @@ def run_rounds(
     weights = {k: np.asarray(v) for k, v in initial.items()}
     history: list[dict[str, Any]] = []
     start = 0
+    pending: _Trained | None = None  # the last round trained, its model not yet evaluated
     if checkpoint is not None and Path(checkpoint).is_file():
         state = load_checkpoint(Path(checkpoint), cfg)
         weights, history, start = state["weights"], state["history"], state["round"]
         strategy.load_state_dict(state["strategy"])
+        if state["unscored"] is not None:  # round `start` is aggregated, its scores were out
+            pending = _Trained.from_state(state["unscored"])
         log.warning("resuming after round %d from %s", start, checkpoint)
     strategy.global_weights = dict(weights)
 
@@ -131,10 +138,24 @@ def run_rounds(
     arrays = R.to_array_record(weights)
     # Overlap needs a grid that can have two exchanges in flight (push now, pull later).
     overlap = strategy.overlaps_evaluation and pull_interval(grid) is not None
-    pending: _Trained | None = None  # the last round trained, its model not yet evaluated
 
-    def finish(done: _Trained, evaluation: EvaluateReport, end: float, *, last: bool) -> None:
-        """Round ``done`` is complete: its history row, then its checkpoint (model ``weights``)."""
+    def save(server_round: int, unscored: _Trained | None) -> None:
+        """Checkpoint the model ``weights`` of ``server_round`` (``unscored``: rows to come)."""
+        if checkpoint is not None:
+            save_checkpoint(
+                Path(checkpoint),
+                server_round=server_round,
+                weights=weights,
+                strategy_state=strategy.state_dict(),
+                history=history,
+                cfg=cfg,
+                unscored=None if unscored is None else unscored.to_state(),
+            )
+
+    def finish(
+        done: _Trained, evaluation: EvaluateReport, end: float, *, last: bool, write: bool = True
+    ) -> None:
+        """Round ``done`` is complete: its history row, then (``write``) its checkpoint."""
         row = history_row(
             done.train,
             evaluation,
@@ -148,15 +169,8 @@ def run_rounds(
         if cfg.dp_mode != "none":  # the privacy ledger after this round (#4)
             row["privacy"] = _clean(strategy.privacy.history_entry(done.round))
         history.append(row)
-        if checkpoint is not None:
-            save_checkpoint(
-                Path(checkpoint),
-                server_round=done.round,
-                weights=weights,
-                strategy_state=strategy.state_dict(),
-                history=history,
-                cfg=cfg,
-            )
+        if write:
+            save(done.round, None)
         log.info(
             "round %d/%d %s: train-loss %s, mean Dice %s, %.2f s",
             done.round,
@@ -182,25 +196,30 @@ def run_rounds(
         strategy.discover_sites(grid, timeout=cfg.round_timeout)  # nodes that joined late
         previous: EvaluateReport | None = None
         if overlap:
-            # The previous round's model is evaluated and this round trains from it: both go
-            # out now, the evaluation first, so the sites score it while the server waits for
-            # the scores and writes the previous round's checkpoint.
+            # The previous round's model is evaluated and this round trains from it: one
+            # message per site does both (the site scores the model, then trains from it), and
+            # only sites that do not train this round get an evaluation message of their own.
+            # The previous round is checkpointed (model aggregated, scores to come) while they
+            # work; its row follows with the replies.
+            scored = pending.round if pending is not None else None
+            messages = strategy.start_train(grid, server_round, arrays, evaluate_round=scored)
             evaluation = None
             if pending is not None:
-                evaluation = Exchange(
-                    grid,
-                    strategy.configure_evaluate(pending.round, arrays, ConfigRecord(), grid),
-                    timeout=cfg.round_timeout,
+                others = strategy.configure_evaluate(
+                    pending.round, arrays, ConfigRecord(), grid, exclude=strategy.fused_nodes
                 )
-            messages = strategy.start_train(grid, server_round, arrays)
+                evaluation = Exchange(grid, others, timeout=cfg.round_timeout)
             training = Exchange(grid, messages or [], timeout=cfg.round_timeout)
+            if pending is not None:
+                save(pending.round, pending)
+            replies = training.wait() if messages is not None else []
             if pending is not None and evaluation is not None:
-                strategy.aggregate_evaluate(pending.round, evaluation.wait())
+                strategy.aggregate_evaluate(pending.round, evaluation.wait(), fused=replies)
                 previous = strategy.last_evaluate or EvaluateReport(pending.round)
-                finish(pending, previous, t0, last=False)
+                finish(pending, previous, t0, last=False, write=False)
             new = None
             if messages is not None:
-                new, _ = strategy.aggregate_train(server_round, training.wait())
+                new, _ = strategy.aggregate_train(server_round, replies)
         else:
             if pending is not None:
                 previous = evaluate(pending)
@@ -219,6 +238,8 @@ def run_rounds(
             overlapped=overlap and previous is not None,
         )
     if pending is not None:  # the last round's model: evaluated on its own
+        if overlap:
+            save(pending.round, pending)
         finish(pending, evaluate(pending), time.perf_counter(), last=True)
     return LoopResult(
         weights=R.from_array_record(arrays),  # a copy the caller owns
@@ -246,6 +267,29 @@ class _Trained:
     train_wall: float
     previous: EvaluateReport | None
     overlapped: bool
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain values for a checkpoint (:meth:`from_state` reverses it)."""
+        return {
+            "round": self.round,
+            "train": asdict(self.train),
+            "train-wall": self.train_wall,
+            "previous": None if self.previous is None else asdict(self.previous),
+            "overlapped": self.overlapped,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> _Trained:
+        """The round a checkpoint left unscored; its interval restarts now (a new process)."""
+        previous = state.get("previous")
+        return cls(
+            round=int(state["round"]),
+            train=TrainReport(**state["train"]),
+            t0=time.perf_counter(),
+            train_wall=float(state["train-wall"]),
+            previous=None if previous is None else EvaluateReport(**previous),
+            overlapped=bool(state["overlapped"]),
+        )
 
 
 def critical_path_seconds(seconds: list[float], workers: int | None) -> float:
@@ -310,24 +354,27 @@ def history_row(
     What ran in the interval (see :mod:`fedseg.federation.loop`): ``previous`` (the evaluation
     of the round before, if any), then this round's training, and this round's own evaluation
     when ``own_evaluation`` (the last round; also the default, a round on its own). With
-    ``overlapped`` the previous evaluation and the training were queued at the sites together,
-    so they form one schedule.
+    ``overlapped`` each site's evaluation of the previous model and its training ran in one
+    message (see the module docstring), so a site's two times form one job.
 
     With ``workers`` (sites computing at once, e.g. 2 Ray workers for 4 sites), the critical
     path is the schedule of the sites' times on that many workers in the order the Simulation
-    Engine dispatches them (:func:`critical_path_seconds`, :func:`dispatch_order`: evaluations
-    before trainings, each in partition order), so queueing behind a busy worker is compute,
-    not overhead. Without, every site has its own machine: the longest site (for ``overlapped``,
-    its evaluation plus its training).
+    Engine dispatches them (:func:`critical_path_seconds`, :func:`dispatch_order`: partition
+    order; without overlap, evaluations before trainings), so queueing behind a busy worker is
+    compute, not overhead. Without, every site has its own machine: the longest site (for
+    ``overlapped``, its evaluation plus its training).
     """
     train_secs = {s: m.get("train-seconds", 0.0) for s, m in train.metrics.items()}
     site_train = dispatch_order(train_secs)
     site_sum = sum(site_train)
     before = dict(previous.seconds) if previous is not None else {}
     sequential = train.compute_seconds >= site_sum > 0  # cyclic: one site after another
+    # Overlapped: each site scored the previous model and trained in one message (a site that
+    # did not train: an evaluation message), one job per site in dispatch order.
+    fused = {s: before.get(s, 0.0) + train_secs.get(s, 0.0) for s in {*before, *train_secs}}
     if workers is not None:
         if overlapped and not sequential:
-            compute = critical_path_seconds(dispatch_order(before) + site_train, workers)
+            compute = critical_path_seconds(dispatch_order(fused), workers)
         else:
             train_path = (
                 train.compute_seconds if sequential else critical_path_seconds(site_train, workers)
@@ -341,10 +388,7 @@ def history_row(
             )
     else:
         if overlapped and not sequential:
-            compute = max(
-                (before.get(s, 0.0) + train_secs.get(s, 0.0) for s in {*before, *train_secs}),
-                default=0.0,
-            )
+            compute = max(fused.values(), default=0.0)
         else:
             compute = max(before.values(), default=0.0) + train.compute_seconds
         if own_evaluation:

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedseg.federation import trace
+
 #: pull interval on the Simulation Engine's in-memory grid (Flower's own: 0.1 s)
 LOCAL_PULL_SECONDS = 0.005
 #: pull interval against a SuperLink (Flower's own: 3 s)
@@ -88,6 +90,9 @@ class Exchange:
         if self.interval is None:
             self.unsent = messages
         else:
+            if trace.enabled():
+                kind = messages[0].metadata.message_type
+                trace.record("push", type=kind, count=len(messages), t=trace.now())
             self.pending = set(grid.push_messages(messages))
 
     def wait(self) -> list[Message]:
@@ -109,4 +114,5 @@ class Exchange:
                 sleep = min(sleep, left)
             time.sleep(sleep)
         self.pending = set()  # what has not come back by now is not waited for again
+        trace.record("replies", count=len(self.replies), t=trace.now())
         return list(self.replies)

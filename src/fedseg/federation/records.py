@@ -41,6 +41,11 @@ SITE = "site"
 ERROR = "error"
 C_GLOBAL = "c-global"
 DELTA_C = "delta-c"
+#: a training reply's scores of the received model, when its message asked for them
+#: (``evaluate-round`` in the config: the evaluation of the previous round's model, fused)
+EVAL_METRICS = "evaluate-metrics"
+#: the error code of that evaluation, when it failed (the training may still have run)
+EVAL_ERROR = "evaluate-error"
 
 #: the code sent for an exception outside the fedseg hierarchy (class name only)
 INTERNAL_CODE = FedsegError.code

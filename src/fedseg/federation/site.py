@@ -288,14 +288,16 @@ def _prepare_other_sites(spec: SiteSpec, cfg: FedsegConfig) -> None:
 def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
     """Load the received model, train ``local-epochs`` with the strategy's hooks, reply.
 
+    When the message asks for it (``evaluate-round``), the received model is scored first and
+    the reply also carries those scores (:data:`fedseg.federation.records.EVAL_METRICS`): the
+    evaluation of the previous round's model, fused into this round's one message.
+
     Raises
     ------
     UpdateValidationError
         The received model does not fit this site's model.
     """
-    import torch
-
-    from fedseg.site.attacks import attack_weights, site_attack, trainer_for
+    from fedseg.site.attacks import site_attack, trainer_for
 
     spec = resolve_site(context, cfg)
     rt = get_runtime(spec, cfg)
@@ -304,11 +306,41 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     conf = _message_config(msg)
     strategy = str(conf.get("strategy", cfg.strategy))
     server_round = int(conf.get("server-round", 0))
-    epochs = int(conf.get("local-epochs", cfg.local_epochs))
-    mu = float(conf.get("proximal-mu", cfg.proximal_mu))
 
     received = _received_weights(msg)
     saved = load_site_state(context, cfg, spec, server_round, inclusive=False)
+    scores = _fused_evaluation(rt, spec, received, strategy, conf, saved)
+    try:
+        content = _train_received(msg, context, cfg, spec, trainer, attack, received, saved, conf)
+    except Exception as exc:
+        # The scores of the previous round's model still reach the server with the error.
+        exc.fedseg_partial_content = scores  # type: ignore[attr-defined]
+        raise
+    for key, record in scores.items():
+        content[key] = record
+    return content
+
+
+def _train_received(
+    msg: Message,
+    context: Context,
+    cfg: FedsegConfig,
+    spec: SiteSpec,
+    trainer: Any,
+    attack: Any,
+    received: dict[str, np.ndarray],
+    saved: Mapping[str, dict[str, np.ndarray]],
+    conf: ConfigRecord,
+) -> RecordDict:
+    """The training half of :func:`handle_train`, from the received model to the reply."""
+    import torch
+
+    from fedseg.site.attacks import attack_weights
+
+    strategy = str(conf.get("strategy", cfg.strategy))
+    server_round = int(conf.get("server-round", 0))
+    epochs = int(conf.get("local-epochs", cfg.local_epochs))
+    mu = float(conf.get("proximal-mu", cfg.proximal_mu))
     _load_global(trainer, received, strategy, saved.get(FEDBN_STATE))
     _restore_optimizer(trainer, cfg, saved.get(OPTIMIZER_STATE))
 
@@ -432,14 +464,50 @@ def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> Record
         if strategy == "fedbn"
         else {}
     )
-    _load_global(rt.trainer, _received_weights(msg), strategy, saved.get(FEDBN_STATE))
+    metrics = _evaluate_received(rt, _received_weights(msg), strategy, saved.get(FEDBN_STATE))
+    return RecordDict({R.METRICS: MetricRecord(metrics), R.SITE: R.site_record(spec.name)})
+
+
+def _evaluate_received(
+    rt: SiteRuntime,
+    received: dict[str, np.ndarray],
+    strategy: str,
+    fedbn_state: dict[str, np.ndarray] | None,
+) -> dict[str, float | int]:
+    """Load the received global model (FedBN: with the site's norms) and score it."""
+    _load_global(rt.trainer, received, strategy, fedbn_state)
     t0 = time.perf_counter()
     table = rt.trainer.evaluate(rt.test_items)
     metrics: dict[str, float | int] = {"num-examples": int(table["num-examples"])}
     for region in REGIONS:
         metrics[f"dice-{region}"] = float(table.get(region, {}).get("dice", float("nan")))
     metrics["eval-seconds"] = time.perf_counter() - t0
-    return RecordDict({R.METRICS: MetricRecord(metrics), R.SITE: R.site_record(spec.name)})
+    return metrics
+
+
+def _fused_evaluation(
+    rt: SiteRuntime,
+    spec: SiteSpec,
+    received: dict[str, np.ndarray],
+    strategy: str,
+    conf: ConfigRecord,
+    saved: Mapping[str, dict[str, np.ndarray]],
+) -> RecordDict:
+    """The scores a training message asked for (``evaluate-round``), as reply records.
+
+    The training message of round ``r + 1`` carries round ``r``'s model, which the site scores
+    first (the state it loaded for training, from before ``r + 1``, is the state an evaluation
+    of round ``r`` reads). A failed evaluation is an ``evaluate-error`` code; the training goes
+    on either way.
+    """
+    if "evaluate-round" not in conf:
+        return RecordDict()
+    try:
+        metrics = _evaluate_received(rt, received, strategy, saved.get(FEDBN_STATE))
+    except Exception as exc:  # noqa: BLE001 - the site boundary: reported as a code only
+        log.exception("site %s: evaluation failed (reply carries only a code)", spec.name)
+        return RecordDict({R.EVAL_ERROR: ConfigRecord({"code": R.public_code(exc)})})
+    return RecordDict({R.EVAL_METRICS: MetricRecord(metrics)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,8 +577,10 @@ def _restore_optimizer(
 
 #: how many rounds of state a site keeps (state file and round-stamped ``context.state`` keys)
 _KEEP_ROUNDS = 8
-#: of those, how many keep the optimizer's moments (``reset-optimizer = false``)
-_KEEP_OPTIMIZER_ROUNDS = 2
+#: of those, how many keep the optimizer's moments (``reset-optimizer = false``): a server
+#: resumes at most two rounds behind its sites (its checkpoint is written just after it pushes
+#: the next round, and a deployed site may finish that round after the server died)
+_KEEP_OPTIMIZER_ROUNDS = 3
 
 
 def scaffold_start_state(
@@ -593,12 +663,25 @@ def load_site_state(
     a new Flower run starts with an empty ``context.state``. Without one, ``context.state``.
     """
     path = state_file(context, cfg, spec)
-    if path is not None and path.is_file():
-        saved = _read_state_file(path)
-        if saved.get("strategy") == cfg.strategy:
-            rounds = saved.get("rounds", {})
-            usable = [r for r in rounds if (r <= server_round if inclusive else r < server_round)]
-            return saved_round_state(rounds[max(usable)]) if usable else {}
+    moments = _optimizer_files(path) if path is not None else {}
+    if path is not None and (path.is_file() or moments):
+        rounds: dict[int, Any] = {}
+        if path.is_file():
+            saved = _read_state_file(path)
+            if saved.get("strategy") == cfg.strategy:
+                rounds = saved.get("rounds", {})
+        usable = [
+            r for r in {*rounds, *moments} if (r <= server_round if inclusive else r < server_round)
+        ]
+        if not usable:
+            return {}
+        latest = max(usable)
+        state = saved_round_state(rounds[latest]) if latest in rounds else {}
+        if latest in moments:
+            optimizer = _read_optimizer_file(moments[latest], cfg)
+            if optimizer is not None:
+                state[OPTIMIZER_STATE] = optimizer
+        return state
     return {
         key: R.from_array_record(rec)
         for key, rec in context.state.array_records.items()
@@ -617,8 +700,10 @@ def save_site_state(
 ) -> None:
     """Keep the state a round produced: in the state file if there is one, else ``context.state``.
 
-    The file keeps the newest ``_KEEP_ROUNDS`` rounds (Adam's moments only in the newest
-    ``_KEEP_OPTIMIZER_ROUNDS``), none older than ``keep_from``.
+    The file keeps the newest ``_KEEP_ROUNDS`` rounds, none older than ``keep_from``. Adam's
+    moments (two model-sized arrays) go to a file of their own per round, of which the newest
+    ``_KEEP_OPTIMIZER_ROUNDS`` are kept: each round writes its own moments once, instead of
+    rewriting the earlier rounds' with them (:func:`_save_optimizer_file`).
     """
     from fedseg.federation.checkpoint import to_torch
     from fedseg.utils.io import save_torch
@@ -631,6 +716,11 @@ def save_site_state(
     # With a state file, context.state is never read back (load_site_state reads the file):
     # keeping a copy there would only make every message to the site heavier (a simulated
     # site's Context travels to and from its Ray worker with each message).
+    state = dict(state)
+    if OPTIMIZER_STATE in state:
+        _save_optimizer_file(path, cfg, server_round, state.pop(OPTIMIZER_STATE))
+    if not state:
+        return
     rounds: dict[int, Any] = {}
     if path.is_file():
         saved = _read_state_file(path)
@@ -641,11 +731,6 @@ def save_site_state(
     rounds[int(server_round)] = {**rounds.get(int(server_round), {}), **to_torch(packed)}
     keep = [r for r in sorted(rounds)[-_KEEP_ROUNDS:] if r >= keep_from]
     kept = {r: rounds[r] for r in keep}
-    # Adam's moments (two model-sized arrays) are only read back from the latest rounds (the
-    # next round, or a server resumed one round back): older copies would only slow every
-    # round's read and write of this file.
-    for r in keep[:-_KEEP_OPTIMIZER_ROUNDS]:
-        kept[r] = {k: v for k, v in kept[r].items() if k != OPTIMIZER_STATE}
     payload = {"strategy": cfg.strategy, "rounds": kept}
     save_torch(path, payload)
     _remember_state_file(path, payload)
@@ -753,3 +838,46 @@ def _remember_state_file(path: Path, contents: dict[str, Any]) -> None:
     _STATE_FILES.clear()
     with contextlib.suppress(OSError):
         _STATE_FILES[str(path)] = (_file_identity(path), contents)
+
+
+def _optimizer_files(path: Path) -> dict[int, Path]:
+    """The per-round optimizer files beside the state file ``path``: round -> file."""
+    prefix = f"{path.stem}.adam-r"
+    found: dict[int, Path] = {}
+    if path.parent.is_dir():
+        for file in path.parent.glob(f"{prefix}*.pt"):
+            digits = file.name[len(prefix) : -len(".pt")]
+            if digits.isdigit():
+                found[int(digits)] = file
+    return found
+
+
+def _save_optimizer_file(
+    path: Path, cfg: FedsegConfig, server_round: int, arrays: Mapping[str, np.ndarray]
+) -> None:
+    """Write round ``server_round``'s optimizer state beside ``path``; drop the stale ones.
+
+    Kept: the newest ``_KEEP_OPTIMIZER_ROUNDS`` rounds up to ``server_round`` (later ones are
+    from a future a resumed server is redoing).
+    """
+    from fedseg.federation.checkpoint import to_torch
+    from fedseg.utils.io import save_torch
+
+    target = path.with_name(f"{path.stem}.adam-r{int(server_round):06d}.pt")
+    save_torch(target, {"strategy": cfg.strategy, "optimizer": to_torch(dict(arrays))})
+    files = _optimizer_files(path)
+    keep = sorted(r for r in files if r <= server_round)[-_KEEP_OPTIMIZER_ROUNDS:]
+    for r, file in files.items():
+        if r not in keep:
+            file.unlink(missing_ok=True)
+
+
+def _read_optimizer_file(file: Path, cfg: FedsegConfig) -> dict[str, np.ndarray] | None:
+    """One round's optimizer state (NumPy arrays), or ``None`` from another strategy's run."""
+    from fedseg.federation.checkpoint import to_numpy
+    from fedseg.utils.io import load_torch
+
+    stored = load_torch(file)
+    if not isinstance(stored, dict) or stored.get("strategy") != cfg.strategy:
+        return None
+    return dict(to_numpy(stored.get("optimizer", {})))

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,6 +189,8 @@ class FedsegStrategy(Strategy):
         #: the same for the evaluation in flight, which may overlap the next round's training
         self._eval_sent: dict[int, str] = {}
         self._eval_outbox: list[Message] = []
+        #: the sites whose current training message also asks them to score the model
+        self._fused_eval: dict[int, str] = {}
         #: differential privacy (#4): client-level clip/noise/accountant, the per-site ledger
         self.privacy = ServerPrivacy(cfg)
 
@@ -260,10 +262,20 @@ class FedsegStrategy(Strategy):
         return R.to_array_record(new), self._train_metrics(report)
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        *,
+        exclude: Collection[int] = (),
     ) -> Iterable[Message]:
-        """Send the global model (FedBN: shared keys) to every known site for evaluation."""
-        nodes = self._connected(grid)
+        """Send the global model (FedBN: shared keys) to every known site for evaluation.
+
+        ``exclude``: nodes that score this model within their training message instead
+        (:meth:`start_train` with ``evaluate_round``); the others get an evaluation message.
+        """
+        nodes = [n for n in self._connected(grid) if n not in exclude]
         self._eval_sent = {n: self.site_of(n) for n in nodes}
         send = self._outgoing_weights(arrays)
         conf = ConfigRecord(dict(config))
@@ -274,12 +286,18 @@ class FedsegStrategy(Strategy):
         return list(self._eval_outbox)
 
     def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
+        self, server_round: int, replies: Iterable[Message], fused: Iterable[Message] = ()
     ) -> MetricRecord | None:
-        """Collect per-site Dice; failed replies are recorded, never fatal."""
+        """Collect per-site Dice; failed replies are recorded, never fatal.
+
+        ``replies`` answer evaluation messages; ``fused`` are the training replies of the sites
+        that scored the model within their training message (:meth:`start_train` with
+        ``evaluate_round``), whose scores travel in their own record.
+        """
         report = EvaluateReport(server_round=server_round)
         self.last_evaluate = report
         seen: set[str] = set()
+        answers: list[tuple[int, str, str | None, dict[str, float]]] = []
         for msg in replies:
             node = self._source(msg, self._eval_sent, self._eval_outbox)
             site = self._eval_sent.get(node)
@@ -287,8 +305,20 @@ class FedsegStrategy(Strategy):
                 continue
             seen.add(site)
             reason = self._failure(msg)
+            metrics = {}
             if reason is None:
                 metrics = R.metrics_dict(msg.content.metric_records.get(R.METRICS))
+            answers.append((node, site, reason, metrics))
+        for msg in fused:
+            node = self._source(msg)
+            site = self._fused_eval.get(node)
+            if site is None or site in seen:
+                continue
+            seen.add(site)
+            answers.append((node, site, *self._fused_scores(msg)))
+        # By site: the case-weighted means then add up in the same order however replies came.
+        for node, site, reason, metrics in sorted(answers, key=lambda a: a[1]):
+            if reason is None:
                 try:
                     n = _positive_int(metrics.get("num-examples"))
                     report.dice[site] = {r: metrics[f"dice-{r}"] for r in REGIONS}
@@ -302,7 +332,7 @@ class FedsegStrategy(Strategy):
                     reason = f"malformed evaluation reply: {exc}"
             report.failed[site] = reason
             log.warning("round %d: evaluation at %s: %s", server_round, self._who(node), reason)
-        for site in self._eval_sent.values():
+        for site in [*self._eval_sent.values(), *self._fused_eval.values()]:
             if site not in seen:
                 report.failed[site] = NO_REPLY
         mean = {f"dice-{r}": v for r, v in report.mean_dice().items() if v is not None}
@@ -351,6 +381,11 @@ class FedsegStrategy(Strategy):
         return current, self._train_metrics(report)
 
     @property
+    def fused_nodes(self) -> set[int]:
+        """Nodes whose current training message also asks them to score the model."""
+        return set(self._fused_eval)
+
+    @property
     def overlaps_evaluation(self) -> bool:
         """Whether a round's training can be sent out with the previous model's evaluation.
 
@@ -367,17 +402,32 @@ class FedsegStrategy(Strategy):
         )
 
     def start_train(
-        self, grid: Grid, server_round: int, arrays: ArrayRecord
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        *,
+        evaluate_round: int | None = None,
     ) -> list[Message] | None:
         """The training messages of a one-message round, to push; ``None``: the round is refused.
 
         A refused round (client-level DP with the budget spent) is recorded in
         :attr:`last_train` as failed and sends nothing. The replies go to
-        :meth:`aggregate_train`.
+        :meth:`aggregate_train`. With ``evaluate_round``, ``arrays`` is that round's model and
+        each message also asks its site to score it before training (fused evaluation): pass
+        the replies to :meth:`aggregate_evaluate` as ``fused`` too, and send evaluation
+        messages only to the other sites (``configure_evaluate(..., exclude=...)``).
         """
+        self._fused_eval = {}
         if self._refused(server_round):
             return None
-        return list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
+        nodes = self.sample(grid, server_round)
+        messages = self._train_messages(
+            server_round, arrays, ConfigRecord(), nodes, evaluate_round=evaluate_round
+        )
+        if evaluate_round is not None:
+            self._fused_eval = dict(self._sent)
+        return messages
 
     def _refused(self, server_round: int) -> bool:
         refused = self.privacy.refusal(server_round)  # client-level DP: the budget is spent
@@ -514,12 +564,20 @@ class FedsegStrategy(Strategy):
         return ArrayRecord(shared)
 
     def _train_messages(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int]
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        nodes: list[int],
+        *,
+        evaluate_round: int | None = None,
     ) -> list[Message]:
         self.global_weights = R.from_array_record(arrays)
         self._sent = {n: self.site_of(n) for n in nodes}
         conf = ConfigRecord(dict(config))
         conf["server-round"] = server_round
+        if evaluate_round is not None:
+            conf["evaluate-round"] = int(evaluate_round)
         conf["strategy"] = self.name
         conf["local-epochs"] = self.cfg.local_epochs
         conf["proximal-mu"] = float(self.cfg.proximal_mu) if self.name == "fedprox" else 0.0
@@ -562,6 +620,19 @@ class FedsegStrategy(Strategy):
         if code is not None:
             return f"site reported error {code}"
         return None
+
+    def _fused_scores(self, msg: Message) -> tuple[str | None, dict[str, float]]:
+        """A training reply's scores of the model it was sent: ``(failure reason, metrics)``."""
+        if msg.has_error():
+            return self._failure(msg), {}
+        content = msg.content
+        if R.EVAL_METRICS in content.metric_records:
+            return None, R.metrics_dict(content.metric_records[R.EVAL_METRICS])
+        failed = content.config_records.get(R.EVAL_ERROR)
+        code = R.reply_error(content) if failed is None else failed.get("code")
+        if code is not None:
+            return f"site reported error {code}", {}
+        return f"malformed evaluation reply: no '{R.EVAL_METRICS}' record", {}
 
     def _validated(
         self, server_round: int, replies: Iterable[Message], report: TrainReport
