@@ -2,7 +2,8 @@
 
 Runs ``fedseg study --arms ARMS`` on an existing cohort with ``FEDSEG_TRACE_DIR`` set (every
 Flower process, Ray workers included, appends timestamps: :mod:`fedseg.federation.trace`), then
-splits each round's interval (rounds 2..N; round 1 pays first-touch costs) into:
+splits each round's interval (rounds 2..N-1: round 1 pays first-touch costs, the last round
+also holds its own evaluation) into:
 
 - ``dispatch``: the server's push to the first site starting (Flower's Simulation Engine hands
   queued messages to its workers from a loop that sleeps 0.1 s, plus the Ray submission);
@@ -17,7 +18,8 @@ splits each round's interval (rounds 2..N; round 1 pays first-touch costs) into:
   message).
 
 Prints one JSON line per arm with the means in seconds, the same overhead share the study
-reports (``timings.json``: interval minus the critical-path compute) and the command line.
+reports (``timings.json``: interval minus the critical-path compute, rounds 2..N, and per
+round) and the command line.
 
 Usage::
 
@@ -57,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.rounds is not None:
             command += ["--rounds", str(args.rounds)]
         subprocess.run(command, check=True, env={**os.environ, ENV: str(traces.resolve())})
-        rows = round_breakdown(read_traces(traces))[1:]
+        # Rounds 2..N-1: round 1 pays first-touch costs, the last one also holds its own
+        # evaluation, pushed after its aggregation (a dispatch and hand-offs of its own).
+        rows = round_breakdown(read_traces(traces))[1:-1]
         timings = json.loads(
             (out / "study" / "arms" / arm / "federation" / "timings.json").read_text()
         )
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             "interval_s": round(sum(r["interval"] for r in rows) / len(rows), 4),
             "mean_s": {p: round(sum(r[p] for r in rows) / len(rows), 4) for p in PARTS},
             "study_overhead_share": round(sum(overhead) / sum(rounds), 4),
+            "study_overhead_share_per_round": [round(o / r, 4) for o, r in zip(overhead, rounds)],
             "loadavg_1m": round(os.getloadavg()[0], 2),
             "command": " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv]),
         }

@@ -460,7 +460,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> Record
     server_round = int(conf.get("server-round", 0))
     # Only FedBN evaluates with state of the site's own (its normalisation parameters).
     saved = (
-        load_site_state(context, cfg, spec, server_round, inclusive=True)
+        load_site_state(context, cfg, spec, server_round, inclusive=True, optimizer=False)
         if strategy == "fedbn"
         else {}
     )
@@ -653,7 +653,13 @@ def state_file(context: Context, cfg: FedsegConfig, spec: SiteSpec) -> Path | No
 
 
 def load_site_state(
-    context: Context, cfg: FedsegConfig, spec: SiteSpec, server_round: int, *, inclusive: bool
+    context: Context,
+    cfg: FedsegConfig,
+    spec: SiteSpec,
+    server_round: int,
+    *,
+    inclusive: bool,
+    optimizer: bool = True,
 ) -> dict[str, dict[str, np.ndarray]]:
     """The site's state (``scaffold-c``, ``fedbn-local``) as it was before ``server_round``.
 
@@ -661,6 +667,7 @@ def load_site_state(
     server_round`` (``<=`` when ``inclusive``, for evaluation after training) is used, so a
     server resumed from its checkpoint meets the sites in the state they had then, even though
     a new Flower run starts with an empty ``context.state``. Without one, ``context.state``.
+    ``optimizer=False`` leaves out the optimizer's moments (an evaluation does not need them).
     """
     path = state_file(context, cfg, spec)
     moments = _optimizer_files(path) if path is not None else {}
@@ -677,10 +684,10 @@ def load_site_state(
             return {}
         latest = max(usable)
         state = saved_round_state(rounds[latest]) if latest in rounds else {}
-        if latest in moments:
-            optimizer = _read_optimizer_file(moments[latest], cfg)
-            if optimizer is not None:
-                state[OPTIMIZER_STATE] = optimizer
+        if optimizer and latest in moments:
+            arrays = _read_optimizer_file(moments[latest], cfg)
+            if arrays is not None:
+                state[OPTIMIZER_STATE] = arrays
         return state
     return {
         key: R.from_array_record(rec)
