@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             "interval_s": round(sum(r["interval"] for r in rows) / len(rows), 4),
             "mean_s": {p: round(sum(r[p] for r in rows) / len(rows), 4) for p in PARTS},
             "study_overhead_share": round(sum(overhead) / sum(rounds), 4),
-            "study_overhead_share_per_round": [round(o / r, 4) for o, r in zip(overhead, rounds)],
+            "study_overhead_share_per_round": [
+                round(o / r, 4) for o, r in zip(overhead, rounds, strict=True)
+            ],
             "loadavg_1m": round(os.getloadavg()[0], 2),
             "command": " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv]),
         }
