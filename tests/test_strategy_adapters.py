@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 from fedseg.config import FedsegConfig
 from fedseg.federation import records as R
 from fedseg.federation.inprocess import InProcessGrid
-from fedseg.federation.strategy import FedsegStrategy
+from fedseg.federation.strategy import NO_REPLY, FedsegStrategy
 from fedseg.strategies.aggregate import fedavg
 from fedseg.strategies.fedopt import fedadam_step
 
@@ -399,3 +399,69 @@ def test_handshake_names_sites_and_deduplicates() -> None:
     assert sorted(names.values())[:1] == ["site-0"]
     assert len(set(names.values())) == 3
     assert any(n.startswith("site-0@") for n in names.values())
+
+
+# ----------------------------------------------------------------------- fused evaluation
+
+
+def _scores(dice: float) -> MetricRecord:
+    record = {"num-examples": 2, "eval-seconds": 0.1}
+    record.update({f"dice-{r}": dice for r in ("WT", "TC", "ET")})
+    return MetricRecord(record)  # type: ignore[arg-type]
+
+
+def test_fused_evaluation_replies_good_bad_and_missing() -> None:
+    grid = InProcessGrid(ClientApp(), [{"partition-id": i} for i in range(3)])
+    strat = FedsegStrategy(_cfg())
+    for i, node in enumerate(sorted(grid.get_node_ids())):
+        strat.sites[node] = SITES[i]
+    msgs = strat.start_train(grid, 2, R.to_array_record(GLOBAL), evaluate_round=1)
+    assert msgs is not None
+    assert all(m.content[R.CONFIG]["evaluate-round"] == 1 for m in msgs)
+    assert strat.fused_nodes == set(grid.get_node_ids())
+    # every site trains this round: none gets an evaluation message of its own
+    assert (
+        list(
+            strat.configure_evaluate(
+                1, R.to_array_record(GLOBAL), ConfigRecord(), grid, exclude=strat.fused_nodes
+            )
+        )
+        == []
+    )
+    by_site = _by_site(strat, msgs)
+    good = _reply(by_site[SITES[0]], _site_weights(0), extra={R.EVAL_METRICS: _scores(0.5)})
+    failed = _reply(
+        by_site[SITES[1]],
+        _site_weights(1),
+        extra={R.EVAL_ERROR: ConfigRecord({"code": "E100:ValueError"})},
+    )
+    strat.aggregate_evaluate(1, [], fused=[good, failed])  # SITES[2]'s reply never came
+    report = strat.last_evaluate
+    assert report is not None
+    assert report.dice == {SITES[0]: {"WT": 0.5, "TC": 0.5, "ET": 0.5}}
+    assert report.failed[SITES[1]] == "site reported error E100:ValueError"
+    assert report.failed[SITES[2]] == NO_REPLY
+    # the training replies are judged on their own: both updates still count
+    new, _ = strat.aggregate_train(2, [good, failed])
+    assert new is not None and strat.last_train is not None
+    assert strat.last_train.accepted == sorted([SITES[0], SITES[1]])
+    # a later evaluation of its own (here asking two sites) blames only the sites it asked
+    first = next(n for n, s in strat.sites.items() if s == SITES[0])
+    strat.configure_evaluate(2, R.to_array_record(GLOBAL), ConfigRecord(), grid, exclude={first})
+    strat.aggregate_evaluate(2, [])
+    assert strat.last_evaluate is not None
+    assert set(strat.last_evaluate.failed) == {SITES[1], SITES[2]}
+
+
+def test_a_fused_reply_without_scores_is_a_malformed_evaluation() -> None:
+    grid = InProcessGrid(ClientApp(), [{"partition-id": i} for i in range(3)])
+    strat = FedsegStrategy(_cfg())
+    for i, node in enumerate(sorted(grid.get_node_ids())):
+        strat.sites[node] = SITES[i]
+    msgs = strat.start_train(grid, 2, R.to_array_record(GLOBAL), evaluate_round=1)
+    assert msgs is not None
+    plain = [_reply(m, _site_weights(0)) for m in msgs]
+    strat.aggregate_evaluate(1, [], fused=plain)
+    assert strat.last_evaluate is not None
+    assert all("no 'evaluate-metrics' record" in r for r in strat.last_evaluate.failed.values())
+    assert len(strat.last_evaluate.failed) == 3

@@ -286,14 +286,19 @@ class FedsegStrategy(Strategy):
         return list(self._eval_outbox)
 
     def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message], fused: Iterable[Message] = ()
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        fused: Iterable[Message] | None = None,
     ) -> MetricRecord | None:
         """Collect per-site Dice; failed replies are recorded, never fatal.
 
-        ``replies`` answer evaluation messages; ``fused`` are the training replies of the sites
-        that scored the model within their training message (:meth:`start_train` with
-        ``evaluate_round``), whose scores travel in their own record.
+        ``replies`` answer evaluation messages; ``fused`` (when this model was also scored
+        within training messages: :meth:`start_train` with ``evaluate_round``) are those
+        training replies, whose scores travel in their own record. A site asked either way
+        that did not answer is recorded as such.
         """
+        scored_in_training = self._fused_eval if fused is not None else {}
         report = EvaluateReport(server_round=server_round)
         self.last_evaluate = report
         seen: set[str] = set()
@@ -309,9 +314,9 @@ class FedsegStrategy(Strategy):
             if reason is None:
                 metrics = R.metrics_dict(msg.content.metric_records.get(R.METRICS))
             answers.append((node, site, reason, metrics))
-        for msg in fused:
+        for msg in fused or ():
             node = self._source(msg)
-            site = self._fused_eval.get(node)
+            site = scored_in_training.get(node)
             if site is None or site in seen:
                 continue
             seen.add(site)
@@ -332,7 +337,7 @@ class FedsegStrategy(Strategy):
                     reason = f"malformed evaluation reply: {exc}"
             report.failed[site] = reason
             log.warning("round %d: evaluation at %s: %s", server_round, self._who(node), reason)
-        for site in [*self._eval_sent.values(), *self._fused_eval.values()]:
+        for site in [*self._eval_sent.values(), *scored_in_training.values()]:
             if site not in seen:
                 report.failed[site] = NO_REPLY
         mean = {f"dice-{r}": v for r, v in report.mean_dice().items() if v is not None}
