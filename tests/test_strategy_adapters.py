@@ -50,11 +50,25 @@ def _setup(
     strategy: str = "fedavg", **cfg: object
 ) -> tuple[FedsegStrategy, InProcessGrid, list[Message]]:
     """A strategy with three named sites and the train messages of round 1 (not yet run)."""
+    strat, grid = _named_sites(strategy, **cfg)
+    msgs = list(strat.configure_train(1, R.to_array_record(GLOBAL), ConfigRecord(), grid))
+    return strat, grid, msgs
+
+
+def _named_sites(strategy: str = "fedavg", **cfg: object) -> tuple[FedsegStrategy, InProcessGrid]:
+    """A strategy that knows the three nodes of a grid as :data:`SITES`."""
     grid = InProcessGrid(ClientApp(), [{"partition-id": i} for i in range(3)])
     strat = FedsegStrategy(_cfg(strategy=strategy, **cfg))
     for i, node in enumerate(sorted(grid.get_node_ids())):
         strat.sites[node] = SITES[i]
-    msgs = list(strat.configure_train(1, R.to_array_record(GLOBAL), ConfigRecord(), grid))
+    return strat, grid
+
+
+def _fused_round() -> tuple[FedsegStrategy, InProcessGrid, list[Message]]:
+    """Round 2's training messages, each also asking its site to score round 1's model."""
+    strat, grid = _named_sites()
+    msgs = strat.start_train(grid, 2, R.to_array_record(GLOBAL), evaluate_round=1)
+    assert msgs is not None
     return strat, grid, msgs
 
 
@@ -411,12 +425,7 @@ def _scores(dice: float) -> MetricRecord:
 
 
 def test_fused_evaluation_replies_good_bad_and_missing() -> None:
-    grid = InProcessGrid(ClientApp(), [{"partition-id": i} for i in range(3)])
-    strat = FedsegStrategy(_cfg())
-    for i, node in enumerate(sorted(grid.get_node_ids())):
-        strat.sites[node] = SITES[i]
-    msgs = strat.start_train(grid, 2, R.to_array_record(GLOBAL), evaluate_round=1)
-    assert msgs is not None
+    strat, grid, msgs = _fused_round()
     assert all(m.content[R.CONFIG]["evaluate-round"] == 1 for m in msgs)
     assert strat.fused_nodes == set(grid.get_node_ids())
     # every site trains this round: none gets an evaluation message of its own
@@ -454,12 +463,7 @@ def test_fused_evaluation_replies_good_bad_and_missing() -> None:
 
 
 def test_a_fused_reply_without_scores_is_a_malformed_evaluation() -> None:
-    grid = InProcessGrid(ClientApp(), [{"partition-id": i} for i in range(3)])
-    strat = FedsegStrategy(_cfg())
-    for i, node in enumerate(sorted(grid.get_node_ids())):
-        strat.sites[node] = SITES[i]
-    msgs = strat.start_train(grid, 2, R.to_array_record(GLOBAL), evaluate_round=1)
-    assert msgs is not None
+    strat, _, msgs = _fused_round()
     plain = [_reply(m, _site_weights(0)) for m in msgs]
     strat.aggregate_evaluate(1, [], fused=plain)
     assert strat.last_evaluate is not None
