@@ -880,7 +880,7 @@ def test_scaffold_step_correction_equals_gradient_correction_under_sgd():
                 apply_scaffold_correction([w], c, ci)
             opt.step()
             if mode == "step":
-                apply_scaffold_step_correction([w], c, ci, lr)
+                apply_scaffold_step_correction([w], [c[0] - ci[0]], lr)
         results.append(w.detach().numpy().copy())
     np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-12)
 
@@ -892,8 +892,21 @@ def test_scaffold_step_correction_shifts_by_exactly_lr_c():
 
     w = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
     c = [torch.tensor([0.5, 0.0, -1.0], dtype=torch.float64)]
-    zero = [torch.zeros(3, dtype=torch.float64)]
-    apply_scaffold_step_correction([w], c, zero, 0.2)
+    apply_scaffold_step_correction([w], c, 0.2)
     assert w.detach().tolist() == [1.0 - 0.1, -2.0, 3.0 + 0.2]
     with pytest.raises(ValueError, match="shape"):
-        apply_scaffold_step_correction([w], [torch.zeros(2)], [torch.zeros(2)], 0.1)
+        apply_scaffold_step_correction([w], [torch.zeros(2)], 0.1)
+    with pytest.raises(ValueError, match="1 parameters but 2"):
+        apply_scaffold_step_correction([w], [c[0], c[0]], 0.1)
+    assert w.detach().tolist() == [1.0 - 0.1, -2.0, 3.0 + 0.2]  # refused before any change
+
+
+def test_scaffold_site_correction_is_c_minus_c_i():
+    from fedseg.strategies.scaffold import site_correction
+
+    c = [np.array([0.5, 0.25]), np.array([[1.0]])]
+    ci = [np.array([0.5, -0.25]), np.array([[3.0]])]
+    got = site_correction(c, ci)
+    assert [g.tolist() for g in got] == [[0.0, 0.5], [[-2.0]]]
+    with pytest.raises(AggregationError, match="shape"):
+        site_correction(c, [ci[0], np.zeros(2)])

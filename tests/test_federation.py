@@ -23,7 +23,7 @@ from fedseg.federation.client_app import build_client_app
 from fedseg.federation.inprocess import InProcessGrid
 from fedseg.federation.loop import LoopResult
 from fedseg.federation.server_app import FINAL_MODEL, HISTORY, SITE_MODELS, serve
-from fedseg.federation.site import FEDBN_STATE, SCAFFOLD_STATE
+from fedseg.federation.site import FEDBN_STATE
 from fedseg.strategies.fedbn import is_norm_key
 
 SIZE = 20
@@ -281,7 +281,7 @@ class Killed(Exception):
         ("fedavg", False, False),
         # Overlapped evaluation: killed at round 2's row, round 3 has already trained at the
         # sites (their state files run ahead of the checkpoint) and is redone on resume.
-        ("scaffold", True, True),
+        ("scaffold", False, True),
         ("fedavg", False, True),
     ],
 )
@@ -304,8 +304,7 @@ def test_kill_and_resume_gives_the_same_weights(
         from fedseg.utils.io import load_torch
 
         folder = tmp_path / "b" / "out" / "site_state"
-        ahead = {*load_torch(folder / "site-0.pt")["rounds"]} if strategy == "scaffold" else set()
-        ahead |= {int(p.name[-9:-3]) for p in folder.glob("site-0.adam-r*.pt")}
+        ahead = {int(p.name[-9:-3]) for p in folder.glob("site-0.adam-r*.pt")}
         assert 3 in ahead
         # what was on disk: round 2's model, aggregated but not yet scored
         saved = load_torch(tmp_path / "b" / "out" / "checkpoint.pt")
@@ -554,58 +553,91 @@ def test_fedbn_keeps_normalisation_parameters_local(cohort: Any, tmp_path: Path)
             np.testing.assert_array_equal(model.state_dict()[k].numpy(), v)
 
 
+def _scaffold_run(
+    g: InProcessGrid, cfg: FedsegConfig, out: Path
+) -> tuple[LoopResult, list[dict[str, Any]]]:
+    """Serve a SCAFFOLD run; after each round, a copy of the server's ``c`` and every ``c_i``."""
+    from fedseg.federation import strategy as strategy_module
+
+    captured: dict[str, Any] = {}
+    snapshots: list[dict[str, Any]] = []
+    real_discover = strategy_module.FedsegStrategy.discover_sites
+
+    def discover(self: Any, grid: Any, timeout: float) -> dict[int, str]:
+        captured["strategy"] = self
+        return real_discover(self, grid, timeout)
+
+    def snap(r: int, n: int, row: dict[str, Any]) -> None:
+        strat = captured["strategy"]
+        copy = {s: {k: v.copy() for k, v in c.items()} for s, c in strat.c_sites.items()}
+        c = {k: v.copy() for k, v in strat.c_global.items()}
+        snapshots.append({"accepted": row["accepted"], "c": c, "c-sites": copy})
+
+    strategy_module.FedsegStrategy.discover_sites = discover  # type: ignore[method-assign]
+    try:
+        result = serve(g, cfg, out, progress=snap)
+    finally:
+        strategy_module.FedsegStrategy.discover_sites = real_discover  # type: ignore[method-assign]
+    return result, snapshots
+
+
+def _sent_corrections(g: InProcessGrid, server_round: int) -> dict[str, list[np.ndarray]]:
+    """The ``c - c_i`` each site was sent with its training message of ``server_round``."""
+    from flwr.app import MessageType
+
+    out: dict[str, list[np.ndarray]] = {}
+    for msg in g.sent:
+        conf = msg.content.config_records.get(R.CONFIG)
+        if msg.metadata.message_type != MessageType.TRAIN or conf["server-round"] != server_round:
+            continue
+        site = f"site-{g.contexts[msg.metadata.dst_node_id].node_config['partition-id']}"
+        flat = R.from_array_record(msg.content[R.SCAFFOLD_CORRECTION])[R.FLAT]
+        out[site] = [flat]
+    return out
+
+
+def _flat(named: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([v.reshape(-1) for v in named.values()])
+
+
 def test_scaffold_carries_control_variates_across_rounds(cohort: Any, tmp_path: Path) -> None:
     cfg = tiny_cfg(strategy="scaffold", fraction_train=0.67, num_server_rounds=3, min_fraction=0.5)
     root, parts = cohort
     g, full = make_grid(cfg, root, parts, tmp_path)
-    snapshots: list[tuple[list[str], dict[str, dict[str, np.ndarray]]]] = []
 
-    def snap(r: int, n: int, row: dict[str, Any]) -> None:
-        state = {}
-        for node, ctx in g.contexts.items():
-            rec = ctx.state.array_records.get(SCAFFOLD_STATE)
-            if rec is not None:
-                state[g_sites[node]] = R.from_array_record(rec)
-        snapshots.append((row["accepted"], state))
+    _, snapshots = _scaffold_run(g, full, tmp_path / "out")
 
-    g_sites: dict[int, str] = {}
-    from fedseg.federation import strategy as strategy_module
-
-    real_discover = strategy_module.FedsegStrategy.discover_sites
-
-    def discover(self: Any, grid: Any, timeout: float) -> dict[int, str]:
-        names = real_discover(self, grid, timeout)
-        g_sites.update(names)
-        captured["strategy"] = self
-        return names
-
-    captured: dict[str, Any] = {}
-    strategy_module.FedsegStrategy.discover_sites = discover  # type: ignore[method-assign]
-    try:
-        serve(g, full, tmp_path / "out", progress=snap)
-    finally:
-        strategy_module.FedsegStrategy.discover_sites = real_discover  # type: ignore[method-assign]
-
-    assert all(len(acc) == 2 for acc, _ in snapshots)
-    for (accepted, now), (_, before) in zip(snapshots[1:], snapshots[:-1], strict=True):
-        for site, c in before.items():
-            if site not in accepted:  # skipped this round: c_i kept as it was
-                for k in c:
-                    np.testing.assert_array_equal(now[site][k], c[k])
-            else:  # trained: c_i moved
-                assert any(not np.array_equal(now[site][k], c[k]) for k in c)
-    # c = (1/N) * sum_i c_i (sites never sampled hold zeros)
-    _, final = snapshots[-1]
-    c_global = captured["strategy"].c_global
-    for k, c in c_global.items():
-        total = sum(final[s][k] for s in final)
+    assert all(len(snap["accepted"]) == 2 for snap in snapshots)
+    for server_round, (now, before) in enumerate(
+        zip(snapshots[1:], snapshots[:-1], strict=True), start=2
+    ):
+        for site in ("site-0", "site-1", "site-2"):
+            c_i = before["c-sites"].get(site)
+            if site not in now["accepted"]:  # skipped this round: c_i kept as it was
+                assert (now["c-sites"].get(site) is None) == (c_i is None)
+                for k in c_i or {}:
+                    np.testing.assert_array_equal(now["c-sites"][site][k], c_i[k])
+            else:  # trained from c - c_i of the previous round, and c_i moved
+                zero = {k: np.zeros_like(v) for k, v in before["c"].items()}
+                expected = _flat(before["c"]) - _flat(c_i or zero)
+                (sent,) = _sent_corrections(g, server_round)[site]
+                np.testing.assert_array_equal(sent, expected)
+                moved = now["c-sites"][site]
+                assert any(not np.array_equal(moved[k], (c_i or zero)[k]) for k in moved)
+    # c = (1/N) * sum_i c_i (sites never applied hold zeros)
+    final = snapshots[-1]
+    for k, c in final["c"].items():
+        total = sum(final["c-sites"][s][k] for s in final["c-sites"])
         np.testing.assert_allclose(c, total / 3, rtol=1e-4, atol=1e-6)
+    # A SCAFFOLD site keeps nothing of its own (reset-optimizer off: only Adam's moments).
+    for ctx in g.contexts.values():
+        assert set(ctx.state.array_records) <= {site_module.OPTIMIZER_STATE}
 
 
 def test_scaffold_control_variate_moves_only_when_the_server_applied_it(
     cohort: Any, tmp_path: Path
 ) -> None:
-    """A site whose reply was lost starts its next round from its last *applied* c_i."""
+    """A site whose reply was lost keeps its c_i, and its next round starts from it."""
     from flwr.app import MessageType
 
     cfg = tiny_cfg(strategy="scaffold", num_server_rounds=3, min_fraction=0.5)
@@ -620,42 +652,25 @@ def test_scaffold_control_variate_moves_only_when_the_server_applied_it(
         return None if is_train and conf is not None and conf["server-round"] == 2 else reply
 
     g.faults[lossy] = drop_round_2
-    captured: dict[str, Any] = {}
-    from fedseg.federation import strategy as strategy_module
-
-    real = strategy_module.FedsegStrategy.state_dict
-
-    def keep(self: Any) -> dict[str, Any]:
-        captured["strategy"] = self
-        return real(self)
-
-    strategy_module.FedsegStrategy.state_dict = keep  # type: ignore[method-assign]
-    try:
-        result = serve(g, full, out)
-    finally:
-        strategy_module.FedsegStrategy.state_dict = real  # type: ignore[method-assign]
+    result, snapshots = _scaffold_run(g, full, out)
 
     assert [r["status"] for r in result.history] == ["ok", "ok", "ok"]
     assert "site-1" not in result.history[1]["accepted"]
-    strat = captured["strategy"]
-    assert strat.scaffold_applied == {"site-0": 3, "site-1": 3, "site-2": 3}
-    # The lost round-2 c_i was computed and kept (not committed): round 3 started from round 1's.
-    assert SCAFFOLD_STATE in saved_site_state(out, "site-1", server_round=2)
-    # With a state file, nothing travels in the Context (it would go with every message).
-    assert not any(k.startswith(SCAFFOLD_STATE) for k in g.contexts[lossy].state.array_records)
-    # SCAFFOLD's invariant c = (1/N) sum_i c_i holds over the committed c_i.
-    committed = {
-        site: saved_site_state(out, site, server_round=3)[SCAFFOLD_STATE]
-        for site in strat.sites.values()
-    }
-    for k, c in strat.c_global.items():
-        total = sum(committed[s][k] for s in committed)
-        np.testing.assert_allclose(c, total / 3, rtol=1e-4, atol=1e-6)
-    # The state files keep no round older than the base a site was last told.
-    from fedseg.utils.io import load_torch
-
-    rounds = {s: sorted(load_torch(out / "site_state" / f"{s}.pt")["rounds"]) for s in committed}
-    assert rounds == {"site-0": [2, 3], "site-1": [1, 2, 3], "site-2": [2, 3]}
+    first, second, third = snapshots
+    for k, v in first["c-sites"]["site-1"].items():  # round 2 lost: c_1 as after round 1
+        np.testing.assert_array_equal(second["c-sites"]["site-1"][k], v)
+    # Round 3 started site-1 from that c_1 (with round 2's c), and applied round 3 moved it.
+    (sent,) = _sent_corrections(g, 3)["site-1"]
+    np.testing.assert_array_equal(sent, _flat(second["c"]) - _flat(first["c-sites"]["site-1"]))
+    assert not np.array_equal(_flat(third["c-sites"]["site-1"]), _flat(second["c-sites"]["site-1"]))
+    # SCAFFOLD's invariant c = (1/N) sum_i c_i holds after every round.
+    for snap in snapshots:
+        for k, c in snap["c"].items():
+            total = sum(snap["c-sites"][s][k] for s in snap["c-sites"])
+            np.testing.assert_allclose(c, total / 3, rtol=1e-4, atol=1e-6)
+    # The sites' state files hold no SCAFFOLD state.
+    for site in ("site-0", "site-1", "site-2"):
+        assert not (out / "site_state" / f"{site}.pt").exists()
 
 
 def test_a_superlink_error_reply_is_booked_under_the_site_it_is_about(

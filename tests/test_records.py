@@ -130,9 +130,27 @@ def test_a_saved_round_comes_back_unpacked_and_owned() -> None:
     from fedseg.federation.checkpoint import to_torch
 
     named = {f"k{i}": np.full(2, i, dtype=np.float32) for i in range(8)}
-    stored = to_torch({"scaffold-c": pack_arrays(named), "optimizer": {"params": np.arange(2)}})
+    stored = to_torch({"fedbn-local": pack_arrays(named), "optimizer": {"params": np.arange(2)}})
     got = saved_round_state(stored)
-    np.testing.assert_array_equal(got["scaffold-c"]["k5"], [5.0, 5.0])
-    got["scaffold-c"]["k5"] += 1.0  # the caller's copy, not the stored tensor
-    assert torch.equal(stored["scaffold-c"]["packed-values"][10:12], torch.full((2,), 5.0))
+    np.testing.assert_array_equal(got["fedbn-local"]["k5"], [5.0, 5.0])
+    got["fedbn-local"]["k5"] += 1.0  # the caller's copy, not the stored tensor
+    assert torch.equal(stored["fedbn-local"]["packed-values"][10:12], torch.full((2,), 5.0))
     np.testing.assert_array_equal(got["optimizer"]["params"], [0, 1])
+
+
+def test_flat_record_round_trip_and_wrong_layout() -> None:
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([7.0], np.float32)]
+    rec = R.to_flat_record(arrays)
+    assert list(rec) == [R.FLAT]  # one Array: one header, one copy
+    np.testing.assert_array_equal(rec[R.FLAT].numpy(), [0, 1, 2, 3, 4, 5, 7])
+    got = R.from_flat_record(rec, [(2, 3), (1,)], "scaffold-correction")
+    for a, b in zip(got, arrays, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    with pytest.raises(
+        ValueError, match=r"'scaffold-correction' has shape \(7,\), expected \(8,\)"
+    ):
+        R.from_flat_record(rec, [(2, 3), (2,)], "scaffold-correction")
+    rec["other"] = R.encode_array(np.zeros(1))
+    with pytest.raises(ValueError, match="must hold one entry 'values'"):
+        R.from_flat_record(rec, [(2, 3), (1,)], "scaffold-correction")

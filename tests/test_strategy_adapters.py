@@ -281,17 +281,35 @@ def test_fedadam_calls_the_core_and_keeps_moments() -> None:
     assert restored.v is not None and len(restored.v) == len(v)
 
 
-def test_scaffold_validates_delta_c_and_updates_c() -> None:
-    strat, _, msgs = _setup("scaffold", min_fraction=0.3)
-    assert R.C_GLOBAL in msgs[0].content.array_records
+def _scaffold_reply(msg: Message, weights: dict[str, np.ndarray], **metrics: object) -> Message:
+    reply = _reply(msg, weights)
+    reply.content[R.METRICS].update(metrics)  # type: ignore[arg-type]
+    return reply
+
+
+def _corrections(strat: FedsegStrategy, msgs: list[Message]) -> dict[str, list[np.ndarray]]:
+    shapes = [v.shape for v in GLOBAL.values()]
+    return {
+        site: R.from_flat_record(m.content[R.SCAFFOLD_CORRECTION], shapes, "c")
+        for site, m in _by_site(strat, msgs).items()
+    }
+
+
+def test_scaffold_server_keeps_each_site_control_variate() -> None:
+    """delta_c_i = (w - w_i) / (K lr) - c from the reply; c += sum(delta_c) / N; c_i += delta_c."""
+    strat, grid, msgs = _setup("scaffold", min_fraction=0.3)
+    assert R.SCAFFOLD_CORRECTION in msgs[0].content.array_records
+    for correction in _corrections(strat, msgs).values():  # c = c_i = 0 before round 1
+        assert all(not d.any() for d in correction)
     sent = _by_site(strat, msgs)
-    dc = {k: np.full_like(v, 0.3) for k, v in GLOBAL.items()}
-    bad_dc = {k: v.copy() for k, v in dc.items()}
-    bad_dc["head.bias"] = np.array([np.nan], np.float32)
     replies = [
-        _reply(sent["site-0"], _site_weights(0), extra={R.DELTA_C: R.to_array_record(dc)}),
-        _reply(sent["site-1"], _site_weights(1), extra={R.DELTA_C: R.to_array_record(bad_dc)}),
-        _reply(sent["site-2"], _site_weights(2)),  # no delta-c at all
+        # site-0 moved every weight by +0.1 in K=2 steps of lr=0.5: delta_c = -0.1 - 0
+        _scaffold_reply(sent["site-0"], _site_weights(0), **{"num-steps": 2, "learning-rate": 0.5}),
+        _scaffold_reply(sent["site-1"], _site_weights(1), **{"learning-rate": 0.5}),  # no K
+        # (w - w_i) / (K lr) overflows float32: a non-finite control variate
+        _scaffold_reply(
+            sent["site-2"], _site_weights(2), **{"num-steps": 1, "learning-rate": 1e-40}
+        ),
     ]
 
     got = _as_dict(strat.aggregate_train(1, replies)[0])
@@ -299,12 +317,37 @@ def test_scaffold_validates_delta_c_and_updates_c() -> None:
     report = strat.last_train
     assert report is not None
     assert report.accepted == ["site-0"]
-    assert "delta-c" in report.rejected["site-1"] and "non-finite" in report.rejected["site-1"]
-    assert "no 'delta-c'" in report.rejected["site-2"]
+    assert "'num-steps' must be an int >= 1" in report.rejected["site-1"]
+    assert "non-finite" in report.rejected["site-2"]
+    assert sorted(strat.c_sites) == ["site-0"]  # the rejected sites' c_i stay zeros
     for k in GLOBAL:  # w + 1 * mean(delta_w) over the one accepted site
         np.testing.assert_allclose(got[k], _site_weights(0)[k], rtol=1e-6)
+        np.testing.assert_allclose(strat.c_sites["site-0"][k], -0.1, rtol=1e-5)
         # c += (1/N) * sum(delta_c), N = 3 known sites
-        np.testing.assert_allclose(strat.c_global[k], 0.1, rtol=1e-6)  # type: ignore[index]
+        np.testing.assert_allclose(strat.c_global[k], -0.1 / 3, rtol=1e-5)  # type: ignore[index]
+
+    # Round 2: each site's message carries its own c - c_i.
+    msgs = list(strat.configure_train(2, R.to_array_record(got), ConfigRecord(), grid))
+    corrections = _corrections(strat, msgs)
+    for site, expected in (("site-0", -0.1 / 3 + 0.1), ("site-1", -0.1 / 3), ("site-2", -0.1 / 3)):
+        for d in corrections[site]:
+            np.testing.assert_allclose(d, expected, rtol=1e-5)
+
+    # The c_i are strategy state: a checkpoint carries them.
+    restored = FedsegStrategy(strat.cfg)
+    restored.load_state_dict(strat.state_dict())
+    for k, v in strat.c_sites["site-0"].items():
+        np.testing.assert_array_equal(restored.c_sites["site-0"][k], v)
+
+
+def test_scaffold_refuses_a_checkpoint_whose_sites_kept_their_control_variates() -> None:
+    from fedseg.errors import CheckpointError
+
+    old = FedsegStrategy(_cfg(strategy="scaffold")).state_dict()
+    del old["c-sites"]
+    old["scaffold-applied"] = {"site-0": 3}
+    with pytest.raises(CheckpointError, match="new folder"):
+        FedsegStrategy(_cfg(strategy="scaffold")).load_state_dict(old)
 
 
 def test_fedbn_sends_only_shared_keys_and_keeps_site_norms() -> None:

@@ -23,8 +23,9 @@ Resume: when ``checkpoint`` exists, the loop starts after its last aggregated ro
 model, strategy state and history (an unscored round is scored with the next round's training).
 Sites seed their training with ``(seed, round, site)`` and
 the server samples with ``(seed, round)``, so a resumed run ends with the same weights as an
-uninterrupted one (for state kept at the sites, see ``reset-optimizer`` and SCAFFOLD / FedBN in
-:mod:`fedseg.federation.site`).
+uninterrupted one (for state kept at the sites, see ``reset-optimizer`` and FedBN in
+:mod:`fedseg.federation.site`; SCAFFOLD's control variates, the sites' included, are in the
+checkpoint).
 """
 
 from __future__ import annotations

@@ -5,12 +5,15 @@ Every message carries a :class:`flwr.app.RecordDict` with these keys:
 server -> site, ``train`` and ``evaluate``
     ``"arrays"`` (:class:`~flwr.app.ArrayRecord`, the global model by state-dict name; FedBN
     sends only the shared keys), ``"config"`` (:class:`~flwr.app.ConfigRecord` with
-    ``server-round``, ``strategy``, ``local-epochs``, ``proximal-mu``) and, for SCAFFOLD,
-    ``"c-global"`` (the server control variate by parameter name).
+    ``server-round``, ``strategy``, ``local-epochs``, ``proximal-mu``) and, for SCAFFOLD's
+    training, ``"scaffold-correction"``: the site's drift correction ``c - c_i`` (server control
+    variate minus the site's, which the server keeps for it) as one flat array, the model's
+    trainable parameters concatenated in ``named_parameters()`` order (:func:`to_flat_record`).
 site -> server, ``train``
     ``"arrays"`` (the whole local model), ``"metrics"`` (:class:`~flwr.app.MetricRecord` with
-    ``num-examples``, ``train-loss``, ``train-seconds``), ``"site"`` (ConfigRecord ``name``) and,
-    for SCAFFOLD, ``"delta-c"`` (``c_i+ - c_i`` by parameter name).
+    ``num-examples``, ``train-loss``, ``train-seconds``, ``num-steps`` (the optimizer steps
+    taken) and ``learning-rate`` (the rate of those steps), which SCAFFOLD's server step needs)
+    and ``"site"`` (ConfigRecord ``name``).
 site -> server, ``evaluate``
     ``"metrics"`` with ``num-examples``, ``dice-WT``, ``dice-TC``, ``dice-ET``,
     ``eval-seconds``; ``"site"``.
@@ -39,8 +42,10 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 ERROR = "error"
-C_GLOBAL = "c-global"
-DELTA_C = "delta-c"
+#: SCAFFOLD, server -> site: ``c - c_i`` as one flat array (:func:`to_flat_record`)
+SCAFFOLD_CORRECTION = "scaffold-correction"
+#: the one entry of a flat record
+FLAT = "values"
 #: a training reply's scores of the received model, when its message asked for them
 #: (``evaluate-round`` in the config: the evaluation of the previous round's model, fused)
 EVAL_METRICS = "evaluate-metrics"
@@ -74,6 +79,44 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
         An entry cannot be decoded as a plain (non-object) NumPy array.
     """
     return {k: decode_array(v) for k, v in record.items()}
+
+
+def to_flat_record(arrays: list[np.ndarray]) -> ArrayRecord:
+    """Several arrays of one dtype as an ArrayRecord of one flat array (entry ``"values"``).
+
+    For model-sized vectors whose layout both ends know (the model's parameters, in order):
+    one array encodes and decodes in a fraction of the time of ~75 (one header, one copy).
+    :func:`from_flat_record` splits it again.
+    """
+    flat = np.concatenate([np.asarray(a).reshape(-1) for a in arrays]) if arrays else np.empty(0)
+    return ArrayRecord({FLAT: encode_array(flat)})
+
+
+def from_flat_record(
+    record: ArrayRecord, shapes: list[tuple[int, ...]], what: str
+) -> list[np.ndarray]:
+    """Split a :func:`to_flat_record` record into arrays of ``shapes`` (views of one copy).
+
+    Raises
+    ------
+    ValueError
+        The record is not one decodable flat array of exactly ``sum(prod(shapes))`` values;
+        the message names ``what``.
+    """
+    if list(record) != [FLAT]:
+        raise ValueError(f"'{what}' must hold one entry {FLAT!r}, got {sorted(record)}")
+    flat = decode_array(record[FLAT])
+    sizes = [math.prod(shape) for shape in shapes]
+    if flat.ndim != 1 or flat.size != sum(sizes):
+        raise ValueError(
+            f"'{what}' has shape {flat.shape}, expected ({sum(sizes)},): one value per "
+            "trainable parameter of the model"
+        )
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        out.append(flat[start : start + size].reshape(shape))
+        start += size
+    return out
 
 
 #: ``.npy`` headers by (dtype, shape): a model's arrays have the same ones every round

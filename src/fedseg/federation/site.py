@@ -21,14 +21,15 @@ cases for :func:`evaluate`; the rest trains.
 
 What a site keeps between rounds
 --------------------------------
-``"scaffold-c"`` (SCAFFOLD's control variate ``c_i``, zeros before the site's first round, left
-as it was when the site skipped a round or failed) and ``"fedbn-local"`` (FedBN's normalisation
-parameters, which never take the server's values), AdamW's moments (``"optimizer"``, unless
+``"fedbn-local"`` (FedBN's normalisation parameters, which never take the server's values),
+AdamW's moments (``"optimizer"``, unless
 ``reset-optimizer``) and the DP accountant: in a round-stamped file when a state folder is
 configured (:func:`state_file`; always in the study's simulations), so that a server resumed in
 a new run finds the sites as they were, else in ``context.state`` (kept by the SuperNode, or by
 the Simulation Engine, for one Flower run). The prepared cases and the trainer are cached per
-process in :data:`_SITES`, so a Ray actor does not reload them every round.
+process in :data:`_SITES`, so a Ray actor does not reload them every round. A SCAFFOLD site
+keeps nothing of its own: the server holds its control variate ``c_i`` and sends the drift
+correction ``c - c_i`` with each training message (:mod:`fedseg.strategies.scaffold`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedseg.site")
 
-SCAFFOLD_STATE = "scaffold-c"
 FEDBN_STATE = "fedbn-local"
 OPTIMIZER_STATE = "optimizer"
 
@@ -350,36 +350,27 @@ def _train_received(
         max(server_round - 1, 0) * cfg.local_epochs,
         cfg.num_server_rounds * cfg.local_epochs,
     )
-    names = [n for n, _ in trainer.model.named_parameters()]
     loss_hook = None
     step_hook = None
     if strategy == "fedprox" and mu > 0:
         from fedseg.strategies.fedprox import proximal_term
 
+        names = [n for n, _ in trainer.model.named_parameters()]
         ref = [torch.as_tensor(received[n]).to(trainer.device) for n in names]
 
         def loss_hook(model: torch.nn.Module) -> torch.Tensor:
             return proximal_term(model.parameters(), ref, mu)
 
-    c_local: list[np.ndarray] = []
-    c_global: list[np.ndarray] = []
-    w_start: list[np.ndarray] = []
     if strategy == "scaffold":
         from fedseg.strategies.scaffold import apply_scaffold_step_correction
 
-        c_global = _named_list(_array_record(msg, R.C_GLOBAL), names, "c-global")
-        stored = scaffold_start_state(context, cfg, spec, conf, saved)
-        if stored is None:
-            c_local = [np.zeros_like(c) for c in c_global]
-        else:
-            c_local = _named_list(stored, names, SCAFFOLD_STATE)
-        w_start = [p.detach().cpu().numpy().copy() for p in trainer.model.parameters()]
-        cg_t = [torch.as_tensor(c).to(trainer.device) for c in c_global]
-        cl_t = [torch.as_tensor(c).to(trainer.device) for c in c_local]
+        correction = [
+            torch.as_tensor(d).to(trainer.device) for d in _scaffold_correction(msg, trainer)
+        ]
 
         # In parameter space after each AdamW step (see apply_scaffold_step_correction).
         def step_hook(model: torch.nn.Module) -> None:
-            apply_scaffold_step_correction(model.parameters(), cg_t, cl_t, lr)
+            apply_scaffold_step_correction(model.parameters(), correction, lr)
 
     privacy = None
     if cfg.dp_mode == "sample":  # DP-SGD; refuses (PrivacyBudgetError) a round past the budget
@@ -399,7 +390,6 @@ def _train_received(
         weights = attack_weights(attack, received, weights, seed=seed)
     # What this round leaves at the site, saved once at the end (one write of the state file).
     round_state: dict[str, dict[str, np.ndarray]] = {}
-    keep_from = 0
     if not cfg.reset_optimizer:
         round_state[OPTIMIZER_STATE] = trainer.optimizer_arrays()
     content = RecordDict(
@@ -410,6 +400,9 @@ def _train_received(
                     "num-examples": int(fit["num-examples"]),
                     "train-loss": float(fit["loss"]),
                     "train-seconds": float(fit["train-seconds"]),
+                    # the K and lr of SCAFFOLD's control-variate update (done at the server)
+                    "num-steps": int(fit["steps"]),
+                    "learning-rate": float(lr),
                 }
             ),
             R.SITE: R.site_record(spec.name),
@@ -419,31 +412,12 @@ def _train_received(
         dp_metrics, dp_state = finish_private_round(privacy)
         content.metric_records[R.METRICS].update(dp_metrics)
         round_state[DP_STATE] = dp_state
-    if strategy == "scaffold":
-        from fedseg.strategies.scaffold import site_control_update
-
-        w_end = [weights[n] for n in names]
-        new_c, delta_c = site_control_update(
-            c_local, c_global, w_start, w_end, int(fit["steps"]), lr
-        )
-        round_state[SCAFFOLD_STATE] = dict(zip(names, new_c, strict=True))
-        # Pending until the server applies this round's delta-c (see scaffold_start_state):
-        # kept per round, in the state file if there is one, else in context.state.
-        if state_file(context, cfg, spec) is None:
-            context.state[f"{SCAFFOLD_STATE}@{server_round}"] = R.to_array_record(
-                round_state[SCAFFOLD_STATE]
-            )
-            for key in _stale_stamped_keys(context, SCAFFOLD_STATE):
-                del context.state[key]
-        content[R.DELTA_C] = R.to_array_record(dict(zip(names, delta_c, strict=True)))
-        # Rounds before the base round can never be a base again (it only moves forward).
-        keep_from = int(conf.get("scaffold-base-round", 0))
     if strategy == "fedbn":
         from fedseg.strategies.fedbn import split_local
 
         _, round_state[FEDBN_STATE] = split_local(weights)
     if round_state:
-        save_site_state(context, cfg, spec, server_round, round_state, keep_from=keep_from)
+        save_site_state(context, cfg, spec, server_round, round_state)
     if cfg.secure_aggregation == "ckks":  # last: the plain model never leaves the site
         from fedseg.secure.ckks_federation import seal_train_reply
 
@@ -528,17 +502,33 @@ def _array_record(msg: Message, key: str) -> dict[str, np.ndarray]:
         raise UpdateValidationError(f"record '{key}' cannot be decoded: {exc}") from None
 
 
+def _scaffold_correction(msg: Message, trainer: SiteTrainer) -> list[np.ndarray]:
+    """SCAFFOLD's ``c - c_i`` from the message, one array per trainable parameter, in order."""
+    rec = msg.content.array_records.get(R.SCAFFOLD_CORRECTION)
+    if rec is None:
+        raise UpdateValidationError(f"the message has no '{R.SCAFFOLD_CORRECTION}' record")
+    params = list(trainer.model.parameters())
+    try:
+        correction = R.from_flat_record(
+            rec, [tuple(p.shape) for p in params], R.SCAFFOLD_CORRECTION
+        )
+    except ValueError as exc:
+        raise UpdateValidationError(str(exc)) from None
+    expected = torch_dtype_name(params[0].dtype) if params else None
+    if correction and str(correction[0].dtype) != expected:
+        raise UpdateValidationError(
+            f"'{R.SCAFFOLD_CORRECTION}' is {correction[0].dtype}, the model's parameters {expected}"
+        )
+    return correction
+
+
+def torch_dtype_name(dtype: Any) -> str:
+    """A torch dtype's NumPy name (``torch.float32`` -> ``"float32"``)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _received_weights(msg: Message) -> dict[str, np.ndarray]:
     return _array_record(msg, R.ARRAYS)
-
-
-def _named_list(named: Mapping[str, np.ndarray], names: list[str], what: str) -> list[np.ndarray]:
-    missing = [n for n in names if n not in named]
-    if missing or len(named) != len(names):
-        raise UpdateValidationError(
-            f"'{what}' does not match the model parameters ({len(named)} for {len(names)})"
-        )
-    return [np.asarray(named[n]) for n in names]
 
 
 def _load_global(
@@ -583,59 +573,6 @@ _KEEP_ROUNDS = 8
 _KEEP_OPTIMIZER_ROUNDS = 3
 
 
-def scaffold_start_state(
-    context: Context,
-    cfg: FedsegConfig,
-    spec: SiteSpec,
-    conf: ConfigRecord,
-    saved: Mapping[str, dict[str, np.ndarray]],
-) -> dict[str, np.ndarray] | None:
-    """The control variate ``c_i`` a SCAFFOLD site starts the round from (``None``: zeros).
-
-    The server sends ``scaffold-base-round``: the last round whose ``delta-c`` from this site it
-    applied (0: never). A site computes a new ``c_i`` in every round it trains, but that value is
-    only *committed* once the server has used its ``delta-c``; a reply the server rejected or
-    never received must not move ``c_i``, or ``c = mean(c_i)`` (SCAFFOLD's invariant) breaks.
-    So the site starts from the state it saved in exactly that round.
-
-    Raises
-    ------
-    UpdateValidationError
-        The state of the base round is no longer kept at this site (more than ``_KEEP_ROUNDS``
-        rounds of its replies were rejected in a row).
-    """
-    if "scaffold-base-round" not in conf:  # a server that does not track acceptance
-        return saved.get(SCAFFOLD_STATE)
-    base = int(conf["scaffold-base-round"])
-    if base <= 0:
-        return None
-    path = state_file(context, cfg, spec)
-    if path is not None and path.is_file():
-        from fedseg.federation.checkpoint import to_numpy
-
-        stored = _read_state_file(path)
-        rounds = stored.get("rounds", {}) if stored.get("strategy") == cfg.strategy else {}
-        if base in rounds and SCAFFOLD_STATE in rounds[base]:
-            return unpack_arrays(_own_copy(to_numpy(rounds[base][SCAFFOLD_STATE])))
-    rec = context.state.array_records.get(f"{SCAFFOLD_STATE}@{base}")
-    if rec is not None:
-        return R.from_array_record(rec)
-    raise UpdateValidationError(
-        f"this site no longer holds its SCAFFOLD state of round {base} "
-        f"(it keeps {_KEEP_ROUNDS} rounds)"
-    )
-
-
-def _stale_stamped_keys(context: Context, prefix: str) -> list[str]:
-    """Round-stamped ``context.state`` keys ``prefix@r`` beyond the newest ``_KEEP_ROUNDS``."""
-    stamped = sorted(
-        (int(k.rsplit("@", 1)[1]), k)
-        for k in context.state.array_records
-        if k.startswith(f"{prefix}@") and k.rsplit("@", 1)[1].isdigit()
-    )
-    return [k for _, k in stamped[:-_KEEP_ROUNDS]]
-
-
 def state_file(context: Context, cfg: FedsegConfig, spec: SiteSpec) -> Path | None:
     """Where a site also keeps its state on disk, if anywhere.
 
@@ -661,7 +598,7 @@ def load_site_state(
     inclusive: bool,
     optimizer: bool = True,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """The site's state (``scaffold-c``, ``fedbn-local``) as it was before ``server_round``.
+    """The site's state (``fedbn-local``, the optimizer, the DP accountant) before ``server_round``.
 
     With a state file (:func:`state_file`), the state saved in the latest round ``<
     server_round`` (``<=`` when ``inclusive``, for evaluation after training) is used, so a
@@ -692,7 +629,7 @@ def load_site_state(
     return {
         key: R.from_array_record(rec)
         for key, rec in context.state.array_records.items()
-        if key in (SCAFFOLD_STATE, FEDBN_STATE, OPTIMIZER_STATE, "dp-accountant")
+        if key in (FEDBN_STATE, OPTIMIZER_STATE, "dp-accountant")
     }
 
 
@@ -702,12 +639,10 @@ def save_site_state(
     spec: SiteSpec,
     server_round: int,
     state: dict[str, dict[str, np.ndarray]],
-    *,
-    keep_from: int = 0,
 ) -> None:
     """Keep the state a round produced: in the state file if there is one, else ``context.state``.
 
-    The file keeps the newest ``_KEEP_ROUNDS`` rounds, none older than ``keep_from``. Adam's
+    The file keeps the newest ``_KEEP_ROUNDS`` rounds. Adam's
     moments (two model-sized arrays) go to a file of their own per round, of which the newest
     ``_KEEP_OPTIMIZER_ROUNDS`` are kept: each round writes its own moments once, instead of
     rewriting the earlier rounds' with them (:func:`_save_optimizer_file`).
@@ -736,8 +671,7 @@ def save_site_state(
     # Several parts of a round's state may be saved one after the other: merge them.
     packed = {key: pack_arrays(arrays) for key, arrays in state.items()}
     rounds[int(server_round)] = {**rounds.get(int(server_round), {}), **to_torch(packed)}
-    keep = [r for r in sorted(rounds)[-_KEEP_ROUNDS:] if r >= keep_from]
-    kept = {r: rounds[r] for r in keep}
+    kept = {r: rounds[r] for r in sorted(rounds)[-_KEEP_ROUNDS:]}
     payload = {"strategy": cfg.strategy, "rounds": kept}
     save_torch(path, payload)
     _remember_state_file(path, payload)

@@ -7,7 +7,7 @@ round it
    the sites' names (so a resumed run samples the same sites as an uninterrupted one);
 2. sends the global model (FedBN: only the shared, non-normalisation keys), the round's train
    config (``server-round``, ``strategy``, ``local-epochs``, ``proximal-mu``) and, for SCAFFOLD,
-   the server control variate;
+   each site's drift correction ``c - c_i``;
 3. checks **every** reply before any arithmetic (:func:`fedseg.strategies.validation.filter_valid`:
    keys, shapes, dtypes, finite values, ``num-examples`` a positive int; a site's error reply or
    a missing reply counts as a failure), logs each rejection with the site's name and node id;
@@ -27,8 +27,12 @@ The algorithms (server side)
     :func:`~fedseg.strategies.fedopt.fedyogi_step` (``server-learning-rate``, ``server-tau``),
     with the moments ``m, v`` kept in the strategy state.
 ``scaffold``
-    :func:`~fedseg.strategies.scaffold.server_update` on the model deltas and the sites'
-    ``delta-c`` (validated like the weights), with ``c`` kept in the strategy state.
+    For each accepted reply, :func:`~fedseg.strategies.scaffold.site_control_update` (from the
+    site's model, ``num-steps`` and ``learning-rate``; the result validated like the weights)
+    gives the site's ``delta_c`` and next ``c_i``; then
+    :func:`~fedseg.strategies.scaffold.server_update`. ``c`` and every site's ``c_i`` are kept
+    in the strategy state (so in the checkpoint); a site gets ``c - c_i`` with its training
+    message and keeps no SCAFFOLD state (see :mod:`fedseg.strategies.scaffold`).
 ``fedbn``
     Sites never load normalisation parameters from the server. The server averages every key:
     the shared keys are the global model the sites receive; the averaged normalisation keys only
@@ -61,7 +65,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedseg.config import FedsegConfig
 from fedseg.data.case import REGIONS
-from fedseg.errors import AggregationError, UpdateValidationError
+from fedseg.errors import AggregationError, CheckpointError, ConfigError, UpdateValidationError
 from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
 from fedseg.strategies.dp import ServerPrivacy
@@ -179,8 +183,9 @@ class FedsegStrategy(Strategy):
         self.c_global: Weights | None = None
         #: FedBN: each site's latest normalisation parameters
         self.site_local: dict[str, Weights] = {}
-        #: SCAFFOLD: per site, the last round whose ``delta-c`` was applied to ``c``
-        self.scaffold_applied: dict[str, int] = {}
+        #: SCAFFOLD: each site's control variate ``c_i`` (absent: zeros), moved only by a round
+        #: whose reply from the site was applied
+        self.c_sites: dict[str, Weights] = {}
         self.last_train: TrainReport | None = None
         self.last_evaluate: EvaluateReport | None = None
         self._sent: dict[int, str] = {}
@@ -511,7 +516,7 @@ class FedsegStrategy(Strategy):
             "v": None if self.v is None else list(self.v),
             "c-global": None if self.c_global is None else dict(self.c_global),
             "site-local": {s: dict(w) for s, w in self.site_local.items()},
-            "scaffold-applied": dict(self.scaffold_applied),
+            "c-sites": {s: dict(c) for s, c in self.c_sites.items()},
             "privacy": self.privacy.state_dict(),
         }
 
@@ -525,8 +530,15 @@ class FedsegStrategy(Strategy):
             s: {k: np.asarray(x) for k, x in w.items()}
             for s, w in (state.get("site-local") or {}).items()
         }
-        applied = state.get("scaffold-applied") or {}
-        self.scaffold_applied = {str(s): int(r) for s, r in applied.items()}
+        if state.get("scaffold-applied") and "c-sites" not in state:
+            raise CheckpointError(
+                "this checkpoint is from a fedseg whose SCAFFOLD sites kept their own control "
+                "variates; it cannot be resumed by this version: start the run in a new folder"
+            )
+        self.c_sites = {
+            str(s): {k: np.asarray(x) for k, x in c.items()}
+            for s, c in (state.get("c-sites") or {}).items()
+        }
         self.privacy.load_state_dict(state.get("privacy") or {})
 
     # ---------------------------------------------------------------- internals
@@ -590,14 +602,23 @@ class FedsegStrategy(Strategy):
         if self.name != "scaffold":
             self._outbox = [Message(content, n, MessageType.TRAIN) for n in nodes]
             return list(self._outbox)
-        # SCAFFOLD: each site starts from its c_i of the last round the server applied.
-        c_rec = R.to_array_record(self._c_global())
+        # SCAFFOLD: each site gets its drift correction c - c_i (c_i kept here for it).
+        from fedseg.strategies.scaffold import site_correction
+
+        c = self._c_global()
+        c_list = list(c.values())
         messages = []
         for n in nodes:
-            site_conf = ConfigRecord(dict(conf))
-            site_conf["scaffold-base-round"] = self.scaffold_applied.get(self.site_of(n), 0)
+            c_site = self.c_sites.get(self.site_of(n))
+            correction = (
+                c_list if c_site is None else site_correction(c_list, [c_site[k] for k in c])
+            )
             site_content = RecordDict(
-                {R.ARRAYS: content[R.ARRAYS], R.CONFIG: site_conf, R.C_GLOBAL: c_rec}
+                {
+                    R.ARRAYS: content[R.ARRAYS],
+                    R.CONFIG: conf,
+                    R.SCAFFOLD_CORRECTION: R.to_flat_record(correction),
+                }
             )
             messages.append(Message(site_content, n, MessageType.TRAIN))
         self._outbox = list(messages)
@@ -679,9 +700,10 @@ class FedsegStrategy(Strategy):
         for site, update, num in valid_raw:
             if self.name == "scaffold":
                 try:
+                    extras[site].update(self._scaffold_control(site, dict(update), extras[site]))
                     validate_update(extras[site]["delta-c"], self._c_global(), num)
-                except UpdateValidationError as exc:
-                    report.rejected[site] = f"delta-c: {exc}"
+                except (UpdateValidationError, ConfigError) as exc:
+                    report.rejected[site] = f"SCAFFOLD control variate: {exc}"
                     continue
             valid.append((site, dict(update), int(num)))  # type: ignore[call-overload]
             report.accepted.append(site)
@@ -713,16 +735,54 @@ class FedsegStrategy(Strategy):
         num = metrics_rec.get("num-examples") if metrics_rec is not None else None
         extra: dict[str, Any] = {"metrics": R.metrics_dict(metrics_rec)}
         if self.name == "scaffold":
-            dc = content.array_records.get(R.DELTA_C)
-            if dc is None:
-                raise UpdateValidationError("SCAFFOLD reply has no 'delta-c' record")
-            try:
-                extra["delta-c"] = R.from_array_record(dc)
-            except Exception as exc:  # noqa: BLE001
+            steps = metrics_rec.get("num-steps") if metrics_rec is not None else None
+            lr = metrics_rec.get("learning-rate") if metrics_rec is not None else None
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
                 raise UpdateValidationError(
-                    f"'delta-c' cannot be decoded as plain arrays ({type(exc).__name__})"
-                ) from None
+                    f"SCAFFOLD reply: 'num-steps' must be an int >= 1, got {steps!r}"
+                )
+            if (
+                isinstance(lr, bool)
+                or not isinstance(lr, int | float)
+                or not (math.isfinite(lr) and lr > 0)
+            ):
+                raise UpdateValidationError(
+                    f"SCAFFOLD reply: 'learning-rate' must be a finite number > 0, got {lr!r}"
+                )
+            extra["num-steps"], extra["learning-rate"] = int(steps), float(lr)
         return update, num, extra
+
+    def _scaffold_control(
+        self, site: str, update: Weights, extra: Mapping[str, Any]
+    ) -> dict[str, Weights]:
+        """SCAFFOLD's option-II update of ``site``'s control variate from its reply.
+
+        Returns ``{"delta-c": c_i+ - c_i, "c-site": c_i+}`` by parameter name; ``c_i+`` becomes
+        the site's ``c_i`` only if the round is applied (:meth:`_aggregate`).
+        """
+        from fedseg.strategies.scaffold import site_control_update
+
+        c = self._c_global()
+        w = self._model()
+        keys = list(c)
+        c_site = self.c_sites.get(site)
+        if c_site is None:  # before the site's first applied round
+            c_local = [np.zeros_like(c[k]) for k in keys]
+        else:
+            c_local = [c_site[k] for k in keys]
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are rejected
+            new_c, delta_c = site_control_update(
+                c_local,
+                [c[k] for k in keys],
+                [w[k] for k in keys],
+                [update[k] for k in keys],
+                int(extra["num-steps"]),
+                float(extra["learning-rate"]),
+            )
+        return {
+            "delta-c": dict(zip(keys, delta_c, strict=True)),
+            "c-site": dict(zip(keys, new_c, strict=True)),
+        }
 
     def _quorum(self, num_valid: int, num_sent: int, report: TrainReport) -> bool:
         from fedseg.strategies.validation import quorum_met
@@ -836,7 +896,7 @@ class FedsegStrategy(Strategy):
             )
             self.c_global = dict(zip(c_keys, new_c, strict=True))
             for site, _, _ in valid:
-                self.scaffold_applied[site] = server_round
+                self.c_sites[site] = extras[site]["c-site"]
             return dict(zip(keys, new_w, strict=True))
         raise AggregationError(f"unknown strategy {self.name!r}")
 

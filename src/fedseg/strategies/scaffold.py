@@ -10,19 +10,29 @@ Round ``t``
 1. The server sends ``(w, c)``.
 2. Site ``i`` starts from ``w`` and takes ``K`` steps ``w_i <- w_i - lr * (g_i(w_i) + c - c_i)``
    (:func:`apply_scaffold_correction` on the torch gradients, after ``backward()`` and before
-   ``optimizer.step()``; :func:`scaffold_correction` is the same on arrays).
-3. Site ``i`` computes ``c_i+ = c_i - c + (w - w_i) / (K * lr)`` (option II) and sends
-   ``delta_w_i = w_i - w`` and ``delta_c_i = c_i+ - c_i`` (:func:`site_control_update`).
+   ``optimizer.step()``; :func:`scaffold_correction` is the same on arrays; fedseg's AdamW sites
+   use :func:`apply_scaffold_step_correction`).
+3. ``c_i+ = c_i - c + (w - w_i) / (K * lr)`` (option II), ``delta_w_i = w_i - w`` and
+   ``delta_c_i = c_i+ - c_i`` (:func:`site_control_update`; see State for where it runs).
 4. The server sets ``w <- w + lr_g * mean_S(delta_w_i)`` and
    ``c <- c + |S| / N * mean_S(delta_c_i)`` (:func:`server_update`).
 
 State
 -----
-Each site stores its own ``c_i`` in its persistent state (zeros before its first round) and
-replaces it by ``c_i+`` only after a round it completed; a site that was not sampled, or whose
-reply was rejected, keeps its ``c_i``. The server keeps ``c`` (zeros at the start). With that,
+Each site's ``c_i`` is zeros before its first round and is replaced by ``c_i+`` only after a
+round whose reply the server applied; a site that was not sampled, or whose reply was rejected,
+keeps its ``c_i``. The server keeps ``c`` (zeros at the start). With that,
 ``c = (1/N) * sum_i c_i`` holds after every round, which is why the server step scales by
 ``|S| / N`` and not by 1.
+
+fedseg's server holds every ``c_i`` on its site's behalf: ``delta_c_i`` is a function of what
+the server already has (``w``, ``c``, the returned ``w_i``, and the site's ``K`` and ``lr``), so
+it computes ``c_i+`` itself (:func:`site_control_update`) and sends each site only its drift
+correction ``c - c_i`` (:func:`site_correction`). The arithmetic is the paper's, value for value;
+a site keeps no SCAFFOLD state, so a reply that was lost or rejected cannot leave a site's
+``c_i`` out of step with ``c``, and a server resumed from its checkpoint has all of it. The
+server learns nothing it did not have: ``delta_c_i`` travels in the clear in the paper's
+protocol too (SCAFFOLD is refused with secure aggregation, :mod:`fedseg.secure.rules`).
 
 Weighting
 ---------
@@ -55,6 +65,7 @@ __all__ = [
     "scaffold_correction",
     "server_update",
     "site_control_update",
+    "site_correction",
 ]
 
 
@@ -154,14 +165,17 @@ def site_control_update(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Option II control-variate update of a site, after its ``K`` local steps.
 
+    fedseg's server runs it for each site whose reply it accepted (see State above); it is the
+    same computation at a site.
+
     Parameters
     ----------
     c_local : sequence of np.ndarray
         The site's control variate ``c_i`` used during this round.
     c_global : sequence of np.ndarray
-        The server control variate ``c`` received this round.
+        The server control variate ``c`` of this round.
     w_global : sequence of np.ndarray
-        The global model received this round (the starting point of the local steps).
+        The global model of this round (the starting point of the local steps).
     w_local : sequence of np.ndarray
         The site model after the ``K`` local steps.
     num_steps : int
@@ -172,9 +186,10 @@ def site_control_update(
     Returns
     -------
     new_c_local : list of np.ndarray
-        ``c_i+ = c_i - c + (w_global - w_local) / (K * lr)``: store it in the site's state.
+        ``c_i+ = c_i - c + (w_global - w_local) / (K * lr)``: the site's next ``c_i``.
     delta_c : list of np.ndarray
-        ``c_i+ - c_i``, computed as ``(w_global - w_local) / (K * lr) - c``: send it to the server.
+        ``c_i+ - c_i``, computed as ``(w_global - w_local) / (K * lr) - c``: for
+        :func:`server_update`.
 
     Raises
     ------
@@ -267,13 +282,36 @@ def server_update(
     return new_w, new_c
 
 
+def site_correction(
+    c_global: Sequence[np.ndarray], c_local: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """A site's drift correction ``c - c_i``, tensor by tensor (what the server sends it).
+
+    Parameters
+    ----------
+    c_global, c_local : sequence of np.ndarray
+        The server control variate and the site's, same count and shapes.
+
+    Returns
+    -------
+    list of np.ndarray
+        New arrays ``c - c_i``, in the dtypes NumPy gives the subtraction.
+
+    Raises
+    ------
+    AggregationError
+        Array counts or shapes disagree.
+    """
+    _check_same_layout("c_local", c_local, c_global)
+    return [np.subtract(c, ci) for c, ci in zip(c_global, c_local, strict=True)]
+
+
 def apply_scaffold_step_correction(
     model_params: Iterable[torch.Tensor],
-    c_global: Sequence[torch.Tensor],
-    c_local: Sequence[torch.Tensor],
+    correction: Sequence[torch.Tensor],
     lr: float,
 ) -> None:
-    """Move each parameter by ``-lr * (c_global - c_local)`` in place, after an optimizer step.
+    """Move each parameter by ``-lr * (c - c_i)`` in place, after an optimizer step.
 
     For plain SGD this equals :func:`apply_scaffold_correction` before the step (the step is
     linear in the gradient). With an adaptive optimizer (AdamW, used by fedseg's sites) the
@@ -286,44 +324,43 @@ def apply_scaffold_step_correction(
     ----------
     model_params : iterable of torch.Tensor
         The trainable parameters, in the order of the control variates.
-    c_global, c_local : sequence of torch.Tensor
-        Server and site control variates.
+    correction : sequence of torch.Tensor
+        ``c - c_i`` (:func:`site_correction`), one tensor per parameter.
     lr : float
         The learning rate of this step (the one used in :func:`site_control_update`).
 
     Raises
     ------
     ValueError
-        The counts or shapes of parameters and control variates disagree.
+        The counts or shapes of parameters and corrections disagree.
     """
     import torch
 
-    params = _checked_params(model_params, c_global, c_local)
+    params = _checked_params(model_params, correction)
     with torch.no_grad():
-        for param, c, ci in zip(params, c_global, c_local, strict=True):
+        for param, d in zip(params, correction, strict=True):
             if param.requires_grad:
-                param.sub_(lr * (c - ci))
+                param.sub_(lr * d)
 
 
 def _checked_params(
-    model_params: Iterable[torch.Tensor],
-    c_global: Sequence[torch.Tensor],
-    c_local: Sequence[torch.Tensor],
+    model_params: Iterable[torch.Tensor], *variates: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
     """The parameters as a list, after checking counts and shapes against the control variates.
 
     Checked before any parameter is touched, so a bad control variate changes nothing.
     """
     params = list(model_params)
-    if not len(params) == len(c_global) == len(c_local):
+    counts = [len(v) for v in variates]
+    if any(n != len(params) for n in counts):
         raise ValueError(
-            f"{len(params)} parameters but {len(c_global)} global and {len(c_local)} "
-            "local control variates"
+            f"{len(params)} parameters but {' and '.join(map(str, counts))} control variates"
         )
-    for index, (param, c, ci) in enumerate(zip(params, c_global, c_local, strict=True)):
-        if c.shape != param.shape or ci.shape != param.shape:
+    for index, param in enumerate(params):
+        shapes = [tuple(v[index].shape) for v in variates]
+        if any(shape != tuple(param.shape) for shape in shapes):
             raise ValueError(
                 f"parameter {index} has shape {tuple(param.shape)}, control variates "
-                f"{tuple(c.shape)} and {tuple(ci.shape)}"
+                f"{' and '.join(map(str, shapes))}"
             )
     return params

@@ -139,7 +139,7 @@ PROGRESS = "progress.json"
 #: what an arm's run folder was started with (a folder started otherwise is not resumed)
 ARM_MARKER = "arm.json"
 #: the records a plain (unprotected) federation exchanges
-_PLAIN_RECORDS = frozenset({"arrays", "config", "metrics", "site", "error", "c-global", "delta-c"})
+_PLAIN_RECORDS = frozenset({"arrays", "config", "metrics", "site", "error", "scaffold-correction"})
 # run-config keys that do not change an arm's result (resume check)
 _NOT_COMPARED = frozenset({"data-path", "partition-file", "out-dir", "round-timeout", "epochs"})
 # fields of privacy.csv
