@@ -36,6 +36,7 @@ from flwr.common.constant import SType
 from numpy.lib import format as npformat
 
 from fedseg.errors import FedsegError
+from fedseg.utils.arrays import concat_flat, split_flat
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -88,8 +89,7 @@ def to_flat_record(arrays: list[np.ndarray]) -> ArrayRecord:
     one array encodes and decodes in a fraction of the time of ~75 (one header, one copy).
     :func:`from_flat_record` splits it again.
     """
-    flat = np.concatenate([np.asarray(a).reshape(-1) for a in arrays]) if arrays else np.empty(0)
-    return ArrayRecord({FLAT: encode_array(flat)})
+    return ArrayRecord({FLAT: encode_array(concat_flat(arrays))})
 
 
 def from_flat_record(
@@ -105,18 +105,12 @@ def from_flat_record(
     """
     if list(record) != [FLAT]:
         raise ValueError(f"'{what}' must hold one entry {FLAT!r}, got {sorted(record)}")
-    flat = decode_array(record[FLAT])
-    sizes = [math.prod(shape) for shape in shapes]
-    if flat.ndim != 1 or flat.size != sum(sizes):
+    try:
+        return split_flat(decode_array(record[FLAT]), shapes)
+    except ValueError as exc:
         raise ValueError(
-            f"'{what}' has shape {flat.shape}, expected ({sum(sizes)},): one value per "
-            "trainable parameter of the model"
-        )
-    out, start = [], 0
-    for shape, size in zip(shapes, sizes, strict=True):
-        out.append(flat[start : start + size].reshape(shape))
-        start += size
-    return out
+            f"'{what}' has {exc}: one value per trainable parameter of the model"
+        ) from None
 
 
 #: ``.npy`` headers by (dtype, shape): a model's arrays have the same ones every round

@@ -69,6 +69,7 @@ from fedseg.errors import AggregationError, CheckpointError, ConfigError, Update
 from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
 from fedseg.strategies.dp import ServerPrivacy
+from fedseg.utils.arrays import concat_flat, split_named
 
 log = logging.getLogger("fedseg.server")
 
@@ -605,19 +606,16 @@ class FedsegStrategy(Strategy):
         # SCAFFOLD: each site gets its drift correction c - c_i (c_i kept here for it).
         from fedseg.strategies.scaffold import site_correction
 
-        c = self._c_global()
-        c_list = list(c.values())
+        c = concat_flat(list(self._c_global().values()))
         messages = []
         for n in nodes:
             c_site = self.c_sites.get(self.site_of(n))
-            correction = (
-                c_list if c_site is None else site_correction(c_list, [c_site[k] for k in c])
-            )
+            correction = c if c_site is None else site_correction([c], [_flat(c_site)])[0]
             site_content = RecordDict(
                 {
                     R.ARRAYS: content[R.ARRAYS],
                     R.CONFIG: conf,
-                    R.SCAFFOLD_CORRECTION: R.to_flat_record(correction),
+                    R.SCAFFOLD_CORRECTION: R.to_flat_record([correction]),
                 }
             )
             messages.append(Message(site_content, n, MessageType.TRAIN))
@@ -663,7 +661,7 @@ class FedsegStrategy(Strategy):
     def _validated(
         self, server_round: int, replies: Iterable[Message], report: TrainReport
     ) -> tuple[list[tuple[str, Weights, int]], dict[str, dict[str, Any]]]:
-        from fedseg.strategies.validation import filter_valid, validate_update
+        from fedseg.strategies.validation import filter_valid
 
         candidates: list[tuple[str, Any, object]] = []
         extras: dict[str, dict[str, Any]] = {}
@@ -697,11 +695,16 @@ class FedsegStrategy(Strategy):
         for site, reason in bad:
             report.rejected[site] = reason
         valid: list[tuple[str, Weights, int]] = []
+        # SCAFFOLD: this round's c and w, flat, shared by every site's control update
+        flat_cw = (
+            (_flat(self._c_global()), _flat(self._model(), self._c_global()))
+            if (self.name == "scaffold")
+            else None
+        )
         for site, update, num in valid_raw:
-            if self.name == "scaffold":
+            if flat_cw is not None:
                 try:
-                    extras[site].update(self._scaffold_control(site, dict(update), extras[site]))
-                    validate_update(extras[site]["delta-c"], self._c_global(), num)
+                    extras[site].update(self._scaffold_control(site, update, extras[site], flat_cw))
                 except (UpdateValidationError, ConfigError) as exc:
                     report.rejected[site] = f"SCAFFOLD control variate: {exc}"
                     continue
@@ -753,36 +756,44 @@ class FedsegStrategy(Strategy):
         return update, num, extra
 
     def _scaffold_control(
-        self, site: str, update: Weights, extra: Mapping[str, Any]
-    ) -> dict[str, Weights]:
+        self,
+        site: str,
+        update: Mapping[str, np.ndarray],
+        extra: Mapping[str, Any],
+        flat_cw: tuple[np.ndarray, np.ndarray],
+    ) -> dict[str, np.ndarray]:
         """SCAFFOLD's option-II update of ``site``'s control variate from its reply.
 
-        Returns ``{"delta-c": c_i+ - c_i, "c-site": c_i+}`` by parameter name; ``c_i+`` becomes
-        the site's ``c_i`` only if the round is applied (:meth:`_aggregate`).
+        ``flat_cw`` is this round's ``c`` and ``w`` (its trainable keys), flat. Returns
+        ``{"delta-c": c_i+ - c_i, "c-site": c_i+}``, flat in the order of ``c``'s keys; ``c_i+``
+        becomes the site's ``c_i`` only if the round is applied (:meth:`_aggregate`).
+
+        Raises
+        ------
+        UpdateValidationError
+            ``delta-c`` has non-finite values (e.g. a ``learning-rate`` so small that
+            ``(w - w_i) / (K * lr)`` overflows).
         """
         from fedseg.strategies.scaffold import site_control_update
 
-        c = self._c_global()
-        w = self._model()
-        keys = list(c)
+        c_flat, w_flat = flat_cw
         c_site = self.c_sites.get(site)
-        if c_site is None:  # before the site's first applied round
-            c_local = [np.zeros_like(c[k]) for k in keys]
-        else:
-            c_local = [c_site[k] for k in keys]
+        c_local = np.zeros_like(c_flat) if c_site is None else _flat(c_site)
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are rejected
-            new_c, delta_c = site_control_update(
-                c_local,
-                [c[k] for k in keys],
-                [w[k] for k in keys],
-                [update[k] for k in keys],
+            (new_c,), (delta_c,) = site_control_update(
+                [c_local],
+                [c_flat],
+                [w_flat],
+                [_flat(update, self._c_global())],
                 int(extra["num-steps"]),
                 float(extra["learning-rate"]),
             )
-        return {
-            "delta-c": dict(zip(keys, delta_c, strict=True)),
-            "c-site": dict(zip(keys, new_c, strict=True)),
-        }
+        if not np.isfinite(delta_c).all():
+            raise UpdateValidationError(
+                f"delta-c has {int(np.size(delta_c) - np.isfinite(delta_c).sum())} non-finite "
+                "values"
+            )
+        return {"delta-c": delta_c, "c-site": new_c}
 
     def _quorum(self, num_valid: int, num_sent: int, report: TrainReport) -> bool:
         from fedseg.strategies.validation import quorum_met
@@ -886,18 +897,17 @@ class FedsegStrategy(Strategy):
         if self.name == "scaffold":
             from fedseg.strategies.scaffold import server_update
 
+            # Flat: one elementwise operation per term instead of one per tensor.
             c = self._c_global()
-            c_keys = list(c)
-            deltas_w = [[u[k] - w[k] for k in keys] for _, u, _ in valid]
-            deltas_c = [[extras[s]["delta-c"][k] for k in c_keys] for s, _, _ in valid]
+            w_flat = _flat(w)
+            deltas_w = [[_flat(u, w) - w_flat] for _, u, _ in valid]
+            deltas_c = [[extras[s]["delta-c"]] for s, _, _ in valid]
             total = max(self.num_sites or 0, len(self.sites), len(valid))
-            new_w, new_c = server_update(
-                [w[k] for k in keys], [c[k] for k in c_keys], deltas_w, deltas_c, total
-            )
-            self.c_global = dict(zip(c_keys, new_c, strict=True))
+            (new_w,), (new_c,) = server_update([w_flat], [_flat(c)], deltas_w, deltas_c, total)
             for site, _, _ in valid:
-                self.c_sites[site] = extras[site]["c-site"]
-            return dict(zip(keys, new_w, strict=True))
+                self.c_sites[site] = split_named(extras[site]["c-site"], c)
+            self.c_global = split_named(new_c, c)
+            return split_named(new_w, w)
         raise AggregationError(f"unknown strategy {self.name!r}")
 
     def _train_metrics(self, report: TrainReport) -> MetricRecord:
@@ -906,6 +916,11 @@ class FedsegStrategy(Strategy):
         if loss is not None:
             out["train-loss"] = loss
         return MetricRecord(out)
+
+
+def _flat(named: Mapping[str, np.ndarray], order: Mapping[str, Any] | None = None) -> np.ndarray:
+    """The arrays of ``named`` as one flat vector, in the key order of ``order`` (default: own)."""
+    return concat_flat([named[k] for k in (order if order is not None else named)])
 
 
 def _positive_int(value: object) -> int:
