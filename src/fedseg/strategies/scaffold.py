@@ -208,8 +208,12 @@ def site_control_update(
     delta_c: list[np.ndarray] = []
     for ci, c, wg, wl in zip(c_local, c_global, w_global, w_local, strict=True):
         ci = np.asarray(ci)
-        # Subtract the weights first (nearly equal: exact by Sterbenz), then scale.
-        delta = (np.subtract(wg, wl) / scale - c).astype(ci.dtype, copy=False)
+        # Subtract the weights first (nearly equal: exact by Sterbenz), then scale; in place
+        # on one new array (the same operations as ``(wg - wl) / scale - c``, no temporaries).
+        delta = np.subtract(wg, wl)
+        np.true_divide(delta, scale, out=delta)
+        np.subtract(delta, c, out=delta)
+        delta = delta.astype(ci.dtype, copy=False)
         delta_c.append(delta)
         new_c.append(ci + delta)
     return new_c, delta_c
