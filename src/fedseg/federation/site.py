@@ -22,8 +22,8 @@ cases for :func:`evaluate`; the rest trains.
 What a site keeps between rounds
 --------------------------------
 ``"fedbn-local"`` (FedBN's normalisation parameters, which never take the server's values),
-AdamW's moments (``"optimizer"``, unless
-``reset-optimizer``) and the DP accountant: in a round-stamped file when a state folder is
+AdamW's moments (``"optimizer"``, unless ``reset-optimizer``) and the DP accountant: in a
+round-stamped file when a state folder is
 configured (:func:`state_file`; always in the study's simulations), so that a server resumed in
 a new run finds the sites as they were, else in ``context.state`` (kept by the SuperNode, or by
 the Simulation Engine, for one Flower run). The prepared cases and the trainer are cached per
