@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -53,6 +52,7 @@ from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError, PartitionError, UpdateValidationError
 from fedseg.federation import records as R
 from fedseg.site.trainer import poly_lr
+from fedseg.utils.arrays import concat_flat, split_flat
 
 if TYPE_CHECKING:
     from fedseg.data.transforms import Prepared
@@ -514,7 +514,7 @@ def _scaffold_correction(msg: Message, trainer: SiteTrainer) -> list[np.ndarray]
         )
     except ValueError as exc:
         raise UpdateValidationError(str(exc)) from None
-    expected = torch_dtype_name(params[0].dtype) if params else None
+    expected = _torch_dtype_name(params[0].dtype) if params else None
     if correction and str(correction[0].dtype) != expected:
         raise UpdateValidationError(
             f"'{R.SCAFFOLD_CORRECTION}' is {correction[0].dtype}, the model's parameters {expected}"
@@ -522,7 +522,7 @@ def _scaffold_correction(msg: Message, trainer: SiteTrainer) -> list[np.ndarray]
     return correction
 
 
-def torch_dtype_name(dtype: Any) -> str:
+def _torch_dtype_name(dtype: Any) -> str:
     """A torch dtype's NumPy name (``torch.float32`` -> ``"float32"``)."""
     return str(dtype).removeprefix("torch.")
 
@@ -565,7 +565,7 @@ def _restore_optimizer(
 # --------------------------------------------------------------------------------------------
 # site state between rounds (and across a restart of the server)
 
-#: how many rounds of state a site keeps (state file and round-stamped ``context.state`` keys)
+#: how many rounds of state a site's state file keeps
 _KEEP_ROUNDS = 8
 #: of those, how many keep the optimizer's moments (``reset-optimizer = false``): a server
 #: resumes at most two rounds behind its sites (its checkpoint is written just after it pushes
@@ -716,8 +716,8 @@ _PACKED = ("packed-values", "packed-names", "packed-shapes")
 def pack_arrays(named: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """``{name: array}`` as one flat array plus names and shapes, when that is worth it.
 
-    A model-sized dict (SCAFFOLD's ``c_i``: one array per parameter) loads several times faster
-    from a weights-only file as one tensor than as ~75. Small dicts, and arrays of mixed dtypes,
+    A model-sized dict (one array per parameter) loads several times faster from a weights-only
+    file as one tensor than as ~75. Small dicts, and arrays of mixed dtypes,
     are kept as they are. :func:`unpack_arrays` reverses it.
     """
     arrays = [np.asarray(v) for v in named.values()]
@@ -725,7 +725,7 @@ def pack_arrays(named: Mapping[str, np.ndarray]) -> dict[str, Any]:
         return dict(named)
     values, names, shapes = _PACKED
     return {
-        values: np.concatenate([a.reshape(-1) for a in arrays]),
+        values: concat_flat(arrays),
         names: [str(k) for k in named],
         shapes: [[int(n) for n in a.shape] for a in arrays],
     }
@@ -744,18 +744,16 @@ def unpack_arrays(stored: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return dict(stored)
     flat = np.asarray(stored[values]).reshape(-1)
     keys, dims = list(stored.get(names, [])), list(stored.get(shapes, []))
-    sizes = [math.prod(int(n) for n in shape) for shape in dims]
-    if len(keys) != len(dims) or sum(sizes) != flat.size:
+    try:
+        if len(keys) != len(dims):
+            raise ValueError("one shape per name")
+        parts = split_flat(flat, dims)
+    except ValueError:
         raise UpdateValidationError(
             f"packed site state: {len(keys)} names, {len(dims)} shapes and {flat.size} values "
             "do not agree"
-        )
-    out: dict[str, np.ndarray] = {}
-    start = 0
-    for key, shape, size in zip(keys, dims, sizes, strict=True):
-        out[str(key)] = flat[start : start + size].reshape([int(n) for n in shape])
-        start += size
-    return out
+        ) from None
+    return {str(key): part for key, part in zip(keys, parts, strict=True)}
 
 
 def saved_round_state(stored: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:

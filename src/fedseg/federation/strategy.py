@@ -65,7 +65,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedseg.config import FedsegConfig
 from fedseg.data.case import REGIONS
-from fedseg.errors import AggregationError, CheckpointError, ConfigError, UpdateValidationError
+from fedseg.errors import AggregationError, CheckpointError, UpdateValidationError
 from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
 from fedseg.strategies.dp import ServerPrivacy
@@ -705,7 +705,7 @@ class FedsegStrategy(Strategy):
             if flat_cw is not None:
                 try:
                     extras[site].update(self._scaffold_control(site, update, extras[site], flat_cw))
-                except (UpdateValidationError, ConfigError) as exc:
+                except UpdateValidationError as exc:
                     report.rejected[site] = f"SCAFFOLD control variate: {exc}"
                     continue
             valid.append((site, dict(update), int(num)))  # type: ignore[call-overload]
