@@ -34,6 +34,7 @@ from fedseg.site.privacy import (
     calibrate_noise,
     check_budget,
     epsilon_spent,
+    noise_generator,
     site_sample_rate,
     start_private_round,
     validate_model,
@@ -511,3 +512,69 @@ def test_federation_client_level_budget_stops_the_run_saying_so(
     assert rows[1]["accepted"] == [] and rows[1]["train"] == {}
     assert rows[1]["privacy"]["exhausted-now"] == ["site-0", "site-1"]
     assert rows[1]["privacy"]["epsilon"] == rows[0]["privacy"]["epsilon"]
+
+
+# ------------------------------------------------------------------------------- devices
+
+
+class _OnDevice(torch.nn.Module):
+    """A stand-in model whose one parameter reports ``device`` (no such device is needed)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device_name = device
+
+    def parameters(self, recurse: bool = True) -> Any:
+        yield SimpleNamespace(device=torch.device(self.device_name))
+
+
+def test_noise_generator_is_made_on_the_parameters_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Opacus draws DP-SGD's noise with this generator on the parameters' device; a CPU
+    # generator next to a CUDA model fails every step. The device is read from the model.
+    made: list[Any] = []
+
+    class _Recorder:
+        def __init__(self, device: Any = "cpu") -> None:
+            made.append(torch.device(device))
+
+        def manual_seed(self, seed: int) -> _Recorder:
+            return self
+
+    monkeypatch.setattr(torch, "Generator", _Recorder)
+
+    noise_generator(_OnDevice("cuda:1"), seed=3)
+    noise_generator(_OnDevice("cpu"))
+
+    assert made == [torch.device("cuda:1"), torch.device("cpu")]
+
+
+def test_attach_hands_opacus_a_generator_on_the_model_device() -> None:
+    trainer = _tiny_trainer()
+    data = _Cases(2)
+    privacy = SitePrivacy(1.0, 1.0, 1e-5, poisson_sampling=False)
+    loader: Any = torch.utils.data.DataLoader(data, batch_size=2)
+
+    privacy.attach(trainer, loader, seed=0)
+    gen = trainer.optimizer.generator
+    privacy.detach(trainer)
+
+    assert gen.device == next(trainer.model.parameters()).device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_dp_sgd_trains_a_cuda_model_in_every_mode(mode: str) -> None:
+    trainer = _tiny_trainer()
+    trainer.model.cuda()
+    trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-2)
+    data = _Cases(4)
+    data.image, data.label = data.image.cuda(), data.label.cuda()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    privacy = SitePrivacy(1.0, 1.0, 1e-5, grad_sample_mode=mode)
+
+    _train(trainer, data, privacy)
+
+    after = list(trainer.model.parameters())
+    assert all(p.device.type == "cuda" for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert privacy.epsilon() > 0

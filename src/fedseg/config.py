@@ -52,6 +52,9 @@ DP_MODES: tuple[str, ...] = ("none", "sample", "client")
 #: normalisation layers' affine parameters, or those and every bias (the rest stays frozen)
 DP_TRAINABLE: tuple[str, ...] = ("all", "norm", "norm-bias")
 
+#: mixed precision of training and inference (``amp`` key): none, or bfloat16 autocast on CUDA
+AMP_MODES: tuple[str, ...] = ("none", "bf16")
+
 #: secure-aggregation modes (``secure-aggregation`` key)
 SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
 
@@ -66,12 +69,17 @@ class FedsegConfig:
     patch_size: int = 48
     base_channels: int = 8
     depth: int = 4
+    max_channels: int = 0
     # optimisation
     batch_size: int = 2
     learning_rate: float = 0.003
     weight_decay: float = 0.00001
     epochs: int = 20
     augment: bool = True
+    # throughput: mixed precision (CUDA only) and DataLoader worker processes
+    amp: str = "none"
+    num_workers: int = 0
+    device_augment: bool = False
     # cohort
     num_cases: int = 60
     test_fraction: float = 0.25
@@ -140,10 +148,18 @@ class FedsegConfig:
         )
         _check(self.base_channels >= 2, "base-channels", "an integer >= 2", self.base_channels)
         _check(2 <= self.depth <= 6, "depth", "an integer in [2, 6]", self.depth)
+        _check(
+            self.max_channels == 0 or self.max_channels >= self.base_channels,
+            "max-channels",
+            "0 (no cap) or an integer >= base-channels",
+            self.max_channels,
+        )
         _check(self.batch_size >= 1, "batch-size", "an integer >= 1", self.batch_size)
         _check(self.learning_rate > 0, "learning-rate", "a number > 0", self.learning_rate)
         _check(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _check_choice("amp", self.amp, AMP_MODES)
+        _check(self.num_workers >= 0, "num-workers", "an integer >= 0", self.num_workers)
         _check(self.num_cases >= 4, "num-cases", "an integer >= 4", self.num_cases)
         test = self.test_fraction
         _check(0 < test < 1, "test-fraction", "a number in (0, 1)", test)
@@ -295,8 +311,14 @@ class FedsegConfig:
 
     @property
     def channels(self) -> tuple[int, ...]:
-        """U-Net channels per level: base-channels doubled at each of ``depth`` levels."""
-        return tuple(self.base_channels * 2**i for i in range(self.depth))
+        """U-Net channels per level: base-channels doubled at each of ``depth`` levels.
+
+        ``max-channels`` (when not 0) caps the deeper levels, as nnU-Net caps 3D U-Nets at 320.
+        """
+        widths = [self.base_channels * 2**i for i in range(self.depth)]
+        if self.max_channels:
+            widths = [min(w, self.max_channels) for w in widths]
+        return tuple(widths)
 
     def replace(self, **changes: Any) -> FedsegConfig:
         """Return a copy with some fields changed (validated again)."""

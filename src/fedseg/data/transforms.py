@@ -104,35 +104,63 @@ def preprocess_case(case: Case, image_size: int, margin: int = 2) -> Prepared:
 
 def train_augmentation(cfg: FedsegConfig) -> Any:
     """MONAI dictionary transforms applied to training samples (keys ``image``, ``label``)."""
+    from monai.transforms import Compose
+
+    return Compose([*_crop_transforms(cfg), *_random_transforms(cfg)])
+
+
+def host_augmentation(cfg: FedsegConfig) -> Any:
+    """The part of :func:`train_augmentation` run in the dataset when the rest runs on the GPU:
+    the crop to the patch (it reads the case; the flips and the affine do not)."""
+    from monai.transforms import Compose
+
+    return Compose(_crop_transforms(cfg))
+
+
+def device_augmentation(cfg: FedsegConfig) -> Any:
+    """The flips, affine and intensity changes of :func:`train_augmentation`, for tensors
+    already on the device (``device-augment``)."""
+    from monai.transforms import Compose
+
+    return Compose(_random_transforms(cfg))
+
+
+def _crop_transforms(cfg: FedsegConfig) -> list[Any]:
+    from monai.transforms import RandSpatialCropd
+
+    nd = cfg.spatial_dims
+    if cfg.patch_size < cfg.image_size and nd == 3:
+        roi = (cfg.patch_size,) * nd
+        return [RandSpatialCropd(keys=["image", "label"], roi_size=roi, random_size=False)]
+    return []
+
+
+def _random_transforms(cfg: FedsegConfig) -> list[Any]:
     from monai.transforms import (
-        Compose,
         RandAffined,
         RandFlipd,
         RandScaleIntensityd,
         RandShiftIntensityd,
-        RandSpatialCropd,
     )
 
+    if not cfg.augment:
+        return []
     nd = cfg.spatial_dims
     keys = ["image", "label"]
-    ts: list[Any] = []
-    if cfg.patch_size < cfg.image_size and nd == 3:
-        ts.append(RandSpatialCropd(keys=keys, roi_size=(cfg.patch_size,) * nd, random_size=False))
-    if cfg.augment:
-        ts += [RandFlipd(keys=keys, prob=0.5, spatial_axis=i) for i in range(nd)]
-        ts.append(
-            RandAffined(
-                keys=keys,
-                prob=0.2,
-                rotate_range=(0.2,) * (1 if nd == 2 else 3),
-                scale_range=(0.1,) * nd,
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
-            )
+    ts: list[Any] = [RandFlipd(keys=keys, prob=0.5, spatial_axis=i) for i in range(nd)]
+    ts.append(
+        RandAffined(
+            keys=keys,
+            prob=0.2,
+            rotate_range=(0.2,) * (1 if nd == 2 else 3),
+            scale_range=(0.1,) * nd,
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
         )
-        ts.append(RandScaleIntensityd(keys="image", factors=0.1, prob=0.5))
-        ts.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5))
-    return Compose(ts)
+    )
+    ts.append(RandScaleIntensityd(keys="image", factors=0.1, prob=0.5))
+    ts.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5))
+    return ts
 
 
 class SegmentationDataset:

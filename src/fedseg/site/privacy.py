@@ -330,6 +330,31 @@ def trainable_names(model: torch.nn.Module, trainable: str) -> list[str]:
     return chosen
 
 
+def noise_generator(model: torch.nn.Module, seed: int | None = None) -> torch.Generator:
+    """A ``torch.Generator`` on the device of ``model``'s parameters, for DP-SGD's noise.
+
+    Parameters
+    ----------
+    model:
+        The model DP-SGD trains (its first parameter's device is used; the CPU without any).
+    seed:
+        Seeds the generator when given (the same seed draws the same noise on one device).
+
+    Returns
+    -------
+    torch.Generator
+        A generator whose ``device`` is the parameters' device.
+    """
+    import torch
+
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    return gen
+
+
 # --------------------------------------------------------------------------------------------
 # per-sample-backward: per-case gradients by one backward per case
 
@@ -373,7 +398,11 @@ class _PerSampleBackwardLoss:
             for slot, g, p in zip(grads, got, self.params, strict=True):
                 slot.append(torch.zeros_like(p) if g is None else g)
         for p, slot in zip(self.params, grads, strict=True):
-            p.grad_sample = torch.stack(slot) if slot else torch.zeros((0, *p.shape), dtype=p.dtype)
+            p.grad_sample = (
+                torch.stack(slot)
+                if slot
+                else torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            )
 
 
 class _PerSampleBackwardCriterion:
@@ -529,9 +558,9 @@ class SitePrivacy:
                 self._frozen.append(p)
         engine = PrivacyEngine(accountant="rdp")
         engine.accountant.history = list(self.history)
-        gen = torch.Generator()
-        if seed is not None:
-            gen.manual_seed(seed + 1)
+        # Opacus draws the noise on the parameters' device with this generator: a CPU
+        # generator fails on a CUDA model ("Expected a 'cuda' device type for generator").
+        gen = noise_generator(trainer.model, None if seed is None else seed + 1)
         clip = _NO_CLIP if math.isinf(self.clip_norm) else self.clip_norm
         criterion = build_per_sample_loss()
         mode = "no_op" if self.grad_sample_mode == "per-sample-backward" else self.grad_sample_mode

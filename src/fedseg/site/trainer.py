@@ -9,7 +9,7 @@ SCAFFOLD's control-variate correction), so the training loop itself exists once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,7 +78,12 @@ class SiteTrainer:
     ) -> None:
         import torch
 
-        from fedseg.data.transforms import SegmentationDataset, train_augmentation
+        from fedseg.data.transforms import (
+            SegmentationDataset,
+            device_augmentation,
+            host_augmentation,
+            train_augmentation,
+        )
         from fedseg.model.losses import build_loss
         from fedseg.model.unet import build_unet
         from fedseg.utils.runtime import pick_device
@@ -93,8 +98,17 @@ class SiteTrainer:
         self.channel_index = [MODALITIES.index(m) for m in modalities]
         self.train_items = list(train_items)
         self.val_items = list(val_items)
-        self.augment = train_augmentation(cfg)
+        #: augmentation applied on the device after the copy (None: all of it in the dataset)
+        self.device_augment: Any = None
+        if cfg.device_augment and cfg.augment:
+            self.augment = host_augmentation(cfg)
+            self.device_augment = device_augmentation(cfg)
+        else:
+            self.augment = train_augmentation(cfg)
         self.dataset = SegmentationDataset(self.train_items, cfg.spatial_dims, self.augment)
+        if self.device.type == "cuda":
+            # fixed patch shapes: let cuDNN pick its fastest convolution algorithms once
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg.seed)
         self.model = build_unet(cfg, in_channels=len(self.channel_index)).to(self.device)
         self.loss_fn = build_loss()
@@ -267,7 +281,6 @@ class SiteTrainer:
             ``loss`` (mean batch loss), ``num-examples``, ``steps``, ``train-seconds``.
         """
         import torch
-        from torch.utils.data import DataLoader
 
         if not self.train_items:
             raise ValueError("this site has no training cases")
@@ -278,27 +291,25 @@ class SiteTrainer:
             gen.manual_seed(seed)
             torch.manual_seed(seed)
             self.augment.set_random_state(seed=seed % (2**32))
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.cfg.batch_size,
-            shuffle=True,
-            generator=gen,
-            num_workers=0,
-        )
+            if self.device_augment is not None:
+                self.device_augment.set_random_state(seed=(seed + 1) % (2**32))
+        loader: Any = self._loader(gen)
         total = epochs * len(loader)
         if self.privacy is not None:  # DP-SGD: Opacus wrappers and Poisson batches until detach
             loader = self.privacy.attach(self, loader, seed=seed)
         self.model.train()
-        losses: list[float] = []
+        # The running loss stays on the device: reading it every step (float(loss)) would
+        # wait for the GPU to finish each step before the next one is queued.
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         t0 = time.perf_counter()
         step = 0
         try:
             for _ in range(epochs):
-                for batch in loader:
-                    x = batch["image"][:, self.channel_index].to(self.device, non_blocking=True)
-                    y = batch["label"].to(self.device, non_blocking=True)
+                for x, y in self._batches(loader):
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss = self.loss_fn(self.model(x), y)
+                    with self._autocast():
+                        logits = self.model(x)
+                    loss = self.loss_fn(logits.float(), y)
                     if loss_hook is not None:
                         loss = loss + loss_hook(self.model)
                     loss.backward()
@@ -307,20 +318,111 @@ class SiteTrainer:
                     self.optimizer.step()
                     if step_hook is not None:
                         step_hook(self.model)
-                    losses.append(float(loss.detach()))
+                    loss_sum += loss.detach()
                     step += 1
-                    if progress is not None:
-                        progress(step, total, losses[-1])
+                    if progress is not None:  # a host read per step, only when asked for
+                        progress(step, total, float(loss.detach()))
         finally:
             # also when a step raised: the plain model must come back for the next round
             if self.privacy is not None:
                 self.privacy.detach(self)
+        mean_loss = float(loss_sum) / step if step else float("nan")
         return {
-            "loss": float(np.mean(losses)),
+            "loss": mean_loss,
             "num-examples": len(self.train_items),
             "steps": step,
             "train-seconds": time.perf_counter() - t0,
         }
+
+    def _loader(self, gen: torch.Generator) -> Any:
+        """The training DataLoader: shuffled by ``gen``, workers and pinned memory as configured."""
+        from torch.utils.data import DataLoader
+
+        workers = self.cfg.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=True,
+            generator=gen,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_seed_worker_transforms if workers > 0 else None,
+            persistent_workers=False,
+        )
+
+    def _batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(image, label)`` on the device, the next batch copied while this one trains.
+
+        On CUDA the host-to-device copy of batch ``k + 1`` runs on a side stream while batch
+        ``k`` is computed; the device-side augmentation (``gpu`` preset) runs after the copy.
+        """
+        import torch
+
+        all_channels = self.channel_index == list(range(len(MODALITIES)))
+
+        def select(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = batch["image"], batch["label"]
+            if not all_channels:
+                x = x[:, self.channel_index]
+            return x, y
+
+        if self.device.type != "cuda":
+            for batch in loader:
+                x, y = select(batch)
+                yield self._augment_on_device(x.to(self.device), y.to(self.device))
+            return
+        copy_stream = torch.cuda.Stream(device=self.device)
+        main_stream = torch.cuda.current_stream(self.device)
+
+        def upload(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = select(batch)
+            with torch.cuda.stream(copy_stream):
+                return (
+                    x.to(self.device, non_blocking=True),
+                    y.to(self.device, non_blocking=True),
+                )
+
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        for batch in loader:
+            nxt = upload(batch)
+            if pending is not None:
+                yield self._ready(pending, main_stream, copy_stream)
+            pending = nxt
+        if pending is not None:
+            yield self._ready(pending, main_stream, copy_stream)
+
+    def _ready(
+        self, pair: tuple[torch.Tensor, torch.Tensor], main: Any, copy: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        main.wait_stream(copy)
+        for t in pair:
+            t.record_stream(main)  # the caching allocator must not reuse it while main runs
+        return self._augment_on_device(*pair)
+
+    def _augment_on_device(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply the device-side augmentation per case (``gpu`` preset), else pass through."""
+        import torch
+
+        if self.device_augment is None:
+            return x, y
+        xs, ys = [], []
+        for i in range(x.shape[0]):
+            out = self.device_augment({"image": x[i], "label": y[i]})
+            xs.append(torch.as_tensor(out["image"]))
+            ys.append(torch.as_tensor(out["label"]))
+        return torch.stack(xs), torch.stack(ys)
+
+    def _autocast(self) -> Any:
+        """bfloat16 autocast on CUDA when ``amp = "bf16"``; a no-op context otherwise."""
+        import contextlib
+
+        import torch
+
+        if self.cfg.amp == "bf16" and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def train_epoch(self, epoch: int, total_epochs: int) -> dict[str, float]:
         """One epoch of a fixed-budget run (centralized baseline, local-only arm).
@@ -376,3 +478,20 @@ class SiteTrainer:
         """Restore what :meth:`state` returned."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _seed_worker_transforms(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed the dataset's random transforms per worker.
+
+    Without it every worker would hold a copy of the parent's transform state and draw the same
+    crops and flips as the others; torch gives each worker its own seed derived from the
+    loader's generator, so the draws stay reproducible for a seed.
+    """
+    import torch
+
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=info.seed % (2**32))
