@@ -15,8 +15,12 @@ from typing import Any
 
 import pytest
 import torch
-
-from test_federation import _one_torch_thread, cohort, run, tiny_cfg  # noqa: F401 - fixtures
+from test_federation import (  # the fixtures: one torch thread, the tiny cohort
+    _one_torch_thread,  # noqa: F401
+    cohort,  # noqa: F401
+    run,
+    tiny_cfg,
+)
 
 from fedseg.federation.server_app import HISTORY
 

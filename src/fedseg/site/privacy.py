@@ -543,7 +543,6 @@ class SitePrivacy:
 
         Returns the DP data loader (Poisson sampling) to iterate instead of ``loader``.
         """
-        import torch
         from opacus import PrivacyEngine
 
         self.detach(trainer)  # a previous call that raised may have left the wrappers on
