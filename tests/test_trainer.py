@@ -178,3 +178,74 @@ def test_optimizer_state_that_does_not_fit_is_refused(mutate, fragment: str) -> 
     mutate(state)
     with pytest.raises(UpdateValidationError, match=fragment):
         t.load_optimizer_arrays(state)
+
+
+def test_training_reads_the_device_once_per_call_not_per_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On a GPU every host read of a tensor (float(loss), .item()) waits for the queued work to
+    # finish; a loop that reads the loss each step cannot keep the device busy.
+    # (AdamW reads its CPU step counters with .item(): no device involved, not counted)
+    import sys
+
+    reads: list[str] = []
+    real_float, real_item = torch.Tensor.__float__, torch.Tensor.item
+
+    def from_trainer() -> bool:
+        return sys._getframe(2).f_code.co_filename.endswith("site/trainer.py")
+
+    def counted_float(self: torch.Tensor) -> float:
+        if from_trainer():
+            reads.append("float")
+        return real_float(self)
+
+    def counted_item(self: torch.Tensor) -> float:
+        if from_trainer():
+            reads.append("item")
+        return real_item(self)
+
+    trainer = SiteTrainer(TINY, make_items(8), device=torch.device("cpu"))
+    monkeypatch.setattr(torch.Tensor, "__float__", counted_float)
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+
+    fit = trainer.train(2, seed=0)
+
+    assert fit["steps"] == 8
+    assert len(reads) <= 1
+    assert np.isfinite(fit["loss"])
+
+
+def test_mean_loss_is_the_mean_of_the_step_losses() -> None:
+    trainer = SiteTrainer(TINY, make_items(4), device=torch.device("cpu"))
+    seen: list[float] = []
+
+    fit = trainer.train(1, seed=0, progress=lambda step, total, loss: seen.append(loss))
+
+    assert len(seen) == 2
+    assert fit["loss"] == pytest.approx(float(np.mean(seen)), rel=1e-6)
+
+
+def test_dataloader_workers_give_the_same_training_as_in_process_loading() -> None:
+    cfg = TINY.replace(augment=True)
+    a = SiteTrainer(cfg, make_items(4), device=torch.device("cpu"))
+    b = SiteTrainer(cfg.replace(num_workers=2), make_items(4), device=torch.device("cpu"))
+    c = SiteTrainer(cfg.replace(num_workers=2), make_items(4), device=torch.device("cpu"))
+
+    a.train(1, seed=5)
+    b.train(1, seed=5)
+    c.train(1, seed=5)
+
+    wb, wc = b.get_weights(), c.get_weights()
+    assert all(np.array_equal(wb[k], wc[k]) for k in wb)  # workers: reproducible for a seed
+    assert set(a.get_weights()) == set(wb)
+
+
+def test_device_augmentation_runs_after_the_copy() -> None:
+    cfg = TINY.replace(augment=True, device_augment=True)
+    trainer = SiteTrainer(cfg, make_items(4), device=torch.device("cpu"))
+
+    fit = trainer.train(1, seed=0)
+
+    assert trainer.device_augment is not None
+    assert len(trainer.augment.transforms) == 0  # the dataset only crops (nothing at 16^3)
+    assert fit["steps"] == 2 and np.isfinite(fit["loss"])

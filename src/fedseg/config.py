@@ -55,6 +55,26 @@ DP_TRAINABLE: tuple[str, ...] = ("all", "norm", "norm-bias")
 #: mixed precision of training and inference (``amp`` key): none, or bfloat16 autocast on CUDA
 AMP_MODES: tuple[str, ...] = ("none", "bf16")
 
+#: named sets of values (``preset`` key, ``--preset``), applied under the keys that are given.
+#: ``cpu-demo`` is the dataclass defaults (a whole study on a 2-core laptop, ``make demo``);
+#: ``gpu`` trains at BraTS's native 1 mm on 128^3 patches (a third centred on tumour) with a
+#: U-Net of nnU-Net's size class (32..320 channels, 5 levels, about 13 M parameters), bf16
+#: autocast, augmentation on the GPU and 8 DataLoader workers.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-demo": {},
+    "gpu": {
+        "spacing": 1.0,
+        "image-size": 128,
+        "patch-size": 128,
+        "base-channels": 32,
+        "depth": 5,
+        "max-channels": 320,
+        "amp": "bf16",
+        "num-workers": 8,
+        "device-augment": True,
+    },
+}
+
 #: secure-aggregation modes (``secure-aggregation`` key)
 SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
 
@@ -63,6 +83,8 @@ SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
 class FedsegConfig:
     """Validated configuration. Field names are the snake_case form of the kebab-case keys."""
 
+    # a named set of values (PRESETS); "cpu-demo" is these defaults
+    preset: str = "cpu-demo"
     # model / data geometry
     spatial_dims: int = 3
     image_size: int = 48
@@ -70,6 +92,10 @@ class FedsegConfig:
     base_channels: int = 8
     depth: int = 4
     max_channels: int = 0
+    # 0: each case resized to image-size^3 (the quick CPU mode); > 0: cases kept on their own
+    # grid, cropped to the brain and resampled to this voxel size (mm), trained on patches
+    spacing: float = 0.0
+    foreground_fraction: float = 0.33
     # optimisation
     batch_size: int = 2
     learning_rate: float = 0.003
@@ -103,6 +129,9 @@ class FedsegConfig:
     partition_file: str = ""
     reset_optimizer: bool = False
     out_dir: str = ""
+    # where prepared cases are cached ("": OUT/cache of the run; a deployed site's node config
+    # key cache-dir wins, see fedseg.data.cache)
+    cache_dir: str = ""
     # robustness (#5): robust aggregation and simulated attacks
     aggregator: str = "mean"
     trim_fraction: float = 0.2
@@ -132,6 +161,7 @@ class FedsegConfig:
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "spatial-dims", "2 or 3", self.spatial_dims)
+        _check_choice("preset", self.preset, tuple(PRESETS))
         _check(self.image_size >= 16, "image-size", "an integer >= 16", self.image_size)
         div = 2 ** (self.depth - 1)
         _check(
@@ -141,11 +171,33 @@ class FedsegConfig:
             self.image_size,
         )
         _check(
-            16 <= self.patch_size <= self.image_size and self.patch_size % div == 0,
-            "patch-size",
-            f"a multiple of {div} between 16 and image-size ({self.image_size})",
-            self.patch_size,
+            math.isfinite(self.spacing) and 0 <= self.spacing <= 10,
+            "spacing",
+            "0 (resize to image-size) or a voxel size in mm in (0, 10]",
+            self.spacing,
         )
+        if self.spacing > 0:  # native grid: patches of any size the network can halve
+            _check(
+                self.patch_size >= 16 and self.patch_size % div == 0,
+                "patch-size",
+                f"a multiple of {div} (2**(depth-1)), at least 16",
+                self.patch_size,
+            )
+        else:
+            _check(
+                16 <= self.patch_size <= self.image_size and self.patch_size % div == 0,
+                "patch-size",
+                f"a multiple of {div} between 16 and image-size ({self.image_size})",
+                self.patch_size,
+            )
+        _check(
+            self.spacing == 0 or self.spatial_dims == 3,
+            "spacing",
+            "0 with spatial-dims 2 (native patches are 3D)",
+            self.spacing,
+        )
+        fg = self.foreground_fraction
+        _check(0 <= fg <= 1, "foreground-fraction", "a number in [0, 1]", fg)
         _check(self.base_channels >= 2, "base-channels", "an integer >= 2", self.base_channels)
         _check(2 <= self.depth <= 6, "depth", "an integer in [2, 6]", self.depth)
         _check(
@@ -347,6 +399,7 @@ class FedsegConfig:
         """
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
+        run_config = apply_preset(run_config)
         for key, value in run_config.items():
             if key not in known:
                 if strict:
@@ -357,6 +410,65 @@ class FedsegConfig:
             f = known[key]
             kwargs[f.name] = _coerce(key, value, f.type)
         return cls(**kwargs)
+
+
+def apply_preset(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``run_config`` with the values of its ``preset`` filled in for the keys it lacks.
+
+    A key that is given wins over the preset, so a complete mapping (``to_run_config``) is
+    read back exactly.
+
+    Raises
+    ------
+    ConfigError
+        An unknown preset, with the allowed names.
+    """
+    out = dict(run_config)
+    name = str(out.get("preset", "cpu-demo"))
+    _check_choice("preset", name, tuple(PRESETS))
+    for key, value in PRESETS[name].items():
+        out.setdefault(key, value)
+    return out
+
+
+def given_keys(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a Flower run config that differ from their ``cpu-demo`` default.
+
+    Flower hands a ServerApp and a ClientApp the ``pyproject.toml`` defaults merged with
+    ``flwr run --run-config``, so there a key set to its default cannot be told from one not
+    set; keeping only the others lets a ``preset`` given there fill the rest. (Under a preset,
+    a key cannot be set back to its ``cpu-demo`` value through ``--run-config``.)
+    """
+    defaults = {f.name.replace("_", "-"): f.default for f in fields(FedsegConfig)}
+    return {
+        k: v
+        for k, v in run_config.items()
+        if k == "preset" or k not in defaults or not _same(v, defaults[k])
+    }
+
+
+def preset_config(name: str, **changes: Any) -> FedsegConfig:
+    """The configuration of preset ``name`` (:data:`PRESETS`), with snake_case ``changes``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown preset (with the allowed names) or a bad value.
+    """
+    cfg = FedsegConfig.from_run_config({"preset": name})
+    return cfg.replace(**changes) if changes else cfg
+
+
+def _same(given: Any, default: Any) -> bool:
+    """Whether a run-config value (maybe text, from ``--set``) is the field's default."""
+    if isinstance(given, str) and isinstance(default, bool):
+        return given.strip().lower() in (("true", "1", "yes") if default else ("false", "0", "no"))
+    if isinstance(given, str) and isinstance(default, (int, float)):
+        try:
+            return float(given) == float(default)
+        except ValueError:
+            return False
+    return bool(given == default)
 
 
 def _check(ok: bool, key: str, expected: str, found: object) -> None:

@@ -8,6 +8,21 @@ from typing import Any
 from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError
 
+#: ``--preset`` help, shared by study, train, privacy-sweep and robustness
+PRESET_HELP = (
+    "Named set of config values: cpu-demo (the defaults, a 2-core laptop) or gpu (native 1 mm, "
+    "128^3 patches, nnU-Net-size U-Net, bf16); explicit options and --set win over it."
+)
+
+
+def defaults_under_preset(defaults: dict[str, Any], preset: str | None) -> dict[str, Any]:
+    """A command's own defaults, less the model and data keys when a preset other than
+    ``cpu-demo`` is chosen (the preset decides those; the command keeps its study size)."""
+    if preset in (None, "cpu-demo"):
+        return dict(defaults)
+    keep = ("num_server_rounds", "local_epochs", "num_cases", "dp_trainable")
+    return {k: v for k, v in defaults.items() if k in keep}
+
 
 def config_from_options(*, sets: Sequence[str] = (), **options: Any) -> FedsegConfig:
     """Defaults from :class:`FedsegConfig`, overridden by the options that were given (not None).

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from fedseg.cli._common import user_errors
+from fedseg.cli.options import PRESET_HELP
 
 _HELP = (
     "Run the same federation at several privacy levels and compare utility, privacy and cost."
@@ -156,9 +157,10 @@ def privacy_sweep_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the table as JSON on stdout.")
     ] = False,
+    preset: Annotated[str | None, typer.Option("--preset", help=PRESET_HELP)] = None,
 ) -> None:
     """Run the sweep (see ``fedseg privacy-sweep --help``)."""
-    from fedseg.cli.options import config_from_options
+    from fedseg.cli.options import config_from_options, defaults_under_preset
     from fedseg.study.privacy_sweep import (
         parse_epsilons,
         parse_secure,
@@ -171,9 +173,11 @@ def privacy_sweep_command(
         eps = parse_epsilons(epsilons)
         modes = parse_secure(secure)
         plan_arms(eps, modes, arms, dp_mode)  # bad names fail before any work
-        size = image_size if image_size is not None else SWEEP_DEFAULTS["image_size"]
+        defaults = defaults_under_preset(SWEEP_DEFAULTS, preset)
+        size = image_size if image_size is not None else defaults.get("image_size")
         options: dict[str, Any] = {
-            **SWEEP_DEFAULTS,
+            **defaults,
+            "preset": preset,
             "num_server_rounds": rounds,
             "local_epochs": local_epochs,
             "strategy": strategy,
@@ -188,7 +192,7 @@ def privacy_sweep_command(
             "depth": depth,
             "dp_trainable": dp_trainable,
         }
-        for key, value in SWEEP_DEFAULTS.items():
+        for key, value in defaults.items():
             if options[key] is None:
                 options[key] = value
         cfg = config_from_options(**options)

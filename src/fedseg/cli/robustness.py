@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from fedseg.cli._common import user_errors
+from fedseg.cli.options import PRESET_HELP
 from fedseg.study.robustness import DEFAULT_ATTACKS, DEFAULT_DEFENCES, DEFAULT_SETTINGS
 
 #: the study's small default model: the whole default matrix runs in minutes on 2 CPU cores
@@ -103,17 +104,19 @@ def robustness_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the Dice matrix as JSON on stdout.")
     ] = False,
+    preset: Annotated[str | None, typer.Option("--preset", help=PRESET_HELP)] = None,
 ) -> None:
     """Run the robustness study (see ``fedseg robustness --help``)."""
-    from fedseg.cli.options import config_from_options
+    from fedseg.cli.options import config_from_options, defaults_under_preset
     from fedseg.study import robustness as rob
 
     with user_errors():
         chosen_attacks = rob.parse_attacks(attacks)
         chosen_defences = rob.parse_defences(defences)
         chosen_settings = rob.parse_settings(settings)
-        options: dict[str, Any] = dict(STUDY_DEFAULTS)
+        options: dict[str, Any] = defaults_under_preset(STUDY_DEFAULTS, preset)
         given = {
+            "preset": preset,
             "num_server_rounds": rounds,
             "local_epochs": local_epochs,
             "num_cases": cases,
@@ -124,7 +127,8 @@ def robustness_command(
             "seed": seed,
         }
         options.update({k: v for k, v in given.items() if v is not None})
-        options["patch_size"] = options["image_size"]
+        if "image_size" in options:
+            options["patch_size"] = options["image_size"]
         # --set wins over the study defaults, explicit options over --set
         from fedseg.cli.options import parse_sets
 

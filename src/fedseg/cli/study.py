@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from fedseg.cli._common import user_errors
+from fedseg.cli.options import PRESET_HELP
 
 _HELP = (
     "Compare centralized, local-only and federated training on the same virtual hospitals."
@@ -101,6 +102,7 @@ def study_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the pooled results as JSON on stdout.")
     ] = False,
+    preset: Annotated[str | None, typer.Option("--preset", help=PRESET_HELP)] = None,
 ) -> None:
     """Run the study (see ``fedseg study --help``)."""
     from fedseg.cli.options import config_from_options
@@ -109,6 +111,7 @@ def study_command(
     with user_errors():
         selected = parse_arms(arms)
         options: dict[str, Any] = {
+            "preset": preset,
             "num_sites": sites,
             "num_server_rounds": rounds,
             "local_epochs": local_epochs,

@@ -60,6 +60,13 @@ def synth(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr.")
     ] = True,
+    spacing: Annotated[
+        float,
+        typer.Option(
+            "--spacing",
+            help="Voxel size in mm: 2 (as synthesised) or 1 (BraTS's native 240x240x155 grid).",
+        ),
+    ] = 2.0,
 ) -> None:
     """Generate a synthetic cohort (see the command help)."""
     # Heavy (numpy, scipy, nibabel; nilearn when the first case is drawn): imported when run.
@@ -72,7 +79,13 @@ def synth(
     with user_errors():
         try:
             refs = generate_cohort(
-                out, cases, seed=seed, scanners=names, progress=progress, workers=workers
+                out,
+                cases,
+                seed=seed,
+                scanners=names,
+                progress=progress,
+                workers=workers,
+                spacing=spacing,
             )
         except OSError as exc:  # disk full, permission denied...: a clear line, not a trace
             print(f"error: cannot write the cohort to {out}: {exc}", file=sys.stderr)

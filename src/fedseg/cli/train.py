@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedseg.cli._common import user_errors
+from fedseg.cli.options import PRESET_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -38,6 +39,15 @@ def register(app: typer.Typer) -> None:
             True, "--resume/--no-resume", help="Continue from RUN/checkpoint.pt."
         ),
         json_out: bool = typer.Option(False, "--json", help="Print the test metrics as JSON."),
+        preset: str = typer.Option(None, "--preset", help=PRESET_HELP),
+        cache_dir: Path = typer.Option(
+            None,
+            "--cache-dir",
+            help="Where prepared cases are kept (default RUN/cache; never the data folder).",
+        ),
+        sets: list[str] = typer.Option(
+            None, "--set", help="Any config key of [tool.flwr.app.config], repeatable."
+        ),
     ) -> None:
         """Train the centralized baseline on pooled data; resume after an interruption."""
         import json
@@ -48,6 +58,9 @@ def register(app: typer.Typer) -> None:
 
         with user_errors():
             cfg = config_from_options(
+                sets=sets or (),
+                preset=preset,
+                cache_dir=str(cache_dir) if cache_dir is not None else None,
                 epochs=epochs,
                 image_size=image_size,
                 base_channels=base_channels,

@@ -613,6 +613,60 @@ def write_case(case: Case, out_dir: Path) -> CaseRef:
     )
 
 
+#: voxel sizes (mm) ``generate_cohort`` writes: 2 as synthesised, 1 on BraTS's own grid
+SYNTH_SPACINGS: tuple[float, ...] = (2.0, 1.0)
+#: BraTS's native grid: 240 x 240 x 155 voxels of 1 mm
+BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
+
+
+def to_native_grid(case: Case, shape: tuple[int, int, int] = BRATS_SHAPE) -> Case:
+    """A 2 mm synthetic case resampled to 1 mm and centred on BraTS's 240 x 240 x 155 grid.
+
+    Images are interpolated trilinearly, the label by nearest neighbour (``scipy.ndimage.zoom``
+    with pixel-area alignment); the affine keeps every voxel at its world position. Along an
+    axis where the upsampled volume is longer than ``shape`` (155 slices against the template's
+    176 mm), the grid is cropped about the centre, which cuts only background and the few mm of
+    the dilated brain support at each end.
+
+    Parameters
+    ----------
+    case:
+        A case from :func:`generate_case` (2 mm voxels).
+    shape:
+        The output grid.
+
+    Returns
+    -------
+    Case
+        The same case, ``meta`` included, on the 1 mm grid.
+    """
+    source = np.asarray(case.spacing, dtype=np.float64)
+    factor = source / 1.0
+    image = np.stack(
+        [ndi.zoom(ch, factor, order=1, mode="nearest", grid_mode=True) for ch in case.image]
+    )
+    up = image.shape[1:]
+    src_lo = [max(0, (u - n) // 2) for u, n in zip(up, shape, strict=True)]
+    dst_lo = [max(0, (n - u) // 2) for u, n in zip(up, shape, strict=True)]
+    size = [min(u, n) for u, n in zip(up, shape, strict=True)]
+    src = tuple(slice(a, a + k) for a, k in zip(src_lo, size, strict=True))
+    dst = tuple(slice(a, a + k) for a, k in zip(dst_lo, size, strict=True))
+    out_image = np.zeros((image.shape[0], *shape), dtype=np.float32)
+    out_image[(slice(None), *dst)] = image[(slice(None), *src)]
+    out_label = None
+    if case.label is not None:
+        label = ndi.zoom(case.label, factor, order=0, mode="nearest", grid_mode=True)
+        out_label = np.zeros(shape, dtype=np.uint8)
+        out_label[dst] = label[src]
+    # output voxel j is upsampled voxel u = j + off, i.e. source voxel (u + 0.5) / f - 0.5
+    off = np.asarray(src_lo, dtype=np.float64) - np.asarray(dst_lo, dtype=np.float64)
+    a3 = np.asarray(case.affine, dtype=np.float64)[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = a3 / factor
+    affine[:3, 3] = a3 @ ((off + 0.5) / factor - 0.5) + np.asarray(case.affine)[:3, 3]
+    return Case(case.case_id, out_image, out_label, affine, dict(case.meta))
+
+
 def generate_cohort(
     out_dir: Path,
     num_cases: int,
@@ -620,6 +674,7 @@ def generate_cohort(
     scanners: Sequence[str] | None = None,
     progress: bool = True,
     workers: int | None = None,
+    spacing: float = 2.0,
 ) -> list[CaseRef]:
     """Generate and write a synthetic cohort in BraTS 2021 layout.
 
@@ -645,6 +700,9 @@ def generate_cohort(
     workers:
         Processes generating cases in parallel; ``None`` uses the available CPU cores (at most
         4), ``1`` generates in this process.
+    spacing:
+        Voxel size written: ``2`` (as synthesised) or ``1`` (BraTS's 240 x 240 x 155 1 mm grid,
+        :func:`to_native_grid`).
 
     Returns
     -------
@@ -665,6 +723,11 @@ def generate_cohort(
         isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
     ):
         raise ConfigError(f"workers must be an integer >= 1 or None, got {workers!r}")
+    if spacing not in SYNTH_SPACINGS:
+        raise ConfigError(
+            f"spacing must be one of {', '.join(f'{s:g}' for s in SYNTH_SPACINGS)} (mm), "
+            f"got {spacing!r}"
+        )
     names = list(profile_names() if scanners is None else scanners)
     if not names:
         raise ConfigError(f"scanners must name at least one of: {', '.join(profile_names())}")
@@ -677,7 +740,7 @@ def generate_cohort(
     if workers is None:
         workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     workers = min(workers, num_cases)
-    jobs = [(out, seed, i, profiles[i % len(profiles)]) for i in range(num_cases)]
+    jobs = [(out, seed, i, profiles[i % len(profiles)], spacing) for i in range(num_cases)]
     _anatomy()  # loaded once here, so that forked workers share it
     results: list[tuple[CaseRef, dict[str, object]]] = []
     with ExitStack() as stack:
@@ -699,12 +762,14 @@ def generate_cohort(
 
 
 def _generate_and_write(
-    job: tuple[Path, int, int, ScannerProfile],
+    job: tuple[Path, int, int, ScannerProfile, float],
 ) -> tuple[CaseRef, dict[str, object]]:
     """Generate case ``index`` of a cohort and write it; returns its ref and CSV row."""
-    out, seed, index, profile = job
+    out, seed, index, profile, spacing = job
     case_id = f"{CASE_PREFIX}{index:05d}"
     case = generate_case(case_id, case_rng(seed, index), profile)
+    if spacing == 1.0:
+        case = to_native_grid(case)
     ref = write_case(case, out)
     return ref, {"case_id": case_id, **{k: case.meta[k] for k in COHORT_COLUMNS[1:]}}
 

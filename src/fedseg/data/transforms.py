@@ -128,6 +128,10 @@ def device_augmentation(cfg: FedsegConfig) -> Any:
 def _crop_transforms(cfg: FedsegConfig) -> list[Any]:
     from monai.transforms import RandSpatialCropd
 
+    if cfg.spacing > 0:  # native grid: tumour-oversampled patches (fedseg.data.patches)
+        from fedseg.data.patches import patch_transforms
+
+        return patch_transforms(cfg)
     nd = cfg.spatial_dims
     if cfg.patch_size < cfg.image_size and nd == 3:
         roi = (cfg.patch_size,) * nd
@@ -205,8 +209,13 @@ class SegmentationDataset:
         image, label = it.image, it.regions
         if z >= 0:
             image, label = image[..., z], label[..., z]
+        # cached cases are read-only memory maps: read the case (torch needs writable memory)
+        image = np.array(image, copy=not image.flags.writeable)
+        label = np.array(label, copy=not label.flags.writeable)
         sample = {"image": torch.from_numpy(image), "label": torch.from_numpy(label).float()}
         if self.transform is not None:
             sample = self.transform(sample)
+            if isinstance(sample, list):  # patch samplers return a list of samples
+                sample = sample[0]
             sample = {k: torch.as_tensor(np.asarray(v)) for k, v in sample.items()}
         return sample

@@ -29,7 +29,9 @@ MODEL_FORMAT = "fedseg-model-v1"
 #: config keys that may change when a run is resumed (a longer run, a new timeout)
 #: keys a resumed run may change: more rounds, another timeout or folder, and ``epochs`` (the
 #: centralized baseline's budget, which a federated run never reads)
-RESUMABLE_CHANGES = frozenset({"num-server-rounds", "round-timeout", "out-dir", "epochs"})
+RESUMABLE_CHANGES = frozenset(
+    {"num-server-rounds", "round-timeout", "out-dir", "epochs", "cache-dir"}
+)
 
 
 def save_checkpoint(

@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedseg.config import FedsegConfig
+from fedseg.config import FedsegConfig, given_keys
 from fedseg.federation.checkpoint import save_model
 from fedseg.federation.loop import LoopResult, Progress, run_rounds
 from fedseg.federation.strategy import FedsegStrategy
@@ -185,7 +185,9 @@ def build_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = FedsegConfig.from_run_config({**dict(context.run_config), **fixed}, strict=False)
+        # a preset in the run config fills the keys left at their defaults (given_keys)
+        given = given_keys(context.run_config)
+        cfg = FedsegConfig.from_run_config({**given, **fixed}, strict=False)
         folder = out if out is not None else out_dir_of(cfg)
         result = serve(grid, cfg, folder, progress=progress, workers=workers)
         if on_result is not None:

@@ -76,11 +76,14 @@ class SiteSpec:
         The dataset folder.
     case_ids:
         The site's cases inside ``root`` (``None``: every case found there).
+    cache_dir:
+        Where the site keeps its prepared cases (:func:`site_cache_dir`).
     """
 
     name: str
     root: Path
     case_ids: tuple[str, ...] | None
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -97,8 +100,14 @@ _SITES: dict[tuple[Any, ...], SiteRuntime] = {}
 
 
 def site_config(context: Context, overrides: Mapping[str, Any] | None = None) -> FedsegConfig:
-    """The site's config: the Flower run config, with ``overrides`` (simulation) on top."""
-    merged = {**dict(context.run_config), **dict(overrides or {})}
+    """The site's config: the Flower run config, with ``overrides`` (simulation) on top.
+
+    A ``preset`` in the run config fills the keys left at their defaults
+    (:func:`fedseg.config.given_keys`); ``overrides`` are taken as they are.
+    """
+    from fedseg.config import given_keys
+
+    merged = {**given_keys(context.run_config), **dict(overrides or {})}
     return FedsegConfig.from_run_config(merged, strict=False)
 
 
@@ -115,7 +124,8 @@ def resolve_site(context: Context, cfg: FedsegConfig) -> SiteSpec:
     node = context.node_config
     if "data-path" in node and str(node["data-path"]):
         name = str(node.get("site-name", "") or f"node-{context.node_id}")
-        return SiteSpec(name=name, root=Path(str(node["data-path"])), case_ids=None)
+        root = Path(str(node["data-path"]))
+        return SiteSpec(name, root, None, site_cache_dir(node, cfg))
     if "partition-id" in node:
         root = Path(cfg.data_path) if cfg.data_path else ensure_default_cohort(cfg)
         parts = simulation_partition(root, cfg)
@@ -127,8 +137,28 @@ def resolve_site(context: Context, cfg: FedsegConfig) -> SiteSpec:
                 "set num-sites to the number of simulated nodes"
             )
         name = sites[index]
-        return SiteSpec(name=name, root=root, case_ids=tuple(parts[name]))
+        return SiteSpec(name, root, tuple(parts[name]), site_cache_dir(node, cfg))
     raise ConfigError("this node has no 'data-path' in its node config (--node-config)")
+
+
+def site_cache_dir(node: Mapping[str, Any], cfg: FedsegConfig) -> Path:
+    """Where a site keeps its prepared cases; never inside its data folder.
+
+    The node config's ``cache-dir``, else the run config's ``cache-dir``, else ``cache`` under
+    the node's ``state-dir``, else under the run's ``out-dir``, else the per-user cache
+    (:func:`fedseg.data.cache.user_cache_dir`).
+    """
+    from fedseg.data.cache import default_cache_dir, user_cache_dir
+
+    if str(node.get("cache-dir", "")):
+        return Path(str(node["cache-dir"]))
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    if str(node.get("state-dir", "")):
+        return default_cache_dir(str(node["state-dir"]))
+    if cfg.out_dir:
+        return default_cache_dir(cfg.out_dir)
+    return user_cache_dir()
 
 
 def default_data_path() -> Path:
@@ -203,15 +233,15 @@ def _model_key(cfg: FedsegConfig) -> FedsegConfig:
 
 
 def _build_runtime(spec: SiteSpec, cfg: FedsegConfig) -> SiteRuntime:
-    from fedseg.data.cohort import load_prepared, split_cases
+    from fedseg.data.cache import prepare_cases
+    from fedseg.data.cohort import split_cases
     from fedseg.site.trainer import SiteTrainer
-    from fedseg.study.centralized import default_cache_dir
 
     ids = list(spec.case_ids) if spec.case_ids is not None else _discover_ids(spec.root)
     split = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)
-    cache = default_cache_dir(spec.root)
-    train = load_prepared(spec.root, cfg.image_size, case_ids=split["train"], cache_dir=cache)
-    test = load_prepared(spec.root, cfg.image_size, case_ids=split["test"], cache_dir=cache)
+    cache = spec.cache_dir
+    train = prepare_cases(spec.root, cfg, case_ids=split["train"], cache_dir=cache)
+    test = prepare_cases(spec.root, cfg, case_ids=split["test"], cache_dir=cache)
     trainer = SiteTrainer(cfg, train, test)
     return SiteRuntime(spec=spec, trainer=trainer, train_items=train, test_items=test)
 

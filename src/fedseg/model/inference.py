@@ -38,19 +38,25 @@ def predict_probs(
     numpy.ndarray
         ``float32`` ``(3, S, S, S)`` sigmoid probabilities.
     """
+    import contextlib
+
     import torch
     from monai.inferers import sliding_window_inference
 
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(image)).to(device)
-    with torch.no_grad():
+    amp = cfg.amp == "bf16" and torch.device(device).type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
         if cfg.spatial_dims == 3:
+            # native grid (spacing > 0): nnU-Net's Gaussian weighting of overlapping windows
             logits = sliding_window_inference(
                 x[None],
                 roi_size=(cfg.patch_size,) * 3,
                 sw_batch_size=2,
                 predictor=model,
-                overlap=0.25,
+                overlap=0.5 if cfg.spacing > 0 else 0.25,
+                mode="gaussian" if cfg.spacing > 0 else "constant",
             )[0]
         else:
             slices = x.permute(3, 0, 1, 2)  # (Z, C, X, Y)

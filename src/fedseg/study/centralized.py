@@ -24,16 +24,6 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 
 
-def default_cache_dir(data: Path) -> Path | None:
-    """The prepared-case cache beside the data when writable, else none."""
-    cache = Path(data) / ".fedseg-cache"
-    try:
-        cache.mkdir(exist_ok=True)
-    except OSError:
-        return None
-    return cache
-
-
 def train_centralized(
     data: Path,
     out: Path,
@@ -70,7 +60,8 @@ def train_centralized(
     ConfigError
         When resuming a run folder created with a different configuration.
     """
-    from fedseg.data.cohort import load_prepared, split_cases
+    from fedseg.data.cache import default_cache_dir, prepare_cases
+    from fedseg.data.cohort import split_cases
     from fedseg.data.readers import discover_cases
     from fedseg.site.trainer import SiteTrainer
 
@@ -90,9 +81,10 @@ def train_centralized(
         split = split_cases(ids, cfg.test_fraction, cfg.val_fraction, cfg.seed)
         atomic_write_json(split_path, split)
 
-    cache = default_cache_dir(Path(data))
-    load = lambda ids: load_prepared(  # noqa: E731
-        Path(data), cfg.image_size, case_ids=ids, cache_dir=cache, progress=progress
+    # prepared once into the cache (memory maps), never inside the data folder
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(out)
+    load = lambda ids: prepare_cases(  # noqa: E731
+        Path(data), cfg, case_ids=ids, cache_dir=cache, progress=progress
     )
     train_items, val_items = load(split["train"]), load(split["val"])
     trainer = SiteTrainer(cfg, train_items, val_items or train_items[:2], modalities=modalities)
@@ -157,7 +149,7 @@ def _check_same_config(
     saved = dict(state.get("config", {}))
     now = cfg.to_run_config()
     # The epoch budget may grow on resume; everything else must match.
-    diffs = [k for k in now if k != "epochs" and saved.get(k) != now[k]]
+    diffs = [k for k in now if k not in ("epochs", "cache-dir") and saved.get(k) != now[k]]
     if list(state.get("modalities", MODALITIES)) != list(modalities):
         diffs.append("modalities")
     if diffs:

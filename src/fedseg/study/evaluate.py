@@ -77,8 +77,8 @@ def evaluate_folder(
     dict
         ``{"num-cases": n, "num-labelled": m, "mean": {region: {dice, hd95}}}``.
     """
+    from fedseg.data.patches import prepare_case
     from fedseg.data.readers import discover_cases, load_case, save_label
-    from fedseg.data.transforms import preprocess_case
     from fedseg.model.inference import predict_probs, to_original_grid
     from fedseg.utils.runtime import pick_device
 
@@ -97,7 +97,7 @@ def evaluate_folder(
         it = tqdm(refs, desc="evaluating", unit="case")
     for ref in it:
         case = load_case(ref, require_label=False)
-        prep = preprocess_case(case, cfg.image_size)
+        prep = prepare_case(case, cfg)
         probs = predict_probs(model, prep.image[idx], cfg, device)
         regions = to_original_grid(probs, prep)
         save_label(regions_to_label(regions), case.affine, pred_dir / f"{case.case_id}.nii.gz")

@@ -781,6 +781,8 @@ def run_privacy_sweep(
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # every arm and site of the study reads the cases prepared once into OUT/cache
+    cfg = cfg.replace(cache_dir=cfg.cache_dir or str(out.resolve() / "cache"))
     console = _console(progress)
     t_start = time.perf_counter()
     data_dir, generated = _cohort(out, cfg, data, progress)

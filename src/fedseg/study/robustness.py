@@ -311,6 +311,7 @@ def run_robustness(
         update_clip_norm=0.0,
         anomaly_threshold=0.0,
         strategy="fedavg",
+        cache_dir=cfg.cache_dir or str(Path(out).resolve() / "cache"),
     )
     fp = _fingerprint(base, data_dir)
     path = out / RESULTS

@@ -231,6 +231,8 @@ def run_study(
     selected = parse_arms(arms)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # every arm and site of the study reads the cases prepared once into OUT/cache
+    cfg = cfg.replace(cache_dir=cfg.cache_dir or str(out.resolve() / "cache"))
     console = _console(progress)
     t_start = time.perf_counter()
 
@@ -351,7 +353,8 @@ def _cohort_facts(
 def _make_sites(
     out: Path, cfg: FedsegConfig, data_dir: Path, progress: bool, console: Any
 ) -> tuple[_Sites, list[dict[str, Any]]]:
-    from fedseg.data.cohort import load_prepared, split_cases
+    from fedseg.data.cache import default_cache_dir, prepare_cases
+    from fedseg.data.cohort import split_cases
     from fedseg.data.partition import (
         case_attributes,
         heterogeneity_summary,
@@ -360,7 +363,6 @@ def _make_sites(
         write_partition,
         write_summary_json,
     )
-    from fedseg.study.centralized import default_cache_dir
 
     attrs = case_attributes(data_dir)
     csv_path = Path(cfg.partition_file) if cfg.partition == "csv" else None
@@ -401,11 +403,11 @@ def _make_sites(
         console.print(summary_table(summary, title=title))
 
     ids = sorted(attrs)
-    prepared = load_prepared(
+    prepared = prepare_cases(
         data_dir,
-        cfg.image_size,
+        cfg,
         case_ids=ids,
-        cache_dir=default_cache_dir(data_dir),
+        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(out),
         progress=progress,
     )
     by_id = {p.case_id: p for p in prepared}

@@ -1,0 +1,250 @@
+"""The prepared-case cache: each case prepared once per site, read back as memory maps.
+
+Layout of a cache folder (``cache-dir``; chosen by the site, never inside the data folder)::
+
+    CACHE/<key>/manifest.json              what was prepared: fedseg version and parameters
+    CACHE/<key>/<case>-<stamp>.image.npy   float32 (4, x, y, z)
+    CACHE/<key>/<case>-<stamp>.regions.npy uint8 (3, x, y, z), labelled cases only
+    CACHE/<key>/<case>-<stamp>.json        crop box, original shape, spacing, scanner (last)
+
+``<key>`` hashes the fedseg version and every preparation parameter (resize or native mode,
+image size or spacing, crop margin); ``<stamp>`` hashes the case's source files (path, size,
+modification time). A cache written by another fedseg version or with other parameters is
+never read: its key differs, so the cases are prepared again, and folders of other fedseg
+versions are removed. Each file is written atomically and the ``.json`` last, so an entry that
+a killed process left half-written is prepared again.
+
+Arrays are opened with ``numpy.load(mmap_mode="r")``: a site holds the cases as memory maps and
+reads only the voxels a patch or a prediction touches, so its memory does not grow with its
+number of cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedseg.data.case import CaseRef
+from fedseg.data.transforms import Prepared
+from fedseg.errors import ConfigError, PartitionError
+from fedseg.utils.io import atomic_write
+
+if TYPE_CHECKING:
+    from fedseg.config import FedsegConfig
+
+log = logging.getLogger(__name__)
+
+#: bumped when the cache layout or the preparation code changes results
+CACHE_FORMAT = 2
+#: name of the folder under a run or state folder that holds the cache by default
+CACHE_FOLDER = "cache"
+
+
+def preparation_params(cfg: FedsegConfig) -> dict[str, Any]:
+    """Everything that decides a prepared case's arrays (the cache key's content)."""
+    from fedseg import __version__
+    from fedseg.data.patches import MARGIN
+
+    params: dict[str, Any] = {"fedseg": __version__, "format": CACHE_FORMAT, "margin": MARGIN}
+    if cfg.spacing > 0:
+        params.update(mode="native", spacing=float(cfg.spacing))
+    else:
+        params.update(mode="resize", **{"image-size": int(cfg.image_size)})
+    return params
+
+
+def cache_key(cfg: FedsegConfig) -> str:
+    """A short hash of :func:`preparation_params`."""
+    text = json.dumps(preparation_params(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def open_cache(cache_dir: Path | str, cfg: FedsegConfig) -> Path:
+    """The folder of ``cfg``'s preparation inside ``cache_dir``, created and checked writable.
+
+    Folders of other fedseg versions are removed (they can never be read again).
+
+    Raises
+    ------
+    ConfigError
+        ``cache-dir`` cannot be created or written, naming the folder.
+    """
+    root = Path(cache_dir)
+    folder = root / cache_key(cfg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cache-dir {root}: cannot write prepared cases there ({exc.strerror or exc}); "
+            "choose a writable folder with --cache-dir or the node config key cache-dir"
+        ) from None
+    params = preparation_params(cfg)
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        atomic_write(manifest, lambda fh: fh.write(json.dumps(params, indent=1).encode()))
+    _remove_other_versions(root, params["fedseg"])
+    return folder
+
+
+def _remove_other_versions(root: Path, version: str) -> None:
+    for other in root.iterdir():
+        manifest = other / "manifest.json"
+        if not manifest.is_file():
+            continue
+        try:
+            written_by = json.loads(manifest.read_text()).get("fedseg")
+        except (OSError, ValueError):
+            continue
+        if written_by != version:
+            log.info("removing prepared cases of fedseg %s from %s", written_by, other)
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def prepare_cases(
+    root: Path,
+    cfg: FedsegConfig,
+    *,
+    case_ids: Sequence[str] | None = None,
+    require_label: bool = True,
+    cache_dir: Path | str | None = None,
+    progress: bool = False,
+) -> list[Prepared]:
+    """Discover, load, validate and prepare the cases of a dataset folder, through the cache.
+
+    Parameters
+    ----------
+    root:
+        Dataset folder in any supported layout (BraTS 2021, BraTS 2023, MSD).
+    cfg:
+        Preparation parameters (``spacing``, ``image-size``).
+    case_ids:
+        Only these cases (all when ``None``); an unknown id raises :class:`PartitionError`.
+    require_label:
+        Refuse cases without a segmentation.
+    cache_dir:
+        The site's cache folder (``cache-dir``); ``None`` prepares in memory without caching.
+    progress:
+        Show a progress bar.
+
+    Returns
+    -------
+    list[Prepared]
+        In the order of ``case_ids`` (or of discovery); with a cache, arrays are read-only
+        memory maps.
+
+    Raises
+    ------
+    ConfigError
+        ``cache-dir`` is not writable.
+    PartitionError
+        A case id is not in the folder.
+    """
+    from fedseg.data.readers import discover_cases
+
+    refs = discover_cases(Path(root))
+    by_id = {r.case_id: r for r in refs}
+    if case_ids is not None:
+        unknown = [c for c in case_ids if c not in by_id]
+        if unknown:
+            raise PartitionError(f"{root}: cases not found: {', '.join(unknown[:5])}")
+        refs = [by_id[c] for c in case_ids]
+    folder = open_cache(cache_dir, cfg) if cache_dir is not None else None
+    it: Sequence[CaseRef] = refs
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(refs, desc="preparing cases", unit="case", leave=False)
+    return [_prepare_one(ref, cfg, require_label, folder) for ref in it]
+
+
+def _prepare_one(
+    ref: CaseRef, cfg: FedsegConfig, require_label: bool, folder: Path | None
+) -> Prepared:
+    from fedseg.data.patches import prepare_case
+    from fedseg.data.readers import load_case
+
+    base = folder / f"{ref.case_id}-{source_stamp(ref)}" if folder is not None else None
+    if base is not None and _entry(base, "json").is_file():
+        try:
+            prep = read_entry(base, ref.case_id)
+            if prep.regions is not None or not require_label:
+                return prep
+        except (OSError, ValueError, KeyError):  # a damaged entry is prepared again
+            log.warning("prepared case %s is damaged in the cache; preparing it again", ref.case_id)
+    prep = prepare_case(load_case(ref, require_label=require_label), cfg)
+    if base is None:
+        return prep
+    write_entry(base, prep)
+    return read_entry(base, ref.case_id)
+
+
+def source_stamp(ref: CaseRef) -> str:
+    """A hash of the case's source files (path, size, modification time)."""
+    h = hashlib.sha1()
+    for p in sorted({*map(str, ref.images.values()), *([str(ref.label)] if ref.label else [])}):
+        st = Path(p).stat()
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _entry(base: Path, suffix: str) -> Path:
+    return base.with_name(f"{base.name}.{suffix}")
+
+
+def write_entry(base: Path, prep: Prepared) -> None:
+    """Write one prepared case (arrays first, the ``.json`` description last)."""
+    atomic_write(_entry(base, "image.npy"), lambda fh: np.save(fh, prep.image))
+    if prep.regions is not None:
+        regions = np.asarray(prep.regions, dtype=np.uint8)
+        atomic_write(_entry(base, "regions.npy"), lambda fh: np.save(fh, regions))
+    meta = {
+        "bbox_start": list(prep.bbox_start),
+        "bbox_end": list(prep.bbox_end),
+        "orig_shape": list(prep.orig_shape),
+        "spacing": list(prep.spacing),
+        "scanner": str(prep.meta.get("scanner", "unknown")),
+        "labelled": prep.regions is not None,
+    }
+    atomic_write(_entry(base, "json"), lambda fh: fh.write(json.dumps(meta).encode()))
+
+
+def read_entry(base: Path, case_id: str) -> Prepared:
+    """Open one cached case; its arrays are read-only memory maps."""
+    meta = json.loads(_entry(base, "json").read_text())
+    image = np.load(_entry(base, "image.npy"), mmap_mode="r", allow_pickle=False)
+    regions = None
+    if meta["labelled"]:
+        regions = np.load(_entry(base, "regions.npy"), mmap_mode="r", allow_pickle=False)
+    return Prepared(
+        case_id=case_id,
+        image=image,
+        regions=regions,
+        bbox_start=tuple(int(v) for v in meta["bbox_start"]),
+        bbox_end=tuple(int(v) for v in meta["bbox_end"]),
+        orig_shape=tuple(int(v) for v in meta["orig_shape"]),
+        spacing=tuple(float(v) for v in meta["spacing"]),
+        meta={"scanner": str(meta["scanner"])},
+    )
+
+
+def default_cache_dir(folder: Path | str) -> Path:
+    """The default cache under a run or state folder: ``folder/cache``."""
+    return Path(folder) / CACHE_FOLDER
+
+
+def user_cache_dir() -> Path:
+    """The per-user cache (``$XDG_CACHE_HOME/fedseg`` or ``~/.cache/fedseg``), for a site
+    with neither ``cache-dir`` nor a state or run folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedseg"
