@@ -115,6 +115,9 @@ class SiteTrainer:
         self.optimizer = self._new_optimizer()
         #: DP-SGD engine (``dp-mode sample``), see :func:`fedseg.site.privacy.enable_site_privacy`
         self.privacy: SitePrivacy | None = None
+        self._sampler_gen = torch.Generator()
+        self._seed_gen = torch.Generator()
+        self._train_loader: Any = None
 
     # ------------------------------------------------------------------ weights
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -335,20 +338,29 @@ class SiteTrainer:
         }
 
     def _loader(self, gen: torch.Generator) -> Any:
-        """The training DataLoader: shuffled by ``gen``, workers and pinned memory as configured."""
+        """The training DataLoader (made once, then reused with its workers kept alive).
+
+        Each sample carries its own augmentation seed, drawn with the shuffling from ``gen``
+        (:class:`_SeededSampler`), so a seed gives the same crops and flips whichever worker
+        loads the sample, and the workers can live across calls (starting them every round
+        would cost more than a round's steps on a GPU).
+        """
         from torch.utils.data import DataLoader
 
-        workers = self.cfg.num_workers
-        return DataLoader(
-            self.dataset,
-            batch_size=self.cfg.batch_size,
-            shuffle=True,
-            generator=gen,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=_seed_worker_transforms if workers > 0 else None,
-            persistent_workers=False,
-        )
+        self._sampler_gen.set_state(gen.get_state())
+        self._seed_gen.manual_seed(gen.initial_seed() + 1)
+        if self._train_loader is None:
+            workers = self.cfg.num_workers
+            self._train_loader = DataLoader(
+                _PerSampleSeeds(self.dataset),
+                batch_size=self.cfg.batch_size,
+                sampler=_SeededSampler(len(self.dataset), self._sampler_gen, self._seed_gen),
+                generator=self._sampler_gen,  # also Opacus's Poisson sampler's
+                num_workers=workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=workers > 0,
+            )
+        return self._train_loader
 
     def _batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(image, label)`` on the device, the next batch copied while this one trains.
@@ -407,11 +419,15 @@ class SiteTrainer:
 
         if self.device_augment is None:
             return x, y
+
+        def plain(t: Any) -> torch.Tensor:  # MONAI's MetaTensor -> a plain tensor
+            return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+
         xs, ys = [], []
         for i in range(x.shape[0]):
             out = self.device_augment({"image": x[i], "label": y[i]})
-            xs.append(torch.as_tensor(out["image"]))
-            ys.append(torch.as_tensor(out["label"]))
+            xs.append(plain(out["image"]))
+            ys.append(plain(out["label"]))
         return torch.stack(xs), torch.stack(ys)
 
     def _autocast(self) -> Any:
@@ -480,18 +496,44 @@ class SiteTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _seed_worker_transforms(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed the dataset's random transforms per worker.
+class _SeededSampler:
+    """Shuffled ``(index, seed)`` pairs: every sample gets its own augmentation seed."""
 
-    Without it every worker would hold a copy of the parent's transform state and draw the same
-    crops and flips as the others; torch gives each worker its own seed derived from the
-    loader's generator, so the draws stay reproducible for a seed.
+    def __init__(self, n: int, order: torch.Generator, seeds: torch.Generator) -> None:
+        self.n = n
+        self.order = order
+        self.seeds = seeds
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        import torch
+        from torch.utils.data import RandomSampler
+
+        # the same order as DataLoader(shuffle=True, generator=order); seeds from their own stream
+        order = list(RandomSampler(range(self.n), generator=self.order))
+        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=self.seeds).tolist()
+        return iter(zip(order, seeds, strict=True))
+
+
+class _PerSampleSeeds:
+    """A dataset view that seeds the random transforms from the sampler's ``(index, seed)``.
+
+    A plain index (Opacus's Poisson sampler) leaves the transforms' random state as it is.
     """
-    import torch
 
-    info = torch.utils.data.get_worker_info()
-    if info is None:
-        return
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_state"):
-        transform.set_random_state(seed=info.seed % (2**32))
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if isinstance(key, tuple):
+            index, seed = key
+            transform = getattr(self.dataset, "transform", None)
+            if transform is not None and hasattr(transform, "set_random_state"):
+                transform.set_random_state(seed=seed)
+            return self.dataset[index]
+        return self.dataset[key]
