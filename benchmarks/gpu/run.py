@@ -61,11 +61,11 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "steps": 10,
         "repeats": 5,
-        "dp_steps": 4,
-        "dp_repeats": 3,
-        "dp_timeout": 75,
-        "train_cases": 40,
-        "train_epochs": 4,
+        "dp_steps": 3,
+        "dp_repeats": 2,
+        "dp_timeout": 50,
+        "train_cases": 24,
+        "train_epochs": 6,
         "fed_cases": 24,
         "fed_rounds": 3,
     },
@@ -349,12 +349,16 @@ def _dp_child(mode: str, tiny: bool, steps: int, repeats: int) -> None:
     )
 
 
-def section_dp(tiny: bool, size: dict[str, Any]) -> dict[str, Any]:
+def section_dp(tiny: bool, size: dict[str, Any], deadline: float) -> dict[str, Any]:
     """DP-SGD step per grad-sample mode, each in a child process with a time limit."""
     from fedseg.site.privacy import GRAD_SAMPLE_MODES
 
     out: dict[str, Any] = {}
     for mode in GRAD_SAMPLE_MODES:
+        limit = min(size["dp_timeout"], deadline - time.perf_counter())
+        if limit < 10:
+            out[mode] = {"skipped": "budget spent"}
+            continue
         cmd = [
             sys.executable,
             __file__,
@@ -368,12 +372,10 @@ def section_dp(tiny: bool, size: dict[str, Any]) -> dict[str, Any]:
         if tiny:
             cmd.append("--tiny")
         try:
-            done = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=size["dp_timeout"], check=False
-            )
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, check=False)
         except subprocess.TimeoutExpired:
-            out[mode] = {"error": f"over {size['dp_timeout']} s"}
-            print(f"[dp] {mode}: over {size['dp_timeout']} s")
+            out[mode] = {"error": f"over {limit:.0f} s"}
+            print(f"[dp] {mode}: over {limit:.0f} s")
             continue
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
         if done.returncode != 0 or not lines:
@@ -396,7 +398,14 @@ def section_train(
 
     data = work / "cohort"
     t0 = time.perf_counter()
-    generate_cohort(data, size["train_cases"], seed=0, progress=False, spacing=cfg.spacing or 2.0)
+    generate_cohort(
+        data,
+        size["train_cases"],
+        seed=0,
+        progress=False,
+        spacing=cfg.spacing or 2.0,
+        workers=max(1, min(12, os.cpu_count() or 1)),
+    )
     synth_seconds = time.perf_counter() - t0
     windows: list[tuple[float, float]] = []
     real = SiteTrainer.train_epoch
@@ -458,6 +467,7 @@ def section_federation(cfg: FedsegConfig, size: dict[str, Any], work: Path) -> d
         num_server_rounds=size["fed_rounds"],
         local_epochs=1,
         out_dir=str(work / "fed"),
+        cache_dir=str(work / "run" / "cache"),  # the cases prepared by the train section
         round_timeout=3600.0,
     )
     app = build_client_app(fed.to_run_config())
@@ -541,9 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, default=str))
 
+    deadline = start + args.budget
     run("step", lambda: section_step(cfg, device, size))
-    run("dp", lambda: section_dp(args.tiny, size))
     run("train", lambda: section_train(cfg, size, work, args.tiny))
+    run("dp", lambda: section_dp(args.tiny, size, deadline - 40))
     run("federation", lambda: section_federation(cfg, size, work))
     report["total-seconds"] = time.perf_counter() - start
     args.out.write_text(json.dumps(report, indent=2, default=str))
