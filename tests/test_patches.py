@@ -9,8 +9,8 @@ from conftest import make_tiny_case
 
 from fedseg.config import FedsegConfig
 from fedseg.data.case import Case
-from fedseg.data.patches import foreground_share, prepare_case, preprocess_native
-from fedseg.data.transforms import Prepared, SegmentationDataset, train_augmentation
+from fedseg.data.patches import PatchDataset, foreground_share, prepare_case, preprocess_native
+from fedseg.data.transforms import Prepared, train_augmentation
 from fedseg.errors import ConfigError
 
 NATIVE = FedsegConfig(spacing=1.0, patch_size=16, depth=3, base_channels=4, augment=False)
@@ -69,12 +69,30 @@ def test_prepare_case_dispatches_on_spacing() -> None:
 def test_patches_have_the_patch_size_also_from_a_smaller_volume() -> None:
     cfg = NATIVE.replace(patch_size=32)
     items = _items(2, shape=(20, 36, 24))  # smaller than the patch along two axes: padded
-    ds = SegmentationDataset(items, 3, train_augmentation(cfg))
+    ds = PatchDataset(items, cfg, train_augmentation(cfg))
 
     sample = ds[0]
 
     assert tuple(sample["image"].shape) == (4, 32, 32, 32)
     assert tuple(sample["label"].shape) == (3, 32, 32, 32)
+
+
+def test_a_patch_is_read_from_the_case_where_it_was_drawn() -> None:
+    items = _items(1)
+    ds = PatchDataset(items, NATIVE.replace(foreground_fraction=1.0)).set_random_state(3)
+
+    sample = ds[0]
+
+    # tumour-centred: the 4^3 tumour at 5..8 lies inside the patch, which starts at 0
+    assert int(sample["label"][0].sum()) == 64
+    np.testing.assert_array_equal(sample["image"].numpy(), items[0].image[:, :16, :16, :16])
+
+
+def test_the_same_seed_draws_the_same_patches() -> None:
+    items = _items(2)
+    a = PatchDataset(items, NATIVE).set_random_state(7)
+    b = PatchDataset(items, NATIVE).set_random_state(7)
+    assert all(torch.equal(a[i]["image"], b[i]["image"]) for i in (0, 1, 0, 1))
 
 
 @pytest.mark.parametrize(("fraction", "low", "high"), [(1.0, 1.0, 1.0), (0.33, 0.2, 0.5)])

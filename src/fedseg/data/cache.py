@@ -5,6 +5,7 @@ Layout of a cache folder (``cache-dir``; chosen by the site, never inside the da
     CACHE/<key>/manifest.json              what was prepared: fedseg version and parameters
     CACHE/<key>/<case>-<stamp>.image.npy   float32 (4, x, y, z)
     CACHE/<key>/<case>-<stamp>.regions.npy uint8 (3, x, y, z), labelled cases only
+    CACHE/<key>/<case>-<stamp>.fg.npy      int32 (k, 3) tumour voxels to centre patches on
     CACHE/<key>/<case>-<stamp>.json        crop box, original shape, spacing, scanner (last)
 
 ``<key>`` hashes the fedseg version and every preparation parameter (resize or native mode,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: bumped when the cache layout or the preparation code changes results
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 #: name of the folder under a run or state folder that holds the cache by default
 CACHE_FOLDER = "cache"
 
@@ -206,8 +207,12 @@ def write_entry(base: Path, prep: Prepared) -> None:
     """Write one prepared case (arrays first, the ``.json`` description last)."""
     atomic_write(_entry(base, "image.npy"), lambda fh: np.save(fh, prep.image))
     if prep.regions is not None:
+        from fedseg.data.patches import foreground_points
+
         regions = np.asarray(prep.regions, dtype=np.uint8)
+        points = foreground_points(regions)
         atomic_write(_entry(base, "regions.npy"), lambda fh: np.save(fh, regions))
+        atomic_write(_entry(base, "fg.npy"), lambda fh: np.save(fh, points))
     meta = {
         "bbox_start": list(prep.bbox_start),
         "bbox_end": list(prep.bbox_end),
@@ -224,8 +229,10 @@ def read_entry(base: Path, case_id: str) -> Prepared:
     meta = json.loads(_entry(base, "json").read_text())
     image = np.load(_entry(base, "image.npy"), mmap_mode="r", allow_pickle=False)
     regions = None
+    extra: dict[str, object] = {}
     if meta["labelled"]:
         regions = np.load(_entry(base, "regions.npy"), mmap_mode="r", allow_pickle=False)
+        extra["foreground"] = np.load(_entry(base, "fg.npy"), mmap_mode="r", allow_pickle=False)
     return Prepared(
         case_id=case_id,
         image=image,
@@ -234,7 +241,7 @@ def read_entry(base: Path, case_id: str) -> Prepared:
         bbox_end=tuple(int(v) for v in meta["bbox_end"]),
         orig_shape=tuple(int(v) for v in meta["orig_shape"]),
         spacing=tuple(float(v) for v in meta["spacing"]),
-        meta={"scanner": str(meta["scanner"])},
+        meta={"scanner": str(meta["scanner"]), **extra},
     )
 
 

@@ -3,8 +3,9 @@
 A case stays on its own grid: cropped to the brain's bounding box, z-scored per modality inside
 the brain and, only when its voxels are not already ``spacing`` mm, resampled to that spacing.
 Training samples patches of ``patch-size``³ from it, a fraction ``foreground-fraction``
-(about a third, as nnU-Net) centred on tumour and the rest anywhere (MONAI's
-``RandCropByPosNegLabeld``); a case smaller than the patch is zero-padded first. Inference slides
+(about a third, as nnU-Net) centred on tumour and the rest anywhere (:class:`PatchSampler`, the
+rule of MONAI's ``RandCropByPosNegLabeld`` reading only the patch); a case smaller than the
+patch is zero-padded. Inference slides
 a Gaussian-weighted window over the whole prepared volume
 (:func:`fedseg.model.inference.predict_probs`), and predictions go back to the input grid as in
 the resized mode (:func:`fedseg.model.inference.to_original_grid`).
@@ -102,26 +103,123 @@ def preprocess_native(case: Case, spacing: float, margin: int = MARGIN) -> Prepa
     )
 
 
-def patch_transforms(cfg: FedsegConfig) -> list[Any]:
-    """Pad to at least ``patch-size``³, then crop one patch, foreground-centred with probability
-    ``foreground-fraction`` (MONAI ``SpatialPadd`` + ``RandCropByPosNegLabeld``)."""
-    from monai.transforms import RandCropByPosNegLabeld, SpatialPadd
+#: at most this many tumour voxels are kept per case to draw foreground-centred patches from
+MAX_FOREGROUND_POINTS = 20_000
 
-    keys = ["image", "label"]
-    roi = (cfg.patch_size,) * cfg.spatial_dims
-    fg = cfg.foreground_fraction
-    return [
-        SpatialPadd(keys=keys, spatial_size=roi, mode="constant"),
-        RandCropByPosNegLabeld(
-            keys=keys,
-            label_key="label",
-            spatial_size=roi,
-            pos=fg,
-            neg=1.0 - fg,
-            num_samples=1,
-            allow_smaller=False,
-        ),
-    ]
+
+def foreground_points(regions: np.ndarray, limit: int = MAX_FOREGROUND_POINTS) -> np.ndarray:
+    """Voxel coordinates ``(k, 3)`` (int32) of tumour (any region), an even subsample of at most
+    ``limit`` of them; ``(0, 3)`` for a case without tumour."""
+    pts = np.argwhere(np.asarray(regions).any(axis=0)).astype(np.int32)
+    if len(pts) > limit:
+        pts = pts[np.linspace(0, len(pts) - 1, limit).astype(np.int64)]
+    return pts
+
+
+class PatchSampler:
+    """Draw one ``patch``³ training patch from a prepared case, reading only the patch.
+
+    With probability ``foreground`` the patch is centred on a random tumour voxel, otherwise
+    anywhere in the volume (as MONAI's ``RandCropByPosNegLabeld`` with ``pos / (pos + neg)``
+    = ``foreground``); the centre is moved inside the volume, and a volume smaller than the patch
+    is zero-padded. Unlike ``RandCropByPosNegLabeld``, which reads the whole case and finds its
+    foreground again for every patch, this slices the case's arrays (memory maps from the
+    cache), so a patch costs a patch's worth of reading; the tumour coordinates are found once
+    per case (:func:`foreground_points`).
+
+    Parameters
+    ----------
+    patch:
+        Edge of the cubic patch.
+    foreground:
+        Share of tumour-centred patches, in ``[0, 1]``.
+    """
+
+    def __init__(self, patch: int, foreground: float) -> None:
+        self.patch = int(patch)
+        self.foreground = float(foreground)
+        self.rng = np.random.default_rng()
+        self._points: dict[int, np.ndarray] = {}
+
+    def set_random_state(self, seed: int | None = None) -> PatchSampler:
+        """Reseed the draws (the MONAI ``Randomizable`` interface the trainer uses)."""
+        self.rng = np.random.default_rng(seed)
+        return self
+
+    def points(self, key: int, item: Prepared) -> np.ndarray:
+        """The tumour coordinates of ``item`` (found on first use; from the cache if there)."""
+        got = self._points.get(key)
+        if got is None:
+            cached = item.meta.get("foreground")
+            got = np.asarray(cached) if cached is not None else None
+            if got is None:
+                got = foreground_points(item.regions) if item.regions is not None else None
+                got = got if got is not None else np.zeros((0, 3), np.int32)
+            self._points[key] = got
+        return got
+
+    def __call__(self, key: int, item: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        """``(image (4, p, p, p) float32, regions (3, p, p, p) float32)`` for one patch."""
+        if item.regions is None:
+            raise ValueError(f"case {item.case_id} has no label; cannot train on it")
+        shape = np.asarray(item.image.shape[1:])
+        p = self.patch
+        pts = self.points(key, item)
+        if len(pts) and self.rng.random() < self.foreground:
+            centre = pts[self.rng.integers(len(pts))].astype(np.int64)
+        else:
+            centre = np.array([self.rng.integers(n) for n in shape], dtype=np.int64)
+        start = np.clip(centre - p // 2, 0, np.maximum(shape - p, 0))
+        end = np.minimum(start + p, shape)
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(start, end, strict=True))
+        image = np.zeros((item.image.shape[0], p, p, p), dtype=np.float32)
+        label = np.zeros((item.regions.shape[0], p, p, p), dtype=np.float32)
+        dst = tuple(slice(0, int(b - a)) for a, b in zip(start, end, strict=True))
+        image[(slice(None), *dst)] = item.image[(slice(None), *sl)]
+        label[(slice(None), *dst)] = item.regions[(slice(None), *sl)]
+        return image, label
+
+
+class PatchDataset:
+    """Training patches of prepared cases (native grid): one patch per case and epoch.
+
+    Parameters
+    ----------
+    items:
+        Labelled prepared cases (arrays may be read-only memory maps).
+    cfg:
+        ``patch-size``, ``foreground-fraction``.
+    transform:
+        MONAI dictionary transforms applied to each patch (augmentation on the host), or None.
+    """
+
+    def __init__(self, items: list[Prepared], cfg: FedsegConfig, transform: Any = None) -> None:
+        self.items = list(items)
+        self.sampler = PatchSampler(cfg.patch_size, cfg.foreground_fraction)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_random_state(self, seed: int | None = None) -> PatchDataset:
+        """Seed the patch draw and the transforms (one seed per sample, see the trainer)."""
+        self.sampler.set_random_state(seed)
+        if self.transform is not None and hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=None if seed is None else (seed + 1) % 2**32)
+        return self
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        import torch
+
+        image, label = self.sampler(idx, self.items[idx])
+        sample: dict[str, Any] = {
+            "image": torch.from_numpy(image),
+            "label": torch.from_numpy(label),
+        }
+        if self.transform is not None:
+            sample = self.transform(sample)
+            sample = {k: torch.as_tensor(np.asarray(v)) for k, v in sample.items()}
+        return sample
 
 
 def foreground_share(
@@ -145,17 +243,6 @@ def foreground_share(
     float
         In ``[0, 1]``.
     """
-    import torch
-    from monai.transforms import Compose
-
-    crop = Compose(patch_transforms(cfg))
-    crop.set_random_state(seed=seed)
-    hits = 0
-    for i in range(samples):
-        it = items[i % len(items)]
-        if it.regions is None:
-            raise ValueError(f"case {it.case_id} has no label")
-        out = crop({"image": torch.from_numpy(np.array(it.image)), "label": it.regions})
-        sample = out[0] if isinstance(out, list) else out
-        hits += int(bool(np.asarray(sample["label"]).any()))
+    ds = PatchDataset(items, cfg).set_random_state(seed)
+    hits = sum(int(bool(ds[i % len(items)]["label"].any())) for i in range(samples))
     return hits / samples

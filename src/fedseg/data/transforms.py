@@ -128,10 +128,8 @@ def device_augmentation(cfg: FedsegConfig) -> Any:
 def _crop_transforms(cfg: FedsegConfig) -> list[Any]:
     from monai.transforms import RandSpatialCropd
 
-    if cfg.spacing > 0:  # native grid: tumour-oversampled patches (fedseg.data.patches)
-        from fedseg.data.patches import patch_transforms
-
-        return patch_transforms(cfg)
+    if cfg.spacing > 0:  # native grid: fedseg.data.patches.PatchDataset draws the patches
+        return []
     nd = cfg.spatial_dims
     if cfg.patch_size < cfg.image_size and nd == 3:
         roi = (cfg.patch_size,) * nd

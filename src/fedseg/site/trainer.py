@@ -105,7 +105,14 @@ class SiteTrainer:
             self.device_augment = device_augmentation(cfg)
         else:
             self.augment = train_augmentation(cfg)
-        self.dataset = SegmentationDataset(self.train_items, cfg.spatial_dims, self.augment)
+        self.dataset: Any
+        if cfg.spacing > 0:  # native grid: tumour-oversampled patches read lazily
+            from fedseg.data.patches import PatchDataset
+
+            host = self.augment if len(getattr(self.augment, "transforms", ())) else None
+            self.dataset = PatchDataset(self.train_items, cfg, host)
+        else:
+            self.dataset = SegmentationDataset(self.train_items, cfg.spatial_dims, self.augment)
         if self.device.type == "cuda":
             # fixed patch shapes: let cuDNN pick its fastest convolution algorithms once
             torch.backends.cudnn.benchmark = True
@@ -293,7 +300,10 @@ class SiteTrainer:
         if seed is not None:
             gen.manual_seed(seed)
             torch.manual_seed(seed)
-            self.augment.set_random_state(seed=seed % (2**32))
+            if hasattr(self.dataset, "set_random_state"):
+                self.dataset.set_random_state(seed=seed % (2**32))
+            else:
+                self.augment.set_random_state(seed=seed % (2**32))
             if self.device_augment is not None:
                 self.device_augment.set_random_state(seed=(seed + 1) % (2**32))
         loader: Any = self._loader(gen)
@@ -532,8 +542,10 @@ class _PerSampleSeeds:
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
         if isinstance(key, tuple):
             index, seed = key
-            transform = getattr(self.dataset, "transform", None)
-            if transform is not None and hasattr(transform, "set_random_state"):
-                transform.set_random_state(seed=seed)
+            target = self.dataset
+            if not hasattr(target, "set_random_state"):  # SegmentationDataset: its transforms
+                target = getattr(self.dataset, "transform", None)
+            if target is not None and hasattr(target, "set_random_state"):
+                target.set_random_state(seed=seed)
             return self.dataset[index]
         return self.dataset[key]
