@@ -421,12 +421,20 @@ class SiteTrainer:
             t.record_stream(main)  # the caching allocator must not reuse it while main runs
         return self._augment_on_device(*pair)
 
+    @staticmethod
+    def _float_label(y: torch.Tensor) -> torch.Tensor:
+        """Labels travel as uint8 (patches) and become float on the device."""
+        import torch
+
+        return y if y.is_floating_point() else y.to(torch.float32)
+
     def _augment_on_device(
         self, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply the device-side augmentation per case (``gpu`` preset), else pass through."""
         import torch
 
+        y = self._float_label(y)
         if self.device_augment is None:
             return x, y
 
