@@ -561,7 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {args.out} in {report['total-seconds']:.0f} s")
     failed = [k for k, v in report.items() if isinstance(v, dict) and "error" in v]
-    return 1 if failed else 0
+    sys.stdout.flush()
+    # On the H200 the process stayed alive after writing its JSON (the simulated sites keep
+    # their trainers, with persistent DataLoader workers, in a module-level cache); the figures
+    # are all written by now, so leave without the interpreter's shutdown.
+    os._exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
