@@ -13,7 +13,8 @@ from fedseg.data.transforms import Prepared, preprocess_case
 from fedseg.errors import PartitionError
 from fedseg.utils.io import atomic_write
 
-_CACHE_VERSION = "1"
+# 2: crop boxes clipped to the image (spacing and box of edge cases changed)
+_CACHE_VERSION = "2"
 
 
 def load_prepared(
