@@ -1,7 +1,8 @@
 """Entry point of the ``fedseg`` command.
 
 Exit codes (all commands): 0 success; 1 the command ran and found problems (e.g. ``fedseg
-check``); 2 bad usage or bad input (config, files); 3 an internal failure.
+check``); 2 bad usage or bad input (config, files), one line; 3 an internal failure, one line
+naming the log file that holds the traceback (:class:`fedseg.cli._common.GuardedGroup`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import importlib
 
 import typer
 
+from fedseg.cli._common import GuardedGroup
+
 app = typer.Typer(
     name="fedseg",
+    cls=GuardedGroup,
     help="Federated brain-tumour segmentation on multimodal MRI (Flower + MONAI).",
     no_args_is_help=True,
     add_completion=False,
