@@ -97,6 +97,13 @@ class ProvisionError(FedsegError):
     code = "E500"
 
 
+class OutputError(FedsegError):
+    """An output folder or file cannot be created or written (read-only mount, a file in the way,
+    no permission, disk full)."""
+
+    code = "E700"
+
+
 class PrivacyBudgetError(FedsegError):
     """A site refuses a round that would take it past its differential-privacy budget."""
 

@@ -16,15 +16,13 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import typer
 from typer.core import TyperGroup
 
-from fedseg.errors import FedsegError
-
-T = TypeVar("T")
+from fedseg.errors import FedsegError, LayoutError, OutputError
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -66,6 +64,64 @@ def user_errors() -> Iterator[None]:
     except FedsegError as exc:
         print_error(str(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def existing_folder(path: Path, what: str) -> Path:
+    """``path`` when it is a folder.
+
+    Parameters
+    ----------
+    path:
+        The folder a user named.
+    what:
+        What it should hold, for the message (``"dataset folder"``...).
+
+    Raises
+    ------
+    LayoutError
+        ``path`` does not exist, or is a file or something else, not a folder.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if not p.exists():
+        raise LayoutError(f"{p}: no such folder (expected a {what})")
+    kind = "a file" if p.is_file() else "not a regular folder"
+    raise LayoutError(f"{p}: is {kind}, not a folder (expected a {what})")
+
+
+def writable_folder(path: Path, option: str = "--out") -> Path:
+    """Create ``path`` if needed and make sure files can be written into it.
+
+    Only a probe file of this process is created and removed: nothing already there is touched.
+
+    Parameters
+    ----------
+    path:
+        The output folder.
+    option:
+        The option that named it, for the message.
+
+    Raises
+    ------
+    OutputError
+        The folder cannot be created (a file in the way, read-only mount, no permission) or
+        written into.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{option} {p}: is a file, not a folder (expected a writable folder)")
+    probe = p / f".fedseg-write-test-{os.getpid()}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputError(
+            f"{option} {p}: cannot write there ({reason}); expected a writable folder"
+        ) from None
+    return p
 
 
 def log_dir() -> Path:

@@ -16,7 +16,9 @@ from fedseg.cli._common import GuardedGroup
 app = typer.Typer(
     name="fedseg",
     cls=GuardedGroup,
-    help="Federated brain-tumour segmentation on multimodal MRI (Flower + MONAI).",
+    help="Federated brain-tumour segmentation on multimodal MRI (Flower + MONAI).\n\n"
+    "Exit codes: 0 success; 1 problems found (fedseg check); 2 bad input or usage (one line); "
+    "3 internal failure (one line naming the log file that holds the details).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -34,6 +36,28 @@ _COMMAND_MODULES = (
     "privacy_sweep",
     "robustness",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fedseg import __version__
+
+        typer.echo(f"fedseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        callback=_version,
+        is_eager=True,
+    ),
+) -> None:
+    """The options of ``fedseg`` itself (the help text is the app's)."""
+
 
 for _name in _COMMAND_MODULES:
     try:

@@ -12,6 +12,7 @@ Run folder layout::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def train_centralized(
     resume: bool = True,
     progress: bool = True,
     modalities: tuple[str, ...] = MODALITIES,
+    notify: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train the centralized baseline on pooled data and evaluate it on held-out cases.
 
@@ -59,6 +61,8 @@ def train_centralized(
         Show progress bars.
     modalities:
         Input modalities (ablations use a subset).
+    notify:
+        Called with one line when the run resumes (what from, which epoch).
 
     Returns
     -------
@@ -103,6 +107,13 @@ def train_centralized(
     if state is not None:
         trainer.load_state(state["trainer"])
         history, best, start = list(state["history"]), float(state["best"]), int(state["epoch"])
+        if notify is not None:
+            left = (
+                f"continuing with epoch {start + 1}"
+                if start < cfg.epochs
+                else "no epoch left, scoring best.pt"
+            )
+            notify(f"resuming {ckpt_path}: {start} of {cfg.epochs} epoch(s) done, {left}")
 
     bar = _epoch_bar(cfg.epochs, start, progress)
     for epoch in range(start, cfg.epochs):
