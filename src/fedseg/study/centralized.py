@@ -98,7 +98,12 @@ def train_centralized(
     load = lambda ids: load_prepared(  # noqa: E731
         Path(data), cfg.image_size, case_ids=ids, cache_dir=cache, progress=progress
     )
-    train_items, val_items = load(split["train"]), load(split["val"])
+    # every case is read before training, so a bad test case fails now, not after the epochs
+    train_items, val_items, test_items = (
+        load(split["train"]),
+        load(split["val"]),
+        load(split["test"]),
+    )
     trainer = SiteTrainer(cfg, train_items, val_items or train_items[:2], modalities=modalities)
 
     history: list[dict[str, Any]] = []
@@ -144,7 +149,7 @@ def train_centralized(
 
     # Final evaluation of the best model on held-out test cases, with HD95.
     trainer.model.load_state_dict(load_torch(out / BEST)["model"])
-    test = trainer.evaluate(load(split["test"]), hd95=True)
+    test = trainer.evaluate(test_items, hd95=True)
     result = {"split": {k: len(v) for k, v in split.items()}, "best-val-mean-dice": best, **test}
     atomic_write_json(out / "test_metrics.json", result)
     return result
