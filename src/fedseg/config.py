@@ -24,6 +24,7 @@ STRATEGIES: tuple[str, ...] = (
     "fedprox",
     "fedadam",
     "fedyogi",
+    "fedadagrad",
     "scaffold",
     "fedbn",
     "cyclic",
@@ -228,7 +229,7 @@ class FedsegConfig:
         if robust and self.strategy in ("scaffold", "cyclic"):
             raise ConfigError(
                 f"config key 'aggregator' (with update-clip-norm, anomaly-threshold): robust "
-                f"aggregation works with fedavg, fedprox, fedbn, fedadam, fedyogi, not "
+                f"aggregation works with fedavg, fedprox, fedbn, fedadam, fedyogi, fedadagrad, not "
                 f"'{self.strategy}' (SCAFFOLD's control variates and cyclic's single model "
                 f"have no robust counterpart here); found aggregator {self.aggregator!r}"
             )
@@ -277,7 +278,7 @@ class FedsegConfig:
             raise ConfigError(
                 f"config key 'dp-mode': client-level DP clips and noises averaged model updates, "
                 f"which strategy '{self.strategy}' does not produce; use fedavg, fedprox, "
-                f"fedbn, fedadam or fedyogi"
+                f"fedbn, fedadam, fedyogi or fedadagrad"
             )
 
     def _check_secure(self) -> None:

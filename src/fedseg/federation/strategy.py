@@ -22,9 +22,10 @@ The algorithms (server side)
 ``fedavg``, ``fedprox``
     :func:`~fedseg.strategies.aggregate.fedavg` weighted by ``num-examples``; FedProx differs only
     at the site (``proximal-mu`` in the train config).
-``fedadam``, ``fedyogi``
+``fedadam``, ``fedyogi``, ``fedadagrad``
     ``delta = fedavg(site models) - w`` then :func:`~fedseg.strategies.fedopt.fedadam_step` /
-    :func:`~fedseg.strategies.fedopt.fedyogi_step` (``server-learning-rate``, ``server-tau``),
+    :func:`~fedseg.strategies.fedopt.fedyogi_step` /
+    :func:`~fedseg.strategies.fedopt.fedadagrad_step` (``server-learning-rate``, ``server-tau``),
     with the moments ``m, v`` kept in the strategy state.
 ``scaffold``
     For each accepted reply, :func:`~fedseg.strategies.scaffold.site_control_update` (from the
@@ -868,8 +869,8 @@ class FedsegStrategy(Strategy):
             delta = [a - c for a, c in zip(avg, current, strict=True)]
             new, self.m = fedavgm_step(current, delta, self.m, momentum=self.cfg.server_momentum)
             return dict(zip(keys, new, strict=True))
-        if self.name in ("fedadam", "fedyogi"):
-            from fedseg.strategies.fedopt import fedadam_step, fedyogi_step
+        if self.name in ("fedadam", "fedyogi", "fedadagrad"):
+            from fedseg.strategies.fedopt import fedadagrad_step, fedadam_step, fedyogi_step
 
             avg = self._average(updates, counts, valid)
             current = [w[k] for k in keys]
@@ -884,8 +885,17 @@ class FedsegStrategy(Strategy):
                     tau=self.cfg.server_tau,
                     server_round=server_round,
                 )
-            else:
+            elif self.name == "fedyogi":
                 new, self.m, self.v = fedyogi_step(
+                    current,
+                    delta,
+                    self.m,
+                    self.v,
+                    lr=self.cfg.server_learning_rate,
+                    tau=self.cfg.server_tau,
+                )
+            else:
+                new, self.m, self.v = fedadagrad_step(
                     current,
                     delta,
                     self.m,
