@@ -68,17 +68,23 @@ def test_missing_modality_names_the_case_and_file(
     assert "t2" in line
 
 
-@pytest.mark.parametrize("command", ["train", "study", "evaluate"])
+_OUT_IS_A_FILE = {
+    "synth": ["synth", "--cases", "2", "--out", "{out}"],
+    "train": ["train", "{cohort}", "--out", "{out}", *TINY],
+    "study": ["study", "--data", "{cohort}", "--out", "{out}", "--sites", "2", *TINY, "-q"],
+    "evaluate": ["evaluate", "{tmp}/m.pt", "{cohort}", "--out", "{out}"],
+    "privacy-sweep": ["privacy-sweep", "--out", "{out}", "-q"],
+    "robustness": ["robustness", "--out", "{out}", "-q"],
+}
+
+
+@pytest.mark.parametrize("command", list(_OUT_IS_A_FILE))
 def test_out_that_is_a_file_is_refused_and_left_intact(
     command: str, cohort: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "results"
     out.write_text("keep me")
-    args = {
-        "train": ["train", cohort, "--out", out, *TINY],
-        "study": ["study", "--data", cohort, "--out", out, "--sites", "2", *TINY, "-q"],
-        "evaluate": ["evaluate", tmp_path / "m.pt", cohort, "--out", out],
-    }[command]
+    args = [a.format(out=out, cohort=cohort, tmp=tmp_path) for a in _OUT_IS_A_FILE[command]]
 
     result = _invoke(*args)
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedseg.cli._common import user_errors
+from fedseg.cli._common import existing_folder, user_errors, writable_folder
 from fedseg.study.robustness import DEFAULT_ATTACKS, DEFAULT_DEFENCES, DEFAULT_SETTINGS
 
 #: the study's small default model: the whole default matrix runs in minutes on 2 CPU cores
@@ -138,6 +138,9 @@ def robustness_command(
             if not quiet:
                 typer.echo(line, err=as_json)
 
+        if data is not None:
+            existing_folder(data, "labelled dataset folder (--data)")
+        writable_folder(out, "--out")
         doc = rob.run_robustness(
             cfg,
             out,
