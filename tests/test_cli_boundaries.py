@@ -8,7 +8,10 @@ nothing already written is damaged.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -257,3 +260,39 @@ def test_version_and_help_texts() -> None:
     assert version.stdout == f"fedseg {__version__}\n"  # type: ignore[attr-defined]
     assert "Any config key of [tool.flwr.app.config]" in study_help.stdout
     assert "Epochs (default 20" in train_help.stdout
+
+
+def _can_mount_read_only(folder: Path) -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(folder))}"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_out_on_a_read_only_mount_is_refused(command: str, cohort: Path, tmp_path: Path) -> None:
+    # a real read-only file system (a private mount namespace), where root cannot write either
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if not _can_mount_read_only(mount):
+        pytest.skip("no unshare / mount namespaces here")
+    out = mount / "run"
+    args = {
+        "train": ["train", str(cohort), "--out", str(out), *TINY],
+        "study": ["study", "--data", str(cohort), "--out", str(out), "--sites", "2", *TINY],
+    }[command]
+    cli = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "fedseg.cli", *args])
+    script = f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(mount))} && {cli}"
+
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120
+    )
+
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"error: --out {out}: cannot write there (Read-only file system); "
+        "expected a writable folder\n"
+    )
