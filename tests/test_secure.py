@@ -223,10 +223,10 @@ def test_ckks_federation_equals_plain_fedavg_and_hides_each_update(
     plain_updates: list[np.ndarray] = []
     real_seal = F.seal_train_reply
 
-    def spy_seal(content: Any, context: Any, cfg: Any) -> Any:
+    def spy_seal(content: Any, context: Any, cfg: Any, bound: int = 0) -> Any:
         weights = {k: v.numpy() for k, v in content.array_records["arrays"].items()}
         plain_updates.append(C.flatten(weights, sorted(weights)))
-        return real_seal(content, context, cfg)
+        return real_seal(content, context, cfg, bound)
 
     server_contexts: list[bool] = []
     real_init = C.EncryptedSum.__init__

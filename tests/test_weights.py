@@ -430,3 +430,71 @@ def test_attack_parts() -> None:
     assert attack_parts("scale+inflate") == ("scale", True)
     assert attack_parts("inflate") == ("inflate", True)
     assert attack_parts("scale") == ("scale", False)
+
+
+# ----------------------------------------------------------------------------- provision
+
+
+def test_provision_writes_expected_counts_into_the_registry(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedseg.cli.main import app
+
+    args = ["provision", "--server-address", "10.1.2.3", "--site", "h1", "--site", "h2"]
+    counts = ["--expected-cases", "h1=120", "--expected-cases", "h2=45"]
+    done = CliRunner().invoke(app, [*args, *counts, "--out", str(tmp_path / "pki"), "--json"])
+
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["sites"]["h2"]["expected-cases"] == 45
+    reg = read_site_registry(tmp_path / "pki" / "server" / "sites.csv")
+    assert reg.requires_counts
+    assert dict(reg.expected) == {"h1": 120, "h2": 45}
+
+
+def test_provision_without_counts_writes_a_registry_without_the_column(tmp_path: Path) -> None:
+    from fedseg.deploy.provision import FederationSpec, SiteSpec, provision
+
+    provision(FederationSpec("fl.example.org", (SiteSpec("h1"),)), tmp_path)
+
+    reg = read_site_registry(tmp_path / "server" / "sites.csv")
+    assert not reg.requires_counts and list(reg.expected) == ["h1"]
+
+
+@pytest.mark.parametrize(
+    ("sites", "fragment"),
+    [
+        ([{"name": "a", "expected-cases": 0}], "site a, field 'expected-cases'.*found 0"),
+        ([{"name": "a", "expected-cases": "12"}], "site a, field 'expected-cases'.*'12'"),
+        ([{"name": "a", "expected-cases": True}], "site a, field 'expected-cases'"),
+        ([{"name": "a", "expected-cases": 2.5}], "site a, field 'expected-cases'"),
+        ([{"name": "a", "expected-cases": 3}, "b"], "site b, field 'expected-cases': missing"),
+    ],
+)
+def test_bad_expected_cases_in_a_description(sites: list[object], fragment: str) -> None:
+    from fedseg.deploy.provision import spec_from_dict
+
+    with pytest.raises(ConfigError, match=fragment):
+        spec_from_dict({"server": {"address": "h.org"}, "sites": sites})
+
+
+@pytest.mark.parametrize(
+    ("given", "fragment"),
+    [
+        ("h1", "expected SITE=N"),
+        ("h1=-3", "expected SITE=N"),
+        ("h1=many", "expected SITE=N"),
+        ("h9=3", "no site 'h9'"),
+    ],
+)
+def test_cli_bad_expected_cases_exits_2(tmp_path: Path, given: str, fragment: str) -> None:
+    from typer.testing import CliRunner
+
+    from fedseg.cli.main import app
+
+    args = ["provision", "--server-address", "h.org", "--site", "h1", "--out", str(tmp_path)]
+    done = CliRunner().invoke(app, [*args, "--expected-cases", given])
+
+    assert done.exit_code == 2
+    assert fragment in done.output
