@@ -6,6 +6,7 @@ bounded by the count it declared at the handshake and by the registry's expected
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from test_attacks import run_round, write_cohort
 
 from fedseg.config import FedsegConfig, attack_parts
 from fedseg.deploy.registry import read_site_registry
@@ -498,3 +500,52 @@ def test_cli_bad_expected_cases_exits_2(tmp_path: Path, given: str, fragment: st
 
     assert done.exit_code == 2
     assert fragment in done.output
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+@pytest.fixture(scope="module")
+def four_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
+    """Tiny cohort of 8 cases, 4 sites of 2 (one training case each with test-fraction 0.5)."""
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("weights-cohort") / "data"
+    ids = write_cohort(root, 8)
+    return root, {f"site-{k}": ids[2 * k : 2 * k + 2] for k in range(4)}
+
+
+def test_inflating_site_through_the_client_app_is_bounded_by_the_registry(
+    four_sites: tuple[Path, dict[str, list[str]]], tmp_path: Path
+) -> None:
+    """site-2 claims 1000x its one training case, at the handshake and in its reply."""
+    registry = _registry(
+        tmp_path, "site,expected-cases\n" + "".join(f"site-{i},1\n" for i in range(4))
+    )
+    attack = {"attack": "scale+inflate", "attack_strength": 3.0, "malicious_sites": "site-2"}
+
+    replies, sent, row = run_round(
+        four_sites, tmp_path / "bounded", site_registry=str(registry), **attack
+    )
+    _, _, unbounded = run_round(four_sites, tmp_path / "unbounded", **attack)
+
+    assert row["accepted"] == ["site-0", "site-1", "site-2", "site-3"]
+    assert row["train"]["site-2"]["num-examples"] == 1000
+    assert row["train"]["site-2"]["weight"] == 1
+    assert row["train"]["site-2"]["weight-bound"] == 1
+    assert row["train"]["site-0"]["weight"] == 1
+    # without the registry the site's own (inflated) handshake is its only bound
+    assert unbounded["train"]["site-2"]["weight"] == 1000
+    assert unbounded["train"]["site-2"]["weight-bound"] == 1000
+    assert unbounded["train"]["site-0"]["weight-bound"] == 1
+    final = json.loads((tmp_path / "bounded" / "out" / "history.json").read_text())
+    assert final["config"]["site-registry"] == str(registry)
+    from fedseg.federation.checkpoint import to_numpy
+    from fedseg.utils.io import load_torch
+
+    payload = load_torch(tmp_path / "bounded" / "out" / "final_model.pt")
+    model = {k: np.asarray(to_numpy(v)) for k, v in payload["model"].items()}
+    for k in sent:
+        mean = np.mean([replies[s][k].astype(np.float64) for s in sorted(replies)], axis=0)
+        np.testing.assert_allclose(model[k], mean, rtol=1e-4, atol=1e-5, err_msg=k)

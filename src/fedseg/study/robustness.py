@@ -173,8 +173,9 @@ def parse_attacks(text: str | Sequence[str]) -> list[str]:
 
 
 def strength(attack: str) -> float:
-    """The study's ``attack-strength`` of an attack (of its first part for ATTACK+inflate)."""
-    return STRENGTHS[attack_parts(attack)[0]]
+    """The study's ``attack-strength`` of an attack (of its first part for ATTACK+inflate,
+    unless :data:`STRENGTHS` names the combination)."""
+    return STRENGTHS.get(attack, STRENGTHS[attack_parts(attack)[0]])
 
 
 def write_registry(parts: Mapping[str, Sequence[str]], cfg: FedsegConfig, path: Path) -> Path:
