@@ -57,14 +57,16 @@ def robustness_command(
         str,
         typer.Option(
             help="Comma-separated attacks: sign-flip, noise, scale, lie, free-rider, nan, "
-            "label-flip, backdoor."
+            "label-flip, backdoor, inflate (claims 1000x the site's cases), or ATTACK+inflate "
+            "(e.g. scale+inflate)."
         ),
     ] = ",".join(DEFAULT_ATTACKS),
     defences: Annotated[
         str,
         typer.Option(
-            help="Comma-separated defences: fedavg, median, trimmed-mean, krum, multi-krum, "
-            "bulyan, clip, anomaly."
+            help="Comma-separated defences: fedavg (with the default case-count bound), "
+            "fedavg-unbounded (counts taken as reported), median, trimmed-mean, krum, "
+            "multi-krum, bulyan, clip, anomaly."
         ),
     ] = ",".join(DEFAULT_DEFENCES),
     settings: Annotated[
