@@ -235,7 +235,9 @@ def _replies(
         content = RecordDict(
             {
                 R.ARRAYS: R.to_array_record({"w": np.full(2, values[site], np.float32)}),
-                R.METRICS: MetricRecord({"num-examples": counts[site], "train-loss": 0.1}),
+                R.METRICS: MetricRecord(
+                    {"num-examples": counts[site], "train-loss": values[site] / 100}
+                ),
             }
         )
         out.append(Message(content, reply_to=m))
@@ -262,6 +264,7 @@ def test_default_defence_clips_an_inflated_count_to_the_declared_one(
     assert report.metrics["site-2"]["weight-bound"] == 10.0
     assert report.metrics["site-2"]["num-examples"] == 10_000.0
     assert "site site-2 reports num-examples 10000 above its bound 10" in caplog.text
+    assert report.train_loss() == pytest.approx(1.03 / 3)  # weighted by the bounded counts
 
 
 def test_without_the_defence_the_inflated_site_takes_the_average() -> None:

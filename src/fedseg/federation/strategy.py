@@ -127,12 +127,14 @@ class TrainReport:
     reason: str = ""
 
     def train_loss(self) -> float | None:
-        """Mean training loss of the accepted sites, weighted by ``num-examples``."""
+        """Mean training loss of the accepted sites, weighted as in the average (``weight``,
+        the bounded count; ``num-examples`` where no weight was decided)."""
         rows = [m for m in self.metrics.values() if "train-loss" in m]
-        total = sum(m.get("num-examples", 0.0) for m in rows)
+        weights = [m.get("weight", m.get("num-examples", 0.0)) for m in rows]
+        total = sum(weights)
         if not rows or total <= 0:
             return None
-        return sum(m["train-loss"] * m.get("num-examples", 0.0) for m in rows) / total
+        return sum(m["train-loss"] * w for m, w in zip(rows, weights, strict=True)) / total
 
 
 @dataclass

@@ -29,7 +29,8 @@ is not run: its cell is ``n/a`` with the bound as the reason.
 Attack strengths (:data:`STRENGTHS`) are fixed per attack so that cells compare; see
 :mod:`fedseg.site.attacks` for what each attack does. ``inflate`` (alone, or ``ATTACK+inflate``)
 reports :data:`INFLATE_FACTOR` times the site's cases; a combined attack uses its first part's
-strength.
+strength unless :data:`STRENGTHS` names it (``scale+inflate``: a x4 boost, which FedAvg survives
+at the site's true weight, so the cell measures what the claimed count adds).
 
 Outputs in ``OUT``: ``robustness.json`` (every cell, written after each so that a rerun resumes),
 ``robustness.csv``, ``heatmap-<setting>.png`` and ``report.html``.
@@ -96,6 +97,9 @@ STRENGTHS: dict[str, float] = {
     "label-flip": 1.0,
     "backdoor": 1.0,
     "inflate": 1.0,
+    # the model-replacement boost for 4 equally weighted sites (Bagdasaryan et al. 2020: n / 1):
+    # tolerated by FedAvg at the site's true weight, so the cell shows what the count adds
+    "scale+inflate": 4.0,
 }
 #: ``inflate-factor`` of the count attack: the malicious sites claim 1000x their cases
 INFLATE_FACTOR = 1000.0
