@@ -41,7 +41,8 @@ _HELP = (
     "OUT/report.html. Rerun the same command to resume."
     "\n\n"
     "Defaults (a 2D U-Net on 32x32 slices, 24 synthetic cases, 4 rounds x 2 local epochs) keep "
-    "the default matrix within about 25 minutes on 2 CPU cores; raise them with the options."
+    "the default matrix (86 cells) within about 50 minutes on 2 busy CPU cores; raise them with "
+    "the options."
     "\n\n"
     "Exit codes: 0 success, 2 bad input, 3 internal failure."
 )
