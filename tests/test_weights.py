@@ -552,3 +552,24 @@ def test_inflating_site_through_the_client_app_is_bounded_by_the_registry(
     for k in sent:
         mean = np.mean([replies[s][k].astype(np.float64) for s in sorted(replies)], axis=0)
         np.testing.assert_allclose(model[k], mean, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize(("node_attack", "declared"), [({}, 3), ({"attack": "inflate"}, 3000)])
+def test_a_deployed_site_declares_its_training_cases_at_the_handshake(
+    tmp_path: Path, node_attack: dict[str, str], declared: int
+) -> None:
+    """A SuperNode's site (its own data-path, no partition) counts its cases without loading them:
+    4 cases, test-fraction 0.25 -> 3 training cases."""
+    from flwr.app import Context
+
+    from fedseg.federation.site import handle_query
+
+    write_cohort(tmp_path / "data", 4)
+    node = {"data-path": str(tmp_path / "data"), "site-name": "h-a", **node_attack}
+    context = Context(0, 1, node, RecordDict(), {})
+    query = Message(RecordDict({R.CONFIG: ConfigRecord({"want": "site-name"})}), 1, "query")
+
+    content = handle_query(query, context, FedsegConfig(test_fraction=0.25))
+
+    assert R.reply_site_name(content) == "h-a"
+    assert R.reply_declared_count(content) == declared
