@@ -339,7 +339,7 @@ def test_registry_bounds_a_site_that_also_lies_at_the_handshake(tmp_path: Path) 
 
 def test_a_site_missing_from_a_registry_that_requires_counts_is_refused(tmp_path: Path) -> None:
     path = _registry(tmp_path, "site,expected-cases\nsite-0,10\nsite-1,10\n")
-    strat, _, msgs = _strategy(site_registry=str(path))
+    strat, grid, msgs = _strategy(site_registry=str(path))
     counts = {s: 10 for s in SITES}
 
     new, _ = strat.aggregate_train(1, _replies(strat, msgs, VALUES, counts))
@@ -348,8 +348,12 @@ def test_a_site_missing_from_a_registry_that_requires_counts_is_refused(tmp_path
     assert R.from_array_record(new)["w"][0] == pytest.approx(1.5)
     report = strat.last_train
     assert report is not None
-    assert "'site-2' is not in the site registry" in report.rejected["site-2"]
-    assert "expected-cases" in report.rejected["site-2"]
+    assert report.sampled == ["site-0", "site-1"]  # site-2 is never sent a round
+    evaluated = strat.configure_evaluate(1, R.to_array_record(GLOBAL), ConfigRecord(), grid)
+    assert sorted(strat.site_of(m.metadata.dst_node_id) for m in evaluated) == SITES[:2]
+    reason = strat._refusal("site-2")
+    assert reason is not None and "'site-2' is not in the site registry" in reason
+    assert "expected-cases" in reason
 
 
 def test_handshake_records_the_declared_count() -> None:

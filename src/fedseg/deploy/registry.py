@@ -8,7 +8,7 @@
 
 The ``expected-cases`` column is optional. When it is there the registry *requires counts*:
 every row must have a positive integer in it, and a site that joins without a row is refused
-(its replies are never aggregated). The ServerApp reads the file named by the run-config key
+(it is never sent a round). The ServerApp reads the file named by the run-config key
 ``site-registry`` once, at start, and bounds each site's weight by its expected count
 (:func:`fedseg.strategies.weights.site_bound`). Any other column is ignored.
 """

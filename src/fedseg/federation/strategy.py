@@ -50,9 +50,9 @@ its expected count in the server's site registry (:mod:`fedseg.strategies.weight
 (``count-bound``), logged with the site's name; a count that changes between rounds by more than
 ``count-jump-factor`` is logged and recorded (``count-jump`` in the site's train metrics, beside
 ``weight`` and ``weight-bound``); ``weighting = "equal"`` weighs every accepted reply 1. A site
-missing from a registry that requires counts is refused. Under CKKS and SecAgg+ the server
-cannot rescale a site's contribution, so each site gets its bound in the train message
-(``weight-bound``) and applies it itself (:mod:`fedseg.secure`).
+missing from a registry that requires counts is refused: it is never sent a round. Under CKKS
+and SecAgg+ the server cannot rescale a site's contribution, so each site gets its bound in the
+train message (``weight-bound``) and applies it itself (:mod:`fedseg.secure`).
 
 Robust aggregation (``aggregator``, ``update-clip-norm``, ``anomaly-threshold``): for fedavg,
 fedprox, fedbn (and as the delta source of fedadam / fedyogi) the average is replaced by
@@ -505,9 +505,9 @@ class FedsegStrategy(Strategy):
             self.sites[node] = name
             if node in counts:
                 self.declared[name] = counts[node]
-            refusal = self.registry.refusal(name) if self.registry is not None else None
+            refusal = self._refusal(name)
             if refusal is not None:
-                log.error("%s (node %d): refused: %s", name, node, refusal)
+                log.error("%s (node %d): refused, never sent a round: %s", name, node, refusal)
         return dict(self.sites)
 
     def weight_bound(self, site: str) -> int | None:
@@ -545,7 +545,7 @@ class FedsegStrategy(Strategy):
         c = self.cfg
         allowed: dict[str, int] = {}
         for site, num in reported.items():
-            refusal = self.registry.refusal(site) if self.registry is not None else None
+            refusal = self._refusal(site)  # not sent a round; a reply all the same is refused
             if refusal is not None:
                 report.rejected[site] = refusal
             else:
@@ -654,8 +654,13 @@ class FedsegStrategy(Strategy):
 
     # ---------------------------------------------------------------- internals
     def _connected(self, grid: Grid) -> list[int]:
-        nodes = list(grid.get_node_ids())
+        """The connected nodes that may take part, by site name: a site missing from a registry
+        that requires counts is never sent a round (refused at the handshake, logged there)."""
+        nodes = [n for n in grid.get_node_ids() if self._refusal(self.site_of(n)) is None]
         return sorted(nodes, key=lambda n: (self.site_of(n), n))
+
+    def _refusal(self, site: str) -> str | None:
+        return self.registry.refusal(site) if self.registry is not None else None
 
     def _source(
         self,
