@@ -6,7 +6,8 @@ folder per party, ready to hand over::
 
     OUT/
       ca/                 ca.crt, ca.key          (keep offline: signs server certificates)
-      server/             ca.crt, server.pem, server.key, site-keys/<site>.pub, sites.csv,
+      server/             ca.crt, server.pem, server.key, site-keys/<site>.pub, sites.csv
+                          (the site registry, with expected-cases when given),
                           run-superlink.sh, register-sites.sh, flwr-connection.toml
       site-<name>/        ca.crt, <name>.key, <name>.pub, run-supernode.sh
                           ckks.ctx (with ``ckks``: the sites' shared CKKS secret key)
@@ -36,6 +37,11 @@ Description file (TOML)::
     [[sites]]
     name = "hospital-a"
     data-path = "/srv/brats"            # optional: written into run-supernode.sh
+    expected-cases = 120                # optional: training cases the server expects (#24)
+
+``expected-cases`` (for every site or for none) goes into the server's site registry,
+``server/sites.csv`` (:mod:`fedseg.deploy.registry`): name it in the run config
+(``site-registry``) and the server bounds each site's weight by it.
 
 ``sites = ["hospital-a", "hospital-b"]`` is accepted too.
 """
@@ -55,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedseg.deploy.registry import EXPECTED_CASES, REGISTRY_FILE
 from fedseg.errors import ConfigError, ProvisionError
 
 DEFAULT_PORT = 9092
@@ -63,7 +70,7 @@ SERVER_DAYS = 825
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _SERVER_KEYS = ("address", "port", "dns-names", "ip-addresses")
-_SITE_KEYS = ("name", "data-path")
+_SITE_KEYS = ("name", "data-path", "expected-cases")
 # The ServerApp process reaches the SuperLink's Runtime API on the loopback over the same TLS
 # certificate, so the loopback names are always on it.
 _LOOPBACK_DNS = ("localhost",)
@@ -72,10 +79,12 @@ _LOOPBACK_IPS = ("127.0.0.1", "::1")
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """One hospital: its name (also the SuperNode name) and, optionally, its data folder."""
+    """One hospital: its name (also the SuperNode name) and, optionally, its data folder and
+    the count of training cases the server expects from it (its weight bound)."""
 
     name: str
     data_path: str = ""
+    expected_cases: int | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,20 @@ def validate_spec(spec: FederationSpec) -> None:
         seen.add(site.name)
         if not isinstance(site.data_path, str) or "'" in site.data_path:
             raise ConfigError(f"site {site.name}: data-path must be a string without quotes (')")
+        count = site.expected_cases
+        bad = isinstance(count, bool) or not isinstance(count, int) or count < 1
+        if count is not None and bad:
+            raise ConfigError(
+                f"site {site.name}, field 'expected-cases': expected a positive integer, "
+                f"found {count!r}"
+            )
+    counted = [s.name for s in spec.sites if s.expected_cases is not None]
+    if counted and len(counted) < len(spec.sites):
+        missing = [s.name for s in spec.sites if s.expected_cases is None]
+        raise ConfigError(
+            f"site {missing[0]}, field 'expected-cases': missing (the registry requires it for "
+            f"every site once one has it; given for {', '.join(counted)})"
+        )
 
 
 def load_spec(path: Path) -> FederationSpec:
@@ -204,7 +227,9 @@ def spec_from_dict(doc: dict[str, Any], *, source: str = "description") -> Feder
             _unknown(item, _SITE_KEYS, f"{source} [[sites]]")
             if "name" not in item:
                 raise ConfigError(f"{source} [[sites]]: an entry has no 'name'")
-            sites.append(SiteSpec(item["name"], item.get("data-path", "")))
+            sites.append(
+                SiteSpec(item["name"], item.get("data-path", ""), item.get("expected-cases"))
+            )
         else:
             raise ConfigError(f"{source}: bad site entry {item!r}")
     for key in ("dns-names", "ip-addresses"):
@@ -449,7 +474,8 @@ def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> Provis
     _write(server / "server.pem", _pem_cert(srv_cert), 0o644)
     _write(server / "server.key", _pem_key(srv_key), 0o600)
     result = ProvisionResult(out=out, ca_dir=ca_dir, server_dir=server)
-    sites_rows = ["site,fingerprint"]
+    counted = any(s.expected_cases is not None for s in spec.sites)
+    sites_rows = ["site,fingerprint" + (f",{EXPECTED_CASES}" if counted else "")]
     manifest_sites = {}
     for site in spec.sites:
         private, public = make_site_keys(site.name)
@@ -465,10 +491,14 @@ def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> Provis
         _write(folder / "run-supernode.sh", script.encode(), 0o755)
         _write(server / "site-keys" / f"{site.name}.pub", public, 0o644)
         fingerprint = ssh_fingerprint(public)
-        sites_rows.append(f"{site.name},{fingerprint}")
+        row = f"{site.name},{fingerprint}"
         manifest_sites[site.name] = {"folder": folder.name, "key-fingerprint": fingerprint}
+        if counted:
+            row += f",{site.expected_cases}"
+            manifest_sites[site.name][EXPECTED_CASES] = site.expected_cases
+        sites_rows.append(row)
         result.site_dirs[site.name] = folder
-    _write(server / "sites.csv", ("\n".join(sites_rows) + "\n").encode(), 0o644)
+    _write(server / REGISTRY_FILE, ("\n".join(sites_rows) + "\n").encode(), 0o644)
     _write(server / "run-superlink.sh", superlink_script(spec).encode(), 0o755)
     _write(server / "register-sites.sh", register_script(spec).encode(), 0o755)
     _write(server / "flwr-connection.toml", connection_toml(spec).encode(), 0o644)

@@ -52,6 +52,12 @@ FLAT = "values"
 EVAL_METRICS = "evaluate-metrics"
 #: the error code of that evaluation, when it failed (the training may still have run)
 EVAL_ERROR = "evaluate-error"
+#: handshake reply, in the ``"site"`` record: the site's count of training cases (#24)
+DECLARED_COUNT = "num-examples"
+#: train config, server -> site: the most a site may weigh in a secure (CKKS, SecAgg+) sum
+WEIGHT_BOUND = "weight-bound"
+#: ... and what a site above it does under SecAgg+ (the ``count-bound`` mode)
+COUNT_BOUND = "count-bound"
 
 #: the code sent for an exception outside the fedseg hierarchy (class name only)
 INTERNAL_CODE = FedsegError.code
@@ -217,6 +223,15 @@ def reply_site_name(content: RecordDict) -> str | None:
         return None
     name = rec.get("name")
     return name if isinstance(name, str) and name else None
+
+
+def reply_declared_count(content: RecordDict) -> int | None:
+    """The training-case count a handshake reply declares (``None``: absent or not an int >= 1)."""
+    rec = content.config_records.get(SITE)
+    value = None if rec is None else rec.get(DECLARED_COUNT)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return int(value)
 
 
 def reply_error(content: RecordDict) -> str | None:

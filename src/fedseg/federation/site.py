@@ -245,6 +245,9 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         return decrypt_sum_reply(msg, context, cfg)
     spec = resolve_site(context, cfg)
     content = RecordDict({R.SITE: R.site_record(spec.name)})
+    declared = _declared_count(spec, cfg, context)
+    if declared is not None:  # the server bounds this site's weight by it (#24)
+        content[R.SITE][R.DECLARED_COUNT] = declared
     # Only simulated sites live in a long-lived worker; a SuperNode starts a new ClientApp
     # process for every message, where preparing now would only cost time.
     long_lived = "partition-id" in context.node_config
@@ -263,6 +266,24 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         else:
             _prepare_other_sites(spec, cfg)
     return content
+
+
+def _declared_count(spec: SiteSpec, cfg: FedsegConfig, context: Context) -> int | None:
+    """The training-case count this site declares at the handshake (``None``: data not found).
+
+    The same split as :func:`_build_runtime`, from the case ids alone (no image is read). A
+    simulated inflating site (#24) declares its inflated count already here.
+    """
+    from fedseg.data.cohort import split_cases
+    from fedseg.site.attacks import reported_count, site_attack
+
+    try:
+        ids = list(spec.case_ids) if spec.case_ids is not None else _discover_ids(spec.root)
+        count = len(split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)["train"])
+    except Exception:  # noqa: BLE001 - the first training message reports the data problem
+        log.debug("site %s: no case count to declare", spec.name, exc_info=True)
+        return None
+    return reported_count(site_attack(cfg, spec.name, context.node_config), count)
 
 
 def _prepare_other_sites(spec: SiteSpec, cfg: FedsegConfig) -> None:
@@ -335,7 +356,7 @@ def _train_received(
     """The training half of :func:`handle_train`, from the received model to the reply."""
     import torch
 
-    from fedseg.site.attacks import attack_weights
+    from fedseg.site.attacks import attack_weights, reported_count
 
     strategy = str(conf.get("strategy", cfg.strategy))
     server_round = int(conf.get("server-round", 0))
@@ -397,7 +418,7 @@ def _train_received(
             R.ARRAYS: R.to_array_record(weights),
             R.METRICS: MetricRecord(
                 {
-                    "num-examples": int(fit["num-examples"]),
+                    "num-examples": reported_count(attack, int(fit["num-examples"])),
                     "train-loss": float(fit["loss"]),
                     "train-seconds": float(fit["train-seconds"]),
                     # the K and lr of SCAFFOLD's control-variate update (done at the server)
@@ -421,7 +442,9 @@ def _train_received(
     if cfg.secure_aggregation == "ckks":  # last: the plain model never leaves the site
         from fedseg.secure.ckks_federation import seal_train_reply
 
-        content = seal_train_reply(content, context, cfg)
+        bound = conf.get(R.WEIGHT_BOUND, 0)
+        bound = bound if isinstance(bound, int) and not isinstance(bound, bool) else 0
+        content = seal_train_reply(content, context, cfg, bound)
     return content
 
 

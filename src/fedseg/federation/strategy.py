@@ -44,6 +44,17 @@ The algorithms (server side)
     fixed order (by site name), each site starting from the previous site's weights; a site that
     fails is skipped. See :meth:`FedsegStrategy.run_train`.
 
+Case-count weights (#24): a site's weight in every case-weighted average is its reported
+``num-examples`` bounded by the count it declared at the handshake and, with ``site-registry``,
+its expected count in the server's site registry (:mod:`fedseg.strategies.weights`,
+:mod:`fedseg.deploy.registry`). A reply above its bound is clipped to it or rejected
+(``count-bound``), logged with the site's name; a count that changes between rounds by more than
+``count-jump-factor`` is logged and recorded (``count-jump`` in the site's train metrics, beside
+``weight`` and ``weight-bound``); ``weighting = "equal"`` weighs every accepted reply 1. A site
+missing from a registry that requires counts is refused: it is never sent a round. Under CKKS
+and SecAgg+ the server cannot rescale a site's contribution, so each site gets its bound in the
+train message (``weight-bound``) and applies it itself (:mod:`fedseg.secure`).
+
 Robust aggregation (``aggregator``, ``update-clip-norm``, ``anomaly-threshold``): for fedavg,
 fedprox, fedbn (and as the delta source of fedadam / fedyogi) the average is replaced by
 :func:`fedseg.strategies.robust.robust_aggregate`; sites its anomaly filter drops are moved from
@@ -66,6 +77,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedseg.config import FedsegConfig
 from fedseg.data.case import REGIONS
+from fedseg.deploy.registry import SiteRegistry, read_site_registry
 from fedseg.errors import AggregationError, CheckpointError, UpdateValidationError
 from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
@@ -116,12 +128,14 @@ class TrainReport:
     reason: str = ""
 
     def train_loss(self) -> float | None:
-        """Mean training loss of the accepted sites, weighted by ``num-examples``."""
+        """Mean training loss of the accepted sites, weighted as in the average (``weight``,
+        the bounded count; ``num-examples`` where no weight was decided)."""
         rows = [m for m in self.metrics.values() if "train-loss" in m]
-        total = sum(m.get("num-examples", 0.0) for m in rows)
+        weights = [m.get("weight", m.get("num-examples", 0.0)) for m in rows]
+        total = sum(weights)
         if not rows or total <= 0:
             return None
-        return sum(m["train-loss"] * m.get("num-examples", 0.0) for m in rows) / total
+        return sum(m["train-loss"] * w for m, w in zip(rows, weights, strict=True)) / total
 
 
 @dataclass
@@ -200,6 +214,13 @@ class FedsegStrategy(Strategy):
         self._fused_eval: dict[int, str] = {}
         #: differential privacy (#4): client-level clip/noise/accountant, the per-site ledger
         self.privacy = ServerPrivacy(cfg)
+        #: case counts (#24): declared at the handshake, and last reported, per site
+        self.declared: dict[str, int] = {}
+        self.last_counts: dict[str, int] = {}
+        #: the server's site registry (expected case counts), read and checked once, at start
+        self.registry: SiteRegistry | None = (
+            read_site_registry(cfg.site_registry) if cfg.site_registry else None
+        )
 
     # ---------------------------------------------------------------- Flower Strategy API
     def summary(self) -> None:
@@ -462,6 +483,7 @@ class FedsegStrategy(Strategy):
         content = RecordDict({R.CONFIG: ConfigRecord({"want": "site-name", "prepare": True})})
         messages = [Message(content, n, MessageType.QUERY) for n in unknown]
         names: dict[int, str] = {}
+        counts: dict[int, int] = {}
         for msg in send_and_receive(grid, messages, timeout=timeout):
             node = msg.metadata.src_node_id
             if msg.has_error() or not msg.has_content():
@@ -469,6 +491,9 @@ class FedsegStrategy(Strategy):
             name = R.reply_site_name(msg.content)
             if name is not None:
                 names[node] = _safe_name(name)
+            count = R.reply_declared_count(msg.content)
+            if count is not None:
+                counts[node] = count
             code = R.reply_error(msg.content)
             if code is not None:
                 log.warning("site %s (node %d) could not prepare: %s", name, node, code)
@@ -479,7 +504,90 @@ class FedsegStrategy(Strategy):
                 name = f"{name}@{node}"
             taken.add(name)
             self.sites[node] = name
+            if node in counts:
+                self.declared[name] = counts[node]
+            refusal = self._refusal(name)
+            if refusal is not None:
+                log.error("%s (node %d): refused, never sent a round: %s", name, node, refusal)
         return dict(self.sites)
+
+    def weight_bound(self, site: str) -> int | None:
+        """The most ``site`` may weigh (``None``: unbounded): see :mod:`fedseg.strategies.weights`.
+
+        The smaller of the count it declared at the handshake and its registry count.
+        """
+        from fedseg.strategies.weights import site_bound
+
+        expected = self.registry.bound(site) if self.registry is not None else None
+        return site_bound(self.declared.get(site), expected)
+
+    def bound_counts(
+        self, server_round: int, reported: Mapping[str, int], report: TrainReport
+    ) -> dict[str, int]:
+        """Each site's weight this round from its reported count; the sites left out go to
+        ``report.rejected``, the weights and events to ``report.metrics`` (and the log).
+
+        Parameters
+        ----------
+        server_round:
+            The round (for the log).
+        reported:
+            Site to the ``num-examples`` of its otherwise valid reply.
+        report:
+            The round's report (its ``metrics`` rows must exist for the sites in ``reported``).
+
+        Returns
+        -------
+        dict
+            Site to weight, for the sites that stay in the round.
+        """
+        from fedseg.strategies.weights import bounded_weights, count_jumps
+
+        c = self.cfg
+        allowed: dict[str, int] = {}
+        for site, num in reported.items():
+            refusal = self._refusal(site)  # not sent a round; a reply all the same is refused
+            if refusal is not None:
+                report.rejected[site] = refusal
+            else:
+                allowed[site] = num
+        bounds = {site: self.weight_bound(site) for site in allowed}
+        decision = bounded_weights(allowed, bounds, mode=c.count_bound, weighting=c.weighting)
+        for site, ratio in count_jumps(self.last_counts, allowed, c.count_jump_factor).items():
+            log.warning(
+                "round %d: site %s: num-examples jumped from %d to %d (x%.3g; "
+                "count-jump-factor %g)",
+                server_round,
+                site,
+                self.last_counts[site],
+                allowed[site],
+                ratio,
+                c.count_jump_factor,
+            )
+            report.metrics.setdefault(site, {})["count-jump"] = ratio
+        self.last_counts.update(allowed)
+        for site, (num, bound) in decision.over.items():
+            action = "rejected" if site in decision.rejected else "clipped to its bound"
+            log.warning(
+                "round %d: site %s reports num-examples %d above its bound %d: %s",
+                server_round,
+                site,
+                num,
+                bound,
+                action,
+            )
+        for site, reason in decision.rejected.items():
+            report.rejected[site] = reason
+        for site, weight in decision.weights.items():
+            row = report.metrics.setdefault(site, {})
+            row["weight"] = float(weight)
+            if bounds.get(site) is not None:
+                row["weight-bound"] = float(bounds[site])  # type: ignore[arg-type]
+        for site in reported:
+            if site not in decision.weights:
+                report.metrics.pop(site, None)
+        report.accepted = [s for s in report.accepted if s in decision.weights]
+        return dict(decision.weights)
 
     def site_of(self, node_id: int) -> str:
         """The site name of a node (``node-<id>`` before the handshake)."""
@@ -520,6 +628,7 @@ class FedsegStrategy(Strategy):
             "site-local": {s: dict(w) for s, w in self.site_local.items()},
             "c-sites": {s: dict(c) for s, c in self.c_sites.items()},
             "privacy": self.privacy.state_dict(),
+            "last-counts": dict(self.last_counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -542,11 +651,17 @@ class FedsegStrategy(Strategy):
             for s, c in (state.get("c-sites") or {}).items()
         }
         self.privacy.load_state_dict(state.get("privacy") or {})
+        self.last_counts = {str(k): int(v) for k, v in (state.get("last-counts") or {}).items()}
 
     # ---------------------------------------------------------------- internals
     def _connected(self, grid: Grid) -> list[int]:
-        nodes = list(grid.get_node_ids())
+        """The connected nodes that may take part, by site name: a site missing from a registry
+        that requires counts is never sent a round (refused at the handshake, logged there)."""
+        nodes = [n for n in grid.get_node_ids() if self._refusal(self.site_of(n)) is None]
         return sorted(nodes, key=lambda n: (self.site_of(n), n))
+
+    def _refusal(self, site: str) -> str | None:
+        return self.registry.refusal(site) if self.registry is not None else None
 
     def _source(
         self,
@@ -601,6 +716,11 @@ class FedsegStrategy(Strategy):
         conf["local-epochs"] = self.cfg.local_epochs
         conf["proximal-mu"] = float(self.cfg.proximal_mu) if self.name == "fedprox" else 0.0
         content = RecordDict({R.ARRAYS: self._outgoing_weights(arrays), R.CONFIG: conf})
+        if self.cfg.secure_aggregation != "none":  # each site applies its own weight bound
+            self._outbox = [
+                Message(self._with_bound(content, conf, n), n, MessageType.TRAIN) for n in nodes
+            ]
+            return list(self._outbox)
         if self.name != "scaffold":
             self._outbox = [Message(content, n, MessageType.TRAIN) for n in nodes]
             return list(self._outbox)
@@ -622,6 +742,19 @@ class FedsegStrategy(Strategy):
             messages.append(Message(site_content, n, MessageType.TRAIN))
         self._outbox = list(messages)
         return messages
+
+    def _with_bound(self, content: RecordDict, conf: ConfigRecord, node: int) -> RecordDict:
+        """``content`` with the node's ``weight-bound`` (0: none) in its own train config."""
+        if self.cfg.weighting == "equal":
+            bound: int | None = 1
+        elif self.cfg.count_bound == "off":
+            bound = None
+        else:
+            bound = self.weight_bound(self.site_of(node))
+        own = ConfigRecord(dict(conf))
+        own[R.WEIGHT_BOUND] = int(bound or 0)
+        own[R.COUNT_BOUND] = self.cfg.count_bound
+        return RecordDict({R.ARRAYS: content[R.ARRAYS], R.CONFIG: own})
 
     def _model(self) -> Weights:
         if self.global_weights is None:
@@ -712,6 +845,8 @@ class FedsegStrategy(Strategy):
             valid.append((site, dict(update), int(num)))  # type: ignore[call-overload]
             report.accepted.append(site)
             report.metrics[site] = extras[site]["metrics"]
+        weights = self.bound_counts(server_round, {s: n for s, _, n in valid}, report)
+        valid = [(s, u, weights[s]) for s, u, _ in valid if s in weights]
         for site, reason in sorted(report.rejected.items()):
             log.warning(
                 "round %d: rejected %s: %s",
