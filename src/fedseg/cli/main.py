@@ -29,6 +29,7 @@ _COMMAND_MODULES = (
     "provision",
     "privacy_sweep",
     "robustness",
+    "site_ledger",
 )
 
 for _name in _COMMAND_MODULES:

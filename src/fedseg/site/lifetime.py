@@ -174,9 +174,7 @@ class LifetimeLedger:
 
     def total(self, delta: float, *, exclude: str | None = None) -> float:
         """The lifetime epsilon at ``delta``: the sum of every run's charged epsilon."""
-        return sum(
-            self.run_cost(key, delta).charged for key in self.data["runs"] if key != exclude
-        )
+        return sum(self.run_cost(key, delta).charged for key in self.data["runs"] if key != exclude)
 
     def trained_in(self, run_key: str) -> bool:
         """Whether this site was admitted to train in run ``run_key``."""
