@@ -37,6 +37,17 @@ from fedseg.site.policy import (
     policy_to_toml,
 )
 
+#: a policy that accepts every run (the drills of other properties, and runs compared here)
+OPEN_POLICY = SitePolicy(
+    "open",
+    dp_modes=DP_MODES,
+    max_epsilon_per_run=1e9,
+    max_epsilon_lifetime=1e9,
+    secure_aggregation=SECURE_MODES,
+    evaluate_only=True,
+    max_model_parameters=10**12,
+)
+
 # ----------------------------------------------------------------------------- the file
 
 
@@ -388,14 +399,11 @@ def test_the_third_run_past_the_lifetime_budget_is_refused_at_the_site(
 def test_a_deployed_site_ignores_malicious_sites_in_the_run_config(
     site_data: dict[str, Path], tmp_path: Path
 ) -> None:
-    open_policy = SitePolicy(
-        "open", dp_modes=DP_MODES, secure_aggregation=SECURE_MODES, evaluate_only=True
-    )
     weights = {}
     named = {"attack": "scale", "malicious_sites": "hospital-a", "attack_strength": 5.0}
     for tag, extra in (("honest", {}), ("named", named)):
         cfg = _cfg(**extra)
-        grid = _deployed(site_data, tmp_path / tag, cfg, {s: open_policy for s in SITES})
+        grid = _deployed(site_data, tmp_path / tag, cfg, {s: OPEN_POLICY for s in SITES})
         replies = _train_replies(grid)
         serve(grid, cfg, tmp_path / tag / "out")
         weights[tag] = {s: R.from_array_record(replies[s].content.array_records[R.ARRAYS])
