@@ -397,7 +397,7 @@ def test_the_third_run_past_the_lifetime_budget_is_refused_at_the_site(
 
 
 def test_a_deployed_site_ignores_malicious_sites_in_the_run_config(
-    site_data: dict[str, Path], tmp_path: Path
+    site_data: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     weights = {}
     named = {"attack": "scale", "malicious_sites": "hospital-a", "attack_strength": 5.0}
@@ -412,6 +412,8 @@ def test_a_deployed_site_ignores_malicious_sites_in_the_run_config(
         for key, value in weights["honest"][site].items():
             np.testing.assert_array_equal(weights["named"][site][key], value)
     assert (tmp_path / "named" / "out" / FINAL_MODEL).is_file()
+    ignored = [r for r in caplog.records if "ignoring the simulation-only" in r.getMessage()]
+    assert {r.getMessage().split(":")[0] for r in ignored} == {f"site {s}" for s in SITES}
 
 
 def test_only_the_simulation_engine_and_in_process_nodes_are_simulated() -> None:
