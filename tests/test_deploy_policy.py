@@ -2,19 +2,19 @@
 
 The server and two hospitals in separate network namespaces, over TLS with enrolled sites
 (the harness of ``tests/test_deploy_drills.py``, whose :class:`Drill` this reuses); the sites
-run the ``run-supernode.sh`` that ``fedseg provision`` wrote, with its ``policy.toml``. Six
+run the ``run-supernode.sh`` that ``fedseg provision`` wrote, with its ``policy.toml``. Four
 one-round runs of a tiny model, one after the other against the same SuperLink and SuperNodes
 (a site reads its policy file at every message, so the drill edits it between phases, as a
 hospital would):
 
 1. the provisioned (strict) policies, which require DP-SGD and secure aggregation, and a run
    with ``dp-mode = "none"``: no site trains, each refusal is in the server's log and history,
-   no update leaves a site (no reply carries one, no case was prepared, the ledgers book none);
+   no update leaves a site (no case is even prepared, the ledgers book no round);
 2. both sites at ``max-epsilon-lifetime = 8``, three runs at ``dp-target-epsilon = 3``: the
    first two train, the third is refused at the sites, and ``fedseg site-ledger`` says why;
-3. a policy that accepts every run, and the same run twice, the second naming ``hospital-a``
-   in ``malicious-sites`` (``attack = "scale"``): the final models are identical, i.e. the
-   deployed site sent its honest update.
+3. the second of those runs names ``hospital-a`` in ``malicious-sites`` (``attack = "scale"``)
+   and is otherwise the first run again (training is seeded, the DP noise too): the final
+   models of the two are identical, i.e. the deployed site sent its honest update.
 
 Needs root and iproute2 (skipped otherwise); ``FEDSEG_SKIP_DEPLOYMENT=1`` leaves it out.
 """
@@ -32,7 +32,6 @@ import numpy as np
 import pytest
 from test_deploy_drills import BIN, ROOT, Drill, _wait_for
 from test_federation import write_cohort
-from test_site_policy import OPEN_POLICY as OPEN
 
 from fedseg.deploy.netns import SERVER_IP, NetLab, netns_unavailable
 from fedseg.deploy.provision import POLICY_FILE, FederationSpec, SiteSpec, provision
@@ -112,16 +111,14 @@ class PolicyDrill:
 
         self.run("no-dp", "")
         self.set_policy(LIFETIME_8)
-        for tag in ("dp-1", "dp-2", "dp-3"):
-            self.run(tag, _DP3)
+        self.run("dp-1", _DP3)
+        self.run("dp-2", f"{_DP3} {_NAMED}")  # dp-1 again, naming hospital-a as malicious
+        self.run("dp-3", _DP3)
         done = subprocess.run(
             [str(BIN / "fedseg"), "site-ledger", "--json", str(b.pki.site_dirs["hospital-a"])],
             capture_output=True, text=True, timeout=120, env=b.env,
         )  # fmt: skip
         self.ledger_output = done.stdout + done.stderr
-        self.set_policy(OPEN)
-        self.run("honest", "")
-        self.run("named", _NAMED)
 
     def run(self, tag: str, extra: str) -> None:
         """One ``flwr run`` to its end; keeps its history and its server log."""
@@ -177,6 +174,8 @@ def test_a_run_without_dp_trains_nowhere_and_every_refusal_is_in_the_server_log(
         assert "E700:SitePolicyError" in reason
         assert f"policy '{site}-default' refuses dp-mode 'none' (requires one of: sample)" in reason
         assert f"rejected site {site} " in log and "E700:SitePolicyError" in log
+        site_log = (drill.base.logs / f"{site}-1.log").read_text(errors="replace")
+        assert f"site {site}: train refused by the site's policy" in site_log
         # nothing was even read from its cases
         assert drill.runs["no-dp"]["prepared"][site] is False
 
@@ -216,10 +215,15 @@ def test_a_deployed_site_named_in_malicious_sites_sends_its_honest_update(
 ) -> None:
     from fedseg.utils.io import load_torch
 
-    for tag in ("honest", "named"):
+    for tag in ("dp-1", "dp-2"):
         assert drill.runs[tag]["history"][0]["accepted"] == list(SITES)
-    honest = load_torch(drill.runs["honest"]["out"] / "final_model.pt")["model"]
-    named = load_torch(drill.runs["named"]["out"] / "final_model.pt")["model"]
+    site_log = (drill.base.logs / "hospital-a-1.log").read_text(errors="replace")
+    assert (
+        "site hospital-a: ignoring the simulation-only run-config keys attack='scale', "
+        "malicious-sites='hospital-a', attack-strength=5.0 (this is a deployed site)"
+    ) in site_log
+    honest = load_torch(drill.runs["dp-1"]["out"] / "final_model.pt")["model"]
+    named = load_torch(drill.runs["dp-2"]["out"] / "final_model.pt")["model"]
     assert sorted(honest) == sorted(named)
     for key, value in honest.items():
         np.testing.assert_array_equal(np.asarray(named[key]), np.asarray(value))

@@ -396,14 +396,23 @@ def test_the_third_run_past_the_lifetime_budget_is_refused_at_the_site(
         assert [r["run"] for r in ledger.data["refusals"]] == ["run-3"]
 
 
+@pytest.mark.parametrize(
+    "dp",
+    [{}, {"dp_mode": "sample", "dp_target_epsilon": 3.0, "dp_trainable": "norm"}],
+    ids=["plain", "dp-sgd"],
+)
 def test_a_deployed_site_ignores_malicious_sites_in_the_run_config(
-    site_data: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    dp: dict[str, Any],
 ) -> None:
     weights = {}
     named = {"attack": "scale", "malicious_sites": "hospital-a", "attack_strength": 5.0}
-    for tag, extra in (("honest", {}), ("named", named)):
-        cfg = _cfg(**extra)
-        grid = _deployed(site_data, tmp_path / tag, cfg, {s: OPEN_POLICY for s in SITES})
+    for run, (tag, extra) in enumerate((("honest", {}), ("named", named)), start=1):
+        cfg = _cfg(**dp, **extra)
+        policies = {s: OPEN_POLICY for s in SITES}
+        grid = _deployed(site_data, tmp_path / tag, cfg, policies, run_id=run)
         replies = _train_replies(grid)
         serve(grid, cfg, tmp_path / tag / "out")
         weights[tag] = {s: R.from_array_record(replies[s].content.array_records[R.ARRAYS])

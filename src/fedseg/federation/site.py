@@ -16,6 +16,11 @@ Simulation
     the default cohort is generated once (:func:`ensure_default_cohort`) and the partition is
     computed from ``partition``, ``num-sites``, ``partition-alpha`` and ``seed``.
 
+A site whose node config names a ``policy-file`` checks every training and evaluation request
+against it before reading any case (:func:`enforce_site_policy`, :mod:`fedseg.site.policy`,
+:mod:`fedseg.site.lifetime`); a deployed site ignores the simulation-only run-config keys
+``attack``, ``malicious-sites`` and ``attack-strength`` (:func:`simulation_switches`).
+
 Inside a site, a deterministic split (seeded by ``seed``) holds out ``test-fraction`` of the
 cases for :func:`evaluate`; the rest trains.
 
@@ -247,7 +252,9 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     content = RecordDict({R.SITE: R.site_record(spec.name)})
     # Only simulated sites live in a long-lived worker; a SuperNode starts a new ClientApp
     # process for every message, where preparing now would only cost time.
+    # A site with a policy of its own reads no case before a request passes it.
     long_lived = "partition-id" in context.node_config
+    long_lived = long_lived and not str(context.node_config.get(POLICY_FILE_KEY, ""))
     if long_lived and bool(_message_config(msg).get("prepare", False)):
         # Import the training stack first, so that even a site whose data fails leaves this
         # worker process warm for the other sites it may serve later (simulation actors).
