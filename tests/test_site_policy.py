@@ -294,7 +294,7 @@ def site_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _cfg(**kw: Any) -> FedsegConfig:
     from test_federation import tiny_cfg
 
-    return tiny_cfg(num_server_rounds=1, num_sites=2, round_timeout=30.0, **kw)
+    return tiny_cfg(**{"num_server_rounds": 1, "num_sites": 2, "round_timeout": 30.0, **kw})
 
 
 def _deployed(
@@ -449,3 +449,44 @@ def test_evaluation_only_and_oversized_models_are_refused(
     assert "an evaluation-only request" in code
     assert "a model of 16 parameters (requires at most 10)" in code
     assert R.METRICS not in reply.content.metric_records
+
+
+def test_only_a_policy_refusal_sends_its_reason_and_the_server_cuts_it() -> None:
+    from fedseg.errors import CorruptFileError
+
+    refused = R.error_content(SitePolicyError("x", public_reason="policy 'p' refuses y"), "a")
+    assert R.reply_error(refused) == "E700:SitePolicyError (policy 'p' refuses y)"
+    # any other error still leaves the site as its code only (its message may hold a path)
+    broken = R.error_content(CorruptFileError("/srv/brats/CASE_001/t1.nii.gz: truncated"), "a")
+    assert R.reply_error(broken) == "E203:CorruptFileError"
+    assert "reason" not in broken.config_records[R.ERROR]
+    # a reason from a site is printable and bounded at the server
+    noisy = RecordDict({R.ERROR: ConfigRecord({"code": "E700:X", "reason": "a\nb" + "z" * 900})})
+    shown = R.reply_error(noisy) or ""
+    assert shown.startswith("E700:X (a b") and len(shown) == len("E700:X ()") + R.MAX_REASON
+
+
+@pytest.mark.parametrize("with_policy", [False, True])
+def test_a_simulated_site_with_a_policy_prepares_no_case_at_the_handshake(
+    site_data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_policy: bool
+) -> None:
+    from fedseg.data.partition import write_partition
+    from fedseg.federation import site as site_module
+
+    ids = sorted(p.name for p in site_data["hospital-a"].iterdir() if p.name.startswith("CASE"))
+    write_partition({"site-0": ids}, tmp_path / "partition.csv")
+    cfg = _cfg(
+        num_sites=1, data_path=str(site_data["hospital-a"]),
+        partition_file=str(tmp_path / "partition.csv"),
+    )  # fmt: skip
+    prepared: list[str] = []
+    monkeypatch.setattr(site_module, "get_runtime", lambda spec, cfg: prepared.append(spec.name))
+    node: dict[str, Any] = {"partition-id": 0}
+    if with_policy:
+        (tmp_path / "policy.toml").write_text(policy_to_toml(OPEN_POLICY))
+        node["policy-file"] = str(tmp_path / "policy.toml")
+    grid = InProcessGrid(build_client_app(cfg.to_run_config()), [node])
+    content = RecordDict({R.CONFIG: ConfigRecord({"want": "site-name", "prepare": True})})
+    (reply,) = grid.send_and_receive([Message(content, next(iter(grid.contexts)), "query")])
+    assert R.reply_site_name(reply.content) == "site-0"
+    assert prepared == ([] if with_policy else ["site-0"])
