@@ -14,12 +14,12 @@ import typer
 
 from fedseg.cli._common import user_errors
 
-_HELP = """Show the site's lifetime privacy ledger: for every run this site trained in (or was
-asked to), the epsilon planned, spent and charged, the lifetime total against the policy's
-budget, and every refusal with its reason.
+_HELP = """Show the site's lifetime privacy ledger: for every run this site trained in, the
+epsilon planned, spent and charged; the lifetime total against the policy's budget; every
+refusal with its reason.
 
-PATH is the site's state folder (node config state-dir), the folder of its policy file (when
-it has no state-dir) or the ledger file itself (privacy-ledger.json).
+PATH is the site's state folder (node config state-dir), the folder of its policy file when
+it has no state folder, or the ledger file itself (privacy-ledger.json).
 
 Exit codes: 0 success, 2 no ledger found or a damaged ledger.
 """
