@@ -145,10 +145,13 @@ class Drill:
 
     def prepare(self) -> None:
         from test_federation import write_cohort
+        from test_site_policy import OPEN_POLICY
 
         for seed, site in enumerate(SITES, start=1):
             self.case_ids += write_cohort(self.data[site], 3, seed=seed)
-        self.pki = provision(self.spec, self.tmp / "pki")
+        # These drills are about failures, not privacy: every site accepts every run
+        # (tests/test_deploy_policy.py drills the sites' own policies).
+        self.pki = provision(self.spec, self.tmp / "pki", policy=OPEN_POLICY)
         rogue = FederationSpec(address=SERVER_IP, port=PORT, sites=(SiteSpec("rogue"),))
         self.rogue = provision(rogue, self.tmp / "rogue-pki")
         (self.home / "config.toml").write_text(

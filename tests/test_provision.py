@@ -58,7 +58,7 @@ def test_layout_one_folder_per_party(pki: Path) -> None:
     ]  # fmt: skip
     for site in ("hospital-a", "hospital-b"):
         assert sorted(p.name for p in (pki / f"site-{site}").iterdir()) == [
-            "ca.crt", f"{site}.key", f"{site}.pub", "run-supernode.sh",
+            "ca.crt", f"{site}.key", f"{site}.pub", "policy.toml", "run-supernode.sh",
         ]  # fmt: skip
     # The CA's private key is in no folder that is handed over.
     handed = [p for d in pki.iterdir() if d.name != "ca" and d.is_dir() for p in d.rglob("*")]
@@ -267,3 +267,30 @@ def test_ckks_key_goes_to_every_site_and_never_to_the_server(tmp_path: Path) -> 
     provision(SPEC, plain)
     assert not list(plain.rglob("ckks.ctx"))
     assert "ckks-key-file" not in (plain / "site-hospital-a" / "run-supernode.sh").read_text()
+
+
+def test_every_site_gets_the_strict_default_policy_named_in_its_script(pki: Path) -> None:
+    from fedseg.site.policy import default_policy, load_policy
+
+    for site in ("hospital-a", "hospital-b"):
+        folder = pki / f"site-{site}"
+        assert load_policy(folder / "policy.toml") == default_policy(f"{site}-default")
+        assert "policy-file='$HERE/policy.toml'" in (folder / "run-supernode.sh").read_text()
+    assert not list((pki / "server").rglob("policy.toml"))  # the server never sees it
+
+
+def test_provision_policy_option_gives_every_site_that_policy(tmp_path: Path) -> None:
+    from fedseg.site.policy import SitePolicy, load_policy, policy_to_toml
+
+    mine = SitePolicy("consortium-2027", dp_modes=("sample",), max_epsilon_lifetime=12.0)
+    (tmp_path / "p.toml").write_text(policy_to_toml(mine))
+    args = ["provision", "--server-address", "10.1.2.3", "--site", "h1", "--site", "h2"]
+    done = CliRunner().invoke(app, [*args, "--policy", str(tmp_path / "p.toml"), "-o",
+                                    str(tmp_path / "pki")])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    for site in ("h1", "h2"):
+        assert load_policy(tmp_path / "pki" / f"site-{site}" / "policy.toml") == mine
+    (tmp_path / "bad.toml").write_text('name = "x"\ndp-modes = ["all"]\n')
+    bad = CliRunner().invoke(app, [*args, "--policy", str(tmp_path / "bad.toml"), "-o",
+                                   str(tmp_path / "pki2")])  # fmt: skip
+    assert bad.exit_code == 2 and "key 'dp-modes'" in bad.output and "bad.toml" in bad.output

@@ -35,6 +35,7 @@ _COMMAND_MODULES = (
     "provision",
     "privacy_sweep",
     "robustness",
+    "site_ledger",
 )
 
 

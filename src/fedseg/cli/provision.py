@@ -26,8 +26,9 @@ With --expected-cases hospital-a=120 --expected-cases hospital-b=45, the server'
 
 OUT/server/ goes to the aggregation server (ca.crt, server.pem, server.key, the sites' public
 keys, run-superlink.sh, register-sites.sh); OUT/site-NAME/ to each hospital (ca.crt, its private
-key, run-supernode.sh). OUT/ca/ca.key signs server certificates: keep it offline. Private keys
-are written with mode 0600. Existing key material is never overwritten without --force.
+key, run-supernode.sh, policy.toml: the hospital's privacy policy, strict by default; --policy
+FILE writes FILE's policy instead). OUT/ca/ca.key signs server certificates: keep it offline.
+Private keys are written with mode 0600. Existing key material is never overwritten without --force.
 
 Exit codes: 0 success, 2 bad description or existing key material.
 """
@@ -72,6 +73,14 @@ def provision_command(
             "server), for secure-aggregation = ckks.",
         ),
     ] = False,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="Site privacy policy (TOML) to give every site instead of the strict default.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Create the federation's key material (see ``fedseg provision --help``)."""
@@ -107,7 +116,12 @@ def provision_command(
         if "address" not in server and description is None:
             raise ConfigError("give a DESCRIPTION file or --server-address and --site")
         spec = P.spec_from_dict(doc, source=str(description or "options"))
-        result = P.provision(spec, out, force=force, ckks=ckks)
+        site_policy = None
+        if policy is not None:
+            from fedseg.site.policy import load_policy
+
+            site_policy = load_policy(policy)
+        result = P.provision(spec, out, force=force, ckks=ckks, policy=site_policy)
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), **result.manifest}, indent=2))
         return

@@ -9,7 +9,7 @@ folder per party, ready to hand over::
       server/             ca.crt, server.pem, server.key, site-keys/<site>.pub, sites.csv
                           (the site registry, with expected-cases when given),
                           run-superlink.sh, register-sites.sh, flwr-connection.toml
-      site-<name>/        ca.crt, <name>.key, <name>.pub, run-supernode.sh
+      site-<name>/        ca.crt, <name>.key, <name>.pub, run-supernode.sh, policy.toml
                           ckks.ctx (with ``ckks``: the sites' shared CKKS secret key)
       manifest.json       what was written, certificate and key fingerprints (no secrets)
 
@@ -17,6 +17,11 @@ The TLS certificate is what the SuperNodes check (``--root-certificates ca.crt``
 are EC P-384 in OpenSSH format, the form Flower's SuperNode authentication reads
 (``--auth-supernode-private-key``) and ``flwr supernode register`` accepts. Private keys are
 written with mode 0600 and never leave their folder.
+
+Every site folder gets ``policy.toml``, the hospital's own privacy policy
+(:mod:`fedseg.site.policy`; strict defaults: DP-SGD with epsilon <= 8 per run and 24 in total,
+secure aggregation required), which ``run-supernode.sh`` names in the node config
+(``policy-file``). The hospital edits it; the server never sees it.
 
 With ``ckks`` (``fedseg provision --ckks``), every site folder also gets the same CKKS secret
 context (TenSEAL, :func:`fedseg.secure.ckks_federation.write_key_file`), mode 0600, and its
@@ -63,6 +68,7 @@ from typing import Any
 
 from fedseg.deploy.registry import EXPECTED_CASES, REGISTRY_FILE
 from fedseg.errors import ConfigError, ProvisionError
+from fedseg.site.policy import SitePolicy, default_policy, policy_to_toml
 
 DEFAULT_PORT = 9092
 CA_DAYS = 3650
@@ -421,7 +427,12 @@ def site_dir_name(site: str) -> str:
 
 
 def provision(
-    spec: FederationSpec, out: Path, *, force: bool = False, ckks: bool = False
+    spec: FederationSpec,
+    out: Path,
+    *,
+    force: bool = False,
+    ckks: bool = False,
+    policy: SitePolicy | None = None,
 ) -> ProvisionResult:
     """Create the CA, the server certificate and every site's keys under ``out``.
 
@@ -436,6 +447,9 @@ def provision(
     ckks:
         Also give every site the shared CKKS secret key (``ckks.ctx``, default parameters of
         ``ckks-poly-degree`` / ``ckks-scale-bits``) and name it in ``run-supernode.sh``.
+    policy:
+        The privacy policy written to every site folder (``policy.toml``); default: each site
+        gets :func:`fedseg.site.policy.default_policy` named ``<site>-default``.
 
     Returns
     -------
@@ -456,12 +470,14 @@ def provision(
             "refusing to overwrite it (use --force to replace it; sites must then get new folders)"
         )
     try:
-        return _write_all(spec, out, ckks=ckks)
+        return _write_all(spec, out, ckks=ckks, policy=policy)
     except OSError as exc:
         raise ProvisionError(f"cannot write key material under {out}: {exc}") from None
 
 
-def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> ProvisionResult:
+def _write_all(
+    spec: FederationSpec, out: Path, *, ckks: bool = False, policy: SitePolicy | None = None
+) -> ProvisionResult:
     ca_key, ca_cert = make_ca()
     ckks_key = _ckks_key_bytes() if ckks else b""
     srv_key, srv_cert = make_server_cert(ca_key, ca_cert, spec.san_dns(), spec.san_ips())
@@ -487,6 +503,8 @@ def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> Provis
         _write(folder / f"{site.name}.pub", public, 0o644)
         if ckks_key:
             _write(folder / CKKS_KEY_FILE, ckks_key, 0o600)
+        site_policy = policy if policy is not None else default_policy(f"{site.name}-default")
+        _write(folder / POLICY_FILE, policy_to_toml(site_policy).encode(), 0o644)
         script = supernode_script(spec, site, ckks=bool(ckks_key))
         _write(folder / "run-supernode.sh", script.encode(), 0o755)
         _write(server / "site-keys" / f"{site.name}.pub", public, 0o644)
@@ -521,6 +539,8 @@ def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> Provis
 
 #: the CKKS secret context in a site folder (``--ckks``)
 CKKS_KEY_FILE = "ckks.ctx"
+#: the site's privacy policy in its folder (node config ``policy-file``)
+POLICY_FILE = "policy.toml"
 
 
 def _ckks_key_bytes() -> bytes:
@@ -582,9 +602,12 @@ def supernode_command(
 ) -> list[str]:
     """The ``flower-supernode`` command line of ``site`` (TLS with the CA, its own key).
 
-    With ``ckks`` the node config names the site's CKKS key file (``FOLDER/ckks.ctx``).
+    The node config names the site's policy (``FOLDER/policy.toml``) and, with ``ckks``, its
+    CKKS key file (``FOLDER/ckks.ctx``).
     """
-    node_config = f"data-path='{data_path}' site-name='{site.name}'"
+    node_config = (
+        f"data-path='{data_path}' site-name='{site.name}' policy-file='{folder}/{POLICY_FILE}'"
+    )
     if ckks:
         node_config += f" ckks-key-file='{folder}/{CKKS_KEY_FILE}'"
     return [
@@ -643,6 +666,7 @@ def supernode_script(spec: FederationSpec, site: SiteSpec, *, ckks: bool = False
 # Join the fedseg federation as {site.name}. Set DATA_PATH to the folder holding this hospital's
 # cases (BraTS or MSD layout); the images never leave this machine, only model weights do.
 # The private key {site.name}.key identifies this hospital: keep it here, mode 0600.
+# policy.toml is this hospital's privacy policy: every run is checked against it here.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 DATA_PATH=${{DATA_PATH:-{data}}}

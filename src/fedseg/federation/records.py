@@ -21,7 +21,9 @@ site -> server, ``query``
     ``"site"`` with ``name`` (the handshake that gives the server stable site names).
 site -> server, any failure
     ``"error"`` (ConfigRecord ``code``, e.g. ``"E203:CorruptFileError"``) and ``"site"``:
-    never a traceback, a file path or a case identifier.
+    never a traceback, a file path or a case identifier. A refusal by the site's own policy
+    (``E700:SitePolicyError``) also has ``reason``: the policy's name, what the request asked
+    and what the policy requires.
 """
 
 from __future__ import annotations
@@ -205,7 +207,11 @@ def public_code(exc: BaseException) -> str:
 
 def error_content(exc: BaseException, site_name: str | None) -> RecordDict:
     """The reply content of a site that failed (see the module docstring)."""
-    content = RecordDict({ERROR: ConfigRecord({"code": public_code(exc)})})
+    error = ConfigRecord({"code": public_code(exc)})
+    reason = getattr(exc, "public_reason", None)  # a policy refusal says why (SitePolicyError)
+    if isinstance(exc, FedsegError) and isinstance(reason, str) and reason:
+        error["reason"] = reason
+    content = RecordDict({ERROR: error})
     if site_name:
         content[SITE] = ConfigRecord({"name": site_name})
     return content
@@ -235,12 +241,25 @@ def reply_declared_count(content: RecordDict) -> int | None:
 
 
 def reply_error(content: RecordDict) -> str | None:
-    """The public error code of a failure reply, or ``None`` for a normal reply."""
+    """The public error code of a failure reply, or ``None`` for a normal reply.
+
+    A refusal that says why (``reason``, e.g. a site policy's) comes as ``"code (reason)"``,
+    the reason cut to :data:`MAX_REASON` printable characters.
+    """
     rec = content.config_records.get(ERROR)
     if rec is None:
         return None
     code = rec.get("code")
-    return str(code) if code is not None else f"{INTERNAL_CODE}:Unknown"
+    text = str(code) if code is not None else f"{INTERNAL_CODE}:Unknown"
+    reason = rec.get("reason")
+    if isinstance(reason, str) and reason:
+        clean = "".join(c if c.isprintable() else " " for c in reason)[:MAX_REASON]
+        text = f"{text} ({clean})"
+    return text
+
+
+#: the longest reason of a refusal the server keeps (the rest is cut)
+MAX_REASON = 500
 
 
 def metrics_dict(record: MetricRecord | None) -> dict[str, float]:
