@@ -27,6 +27,7 @@ _COMMAND_MODULES = (
     "evaluate",
     "study",
     "provision",
+    "approve",
     "privacy_sweep",
     "robustness",
 )
