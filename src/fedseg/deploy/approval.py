@@ -110,7 +110,8 @@ def read_approved(path: Path) -> dict[str, str]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        digest, _, note = line.partition(" ")
+        digest, *rest = line.split(maxsplit=1)
+        note = rest[0] if rest else ""
         digest = digest.lower()
         if not _HASH.match(digest):
             raise ConfigError(

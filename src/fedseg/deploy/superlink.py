@@ -44,6 +44,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_CONTROL_HOST = "127.0.0.1"
 DEFAULT_CONTROL_PORT = 9093
+_WILDCARDS = ("0.0.0.0", "::")
 #: what the public listener serves: the sites' Fleet API and the health probe
 PUBLIC_PREFIXES = ("/v1/fleet/",)
 PUBLIC_PATHS = ("/health",)
@@ -61,7 +62,9 @@ class ControlPlaneGuard:
     app:
         Flower's SuperLink app.
     control:
-        ``(host, port)`` of the control listener, as the socket reports it.
+        ``(host, port)`` of the control listener, as its socket reports it. A wildcard host
+        (``0.0.0.0``, ``::``: a container's control listener, published on the host's loopback
+        only) matches any local address on that port.
 
     A request is on the control listener when the ASGI ``server`` of its connection (the local
     address that accepted it) is ``control``; anything else, including a missing address, is
@@ -70,13 +73,14 @@ class ControlPlaneGuard:
 
     def __init__(self, app: ASGIApp, control: tuple[str, int]) -> None:
         self.app = app
-        self.control = (control[0], int(control[1]))
+        self.control = (str(control[0]), int(control[1]))
 
     def allows(self, scope: Scope) -> bool:
         """Whether ``scope`` (an HTTP or WebSocket connection) may reach the app."""
         server = scope.get("server")
-        if server is not None and (str(server[0]), int(server[1])) == self.control:
-            return True
+        if server is not None and int(server[1]) == self.control[1]:
+            if self.control[0] in _WILDCARDS or str(server[0]) == self.control[0]:
+                return True
         path = str(scope.get("path", ""))
         return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 

@@ -124,6 +124,8 @@ def test_approve_adds_once_below_the_header(tmp_path: Path) -> None:
     assert not approve(path, "a" * 64, "again")
     assert approve(path, "b" * 64)
     assert read_approved(path) == {"a" * 64: "fedseg 0.2.0, reviewed by J. Doe", "b" * 64: ""}
+    path.write_text(path.read_text() + "C" * 64 + "\tnote after a tab  # and a comment\n")
+    assert read_approved(path)["c" * 64] == "note after a tab"
     assert path.read_text().startswith(LIST_HEADER)
     assert oct(path.stat().st_mode & 0o777) == "0o644"
 
@@ -296,6 +298,12 @@ def test_control_plane_only_on_the_control_listener(
     assert status == (None if allowed else 403)
 
 
+def test_wildcard_control_listener_matches_its_port_only() -> None:
+    guard = ControlPlaneGuard(lambda *a: None, ("0.0.0.0", 9093))  # type: ignore[arg-type, return-value]
+    assert guard.allows({"path": "/v1/control/start-run", "server": ("172.18.0.2", 9093)})
+    assert not guard.allows({"path": "/v1/control/start-run", "server": ("172.18.0.2", 9092)})
+
+
 def test_lifespan_passes_and_websockets_are_closed() -> None:
     guard = ControlPlaneGuard(lambda *a: None, CONTROL)  # type: ignore[arg-type, return-value]
     assert _call(guard, {"type": "lifespan"})[1]
@@ -315,3 +323,62 @@ def test_every_flower_api_but_fleet_is_off_the_public_listener() -> None:
     assert any(p.startswith("/v1/control/") for p in routes)
     assert any(p.startswith("/v1/runtime/") for p in routes)
     assert all(guard.allows({"path": p, "server": CONTROL}) for p in routes)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_superlink_serves_run_submission_only_on_its_control_listener(tmp_path: Path) -> None:
+    """The real SuperLink on loopback (plain HTTP): ``flwr ls`` per listener."""
+    import signal
+    import time
+
+    bin_dir = Path(sys.executable).parent
+    public, control = _free_port(), _free_port()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink.public]\naddress = "127.0.0.1:{public}"\ninsecure = true\n\n'
+        f'[superlink.control]\naddress = "127.0.0.1:{control}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    log = tmp_path / "superlink.log"
+    cmd = [sys.executable, "-m", "fedseg.deploy.superlink", "--control-port", str(control)]
+    cmd += ["--insecure", "--host", "127.0.0.1", "--port", str(public)]
+    cmd += ["--disable-runtime-dependency-installation"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "Uvicorn running on http://" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        flwr = str(bin_dir / "flwr")
+        refused = subprocess.run(
+            [flwr, "ls", "public"], env=env, capture_output=True, text=True, timeout=120
+        )
+        listed = subprocess.run(
+            [flwr, "ls", "control"], env=env, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert refused.returncode != 0
+    assert "serves the sites' Fleet API only" in refused.stdout + refused.stderr
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "Run ID" in listed.stdout
