@@ -123,7 +123,6 @@ def _bind(host: str, port: int) -> socket.socket:
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind((host, port))
-    sock.set_inheritable(True)
     return sock
 
 
