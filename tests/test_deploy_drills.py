@@ -49,6 +49,7 @@ from typing import Any
 
 import pytest
 
+from fedseg.deploy.approval import APPROVED_APPS_FILE, app_hash, approve
 from fedseg.deploy.netns import SERVER_IP, NetLab, lab_namespaces, netns_unavailable
 from fedseg.deploy.provision import (
     FederationSpec,
@@ -88,6 +89,14 @@ def _wait_for(pred: Any, timeout: float, what: str, poll: float = 0.3) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"drill: timed out waiting for {what}")
         time.sleep(poll)
+
+
+def approve_app(pki: Any, app: Path, note: str = "drill") -> str:
+    """Approve ``app`` in every site folder of ``pki`` (a provision result); its hash."""
+    digest = app_hash(app)
+    for folder in pki.site_dirs.values():
+        approve(folder / APPROVED_APPS_FILE, digest, note)
+    return digest
 
 
 def _checkpoint_round(path: Path) -> int:
@@ -154,9 +163,10 @@ class Drill:
         self.pki = provision(self.spec, self.tmp / "pki", policy=OPEN_POLICY)
         rogue = FederationSpec(address=SERVER_IP, port=PORT, sites=(SiteSpec("rogue"),))
         self.rogue = provision(rogue, self.tmp / "rogue-pki")
+        approve_app(self.pki, ROOT)  # as each hospital does with `fedseg approve`
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "fedseg"\n\n[superlink.fedseg]\n'
-            f'address = "127.0.0.1:{PORT}"\n'
+            f'address = "{self.spec.control}"\n'
             f'root-certificates = "{self.pki.server_dir / "ca.crt"}"\n'
         )
         self.lab.up()

@@ -155,6 +155,18 @@ BAD_REPLIES = [
         lambda m: Message(Error(code=3, reason="Traceback ... /secret"), reply_to=m),
         "Flower error 3",
     ),
+    (
+        "app-refused",  # the site's approval check refused the app before running it
+        lambda m: Message(
+            Error(
+                code=2,
+                reason="<class 'fedseg.errors.AppNotApprovedError'>:<'E510:AppNotApprovedError: "
+                "app sha256 0123456789abcdef is not approved at this site'>",
+            ),
+            reply_to=m,
+        ),
+        "site reported error E510:AppNotApprovedError (ClientApp did not run)",
+    ),
     ("timeout", lambda m: None, "no reply within the round timeout"),
 ]
 

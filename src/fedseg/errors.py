@@ -104,6 +104,16 @@ class OutputError(FedsegError):
     code = "E800"
 
 
+class AppNotApprovedError(FedsegError):
+    """A site refuses to run an app (FAB) its operator has not approved (``approved-apps.txt``).
+
+    Raised at the site before any code of the app is loaded; the message holds only the app's
+    hash, never a path, so it may travel to the server in Flower's error reply.
+    """
+
+    code = "E510"
+
+
 class PrivacyBudgetError(FedsegError):
     """A site refuses a round that would take it past its differential-privacy budget."""
 

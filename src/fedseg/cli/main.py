@@ -33,6 +33,7 @@ _COMMAND_MODULES = (
     "evaluate",
     "study",
     "provision",
+    "approve",
     "privacy_sweep",
     "robustness",
     "site_ledger",

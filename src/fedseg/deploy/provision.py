@@ -9,7 +9,9 @@ folder per party, ready to hand over::
       server/             ca.crt, server.pem, server.key, site-keys/<site>.pub, sites.csv
                           (the site registry, with expected-cases when given),
                           run-superlink.sh, register-sites.sh, flwr-connection.toml
-      site-<name>/        ca.crt, <name>.key, <name>.pub, run-supernode.sh, policy.toml
+      site-<name>/        ca.crt, <name>.key, <name>.pub, run-supernode.sh, policy.toml,
+                          approved-apps.txt (empty: the hospital approves apps itself),
+                          bin/flwr-clientapp (the approval check, see fedseg.deploy.approval)
                           ckks.ctx (with ``ckks``: the sites' shared CKKS secret key)
       manifest.json       what was written, certificate and key fingerprints (no secrets)
 
@@ -23,6 +25,12 @@ Every site folder gets ``policy.toml``, the hospital's own privacy policy
 secure aggregation required), which ``run-supernode.sh`` names in the node config
 (``policy-file``). The hospital edits it; the server never sees it.
 
+``run-superlink.sh`` starts the SuperLink through :mod:`fedseg.deploy.superlink`: the sites'
+Fleet API on ``port`` (all interfaces), the Control and Runtime APIs only on the server's
+loopback, ``control-port``; ``flwr-connection.toml`` points there (on the server, or through an
+SSH tunnel from the researcher's machine). ``run-supernode.sh`` runs only the apps listed in the
+site's ``approved-apps.txt`` (:mod:`fedseg.deploy.approval`).
+
 With ``ckks`` (``fedseg provision --ckks``), every site folder also gets the same CKKS secret
 context (TenSEAL, :func:`fedseg.secure.ckks_federation.write_key_file`), mode 0600, and its
 ``run-supernode.sh`` names it in the node config (``ckks-key-file``), so the federation can run
@@ -35,7 +43,8 @@ Description file (TOML)::
 
     [server]
     address = "fl.example.org"          # what sites dial: DNS name or IP
-    port = 9092                         # SuperLink port (Fleet, Control and Runtime APIs)
+    port = 9092                         # SuperLink port for the sites (Fleet API)
+    control-port = 9093                 # Control and Runtime APIs, server loopback only
     dns-names = ["fl.internal"]         # more names on the certificate (optional)
     ip-addresses = ["192.0.2.10"]       # IPs on the certificate (optional)
 
@@ -66,16 +75,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedseg.deploy.approval import APPROVED_APPS_ENV, APPROVED_APPS_FILE, LIST_HEADER
 from fedseg.deploy.registry import EXPECTED_CASES, REGISTRY_FILE
 from fedseg.errors import ConfigError, ProvisionError
 from fedseg.site.policy import SitePolicy, default_policy, policy_to_toml
 
 DEFAULT_PORT = 9092
+DEFAULT_CONTROL_PORT = 9093
 CA_DAYS = 3650
 SERVER_DAYS = 825
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_SERVER_KEYS = ("address", "port", "dns-names", "ip-addresses")
+_SERVER_KEYS = ("address", "port", "control-port", "dns-names", "ip-addresses")
 _SITE_KEYS = ("name", "data-path", "expected-cases")
 # The ServerApp process reaches the SuperLink's Runtime API on the loopback over the same TLS
 # certificate, so the loopback names are always on it.
@@ -102,7 +113,9 @@ class FederationSpec:
     address:
         The host sites dial (DNS name or IP address).
     port:
-        The SuperLink port.
+        The SuperLink port the sites dial (Fleet API).
+    control_port:
+        The port of the Control and Runtime APIs, on the server's loopback only.
     dns_names, ip_addresses:
         Extra subject alternative names of the server certificate.
     sites:
@@ -114,6 +127,7 @@ class FederationSpec:
     port: int = DEFAULT_PORT
     dns_names: tuple[str, ...] = ()
     ip_addresses: tuple[str, ...] = ()
+    control_port: int = DEFAULT_CONTROL_PORT
 
     def __post_init__(self) -> None:
         validate_spec(self)
@@ -123,6 +137,11 @@ class FederationSpec:
         """``host:port`` as the SuperNodes dial it (IPv6 in brackets)."""
         host = f"[{self.address}]" if _is_ipv6(self.address) else self.address
         return f"{host}:{self.port}"
+
+    @property
+    def control(self) -> str:
+        """``127.0.0.1:control-port``: where ``flwr`` reaches the Control API on the server."""
+        return f"127.0.0.1:{self.control_port}"
 
     def san_dns(self) -> list[str]:
         """DNS names on the server certificate (address when a name, extra names, localhost)."""
@@ -160,6 +179,11 @@ def validate_spec(spec: FederationSpec) -> None:
         raise ConfigError(f"server address {spec.address!r} is neither an IP nor a DNS name")
     if isinstance(spec.port, bool) or not isinstance(spec.port, int) or not 0 < spec.port < 65536:
         raise ConfigError(f"server port must be an integer in 1..65535, got {spec.port!r}")
+    control = spec.control_port
+    if isinstance(control, bool) or not isinstance(control, int) or not 0 < control < 65536:
+        raise ConfigError(f"control-port must be an integer in 1..65535, got {control!r}")
+    if control == spec.port:
+        raise ConfigError(f"control-port {control} must differ from the sites' port {spec.port}")
     for name in spec.dns_names:
         if not isinstance(name, str) or not _is_dns(name):
             raise ConfigError(f"dns-names: {name!r} is not a DNS name")
@@ -244,6 +268,7 @@ def spec_from_dict(doc: dict[str, Any], *, source: str = "description") -> Feder
     return FederationSpec(
         address=server["address"],
         port=server.get("port", DEFAULT_PORT),
+        control_port=server.get("control-port", DEFAULT_CONTROL_PORT),
         dns_names=tuple(server.get("dns-names", [])),
         ip_addresses=tuple(server.get("ip-addresses", [])),
         sites=tuple(sites),
@@ -507,6 +532,8 @@ def _write_all(
         _write(folder / POLICY_FILE, policy_to_toml(site_policy).encode(), 0o644)
         script = supernode_script(spec, site, ckks=bool(ckks_key))
         _write(folder / "run-supernode.sh", script.encode(), 0o755)
+        _write(folder / APPROVED_APPS_FILE, LIST_HEADER.encode(), 0o644)
+        _write(folder / "bin" / "flwr-clientapp", CLIENTAPP_SHIM.encode(), 0o755)
         _write(server / "site-keys" / f"{site.name}.pub", public, 0o644)
         fingerprint = ssh_fingerprint(public)
         row = f"{site.name},{fingerprint}"
@@ -524,6 +551,7 @@ def _write_all(
 
     result.manifest = {
         "superlink": spec.superlink,
+        "control": spec.control,
         "ca-sha256": ca_cert.fingerprint(hashes.SHA256()).hex(),
         "server-sha256": srv_cert.fingerprint(hashes.SHA256()).hex(),
         "server-dns-names": spec.san_dns(),
@@ -577,10 +605,15 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 """
 
 
-def superlink_command(spec: FederationSpec, folder: str = ".", database: str = "") -> list[str]:
-    """The ``flower-superlink`` command line: TLS, SuperNode authentication, persistent state."""
+def superlink_command(
+    spec: FederationSpec, folder: str = ".", database: str = "", python: str = "python3"
+) -> list[str]:
+    """The SuperLink command line: TLS, SuperNode authentication, persistent state, and the
+    Control and Runtime APIs on the server's loopback only (:mod:`fedseg.deploy.superlink`,
+    run by ``python``; every other argument is ``flower-superlink``'s)."""
     return [
-        "flower-superlink",
+        python, "-m", "fedseg.deploy.superlink",
+        "--control-port", str(spec.control_port),
         "--host", "0.0.0.0", "--port", str(spec.port),
         "--ssl-ca-certfile", f"{folder}/ca.crt",
         "--ssl-certfile", f"{folder}/server.pem",
@@ -620,18 +653,31 @@ def supernode_command(
     ]  # fmt: skip
 
 
+def _python_lookup(flower_command: str, var: str) -> str:
+    """Shell lines that set ``var`` to the Python of the environment providing Flower."""
+    return f"""FLOWER=$(command -v {flower_command}) || {{
+    echo "{flower_command} is not on PATH: activate the environment where fedseg is installed" >&2
+    exit 2
+}}
+{var}=${{FEDSEG_PYTHON:-$(dirname "$FLOWER")/python}}
+"""
+
+
 def superlink_script(spec: FederationSpec) -> str:
     """``server/run-superlink.sh``."""
-    cmd = superlink_command(spec, '"$HERE"', '"$STATE"/superlink.db')
+    cmd = superlink_command(spec, '"$HERE"', '"$STATE"/superlink.db', python='"$PYTHON"')
     return f"""#!/bin/sh
 # Start the fedseg aggregation server (Flower SuperLink) with TLS and SuperNode authentication.
-# Sites connect to {spec.superlink}; open that TCP port to them, nothing else.
+# Sites connect to {spec.superlink}; open that TCP port to them, nothing else: it serves only
+# the sites' Fleet API. Submitting, listing and stopping runs (and enrolling sites) goes to
+# {spec.control} on this machine only (flwr-connection.toml); the researcher reaches it here
+# or through an SSH tunnel: ssh -N -L {spec.control_port}:{spec.control} USER@{spec.address}
 # State (runs, registered sites) persists in $STATE/superlink.db across restarts.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 STATE=${{FEDSEG_STATE:-$HERE/state}}
 mkdir -p "$STATE"
-{_ENV}exec {_join(cmd)} "$@"
+{_python_lookup("flower-superlink", "PYTHON")}{_ENV}exec {_join(cmd)} "$@"
 """
 
 
@@ -645,7 +691,8 @@ def register_script(spec: FederationSpec) -> str:
     return f"""#!/bin/sh
 # Enrol the hospitals' public keys with the running SuperLink (run once, on the server, after
 # run-superlink.sh is up). Only enrolled keys can connect. CONNECTION names the entry of
-# $FLWR_HOME/config.toml that points at this SuperLink (see flwr-connection.toml).
+# $FLWR_HOME/config.toml that points at this SuperLink's control listener, {spec.control}
+# (see flwr-connection.toml).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONNECTION=${{1:-fedseg}}
@@ -667,21 +714,39 @@ def supernode_script(spec: FederationSpec, site: SiteSpec, *, ckks: bool = False
 # cases (BraTS or MSD layout); the images never leave this machine, only model weights do.
 # The private key {site.name}.key identifies this hospital: keep it here, mode 0600.
 # policy.toml is this hospital's privacy policy: every run is checked against it here.
+# Only the apps listed in {APPROVED_APPS_FILE} run here (add one with `fedseg approve`): every
+# ClientApp starts through bin/flwr-clientapp, which refuses any other app before unpacking it.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 DATA_PATH=${{DATA_PATH:-{data}}}
 RUNTIME_PORT=${{RUNTIME_PORT:-9094}}  # local port of the SuperNode's runtime API
+{_python_lookup("flower-supernode", "FEDSEG_PYTHON")}export FEDSEG_PYTHON
+export {APPROVED_APPS_ENV}=${{{APPROVED_APPS_ENV}:-$HERE/{APPROVED_APPS_FILE}}}
+"$FEDSEG_PYTHON" -m fedseg.deploy.approval "${APPROVED_APPS_ENV}"  # a bad list: no start
+export PATH="$HERE/bin:$PATH"  # flwr-clientapp -> the approval check, then Flower's own
 {_ENV}exec {" ".join(shown)} "$@"
+"""
+
+
+#: ``site-<name>/bin/flwr-clientapp``: the SuperNode's executor starts every ClientApp process
+#: by this name (found first on ``PATH``), so each runs the approval check first
+CLIENTAPP_SHIM = """#!/bin/sh
+# Started by this hospital's SuperNode for every message, in place of Flower's flwr-clientapp:
+# the same program, with the app approval check (approved-apps.txt) in front of it.
+exec "${FEDSEG_PYTHON:?start the SuperNode with run-supernode.sh}" \\
+    -m fedseg.deploy.clientapp_guard "$@"
 """
 
 
 def connection_toml(spec: FederationSpec) -> str:
     """The ``$FLWR_HOME/config.toml`` entry the researcher (and the register script) use."""
-    return f"""# Append to $FLWR_HOME/config.toml (default ~/.flwr/config.toml) on the researcher's
-# machine (and on the server, for register-sites.sh); set root-certificates to this ca.crt.
+    return f"""# Append to $FLWR_HOME/config.toml (default ~/.flwr/config.toml) on the server (for
+# register-sites.sh) and on the researcher's machine; set root-certificates to this ca.crt.
+# The Control API listens on the server's loopback only: from another machine, open an SSH
+# tunnel first:  ssh -N -L {spec.control_port}:{spec.control} USER@{spec.address}
 # Then: flwr run . fedseg --stream --run-config "num-server-rounds=15 ..."
 [superlink.fedseg]
-address = "{spec.superlink}"
+address = "{spec.control}"
 root-certificates = "/path/to/server/ca.crt"
 """
 

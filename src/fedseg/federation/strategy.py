@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,9 @@ Weights = dict[str, np.ndarray]
 NO_REPLY = "no reply within the round timeout"
 #: ... and when the SuperLink answered for it that the node is gone (killed, link cut)
 UNREACHABLE = "site unreachable (the SuperLink reports its node unavailable)"
+#: a fedseg error code in the reason of Flower's error reply (e.g. a site refusing the app
+#: before running it, ``E510:AppNotApprovedError``); nothing else of the reason is kept
+_SITE_CODE = re.compile(r"\bE\d{3}:[A-Za-z]{1,60}Error\b")
 
 
 @dataclass
@@ -486,7 +490,10 @@ class FedsegStrategy(Strategy):
         counts: dict[int, int] = {}
         for msg in send_and_receive(grid, messages, timeout=timeout):
             node = msg.metadata.src_node_id
-            if msg.has_error() or not msg.has_content():
+            if msg.has_error():
+                log.warning("node %d did not answer the handshake: %s", node, self._failure(msg))
+                continue
+            if not msg.has_content():
                 continue
             name = R.reply_site_name(msg.content)
             if name is not None:
@@ -773,6 +780,9 @@ class FedsegStrategy(Strategy):
             log.debug("Flower error reply: %s", msg.error.reason)
             if msg.error.code == ErrorCode.NODE_UNAVAILABLE:  # written by the SuperLink
                 return UNREACHABLE
+            refused = _SITE_CODE.search(msg.error.reason or "")
+            if refused is not None:
+                return f"site reported error {refused.group(0)} (ClientApp did not run)"
             return f"Flower error {msg.error.code} (ClientApp did not complete)"
         code = R.reply_error(msg.content)
         if code is not None:
