@@ -51,6 +51,12 @@ _COMMANDS = {
         "fedseg.study.robustness",
         "run_robustness",
     ),
+    "approve": (
+        ["approve", "--hash", "0" * 64, "--list", "{tmp}/approved-apps.txt"],
+        "fedseg.deploy.approval",
+        "approve",
+    ),
+    "site-ledger": (["site-ledger", "{tmp}/m.pt"], "fedseg.site.lifetime", "LifetimeLedger"),
 }
 
 
