@@ -312,3 +312,27 @@ def test_the_log_names_every_site_of_every_round(
     lines = [r.getMessage() for r in caplog.records if " sites: " in r.getMessage()]
     assert lines == [f"round {row['round']} sites: {describe_sites(row)}" for row in result.history]
     assert lines[-1].endswith(f"not sampled: site-2 ({OFFLINE})")
+
+
+def test_a_node_whose_handshake_failed_is_asked_again(cohort: Any, tmp_path: Path) -> None:
+    """A SuperLink just restarted may answer a handshake for a node with "unavailable"."""
+    root, parts = cohort
+    grid, cfg = make_grid(tiny_cfg(), root, parts, tmp_path)
+    node = grid.node_of("partition-id", 0)
+    dropped: list[int] = []
+
+    def first_query_lost(msg: Message, reply: Message | None) -> Message | None:
+        if msg.metadata.message_type == "query" and not dropped:
+            dropped.append(node)
+            return None
+        return reply
+
+    grid.faults[node] = first_query_lost
+
+    result = serve(grid, cfg, tmp_path / "out")
+
+    assert dropped == [node]
+    assert result.sites[node] == "site-0"
+    for row in result.history:
+        assert row["accepted"] == list(SITES)
+        assert row["not-sampled"] == {}

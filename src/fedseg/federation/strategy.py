@@ -464,11 +464,12 @@ class FedsegStrategy(Strategy):
         """Ask connected nodes not seen before for their site name (the ``query`` handshake).
 
         The sites also load their data then (``prepare``), so round 1 carries no start-up cost.
-        A node that does not answer is called ``node-<id>``. A name already taken by a node
-        that is still connected gets ``@<node id>`` appended, so names stay unique; a name whose
-        node is no longer connected moves to the new node (the site came back as a new node,
-        e.g. a restarted SuperNode without a registered key). Every name joins
-        :attr:`known_sites`.
+        A node that does not answer (an error reply, e.g. the SuperLink reporting it unavailable
+        just after a restart, or none before ``timeout``) is asked again at the next call and
+        is ``node-<id>`` until then. A name already taken by a node that is still connected
+        gets ``@<node id>`` appended, so names stay unique; a name whose node is no longer
+        connected moves to the new node (the site came back as a new node, e.g. a restarted
+        SuperNode without a registered key). Every name joins :attr:`known_sites`.
         """
         connected = set(grid.get_node_ids())
         unknown = [n for n in sorted(connected) if n not in self.sites]
@@ -488,7 +489,12 @@ class FedsegStrategy(Strategy):
             if code is not None:
                 log.warning("site %s (node %d) could not prepare: %s", name, node, code)
         for node in unknown:
-            name = names.get(node, f"node-{node}")
+            name = names.get(node)
+            if name is None:
+                log.warning(
+                    "node %d did not answer the handshake; it is node-%d until it does", node, node
+                )
+                continue
             holders = [n for n, s in self.sites.items() if s == name]
             if any(n in connected for n in holders):
                 name = f"{name}@{node}"
@@ -519,10 +525,10 @@ class FedsegStrategy(Strategy):
         else:
             chosen = nodes
         connected = tuple(self.site_of(n) for n in nodes)
-        self.known_sites.update(connected)
         self.last_sampling = Sampling(
             server_round=server_round,
-            known=tuple(sorted(self.known_sites)),
+            # a node not named yet (no handshake answer) is in this round's record as node-<id>
+            known=tuple(sorted(self.known_sites.union(connected))),
             connected=connected,
             selected=tuple(self.site_of(n) for n in chosen),
         )
