@@ -336,3 +336,49 @@ def test_a_node_whose_handshake_failed_is_asked_again(cohort: Any, tmp_path: Pat
     for row in result.history:
         assert row["accepted"] == list(SITES)
         assert row["not-sampled"] == {}
+
+
+# ------------------------------------------------------------------------- the study report
+
+
+def test_the_report_shows_each_incomplete_round_as_the_log_does() -> None:
+    import html
+
+    from test_report import fake_doc
+
+    from fedseg.study.report import render_report
+
+    doc = fake_doc()
+    rows = [
+        {"round": 1, "status": "ok", "accepted": ["site-0", "site-<1>"], "rejected": {}},
+        {
+            "round": 2,
+            "status": "ok",
+            "accepted": ["site-0"],
+            "rejected": {},
+            "not-sampled": {"site-<1>": OFFLINE},
+        },
+    ]
+    doc["arms"]["fedavg"]["history"] = rows
+
+    page = render_report(doc)
+
+    assert "<h2>Round record</h2>" in page
+    assert html.escape(describe_sites(rows[1])) in page
+    assert html.escape(describe_sites(rows[0])) not in page  # complete rounds are not listed
+
+
+def test_the_report_says_so_when_every_site_was_always_accepted() -> None:
+    from test_report import fake_doc
+
+    from fedseg.study.report import render_report
+
+    doc = fake_doc()
+    doc["arms"]["fedavg"]["history"] = [
+        {"round": r, "status": "ok", "accepted": ["site-0", "site-<1>"], "rejected": {}}
+        for r in (1, 2)
+    ]
+
+    page = render_report(doc)
+
+    assert "Every known site was accepted in every round" in page
