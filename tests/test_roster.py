@@ -382,3 +382,41 @@ def test_the_report_says_so_when_every_site_was_always_accepted() -> None:
     page = render_report(doc)
 
     assert "Every known site was accepted in every round" in page
+
+
+# ------------------------------------------------------------------------- the stream
+
+
+def test_a_flower_serverapp_prints_the_round_lines_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What ``flwr run --stream`` shows: stderr of the ServerApp process, INFO lines included."""
+    import logging
+
+    from fedseg.federation.server_app import show_progress
+
+    ours = logging.getLogger("fedseg")
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a fresh Flower process
+    monkeypatch.setattr(ours, "handlers", [])
+    monkeypatch.setattr(ours, "level", logging.NOTSET)
+
+    show_progress()
+    show_progress()  # once is enough
+    logging.getLogger("fedseg.server").info("round 1 sites: accepted: site-0")
+
+    assert len(ours.handlers) == 1
+    assert capsys.readouterr().err == "round 1 sites: accepted: site-0\n"
+
+
+def test_show_progress_leaves_configured_logging_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from fedseg.federation.server_app import show_progress
+
+    ours = logging.getLogger("fedseg")
+    configured = logging.NullHandler()
+    monkeypatch.setattr(ours, "handlers", [configured])
+
+    show_progress()
+
+    assert ours.handlers == [configured]
