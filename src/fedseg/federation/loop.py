@@ -4,8 +4,8 @@ Each round: training (:meth:`FedsegStrategy.run_train`, replies awaited up to
 ``round-timeout``), evaluation (every site scores the new global model on its held-out cases),
 a history row that accounts for every known site (accepted, rejected or not sampled, each with
 its reason: :mod:`fedseg.federation.roster`; logged as one line per round), then an atomic
-checkpoint. A round whose replies all fail, or fall below the
-quorum, leaves the model unchanged, is recorded as ``"failed"`` and the run goes on.
+checkpoint. A round whose replies all fail, or fall below the quorum, leaves the model
+unchanged, is recorded as ``"failed"`` and the run goes on.
 
 Evaluation overlaps the next round's training: once round ``r`` is aggregated, round ``r + 1``'s
 training messages (which carry round ``r``'s model) also ask each site to score that model
