@@ -35,10 +35,11 @@ process (torch + MONAI imports): that is most of a round here.
 Needs root and iproute2 (skipped otherwise, with the reason); ``FEDSEG_SKIP_DEPLOYMENT=1`` leaves
 it out of a quick local run. ``FEDSEG_DRILL_TIMEOUT`` sets ``round-timeout`` (default 120 s: the
 slowest healthy training half took 86 s at load average 6 on 2 cores, the round where a restarted
-site loads its data; at load 15, 113 s). Measured with 90 s: 484 s for the whole file at load
-average ~6; with 200 s: 735 s at load ~14. Rounds with a dead or cut-off site often end before
-the timeout: once the node misses two 30 s heartbeats, the SuperLink answers its message with an
-error reply.
+site loads its data; at load 15, 113 s; at load 17 a healthy site's reply once came back after
+120 s). Measured with 90 s: 484 s for the whole file at load average ~6; with 200 s: 735 s at
+load ~14; with 120 s: 186-244 s on a 2-core machine at load ~1-4, 463 s at load ~17. Rounds with
+a dead or cut-off site often end before the timeout: once the node misses two 30 s heartbeats,
+the SuperLink answers its message with an error reply.
 """
 
 from __future__ import annotations
