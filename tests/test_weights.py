@@ -356,6 +356,24 @@ def test_a_site_missing_from_a_registry_that_requires_counts_is_refused(tmp_path
     assert "expected-cases" in reason
 
 
+def test_a_site_refused_by_the_registry_is_in_the_round_record_with_why(tmp_path: Path) -> None:
+    path = _registry(tmp_path, "site,expected-cases\nsite-0,10\nsite-1,10\n")
+    grid = InProcessGrid(ClientApp(), [{"partition-id": i} for i in range(3)])
+    strat = FedsegStrategy(FedsegConfig(site_registry=str(path)))
+    for i, node in enumerate(sorted(grid.get_node_ids())):
+        strat.sites[node] = SITES[i]
+        strat.declared[SITES[i]] = 10
+        strat.known_sites.add(SITES[i])  # as the handshake does
+    msgs = list(strat.configure_train(1, R.to_array_record(GLOBAL), ConfigRecord(), grid))
+    strat.aggregate_train(1, _replies(strat, msgs, VALUES, {s: 10 for s in SITES}))
+
+    report = strat.account(strat.last_train)  # type: ignore[arg-type]
+
+    assert sorted(report.accepted) == ["site-0", "site-1"]
+    why = report.not_sampled["site-2"]
+    assert why.startswith("excluded: site 'site-2' is not in the site registry")
+
+
 def test_handshake_records_the_declared_count() -> None:
     def query(msg: Message, context: object) -> Message:
         rec = R.site_record(f"site-{context.node_config['partition-id']}")  # type: ignore[attr-defined]

@@ -82,6 +82,7 @@ from fedseg.deploy.registry import SiteRegistry, read_site_registry
 from fedseg.errors import AggregationError, CheckpointError, UpdateValidationError
 from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
+from fedseg.federation.roster import Sampling, account_sites
 from fedseg.strategies.dp import ServerPrivacy
 from fedseg.utils.arrays import concat_flat, split_named
 
@@ -114,6 +115,9 @@ class TrainReport:
         Sites whose reply passed validation.
     rejected:
         Site name to reason, for failed, malformed, missing (timed out) replies.
+    not_sampled:
+        Site name to reason, for every other known site (offline, not selected, excluded):
+        filled by :meth:`FedsegStrategy.account` (see :mod:`fedseg.federation.roster`).
     metrics:
         Per accepted site: ``num-examples``, ``train-loss``, ``train-seconds``.
     compute_seconds:
@@ -130,6 +134,7 @@ class TrainReport:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     compute_seconds: float = 0.0
     reason: str = ""
+    not_sampled: dict[str, str] = field(default_factory=dict)
 
     def train_loss(self) -> float | None:
         """Mean training loss of the accepted sites, weighted as in the average (``weight``,
@@ -197,6 +202,11 @@ class FedsegStrategy(Strategy):
         self.num_sites = num_sites
         #: node id -> site name (from the query handshake)
         self.sites: dict[int, str] = {}
+        #: every site name ever learnt in the handshake (kept in the checkpoint): each round's
+        #: record accounts for all of them (:meth:`account`)
+        self.known_sites: set[str] = set()
+        #: who could be sampled in the latest round and who was (:meth:`sample`)
+        self.last_sampling: Sampling | None = None
         self.global_weights: Weights | None = None
         self.m: list[np.ndarray] | None = None
         self.v: list[np.ndarray] | None = None
@@ -406,7 +416,9 @@ class FedsegStrategy(Strategy):
             new, _ = self.aggregate_train(server_round, replies)
             step = self.last_train or TrainReport(server_round, status="failed")
             report.rejected.update(step.rejected)
-            if new is not None:
+            if new is None:  # a valid reply whose step still failed (e.g. aggregation)
+                report.rejected.update({s: step.reason for s in step.accepted})
+            else:
                 current = new
                 report.accepted += step.accepted
                 report.metrics.update(step.metrics)
@@ -478,10 +490,15 @@ class FedsegStrategy(Strategy):
         """Ask connected nodes not seen before for their site name (the ``query`` handshake).
 
         The sites also load their data then (``prepare``), so round 1 carries no start-up cost.
-        A node that does not answer is called ``node-<id>``; a name already taken gets
-        ``@<node id>`` appended, so names stay unique.
+        A node that does not answer (an error reply, e.g. the SuperLink reporting it unavailable
+        just after a restart, or none before ``timeout``) is asked again at the next call and
+        is ``node-<id>`` until then. A name already taken by a node that is still connected
+        gets ``@<node id>`` appended, so names stay unique; a name whose node is no longer
+        connected moves to the new node (the site came back as a new node, e.g. a restarted
+        SuperNode without a registered key). Every name joins :attr:`known_sites`.
         """
-        unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.sites]
+        connected = set(grid.get_node_ids())
+        unknown = [n for n in sorted(connected) if n not in self.sites]
         if not unknown:
             return dict(self.sites)
         content = RecordDict({R.CONFIG: ConfigRecord({"want": "site-name", "prepare": True})})
@@ -504,18 +521,27 @@ class FedsegStrategy(Strategy):
             code = R.reply_error(msg.content)
             if code is not None:
                 log.warning("site %s (node %d) could not prepare: %s", name, node, code)
-        taken = set(self.sites.values())
         for node in unknown:
-            name = names.get(node, f"node-{node}")
-            if name in taken:
+            name = names.get(node)
+            if name is None:
+                log.warning(
+                    "node %d did not answer the handshake; it is node-%d until it does", node, node
+                )
+                continue
+            holders = [n for n, s in self.sites.items() if s == name]
+            if any(n in connected for n in holders):
                 name = f"{name}@{node}"
-            taken.add(name)
+            for gone in holders:  # the site's earlier node is gone: the name moves
+                if gone not in connected:
+                    del self.sites[gone]
+                    log.info("site %s is now node %d (was node %d)", name, node, gone)
             self.sites[node] = name
             if node in counts:
                 self.declared[name] = counts[node]
             refusal = self._refusal(name)
             if refusal is not None:
                 log.error("%s (node %d): refused, never sent a round: %s", name, node, refusal)
+            self.known_sites.add(name)
         return dict(self.sites)
 
     def weight_bound(self, site: str) -> int | None:
@@ -603,15 +629,60 @@ class FedsegStrategy(Strategy):
     def sample(self, grid: Grid, server_round: int) -> list[int]:
         """``max(1, int(fraction-train * K))`` of the K connected sites, ordered by name.
 
-        Deterministic for ``(seed, server_round)`` and the set of site names.
+        Deterministic for ``(seed, server_round)`` and the set of site names. What was seen is
+        kept in :attr:`last_sampling` for the round's record (:meth:`account`).
         """
         nodes = self._connected(grid)
         k = max(1, int(len(nodes) * self.cfg.fraction_train))
-        if k >= len(nodes):
-            return nodes
-        rng = np.random.default_rng([self.cfg.seed, server_round])
-        picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
-        return [nodes[i] for i in picked]
+        if k < len(nodes):
+            rng = np.random.default_rng([self.cfg.seed, server_round])
+            picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
+            chosen = [nodes[i] for i in picked]
+        else:
+            chosen = nodes
+        connected = tuple(self.site_of(n) for n in nodes)
+        self.last_sampling = Sampling(
+            server_round=server_round,
+            # a node not named yet (no handshake answer) is in this round's record as node-<id>
+            known=tuple(sorted(self.known_sites.union(connected))),
+            connected=connected,
+            selected=tuple(self.site_of(n) for n in chosen),
+        )
+        return chosen
+
+    def account(self, report: TrainReport) -> TrainReport:
+        """Complete ``report`` so that it accounts for every known site, and return it.
+
+        ``accepted`` and ``rejected`` are made disjoint (a sampled site without an outcome is
+        rejected), and every other site of :attr:`known_sites` goes to ``not_sampled`` with
+        its reason: offline when the round was sampled, not selected by ``fraction-train``, or
+        excluded (a round the server did not run for anyone: its reason). See
+        :func:`fedseg.federation.roster.account_sites`.
+        """
+        seen = self.last_sampling
+        excluded: dict[str, str] = {}
+        if seen is None or seen.server_round != report.server_round:
+            # Nothing was sampled: the server did not run the round (e.g. client-level DP with
+            # the budget spent), so every site is left out for the round's reason.
+            seen = Sampling(report.server_round, known=tuple(sorted(self.known_sites)))
+            why = report.reason or "the round was not run"
+            excluded = {s: f"round not run: {why}" for s in seen.known}
+        for site in seen.known:  # never sent a round: not in a registry that requires counts
+            refusal = self._refusal(site)
+            if refusal is not None:
+                excluded.setdefault(site, refusal)
+        outcome = account_sites(
+            seen.known,
+            connected=seen.connected,
+            sampled=[*seen.selected, *report.sampled],
+            accepted=report.accepted,
+            rejected=report.rejected,
+            excluded=excluded,
+        )
+        report.accepted = outcome.accepted
+        report.rejected = outcome.rejected
+        report.not_sampled = outcome.not_sampled
+        return report
 
     def site_models(self) -> dict[str, Weights] | None:
         """FedBN: each site's personalised model (global shared keys + its own norms)."""
@@ -627,7 +698,8 @@ class FedsegStrategy(Strategy):
 
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """The strategy's state between rounds: FedOpt moments, SCAFFOLD ``c``, FedBN norms."""
+        """The strategy's state between rounds: FedOpt moments, SCAFFOLD ``c``, FedBN norms, the
+        privacy ledger and the names of the known sites."""
         return {
             "m": None if self.m is None else list(self.m),
             "v": None if self.v is None else list(self.v),
@@ -636,6 +708,7 @@ class FedsegStrategy(Strategy):
             "c-sites": {s: dict(c) for s, c in self.c_sites.items()},
             "privacy": self.privacy.state_dict(),
             "last-counts": dict(self.last_counts),
+            "known-sites": sorted(self.known_sites),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -659,6 +732,8 @@ class FedsegStrategy(Strategy):
         }
         self.privacy.load_state_dict(state.get("privacy") or {})
         self.last_counts = {str(k): int(v) for k, v in (state.get("last-counts") or {}).items()}
+        # Sites known before a restart stay in every round's record, connected or not.
+        self.known_sites.update(str(s) for s in state.get("known-sites") or ())
 
     # ---------------------------------------------------------------- internals
     def _connected(self, grid: Grid) -> list[int]:

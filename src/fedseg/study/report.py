@@ -609,6 +609,45 @@ def _timing_section(doc: Mapping[str, Any]) -> str:
     )
 
 
+def _rounds_section(doc: Mapping[str, Any]) -> str:
+    """The rounds of federated arms in which a known site was not accepted, every site named.
+
+    Each row is the line the ServerApp logs for the round
+    (:func:`fedseg.federation.roster.describe_sites`), so the report and the run's log agree.
+    """
+    from fedseg.federation.roster import describe_sites
+
+    body = []
+    seen = 0
+    for arm, res in doc.get("arms", {}).items():
+        history = res.get("history") or []
+        seen += len(history)
+        for row in history:
+            if row.get("rejected") or row.get("not-sampled"):
+                body.append(
+                    [
+                        _e(pretty(arm)),
+                        _e(row.get("round")),
+                        _e(row.get("status")),
+                        _e(describe_sites(row)),
+                    ]
+                )
+    if not seen:
+        return ""
+    if not body:
+        return (
+            "<h2>Round record</h2><p>Every known site was accepted in every round of every "
+            "federated arm.</p>"
+        )
+    return (
+        "<h2>Round record</h2><p>Rounds in which a known site was not accepted, with every "
+        "site and what happened to it: accepted, rejected (why) or not sampled (offline, not "
+        "selected by <code>fraction-train</code>, excluded). <code>history.json</code> of each "
+        "arm holds the same for every round.</p>"
+        + _table(["arm", "round", "status", "sites"], body, left=4)
+    )
+
+
 def _privacy_section(doc: Mapping[str, Any]) -> str:
     """Epsilon spent per site by the arms that ran with differential privacy (#4)."""
     from fedseg.strategies.ledger import privacy_summary
@@ -715,6 +754,7 @@ def render_report(doc: Mapping[str, Any], overlays: Mapping[str, Any] | None = N
             _heterogeneity_section(doc),
             _overlay_section(overlays),
             _timing_section(doc),
+            _rounds_section(doc),
             _privacy_section(doc),
             _method_section(doc),
         ]
