@@ -31,6 +31,7 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
+# The quick benchmarks (a few minutes); the long ones are listed in benchmarks/run_all.py.
 bench: install
 	$(BIN)/python benchmarks/run_all.py
 

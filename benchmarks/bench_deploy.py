@@ -96,7 +96,7 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
     home = tmp / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedseg"\n\n[superlink.fedseg]\naddress = "127.0.0.1:{PORT}"\n'
+        f'[superlink]\ndefault = "fedseg"\n\n[superlink.fedseg]\naddress = "{spec.control}"\n'
         f'root-certificates = "{pki.server_dir / "ca.crt"}"\n'
     )
     env = {

@@ -163,7 +163,7 @@ def test_bad_check_json(tmp_path: Path) -> None:
     ("args", "expected"),
     [
         (["{tmp}/nope"], "no such folder"),
-        (["{tmp}/file.txt"], "no such folder"),
+        (["{tmp}/file.txt"], "is a file, not a folder"),
         (["{tmp}", "--layout", "brats21"], "did you mean 'brats2021'"),
     ],
     ids=["missing-dir", "file-not-dir", "unknown-layout-name"],

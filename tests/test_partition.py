@@ -550,4 +550,4 @@ def test_bad_cli_missing_folder(cli: typer.Typer, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["partition", str(tmp_path / "nope"), "--sites", "2"])
 
     assert result.exit_code == 2
-    assert "not a folder" in result.stderr
+    assert "no such folder" in result.stderr

@@ -58,8 +58,10 @@ def test_layout_one_folder_per_party(pki: Path) -> None:
     ]  # fmt: skip
     for site in ("hospital-a", "hospital-b"):
         assert sorted(p.name for p in (pki / f"site-{site}").iterdir()) == [
-            "ca.crt", f"{site}.key", f"{site}.pub", "run-supernode.sh",
+            "approved-apps.txt", "bin", "ca.crt", f"{site}.key", f"{site}.pub",
+            "policy.toml", "run-supernode.sh",
         ]  # fmt: skip
+        assert [p.name for p in (pki / f"site-{site}" / "bin").iterdir()] == ["flwr-clientapp"]
     # The CA's private key is in no folder that is handed over.
     handed = [p for d in pki.iterdir() if d.name != "ca" and d.is_dir() for p in d.rglob("*")]
     ca_key = (pki / "ca" / "ca.key").read_bytes()
@@ -134,8 +136,13 @@ def test_site_keys_are_p384_openssh_and_listed_on_the_server(pki: Path) -> None:
 def test_scripts_carry_the_exact_flags(pki: Path) -> None:
     link = (pki / "server" / "run-superlink.sh").read_text()
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
-                 "--database", "--port 9443"):  # fmt: skip
+                 "--database", "--port 9443", "-m fedseg.deploy.superlink",
+                 "--control-port 9093", "--host 0.0.0.0"):  # fmt: skip
         assert flag in link
+    assert "flower-superlink --" not in link  # never Flower's own, which serves run submission
+    connection = (pki / "server" / "flwr-connection.toml").read_text()
+    assert 'address = "127.0.0.1:9093"' in connection
+    assert "ssh -N -L 9093:127.0.0.1:9093" in connection
     node = (pki / "site-hospital-a" / "run-supernode.sh").read_text()
     assert "--superlink fl.example.org:9443" in node
     assert '--root-certificates "$HERE"/ca.crt' in node
@@ -143,11 +150,22 @@ def test_scripts_carry_the_exact_flags(pki: Path) -> None:
     assert "DATA_PATH=${DATA_PATH:-/srv/brats}" in node
     assert "site-name='hospital-a'" in node
     assert "--insecure" not in node
+    assert 'export PATH="$HERE/bin:$PATH"' in node
+    assert "FEDSEG_APPROVED_APPS=${FEDSEG_APPROVED_APPS:-$HERE/approved-apps.txt}" in node
+    assert '-m fedseg.deploy.approval "$FEDSEG_APPROVED_APPS"' in node
+    shim = (pki / "site-hospital-a" / "bin" / "flwr-clientapp").read_text()
+    assert "-m fedseg.deploy.clientapp_guard" in shim
+    assert _mode(pki / "site-hospital-a" / "bin" / "flwr-clientapp") == 0o755
+    # Provisioned empty: the hospital approves what it runs.
+    from fedseg.deploy.approval import read_approved
+
+    assert read_approved(pki / "site-hospital-a" / "approved-apps.txt") == {}
     reg = (pki / "server" / "register-sites.sh").read_text()
     assert reg.count("flwr supernode register") == 2
     assert "--name hospital-b" in reg
     for script in ("server/run-superlink.sh", "server/register-sites.sh",
-                   "site-hospital-a/run-supernode.sh"):  # fmt: skip
+                   "site-hospital-a/run-supernode.sh",
+                   "site-hospital-a/bin/flwr-clientapp"):  # fmt: skip
         assert subprocess.run(["sh", "-n", str(pki / script)]).returncode == 0
 
 
@@ -169,6 +187,7 @@ def test_description_file(tmp_path: Path) -> None:
     )
     spec = load_spec(desc)
     assert spec.superlink == "10.0.0.5:9092"
+    assert spec.control == "127.0.0.1:9093"
     assert spec.san_ips()[0] == "10.0.0.5"
     assert spec.san_dns() == ["localhost"]
     assert [s.name for s in spec.sites] == ["site-1", "site-2"]
@@ -185,6 +204,9 @@ def test_description_file(tmp_path: Path) -> None:
         ({"server": {"address": "bad host!"}, "sites": ["a"]}, "neither an IP nor a DNS name"),
         ({"server": {"address": "h.org", "port": 70000}, "sites": ["a"]}, "port"),
         ({"server": {"address": "h.org", "port": "9092"}, "sites": ["a"]}, "port"),
+        ({"server": {"address": "h.org", "control-port": 0}, "sites": ["a"]}, "control-port"),
+        ({"server": {"address": "h.org", "control-port": 9092}, "sites": ["a"]}, "must differ"),
+        ({"server": {"address": "h.org", "control_port": 9093}, "sites": ["a"]}, "control-port"),
         ({"server": {"address": "h.org", "ip-addresses": ["1.2.3"]}, "sites": ["a"]}, "1.2.3"),
         ({"server": {"address": "h.org", "dns-names": "x.org"}, "sites": ["a"]}, "list"),
         ({"server": {"address": "h.org"}, "sites": ["a", "a"]}, "twice"),
@@ -267,3 +289,30 @@ def test_ckks_key_goes_to_every_site_and_never_to_the_server(tmp_path: Path) -> 
     provision(SPEC, plain)
     assert not list(plain.rglob("ckks.ctx"))
     assert "ckks-key-file" not in (plain / "site-hospital-a" / "run-supernode.sh").read_text()
+
+
+def test_every_site_gets_the_strict_default_policy_named_in_its_script(pki: Path) -> None:
+    from fedseg.site.policy import default_policy, load_policy
+
+    for site in ("hospital-a", "hospital-b"):
+        folder = pki / f"site-{site}"
+        assert load_policy(folder / "policy.toml") == default_policy(f"{site}-default")
+        assert "policy-file='$HERE/policy.toml'" in (folder / "run-supernode.sh").read_text()
+    assert not list((pki / "server").rglob("policy.toml"))  # the server never sees it
+
+
+def test_provision_policy_option_gives_every_site_that_policy(tmp_path: Path) -> None:
+    from fedseg.site.policy import SitePolicy, load_policy, policy_to_toml
+
+    mine = SitePolicy("consortium-2027", dp_modes=("sample",), max_epsilon_lifetime=12.0)
+    (tmp_path / "p.toml").write_text(policy_to_toml(mine))
+    args = ["provision", "--server-address", "10.1.2.3", "--site", "h1", "--site", "h2"]
+    done = CliRunner().invoke(app, [*args, "--policy", str(tmp_path / "p.toml"), "-o",
+                                    str(tmp_path / "pki")])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    for site in ("h1", "h2"):
+        assert load_policy(tmp_path / "pki" / f"site-{site}" / "policy.toml") == mine
+    (tmp_path / "bad.toml").write_text('name = "x"\ndp-modes = ["all"]\n')
+    bad = CliRunner().invoke(app, [*args, "--policy", str(tmp_path / "bad.toml"), "-o",
+                                   str(tmp_path / "pki2")])  # fmt: skip
+    assert bad.exit_code == 2 and "key 'dp-modes'" in bad.output and "bad.toml" in bad.output

@@ -283,3 +283,29 @@ def test_write_and_rebuild_report(tmp_path: Path) -> None:
     rebuilt = rebuild_report(tmp_path).read_text()
     assert rebuilt == first
     assert all(r in first for r in REGIONS)
+
+
+def test_report_states_the_prepared_voxel_size_and_defines_site_spread() -> None:
+    doc = fake_doc()
+    doc["study"]["prepared-spacing-mm"] = {"median": [3.42, 4.01, 3.5], "min": 3.1, "max": 4.3}
+
+    html = render_report(doc)
+
+    assert "mm at the prepared voxel size: median 3.4 × 4.0 × 3.5 mm over the test cases" in html
+    assert "3.1–4.3 mm per axis" in html
+    assert "site spread (best − worst site)" in html
+    assert "<em>Site spread</em>: the best site's mean Dice minus the worst site's" in html
+
+
+def test_prepared_spacing_summarises_the_cases() -> None:
+    from fedseg.study.study import prepared_spacing
+
+    items = [
+        type("P", (), {"spacing": (2.0, 3.0, 4.0)})(),
+        type("P", (), {"spacing": (4.0, 5.0, 6.0)})(),
+    ]
+
+    got = prepared_spacing(items)  # type: ignore[arg-type]
+
+    assert got == {"median": [3.0, 4.0, 5.0], "min": 2.0, "max": 6.0}
+    assert prepared_spacing([]) is None

@@ -97,3 +97,28 @@ def test_cli_bad_attack_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["robustness", "--attacks", "explode", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "--attacks 'explode'" in result.output
+
+
+def test_count_attack_and_unbounded_fedavg_are_in_the_default_matrix(tmp_path: Path) -> None:
+    from fedseg.config import FedsegConfig
+    from fedseg.deploy.registry import read_site_registry
+    from fedseg.study.robustness import (
+        DEFAULT_ATTACKS,
+        DEFAULT_DEFENCES,
+        STRENGTHS,
+        strength,
+        write_registry,
+    )
+
+    assert {"inflate", "scale+inflate"} <= set(DEFAULT_ATTACKS)
+    assert "fedavg-unbounded" in DEFAULT_DEFENCES
+    assert parse_attacks("scale+inflate,inflate") == ["scale+inflate", "inflate"]
+    assert defence_config("fedavg-unbounded", Setting(1, 4), 1.0)["count-bound"] == "off"
+    assert strength("sign-flip+inflate") == STRENGTHS["sign-flip"]
+    # the registry holds each site's training cases: 5 cases, test-fraction 0.25 -> 1 held out
+    parts = {"site-0": [f"c{i}" for i in range(5)], "site-1": ["d0", "d1", "d2"]}
+    cfg = FedsegConfig(test_fraction=0.25)
+    reg = read_site_registry(write_registry(parts, cfg, tmp_path / "sites.csv"))
+    assert dict(reg.expected) == {"site-0": 4, "site-1": 2}
+    with pytest.raises(ConfigError, match="expected some of"):
+        parse_attacks("inflate+inflate")

@@ -223,10 +223,10 @@ def test_ckks_federation_equals_plain_fedavg_and_hides_each_update(
     plain_updates: list[np.ndarray] = []
     real_seal = F.seal_train_reply
 
-    def spy_seal(content: Any, context: Any, cfg: Any) -> Any:
+    def spy_seal(content: Any, context: Any, cfg: Any, bound: int = 0) -> Any:
         weights = {k: v.numpy() for k, v in content.array_records["arrays"].items()}
         plain_updates.append(C.flatten(weights, sorted(weights)))
-        return real_seal(content, context, cfg)
+        return real_seal(content, context, cfg, bound)
 
     server_contexts: list[bool] = []
     real_init = C.EncryptedSum.__init__
@@ -450,3 +450,92 @@ def test_ckks_site_sending_garbage_ciphertexts_is_rejected(cohort: Any, tmp_path
     row = result.history[0]
     assert row["status"] == "ok" and row["accepted"] == ["site-1", "site-2"]
     assert row["rejected"]["site-0"].startswith("ciphertext: chunk 0 is not a CKKS ciphertext")
+
+
+# ------------------------------------------------------------------- case-count bounds (#24)
+
+
+def _registry(tmp_path: Path, count: int = 2) -> str:
+    path = tmp_path / "sites.csv"
+    path.write_text("site,expected-cases\n" + "".join(f"site-{i},{count}\n" for i in range(3)))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["ckks", "secagg+"])
+def test_secure_sums_bound_counts_like_a_plain_round(
+    mode: str, cohort: Any, tmp_path: Path
+) -> None:
+    """site-1 claims 1000x its 2 training cases (handshake and replies); the registry says 2."""
+    cfg = tiny_cfg(
+        num_server_rounds=1,
+        secagg_max_weight=10.0,
+        attack="inflate",
+        malicious_sites="site-1",
+        site_registry=_registry(tmp_path),
+    )
+    plain, _ = _serve(cfg, cohort, tmp_path / "plain")
+    unbounded, _ = _serve(cfg.replace(count_bound="off"), cohort, tmp_path / "off")
+    secure, _ = _serve(cfg.replace(secure_aggregation=mode), cohort, tmp_path / "secure")
+
+    row = secure.history[0]
+    assert row["status"] == "ok" and row["accepted"] == ["site-0", "site-1", "site-2"]
+    assert row["train"]["site-1"]["num-examples"] == 2000
+    assert row["train"]["site-1"]["weight"] == 2 and row["train"]["site-1"]["weight-bound"] == 2
+    for k, v in plain.weights.items():
+        np.testing.assert_allclose(secure.weights[k], v, rtol=0, atol=1e-5, err_msg=k)
+    # the bound matters: unbounded, the claimed 2000 cases move the average
+    assert any(
+        not np.allclose(unbounded.weights[k], v, atol=1e-4) for k, v in plain.weights.items()
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("ckks", "num-examples 2000 above its bound 2 (count-bound 'reject')"),
+        ("secagg+", "site reported error E401:AggregationError"),
+    ],
+)
+def test_secure_reject_mode_leaves_the_inflating_site_out(
+    mode: str, reason: str, cohort: Any, tmp_path: Path
+) -> None:
+    cfg = tiny_cfg(
+        num_server_rounds=1,
+        secagg_max_weight=10.0,
+        attack="inflate",
+        malicious_sites="site-1",
+        site_registry=_registry(tmp_path),
+        count_bound="reject",
+        secure_aggregation=mode,
+    )
+    result, _ = _serve(cfg, cohort, tmp_path / "secure")
+
+    row = result.history[0]
+    assert row["status"] == "ok"
+    assert row["accepted"] == ["site-0", "site-2"]
+    assert row["rejected"] == {"site-1": reason}
+
+
+def test_ckks_reply_whose_ciphertext_weight_is_not_its_bound_is_rejected(
+    cohort: Any, tmp_path: Path
+) -> None:
+    """A site that ignores its weight bound (encrypts 2000 x its model) is left out."""
+    from flwr.app import MetricRecord
+
+    def lie(msg: Any, reply: Any) -> Any:
+        if msg.metadata.message_type == "train" and reply.has_content():
+            metrics = dict(reply.content.metric_records["metrics"])
+            metrics["ckks-weight"] = 2000.0
+            reply.content.metric_records["metrics"] = MetricRecord(metrics)
+        return reply
+
+    cfg = tiny_cfg(
+        num_server_rounds=1, secure_aggregation="ckks", site_registry=_registry(tmp_path)
+    )
+    result, _ = _serve(cfg, cohort, tmp_path / "secure", faults={1: lie})
+
+    row = result.history[0]
+    assert row["accepted"] == ["site-0", "site-2"]
+    assert (
+        "ciphertext weighted by 2000.0, expected its bounded weight 2" in row["rejected"]["site-1"]
+    )

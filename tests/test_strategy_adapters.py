@@ -27,7 +27,7 @@ from fedseg.federation import records as R
 from fedseg.federation.inprocess import InProcessGrid
 from fedseg.federation.strategy import NO_REPLY, FedsegStrategy
 from fedseg.strategies.aggregate import fedavg
-from fedseg.strategies.fedopt import fedadam_step
+from fedseg.strategies.fedopt import fedadagrad_step, fedadam_step
 
 GLOBAL = {
     "enc.conv.weight": np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]], dtype=np.float32),
@@ -155,6 +155,18 @@ BAD_REPLIES = [
         lambda m: Message(Error(code=3, reason="Traceback ... /secret"), reply_to=m),
         "Flower error 3",
     ),
+    (
+        "app-refused",  # the site's approval check refused the app before running it
+        lambda m: Message(
+            Error(
+                code=2,
+                reason="<class 'fedseg.errors.AppNotApprovedError'>:<'E510:AppNotApprovedError: "
+                "app sha256 0123456789abcdef is not approved at this site'>",
+            ),
+            reply_to=m,
+        ),
+        "site reported error E510:AppNotApprovedError (ClientApp did not run)",
+    ),
     ("timeout", lambda m: None, "no reply within the round timeout"),
 ]
 
@@ -279,6 +291,27 @@ def test_fedadam_calls_the_core_and_keeps_moments() -> None:
     restored = FedsegStrategy(strat.cfg)
     restored.load_state_dict(state)
     assert restored.v is not None and len(restored.v) == len(v)
+
+
+def test_fedadagrad_calls_the_core_and_accumulates_v_over_rounds() -> None:
+    strat, grid, msgs = _setup("fedadagrad", server_learning_rate=0.1, server_tau=0.01)
+    keys = list(GLOBAL)
+    w, m, v = [GLOBAL[k] for k in keys], None, None
+    for server_round in (1, 2):
+        sent = _by_site(strat, msgs)
+        replies = [_reply(sent[s], _site_weights(i), 2) for i, s in enumerate(SITES)]
+
+        got = _as_dict(strat.aggregate_train(server_round, replies)[0])
+
+        avg = fedavg([[_site_weights(i)[k] for k in keys] for i in range(3)], [2, 2, 2])
+        delta = [a - c for a, c in zip(avg, w, strict=True)]
+        w, m, v = fedadagrad_step(w, delta, m, v, lr=0.1, tau=0.01)
+        for k, e in zip(keys, w, strict=True):
+            np.testing.assert_array_equal(got[k], e)
+        got_record = R.to_array_record(got)
+        msgs = list(strat.configure_train(server_round + 1, got_record, ConfigRecord(), grid))
+    for a, b in zip(strat.state_dict()["v"], v, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def _scaffold_reply(msg: Message, weights: dict[str, np.ndarray], **metrics: object) -> Message:

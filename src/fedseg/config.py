@@ -24,6 +24,7 @@ STRATEGIES: tuple[str, ...] = (
     "fedprox",
     "fedadam",
     "fedyogi",
+    "fedadagrad",
     "scaffold",
     "fedbn",
     "cyclic",
@@ -43,7 +44,11 @@ ATTACKS: tuple[str, ...] = (
     "nan",
     "label-flip",
     "backdoor",
+    "inflate",
 )
+
+#: the count attack, alone (``inflate``) or after any other attack (``scale+inflate``, ...)
+INFLATE = "inflate"
 
 #: differential-privacy modes (``dp-mode`` key)
 DP_MODES: tuple[str, ...] = ("none", "sample", "client")
@@ -141,6 +146,12 @@ class FedsegConfig:
     attack: str = "none"
     attack_strength: float = 10.0
     malicious_sites: str = ""
+    inflate_factor: float = 1000.0
+    # case-count weights (#24): bounded by the handshake and the site registry
+    weighting: str = "examples"
+    count_bound: str = "clip"
+    count_jump_factor: float = 2.0
+    site_registry: str = ""
     # privacy (#4): differential privacy and the per-site budget
     dp_mode: str = "none"
     dp_noise_multiplier: float = 0.0
@@ -281,7 +292,22 @@ class FedsegConfig:
     def _check_robustness(self) -> None:
         """Validate the robust-aggregation and attack keys (#5)."""
         _check_choice("aggregator", self.aggregator, AGGREGATORS)
-        _check_choice("attack", self.attack, ATTACKS)
+        _check_attack(self.attack)
+        factor = self.inflate_factor
+        _check(
+            math.isfinite(factor) and factor >= 1, "inflate-factor", "a finite number >= 1", factor
+        )
+        from fedseg.strategies.weights import COUNT_BOUND_MODES, WEIGHTINGS
+
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        _check_choice("count-bound", self.count_bound, COUNT_BOUND_MODES)
+        jump = self.count_jump_factor
+        _check(
+            jump == 0 or (math.isfinite(jump) and jump > 1),
+            "count-jump-factor",
+            "0 (no flagging) or a finite number > 1",
+            jump,
+        )
         trim = self.trim_fraction
         _check(0 <= trim < 0.5, "trim-fraction", "a number in [0, 0.5)", trim)
         f = self.byzantine_sites
@@ -296,7 +322,7 @@ class FedsegConfig:
         if robust and self.strategy in ("scaffold", "cyclic"):
             raise ConfigError(
                 f"config key 'aggregator' (with update-clip-norm, anomaly-threshold): robust "
-                f"aggregation works with fedavg, fedprox, fedbn, fedadam, fedyogi, not "
+                f"aggregation works with fedavg, fedprox, fedbn, fedadam, fedyogi, fedadagrad, not "
                 f"'{self.strategy}' (SCAFFOLD's control variates and cyclic's single model "
                 f"have no robust counterpart here); found aggregator {self.aggregator!r}"
             )
@@ -345,7 +371,7 @@ class FedsegConfig:
             raise ConfigError(
                 f"config key 'dp-mode': client-level DP clips and noises averaged model updates, "
                 f"which strategy '{self.strategy}' does not produce; use fedavg, fedprox, "
-                f"fedbn, fedadam or fedyogi"
+                f"fedbn, fedadam, fedyogi or fedadagrad"
             )
 
     def _check_secure(self) -> None:
@@ -474,6 +500,28 @@ def _same(given: Any, default: Any) -> bool:
 def _check(ok: bool, key: str, expected: str, found: object) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': expected {expected}, found {found!r}")
+
+
+def attack_parts(name: str) -> tuple[str, bool]:
+    """Split an ``attack`` value into the reply/data attack and whether counts are inflated.
+
+    ``"scale+inflate"`` -> ``("scale", True)``; ``"inflate"`` -> ``("inflate", True)``;
+    ``"scale"`` -> ``("scale", False)``. The value is not validated (see :class:`FedsegConfig`).
+    """
+    base, sep, tail = str(name).partition("+")
+    if sep and tail == INFLATE:
+        return base, True
+    return str(name), str(name) == INFLATE
+
+
+def _check_attack(value: str) -> None:
+    base, inflated = attack_parts(value)
+    if "+" in str(value) and (not inflated or base in ("none", INFLATE) or base not in ATTACKS):
+        raise ConfigError(
+            f"config key 'attack': a combined attack is ATTACK+inflate with ATTACK one of "
+            f"{', '.join(a for a in ATTACKS if a not in ('none', INFLATE))}, found {value!r}"
+        )
+    _check_choice("attack", base, ATTACKS)
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

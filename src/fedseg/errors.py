@@ -97,7 +97,40 @@ class ProvisionError(FedsegError):
     code = "E500"
 
 
+class OutputError(FedsegError):
+    """An output folder or file cannot be created or written (read-only mount, a file in the way,
+    no permission, disk full)."""
+
+    code = "E800"
+
+
+class AppNotApprovedError(FedsegError):
+    """A site refuses to run an app (FAB) its operator has not approved (``approved-apps.txt``).
+
+    Raised at the site before any code of the app is loaded; the message holds only the app's
+    hash, never a path, so it may travel to the server in Flower's error reply.
+    """
+
+    code = "E510"
+
+
 class PrivacyBudgetError(FedsegError):
     """A site refuses a round that would take it past its differential-privacy budget."""
 
     code = "E600"
+
+
+class SitePolicyError(FedsegError):
+    """A site refuses a request that its own privacy policy does not allow.
+
+    Unlike other errors, a policy refusal tells the server *why*: ``public_reason`` names the
+    policy, what the request asked and what the policy requires. It is built only from the
+    policy and the request (never from the site's data, paths or case ids), so it may leave the
+    site; :func:`fedseg.federation.records.error_content` sends it beside the code.
+    """
+
+    code = "E700"
+
+    def __init__(self, message: str, *, public_reason: str | None = None) -> None:
+        super().__init__(message)
+        self.public_reason = public_reason if public_reason is not None else message

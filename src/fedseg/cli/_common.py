@@ -1,22 +1,59 @@
-"""Helpers shared by CLI commands: turning fedseg errors into one clear line and exit code 2."""
+"""Helpers shared by CLI commands: one clear line and an exit code for every failure.
+
+:class:`GuardedGroup` is the one place where a command's failure becomes an exit code: a
+:class:`~fedseg.errors.FedsegError` (bad input) prints ``error: <message>`` and exits 2; any
+other exception is an internal failure: its traceback goes to a log file, the terminal gets one
+line naming the command, the error and the log, and the exit code is 3.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable, Iterator
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from fedseg.errors import FedsegError
-
-T = TypeVar("T")
+from fedseg.errors import FedsegError, LayoutError, OutputError
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
+
+
+#: Environment variable naming the folder of internal-failure logs.
+LOG_DIR_ENV = "FEDSEG_LOG_DIR"
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of blanks folded into single spaces."""
+    return " ".join(str(text).split())
+
+
+def _end_progress_bars() -> None:
+    # An unfinished tqdm bar leaves the cursor at the end of its line: close it so that the
+    # error starts on a line of its own.
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def print_error(message: str) -> None:
+    """Print ``error: <message>`` as one line on stderr, after closing any progress bar."""
+    _end_progress_bars()
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -25,14 +62,140 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except FedsegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
-def run_cli(fn: Callable[[], T]) -> T:
-    """Call ``fn`` under :func:`user_errors`."""
-    with user_errors():
-        return fn()
+def existing_folder(path: Path, what: str) -> Path:
+    """``path`` when it is a folder.
+
+    Parameters
+    ----------
+    path:
+        The folder a user named.
+    what:
+        What it should hold, for the message (``"dataset folder"``...).
+
+    Raises
+    ------
+    LayoutError
+        ``path`` does not exist, or is a file or something else, not a folder.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if not p.exists():
+        raise LayoutError(f"{p}: no such folder (expected a {what})")
+    kind = "a file" if p.is_file() else "not a regular folder"
+    raise LayoutError(f"{p}: is {kind}, not a folder (expected a {what})")
+
+
+def writable_folder(path: Path, option: str = "--out") -> Path:
+    """Create ``path`` if needed and make sure files can be written into it.
+
+    Only a probe file of this process is created and removed: nothing already there is touched.
+
+    Parameters
+    ----------
+    path:
+        The output folder.
+    option:
+        The option that named it, for the message.
+
+    Raises
+    ------
+    OutputError
+        The folder cannot be created (a file in the way, read-only mount, no permission) or
+        written into.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{option} {p}: is a file, not a folder (expected a writable folder)")
+    probe = p / f".fedseg-write-test-{os.getpid()}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputError(
+            f"{option} {p}: cannot write there ({reason}); expected a writable folder"
+        ) from None
+    return p
+
+
+def log_dir() -> Path:
+    """Where internal-failure logs go: ``$FEDSEG_LOG_DIR``, else ``~/.cache/fedseg/logs``."""
+    given = os.environ.get(LOG_DIR_ENV)
+    if given:
+        return Path(given)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedseg" / "logs"
+
+
+def write_failure_log(command: str, exc: BaseException) -> Path | None:
+    """Write the command line and the traceback of ``exc`` to a new log file.
+
+    Parameters
+    ----------
+    command:
+        The command's name (``evaluate``...), part of the file name.
+    exc:
+        The exception, with its traceback.
+
+    Returns
+    -------
+    pathlib.Path or None
+        The log file (under :func:`log_dir`, else the system's temporary folder), or ``None``
+        when neither can be written.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"fedseg-{command or 'cli'}-{stamp}-{os.getpid()}.log"
+    text = (
+        f"command: {' '.join(sys.argv)}\n"
+        f"cwd: {os.getcwd()}\n"
+        f"time: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n\n"
+        + "".join(traceback.format_exception(exc))
+    )
+    for folder in (log_dir(), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(text, encoding="utf-8")
+        except OSError:
+            continue
+        return path
+    return None
+
+
+class GuardedGroup(TyperGroup):
+    """The ``fedseg`` command group: every command's failures end in one line and an exit code.
+
+    Click's own exits (usage errors: 2, ``typer.Exit``) pass through unchanged.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the chosen command; map :class:`FedsegError` to 2, anything else to 3."""
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except FedsegError as exc:
+            print_error(str(exc))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except Exception as exc:  # the CLI never prints a traceback; the log keeps it
+            command = ctx.invoked_subcommand or ""
+            log = write_failure_log(command, exc)
+            where = f"full log: {log}" if log is not None else "no log could be written"
+            _end_progress_bars()
+            print(
+                one_line(
+                    f"internal error in `fedseg {command}`: {type(exc).__name__}: {exc} ({where})"
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+            raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def make_console(stderr: bool = False) -> Any:

@@ -6,13 +6,12 @@ folder does not exist, unknown ``--layout``); 3 an internal failure.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fedseg.cli._common import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_PROBLEMS, user_errors
+from fedseg.cli._common import EXIT_PROBLEMS, existing_folder, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -52,17 +51,10 @@ def register(app: typer.Typer) -> None:
 
         from fedseg.data.check import check_dataset
 
-        if not directory.is_dir():
-            print(f"error: {directory}: no such folder", file=sys.stderr)
-            raise typer.Exit(EXIT_BAD_INPUT)
-        try:
-            with user_errors():
-                report = check_dataset(directory, layout=layout, require_labels=require_labels)
-        except typer.Exit:
-            raise
-        except Exception as exc:  # the CLI never prints a traceback; report a bug in one line
-            print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            raise typer.Exit(EXIT_INTERNAL) from None
+        # an internal failure becomes exit 3 and one line in fedseg.cli._common.GuardedGroup
+        with user_errors():
+            existing_folder(directory, "dataset folder or case folder")
+            report = check_dataset(directory, layout=layout, require_labels=require_labels)
         if json_out:
             print(json.dumps(report.to_dict(), indent=2))
         elif report.ok:

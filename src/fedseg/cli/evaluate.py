@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli._common import user_errors
+from fedseg.cli._common import existing_folder, user_errors, writable_folder
 
 
 def register(app: typer.Typer) -> None:
@@ -22,13 +22,17 @@ def register(app: typer.Typer) -> None:
         hd95: bool = typer.Option(True, "--hd95/--no-hd95", help="Also compute HD95 (slower)."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
-        """Segment every case of DATA with a trained model; score cases that have labels."""
+        """Segment every case of DATA with a trained model; score cases that have labels.
+
+        Exit codes: 0 success, 2 bad input, 3 internal failure."""
         import json
 
         from fedseg.data.case import REGIONS
         from fedseg.study.evaluate import evaluate_folder
 
         with user_errors():
+            existing_folder(data, "dataset folder in BraTS 2020/2021/2023 or MSD layout")
+            writable_folder(out, "--out")
             summary = evaluate_folder(model, data, out, hd95=hd95)
         if json_out:
             print(json.dumps(summary))

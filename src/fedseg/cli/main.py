@@ -1,7 +1,8 @@
 """Entry point of the ``fedseg`` command.
 
 Exit codes (all commands): 0 success; 1 the command ran and found problems (e.g. ``fedseg
-check``); 2 bad usage or bad input (config, files); 3 an internal failure.
+check``); 2 bad usage or bad input (config, files), one line; 3 an internal failure, one line
+naming the log file that holds the traceback (:class:`fedseg.cli._common.GuardedGroup`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,14 @@ import importlib
 
 import typer
 
+from fedseg.cli._common import GuardedGroup
+
 app = typer.Typer(
     name="fedseg",
-    help="Federated brain-tumour segmentation on multimodal MRI (Flower + MONAI).",
+    cls=GuardedGroup,
+    help="Federated brain-tumour segmentation on multimodal MRI (Flower + MONAI).\n\n"
+    "Exit codes: 0 success; 1 problems found (fedseg check); 2 bad input or usage (one line); "
+    "3 internal failure (one line naming the log file that holds the details).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -27,9 +33,33 @@ _COMMAND_MODULES = (
     "evaluate",
     "study",
     "provision",
+    "approve",
     "privacy_sweep",
     "robustness",
+    "site_ledger",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fedseg import __version__
+
+        typer.echo(f"fedseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        callback=_version,
+        is_eager=True,
+    ),
+) -> None:
+    """The options of ``fedseg`` itself (the help text is the app's)."""
+
 
 for _name in _COMMAND_MODULES:
     try:

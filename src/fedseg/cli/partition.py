@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fedseg.cli._common import user_errors
-from fedseg.errors import ConfigError, LayoutError
+from fedseg.cli._common import existing_folder, user_errors, writable_folder
+from fedseg.errors import ConfigError, OutputError
 
 _HELP = """Split the cohort in DATA into virtual hospitals (sites), IID or non-IID.
 
@@ -26,8 +26,9 @@ skew over --by); mixed (quantity + tumour-size + scanner, the study default); cs
 mapping, header case_id,site or FeTS Subject_ID,Partition_ID). Smaller --alpha means more
 heterogeneous sites.
 
-Writes the partition CSV (--out, header case_id,site) and, next to it, a JSON summary of the
-sites (OUT with the suffix .summary.json); prints a table of the sites, or the JSON with --json.
+Writes the partition CSV (--out, header case_id,site; default DATA/partition.csv, beside the
+cohort, never the current folder) and, next to it, a JSON summary of the sites (OUT with the
+suffix .summary.json); prints a table of the sites, or the JSON with --json.
 
 Exit codes: 0 success, 2 bad input.
 """
@@ -57,9 +58,15 @@ def partition_command(
     csv_map: Annotated[
         Path | None, typer.Option("--csv", help="Partition CSV mapping cases to sites.")
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Partition CSV to write.")] = Path(
-        "partition.csv"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Partition CSV to write (default DATA/partition.csv).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Split a cohort into sites (see ``fedseg partition --help``)."""
@@ -86,7 +93,7 @@ def _run(
     min_cases: int,
     by: str,
     csv_map: Path | None,
-    out: Path,
+    out: Path | None,
 ) -> dict[str, Any]:
     from fedseg.data.partition import (
         DEFAULT_SCHEME,
@@ -100,8 +107,12 @@ def _run(
 
     if scheme is None:
         scheme = "csv" if csv_map is not None else DEFAULT_SCHEME
-    if not data.is_dir():
-        raise LayoutError(f"cohort folder {data} does not exist or is not a folder")
+    existing_folder(data, "cohort folder")
+    if out is None:
+        out = data / "partition.csv"
+    if out.is_dir():
+        raise OutputError(f"--out {out}: is a folder; expected the partition CSV file to write")
+    writable_folder(out.parent, "--out")
     if sites is None:
         if scheme != "csv":
             raise ConfigError(f"--sites is required with scheme '{scheme}'")

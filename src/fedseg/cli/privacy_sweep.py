@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedseg.cli._common import user_errors
+from fedseg.cli._common import existing_folder, user_errors, writable_folder
 from fedseg.cli.options import PRESET_HELP
 
 _HELP = (
@@ -196,6 +196,11 @@ def privacy_sweep_command(
             if options[key] is None:
                 options[key] = value
         cfg = config_from_options(**options)
+        if data is not None:
+            existing_folder(data, "labelled dataset folder (--data)")
+        if public_data is not None:
+            existing_folder(public_data, "labelled public dataset folder (--public-data)")
+        writable_folder(out, "--out")
         doc = run_privacy_sweep(
             out,
             cfg,

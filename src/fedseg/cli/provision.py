@@ -21,10 +21,14 @@ file's server values; --site adds sites):
 
   fedseg provision --server-address fl.example.org --site hospital-a --site hospital-b --out pki
 
+With --expected-cases hospital-a=120 --expected-cases hospital-b=45, the server's site registry
+(server/sites.csv) bounds each hospital's weight in the average by its expected case count.
+
 OUT/server/ goes to the aggregation server (ca.crt, server.pem, server.key, the sites' public
 keys, run-superlink.sh, register-sites.sh); OUT/site-NAME/ to each hospital (ca.crt, its private
-key, run-supernode.sh). OUT/ca/ca.key signs server certificates: keep it offline. Private keys
-are written with mode 0600. Existing key material is never overwritten without --force.
+key, run-supernode.sh, policy.toml: the hospital's privacy policy, strict by default; --policy
+FILE writes FILE's policy instead). OUT/ca/ca.key signs server certificates: keep it offline.
+Private keys are written with mode 0600. Existing key material is never overwritten without --force.
 
 Exit codes: 0 success, 2 bad description or existing key material.
 """
@@ -51,6 +55,15 @@ def provision_command(
     ] = None,
     ip: Annotated[list[str] | None, typer.Option("--ip", help="Extra certificate IP.")] = None,
     site: Annotated[list[str] | None, typer.Option("--site", help="Hospital name.")] = None,
+    expected_cases: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expected-cases",
+            help="SITE=N: the training cases the server expects from SITE, written into the "
+            "site registry server/sites.csv; the server bounds the site's weight by it "
+            "(run config site-registry). Give it for every site or none.",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace existing key material.")] = False,
     ckks: Annotated[
         bool,
@@ -60,6 +73,14 @@ def provision_command(
             "server), for secure-aggregation = ckks.",
         ),
     ] = False,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="Site privacy policy (TOML) to give every site instead of the strict default.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Create the federation's key material (see ``fedseg provision --help``)."""
@@ -90,10 +111,17 @@ def provision_command(
             server["ip-addresses"] = [*server.get("ip-addresses", []), *ip]
         if isinstance(doc.get("sites"), list):
             doc["sites"] = [*doc["sites"], *(site or [])]
+        if expected_cases:
+            doc["sites"] = _with_expected_cases(doc.get("sites"), expected_cases)
         if "address" not in server and description is None:
             raise ConfigError("give a DESCRIPTION file or --server-address and --site")
         spec = P.spec_from_dict(doc, source=str(description or "options"))
-        result = P.provision(spec, out, force=force, ckks=ckks)
+        site_policy = None
+        if policy is not None:
+            from fedseg.site.policy import load_policy
+
+            site_policy = load_policy(policy)
+        result = P.provision(spec, out, force=force, ckks=ckks, policy=site_policy)
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), **result.manifest}, indent=2))
         return
@@ -102,3 +130,26 @@ def provision_command(
     for name, folder in result.site_dirs.items():
         typer.echo(f"  {folder}/  -> {name}")
     typer.echo(f"  {result.ca_dir}/  -> keep offline (CA private key)")
+
+
+def _with_expected_cases(sites: object, given: list[str]) -> list[object]:
+    """The description's sites with ``--expected-cases SITE=N`` applied (as ``[[sites]]``)."""
+    from fedseg.errors import ConfigError
+
+    entries = [
+        dict(item) if isinstance(item, dict) else {"name": item}
+        for item in (sites if isinstance(sites, list) else [])
+    ]
+    by_name = {e.get("name"): e for e in entries}
+    for text in given:
+        name, sep, raw = text.partition("=")
+        if not sep or not (raw.strip().isascii() and raw.strip().isdigit()):
+            raise ConfigError(
+                f"--expected-cases {text!r}: expected SITE=N with N a positive integer"
+            )
+        if name.strip() not in by_name:
+            raise ConfigError(
+                f"--expected-cases {text!r}: no site {name.strip()!r} (give it with --site)"
+            )
+        by_name[name.strip()]["expected-cases"] = int(raw.strip())
+    return entries

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedseg.cli._common import user_errors
+from fedseg.cli._common import existing_folder, user_errors, writable_folder
 from fedseg.cli.options import PRESET_HELP
 from fedseg.study.robustness import DEFAULT_ATTACKS, DEFAULT_DEFENCES, DEFAULT_SETTINGS
 
@@ -42,7 +42,8 @@ _HELP = (
     "OUT/report.html. Rerun the same command to resume."
     "\n\n"
     "Defaults (a 2D U-Net on 32x32 slices, 24 synthetic cases, 4 rounds x 2 local epochs) keep "
-    "the default matrix within about 25 minutes on 2 CPU cores; raise them with the options."
+    "the default matrix (86 cells) within about 50 minutes on 2 busy CPU cores; raise them with "
+    "the options."
     "\n\n"
     "Exit codes: 0 success, 2 bad input, 3 internal failure."
 )
@@ -58,14 +59,16 @@ def robustness_command(
         str,
         typer.Option(
             help="Comma-separated attacks: sign-flip, noise, scale, lie, free-rider, nan, "
-            "label-flip, backdoor."
+            "label-flip, backdoor, inflate (claims 1000x the site's cases), or ATTACK+inflate "
+            "(e.g. scale+inflate)."
         ),
     ] = ",".join(DEFAULT_ATTACKS),
     defences: Annotated[
         str,
         typer.Option(
-            help="Comma-separated defences: fedavg, median, trimmed-mean, krum, multi-krum, "
-            "bulyan, clip, anomaly."
+            help="Comma-separated defences: fedavg (with the default case-count bound), "
+            "fedavg-unbounded (counts taken as reported), median, trimmed-mean, krum, "
+            "multi-krum, bulyan, clip, anomaly."
         ),
     ] = ",".join(DEFAULT_DEFENCES),
     settings: Annotated[
@@ -142,6 +145,9 @@ def robustness_command(
             if not quiet:
                 typer.echo(line, err=as_json)
 
+        if data is not None:
+            existing_folder(data, "labelled dataset folder (--data)")
+        writable_folder(out, "--out")
         doc = rob.run_robustness(
             cfg,
             out,

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedseg.cli._common import user_errors
+from fedseg.cli._common import existing_folder, user_errors, writable_folder
 from fedseg.cli.options import PRESET_HELP
 
 _HELP = (
@@ -46,7 +46,8 @@ def study_command(
         ),
     ] = "default",
     sites: Annotated[
-        int | None, typer.Option(help="Number of virtual hospitals (default 4).")
+        int | None,
+        typer.Option(help="Number of virtual hospitals, at least 2 (default 4)."),
     ] = None,
     rounds: Annotated[
         int | None,
@@ -94,7 +95,7 @@ def study_command(
         list[str] | None,
         typer.Option(
             "--set",
-            help="Any config key of [tool.flwr.app.config], repeatable: "
+            help="Any config key of \\[tool.flwr.app.config], repeatable: "
             "--set reset-optimizer=false --set proximal-mu=0.1",
         ),
     ] = None,
@@ -106,6 +107,7 @@ def study_command(
 ) -> None:
     """Run the study (see ``fedseg study --help``)."""
     from fedseg.cli.options import config_from_options
+    from fedseg.errors import ConfigError
     from fedseg.study.study import parse_arms, run_study
 
     with user_errors():
@@ -129,6 +131,15 @@ def study_command(
             else:
                 options["partition"] = partition
         cfg = config_from_options(sets=sets or (), **options)
+        if cfg.num_sites < 2:
+            given = f"--sites {sites}" if sites is not None else f"num-sites {cfg.num_sites}"
+            raise ConfigError(
+                f"{given}: a federation needs at least 2 sites; "
+                "for one hospital's data alone use `fedseg train`"
+            )
+        if data is not None:
+            existing_folder(data, "labelled dataset folder in BraTS 2020/2021/2023 or MSD layout")
+        writable_folder(out, "--out")
         doc = run_study(out, cfg, arms=selected, data=data, progress=not quiet, resume=resume)
     _print_summary(doc, as_json)
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from fedseg.cli._common import EXIT_BAD_INPUT, user_errors
+from fedseg.cli._common import EXIT_BAD_INPUT, user_errors, writable_folder
 from fedseg.data.scanners import profile_names
 
 _HELP = "\n\n".join(
@@ -77,6 +77,7 @@ def synth(
         names = [s.strip() for s in scanners.split(",") if s.strip()]
     start = time.perf_counter()
     with user_errors():
+        writable_folder(out, "--out")
         try:
             refs = generate_cohort(
                 out,

@@ -1,4 +1,9 @@
-"""``fedseg train``: the centralized baseline."""
+"""``fedseg train``: the centralized baseline.
+
+Exit codes: 0 success; 2 bad usage or bad input (the data folder, a case's files, an option
+value, an --out folder that cannot be written, a run folder from another configuration); 3 an
+internal failure.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,11 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli._common import user_errors
+from fedseg.cli._common import existing_folder, user_errors, writable_folder
 from fedseg.cli.options import PRESET_HELP
+from fedseg.config import FedsegConfig
+
+_DEFAULTS = FedsegConfig()
 
 
 def register(app: typer.Typer) -> None:
@@ -21,9 +29,18 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             Path("runs/centralized"), "--out", help="Run folder (checkpoints, metrics)."
         ),
-        epochs: int = typer.Option(None, help="Epochs (default from config)."),
+        epochs: int = typer.Option(
+            None,
+            help=f"Epochs (default {_DEFAULTS.epochs}, key epochs of \\[tool.flwr.app.config]); "
+            "a resumed run may raise it.",
+            show_default=False,
+        ),
         image_size: int = typer.Option(
-            None, "--image-size", help="Edge of the cubic training grid."
+            None,
+            "--image-size",
+            help=f"Edge of the cubic training grid (default {_DEFAULTS.image_size}); the "
+            "whole prepared volume is the training patch.",
+            show_default=False,
         ),
         base_channels: int = typer.Option(
             None, "--base-channels", help="U-Net width of the first level."
@@ -49,7 +66,9 @@ def register(app: typer.Typer) -> None:
             None, "--set", help="Any config key of [tool.flwr.app.config], repeatable."
         ),
     ) -> None:
-        """Train the centralized baseline on pooled data; resume after an interruption."""
+        """Train the centralized baseline on pooled data; resume after an interruption.
+
+        Exit codes: 0 success, 2 bad input, 3 internal failure."""
         import json
 
         from fedseg.cli.options import config_from_options
@@ -63,12 +82,23 @@ def register(app: typer.Typer) -> None:
                 cache_dir=str(cache_dir) if cache_dir is not None else None,
                 epochs=epochs,
                 image_size=image_size,
+                # the whole prepared volume is the training patch, as in `fedseg study`
+                patch_size=image_size,
                 base_channels=base_channels,
                 spatial_dims=spatial_dims,
                 seed=seed,
             )
             mods = tuple(m.strip() for m in modalities.split(",") if m.strip())
-            result = train_centralized(data, out, cfg, resume=resume, modalities=mods)
+            existing_folder(data, "dataset folder in BraTS 2020/2021/2023 or MSD layout")
+            writable_folder(out, "--out")
+            result = train_centralized(
+                data,
+                out,
+                cfg,
+                resume=resume,
+                modalities=mods,
+                notify=lambda line: typer.echo(line, err=True),
+            )
         if json_out:
             print(json.dumps({k: v for k, v in result.items() if k != "per-case"}))
             return

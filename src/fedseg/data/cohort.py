@@ -13,7 +13,8 @@ from fedseg.data.transforms import Prepared, preprocess_case
 from fedseg.errors import PartitionError
 from fedseg.utils.io import atomic_write
 
-_CACHE_VERSION = "1"
+# 2: crop boxes clipped to the image (spacing and box of edge cases changed)
+_CACHE_VERSION = "2"
 
 
 def load_prepared(
@@ -70,8 +71,9 @@ def _prepare_one(
     from fedseg.data.readers import load_case
 
     key = None
-    if cache_dir is not None:
-        key = Path(cache_dir) / f"{ref.case_id}-{image_size}-{_stamp(ref)}.npz"
+    stamp = _stamp(ref) if cache_dir is not None else None
+    if cache_dir is not None and stamp is not None:
+        key = Path(cache_dir) / f"{ref.case_id}-{image_size}-{stamp}.npz"
         if key.is_file():
             try:
                 return _read_cache(key, ref.case_id)
@@ -84,10 +86,18 @@ def _prepare_one(
     return prep
 
 
-def _stamp(ref: CaseRef) -> str:
+def _stamp(ref: CaseRef) -> str | None:
+    """The cache key of a case's files, or None when one is missing or unreadable.
+
+    A missing file is then reported by the reader, which names the case, the modality and
+    the file it expected.
+    """
     h = hashlib.sha1(_CACHE_VERSION.encode())
     for p in sorted({*ref.images.values(), *([ref.label] if ref.label else [])}):
-        st = Path(p).stat()
+        try:
+            st = Path(p).stat()
+        except OSError:
+            return None
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 

@@ -188,7 +188,8 @@ def partition(
         most = n // min_cases
         raise PartitionError(
             f"cannot split {n} case(s) into {num_sites} sites with at least {min_cases} case(s) "
-            f"each: at most {most} site(s) possible; use fewer sites or a smaller min_cases"
+            f"each: at most {most} site(s) possible; use fewer sites, more cases, or a smaller "
+            "minimum per site (fedseg partition --min-cases)"
         )
 
     rng = np.random.default_rng(seed)

@@ -73,12 +73,9 @@ def preprocess_case(case: Case, image_size: int, margin: int = 2) -> Prepared:
     Prepared
     """
     from monai.transforms import NormalizeIntensity, Resize, SpatialCrop
-    from monai.transforms.utils import generate_spatial_bounding_box
 
     img = np.asarray(case.image, dtype=np.float32)
-    start, end = generate_spatial_bounding_box(img, select_fn=lambda x: x > 0, margin=margin)
-    if any(e <= s for s, e in zip(start, end, strict=True)):  # an all-zero image: keep the grid
-        start, end = [0] * (img.ndim - 1), list(img.shape[1:])
+    start, end = brain_bbox(img, margin)
     crop = SpatialCrop(roi_start=start, roi_end=end)
     size = (image_size,) * (img.ndim - 1)
     image = NormalizeIntensity(nonzero=True, channel_wise=True)(crop(img))
@@ -100,6 +97,37 @@ def preprocess_case(case: Case, image_size: int, margin: int = 2) -> Prepared:
         spacing=spacing,
         meta=dict(case.meta),
     )
+
+
+def brain_bbox(image: np.ndarray, margin: int = 2) -> tuple[list[int], list[int]]:
+    """The brain's bounding box in a channel-first image, widened by ``margin`` and clipped to it.
+
+    MONAI's ``generate_spatial_bounding_box`` lets the margin run past the image edge, and
+    ``SpatialCrop`` then crops less than the box says; clipping here keeps the box, the crop, the
+    prepared spacing and the way back to the original grid in agreement.
+
+    Parameters
+    ----------
+    image:
+        ``(C, X, Y[, Z])`` array; the brain is where any channel is > 0.
+    margin:
+        Voxels kept around the brain on each side (as far as the image allows).
+
+    Returns
+    -------
+    tuple[list[int], list[int]]
+        ``(start, end)`` voxel indices, end exclusive, with ``0 <= start < end <= shape``; the
+        whole grid for an image without any voxel > 0.
+    """
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    shape = [int(n) for n in image.shape[1:]]
+    start, end = generate_spatial_bounding_box(image, select_fn=lambda x: x > 0, margin=margin)
+    start = [max(0, int(s)) for s in start]
+    end = [min(n, int(e)) for n, e in zip(shape, end, strict=True)]
+    if any(e <= s for s, e in zip(start, end, strict=True)):  # an all-zero image: keep the grid
+        return [0] * len(shape), shape
+    return start, end
 
 
 def train_augmentation(cfg: FedsegConfig) -> Any:

@@ -6,9 +6,12 @@ folder per party, ready to hand over::
 
     OUT/
       ca/                 ca.crt, ca.key          (keep offline: signs server certificates)
-      server/             ca.crt, server.pem, server.key, site-keys/<site>.pub, sites.csv,
+      server/             ca.crt, server.pem, server.key, site-keys/<site>.pub, sites.csv
+                          (the site registry, with expected-cases when given),
                           run-superlink.sh, register-sites.sh, flwr-connection.toml
-      site-<name>/        ca.crt, <name>.key, <name>.pub, run-supernode.sh
+      site-<name>/        ca.crt, <name>.key, <name>.pub, run-supernode.sh, policy.toml,
+                          approved-apps.txt (empty: the hospital approves apps itself),
+                          bin/flwr-clientapp (the approval check, see fedseg.deploy.approval)
                           ckks.ctx (with ``ckks``: the sites' shared CKKS secret key)
       manifest.json       what was written, certificate and key fingerprints (no secrets)
 
@@ -16,6 +19,17 @@ The TLS certificate is what the SuperNodes check (``--root-certificates ca.crt``
 are EC P-384 in OpenSSH format, the form Flower's SuperNode authentication reads
 (``--auth-supernode-private-key``) and ``flwr supernode register`` accepts. Private keys are
 written with mode 0600 and never leave their folder.
+
+Every site folder gets ``policy.toml``, the hospital's own privacy policy
+(:mod:`fedseg.site.policy`; strict defaults: DP-SGD with epsilon <= 8 per run and 24 in total,
+secure aggregation required), which ``run-supernode.sh`` names in the node config
+(``policy-file``). The hospital edits it; the server never sees it.
+
+``run-superlink.sh`` starts the SuperLink through :mod:`fedseg.deploy.superlink`: the sites'
+Fleet API on ``port`` (all interfaces), the Control and Runtime APIs only on the server's
+loopback, ``control-port``; ``flwr-connection.toml`` points there (on the server, or through an
+SSH tunnel from the researcher's machine). ``run-supernode.sh`` runs only the apps listed in the
+site's ``approved-apps.txt`` (:mod:`fedseg.deploy.approval`).
 
 With ``ckks`` (``fedseg provision --ckks``), every site folder also gets the same CKKS secret
 context (TenSEAL, :func:`fedseg.secure.ckks_federation.write_key_file`), mode 0600, and its
@@ -29,13 +43,19 @@ Description file (TOML)::
 
     [server]
     address = "fl.example.org"          # what sites dial: DNS name or IP
-    port = 9092                         # SuperLink port (Fleet, Control and Runtime APIs)
+    port = 9092                         # SuperLink port for the sites (Fleet API)
+    control-port = 9093                 # Control and Runtime APIs, server loopback only
     dns-names = ["fl.internal"]         # more names on the certificate (optional)
     ip-addresses = ["192.0.2.10"]       # IPs on the certificate (optional)
 
     [[sites]]
     name = "hospital-a"
     data-path = "/srv/brats"            # optional: written into run-supernode.sh
+    expected-cases = 120                # optional: training cases the server expects (#24)
+
+``expected-cases`` (for every site or for none) goes into the server's site registry,
+``server/sites.csv`` (:mod:`fedseg.deploy.registry`): name it in the run config
+(``site-registry``) and the server bounds each site's weight by it.
 
 ``sites = ["hospital-a", "hospital-b"]`` is accepted too.
 """
@@ -55,15 +75,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedseg.deploy.approval import APPROVED_APPS_ENV, APPROVED_APPS_FILE, LIST_HEADER
+from fedseg.deploy.registry import EXPECTED_CASES, REGISTRY_FILE
 from fedseg.errors import ConfigError, ProvisionError
+from fedseg.site.policy import SitePolicy, default_policy, policy_to_toml
 
 DEFAULT_PORT = 9092
+DEFAULT_CONTROL_PORT = 9093
 CA_DAYS = 3650
 SERVER_DAYS = 825
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_SERVER_KEYS = ("address", "port", "dns-names", "ip-addresses")
-_SITE_KEYS = ("name", "data-path")
+_SERVER_KEYS = ("address", "port", "control-port", "dns-names", "ip-addresses")
+_SITE_KEYS = ("name", "data-path", "expected-cases")
 # The ServerApp process reaches the SuperLink's Runtime API on the loopback over the same TLS
 # certificate, so the loopback names are always on it.
 _LOOPBACK_DNS = ("localhost",)
@@ -72,10 +96,12 @@ _LOOPBACK_IPS = ("127.0.0.1", "::1")
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """One hospital: its name (also the SuperNode name) and, optionally, its data folder."""
+    """One hospital: its name (also the SuperNode name) and, optionally, its data folder and
+    the count of training cases the server expects from it (its weight bound)."""
 
     name: str
     data_path: str = ""
+    expected_cases: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +113,9 @@ class FederationSpec:
     address:
         The host sites dial (DNS name or IP address).
     port:
-        The SuperLink port.
+        The SuperLink port the sites dial (Fleet API).
+    control_port:
+        The port of the Control and Runtime APIs, on the server's loopback only.
     dns_names, ip_addresses:
         Extra subject alternative names of the server certificate.
     sites:
@@ -99,6 +127,7 @@ class FederationSpec:
     port: int = DEFAULT_PORT
     dns_names: tuple[str, ...] = ()
     ip_addresses: tuple[str, ...] = ()
+    control_port: int = DEFAULT_CONTROL_PORT
 
     def __post_init__(self) -> None:
         validate_spec(self)
@@ -108,6 +137,11 @@ class FederationSpec:
         """``host:port`` as the SuperNodes dial it (IPv6 in brackets)."""
         host = f"[{self.address}]" if _is_ipv6(self.address) else self.address
         return f"{host}:{self.port}"
+
+    @property
+    def control(self) -> str:
+        """``127.0.0.1:control-port``: where ``flwr`` reaches the Control API on the server."""
+        return f"127.0.0.1:{self.control_port}"
 
     def san_dns(self) -> list[str]:
         """DNS names on the server certificate (address when a name, extra names, localhost)."""
@@ -145,6 +179,11 @@ def validate_spec(spec: FederationSpec) -> None:
         raise ConfigError(f"server address {spec.address!r} is neither an IP nor a DNS name")
     if isinstance(spec.port, bool) or not isinstance(spec.port, int) or not 0 < spec.port < 65536:
         raise ConfigError(f"server port must be an integer in 1..65535, got {spec.port!r}")
+    control = spec.control_port
+    if isinstance(control, bool) or not isinstance(control, int) or not 0 < control < 65536:
+        raise ConfigError(f"control-port must be an integer in 1..65535, got {control!r}")
+    if control == spec.port:
+        raise ConfigError(f"control-port {control} must differ from the sites' port {spec.port}")
     for name in spec.dns_names:
         if not isinstance(name, str) or not _is_dns(name):
             raise ConfigError(f"dns-names: {name!r} is not a DNS name")
@@ -165,6 +204,20 @@ def validate_spec(spec: FederationSpec) -> None:
         seen.add(site.name)
         if not isinstance(site.data_path, str) or "'" in site.data_path:
             raise ConfigError(f"site {site.name}: data-path must be a string without quotes (')")
+        count = site.expected_cases
+        bad = isinstance(count, bool) or not isinstance(count, int) or count < 1
+        if count is not None and bad:
+            raise ConfigError(
+                f"site {site.name}, field 'expected-cases': expected a positive integer, "
+                f"found {count!r}"
+            )
+    counted = [s.name for s in spec.sites if s.expected_cases is not None]
+    if counted and len(counted) < len(spec.sites):
+        missing = [s.name for s in spec.sites if s.expected_cases is None]
+        raise ConfigError(
+            f"site {missing[0]}, field 'expected-cases': missing (the registry requires it for "
+            f"every site once one has it; given for {', '.join(counted)})"
+        )
 
 
 def load_spec(path: Path) -> FederationSpec:
@@ -204,7 +257,9 @@ def spec_from_dict(doc: dict[str, Any], *, source: str = "description") -> Feder
             _unknown(item, _SITE_KEYS, f"{source} [[sites]]")
             if "name" not in item:
                 raise ConfigError(f"{source} [[sites]]: an entry has no 'name'")
-            sites.append(SiteSpec(item["name"], item.get("data-path", "")))
+            sites.append(
+                SiteSpec(item["name"], item.get("data-path", ""), item.get("expected-cases"))
+            )
         else:
             raise ConfigError(f"{source}: bad site entry {item!r}")
     for key in ("dns-names", "ip-addresses"):
@@ -213,6 +268,7 @@ def spec_from_dict(doc: dict[str, Any], *, source: str = "description") -> Feder
     return FederationSpec(
         address=server["address"],
         port=server.get("port", DEFAULT_PORT),
+        control_port=server.get("control-port", DEFAULT_CONTROL_PORT),
         dns_names=tuple(server.get("dns-names", [])),
         ip_addresses=tuple(server.get("ip-addresses", [])),
         sites=tuple(sites),
@@ -396,7 +452,12 @@ def site_dir_name(site: str) -> str:
 
 
 def provision(
-    spec: FederationSpec, out: Path, *, force: bool = False, ckks: bool = False
+    spec: FederationSpec,
+    out: Path,
+    *,
+    force: bool = False,
+    ckks: bool = False,
+    policy: SitePolicy | None = None,
 ) -> ProvisionResult:
     """Create the CA, the server certificate and every site's keys under ``out``.
 
@@ -411,6 +472,9 @@ def provision(
     ckks:
         Also give every site the shared CKKS secret key (``ckks.ctx``, default parameters of
         ``ckks-poly-degree`` / ``ckks-scale-bits``) and name it in ``run-supernode.sh``.
+    policy:
+        The privacy policy written to every site folder (``policy.toml``); default: each site
+        gets :func:`fedseg.site.policy.default_policy` named ``<site>-default``.
 
     Returns
     -------
@@ -431,12 +495,14 @@ def provision(
             "refusing to overwrite it (use --force to replace it; sites must then get new folders)"
         )
     try:
-        return _write_all(spec, out, ckks=ckks)
+        return _write_all(spec, out, ckks=ckks, policy=policy)
     except OSError as exc:
         raise ProvisionError(f"cannot write key material under {out}: {exc}") from None
 
 
-def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> ProvisionResult:
+def _write_all(
+    spec: FederationSpec, out: Path, *, ckks: bool = False, policy: SitePolicy | None = None
+) -> ProvisionResult:
     ca_key, ca_cert = make_ca()
     ckks_key = _ckks_key_bytes() if ckks else b""
     srv_key, srv_cert = make_server_cert(ca_key, ca_cert, spec.san_dns(), spec.san_ips())
@@ -449,7 +515,8 @@ def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> Provis
     _write(server / "server.pem", _pem_cert(srv_cert), 0o644)
     _write(server / "server.key", _pem_key(srv_key), 0o600)
     result = ProvisionResult(out=out, ca_dir=ca_dir, server_dir=server)
-    sites_rows = ["site,fingerprint"]
+    counted = any(s.expected_cases is not None for s in spec.sites)
+    sites_rows = ["site,fingerprint" + (f",{EXPECTED_CASES}" if counted else "")]
     manifest_sites = {}
     for site in spec.sites:
         private, public = make_site_keys(site.name)
@@ -461,14 +528,22 @@ def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> Provis
         _write(folder / f"{site.name}.pub", public, 0o644)
         if ckks_key:
             _write(folder / CKKS_KEY_FILE, ckks_key, 0o600)
+        site_policy = policy if policy is not None else default_policy(f"{site.name}-default")
+        _write(folder / POLICY_FILE, policy_to_toml(site_policy).encode(), 0o644)
         script = supernode_script(spec, site, ckks=bool(ckks_key))
         _write(folder / "run-supernode.sh", script.encode(), 0o755)
+        _write(folder / APPROVED_APPS_FILE, LIST_HEADER.encode(), 0o644)
+        _write(folder / "bin" / "flwr-clientapp", CLIENTAPP_SHIM.encode(), 0o755)
         _write(server / "site-keys" / f"{site.name}.pub", public, 0o644)
         fingerprint = ssh_fingerprint(public)
-        sites_rows.append(f"{site.name},{fingerprint}")
+        row = f"{site.name},{fingerprint}"
         manifest_sites[site.name] = {"folder": folder.name, "key-fingerprint": fingerprint}
+        if counted:
+            row += f",{site.expected_cases}"
+            manifest_sites[site.name][EXPECTED_CASES] = site.expected_cases
+        sites_rows.append(row)
         result.site_dirs[site.name] = folder
-    _write(server / "sites.csv", ("\n".join(sites_rows) + "\n").encode(), 0o644)
+    _write(server / REGISTRY_FILE, ("\n".join(sites_rows) + "\n").encode(), 0o644)
     _write(server / "run-superlink.sh", superlink_script(spec).encode(), 0o755)
     _write(server / "register-sites.sh", register_script(spec).encode(), 0o755)
     _write(server / "flwr-connection.toml", connection_toml(spec).encode(), 0o644)
@@ -476,6 +551,7 @@ def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> Provis
 
     result.manifest = {
         "superlink": spec.superlink,
+        "control": spec.control,
         "ca-sha256": ca_cert.fingerprint(hashes.SHA256()).hex(),
         "server-sha256": srv_cert.fingerprint(hashes.SHA256()).hex(),
         "server-dns-names": spec.san_dns(),
@@ -491,6 +567,8 @@ def _write_all(spec: FederationSpec, out: Path, *, ckks: bool = False) -> Provis
 
 #: the CKKS secret context in a site folder (``--ckks``)
 CKKS_KEY_FILE = "ckks.ctx"
+#: the site's privacy policy in its folder (node config ``policy-file``)
+POLICY_FILE = "policy.toml"
 
 
 def _ckks_key_bytes() -> bytes:
@@ -527,10 +605,15 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 """
 
 
-def superlink_command(spec: FederationSpec, folder: str = ".", database: str = "") -> list[str]:
-    """The ``flower-superlink`` command line: TLS, SuperNode authentication, persistent state."""
+def superlink_command(
+    spec: FederationSpec, folder: str = ".", database: str = "", python: str = "python3"
+) -> list[str]:
+    """The SuperLink command line: TLS, SuperNode authentication, persistent state, and the
+    Control and Runtime APIs on the server's loopback only (:mod:`fedseg.deploy.superlink`,
+    run by ``python``; every other argument is ``flower-superlink``'s)."""
     return [
-        "flower-superlink",
+        python, "-m", "fedseg.deploy.superlink",
+        "--control-port", str(spec.control_port),
         "--host", "0.0.0.0", "--port", str(spec.port),
         "--ssl-ca-certfile", f"{folder}/ca.crt",
         "--ssl-certfile", f"{folder}/server.pem",
@@ -552,9 +635,12 @@ def supernode_command(
 ) -> list[str]:
     """The ``flower-supernode`` command line of ``site`` (TLS with the CA, its own key).
 
-    With ``ckks`` the node config names the site's CKKS key file (``FOLDER/ckks.ctx``).
+    The node config names the site's policy (``FOLDER/policy.toml``) and, with ``ckks``, its
+    CKKS key file (``FOLDER/ckks.ctx``).
     """
-    node_config = f"data-path='{data_path}' site-name='{site.name}'"
+    node_config = (
+        f"data-path='{data_path}' site-name='{site.name}' policy-file='{folder}/{POLICY_FILE}'"
+    )
     if ckks:
         node_config += f" ckks-key-file='{folder}/{CKKS_KEY_FILE}'"
     return [
@@ -567,18 +653,31 @@ def supernode_command(
     ]  # fmt: skip
 
 
+def _python_lookup(flower_command: str, var: str) -> str:
+    """Shell lines that set ``var`` to the Python of the environment providing Flower."""
+    return f"""FLOWER=$(command -v {flower_command}) || {{
+    echo "{flower_command} is not on PATH: activate the environment where fedseg is installed" >&2
+    exit 2
+}}
+{var}=${{FEDSEG_PYTHON:-$(dirname "$FLOWER")/python}}
+"""
+
+
 def superlink_script(spec: FederationSpec) -> str:
     """``server/run-superlink.sh``."""
-    cmd = superlink_command(spec, '"$HERE"', '"$STATE"/superlink.db')
+    cmd = superlink_command(spec, '"$HERE"', '"$STATE"/superlink.db', python='"$PYTHON"')
     return f"""#!/bin/sh
 # Start the fedseg aggregation server (Flower SuperLink) with TLS and SuperNode authentication.
-# Sites connect to {spec.superlink}; open that TCP port to them, nothing else.
+# Sites connect to {spec.superlink}; open that TCP port to them, nothing else: it serves only
+# the sites' Fleet API. Submitting, listing and stopping runs (and enrolling sites) goes to
+# {spec.control} on this machine only (flwr-connection.toml); the researcher reaches it here
+# or through an SSH tunnel: ssh -N -L {spec.control_port}:{spec.control} USER@{spec.address}
 # State (runs, registered sites) persists in $STATE/superlink.db across restarts.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 STATE=${{FEDSEG_STATE:-$HERE/state}}
 mkdir -p "$STATE"
-{_ENV}exec {_join(cmd)} "$@"
+{_python_lookup("flower-superlink", "PYTHON")}{_ENV}exec {_join(cmd)} "$@"
 """
 
 
@@ -592,7 +691,8 @@ def register_script(spec: FederationSpec) -> str:
     return f"""#!/bin/sh
 # Enrol the hospitals' public keys with the running SuperLink (run once, on the server, after
 # run-superlink.sh is up). Only enrolled keys can connect. CONNECTION names the entry of
-# $FLWR_HOME/config.toml that points at this SuperLink (see flwr-connection.toml).
+# $FLWR_HOME/config.toml that points at this SuperLink's control listener, {spec.control}
+# (see flwr-connection.toml).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONNECTION=${{1:-fedseg}}
@@ -613,21 +713,40 @@ def supernode_script(spec: FederationSpec, site: SiteSpec, *, ckks: bool = False
 # Join the fedseg federation as {site.name}. Set DATA_PATH to the folder holding this hospital's
 # cases (BraTS or MSD layout); the images never leave this machine, only model weights do.
 # The private key {site.name}.key identifies this hospital: keep it here, mode 0600.
+# policy.toml is this hospital's privacy policy: every run is checked against it here.
+# Only the apps listed in {APPROVED_APPS_FILE} run here (add one with `fedseg approve`): every
+# ClientApp starts through bin/flwr-clientapp, which refuses any other app before unpacking it.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 DATA_PATH=${{DATA_PATH:-{data}}}
 RUNTIME_PORT=${{RUNTIME_PORT:-9094}}  # local port of the SuperNode's runtime API
+{_python_lookup("flower-supernode", "FEDSEG_PYTHON")}export FEDSEG_PYTHON
+export {APPROVED_APPS_ENV}=${{{APPROVED_APPS_ENV}:-$HERE/{APPROVED_APPS_FILE}}}
+"$FEDSEG_PYTHON" -m fedseg.deploy.approval "${APPROVED_APPS_ENV}"  # a bad list: no start
+export PATH="$HERE/bin:$PATH"  # flwr-clientapp -> the approval check, then Flower's own
 {_ENV}exec {" ".join(shown)} "$@"
+"""
+
+
+#: ``site-<name>/bin/flwr-clientapp``: the SuperNode's executor starts every ClientApp process
+#: by this name (found first on ``PATH``), so each runs the approval check first
+CLIENTAPP_SHIM = """#!/bin/sh
+# Started by this hospital's SuperNode for every message, in place of Flower's flwr-clientapp:
+# the same program, with the app approval check (approved-apps.txt) in front of it.
+exec "${FEDSEG_PYTHON:?start the SuperNode with run-supernode.sh}" \\
+    -m fedseg.deploy.clientapp_guard "$@"
 """
 
 
 def connection_toml(spec: FederationSpec) -> str:
     """The ``$FLWR_HOME/config.toml`` entry the researcher (and the register script) use."""
-    return f"""# Append to $FLWR_HOME/config.toml (default ~/.flwr/config.toml) on the researcher's
-# machine (and on the server, for register-sites.sh); set root-certificates to this ca.crt.
+    return f"""# Append to $FLWR_HOME/config.toml (default ~/.flwr/config.toml) on the server (for
+# register-sites.sh) and on the researcher's machine; set root-certificates to this ca.crt.
+# The Control API listens on the server's loopback only: from another machine, open an SSH
+# tunnel first:  ssh -N -L {spec.control_port}:{spec.control} USER@{spec.address}
 # Then: flwr run . fedseg --stream --run-config "num-server-rounds=15 ..."
 [superlink.fedseg]
-address = "{spec.superlink}"
+address = "{spec.control}"
 root-certificates = "/path/to/server/ca.crt"
 """
 

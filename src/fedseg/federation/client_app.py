@@ -6,7 +6,8 @@ closure, for the Simulation Engine's Python API (which passes an empty run confi
 
 The boundary policy: a site never stops the federation and never sends details of a failure.
 Every handler is wrapped so that any exception is logged here, in full, and the reply carries
-only ``code:Class`` (:func:`fedseg.federation.records.public_code`).
+only ``code:Class`` (:func:`fedseg.federation.records.public_code`); a refusal by the site's own
+policy also says why (:class:`fedseg.errors.SitePolicyError`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedseg.config import FedsegConfig
+from fedseg.errors import SitePolicyError
 from fedseg.federation import records as R
 from fedseg.federation import site, trace
 from fedseg.secure.secagg import secagg_train_mod
@@ -61,12 +63,20 @@ def guarded_reply(
             name = None
         content = handler(msg, context, cfg)
     except Exception as exc:  # noqa: BLE001 - the site boundary: nothing may escape
-        log.exception(
-            "site %s: %s failed (reply carries only %s)",
-            name or f"node-{context.node_id}",
-            msg.metadata.message_type,
-            R.public_code(exc),
-        )
+        if isinstance(exc, SitePolicyError):  # a decision, not a fault: no traceback
+            log.warning(
+                "site %s: %s refused by the site's policy (reply: %s and the reason)",
+                name or f"node-{context.node_id}",
+                msg.metadata.message_type,
+                R.public_code(exc),
+            )
+        else:
+            log.exception(
+                "site %s: %s failed (reply carries only %s)",
+                name or f"node-{context.node_id}",
+                msg.metadata.message_type,
+                R.public_code(exc),
+            )
         content = R.error_content(exc, name)
         # What the handler had finished before failing and may still send (the scores of a
         # fused evaluation): records of its own, never details of the failure.

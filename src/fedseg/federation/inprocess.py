@@ -64,6 +64,9 @@ class InProcessGrid(Grid):
             )
         #: node id -> fault applied to its replies (tests)
         self.faults: dict[int, Fault] = {}
+        #: nodes left out of :meth:`get_node_ids`, as a SuperLink leaves out a node it marked
+        #: offline (tests); a message sent to one still runs
+        self.offline: set[int] = set()
         self.sent: list[Message] = []
         #: with ``push_pull``: the messages of each ``push_messages`` call, in order
         self.pushes: list[list[Message]] = []
@@ -92,8 +95,8 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        """All nodes (they never disconnect)."""
-        return list(self.contexts)
+        """The connected nodes: all of them except those in :attr:`offline`."""
+        return [n for n in self.contexts if n not in self.offline]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Run each message now and keep its reply for :meth:`pull_messages` (``push_pull``)."""

@@ -2,8 +2,10 @@
 
 Each round: training (:meth:`FedsegStrategy.run_train`, replies awaited up to
 ``round-timeout``), evaluation (every site scores the new global model on its held-out cases),
-a history row, then an atomic checkpoint. A round whose replies all fail, or fall below the
-quorum, leaves the model unchanged, is recorded as ``"failed"`` and the run goes on.
+a history row that accounts for every known site (accepted, rejected or not sampled, each with
+its reason: :mod:`fedseg.federation.roster`; logged as one line per round), then an atomic
+checkpoint. A round whose replies all fail, or fall below the quorum, leaves the model
+unchanged, is recorded as ``"failed"`` and the run goes on.
 
 Evaluation overlaps the next round's training: once round ``r`` is aggregated, round ``r + 1``'s
 training messages (which carry round ``r``'s model) also ask each site to score that model
@@ -46,6 +48,7 @@ from fedseg.config import FedsegConfig
 from fedseg.federation import records as R
 from fedseg.federation.checkpoint import load_checkpoint, save_checkpoint
 from fedseg.federation.messaging import Exchange, pull_interval
+from fedseg.federation.roster import describe_sites
 from fedseg.federation.strategy import EvaluateReport, FedsegStrategy, TrainReport
 
 log = logging.getLogger("fedseg.server")
@@ -181,6 +184,7 @@ def run_rounds(
             row["mean-dice"],
             row["round-seconds"],
         )
+        log.info("round %d sites: %s", done.round, describe_sites(row))
         if progress is not None:
             progress(done.round, cfg.num_server_rounds, row)
 
@@ -232,7 +236,9 @@ def run_rounds(
         strategy.global_weights = dict(weights)
         pending = _Trained(
             round=server_round,
-            train=strategy.last_train or TrainReport(server_round, status="failed"),
+            train=strategy.account(
+                strategy.last_train or TrainReport(server_round, status="failed")
+            ),
             t0=t0,
             train_wall=time.perf_counter() - t0,
             previous=previous,
@@ -343,14 +349,15 @@ def history_row(
     """One round of ``history.json``: plain JSON types, NaN written as ``null``.
 
     Keys: ``round``, ``status`` (``ok`` / ``failed``), ``reason``, ``sampled``, ``accepted``,
-    ``rejected`` (site -> reason), ``train-loss``, ``train`` (site -> metrics), ``dice`` (site ->
-    region -> Dice of this round's model), ``mean-dice`` (region -> case-weighted mean),
-    ``eval-failed``, ``train-seconds`` (the longest site training), ``eval-seconds`` (the longest
-    site evaluation), ``train-wall-seconds`` (from the round's start to its aggregated model),
-    ``round-seconds`` (the round's interval, ``wall_seconds``), ``overhead-seconds`` (the
-    interval minus the site training and evaluation that ran in it, on their critical path:
-    messaging, serialisation, aggregation, checkpoints, scheduling), ``site-train-seconds-sum``,
-    ``workers`` and ``evaluation-overlapped``.
+    ``rejected`` (site -> reason), ``not-sampled`` (site -> reason: every other known site, see
+    :mod:`fedseg.federation.roster`; filled by :meth:`FedsegStrategy.account`), ``train-loss``,
+    ``train`` (site -> metrics), ``dice`` (site -> region -> Dice of this round's model),
+    ``mean-dice`` (region -> case-weighted mean), ``eval-failed``, ``train-seconds`` (the longest
+    site training), ``eval-seconds`` (the longest site evaluation), ``train-wall-seconds`` (from
+    the round's start to its aggregated model), ``round-seconds`` (the round's interval,
+    ``wall_seconds``), ``overhead-seconds`` (the interval minus the site training and evaluation
+    that ran in it, on their critical path: messaging, serialisation, aggregation, checkpoints,
+    scheduling), ``site-train-seconds-sum``, ``workers`` and ``evaluation-overlapped``.
 
     What ran in the interval (see :mod:`fedseg.federation.loop`): ``previous`` (the evaluation
     of the round before, if any), then this round's training, and this round's own evaluation
@@ -402,6 +409,7 @@ def history_row(
             "sampled": list(train.sampled),
             "accepted": list(train.accepted),
             "rejected": dict(train.rejected),
+            "not-sampled": dict(train.not_sampled),
             "train-loss": train.train_loss(),
             "train": {s: dict(m) for s, m in train.metrics.items()},
             "dice": {s: dict(d) for s, d in evaluate.dice.items()},

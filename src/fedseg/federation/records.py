@@ -21,7 +21,9 @@ site -> server, ``query``
     ``"site"`` with ``name`` (the handshake that gives the server stable site names).
 site -> server, any failure
     ``"error"`` (ConfigRecord ``code``, e.g. ``"E203:CorruptFileError"``) and ``"site"``:
-    never a traceback, a file path or a case identifier.
+    never a traceback, a file path or a case identifier. A refusal by the site's own policy
+    (``E700:SitePolicyError``) also has ``reason``: the policy's name, what the request asked
+    and what the policy requires.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ FLAT = "values"
 EVAL_METRICS = "evaluate-metrics"
 #: the error code of that evaluation, when it failed (the training may still have run)
 EVAL_ERROR = "evaluate-error"
+#: handshake reply, in the ``"site"`` record: the site's count of training cases (#24)
+DECLARED_COUNT = "num-examples"
+#: train config, server -> site: the most a site may weigh in a secure (CKKS, SecAgg+) sum
+WEIGHT_BOUND = "weight-bound"
+#: ... and what a site above it does under SecAgg+ (the ``count-bound`` mode)
+COUNT_BOUND = "count-bound"
 
 #: the code sent for an exception outside the fedseg hierarchy (class name only)
 INTERNAL_CODE = FedsegError.code
@@ -199,7 +207,11 @@ def public_code(exc: BaseException) -> str:
 
 def error_content(exc: BaseException, site_name: str | None) -> RecordDict:
     """The reply content of a site that failed (see the module docstring)."""
-    content = RecordDict({ERROR: ConfigRecord({"code": public_code(exc)})})
+    error = ConfigRecord({"code": public_code(exc)})
+    reason = getattr(exc, "public_reason", None)  # a policy refusal says why (SitePolicyError)
+    if isinstance(exc, FedsegError) and isinstance(reason, str) and reason:
+        error["reason"] = reason
+    content = RecordDict({ERROR: error})
     if site_name:
         content[SITE] = ConfigRecord({"name": site_name})
     return content
@@ -219,13 +231,35 @@ def reply_site_name(content: RecordDict) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+def reply_declared_count(content: RecordDict) -> int | None:
+    """The training-case count a handshake reply declares (``None``: absent or not an int >= 1)."""
+    rec = content.config_records.get(SITE)
+    value = None if rec is None else rec.get(DECLARED_COUNT)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return int(value)
+
+
 def reply_error(content: RecordDict) -> str | None:
-    """The public error code of a failure reply, or ``None`` for a normal reply."""
+    """The public error code of a failure reply, or ``None`` for a normal reply.
+
+    A refusal that says why (``reason``, e.g. a site policy's) comes as ``"code (reason)"``,
+    the reason cut to :data:`MAX_REASON` printable characters.
+    """
     rec = content.config_records.get(ERROR)
     if rec is None:
         return None
     code = rec.get("code")
-    return str(code) if code is not None else f"{INTERNAL_CODE}:Unknown"
+    text = str(code) if code is not None else f"{INTERNAL_CODE}:Unknown"
+    reason = rec.get("reason")
+    if isinstance(reason, str) and reason:
+        clean = "".join(c if c.isprintable() else " " for c in reason)[:MAX_REASON]
+        text = f"{text} ({clean})"
+    return text
+
+
+#: the longest reason of a refusal the server keeps (the rest is cut)
+MAX_REASON = 500
 
 
 def metrics_dict(record: MetricRecord | None) -> dict[str, float]:

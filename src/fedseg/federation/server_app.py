@@ -153,6 +153,23 @@ def write_outputs(out: Path, result: LoopResult, cfg: FedsegConfig) -> None:
             save_model(out / SITE_MODELS / f"{site}.pt", weights, cfg, rounds)
 
 
+def show_progress() -> None:
+    """Print fedseg's INFO lines (each round's result and its sites) on standard error.
+
+    Flower streams a ServerApp's output to ``flwr run --stream`` and ``flwr log``; without a
+    handler only warnings would reach it (Python's last-resort handler). Nothing changes when
+    the ``fedseg`` logger or the root logger already has a handler (e.g. the simulation
+    runner's log file, or a test's log capture).
+    """
+    ours = logging.getLogger("fedseg")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+
+
 def build_server_app(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -185,6 +202,7 @@ def build_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        show_progress()
         # a preset in the run config fills the keys left at their defaults (given_keys)
         given = given_keys(context.run_config)
         cfg = FedsegConfig.from_run_config({**given, **fixed}, strict=False)

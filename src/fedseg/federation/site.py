@@ -16,6 +16,11 @@ Simulation
     the default cohort is generated once (:func:`ensure_default_cohort`) and the partition is
     computed from ``partition``, ``num-sites``, ``partition-alpha`` and ``seed``.
 
+A site whose node config names a ``policy-file`` checks every training and evaluation request
+against it before reading any case (:func:`enforce_site_policy`, :mod:`fedseg.site.policy`,
+:mod:`fedseg.site.lifetime`); a deployed site ignores the simulation-only run-config keys
+``attack``, ``malicious-sites`` and ``attack-strength`` (:func:`simulation_switches`).
+
 Inside a site, a deterministic split (seeded by ``seed``) holds out ``test-fraction`` of the
 cases for :func:`evaluate`; the rest trains.
 
@@ -275,9 +280,14 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         return decrypt_sum_reply(msg, context, cfg)
     spec = resolve_site(context, cfg)
     content = RecordDict({R.SITE: R.site_record(spec.name)})
+    declared = _declared_count(spec, cfg, context)
+    if declared is not None:  # the server bounds this site's weight by it (#24)
+        content[R.SITE][R.DECLARED_COUNT] = declared
     # Only simulated sites live in a long-lived worker; a SuperNode starts a new ClientApp
     # process for every message, where preparing now would only cost time.
+    # A site with a policy of its own reads no case before a request passes it.
     long_lived = "partition-id" in context.node_config
+    long_lived = long_lived and not str(context.node_config.get(POLICY_FILE_KEY, ""))
     if long_lived and bool(_message_config(msg).get("prepare", False)):
         # Import the training stack first, so that even a site whose data fails leaves this
         # worker process warm for the other sites it may serve later (simulation actors).
@@ -293,6 +303,24 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         else:
             _prepare_other_sites(spec, cfg)
     return content
+
+
+def _declared_count(spec: SiteSpec, cfg: FedsegConfig, context: Context) -> int | None:
+    """The training-case count this site declares at the handshake (``None``: data not found).
+
+    The same split as :func:`_build_runtime`, from the case ids alone (no image is read). A
+    simulated inflating site (#24) declares its inflated count already here.
+    """
+    from fedseg.data.cohort import split_cases
+    from fedseg.site.attacks import reported_count, site_attack
+
+    try:
+        ids = list(spec.case_ids) if spec.case_ids is not None else _discover_ids(spec.root)
+        count = len(split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)["train"])
+    except Exception:  # noqa: BLE001 - the first training message reports the data problem
+        log.debug("site %s: no case count to declare", spec.name, exc_info=True)
+        return None
+    return reported_count(site_attack(cfg, spec.name, context.node_config), count)
 
 
 def _prepare_other_sites(spec: SiteSpec, cfg: FedsegConfig) -> None:
@@ -330,14 +358,17 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     from fedseg.site.attacks import site_attack, trainer_for
 
     spec = resolve_site(context, cfg)
-    rt = get_runtime(spec, cfg)
-    attack = site_attack(cfg, spec.name, context.node_config)  # a simulated malicious site (#5)
-    trainer = trainer_for(rt, attack)
     conf = _message_config(msg)
     strategy = str(conf.get("strategy", cfg.strategy))
     server_round = int(conf.get("server-round", 0))
-
     received = _received_weights(msg)
+    # The site's own policy decides first: a refused request never reaches the data.
+    enforce_site_policy(context, cfg, spec, "train", conf, received)
+    rt = get_runtime(spec, cfg)
+    # a simulated malicious site (#5); a deployed site ignores the run config's switches
+    attack = site_attack(simulation_switches(context, cfg, spec), spec.name, context.node_config)
+    trainer = trainer_for(rt, attack)
+
     saved = load_site_state(context, cfg, spec, server_round, inclusive=False)
     scores = _fused_evaluation(rt, spec, received, strategy, conf, saved)
     try:
@@ -365,7 +396,7 @@ def _train_received(
     """The training half of :func:`handle_train`, from the received model to the reply."""
     import torch
 
-    from fedseg.site.attacks import attack_weights
+    from fedseg.site.attacks import attack_weights, reported_count
 
     strategy = str(conf.get("strategy", cfg.strategy))
     server_round = int(conf.get("server-round", 0))
@@ -427,7 +458,7 @@ def _train_received(
             R.ARRAYS: R.to_array_record(weights),
             R.METRICS: MetricRecord(
                 {
-                    "num-examples": int(fit["num-examples"]),
+                    "num-examples": reported_count(attack, int(fit["num-examples"])),
                     "train-loss": float(fit["loss"]),
                     "train-seconds": float(fit["train-seconds"]),
                     # the K and lr of SCAFFOLD's control-variate update (done at the server)
@@ -451,24 +482,28 @@ def _train_received(
     if cfg.secure_aggregation == "ckks":  # last: the plain model never leaves the site
         from fedseg.secure.ckks_federation import seal_train_reply
 
-        content = seal_train_reply(content, context, cfg)
+        bound = conf.get(R.WEIGHT_BOUND, 0)
+        bound = bound if isinstance(bound, int) and not isinstance(bound, bool) else 0
+        content = seal_train_reply(content, context, cfg, bound)
     return content
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
     """Dice per region of the received model (FedBN: with this site's norms) on held-out cases."""
     spec = resolve_site(context, cfg)
-    rt = get_runtime(spec, cfg)
     conf = _message_config(msg)
     strategy = str(conf.get("strategy", cfg.strategy))
     server_round = int(conf.get("server-round", 0))
+    received = _received_weights(msg)
+    enforce_site_policy(context, cfg, spec, "evaluate", conf, received)
+    rt = get_runtime(spec, cfg)
     # Only FedBN evaluates with state of the site's own (its normalisation parameters).
     saved = (
         load_site_state(context, cfg, spec, server_round, inclusive=True, optimizer=False)
         if strategy == "fedbn"
         else {}
     )
-    metrics = _evaluate_received(rt, _received_weights(msg), strategy, saved.get(FEDBN_STATE))
+    metrics = _evaluate_received(rt, received, strategy, saved.get(FEDBN_STATE))
     return RecordDict({R.METRICS: MetricRecord(metrics), R.SITE: R.site_record(spec.name)})
 
 
@@ -512,6 +547,153 @@ def _fused_evaluation(
         log.exception("site %s: evaluation failed (reply carries only a code)", spec.name)
         return RecordDict({R.EVAL_ERROR: ConfigRecord({"code": R.public_code(exc)})})
     return RecordDict({R.EVAL_METRICS: MetricRecord(metrics)})
+
+
+# --------------------------------------------------------------------------------------------
+# the site's own policy, and what only simulated sites obey
+
+#: node config key of the site's policy file (:mod:`fedseg.site.policy`)
+POLICY_FILE_KEY = "policy-file"
+
+
+def is_simulated(node_config: Mapping[str, Any]) -> bool:
+    """Whether this node is a simulated site (Simulation Engine or in-process grid).
+
+    The Simulation Engine gives every virtual node a ``partition-id`` (and fedseg's tests and
+    studies do the same on the in-process grid); a deployed SuperNode's node config is written
+    by the hospital (``--node-config``) and names its own ``data-path``. Neither comes from the
+    run config, so the party submitting a run cannot make a deployed site look simulated.
+    """
+    return "partition-id" in node_config and not str(node_config.get("data-path", ""))
+
+
+def simulation_switches(context: Context, cfg: FedsegConfig, spec: SiteSpec) -> FedsegConfig:
+    """``cfg`` as the site's attack logic may read it: unchanged in a simulation; deployed,
+    without the run config's ``attack``, ``malicious-sites`` and ``attack-strength``.
+
+    Those keys make simulated sites misbehave for robustness studies; a deployed hospital
+    logs that the run asked for them and trains honestly. (An attack in the site's *own*
+    node config is the site's choice and still applies: the failure drills use it.)
+    """
+    if is_simulated(context.node_config):
+        return cfg
+    default = FedsegConfig()
+    if (
+        cfg.attack != default.attack
+        or cfg.malicious_sites != default.malicious_sites
+        or cfg.attack_strength != default.attack_strength
+    ):
+        log.warning(
+            "site %s: ignoring the simulation-only run-config keys attack=%r, "
+            "malicious-sites=%r, attack-strength=%r (this is a deployed site)",
+            spec.name,
+            cfg.attack,
+            cfg.malicious_sites,
+            cfg.attack_strength,
+        )
+    return cfg.replace(
+        attack=default.attack,
+        malicious_sites=default.malicious_sites,
+        attack_strength=default.attack_strength,
+    )
+
+
+def ledger_path(context: Context, policy_file: Path) -> Path:
+    """The site's lifetime privacy ledger: in ``state-dir`` when the node config names one,
+    else beside the policy file."""
+    from fedseg.site.lifetime import LEDGER_FILE
+
+    node = context.node_config
+    folder = Path(str(node["state-dir"])) if str(node.get("state-dir", "")) else policy_file.parent
+    return folder / LEDGER_FILE
+
+
+def enforce_site_policy(
+    context: Context,
+    cfg: FedsegConfig,
+    spec: SiteSpec,
+    kind: str,
+    conf: ConfigRecord,
+    received: Mapping[str, np.ndarray],
+) -> None:
+    """Refuse a ``train`` or ``evaluate`` request that the site's policy does not allow.
+
+    No-op without ``policy-file`` in the node config. Otherwise, before any case is read:
+    the policy file is loaded (a bad one refuses everything, :class:`ConfigError`), the
+    request's ``dp-mode``, ``secure-aggregation``, strategy, ``aggregator`` and model size are
+    checked (:func:`fedseg.site.policy.check_request`), and a training round is admitted by
+    the lifetime ledger (:meth:`fedseg.site.lifetime.LifetimeLedger.admit_training`), with the
+    run's epsilon planned from its config and the number of training cases in the site's
+    folder listing. An evaluation is allowed in a run the site trained in, or with
+    ``evaluate-only = true``.
+
+    Raises
+    ------
+    SitePolicyError
+        The refusal, naming the policy, what was asked and what is required (also added to
+        the ledger).
+    ConfigError
+        The policy file is missing or invalid.
+    """
+    raw = str(context.node_config.get(POLICY_FILE_KEY, ""))
+    if not raw:
+        return
+    from fedseg.errors import SitePolicyError
+    from fedseg.site.lifetime import LifetimeLedger, planned_entry, round_entry
+    from fedseg.site.policy import PolicyRequest, check_request, load_policy
+
+    policy = load_policy(Path(raw))
+    ledger = LifetimeLedger(ledger_path(context, Path(raw)))
+    run_key = f"run-{context.run_id}"
+    request = PolicyRequest(
+        kind=kind,
+        dp_mode=cfg.dp_mode,
+        secure_aggregation=cfg.secure_aggregation,
+        strategy=str(conf.get("strategy", cfg.strategy)),
+        aggregator=cfg.aggregator,
+        model_parameters=int(sum(np.asarray(a).size for a in received.values())),
+        trained_in_run=ledger.trained_in(run_key),
+    )
+    try:
+        check_request(policy, request)
+    except SitePolicyError as exc:
+        log.warning("site %s: %s", spec.name, exc)
+        if kind == "train":
+            ledger.record_refusal(run_key, exc.public_reason)
+        raise
+    if kind != "train":
+        return
+    planned = this_round = None
+    if cfg.dp_mode == "sample":
+        n = train_case_count(spec, cfg)
+        epochs = int(conf.get("local-epochs", cfg.local_epochs))
+        planned, this_round = planned_entry(cfg, n), round_entry(cfg, n, epochs)
+    server_round = int(conf.get("server-round", 0))
+    try:
+        cost = ledger.admit_training(
+            policy, run_key, server_round, cfg.dp_mode, planned, this_round
+        )
+    except SitePolicyError as exc:
+        log.warning("site %s: %s", spec.name, exc)
+        raise
+    log.info(
+        "site %s: policy '%s' admits round %d of %s (epsilon planned %.3f, spent %.3f)",
+        spec.name,
+        policy.name,
+        server_round,
+        run_key,
+        cost.planned,
+        cost.spent,
+    )
+
+
+def train_case_count(spec: SiteSpec, cfg: FedsegConfig) -> int:
+    """How many cases this site trains on, from the folder listing (no image is read): the
+    training part of the same split :func:`get_runtime` makes."""
+    from fedseg.data.cohort import split_cases
+
+    ids = list(spec.case_ids) if spec.case_ids is not None else _discover_ids(spec.root)
+    return len(split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)["train"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ The algorithms (server side)
 ``fedavg``, ``fedprox``
     :func:`~fedseg.strategies.aggregate.fedavg` weighted by ``num-examples``; FedProx differs only
     at the site (``proximal-mu`` in the train config).
-``fedadam``, ``fedyogi``
+``fedadam``, ``fedyogi``, ``fedadagrad``
     ``delta = fedavg(site models) - w`` then :func:`~fedseg.strategies.fedopt.fedadam_step` /
-    :func:`~fedseg.strategies.fedopt.fedyogi_step` (``server-learning-rate``, ``server-tau``),
+    :func:`~fedseg.strategies.fedopt.fedyogi_step` /
+    :func:`~fedseg.strategies.fedopt.fedadagrad_step` (``server-learning-rate``, ``server-tau``),
     with the moments ``m, v`` kept in the strategy state.
 ``scaffold``
     For each accepted reply, :func:`~fedseg.strategies.scaffold.site_control_update` (from the
@@ -43,6 +44,17 @@ The algorithms (server side)
     fixed order (by site name), each site starting from the previous site's weights; a site that
     fails is skipped. See :meth:`FedsegStrategy.run_train`.
 
+Case-count weights (#24): a site's weight in every case-weighted average is its reported
+``num-examples`` bounded by the count it declared at the handshake and, with ``site-registry``,
+its expected count in the server's site registry (:mod:`fedseg.strategies.weights`,
+:mod:`fedseg.deploy.registry`). A reply above its bound is clipped to it or rejected
+(``count-bound``), logged with the site's name; a count that changes between rounds by more than
+``count-jump-factor`` is logged and recorded (``count-jump`` in the site's train metrics, beside
+``weight`` and ``weight-bound``); ``weighting = "equal"`` weighs every accepted reply 1. A site
+missing from a registry that requires counts is refused: it is never sent a round. Under CKKS
+and SecAgg+ the server cannot rescale a site's contribution, so each site gets its bound in the
+train message (``weight-bound``) and applies it itself (:mod:`fedseg.secure`).
+
 Robust aggregation (``aggregator``, ``update-clip-norm``, ``anomaly-threshold``): for fedavg,
 fedprox, fedbn (and as the delta source of fedadam / fedyogi) the average is replaced by
 :func:`fedseg.strategies.robust.robust_aggregate`; sites its anomaly filter drops are moved from
@@ -53,6 +65,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,9 +78,11 @@ from flwr.serverapp.strategy import Strategy
 
 from fedseg.config import FedsegConfig
 from fedseg.data.case import REGIONS
+from fedseg.deploy.registry import SiteRegistry, read_site_registry
 from fedseg.errors import AggregationError, CheckpointError, UpdateValidationError
 from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
+from fedseg.federation.roster import Sampling, account_sites
 from fedseg.strategies.dp import ServerPrivacy
 from fedseg.utils.arrays import concat_flat, split_named
 
@@ -79,6 +94,9 @@ Weights = dict[str, np.ndarray]
 NO_REPLY = "no reply within the round timeout"
 #: ... and when the SuperLink answered for it that the node is gone (killed, link cut)
 UNREACHABLE = "site unreachable (the SuperLink reports its node unavailable)"
+#: a fedseg error code in the reason of Flower's error reply (e.g. a site refusing the app
+#: before running it, ``E510:AppNotApprovedError``); nothing else of the reason is kept
+_SITE_CODE = re.compile(r"\bE\d{3}:[A-Za-z]{1,60}Error\b")
 
 
 @dataclass
@@ -97,6 +115,9 @@ class TrainReport:
         Sites whose reply passed validation.
     rejected:
         Site name to reason, for failed, malformed, missing (timed out) replies.
+    not_sampled:
+        Site name to reason, for every other known site (offline, not selected, excluded):
+        filled by :meth:`FedsegStrategy.account` (see :mod:`fedseg.federation.roster`).
     metrics:
         Per accepted site: ``num-examples``, ``train-loss``, ``train-seconds``.
     compute_seconds:
@@ -113,14 +134,17 @@ class TrainReport:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     compute_seconds: float = 0.0
     reason: str = ""
+    not_sampled: dict[str, str] = field(default_factory=dict)
 
     def train_loss(self) -> float | None:
-        """Mean training loss of the accepted sites, weighted by ``num-examples``."""
+        """Mean training loss of the accepted sites, weighted as in the average (``weight``,
+        the bounded count; ``num-examples`` where no weight was decided)."""
         rows = [m for m in self.metrics.values() if "train-loss" in m]
-        total = sum(m.get("num-examples", 0.0) for m in rows)
+        weights = [m.get("weight", m.get("num-examples", 0.0)) for m in rows]
+        total = sum(weights)
         if not rows or total <= 0:
             return None
-        return sum(m["train-loss"] * m.get("num-examples", 0.0) for m in rows) / total
+        return sum(m["train-loss"] * w for m, w in zip(rows, weights, strict=True)) / total
 
 
 @dataclass
@@ -178,6 +202,11 @@ class FedsegStrategy(Strategy):
         self.num_sites = num_sites
         #: node id -> site name (from the query handshake)
         self.sites: dict[int, str] = {}
+        #: every site name ever learnt in the handshake (kept in the checkpoint): each round's
+        #: record accounts for all of them (:meth:`account`)
+        self.known_sites: set[str] = set()
+        #: who could be sampled in the latest round and who was (:meth:`sample`)
+        self.last_sampling: Sampling | None = None
         self.global_weights: Weights | None = None
         self.m: list[np.ndarray] | None = None
         self.v: list[np.ndarray] | None = None
@@ -199,6 +228,13 @@ class FedsegStrategy(Strategy):
         self._fused_eval: dict[int, str] = {}
         #: differential privacy (#4): client-level clip/noise/accountant, the per-site ledger
         self.privacy = ServerPrivacy(cfg)
+        #: case counts (#24): declared at the handshake, and last reported, per site
+        self.declared: dict[str, int] = {}
+        self.last_counts: dict[str, int] = {}
+        #: the server's site registry (expected case counts), read and checked once, at start
+        self.registry: SiteRegistry | None = (
+            read_site_registry(cfg.site_registry) if cfg.site_registry else None
+        )
 
     # ---------------------------------------------------------------- Flower Strategy API
     def summary(self) -> None:
@@ -380,7 +416,9 @@ class FedsegStrategy(Strategy):
             new, _ = self.aggregate_train(server_round, replies)
             step = self.last_train or TrainReport(server_round, status="failed")
             report.rejected.update(step.rejected)
-            if new is not None:
+            if new is None:  # a valid reply whose step still failed (e.g. aggregation)
+                report.rejected.update({s: step.reason for s in step.accepted})
+            else:
                 current = new
                 report.accepted += step.accepted
                 report.metrics.update(step.metrics)
@@ -452,33 +490,137 @@ class FedsegStrategy(Strategy):
         """Ask connected nodes not seen before for their site name (the ``query`` handshake).
 
         The sites also load their data then (``prepare``), so round 1 carries no start-up cost.
-        A node that does not answer is called ``node-<id>``; a name already taken gets
-        ``@<node id>`` appended, so names stay unique.
+        A node that does not answer (an error reply, e.g. the SuperLink reporting it unavailable
+        just after a restart, or none before ``timeout``) is asked again at the next call and
+        is ``node-<id>`` until then. A name already taken by a node that is still connected
+        gets ``@<node id>`` appended, so names stay unique; a name whose node is no longer
+        connected moves to the new node (the site came back as a new node, e.g. a restarted
+        SuperNode without a registered key). Every name joins :attr:`known_sites`.
         """
-        unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.sites]
+        connected = set(grid.get_node_ids())
+        unknown = [n for n in sorted(connected) if n not in self.sites]
         if not unknown:
             return dict(self.sites)
         content = RecordDict({R.CONFIG: ConfigRecord({"want": "site-name", "prepare": True})})
         messages = [Message(content, n, MessageType.QUERY) for n in unknown]
         names: dict[int, str] = {}
+        counts: dict[int, int] = {}
         for msg in send_and_receive(grid, messages, timeout=timeout):
             node = msg.metadata.src_node_id
-            if msg.has_error() or not msg.has_content():
+            if msg.has_error():
+                log.warning("node %d did not answer the handshake: %s", node, self._failure(msg))
+                continue
+            if not msg.has_content():
                 continue
             name = R.reply_site_name(msg.content)
             if name is not None:
                 names[node] = _safe_name(name)
+            count = R.reply_declared_count(msg.content)
+            if count is not None:
+                counts[node] = count
             code = R.reply_error(msg.content)
             if code is not None:
                 log.warning("site %s (node %d) could not prepare: %s", name, node, code)
-        taken = set(self.sites.values())
         for node in unknown:
-            name = names.get(node, f"node-{node}")
-            if name in taken:
+            name = names.get(node)
+            if name is None:
+                log.warning(
+                    "node %d did not answer the handshake; it is node-%d until it does", node, node
+                )
+                continue
+            holders = [n for n, s in self.sites.items() if s == name]
+            if any(n in connected for n in holders):
                 name = f"{name}@{node}"
-            taken.add(name)
+            for gone in holders:  # the site's earlier node is gone: the name moves
+                if gone not in connected:
+                    del self.sites[gone]
+                    log.info("site %s is now node %d (was node %d)", name, node, gone)
             self.sites[node] = name
+            if node in counts:
+                self.declared[name] = counts[node]
+            refusal = self._refusal(name)
+            if refusal is not None:
+                log.error("%s (node %d): refused, never sent a round: %s", name, node, refusal)
+            self.known_sites.add(name)
         return dict(self.sites)
+
+    def weight_bound(self, site: str) -> int | None:
+        """The most ``site`` may weigh (``None``: unbounded): see :mod:`fedseg.strategies.weights`.
+
+        The smaller of the count it declared at the handshake and its registry count.
+        """
+        from fedseg.strategies.weights import site_bound
+
+        expected = self.registry.bound(site) if self.registry is not None else None
+        return site_bound(self.declared.get(site), expected)
+
+    def bound_counts(
+        self, server_round: int, reported: Mapping[str, int], report: TrainReport
+    ) -> dict[str, int]:
+        """Each site's weight this round from its reported count; the sites left out go to
+        ``report.rejected``, the weights and events to ``report.metrics`` (and the log).
+
+        Parameters
+        ----------
+        server_round:
+            The round (for the log).
+        reported:
+            Site to the ``num-examples`` of its otherwise valid reply.
+        report:
+            The round's report (its ``metrics`` rows must exist for the sites in ``reported``).
+
+        Returns
+        -------
+        dict
+            Site to weight, for the sites that stay in the round.
+        """
+        from fedseg.strategies.weights import bounded_weights, count_jumps
+
+        c = self.cfg
+        allowed: dict[str, int] = {}
+        for site, num in reported.items():
+            refusal = self._refusal(site)  # not sent a round; a reply all the same is refused
+            if refusal is not None:
+                report.rejected[site] = refusal
+            else:
+                allowed[site] = num
+        bounds = {site: self.weight_bound(site) for site in allowed}
+        decision = bounded_weights(allowed, bounds, mode=c.count_bound, weighting=c.weighting)
+        for site, ratio in count_jumps(self.last_counts, allowed, c.count_jump_factor).items():
+            log.warning(
+                "round %d: site %s: num-examples jumped from %d to %d (x%.3g; "
+                "count-jump-factor %g)",
+                server_round,
+                site,
+                self.last_counts[site],
+                allowed[site],
+                ratio,
+                c.count_jump_factor,
+            )
+            report.metrics.setdefault(site, {})["count-jump"] = ratio
+        self.last_counts.update(allowed)
+        for site, (num, bound) in decision.over.items():
+            action = "rejected" if site in decision.rejected else "clipped to its bound"
+            log.warning(
+                "round %d: site %s reports num-examples %d above its bound %d: %s",
+                server_round,
+                site,
+                num,
+                bound,
+                action,
+            )
+        for site, reason in decision.rejected.items():
+            report.rejected[site] = reason
+        for site, weight in decision.weights.items():
+            row = report.metrics.setdefault(site, {})
+            row["weight"] = float(weight)
+            if bounds.get(site) is not None:
+                row["weight-bound"] = float(bounds[site])  # type: ignore[arg-type]
+        for site in reported:
+            if site not in decision.weights:
+                report.metrics.pop(site, None)
+        report.accepted = [s for s in report.accepted if s in decision.weights]
+        return dict(decision.weights)
 
     def site_of(self, node_id: int) -> str:
         """The site name of a node (``node-<id>`` before the handshake)."""
@@ -487,15 +629,60 @@ class FedsegStrategy(Strategy):
     def sample(self, grid: Grid, server_round: int) -> list[int]:
         """``max(1, int(fraction-train * K))`` of the K connected sites, ordered by name.
 
-        Deterministic for ``(seed, server_round)`` and the set of site names.
+        Deterministic for ``(seed, server_round)`` and the set of site names. What was seen is
+        kept in :attr:`last_sampling` for the round's record (:meth:`account`).
         """
         nodes = self._connected(grid)
         k = max(1, int(len(nodes) * self.cfg.fraction_train))
-        if k >= len(nodes):
-            return nodes
-        rng = np.random.default_rng([self.cfg.seed, server_round])
-        picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
-        return [nodes[i] for i in picked]
+        if k < len(nodes):
+            rng = np.random.default_rng([self.cfg.seed, server_round])
+            picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
+            chosen = [nodes[i] for i in picked]
+        else:
+            chosen = nodes
+        connected = tuple(self.site_of(n) for n in nodes)
+        self.last_sampling = Sampling(
+            server_round=server_round,
+            # a node not named yet (no handshake answer) is in this round's record as node-<id>
+            known=tuple(sorted(self.known_sites.union(connected))),
+            connected=connected,
+            selected=tuple(self.site_of(n) for n in chosen),
+        )
+        return chosen
+
+    def account(self, report: TrainReport) -> TrainReport:
+        """Complete ``report`` so that it accounts for every known site, and return it.
+
+        ``accepted`` and ``rejected`` are made disjoint (a sampled site without an outcome is
+        rejected), and every other site of :attr:`known_sites` goes to ``not_sampled`` with
+        its reason: offline when the round was sampled, not selected by ``fraction-train``, or
+        excluded (a round the server did not run for anyone: its reason). See
+        :func:`fedseg.federation.roster.account_sites`.
+        """
+        seen = self.last_sampling
+        excluded: dict[str, str] = {}
+        if seen is None or seen.server_round != report.server_round:
+            # Nothing was sampled: the server did not run the round (e.g. client-level DP with
+            # the budget spent), so every site is left out for the round's reason.
+            seen = Sampling(report.server_round, known=tuple(sorted(self.known_sites)))
+            why = report.reason or "the round was not run"
+            excluded = {s: f"round not run: {why}" for s in seen.known}
+        for site in seen.known:  # never sent a round: not in a registry that requires counts
+            refusal = self._refusal(site)
+            if refusal is not None:
+                excluded.setdefault(site, refusal)
+        outcome = account_sites(
+            seen.known,
+            connected=seen.connected,
+            sampled=[*seen.selected, *report.sampled],
+            accepted=report.accepted,
+            rejected=report.rejected,
+            excluded=excluded,
+        )
+        report.accepted = outcome.accepted
+        report.rejected = outcome.rejected
+        report.not_sampled = outcome.not_sampled
+        return report
 
     def site_models(self) -> dict[str, Weights] | None:
         """FedBN: each site's personalised model (global shared keys + its own norms)."""
@@ -511,7 +698,8 @@ class FedsegStrategy(Strategy):
 
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """The strategy's state between rounds: FedOpt moments, SCAFFOLD ``c``, FedBN norms."""
+        """The strategy's state between rounds: FedOpt moments, SCAFFOLD ``c``, FedBN norms, the
+        privacy ledger and the names of the known sites."""
         return {
             "m": None if self.m is None else list(self.m),
             "v": None if self.v is None else list(self.v),
@@ -519,6 +707,8 @@ class FedsegStrategy(Strategy):
             "site-local": {s: dict(w) for s, w in self.site_local.items()},
             "c-sites": {s: dict(c) for s, c in self.c_sites.items()},
             "privacy": self.privacy.state_dict(),
+            "last-counts": dict(self.last_counts),
+            "known-sites": sorted(self.known_sites),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -541,11 +731,19 @@ class FedsegStrategy(Strategy):
             for s, c in (state.get("c-sites") or {}).items()
         }
         self.privacy.load_state_dict(state.get("privacy") or {})
+        self.last_counts = {str(k): int(v) for k, v in (state.get("last-counts") or {}).items()}
+        # Sites known before a restart stay in every round's record, connected or not.
+        self.known_sites.update(str(s) for s in state.get("known-sites") or ())
 
     # ---------------------------------------------------------------- internals
     def _connected(self, grid: Grid) -> list[int]:
-        nodes = list(grid.get_node_ids())
+        """The connected nodes that may take part, by site name: a site missing from a registry
+        that requires counts is never sent a round (refused at the handshake, logged there)."""
+        nodes = [n for n in grid.get_node_ids() if self._refusal(self.site_of(n)) is None]
         return sorted(nodes, key=lambda n: (self.site_of(n), n))
+
+    def _refusal(self, site: str) -> str | None:
+        return self.registry.refusal(site) if self.registry is not None else None
 
     def _source(
         self,
@@ -600,6 +798,11 @@ class FedsegStrategy(Strategy):
         conf["local-epochs"] = self.cfg.local_epochs
         conf["proximal-mu"] = float(self.cfg.proximal_mu) if self.name == "fedprox" else 0.0
         content = RecordDict({R.ARRAYS: self._outgoing_weights(arrays), R.CONFIG: conf})
+        if self.cfg.secure_aggregation != "none":  # each site applies its own weight bound
+            self._outbox = [
+                Message(self._with_bound(content, conf, n), n, MessageType.TRAIN) for n in nodes
+            ]
+            return list(self._outbox)
         if self.name != "scaffold":
             self._outbox = [Message(content, n, MessageType.TRAIN) for n in nodes]
             return list(self._outbox)
@@ -622,6 +825,19 @@ class FedsegStrategy(Strategy):
         self._outbox = list(messages)
         return messages
 
+    def _with_bound(self, content: RecordDict, conf: ConfigRecord, node: int) -> RecordDict:
+        """``content`` with the node's ``weight-bound`` (0: none) in its own train config."""
+        if self.cfg.weighting == "equal":
+            bound: int | None = 1
+        elif self.cfg.count_bound == "off":
+            bound = None
+        else:
+            bound = self.weight_bound(self.site_of(node))
+        own = ConfigRecord(dict(conf))
+        own[R.WEIGHT_BOUND] = int(bound or 0)
+        own[R.COUNT_BOUND] = self.cfg.count_bound
+        return RecordDict({R.ARRAYS: content[R.ARRAYS], R.CONFIG: own})
+
     def _model(self) -> Weights:
         if self.global_weights is None:
             raise RuntimeError("no global model yet: configure_train sets it")
@@ -639,6 +855,9 @@ class FedsegStrategy(Strategy):
             log.debug("Flower error reply: %s", msg.error.reason)
             if msg.error.code == ErrorCode.NODE_UNAVAILABLE:  # written by the SuperLink
                 return UNREACHABLE
+            refused = _SITE_CODE.search(msg.error.reason or "")
+            if refused is not None:
+                return f"site reported error {refused.group(0)} (ClientApp did not run)"
             return f"Flower error {msg.error.code} (ClientApp did not complete)"
         code = R.reply_error(msg.content)
         if code is not None:
@@ -711,6 +930,8 @@ class FedsegStrategy(Strategy):
             valid.append((site, dict(update), int(num)))  # type: ignore[call-overload]
             report.accepted.append(site)
             report.metrics[site] = extras[site]["metrics"]
+        weights = self.bound_counts(server_round, {s: n for s, _, n in valid}, report)
+        valid = [(s, u, weights[s]) for s, u, _ in valid if s in weights]
         for site, reason in sorted(report.rejected.items()):
             log.warning(
                 "round %d: rejected %s: %s",
@@ -868,8 +1089,8 @@ class FedsegStrategy(Strategy):
             delta = [a - c for a, c in zip(avg, current, strict=True)]
             new, self.m = fedavgm_step(current, delta, self.m, momentum=self.cfg.server_momentum)
             return dict(zip(keys, new, strict=True))
-        if self.name in ("fedadam", "fedyogi"):
-            from fedseg.strategies.fedopt import fedadam_step, fedyogi_step
+        if self.name in ("fedadam", "fedyogi", "fedadagrad"):
+            from fedseg.strategies.fedopt import fedadagrad_step, fedadam_step, fedyogi_step
 
             avg = self._average(updates, counts, valid)
             current = [w[k] for k in keys]
@@ -884,8 +1105,17 @@ class FedsegStrategy(Strategy):
                     tau=self.cfg.server_tau,
                     server_round=server_round,
                 )
-            else:
+            elif self.name == "fedyogi":
                 new, self.m, self.v = fedyogi_step(
+                    current,
+                    delta,
+                    self.m,
+                    self.v,
+                    lr=self.cfg.server_learning_rate,
+                    tau=self.cfg.server_tau,
+                )
+            else:
+                new, self.m, self.v = fedadagrad_step(
                     current,
                     delta,
                     self.m,

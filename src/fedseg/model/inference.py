@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedseg.errors import GeometryError
+
 if TYPE_CHECKING:
     import torch
     import torch.nn as nn
@@ -75,15 +77,29 @@ def to_original_grid(probs: np.ndarray, prep: Prepared, threshold: float = 0.5) 
     -------
     numpy.ndarray
         ``bool`` ``(3, X, Y, Z)``.
+
+    Raises
+    ------
+    GeometryError
+        When the crop box does not overlap the case's grid at all.
     """
     import torch
     import torch.nn.functional as F
 
-    crop_shape = tuple(e - s for s, e in zip(prep.bbox_start, prep.bbox_end, strict=True))
+    # The crop that was resized is the box clipped to the grid (as SpatialCrop cuts it), so the
+    # inverse resizes to the clipped box too, whatever a prepared case from elsewhere says.
+    start = [max(0, int(s)) for s in prep.bbox_start]
+    end = [min(int(n), int(e)) for n, e in zip(prep.orig_shape, prep.bbox_end, strict=True)]
+    if any(e <= s for s, e in zip(start, end, strict=True)):
+        raise GeometryError(
+            f"case {prep.case_id}: crop box {prep.bbox_start}-{prep.bbox_end} lies outside "
+            f"its grid {prep.orig_shape}"
+        )
+    crop_shape = tuple(e - s for s, e in zip(start, end, strict=True))
     t = torch.from_numpy(np.ascontiguousarray(probs))[None]
     mode = "trilinear" if t.ndim == 5 else "bilinear"
     resized = F.interpolate(t, size=crop_shape, mode=mode, align_corners=False)[0].numpy()
     out = np.zeros((probs.shape[0], *prep.orig_shape), dtype=bool)
-    sl = tuple(slice(s, e) for s, e in zip(prep.bbox_start, prep.bbox_end, strict=True))
+    sl = tuple(slice(s, e) for s, e in zip(start, end, strict=True))
     out[(slice(None), *sl)] = resized >= threshold
     return out

@@ -6,16 +6,21 @@ Round flow (``secure-aggregation = "ckks"``)
 2. Each site trains, then :func:`seal_train_reply` replaces the plain ``"arrays"`` record of its
    reply by ``"ckks-ct"``: the ciphertexts of ``n_i * w_i`` (all model keys, sorted by name,
    flattened; chunks of N/2 values as ``uint8`` arrays), plus ``"ckks"`` (ConfigRecord: the
-   key-free encryption parameters as bytes, the vector length). ``num-examples`` and the
-   training metrics stay in clear.
+   key-free encryption parameters as bytes, the vector length). ``n_i`` is the site's
+   ``num-examples`` bounded by the ``weight-bound`` its train message carries (#24: the count it
+   declared at the handshake and its registry count; 1 for ``weighting = "equal"``), reported
+   in clear as ``ckks-weight``; ``num-examples`` and the training metrics stay in clear.
 3. The server (:func:`run_train_ckks`, called from ``FedsegStrategy.run_train``) checks every
-   reply (error, missing, ``num-examples``, ciphertext count and parameters), applies the quorum,
+   reply (error, missing, ``num-examples``, ciphertext count and parameters), bounds the counts
+   as for a plain round (``FedsegStrategy.bound_counts``) and rejects a reply whose
+   ``ckks-weight`` is not the weight the server decided (it cannot rescale a ciphertext whose
+   multiplier is wrong), applies the quorum,
    adds the accepted sites' ciphertexts with a context that holds no key, and sends the
    encrypted sum in a ``query`` message (``want = "ckks-sum"``) to one accepted site.
 4. That site decrypts (:func:`decrypt_sum_reply`) and returns ``sum_i n_i w_i``; the server
-   divides by ``sum_i n_i`` (known in clear) and continues as for plain FedAvg (FedAdam/FedYogi
-   take their server step on this average). If the decrypting site fails, the next accepted
-   site is asked.
+   divides by ``sum_i n_i`` (the weights, known in clear) and continues as for plain FedAvg
+   (FedAdam/FedYogi take their server step on this average). If the decrypting site fails,
+   the next accepted site is asked.
 
 So the server learns the weighted average of the round, as with any secure aggregation, but
 never one site's update: no reply it receives holds a site's weights in clear, and it never
@@ -165,10 +170,14 @@ def site_context(context: Context, cfg: FedsegConfig) -> ts.Context:
     return ctx
 
 
-def seal_train_reply(content: RecordDict, context: Context, cfg: FedsegConfig) -> RecordDict:
+def seal_train_reply(
+    content: RecordDict, context: Context, cfg: FedsegConfig, bound: int = 0
+) -> RecordDict:
     """Replace the plain model of a train reply by the ciphertexts of ``n_i * w_i``.
 
-    Adds ``encrypt-seconds`` and ``ciphertext-bytes`` to the reply's metrics.
+    ``n_i`` is the reply's ``num-examples``, at most ``bound`` (the train message's
+    ``weight-bound``; 0: none). Adds ``ckks-weight`` (``n_i``), ``encrypt-seconds`` and
+    ``ciphertext-bytes`` to the reply's metrics.
 
     Raises
     ------
@@ -181,6 +190,8 @@ def seal_train_reply(content: RecordDict, context: Context, cfg: FedsegConfig) -
         raise UpdateValidationError("a train reply needs 'arrays' and 'num-examples'")
     weights = R.from_array_record(rec)
     num = float(metrics["num-examples"])  # type: ignore[arg-type]
+    if bound > 0:  # the server's bound on this site's weight (#24)
+        num = min(num, float(bound))
     params = ckks_params(cfg)
     ctx = site_context(context, cfg)
     t0 = time.perf_counter()
@@ -194,6 +205,7 @@ def seal_train_reply(content: RecordDict, context: Context, cfg: FedsegConfig) -
     out[CIPHERTEXT] = ArrayRecord({f"{j:06d}": Array(C.to_uint8(b)) for j, b in enumerate(chunks)})
     out[CKKS_META] = ConfigRecord({"context": C.params_bytes(ctx), "length": int(vector.size)})
     extended = dict(metrics)
+    extended["ckks-weight"] = num
     extended["encrypt-seconds"] = seconds
     extended["ciphertext-bytes"] = int(sum(len(b) for b in chunks))
     out[R.METRICS] = MetricRecord(extended)
@@ -264,6 +276,23 @@ def run_train_ckks(
     for site in strategy._sent.values():
         if site not in replied:
             report.rejected[site] = NO_REPLY
+    # Bounded weights as in a plain round; the ciphertext must carry exactly that weight.
+    report.accepted = [site for site, *_ in accepted]
+    weights = strategy.bound_counts(server_round, {s: n for s, n, *_ in accepted}, report)
+    kept = []
+    for site, _, chunks, ctx_bytes in accepted:
+        if site not in weights:
+            continue
+        used_weight = report.metrics[site].get("ckks-weight")
+        if used_weight != float(weights[site]):
+            report.rejected[site] = (
+                f"ciphertext weighted by {used_weight!r}, expected its bounded weight "
+                f"{weights[site]} (a ciphertext cannot be rescaled)"
+            )
+            report.metrics.pop(site, None)
+            continue
+        kept.append((site, weights[site], chunks, ctx_bytes))
+    accepted = kept
     privacy = getattr(strategy, "privacy", None)  # DP-SGD's per-site ledger (dp-epsilon)
     if privacy is not None:
         privacy.observe(server_round, dict(report.metrics), report.rejected)

@@ -21,7 +21,10 @@ Site (:func:`secagg_train_mod`, a mod on the ClientApp's train handler)
     Flower's ``secaggplus_mod`` with fedseg's train handler behind an adapter that turns the
     reply into the legacy ``FitRes`` the mod expects: parameters = ``w_i - w_global`` (all
     keys, sorted by name; the delta is small, so quantisation loses less than on the weights),
-    ``num_examples`` = ``n_i``, the training metrics. The mod quantises, masks and sends only
+    ``num_examples`` = ``n_i``, the training metrics. ``n_i`` is the site's ``num-examples``
+    bounded by the ``weight-bound`` of its train message (#24; 1 for ``weighting = "equal"``);
+    with ``count-bound = "reject"`` a site above its bound refuses the round (it then counts as
+    dropped: the masked sum never holds it). The mod quantises, masks and sends only
     the masked vector; it clears the plain parameters. Any failure becomes a Flower error reply
     carrying only fedseg's public code, which the workflow treats as a dropped site.
 
@@ -45,7 +48,7 @@ from flwr.app.error import Error
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
-from fedseg.errors import UpdateValidationError
+from fedseg.errors import AggregationError, UpdateValidationError
 from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
 
@@ -122,6 +125,12 @@ def _to_fitres(request: Message, reply: Message) -> RecordDict:
     num = int(metrics.get("num-examples", 0))
     if num <= 0:
         raise UpdateValidationError("num-examples must be a positive int")
+    conf = request.content.config_records.get(R.CONFIG, ConfigRecord())
+    bound = conf.get(R.WEIGHT_BOUND, 0)
+    if isinstance(bound, int) and not isinstance(bound, bool) and 0 < bound < num:
+        if conf.get(R.COUNT_BOUND) == "reject":
+            raise AggregationError(f"num-examples {num} above the weight bound {bound}")
+        num = bound
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), num, dict(metrics))
     return compat.fitres_to_recorddict(fitres, keep_input=True)
 
@@ -275,6 +284,22 @@ def run_train_secagg(
         log.warning("round %d: %s: %s", server_round, site, reason)
     if halted or sink.average is None:
         report.status, report.reason = "failed", halted or "SecAgg+ produced no aggregate"
+        log.warning("round %d: %s; global model unchanged", server_round, report.reason)
+        return None, None
+    # The bounds as in a plain round. A masked sum cannot leave one site out: a contribution
+    # above its bound in reject mode (only a site not running fedseg's own code) fails the round.
+    counts = {s: int(m.get("num-examples", 0)) for s, m in report.metrics.items()}
+    uncounted = sorted(s for s, n in counts.items() if n < 1)
+    weights = strategy.bound_counts(
+        server_round, {s: n for s, n in counts.items() if n >= 1}, report
+    )
+    over = sorted(s for s in counts if s not in weights)
+    if over:
+        report.status = "failed"
+        report.reason = (
+            f"SecAgg+ sum holds replies above their count bound or without num-examples: "
+            f"{', '.join(over or uncounted)}"
+        )
         log.warning("round %d: %s; global model unchanged", server_round, report.reason)
         return None, None
     if not strategy._quorum(len(contributed), len(nodes), report):

@@ -39,6 +39,16 @@ With ``w_g`` the received global model, ``w`` the honestly trained one, ``d = w 
     A broken site: ``w`` with the first element of every floating array set to NaN (the
     server's validation must reject it; used by the deployment drills).
 
+Count attack
+------------
+``inflate``
+    The site reports ``round(inflate-factor * n)`` cases instead of its ``n``: in every train
+    reply's ``num-examples`` and already in the handshake, where it declares its count. Alone
+    (``attack = "inflate"``, the update is honest) or after any other attack
+    (``attack = "scale+inflate"``: a boosted update that also claims 1000x the cases). Counts
+    weigh the site's update in every case-weighted average; the server bounds them
+    (:mod:`fedseg.strategies.weights`).
+
 Data attacks (the update is then honest training on poisoned data)
 -----------------------------------------------------------------
 ``label-flip``
@@ -59,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedseg.config import ATTACKS
+from fedseg.config import ATTACKS, INFLATE, attack_parts
 from fedseg.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -76,6 +86,7 @@ __all__ = [
     "attack_weights",
     "malicious_names",
     "poison_items",
+    "reported_count",
     "site_attack",
     "trainer_for",
 ]
@@ -99,10 +110,13 @@ class Attack:
         One of :data:`fedseg.config.ATTACKS` other than ``none``.
     strength:
         ``attack-strength`` (see the module docstring for its meaning per attack).
+    inflate:
+        The factor applied to the site's reported case count (1: honest counts).
     """
 
     name: str
     strength: float
+    inflate: float = 1.0
 
     @property
     def is_data_attack(self) -> bool:
@@ -133,10 +147,11 @@ def site_attack(cfg: FedsegConfig, site: str, node_config: Mapping[str, Any]) ->
         The node config names an unknown attack or a non-numeric strength.
     """
     if "attack" in node_config and str(node_config["attack"]) not in ("", "none"):
-        name = str(node_config["attack"])
-        if name not in ATTACKS:
+        name, inflated = attack_parts(str(node_config["attack"]))
+        if name not in ATTACKS or name == "none" or ("+" in name):
             raise ConfigError(
-                f"node config key 'attack': expected one of {', '.join(ATTACKS)}, found {name!r}"
+                f"node config key 'attack': expected one of {', '.join(ATTACKS)} (or "
+                f"ATTACK+{INFLATE}), found {str(node_config['attack'])!r}"
             )
         raw = node_config.get("attack-strength", cfg.attack_strength)
         try:
@@ -147,10 +162,32 @@ def site_attack(cfg: FedsegConfig, site: str, node_config: Mapping[str, Any]) ->
             ) from None
         if not np.isfinite(strength):
             raise ConfigError(f"node config key 'attack-strength': not finite ({raw!r})")
-        return Attack(name, strength)
+        return Attack(name, strength, float(cfg.inflate_factor) if inflated else 1.0)
     if cfg.attack != "none" and site in malicious_names(cfg.malicious_sites):
-        return Attack(cfg.attack, float(cfg.attack_strength))
+        name, inflated = attack_parts(cfg.attack)
+        factor = float(cfg.inflate_factor) if inflated else 1.0
+        return Attack(name, float(cfg.attack_strength), factor)
     return None
+
+
+def reported_count(attack: Attack | None, num_examples: int) -> int:
+    """The case count a site reports: its own, or ``round(inflate * n)`` for an inflating site.
+
+    Parameters
+    ----------
+    attack:
+        The site's attack (``None``: an honest site).
+    num_examples:
+        The site's true count of training cases.
+
+    Returns
+    -------
+    int
+        At least 1.
+    """
+    if attack is None or attack.inflate == 1.0:
+        return int(num_examples)
+    return max(1, round(attack.inflate * int(num_examples)))
 
 
 def _floating(a: np.ndarray) -> bool:
@@ -180,7 +217,7 @@ def attack_weights(
         (FedBN's local norms) and non-floating arrays are left as trained.
     """
     out = {k: np.array(v, copy=True) for k, v in trained.items()}
-    if attack.is_data_attack:
+    if attack.is_data_attack or attack.name == INFLATE:  # the update itself is honest
         return out
     keys = [k for k in trained if k in received and _floating(np.asarray(trained[k]))]
     s = attack.strength

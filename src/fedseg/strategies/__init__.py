@@ -21,4 +21,7 @@ fedbn
     Which state-dict keys are normalisation layers, and splitting / merging them.
 validation
     ``validate_update``, ``filter_valid``, ``quorum_met``: refuse bad replies, one at a time.
+weights
+    ``bounded_weights``, ``count_jumps``, ``site_bound``: case-count weights bounded by the counts
+    the server trusts.
 """

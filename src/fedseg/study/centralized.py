@@ -12,6 +12,7 @@ Run folder layout::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ def train_centralized(
     resume: bool = True,
     progress: bool = True,
     modalities: tuple[str, ...] = MODALITIES,
+    notify: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train the centralized baseline on pooled data and evaluate it on held-out cases.
 
@@ -49,6 +51,8 @@ def train_centralized(
         Show progress bars.
     modalities:
         Input modalities (ablations use a subset).
+    notify:
+        Called with one line when the run resumes (what from, which epoch).
 
     Returns
     -------
@@ -86,7 +90,12 @@ def train_centralized(
     load = lambda ids: prepare_cases(  # noqa: E731
         Path(data), cfg, case_ids=ids, cache_dir=cache, progress=progress
     )
-    train_items, val_items = load(split["train"]), load(split["val"])
+    # every case is read before training, so a bad test case fails now, not after the epochs
+    train_items, val_items, test_items = (
+        load(split["train"]),
+        load(split["val"]),
+        load(split["test"]),
+    )
     trainer = SiteTrainer(cfg, train_items, val_items or train_items[:2], modalities=modalities)
 
     history: list[dict[str, Any]] = []
@@ -95,6 +104,13 @@ def train_centralized(
     if state is not None:
         trainer.load_state(state["trainer"])
         history, best, start = list(state["history"]), float(state["best"]), int(state["epoch"])
+        if notify is not None:
+            left = (
+                f"continuing with epoch {start + 1}"
+                if start < cfg.epochs
+                else "no epoch left, scoring best.pt"
+            )
+            notify(f"resuming {ckpt_path}: {start} of {cfg.epochs} epoch(s) done, {left}")
 
     bar = _epoch_bar(cfg.epochs, start, progress)
     for epoch in range(start, cfg.epochs):
@@ -125,7 +141,7 @@ def train_centralized(
 
     # Final evaluation of the best model on held-out test cases, with HD95.
     trainer.model.load_state_dict(load_torch(out / BEST)["model"])
-    test = trainer.evaluate(load(split["test"]), hd95=True)
+    test = trainer.evaluate(test_items, hd95=True)
     result = {"split": {k: len(v) for k, v in split.items()}, "best-val-mean-dice": best, **test}
     atomic_write_json(out / "test_metrics.json", result)
     return result

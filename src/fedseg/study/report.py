@@ -358,7 +358,7 @@ def _summary_section(doc: Mapping[str, Any]) -> str:
         "vs centralized",
         *(f"HD95 {r} (mm)" for r in REGIONS),
         "worst site (mean Dice)",
-        "site spread",
+        "site spread (best − worst site)",
     ]
     body = []
     for r in rows:
@@ -609,6 +609,45 @@ def _timing_section(doc: Mapping[str, Any]) -> str:
     )
 
 
+def _rounds_section(doc: Mapping[str, Any]) -> str:
+    """The rounds of federated arms in which a known site was not accepted, every site named.
+
+    Each row is the line the ServerApp logs for the round
+    (:func:`fedseg.federation.roster.describe_sites`), so the report and the run's log agree.
+    """
+    from fedseg.federation.roster import describe_sites
+
+    body = []
+    seen = 0
+    for arm, res in doc.get("arms", {}).items():
+        history = res.get("history") or []
+        seen += len(history)
+        for row in history:
+            if row.get("rejected") or row.get("not-sampled"):
+                body.append(
+                    [
+                        _e(pretty(arm)),
+                        _e(row.get("round")),
+                        _e(row.get("status")),
+                        _e(describe_sites(row)),
+                    ]
+                )
+    if not seen:
+        return ""
+    if not body:
+        return (
+            "<h2>Round record</h2><p>Every known site was accepted in every round of every "
+            "federated arm.</p>"
+        )
+    return (
+        "<h2>Round record</h2><p>Rounds in which a known site was not accepted, with every "
+        "site and what happened to it: accepted, rejected (why) or not sampled (offline, not "
+        "selected by <code>fraction-train</code>, excluded). <code>history.json</code> of each "
+        "arm holds the same for every round.</p>"
+        + _table(["arm", "round", "status", "sites"], body, left=4)
+    )
+
+
 def _privacy_section(doc: Mapping[str, Any]) -> str:
     """Epsilon spent per site by the arms that ran with differential privacy (#4)."""
     from fedseg.strategies.ledger import privacy_summary
@@ -634,6 +673,18 @@ def _privacy_section(doc: Mapping[str, Any]) -> str:
     return "<h2>Differential privacy</h2>" + _table(header, body, left=5)
 
 
+def _spacing_note(doc: Mapping[str, Any]) -> str:
+    """``: median 3.4 × 4.0 × 3.5 mm over the test cases, 3.1–4.2 mm`` or nothing."""
+    sp = doc.get("study", {}).get("prepared-spacing-mm")
+    if not sp:
+        return ""
+    median = " × ".join(f"{v:.1f}" for v in sp["median"])
+    return (
+        f": median {median} mm over the test cases, {sp['min']:.1f}–{sp['max']:.1f} mm "
+        "per axis; each case's brain crop is resized to the grid"
+    )
+
+
 def _method_section(doc: Mapping[str, Any]) -> str:
     cfg = doc.get("config", {})
     return (
@@ -645,10 +696,15 @@ def _method_section(doc: Mapping[str, Any]) -> str:
         "simulation, all sites every round.</li>"
         "<li>Each site's cases are split into training and test cases once; the pooled test "
         "set is the union of the sites' test sets. No case is used for both.</li>"
-        "<li>Dice and HD95 (95th-percentile Hausdorff distance, mm at the prepared voxel size) "
+        "<li>Dice and HD95 (95th-percentile Hausdorff distance, mm at the prepared voxel size"
+        f"{_spacing_note(doc)}) "
         f"per region on the prepared {_e(cfg.get('image-size'))}³ grid, thresholded at 0.5; "
         "empty prediction and empty reference give Dice 1 and HD95 0, exactly one empty "
         "gives Dice 0 and the grid diagonal as HD95 (BraTS conventions).</li>"
+        "<li><em>Worst site</em>: the site whose test cases get the lowest mean Dice (over "
+        "WT, TC, ET) from the arm's model (local only and FedBN: the site's own model). "
+        "<em>Site spread</em>: the best site's mean Dice minus the worst site's; smaller is "
+        "fairer.</li>"
         "<li>The final model of each arm is the last one; no model is selected on test cases. "
         "± values are standard errors over test cases of the per-case mean Dice.</li>"
         "<li>Files: <code>metrics.json</code>, <code>metrics.csv</code>, <code>curves.csv</code>, "
@@ -698,6 +754,7 @@ def render_report(doc: Mapping[str, Any], overlays: Mapping[str, Any] | None = N
             _heterogeneity_section(doc),
             _overlay_section(overlays),
             _timing_section(doc),
+            _rounds_section(doc),
             _privacy_section(doc),
             _method_section(doc),
         ]

@@ -9,9 +9,16 @@ on the pooled held-out cases of all sites (each site's held-out split, case-weig
 number the round loop records as ``mean-dice``. Each setting also runs the no-attack FedAvg
 reference.
 
+The study plays a provisioned federation: the server's site registry
+(:mod:`fedseg.deploy.registry`, ``OUT/sites-<setting>.csv``) lists every site's expected count
+of training cases, so the default case-count bound holds even against a site that inflates its
+count from the handshake on (#24).
+
 Defences
 --------
-``fedavg`` (no defence), ``median``, ``trimmed-mean`` (cutting exactly ``m`` per end: trim
+``fedavg`` (no robust rule; case counts bounded by the default ``count-bound = "clip"``),
+``fedavg-unbounded`` (FedAvg taking every reported count as it is: ``count-bound = "off"``),
+``median``, ``trimmed-mean`` (cutting exactly ``m`` per end: trim
 ``m / n``), ``krum``, ``multi-krum``, ``bulyan`` (``byzantine-sites = m``), ``clip`` (FedAvg of
 updates clipped to the median L2 norm of the honest updates seen in that setting's clean
 reference run) and ``anomaly`` (FedAvg after dropping updates more than
@@ -20,7 +27,10 @@ bound the setting violates (Krum and Multi-Krum need ``n > 2m + 2``, Bulyan ``n 
 is not run: its cell is ``n/a`` with the bound as the reason.
 
 Attack strengths (:data:`STRENGTHS`) are fixed per attack so that cells compare; see
-:mod:`fedseg.site.attacks` for what each attack does.
+:mod:`fedseg.site.attacks` for what each attack does. ``inflate`` (alone, or ``ATTACK+inflate``)
+reports :data:`INFLATE_FACTOR` times the site's cases; a combined attack uses its first part's
+strength unless :data:`STRENGTHS` names it (``scale+inflate``: a x4 boost, which FedAvg survives
+at the site's true weight, so the cell measures what the claimed count adds).
 
 Outputs in ``OUT``: ``robustness.json`` (every cell, written after each so that a rerun resumes),
 ``robustness.csv``, ``heatmap-<setting>.png`` and ``report.html``.
@@ -40,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.config import ATTACKS, FedsegConfig
+from fedseg.config import ATTACKS, INFLATE, FedsegConfig, attack_parts
 from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError
 from fedseg.utils.io import atomic_write_json, atomic_write_text
@@ -48,6 +58,7 @@ from fedseg.utils.io import atomic_write_json, atomic_write_text
 #: every defence the study knows, in display order
 DEFENCES: tuple[str, ...] = (
     "fedavg",
+    "fedavg-unbounded",
     "median",
     "trimmed-mean",
     "krum",
@@ -56,8 +67,23 @@ DEFENCES: tuple[str, ...] = (
     "clip",
     "anomaly",
 )
-DEFAULT_DEFENCES: tuple[str, ...] = ("fedavg", "median", "trimmed-mean", "krum", "clip", "anomaly")
-DEFAULT_ATTACKS: tuple[str, ...] = ("scale", "sign-flip", "lie", "label-flip")
+DEFAULT_DEFENCES: tuple[str, ...] = (
+    "fedavg",
+    "fedavg-unbounded",
+    "median",
+    "trimmed-mean",
+    "krum",
+    "clip",
+    "anomaly",
+)
+DEFAULT_ATTACKS: tuple[str, ...] = (
+    "scale",
+    "sign-flip",
+    "lie",
+    "label-flip",
+    "inflate",
+    "scale+inflate",
+)
 DEFAULT_SETTINGS: tuple[str, ...] = ("1of4", "2of6")
 
 #: attack-strength per attack in the study (boost, reversal, noise multiplier, z)
@@ -70,7 +96,13 @@ STRENGTHS: dict[str, float] = {
     "nan": 1.0,
     "label-flip": 1.0,
     "backdoor": 1.0,
+    "inflate": 1.0,
+    # the model-replacement boost for 4 equally weighted sites (Bagdasaryan et al. 2020: n / 1):
+    # tolerated by FedAvg at the site's true weight, so the cell shows what the count adds
+    "scale+inflate": 4.0,
 }
+#: ``inflate-factor`` of the count attack: the malicious sites claim 1000x their cases
+INFLATE_FACTOR = 1000.0
 #: ``anomaly-threshold`` of the ``anomaly`` defence
 ANOMALY_THRESHOLD = 3.0
 RESULTS = "robustness.json"
@@ -138,8 +170,32 @@ def _parse_list(text: str | Sequence[str], allowed: Sequence[str], what: str) ->
 
 
 def parse_attacks(text: str | Sequence[str]) -> list[str]:
-    """Comma-separated attacks (:data:`fedseg.config.ATTACKS` but ``none``)."""
-    return _parse_list(text, [a for a in ATTACKS if a != "none"], "attacks")
+    """Comma-separated attacks (:data:`fedseg.config.ATTACKS` but ``none``, or ATTACK+inflate)."""
+    single = [a for a in ATTACKS if a != "none"]
+    combined = [f"{a}+{INFLATE}" for a in single if a != INFLATE]
+    return _parse_list(text, [*single, *combined], "attacks")
+
+
+def strength(attack: str) -> float:
+    """The study's ``attack-strength`` of an attack (of its first part for ATTACK+inflate,
+    unless :data:`STRENGTHS` names the combination)."""
+    return STRENGTHS.get(attack, STRENGTHS[attack_parts(attack)[0]])
+
+
+def write_registry(parts: Mapping[str, Sequence[str]], cfg: FedsegConfig, path: Path) -> Path:
+    """The server's site registry of a simulated federation: each site's training-case count.
+
+    The count is the one the site trains on (its cases minus its held-out ``test-fraction``,
+    the same split as at the site), written as ``site,expected-cases``.
+    """
+    from fedseg.data.cohort import split_cases
+
+    rows = ["site,expected-cases"]
+    for site, ids in sorted(parts.items()):
+        train = split_cases(list(ids), cfg.test_fraction, 0.0, cfg.seed)["train"]
+        rows.append(f"{site},{len(train)}")
+    atomic_write_text(path, "\n".join(rows) + "\n")
+    return path
 
 
 def parse_defences(text: str | Sequence[str]) -> list[str]:
@@ -162,6 +218,8 @@ def defence_config(defence: str, setting: Setting, clip_norm: float) -> dict[str
     m, n = setting.malicious, setting.sites
     if defence == "fedavg":
         return {"aggregator": "mean"}
+    if defence == "fedavg-unbounded":
+        return {"aggregator": "mean", "count-bound": "off"}
     if defence == "trimmed-mean":
         return {"aggregator": "trimmed-mean", "trim-fraction": (m + 0.5) / n}
     if defence in ("median", "krum", "multi-krum", "bulyan"):
@@ -329,7 +387,8 @@ def run_robustness(
             "attacks": attacks,
             "defences": defences,
             "settings": [s.name for s in settings],
-            "strengths": {a: STRENGTHS[a] for a in attacks},
+            "strengths": {a: strength(a) for a in attacks},
+            "inflate-factor": INFLATE_FACTOR,
             "anomaly-threshold": ANOMALY_THRESHOLD,
         }
     )
@@ -342,11 +401,13 @@ def run_robustness(
         )
         csv_path = out / f"partition-{sname}.csv"
         write_partition(parts, csv_path)
+        registry = write_registry(parts, cfg, out / f"sites-{sname}.csv")
         bad = setting.malicious_sites()
         per = cells.setdefault(sname, {})
         ref_key = f"{CLEAN}|fedavg"
         if ref_key not in per:
-            res = run_cell(base, data_dir, csv_path, setting.sites, record_norms=True)
+            provisioned = base.replace(site_registry=str(registry))
+            res = run_cell(provisioned, data_dir, csv_path, setting.sites, record_norms=True)
             per[ref_key] = res
             atomic_write_json(path, doc)
             say(f"{sname} reference (no attack, FedAvg): Dice {_fmt(res['dice'])}")
@@ -365,8 +426,10 @@ def run_robustness(
                     continue
                 keys = {
                     "attack": attack,
-                    "attack-strength": STRENGTHS[attack],
+                    "attack-strength": strength(attack),
+                    "inflate-factor": INFLATE_FACTOR,
                     "malicious-sites": ",".join(bad),
+                    "site-registry": str(registry),
                     **defence_config(defence, setting, clip_norm),
                 }
                 cell_cfg = FedsegConfig.from_run_config({**base.to_run_config(), **keys})

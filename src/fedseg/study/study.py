@@ -55,7 +55,7 @@ import numpy as np
 
 from fedseg.config import FedsegConfig
 from fedseg.data.case import MODALITIES, REGIONS
-from fedseg.errors import ConfigError
+from fedseg.errors import ConfigError, PartitionError
 from fedseg.utils.io import atomic_write_csv, atomic_write_json, load_torch, save_torch
 
 if TYPE_CHECKING:
@@ -253,6 +253,10 @@ def run_study(
                 continue
         if not resume:  # also forget the federated runner's checkpoint of this arm
             shutil.rmtree(out / "arms" / arm, ignore_errors=True)
+        elif console is not None:
+            note = _resume_note(out, arm, cfg)
+            if note:
+                console.print(f"[dim]{note}[/dim]")
         results[arm] = _run_arm(arm, out, cfg, data_dir, sites, device, progress)
         results[arm]["fingerprint"] = fingerprint
         atomic_write_json(path, results[arm])
@@ -345,8 +349,31 @@ def _cohort_facts(
         "num-cases": sum(len(v) for v in sites.parts.values()),
         "num-train": len(sites.pooled_train),
         "num-test": len(sites.pooled_test),
+        "prepared-spacing-mm": prepared_spacing(sites.pooled_test),
         "device": str(device),
         "seconds": time.perf_counter() - t_start,
+    }
+
+
+def prepared_spacing(items: Sequence[Prepared]) -> dict[str, Any] | None:
+    """The voxel size of the prepared grid over some cases, for reading HD95 in mm.
+
+    Each case's brain crop is resized to the same cubic grid, so its prepared voxel size
+    differs from case to case and from axis to axis.
+
+    Returns
+    -------
+    dict or None
+        ``median`` (per axis, mm), ``min`` and ``max`` (over every case and axis, mm); None
+        for no cases.
+    """
+    if not items:
+        return None
+    sp = np.asarray([p.spacing for p in items], dtype=np.float64)
+    return {
+        "median": [round(float(v), 2) for v in np.median(sp, axis=0)],
+        "min": round(float(sp.min()), 2),
+        "max": round(float(sp.max()), 2),
     }
 
 
@@ -366,14 +393,22 @@ def _make_sites(
 
     attrs = case_attributes(data_dir)
     csv_path = Path(cfg.partition_file) if cfg.partition == "csv" else None
+    # A hospital with a handful of cases cannot hold out test cases and still train.
+    min_cases = max(2, min(MIN_SITE_CASES, len(attrs) // cfg.num_sites))
+    if csv_path is None and len(attrs) < cfg.num_sites * min_cases:
+        raise PartitionError(
+            f"{len(attrs)} case(s) in {data_dir} cannot make {cfg.num_sites} sites (--sites) "
+            f"of at least {min_cases} cases each (each site tests on some and trains on the "
+            f"rest): give at least {cfg.num_sites * min_cases} cases (--cases, or a larger "
+            "--data folder) or fewer sites"
+        )
     parts = partition(
         list(attrs.values()),
         cfg.num_sites,
         cfg.partition,
         alpha=cfg.partition_alpha,
         seed=cfg.seed,
-        # A hospital with a handful of cases cannot hold out test cases and still train.
-        min_cases=max(2, min(MIN_SITE_CASES, len(attrs) // cfg.num_sites)),
+        min_cases=min_cases,
         csv_path=csv_path,
     )
     splits = {
@@ -425,6 +460,20 @@ def _fingerprint(
     conf = {k: v for k, v in cfg.to_run_config().items() if k not in _NOT_FINGERPRINTED}
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return {"config": conf, "data": str(Path(data_dir).resolve()), "partition-sha1": digest}
+
+
+def _resume_note(out: Path, arm: str, cfg: FedsegConfig) -> str | None:
+    """What an interrupted federated arm resumes from, or None when it starts afresh."""
+    from fedseg.federation.server_app import CHECKPOINT
+
+    path = out / "arms" / arm / "federation" / CHECKPOINT
+    if arm not in FEDERATED_ARMS or not path.is_file():
+        return None
+    try:
+        done = int(load_torch(path)["round"])
+    except Exception:  # unreadable: the runner reports it with its own message
+        return None
+    return f"{arm}: resuming from {path}, {done} of {cfg.num_server_rounds} round(s) done"
 
 
 def _result_path(out: Path, arm: str) -> Path:

@@ -1,0 +1,95 @@
+"""``fedseg site-ledger``: what differential privacy has cost this hospital, run by run.
+
+Exit codes: 0 success; 2 no ledger there, or a damaged one (one line naming the file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedseg.cli._common import user_errors
+
+_HELP = """Show the site's lifetime privacy ledger: for every run this site trained in, the
+epsilon planned, spent and charged; the lifetime total against the policy's budget; every
+refusal with its reason.
+
+PATH is the site's state folder (node config state-dir), the folder of its policy file when
+it has no state folder, or the ledger file itself (privacy-ledger.json).
+
+Exit codes: 0 success, 2 no ledger found or a damaged ledger.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``site-ledger`` command to ``app``."""
+    app.command("site-ledger", help=_HELP)(site_ledger_command)
+
+
+def site_ledger_command(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="PATH", help="State folder, policy folder or ledger file.", show_default=False
+        ),
+    ],
+    delta: Annotated[
+        float | None,
+        typer.Option(help="Report epsilon at this delta (default: the policy's).", min=0.0),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the ledger as JSON.")] = False,
+) -> None:
+    """Show the site's lifetime privacy ledger (see ``fedseg site-ledger --help``)."""
+    from fedseg.errors import ConfigError
+    from fedseg.site.lifetime import LEDGER_FILE, LifetimeLedger
+
+    with user_errors():
+        file = path / LEDGER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(
+                f"no site ledger at {file}: give the site's state-dir (or its policy folder); "
+                "the ledger is written at the first request the site's policy checks"
+            )
+        if delta is not None and not 0 < delta < 1:
+            raise ConfigError(f"--delta: expected a number in (0, 1), found {delta}")
+        summary = LifetimeLedger(file).summary(delta)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    _print(summary)
+
+
+def _eps(value: Any) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(float(value)) else f"{float(value):.3f}"
+
+
+def _print(s: dict[str, Any]) -> None:
+    typer.echo(f"site ledger {s['ledger']}")
+    typer.echo(f"policy: {s['policy'] or '-'}   delta: {s['delta'] if s['delta'] else '-'}")
+    budget = s.get("lifetime-budget")
+    total = _eps(s["total-epsilon"])
+    typer.echo(f"lifetime epsilon: {total}" + (f" of {budget:g}" if budget else ""))
+    typer.echo("")
+    typer.echo(
+        f"{'run':<14} {'dp-mode':<8} {'planned':>8} {'spent':>8} {'charged':>8}  rounds  last seen"
+    )
+    for key, run in s["runs"].items():
+        rounds = ",".join(str(r) for r in run["rounds-trained"]) or "-"
+        typer.echo(
+            f"{key:<14} {run['dp-mode'] or '-':<8} {_eps(run.get('planned')):>8} "
+            f"{_eps(run.get('spent')):>8} {_eps(run.get('charged')):>8}  {rounds:<6}  "
+            f"{run.get('last-seen') or '-'}"
+        )
+    if not s["runs"]:
+        typer.echo("(no run admitted yet)")
+    if s["refusals"]:
+        typer.echo("")
+        typer.echo("refused:")
+        for r in s["refusals"]:
+            typer.echo(f"  {r['time']}  {r['run']}: {r['reason']}")

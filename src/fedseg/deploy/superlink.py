@@ -1,0 +1,188 @@
+"""The SuperLink with its control plane on the server's loopback only.
+
+Flower 1.41 serves the Fleet API (sites), the Control API (``flwr run / ls / stop / supernode
+register``) and the Runtime API (the ServerApp's link, which hands out the run's task and its
+messages) as one FastAPI app on one ``--host/--port``
+(``flwr/superlink/cli/flower_superlink.py: _run_superlink_http_api``); the deprecated
+``--control-api-address`` no longer opens a listener (it only feeds the legacy gRPC server
+started when ``FLWR_INTERNAL_GRPC_CONTROL_API=1``), and account authentication for the Control
+API exists only in Flower's enterprise plugins (``flwr/superlink/config_loader.py:
+load_control_authn_plugin``, OIDC from ``flwr.ee``). SuperNode authentication guards the Fleet
+API only, so anyone who can reach the port and holds ``ca.crt`` could submit, list and stop runs,
+and take the ServerApp's task (the Runtime API has no authentication in ``subprocess``
+isolation).
+
+``python -m fedseg.deploy.superlink [--control-host H] [--control-port P] FLOWER-ARGS...`` runs
+Flower's own SuperLink (its argument parser, app and lifespan, unchanged) on two listeners:
+
+* the public one, ``--host/--port`` (what sites dial): only ``/v1/fleet/*`` and ``/health``;
+  any other path is answered ``403`` (:class:`ControlPlaneGuard`);
+* the control one, ``--control-host`` (default ``127.0.0.1``) and ``--control-port`` (default
+  9093): every API. The ServerApp reaches the Runtime API there; the researcher reaches the
+  Control API there, on the server itself or through an SSH tunnel
+  (``ssh -N -L 9093:127.0.0.1:9093 operator@server``): the researcher's credential is the SSH
+  login to the server.
+
+Both use the same TLS certificate (it names ``127.0.0.1`` and ``localhost``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from logging import INFO
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DEFAULT_CONTROL_HOST = "127.0.0.1"
+DEFAULT_CONTROL_PORT = 9093
+_WILDCARDS = ("0.0.0.0", "::")
+#: what the public listener serves: the sites' Fleet API and the health probe
+PUBLIC_PREFIXES = ("/v1/fleet/",)
+PUBLIC_PATHS = ("/health",)
+REFUSAL = (
+    "fedseg: this listener serves the sites' Fleet API only; the Control and Runtime APIs are "
+    "on the server's control listener (loopback), see docs/deployment.md"
+)
+
+
+class ControlPlaneGuard:
+    """ASGI middleware: full API on the control listener, Fleet API only anywhere else.
+
+    Parameters
+    ----------
+    app:
+        Flower's SuperLink app.
+    control:
+        ``(host, port)`` of the control listener, as its socket reports it. A wildcard host
+        (``0.0.0.0``, ``::``: a container's control listener, published on the host's loopback
+        only) matches any local address on that port.
+
+    A request is on the control listener when the ASGI ``server`` of its connection (the local
+    address that accepted it) is ``control``; anything else, including a missing address, is
+    treated as public.
+    """
+
+    def __init__(self, app: ASGIApp, control: tuple[str, int]) -> None:
+        self.app = app
+        self.control = (str(control[0]), int(control[1]))
+
+    def allows(self, scope: Scope) -> bool:
+        """Whether ``scope`` (an HTTP or WebSocket connection) may reach the app."""
+        server = scope.get("server")
+        if server is not None and int(server[1]) == self.control[1]:
+            if self.control[0] in _WILDCARDS or str(server[0]) == self.control[0]:
+                return True
+        path = str(scope.get("path", ""))
+        return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass allowed connections (and the lifespan) to the app; refuse the rest."""
+        if scope["type"] not in ("http", "websocket") or self.allows(scope):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = json.dumps({"detail": REFUSAL}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 403,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--control-host", default=DEFAULT_CONTROL_HOST)
+    parser.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT)
+    ours, flower_args = parser.parse_known_args(argv)
+    if not 0 < ours.control_port < 65536:
+        parser.error(f"--control-port must be in 1..65535, got {ours.control_port}")
+    return ours, flower_args
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((host, port))
+    return sock
+
+
+def serve(argv: list[str] | None = None) -> None:
+    """Start Flower's SuperLink with :class:`ControlPlaneGuard` on two listeners.
+
+    Parameters
+    ----------
+    argv:
+        ``--control-host``, ``--control-port`` and any ``flower-superlink`` arguments
+        (default: ``sys.argv[1:]``).
+    """
+    import importlib
+
+    import uvicorn
+    from flwr.common.logger import log
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+    from flwr.superlink.main import create_app
+
+    # the module (``flwr.superlink.cli`` re-exports a function under the same name)
+    flower = importlib.import_module("flwr.superlink.cli.flower_superlink")
+
+    ours, flower_args = _split_args(sys.argv[1:] if argv is None else argv)
+    sys.argv = ["flower-superlink", *flower_args]  # Flower's own parser and checks
+    config = flower._parse_superlink_lifespan_config()
+    public = (config.host, config.port)
+    if ours.control_port == public[1]:
+        sys.exit(f"--control-port {ours.control_port} must differ from the public --port")
+    sockets = [_bind(*public), _bind(ours.control_host, ours.control_port)]
+    control = tuple(sockets[1].getsockname()[:2])  # as connections will report it
+    # The SuperExec (and through it the ServerApp) dials the Runtime API at host:port.
+    config.host, config.port = ours.control_host, ours.control_port
+    app = create_app(config, flower.SuperLinkLifespan)
+    log(INFO, "fedseg: Fleet API for the sites on %s:%s (nothing else there)", *public)
+    log(INFO, "fedseg: Control and Runtime APIs on %s:%s only", *control)
+    uv_config = uvicorn.Config(
+        app=ControlPlaneGuard(app, (str(control[0]), int(control[1]))),
+        host=public[0],
+        port=public[1],
+        ssl_keyfile=config.ssl_keyfile,
+        ssl_certfile=config.ssl_certfile,
+        access_log=True,
+        log_config=get_uvicorn_log_config(console_handler.level),
+        workers=1,
+    )
+    scheme = "https" if config.ssl_certfile else "http"
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            # uvicorn does not announce listeners it was handed: say where each one is
+            log(
+                INFO,
+                "Uvicorn running on %s://%s:%s (Fleet API) and %s://%s:%s (Control, Runtime)",
+                scheme, *public, scheme, *control,
+            )  # fmt: skip
+
+    _Server(uv_config).run(sockets=sockets)
+
+
+if __name__ == "__main__":
+    serve()
