@@ -175,7 +175,9 @@ def _prepare_one(
     from fedseg.data.patches import prepare_case
     from fedseg.data.readers import load_case
 
-    base = folder / f"{ref.case_id}-{source_stamp(ref)}" if folder is not None else None
+    stamp = source_stamp(ref) if folder is not None else None
+    # a missing source file (stamp None) is reported by the reader, naming case and modality
+    base = folder / f"{ref.case_id}-{stamp}" if folder is not None and stamp else None
     if base is not None and _entry(base, "json").is_file():
         try:
             prep = read_entry(base, ref.case_id)
@@ -190,11 +192,15 @@ def _prepare_one(
     return read_entry(base, ref.case_id)
 
 
-def source_stamp(ref: CaseRef) -> str:
-    """A hash of the case's source files (path, size, modification time)."""
+def source_stamp(ref: CaseRef) -> str | None:
+    """A hash of the case's source files (path, size, modification time); ``None`` when one
+    of them is missing or unreadable."""
     h = hashlib.sha1()
     for p in sorted({*map(str, ref.images.values()), *([str(ref.label)] if ref.label else [])}):
-        st = Path(p).stat()
+        try:
+            st = Path(p).stat()
+        except OSError:
+            return None
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
