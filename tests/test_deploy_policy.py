@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_deploy_drills import BIN, ROOT, Drill, _wait_for
+from test_deploy_drills import BIN, ROOT, Drill, _wait_for, approve_app
 from test_federation import write_cohort
 
 from fedseg.deploy.netns import SERVER_IP, NetLab, netns_unavailable
@@ -94,9 +94,10 @@ class PolicyDrill:
         for seed, site in enumerate(SITES, start=1):
             write_cohort(b.data[site], 3, seed=seed)
         b.pki = provision(b.spec, self.tmp / "pki")  # the strict default policies
+        approve_app(b.pki, ROOT)  # as each hospital does with `fedseg approve`
         (b.home / "config.toml").write_text(
             '[superlink]\ndefault = "fedseg"\n\n[superlink.fedseg]\n'
-            f'address = "127.0.0.1:{b.spec.port}"\n'
+            f'address = "{b.spec.control}"\n'
             f'root-certificates = "{b.pki.server_dir / "ca.crt"}"\n'
         )
         b.lab.up()

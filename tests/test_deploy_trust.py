@@ -100,10 +100,12 @@ class TrustDrill:
 
     def prepare(self) -> None:
         from test_federation import write_cohort
+        from test_site_policy import OPEN_POLICY
 
         for seed, site in enumerate(SITES, start=1):
             self.case_ids += write_cohort(self.data[site], 3, seed=seed)
-        self.pki = provision(self.spec, self.tmp / "pki")
+        # policies that accept every run: these drills are about which app runs, not privacy
+        self.pki = provision(self.spec, self.tmp / "pki", policy=OPEN_POLICY)
         # A frozen copy of fedseg's app files: what was reviewed is exactly what is submitted.
         self.app = make_app(self.tmp / "approved" / "fedseg")
         self.approved = approve_app(self.pki, self.app, "fedseg, reviewed")

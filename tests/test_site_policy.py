@@ -19,7 +19,7 @@ from flwr.common import MessageType
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app as cli
-from fedseg.config import DP_MODES, SECURE_MODES, FedsegConfig
+from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError, SitePolicyError
 from fedseg.federation import records as R
 from fedseg.federation.client_app import build_client_app
@@ -33,20 +33,13 @@ from fedseg.site.policy import (
     check_request,
     default_policy,
     load_policy,
+    permissive_policy,
     policy_from_dict,
     policy_to_toml,
 )
 
 #: a policy that accepts every run (the drills of other properties, and runs compared here)
-OPEN_POLICY = SitePolicy(
-    "open",
-    dp_modes=DP_MODES,
-    max_epsilon_per_run=1e9,
-    max_epsilon_lifetime=1e9,
-    secure_aggregation=SECURE_MODES,
-    evaluate_only=True,
-    max_model_parameters=10**12,
-)
+OPEN_POLICY = permissive_policy("open")
 
 # ----------------------------------------------------------------------------- the file
 

@@ -40,6 +40,7 @@ correction ``c - c_i`` with each training message (:mod:`fedseg.strategies.scaff
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -334,7 +335,7 @@ def _prepare_other_sites(spec: SiteSpec, cfg: FedsegConfig) -> None:
     if spec.case_ids is None:  # not a partition of a shared cohort
         return
     for name, cases in simulation_partition(spec.root, cfg).items():
-        other = SiteSpec(name=name, root=spec.root, case_ids=tuple(cases))
+        other = dataclasses.replace(spec, name=name, case_ids=tuple(cases))
         if other == spec:
             continue
         try:

@@ -121,6 +121,21 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def permissive_policy(name: str = "open") -> SitePolicy:
+    """A policy that accepts every run: every DP mode (``none`` included), any epsilon, plain
+    or secure aggregation, evaluation-only requests and any model size. For drills and
+    benchmarks about something other than privacy; never what a hospital should run with."""
+    return SitePolicy(
+        name,
+        dp_modes=tuple(DP_MODES),
+        max_epsilon_per_run=1e9,
+        max_epsilon_lifetime=1e9,
+        secure_aggregation=tuple(SECURE_MODES),
+        evaluate_only=True,
+        max_model_parameters=10**12,
+    )
+
+
 def default_policy(name: str) -> SitePolicy:
     """The strict policy ``fedseg provision`` writes: DP-SGD at epsilon <= 8 per run and 24 in
     total (delta 1e-5), secure aggregation required, no evaluation-only runs, models up to
