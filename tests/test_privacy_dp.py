@@ -236,12 +236,12 @@ def test_an_empty_first_poisson_batch_is_the_noise_only_step() -> None:
 
 
 def test_a_step_that_raises_still_gives_the_plain_model_back(cohort: Any) -> None:
-    from fedseg.data.cohort import load_prepared
+    from fedseg.data.cache import prepare_cases
     from fedseg.site.privacy import enable_site_privacy
     from fedseg.site.trainer import SiteTrainer
 
     root, _ = cohort
-    items = load_prepared(root, 16)
+    items = prepare_cases(root, FedsegConfig(image_size=16, patch_size=16))
     cfg = _dp_cfg(dp_mode="sample", dp_noise_multiplier=1.0)
     trainer = SiteTrainer(cfg, items[:3], items[3:4])
     enable_site_privacy(trainer, cfg)

@@ -192,10 +192,10 @@ def test_curves_have_one_row_per_epoch_of_the_budget(baseline_study: tuple[Path,
 
 def test_baselines_are_scored_at_the_federated_rounds_budgets(tiny_data: Path) -> None:
     """eval_every=local-epochs: scored after epochs 2, 4 and the last (5), not in between."""
-    from fedseg.data.cohort import load_prepared
+    from fedseg.data.cache import prepare_cases
     from fedseg.study.local import train_for_epochs
 
-    items = load_prepared(tiny_data, TINY.image_size)
+    items = prepare_cases(tiny_data, TINY)
     run = train_for_epochs(TINY, items[:2], items[2:3], 5, eval_every=2)
     scored = [r["epoch"] for r in run.curve if "mean-dice" in r]
     assert scored == [2, 4, 5]
@@ -209,7 +209,7 @@ def test_baselines_start_from_init_model_like_the_federated_arms(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With ``init-model`` the centralized / local-only model starts from that file too."""
-    from fedseg.data.cohort import load_prepared
+    from fedseg.data.cache import prepare_cases
     from fedseg.federation.checkpoint import save_model
     from fedseg.federation.server_app import initial_model
     from fedseg.site.trainer import SiteTrainer
@@ -220,7 +220,7 @@ def test_baselines_start_from_init_model_like_the_federated_arms(
     save_model(tmp_path / "pre.pt", pretrained, TINY, 3)
     # no training: what comes out is where the model started
     monkeypatch.setattr(SiteTrainer, "train_epoch", lambda self, e, n: {"loss": 0.0})
-    items = load_prepared(tiny_data, TINY.image_size)
+    items = prepare_cases(tiny_data, TINY)
 
     plain = train_for_epochs(TINY, items[:2], (), 1)
     warm = train_for_epochs(TINY.replace(init_model=str(tmp_path / "pre.pt")), items[:2], (), 1)
