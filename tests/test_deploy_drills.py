@@ -79,15 +79,22 @@ ROUNDS = 3
 #: seconds after its last heartbeat that the SuperLink reports a silent node offline
 OFFLINE_AFTER = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
 
-_why_not = None if os.environ.get("FEDSEG_SKIP_DEPLOYMENT") == "1" else netns_unavailable()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("FEDSEG_SKIP_DEPLOYMENT") == "1",
-        reason="FEDSEG_SKIP_DEPLOYMENT=1 leaves out the deployment drills (~8 min)",
-    ),
-    pytest.mark.skipif(_why_not is not None, reason=f"failure drills: {_why_not}"),
-]
+
+def drill_marks(what: str) -> list[pytest.MarkDecorator]:
+    """The marks of a drill module: slow, and skipped with ``FEDSEG_SKIP_DEPLOYMENT=1`` or
+    where network namespaces cannot be made (``what`` names the drills in the reason)."""
+    skip = os.environ.get("FEDSEG_SKIP_DEPLOYMENT") == "1"
+    why_not = None if skip else netns_unavailable()
+    return [
+        pytest.mark.slow,
+        pytest.mark.skipif(
+            skip, reason="FEDSEG_SKIP_DEPLOYMENT=1 leaves out the deployment drills"
+        ),
+        pytest.mark.skipif(why_not is not None, reason=f"{what}: {why_not}"),
+    ]
+
+
+pytestmark = drill_marks("failure drills")
 
 
 def _count(path: Path, pattern: str) -> int:

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_deploy_drills import BIN, ROOT, Drill, _wait_for, approve_app
+from test_deploy_drills import BIN, ROOT, Drill, _wait_for, approve_app, drill_marks
 from test_federation import write_cohort
 
-from fedseg.deploy.netns import SERVER_IP, NetLab, netns_unavailable
+from fedseg.deploy.netns import SERVER_IP, NetLab
 from fedseg.deploy.provision import POLICY_FILE, FederationSpec, SiteSpec, provision
 from fedseg.site.lifetime import LEDGER_FILE, LifetimeLedger
 from fedseg.site.policy import SitePolicy, policy_to_toml
@@ -42,15 +42,7 @@ SITES = ("hospital-a", "hospital-b")
 ROUND_TIMEOUT = float(os.environ.get("FEDSEG_DRILL_TIMEOUT", "120"))
 RUN_LIMIT = 4 * ROUND_TIMEOUT + 120  # one run of one round: handshake, round, final evaluation
 
-_why_not = None if os.environ.get("FEDSEG_SKIP_DEPLOYMENT") == "1" else netns_unavailable()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("FEDSEG_SKIP_DEPLOYMENT") == "1",
-        reason="FEDSEG_SKIP_DEPLOYMENT=1 leaves out the deployment drills",
-    ),
-    pytest.mark.skipif(_why_not is not None, reason=f"policy drills: {_why_not}"),
-]
+pytestmark = drill_marks("policy drills")
 
 LIFETIME_8 = SitePolicy(
     "lifetime-8", max_epsilon_per_run=8.0, max_epsilon_lifetime=8.0, secure_aggregation=("none",)

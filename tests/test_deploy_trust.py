@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_deploy_drills import BIN, _count, _wait_for, approve_app
+from test_deploy_drills import BIN, _count, _wait_for, approve_app, drill_marks
 from test_trust import make_app
 
-from fedseg.deploy.netns import SERVER_IP, NetLab, netns_unavailable
+from fedseg.deploy.netns import SERVER_IP, NetLab
 from fedseg.deploy.provision import FederationSpec, SiteSpec, provision
 
 SITES = ("hospital-a", "hospital-b")
@@ -43,15 +43,7 @@ PORT = 9092
 TIMEOUT = float(os.environ.get("FEDSEG_DRILL_TIMEOUT", "120"))
 REFUSED_HERE = "serves the sites' Fleet API only"
 
-_why_not = None if os.environ.get("FEDSEG_SKIP_DEPLOYMENT") == "1" else netns_unavailable()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("FEDSEG_SKIP_DEPLOYMENT") == "1",
-        reason="FEDSEG_SKIP_DEPLOYMENT=1 leaves out the deployment drills",
-    ),
-    pytest.mark.skipif(_why_not is not None, reason=f"trust drills: {_why_not}"),
-]
+pytestmark = drill_marks("trust drills")
 
 RUNTIME_PROBE = """
 import ssl, sys, urllib.error, urllib.request

@@ -1105,17 +1105,9 @@ class FedsegStrategy(Strategy):
                     tau=self.cfg.server_tau,
                     server_round=server_round,
                 )
-            elif self.name == "fedyogi":
-                new, self.m, self.v = fedyogi_step(
-                    current,
-                    delta,
-                    self.m,
-                    self.v,
-                    lr=self.cfg.server_learning_rate,
-                    tau=self.cfg.server_tau,
-                )
             else:
-                new, self.m, self.v = fedadagrad_step(
+                step = fedyogi_step if self.name == "fedyogi" else fedadagrad_step
+                new, self.m, self.v = step(
                     current,
                     delta,
                     self.m,
