@@ -83,7 +83,7 @@ from fedseg.errors import AggregationError, CheckpointError, UpdateValidationErr
 from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
 from fedseg.federation.roster import Sampling, account_sites
-from fedseg.strategies.dp import ServerPrivacy
+from fedseg.privacy.client_dp import ServerPrivacy
 from fedseg.utils.arrays import concat_flat, split_named
 
 log = logging.getLogger("fedseg.server")
