@@ -339,11 +339,11 @@ def run_train_ckks(
         validate_update(average, model, 1)
         return strategy.combine(server_round, [("ckks-sum", average, 1)], {})
 
-    record, metrics = strategy.finish_round(server_round, report, combine)
-    if metrics is not None:
-        metrics["ckks-add-seconds"] = add_seconds
-        metrics["ckks-decrypt-seconds"] = decrypt_seconds
-    return record, metrics
+    record, round_metrics = strategy.finish_round(server_round, report, combine)
+    if round_metrics is not None:
+        round_metrics["ckks-add-seconds"] = add_seconds
+        round_metrics["ckks-decrypt-seconds"] = decrypt_seconds
+    return record, round_metrics
 
 
 def _parse_reply(

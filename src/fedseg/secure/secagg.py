@@ -88,7 +88,8 @@ def secagg_train_mod(msg: Message, context: Context, call_next: Any) -> Message:
     # message object shared between nodes (in-process grids) stays intact.
     content = RecordDict(dict(msg.content.items()))
     content[SECAGG_RECORD] = ConfigRecord(dict(msg.content.config_records[SECAGG_RECORD]))
-    own = Message(content=content, metadata=msg.metadata)
+    # Flower's Message takes ``metadata`` at run time; its typed overloads leave it out
+    own = Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
     try:
         return secaggplus_mod(own, context, legacy_train)
     except Exception as exc:  # noqa: BLE001 - the site boundary: only a code leaves

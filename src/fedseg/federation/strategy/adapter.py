@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -282,7 +282,9 @@ class FedsegStrategy(Strategy):
         for site in [*self._eval_sent.values(), *scored_in_training.values()]:
             if site not in seen:
                 report.failed[site] = NO_REPLY
-        mean = {f"dice-{r}": v for r, v in report.mean_dice().items() if v is not None}
+        mean: dict[str, Any] = {
+            f"dice-{r}": v for r, v in report.mean_dice().items() if v is not None
+        }
         return MetricRecord(mean) if mean else None
 
     # ---------------------------------------------------------------- round driver
@@ -751,7 +753,7 @@ class FedsegStrategy(Strategy):
         failed = content.config_records.get(R.EVAL_ERROR)
         code = R.reply_error(content) if failed is None else failed.get("code")
         if code is not None:
-            return f"site reported error {code}", {}
+            return f"site reported error {str(code)}", {}
         return f"malformed evaluation reply: no '{R.EVAL_METRICS}' record", {}
 
     def _validated(
@@ -792,13 +794,15 @@ class FedsegStrategy(Strategy):
             report.rejected[site] = reason
         valid: list[Accepted] = []
         self.algorithm.begin_checks(self.model())
-        for site, update, num in valid_raw:
+        for site, checked, num in valid_raw:
+            # filter_valid passed the update as named arrays and num-examples as an int
+            named = cast(Mapping[str, np.ndarray], checked)
             try:
-                extras[site].update(self.algorithm.check_reply(site, update, extras[site]))
+                extras[site].update(self.algorithm.check_reply(site, named, extras[site]))
             except UpdateValidationError as exc:
                 report.rejected[site] = str(exc)
                 continue
-            valid.append((site, dict(update), int(num)))  # type: ignore[call-overload]
+            valid.append((site, dict(named), int(cast(int, num))))
             report.accepted.append(site)
             report.metrics[site] = extras[site]["metrics"]
         weights = self.bound_counts(server_round, {s: n for s, _, n in valid}, report)
@@ -871,7 +875,7 @@ class FedsegStrategy(Strategy):
         return self.algorithm.combine(inputs)
 
     def _train_metrics(self, report: TrainReport) -> MetricRecord:
-        out: dict[str, float | int] = {"num-sites": len(report.accepted)}
+        out: dict[str, Any] = {"num-sites": len(report.accepted)}
         loss = report.train_loss()
         if loss is not None:
             out["train-loss"] = loss
