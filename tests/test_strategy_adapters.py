@@ -545,3 +545,57 @@ def test_a_fused_reply_without_scores_is_a_malformed_evaluation() -> None:
     assert strat.last_evaluate is not None
     assert all("no 'evaluate-metrics' record" in r for r in strat.last_evaluate.failed.values())
     assert len(strat.last_evaluate.failed) == 3
+
+
+# ------------------------------------------------------------------ one algorithm per name
+def test_every_configurable_strategy_has_one_server_algorithm() -> None:
+    from fedseg.config import STRATEGIES
+    from fedseg.federation.strategy import ALGORITHMS
+
+    assert sorted(ALGORITHMS) == sorted(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedbn", "fedadam", "scaffold", "cyclic"])
+def test_make_strategy_builds_the_named_algorithm(name: str) -> None:
+    from fedseg.federation.strategy import ALGORITHMS, make_strategy
+
+    strat = make_strategy(_cfg(strategy=name))
+
+    assert type(strat.algorithm) is ALGORITHMS[name]
+    assert strat.algorithm.sequential == (name == "cyclic")
+
+
+def test_bad_strategy_name_is_refused_naming_the_key() -> None:
+    from types import SimpleNamespace
+
+    from fedseg.errors import ConfigError
+    from fedseg.federation.strategy import make_algorithm
+
+    with pytest.raises(ConfigError, match="'strategy'.*'fedavgx'.*fedavg"):
+        make_algorithm(SimpleNamespace(strategy="fedavgx"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedbn", "fedavgm", "fedyogi", "scaffold", "cyclic"])
+def test_checkpoint_state_has_one_layout_whatever_the_strategy(name: str) -> None:
+    strat = FedsegStrategy(_cfg(strategy=name))
+
+    keys = list(strat.state_dict())
+
+    assert keys == [
+        "m",
+        "v",
+        "c-global",
+        "site-local",
+        "c-sites",
+        "privacy",
+        "last-counts",
+        "known-sites",
+    ]
+
+
+def test_proximal_mu_reaches_the_sites_only_under_fedprox() -> None:
+    _, _, prox = _setup("fedprox", proximal_mu=0.25)
+    _, _, avg = _setup("fedavg", proximal_mu=0.25)
+
+    assert {m.content[R.CONFIG]["proximal-mu"] for m in prox} == {0.25}
+    assert {m.content[R.CONFIG]["proximal-mu"] for m in avg} == {0.0}
