@@ -153,7 +153,7 @@ class FedsegStrategy(Strategy):
     ) -> Iterable[Message]:
         """Sample sites and build one train message each (see the module docstring)."""
         nodes = self.sample(grid, server_round)
-        return self._train_messages(server_round, arrays, config, nodes)
+        return self.train_messages(server_round, arrays, config, nodes)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -201,7 +201,7 @@ class FedsegStrategy(Strategy):
         report.compute_seconds = max(
             (m.get("train-seconds", 0.0) for m in report.metrics.values()), default=0.0
         )
-        return R.to_array_record(new), self._train_metrics(report)
+        return R.to_array_record(new), self.train_metrics(report)
 
     def configure_evaluate(
         self,
@@ -293,9 +293,11 @@ class FedsegStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """One training half-round: configure, send and wait up to ``timeout``, aggregate.
 
-        For ``cyclic`` the sampled sites are visited one after the other (each with ``timeout``);
-        the round succeeds when at least the quorum of them trained validly, and its model is
-        the last valid site's. A failed round leaves the global model unchanged.
+        A round refused by client-level DP sends nothing; under secure aggregation
+        :mod:`fedseg.secure` runs it; otherwise the algorithm does
+        (:meth:`~fedseg.federation.strategy.base.ServerAlgorithm.run_train`: every sampled
+        site at once, or one after the other for ``cyclic``). A failed round leaves the global
+        model unchanged.
         """
         if self._refused(server_round):
             return None, None
@@ -303,33 +305,7 @@ class FedsegStrategy(Strategy):
             from fedseg.secure import run_secure_train
 
             return run_secure_train(self, grid, server_round, arrays, timeout)
-        if not self.algorithm.sequential:
-            messages = self.configure_train(server_round, arrays, ConfigRecord(), grid)
-            replies = send_and_receive(grid, messages, timeout=timeout)
-            return self.aggregate_train(server_round, replies)
-
-        nodes = self.sample(grid, server_round)
-        start = R.from_array_record(arrays)
-        report = TrainReport(server_round=server_round, sampled=[self.site_of(n) for n in nodes])
-        current = arrays
-        for node in nodes:
-            messages = self._train_messages(server_round, current, ConfigRecord(), [node])
-            replies = send_and_receive(grid, messages, timeout=timeout)
-            new, _ = self.aggregate_train(server_round, replies)
-            step = self.last_train or TrainReport(server_round, status="failed")
-            report.rejected.update(step.rejected)
-            if new is None:  # a valid reply whose step still failed (e.g. aggregation)
-                report.rejected.update({s: step.reason for s in step.accepted})
-            else:
-                current = new
-                report.accepted += step.accepted
-                report.metrics.update(step.metrics)
-                report.compute_seconds += step.compute_seconds
-        self.last_train = report
-        if not self.check_quorum(len(report.accepted), len(nodes), report):
-            self.global_weights = start
-            return None, None
-        return current, self._train_metrics(report)
+        return self.algorithm.run_train(self, grid, server_round, arrays, timeout)
 
     @property
     def fused_nodes(self) -> set[int]:
@@ -373,7 +349,7 @@ class FedsegStrategy(Strategy):
         if self._refused(server_round):
             return None
         nodes = self.sample(grid, server_round)
-        messages = self._train_messages(
+        messages = self.train_messages(
             server_round, arrays, ConfigRecord(), nodes, evaluate_round=evaluate_round
         )
         if evaluate_round is not None:
@@ -670,7 +646,7 @@ class FedsegStrategy(Strategy):
     def _who(self, node_id: int) -> str:
         return f"site {self.site_of(node_id)} (node {node_id})"
 
-    def _train_messages(
+    def train_messages(
         self,
         server_round: int,
         arrays: ArrayRecord,
@@ -679,6 +655,13 @@ class FedsegStrategy(Strategy):
         *,
         evaluate_round: int | None = None,
     ) -> list[Message]:
+        """One train message for each of ``nodes``; ``arrays`` becomes the round's global model.
+
+        Each message carries the model (the algorithm's part of it), the train config
+        (``server-round``, ``strategy``, ``local-epochs``, the algorithm's keys, with
+        ``evaluate-round`` when the site should also score the model) and the algorithm's
+        records for that site; under secure aggregation, the site's ``weight-bound``.
+        """
         self.global_weights = R.from_array_record(arrays)
         self._sent = {n: self.site_of(n) for n in nodes}
         conf = ConfigRecord(dict(config))
@@ -874,7 +857,8 @@ class FedsegStrategy(Strategy):
         )
         return self.algorithm.combine(inputs)
 
-    def _train_metrics(self, report: TrainReport) -> MetricRecord:
+    def train_metrics(self, report: TrainReport) -> MetricRecord:
+        """The round's train MetricRecord: ``num-sites`` and the weighted ``train-loss``."""
         out: dict[str, Any] = {"num-sites": len(report.accepted)}
         loss = report.train_loss()
         if loss is not None:

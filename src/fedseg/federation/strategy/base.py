@@ -15,8 +15,8 @@ A :class:`ServerAlgorithm` says, for one federated algorithm,
 Sampling, the handshake, the common reply checks, case-count weights, the quorum, timeouts and
 checkpoints belong to the Flower adapter (:class:`fedseg.federation.strategy.FedsegStrategy`),
 which calls an algorithm chosen by name (:func:`fedseg.federation.strategy.make_algorithm`).
-Secure aggregation (:mod:`fedseg.secure`) drives a round through :class:`RoundHost`, the
-adapter's public face.
+Secure aggregation (:mod:`fedseg.secure`) and cyclic weight transfer (:mod:`.cyclic`) drive a
+round through :class:`RoundHost`, the adapter's public face.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from fedseg.federation.messaging import send_and_receive
 from fedseg.federation.strategy.reports import TrainReport
 from fedseg.utils.arrays import concat_flat
 
@@ -107,6 +108,16 @@ class ServerAlgorithm:
         self.name = cfg.strategy
         self.param_names = list(param_names) if param_names is not None else None
         self.num_sites = num_sites
+
+    # ------------------------------------------------------------------ the round's exchange
+    def run_train(
+        self, host: RoundHost, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """One training half-round: every sampled site gets one message; replies are awaited
+        up to ``timeout`` and combined by ``host`` (:meth:`RoundHost.aggregate_train`)."""
+        messages = host.configure_train(server_round, arrays, ConfigRecord(), grid)
+        replies = send_and_receive(grid, messages, timeout=timeout)
+        return host.aggregate_train(server_round, replies)
 
     # ------------------------------------------------------------------ what is sent
     def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -211,14 +222,16 @@ def flat(named: Mapping[str, np.ndarray], order: Iterable[str] | None = None) ->
 
 
 class RoundHost(Protocol):
-    """The public face of the Flower adapter that a secure-aggregation round drives.
+    """The public face of the Flower adapter that a training half-round drives.
 
-    :mod:`fedseg.secure` runs the training half-round itself (its messages differ) and uses
-    these to sample, check, weigh, apply the quorum and combine exactly as a plain round does.
+    :meth:`ServerAlgorithm.run_train`, cyclic weight transfer and :mod:`fedseg.secure` (whose
+    messages differ) use these to sample, send, check, weigh, apply the quorum and combine
+    exactly as a plain round does.
     """
 
     cfg: FedsegConfig
     last_train: TrainReport | None
+    global_weights: Weights | None
     #: client-level DP and the per-site epsilon ledger
     privacy: ServerPrivacy
 
@@ -235,6 +248,32 @@ class RoundHost(Protocol):
 
     def model(self) -> Weights:
         """The global model of the current round."""
+        ...
+
+    def sample(self, grid: Grid, server_round: int) -> list[int]:
+        """The round's sites (node ids), in a fixed order."""
+        ...
+
+    def train_messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        nodes: list[int],
+        *,
+        evaluate_round: int | None = None,
+    ) -> list[Message]:
+        """One train message for each of ``nodes``."""
+        ...
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply, apply the quorum, combine."""
+        ...
+
+    def train_metrics(self, report: TrainReport) -> MetricRecord:
+        """The round's train MetricRecord."""
         ...
 
     def site_of(self, node_id: int) -> str:
