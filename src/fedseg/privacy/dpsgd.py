@@ -109,7 +109,9 @@ def _rdp_one_step(sigma: float, q: float) -> np.ndarray:
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    out = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    out: np.ndarray = compute_rdp(
+        q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
     out.flags.writeable = False
     return out
 
@@ -209,7 +211,7 @@ def build_per_sample_loss() -> torch.nn.Module:
     return PerSampleDiceCELoss()
 
 
-def _per_sample_loss_class() -> type:
+def _per_sample_loss_class() -> type[torch.nn.Module]:
     import torch
     from monai.losses import DiceLoss
 
@@ -235,7 +237,7 @@ def _per_sample_loss_class() -> type:
             )
 
         def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            dice = self.dice(logits, target).flatten(1).mean(1)
+            dice: torch.Tensor = self.dice(logits, target).flatten(1).mean(1)
             bce = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, target.to(logits.dtype), reduction="none"
             )
@@ -249,7 +251,7 @@ def _per_sample_loss_class() -> type:
     return _PerSampleDiceCELoss
 
 
-_LOSS_CLASS: type | None = None
+_LOSS_CLASS: type[torch.nn.Module] | None = None
 
 
 def PerSampleDiceCELoss(reduction: str = "mean") -> torch.nn.Module:  # noqa: N802 - a class factory
@@ -539,7 +541,9 @@ class SitePrivacy:
         return list(self.history)
 
     # ---------------------------------------------------------------- training
-    def attach(self, trainer: Any, loader: DataLoader, *, seed: int | None = None) -> DataLoader:
+    def attach(
+        self, trainer: Any, loader: DataLoader[Any], *, seed: int | None = None
+    ) -> DataLoader[Any]:
         """Make ``trainer``'s model, optimizer and loss private for one ``train`` call.
 
         Returns the DP data loader (Poisson sampling) to iterate instead of ``loader``.
