@@ -87,7 +87,7 @@ class CkksParams:
         return self.poly_degree // 2
 
 
-def _ts() -> ts:  # type: ignore[valid-type]
+def _ts() -> ts:
     # TenSEAL is imported where used, so runs without CKKS do not pay for it.
     try:
         import tenseal

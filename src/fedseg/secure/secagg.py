@@ -78,7 +78,8 @@ def secagg_train_mod(msg: Message, context: Context, call_next: Any) -> Message:
         msg.metadata.message_type != MessageType.TRAIN
         or SECAGG_RECORD not in msg.content.config_records
     ):
-        return call_next(msg, context)
+        passed: Message = call_next(msg, context)
+        return passed
     from flwr.client.mod import secaggplus_mod
 
     def legacy_train(m: Message, ctx: Context) -> Message:
@@ -154,13 +155,17 @@ class _SampledNodes:
         self.average: list[np.ndarray] | None = None
         self.metrics: dict[int, dict[str, Any]] = {}
 
-    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list:
+    def configure_fit(
+        self, server_round: int, parameters: Any, client_manager: Any
+    ) -> list[tuple[Any, Any]]:
         from flwr.common import FitIns, Parameters
 
         empty = FitIns(Parameters(tensors=[], tensor_type=""), {})
         return [(_Proxy(n), empty) for n in self.nodes]
 
-    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple:
+    def aggregate_fit(
+        self, server_round: int, results: list[Any], failures: list[Any]
+    ) -> tuple[Any, dict[str, Any]]:
         from flwr.common import parameters_to_ndarrays
 
         if not results:
