@@ -21,7 +21,8 @@ BraTS 2021 labels 1/2/4 and BraTS 2023 labels 1/2/3):
   region masks. With no overlapping voxel: Dice 0 and HD95 inf (NaN when both are empty). The
   evaluator computes this HD95 without the voxel size, so it is in voxels; fedseg also gives it
   in mm. The BraTS parser replaces an infinite global HD95 by 373 (the diameter of the SRI
-  atlas cube); :func:`brats_region_metrics` does so for both HD95s (``hd95_penalty``).
+  atlas cube) and leaves an infinite lesion-wise HD95 as it is; :func:`brats_region_metrics`
+  writes 373 for every infinite HD95 (``hd95_penalty``), so that means over cases stay finite.
 * **HD95** (both kinds) pools the surface distances of the two directions and takes their 95th
   percentile (``np.percentile``, linear). A surface voxel is a mask voxel with a 6-connected
   background neighbour (or on the array border); distances are Euclidean distance transforms.
