@@ -33,11 +33,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Segment every case of DATA with a trained model; score cases that have labels.
 
-        OUT/metrics.csv has one row per case and region (WT, TC, ET), every figure on the
-        input's own grid and named by its definition and unit: dice_monai, hd95_monai_mm
-        (MONAI: larger directed 95th percentile), dice_global, hd95_pooled_vox,
-        hd95_pooled_mm, lesion_dice, lesion_hd95_mm, lesion_tp/fp/fn (BraTS 2023+ evaluator;
-        an infinite HD95 is written as 373, a region absent from both masks as empty).
+        OUT/metrics.csv: one row per case and region (WT, TC, ET), every figure
+        on the input's own grid, named by definition and unit. MONAI: dice_monai,
+        hd95_monai_mm (larger directed 95th percentile). BraTS 2023+ evaluator:
+        dice_global, hd95_pooled_vox, hd95_pooled_mm, lesion_dice,
+        lesion_hd95_mm, lesion_tp/fp/fn; an infinite HD95 is written as 373,
+        a region absent from both masks as nan.
 
         Exit codes: 0 success, 2 bad input, 3 internal failure."""
         import json
