@@ -19,10 +19,26 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             ..., "--out", help="Prediction folder (<case>.nii.gz, metrics.csv)."
         ),
-        hd95: bool = typer.Option(True, "--hd95/--no-hd95", help="Also compute HD95 (slower)."),
+        hd95: bool = typer.Option(
+            True, "--hd95/--no-hd95", help="Also compute MONAI's HD95 (hd95_monai_mm, slower)."
+        ),
+        brats: bool = typer.Option(
+            True,
+            "--brats/--no-brats",
+            help="Also compute the BraTS challenge's figures: global Dice, pooled HD95 "
+            "(hd95_pooled_vox/_mm), lesion-wise Dice and HD95 (lesion_dice, lesion_hd95_mm) "
+            "and lesion TP/FP/FN, as the official brats-evaluation package defines them.",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Segment every case of DATA with a trained model; score cases that have labels.
+
+        OUT/metrics.csv: one row per case and region (WT, TC, ET), every figure
+        on the input's own grid, named by definition and unit. MONAI: dice_monai,
+        hd95_monai_mm (larger directed 95th percentile). BraTS 2023+ evaluator:
+        dice_global, hd95_pooled_vox, hd95_pooled_mm, lesion_dice,
+        lesion_hd95_mm, lesion_tp/fp/fn; an infinite HD95 is written as 373,
+        a region absent from both masks as nan.
 
         Exit codes: 0 success, 2 bad input, 3 internal failure."""
         import json
@@ -33,15 +49,25 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             existing_folder(data, "dataset folder in BraTS 2020/2021/2023 or MSD layout")
             writable_folder(out, "--out")
-            summary = evaluate_folder(model, data, out, hd95=hd95)
+            summary = evaluate_folder(model, data, out, hd95=hd95, brats=brats)
         if json_out:
             print(json.dumps(summary))
             return
         typer.echo(f"{summary['num-cases']} cases segmented into {out}/")
         if summary["num-labelled"]:
             m = summary["mean"]
-            typer.echo("mean Dice  " + "  ".join(f"{r} {m[r]['dice']:.3f}" for r in REGIONS))
-            if hd95:
-                typer.echo(
-                    "mean HD95  " + "  ".join(f"{r} {m[r]['hd95']:.1f}" for r in REGIONS) + " mm"
+
+            def line(title: str, key: str, fmt: str, unit: str = "") -> None:
+                vals = "  ".join(
+                    f"{r} {'n/a' if m[r][key] is None else format(m[r][key], fmt)}" for r in REGIONS
                 )
+                typer.echo(f"{title:<28}{vals}{unit}")
+
+            line("mean Dice (MONAI)", "dice_monai", ".3f")
+            if hd95:
+                line("mean HD95 (MONAI)", "hd95_monai_mm", ".1f", " mm")
+            if brats:
+                line("mean lesion-wise Dice", "lesion_dice", ".3f")
+                line("mean lesion-wise HD95", "lesion_hd95_mm", ".1f", " mm")
+                line("mean HD95 (BraTS pooled)", "hd95_pooled_vox", ".2f", " voxels")
+            typer.echo(f"per case and region: {out}/metrics.csv")

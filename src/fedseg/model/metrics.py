@@ -5,11 +5,17 @@ the BraTS conventions for empty masks, which MONAI leaves as NaN:
 
 * Dice: both prediction and reference empty -> 1.0; exactly one empty -> 0.0.
 * HD95: both empty -> 0.0; exactly one empty -> the volume's diagonal in mm (the worst
-  possible distance; BraTS uses a fixed 373.13 mm for its 240x240x155 grid).
+  possible distance; BraTS uses a fixed 373 for its 240x240x155 grid).
+
+This HD95 is MONAI's: the larger of the two directed 95th percentiles, in mm. The BraTS
+challenge's evaluator pools both directions' surface distances instead and reports the global
+figure in voxels; its definitions (and the lesion-wise figures) are in
+:mod:`fedseg.model.brats_metrics`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -77,13 +83,21 @@ def _hd95(p: torch.Tensor, r: torch.Tensor, spacing: tuple[float, ...]) -> float
 
 
 def mean_over_cases(per_case: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Average per-case region metrics into one ``{region: {metric: mean}}`` table."""
+    """Average per-case region metrics into one ``{region: {metric: mean}}`` table.
+
+    NaN values (a BraTS figure of a region absent from both masks) are left out of the mean, as
+    the BraTS evaluator does; a metric that is NaN in every case stays NaN.
+    """
     if not per_case:
         return {}
     out: dict[str, dict[str, float]] = {}
     for region in REGIONS:
         keys = per_case[0].get(region, {}).keys()
-        out[region] = {k: float(np.mean([c[region][k] for c in per_case])) for k in keys}
+        out[region] = {}
+        for k in keys:
+            vals = np.asarray([c[region][k] for c in per_case], dtype=float)
+            kept = vals[~np.isnan(vals)]
+            out[region][k] = float(kept.mean()) if kept.size else math.nan
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 from fedseg.config import FedsegConfig
 from fedseg.data.case import MODALITIES, REGIONS, label_to_regions, regions_to_label
 from fedseg.errors import CheckpointError
+from fedseg.model.brats_metrics import BRATS_COLUMNS, brats_region_metrics
 from fedseg.model.metrics import mean_over_cases, region_metrics
 from fedseg.utils.io import atomic_write_csv, atomic_write_json, load_torch
 
@@ -64,18 +66,101 @@ def load_model(path: Path, device: Any = None) -> tuple[Any, FedsegConfig, tuple
     return model.to(device), cfg, modalities
 
 
-def evaluate_folder(
-    checkpoint: Path, data: Path, pred_dir: Path, *, hd95: bool = True, progress: bool = True
-) -> dict[str, Any]:
-    """Predict every case of ``data`` and score the labelled ones.
+#: Columns of ``metrics.csv`` after ``case_id`` and ``region`` (units in the names). MONAI's
+#: figures: ``dice_monai`` (1 when both masks are empty) and ``hd95_monai_mm`` (the larger of
+#: the two directed 95th percentiles). The BraTS challenge's, from
+#: :mod:`fedseg.model.brats_metrics`: see :data:`~fedseg.model.brats_metrics.BRATS_COLUMNS`.
+MONAI_COLUMNS: tuple[str, ...] = ("dice_monai", "hd95_monai_mm")
 
-    Writes ``pred_dir/<case>.nii.gz`` (BraTS labels 0/1/2/4 on the input's own grid and affine),
-    ``pred_dir/metrics.csv`` (one row per case and region) and ``pred_dir/summary.json``.
+
+def metric_columns(*, hd95: bool = True, brats: bool = True) -> list[str]:
+    """The figure columns ``metrics.csv`` holds for these options, in order."""
+    cols = ["dice_monai"] + (["hd95_monai_mm"] if hd95 else [])
+    return cols + (list(BRATS_COLUMNS) if brats else [])
+
+
+def case_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: tuple[float, ...],
+    *,
+    hd95: bool = True,
+    brats: bool = True,
+    written: np.ndarray | None = None,
+) -> dict[str, dict[str, float]]:
+    """Every figure of one case, per region, under the names of :func:`metric_columns`.
+
+    Parameters
+    ----------
+    pred, ref:
+        Binary region arrays ``(3, *spatial)`` (WT, TC, ET) on the case's own grid.
+    spacing:
+        Voxel size of that grid in mm.
+    hd95:
+        Include MONAI's HD95.
+    brats:
+        Include the BraTS challenge's global and lesion-wise figures.
+    written:
+        The regions of the label map written for the case (the inner region wins where the
+        predicted channels are not nested); the BraTS figures are computed on it, so that the
+        official evaluator run on the written file gives the same. Defaults to ``pred``.
 
     Returns
     -------
     dict
-        ``{"num-cases": n, "num-labelled": m, "mean": {region: {dice, hd95}}}``.
+        ``{region: {column: value}}``.
+    """
+    monai = region_metrics(pred, ref, spacing, hd95=hd95)
+    official = (
+        brats_region_metrics(pred if written is None else written, ref, spacing) if brats else {}
+    )
+    out: dict[str, dict[str, float]] = {}
+    for r in REGIONS:
+        row = {"dice_monai": monai[r]["dice"]}
+        if hd95:
+            row["hd95_monai_mm"] = monai[r]["hd95"]
+        row.update(official.get(r, {}))
+        out[r] = row
+    return out
+
+
+def evaluate_folder(
+    checkpoint: Path,
+    data: Path,
+    pred_dir: Path,
+    *,
+    hd95: bool = True,
+    brats: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict every case of ``data`` and score the labelled ones.
+
+    Writes ``pred_dir/<case>.nii.gz`` (BraTS labels 0/1/2/4 on the input's own grid and affine),
+    ``pred_dir/metrics.csv`` (one row per case and region, the columns of
+    :func:`metric_columns`, all computed on the input's own grid) and ``pred_dir/summary.json``.
+
+    Parameters
+    ----------
+    checkpoint:
+        Run folder or checkpoint file.
+    data:
+        Dataset folder in any supported layout.
+    pred_dir:
+        Output folder.
+    hd95:
+        Compute MONAI's HD95.
+    brats:
+        Compute the BraTS challenge's figures (global Dice, pooled HD95, lesion-wise Dice and
+        HD95, lesion counts).
+    progress:
+        Show a progress bar.
+
+    Returns
+    -------
+    dict
+        ``{"num-cases": n, "num-labelled": m, "columns": [...], "mean": {region: {column:
+        mean}}, "mean-dice": ...}``; means skip NaN (a region absent from both masks has no
+        BraTS figure, as in the official evaluator).
     """
     from fedseg.data.patches import prepare_case
     from fedseg.data.readers import discover_cases, load_case, save_label
@@ -100,21 +185,34 @@ def evaluate_folder(
         prep = prepare_case(case, cfg)
         probs = predict_probs(model, prep.image[idx], cfg, device)
         regions = to_original_grid(probs, prep)
-        save_label(regions_to_label(regions), case.affine, pred_dir / f"{case.case_id}.nii.gz")
+        label = regions_to_label(regions)
+        save_label(label, case.affine, pred_dir / f"{case.case_id}.nii.gz")
         if case.label is not None:
-            table = region_metrics(regions, label_to_regions(case.label), case.spacing, hd95=hd95)
+            table = case_metrics(
+                regions,
+                label_to_regions(case.label),
+                case.spacing,
+                hd95=hd95,
+                brats=brats,
+                written=label_to_regions(label),
+            )
             per_case.append(table)
             for r in REGIONS:
                 rows.append({"case_id": case.case_id, "region": r, **table[r]})
-    fields = ["case_id", "region", "dice"] + (["hd95"] if hd95 else [])
-    atomic_write_csv(pred_dir / "metrics.csv", rows, fields)
-    summary = {
+    columns = metric_columns(hd95=hd95, brats=brats)
+    atomic_write_csv(pred_dir / "metrics.csv", rows, ["case_id", "region", *columns])
+    means = mean_over_cases(per_case)
+    summary: dict[str, Any] = {
         "checkpoint": str(resolve_checkpoint(checkpoint)),
         "num-cases": len(refs),
         "num-labelled": len(per_case),
-        "mean": mean_over_cases(per_case),
+        "columns": columns,
+        # strict JSON: a figure with no value in any case (NaN) is written as null
+        "mean": {
+            r: {k: None if math.isnan(v) else v for k, v in t.items()} for r, t in means.items()
+        },
     }
     if per_case:
-        summary["mean-dice"] = float(np.mean([summary["mean"][r]["dice"] for r in REGIONS]))
+        summary["mean-dice"] = float(np.mean([summary["mean"][r]["dice_monai"] for r in REGIONS]))
     atomic_write_json(pred_dir / "summary.json", summary)
     return summary

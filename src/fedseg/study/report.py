@@ -93,9 +93,11 @@ def summary_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     Returns
     -------
     list[dict]
-        Keys ``arm``, ``WT``/``TC``/``ET`` (Dice), ``mean``, ``se``, ``hd95-WT``/..,
-        ``ratio`` (pooled mean Dice / centralized's, NaN without centralized), ``worst-site``,
-        ``worst-dice``, ``spread`` (best minus worst site), ``num-cases``.
+        Keys ``arm``, ``WT``/``TC``/``ET`` (Dice), ``mean``, ``se``, ``hd95-WT``/.. (MONAI's
+        HD95, mm), ``lesion-dice-WT``/.. (BraTS lesion-wise Dice, NaN unless the arm's metrics
+        carry ``lesion_dice``), ``ratio`` (pooled mean Dice / centralized's, NaN without
+        centralized), ``worst-site``, ``worst-dice``, ``spread`` (best minus worst site),
+        ``num-cases``.
     """
     arms = doc.get("arms", {})
     central = _mean_dice(arms.get("centralized", {}).get("metrics", {}).get(POOLED))
@@ -110,6 +112,7 @@ def summary_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             "arm": arm,
             **{r: p[r]["dice"] for r in REGIONS},
             **{f"hd95-{r}": p[r].get("hd95", math.nan) for r in REGIONS},
+            **{f"lesion-dice-{r}": p[r].get("lesion_dice", math.nan) for r in REGIONS},
             "mean": mean,
             "se": p.get("mean-dice-se"),
             "ratio": mean / central if central and not math.isnan(central) else math.nan,
@@ -351,12 +354,15 @@ def _summary_section(doc: Mapping[str, Any]) -> str:
     if not rows:
         return "<h2>Results</h2><p>No arm has finished yet.</p>"
     best = max(r["mean"] for r in rows if not math.isnan(r["mean"])) if rows else math.nan
+    # BraTS's lesion-wise Dice is shown only when the arms' metrics carry it
+    lesion = any(not math.isnan(r[f"lesion-dice-{k}"]) for r in rows for k in REGIONS)
     header = [
         "arm",
         *(f"Dice {r}" for r in REGIONS),
         "mean Dice ± SE",
         "vs centralized",
-        *(f"HD95 {r} (mm)" for r in REGIONS),
+        *(f"HD95 {r} (MONAI, mm)" for r in REGIONS),
+        *(f"lesion-wise Dice {r} (BraTS)" for r in REGIONS if lesion),
         "worst site (mean Dice)",
         "site spread (best − worst site)",
     ]
@@ -371,6 +377,7 @@ def _summary_section(doc: Mapping[str, Any]) -> str:
                 mean_cell,
                 _pct(r["ratio"]),
                 *(_f(r[f"hd95-{k}"], 1) for k in REGIONS),
+                *(_f(r[f"lesion-dice-{k}"]) for k in REGIONS if lesion),
                 f"{_e(r['worst-site'] or '–')} ({_f(r['worst-dice'])})",
                 _f(r["spread"]),
             ]
@@ -421,7 +428,7 @@ def _per_site_section(doc: Mapping[str, Any]) -> str:
         *(f"Dice {r}" for r in REGIONS),
         "mean Dice",
         "vs centralized",
-        *(f"HD95 {r}" for r in REGIONS),
+        *(f"HD95 {r} (MONAI)" for r in REGIONS),
     ]
     body, classes = [], []
     for arm, res in arms.items():
@@ -459,7 +466,9 @@ def _per_site_section(doc: Mapping[str, Any]) -> str:
     return (
         "<h2>Per site</h2>"
         "<p>Every final model on every site's test set (per-site models on their own site). "
-        "HD95 in mm on the prepared grid.</p>"
+        "HD95 is MONAI's (the larger of the two directed 95th percentiles), in mm on the "
+        "prepared grid; the BraTS challenge's pooled and lesion-wise figures come from "
+        "<code>fedseg evaluate</code>.</p>"
         + _table(header, body, left=2, row_classes=classes)
         + "<h3>Fairness</h3><p>How evenly each arm serves the sites; the worst site per arm "
         "is also in the results table above.</p>"
@@ -696,11 +705,14 @@ def _method_section(doc: Mapping[str, Any]) -> str:
         "simulation, all sites every round.</li>"
         "<li>Each site's cases are split into training and test cases once; the pooled test "
         "set is the union of the sites' test sets. No case is used for both.</li>"
-        "<li>Dice and HD95 (95th-percentile Hausdorff distance, mm at the prepared voxel size"
+        "<li>Dice and HD95 (MONAI's 95th-percentile Hausdorff distance: the larger of the two "
+        "directed 95th percentiles, mm at the prepared voxel size"
         f"{_spacing_note(doc)}) "
         f"per region on the prepared {_e(cfg.get('image-size'))}³ grid, thresholded at 0.5; "
         "empty prediction and empty reference give Dice 1 and HD95 0, exactly one empty "
-        "gives Dice 0 and the grid diagonal as HD95 (BraTS conventions).</li>"
+        "gives Dice 0 and the grid diagonal as HD95. The BraTS challenge's own evaluator pools "
+        "both directions (a smaller figure) and ranks by lesion-wise Dice and HD95; "
+        "<code>fedseg evaluate</code> reports those beside MONAI's.</li>"
         "<li><em>Worst site</em>: the site whose test cases get the lowest mean Dice (over "
         "WT, TC, ET) from the arm's model (local only and FedBN: the site's own model). "
         "<em>Site spread</em>: the best site's mean Dice minus the worst site's; smaller is "
