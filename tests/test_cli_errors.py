@@ -57,6 +57,11 @@ _COMMANDS = {
         "approve",
     ),
     "site-ledger": (["site-ledger", "{tmp}/m.pt"], "fedseg.site.lifetime", "LifetimeLedger"),
+    "import-dicom": (
+        ["import-dicom", "{tmp}", "--out", "{tmp}/imported"],
+        "fedseg.clinic.dicom",
+        "import_dicom",
+    ),
 }
 
 
