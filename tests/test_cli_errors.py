@@ -62,6 +62,7 @@ _COMMANDS = {
         "fedseg.clinic.dicom",
         "import_dicom",
     ),
+    "model-card": (["model-card", "{tmp}/m.pt"], "fedseg.clinic.card", "read_card"),
 }
 
 

@@ -144,6 +144,17 @@ def train_centralized(
     test = trainer.evaluate(test_items, hd95=True)
     result = {"split": {k: len(v) for k, v in split.items()}, "best-val-mean-dice": best, **test}
     atomic_write_json(out / "test_metrics.json", result)
+    from fedseg.clinic.card import write_card  # the model card beside best.pt
+
+    write_card(
+        out / BEST,
+        cfg,
+        strategy="centralized",
+        hospitals={"pooled": result["split"]},
+        epochs=cfg.epochs,
+        dice={"test": test},
+        modalities=modalities,
+    )
     return result
 
 
