@@ -63,6 +63,11 @@ _COMMANDS = {
         "import_dicom",
     ),
     "model-card": (["model-card", "{tmp}/m.pt"], "fedseg.clinic.card", "read_card"),
+    "predict": (
+        ["predict", "{tmp}/m.pt", "{tmp}", "--out", "{tmp}/pred"],
+        "fedseg.clinic.card",
+        "load_carded_model",
+    ),
 }
 
 
