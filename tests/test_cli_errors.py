@@ -68,6 +68,7 @@ _COMMANDS = {
         "fedseg.clinic.card",
         "load_carded_model",
     ),
+    "serve": (["serve", "{tmp}/m.pt", "--work-dir", "{tmp}/w"], "fedseg.clinic.serve", "Service"),
 }
 
 
