@@ -14,8 +14,9 @@ Then measures, each ``--repeats`` times, the wall time of the whole command as a
 * ``fedseg import-dicom DICOM_FOLDER --out ...``, and whether every modality comes back voxel
   for voxel identical to the NIfTI the series were written from (target: identical).
 
-Prints one JSON line: median and max seconds per command, the identity check, the 1-minute load
-average before and after, and the torch thread count.
+Prints one JSON line: median and max wall seconds per command, the median CPU seconds (user +
+system, all threads) of each, the identity check, the 1-minute load average before and after.
+On a loaded machine the CPU seconds tell what the command needs, the wall time what it got.
 
 Usage::
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -44,12 +46,17 @@ FEDSEG = [sys.executable, "-m", "fedseg.cli"]
 DESCRIPTIONS = {"t1": "T1 SE", "t1ce": "T1 post Gd", "t2": "T2 TSE", "flair": "FLAIR"}
 
 
-def _run(args: list[str]) -> float:
+def _run(args: list[str], cpu: list[float] | None = None) -> float:
+    """Wall seconds of one ``fedseg`` command; its CPU seconds (user + system) go to ``cpu``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run(FEDSEG + args, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"fedseg {' '.join(args)} failed: {done.stderr.strip()}")
+    if cpu is not None:
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return seconds
 
 
@@ -102,19 +109,27 @@ def main() -> None:
     work = args.work
     model, case, dicom = prepare(work)
     load_before = os.getloadavg()[0]
-    times: dict[str, list[float]] = {"predict-nifti": [], "predict-dicom": [], "import-dicom": []}
+    names = ("predict-nifti", "predict-dicom", "import-dicom")
+    times: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     same = True
     for i in range(args.repeats):
         out = work / f"run-{i}"
         shutil.rmtree(out, ignore_errors=True)
         times["predict-nifti"].append(
-            _run(["predict", str(model), str(case), "--out", str(out / "nifti")])
+            _run(
+                ["predict", str(model), str(case), "--out", str(out / "nifti")],
+                cpu["predict-nifti"],
+            )
         )
         times["predict-dicom"].append(
-            _run(["predict", str(model), str(dicom), "--out", str(out / "dicom")])
+            _run(
+                ["predict", str(model), str(dicom), "--out", str(out / "dicom")],
+                cpu["predict-dicom"],
+            )
         )
         times["import-dicom"].append(
-            _run(["import-dicom", str(dicom), "--out", str(out / "imported")])
+            _run(["import-dicom", str(dicom), "--out", str(out / "imported")], cpu["import-dicom"])
         )
         same = same and identical(case, out / "imported")
     shape = nib.load(case / f"{case.name}_t1.nii.gz").shape
@@ -129,6 +144,7 @@ def main() -> None:
                     }
                     for k, v in times.items()
                 },
+                **{f"{k}-cpu-seconds": round(statistics.median(v), 2) for k, v in cpu.items()},
                 "target-seconds": 30,
                 "import-voxel-identical": same,
                 "load-1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -190,3 +190,55 @@ def test_study_writes_a_card_beside_every_arm_model(tmp_path: Path) -> None:
             assert card["dice"]["pooled"]["WT"] == pytest.approx(
                 doc["arms"][arm]["metrics"]["pooled"]["WT"]["dice"]
             )
+
+
+# ------------------------------------------------------------------------- live tracking
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedseg.tracking import close_all
+
+    close_all()  # flush and close this process's writers
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def test_federation_writes_tensorboard_events_per_round_and_site(dp_federation: Path) -> None:
+    history = json.loads((dp_federation / "history.json").read_text())["rounds"]
+    row = history[0]
+
+    got = _scalars(dp_federation)
+
+    assert got["server/train-loss"] == [(1, pytest.approx(row["train-loss"]))]
+    assert got["server/round-seconds"] == [(1, pytest.approx(row["round-seconds"]))]
+    assert got["server/dice-WT"] == [(1, pytest.approx(row["mean-dice"]["WT"]))]
+    assert got["server/model-bytes"][0][1] > 0
+    for site in ("site-0", "site-1", "site-2"):
+        m = row["train"][site]
+        assert got[f"site/{site}/epsilon"] == [(1, pytest.approx(m["dp-epsilon"]))]
+        assert got[f"site/{site}/train-loss"] == [(1, pytest.approx(m["train-loss"]))]
+        assert got[f"site/{site}/dice-ET"] == [(1, pytest.approx(row["dice"][site]["ET"]))]
+
+
+def test_train_writes_tensorboard_events_per_epoch(
+    tmp_path: Path, cohort: tuple[Path, object]
+) -> None:
+    import csv
+
+    root, _ = cohort
+    args = ["train", str(root), "--out", str(tmp_path / "run"), "--epochs", "2"]
+    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3"]
+
+    result = CliRunner().invoke(app, args)
+
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    got = _scalars(tmp_path / "run")
+    assert [s for s, _ in got["train/loss"]] == [1, 2]
+    assert [v for _, v in got["train/loss"]] == pytest.approx([float(r["loss"]) for r in rows])
+    assert [v for _, v in got["val/mean-dice"]] == pytest.approx(
+        [float(r["val-mean-dice"]) for r in rows]
+    )

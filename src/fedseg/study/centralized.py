@@ -19,6 +19,7 @@ from typing import Any
 from fedseg.config import FedsegConfig
 from fedseg.data.case import MODALITIES, REGIONS
 from fedseg.errors import ConfigError
+from fedseg.tracking import track_epoch
 from fedseg.utils.io import atomic_write_csv, atomic_write_json, load_torch, save_torch
 
 CHECKPOINT = "checkpoint.pt"
@@ -120,6 +121,7 @@ def train_centralized(
         row.update({f"val-dice-{r}": val[r]["dice"] for r in REGIONS})
         row["val-mean-dice"] = val["mean-dice"]
         history.append(row)
+        track_epoch(out, row)  # TensorBoard events in out/tensorboard
         if val["mean-dice"] > best:
             best = val["mean-dice"]
             save_torch(out / BEST, _model_payload(trainer, cfg, modalities, epoch + 1))
