@@ -40,7 +40,7 @@ import shutil
 import tempfile
 import tomllib
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -583,7 +583,7 @@ def summary(cases: Sequence[ImportedCase]) -> list[dict[str, Any]]:
     ]
 
 
-def rules_as_dicts(rules: Sequence[Rule]) -> list[Mapping[str, Any]]:
+def rules_as_dicts(rules: Sequence[Rule]) -> list[dict[str, Any]]:
     """The rules in the mapping-file form (to print the default mapping)."""
     rows = []
     for r in rules:

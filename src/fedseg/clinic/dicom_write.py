@@ -23,6 +23,12 @@ def new_uid() -> str:
     return str(generate_uid())
 
 
+def _uid(value: str) -> Any:
+    from pydicom.uid import UID
+
+    return UID(value)
+
+
 def write_series(
     volume: np.ndarray,
     affine: np.ndarray,
@@ -85,8 +91,8 @@ def write_series(
     paths = []
     for k in range(vol.shape[2]):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = _MR_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = new_uid()
+        meta.MediaStorageSOPClassUID = _uid(_MR_IMAGE_STORAGE)
+        meta.MediaStorageSOPInstanceUID = _uid(new_uid())
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta

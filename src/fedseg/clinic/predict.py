@@ -93,7 +93,8 @@ def _load_dicom(folder: Path, rules: Any) -> Patient:
 def _load_nifti_files(files: Sequence[Path], channels: int) -> Patient:
     from fedseg.data.readers import load_nifti
 
-    arrays, affines = [], []
+    arrays: list[np.ndarray] = []
+    affines: list[np.ndarray] = []
     for f in files:
         data, affine, _ = load_nifti(f)
         data = np.asarray(data, dtype=np.float32)
