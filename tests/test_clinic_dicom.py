@@ -210,6 +210,13 @@ def _inconsistent_spacing(root: Path) -> None:
     ds.save_as(path)
 
 
+def _no_pixel_spacing(root: Path) -> None:
+    path = _one_file(root, 2)
+    ds = pydicom.dcmread(path)
+    del ds.PixelSpacing
+    ds.save_as(path)
+
+
 def _two_frames(root: Path) -> None:
     for path in (root / "PAT-1" / "s2").glob("*.dcm"):
         ds = pydicom.dcmread(path)
@@ -236,6 +243,7 @@ def _two_t1(root: Path) -> None:
         (_missing_slice, "series 3 'T2 TSE' (1"),
         (_duplicated_slice, "duplicated slice"),
         (_inconsistent_spacing, "inconsistent slice spacing"),
+        (_no_pixel_spacing, "lacks Rows, Columns or PixelSpacing"),
         (_two_frames, "FrameOfReferenceUID"),
         (_two_t1, "both match t1"),
     ],
@@ -246,6 +254,7 @@ def _two_t1(root: Path) -> None:
         "missing-slice",
         "duplicated-slice",
         "inconsistent-spacing",
+        "no-pixel-spacing",
         "two-frames",
         "two-series-one-modality",
     ],

@@ -300,6 +300,17 @@ def scan_folder(src: Path) -> tuple[list[Series], int]:
     return list(by_uid.values()), not_dicom
 
 
+def _pixel_grid(series: Series, path: Path, ds: Any) -> tuple[float, ...]:
+    """Rows, columns and pixel spacing of one slice."""
+    spacing = ds.get("PixelSpacing")
+    if ds.get("Rows") is None or ds.get("Columns") is None or not spacing or len(spacing) != 2:
+        raise DicomSeriesError(
+            f"{series.name}: file {path.name} lacks Rows, Columns or PixelSpacing "
+            "(expected single-frame MR images)"
+        )
+    return (int(ds.Rows), int(ds.Columns), float(spacing[0]), float(spacing[1]))
+
+
 def _sorted_slices(series: Series, items: list[tuple[Path, Any]]) -> list[Path]:
     """The files of one MR series sorted along its normal, after the per-series checks."""
     if series.modality != "MR":
@@ -311,7 +322,7 @@ def _sorted_slices(series: Series, items: list[tuple[Path, Any]]) -> list[Path]:
             f"{series.name}: no ImageOrientationPatient; expected a 3D MR series"
         )
     normal = np.cross(iop[:3], iop[3:])
-    grid = (int(first.Rows), int(first.Columns), *(float(v) for v in first.PixelSpacing))
+    grid = _pixel_grid(series, items[0][0], first)
     positions = []
     for path, ds in items:
         other = np.asarray([float(v) for v in ds.get("ImageOrientationPatient", [])])
@@ -319,7 +330,7 @@ def _sorted_slices(series: Series, items: list[tuple[Path, Any]]) -> list[Path]:
             raise DicomSeriesError(
                 f"{series.name}: slices with different orientations ({path.name})"
             )
-        g = (int(ds.Rows), int(ds.Columns), *(float(v) for v in ds.PixelSpacing))
+        g = _pixel_grid(series, path, ds)
         if not np.allclose(g, grid, atol=_TOL):
             raise DicomSeriesError(
                 f"{series.name}: slices with different matrix or pixel spacing "
