@@ -173,12 +173,14 @@ def write_study_cards(
     }
     fed = federation_summary(history or [])
     rounds = fed["rounds"] if history else None
-    for rel in models.values():
+    for site, rel in models.items():
+        # a local-only model saw only its own hospital's cases
+        own = {site: hospitals[site]} if arm == "local" and site in hospitals else hospitals
         write_card(
             Path(out) / rel,
             cfg,
             strategy=arm,
-            hospitals=hospitals,
+            hospitals=own,
             rounds=rounds,
             epochs=cfg.local_epochs if history else cfg.epochs,
             epsilon=fed["epsilon"],
