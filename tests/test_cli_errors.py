@@ -57,6 +57,18 @@ _COMMANDS = {
         "approve",
     ),
     "site-ledger": (["site-ledger", "{tmp}/m.pt"], "fedseg.site.lifetime", "LifetimeLedger"),
+    "import-dicom": (
+        ["import-dicom", "{tmp}", "--out", "{tmp}/imported"],
+        "fedseg.clinic.dicom",
+        "import_dicom",
+    ),
+    "model-card": (["model-card", "{tmp}/m.pt"], "fedseg.clinic.card", "read_card"),
+    "predict": (
+        ["predict", "{tmp}/m.pt", "{tmp}", "--out", "{tmp}/pred"],
+        "fedseg.clinic.card",
+        "load_carded_model",
+    ),
+    "serve": (["serve", "{tmp}/m.pt", "--work-dir", "{tmp}/w"], "fedseg.clinic.serve", "Service"),
 }
 
 

@@ -73,10 +73,25 @@ class PartitionError(DataError):
     code = "E207"
 
 
+class DicomSeriesError(DataError):
+    """A DICOM series cannot become one modality of a case: not MR, slices missing or
+    duplicated, spacing or geometry inconsistent, patients mixed, or no series / two series
+    for one modality. The message names the series (number and description)."""
+
+    code = "E210"
+
+
 class CheckpointError(FedsegError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
     code = "E300"
+
+
+class ModelCardError(CheckpointError):
+    """A model has no manifest (model card), its manifest is malformed, its weights do not match
+    the manifest's hash, or it does not fit what a command needs (preset, input channels)."""
+
+    code = "E310"
 
 
 class UpdateValidationError(FedsegError):

@@ -37,6 +37,10 @@ _COMMAND_MODULES = (
     "privacy_sweep",
     "robustness",
     "site_ledger",
+    "import_dicom",
+    "model_card",
+    "predict",
+    "serve",
 )
 
 

@@ -50,6 +50,7 @@ from fedseg.federation.checkpoint import load_checkpoint, save_checkpoint
 from fedseg.federation.messaging import Exchange, pull_interval
 from fedseg.federation.roster import describe_sites
 from fedseg.federation.strategy import EvaluateReport, FedsegStrategy, TrainReport
+from fedseg.tracking import track_round
 
 log = logging.getLogger("fedseg.server")
 
@@ -173,6 +174,7 @@ def run_rounds(
         if cfg.dp_mode != "none":  # the privacy ledger after this round (#4)
             row["privacy"] = _clean(strategy.privacy.history_entry(done.round))
         history.append(row)
+        track_round(Path(checkpoint).parent if checkpoint is not None else None, row, weights)
         if write:
             save(done.round, None)
         log.info(

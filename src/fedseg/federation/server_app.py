@@ -151,6 +151,9 @@ def write_outputs(out: Path, result: LoopResult, cfg: FedsegConfig) -> None:
     if result.site_weights:
         for site, weights in result.site_weights.items():
             save_model(out / SITE_MODELS / f"{site}.pt", weights, cfg, rounds)
+    from fedseg.clinic.card import write_federation_cards  # model cards beside the models
+
+    write_federation_cards(out, result.history, cfg)
 
 
 def show_progress() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from fedseg.config import FedsegConfig
 from fedseg.data.case import MODALITIES, REGIONS
 from fedseg.errors import ConfigError
+from fedseg.tracking import track_epoch
 from fedseg.utils.io import atomic_write_csv, atomic_write_json, load_torch, save_torch
 
 CHECKPOINT = "checkpoint.pt"
@@ -120,6 +121,7 @@ def train_centralized(
         row.update({f"val-dice-{r}": val[r]["dice"] for r in REGIONS})
         row["val-mean-dice"] = val["mean-dice"]
         history.append(row)
+        track_epoch(out, row)  # TensorBoard events in out/tensorboard
         if val["mean-dice"] > best:
             best = val["mean-dice"]
             save_torch(out / BEST, _model_payload(trainer, cfg, modalities, epoch + 1))
@@ -144,6 +146,17 @@ def train_centralized(
     test = trainer.evaluate(test_items, hd95=True)
     result = {"split": {k: len(v) for k, v in split.items()}, "best-val-mean-dice": best, **test}
     atomic_write_json(out / "test_metrics.json", result)
+    from fedseg.clinic.card import write_card  # the model card beside best.pt
+
+    write_card(
+        out / BEST,
+        cfg,
+        strategy="centralized",
+        hospitals={"pooled": result["split"]},
+        epochs=cfg.epochs,
+        dice={"test": test},
+        modalities=modalities,
+    )
     return result
 
 

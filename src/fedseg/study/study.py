@@ -544,6 +544,9 @@ def _run_arm(
     models = _save_models(out, arm, cfg, shared, per_site, device)
     evaluator = _evaluator(cfg, device)
     ev = _evaluate_models(evaluator, shared, per_site, sites.test)
+    from fedseg.clinic.card import write_study_cards  # model cards beside the arm's models
+
+    write_study_cards(out, models, cfg, arm, sites, ev["metrics"], extra.get("history"))
     timings["total-seconds"] = time.perf_counter() - t0
     timings["training-seconds"] = t_train
     timings["evaluation-seconds"] = timings["total-seconds"] - t_train

@@ -1,0 +1,326 @@
+"""The model card: a manifest written beside every exported model (``<model>.card.json``).
+
+It says what the model is and how it was trained: fedseg version, the full configuration and its
+preset, the strategy (``centralized``, ``local`` or a federated strategy), the hospitals and
+their case counts, rounds and epochs, epsilon per site when differential privacy was on, the
+Dice table that was measured (test split, per site, pooled) and the sha256 of the weights file.
+
+``fedseg predict`` and ``fedseg serve`` load a model only through :func:`load_carded_model`,
+which refuses a model without a card, a card that does not hash to the weights beside it, a
+config that cannot be rebuilt, or a model from another preset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedseg.data.case import MODALITIES, REGIONS
+from fedseg.errors import CheckpointError, ConfigError, ModelCardError
+
+CARD_FORMAT = "fedseg-model-card-v1"
+CARD_SUFFIX = ".card.json"
+_REQUIRED = ("format", "fedseg-version", "config", "preset", "strategy", "modalities", "sha256")
+
+
+def card_path(model: Path) -> Path:
+    """Where the card of ``model`` lives: ``best.pt`` -> ``best.card.json``."""
+    model = Path(model)
+    return model.with_name(model.stem + CARD_SUFFIX)
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if v == v and abs(v) != float("inf") else None
+
+
+def dice_table(metrics: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``{group: {WT, TC, ET, mean}}`` from any of fedseg's metric tables.
+
+    Accepts ``{group: {region: {"dice": x}}}`` (trainer and study tables) and
+    ``{group: {region: x}}`` (federation history); groups without a region are left out.
+    """
+    table: dict[str, dict[str, float | None]] = {}
+    for group, block in metrics.items():
+        if not isinstance(block, Mapping) or not any(r in block for r in REGIONS):
+            continue
+        row: dict[str, float | None] = {}
+        for r in REGIONS:
+            v = block.get(r)
+            row[r] = _finite(v.get("dice") if isinstance(v, Mapping) else v)
+        known = [v for v in row.values() if v is not None]
+        row["mean"] = sum(known) / len(known) if len(known) == len(REGIONS) else None
+        table[str(group)] = row
+    return table
+
+
+def write_card(
+    model: Path,
+    cfg: Any,
+    *,
+    strategy: str,
+    hospitals: Mapping[str, Mapping[str, int]] | None = None,
+    rounds: int | None = None,
+    epochs: int | None = None,
+    epsilon: Mapping[str, float] | None = None,
+    dice: Mapping[str, Any] | None = None,
+    modalities: Sequence[str] = MODALITIES,
+) -> Path:
+    """Write the card of the model file ``model`` (atomically); return its path.
+
+    Parameters
+    ----------
+    model:
+        The exported model (``fedseg-model-v1`` payload), already written.
+    cfg:
+        The :class:`fedseg.config.FedsegConfig` it was trained with.
+    strategy:
+        ``centralized``, ``local`` or the federated strategy.
+    hospitals:
+        Site name to case counts (``{"train": n, "test": m}``).
+    rounds, epochs:
+        Federated rounds run; epochs (centralized) or local epochs per round.
+    epsilon:
+        Site to the epsilon it spent (differential privacy only).
+    dice:
+        A metric table accepted by :func:`dice_table`.
+    modalities:
+        The input channels in order.
+    """
+    from fedseg import __version__
+    from fedseg.utils.io import atomic_write_json
+
+    model = Path(model)
+    card = {
+        "format": CARD_FORMAT,
+        "fedseg-version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model-file": model.name,
+        "sha256": sha256_file(model),
+        "preset": cfg.preset,
+        "strategy": strategy,
+        "modalities": list(modalities),
+        "rounds": rounds,
+        "epochs": epochs,
+        "hospitals": {s: dict(c) for s, c in (hospitals or {}).items()},
+        "epsilon": {s: float(e) for s, e in (epsilon or {}).items()} or None,
+        "dice": dice_table(dice or {}),
+        "config": cfg.to_run_config(),
+    }
+    path = card_path(model)
+    atomic_write_json(path, card)
+    return path
+
+
+def federation_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Rounds, hospitals (train case counts), epsilon per site and last Dice from a history."""
+    hospitals: dict[str, dict[str, int]] = {}
+    epsilon: dict[str, float] = {}
+    for row in history:
+        for site, m in (row.get("train") or {}).items():
+            n = m.get("num-examples")
+            if isinstance(n, int | float):
+                hospitals[site] = {"train": int(n)}
+            eps = _finite(m.get("dp-epsilon"))
+            if eps is not None:
+                epsilon[site] = max(eps, epsilon.get(site, 0.0))
+    dice: dict[str, Any] = {}
+    for row in reversed(history):
+        if row.get("dice"):
+            dice = {**row["dice"], "mean": row.get("mean-dice") or {}}
+            break
+    return {"rounds": len(history), "hospitals": hospitals, "epsilon": epsilon, "dice": dice}
+
+
+def write_federation_cards(out: Path, history: Sequence[Mapping[str, Any]], cfg: Any) -> None:
+    """Cards for a federation's ``final_model.pt`` and its ``site_models/*.pt`` (FedBN)."""
+    s = federation_summary(history)
+    models = [Path(out) / "final_model.pt", *sorted((Path(out) / "site_models").glob("*.pt"))]
+    for model in models:
+        if model.is_file():
+            write_card(model, cfg, strategy=cfg.strategy, epochs=cfg.local_epochs, **s)
+
+
+def write_study_cards(
+    out: Path,
+    models: Mapping[str, str],
+    cfg: Any,
+    arm: str,
+    sites: Any,
+    metrics: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]] | None,
+) -> None:
+    """Cards for one study arm's models (``models``: site or ``*`` to a path under ``out``)."""
+    hospitals = {
+        s: {"train": len(sites.train.get(s, ())), "test": len(sites.test.get(s, ()))}
+        for s in sites.parts
+    }
+    fed = federation_summary(history or [])
+    rounds = fed["rounds"] if history else None
+    for site, rel in models.items():
+        # a local-only model saw only its own hospital's cases
+        own = {site: hospitals[site]} if arm == "local" and site in hospitals else hospitals
+        write_card(
+            Path(out) / rel,
+            cfg,
+            strategy=arm,
+            hospitals=own,
+            rounds=rounds,
+            epochs=cfg.local_epochs if history else cfg.epochs,
+            epsilon=fed["epsilon"],
+            dice=metrics,
+        )
+
+
+def read_card(model: Path) -> dict[str, Any]:
+    """The card of ``model``, after checking its form and the weights' hash.
+
+    Raises
+    ------
+    ModelCardError
+        No card beside the model, a card that is not JSON or lacks a key, or weights whose
+        sha256 differs from the card's (the model file changed after export).
+    """
+    model = Path(model)
+    path = card_path(model)
+    if not path.is_file():
+        raise ModelCardError(
+            f"{model}: no model card ({path.name}); export the model with `fedseg train`, "
+            "`fedseg study` or a federation of fedseg to get one"
+        )
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelCardError(f"{path}: not a readable model card ({exc})") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise ModelCardError(f"{path}: not a fedseg model card (format {CARD_FORMAT})")
+    missing = [k for k in _REQUIRED if k not in card]
+    if missing:
+        raise ModelCardError(f"{path}: model card lacks '{missing[0]}'")
+    if sha256_file(model) != card["sha256"]:
+        raise ModelCardError(
+            f"{model}: weights do not match the sha256 of {path.name}; the model changed "
+            "after export"
+        )
+    return card
+
+
+def resolve_model(path: Path) -> Path:
+    """A run folder resolves to its exported model (``best.pt``, ``final_model.pt``)."""
+    from fedseg.study.evaluate import resolve_checkpoint
+
+    return resolve_checkpoint(Path(path))
+
+
+def load_carded_model(
+    path: Path, device: Any = None, *, preset: str | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Load a model that has a valid card; rebuild its network from the card's config.
+
+    Parameters
+    ----------
+    path:
+        Model file or run folder.
+    device:
+        Where to put the model (default: :func:`fedseg.utils.runtime.pick_device`).
+    preset:
+        When given, the preset the model must come from.
+
+    Returns
+    -------
+    tuple
+        ``(model, config, card)``.
+
+    Raises
+    ------
+    ModelCardError
+        No or bad card (:func:`read_card`), a config that cannot be rebuilt, a card and
+        checkpoint that disagree, or a model from another preset.
+    CheckpointError
+        The weights file is not a fedseg model.
+    """
+    from fedseg.config import FedsegConfig
+    from fedseg.study.evaluate import load_model
+
+    model_path = resolve_model(path)
+    card = read_card(model_path)
+    try:
+        cfg = FedsegConfig.from_run_config(card["config"], strict=True)
+    except (ConfigError, TypeError, AttributeError) as exc:
+        raise ModelCardError(
+            f"{model_path}: its card's config cannot be rebuilt by fedseg "
+            f"{_version()} ({exc}); card written by fedseg {card['fedseg-version']}"
+        ) from None
+    if preset is not None and card["preset"] != preset:
+        raise ModelCardError(
+            f"{model_path}: model from preset '{card['preset']}', expected preset '{preset}'"
+        )
+    try:
+        model, ckpt_cfg, modalities = load_model(model_path, device)
+    except CheckpointError:
+        raise
+    if ckpt_cfg.to_run_config() != cfg.to_run_config() or list(modalities) != list(
+        card["modalities"]
+    ):
+        raise ModelCardError(
+            f"{model_path}: the card's config or modalities differ from the model's"
+        )
+    return model, cfg, card
+
+
+def _version() -> str:
+    from fedseg import __version__
+
+    return __version__
+
+
+def format_card(card: Mapping[str, Any]) -> str:
+    """The card as text for a terminal."""
+    lines = [
+        f"fedseg model ({card.get('model-file', '?')}), fedseg {card['fedseg-version']}, "
+        f"created {card.get('created', '?')}",
+        f"strategy   {card['strategy']}",
+        f"preset     {card['preset']}",
+        f"inputs     {', '.join(card['modalities'])}",
+    ]
+    cfg = card["config"]
+    lines.append(
+        f"network    {cfg.get('spatial-dims')}D U-Net, base channels {cfg.get('base-channels')}, "
+        f"depth {cfg.get('depth')}, image/patch {cfg.get('image-size')}/{cfg.get('patch-size')}, "
+        f"spacing {cfg.get('spacing')}"
+    )
+    if card.get("rounds"):
+        lines.append(f"rounds     {card['rounds']} x {card.get('epochs')} local epoch(s)")
+    elif card.get("epochs"):
+        lines.append(f"epochs     {card['epochs']}")
+    for site, counts in (card.get("hospitals") or {}).items():
+        eps = (card.get("epsilon") or {}).get(site)
+        tail = f", epsilon {eps:.3f}" if eps is not None else ""
+        lines.append(
+            f"hospital   {site}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + tail
+        )
+    if card.get("dice"):
+        lines.append("Dice       " + "  ".join(f"{r:>6}" for r in (*REGIONS, "mean")))
+        for group, row in card["dice"].items():
+            cells = "  ".join(
+                "     -" if row.get(k) is None else f"{row[k]:6.3f}" for k in (*REGIONS, "mean")
+            )
+            lines.append(f"  {group:<9}{cells}")
+    lines.append(f"sha256     {card['sha256']}")
+    return "\n".join(lines)

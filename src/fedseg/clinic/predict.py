@@ -1,0 +1,320 @@
+"""One patient's segmentation with an exported model: what a hospital gets back.
+
+Input (:func:`load_patient`): a BraTS-layout case folder, four NIfTI files in the order t1,
+t1ce, t2, flair (or one 4D NIfTI with four channels), or a folder of DICOM series (imported as
+``fedseg import-dicom`` does, onto the T1ce grid).
+
+Output (:func:`predict_patient` writes into ``OUT``):
+
+``<case>_seg.nii.gz``
+    BraTS labels 0/1/2/4 on the input's own grid and affine.
+``<case>_seg.dcm``
+    DICOM SEG (highdicom) referencing the source T1ce series, when the input was DICOM.
+``volumes.json``
+    WT, TC and ET volumes in ml, the model's sha256 and the files written.
+``overlay.png``
+    The axial slice with the largest tumour area: T1ce with the labels over it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedseg.data.case import MODALITIES, REGIONS, Case, label_to_regions, regions_to_label
+from fedseg.errors import GeometryError, LayoutError, OutputError
+
+#: BraTS label -> DICOM SEG segment number, with its label and SNOMED CT property type
+_SEGMENTS = (
+    (1, "necrotic and non-enhancing tumour core", "Necrosis"),
+    (2, "peritumoural oedema", "Edema"),
+    (4, "enhancing tumour", "Tumor"),
+)
+
+
+@dataclass
+class Patient:
+    """A loaded patient: the case on one grid and, for DICOM input, its reference series."""
+
+    case: Case
+    source: str
+    reference_files: list[Path] | None = None
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith((".nii", ".nii.gz"))
+
+
+def _from_sitk(image: Any) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image (LPS) -> ``(X, Y, Z)`` array and NIfTI RAS affine."""
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
+    affine[:3, 3] = image.GetOrigin()
+    return arr, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def _load_dicom(folder: Path, rules: Any) -> Patient:
+    from fedseg.clinic.dicom import DEFAULT_RULES, plan_cases, read_series, scan_folder
+    from fedseg.clinic.dicom import to_reference_grid as on_grid
+
+    series, _ = scan_folder(folder)
+    plans = plan_cases(series, rules or DEFAULT_RULES)
+    if len(plans) != 1:
+        raise LayoutError(
+            f"{folder}: holds {len(plans)} patients/studies ({', '.join(p[0] for p in plans)}); "
+            "expected one patient (use fedseg import-dicom for many)"
+        )
+    case_id, found, _ = plans[0]
+    ref = read_series(found["t1ce"])
+    channels = []
+    affine = None
+    for m in MODALITIES:
+        img = ref if m == "t1ce" else on_grid(read_series(found[m]), ref)
+        arr, affine = _from_sitk(img)
+        channels.append(arr.astype(np.float32))
+    return Patient(
+        Case(case_id, np.stack(channels), None, affine),  # type: ignore[arg-type]
+        source="dicom",
+        reference_files=list(found["t1ce"].files),
+    )
+
+
+def _load_nifti_files(files: Sequence[Path], channels: int) -> Patient:
+    from fedseg.data.readers import load_nifti
+
+    arrays: list[np.ndarray] = []
+    affines: list[np.ndarray] = []
+    for f in files:
+        data, affine, _ = load_nifti(f)
+        data = np.asarray(data, dtype=np.float32)
+        if data.ndim == 4:
+            arrays.extend(np.moveaxis(data, -1, 0))
+            affines.extend([affine] * data.shape[-1])
+        else:
+            arrays.append(data)
+            affines.append(affine)
+    if len(arrays) != channels:
+        names = ", ".join(p.name for p in files)
+        raise LayoutError(
+            f"{names}: {len(arrays)} image channel(s), the model needs {channels} "
+            f"({', '.join(MODALITIES[:channels])} in this order)"
+        )
+    for f, a, arr in zip(files, affines, arrays, strict=False):
+        if arr.shape != arrays[0].shape or not np.allclose(a, affines[0], atol=1e-3):
+            raise GeometryError(
+                f"{f}: grid {arr.shape} differs from {files[0].name}'s {arrays[0].shape} "
+                "(expected co-registered images on one grid)"
+            )
+    name = files[0].name.split(".nii")[0].rsplit("_", 1)[0] or "case"
+    return Patient(Case(name, np.stack(arrays), None, affines[0]), source="nifti")
+
+
+def load_patient(inputs: Sequence[Path], *, channels: int = 4, rules: Any = None) -> Patient:
+    """Read one patient from a case folder, NIfTI files or a DICOM folder.
+
+    Parameters
+    ----------
+    inputs:
+        One folder (BraTS case folder, or DICOM files), or NIfTI files (t1, t1ce, t2, flair).
+    channels:
+        How many input channels the model takes.
+    rules:
+        The DICOM series mapping (default :data:`fedseg.clinic.dicom.DEFAULT_RULES`).
+
+    Raises
+    ------
+    LayoutError
+        Nothing usable, several cases, or a channel count other than ``channels``.
+    GeometryError, DicomSeriesError, MissingModalityError, CorruptFileError
+        As the readers raise them.
+    """
+    from fedseg.data.readers import discover_cases, load_case
+
+    paths = [Path(p) for p in inputs]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise LayoutError(f"{missing[0]}: no such file or folder")
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        if any(_is_nifti(p) for p in folder.iterdir()):
+            refs = discover_cases(folder)
+            if len(refs) != 1:
+                raise LayoutError(f"{folder}: holds {len(refs)} cases; expected one patient")
+            case = load_case(refs[0], require_label=False)
+            case.label = None
+            return Patient(case, source="nifti")
+        return _load_dicom(folder, rules)
+    not_nifti = [p for p in paths if not (p.is_file() and _is_nifti(p))]
+    if not_nifti:
+        raise LayoutError(
+            f"{not_nifti[0]}: expected a case folder, a DICOM folder, or NIfTI files (.nii.gz)"
+        )
+    return _load_nifti_files(paths, channels)
+
+
+def region_volumes_ml(label: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+    """WT, TC and ET volumes in ml of a BraTS label map with voxel-to-mm ``affine``."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    regions = label_to_regions(label)
+    return {r: round(float(regions[i].sum()) * voxel_ml, 3) for i, r in enumerate(REGIONS)}
+
+
+def write_overlay(image: np.ndarray, label: np.ndarray, path: Path, title: str) -> None:
+    """PNG of the axial slice with the largest tumour area (the middle one when none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    area = (label > 0).sum(axis=(0, 1))
+    z = int(np.argmax(area)) if area.max() > 0 else label.shape[2] // 2
+    background = np.rot90(image[:, :, z])
+    lab = np.rot90(label[:, :, z]).astype(float)
+    colours = ListedColormap(["#00000000", "#ff3b30", "#34c759", "#ffcc00"])
+    shown = np.select([lab == 1, lab == 2, lab == 4], [1.0, 2.0, 3.0], 0.0)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.imshow(background, cmap="gray")
+    ax.imshow(np.ma.masked_equal(shown, 0), cmap=colours, vmin=0, vmax=3, alpha=0.5)
+    ax.set_title(f"{title} (slice {z}; red NCR, green ED, yellow ET)", fontsize=8)
+    ax.axis("off")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_dicom_seg(
+    label: np.ndarray, reference_files: Sequence[Path], path: Path, card: dict[str, Any]
+) -> None:
+    """DICOM SEG (highdicom, binary, one segment per BraTS label) over the reference series.
+
+    ``label`` is on the reference series' grid: voxel axis 2 follows ``reference_files``.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from fedseg import __version__
+
+    sources = [pydicom.dcmread(p) for p in reference_files]
+    frames = np.zeros((len(sources), *label[:, :, 0].T.shape), dtype=np.uint8)
+    for number, (value, _, _) in enumerate(_SEGMENTS, start=1):
+        frames[np.transpose(label, (2, 1, 0)) == value] = number
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="fedseg",
+        version=__version__,
+        family=codes.cid7162.ArtificialIntelligence,
+        source=card["sha256"][:64],
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=text,
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=getattr(codes.SCT, prop),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, (_, text, prop) in enumerate(_SEGMENTS, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=900,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="fedseg",
+        manufacturer_model_name=f"fedseg {card['strategy']} ({card['preset']})",
+        software_versions=__version__,
+        device_serial_number=card["sha256"][:16],
+        series_description="fedseg tumour segmentation",
+        omit_empty_frames=False,
+    )
+    seg.save_as(path)
+
+
+@dataclass
+class Prediction:
+    """What :func:`predict_patient` returns."""
+
+    case_id: str
+    volumes_ml: dict[str, float]
+    files: list[str]
+    seconds: float
+
+
+def predict_patient(
+    model: Any,
+    cfg: Any,
+    card: dict[str, Any],
+    patient: Patient,
+    out: Path,
+    device: Any = None,
+) -> Prediction:
+    """Segment one patient and write the label map, SEG (DICOM input), volumes and overlay.
+
+    The files are written into a temporary folder inside ``out`` and moved into ``out`` at
+    the end, so a failure leaves no half-written result.
+
+    Raises
+    ------
+    OutputError
+        ``out`` cannot be written.
+    """
+    import json
+    import time
+
+    from fedseg.data.patches import prepare_case
+    from fedseg.data.readers import save_label
+    from fedseg.model.inference import predict_probs, to_original_grid
+    from fedseg.utils.runtime import pick_device
+
+    t0 = time.perf_counter()
+    device = device or pick_device()
+    case = patient.case
+    idx = [MODALITIES.index(m) for m in card["modalities"]]
+    prep = prepare_case(case, cfg)
+    probs = predict_probs(model, prep.image[idx], cfg, device)
+    label = regions_to_label(to_original_grid(probs, prep)).astype(np.uint8)
+    volumes = region_volumes_ml(label, case.affine)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    try:
+        names = [f"{case.case_id}_seg.nii.gz", "overlay.png", "volumes.json"]
+        save_label(label, case.affine, tmp / names[0])
+        t1ce = case.image[MODALITIES.index("t1ce")]
+        write_overlay(t1ce, label, tmp / names[1], case.case_id)
+        if patient.reference_files is not None:
+            names.append(f"{case.case_id}_seg.dcm")
+            write_dicom_seg(label, patient.reference_files, tmp / names[-1], card)
+        doc = {
+            "case": case.case_id,
+            "volumes-ml": volumes,
+            "input": patient.source,
+            "model-sha256": card["sha256"],
+            "model-strategy": card["strategy"],
+            "files": names,
+        }
+        (tmp / "volumes.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Prediction(case.case_id, volumes, names, time.perf_counter() - t0)

@@ -1,0 +1,244 @@
+"""Model cards: written beside the final model of a federation and of ``fedseg train``; checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_federation import run, tiny_cfg, write_cohort
+from typer.testing import CliRunner
+
+from fedseg.cli.main import app
+from fedseg.clinic.card import (
+    card_path,
+    federation_summary,
+    load_carded_model,
+    read_card,
+    sha256_file,
+)
+from fedseg.errors import ModelCardError
+from fedseg.federation.server_app import FINAL_MODEL
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
+    """Nine tiny cases in three sites."""
+    root = tmp_path_factory.mktemp("card-cohort") / "data"
+    ids = write_cohort(root)
+    return root, {f"site-{k}": ids[3 * k : 3 * k + 3] for k in range(3)}
+
+
+@pytest.fixture(scope="module")
+def dp_federation(
+    tmp_path_factory: pytest.TempPathFactory, cohort: tuple[Path, dict[str, list[str]]]
+) -> Path:
+    """One round of a DP federation of three sites, in process."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("fed") / "run"
+    cfg = tiny_cfg(num_server_rounds=1, dp_mode="sample", dp_noise_multiplier=1.0)
+    run(cfg, cohort, out)
+    torch.set_num_threads(before)
+    return out
+
+
+def test_federation_card_names_strategy_sites_rounds_epsilon_and_hash(dp_federation: Path) -> None:
+    model = dp_federation / FINAL_MODEL
+    history = json.loads((dp_federation / "history.json").read_text())["rounds"]
+
+    card = read_card(model)
+
+    assert card["strategy"] == "fedavg"
+    assert card["rounds"] == len(history) == 1
+    assert sorted(card["hospitals"]) == ["site-0", "site-1", "site-2"]
+    want = {s: m["num-examples"] for s, m in history[0]["train"].items()}
+    assert {s: c["train"] for s, c in card["hospitals"].items()} == want
+    assert sorted(card["epsilon"]) == ["site-0", "site-1", "site-2"]
+    assert all(e > 0 for e in card["epsilon"].values())
+    assert card["epsilon"]["site-0"] == history[0]["train"]["site-0"]["dp-epsilon"]
+    assert card["sha256"] == sha256_file(model)
+    assert card["config"]["dp-mode"] == "sample"
+    assert set(card["dice"]) >= {"site-0", "mean"}
+
+
+def test_model_card_command_prints_text_and_json(dp_federation: Path) -> None:
+    runner = CliRunner()
+
+    text = runner.invoke(app, ["model-card", str(dp_federation)])
+    as_json = runner.invoke(app, ["model-card", str(dp_federation / FINAL_MODEL), "--json"])
+
+    assert text.exit_code == 0, text.output
+    assert "strategy   fedavg" in text.stdout
+    assert "hospital   site-1: train" in text.stdout and "epsilon" in text.stdout
+    assert as_json.exit_code == 0
+    assert json.loads(as_json.stdout) == read_card(dp_federation / FINAL_MODEL)
+
+
+def test_centralized_train_writes_a_card(tmp_path: Path, cohort: tuple[Path, object]) -> None:
+    root, _ = cohort
+    args = ["train", str(root), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3"]
+
+    result = CliRunner().invoke(app, args)
+
+    assert result.exit_code == 0, result.output
+    card = read_card(tmp_path / "run" / "best.pt")
+    test = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert card["strategy"] == "centralized"
+    assert card["hospitals"]["pooled"] == test["split"]
+    assert card["dice"]["test"]["WT"] == pytest.approx(test["WT"]["dice"])
+    model, cfg, _ = load_carded_model(tmp_path / "run", "cpu")
+    assert cfg.image_size == 16
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def _copy(model: Path, tmp: Path) -> Path:
+    dst = tmp / "m.pt"
+    dst.write_bytes(model.read_bytes())
+    card_path(dst).write_text(card_path(model).read_text())
+    return dst
+
+
+def _no_card(m: Path) -> None:
+    card_path(m).unlink()
+
+
+def _weights_changed(m: Path) -> None:
+    m.write_bytes(m.read_bytes() + b"\0")
+
+
+def _config_unknown_key(m: Path) -> None:
+    card = json.loads(card_path(m).read_text())
+    card["config"]["colour"] = "blue"
+    card_path(m).write_text(json.dumps(card))
+
+
+def _not_json(m: Path) -> None:
+    card_path(m).write_text("{")
+
+
+def _other_format(m: Path) -> None:
+    card_path(m).write_text(json.dumps({"format": "other"}))
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        (_no_card, "no model card (m.card.json)"),
+        (_weights_changed, "weights do not match the sha256"),
+        (_config_unknown_key, "config cannot be rebuilt"),
+        (_not_json, "not a readable model card"),
+        (_other_format, "not a fedseg model card"),
+    ],
+    ids=["no-card", "weights-changed", "config", "not-json", "format"],
+)
+def test_bad_card_is_refused(
+    fault: object, expected: str, dp_federation: Path, tmp_path: Path
+) -> None:
+    model = _copy(dp_federation / FINAL_MODEL, tmp_path)
+    fault(model)  # type: ignore[operator]
+
+    with pytest.raises(ModelCardError) as info:
+        load_carded_model(model, "cpu")
+
+    assert expected in str(info.value)
+
+
+def test_model_from_another_preset_is_refused(dp_federation: Path) -> None:
+    with pytest.raises(ModelCardError) as info:
+        load_carded_model(dp_federation, "cpu", preset="gpu")
+
+    assert "model from preset 'cpu-demo', expected preset 'gpu'" in str(info.value)
+
+
+def test_federation_summary_keeps_the_largest_epsilon_and_last_dice() -> None:
+    history = [
+        {"train": {"a": {"num-examples": 3, "dp-epsilon": 1.0}}, "dice": {"a": {"WT": 0.1}}},
+        {"train": {"a": {"num-examples": 3, "dp-epsilon": 2.5}}, "dice": {}},
+    ]
+
+    s = federation_summary(history)
+
+    assert s == {
+        "rounds": 2,
+        "hospitals": {"a": {"train": 3}},
+        "epsilon": {"a": 2.5},
+        "dice": {"a": {"WT": 0.1}, "mean": {}},
+    }
+
+
+@pytest.mark.slow
+def test_study_writes_a_card_beside_every_arm_model(tmp_path: Path) -> None:
+    from test_study import BASELINES, TINY, write_tiny_cohort
+
+    from fedseg.study.study import run_study
+
+    data = write_tiny_cohort(tmp_path / "data")
+
+    doc = run_study(tmp_path / "study", TINY, arms=BASELINES, data=data, progress=False)
+
+    for arm in BASELINES:
+        sites = sorted(s for s in doc["arms"][arm]["metrics"] if s != "pooled")
+        assert doc["arms"][arm]["models"]
+        for site, rel in doc["arms"][arm]["models"].items():
+            card = read_card(tmp_path / "study" / rel)
+            assert card["strategy"] == arm
+            assert sorted(card["hospitals"]) == ([site] if arm == "local" else sites)
+            assert card["dice"]["pooled"]["WT"] == pytest.approx(
+                doc["arms"][arm]["metrics"]["pooled"]["WT"]["dice"]
+            )
+
+
+# ------------------------------------------------------------------------- live tracking
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedseg.tracking import close_all
+
+    close_all()  # flush and close this process's writers
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def test_federation_writes_tensorboard_events_per_round_and_site(dp_federation: Path) -> None:
+    history = json.loads((dp_federation / "history.json").read_text())["rounds"]
+    row = history[0]
+
+    got = _scalars(dp_federation)
+
+    assert got["server/train-loss"] == [(1, pytest.approx(row["train-loss"]))]
+    assert got["server/round-seconds"] == [(1, pytest.approx(row["round-seconds"]))]
+    assert got["server/dice-WT"] == [(1, pytest.approx(row["mean-dice"]["WT"]))]
+    assert got["server/model-bytes"][0][1] > 0
+    for site in ("site-0", "site-1", "site-2"):
+        m = row["train"][site]
+        assert got[f"site/{site}/epsilon"] == [(1, pytest.approx(m["dp-epsilon"]))]
+        assert got[f"site/{site}/train-loss"] == [(1, pytest.approx(m["train-loss"]))]
+        assert got[f"site/{site}/dice-ET"] == [(1, pytest.approx(row["dice"][site]["ET"]))]
+
+
+def test_train_writes_tensorboard_events_per_epoch(
+    tmp_path: Path, cohort: tuple[Path, object]
+) -> None:
+    import csv
+
+    root, _ = cohort
+    args = ["train", str(root), "--out", str(tmp_path / "run"), "--epochs", "2"]
+    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3"]
+
+    result = CliRunner().invoke(app, args)
+
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    got = _scalars(tmp_path / "run")
+    assert [s for s, _ in got["train/loss"]] == [1, 2]
+    assert [v for _, v in got["train/loss"]] == pytest.approx([float(r["loss"]) for r in rows])
+    assert [v for _, v in got["val/mean-dice"]] == pytest.approx(
+        [float(r["val-mean-dice"]) for r in rows]
+    )

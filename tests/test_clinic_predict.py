@@ -1,0 +1,182 @@
+"""``fedseg predict``: one patient from a case folder, NIfTI files or DICOM; refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from test_federation import write_cohort
+from typer.testing import CliRunner
+
+from fedseg.cli.main import app
+from fedseg.clinic.card import card_path
+from fedseg.clinic.dicom_write import new_uid, write_series
+from fedseg.clinic.predict import region_volumes_ml
+from fedseg.data.case import MODALITIES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny model trained one epoch by ``fedseg train`` (so it has its card), and its data."""
+    root = tmp_path_factory.mktemp("predict")
+    write_cohort(root / "data", num_cases=5)
+    args = ["train", str(root / "data"), "--out", str(root / "run"), "--epochs", "1"]
+    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return root / "run", root / "data"
+
+
+def _predict(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["predict", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _int_case(data: Path, case: str = "CASE_000") -> tuple[list[np.ndarray], np.ndarray]:
+    imgs = [nib.load(data / case / f"{case}_{m}.nii.gz") for m in MODALITIES]
+    # integer images, as DICOM stores them
+    vols = [np.rint(np.asarray(i.dataobj) * 1000).astype(np.int16) for i in imgs]
+    return vols, imgs[0].affine
+
+
+def test_case_folder_gives_label_on_input_grid_volumes_and_overlay(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run, data = trained
+    src = nib.load(data / "CASE_000" / "CASE_000_t1.nii.gz")
+
+    code, stdout, stderr = _predict(run, data / "CASE_000", "--out", tmp_path / "o", "--json")
+
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    seg = nib.load(tmp_path / "o" / "CASE_000_seg.nii.gz")
+    assert seg.shape == src.shape
+    assert np.allclose(seg.affine, src.affine)
+    label = np.asarray(seg.dataobj)
+    assert set(np.unique(label)) <= {0, 1, 2, 4}
+    assert doc["volumes-ml"] == region_volumes_ml(label, seg.affine)
+    assert (
+        json.loads((tmp_path / "o" / "volumes.json").read_text())["volumes-ml"] == doc["volumes-ml"]
+    )
+    assert (tmp_path / "o" / "overlay.png").read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(doc["files"])
+
+
+def test_four_nifti_files_give_the_same_label_as_the_folder(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run, data = trained
+    files = [data / "CASE_001" / f"CASE_001_{m}.nii.gz" for m in MODALITIES]
+
+    a = _predict(run, data / "CASE_001", "--out", tmp_path / "a")
+    b = _predict(run, *files, "--out", tmp_path / "b")
+
+    assert a[0] == b[0] == 0
+    la = np.asarray(nib.load(tmp_path / "a" / "CASE_001_seg.nii.gz").dataobj)
+    lb = np.asarray(nib.load(tmp_path / "b" / "CASE_001_seg.nii.gz").dataobj)
+    assert np.array_equal(la, lb)
+
+
+def test_dicom_input_gives_a_seg_referencing_the_t1ce_series(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import highdicom as hd
+
+    run, data = trained
+    vols, affine = _int_case(data)
+    study, frame = new_uid(), new_uid()
+    uids = {m: new_uid() for m in MODALITIES}
+    for n, m in enumerate(MODALITIES, start=1):
+        write_series(
+            vols[n - 1],
+            affine,
+            tmp_path / "dicom" / m,
+            patient_id="P9",
+            study_uid=study,
+            frame_of_reference=frame,
+            description={"t1": "T1", "t1ce": "T1 post Gd", "t2": "T2", "flair": "FLAIR"}[m],
+            series_number=n,
+            series_uid=uids[m],
+        )
+    for n, m in enumerate(MODALITIES):  # the same integer images as NIfTI files
+        nib.save(nib.Nifti1Image(vols[n], affine), tmp_path / f"P9_{m}.nii.gz")
+    files = [tmp_path / f"P9_{m}.nii.gz" for m in MODALITIES]
+
+    code, _, stderr = _predict(run, tmp_path / "dicom", "--out", tmp_path / "o")
+    ref = _predict(run, *files, "--out", tmp_path / "ref")
+
+    assert code == 0, stderr
+    assert ref[0] == 0
+    label = np.asarray(nib.load(tmp_path / "o" / "P9_seg.nii.gz").dataobj)
+    assert np.array_equal(label, np.asarray(nib.load(tmp_path / "ref" / "P9_seg.nii.gz").dataobj))
+    seg = hd.seg.segread(tmp_path / "o" / "P9_seg.dcm")
+    assert seg.Modality == "SEG"
+    referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
+    assert referenced == {uids["t1ce"]}
+    assert seg.PatientID == "P9"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+        "necrotic and non-enhancing tumour core",
+        "peritumoural oedema",
+        "enhancing tumour",
+    ]
+    first = pydicom.dcmread(sorted((tmp_path / "dicom" / "t1ce").glob("*.dcm"))[0])
+    assert seg.StudyInstanceUID == first.StudyInstanceUID
+    # the SEG's frames hold the NIfTI label map, one segment per BraTS label (1, 2, 4)
+    frames = seg.get_volume(combine_segments=False).array
+    assert frames.shape[-1] == 3
+    for k, value in enumerate((1, 2, 4)):
+        assert int(frames[..., k].sum()) == int((label == value).sum())
+    assert int((label > 0).sum()) > 0
+
+
+def _three_channel_4d(tmp: Path, data: Path) -> list[Path]:
+    imgs = [nib.load(data / "CASE_000" / f"CASE_000_{m}.nii.gz") for m in MODALITIES[:3]]
+    stack = np.stack([np.asarray(i.dataobj) for i in imgs], axis=-1)
+    path = tmp / "three.nii.gz"
+    nib.save(nib.Nifti1Image(stack, imgs[0].affine), path)
+    return [path]
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("no-card", "no model card"),
+        ("preset", "model from preset 'cpu-demo', expected preset 'gpu'"),
+        ("three-files", "3 image channel(s), the model needs 4"),
+        ("three-channel-4d", "3 image channel(s), the model needs 4"),
+        ("card-config", "config cannot be rebuilt"),
+    ],
+)
+def test_bad_predict_input_exits_2_with_one_line(
+    fault: str, expected: str, trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run, data = trained
+    model = tmp_path / "m.pt"
+    model.write_bytes((run / "best.pt").read_bytes())
+    card = json.loads(card_path(run / "best.pt").read_text())
+    inputs: list[Path] = [data / "CASE_000"]
+    extra: list[str] = []
+    if fault == "card-config":
+        card["config"]["image-size"] = "big"
+    if fault != "no-card":
+        card_path(model).write_text(json.dumps(card))
+    if fault == "preset":
+        extra = ["--preset", "gpu"]
+    if fault == "three-files":
+        inputs = [data / "CASE_000" / f"CASE_000_{m}.nii.gz" for m in MODALITIES[:3]]
+    if fault == "three-channel-4d":
+        inputs = _three_channel_4d(tmp_path, data)
+
+    code, _, stderr = _predict(model, *inputs, "--out", tmp_path / "o", *extra)
+
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert expected in lines[0]
+    assert not any((tmp_path / "o").iterdir())
