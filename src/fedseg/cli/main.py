@@ -37,6 +37,7 @@ _COMMAND_MODULES = (
     "privacy_sweep",
     "robustness",
     "site_ledger",
+    "fusion_study",
 )
 
 

@@ -132,9 +132,9 @@ GRADE_GIVEN_IDH: dict[bool, tuple[float, float, float]] = {
 }
 #: per WHO grade: (chance of a solid core, non-enhancing share of the rim, enhancement factor)
 GRADE_PHENOTYPES: dict[int, tuple[float, tuple[float, float], float]] = {
-    4: (0.20, (0.05, 0.35), 1.0),
-    3: (0.30, (0.07, 0.42), 0.96),
-    2: (0.40, (0.10, 0.50), 0.92),
+    4: (0.18, (0.05, 0.35), 1.0),
+    3: (0.33, (0.08, 0.46), 0.945),
+    2: (0.45, (0.12, 0.55), 0.895),
 }
 #: IDH-mutant tumours: added to the non-enhancing share, factor on the enhancement
 IDH_MUTANT_RIM_SHIFT, IDH_MUTANT_ENHANCEMENT = 0.03, 0.97
