@@ -84,7 +84,7 @@ def _ellipsoid_dice(mask: np.ndarray) -> float:
 def test_files_named_as_brats2021(cohort: Cohort) -> None:
     out, refs = cohort
     ids = [f"SYN_{i:05d}" for i in range(NUM_CASES)]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*ids, "cohort.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*ids, "clinical.csv", "cohort.csv"])
     for cid, ref in zip(ids, refs, strict=True):
         names = sorted(p.name for p in (out / cid).iterdir())
         assert names == sorted(f"{cid}_{s}.nii.gz" for s in SUFFIXES)
@@ -155,13 +155,29 @@ def test_case_depends_only_on_seed_and_index(cohort: Cohort) -> None:
     # the written files exactly, so a cohort's first cases do not depend on its size (nor on
     # the worker processes that wrote it: NUM_CASES > 1 uses a pool on a multi-core machine).
     out, _ = cohort
-    case = generate_case("SYN_00001", case_rng(0, 1), get_profile(SCANNERS[1]))
+    case, record = synth.cohort_case(0, 1, get_profile(SCANNERS[1]))
     image, label, imgs = _read_case(out / "SYN_00001")
     assert np.array_equal(case.image, image)
     assert np.array_equal(case.label, label)
     np.testing.assert_allclose(case.affine, imgs[0].affine)
     assert case.meta["scanner"] == SCANNERS[1]
     assert case.meta["wt_ml"] == pytest.approx((label > 0).sum() * ML_PER_VOXEL)
+    with open(out / "clinical.csv", newline="") as fh:
+        rows = {r["case_id"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"SYN_00000", "SYN_00001"}
+    assert float(rows["SYN_00001"]["survival_days"]) == record["survival_days"]
+    assert float(rows["SYN_00001"]["who_grade"]) == record["who_grade"]
+
+
+def test_without_phenotype_the_image_is_the_one_drawn_before_clinical_records(
+    cohort: Cohort,
+) -> None:
+    # The record only re-maps draws the generator already makes: WT, TC and oedema of a cohort
+    # case are those of the same image stream with the default phenotype.
+    case = generate_case("SYN_00000", case_rng(0, 0), get_profile(SCANNERS[0]))
+    _, label = _cases(cohort)[0]
+    assert np.array_equal(case.label > 0, label > 0)
+    assert np.array_equal(case.label == 2, label == 2)
 
 
 def test_other_seed_other_case(cohort: Cohort, pair: tuple) -> None:

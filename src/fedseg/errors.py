@@ -81,6 +81,13 @@ class DicomSeriesError(DataError):
     code = "E210"
 
 
+class ClinicalDataError(DataError):
+    """A clinical CSV is unreadable or holds an unknown/duplicated case id, an out-of-range
+    value or an unknown category (the message names file, row and column)."""
+
+    code = "E208"
+
+
 class CheckpointError(FedsegError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 

@@ -41,6 +41,7 @@ _COMMAND_MODULES = (
     "model_card",
     "predict",
     "serve",
+    "fusion_study",
 )
 
 

@@ -19,6 +19,14 @@ The enhancing tumour is visible mainly on T1ce (on T1, T2 and FLAIR it looks lik
 non-enhancing parts of the rim), so that a model given only T1 does worse on ET.
 Background is exactly 0 (skull-stripped), labels follow BraTS 2021 numbering.
 
+Each case of a cohort also has a clinical record (:mod:`fedseg.data.clinical`), drawn first
+from its own random stream; WHO grade and IDH status then set the tumour's
+:class:`TumourPhenotype` (how much of the rim enhances, how strongly, whether the core is
+necrotic). The phenotype conditions only draws the generator already made, on the same
+uniform numbers, so the random stream of every case stays aligned: anatomy, tumour position,
+WT and TC, oedema, noise and every intensity outside the core are those of the same seed
+without a phenotype (see :class:`TumourPhenotype` for what changes).
+
 Smooth random fields are drawn on a coarse grid and upsampled with separable Gaussian
 interpolation matrices (three small matrix products) instead of filtering the full grid.
 """
@@ -242,6 +250,74 @@ def _trilinear(vol: np.ndarray, shape: tuple[int, int, int], coords: np.ndarray)
     return out.reshape(*out_shape, vol.shape[1])
 
 
+@dataclass(frozen=True)
+class TumourPhenotype:
+    """What a case's clinical record fixes about its tumour's appearance.
+
+    The defaults reproduce the generator without clinical records exactly. Each field
+    re-maps a draw the generator already makes (the same uniform number, so the random
+    stream stays aligned and every other part of the case is unchanged):
+
+    Parameters
+    ----------
+    solid_probability:
+        Chance that the core is solid non-enhancing tumour instead of necrosis (default 0.25).
+        Necrosis and solid tumour share label 1, so this changes only intensities (necrosis is
+        dark on T1/T1ce and bright on T2). The draw ``u`` is compared with this value, so the
+        core is solid when ``u <`` it; a core that was solid by default and is necrotic here
+        draws its necrosis pattern from the generator passed as ``extra_rng``.
+    nonenhancing_rim:
+        Range of the share of the rim that does not enhance (default 0.05-0.3); the same
+        uniform draw is mapped onto this range. A higher share turns rim voxels from ET
+        (label 4) into label 1: ET shrinks, TC and WT stay as they are.
+    enhancement:
+        Factor on the contrast uptake of ET on T1ce (default 1).
+    """
+
+    solid_probability: float = 0.25
+    nonenhancing_rim: tuple[float, float] = (0.05, 0.3)
+    enhancement: float = 1.0
+
+
+DEFAULT_PHENOTYPE = TumourPhenotype()
+
+
+def _rim_share(drawn: float, phenotype: TumourPhenotype) -> float:
+    """Map a draw of the default range (0.05-0.3) onto the phenotype's range, same quantile."""
+    lo, hi = phenotype.nonenhancing_rim
+    if (lo, hi) == DEFAULT_PHENOTYPE.nonenhancing_rim:
+        return drawn
+    q = (drawn - 0.05) / 0.25
+    return lo + (hi - lo) * q
+
+
+def _core_pattern(
+    rng: np.random.Generator,
+    extra_rng: np.random.Generator | None,
+    phenotype: TumourPhenotype,
+    bshape: tuple[int, ...],
+) -> tuple[bool, np.ndarray | None, float]:
+    """Whether the core is solid, and the necrosis pattern (noise, NET share) when it is not.
+
+    Consumes from ``rng`` exactly what the generator without phenotype did (one uniform, then
+    noise and a share when that draw made the core necrotic), so later draws stay aligned.
+    """
+    u = rng.random()
+    default_solid = u < DEFAULT_PHENOTYPE.solid_probability
+    patch: np.ndarray | None = None
+    share = 0.0
+    if not default_solid:
+        patch = _smooth_noise(rng, bshape, 4.0)[0]
+        share = float(rng.uniform(0.0, 0.25))
+    solid = u < phenotype.solid_probability
+    if not solid and patch is None:
+        if extra_rng is None:
+            raise ConfigError("a phenotype that makes a solid core necrotic needs extra_rng")
+        patch = _smooth_noise(extra_rng, bshape, 4.0)[0]
+        share = float(extra_rng.uniform(0.0, 0.25))
+    return solid, patch, share
+
+
 @dataclass
 class _Tumour:
     classes: np.ndarray  # (X, Y, Z) uint8 internal classes
@@ -267,6 +343,8 @@ def _make_tumour(
     centre: np.ndarray,
     tc_vox: int,
     ed_vox: int,
+    phenotype: TumourPhenotype = DEFAULT_PHENOTYPE,
+    extra_rng: np.random.Generator | None = None,
 ) -> _Tumour:
     """Grow core, rim and oedema around ``centre`` (voxel coords) with the given volumes."""
     shape = brain.shape
@@ -311,13 +389,14 @@ def _make_tumour(
     # Part of the rim does not enhance (label 1, looks like ET except on T1ce).
     patch = _smooth_noise(rng, bshape, 4.0)[0]
     n_rim = int(rim.sum())
-    classes[_lowest(patch, rim, int(rng.uniform(0.05, 0.3) * n_rim))] = _NET
-    if rng.random() < 0.25:
+    share = _rim_share(float(rng.uniform(0.05, 0.3)), phenotype)
+    classes[_lowest(patch, rim, int(share * n_rim))] = _NET
+    solid, necrosis, net_share = _core_pattern(rng, extra_rng, phenotype, bshape)
+    if solid or necrosis is None:
         classes[inner] = _NET  # solid tumour without necrosis
     else:
         classes[inner] = _NCR
-        patch = _smooth_noise(rng, bshape, 4.0)[0]
-        classes[_lowest(patch, inner, int(rng.uniform(0.0, 0.25) * inner.sum()))] = _NET
+        classes[_lowest(necrosis, inner, int(net_share * inner.sum()))] = _NET
 
     # Oedema follows white matter (slow through grey matter, none in CSF), finger-like.
     dist = ndi.distance_transform_edt(~core).astype(np.float32)
@@ -347,6 +426,7 @@ def _render(
     tissue: np.ndarray,
     brain: np.ndarray,
     tumour: _Tumour,
+    phenotype: TumourPhenotype = DEFAULT_PHENOTYPE,
 ) -> np.ndarray:
     """Turn tissue fractions and tumour classes into four stored-unit images (float32)."""
     shape = brain.shape
@@ -368,7 +448,7 @@ def _render(
     tissue_vals = (tissue_vals * (1 + rng.normal(0, 0.04, tissue_vals.shape))).astype(np.float32)
     tumour_vals = {k: np.asarray(v) * (1 + rng.normal(0, 0.07, 4)) for k, v in _TUMOUR.items()}
     # Enhancement is relative to the unenhanced tumour, scaled by the scanner's protocol.
-    gain = scanner.enhancement * (1 + rng.normal(0, 0.08))
+    gain = scanner.enhancement * (1 + rng.normal(0, 0.08)) * phenotype.enhancement
     base_et = tumour_vals[_NET][_T1CE]
     tumour_vals[_ET][_T1CE] = base_et + (tumour_vals[_ET][_T1CE] - base_et) * gain
 
@@ -412,7 +492,13 @@ def _region_volumes(label: np.ndarray) -> dict[str, float]:
     }
 
 
-def generate_case(case_id: str, rng: np.random.Generator, scanner: ScannerProfile) -> Case:
+def generate_case(
+    case_id: str,
+    rng: np.random.Generator,
+    scanner: ScannerProfile,
+    phenotype: TumourPhenotype = DEFAULT_PHENOTYPE,
+    extra_rng: np.random.Generator | None = None,
+) -> Case:
     """Generate one synthetic BraTS-style case.
 
     Parameters
@@ -424,6 +510,13 @@ def generate_case(case_id: str, rng: np.random.Generator, scanner: ScannerProfil
         and tumour do not depend on ``scanner``, only the intensities do.
     scanner:
         The acquisition profile (see :mod:`fedseg.data.scanners`).
+    phenotype:
+        What the case's clinical record fixes about the tumour (:class:`TumourPhenotype`);
+        the default is the generator without clinical records.
+    extra_rng:
+        Draws a phenotype needs beyond ``rng``'s (a necrosis pattern where the default draw
+        gave a solid core), so that ``rng``'s stream stays aligned. Required when
+        ``phenotype.solid_probability`` is below the default's.
 
     Returns
     -------
@@ -433,7 +526,7 @@ def generate_case(case_id: str, rng: np.random.Generator, scanner: ScannerProfil
         a RAS affine with 2 mm spacing; ``meta`` with ``scanner``, ``wt_ml``, ``tc_ml``,
         ``et_ml``.
     """
-    synthesis = _synthesise(rng, scanner)
+    synthesis = _synthesise(rng, scanner, phenotype, extra_rng)
     meta: dict[str, object] = {"scanner": scanner.name, "source": "fedseg.synth"}
     meta.update(_region_volumes(synthesis.label))
     return Case(
@@ -454,12 +547,17 @@ class _Synthesis:
     brain: np.ndarray
 
 
-def _synthesise(rng: np.random.Generator, scanner: ScannerProfile) -> _Synthesis:
+def _synthesise(
+    rng: np.random.Generator,
+    scanner: ScannerProfile,
+    phenotype: TumourPhenotype = DEFAULT_PHENOTYPE,
+    extra_rng: np.random.Generator | None = None,
+) -> _Synthesis:
     """Draw anatomy, tumour and images; also returns the tissue maps (used by tests)."""
     # The matrix products here are small: extra BLAS threads only spin, and under load from
     # other processes they slow everything down several times.
     with _single_blas_thread():
-        return _synthesise_unlimited(rng, scanner)
+        return _synthesise_unlimited(rng, scanner, phenotype, extra_rng)
 
 
 def _single_blas_thread() -> AbstractContextManager[object]:
@@ -470,7 +568,12 @@ def _single_blas_thread() -> AbstractContextManager[object]:
     return threadpool_limits(1, user_api="blas")
 
 
-def _synthesise_unlimited(rng: np.random.Generator, scanner: ScannerProfile) -> _Synthesis:
+def _synthesise_unlimited(
+    rng: np.random.Generator,
+    scanner: ScannerProfile,
+    phenotype: TumourPhenotype,
+    extra_rng: np.random.Generator | None,
+) -> _Synthesis:
     anat = _anatomy()
     shape = anat.shape
     ctr = (np.asarray(shape, dtype=np.float64) - 1) / 2
@@ -533,8 +636,8 @@ def _synthesise_unlimited(rng: np.random.Generator, scanner: ScannerProfile) -> 
     brain = total > 0.5
     np.divide(tissue, np.where(brain, total, np.inf)[..., None], out=tissue)
 
-    tumour = _make_tumour(rng, tissue, brain, c_out, tc_vox, ed_vox)
-    image = _render(rng, scanner, tissue, brain, tumour)
+    tumour = _make_tumour(rng, tissue, brain, c_out, tc_vox, ed_vox, phenotype, extra_rng)
+    image = _render(rng, scanner, tissue, brain, tumour, phenotype)
     label = _CLASS_TO_LABEL[tumour.classes]
     return _Synthesis(image, label, anat.affine.copy(), tissue, brain)
 
@@ -681,7 +784,8 @@ def generate_cohort(
     Case ``i`` is ``SYN_{i:05d}``, drawn with :func:`case_rng` ``(seed, i)`` on scanner
     ``scanners[i % len(scanners)]`` (round-robin), so a cohort's first cases do not depend on
     its size (nor on ``workers``). Also writes ``out_dir/cohort.csv`` with columns
-    :data:`COHORT_COLUMNS`, one row per case.
+    :data:`COHORT_COLUMNS`, one row per case, and ``out_dir/clinical.csv`` with each case's
+    clinical record (:func:`cohort_case`, :mod:`fedseg.data.clinical`).
 
     Parameters
     ----------
@@ -742,10 +846,12 @@ def generate_cohort(
     workers = min(workers, num_cases)
     jobs = [(out, seed, i, profiles[i % len(profiles)], spacing) for i in range(num_cases)]
     _anatomy()  # loaded once here, so that forked workers share it
-    results: list[tuple[CaseRef, dict[str, object]]] = []
+    results: list[tuple[CaseRef, dict[str, object], dict[str, Any]]] = []
     with ExitStack() as stack:
         if workers == 1:
-            produced: Iterable[tuple[CaseRef, dict[str, object]]] = map(_generate_and_write, jobs)
+            produced: Iterable[tuple[CaseRef, dict[str, object], dict[str, Any]]] = map(
+                _generate_and_write, jobs
+            )
         else:
             # Fork (workers inherit the loaded templates) before the progress bar's thread
             # starts; spawn where fork does not exist.
@@ -757,21 +863,62 @@ def generate_cohort(
         for result in produced:
             results.append(result)
             advance()
-    _write_csv(out / "cohort.csv", [row for _, row in results])
-    return [ref for ref, _ in results]
+    from fedseg.data.clinical import write_clinical_csv
+
+    write_clinical_csv(out / "clinical.csv", {ref.case_id: rec for ref, _, rec in results})
+    _write_csv(out / "cohort.csv", [row for _, row, _ in results])
+    return [ref for ref, _, _ in results]
+
+
+def cohort_case(seed: int, index: int, scanner: ScannerProfile) -> tuple[Case, dict[str, Any]]:
+    """Case ``index`` of a cohort drawn with ``seed``, with its clinical record.
+
+    The record is drawn first from the case's clinical streams
+    (:func:`fedseg.data.clinical.clinical_streams`), its grade and IDH status set the tumour's
+    :class:`TumourPhenotype`, the image is drawn from :func:`case_rng` ``(seed, index)``, and
+    the survival (which depends on the core volume) and the missing fields come last.
+
+    Parameters
+    ----------
+    seed, index:
+        The cohort's seed and the case's position (both >= 0).
+    scanner:
+        The case's scanner profile (also its hospital, for the fields it does not record).
+
+    Returns
+    -------
+    tuple of Case and dict
+        The case (id ``SYN_{index:05d}``) and its record
+        (:data:`fedseg.data.clinical.CLINICAL_FIELDS` -> value or ``None``).
+    """
+    from fedseg.data.clinical import (
+        clinical_streams,
+        complete_record,
+        draw_clinical,
+        phenotype_of,
+    )
+
+    streams = clinical_streams(seed, index)
+    draw = draw_clinical(streams.record)
+    phenotype = phenotype_of(draw)
+    case_id = f"{CASE_PREFIX}{index:05d}"
+    case = generate_case(case_id, case_rng(seed, index), scanner, phenotype, streams.image)  # type: ignore[arg-type]
+    tc_ml = float(case.meta["tc_ml"])  # type: ignore[arg-type]
+    record = complete_record(draw, streams.outcome, scanner.name, tc_ml)
+    return case, dict(record)
 
 
 def _generate_and_write(
     job: tuple[Path, int, int, ScannerProfile, float],
-) -> tuple[CaseRef, dict[str, object]]:
-    """Generate case ``index`` of a cohort and write it; returns its ref and CSV row."""
+) -> tuple[CaseRef, dict[str, object], dict[str, Any]]:
+    """Generate case ``index`` of a cohort and write it; returns its ref, CSV row and record."""
     out, seed, index, profile, spacing = job
-    case_id = f"{CASE_PREFIX}{index:05d}"
-    case = generate_case(case_id, case_rng(seed, index), profile)
+    case, record = cohort_case(seed, index, profile)
     if spacing == 1.0:
         case = to_native_grid(case)
     ref = write_case(case, out)
-    return ref, {"case_id": case_id, **{k: case.meta[k] for k in COHORT_COLUMNS[1:]}}
+    row = {"case_id": case.case_id, **{k: case.meta[k] for k in COHORT_COLUMNS[1:]}}
+    return ref, row, record
 
 
 def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:

@@ -112,7 +112,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     Returns
     -------
     flwr.clientapp.ClientApp
-        With ``train``, ``evaluate`` and ``query`` handlers.
+        With ``train``, ``evaluate`` and ``query`` handlers, and ``train.fusion``.
     """
     fixed = dict(overrides or {})
     client = ClientApp()
@@ -129,6 +129,12 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @client.query()
     def query(msg: Message, context: Context) -> Message:
         return guarded_reply(site.handle_query, msg, context, fixed)
+
+    @client.train("fusion")  # the fusion models (fedseg.fusion.site)
+    def train_fusion(msg: Message, context: Context) -> Message:
+        from fedseg.fusion.site import handle_fusion_train
+
+        return guarded_reply(handle_fusion_train, msg, context, fixed)
 
     return client
 

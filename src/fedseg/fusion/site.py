@@ -1,0 +1,164 @@
+"""The site side of federated fusion training: the ClientApp's ``train.fusion`` handler.
+
+A site reads its own cases (:func:`fedseg.federation.site.resolve_site`, the same rule as the
+segmentation handlers), the clinical CSV (node-config key ``clinical-file``, else
+``clinical.csv`` in its data folder), holds out ``test-fraction`` of its cases as the
+segmentation handlers do (:func:`fedseg.data.cohort.split_cases`, seeded by ``seed``), and runs
+``local-steps`` gradient steps of the fusion model on the rest. The reply carries the model
+(``[w, b]``, a few dozen numbers) and ``num-examples``: no feature, record or case id leaves
+the site.
+
+The message's config record is the one source of the task's parameters: ``endpoint``,
+``features``, ``local-steps``, ``lr``, ``l2``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedseg.config import FedsegConfig
+from fedseg.errors import ConfigError
+from fedseg.fusion.features import (
+    ENDPOINTS,
+    FEATURE_SETS,
+    FusionData,
+    build_data,
+    case_image_features,
+    check_choice,
+)
+
+#: the action of fusion messages (``train.fusion``)
+FUSION_ACTION = "fusion"
+
+
+def _task(config: ConfigRecord) -> dict[str, Any]:
+    def get(key: str, kind: type) -> Any:
+        if key not in config:
+            raise ConfigError(f"fusion message without {key!r} in its config record")
+        value = config[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"fusion message: {key!r} must be {kind.__name__}, got {value!r}")
+        return value
+
+    return {
+        "endpoint": check_choice("endpoint", get("endpoint", str), ENDPOINTS),
+        "features": check_choice("features", get("features", str), FEATURE_SETS),
+        "steps": get("local-steps", int),
+        "lr": get("lr", float),
+        "l2": get("l2", float),
+    }
+
+
+def site_fusion_data(
+    context: Context, cfg: FedsegConfig, endpoint: str, features: str, part: str = "train"
+) -> FusionData:
+    """This site's fusion data (its ``train`` or ``test`` cases) for a task.
+
+    Parameters
+    ----------
+    context:
+        The ClientApp's context (node config: ``data-path`` or ``partition-id``, optional
+        ``clinical-file``).
+    cfg:
+        The site's config (``test-fraction``, ``seed``, the simulation's data and partition).
+    endpoint, features:
+        See :data:`fedseg.fusion.features.ENDPOINTS` and ``FEATURE_SETS``.
+    part:
+        ``"train"`` or ``"test"``.
+
+    Returns
+    -------
+    FusionData
+        The site's cases of that part that have the endpoint.
+    """
+    from fedseg.data.clinical import read_clinical
+    from fedseg.data.cohort import split_cases
+    from fedseg.federation.site import _discover_ids, resolve_site
+
+    spec = resolve_site(context, cfg)
+    clinical = str(context.node_config.get("clinical-file", "") or "")
+    path = Path(clinical) if clinical else spec.root / "clinical.csv"
+    try:
+        st = path.stat()
+        stamp: tuple[int, int] = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = (-1, -1)  # read_clinical reports it
+    key = (
+        str(spec.root),
+        spec.case_ids,
+        str(path),
+        stamp,
+        cfg.test_fraction,
+        cfg.seed,
+        endpoint,
+        features,
+        part,
+    )
+    if key not in _DATA:
+        ids = list(spec.case_ids) if spec.case_ids is not None else _discover_ids(spec.root)
+        chosen = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)[part]
+        records = read_clinical(path)
+        images = case_image_features(spec.root, chosen) if features != "clinical" else {}
+        _DATA[key] = build_data(chosen, records, images, endpoint, features)
+    return _DATA[key]
+
+
+# A site's features, per process: rounds after the first do not read the files again (the
+# clinical CSV's size and time are part of the key, so an edited file is read again).
+_DATA: dict[tuple[object, ...], FusionData] = {}
+
+
+def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
+    """Train the received fusion model on this site's cases (a ``train.fusion`` message).
+
+    Parameters
+    ----------
+    msg:
+        Content: ``arrays`` (``[w, b]``) and ``config`` (see the module docstring).
+    context, cfg:
+        The ClientApp's context and the site's config.
+
+    Returns
+    -------
+    flwr.app.RecordDict
+        ``arrays``: the trained ``[w, b]``; ``metrics``: ``num-examples``, ``train-loss``.
+
+    Raises
+    ------
+    ConfigError
+        A message without a valid task, or with weights that do not fit the features.
+    fedseg.errors.DataError
+        The site's data or clinical CSV cannot be read, or it has no case with the endpoint.
+    """
+    from fedseg.errors import DataError
+    from fedseg.fusion.model import local_steps
+
+    task = _task(msg.content.config_records.get("config", ConfigRecord()))
+    arrays = msg.content.array_records.get("arrays")
+    if arrays is None:
+        raise ConfigError("fusion message without 'arrays'")
+    data = site_fusion_data(context, cfg, task["endpoint"], task["features"])
+    if len(data) == 0:
+        raise DataError(f"no training case of this site has the {task['endpoint']} endpoint")
+    weights, loss = local_steps(
+        arrays.to_numpy_ndarrays(),
+        data.x,
+        data.y,
+        data.time,
+        data.event,
+        endpoint=task["endpoint"],
+        steps=task["steps"],
+        lr=task["lr"],
+        l2=task["l2"],
+    )
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(numpy_ndarrays=weights),
+            "metrics": MetricRecord({"num-examples": len(data), "train-loss": loss}),
+        }
+    )

@@ -1,0 +1,532 @@
+"""``fedseg fusion-study``: image-only, clinical-only and fusion models, three ways of training.
+
+For each endpoint (WHO grade 4 vs 2-3, AUC; overall survival, Harrell's C-index) and each
+feature set (:data:`fedseg.fusion.features.FEATURE_SETS`) the same linear model is trained
+with the same number of gradient steps (``rounds x local-steps``):
+
+``centralized``
+    on the pooled training cases of all sites;
+``federated``
+    FedAvg over the sites through the fedseg ClientApp (:mod:`fedseg.fusion.federated`),
+    ``rounds`` rounds of ``local-steps`` steps at each site;
+``local``
+    at each site alone; each site's model scores that site's test cases.
+
+Every model is scored on the pooled held-out test cases of all sites (``test-fraction`` of each
+site, the split the sites use), with a 95 % percentile-bootstrap interval over test cases; the
+fusion gain over each single source is a paired bootstrap on the same resamples. Outputs in the
+study folder: ``results.json`` (everything, test scores included, so a rerun with the same
+settings reuses finished arms), ``results.csv`` (one row per arm), ``report.html`` (ROC curves,
+tables, targets) and ``partition.csv``. Without ``--data`` the cohort is generated into
+``STUDY/data`` once and reused on a rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedseg.errors import ClinicalDataError, ConfigError, DataError
+from fedseg.fusion.features import (
+    ENDPOINTS,
+    FEATURE_SETS,
+    FusionData,
+    build_data,
+    case_image_features,
+    check_choice,
+    feature_names,
+)
+from fedseg.fusion.metrics import auc, bootstrap_ci, c_index
+from fedseg.fusion.model import init_weights, local_steps, predict
+
+log = logging.getLogger("fedseg.fusion")
+
+#: ways of training compared by the study
+TRAININGS: tuple[str, ...] = ("centralized", "federated", "local")
+#: the study's targets: fusion gain over each single source, federated / centralized
+TARGET_GAIN, TARGET_RATIO = 0.05, 0.95
+RESULT_COLUMNS: tuple[str, ...] = (
+    "endpoint",
+    "features",
+    "training",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n_test",
+    "n_train",
+    "seconds",
+)
+
+
+@dataclass(frozen=True)
+class FusionStudyConfig:
+    """Settings of a fusion study (the options of ``fedseg fusion-study``).
+
+    Parameters
+    ----------
+    out:
+        The study folder.
+    data:
+        A cohort folder with a clinical CSV; ``None`` generates ``cases`` cases into
+        ``out/data``.
+    clinical:
+        The clinical CSV (fedseg's or BraTS 2020's ``survival_info.csv``); default
+        ``clinical.csv`` in the data folder.
+    cases, seed:
+        Size and seed of the generated cohort; ``seed`` also seeds the partition, the splits
+        and the bootstrap.
+    sites, partition, alpha:
+        Number of sites and how they are drawn (:func:`fedseg.data.partition.partition`).
+    test_fraction:
+        Share of each site's cases held out for scoring.
+    rounds, local_steps, lr, l2:
+        Training budget and the models' step size and L2 penalty.
+    bootstrap:
+        Bootstrap resamples for the intervals.
+    endpoints:
+        Which of :data:`fedseg.fusion.features.ENDPOINTS` to study.
+    """
+
+    out: Path
+    data: Path | None = None
+    clinical: Path | None = None
+    cases: int = 240
+    seed: int = 0
+    sites: int = 4
+    partition: str = "scanner"
+    alpha: float = 0.5
+    test_fraction: float = 0.3
+    rounds: int = 30
+    local_steps: int = 10
+    lr: float = 0.3
+    l2: float = 0.01
+    bootstrap: int = 1000
+    endpoints: tuple[str, ...] = field(default=ENDPOINTS)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, what: str, value: object) -> None:
+            if not ok:
+                raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+        need(self.cases >= 8, "--cases", "an integer >= 8", self.cases)
+        need(self.seed >= 0, "--seed", "an integer >= 0", self.seed)
+        need(self.sites >= 2, "--sites", "an integer >= 2", self.sites)
+        need(0 < self.test_fraction < 0.9, "--test-fraction", "in (0, 0.9)", self.test_fraction)
+        need(self.rounds >= 1, "--rounds", "an integer >= 1", self.rounds)
+        need(self.local_steps >= 1, "--local-steps", "an integer >= 1", self.local_steps)
+        need(self.lr > 0 and math.isfinite(self.lr), "--lr", "a number > 0", self.lr)
+        need(self.l2 >= 0 and math.isfinite(self.l2), "--l2", "a number >= 0", self.l2)
+        need(self.bootstrap >= 100, "--bootstrap", "an integer >= 100", self.bootstrap)
+        need(self.alpha > 0, "--alpha", "a number > 0", self.alpha)
+        need(len(self.endpoints) >= 1, "--endpoints", "at least one endpoint", self.endpoints)
+        for e in self.endpoints:
+            check_choice("--endpoints", e, ENDPOINTS)
+
+    def fingerprint(self) -> str:
+        """A hash of the settings that decide the results (not the output folder)."""
+        d = asdict(self)
+        d.pop("out")
+        d.pop("bootstrap")
+        text = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Split:
+    root: Path
+    clinical: Path
+    records: dict[str, Any]
+    sites: dict[str, list[str]]
+    train: dict[str, list[str]]
+    test: dict[str, list[str]]
+    images: dict[str, np.ndarray]
+
+
+def _prepare(cfg: FusionStudyConfig, say: Callable[[str], None]) -> _Split:
+    from fedseg.data.clinical import read_clinical
+    from fedseg.data.cohort import split_cases
+    from fedseg.data.partition import case_attributes, partition, write_partition
+
+    if cfg.data is None:
+        root = cfg.out / "data"
+        ready = (root / "cohort.csv").is_file() and (root / "clinical.csv").is_file()
+        if ready and len(case_attributes(root)) == cfg.cases:
+            say(f"reusing the generated cohort in {root}")
+        else:
+            from fedseg.data.synth import generate_cohort
+
+            say(f"generating {cfg.cases} cases with clinical records into {root}")
+            generate_cohort(root, cfg.cases, seed=cfg.seed, progress=False)
+    else:
+        root = cfg.data
+        if not root.is_dir():
+            raise DataError(f"--data {str(root)!r} is not a folder")
+    clinical = cfg.clinical or root / "clinical.csv"
+    if not clinical.is_file():
+        raise ClinicalDataError(
+            f"{clinical}: no clinical CSV (expected clinical.csv in the data folder, or "
+            "--clinical FILE)"
+        )
+    attrs = case_attributes(root)
+    records = read_clinical(clinical, set(attrs))
+    parts = partition(
+        list(attrs.values()), cfg.sites, cfg.partition, alpha=cfg.alpha, seed=cfg.seed
+    )
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_partition(parts, cfg.out / "partition.csv")
+    train, test = {}, {}
+    for site, ids in parts.items():
+        split = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)
+        train[site], test[site] = split["train"], split["test"]
+    say(f"reading image features of {len(attrs)} cases")
+    images = case_image_features(root, sorted(attrs))
+    return _Split(root, clinical, records, dict(parts), train, test, images)
+
+
+def _data(split: _Split, ids: Sequence[str], endpoint: str, features: str) -> FusionData:
+    return build_data(ids, split.records, split.images, endpoint, features)
+
+
+def _usable(data: FusionData, endpoint: str) -> bool:
+    if endpoint == "grade":
+        return len(data) > 0 and 0 < data.y.sum() < len(data)
+    return len(data) > 1 and data.event.sum() > 0
+
+
+def _score(endpoint: str, data: FusionData, scores: np.ndarray, idx: np.ndarray) -> float:
+    if endpoint == "grade":
+        return auc(data.y[idx], scores[idx])
+    return c_index(data.time[idx], data.event[idx], scores[idx])
+
+
+def _nan_to_none(v: float) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(float(v), 4)
+
+
+def _train(
+    cfg: FusionStudyConfig,
+    split: _Split,
+    endpoint: str,
+    features: str,
+    training: str,
+    test_ids: list[str],
+) -> tuple[np.ndarray, int]:
+    """Scores of the pooled test cases (in ``test_ids`` order) and the training-set size."""
+    dim = len(feature_names(endpoint, features))
+    steps = cfg.rounds * cfg.local_steps
+
+    def fit(data: FusionData) -> list[np.ndarray]:
+        w, _ = local_steps(
+            init_weights(dim),
+            data.x,
+            data.y,
+            data.time,
+            data.event,
+            endpoint=endpoint,
+            steps=steps,
+            lr=cfg.lr,
+            l2=cfg.l2,
+        )
+        return w
+
+    all_train = [c for ids in split.train.values() for c in ids]
+    test = _data(split, test_ids, endpoint, features)
+    if training == "centralized":
+        data = _data(split, sorted(all_train), endpoint, features)
+        return predict(fit(data), test.x), len(data)
+    if training == "federated":
+        from fedseg.data.partition import write_partition
+        from fedseg.fusion.federated import train_federated
+
+        part_file = cfg.out / "partition.csv"
+        write_partition(split.sites, part_file)
+        run_config = {
+            "data-path": str(split.root),
+            "partition-file": str(part_file),
+            "num-sites": len(split.sites),
+            "test-fraction": cfg.test_fraction,
+            "seed": cfg.seed,
+        }
+        w = train_federated(
+            run_config,
+            len(split.sites),
+            init_weights(dim),
+            endpoint=endpoint,
+            features=features,
+            rounds=cfg.rounds,
+            local_steps=cfg.local_steps,
+            lr=cfg.lr,
+            l2=cfg.l2,
+            node_config={"clinical-file": str(split.clinical)},
+        )
+        n = len(_data(split, sorted(all_train), endpoint, features))
+        return predict(w, test.x), n
+    # local: each site's model scores that site's own test cases
+    scores = np.full(len(test), np.nan)
+    position = {c: i for i, c in enumerate(test.case_ids)}
+    n_train = 0
+    for site, ids in split.train.items():
+        data = _data(split, ids, endpoint, features)
+        site_test = _data(split, split.test[site], endpoint, features)
+        if len(site_test) == 0:
+            continue
+        w = init_weights(dim) if len(data) == 0 else fit(data)
+        n_train += len(data)
+        for c, s in zip(site_test.case_ids, predict(w, site_test.x), strict=True):
+            scores[position[c]] = s
+    return scores, n_train
+
+
+def run_fusion_study(
+    cfg: FusionStudyConfig, say: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
+    """Run (or resume) a fusion study and write its outputs into ``cfg.out``.
+
+    Parameters
+    ----------
+    cfg:
+        The settings.
+    say:
+        Receives one-line progress messages.
+
+    Returns
+    -------
+    dict
+        The content of ``results.json``.
+
+    Raises
+    ------
+    ConfigError
+        Bad settings.
+    fedseg.errors.DataError
+        The cohort or clinical CSV cannot be read (:class:`ClinicalDataError` names file, row
+        and column), or no endpoint has usable cases.
+    """
+    from fedseg.utils.io import atomic_write_csv, atomic_write_json
+
+    started = time.perf_counter()
+    split = _prepare(cfg, say)
+    results_path = cfg.out / "results.json"
+    previous: dict[str, Any] = {}
+    if results_path.is_file():
+        try:
+            old = json.loads(results_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        if old.get("fingerprint") == cfg.fingerprint():
+            previous = {a["name"]: a for a in old.get("arms", []) if "scores" in a}
+    test_ids = sorted(c for ids in split.test.values() for c in ids)
+    doc: dict[str, Any] = {
+        "fingerprint": cfg.fingerprint(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "cohort": _cohort_summary(split),
+        "arms": [],
+        "skipped": [],
+    }
+    for endpoint in cfg.endpoints:
+        ref = _data(split, test_ids, endpoint, "clinical")
+        train_ref = _data(split, [c for v in split.train.values() for c in v], endpoint, "clinical")
+        if not (_usable(ref, endpoint) and _usable(train_ref, endpoint)):
+            reason = f"too few cases with the {endpoint} endpoint in the training or test set"
+            doc["skipped"].append({"endpoint": endpoint, "reason": reason})
+            say(f"{endpoint}: skipped ({reason})")
+            continue
+        for features in FEATURE_SETS:
+            for training in TRAININGS:
+                name = f"{endpoint}/{features}/{training}"
+                if name in previous:
+                    say(f"{name}: finished in an earlier run, kept")
+                    doc["arms"].append(previous[name])
+                    continue
+                t0 = time.perf_counter()
+                scores, n_train = _train(cfg, split, endpoint, features, training, test_ids)
+                arm = _arm(cfg, endpoint, features, training, ref, scores, n_train)
+                arm["seconds"] = round(time.perf_counter() - t0, 2)
+                doc["arms"].append(arm)
+                say(f"{name}: {arm['metric']} {arm['value']} [{arm['ci_low']}, {arm['ci_high']}]")
+                atomic_write_json(results_path, doc)
+    if not doc["arms"]:
+        raise DataError(
+            "no endpoint has usable cases: " + "; ".join(s["reason"] for s in doc["skipped"])
+        )
+    doc["comparisons"] = _comparisons(cfg, doc["arms"], split, test_ids)
+    doc["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(results_path, doc)
+    atomic_write_csv(cfg.out / "results.csv", doc["arms"], RESULT_COLUMNS)
+    from fedseg.fusion.report import write_report
+
+    write_report(doc, cfg.out / "report.html")
+    return doc
+
+
+def _arm(
+    cfg: FusionStudyConfig,
+    endpoint: str,
+    features: str,
+    training: str,
+    ref: FusionData,
+    scores: np.ndarray,
+    n_train: int,
+) -> dict[str, Any]:
+    ok = np.isfinite(scores)
+    idx_all = np.flatnonzero(ok)
+    value = _score(endpoint, ref, scores, idx_all)
+    lo, hi = bootstrap_ci(
+        lambda idx: _score(endpoint, ref, scores, idx_all[idx]),
+        len(idx_all),
+        resamples=cfg.bootstrap,
+        seed=cfg.seed,
+    )
+    arm: dict[str, Any] = {
+        "name": f"{endpoint}/{features}/{training}",
+        "endpoint": endpoint,
+        "features": features,
+        "training": training,
+        "metric": "AUC" if endpoint == "grade" else "C-index",
+        "value": _nan_to_none(value),
+        "ci_low": _nan_to_none(lo),
+        "ci_high": _nan_to_none(hi),
+        "n_test": int(ok.sum()),
+        "n_train": n_train,
+        "scores": [None if not np.isfinite(s) else float(s) for s in scores],
+    }
+    if endpoint == "grade" and np.unique(ref.y[ok]).size == 2:
+        from sklearn.metrics import roc_curve  # type: ignore[import-untyped]
+
+        fpr, tpr, _ = roc_curve(ref.y[ok], scores[ok])
+        arm["roc"] = {
+            "fpr": [round(float(v), 4) for v in fpr],
+            "tpr": [round(float(v), 4) for v in tpr],
+        }
+    return arm
+
+
+def _comparisons(
+    cfg: FusionStudyConfig, arms: list[dict[str, Any]], split: _Split, test_ids: list[str]
+) -> list[dict[str, Any]]:
+    """Fusion gain over each single source (paired bootstrap), federated / centralized."""
+    by = {a["name"]: a for a in arms}
+    out: list[dict[str, Any]] = []
+    for endpoint in cfg.endpoints:
+        ref = _data(split, test_ids, endpoint, "clinical")
+        for training in TRAININGS:
+            fusion = by.get(f"{endpoint}/fusion/{training}")
+            if fusion is None:
+                continue
+            s_f = np.array([np.nan if v is None else v for v in fusion["scores"]])
+            for single in ("image", "clinical"):
+                other = by.get(f"{endpoint}/{single}/{training}")
+                if other is None:
+                    continue
+                s_o = np.array([np.nan if v is None else v for v in other["scores"]])
+                idx_all = np.flatnonzero(np.isfinite(s_f) & np.isfinite(s_o))
+
+                def diff(
+                    idx: np.ndarray,
+                    a: np.ndarray = s_f,
+                    b: np.ndarray = s_o,
+                    keep: np.ndarray = idx_all,
+                    endpoint: str = endpoint,
+                    ref: FusionData = ref,
+                ) -> float:
+                    sel = keep[idx]
+                    return _score(endpoint, ref, a, sel) - _score(endpoint, ref, b, sel)
+
+                gain = diff(np.arange(len(idx_all)))
+                lo, hi = bootstrap_ci(diff, len(idx_all), resamples=cfg.bootstrap, seed=cfg.seed)
+                out.append(
+                    {
+                        "kind": "fusion gain",
+                        "endpoint": endpoint,
+                        "training": training,
+                        "against": single,
+                        "value": _nan_to_none(gain),
+                        "ci_low": _nan_to_none(lo),
+                        "ci_high": _nan_to_none(hi),
+                        "target": TARGET_GAIN,
+                        "met": bool(math.isfinite(gain) and gain >= TARGET_GAIN),
+                    }
+                )
+        for features in FEATURE_SETS:
+            fed = by.get(f"{endpoint}/{features}/federated")
+            cen = by.get(f"{endpoint}/{features}/centralized")
+            if fed is None or cen is None or not fed["value"] or not cen["value"]:
+                continue
+            ratio = fed["value"] / cen["value"]
+            out.append(
+                {
+                    "kind": "federated / centralized",
+                    "endpoint": endpoint,
+                    "features": features,
+                    "value": round(ratio, 4),
+                    "target": TARGET_RATIO,
+                    "met": bool(ratio >= TARGET_RATIO),
+                }
+            )
+    return out
+
+
+def _cohort_summary(split: _Split) -> dict[str, Any]:
+    from fedseg.data.clinical import CLINICAL_FIELDS
+
+    sites = []
+    for site, ids in split.sites.items():
+        recs = [split.records.get(c) for c in ids]
+        missing = {
+            f: round(sum(1 for r in recs if r is None or r.get(f) is None) / max(len(recs), 1), 3)
+            for f in CLINICAL_FIELDS
+        }
+        grade4 = sum(1 for r in recs if r and r.get("who_grade") == 4)
+        sites.append(
+            {
+                "site": site,
+                "cases": len(ids),
+                "train": len(split.train[site]),
+                "test": len(split.test[site]),
+                "grade4": grade4,
+                "missing": missing,
+            }
+        )
+    return {
+        "data": str(split.root),
+        "clinical": str(split.clinical),
+        "cases": sum(len(v) for v in split.sites.values()),
+        "with_record": sum(1 for v in split.sites.values() for c in v if c in split.records),
+        "sites": sites,
+    }
+
+
+def results_table(doc: Mapping[str, Any]) -> list[str]:
+    """Plain-text lines summarising a study's results (for the CLI)."""
+    lines = []
+    for arm in doc["arms"]:
+        lines.append(
+            f"{arm['endpoint']:9s} {arm['features']:9s} {arm['training']:12s} "
+            f"{arm['metric']:8s} {_fmt(arm['value'])} [{_fmt(arm['ci_low'])}, "
+            f"{_fmt(arm['ci_high'])}]"
+        )
+    for c in doc.get("comparisons", []):
+        what = (
+            f"fusion - {c['against']} ({c['training']})"
+            if c["kind"] == "fusion gain"
+            else f"federated / centralized ({c['features']})"
+        )
+        lines.append(
+            f"{c['endpoint']:9s} {what}: {_fmt(c['value'])} "
+            f"(target {c['target']}, {'met' if c['met'] else 'NOT met'})"
+        )
+    return lines
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

@@ -1,0 +1,357 @@
+"""Fusion models: features, metrics, the numerical core, federated training through the ClientApp,
+and ``fedseg fusion-study`` end to end on tiny cases."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_case_as
+from typer.testing import CliRunner
+
+from fedseg.cli.main import app
+from fedseg.data.case import Case
+from fedseg.data.clinical import (
+    clinical_streams,
+    complete_record,
+    draw_clinical,
+    write_clinical_csv,
+)
+from fedseg.data.cohort import split_cases
+from fedseg.data.partition import write_partition
+from fedseg.errors import ConfigError
+from fedseg.fusion.features import (
+    IMAGE_FEATURES,
+    build_data,
+    clinical_features,
+    feature_names,
+    image_features,
+)
+from fedseg.fusion.federated import train_federated
+from fedseg.fusion.metrics import auc, bootstrap_ci, c_index
+from fedseg.fusion.model import init_weights, local_steps, predict
+
+SHAPE = (16, 16, 16)
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def test_c_index_hand_computed() -> None:
+    # comparable pairs (shorter time has an event): (0,1), (0,2), (2,1); case 1 censored
+    time = np.array([1.0, 5.0, 3.0])
+    event = np.array([1, 0, 1])
+    assert c_index(time, event, np.array([3.0, 1.0, 2.0])) == 1.0
+    assert c_index(time, event, np.array([1.0, 3.0, 2.0])) == 0.0
+    assert c_index(time, event, np.array([2.0, 1.0, 2.0])) == pytest.approx(2.5 / 3)
+    assert np.isnan(c_index(time, np.zeros(3), np.ones(3)))
+
+
+def test_auc_and_bootstrap_interval_contain_the_estimate() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.5
+    s = y + rng.normal(0, 1, 200)
+    value = auc(y, s)
+    lo, hi = bootstrap_ci(lambda i: auc(y[i], s[i]), 200, resamples=300)
+    assert lo < value < hi
+    assert 0.6 < value < 0.9
+    assert np.isnan(auc(np.ones(5), np.arange(5)))
+
+
+# --- features ------------------------------------------------------------------------------
+
+
+def test_image_features_of_a_known_label() -> None:
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[2:14, 2:14, 2:14] = 2  # 1728 voxels
+    label[4:12, 4:12, 4:12] = 1  # core 512
+    label[6:10, 6:10, 6:10] = 4  # ET 64
+    f = dict(zip(IMAGE_FEATURES, image_features(label, None, (2.0, 2.0, 2.0)), strict=True))
+    assert f["log_wt"] == pytest.approx(np.log1p(1728 * 0.008) - 3.5)
+    assert f["et_tc"] == pytest.approx(64 / 512)
+    assert f["ncr_tc"] == pytest.approx(448 / 512)
+    assert f["ed_wt"] == pytest.approx(1216 / 1728)
+    # an 8-voxel cube: volume 512 * 8 mm^3, surface 6 * 64 * 4 mm^2
+    assert f["sphericity"] == pytest.approx(np.pi ** (1 / 3) * (6 * 4096) ** (2 / 3) / 1536)
+    assert f["t1ce_et"] == 0.0
+
+
+def test_enhancement_feature_reads_t1ce() -> None:
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[6:10, 6:10, 6:10] = 4
+    image = np.full((4, *SHAPE), 100.0)
+    image[1][label == 4] = 250.0
+    f = dict(zip(IMAGE_FEATURES, image_features(label, image, (1, 1, 1)), strict=True))
+    assert f["t1ce_et"] == pytest.approx(np.log(2.5))
+
+
+def test_missing_clinical_fields_keep_the_case_with_indicators() -> None:
+    rec = {
+        "age": None,
+        "sex": "F",
+        "kps": 90.0,
+        "idh": None,
+        "mgmt": "methylated",
+        "who_grade": 4.0,
+        "resection": None,
+        "survival_days": 100.0,
+        "vital_status": "dead",
+    }
+    f = dict(
+        zip(feature_names("survival", "clinical"), clinical_features(rec, "survival"), strict=True)
+    )
+    assert f["age"] == 0.0 and f["age_missing"] == 1.0
+    assert f["male"] == -1.0 and f["sex_missing"] == 0.0
+    assert f["idh_mutant"] == 0.0 and f["idh_missing"] == 1.0
+    assert f["resection_missing"] == 1.0 and f["grade_4"] == 1.0
+    data = build_data(["a"], {"a": rec}, {}, "grade", "clinical")
+    assert data.case_ids == ("a",) and data.y.tolist() == [1.0]
+
+
+def test_unknown_feature_set_is_refused() -> None:
+    with pytest.raises(ConfigError, match="features must be one of"):
+        feature_names("grade", "genomics")
+
+
+# --- model ---------------------------------------------------------------------------------
+
+
+def _toy(n: int, seed: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3))
+    risk = x @ np.array([1.0, -0.5, 0.0])
+    y = (risk + rng.normal(0, 0.5, n) > 0).astype(float)
+    time = np.exp(-risk + rng.normal(0, 0.3, n)) * 100
+    event = (rng.random(n) < 0.8).astype(float)
+    return x, y, time, event
+
+
+@pytest.mark.parametrize("endpoint", ["grade", "survival"])
+def test_training_learns_the_planted_signal(endpoint: str) -> None:
+    x, y, t, e = _toy(300, 0)
+    w, _ = local_steps(init_weights(3), x, y, t, e, endpoint=endpoint, steps=200, lr=0.5, l2=0.0)
+    score = predict(w, x)
+    metric = auc(y, score) if endpoint == "grade" else c_index(t, e, score)
+    assert metric > 0.8
+    assert w[0][0] > 0 > w[0][1]  # higher x0: grade 4 / higher hazard
+    if endpoint == "survival":
+        assert w[1][0] == 0.0  # a Cox model has no intercept
+
+
+def test_bad_weights_are_refused() -> None:
+    x, y, t, e = _toy(10, 0)
+    with pytest.raises(ConfigError, match="weights must be"):
+        local_steps(init_weights(4), x, y, t, e, endpoint="grade", steps=1, lr=0.1, l2=0.0)
+
+
+# --- federated through the ClientApp -------------------------------------------------------
+
+
+def _clinical_cohort(root: Path, n: int, sites: int) -> dict[str, list[str]]:
+    ids = [f"SYN_{i:05d}" for i in range(n)]
+    records = {}
+    for i, cid in enumerate(ids):
+        s = clinical_streams(1, i)
+        records[cid] = complete_record(draw_clinical(s.record), s.outcome, "siemens-3t", 20.0)
+    root.mkdir(parents=True, exist_ok=True)
+    write_clinical_csv(root / "clinical.csv", records)
+    parts = {f"site-{k}": ids[k::sites] for k in range(sites)}
+    write_partition(parts, root / "partition.csv")
+    return parts
+
+
+def _run_config(root: Path, sites: int) -> dict[str, object]:
+    return {
+        "data-path": str(root),
+        "partition-file": str(root / "partition.csv"),
+        "num-sites": sites,
+        "test-fraction": 0.25,
+        "seed": 0,
+    }
+
+
+def test_one_round_one_step_of_fedavg_equals_one_centralized_step(tmp_path: Path) -> None:
+    # The mean logistic loss over the pooled cases is the num-examples-weighted mean of the
+    # sites' losses, so one FedAvg round of one step is one centralized gradient step.
+    parts = _clinical_cohort(tmp_path, 40, 2)
+    dim = len(feature_names("grade", "clinical"))
+    start = [np.linspace(-0.2, 0.2, dim), np.array([0.1])]
+    fed = train_federated(
+        _run_config(tmp_path, 2),
+        2,
+        start,
+        endpoint="grade",
+        features="clinical",
+        rounds=1,
+        local_steps=1,
+        lr=0.5,
+        l2=0.01,
+    )
+    from fedseg.data.clinical import read_clinical
+
+    records = read_clinical(tmp_path / "clinical.csv")
+    train = sorted(c for ids in parts.values() for c in split_cases(ids, 0.25, 0.0, 0)["train"])
+    data = build_data(train, records, {}, "grade", "clinical")
+    cen, _ = local_steps(
+        start, data.x, data.y, data.time, data.event, endpoint="grade", steps=1, lr=0.5, l2=0.01
+    )
+    np.testing.assert_allclose(fed[0], cen[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(fed[1], cen[1], rtol=1e-10, atol=1e-12)
+    assert not np.allclose(fed[0], start[0])
+
+
+def test_one_site_federation_equals_centralized_survival_training(tmp_path: Path) -> None:
+    parts = _clinical_cohort(tmp_path, 24, 1)
+    dim = len(feature_names("survival", "clinical"))
+    fed = train_federated(
+        _run_config(tmp_path, 1),
+        1,
+        init_weights(dim),
+        endpoint="survival",
+        features="clinical",
+        rounds=3,
+        local_steps=2,
+        lr=0.2,
+        l2=0.0,
+    )
+    from fedseg.data.clinical import read_clinical
+
+    train = split_cases(parts["site-0"], 0.25, 0.0, 0)["train"]
+    data = build_data(train, read_clinical(tmp_path / "clinical.csv"), {}, "survival", "clinical")
+    cen, _ = local_steps(
+        init_weights(dim),
+        data.x,
+        data.y,
+        data.time,
+        data.event,
+        endpoint="survival",
+        steps=6,
+        lr=0.2,
+        l2=0.0,
+    )
+    np.testing.assert_allclose(fed[0], cen[0], rtol=1e-10, atol=1e-12)
+
+
+def test_a_bad_fusion_message_gets_a_code_not_a_traceback(tmp_path: Path) -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from fedseg.federation.client_app import build_client_app
+    from fedseg.federation.inprocess import InProcessGrid
+
+    _clinical_cohort(tmp_path, 12, 2)
+    grid = InProcessGrid(
+        build_client_app(_run_config(tmp_path, 2)),
+        [{"partition-id": 0, "num-partitions": 2}],
+        _run_config(tmp_path, 2),
+    )
+    node = next(iter(grid.get_node_ids()))
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(numpy_ndarrays=init_weights(3)),
+            "config": ConfigRecord({"endpoint": "grade"}),
+        }
+    )
+    reply = next(iter(grid.send_and_receive([Message(content, node, "train.fusion")])))
+    text = str(reply.content)
+    assert "E100:ConfigError" in text
+    assert str(tmp_path) not in text and "SYN_" not in text
+
+
+# --- fedseg fusion-study end to end --------------------------------------------------------
+
+
+def _tiny_cohort(root: Path, n: int) -> None:
+    """Tiny cases whose enhancing share follows the grade, with clinical records."""
+    records = {}
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for i in range(n):
+        s = clinical_streams(2, i)
+        draw = draw_clinical(s.record)
+        rng = np.random.default_rng(i)
+        label = np.zeros(SHAPE, dtype=np.uint8)
+        label[3:13, 3:13, 3:13] = 2
+        label[5:11, 5:11, 5:11] = 1
+        et = 3 if draw.grade == 4 else 1 + int(rng.integers(0, 2))
+        label[8 - et : 8 + et, 8 - et : 8 + et, 5:11] = 4
+        image = (100.0 + rng.random((4, *SHAPE)) * 10).astype(np.float32)
+        image[1][label == 4] += 80
+        cid = f"TINY_{i:03d}"
+        write_case_as(Case(cid, image, label, affine), root, "brats2021")
+        records[cid] = complete_record(draw, s.outcome, "philips-3t", 3.0)
+    write_clinical_csv(root / "clinical.csv", records)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-fusion")
+    _tiny_cohort(root, 32)
+    return root
+
+
+def test_fusion_study_cli_end_to_end_and_resume(tiny_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    args = [
+        "fusion-study",
+        "--data",
+        str(tiny_root),
+        "--out",
+        str(out),
+        "--sites",
+        "2",
+        "--partition",
+        "iid",
+        "--rounds",
+        "3",
+        "--local-steps",
+        "3",
+        "--bootstrap",
+        "100",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "results.json").read_text())
+    names = {a["name"] for a in doc["arms"]}
+    assert len(names) == 18  # 2 endpoints x 3 feature sets x 3 trainings
+    for arm in doc["arms"]:
+        assert arm["n_test"] > 0
+        if arm["value"] is not None and arm["ci_low"] is not None:
+            assert arm["ci_low"] <= arm["value"] <= arm["ci_high"]
+    # the planted grade signal is in the enhancing share: image features find it
+    image = next(a for a in doc["arms"] if a["name"] == "grade/image/centralized")
+    assert image["value"] > 0.8
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 18 and rows[0]["metric"] in ("AUC", "C-index")
+    html = (out / "report.html").read_text()
+    assert "ROC curves" in html and "data:image/png;base64," in html
+    kinds = {c["kind"] for c in doc["comparisons"]}
+    assert kinds == {"fusion gain", "federated / centralized"}
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0
+    assert again.output.count("finished in an earlier run") == 18
+
+
+def test_fusion_study_bad_clinical_csv_exits_2_with_one_line(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    bad = tmp_path / "clinical.csv"
+    bad.write_text("case_id,age\nTINY_000,300\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "fusion-study",
+            "--data",
+            str(tiny_root),
+            "--clinical",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert f"{bad}, row 2, column 'age': 300 is out of range" in result.output
