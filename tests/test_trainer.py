@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
 
 from fedseg.config import FedsegConfig
 from fedseg.data.transforms import Prepared
-from fedseg.errors import UpdateValidationError
+from fedseg.errors import DeviceMemoryError, UpdateValidationError
 from fedseg.site.trainer import SiteTrainer
 
 TINY = FedsegConfig(
@@ -249,3 +251,53 @@ def test_device_augmentation_runs_after_the_copy() -> None:
     assert trainer.device_augment is not None
     assert len(trainer.augment.transforms) == 0  # the dataset only crops (nothing at 16^3)
     assert fit["steps"] == 2 and np.isfinite(fit["loss"])
+
+
+def test_out_of_device_memory_is_one_line_naming_patch_and_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer = SiteTrainer(TINY, make_items(2), device=torch.device("cpu"))
+
+    def too_big(_x: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(trainer.model, "forward", too_big)
+
+    with pytest.raises(DeviceMemoryError, match="lower patch-size or batch-size") as info:
+        trainer.train(1, seed=0)
+    assert "\n" not in str(info.value) and "2 x 16^3" in str(info.value)
+    assert info.value.public() == "E900:DeviceMemoryError"
+
+
+def test_batches_are_read_ahead_on_a_thread_in_the_same_order() -> None:
+    from fedseg.site.trainer import _prefetched
+
+    assert list(_prefetched(iter(range(7)))) == list(range(7))
+    assert list(_prefetched(iter([]))) == []
+
+
+def test_a_failing_case_read_ahead_raises_in_the_training_loop() -> None:
+    items = make_items(4)
+    items[3].regions = None  # an unlabelled case in the training set
+    trainer = SiteTrainer(TINY, items, device=torch.device("cpu"))
+
+    with pytest.raises(ValueError, match="case c3 has no label"):
+        trainer.train(1, seed=0)  # an epoch reads every case
+
+
+def test_a_consumer_that_stops_early_stops_the_read_ahead_thread() -> None:
+    import threading
+
+    from fedseg.site.trainer import _prefetched
+
+    def endless() -> Iterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    gen = _prefetched(endless())
+    assert [next(gen), next(gen)] == [0, 1]
+    gen.close()
+
+    assert not any(t.name == "fedseg-prefetch" for t in threading.enumerate())

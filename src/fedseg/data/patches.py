@@ -201,6 +201,9 @@ class PatchDataset:
         self.items = list(items)
         self.sampler = PatchSampler(cfg.patch_size, cfg.foreground_fraction)
         self.transform = transform
+        #: dtype images travel in to the device (the trainer sets bfloat16 under bf16 autocast
+        #: on a GPU: half the bytes through the workers, the pinned copy and the bus)
+        self.image_dtype: Any = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -224,6 +227,8 @@ class PatchDataset:
             sample["label"] = sample["label"].float()
             sample = self.transform(sample)
             sample = {k: torch.as_tensor(np.asarray(v)) for k, v in sample.items()}
+        if self.image_dtype is not None:
+            sample["image"] = sample["image"].to(self.image_dtype)
         return sample
 
 
