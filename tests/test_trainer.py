@@ -301,3 +301,28 @@ def test_a_consumer_that_stops_early_stops_the_read_ahead_thread() -> None:
     gen.close()
 
     assert not any(t.name == "fedseg-prefetch" for t in threading.enumerate())
+
+
+def test_per_sample_seeds_keep_the_augmentation_rates_and_vary_across_epochs() -> None:
+    # Each sample's flips and affine are drawn from its own seed: over epochs the rates must
+    # stay those configured (flip 0.5 per axis, affine 0.2) and a case must not get the same
+    # augmentation every epoch.
+    from fedseg.site.trainer import _PerSampleSeeds, _SeededSampler
+
+    n, epochs = 60, 4
+    trainer = SiteTrainer(TINY.replace(augment=True), make_items(n), device=torch.device("cpu"))
+    transforms = trainer.augment.transforms  # RandFlipd x3, RandAffined, intensity x2
+    view = _PerSampleSeeds(trainer.dataset)
+    order, seeds = torch.Generator(), torch.Generator()
+    order.manual_seed(3)
+    seeds.manual_seed(4)
+    drawn: dict[int, list[tuple[bool, ...]]] = {i: [] for i in range(n)}
+    for _ in range(epochs):
+        for index, seed in _SeededSampler(n, order, seeds):
+            view[(index, seed)]
+            drawn[index].append(tuple(bool(t._do_transform) for t in transforms[:4]))
+
+    rates = np.mean([d for per_case in drawn.values() for d in per_case], axis=0)
+    assert rates[:3] == pytest.approx([0.5] * 3, abs=0.12)  # 240 draws: 4 standard errors
+    assert rates[3] == pytest.approx(0.2, abs=0.11)
+    assert sum(len(set(per_case)) > 1 for per_case in drawn.values()) >= 0.9 * n

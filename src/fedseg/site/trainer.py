@@ -305,7 +305,9 @@ class SiteTrainer:
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
         gen = torch.Generator()
-        if seed is not None:
+        if seed is None:  # a fresh draw: a default generator would repeat one order and seeds
+            gen.seed()
+        else:
             gen.manual_seed(seed)
             torch.manual_seed(seed)
             if hasattr(self.dataset, "set_random_state"):
