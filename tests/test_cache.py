@@ -142,3 +142,31 @@ def test_site_cache_dir_is_never_the_data_folder(tmp_path: Path) -> None:
     assert site_cache_dir({"partition-id": 0}, run) == tmp_path / "run" / "cache"
     assert site_cache_dir({}, CFG.replace(cache_dir="/c")) == Path("/c")
     assert site_cache_dir({}, CFG) == C.user_cache_dir()
+
+
+def test_the_open_file_limit_is_raised_for_many_cached_cases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import resource
+
+    set_to: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (1024, 65536))
+    monkeypatch.setattr(resource, "setrlimit", lambda _which, limits: set_to.append(limits))
+
+    few = C.ensure_open_files(C.FILES_PER_CASE * 60)  # the default study's cohort: fits
+    many = C.ensure_open_files(C.FILES_PER_CASE * 1251)  # BraTS 2021's cases at one site
+
+    assert few == 1024
+    assert many == C.FILES_PER_CASE * 1251 + C.SPARE_FILES
+    assert set_to == [(many, 65536)]
+
+
+def test_a_hard_open_file_limit_too_low_names_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (1024, 2048))
+
+    with pytest.raises(
+        ConfigError, match=r"cache-dir /site/cache: .* 4009 open files .* at most 2048"
+    ):
+        C.ensure_open_files(C.FILES_PER_CASE * 1251, "/site/cache")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +148,44 @@ def test_synth_refuses_other_spacings(tmp_path: object) -> None:
 
     with pytest.raises(ConfigError, match="spacing"):
         generate_cohort(tmp_path / "d", 1, spacing=0.5, progress=False)  # type: ignore[operator]
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise RuntimeError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_patches_read_from_memory_maps_do_not_stay_resident(tmp_path: Path) -> None:
+    # A 16^3 patch of a 4 x 64^3 case touches a page per row: without releasing them, every
+    # case read once would stay in the site's resident memory (growing with its cases).
+    shape = (64, 64, 64)
+    items = []
+    for i, item in enumerate(_items(12, shape)):
+        np.save(tmp_path / f"{i}.image.npy", item.image)
+        np.save(tmp_path / f"{i}.regions.npy", item.regions)
+        image = np.load(tmp_path / f"{i}.image.npy", mmap_mode="r")
+        regions = np.load(tmp_path / f"{i}.regions.npy", mmap_mode="r")
+        items.append(Prepared(f"m{i}", image, regions, (0,) * 3, shape, shape, (1.0,) * 3, {}))
+    ds = PatchDataset(items, NATIVE).set_random_state(0)
+    before = _rss_file_kb()
+
+    patches = [ds[i] for i in range(len(items))]
+
+    grown_mb = (_rss_file_kb() - before) / 1024
+    case_mb = items[0].image.nbytes / 2**20  # 4 MiB; the 12 cases together 48 MiB
+    assert len(patches) == 12
+    assert grown_mb < case_mb
+
+
+def test_images_travel_in_the_dtype_asked_for() -> None:
+    ds = PatchDataset(_items(1), NATIVE).set_random_state(0)
+    ds.image_dtype = torch.bfloat16
+
+    sample = ds[0]
+
+    assert sample["image"].dtype == torch.bfloat16
+    assert sample["label"].dtype == torch.uint8

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
 
 from fedseg.config import FedsegConfig
 from fedseg.data.transforms import Prepared
-from fedseg.errors import UpdateValidationError
+from fedseg.errors import DeviceMemoryError, UpdateValidationError
 from fedseg.site.trainer import SiteTrainer
 
 TINY = FedsegConfig(
@@ -249,3 +251,78 @@ def test_device_augmentation_runs_after_the_copy() -> None:
     assert trainer.device_augment is not None
     assert len(trainer.augment.transforms) == 0  # the dataset only crops (nothing at 16^3)
     assert fit["steps"] == 2 and np.isfinite(fit["loss"])
+
+
+def test_out_of_device_memory_is_one_line_naming_patch_and_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer = SiteTrainer(TINY, make_items(2), device=torch.device("cpu"))
+
+    def too_big(_x: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(trainer.model, "forward", too_big)
+
+    with pytest.raises(DeviceMemoryError, match="lower patch-size or batch-size") as info:
+        trainer.train(1, seed=0)
+    assert "\n" not in str(info.value) and "2 x 16^3" in str(info.value)
+    assert info.value.public() == "E900:DeviceMemoryError"
+
+
+def test_batches_are_read_ahead_on_a_thread_in_the_same_order() -> None:
+    from fedseg.site.trainer import _prefetched
+
+    assert list(_prefetched(iter(range(7)))) == list(range(7))
+    assert list(_prefetched(iter([]))) == []
+
+
+def test_a_failing_case_read_ahead_raises_in_the_training_loop() -> None:
+    items = make_items(4)
+    items[3].regions = None  # an unlabelled case in the training set
+    trainer = SiteTrainer(TINY, items, device=torch.device("cpu"))
+
+    with pytest.raises(ValueError, match="case c3 has no label"):
+        trainer.train(1, seed=0)  # an epoch reads every case
+
+
+def test_a_consumer_that_stops_early_stops_the_read_ahead_thread() -> None:
+    import threading
+
+    from fedseg.site.trainer import _prefetched
+
+    def endless() -> Iterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    gen = _prefetched(endless())
+    assert [next(gen), next(gen)] == [0, 1]
+    gen.close()
+
+    assert not any(t.name == "fedseg-prefetch" for t in threading.enumerate())
+
+
+def test_per_sample_seeds_keep_the_augmentation_rates_and_vary_across_epochs() -> None:
+    # Each sample's flips and affine are drawn from its own seed: over epochs the rates must
+    # stay those configured (flip 0.5 per axis, affine 0.2) and a case must not get the same
+    # augmentation every epoch.
+    from fedseg.site.trainer import _PerSampleSeeds, _SeededSampler
+
+    n, epochs = 60, 4
+    trainer = SiteTrainer(TINY.replace(augment=True), make_items(n), device=torch.device("cpu"))
+    transforms = trainer.augment.transforms  # RandFlipd x3, RandAffined, intensity x2
+    view = _PerSampleSeeds(trainer.dataset)
+    order, seeds = torch.Generator(), torch.Generator()
+    order.manual_seed(3)
+    seeds.manual_seed(4)
+    drawn: dict[int, list[tuple[bool, ...]]] = {i: [] for i in range(n)}
+    for _ in range(epochs):
+        for index, seed in _SeededSampler(n, order, seeds):
+            view[(index, seed)]
+            drawn[index].append(tuple(bool(t._do_transform) for t in transforms[:4]))
+
+    rates = np.mean([d for per_case in drawn.values() for d in per_case], axis=0)
+    assert rates[:3] == pytest.approx([0.5] * 3, abs=0.12)  # 240 draws: 4 standard errors
+    assert rates[3] == pytest.approx(0.2, abs=0.11)
+    assert sum(len(set(per_case)) > 1 for per_case in drawn.values()) >= 0.9 * n

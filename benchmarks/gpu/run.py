@@ -30,6 +30,13 @@ Usage::
 
     PYTHONPATH=src python benchmarks/gpu/run.py --out gpu.json            # on the GPU machine
     PYTHONPATH=src python benchmarks/gpu/run.py --tiny --out tiny.json    # anywhere, ~1 min
+
+Since the last GPU run (step 3.02x the bare loop, the host data path the bottleneck), the
+trainer sends patch images as bf16 under ``amp = bf16`` (a batch of two 128³ patches: 46 MB
+through the workers, the pinned copy and the bus instead of 79 MB) and a patch read from a
+cached case hands its pages back (MADV_DONTNEED), so the workers' resident memory stays flat.
+Compare the ``step`` section with BENCHMARKS.md. A ``DeviceMemoryError`` in a section means the
+patch or batch did not fit: lower them with ``cfg.replace`` in :func:`bench_config`.
 """
 
 from __future__ import annotations

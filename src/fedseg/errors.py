@@ -136,6 +136,12 @@ class AppNotApprovedError(FedsegError):
     code = "E510"
 
 
+class DeviceMemoryError(FedsegError):
+    """Training ran out of memory on its device (a GPU): the patch or the batch is too large."""
+
+    code = "E900"
+
+
 class PrivacyBudgetError(FedsegError):
     """A site refuses a round that would take it past its differential-privacy budget."""
 

@@ -147,7 +147,8 @@ def prepare_cases(
     Raises
     ------
     ConfigError
-        ``cache-dir`` is not writable.
+        ``cache-dir`` is not writable, or the open-file limit is too low for the cases'
+        memory maps (:func:`ensure_open_files`).
     PartitionError
         A case id is not in the folder.
     """
@@ -161,12 +162,61 @@ def prepare_cases(
             raise PartitionError(f"{root}: cases not found: {', '.join(unknown[:5])}")
         refs = [by_id[c] for c in case_ids]
     folder = open_cache(cache_dir, cfg) if cache_dir is not None else None
+    if folder is not None:
+        ensure_open_files(FILES_PER_CASE * len(refs), cache_dir)
     it: Sequence[CaseRef] = refs
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(refs, desc="preparing cases", unit="case", leave=False)
     return [_prepare_one(ref, cfg, require_label, folder) for ref in it]
+
+
+#: memory maps a cached labelled case keeps open (image, regions, tumour points): each holds a
+#: file descriptor for as long as the case is in use
+FILES_PER_CASE = 3
+#: descriptors left for everything else (libraries, DataLoader workers' pipes, logs, sockets)
+SPARE_FILES = 256
+
+
+def ensure_open_files(needed: int, cache_dir: Path | str | None = None) -> int:
+    """Raise this process's open-file limit so that ``needed`` memory maps fit beside the rest.
+
+    The soft limit (often 1024) is raised up to the hard limit only when it is too low: a site
+    with hundreds of cached cases holds three memory maps per case.
+
+    Parameters
+    ----------
+    needed:
+        Descriptors the cached cases will hold.
+    cache_dir:
+        Named in the error.
+
+    Returns
+    -------
+    int
+        The soft limit now in force.
+
+    Raises
+    ------
+    ConfigError
+        Even the hard limit is too low, naming ``cache-dir``, what is needed and the limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + SPARE_FILES
+    if soft == resource.RLIM_INFINITY or want <= soft:
+        return int(soft)
+    if hard != resource.RLIM_INFINITY and want > hard:
+        raise ConfigError(
+            f"cache-dir {cache_dir}: the cached cases need about {want} open files "
+            f"({FILES_PER_CASE} memory maps per case), but this process may open at most {hard}; "
+            "raise the limit (ulimit -n) or give the site fewer cases"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    log.info("open-file limit raised from %d to %d for the cached cases", soft, want)
+    return want
 
 
 def _prepare_one(

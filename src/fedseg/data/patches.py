@@ -181,7 +181,29 @@ class PatchSampler:
         dst = tuple(slice(0, int(b - a)) for a, b in zip(start, end, strict=True))
         image[(slice(None), *dst)] = item.image[(slice(None), *sl)]
         label[(slice(None), *dst)] = item.regions[(slice(None), *sl)]
+        for array in (item.image, item.regions, pts):
+            release_pages(array)
         return image, label
+
+
+def release_pages(array: Any) -> None:
+    """Drop the resident pages of a memory-mapped array from this process (not from the disk
+    cache): a patch touches a page per row of each channel, and without this every case read
+    once stays in the site's resident memory, which then grows with its number of cases.
+
+    A no-op for arrays in memory and where the platform has no ``MADV_DONTNEED``.
+    """
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    mapping, obj = None, array
+    while obj is not None and mapping is None:  # a view's bases lead to the memmap's mapping
+        own = getattr(obj, "_mmap", None)  # numpy.memmap keeps its mapping here
+        mapping = own if isinstance(own, mmap.mmap) else obj if isinstance(obj, mmap.mmap) else None
+        obj = getattr(obj, "base", None)
+    if advice is None or mapping is None or mapping.closed:
+        return
+    mapping.madvise(advice)
 
 
 class PatchDataset:
@@ -201,6 +223,9 @@ class PatchDataset:
         self.items = list(items)
         self.sampler = PatchSampler(cfg.patch_size, cfg.foreground_fraction)
         self.transform = transform
+        #: dtype images travel in to the device (the trainer sets bfloat16 under bf16 autocast
+        #: on a GPU: half the bytes through the workers, the pinned copy and the bus)
+        self.image_dtype: Any = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -224,6 +249,8 @@ class PatchDataset:
             sample["label"] = sample["label"].float()
             sample = self.transform(sample)
             sample = {k: torch.as_tensor(np.asarray(v)) for k, v in sample.items()}
+        if self.image_dtype is not None:
+            sample["image"] = sample["image"].to(self.image_dtype)
         return sample
 
 

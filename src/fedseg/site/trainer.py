@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedseg.data.case import MODALITIES
-from fedseg.errors import UpdateValidationError
+from fedseg.errors import DeviceMemoryError, UpdateValidationError
 from fedseg.model.metrics import mean_dice, mean_over_cases, region_metrics
 
 if TYPE_CHECKING:
@@ -111,6 +111,9 @@ class SiteTrainer:
 
             host = self.augment if len(getattr(self.augment, "transforms", ())) else None
             self.dataset = PatchDataset(self.train_items, cfg, host)
+            if self.device.type == "cuda" and cfg.amp == "bf16":
+                # the first convolution runs in bf16 anyway; the copy moves half the bytes
+                self.dataset.image_dtype = torch.bfloat16
         else:
             self.dataset = SegmentationDataset(self.train_items, cfg.spatial_dims, self.augment)
         if self.device.type == "cuda":
@@ -289,6 +292,11 @@ class SiteTrainer:
         -------
         dict
             ``loss`` (mean batch loss), ``num-examples``, ``steps``, ``train-seconds``.
+
+        Raises
+        ------
+        DeviceMemoryError
+            The device ran out of memory, with the patch and batch sizes to lower.
         """
         import torch
 
@@ -297,7 +305,9 @@ class SiteTrainer:
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
         gen = torch.Generator()
-        if seed is not None:
+        if seed is None:  # a fresh draw: a default generator would repeat one order and seeds
+            gen.seed()
+        else:
             gen.manual_seed(seed)
             torch.manual_seed(seed)
             if hasattr(self.dataset, "set_random_state"):
@@ -335,6 +345,8 @@ class SiteTrainer:
                     step += 1
                     if progress is not None:  # a host read per step, only when asked for
                         progress(step, total, float(loss.detach()))
+        except torch.OutOfMemoryError:
+            raise DeviceMemoryError(self._out_of_memory()) from None
         finally:
             # also when a step raised: the plain model must come back for the next round
             if self.privacy is not None:
@@ -346,6 +358,21 @@ class SiteTrainer:
             "steps": step,
             "train-seconds": time.perf_counter() - t0,
         }
+
+    def _out_of_memory(self) -> str:
+        """One line for a training step that did not fit on the device, saying what to lower."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # free what the failed step held before anything else runs
+        cfg = self.cfg
+        edge = cfg.patch_size if cfg.spacing > 0 else min(cfg.patch_size, cfg.image_size)
+        return (
+            f"out of memory on {self.device} training batches of {cfg.batch_size} x "
+            f"{edge}^{cfg.spatial_dims} with {cfg.channels[-1]} channels at the deepest level: "
+            "lower patch-size or batch-size (--set patch-size=... / batch-size=...)"
+            + ("" if cfg.amp == "bf16" else ", or set amp = bf16")
+        )
 
     def _loader(self, gen: torch.Generator) -> Any:
         """The training DataLoader (made once, then reused with its workers kept alive).
@@ -389,7 +416,10 @@ class SiteTrainer:
             return x, y
 
         if self.device.type != "cuda":
-            for batch in loader:
+            # Without worker processes the next batch is read (and augmented) on a thread while
+            # this one trains: slicing memory maps and MONAI's tensor ops release the GIL.
+            source = loader if self.cfg.num_workers > 0 else _prefetched(loader)
+            for batch in source:
                 x, y = select(batch)
                 yield self._augment_on_device(x.to(self.device), y.to(self.device))
             return
@@ -435,6 +465,8 @@ class SiteTrainer:
         import torch
 
         y = self._float_label(y)
+        if x.dtype != torch.float32:  # bf16 in transit: the model and its hooks see float32
+            x = x.float()
         if self.device_augment is None:
             return x, y
 
@@ -512,6 +544,55 @@ class SiteTrainer:
         """Restore what :meth:`state` returned."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _prefetched(loader: Any, depth: int = 1) -> Iterator[Any]:
+    """Iterate ``loader`` on a background thread, ``depth`` batches ahead of the consumer.
+
+    Batches come in the loader's order (one thread reads them, so seeded transforms give the
+    same samples as a plain loop); an exception of the loader is raised here, and a consumer
+    that stops early stops the thread at its next batch.
+    """
+    import queue
+    import threading
+
+    done = object()
+    out: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for batch in loader:
+                while not stop.is_set():
+                    try:
+                        out.put((batch, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            out.put((done, exc))
+
+    thread = threading.Thread(target=fill, name="fedseg-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, exc = out.get()
+            if batch is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield batch
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a put() waiting on a full queue
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
 
 
 class _SeededSampler:
