@@ -57,10 +57,10 @@ def fusion_study(
     test_fraction: Annotated[
         float, typer.Option("--test-fraction", help="Share of each site's cases held out.")
     ] = 0.3,
-    rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds.")] = 30,
+    rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds.")] = 50,
     local_steps: Annotated[
         int, typer.Option("--local-steps", help="Gradient steps per site and round.")
-    ] = 10,
+    ] = 20,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples.")] = 1000,
     endpoints: Annotated[
         str, typer.Option("--endpoints", help="Comma-separated: grade, survival.")

@@ -20,7 +20,9 @@ _HELP = "\n\n".join(
         "Generate a synthetic cohort of multimodal brain MRI cases with tumour labels.",
         "Each case is written in BraTS 2021 layout "
         "(DIR/SYN_00000/SYN_00000_{t1,t1ce,t2,flair,seg}.nii.gz, 2 mm RAS, labels 0/1/2/4) "
-        "and listed in DIR/cohort.csv (case_id, scanner, wt_ml, tc_ml, et_ml).",
+        "and listed in DIR/cohort.csv (case_id, scanner, wt_ml, tc_ml, et_ml); "
+        "DIR/clinical.csv holds each case's clinical record (age, sex, KPS, IDH, MGMT, WHO "
+        "grade, resection, survival), drawn jointly with the image (docs/fusion.md).",
         "Cases are built on the MNI152 template shipped with nilearn, with a random "
         "deformation, an irregular tumour and the intensity characteristics of a scanner "
         "profile. The same --seed always gives the same cases; case i does not depend on "

@@ -106,8 +106,8 @@ class FusionStudyConfig:
     partition: str = "scanner"
     alpha: float = 0.5
     test_fraction: float = 0.3
-    rounds: int = 30
-    local_steps: int = 10
+    rounds: int = 50
+    local_steps: int = 20
     lr: float = 0.3
     l2: float = 0.01
     bootstrap: int = 1000
