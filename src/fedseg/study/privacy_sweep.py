@@ -770,7 +770,7 @@ def run_privacy_sweep(
     fedseg.errors.DataError
         The data cannot be read or partitioned.
     """
-    from fedseg.study.study import _cohort, _cohort_facts, _console, _make_sites
+    from fedseg.study.study import cohort_facts, cohort_folder, make_console_for, make_sites
     from fedseg.utils.runtime import pick_device
 
     planned = plan_arms(epsilons, secure, arms, dp_mode)
@@ -783,10 +783,10 @@ def run_privacy_sweep(
     out.mkdir(parents=True, exist_ok=True)
     # every arm and site of the study reads the cases prepared once into OUT/cache
     cfg = cfg.replace(cache_dir=cfg.cache_dir or str(out.resolve() / "cache"))
-    console = _console(progress)
+    console = make_console_for(progress)
     t_start = time.perf_counter()
-    data_dir, generated = _cohort(out, cfg, data, progress)
-    sites, summary = _make_sites(out, cfg, data_dir, progress, console)
+    data_dir, generated = cohort_folder(out, cfg, data, progress)
+    sites, summary = make_sites(out, cfg, data_dir, progress, console)
     device = pick_device()
 
     results: dict[str, dict[str, Any]] = {}
@@ -853,7 +853,7 @@ def run_privacy_sweep(
             "dp-trained-parameters": _count_trained(cfg),
             "init-model": cfg.init_model,
             "pretraining": public,
-            **_cohort_facts(sites, data_dir, generated, device, t_start),
+            **cohort_facts(sites, data_dir, generated, device, t_start),
         },
         "sites": summary,
         "arms": results,
@@ -874,19 +874,19 @@ def _run_arm(
 ) -> dict[str, Any]:
     from fedseg.federation.server_app import initial_model
     from fedseg.privacy.mia import run_mia
-    from fedseg.study.study import _Bar, _evaluate_models, _evaluator, _mean_from_info
+    from fedseg.study.study import ProgressBar, evaluate_models, make_evaluator, mean_dice_of_row
 
     base = _arm_base(arm, cfg)
     folder = out / "arms" / arm.name
     try:
-        with _Bar(arm.name, cfg.num_server_rounds, "round", progress) as bar:
+        with ProgressBar(arm.name, cfg.num_server_rounds, "round", progress) as bar:
             run = run_arm_federation(
                 arm,
                 cfg,
                 data_dir,
                 sites.parts,
                 folder,
-                progress=lambda r, n, info: bar.step(_mean_from_info(info)),
+                progress=lambda r, n, info: bar.step(mean_dice_of_row(info)),
             )
     except ArmUnavailable as exc:
         shutil.rmtree(folder, ignore_errors=True)
@@ -894,8 +894,8 @@ def _run_arm(
         return {**base, "status": "skipped", "reason": str(exc)}
 
     t0 = time.perf_counter()
-    evaluator = _evaluator(arm.config(cfg), device)
-    ev = _evaluate_models(evaluator, run.weights, None, sites.test)
+    evaluator = make_evaluator(arm.config(cfg), device)
+    ev = evaluate_models(evaluator, run.weights, None, sites.test)
     reference, _ = initial_model(cfg)
     mia = run_mia(
         cfg, run.weights, sites.pooled_train, sites.pooled_test, reference=reference, device=device
@@ -1035,11 +1035,11 @@ def _public_only(
     """The ``public-only`` row: the pretrained model on the hospitals' test cases, no training."""
     from fedseg.federation.server_app import initial_model
     from fedseg.privacy.mia import run_mia
-    from fedseg.study.study import _evaluate_models, _evaluator
+    from fedseg.study.study import evaluate_models, make_evaluator
 
     t0 = time.perf_counter()
     weights, _ = initial_model(cfg)
-    ev = _evaluate_models(_evaluator(cfg, device), weights, None, sites.test)
+    ev = evaluate_models(make_evaluator(cfg, device), weights, None, sites.test)
     mia = run_mia(cfg, weights, sites.pooled_train, sites.pooled_test, device=device)
     mia.pop("cases", None)
     return {
