@@ -13,7 +13,7 @@
    over local data) and the same initial weights: ``centralized`` (one model on the union of
    the sites' training sets), ``local`` (each site alone), and the federated strategies
    ``fedavg``, ``fedprox``, ``scaffold``, ``fedbn``
-   (:func:`fedseg.federation.runner.run_federated_arm`);
+   (:func:`fedseg.experiment.engine.run_federation`, Flower's Simulation Engine by default);
 4. evaluation of every final model on every site's test set and on the pooled test set (Dice
    and HD95 per region, on the prepared grid). Arms with one model per site (``local``,
    ``fedbn``) are scored with each site's model on its own cases, also for the pooled set, and
