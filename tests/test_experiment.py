@@ -387,3 +387,17 @@ def test_simulation_and_inprocess_engines_agree(
     assert [r["accepted"] for r in sim.history] == [r["accepted"] for r in here.history]
     for k, v in here.weights.items():
         assert np.isfinite(sim.weights[k]).all() and v.shape == sim.weights[k].shape
+
+
+def test_superlink_engine_needs_the_app_folder(
+    cohort: tuple[Path, dict[str, list[str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, parts = cohort
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FEDSEG_APP_DIR", raising=False)
+
+    with pytest.raises(ConfigError, match=r"app folder \(pyproject.toml"):
+        run_federation(
+            tiny_cfg(num_sites=2), data, parts, tmp_path / "fed", engine="superlink",
+            superlink="127.0.0.1:9093",
+        )  # fmt: skip

@@ -199,6 +199,7 @@ def test_rerun_reuses_finished_arms(sweep: tuple[Path, dict[str, Any], Path]) ->
         (["--dp-mode", "local"], "--dp-mode"),
         (["--pretrain", "-1"], "--pretrain"),
         (["--dp-trainable", "bias"], "dp-trainable"),
+        (["--engine", "superlink"], "--engine: expected one of simulation, inprocess"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:

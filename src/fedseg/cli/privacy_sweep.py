@@ -168,7 +168,6 @@ def privacy_sweep_command(
 ) -> None:
     """Run the sweep (see ``fedseg privacy-sweep --help``)."""
     from fedseg.cli.options import config_from_options, defaults_under_preset
-    from fedseg.errors import ConfigError
     from fedseg.study.privacy_sweep import (
         parse_epsilons,
         parse_secure,
@@ -180,8 +179,7 @@ def privacy_sweep_command(
     with user_errors():
         from fedseg.experiment.engine import check_engine
 
-        if check_engine(engine) == "superlink":
-            raise ConfigError("--engine: the privacy sweep runs on simulation or inprocess")
+        check_engine(engine, allowed=("simulation", "inprocess"))
         eps = parse_epsilons(epsilons)
         modes = parse_secure(secure)
         plan_arms(eps, modes, arms, dp_mode)  # bad names fail before any work

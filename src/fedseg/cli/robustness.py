@@ -130,6 +130,9 @@ def robustness_command(
     from fedseg.study import robustness as rob
 
     with user_errors():
+        from fedseg.experiment.engine import check_engine
+
+        check_engine(engine, allowed=("inprocess", "simulation"))
         chosen_attacks = rob.parse_attacks(attacks)
         chosen_defences = rob.parse_defences(defences)
         chosen_settings = rob.parse_settings(settings)

@@ -109,21 +109,33 @@ class FederationRun:
     out: Path | None = None
 
 
-def check_engine(engine: str, superlink: str | None = None) -> str:
+def check_engine(
+    engine: str, superlink: str | None = None, allowed: tuple[str, ...] = ENGINES
+) -> str:
     """``engine`` normalised, refused when unknown or ``superlink`` lacks an address.
+
+    Parameters
+    ----------
+    engine:
+        The engine's name (case and spaces ignored).
+    superlink:
+        ``HOST:PORT`` of the SuperLink, needed by the ``superlink`` engine.
+    allowed:
+        The engines the caller supports (all of :data:`ENGINES` by default).
 
     Raises
     ------
     ConfigError
-        An unknown engine (with the allowed ones), or ``superlink`` without ``HOST:PORT``.
+        An engine not in ``allowed`` (naming them and the closest), or ``superlink`` without
+        ``HOST:PORT``.
     """
     import difflib
 
     name = str(engine).strip().lower()
-    if name not in ENGINES:
-        close = difflib.get_close_matches(name, ENGINES, n=1)
+    if name not in allowed:
+        close = difflib.get_close_matches(name, allowed, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"--engine: expected one of {', '.join(ENGINES)}, found {engine!r}{hint}")
+        raise ConfigError(f"--engine: expected one of {', '.join(allowed)}, found {engine!r}{hint}")
     if name == "superlink":
         host, sep, port = str(superlink or "").rpartition(":")
         if not sep or not host or not port.isdigit():

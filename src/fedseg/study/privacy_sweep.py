@@ -526,9 +526,7 @@ def run_privacy_sweep(
     from fedseg.utils.runtime import pick_device
 
     planned = plan_arms(epsilons, secure, arms, dp_mode)
-    engine = check_engine(engine)
-    if engine == "superlink":
-        raise ConfigError("--engine: the privacy sweep runs on simulation or inprocess")
+    engine = check_engine(engine, allowed=("simulation", "inprocess"))
     if pretrain < 0 or public_cases < 4:
         raise ConfigError(
             f"--pretrain: expected epochs >= 0 and --public-cases >= 4, found {pretrain} and "

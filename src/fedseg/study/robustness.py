@@ -351,9 +351,7 @@ def run_robustness(
     from fedseg.experiment.engine import check_engine
     from fedseg.study.study import cohort_folder
 
-    engine = check_engine(engine)
-    if engine == "superlink":
-        raise ConfigError("--engine: the robustness study runs on inprocess or simulation")
+    engine = check_engine(engine, allowed=("inprocess", "simulation"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = list(settings) or parse_settings(",".join(DEFAULT_SETTINGS))
