@@ -67,7 +67,7 @@ def test_tiny_study_end_to_end_through_the_cli(tmp_path: Path) -> None:
         "--attacks", "scale", "--defences", "fedavg,median,krum", "--rounds", "1",
         "--local-epochs", "1", "--spatial-dims", "3", "--image-size", "16",
         "--base-channels", "4", "--depth", "3", "--set", "test-fraction=0.5",
-        "--set", "batch-size=2", "--json", "-q",
+        "--set", "batch-size=2", "--engine", "inprocess", "--json", "-q",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -97,7 +97,7 @@ def test_tiny_study_end_to_end_through_the_cli(tmp_path: Path) -> None:
     ("args", "fragment"),
     [
         (["--attacks", "explode"], "--attacks 'explode'"),
-        (["--engine", "superlink"], "--engine: expected one of inprocess, simulation"),
+        (["--engine", "superlink"], "--engine: expected one of simulation, inprocess"),
         (["--engine", "inprocss"], "did you mean 'inprocess'"),
     ],
 )

@@ -41,8 +41,8 @@ _HELP = (
     "\n\n"
     "For each setting MofN (default 1of4 and 2of6) the cohort is split into N sites, the "
     "first M are malicious, and every attack x defence cell is one federated run (the real "
-    "ServerApp strategy and ClientApp; in this process by default, --engine simulation for "
-    "Flower's Simulation Engine). Each cell scores the final global model's "
+    "ServerApp strategy and ClientApp, on Flower's Simulation Engine by default; --engine "
+    "inprocess runs them in this process). Each cell scores the final global model's "
     "mean Dice on the pooled held-out cases; the no-attack FedAvg run is the reference. "
     "Writes OUT/robustness.json, OUT/robustness.csv, OUT/heatmap-<setting>.png and "
     "OUT/report.html. Rerun the same command to resume."
@@ -112,8 +112,8 @@ def robustness_command(
     engine: Annotated[
         str,
         typer.Option(
-            help="Where each cell's federation runs: inprocess (the sites one after another in "
-            "this process, no Ray start-up per cell) or simulation (Flower's Simulation Engine)."
+            help="Where each cell's federation runs: simulation (Flower's Simulation Engine, as "
+            "fedseg study) or inprocess (the sites one after another in this process, no Ray)."
         ),
     ] = DEFAULT_ENGINE,
     resume: Annotated[
@@ -132,7 +132,7 @@ def robustness_command(
     with user_errors():
         from fedseg.experiment.engine import check_engine
 
-        check_engine(engine, allowed=("inprocess", "simulation"))
+        check_engine(engine, allowed=("simulation", "inprocess"))
         chosen_attacks = rob.parse_attacks(attacks)
         chosen_defences = rob.parse_defences(defences)
         chosen_settings = rob.parse_settings(settings)

@@ -4,9 +4,9 @@ For each *setting* (``1of4``: 1 malicious site among 4; ``2of6``: 2 among 6) the
 into ``n`` sites with the study's partition, the first ``m`` sites (by name) are made malicious
 (run-config ``malicious-sites``), and every cell *attack x defence* is one arm of the experiment
 runner (:mod:`fedseg.experiment`): one federated run of the real ServerApp and ClientApp through
-:func:`fedseg.experiment.engine.run_federation`. The cells run on the in-process engine by
-default: the default matrix has 86 short federations, and on the Simulation Engine each would pay
-Ray's start-up again (``--engine simulation`` runs them there; BENCHMARKS.md has both timings).
+:func:`fedseg.experiment.engine.run_federation`, on Flower's Simulation Engine by default as
+``fedseg study`` (``--engine inprocess`` runs the sites one after another in this process;
+BENCHMARKS.md, "Experiment engines", times both).
 A cell's score is the final global model's mean Dice (WT, TC, ET averaged)
 on the pooled held-out cases of all sites (each site's held-out split, case-weighted), the same
 number the round loop records as ``mean-dice``. Each setting also runs the no-attack FedAvg
@@ -110,8 +110,8 @@ INFLATE_FACTOR = 1000.0
 #: ``anomaly-threshold`` of the ``anomaly`` defence
 ANOMALY_THRESHOLD = 3.0
 RESULTS = "robustness.json"
-#: the engine of the cells by default (module docstring: why not the Simulation Engine)
-DEFAULT_ENGINE = "inprocess"
+#: the engine of the cells by default: the study's
+DEFAULT_ENGINE = "simulation"
 CLEAN = "none"  # the attack name of the no-attack reference
 
 Progress = Callable[[str], None]
@@ -249,7 +249,7 @@ def run_cell(
     parts: Mapping[str, list[str]],
     folder: Path,
     *,
-    engine: str = "inprocess",
+    engine: str = DEFAULT_ENGINE,
     record_norms: bool = False,
 ) -> dict[str, Any]:
     """One federated run (:func:`fedseg.experiment.engine.run_federation`); its final scores.
@@ -332,8 +332,7 @@ def run_robustness(
     progress:
         Called with one line of text per finished cell.
     engine:
-        Where each cell's federation runs: ``inprocess`` (default, see the module docstring)
-        or ``simulation``.
+        Where each cell's federation runs: ``simulation`` (default) or ``inprocess``.
     resume:
         Reuse finished cells (``False``: run every cell again).
 
@@ -351,7 +350,7 @@ def run_robustness(
     from fedseg.experiment.engine import check_engine
     from fedseg.study.study import cohort_folder
 
-    engine = check_engine(engine, allowed=("inprocess", "simulation"))
+    engine = check_engine(engine, allowed=("simulation", "inprocess"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = list(settings) or parse_settings(",".join(DEFAULT_SETTINGS))
