@@ -262,7 +262,7 @@ def _run_here(
         overrides,
         out=out,
         progress=on_round,
-        on_result=lambda r: holder.setdefault("r", r),
+        on_result=lambda r: _keep(holder, r),
         workers=workers,
     )
     server_app = ServerApp()
@@ -323,6 +323,10 @@ def _run_here(
         record_keys=sorted(meter.record_keys),
         out=out,
     )
+
+
+def _keep(holder: dict[str, Any], result: Any) -> None:
+    holder["r"] = result
 
 
 def _simulate(server_app: Any, client_app: Any, num_sites: int, out: Path) -> None:
