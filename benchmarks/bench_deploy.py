@@ -9,7 +9,7 @@ run ``--rounds`` rounds with ``flwr run``. Reported, as JSON lines:
   counters: model, TLS and HTTP, everything), and each site's peak memory (RSS summed over the
   SuperNode, its SuperExec and ClientApp processes, sampled every 0.5 s);
 * ``simulation`` (``--simulation``): the same config and cases on Flower's Simulation Engine in
-  this process (:func:`fedseg.federation.runner.run_federated_arm`).
+  this process (:func:`fedseg.experiment.engine.run_federation`).
 
 Examples::
 
@@ -198,7 +198,7 @@ def _round(r: dict[str, Any]) -> dict[str, Any]:
 def run_sim(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> dict[str, Any]:
     from fedseg.config import FedsegConfig
     from fedseg.data.readers import discover_cases
-    from fedseg.federation.runner import run_federated_arm
+    from fedseg.experiment.engine import run_federation
 
     values: dict[str, Any] = {}
     for item in MODELS[args.model].split():
@@ -219,7 +219,7 @@ def run_sim(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> dict[
     # The same cases per site as the deployment: partition the cohort by the sites' folders.
     partition = {s: sorted(r.case_id for r in discover_cases(f)) for s, f in data.items()}
     t0 = time.perf_counter()
-    run_federated_arm("fedavg", cfg, tmp / "cohort", partition, tmp / "sim-out")
+    run_federation(cfg.replace(strategy="fedavg"), tmp / "cohort", partition, tmp / "sim-out")
     wall = time.perf_counter() - t0
     rounds = json.loads((tmp / "sim-out" / "history.json").read_text())["rounds"]
     return {

@@ -93,7 +93,7 @@ def main() -> None:
 
     from fedseg.config import FedsegConfig
     from fedseg.data.synth import generate_cohort
-    from fedseg.federation.runner import run_federated_arm
+    from fedseg.experiment.engine import run_federation
 
     data = args.out / "data"
     n = args.sites * args.cases_per_site
@@ -125,7 +125,7 @@ def main() -> None:
     sampler = PeakSampler()
     sampler.start()
     t0 = time.perf_counter()
-    result = run_federated_arm("fedavg", cfg, data, parts, run_dir)
+    result = run_federation(cfg.replace(strategy="fedavg"), data, parts, run_dir)
     seconds = time.perf_counter() - t0
     sampler.stop()
     rounds = result.history

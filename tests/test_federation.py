@@ -733,7 +733,7 @@ def test_bad_federation_config_values(given: dict[str, Any], fragment: str) -> N
 
 def test_runner_refuses_to_resume_another_partition(cohort: Any, tmp_path: Path) -> None:
     from fedseg.data.partition import write_partition
-    from fedseg.federation.runner import run_federated_arm
+    from fedseg.experiment.engine import run_federation
 
     root, parts = cohort
     out = tmp_path / "arm"
@@ -741,4 +741,4 @@ def test_runner_refuses_to_resume_another_partition(cohort: Any, tmp_path: Path)
     (out / "checkpoint.pt").write_bytes(b"a run was here")
 
     with pytest.raises(ConfigError, match="another partition"):
-        run_federated_arm("fedavg", tiny_cfg(), root, parts, out)
+        run_federation(tiny_cfg(), root, parts, out)

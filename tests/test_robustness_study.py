@@ -67,7 +67,7 @@ def test_tiny_study_end_to_end_through_the_cli(tmp_path: Path) -> None:
         "--attacks", "scale", "--defences", "fedavg,median,krum", "--rounds", "1",
         "--local-epochs", "1", "--spatial-dims", "3", "--image-size", "16",
         "--base-channels", "4", "--depth", "3", "--set", "test-fraction=0.5",
-        "--set", "batch-size=2", "--json", "-q",
+        "--set", "batch-size=2", "--engine", "inprocess", "--json", "-q",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -93,10 +93,19 @@ def test_tiny_study_end_to_end_through_the_cli(tmp_path: Path) -> None:
     assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
 
 
-def test_cli_bad_attack_exits_2(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["robustness", "--attacks", "explode", "--out", str(tmp_path)])
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--attacks", "explode"], "--attacks 'explode'"),
+        (["--engine", "superlink"], "--engine: expected one of simulation, inprocess"),
+        (["--engine", "inprocss"], "did you mean 'inprocess'"),
+    ],
+)
+def test_cli_bad_options_exit_2(tmp_path: Path, args: list[str], fragment: str) -> None:
+    result = CliRunner().invoke(app, ["robustness", *args, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "--attacks 'explode'" in result.output
+    assert fragment in result.output
+    assert not (tmp_path / "out").exists()  # refused before any work
 
 
 def test_count_attack_and_unbounded_fedavg_are_in_the_default_matrix(tmp_path: Path) -> None:

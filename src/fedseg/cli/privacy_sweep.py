@@ -153,6 +153,13 @@ def privacy_sweep_command(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Keep arms finished in an earlier run.")
     ] = True,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Where the federations run: simulation (Flower's Simulation Engine, as fedseg "
+            "study) or inprocess (the sites one after another in this process, no Ray)."
+        ),
+    ] = "simulation",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the table as JSON on stdout.")
@@ -170,6 +177,9 @@ def privacy_sweep_command(
     )
 
     with user_errors():
+        from fedseg.experiment.engine import check_engine
+
+        check_engine(engine, allowed=("simulation", "inprocess"))
         eps = parse_epsilons(epsilons)
         modes = parse_secure(secure)
         plan_arms(eps, modes, arms, dp_mode)  # bad names fail before any work
@@ -214,6 +224,7 @@ def privacy_sweep_command(
             pretrain=pretrain,
             public_data=public_data,
             public_cases=public_cases,
+            engine=engine,
         )
     rows = table_rows(doc["arms"])
     if as_json:

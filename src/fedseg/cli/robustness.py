@@ -14,7 +14,12 @@ import typer
 
 from fedseg.cli._common import existing_folder, user_errors, writable_folder
 from fedseg.cli.options import PRESET_HELP
-from fedseg.study.robustness import DEFAULT_ATTACKS, DEFAULT_DEFENCES, DEFAULT_SETTINGS
+from fedseg.study.robustness import (
+    DEFAULT_ATTACKS,
+    DEFAULT_DEFENCES,
+    DEFAULT_ENGINE,
+    DEFAULT_SETTINGS,
+)
 
 #: the study's small default model: the whole default matrix runs in minutes on 2 CPU cores
 STUDY_DEFAULTS: dict[str, Any] = {
@@ -36,7 +41,8 @@ _HELP = (
     "\n\n"
     "For each setting MofN (default 1of4 and 2of6) the cohort is split into N sites, the "
     "first M are malicious, and every attack x defence cell is one federated run (the real "
-    "ServerApp strategy and ClientApp, in process). Each cell scores the final global model's "
+    "ServerApp strategy and ClientApp, on Flower's Simulation Engine by default; --engine "
+    "inprocess runs them in this process). Each cell scores the final global model's "
     "mean Dice on the pooled held-out cases; the no-attack FedAvg run is the reference. "
     "Writes OUT/robustness.json, OUT/robustness.csv, OUT/heatmap-<setting>.png and "
     "OUT/report.html. Rerun the same command to resume."
@@ -103,6 +109,16 @@ def robustness_command(
             "--set", help="Any config key of the Flower app config (pyproject.toml), repeatable."
         ),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Where each cell's federation runs: simulation (Flower's Simulation Engine, as "
+            "fedseg study) or inprocess (the sites one after another in this process, no Ray)."
+        ),
+    ] = DEFAULT_ENGINE,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Keep cells finished in an earlier run.")
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the Dice matrix as JSON on stdout.")
@@ -114,6 +130,9 @@ def robustness_command(
     from fedseg.study import robustness as rob
 
     with user_errors():
+        from fedseg.experiment.engine import check_engine
+
+        check_engine(engine, allowed=("simulation", "inprocess"))
         chosen_attacks = rob.parse_attacks(attacks)
         chosen_defences = rob.parse_defences(defences)
         chosen_settings = rob.parse_settings(settings)
@@ -156,6 +175,8 @@ def robustness_command(
             settings=chosen_settings,
             data=data,
             progress=say,
+            engine=engine,
+            resume=resume,
         )
     if as_json:
         result: dict[str, Any] = {"report": str(out / "report.html"), "settings": {}}

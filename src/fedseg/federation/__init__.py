@@ -25,10 +25,11 @@ checkpoint
     Checkpoint and model files (weights-only).
 server_app
     The ServerApp (``app``; :func:`~fedseg.federation.server_app.build_server_app`).
-runner
-    :func:`~fedseg.federation.runner.run_federated_arm`: one arm on the Simulation Engine.
 inprocess
     :class:`~fedseg.federation.inprocess.InProcessGrid`: the ClientApp in the calling process.
+
+A federation is launched by :func:`fedseg.experiment.engine.run_federation` (Simulation Engine,
+in-process grid or a live SuperLink).
 
 Nothing here is imported by ``import fedseg.federation``; import the module you need.
 """

@@ -2,9 +2,12 @@
 
 For each *setting* (``1of4``: 1 malicious site among 4; ``2of6``: 2 among 6) the cohort is split
 into ``n`` sites with the study's partition, the first ``m`` sites (by name) are made malicious
-(run-config ``malicious-sites``), and every cell *attack x defence* is one federated run through
-the real ServerApp strategy and ClientApp code path on an :class:`InProcessGrid` (no Ray
-start-up per cell). A cell's score is the final global model's mean Dice (WT, TC, ET averaged)
+(run-config ``malicious-sites``), and every cell *attack x defence* is one arm of the experiment
+runner (:mod:`fedseg.experiment`): one federated run of the real ServerApp and ClientApp through
+:func:`fedseg.experiment.engine.run_federation`, on Flower's Simulation Engine by default as
+``fedseg study`` (``--engine inprocess`` runs the sites one after another in this process;
+BENCHMARKS.md, "Experiment engines", times both).
+A cell's score is the final global model's mean Dice (WT, TC, ET averaged)
 on the pooled held-out cases of all sites (each site's held-out split, case-weighted), the same
 number the round loop records as ``mean-dice``. Each setting also runs the no-attack FedAvg
 reference.
@@ -32,15 +35,15 @@ reports :data:`INFLATE_FACTOR` times the site's cases; a combined attack uses it
 strength unless :data:`STRENGTHS` names it (``scale+inflate``: a x4 boost, which FedAvg survives
 at the site's true weight, so the cell measures what the claimed count adds).
 
-Outputs in ``OUT``: ``robustness.json`` (every cell, written after each so that a rerun resumes),
-``robustness.csv``, ``heatmap-<setting>.png`` and ``report.html``.
+Outputs in ``OUT``: ``robustness.json`` (every cell), ``robustness.csv``,
+``heatmap-<setting>.png``, ``report.html``, and per cell ``arms/<setting>.<attack>.<defence>/``
+(its ``result.json``, written when the cell is done so that a rerun resumes, and its federation's
+run folder).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +56,7 @@ import numpy as np
 from fedseg.config import ATTACKS, INFLATE, FedsegConfig, attack_parts
 from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError
+from fedseg.experiment import Arm, fingerprint, run_experiment
 from fedseg.utils.io import atomic_write_json, atomic_write_text
 
 #: every defence the study knows, in display order
@@ -106,6 +110,8 @@ INFLATE_FACTOR = 1000.0
 #: ``anomaly-threshold`` of the ``anomaly`` defence
 ANOMALY_THRESHOLD = 3.0
 RESULTS = "robustness.json"
+#: the engine of the cells by default: the study's
+DEFAULT_ENGINE = "simulation"
 CLEAN = "none"  # the attack name of the no-attack reference
 
 Progress = Callable[[str], None]
@@ -232,15 +238,21 @@ def defence_config(defence: str, setting: Setting, clip_norm: float) -> dict[str
 
 
 # ------------------------------------------------------------------------------ one cell
+def cell_arm(setting: Setting, attack: str, defence: str, keys: Mapping[str, Any]) -> Arm:
+    """The experiment arm of one cell: ``<setting>.<attack>.<defence>`` with its config keys."""
+    return Arm(f"{setting.name}.{attack}.{defence}", dict(keys), phase=setting.name)
+
+
 def run_cell(
     cfg: FedsegConfig,
     data: Path,
-    partition_csv: Path,
-    num_sites: int,
+    parts: Mapping[str, list[str]],
+    folder: Path,
     *,
+    engine: str = DEFAULT_ENGINE,
     record_norms: bool = False,
 ) -> dict[str, Any]:
-    """One federated run on an :class:`InProcessGrid`; returns its final scores.
+    """One federated run (:func:`fedseg.experiment.engine.run_federation`); its final scores.
 
     Returns
     -------
@@ -250,52 +262,37 @@ def run_cell(
         rounds it was left out), ``seconds`` and, with ``record_norms``, ``update-norms`` (L2
         norms of every reply's delta to the model it was sent).
     """
+    from fedseg.experiment.engine import run_federation
     from fedseg.federation import records as R
-    from fedseg.federation.client_app import build_client_app
-    from fedseg.federation.inprocess import InProcessGrid
-    from fedseg.federation.loop import run_rounds
-    from fedseg.federation.server_app import initial_model
-    from fedseg.federation.strategy import FedsegStrategy
 
-    run_cfg = cfg.replace(
-        data_path=str(data), partition_file=str(partition_csv), num_sites=num_sites, out_dir=""
-    )
-    app = build_client_app(run_cfg.to_run_config())
-    grid = InProcessGrid(app, [{"partition-id": i} for i in range(num_sites)])
     norms: list[float] = []
-    if record_norms:
 
-        def record(msg: Any, reply: Any) -> Any:
-            if msg.metadata.message_type == "train" and reply is not None and reply.has_content():
-                rec = reply.content.array_records.get(R.ARRAYS)
-                if rec is not None:
-                    sent = R.from_array_record(msg.content.array_records[R.ARRAYS])
-                    got = R.from_array_record(rec)
-                    sq = sum(
-                        float(np.sum((got[k].astype(np.float64) - sent[k]) ** 2)) for k in sent
-                    )
-                    norms.append(math.sqrt(sq))
-            return reply
+    def record(msg: Any, reply: Any) -> None:
+        if msg.metadata.message_type != "train" or not reply.has_content():
+            return
+        rec = reply.content.array_records.get(R.ARRAYS)
+        if rec is not None:
+            sent = R.from_array_record(msg.content.array_records[R.ARRAYS])
+            got = R.from_array_record(rec)
+            sq = sum(float(np.sum((got[k].astype(np.float64) - sent[k]) ** 2)) for k in sent)
+            norms.append(math.sqrt(sq))
 
-        for node in grid.contexts:
-            grid.faults[node] = record
-    initial, names = initial_model(run_cfg)
-    strategy = FedsegStrategy(run_cfg, param_names=names, num_sites=num_sites)
-    t0 = time.perf_counter()
-    result = run_rounds(grid, strategy, initial, run_cfg)
-    seconds = time.perf_counter() - t0
-    last = result.history[-1] if result.history else {}
+    run = run_federation(
+        cfg, data, parts, folder, engine=engine, observer=record if record_norms else None
+    )
+    last = run.history[-1] if run.history else {}
     regions = {r: v for r, v in (last.get("mean-dice") or {}).items() if v is not None}
     rejected: dict[str, int] = {}
-    for row in result.history:
+    for row in run.history:
         for site in row.get("rejected", {}):
             rejected[site] = rejected.get(site, 0) + 1
     out: dict[str, Any] = {
         "dice": float(np.mean([regions[r] for r in REGIONS if r in regions])) if regions else None,
         "dice-regions": regions,
-        "failed-rounds": [r["round"] for r in result.history if r.get("status") != "ok"],
+        "failed-rounds": [r["round"] for r in run.history if r.get("status") != "ok"],
         "rejected": rejected,
-        "seconds": seconds,
+        "seconds": float(run.traffic.get("seconds") or sum(run.timings["total-seconds"])),
+        "engine": run.engine,
     }
     if record_norms:
         out["update-norms"] = norms
@@ -303,16 +300,6 @@ def run_cell(
 
 
 # ------------------------------------------------------------------------------ the matrix
-def _fingerprint(cfg: FedsegConfig, data: Path) -> str:
-    keep = {
-        k: v
-        for k, v in cfg.to_run_config().items()
-        if k not in ("out-dir", "data-path", "partition-file", "num-sites")
-    }
-    text = json.dumps({"cfg": keep, "data": str(data)}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def run_robustness(
     cfg: FedsegConfig,
     out: Path,
@@ -322,6 +309,8 @@ def run_robustness(
     settings: Sequence[Setting] = (),
     data: Path | None = None,
     progress: Progress | None = None,
+    engine: str = DEFAULT_ENGINE,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the attack x defence matrix and write ``OUT`` (see the module docstring).
 
@@ -331,7 +320,9 @@ def run_robustness(
         Model, optimisation and federation settings (rounds, local epochs, partition, seed);
         the robustness keys are set per cell.
     out:
-        The study folder; results already there for the same configuration are reused.
+        The study folder; cells already there for the same configuration are reused (the
+        resume rule of :mod:`fedseg.experiment.runner`; each cell is an arm
+        ``OUT/arms/<setting>.<attack>.<defence>/``).
     attacks, defences, settings:
         The matrix (defaults :data:`DEFAULT_ATTACKS`, :data:`DEFAULT_DEFENCES`,
         :data:`DEFAULT_SETTINGS`).
@@ -340,6 +331,10 @@ def run_robustness(
         ``OUT/data`` once.
     progress:
         Called with one line of text per finished cell.
+    engine:
+        Where each cell's federation runs: ``simulation`` (default) or ``inprocess``.
+    resume:
+        Reuse finished cells (``False``: run every cell again).
 
     Returns
     -------
@@ -349,11 +344,13 @@ def run_robustness(
     Raises
     ------
     ConfigError
-        A bad matrix, or a cohort too small for a setting's number of sites.
+        A bad matrix or engine, or a cohort too small for a setting's number of sites.
     """
     from fedseg.data.partition import case_attributes, partition, write_partition
-    from fedseg.study.study import _cohort
+    from fedseg.experiment.engine import check_engine
+    from fedseg.study.study import cohort_folder
 
+    engine = check_engine(engine, allowed=("simulation", "inprocess"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = list(settings) or parse_settings(",".join(DEFAULT_SETTINGS))
@@ -361,7 +358,7 @@ def run_robustness(
     defences = list(defences)
     say = progress or (lambda _line: None)
     t_start = time.perf_counter()
-    data_dir, generated = _cohort(out, cfg, data, progress=False)
+    data_dir, generated = cohort_folder(out, cfg, data, progress=False)
     base = cfg.replace(
         attack="none",
         malicious_sites="",
@@ -371,28 +368,20 @@ def run_robustness(
         strategy="fedavg",
         cache_dir=cfg.cache_dir or str(Path(out).resolve() / "cache"),
     )
-    fp = _fingerprint(base, data_dir)
-    path = out / RESULTS
-    doc: dict[str, Any] = {}
-    if path.is_file():
-        found = json.loads(path.read_text())
-        if found.get("fingerprint") == fp:
-            doc = found
-    doc.update(
-        {
-            "fingerprint": fp,
-            "config": base.to_run_config(),
-            "data": str(data_dir),
-            "generated": generated,
-            "attacks": attacks,
-            "defences": defences,
-            "settings": [s.name for s in settings],
-            "strengths": {a: strength(a) for a in attacks},
-            "inflate-factor": INFLATE_FACTOR,
-            "anomaly-threshold": ANOMALY_THRESHOLD,
-        }
-    )
-    cells: dict[str, Any] = doc.setdefault("cells", {})
+    doc: dict[str, Any] = {
+        "config": base.to_run_config(),
+        "data": str(data_dir),
+        "generated": generated,
+        "engine": engine,
+        "attacks": attacks,
+        "defences": defences,
+        "settings": [s.name for s in settings],
+        "strengths": {a: strength(a) for a in attacks},
+        "inflate-factor": INFLATE_FACTOR,
+        "anomaly-threshold": ANOMALY_THRESHOLD,
+        "clip-norm": {},
+        "cells": {},
+    }
     attrs = list(case_attributes(data_dir).values())
     for setting in settings:
         sname = setting.name
@@ -403,26 +392,57 @@ def run_robustness(
         write_partition(parts, csv_path)
         registry = write_registry(parts, cfg, out / f"sites-{sname}.csv")
         bad = setting.malicious_sites()
-        per = cells.setdefault(sname, {})
-        ref_key = f"{CLEAN}|fedavg"
-        if ref_key not in per:
-            provisioned = base.replace(site_registry=str(registry))
-            res = run_cell(provisioned, data_dir, csv_path, setting.sites, record_norms=True)
-            per[ref_key] = res
-            atomic_write_json(path, doc)
-            say(f"{sname} reference (no attack, FedAvg): Dice {_fmt(res['dice'])}")
-        honest_norms = per[ref_key].get("update-norms") or [1.0]
-        clip_norm = float(np.median(honest_norms))
-        doc.setdefault("clip-norm", {})[sname] = clip_norm
+        per: dict[str, Any] = doc["cells"].setdefault(sname, {})
+
+        def fingerprint_of(arm: Arm, parts: Mapping[str, list[str]] = parts) -> dict[str, Any]:
+            return fingerprint(arm.config(base), data=data_dir, partition=parts)
+
+        def run_arm(
+            arm: Arm, folder: Path, parts: Mapping[str, list[str]] = parts
+        ) -> dict[str, Any]:
+            reference = arm.name.endswith(f".{CLEAN}.fedavg")
+            return run_cell(
+                arm.config(base),
+                data_dir,
+                parts,
+                folder / "federation",
+                engine=engine,
+                record_norms=reference,
+            )
+
+        def on_event(arm: Arm, event: str, res: Mapping[str, Any] | None, note: str) -> None:
+            if event == "start" and note:
+                say(f"{arm.name}: {note}")
+            if event != "done" or res is None:
+                return
+            _, attack, defence = arm.name.split(".")
+            if attack == CLEAN:
+                say(f"{arm.phase} reference (no attack, FedAvg): Dice {_fmt(res['dice'])}")
+            else:
+                say(
+                    f"{arm.phase} {attack:>10} x {defence:<12} Dice {_fmt(res['dice'])} "
+                    f"({res['seconds']:.0f} s)"
+                )
+
+        # the reference first: the clip defence's bound is its median honest update norm
+        ref_arm = cell_arm(setting, CLEAN, "fedavg", {"site-registry": str(registry)})
+        ref = run_experiment(
+            [ref_arm],
+            out,
+            run_arm=run_arm,
+            fingerprint_of=fingerprint_of,
+            resume=resume,
+            on_event=on_event,
+        )[ref_arm.name]
+        per[f"{CLEAN}|fedavg"] = _cell(ref)
+        clip_norm = float(np.median(ref.get("update-norms") or [1.0]))
+        doc["clip-norm"][sname] = clip_norm
+        cells: list[Arm] = []
         for attack in attacks:
             for defence in defences:
-                key = f"{attack}|{defence}"
-                if key in per:
-                    continue
                 why = infeasible(defence, setting)
                 if why is not None:
-                    per[key] = {"dice": None, "na": why}
-                    atomic_write_json(path, doc)
+                    per[f"{attack}|{defence}"] = {"dice": None, "na": why}
                     continue
                 keys = {
                     "attack": attack,
@@ -432,18 +452,29 @@ def run_robustness(
                     "site-registry": str(registry),
                     **defence_config(defence, setting, clip_norm),
                 }
-                cell_cfg = FedsegConfig.from_run_config({**base.to_run_config(), **keys})
-                res = run_cell(cell_cfg, data_dir, csv_path, setting.sites)
-                per[key] = res
-                atomic_write_json(path, doc)
-                say(
-                    f"{sname} {attack:>10} x {defence:<12} Dice {_fmt(res['dice'])} "
-                    f"({res['seconds']:.0f} s)"
-                )
+                cells.append(cell_arm(setting, attack, defence, keys))
+        if cells:
+            done = run_experiment(
+                cells,
+                out,
+                run_arm=run_arm,
+                fingerprint_of=fingerprint_of,
+                resume=resume,
+                on_event=on_event,
+            )
+            for arm in cells:
+                _, attack, defence = arm.name.split(".")
+                per[f"{attack}|{defence}"] = _cell(done[arm.name])
     doc["seconds-this-invocation"] = time.perf_counter() - t_start
-    atomic_write_json(path, doc)
+    atomic_write_json(out / RESULTS, doc)
     write_outputs(out, doc)
     return doc
+
+
+def _cell(res: Mapping[str, Any]) -> dict[str, Any]:
+    """A cell of ``robustness.json`` from its arm's result."""
+    keys = ("dice", "dice-regions", "failed-rounds", "rejected", "seconds", "update-norms")
+    return {k: res[k] for k in keys if k in res}
 
 
 def _fmt(v: Any) -> str:
@@ -530,13 +561,11 @@ def findings(doc: Mapping[str, Any], setting: str, tolerance: float = 0.03) -> l
 
 
 def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
-    """The HTML report (styles and helpers of :mod:`fedseg.study.report`)."""
-    from fedseg.study.report import _CSS, _e, _f, _img, _table
+    """The HTML report (the toolkit of :mod:`fedseg.study.html`)."""
+    from fedseg.study.html import esc, img, num, page, table
 
     cfg = doc.get("config", {})
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>fedseg robustness study</title><style>{_CSS}</style></head><body>",
         "<h1>fedseg robustness: attacks x defences</h1>",
         '<p class="sub">Final mean Dice (WT, TC, ET averaged) of the global model on the pooled '
         "held-out cases of all sites. Higher is better; n/a: the rule's bound on n and f is not "
@@ -545,27 +574,28 @@ def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
     kv = [
         (
             "data",
-            f"<code>{_e(doc.get('data'))}</code>"
+            f"<code>{esc(doc.get('data'))}</code>"
             + (" (synthetic, generated)" if doc.get("generated") else ""),
         ),
         (
             "model",
-            f"{_e(cfg.get('spatial-dims'))}D U-Net, {_e(cfg.get('image-size'))} px, base "
-            f"channels {_e(cfg.get('base-channels'))}, depth {_e(cfg.get('depth'))}",
+            f"{esc(cfg.get('spatial-dims'))}D U-Net, {esc(cfg.get('image-size'))} px, base "
+            f"channels {esc(cfg.get('base-channels'))}, depth {esc(cfg.get('depth'))}",
         ),
         (
             "federation",
-            f"{_e(cfg.get('num-server-rounds'))} rounds x "
-            f"{_e(cfg.get('local-epochs'))} local epoch(s), partition "
-            f"<code>{_e(cfg.get('partition'))}</code>, seed {_e(cfg.get('seed'))}",
+            f"{esc(cfg.get('num-server-rounds'))} rounds x "
+            f"{esc(cfg.get('local-epochs'))} local epoch(s), partition "
+            f"<code>{esc(cfg.get('partition'))}</code>, seed {esc(cfg.get('seed'))}",
         ),
-        ("attack strengths", ", ".join(f"{_e(a)} {_e(s)}" for a, s in doc["strengths"].items())),
+        ("attack strengths", ", ".join(f"{esc(a)} {esc(s)}" for a, s in doc["strengths"].items())),
         (
             "clip bound (median honest update norm, clean run)",
-            ", ".join(f"{_e(s)}: {_f(v, 4)}" for s, v in doc.get("clip-norm", {}).items()),
+            ", ".join(f"{esc(s)}: {num(v, 4)}" for s, v in doc.get("clip-norm", {}).items()),
         ),
-        ("anomaly threshold", _e(doc.get("anomaly-threshold"))),
-        ("time", f"{_f(doc.get('seconds-this-invocation'), 0)} s for the last invocation"),
+        ("anomaly threshold", esc(doc.get("anomaly-threshold"))),
+        ("engine", esc(doc.get("engine", "inprocess"))),
+        ("time", f"{num(doc.get('seconds-this-invocation'), 0)} s for the last invocation"),
     ]
     parts.append(
         '<table class="kv"><tbody>'
@@ -575,34 +605,33 @@ def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
     for setting in doc["settings"]:
         m_sites = setting.split("of")
         parts.append(
-            f"<h2>{_e(m_sites[0])} of {_e(m_sites[1])} sites malicious ({_e(setting)})</h2>"
+            f"<h2>{esc(m_sites[0])} of {esc(m_sites[1])} sites malicious ({esc(setting)})</h2>"
         )
         notes = findings(doc, setting)
-        parts.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+        parts.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
         if setting in figures:
-            parts.append(_img(figures[setting], f"heatmap {setting}"))
+            parts.append(img(figures[setting], f"heatmap {setting}"))
         rows, cols, m = matrix(doc, setting)
         per = doc.get("cells", {}).get(setting, {})
         body = []
         for i, d in enumerate(rows):
-            cells = [_e(d)]
+            cells = [esc(d)]
             for j, a in enumerate(cols):
                 cell = per.get(f"{a}|{d}", {})
-                cells.append(_e("n/a") if "na" in cell else _f(m[i, j]))
+                cells.append(esc("n/a") if "na" in cell else num(m[i, j]))
             body.append(cells)
-        parts.append(_table(["defence \\ attack", *(_e(c) for c in cols)], body))
+        parts.append(table(["defence \\ attack", *(esc(c) for c in cols)], body))
         na = sorted({c["na"] for c in per.values() if "na" in c})
         if na:
-            parts.append('<p class="muted">n/a: ' + "; ".join(_e(x) for x in na) + "</p>")
+            parts.append('<p class="muted">n/a: ' + "; ".join(esc(x) for x in na) + "</p>")
         dropped = {k: c["rejected"] for k, c in per.items() if c.get("rejected")}
         if dropped:
             parts.append(
                 '<p class="muted">sites left out (site: rounds): '
                 + "; ".join(
-                    f"{_e(k)} → " + ", ".join(f"{_e(s)}: {n}" for s, n in v.items())
+                    f"{esc(k)} → " + ", ".join(f"{esc(s)}: {n}" for s, n in v.items())
                     for k, v in dropped.items()
                 )
                 + "</p>"
             )
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return page("fedseg robustness study", parts)
