@@ -230,7 +230,7 @@ def phenotype_of(draw: ClinicalDraw) -> object:
     fedseg.data.synth.TumourPhenotype
         Passed to :func:`fedseg.data.synth.generate_case`.
     """
-    from fedseg.data.synth import TumourPhenotype
+    from fedseg.data.phenotype import TumourPhenotype
 
     solid, (lo, hi), gain = GRADE_PHENOTYPES[draw.grade]
     if draw.idh_mutant:

@@ -49,6 +49,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from fedseg.data.case import MODALITIES, REGION_LABELS, REGIONS, Case, CaseRef
+from fedseg.data.phenotype import DEFAULT_PHENOTYPE, TumourPhenotype
 from fedseg.data.scanners import ScannerProfile, get_profile, profile_names
 from fedseg.errors import ConfigError
 
@@ -248,38 +249,6 @@ def _trilinear(vol: np.ndarray, shape: tuple[int, int, int], coords: np.ndarray)
                 corner = np.take(vol, base + ((dx * Y + dy) * Z + dz), axis=0)
                 out += corner * (wxy * wz)[:, None]
     return out.reshape(*out_shape, vol.shape[1])
-
-
-@dataclass(frozen=True)
-class TumourPhenotype:
-    """What a case's clinical record fixes about its tumour's appearance.
-
-    The defaults reproduce the generator without clinical records exactly. Each field
-    re-maps a draw the generator already makes (the same uniform number, so the random
-    stream stays aligned and every other part of the case is unchanged):
-
-    Parameters
-    ----------
-    solid_probability:
-        Chance that the core is solid non-enhancing tumour instead of necrosis (default 0.25).
-        Necrosis and solid tumour share label 1, so this changes only intensities (necrosis is
-        dark on T1/T1ce and bright on T2). The draw ``u`` is compared with this value, so the
-        core is solid when ``u <`` it; a core that was solid by default and is necrotic here
-        draws its necrosis pattern from the generator passed as ``extra_rng``.
-    nonenhancing_rim:
-        Range of the share of the rim that does not enhance (default 0.05-0.3); the same
-        uniform draw is mapped onto this range. A higher share turns rim voxels from ET
-        (label 4) into label 1: ET shrinks, TC and WT stay as they are.
-    enhancement:
-        Factor on the contrast uptake of ET on T1ce (default 1).
-    """
-
-    solid_probability: float = 0.25
-    nonenhancing_rim: tuple[float, float] = (0.05, 0.3)
-    enhancement: float = 1.0
-
-
-DEFAULT_PHENOTYPE = TumourPhenotype()
 
 
 def _rim_share(drawn: float, phenotype: TumourPhenotype) -> float:
