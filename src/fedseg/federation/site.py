@@ -68,6 +68,8 @@ log = logging.getLogger("fedseg.site")
 
 FEDBN_STATE = "fedbn-local"
 OPTIMIZER_STATE = "optimizer"
+#: top-k compression's error-feedback residual (what earlier rounds did not send)
+COMPRESSION_STATE = "compression-residual"
 
 
 @dataclass(frozen=True)
@@ -454,9 +456,14 @@ def _train_received(
     round_state: dict[str, dict[str, np.ndarray]] = {}
     if not cfg.reset_optimizer:
         round_state[OPTIMIZER_STATE] = trainer.optimizer_arrays()
+    sent = weights
+    if cfg.compression != "none":  # the difference to the received model, encoded (#17)
+        sent, residual = _compress(weights, received, cfg, spec, server_round, saved)
+        if residual is not None:
+            round_state[COMPRESSION_STATE] = {"residual": residual}
     content = RecordDict(
         {
-            R.ARRAYS: R.to_array_record(weights),
+            R.ARRAYS: R.to_array_record(sent),
             R.METRICS: MetricRecord(
                 {
                     "num-examples": reported_count(attack, int(fit["num-examples"])),
@@ -487,6 +494,33 @@ def _train_received(
         bound = bound if isinstance(bound, int) and not isinstance(bound, bool) else 0
         content = seal_train_reply(content, context, cfg, bound)
     return content
+
+
+def _compress(
+    weights: dict[str, np.ndarray],
+    received: Mapping[str, np.ndarray],
+    cfg: FedsegConfig,
+    spec: SiteSpec,
+    server_round: int,
+    saved: Mapping[str, dict[str, np.ndarray]],
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Encode ``weights`` as a compressed difference to ``received`` (:mod:`fedseg.compression`).
+
+    Top-k's residual comes from the site's saved state and the new one goes back into it, so
+    error feedback survives a restart like the rest of the site's state.
+    """
+    from fedseg.compression.update import encode_update
+
+    residual = saved.get(COMPRESSION_STATE, {}).get("residual")
+    rng = np.random.default_rng([site_seed(cfg.seed, server_round, spec.name), 17])
+    return encode_update(
+        received,
+        weights,
+        cfg.compression,
+        rng=rng,
+        fraction=cfg.topk_fraction,
+        residual=None if residual is None else np.asarray(residual, dtype=np.float32),
+    )
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
@@ -842,7 +876,7 @@ def load_site_state(
     return {
         key: R.from_array_record(rec)
         for key, rec in context.state.array_records.items()
-        if key in (FEDBN_STATE, OPTIMIZER_STATE, "dp-accountant")
+        if key in (FEDBN_STATE, OPTIMIZER_STATE, COMPRESSION_STATE, "dp-accountant")
     }
 
 

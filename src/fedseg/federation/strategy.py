@@ -955,6 +955,10 @@ class FedsegStrategy(Strategy):
             raise UpdateValidationError(
                 f"'arrays' cannot be decoded as plain arrays ({type(exc).__name__})"
             ) from None
+        if self.cfg.compression != "none":  # decoded and checked before any arithmetic (#17)
+            from fedseg.compression.update import decode_update
+
+            update = decode_update(self._model(), update)
         metrics_rec = content.metric_records.get(R.METRICS)
         num = metrics_rec.get("num-examples") if metrics_rec is not None else None
         extra: dict[str, Any] = {"metrics": R.metrics_dict(metrics_rec)}
