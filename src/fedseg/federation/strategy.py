@@ -219,6 +219,9 @@ class FedsegStrategy(Strategy):
         self.last_train: TrainReport | None = None
         self.last_evaluate: EvaluateReport | None = None
         self._sent: dict[int, str] = {}
+        #: array records sent with every training message besides the model (continual
+        #: learning's phase-A model and Fisher, :mod:`fedseg.continual`)
+        self.extra_train_records: dict[str, ArrayRecord] = {}
         #: the messages of the current half-round (their ids are set when the grid pushes them)
         self._outbox: list[Message] = []
         #: the same for the evaluation in flight, which may overlap the next round's training
@@ -798,6 +801,8 @@ class FedsegStrategy(Strategy):
         conf["local-epochs"] = self.cfg.local_epochs
         conf["proximal-mu"] = float(self.cfg.proximal_mu) if self.name == "fedprox" else 0.0
         content = RecordDict({R.ARRAYS: self._outgoing_weights(arrays), R.CONFIG: conf})
+        for key, record in self.extra_train_records.items():
+            content[key] = record
         if self.cfg.secure_aggregation != "none":  # each site applies its own weight bound
             self._outbox = [
                 Message(self._with_bound(content, conf, n), n, MessageType.TRAIN) for n in nodes
@@ -819,6 +824,7 @@ class FedsegStrategy(Strategy):
                     R.ARRAYS: content[R.ARRAYS],
                     R.CONFIG: conf,
                     R.SCAFFOLD_CORRECTION: R.to_flat_record([correction]),
+                    **self.extra_train_records,
                 }
             )
             messages.append(Message(site_content, n, MessageType.TRAIN))
