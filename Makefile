@@ -28,8 +28,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# ruff (lint and format) and mypy (its settings, strict modules included: pyproject.toml).
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
 
 # The quick benchmarks (a few minutes); the long ones are listed in benchmarks/run_all.py.
 bench: install

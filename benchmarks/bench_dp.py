@@ -3,8 +3,8 @@
 One training step is ``zero_grad``, forward, loss, backward and optimizer step on a batch of
 random volumes (``batch-size x 4 x S^3``, three region targets). The non-private step uses the
 training loss of :func:`fedseg.model.losses.build_loss`; the DP steps use the per-case loss of
-:mod:`fedseg.site.privacy` with each per-sample gradient engine of
-:data:`fedseg.site.privacy.GRAD_SAMPLE_MODES` (Opacus's ``hooks``, ``functorch``, ``ghost``
+:mod:`fedseg.privacy.dpsgd` with each per-sample gradient engine of
+:data:`fedseg.privacy.dpsgd.GRAD_SAMPLE_MODES` (Opacus's ``hooks``, ``functorch``, ``ghost``
 fast gradient clipping, and ``per-sample-backward``), with clipping and noise (sigma 1, clip 1).
 The non-private step with the per-case loss is timed too (``none-per-case``), so the loss change
 and the DP machinery can be told apart.
@@ -39,7 +39,7 @@ import torch
 from fedseg.config import FedsegConfig
 from fedseg.model.losses import build_loss
 from fedseg.model.unet import build_unet
-from fedseg.site.privacy import GRAD_SAMPLE_MODES, SitePrivacy, build_per_sample_loss
+from fedseg.privacy.dpsgd import GRAD_SAMPLE_MODES, SitePrivacy, build_per_sample_loss
 
 
 class _Dataset(torch.utils.data.Dataset):

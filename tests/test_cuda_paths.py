@@ -53,7 +53,7 @@ def test_federated_path_runs_with_models_on_cuda(
 ) -> None:
     monkeypatch.setenv("FEDSEG_DEVICE", "cuda")
     if name.startswith("dp-sample-") and name != "dp-sample-per-sample-backward":
-        from fedseg.site import privacy
+        from fedseg.privacy import dpsgd as privacy
 
         mode = name.removeprefix("dp-sample-")
         monkeypatch.setattr(privacy, "DEFAULT_GRAD_SAMPLE_MODE", mode)

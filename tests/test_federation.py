@@ -569,8 +569,8 @@ def _scaffold_run(
 
     def snap(r: int, n: int, row: dict[str, Any]) -> None:
         strat = captured["strategy"]
-        copy = {s: {k: v.copy() for k, v in c.items()} for s, c in strat.c_sites.items()}
-        c = {k: v.copy() for k, v in strat.c_global.items()}
+        copy = {s: {k: v.copy() for k, v in c.items()} for s, c in strat.algorithm.c_sites.items()}
+        c = {k: v.copy() for k, v in strat.algorithm.c_global.items()}
         snapshots.append({"accepted": row["accepted"], "c": c, "c-sites": copy})
 
     strategy_module.FedsegStrategy.discover_sites = discover  # type: ignore[method-assign]

@@ -27,7 +27,8 @@ from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError, PrivacyBudgetError
 from fedseg.federation.server_app import HISTORY, serve
 from fedseg.model.unet import build_unet
-from fedseg.site.privacy import (
+from fedseg.privacy.client_dp import ServerPrivacy, clip_update, noise_std, update_norm
+from fedseg.privacy.dpsgd import (
     GRAD_SAMPLE_MODES,
     SitePrivacy,
     build_per_sample_loss,
@@ -39,8 +40,7 @@ from fedseg.site.privacy import (
     start_private_round,
     validate_model,
 )
-from fedseg.strategies.dp import ServerPrivacy, clip_update, noise_std, update_norm
-from fedseg.strategies.ledger import (
+from fedseg.privacy.ledger import (
     PrivacyLedger,
     epsilon_table,
     final_epsilon,
@@ -237,7 +237,7 @@ def test_an_empty_first_poisson_batch_is_the_noise_only_step() -> None:
 
 def test_a_step_that_raises_still_gives_the_plain_model_back(cohort: Any) -> None:
     from fedseg.data.cache import prepare_cases
-    from fedseg.site.privacy import enable_site_privacy
+    from fedseg.privacy.dpsgd import enable_site_privacy
     from fedseg.site.trainer import SiteTrainer
 
     root, _ = cohort
@@ -450,7 +450,7 @@ def test_resumed_federation_continues_the_same_epsilon(cohort: Any, tmp_path: Pa
 
 def test_federation_site_past_its_budget_is_refused(cohort: Any, tmp_path: Path) -> None:
     from fedseg.data.cohort import split_cases
-    from fedseg.site.privacy import round_steps
+    from fedseg.privacy.dpsgd import round_steps
 
     cfg = _dp_cfg(dp_mode="sample", dp_noise_multiplier=1.0)
     per_round = []  # each site's (sample rate, steps) per round

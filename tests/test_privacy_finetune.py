@@ -27,7 +27,7 @@ from fedseg.errors import ConfigError
 from fedseg.federation.checkpoint import save_model
 from fedseg.federation.server_app import FINAL_MODEL, initial_model, serve
 from fedseg.model.unet import build_unet
-from fedseg.site.privacy import SitePrivacy, build_per_sample_loss, trainable_names
+from fedseg.privacy.dpsgd import SitePrivacy, build_per_sample_loss, trainable_names
 from fedseg.utils.io import load_torch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

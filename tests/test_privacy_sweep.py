@@ -213,7 +213,7 @@ def test_pretraining_on_public_data_starts_every_arm_and_adds_a_public_only_row(
 ) -> None:
     from fedseg.cli.main import app
     from fedseg.model.unet import build_unet
-    from fedseg.site.privacy import trainable_names
+    from fedseg.privacy.dpsgd import trainable_names
     from fedseg.utils.io import load_torch
 
     data = write_cohort(tmp_path / "hospitals")

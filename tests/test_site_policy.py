@@ -164,7 +164,7 @@ _MECH = (1.1, 0.5, 4)
 
 
 def _eps(*mechs: tuple[float, float, int], delta: float = 1e-5) -> float:
-    from fedseg.site.privacy import epsilon_spent
+    from fedseg.privacy.dpsgd import epsilon_spent
 
     return epsilon_spent(list(mechs), delta)
 

@@ -290,7 +290,7 @@ def test_fedadam_calls_the_core_and_keeps_moments() -> None:
         np.testing.assert_array_equal(a, b)
     restored = FedsegStrategy(strat.cfg)
     restored.load_state_dict(state)
-    assert restored.v is not None and len(restored.v) == len(v)
+    assert restored.state_dict()["v"] is not None and len(restored.state_dict()["v"]) == len(v)
 
 
 def test_fedadagrad_calls_the_core_and_accumulates_v_over_rounds() -> None:
@@ -352,12 +352,12 @@ def test_scaffold_server_keeps_each_site_control_variate() -> None:
     assert report.accepted == ["site-0"]
     assert "'num-steps' must be an int >= 1" in report.rejected["site-1"]
     assert "non-finite" in report.rejected["site-2"]
-    assert sorted(strat.c_sites) == ["site-0"]  # the rejected sites' c_i stay zeros
+    assert sorted(strat.algorithm.c_sites) == ["site-0"]  # the rejected sites' c_i stay zeros
     for k in GLOBAL:  # w + 1 * mean(delta_w) over the one accepted site
         np.testing.assert_allclose(got[k], _site_weights(0)[k], rtol=1e-6)
-        np.testing.assert_allclose(strat.c_sites["site-0"][k], -0.1, rtol=1e-5)
+        np.testing.assert_allclose(strat.algorithm.c_sites["site-0"][k], -0.1, rtol=1e-5)
         # c += (1/N) * sum(delta_c), N = 3 known sites
-        np.testing.assert_allclose(strat.c_global[k], -0.1 / 3, rtol=1e-5)  # type: ignore[index]
+        np.testing.assert_allclose(strat.algorithm.c_global[k], -0.1 / 3, rtol=1e-5)  # type: ignore[index]
 
     # Round 2: each site's message carries its own c - c_i.
     msgs = list(strat.configure_train(2, R.to_array_record(got), ConfigRecord(), grid))
@@ -369,8 +369,8 @@ def test_scaffold_server_keeps_each_site_control_variate() -> None:
     # The c_i are strategy state: a checkpoint carries them.
     restored = FedsegStrategy(strat.cfg)
     restored.load_state_dict(strat.state_dict())
-    for k, v in strat.c_sites["site-0"].items():
-        np.testing.assert_array_equal(restored.c_sites["site-0"][k], v)
+    for k, v in strat.algorithm.c_sites["site-0"].items():
+        np.testing.assert_array_equal(restored.algorithm.c_sites["site-0"][k], v)
 
 
 def test_scaffold_refuses_a_checkpoint_whose_sites_kept_their_control_variates() -> None:
@@ -545,3 +545,57 @@ def test_a_fused_reply_without_scores_is_a_malformed_evaluation() -> None:
     assert strat.last_evaluate is not None
     assert all("no 'evaluate-metrics' record" in r for r in strat.last_evaluate.failed.values())
     assert len(strat.last_evaluate.failed) == 3
+
+
+# ------------------------------------------------------------------ one algorithm per name
+def test_every_configurable_strategy_has_one_server_algorithm() -> None:
+    from fedseg.config import STRATEGIES
+    from fedseg.federation.strategy import ALGORITHMS
+
+    assert sorted(ALGORITHMS) == sorted(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedbn", "fedadam", "scaffold", "cyclic"])
+def test_make_strategy_builds_the_named_algorithm(name: str) -> None:
+    from fedseg.federation.strategy import ALGORITHMS, make_strategy
+
+    strat = make_strategy(_cfg(strategy=name))
+
+    assert type(strat.algorithm) is ALGORITHMS[name]
+    assert strat.algorithm.sequential == (name == "cyclic")
+
+
+def test_bad_strategy_name_is_refused_naming_the_key() -> None:
+    from types import SimpleNamespace
+
+    from fedseg.errors import ConfigError
+    from fedseg.federation.strategy import make_algorithm
+
+    with pytest.raises(ConfigError, match="'strategy'.*'fedavgx'.*fedavg"):
+        make_algorithm(SimpleNamespace(strategy="fedavgx"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedbn", "fedavgm", "fedyogi", "scaffold", "cyclic"])
+def test_checkpoint_state_has_one_layout_whatever_the_strategy(name: str) -> None:
+    strat = FedsegStrategy(_cfg(strategy=name))
+
+    keys = list(strat.state_dict())
+
+    assert keys == [
+        "m",
+        "v",
+        "c-global",
+        "site-local",
+        "c-sites",
+        "privacy",
+        "last-counts",
+        "known-sites",
+    ]
+
+
+def test_proximal_mu_reaches_the_sites_only_under_fedprox() -> None:
+    _, _, prox = _setup("fedprox", proximal_mu=0.25)
+    _, _, avg = _setup("fedavg", proximal_mu=0.25)
+
+    assert {m.content[R.CONFIG]["proximal-mu"] for m in prox} == {0.25}
+    assert {m.content[R.CONFIG]["proximal-mu"] for m in avg} == {0.0}

@@ -13,7 +13,7 @@ Sections
     device, against :class:`fedseg.site.trainer.SiteTrainer` fed from host memory through its
     DataLoader (augmentation off on both), in fp32 and with bf16 autocast. Target: ratio <= 1.10.
 ``dp``
-    The same trainer step with DP-SGD (:mod:`fedseg.site.privacy`, sigma 1, clip 1, fixed
+    The same trainer step with DP-SGD (:mod:`fedseg.privacy.dpsgd`, sigma 1, clip 1, fixed
     batches) for each grad-sample mode, each in a child process with a time limit, as a ratio
     to the non-private fp32 step. Target: ratio <= 2.
 ``train``
@@ -318,7 +318,7 @@ def section_step(cfg: FedsegConfig, device: torch.device, size: dict[str, Any]) 
 
 def _dp_child(mode: str, tiny: bool, steps: int, repeats: int) -> None:
     """Child process: print the non-private and the DP-SGD step in ``mode`` as JSON."""
-    from fedseg.site.privacy import SitePrivacy
+    from fedseg.privacy.dpsgd import SitePrivacy
     from fedseg.site.trainer import SiteTrainer
     from fedseg.utils.runtime import pick_device
 
@@ -351,7 +351,7 @@ def _dp_child(mode: str, tiny: bool, steps: int, repeats: int) -> None:
 
 def section_dp(tiny: bool, size: dict[str, Any], deadline: float) -> dict[str, Any]:
     """DP-SGD step per grad-sample mode, each in a child process with a time limit."""
-    from fedseg.site.privacy import GRAD_SAMPLE_MODES
+    from fedseg.privacy.dpsgd import GRAD_SAMPLE_MODES
 
     out: dict[str, Any] = {}
     for mode in GRAD_SAMPLE_MODES:

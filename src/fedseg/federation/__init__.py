@@ -16,8 +16,9 @@ client_app
     The thin ClientApp (``app``; :func:`~fedseg.federation.client_app.build_client_app`) that
     guards the site boundary: a failure leaves as ``code:Class`` only.
 strategy
-    :class:`~fedseg.federation.strategy.FedsegStrategy`: validation of every reply, quorum, the
-    pure cores of :mod:`fedseg.strategies`; cyclic weight transfer.
+    :class:`~fedseg.federation.strategy.FedsegStrategy` (validation of every reply, quorum,
+    timeouts, checkpoint state) over one module per server algorithm
+    (:func:`~fedseg.federation.strategy.make_strategy` picks it by name).
 loop
     The round loop with per-round atomic checkpoints and resume.
 checkpoint

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedseg.config import FedsegConfig, given_keys
 from fedseg.federation.checkpoint import save_model
 from fedseg.federation.loop import LoopResult, Progress, run_rounds
-from fedseg.federation.strategy import FedsegStrategy
+from fedseg.federation.strategy import make_strategy
 from fedseg.utils.io import atomic_write_json
 
 log = logging.getLogger("fedseg.server")
@@ -128,7 +128,7 @@ def serve(
     """
     out.mkdir(parents=True, exist_ok=True)
     initial, param_names = initial_model(cfg)
-    strategy = FedsegStrategy(cfg, param_names=param_names, num_sites=cfg.num_sites)
+    strategy = make_strategy(cfg, param_names=param_names, num_sites=cfg.num_sites)
     strategy.summary()
     if cfg.continual != "none":  # phase B: the phase-A model (and EWC's Fisher) to every site
         from fedseg.continual.server import continual_records

@@ -468,7 +468,7 @@ def _train_received(
         loss_hook = term if loss_hook is None else _chain(loss_hook, term)
     privacy = None
     if cfg.dp_mode == "sample":  # DP-SGD; refuses (PrivacyBudgetError) a round past the budget
-        from fedseg.site.privacy import DP_STATE, finish_private_round, start_private_round
+        from fedseg.privacy.dpsgd import DP_STATE, finish_private_round, start_private_round
 
         privacy = start_private_round(trainer, cfg, saved.get(DP_STATE), epochs)
     try:

@@ -15,11 +15,11 @@ if TYPE_CHECKING:
     from flwr.app import ArrayRecord, MetricRecord
     from flwr.serverapp import Grid
 
-    from fedseg.federation.strategy import FedsegStrategy
+    from fedseg.federation.strategy.base import RoundHost
 
 
 def run_secure_train(
-    strategy: FedsegStrategy, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
+    strategy: RoundHost, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
     """The training half-round of ``strategy.cfg.secure_aggregation`` (``ckks`` or ``secagg+``).
 

@@ -71,7 +71,7 @@ from fedseg.secure import ckks as C
 if TYPE_CHECKING:
     import tenseal as ts
 
-    from fedseg.federation.strategy import FedsegStrategy
+    from fedseg.federation.strategy.base import RoundHost
 
 log = logging.getLogger("fedseg.secure")
 
@@ -234,7 +234,7 @@ def decrypt_sum_reply(msg: Message, context: Context, cfg: FedsegConfig) -> Reco
 
 
 def run_train_ckks(
-    strategy: FedsegStrategy, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
+    strategy: RoundHost, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
     """The training half-round under CKKS (see the module docstring).
 
@@ -244,36 +244,36 @@ def run_train_ckks(
         ``(new global model, MetricRecord)``, or ``(None, None)`` for a failed round;
         ``strategy.last_train`` holds the report as for a plain round.
     """
-    from fedseg.federation.strategy import NO_REPLY, TrainReport, _positive_int
+    from fedseg.federation.strategy.reports import NO_REPLY, TrainReport, positive_int
 
     messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
     replies = send_and_receive(grid, messages, timeout=timeout)
-    model = strategy._model()
+    model = strategy.model()
     keys = sorted(model)
     length = int(sum(np.asarray(model[k]).size for k in keys))
     params = ckks_params(strategy.cfg)
     expected_chunks = C.num_chunks(length, params)
-    report = TrainReport(server_round=server_round, sampled=sorted(strategy._sent.values()))
+    report = TrainReport(server_round=server_round, sampled=sorted(strategy.sent.values()))
     strategy.last_train = report
 
     accepted: list[tuple[str, int, list[bytes], bytes]] = []
     replied: set[str] = set()
     for msg in replies:
-        site = strategy._sent.get(msg.metadata.src_node_id)
+        site = strategy.sent.get(msg.metadata.src_node_id)
         if site is None or site in replied:
             continue
         replied.add(site)
-        reason = strategy._failure(msg)
+        reason = strategy.failure_reason(msg)
         if reason is None:
             try:
                 num, chunks, ctx_bytes, metrics = _parse_reply(msg, length, expected_chunks)
-                accepted.append((site, _positive_int(num), chunks, ctx_bytes))
+                accepted.append((site, positive_int(num), chunks, ctx_bytes))
                 report.metrics[site] = metrics
                 continue
             except UpdateValidationError as exc:
                 reason = str(exc)
         report.rejected[site] = reason
-    for site in strategy._sent.values():
+    for site in strategy.sent.values():
         if site not in replied:
             report.rejected[site] = NO_REPLY
     # Bounded weights as in a plain round; the ciphertext must carry exactly that weight.
@@ -293,9 +293,8 @@ def run_train_ckks(
             continue
         kept.append((site, weights[site], chunks, ctx_bytes))
     accepted = kept
-    privacy = getattr(strategy, "privacy", None)  # DP-SGD's per-site ledger (dp-epsilon)
-    if privacy is not None:
-        privacy.observe(server_round, dict(report.metrics), report.rejected)
+    # DP-SGD's per-site ledger (dp-epsilon)
+    strategy.privacy.observe(server_round, dict(report.metrics), report.rejected)
 
     t0 = time.perf_counter()
     total: C.EncryptedSum | None = None
@@ -320,7 +319,7 @@ def run_train_ckks(
     for site, reason in sorted(report.rejected.items()):
         log.warning("round %d: rejected %s: %s", server_round, site, reason)
     report.accepted = [s for s, _ in used]
-    if not strategy._quorum(len(used), len(strategy._sent), report) or total is None:
+    if not strategy.check_quorum(len(used), len(strategy.sent), report) or total is None:
         return None, None
 
     summed = total.serialize()
@@ -338,13 +337,13 @@ def run_train_ckks(
         from fedseg.strategies.validation import validate_update
 
         validate_update(average, model, 1)
-        return strategy._aggregate(server_round, [("ckks-sum", average, 1)], {})
+        return strategy.combine(server_round, [("ckks-sum", average, 1)], {})
 
-    record, metrics = strategy.finish_round(server_round, report, combine)
-    if metrics is not None:
-        metrics["ckks-add-seconds"] = add_seconds
-        metrics["ckks-decrypt-seconds"] = decrypt_seconds
-    return record, metrics
+    record, round_metrics = strategy.finish_round(server_round, report, combine)
+    if round_metrics is not None:
+        round_metrics["ckks-add-seconds"] = add_seconds
+        round_metrics["ckks-decrypt-seconds"] = decrypt_seconds
+    return record, round_metrics
 
 
 def _parse_reply(
@@ -385,7 +384,7 @@ def _chunks(rec: ArrayRecord) -> list[bytes]:
 
 
 def _decrypt_at_a_site(
-    strategy: FedsegStrategy,
+    strategy: RoundHost,
     grid: Grid,
     server_round: int,
     summed: list[bytes],
@@ -393,7 +392,7 @@ def _decrypt_at_a_site(
     sites: list[str],
 ) -> np.ndarray | None:
     """Ask the contributing sites, one at a time, to decrypt the sum; ``None`` if none can."""
-    by_name = {name: node for node, name in strategy._sent.items()}
+    by_name = {name: node for node, name in strategy.sent.items()}
     ciphertext = ArrayRecord({f"{j:06d}": Array(C.to_uint8(b)) for j, b in enumerate(summed)})
     conf = ConfigRecord({"want": WANT_SUM, "length": length, "server-round": server_round})
     for site in sites:
@@ -401,7 +400,7 @@ def _decrypt_at_a_site(
         content = RecordDict({R.CONFIG: conf, CIPHERTEXT: ciphertext})
         message = Message(content, node, MessageType.QUERY)
         for reply in send_and_receive(grid, [message], timeout=strategy.cfg.round_timeout):
-            reason = strategy._failure(reply)
+            reason = strategy.failure_reason(reply)
             rec = None if reason is not None else reply.content.array_records.get(CKKS_SUM)
             if rec is not None and "sum" in rec:
                 vector = np.asarray(rec["sum"].numpy(), dtype=np.float64)

@@ -16,12 +16,9 @@ update, so everything that must look at individual updates is refused with the r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fedseg.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fedseg.config import FedsegConfig
 
 #: strategies that need only the weighted sum of the sites' models
 SUM_ONLY_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi")
@@ -33,8 +30,38 @@ _STRATEGY_WHY = {
 }
 
 
-def check_secure_combination(cfg: FedsegConfig) -> None:
+class SecureSettings(Protocol):
+    """The configuration keys these rules read (:class:`fedseg.config.FedsegConfig` has them).
+
+    A protocol rather than the config class, so that the config can call these rules without
+    the two modules importing each other.
+    """
+
+    @property
+    def secure_aggregation(self) -> str: ...
+    @property
+    def aggregator(self) -> str: ...
+    @property
+    def anomaly_threshold(self) -> float: ...
+    @property
+    def update_clip_norm(self) -> float: ...
+    @property
+    def dp_mode(self) -> str: ...
+    @property
+    def strategy(self) -> str: ...
+    @property
+    def ckks_poly_degree(self) -> int: ...
+    @property
+    def ckks_scale_bits(self) -> int: ...
+
+
+def check_secure_combination(cfg: SecureSettings) -> None:
     """Refuse settings that need individual updates when secure aggregation is on.
+
+    Parameters
+    ----------
+    cfg:
+        The run's configuration (any object with the keys of :class:`SecureSettings`).
 
     Raises
     ------

@@ -53,7 +53,7 @@ from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
 
 if TYPE_CHECKING:
-    from fedseg.federation.strategy import FedsegStrategy
+    from fedseg.federation.strategy.base import RoundHost
 
 log = logging.getLogger("fedseg.secure")
 
@@ -88,7 +88,8 @@ def secagg_train_mod(msg: Message, context: Context, call_next: Any) -> Message:
     # message object shared between nodes (in-process grids) stays intact.
     content = RecordDict(dict(msg.content.items()))
     content[SECAGG_RECORD] = ConfigRecord(dict(msg.content.config_records[SECAGG_RECORD]))
-    own = Message(content=content, metadata=msg.metadata)
+    # Flower's Message takes ``metadata`` at run time; its typed overloads leave it out
+    own = Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
     try:
         return secaggplus_mod(own, context, legacy_train)
     except Exception as exc:  # noqa: BLE001 - the site boundary: only a code leaves
@@ -193,7 +194,7 @@ class _Available:
 
 
 def run_train_secagg(
-    strategy: FedsegStrategy, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
+    strategy: RoundHost, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
     """The training half-round under SecAgg+ (see the module docstring).
 
@@ -209,12 +210,12 @@ def run_train_secagg(
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
-    from fedseg.federation.strategy import TrainReport
+    from fedseg.federation.strategy.reports import TrainReport
     from fedseg.strategies.validation import validate_update
 
     cfg = strategy.cfg
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    report = TrainReport(server_round=server_round, sampled=sorted(strategy._sent.values()))
+    report = TrainReport(server_round=server_round, sampled=sorted(strategy.sent.values()))
     strategy.last_train = report
     nodes = [m.metadata.dst_node_id for m in messages]
     sink = _SampledNodes(nodes)
@@ -302,9 +303,9 @@ def run_train_secagg(
         )
         log.warning("round %d: %s; global model unchanged", server_round, report.reason)
         return None, None
-    if not strategy._quorum(len(contributed), len(nodes), report):
+    if not strategy.check_quorum(len(contributed), len(nodes), report):
         return None, None
-    model = strategy._model()
+    model = strategy.model()
     keys = sorted(model)
     summed = sink.average
 
@@ -320,7 +321,7 @@ def run_train_secagg(
             for k, d in zip(keys, summed, strict=True)
         }
         validate_update(average, model, 1)
-        return strategy._aggregate(server_round, [("secagg-sum", average, 1)], {})
+        return strategy.combine(server_round, [("secagg-sum", average, 1)], {})
 
     record, metrics = strategy.finish_round(server_round, report, combine)
     if metrics is not None:

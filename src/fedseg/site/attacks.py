@@ -65,7 +65,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -75,7 +75,6 @@ from fedseg.errors import ConfigError
 if TYPE_CHECKING:
     from fedseg.config import FedsegConfig
     from fedseg.data.transforms import Prepared
-    from fedseg.federation.site import SiteRuntime
     from fedseg.site.trainer import SiteTrainer
 
 __all__ = [
@@ -270,6 +269,18 @@ def poison_items(items: Sequence[Prepared], attack: Attack) -> list[Prepared]:
             image[(slice(None),) + (slice(0, side),) * (image.ndim - 1)] = TRIGGER_VALUE
         out.append(dataclasses.replace(it, image=image, regions=regions))
     return out
+
+
+class SiteRuntime(Protocol):
+    """What :func:`trainer_for` reads of a site's runtime
+    (:class:`fedseg.federation.site.SiteRuntime`, which the attacks do not import)."""
+
+    @property
+    def trainer(self) -> SiteTrainer: ...
+    @property
+    def train_items(self) -> list[Prepared]: ...
+    @property
+    def test_items(self) -> list[Prepared]: ...
 
 
 # (runtime, attack name) -> (runtime, trainer on poisoned data); the runtime is kept to check

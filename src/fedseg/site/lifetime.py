@@ -1,7 +1,7 @@
 """A site's lifetime privacy ledger: the epsilon every run has cost this hospital, in total.
 
-The run's own accountant (:mod:`fedseg.site.privacy`) and the server's ledger
-(:mod:`fedseg.strategies.ledger`) count one run, against a budget the run config sets. This
+The run's own accountant (:mod:`fedseg.privacy.dpsgd`) and the server's ledger
+(:mod:`fedseg.privacy.ledger`) count one run, against a budget the run config sets. This
 ledger belongs to the site: a JSON file in its state folder (``privacy-ledger.json`` in the
 node config's ``state-dir``, else beside the policy file), written atomically under a file
 lock, so that it survives restarts and reinstalls of fedseg. ``fedseg site-ledger`` shows it.
@@ -10,7 +10,7 @@ What it stores is mechanisms, not epsilons: for each Flower run (key ``run-<run 
 the SuperLink, not by the run config) the DP-SGD steps the site really took, as
 ``(noise multiplier, sample rate, steps)`` rows, and the plan of the whole run computed from its
 config before the first round (:func:`planned_entry`). Epsilon is computed from them at the
-policy's delta when needed (Opacus RDP, :func:`fedseg.site.privacy.epsilon_spent`):
+policy's delta when needed (Opacus RDP, :func:`fedseg.privacy.dpsgd.epsilon_spent`):
 
 * a run costs ``max(planned, spent)``: its planned epsilon is reserved as soon as it is
   admitted (a run stopped early keeps its reservation), and rounds beyond the plan (a server
@@ -69,11 +69,11 @@ def planned_entry(cfg: FedsegConfig, num_train_cases: int) -> Mechanism:
 
     ``num-server-rounds * local-epochs * ceil(n / batch-size)`` steps at rate
     ``1 / ceil(n / batch-size)`` with the noise multiplier the site will use
-    (:func:`fedseg.site.privacy.resolve_noise_multiplier`: calibrated from
+    (:func:`fedseg.privacy.dpsgd.resolve_noise_multiplier`: calibrated from
     ``dp-target-epsilon`` when set). ``n`` is the number of training cases, known from the
     listing of the site's folder (no image is read).
     """
-    from fedseg.site.privacy import resolve_noise_multiplier, round_steps, site_sample_rate
+    from fedseg.privacy.dpsgd import resolve_noise_multiplier, round_steps, site_sample_rate
 
     sigma = resolve_noise_multiplier(cfg, num_train_cases)
     q = site_sample_rate(num_train_cases, cfg.batch_size)
@@ -83,7 +83,7 @@ def planned_entry(cfg: FedsegConfig, num_train_cases: int) -> Mechanism:
 
 def round_entry(cfg: FedsegConfig, num_train_cases: int, epochs: int) -> Mechanism:
     """The DP-SGD mechanism of one round of ``epochs`` local epochs (the message's)."""
-    from fedseg.site.privacy import resolve_noise_multiplier, round_steps, site_sample_rate
+    from fedseg.privacy.dpsgd import resolve_noise_multiplier, round_steps, site_sample_rate
 
     sigma = resolve_noise_multiplier(cfg, num_train_cases)
     q = site_sample_rate(num_train_cases, cfg.batch_size)
@@ -104,7 +104,7 @@ class RunCost:
 
 
 def _epsilon(entries: Sequence[Sequence[float]], delta: float) -> float:
-    from fedseg.site.privacy import epsilon_spent
+    from fedseg.privacy.dpsgd import epsilon_spent
 
     return epsilon_spent(entries, delta) if entries else 0.0
 

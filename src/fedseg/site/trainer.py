@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from fedseg.config import FedsegConfig
     from fedseg.data.transforms import Prepared
-    from fedseg.site.privacy import SitePrivacy
+    from fedseg.privacy.dpsgd import SitePrivacy
 
 LossHook = Callable[["torch.nn.Module"], "torch.Tensor"]
 GradHook = Callable[["torch.nn.Module"], None]
@@ -120,7 +120,7 @@ class SiteTrainer:
         self.model = build_unet(cfg, in_channels=len(self.channel_index)).to(self.device)
         self.loss_fn = build_loss()
         self.optimizer = self._new_optimizer()
-        #: DP-SGD engine (``dp-mode sample``), see :func:`fedseg.site.privacy.enable_site_privacy`
+        #: DP-SGD engine (``dp-mode sample``), see :func:`fedseg.privacy.dpsgd.enable_site_privacy`
         self.privacy: SitePrivacy | None = None
         self._sampler_gen = torch.Generator()
         self._seed_gen = torch.Generator()

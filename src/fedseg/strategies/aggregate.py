@@ -100,7 +100,8 @@ def _native_axpy(name: str, scalar: type) -> _Axpy | None:
         return None
     if not address:
         return None
-    int_p, scalar_p = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(scalar)
+    int_p = ctypes.POINTER(ctypes.c_int)
+    scalar_p: Any = ctypes.POINTER(scalar)
     # Fortran calling convention: every argument by reference (n, a, x, incx, y, incy).
     routine = ctypes.CFUNCTYPE(
         None, int_p, scalar_p, ctypes.c_void_p, int_p, ctypes.c_void_p, int_p
@@ -144,7 +145,7 @@ _THREADED_BLAS_MIN_SIZE = 10_000
 _blas_controller: Any = None  # threadpoolctl selection of the loaded BLAS libraries, False if none
 
 
-def _blas_single_thread(largest: int) -> contextlib.AbstractContextManager:
+def _blas_single_thread(largest: int) -> contextlib.AbstractContextManager[object]:
     """Context manager holding OpenBLAS to one thread per call (no-op when not needed).
 
     fedseg splits the work between its own threads; OpenBLAS's threads would spin-wait for each
@@ -164,7 +165,8 @@ def _blas_single_thread(largest: int) -> contextlib.AbstractContextManager:
             _blas_controller = ThreadpoolController().select(user_api="blas")
     if not _blas_controller:
         return contextlib.nullcontext()
-    return _blas_controller.limit(limits=1)
+    limited: contextlib.AbstractContextManager[object] = _blas_controller.limit(limits=1)
+    return limited
 
 
 def default_threads() -> int:

@@ -1069,7 +1069,7 @@ def _count_trained(cfg: FedsegConfig) -> dict[str, int]:
     import torch
 
     from fedseg.model.unet import build_unet
-    from fedseg.site.privacy import trainable_names
+    from fedseg.privacy.dpsgd import trainable_names
 
     with torch.random.fork_rng():
         model = build_unet(cfg)

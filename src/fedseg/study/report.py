@@ -650,7 +650,7 @@ def _rounds_section(doc: Mapping[str, Any]) -> str:
 
 def _privacy_section(doc: Mapping[str, Any]) -> str:
     """Epsilon spent per site by the arms that ran with differential privacy (#4)."""
-    from fedseg.strategies.ledger import privacy_summary
+    from fedseg.privacy.ledger import privacy_summary
 
     rows = privacy_summary(doc.get("arms", {}))
     if not rows:

@@ -398,7 +398,8 @@ class _PerSampleBackwardLoss:
             for slot, g, p in zip(grads, got, self.params, strict=True):
                 slot.append(torch.zeros_like(p) if g is None else g)
         for p, slot in zip(self.params, grads, strict=True):
-            p.grad_sample = (
+            # Opacus reads each parameter's per-sample gradients from this attribute
+            p.grad_sample = (  # type: ignore[attr-defined]
                 torch.stack(slot)
                 if slot
                 else torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
@@ -412,7 +413,7 @@ class _PerSampleBackwardCriterion:
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> _PerSampleBackwardLoss:
         old = self.criterion.reduction
-        self.criterion.reduction = "none"
+        self.criterion.reduction = "none"  # type: ignore[assignment]  # a loss's plain str
         try:
             per_case = self.criterion(logits, target)
         finally:
@@ -592,7 +593,9 @@ class SitePrivacy:
         self._attached = (trainer.model, trainer.optimizer, trainer.loss_fn)
         self._engine = engine
         trainer.model, trainer.optimizer, trainer.loss_fn = module, optimizer, dp_loss
-        return _SkipEmpty(dp_loader, optimizer, trainer.model, ghost=mode == "ghost")
+        # iterated like the DataLoader it wraps (all the trainer does with it)
+        skip = _SkipEmpty(dp_loader, optimizer, trainer.model, ghost=mode == "ghost")
+        return skip  # type: ignore[return-value]
 
     def detach(self, trainer: Any) -> None:
         """Undo :meth:`attach`: plain model, optimizer and loss back, parameters unfrozen;

@@ -19,11 +19,11 @@ Its accountant
     ``num-server-rounds`` rounds. A round that would take the federation past
     ``dp-epsilon-budget`` is not run.
 Sample-level DP (``dp-mode sample``)
-    Runs at the sites (:mod:`fedseg.site.privacy`); each reply carries ``dp-epsilon``, the
+    Runs at the sites (:mod:`fedseg.privacy.dpsgd`); each reply carries ``dp-epsilon``, the
     site's total so far, and a site past its budget replies ``E600:PrivacyBudgetError``.
 
 Either way :class:`ServerPrivacy` keeps the per-site ledger
-(:class:`~fedseg.strategies.ledger.PrivacyLedger`) that goes into the checkpoint and every history
+(:class:`~fedseg.privacy.ledger.PrivacyLedger`) that goes into the checkpoint and every history
 row.
 """
 
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedseg.errors import PrivacyBudgetError
-from fedseg.strategies.ledger import PrivacyLedger
+from fedseg.privacy.ledger import PrivacyLedger
 
 if TYPE_CHECKING:
     from fedseg.config import FedsegConfig
@@ -115,7 +115,7 @@ def add_gaussian_noise(
 
 def client_noise_multiplier(cfg: FedsegConfig) -> float:
     """``dp-noise-multiplier``, or calibrated from ``dp-target-epsilon`` over the run's rounds."""
-    from fedseg.site.privacy import calibrate_noise
+    from fedseg.privacy.dpsgd import calibrate_noise
 
     if cfg.dp_target_epsilon > 0:
         return calibrate_noise(
@@ -159,7 +159,7 @@ class ServerPrivacy:
     # ---------------------------------------------------------------- accounting
     def client_epsilon(self, extra_rounds: int = 0) -> float:
         """Client-level epsilon at ``dp-delta`` after the released rounds (+ ``extra_rounds``)."""
-        from fedseg.site.privacy import epsilon_spent
+        from fedseg.privacy.dpsgd import epsilon_spent
 
         history = list(self.client_history)
         if extra_rounds:
@@ -170,7 +170,7 @@ class ServerPrivacy:
         """Why the server must not run ``server_round`` (client-level budget), else ``None``."""
         if self.mode != "client" or self.cfg.dp_epsilon_budget <= 0:
             return None
-        from fedseg.site.privacy import check_budget
+        from fedseg.privacy.dpsgd import check_budget
 
         try:
             check_budget(self.client_epsilon(extra_rounds=1), self.cfg.dp_epsilon_budget)
@@ -254,7 +254,7 @@ class ServerPrivacy:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        from fedseg.site.privacy import normalise_history
+        from fedseg.privacy.dpsgd import normalise_history
 
         self.ledger.load_state_dict(state.get("ledger") or {})
         self.client_history = normalise_history(state.get("client-history") or [])

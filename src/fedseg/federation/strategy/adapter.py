@@ -17,32 +17,13 @@ round it
 Where Flower's own FedAvg ends the run on one inconsistent reply and checks no NaN, this one
 drops the bad reply and goes on.
 
-The algorithms (server side)
-----------------------------
-``fedavg``, ``fedprox``
-    :func:`~fedseg.strategies.aggregate.fedavg` weighted by ``num-examples``; FedProx differs only
-    at the site (``proximal-mu`` in the train config).
-``fedadam``, ``fedyogi``, ``fedadagrad``
-    ``delta = fedavg(site models) - w`` then :func:`~fedseg.strategies.fedopt.fedadam_step` /
-    :func:`~fedseg.strategies.fedopt.fedyogi_step` /
-    :func:`~fedseg.strategies.fedopt.fedadagrad_step` (``server-learning-rate``, ``server-tau``),
-    with the moments ``m, v`` kept in the strategy state.
-``scaffold``
-    For each accepted reply, :func:`~fedseg.strategies.scaffold.site_control_update` (from the
-    site's model, ``num-steps`` and ``learning-rate``; the result validated like the weights)
-    gives the site's ``delta_c`` and next ``c_i``; then
-    :func:`~fedseg.strategies.scaffold.server_update`. ``c`` and every site's ``c_i`` are kept
-    in the strategy state (so in the checkpoint); a site gets ``c - c_i`` with its training
-    message and keeps no SCAFFOLD state (see :mod:`fedseg.strategies.scaffold`).
-``fedbn``
-    Sites never load normalisation parameters from the server. The server averages every key:
-    the shared keys are the global model the sites receive; the averaged normalisation keys only
-    serve the reported global model. Each site's latest normalisation parameters are kept for
-    its personalised model (:meth:`FedsegStrategy.site_models`).
-``cyclic``
-    Cyclic weight transfer: in each round the model visits the sampled sites one at a time in a
-    fixed order (by site name), each site starting from the previous site's weights; a site that
-    fails is skipped. See :meth:`FedsegStrategy.run_train`.
+The algorithms (server side) are one module each, behind the small interface of
+:class:`~fedseg.federation.strategy.base.ServerAlgorithm` and chosen by name
+(:func:`~fedseg.federation.strategy.registry.make_algorithm`): :mod:`.fedavg` (``fedavg``,
+``fedprox``, ``fedbn``), :mod:`.fedopt` (``fedavgm``, ``fedadam``, ``fedyogi``,
+``fedadagrad``), :mod:`.scaffold`, :mod:`.cyclic`. This adapter keeps what every algorithm
+shares: sampling, the handshake, reply checks, case-count weights, the quorum, timeouts, the
+reports and the checkpoint state.
 
 Case-count weights (#24): a site's weight in every case-weighted average is its reported
 ``num-examples`` bounded by the count it declared at the handshake and, with ``site-registry``,
@@ -64,15 +45,11 @@ fedprox, fedbn (and as the delta source of fedadam / fedyogi) the average is rep
 from __future__ import annotations
 
 import logging
-import math
-import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -83,94 +60,19 @@ from fedseg.errors import AggregationError, CheckpointError, UpdateValidationErr
 from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
 from fedseg.federation.roster import Sampling, account_sites
-from fedseg.strategies.dp import ServerPrivacy
-from fedseg.utils.arrays import concat_flat, split_named
+from fedseg.federation.strategy.base import Accepted, RoundInputs, ServerAlgorithm, Weights
+from fedseg.federation.strategy.registry import make_algorithm
+from fedseg.federation.strategy.reports import (
+    NO_REPLY,
+    EvaluateReport,
+    TrainReport,
+    failure_reason,
+    positive_int,
+    safe_name,
+)
+from fedseg.privacy.client_dp import ServerPrivacy
 
 log = logging.getLogger("fedseg.server")
-
-Weights = dict[str, np.ndarray]
-
-#: why a sampled site is rejected when nothing came back before the round's timeout
-NO_REPLY = "no reply within the round timeout"
-#: ... and when the SuperLink answered for it that the node is gone (killed, link cut)
-UNREACHABLE = "site unreachable (the SuperLink reports its node unavailable)"
-#: a fedseg error code in the reason of Flower's error reply (e.g. a site refusing the app
-#: before running it, ``E510:AppNotApprovedError``); nothing else of the reason is kept
-_SITE_CODE = re.compile(r"\bE\d{3}:[A-Za-z]{1,60}Error\b")
-
-
-@dataclass
-class TrainReport:
-    """What happened in the training half of one round.
-
-    Attributes
-    ----------
-    server_round:
-        The round (1-based).
-    status:
-        ``"ok"`` (the global model was updated) or ``"failed"`` (unchanged).
-    sampled:
-        Sites the round was sent to (cyclic: in visiting order).
-    accepted:
-        Sites whose reply passed validation.
-    rejected:
-        Site name to reason, for failed, malformed, missing (timed out) replies.
-    not_sampled:
-        Site name to reason, for every other known site (offline, not selected, excluded):
-        filled by :meth:`FedsegStrategy.account` (see :mod:`fedseg.federation.roster`).
-    metrics:
-        Per accepted site: ``num-examples``, ``train-loss``, ``train-seconds``.
-    compute_seconds:
-        Site training on the round's critical path (max over sites; cyclic: the sum).
-    reason:
-        Why the round failed (empty when it did not).
-    """
-
-    server_round: int
-    status: str = "ok"
-    sampled: list[str] = field(default_factory=list)
-    accepted: list[str] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    compute_seconds: float = 0.0
-    reason: str = ""
-    not_sampled: dict[str, str] = field(default_factory=dict)
-
-    def train_loss(self) -> float | None:
-        """Mean training loss of the accepted sites, weighted as in the average (``weight``,
-        the bounded count; ``num-examples`` where no weight was decided)."""
-        rows = [m for m in self.metrics.values() if "train-loss" in m]
-        weights = [m.get("weight", m.get("num-examples", 0.0)) for m in rows]
-        total = sum(weights)
-        if not rows or total <= 0:
-            return None
-        return sum(m["train-loss"] * w for m, w in zip(rows, weights, strict=True)) / total
-
-
-@dataclass
-class EvaluateReport:
-    """Per-site Dice of the global model (FedBN: personalised) on each site's held-out cases."""
-
-    server_round: int
-    dice: dict[str, dict[str, float]] = field(default_factory=dict)
-    num_examples: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    compute_seconds: float = 0.0
-    #: per site, the evaluation's compute seconds
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def mean_dice(self) -> dict[str, float | None]:
-        """Dice per region averaged over sites, weighted by their held-out case counts."""
-        out: dict[str, float | None] = {}
-        for region in REGIONS:
-            pairs = [
-                (d[region], self.num_examples.get(s, 0))
-                for s, d in self.dice.items()
-                if region in d and math.isfinite(d[region])
-            ]
-            total = sum(n for _, n in pairs)
-            out[region] = sum(v * n for v, n in pairs) / total if total > 0 else None
-        return out
 
 
 class FedsegStrategy(Strategy):
@@ -187,6 +89,9 @@ class FedsegStrategy(Strategy):
     num_sites:
         ``N`` of SCAFFOLD's server step (all sites of the federation); the number of known sites
         when ``None``.
+    algorithm:
+        The server algorithm; by default the one ``cfg.strategy`` names
+        (:func:`~fedseg.federation.strategy.registry.make_algorithm`).
     """
 
     def __init__(
@@ -195,11 +100,14 @@ class FedsegStrategy(Strategy):
         *,
         param_names: Sequence[str] | None = None,
         num_sites: int | None = None,
+        algorithm: ServerAlgorithm | None = None,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.strategy
-        self.param_names = list(param_names) if param_names is not None else None
-        self.num_sites = num_sites
+        #: what to send, how to combine, what to checkpoint: one module per algorithm
+        self.algorithm = algorithm or make_algorithm(
+            cfg, param_names=param_names, num_sites=num_sites
+        )
         #: node id -> site name (from the query handshake)
         self.sites: dict[int, str] = {}
         #: every site name ever learnt in the handshake (kept in the checkpoint): each round's
@@ -208,14 +116,6 @@ class FedsegStrategy(Strategy):
         #: who could be sampled in the latest round and who was (:meth:`sample`)
         self.last_sampling: Sampling | None = None
         self.global_weights: Weights | None = None
-        self.m: list[np.ndarray] | None = None
-        self.v: list[np.ndarray] | None = None
-        self.c_global: Weights | None = None
-        #: FedBN: each site's latest normalisation parameters
-        self.site_local: dict[str, Weights] = {}
-        #: SCAFFOLD: each site's control variate ``c_i`` (absent: zeros), moved only by a round
-        #: whose reply from the site was applied
-        self.c_sites: dict[str, Weights] = {}
         self.last_train: TrainReport | None = None
         self.last_evaluate: EvaluateReport | None = None
         self._sent: dict[int, str] = {}
@@ -256,7 +156,7 @@ class FedsegStrategy(Strategy):
     ) -> Iterable[Message]:
         """Sample sites and build one train message each (see the module docstring)."""
         nodes = self.sample(grid, server_round)
-        return self._train_messages(server_round, arrays, config, nodes)
+        return self.train_messages(server_round, arrays, config, nodes)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -276,11 +176,11 @@ class FedsegStrategy(Strategy):
         valid, extras = self._validated(server_round, replies, report)
         spent = {site: e["metrics"] for site, e in extras.items()}  # dp-epsilon per site
         self.privacy.observe(server_round, spent, report.rejected)
-        if not self._quorum(len(valid), len(self._sent), report):
+        if not self.check_quorum(len(valid), len(self._sent), report):
             return None, None
 
         def combine() -> Weights:
-            new = self._aggregate(server_round, self.privacy.clip(valid, self._model()), extras)
+            new = self.combine(server_round, self.privacy.clip(valid, self.model()), extras)
             return self.privacy.release(server_round, new, len(valid), [s for s, _, _ in valid])
 
         return self.finish_round(server_round, report, combine)
@@ -304,7 +204,7 @@ class FedsegStrategy(Strategy):
         report.compute_seconds = max(
             (m.get("train-seconds", 0.0) for m in report.metrics.values()), default=0.0
         )
-        return R.to_array_record(new), self._train_metrics(report)
+        return R.to_array_record(new), self.train_metrics(report)
 
     def configure_evaluate(
         self,
@@ -322,7 +222,7 @@ class FedsegStrategy(Strategy):
         """
         nodes = [n for n in self._connected(grid) if n not in exclude]
         self._eval_sent = {n: self.site_of(n) for n in nodes}
-        send = self._outgoing_weights(arrays)
+        send = self.algorithm.outgoing(arrays)
         conf = ConfigRecord(dict(config))
         conf["server-round"] = server_round
         conf["strategy"] = self.name
@@ -354,7 +254,7 @@ class FedsegStrategy(Strategy):
             if site is None or site in seen:
                 continue
             seen.add(site)
-            reason = self._failure(msg)
+            reason = failure_reason(msg)
             metrics = {}
             if reason is None:
                 metrics = R.metrics_dict(msg.content.metric_records.get(R.METRICS))
@@ -370,7 +270,7 @@ class FedsegStrategy(Strategy):
         for node, site, reason, metrics in sorted(answers, key=lambda a: a[1]):
             if reason is None:
                 try:
-                    n = _positive_int(metrics.get("num-examples"))
+                    n = positive_int(metrics.get("num-examples"))
                     report.dice[site] = {r: metrics[f"dice-{r}"] for r in REGIONS}
                     report.num_examples[site] = n
                     report.seconds[site] = float(metrics.get("eval-seconds", 0.0))
@@ -385,7 +285,9 @@ class FedsegStrategy(Strategy):
         for site in [*self._eval_sent.values(), *scored_in_training.values()]:
             if site not in seen:
                 report.failed[site] = NO_REPLY
-        mean = {f"dice-{r}": v for r, v in report.mean_dice().items() if v is not None}
+        mean: dict[str, Any] = {
+            f"dice-{r}": v for r, v in report.mean_dice().items() if v is not None
+        }
         return MetricRecord(mean) if mean else None
 
     # ---------------------------------------------------------------- round driver
@@ -394,9 +296,11 @@ class FedsegStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """One training half-round: configure, send and wait up to ``timeout``, aggregate.
 
-        For ``cyclic`` the sampled sites are visited one after the other (each with ``timeout``);
-        the round succeeds when at least the quorum of them trained validly, and its model is
-        the last valid site's. A failed round leaves the global model unchanged.
+        A round refused by client-level DP sends nothing; under secure aggregation
+        :mod:`fedseg.secure` runs it; otherwise the algorithm does
+        (:meth:`~fedseg.federation.strategy.base.ServerAlgorithm.run_train`: every sampled
+        site at once, or one after the other for ``cyclic``). A failed round leaves the global
+        model unchanged.
         """
         if self._refused(server_round):
             return None, None
@@ -404,33 +308,7 @@ class FedsegStrategy(Strategy):
             from fedseg.secure import run_secure_train
 
             return run_secure_train(self, grid, server_round, arrays, timeout)
-        if self.name != "cyclic":
-            messages = self.configure_train(server_round, arrays, ConfigRecord(), grid)
-            replies = send_and_receive(grid, messages, timeout=timeout)
-            return self.aggregate_train(server_round, replies)
-
-        nodes = self.sample(grid, server_round)
-        start = R.from_array_record(arrays)
-        report = TrainReport(server_round=server_round, sampled=[self.site_of(n) for n in nodes])
-        current = arrays
-        for node in nodes:
-            messages = self._train_messages(server_round, current, ConfigRecord(), [node])
-            replies = send_and_receive(grid, messages, timeout=timeout)
-            new, _ = self.aggregate_train(server_round, replies)
-            step = self.last_train or TrainReport(server_round, status="failed")
-            report.rejected.update(step.rejected)
-            if new is None:  # a valid reply whose step still failed (e.g. aggregation)
-                report.rejected.update({s: step.reason for s in step.accepted})
-            else:
-                current = new
-                report.accepted += step.accepted
-                report.metrics.update(step.metrics)
-                report.compute_seconds += step.compute_seconds
-        self.last_train = report
-        if not self._quorum(len(report.accepted), len(nodes), report):
-            self.global_weights = start
-            return None, None
-        return current, self._train_metrics(report)
+        return self.algorithm.run_train(self, grid, server_round, arrays, timeout)
 
     @property
     def fused_nodes(self) -> set[int]:
@@ -448,7 +326,7 @@ class FedsegStrategy(Strategy):
         checkpoint.
         """
         return (
-            self.name != "cyclic"
+            not self.algorithm.sequential
             and self.cfg.secure_aggregation == "none"
             and self.cfg.dp_mode != "client"
         )
@@ -474,7 +352,7 @@ class FedsegStrategy(Strategy):
         if self._refused(server_round):
             return None
         nodes = self.sample(grid, server_round)
-        messages = self._train_messages(
+        messages = self.train_messages(
             server_round, arrays, ConfigRecord(), nodes, evaluate_round=evaluate_round
         )
         if evaluate_round is not None:
@@ -511,13 +389,13 @@ class FedsegStrategy(Strategy):
         for msg in send_and_receive(grid, messages, timeout=timeout):
             node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning("node %d did not answer the handshake: %s", node, self._failure(msg))
+                log.warning("node %d did not answer the handshake: %s", node, failure_reason(msg))
                 continue
             if not msg.has_content():
                 continue
             name = R.reply_site_name(msg.content)
             if name is not None:
-                names[node] = _safe_name(name)
+                names[node] = safe_name(name)
             count = R.reply_declared_count(msg.content)
             if count is not None:
                 counts[node] = count
@@ -689,50 +567,47 @@ class FedsegStrategy(Strategy):
 
     def site_models(self) -> dict[str, Weights] | None:
         """FedBN: each site's personalised model (global shared keys + its own norms)."""
-        if self.name != "fedbn" or self.global_weights is None:
+        if self.global_weights is None:
             return None
-        from fedseg.strategies.fedbn import split_local
-
-        shared, _ = split_local(self.global_weights)
-        return {
-            site: {k: (local[k] if k in local else shared[k]) for k in self.global_weights}
-            for site, local in sorted(self.site_local.items())
-        }
+        return self.algorithm.site_models(self.global_weights)
 
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """The strategy's state between rounds: FedOpt moments, SCAFFOLD ``c``, FedBN norms, the
-        privacy ledger and the names of the known sites."""
+        """The strategy's state between rounds: the algorithm's (FedOpt moments, SCAFFOLD ``c``,
+        FedBN norms), the privacy ledger and the names of the known sites.
+
+        Every algorithm's keys are present (empty where another algorithm runs), so the
+        checkpoint has one layout whatever the strategy.
+        """
+        empty: dict[str, Any] = {
+            "m": None,
+            "v": None,
+            "c-global": None,
+            "site-local": {},
+            "c-sites": {},
+        }
         return {
-            "m": None if self.m is None else list(self.m),
-            "v": None if self.v is None else list(self.v),
-            "c-global": None if self.c_global is None else dict(self.c_global),
-            "site-local": {s: dict(w) for s, w in self.site_local.items()},
-            "c-sites": {s: dict(c) for s, c in self.c_sites.items()},
+            **empty,
+            **self.algorithm.state_dict(),
             "privacy": self.privacy.state_dict(),
             "last-counts": dict(self.last_counts),
             "known-sites": sorted(self.known_sites),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (arrays as NumPy)."""
-        self.m = None if state.get("m") is None else [np.asarray(x) for x in state["m"]]
-        self.v = None if state.get("v") is None else [np.asarray(x) for x in state["v"]]
-        c = state.get("c-global")
-        self.c_global = None if c is None else {k: np.asarray(x) for k, x in c.items()}
-        self.site_local = {
-            s: {k: np.asarray(x) for k, x in w.items()}
-            for s, w in (state.get("site-local") or {}).items()
-        }
+        """Restore what :meth:`state_dict` returned (arrays as NumPy).
+
+        Raises
+        ------
+        CheckpointError
+            The state is from a fedseg whose SCAFFOLD sites kept their own control variates.
+        """
         if state.get("scaffold-applied") and "c-sites" not in state:
             raise CheckpointError(
                 "this checkpoint is from a fedseg whose SCAFFOLD sites kept their own control "
                 "variates; it cannot be resumed by this version: start the run in a new folder"
             )
-        self.c_sites = {
-            str(s): {k: np.asarray(x) for k, x in c.items()}
-            for s, c in (state.get("c-sites") or {}).items()
-        }
+        self.algorithm.load_state_dict(state)
         self.privacy.load_state_dict(state.get("privacy") or {})
         self.last_counts = {str(k): int(v) for k, v in (state.get("last-counts") or {}).items()}
         # Sites known before a restart stay in every round's record, connected or not.
@@ -774,15 +649,7 @@ class FedsegStrategy(Strategy):
     def _who(self, node_id: int) -> str:
         return f"site {self.site_of(node_id)} (node {node_id})"
 
-    def _outgoing_weights(self, arrays: ArrayRecord) -> ArrayRecord:
-        if self.name != "fedbn":
-            return arrays
-        from fedseg.strategies.fedbn import split_local
-
-        shared, _ = split_local(dict(arrays.items()))
-        return ArrayRecord(shared)
-
-    def _train_messages(
+    def train_messages(
         self,
         server_round: int,
         arrays: ArrayRecord,
@@ -791,6 +658,13 @@ class FedsegStrategy(Strategy):
         *,
         evaluate_round: int | None = None,
     ) -> list[Message]:
+        """One train message for each of ``nodes``; ``arrays`` becomes the round's global model.
+
+        Each message carries the model (the algorithm's part of it), the train config
+        (``server-round``, ``strategy``, ``local-epochs``, the algorithm's keys, with
+        ``evaluate-round`` when the site should also score the model) and the algorithm's
+        records for that site; under secure aggregation, the site's ``weight-bound``.
+        """
         self.global_weights = R.from_array_record(arrays)
         self._sent = {n: self.site_of(n) for n in nodes}
         conf = ConfigRecord(dict(config))
@@ -799,8 +673,9 @@ class FedsegStrategy(Strategy):
             conf["evaluate-round"] = int(evaluate_round)
         conf["strategy"] = self.name
         conf["local-epochs"] = self.cfg.local_epochs
-        conf["proximal-mu"] = float(self.cfg.proximal_mu) if self.name == "fedprox" else 0.0
-        content = RecordDict({R.ARRAYS: self._outgoing_weights(arrays), R.CONFIG: conf})
+        for key, value in self.algorithm.train_config().items():
+            conf[key] = value
+        content = RecordDict({R.ARRAYS: self.algorithm.outgoing(arrays), R.CONFIG: conf})
         for key, record in self.extra_train_records.items():
             content[key] = record
         if self.cfg.secure_aggregation != "none":  # each site applies its own weight bound
@@ -808,24 +683,14 @@ class FedsegStrategy(Strategy):
                 Message(self._with_bound(content, conf, n), n, MessageType.TRAIN) for n in nodes
             ]
             return list(self._outbox)
-        if self.name != "scaffold":
-            self._outbox = [Message(content, n, MessageType.TRAIN) for n in nodes]
-            return list(self._outbox)
-        # SCAFFOLD: each site gets its drift correction c - c_i (c_i kept here for it).
-        from fedseg.strategies.scaffold import site_correction
-
-        c = concat_flat(list(self._c_global().values()))
         messages = []
-        for n in nodes:
-            c_site = self.c_sites.get(self.site_of(n))
-            correction = c if c_site is None else site_correction([c], [_flat(c_site)])[0]
+        for n in nodes:  # SCAFFOLD: each site gets its own drift correction c - c_i
+            own = self.algorithm.site_records(self.site_of(n), self.global_weights)
+            if not own:
+                messages.append(Message(content, n, MessageType.TRAIN))
+                continue
             site_content = RecordDict(
-                {
-                    R.ARRAYS: content[R.ARRAYS],
-                    R.CONFIG: conf,
-                    R.SCAFFOLD_CORRECTION: R.to_flat_record([correction]),
-                    **self.extra_train_records,
-                }
+                {R.ARRAYS: content[R.ARRAYS], R.CONFIG: conf, **own, **self.extra_train_records}
             )
             messages.append(Message(site_content, n, MessageType.TRAIN))
         self._outbox = list(messages)
@@ -844,43 +709,41 @@ class FedsegStrategy(Strategy):
         own[R.COUNT_BOUND] = self.cfg.count_bound
         return RecordDict({R.ARRAYS: content[R.ARRAYS], R.CONFIG: own})
 
-    def _model(self) -> Weights:
+    # ---------------------------------------------------------------- public face for
+    # secure aggregation (:class:`~fedseg.federation.strategy.base.RoundHost`)
+    @property
+    def sent(self) -> Mapping[int, str]:
+        """Node id to site name of the current round's training messages."""
+        return dict(self._sent)
+
+    def model(self) -> Weights:
+        """The global model of the current round.
+
+        Raises
+        ------
+        RuntimeError
+            Before the first :meth:`configure_train` (or the loop) set it.
+        """
         if self.global_weights is None:
             raise RuntimeError("no global model yet: configure_train sets it")
         return self.global_weights
 
-    def _c_global(self) -> Weights:
-        if self.c_global is None:
-            model = self._model()
-            names = self.param_names if self.param_names is not None else list(model)
-            self.c_global = {n: np.zeros_like(model[n]) for n in names}
-        return self.c_global
-
-    def _failure(self, msg: Message) -> str | None:
-        if msg.has_error():
-            log.debug("Flower error reply: %s", msg.error.reason)
-            if msg.error.code == ErrorCode.NODE_UNAVAILABLE:  # written by the SuperLink
-                return UNREACHABLE
-            refused = _SITE_CODE.search(msg.error.reason or "")
-            if refused is not None:
-                return f"site reported error {refused.group(0)} (ClientApp did not run)"
-            return f"Flower error {msg.error.code} (ClientApp did not complete)"
-        code = R.reply_error(msg.content)
-        if code is not None:
-            return f"site reported error {code}"
-        return None
+    @staticmethod
+    def failure_reason(msg: Message) -> str | None:
+        """Why a reply cannot be used (``None``: it can): :func:`.reports.failure_reason`."""
+        return failure_reason(msg)
 
     def _fused_scores(self, msg: Message) -> tuple[str | None, dict[str, float]]:
         """A training reply's scores of the model it was sent: ``(failure reason, metrics)``."""
         if msg.has_error():
-            return self._failure(msg), {}
+            return failure_reason(msg), {}
         content = msg.content
         if R.EVAL_METRICS in content.metric_records:
             return None, R.metrics_dict(content.metric_records[R.EVAL_METRICS])
         failed = content.config_records.get(R.EVAL_ERROR)
         code = R.reply_error(content) if failed is None else failed.get("code")
         if code is not None:
-            return f"site reported error {code}", {}
+            return f"site reported error {str(code)}", {}
         return f"malformed evaluation reply: no '{R.EVAL_METRICS}' record", {}
 
     def _validated(
@@ -900,7 +763,7 @@ class FedsegStrategy(Strategy):
                 continue
             nodes[site] = node
             replied.add(site)
-            reason = self._failure(msg)
+            reason = failure_reason(msg)
             if reason is None:
                 try:
                     update, num, extra = self._parse_train_reply(msg)
@@ -916,24 +779,20 @@ class FedsegStrategy(Strategy):
                 nodes[site] = node
                 report.rejected[site] = NO_REPLY
 
-        valid_raw, bad = filter_valid(candidates, self._model())
+        valid_raw, bad = filter_valid(candidates, self.model())
         for site, reason in bad:
             report.rejected[site] = reason
-        valid: list[tuple[str, Weights, int]] = []
-        # SCAFFOLD: this round's c and w, flat, shared by every site's control update
-        flat_cw = (
-            (_flat(self._c_global()), _flat(self._model(), self._c_global()))
-            if (self.name == "scaffold")
-            else None
-        )
-        for site, update, num in valid_raw:
-            if flat_cw is not None:
-                try:
-                    extras[site].update(self._scaffold_control(site, update, extras[site], flat_cw))
-                except UpdateValidationError as exc:
-                    report.rejected[site] = f"SCAFFOLD control variate: {exc}"
-                    continue
-            valid.append((site, dict(update), int(num)))  # type: ignore[call-overload]
+        valid: list[Accepted] = []
+        self.algorithm.begin_checks(self.model())
+        for site, checked, num in valid_raw:
+            # filter_valid passed the update as named arrays and num-examples as an int
+            named = cast(Mapping[str, np.ndarray], checked)
+            try:
+                extras[site].update(self.algorithm.check_reply(site, named, extras[site]))
+            except UpdateValidationError as exc:
+                report.rejected[site] = str(exc)
+                continue
+            valid.append((site, dict(named), int(cast(int, num))))
             report.accepted.append(site)
             report.metrics[site] = extras[site]["metrics"]
         weights = self.bound_counts(server_round, {s: n for s, _, n in valid}, report)
@@ -964,69 +823,16 @@ class FedsegStrategy(Strategy):
         if self.cfg.compression != "none":  # decoded and checked before any arithmetic (#17)
             from fedseg.compression.update import decode_update
 
-            update = decode_update(self._model(), update)
+            update = decode_update(self.model(), update)
         metrics_rec = content.metric_records.get(R.METRICS)
         num = metrics_rec.get("num-examples") if metrics_rec is not None else None
         extra: dict[str, Any] = {"metrics": R.metrics_dict(metrics_rec)}
-        if self.name == "scaffold":
-            steps = metrics_rec.get("num-steps") if metrics_rec is not None else None
-            lr = metrics_rec.get("learning-rate") if metrics_rec is not None else None
-            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-                raise UpdateValidationError(
-                    f"SCAFFOLD reply: 'num-steps' must be an int >= 1, got {steps!r}"
-                )
-            if (
-                isinstance(lr, bool)
-                or not isinstance(lr, int | float)
-                or not (math.isfinite(lr) and lr > 0)
-            ):
-                raise UpdateValidationError(
-                    f"SCAFFOLD reply: 'learning-rate' must be a finite number > 0, got {lr!r}"
-                )
-            extra["num-steps"], extra["learning-rate"] = int(steps), float(lr)
+        extra.update(self.algorithm.parse_reply(metrics_rec))
         return update, num, extra
 
-    def _scaffold_control(
-        self,
-        site: str,
-        update: Mapping[str, np.ndarray],
-        extra: Mapping[str, Any],
-        flat_cw: tuple[np.ndarray, np.ndarray],
-    ) -> dict[str, np.ndarray]:
-        """SCAFFOLD's option-II update of ``site``'s control variate from its reply.
-
-        ``flat_cw`` is this round's ``c`` and ``w`` (its trainable keys), flat. Returns
-        ``{"delta-c": c_i+ - c_i, "c-site": c_i+}``, flat in the order of ``c``'s keys; ``c_i+``
-        becomes the site's ``c_i`` only if the round is applied (:meth:`_aggregate`).
-
-        Raises
-        ------
-        UpdateValidationError
-            ``delta-c`` has non-finite values (e.g. a ``learning-rate`` so small that
-            ``(w - w_i) / (K * lr)`` overflows).
-        """
-        from fedseg.strategies.scaffold import site_control_update
-
-        c_flat, w_flat = flat_cw
-        c_site = self.c_sites.get(site)
-        c_local = np.zeros_like(c_flat) if c_site is None else _flat(c_site)
-        with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are rejected
-            (new_c,), (delta_c,) = site_control_update(
-                [c_local],
-                [c_flat],
-                [w_flat],
-                [_flat(update, self._c_global())],
-                int(extra["num-steps"]),
-                float(extra["learning-rate"]),
-            )
-        if not np.isfinite(delta_c).all():
-            raise UpdateValidationError(
-                f"delta-c has {int(np.size(delta_c) - np.isfinite(delta_c).sum())} non-finite "
-                "values"
-            )
-        return {"delta-c": delta_c, "c-site": new_c}
-
-    def _quorum(self, num_valid: int, num_sent: int, report: TrainReport) -> bool:
+    def check_quorum(self, num_valid: int, num_sent: int, report: TrainReport) -> bool:
+        """Whether ``num_valid`` of ``num_sent`` meets ``min-fraction``; if not, the round is
+        marked failed in ``report`` (the global model stays unchanged)."""
         from fedseg.strategies.validation import quorum_met
 
         if num_sent > 0 and quorum_met(num_valid, num_sent, self.cfg.min_fraction):
@@ -1039,132 +845,63 @@ class FedsegStrategy(Strategy):
         log.warning("round %d: %s; global model unchanged", report.server_round, report.reason)
         return False
 
-    def _average(
-        self, updates: list[list[np.ndarray]], counts: list[int], valid: list[Any]
-    ) -> list[np.ndarray]:
-        """FedAvg; with ``aggregator``, ``update-clip-norm`` or ``anomaly-threshold`` set, the
-        robust pipeline :func:`fedseg.strategies.robust.robust_aggregate` (#5), whose dropped
-        sites move from ``accepted`` to ``rejected`` in the round's report."""
-        from fedseg.strategies.aggregate import fedavg
-
-        c = self.cfg
-        if c.aggregator == "mean" and not c.update_clip_norm and not c.anomaly_threshold:
-            return fedavg(updates, counts)
-        from fedseg.strategies.robust import robust_aggregate
-
-        res = robust_aggregate(
-            list(self._model().values()),
-            updates,
-            counts,
-            [site for site, _, _ in valid],
-            rule=c.aggregator,
-            f=c.byzantine_sites,
-            trim=c.trim_fraction,
-            clip=c.update_clip_norm,
-            anomaly=c.anomaly_threshold,
-        )
-        report = self.last_train
-        for site, reason in res.rejected.items():
-            log.warning("rejected site %s: %s", site, reason)
-            if report is not None:
-                report.rejected[site] = reason
-                report.accepted = [s for s in report.accepted if s != site]
-        for site, norm in res.clipped.items():
-            log.info("site %s: update norm %.4g clipped to %g", site, norm, c.update_clip_norm)
-        return res.weights
-
-    def _aggregate(
+    def combine(
         self,
         server_round: int,
-        valid: list[tuple[str, Weights, int]],
-        extras: dict[str, dict[str, Any]],
+        accepted: list[Accepted],
+        extras: Mapping[str, Mapping[str, Any]],
     ) -> Weights:
-        w = self._model()
-        keys = list(w)
-        counts = [n for _, _, n in valid]
-        updates = [[u[k] for k in keys] for _, u, _ in valid]
-        if self.name in ("fedavg", "fedprox", "cyclic", "fedbn"):
-            avg = self._average(updates, counts, valid)
-            if self.name == "fedbn":
-                from fedseg.strategies.fedbn import split_local
+        """The algorithm's next global model from the accepted replies (sorted by site).
 
-                for site, u, _ in valid:
-                    self.site_local[site] = {k: np.array(v) for k, v in split_local(u)[1].items()}
-            return dict(zip(keys, avg, strict=True))
-        if self.name == "fedavgm":
-            from fedseg.strategies.fedopt import fedavgm_step
+        Raises
+        ------
+        AggregationError
+            The algorithm or a robust rule cannot combine these replies.
+        """
+        inputs = RoundInputs(
+            server_round=server_round,
+            model=self.model(),
+            accepted=accepted,
+            extras=extras,
+            report=self.last_train,
+            named_sites=len(self.sites),
+        )
+        return self.algorithm.combine(inputs)
 
-            avg = self._average(updates, counts, valid)
-            current = [w[k] for k in keys]
-            delta = [a - c for a, c in zip(avg, current, strict=True)]
-            new, self.m = fedavgm_step(current, delta, self.m, momentum=self.cfg.server_momentum)
-            return dict(zip(keys, new, strict=True))
-        if self.name in ("fedadam", "fedyogi", "fedadagrad"):
-            from fedseg.strategies.fedopt import fedadagrad_step, fedadam_step, fedyogi_step
-
-            avg = self._average(updates, counts, valid)
-            current = [w[k] for k in keys]
-            delta = [a - c for a, c in zip(avg, current, strict=True)]
-            if self.name == "fedadam":
-                new, self.m, self.v = fedadam_step(
-                    current,
-                    delta,
-                    self.m,
-                    self.v,
-                    lr=self.cfg.server_learning_rate,
-                    tau=self.cfg.server_tau,
-                    server_round=server_round,
-                )
-            else:
-                step = fedyogi_step if self.name == "fedyogi" else fedadagrad_step
-                new, self.m, self.v = step(
-                    current,
-                    delta,
-                    self.m,
-                    self.v,
-                    lr=self.cfg.server_learning_rate,
-                    tau=self.cfg.server_tau,
-                )
-            return dict(zip(keys, new, strict=True))
-        if self.name == "scaffold":
-            from fedseg.strategies.scaffold import server_update
-
-            # Flat: one elementwise operation per term instead of one per tensor.
-            c = self._c_global()
-            w_flat = _flat(w)
-            deltas_w = [[_flat(u, w) - w_flat] for _, u, _ in valid]
-            deltas_c = [[extras[s]["delta-c"]] for s, _, _ in valid]
-            total = max(self.num_sites or 0, len(self.sites), len(valid))
-            (new_w,), (new_c,) = server_update([w_flat], [_flat(c)], deltas_w, deltas_c, total)
-            for site, _, _ in valid:
-                self.c_sites[site] = split_named(extras[site]["c-site"], c)
-            self.c_global = split_named(new_c, c)
-            return split_named(new_w, w)
-        raise AggregationError(f"unknown strategy {self.name!r}")
-
-    def _train_metrics(self, report: TrainReport) -> MetricRecord:
-        out: dict[str, float | int] = {"num-sites": len(report.accepted)}
+    def train_metrics(self, report: TrainReport) -> MetricRecord:
+        """The round's train MetricRecord: ``num-sites`` and the weighted ``train-loss``."""
+        out: dict[str, Any] = {"num-sites": len(report.accepted)}
         loss = report.train_loss()
         if loss is not None:
             out["train-loss"] = loss
         return MetricRecord(out)
 
 
-def _flat(named: Mapping[str, np.ndarray], order: Mapping[str, Any] | None = None) -> np.ndarray:
-    """The arrays of ``named`` as one flat vector, in the key order of ``order`` (default: own)."""
-    return concat_flat([named[k] for k in (order if order is not None else named)])
+def make_strategy(
+    cfg: FedsegConfig,
+    *,
+    param_names: Sequence[str] | None = None,
+    num_sites: int | None = None,
+) -> FedsegStrategy:
+    """The Flower strategy for ``cfg``: the adapter over the algorithm ``cfg.strategy`` names.
 
+    Parameters
+    ----------
+    cfg:
+        The run's configuration.
+    param_names:
+        Names of the model's trainable parameters (SCAFFOLD's control variates).
+    num_sites:
+        All sites of the federation (SCAFFOLD's ``N``).
 
-def _positive_int(value: object) -> int:
-    if isinstance(value, bool) or value is None:
-        raise UpdateValidationError(f"num-examples must be a positive int, got {value!r}")
-    number = float(value)  # type: ignore[arg-type]
-    if not number.is_integer() or number <= 0:
-        raise UpdateValidationError(f"num-examples must be a positive int, got {value!r}")
-    return int(number)
-
-
-def _safe_name(name: str) -> str:
-    """A site name usable in logs and file names: letters, digits, ``._-``, at most 64."""
-    cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)[:64]
-    return cleaned.strip(".") or "site"
+    Raises
+    ------
+    fedseg.errors.ConfigError
+        ``strategy`` names no algorithm.
+    """
+    return FedsegStrategy(
+        cfg,
+        param_names=param_names,
+        num_sites=num_sites,
+        algorithm=make_algorithm(cfg, param_names=param_names, num_sites=num_sites),
+    )
