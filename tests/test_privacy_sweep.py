@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from fedseg.config import FedsegConfig
 from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError
+from fedseg.experiment import ArmSkipped
 from fedseg.study import privacy_sweep as ps
 
 SIZE = 20
@@ -40,6 +41,8 @@ ARGS = [
     "ckks",
     "--pretrain",
     "0",
+    "--engine",
+    "inprocess",
     "--quiet",
     "--json",
 ]
@@ -323,15 +326,15 @@ def test_feature_checks_stop_arms_without_their_feature() -> None:
     plain_keys = {"arrays", "config", "metrics", "site"}
     dp = ps.SweepArm("dp-eps-8", "sample", 8.0)
     secure = ps.SweepArm("secure-ckks", secure="ckks")
-    with pytest.raises(ps.ArmUnavailable, match="without reporting an epsilon"):
-        ps._check_feature(dp, _row(1, {"a": {"train-loss": 1.0}}), plain_keys)
-    with pytest.raises(ps.ArmUnavailable, match="plain records only"):
-        ps._check_feature(secure, _row(1, {}), plain_keys)
-    with pytest.raises(ps.ArmUnavailable, match="round 1 failed"):
-        ps._check_feature(dp, _row(1, {}, status="failed", reason="no replies"), plain_keys)
-    ps._check_feature(dp, _row(1, {"a": {"dp-epsilon": 3.0}}), plain_keys)
-    ps._check_feature(secure, _row(1, {}), {*plain_keys, "ckks-ct"})
-    ps._check_feature(ps.SweepArm("no-dp"), _row(1, {}, status="failed"), plain_keys)
+    with pytest.raises(ArmSkipped, match="without reporting an epsilon"):
+        ps.check_feature(dp, _row(1, {"a": {"train-loss": 1.0}}), plain_keys)
+    with pytest.raises(ArmSkipped, match="plain records only"):
+        ps.check_feature(secure, _row(1, {}), plain_keys)
+    with pytest.raises(ArmSkipped, match="round 1 failed"):
+        ps.check_feature(dp, _row(1, {}, status="failed", reason="no replies"), plain_keys)
+    ps.check_feature(dp, _row(1, {"a": {"dp-epsilon": 3.0}}), plain_keys)
+    ps.check_feature(secure, _row(1, {}), {*plain_keys, "ckks-ct"})
+    ps.check_feature(ps.SweepArm("no-dp"), _row(1, {}, status="failed"), plain_keys)
 
 
 def test_site_failures_are_counted_per_round_and_reason() -> None:
@@ -374,6 +377,9 @@ def test_utility_target_is_five_points_at_epsilon_8(dp_mean: float, met: bool) -
 def test_metered_grid_counts_both_directions() -> None:
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+    from fedseg.experiment.meter import MeteredGrid, content_bytes
+    from fedseg.federation.inprocess import InProcessGrid
+
     def echo_half(msg: Message, context: Any) -> Message:  # a site replying with half the model
         w = msg.content.array_records["arrays"]["w"].numpy()
         arrays = ArrayRecord({"w": Array(w[: w.size // 2].copy())})
@@ -381,7 +387,14 @@ def test_metered_grid_counts_both_directions() -> None:
             RecordDict({"arrays": arrays, "metrics": MetricRecord({"n": 1})}), reply_to=msg
         )
 
-    grid = ps.MeteredGrid(echo_half, [{"partition-id": 0}, {"partition-id": 1}])
+    inner = InProcessGrid(echo_half, [{"partition-id": 0}, {"partition-id": 1}], keep_sent=False)
+    seen: list[tuple[str, str]] = []
+    grid = MeteredGrid(
+        inner,
+        observer=lambda sent, reply: seen.append(
+            (sent.metadata.message_id, reply.metadata.reply_to_message_id)
+        ),
+    )
     payload = np.zeros((1000,), np.float32)
     msgs = [
         Message(RecordDict({"arrays": ArrayRecord({"w": Array(payload)})}), node, "train")
@@ -393,6 +406,7 @@ def test_metered_grid_counts_both_directions() -> None:
     assert m.messages == 4
     assert 2 * payload.nbytes < m.down < 2 * (payload.nbytes + 512)
     assert payload.nbytes < m.up < payload.nbytes + 2 * 512
-    assert m.down == sum(ps.content_bytes(x) for x in msgs)
+    assert m.down == sum(content_bytes(x) for x in msgs)
     assert m.record_keys == {"arrays", "metrics"}
-    assert grid.sent == []  # messages are not kept
+    assert inner.sent == []  # messages are not kept
+    assert len(seen) == 2 and all(a == b for a, b in seen)  # each reply beside its message

@@ -7,9 +7,6 @@ import csv
 import io
 import json
 import re
-import sys
-import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -281,8 +278,10 @@ def test_no_resume_recomputes_selected_arms(
 
     def rerun(arm: str, *args: object, **kwargs: object) -> dict:
         ran.append(arm)
-        assert not (out / "arms" / arm).exists()  # the arm's old files are gone first
-        return {k: v for k, v in doc["arms"][arm].items() if k != "fingerprint"}
+        # the arm's old files are gone first: only the runner's start marker is there
+        assert [p.name for p in (out / "arms" / arm).iterdir()] == ["arm.json"]
+        reserved = ("format", "spec", "fingerprint", "meter", "status", "reason")
+        return {k: v for k, v in doc["arms"][arm].items() if k not in reserved}
 
     monkeypatch.setattr(study_mod, "_run_arm", rerun)
     run_study(out, TINY, arms="centralized", data=tiny_data, progress=False, resume=False)
@@ -290,18 +289,33 @@ def test_no_resume_recomputes_selected_arms(
     assert (out / "arms" / "centralized" / "result.json").is_file()
 
 
-def test_rerun_with_another_config_is_refused(
-    baseline_study: tuple[Path, dict], tiny_data: Path
+def test_rerun_with_another_config_runs_the_arm_again(
+    baseline_study: tuple[Path, dict],
+    tiny_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    out, _ = baseline_study
-    with pytest.raises(ConfigError, match="num-server-rounds"):
-        run_study(
-            out,
-            TINY.replace(num_server_rounds=3),
-            arms="centralized",
-            data=tiny_data,
-            progress=False,
-        )
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(baseline_study[0], out)
+    doc = baseline_study[1]
+    ran: list[tuple[str, int]] = []
+
+    def rerun(arm: str, _out: Path, cfg: FedsegConfig, *args: object, **kwargs: object) -> dict:
+        ran.append((arm, cfg.num_server_rounds))
+        reserved = ("format", "spec", "fingerprint", "meter", "status", "reason")
+        return {k: v for k, v in doc["arms"][arm].items() if k not in reserved}
+
+    monkeypatch.setattr(study_mod, "_run_arm", rerun)
+    again = run_study(
+        out, TINY.replace(num_server_rounds=3), arms="centralized", data=tiny_data, progress=False
+    )
+    assert ran == [("centralized", 3)]
+    saved = json.loads((out / "arms" / "centralized" / "result.json").read_text())
+    assert saved["fingerprint"]["config"]["num-server-rounds"] == 3
+    # the local arm of the other configuration is not shown beside it
+    assert list(again["arms"]) == ["centralized"]
 
 
 def test_generated_cohort_is_made_once_and_reused(
@@ -327,20 +341,16 @@ def test_generated_cohort_is_made_once_and_reused(
         run_study(tmp_path, cfg.replace(num_cases=9), arms="local", data=None, progress=False)
 
 
-def _fake_runner(calls: list[dict]) -> types.ModuleType:
-    """A stand-in for fedseg.federation.runner honouring its contract, without Flower."""
+def _fake_run_federation(calls: list[dict]) -> object:
+    """A stand-in for fedseg.experiment.engine.run_federation honouring its contract."""
+    from fedseg.experiment.engine import FederationRun
     from fedseg.site.trainer import SiteTrainer
 
-    @dataclass
-    class ArmResult:
-        name: str
-        history: list
-        final_weights: dict
-        site_weights: dict | None
-        timings: dict = field(default_factory=dict)
-
-    def run_federated_arm(strategy, cfg, data, partition, out, *, progress=None):  # noqa: ANN001
-        calls.append({"strategy": strategy, "cfg": cfg, "data": data, "partition": partition})
+    def run_federation(cfg, data, partition, out, *, engine, superlink=None, progress=None):  # noqa: ANN001
+        calls.append(
+            {"strategy": cfg.strategy, "cfg": cfg, "data": data, "partition": partition}
+            | {"engine": engine, "out": out}
+        )
         weights = SiteTrainer(cfg, ()).get_weights()
         history = []
         for rnd in range(1, cfg.num_server_rounds + 1):
@@ -355,7 +365,7 @@ def _fake_runner(calls: list[dict]) -> types.ModuleType:
             history.append(row)
             if progress is not None:
                 progress(rnd, cfg.num_server_rounds, row)
-        per_site = {s: dict(weights) for s in partition} if strategy == "fedbn" else None
+        per_site = {s: dict(weights) for s in partition} if cfg.strategy == "fedbn" else None
         n = cfg.num_server_rounds
         timings = {
             "round-seconds": [1.0] * n,
@@ -363,18 +373,18 @@ def _fake_runner(calls: list[dict]) -> types.ModuleType:
             "overhead-seconds": [0.5] * n,
             "startup-seconds": [3.0],
         }
-        return ArmResult(strategy, history, weights, per_site, timings)
+        return FederationRun(engine, history, weights, per_site, timings=timings)
 
-    module = types.ModuleType("fedseg.federation.runner")
-    module.run_federated_arm = run_federated_arm  # type: ignore[attr-defined]
-    return module
+    return run_federation
 
 
 def test_federated_arms_follow_the_runner_contract(
     tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import fedseg.experiment.engine as engine_mod
+
     calls: list[dict] = []
-    monkeypatch.setitem(sys.modules, "fedseg.federation.runner", _fake_runner(calls))
+    monkeypatch.setattr(engine_mod, "run_federation", _fake_run_federation(calls))
     arms = ("fedavg", "fedprox", "scaffold", "fedbn")
     doc = run_study(tmp_path, TINY, arms=arms, data=tiny_data, progress=False)
 
@@ -384,6 +394,8 @@ def test_federated_arms_follow_the_runner_contract(
         assert call["cfg"].strategy == call["strategy"]
         assert call["data"] == tiny_data
         assert sorted(call["partition"]) == sorted(parts)
+        assert call["engine"] == "simulation"  # the study's default engine
+        assert call["out"] == tmp_path / "arms" / call["strategy"] / "federation"
     for arm in arms:
         res = doc["arms"][arm]
         assert set(res["metrics"]) == {"site-0", "site-1", "pooled"}
@@ -402,7 +414,6 @@ def test_federated_arms_follow_the_runner_contract(
 def test_federated_arm_runs_on_flower(
     tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("fedseg.federation.runner")
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / ".flwr"))
     doc = run_study(tmp_path / "s", TINY, arms="fedbn", data=tiny_data, progress=False)
     res = doc["arms"]["fedbn"]

@@ -25,6 +25,12 @@ class ConfigError(FedsegError, ValueError):
     code = "E100"
 
 
+class ArmSpecError(ConfigError):
+    """An experiment's arm is declared wrongly (name, config overrides, seed, phase)."""
+
+    code = "E150"
+
+
 class DataError(FedsegError):
     """Base class of problems with input data."""
 

@@ -153,6 +153,13 @@ def privacy_sweep_command(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Keep arms finished in an earlier run.")
     ] = True,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Where the federations run: simulation (Flower's Simulation Engine, as fedseg "
+            "study) or inprocess (the sites one after another in this process, no Ray)."
+        ),
+    ] = "simulation",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the table as JSON on stdout.")
@@ -161,6 +168,7 @@ def privacy_sweep_command(
 ) -> None:
     """Run the sweep (see ``fedseg privacy-sweep --help``)."""
     from fedseg.cli.options import config_from_options, defaults_under_preset
+    from fedseg.errors import ConfigError
     from fedseg.study.privacy_sweep import (
         parse_epsilons,
         parse_secure,
@@ -170,6 +178,10 @@ def privacy_sweep_command(
     )
 
     with user_errors():
+        from fedseg.experiment.engine import check_engine
+
+        if check_engine(engine) == "superlink":
+            raise ConfigError("--engine: the privacy sweep runs on simulation or inprocess")
         eps = parse_epsilons(epsilons)
         modes = parse_secure(secure)
         plan_arms(eps, modes, arms, dp_mode)  # bad names fail before any work
@@ -214,6 +226,7 @@ def privacy_sweep_command(
             pretrain=pretrain,
             public_data=public_data,
             public_cases=public_cases,
+            engine=engine,
         )
     rows = table_rows(doc["arms"])
     if as_json:

@@ -25,7 +25,8 @@ _HELP = (
     "and on the pooled test set (Dice and HD95 per region), and writes OUT/report.html, "
     "OUT/metrics.json, OUT/metrics.csv and OUT/models/<arm>.pt (readable by `fedseg evaluate`)."
     "\n\n"
-    "Rerun the same command to resume: finished arms are kept and only missing ones run."
+    "Rerun the same command to resume: finished arms are kept and only missing ones run; an "
+    "arm whose results were computed with another configuration runs again."
     "\n\n"
     "Exit codes: 0 success, 2 bad input, 3 internal failure."
 )
@@ -91,6 +92,18 @@ def study_command(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Keep arms finished in an earlier run.")
     ] = True,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Where the federated arms run: simulation (Flower's Simulation Engine), "
+            "inprocess (the sites one after another in this process, no Ray) or superlink "
+            "(a running SuperLink, --superlink)."
+        ),
+    ] = "simulation",
+    superlink: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of a running insecure SuperLink (--engine superlink)."),
+    ] = None,
     sets: Annotated[
         list[str] | None,
         typer.Option(
@@ -111,7 +124,10 @@ def study_command(
     from fedseg.study.study import parse_arms, run_study
 
     with user_errors():
+        from fedseg.experiment.engine import check_engine
+
         selected = parse_arms(arms)
+        engine = check_engine(engine, superlink)
         options: dict[str, Any] = {
             "preset": preset,
             "num_sites": sites,
@@ -140,7 +156,16 @@ def study_command(
         if data is not None:
             existing_folder(data, "labelled dataset folder in BraTS 2020/2021/2023 or MSD layout")
         writable_folder(out, "--out")
-        doc = run_study(out, cfg, arms=selected, data=data, progress=not quiet, resume=resume)
+        doc = run_study(
+            out,
+            cfg,
+            arms=selected,
+            data=data,
+            progress=not quiet,
+            resume=resume,
+            engine=engine,
+            superlink=superlink,
+        )
     _print_summary(doc, as_json)
 
 

@@ -3,7 +3,8 @@
 No Ray, no SuperLink: each message is handed to ``client_app(message, context)`` at once, with
 one persistent :class:`~flwr.app.Context` per node (as a SuperNode keeps it). Used by the tests
 (fast, deterministic, and a fault can be injected per node) and handy for debugging a strategy
-step by step. The Simulation Engine (:mod:`fedseg.federation.runner`) is the real thing.
+step by step. :func:`fedseg.experiment.engine.run_federation` runs a federation on it
+(``engine="inprocess"``) or on Flower's Simulation Engine, the real thing.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class InProcessGrid(Grid):
         exchanges can be in flight (:class:`fedseg.federation.messaging.Exchange`). Without,
         only ``send_and_receive`` (messages run when sent). A dropped reply is never pulled:
         the exchange waits for its timeout.
+    keep_sent:
+        Keep every message sent in :attr:`sent` (tests inspect them); a long federation
+        would hold every model it sent, so experiments turn it off.
     """
 
     _ids = itertools.count(1001)
@@ -49,6 +53,7 @@ class InProcessGrid(Grid):
         run_config: Mapping[str, Any] | None = None,
         *,
         push_pull: bool = False,
+        keep_sent: bool = True,
     ) -> None:
         _ensure_task_identity()
         self.client_app = client_app
@@ -68,6 +73,7 @@ class InProcessGrid(Grid):
         #: offline (tests); a message sent to one still runs
         self.offline: set[int] = set()
         self.sent: list[Message] = []
+        self.keep_sent = keep_sent
         #: with ``push_pull``: the messages of each ``push_messages`` call, in order
         self.pushes: list[list[Message]] = []
         #: how often :mod:`fedseg.federation.messaging` pulls (``None``: no push/pull here)
@@ -127,7 +133,8 @@ class InProcessGrid(Grid):
 
     def _run(self, msg: Message) -> Message | None:
         msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-        self.sent.append(msg)
+        if self.keep_sent:
+            self.sent.append(msg)
         node = msg.metadata.dst_node_id
         reply = self.client_app(msg, self.contexts[node])
         fault = self.faults.get(node)

@@ -44,13 +44,15 @@ def _colour(arm: str, i: int) -> str:
     return cycle[i % len(cycle)]
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure of ``width`` x ``height`` inches (constrained layout, no pyplot)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
 
 
-def _png(fig: Figure) -> bytes:
+def to_png(fig: Figure) -> bytes:
+    """``fig`` rendered as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI)  # Figure without pyplot renders with Agg
     return buf.getvalue()
@@ -72,7 +74,7 @@ def learning_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
     """
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(13, 3.4)
+    fig = new_figure(13, 3.4)
     axes = fig.subplots(1, 4, sharex=True, sharey=True)
     for ax, key, title in zip(
         axes, ("mean-dice", *REGIONS), ("mean Dice", *(f"Dice {r}" for r in REGIONS)), strict=True
@@ -93,7 +95,7 @@ def learning_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside right center", frameon=False)
-    return _png(fig)
+    return to_png(fig)
 
 
 def dice_bars(
@@ -116,7 +118,7 @@ def dice_bars(
     """
     arms = list(pooled)
     keys = [*REGIONS, "mean"]
-    fig = _figure(max(6.0, 1.3 * len(arms) + 3), 3.8)
+    fig = new_figure(max(6.0, 1.3 * len(arms) + 3), 3.8)
     ax = fig.subplots()
     width = 0.8 / len(keys)
     x = np.arange(len(arms))
@@ -160,7 +162,7 @@ def dice_bars(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(ncols=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.set_title("pooled Dice: WT, TC, ET (light to dark), mean (outlined, ±SE)", fontsize=10)
-    return _png(fig)
+    return to_png(fig)
 
 
 def site_heatmap(
@@ -189,7 +191,7 @@ def site_heatmap(
         A PNG.
     """
     m = np.asarray(matrix, dtype=float)
-    fig = _figure(1.1 * len(cols) + 2.5, 0.45 * len(rows) + 1.6)
+    fig = new_figure(1.1 * len(cols) + 2.5, 0.45 * len(rows) + 1.6)
     ax = fig.subplots()
     im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=0)
@@ -210,7 +212,7 @@ def site_heatmap(
                 )
     fig.colorbar(im, ax=ax, shrink=0.8, label="mean Dice")
     ax.set_title(title)
-    return _png(fig)
+    return to_png(fig)
 
 
 def heterogeneity(summary: Sequence[Mapping[str, Any]]) -> bytes:
@@ -229,7 +231,7 @@ def heterogeneity(summary: Sequence[Mapping[str, Any]]) -> bytes:
     """
     sites = [str(r["site"]) for r in summary]
     scanners = sorted({s for r in summary for s in r.get("scanners", {})})
-    fig = _figure(11, 3.4)
+    fig = new_figure(11, 3.4)
     ax1, ax2 = fig.subplots(1, 2)
     bottom = np.zeros(len(sites))
     cmap = _cmap("tab10")
@@ -252,7 +254,7 @@ def heterogeneity(summary: Sequence[Mapping[str, Any]]) -> bytes:
     ax2.set_ylabel("whole tumour (ml)")
     ax2.set_title("tumour volume per site: mean, min-max")
     ax2.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return to_png(fig)
 
 
 def overlays(ov: Mapping[str, Any]) -> bytes:
@@ -275,7 +277,7 @@ def overlays(ov: Mapping[str, Any]) -> bytes:
     arms = list(ov["arms"])
     n = len(ov["case_ids"])
     cols = 1 + len(arms)
-    fig = _figure(2.9 * cols, 2.9 * n + 0.5)
+    fig = new_figure(2.9 * cols, 2.9 * n + 0.5)
     axes = np.atleast_2d(fig.subplots(n, cols, squeeze=False))
     for i in range(n):
         img = np.asarray(ov["flair"][i], dtype=float)
@@ -306,7 +308,7 @@ def overlays(ov: Mapping[str, Any]) -> bytes:
                 )
     handles = [Line2D([], [], color=REGION_COLOURS[r], lw=2, label=r) for r in REGIONS]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
-    return _png(fig)
+    return to_png(fig)
 
 
 def _cmap(name: str) -> Any:

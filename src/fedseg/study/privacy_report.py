@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.data.case import REGIONS
-from fedseg.study.plots import REGION_COLOURS, _figure, _png
-from fedseg.study.report import _CSS, _e, _f, _img, _table
+from fedseg.study.html import CSS, esc, img, num, table
+from fedseg.study.plots import REGION_COLOURS, new_figure, to_png
 from fedseg.utils.io import atomic_write_text
 
 _MEAN_COLOUR = "#1f77b4"
@@ -62,7 +62,7 @@ def dice_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
     bytes
         A PNG.
     """
-    fig = _figure(7.5, 4.2)
+    fig = new_figure(7.5, 4.2)
     ax = fig.subplots()
     ax.set_xscale("log")
     pts = _dp_points(rows)
@@ -92,7 +92,7 @@ def dice_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside right center", frameon=False, fontsize=8)
-    return _png(fig)
+    return to_png(fig)
 
 
 def mia_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
@@ -100,7 +100,7 @@ def mia_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
 
     No DP is the dashed reference line, 0.5 (guessing) the dotted one.
     """
-    fig = _figure(7.5, 4.2)
+    fig = new_figure(7.5, 4.2)
     ax = fig.subplots()
     ax.set_xscale("log")
     pts = _dp_points(rows)
@@ -127,7 +127,7 @@ def mia_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
     fig.legend(
         *ax.get_legend_handles_labels(), loc="outside right center", frameon=False, fontsize=8
     )
-    return _png(fig)
+    return to_png(fig)
 
 
 def cost_bars(rows: Sequence[Mapping[str, Any]]) -> bytes:
@@ -137,7 +137,7 @@ def cost_bars(rows: Sequence[Mapping[str, Any]]) -> bytes:
     else the wall time.
     """
     ran = _ok(rows)
-    fig = _figure(10, 3.6)
+    fig = new_figure(10, 3.6)
     axes = fig.subplots(1, 2)
     names = [r["arm"] for r in ran]
     colours = [
@@ -165,7 +165,7 @@ def cost_bars(rows: Sequence[Mapping[str, Any]]) -> bytes:
             )
     if not ran:
         axes[0].text(0.5, 0.5, "no arm ran", transform=axes[0].transAxes, ha="center")
-    return _png(fig)
+    return to_png(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,41 +242,41 @@ def _header(doc: Mapping[str, Any]) -> str:
     sw = doc.get("sweep", {})
     cfg = doc.get("config", {})
     cohort = (
-        f"synthetic BraTS-style cohort, {_e(sw.get('num-cases'))} cases"
+        f"synthetic BraTS-style cohort, {esc(sw.get('num-cases'))} cases"
         if sw.get("generated")
-        else f"<code>{_e(sw.get('data'))}</code>, {_e(sw.get('num-cases'))} cases"
+        else f"<code>{esc(sw.get('data'))}</code>, {esc(sw.get('num-cases'))} cases"
     )
     kv = [
         ("cohort", cohort),
         (
             "sites",
-            f"{_e(sw.get('num-sites'))} virtual hospitals, partition "
-            f"<code>{_e(sw.get('partition'))}</code>; {_e(sw.get('num-train'))} training "
-            f"(members) and {_e(sw.get('num-test'))} held-out test cases (non-members)",
+            f"{esc(sw.get('num-sites'))} virtual hospitals, partition "
+            f"<code>{esc(sw.get('partition'))}</code>; {esc(sw.get('num-train'))} training "
+            f"(members) and {esc(sw.get('num-test'))} held-out test cases (non-members)",
         ),
         (
             "federation",
-            f"{_e(sw.get('strategy'))}, {_e(sw.get('num-server-rounds'))} rounds × "
-            f"{_e(sw.get('local-epochs'))} local epoch(s)",
+            f"{esc(sw.get('strategy'))}, {esc(sw.get('num-server-rounds'))} rounds × "
+            f"{esc(sw.get('local-epochs'))} local epoch(s)",
         ),
         (
             "model",
-            f"U-Net {_e(cfg.get('image-size'))}³, base channels {_e(cfg.get('base-channels'))}, "
-            f"depth {_e(cfg.get('depth'))}, batch {_e(cfg.get('batch-size'))}",
+            f"U-Net {esc(cfg.get('image-size'))}³, base channels {esc(cfg.get('base-channels'))}, "
+            f"depth {esc(cfg.get('depth'))}, batch {esc(cfg.get('batch-size'))}",
         ),
         (
             "DP",
-            f"dp-mode {_e(sw.get('dp-mode', 'sample'))}, target epsilons "
-            f"{_e(sw.get('epsilons'))}, delta "
-            f"{_e(sw.get('dp-delta'))}, clip norm {_e(sw.get('dp-clip-norm'))}; "
+            f"dp-mode {esc(sw.get('dp-mode', 'sample'))}, target epsilons "
+            f"{esc(sw.get('epsilons'))}, delta "
+            f"{esc(sw.get('dp-delta'))}, clip norm {esc(sw.get('dp-clip-norm'))}; "
             f"DP-SGD trains {_trained(sw)}",
         ),
         ("initial model", _initial_model(sw)),
-        ("secure aggregation", _e(", ".join(sw.get("secure", [])) or "none tried")),
+        ("secure aggregation", esc(", ".join(sw.get("secure", [])) or "none tried")),
         (
             "run",
-            f"{_e(doc.get('created', ''))} on {_e(sw.get('device'))}, "
-            f"{_f(sw.get('seconds'), 0)} s for this invocation",
+            f"{esc(doc.get('created', ''))} on {esc(sw.get('device'))}, "
+            f"{num(sw.get('seconds'), 0)} s for this invocation",
         ),
     ]
     body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in kv)
@@ -300,29 +300,29 @@ def _trained(sw: Mapping[str, Any]) -> str:
         "norm": "only the normalisation layers' affine parameters",
         "norm-bias": "only the normalisation layers' affine parameters and the biases",
     }
-    return _e(f"{names.get(which, which)}{size}; the other arms train every parameter")
+    return esc(f"{names.get(which, which)}{size}; the other arms train every parameter")
 
 
 def _initial_model(sw: Mapping[str, Any]) -> str:
     pre = sw.get("pretraining")
     if not pre:
         if sw.get("init-model"):
-            return f"every arm starts from <code>{_e(sw['init-model'])}</code>"
+            return f"every arm starts from <code>{esc(sw['init-model'])}</code>"
         return "random (seeded), the same for every arm: no pretraining"
     if pre.get("generated"):
         what = (
-            f"{_e(pre.get('num-cases'))} generated public cases (seed {_e(pre.get('seed'))}, "
-            f"scanners {_e(', '.join(pre.get('scanners') or []))}), no hospital case"
+            f"{esc(pre.get('num-cases'))} generated public cases (seed {esc(pre.get('seed'))}, "
+            f"scanners {esc(', '.join(pre.get('scanners') or []))}), no hospital case"
         )
     else:
-        what = f"the public cases in <code>{_e(pre.get('data'))}</code>"
+        what = f"the public cases in <code>{esc(pre.get('data'))}</code>"
     split = pre.get("split") or {}
     public_test = (pre.get("public-test") or {}).get("mean-dice")
     return (
-        f"pretrained centrally for {_e(pre.get('epochs'))} epochs on {what} (split "
-        f"{_e(split.get('train'))} train / {_e(split.get('val'))} validation / "
-        f"{_e(split.get('test'))} test; mean Dice {_f(public_test)} on its public test "
-        f"cases; {_f(pre.get('train-seconds'), 0)} s of training); every arm, the non-private "
+        f"pretrained centrally for {esc(pre.get('epochs'))} epochs on {what} (split "
+        f"{esc(split.get('train'))} train / {esc(split.get('val'))} validation / "
+        f"{esc(split.get('test'))} test; mean Dice {num(public_test)} on its public test "
+        f"cases; {num(pre.get('train-seconds'), 0)} s of training); every arm, the non-private "
         f"one included, starts from it"
     )
 
@@ -352,26 +352,26 @@ def _results_table(rows: Sequence[Mapping[str, Any]]) -> str:
         drop = r.get("dice_drop_vs_no_dp")
         body.append(
             [
-                _e(r["arm"]),
-                _e(r.get("status")) if ok else f"skipped: {_e(r.get('reason'))}",
-                _f(r.get("target_epsilon"), 1),
-                _f(r.get("epsilon_spent"), 2),
-                _e(r.get("secure_aggregation")),
-                *(_f(r.get(k)) for k in REGIONS),
-                _f(r.get("mean_dice")),
+                esc(r["arm"]),
+                esc(r.get("status")) if ok else f"skipped: {esc(r.get('reason'))}",
+                num(r.get("target_epsilon"), 1),
+                num(r.get("epsilon_spent"), 2),
+                esc(r.get("secure_aggregation")),
+                *(num(r.get(k)) for k in REGIONS),
+                num(r.get("mean_dice")),
                 "–" if drop is None else f"{100 * drop:+.1f} pts",
-                _f(r.get("mia_auc_loss"), 2)
+                num(r.get("mia_auc_loss"), 2)
                 + ("" if r.get("mia_auc_loss_se") is None else f" ± {r['mia_auc_loss_se']:.2f}"),
-                _f(r.get("mia_auc_calibrated"), 2),
-                _f(r.get("mia_tpr_at_fpr_0.1"), 2),
-                _f(r.get("federation_seconds"), 0),
-                _f(r.get("federation_cpu_seconds"), 0),
-                _f(r.get("mb_sent"), 1),
-                _e(r.get("num_messages") if r.get("num_messages") is not None else "–"),
-                _e(r.get("site_failures") if r.get("site_failures") is not None else "–"),
+                num(r.get("mia_auc_calibrated"), 2),
+                num(r.get("mia_tpr_at_fpr_0.1"), 2),
+                num(r.get("federation_seconds"), 0),
+                num(r.get("federation_cpu_seconds"), 0),
+                num(r.get("mb_sent"), 1),
+                esc(r.get("num_messages") if r.get("num_messages") is not None else "–"),
+                esc(r.get("site_failures") if r.get("site_failures") is not None else "–"),
             ]
         )
-    return _table(header, body, left=2)
+    return table(header, body, left=2)
 
 
 def _method() -> str:
@@ -419,7 +419,7 @@ def render(
     parts = [
         _header(doc),
         '<h2>Findings</h2><ul class="notes">'
-        + "".join(f"<li>{_e(n)}</li>" for n in notes)
+        + "".join(f"<li>{esc(n)}</li>" for n in notes)
         + "</ul>",
         "<h2>Results per arm</h2>",
         _results_table(rows),
@@ -431,12 +431,12 @@ def render(
     }
     for name, caption in captions.items():
         if name in figures:
-            parts.append(f"<h2>{_e(caption)}</h2>{_img(figures[name], caption)}")
+            parts.append(f"<h2>{esc(caption)}</h2>{img(figures[name], caption)}")
     parts.append(_method())
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         "<title>fedseg privacy-utility sweep</title>"
-        f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+        f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n"
     )
 
 

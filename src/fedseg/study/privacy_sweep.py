@@ -36,25 +36,25 @@ cases the non-members).
 
 How the federation runs and what is measured
 --------------------------------------------
-Each arm runs the real ServerApp and ClientApp (:func:`fedseg.federation.server_app.
-build_server_app`, :func:`fedseg.federation.client_app.build_client_app`) on an
-:class:`~fedseg.federation.inprocess.InProcessGrid` in this process: the same round loop,
-checkpoints, validation and messages as on the Simulation Engine, without Ray's start-up and
-with the sites training one after another. The grid is metered (:class:`MeteredGrid`): every
-message the server sends and every reply is serialised with Flower's own protobuf serialiser
-(``flwr.common.serde.recorddict_to_proto``) and its size counted, so "bytes" is what Flower would
-put on the wire for the message content (arrays, configs, metrics, ciphertexts), without the
-transport's framing. "Time" is the wall time of the whole federation (all rounds, handshake
-included); the sites train in turn, so on a real deployment the round time would shrink by up
-to the number of sites while the protection's overhead stays.
+Each arm is one federation of the real ServerApp and ClientApp run by
+:func:`fedseg.experiment.engine.run_federation` on the sweep's engine: Flower's Simulation
+Engine by default, as ``fedseg study`` (``--engine inprocess`` runs the sites one after another
+in this process, without Ray's start-up). The arms are run by
+:func:`fedseg.experiment.runner.run_experiment` (one resume rule, one result file per arm).
+Every message the server sends and every reply is counted by
+:class:`fedseg.experiment.meter.MeteredGrid` with Flower's own protobuf serialiser, so "bytes"
+is what Flower would put on the wire for the message content (arrays, configs, metrics,
+ciphertexts), without the transport's framing. "Time" is the wall time of the whole federation
+(all rounds, handshake included, summed over an interrupted and a resumed run); on the
+in-process engine the CPU time of this process is reported too (the sites train in it).
 
 Features that are not there
 ---------------------------
 An arm whose feature this build lacks is *skipped with a recorded reason*, never run as
-something else: the config is tried, and an arm is skipped when the run refuses it
-(:class:`fedseg.errors.ConfigError`, ``NotImplementedError``) or when its first round shows no
-sign of the feature (a DP arm whose history reports no epsilon; a secure arm whose messages
-carry only the plain records). Its folder is then removed so that a later build runs it.
+something else: an arm is skipped when its config is refused
+(:class:`fedseg.errors.ConfigError`) or when its first round shows no sign of the feature (a
+DP arm whose history reports no epsilon; a secure arm whose messages carry only the plain
+records). Its folder is then removed and no result is kept, so that a later build runs it.
 
 Output folder::
 
@@ -63,8 +63,8 @@ Output folder::
     OUT/public/model/              the centralized pretraining run (best.pt: the init-model)
     OUT/partition.csv, split.json  the sites and their train / test cases
     OUT/arms/<arm>/                the arm's run folder (checkpoint, history.json, final model)
-    OUT/arms/<arm>/result.json     one finished (or skipped) arm: the resume marker
-    OUT/arms/<arm>/arm.json        the configuration the arm's folder was started with (an
+    OUT/arms/<arm>/result.json     one finished arm (:mod:`fedseg.experiment.results`)
+    OUT/arms/<arm>/arm.json        the fingerprint the arm's folder was started with (an
                                    interrupted arm of the same configuration resumes from its
                                    last checkpointed round)
     OUT/arms/<arm>/progress.json   per round: bytes down / up, messages, seconds
@@ -77,29 +77,24 @@ Output folder::
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import logging
 import math
-import shutil
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from fedseg.config import SECURE_MODES, FedsegConfig
 from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError
-from fedseg.federation.inprocess import InProcessGrid
+from fedseg.experiment import Arm, ArmSkipped, fingerprint, run_experiment
+from fedseg.experiment.results import file_sha256
 from fedseg.utils.io import atomic_write_csv, atomic_write_json
-
-if TYPE_CHECKING:
-    from flwr.app import Message
 
 log = logging.getLogger("fedseg.privacy")
 
@@ -134,14 +129,10 @@ _PRETRAIN_KEYS: tuple[str, ...] = (
 #: the utility target of the issue: at this epsilon, mean Dice within ``UTILITY_MARGIN``
 UTILITY_EPSILON = 8.0
 UTILITY_MARGIN = 0.05
-#: per-round traffic and seconds of an arm, in its run folder (survives a resume)
-PROGRESS = "progress.json"
-#: what an arm's run folder was started with (a folder started otherwise is not resumed)
-ARM_MARKER = "arm.json"
 #: the records a plain (unprotected) federation exchanges
 _PLAIN_RECORDS = frozenset({"arrays", "config", "metrics", "site", "error", "scaffold-correction"})
 # run-config keys that do not change an arm's result (resume check)
-_NOT_COMPARED = frozenset({"data-path", "partition-file", "out-dir", "round-timeout", "epochs"})
+_NOT_COMPARED = frozenset({"epochs"})
 # fields of privacy.csv
 CSV_FIELDS: tuple[str, ...] = (
     "arm",
@@ -197,10 +188,18 @@ class SweepArm:
 
     def config(self, cfg: FedsegConfig) -> FedsegConfig:
         """``cfg`` with this arm's privacy keys set (validated)."""
-        return cfg.replace(
-            dp_mode=self.dp_mode,
-            dp_target_epsilon=self.target_epsilon,
-            secure_aggregation=self.secure,
+        return self.as_arm().config(cfg)
+
+    def as_arm(self) -> Arm:
+        """This privacy level as an experiment arm (its name and privacy keys)."""
+        return Arm(
+            self.name,
+            {
+                "dp-mode": self.dp_mode,
+                "dp-target-epsilon": self.target_epsilon,
+                "secure-aggregation": self.secure,
+            },
+            phase="privacy",
         )
 
 
@@ -311,70 +310,6 @@ def plan_arms(
     if not wanted:
         raise ConfigError(f"--arms: no arm selected; expected one or more of {', '.join(names)}")
     return [a for a in arms if a.name in wanted]
-
-
-# --------------------------------------------------------------------------------------------
-# traffic
-
-
-def content_bytes(message: Message) -> int:
-    """Bytes of a message's content as Flower serialises it (protobuf ``RecordDict``)."""
-    from flwr.common.serde import recorddict_to_proto
-
-    return int(recorddict_to_proto(message.content).ByteSize())
-
-
-class _Meter:
-    """Counters of the traffic through a grid."""
-
-    def __init__(self) -> None:
-        self.down = 0
-        self.up = 0
-        self.messages = 0
-        self.record_keys: set[str] = set()
-
-    def add(self, message: Message, direction: str) -> None:
-        size = content_bytes(message)
-        if direction == "down":
-            self.down += size
-        else:
-            self.up += size
-        self.messages += 1
-        self.record_keys.update(str(k) for k in message.content.keys())
-
-    def snapshot(self) -> dict[str, int]:
-        return {"down": self.down, "up": self.up, "messages": self.messages}
-
-
-class MeteredGrid(InProcessGrid):
-    """An :class:`~fedseg.federation.inprocess.InProcessGrid` that counts what crosses it.
-
-    ``meter.down`` / ``meter.up``: bytes of the content of the messages sent to the sites and
-    of their replies (:func:`content_bytes`); ``meter.messages``: how many; ``meter.record_keys``:
-    every record name seen (what tells a protocol on the wire). Messages are not kept.
-    """
-
-    def __init__(
-        self,
-        client_app: Any,
-        node_configs: Iterable[Mapping[str, Any]],
-        run_config: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(client_app, node_configs, run_config)
-        self.meter = _Meter()
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Run the messages (see InProcessGrid) and count them and their replies."""
-        batch = list(messages)
-        for msg in batch:
-            self.meter.add(msg, "down")
-        replies = list(super().send_and_receive(batch, timeout=timeout))
-        for reply in replies:
-            self.meter.add(reply, "up")
-        self.sent.clear()  # the base class keeps every message; a sweep would hold GBs
-        return replies
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,216 +431,28 @@ def _keys(obj: Any, out: list[str]) -> None:
 # one arm
 
 
-class ArmUnavailable(Exception):
-    """The arm's feature is not in this build (the reason is the message)."""
-
-
-@dataclass
-class FederationRun:
-    """What :func:`run_arm_federation` returns."""
-
-    history: list[dict[str, Any]]
-    weights: dict[str, np.ndarray]
-    seconds: float
-    traffic: dict[str, Any]
-    record_keys: list[str]
-    cpu_seconds: float = 0.0
-
-
-def run_arm_federation(
-    arm: SweepArm,
-    cfg: FedsegConfig,
-    data: Path,
-    partition: Mapping[str, list[str]],
-    out: Path,
-    *,
-    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
-) -> FederationRun:
-    """Run the federation of one arm on a metered in-process grid (see the module docstring).
-
-    Parameters
-    ----------
-    arm:
-        The privacy level.
-    cfg:
-        The sweep's config (strategy, rounds, model...); the arm's keys are set on top.
-    data:
-        Cohort folder.
-    partition:
-        Site name to case ids.
-    out:
-        The arm's run folder (an existing checkpoint there is resumed).
-    progress:
-        Called after each round as ``progress(round, num_rounds, history_row)``.
-
-    Returns
-    -------
-    FederationRun
+def check_feature(arm: SweepArm, row: Mapping[str, Any], record_keys: Iterable[str]) -> None:
+    """Skip an arm whose first round shows no sign of its feature (not in this build).
 
     Raises
     ------
-    ArmUnavailable
-        The build refuses the arm's config, or round 1 shows no sign of its feature.
+    fedseg.experiment.ArmSkipped
+        Round 1 failed, a DP arm reported no epsilon, or a secure arm sent plain records only.
     """
-    from flwr.app import Context, RecordDict
-
-    from fedseg.data.partition import write_partition
-    from fedseg.federation import site as site_module
-    from fedseg.federation.client_app import build_client_app
-    from fedseg.federation.loop import LoopResult
-    from fedseg.federation.runner import _logs_to
-    from fedseg.federation.server_app import build_server_app
-
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "partition.csv"
-    write_partition(dict(partition), csv_path)
-    try:
-        arm_cfg = arm.config(cfg).replace(
-            num_sites=len(partition),
-            data_path=str(Path(data).resolve()),
-            partition_file=str(csv_path),
-            out_dir=str(out),
-        )
-    except ConfigError as exc:
-        raise ArmUnavailable(f"the config is refused: {exc}") from None
-    overrides = arm_cfg.to_run_config()
-    holder: dict[str, LoopResult] = {}
-    # per-round traffic and seconds, kept in the run folder so that a resumed arm adds up
-    progress_path = out / PROGRESS
-    earlier = (_load_json(progress_path) or {}).get("rounds", []) if progress_path.is_file() else []
-    rounds: list[dict[str, Any]] = []
-    last = {"down": 0, "up": 0, "messages": 0, "seconds": 0.0, "cpu-seconds": 0.0}
-
-    def on_round(rnd: int, total: int, row: dict[str, Any]) -> None:
-        now = {
-            **grid.meter.snapshot(),
-            "seconds": time.perf_counter() - t0,
-            "cpu-seconds": time.process_time() - c0,
-        }
-        rounds.append({"round": rnd, **{k: now[k] - last[k] for k in last}})
-        last.update(now)
-        kept = [r for r in earlier if r["round"] < rounds[0]["round"]]
-        atomic_write_json(progress_path, {"rounds": kept + rounds})
-        if len(rounds) == 1:
-            _check_feature(arm, row, grid.meter.record_keys)
-        if progress is not None:
-            progress(rnd, total, row)
-
-    server_app = build_server_app(
-        overrides, out=out, progress=on_round, on_result=lambda r: holder.setdefault("r", r)
-    )
-    client_app = build_client_app(overrides)
-    nodes = [{"partition-id": i, "num-partitions": len(partition)} for i in range(len(partition))]
-    grid = MeteredGrid(client_app, nodes, overrides)
-    context = Context(
-        run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(overrides)
-    )
-    t0, c0 = time.perf_counter(), time.process_time()
-    try:
-        with _logs_to(out / "federation.log"), _quiet(), _calibration_cache():
-            server_app(grid, context)
-    except (ConfigError, NotImplementedError) as exc:
-        raise ArmUnavailable(f"the federation refused it: {exc}") from None
-    finally:
-        # the sites' prepared cases and trainers are cached per process and per config
-        site_module._SITES.clear()
-    tail = time.perf_counter() - t0 - last["seconds"]  # writing the final model
-    if "r" not in holder:
-        raise RuntimeError(f"the federation of arm {arm.name} ended without a result")
-    result = holder["r"]
-    first = rounds[0]["round"] if rounds else result.start_round + 1
-    per_round = [r for r in earlier if r["round"] < first] + rounds
-    down = sum(int(r["down"]) for r in per_round)
-    up = sum(int(r["up"]) for r in per_round)
-    traffic = {
-        "down": down,
-        "up": up,
-        "messages": sum(int(r["messages"]) for r in per_round),
-        "total": down + up,
-        "per-round": per_round,
-        "resumed-after-round": result.start_round,
-    }
-    seconds = sum(float(r["seconds"]) for r in per_round) + tail
-    cpu = time.process_time() - c0 - last["cpu-seconds"]
-    cpu += sum(float(r.get("cpu-seconds", 0.0)) for r in per_round)
-    return FederationRun(
-        history=result.history,
-        weights=result.weights,
-        seconds=seconds,
-        cpu_seconds=cpu,
-        traffic=traffic,
-        record_keys=sorted(grid.meter.record_keys),
-    )
-
-
-@contextlib.contextmanager
-def _calibration_cache() -> Iterator[None]:
-    """Memoise Opacus's noise calibration while an arm runs in this process.
-
-    With ``dp-target-epsilon`` every site calibrates its noise multiplier again at the start of
-    every round (:func:`fedseg.site.privacy.calibrate_noise` calls
-    :func:`opacus.accountants.utils.get_noise_multiplier`: a binary search over RDP
-    computations, seconds to tens of seconds a call here). The result is a pure function of
-    its arguments, and all sites of the sweep live in this process, so one value per site is
-    computed and reused: the same noise, without 4 sites x rounds searches. Restored on exit.
-    """
-    try:
-        import opacus.accountants.utils as opacus_utils
-    except ImportError:  # no Opacus: nothing to calibrate
-        yield
-        return
-    original = opacus_utils.get_noise_multiplier
-    cache: dict[tuple[Any, ...], float] = {}
-
-    def cached(*args: Any, **kwargs: Any) -> float:
-        key = (repr(args), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
-        if key not in cache:
-            cache[key] = original(*args, **kwargs)
-        return cache[key]
-
-    opacus_utils.get_noise_multiplier = cached
-    try:
-        yield
-    finally:
-        opacus_utils.get_noise_multiplier = original
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Keep fedseg's round lines in the arm's log only, and Opacus's notices off the console.
-
-    Opacus configures the root logger when imported, so fedseg's INFO lines would reach the
-    console through propagation; they are already in ``federation.log``.
-    """
-    ours = logging.getLogger("fedseg")
-    before = ours.propagate
-    ours.propagate = False
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            yield
-    finally:
-        ours.propagate = before
-
-
-def _check_feature(arm: SweepArm, row: Mapping[str, Any], record_keys: Iterable[str]) -> None:
-    """Stop an arm whose first round shows no sign of its feature (not in this build)."""
     if arm.dp_mode == "none" and arm.secure == "none":
         return
     if row.get("status") != "ok":
-        raise ArmUnavailable(
+        raise ArmSkipped(
             f"round 1 failed with it ({row.get('reason') or 'no reason given'}; "
             f"rejected: {row.get('rejected') or {}})"
         )
     if arm.dp_mode != "none" and epsilon_spent([row]) is None:
-        raise ArmUnavailable(
+        raise ArmSkipped(
             f"dp-mode '{arm.dp_mode}' ran round 1 without reporting an epsilon in the history "
             "(differential privacy is not implemented in this build)"
         )
     if arm.secure != "none" and secure_evidence(record_keys, row) is None:
-        raise ArmUnavailable(
+        raise ArmSkipped(
             f"secure-aggregation '{arm.secure}' ran round 1 with plain records only "
             "(not implemented in this build)"
         )
@@ -729,6 +476,7 @@ def run_privacy_sweep(
     pretrain: int = 0,
     public_data: Path | None = None,
     public_cases: int = DEFAULT_PUBLIC_CASES,
+    engine: str = "simulation",
 ) -> dict[str, Any]:
     """Run the privacy-utility sweep (see the module docstring) and write its outputs.
 
@@ -755,6 +503,9 @@ def run_privacy_sweep(
         A labelled folder of public cases for the pretraining (``None``: generated).
     public_cases:
         Cases of the generated public cohort.
+    engine:
+        Where the federations run (:func:`fedseg.experiment.engine.run_federation`):
+        ``simulation`` (default, as ``fedseg study``) or ``inprocess``.
 
     Returns
     -------
@@ -770,10 +521,14 @@ def run_privacy_sweep(
     fedseg.errors.DataError
         The data cannot be read or partitioned.
     """
-    from fedseg.study.study import _cohort, _cohort_facts, _console, _make_sites
+    from fedseg.experiment.engine import check_engine
+    from fedseg.study.study import cohort_facts, cohort_folder, make_console_for, make_sites
     from fedseg.utils.runtime import pick_device
 
     planned = plan_arms(epsilons, secure, arms, dp_mode)
+    engine = check_engine(engine)
+    if engine == "superlink":
+        raise ConfigError("--engine: the privacy sweep runs on simulation or inprocess")
     if pretrain < 0 or public_cases < 4:
         raise ConfigError(
             f"--pretrain: expected epochs >= 0 and --public-cases >= 4, found {pretrain} and "
@@ -783,10 +538,10 @@ def run_privacy_sweep(
     out.mkdir(parents=True, exist_ok=True)
     # every arm and site of the study reads the cases prepared once into OUT/cache
     cfg = cfg.replace(cache_dir=cfg.cache_dir or str(out.resolve() / "cache"))
-    console = _console(progress)
+    console = make_console_for(progress)
     t_start = time.perf_counter()
-    data_dir, generated = _cohort(out, cfg, data, progress)
-    sites, summary = _make_sites(out, cfg, data_dir, progress, console)
+    data_dir, generated = cohort_folder(out, cfg, data, progress)
+    sites, summary = make_sites(out, cfg, data_dir, progress, console)
     device = pick_device()
 
     results: dict[str, dict[str, Any]] = {}
@@ -799,39 +554,40 @@ def run_privacy_sweep(
         results[PUBLIC_ONLY] = _public_only(cfg, sites, device, public)
         if console is not None:
             console.print(_one_line(results[PUBLIC_ONLY]))
-    for arm in planned:
-        path = out / "arms" / arm.name / "result.json"
+    by_name = {a.name: a for a in planned}
+
+    def fingerprint_of(arm: Arm) -> dict[str, Any]:
         try:
             arm_cfg = arm.config(cfg)
-        except ConfigError as exc:  # a mode this build refuses (e.g. not implemented yet)
-            results[arm.name] = {**_arm_base(arm, cfg), "status": "skipped", "reason": str(exc)}
-            shutil.rmtree(out / "arms" / arm.name, ignore_errors=True)
-            if console is not None:
-                console.print(_one_line(results[arm.name]))
-            continue
-        wanted = _comparable(arm_cfg, data_dir, sites.parts)
-        if resume and path.is_file():
-            previous = _load_json(path)
-            if previous is not None and previous.get("fingerprint") == wanted:
-                if previous.get("status") == "ok" and "site-failures" not in previous:
-                    history = _load_json(path.parent / "history.json") or {}
-                    previous["site-failures"] = site_failures(history.get("rounds", []))
-                results[arm.name] = previous
-                if console is not None:
-                    console.print(f"[dim]{arm.name}: finished earlier, results reused[/dim]")
-                continue
-        folder = out / "arms" / arm.name
-        started = _load_json(folder / ARM_MARKER) if (folder / ARM_MARKER).is_file() else None
-        if not resume or started != wanted:  # an interrupted arm of this config is resumed
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            atomic_write_json(folder / ARM_MARKER, wanted)
-        res = _run_arm(arm, out, cfg, data_dir, sites, device, progress)
-        res["fingerprint"] = wanted
-        atomic_write_json(path, res)
-        results[arm.name] = res
-        if console is not None:
-            console.print(_one_line(res))
+        except ConfigError:  # refused by this build: skipped when it runs
+            arm_cfg = cfg
+        return fingerprint(arm_cfg, data=data_dir, partition=sites.parts, ignore=_NOT_COMPARED)
+
+    def run_arm(arm: Arm, folder: Path) -> dict[str, Any]:
+        return _run_arm(by_name[arm.name], folder, cfg, data_dir, sites, device, progress, engine)
+
+    def on_event(arm: Arm, event: str, res: Mapping[str, Any] | None, note: str) -> None:
+        if event == "skipped":
+            log.warning("arm %s skipped: %s", arm.name, note)
+        if console is None:
+            return
+        if event == "reused":
+            console.print(f"[dim]{arm.name}: {note}[/dim]")
+        elif event == "start" and note:
+            console.print(f"[dim]{arm.name}: {note}[/dim]")
+        elif event in ("done", "skipped") and res is not None:
+            console.print(_one_line({**_arm_base(by_name[arm.name], cfg), **res}))
+
+    ran = run_experiment(
+        [a.as_arm() for a in planned],
+        out,
+        run_arm=run_arm,
+        fingerprint_of=fingerprint_of,
+        resume=resume,
+        on_event=on_event,
+    )
+    for name, res in ran.items():
+        results[name] = {**_arm_base(by_name[name], cfg), **res}
 
     doc: dict[str, Any] = {
         "format": SWEEP_FORMAT,
@@ -843,6 +599,7 @@ def run_privacy_sweep(
             "dp-mode": dp_mode,
             "secure": list(secure),
             "strategy": cfg.strategy,
+            "engine": engine,
             "num-sites": len(sites.parts),
             "partition": cfg.partition,
             "num-server-rounds": cfg.num_server_rounds,
@@ -853,7 +610,7 @@ def run_privacy_sweep(
             "dp-trained-parameters": _count_trained(cfg),
             "init-model": cfg.init_model,
             "pretraining": public,
-            **_cohort_facts(sites, data_dir, generated, device, t_start),
+            **cohort_facts(sites, data_dir, generated, device, t_start),
         },
         "sites": summary,
         "arms": results,
@@ -865,37 +622,39 @@ def run_privacy_sweep(
 
 def _run_arm(
     arm: SweepArm,
-    out: Path,
+    folder: Path,
     cfg: FedsegConfig,
     data_dir: Path,
     sites: Any,
     device: Any,
     progress: bool,
+    engine: str,
 ) -> dict[str, Any]:
+    """One privacy level: its federation, then the scores of its final model and the attack."""
+    from fedseg.experiment.engine import run_federation
     from fedseg.federation.server_app import initial_model
     from fedseg.privacy.mia import run_mia
-    from fedseg.study.study import _Bar, _evaluate_models, _evaluator, _mean_from_info
+    from fedseg.study.study import ProgressBar, evaluate_models, make_evaluator, mean_dice_of_row
 
-    base = _arm_base(arm, cfg)
-    folder = out / "arms" / arm.name
     try:
-        with _Bar(arm.name, cfg.num_server_rounds, "round", progress) as bar:
-            run = run_arm_federation(
-                arm,
-                cfg,
-                data_dir,
-                sites.parts,
-                folder,
-                progress=lambda r, n, info: bar.step(_mean_from_info(info)),
-            )
-    except ArmUnavailable as exc:
-        shutil.rmtree(folder, ignore_errors=True)
-        log.warning("arm %s skipped: %s", arm.name, exc)
-        return {**base, "status": "skipped", "reason": str(exc)}
+        arm_cfg = arm.config(cfg)
+    except ConfigError as exc:  # a mode this build refuses
+        raise ArmSkipped(f"the config is refused: {exc}") from None
+    with ProgressBar(arm.name, cfg.num_server_rounds, "round", progress) as bar:
+        run = run_federation(
+            arm_cfg,
+            data_dir,
+            sites.parts,
+            folder,
+            engine=engine,
+            progress=lambda r, n, info: bar.step(mean_dice_of_row(info)),
+        )
+    if run.history:
+        check_feature(arm, run.history[0], run.record_keys)
 
     t0 = time.perf_counter()
-    evaluator = _evaluator(arm.config(cfg), device)
-    ev = _evaluate_models(evaluator, run.weights, None, sites.test)
+    evaluator = make_evaluator(arm.config(cfg), device)
+    ev = evaluate_models(evaluator, run.weights, None, sites.test)
     reference, _ = initial_model(cfg)
     mia = run_mia(
         cfg, run.weights, sites.pooled_train, sites.pooled_test, reference=reference, device=device
@@ -909,9 +668,10 @@ def _run_arm(
     failed = [r["round"] for r in run.history if r.get("status") != "ok"]
     faults = site_failures(run.history)
     return {
-        **base,
+        **_arm_base(arm, cfg),
         "status": "ok",
         "reason": "",
+        "engine": run.engine,
         "metrics": ev["metrics"],
         "epsilon": epsilon_spent(run.history),
         "mia": mia,
@@ -920,10 +680,10 @@ def _run_arm(
         "failed-rounds": failed,
         "site-failures": faults,
         "timings": {
-            "federation-seconds": run.seconds,
-            # this process's CPU time (the sites train in it): a cost figure that a busy,
-            # shared machine inflates far less than the wall time
-            "federation-cpu-seconds": run.cpu_seconds,
+            "federation-seconds": run.traffic["seconds"],
+            # in process, this process's CPU time (the sites train in it): a cost figure that a
+            # busy, shared machine inflates far less than the wall time; None on Ray
+            "federation-cpu-seconds": run.traffic["cpu-seconds"],
             "round-seconds": [float(r.get("round-seconds") or 0.0) for r in run.history],
             "evaluation-seconds": time.perf_counter() - t0,
         },
@@ -1000,7 +760,7 @@ def pretrain_public_model(
     model = (root / "model" / BEST).resolve()
     return {
         "model": str(model),
-        "sha256": _sha256(model),
+        "sha256": file_sha256(model),
         "data": str(Path(data).resolve()),
         "generated": scanners is not None,
         "seed": seed if scanners is not None else None,
@@ -1035,11 +795,11 @@ def _public_only(
     """The ``public-only`` row: the pretrained model on the hospitals' test cases, no training."""
     from fedseg.federation.server_app import initial_model
     from fedseg.privacy.mia import run_mia
-    from fedseg.study.study import _evaluate_models, _evaluator
+    from fedseg.study.study import evaluate_models, make_evaluator
 
     t0 = time.perf_counter()
     weights, _ = initial_model(cfg)
-    ev = _evaluate_models(_evaluator(cfg, device), weights, None, sites.test)
+    ev = evaluate_models(make_evaluator(cfg, device), weights, None, sites.test)
     mia = run_mia(cfg, weights, sites.pooled_train, sites.pooled_test, device=device)
     mia.pop("cases", None)
     return {
@@ -1081,12 +841,6 @@ def _count_trained(cfg: FedsegConfig) -> dict[str, int]:
     }
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _arm_base(arm: SweepArm, cfg: FedsegConfig) -> dict[str, Any]:
     return {
         "arm": arm.name,
@@ -1095,16 +849,6 @@ def _arm_base(arm: SweepArm, cfg: FedsegConfig) -> dict[str, Any]:
         "secure-aggregation": arm.secure,
         "delta": cfg.dp_delta,
     }
-
-
-def _comparable(
-    cfg: FedsegConfig, data_dir: Path, parts: Mapping[str, list[str]]
-) -> dict[str, Any]:
-    conf = {k: v for k, v in cfg.to_run_config().items() if k not in _NOT_COMPARED}
-    if cfg.init_model:  # the same path may hold another model after a new pretraining
-        path = Path(cfg.init_model)
-        conf["init-model-sha256"] = _sha256(path) if path.is_file() else None
-    return {"config": conf, "data": str(Path(data_dir).resolve()), "partition": dict(parts)}
 
 
 def _load_json(path: Path) -> dict[str, Any] | None:

@@ -352,7 +352,7 @@ def run_robustness(
         A bad matrix, or a cohort too small for a setting's number of sites.
     """
     from fedseg.data.partition import case_attributes, partition, write_partition
-    from fedseg.study.study import _cohort
+    from fedseg.study.study import cohort_folder
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,7 +361,7 @@ def run_robustness(
     defences = list(defences)
     say = progress or (lambda _line: None)
     t_start = time.perf_counter()
-    data_dir, generated = _cohort(out, cfg, data, progress=False)
+    data_dir, generated = cohort_folder(out, cfg, data, progress=False)
     base = cfg.replace(
         attack="none",
         malicious_sites="",
@@ -531,12 +531,12 @@ def findings(doc: Mapping[str, Any], setting: str, tolerance: float = 0.03) -> l
 
 def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
     """The HTML report (styles and helpers of :mod:`fedseg.study.report`)."""
-    from fedseg.study.report import _CSS, _e, _f, _img, _table
+    from fedseg.study.html import CSS, esc, img, num, table
 
     cfg = doc.get("config", {})
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>fedseg robustness study</title><style>{_CSS}</style></head><body>",
+        f"<title>fedseg robustness study</title><style>{CSS}</style></head><body>",
         "<h1>fedseg robustness: attacks x defences</h1>",
         '<p class="sub">Final mean Dice (WT, TC, ET averaged) of the global model on the pooled '
         "held-out cases of all sites. Higher is better; n/a: the rule's bound on n and f is not "
@@ -545,27 +545,27 @@ def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
     kv = [
         (
             "data",
-            f"<code>{_e(doc.get('data'))}</code>"
+            f"<code>{esc(doc.get('data'))}</code>"
             + (" (synthetic, generated)" if doc.get("generated") else ""),
         ),
         (
             "model",
-            f"{_e(cfg.get('spatial-dims'))}D U-Net, {_e(cfg.get('image-size'))} px, base "
-            f"channels {_e(cfg.get('base-channels'))}, depth {_e(cfg.get('depth'))}",
+            f"{esc(cfg.get('spatial-dims'))}D U-Net, {esc(cfg.get('image-size'))} px, base "
+            f"channels {esc(cfg.get('base-channels'))}, depth {esc(cfg.get('depth'))}",
         ),
         (
             "federation",
-            f"{_e(cfg.get('num-server-rounds'))} rounds x "
-            f"{_e(cfg.get('local-epochs'))} local epoch(s), partition "
-            f"<code>{_e(cfg.get('partition'))}</code>, seed {_e(cfg.get('seed'))}",
+            f"{esc(cfg.get('num-server-rounds'))} rounds x "
+            f"{esc(cfg.get('local-epochs'))} local epoch(s), partition "
+            f"<code>{esc(cfg.get('partition'))}</code>, seed {esc(cfg.get('seed'))}",
         ),
-        ("attack strengths", ", ".join(f"{_e(a)} {_e(s)}" for a, s in doc["strengths"].items())),
+        ("attack strengths", ", ".join(f"{esc(a)} {esc(s)}" for a, s in doc["strengths"].items())),
         (
             "clip bound (median honest update norm, clean run)",
-            ", ".join(f"{_e(s)}: {_f(v, 4)}" for s, v in doc.get("clip-norm", {}).items()),
+            ", ".join(f"{esc(s)}: {num(v, 4)}" for s, v in doc.get("clip-norm", {}).items()),
         ),
-        ("anomaly threshold", _e(doc.get("anomaly-threshold"))),
-        ("time", f"{_f(doc.get('seconds-this-invocation'), 0)} s for the last invocation"),
+        ("anomaly threshold", esc(doc.get("anomaly-threshold"))),
+        ("time", f"{num(doc.get('seconds-this-invocation'), 0)} s for the last invocation"),
     ]
     parts.append(
         '<table class="kv"><tbody>'
@@ -575,31 +575,31 @@ def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
     for setting in doc["settings"]:
         m_sites = setting.split("of")
         parts.append(
-            f"<h2>{_e(m_sites[0])} of {_e(m_sites[1])} sites malicious ({_e(setting)})</h2>"
+            f"<h2>{esc(m_sites[0])} of {esc(m_sites[1])} sites malicious ({esc(setting)})</h2>"
         )
         notes = findings(doc, setting)
-        parts.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+        parts.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
         if setting in figures:
-            parts.append(_img(figures[setting], f"heatmap {setting}"))
+            parts.append(img(figures[setting], f"heatmap {setting}"))
         rows, cols, m = matrix(doc, setting)
         per = doc.get("cells", {}).get(setting, {})
         body = []
         for i, d in enumerate(rows):
-            cells = [_e(d)]
+            cells = [esc(d)]
             for j, a in enumerate(cols):
                 cell = per.get(f"{a}|{d}", {})
-                cells.append(_e("n/a") if "na" in cell else _f(m[i, j]))
+                cells.append(esc("n/a") if "na" in cell else num(m[i, j]))
             body.append(cells)
-        parts.append(_table(["defence \\ attack", *(_e(c) for c in cols)], body))
+        parts.append(table(["defence \\ attack", *(esc(c) for c in cols)], body))
         na = sorted({c["na"] for c in per.values() if "na" in c})
         if na:
-            parts.append('<p class="muted">n/a: ' + "; ".join(_e(x) for x in na) + "</p>")
+            parts.append('<p class="muted">n/a: ' + "; ".join(esc(x) for x in na) + "</p>")
         dropped = {k: c["rejected"] for k, c in per.items() if c.get("rejected")}
         if dropped:
             parts.append(
                 '<p class="muted">sites left out (site: rounds): '
                 + "; ".join(
-                    f"{_e(k)} → " + ", ".join(f"{_e(s)}: {n}" for s, n in v.items())
+                    f"{esc(k)} → " + ", ".join(f"{esc(s)}: {n}" for s, n in v.items())
                     for k, v in dropped.items()
                 )
                 + "</p>"

@@ -42,9 +42,7 @@ with the same configuration, data and partition) and only redoes what is missing
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +54,18 @@ import numpy as np
 from fedseg.config import FedsegConfig
 from fedseg.data.case import MODALITIES, REGIONS
 from fedseg.errors import ConfigError, PartitionError
+from fedseg.experiment import Arm, fingerprint, run_experiment
+from fedseg.experiment.runner import finished_results
+from fedseg.study.arms import (
+    ARMS,
+    DEFAULT_ARMS,
+    FEDERATED_ARMS,
+    PER_SITE_ARMS,
+    POOLED,
+    parse_arms,
+    study_arms,
+)
+from fedseg.study.overlays import save_overlays
 from fedseg.utils.io import atomic_write_csv, atomic_write_json, load_torch, save_torch
 
 if TYPE_CHECKING:
@@ -64,93 +74,28 @@ if TYPE_CHECKING:
     from fedseg.data.transforms import Prepared
     from fedseg.site.trainer import SiteTrainer
 
-#: every arm, in the order they run and are reported (``--arms all``)
-ARMS: tuple[str, ...] = (
-    "centralized",
-    "local",
-    "fedavg",
-    "fedavgm",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "scaffold",
-    "fedbn",
-    "cyclic",
-)
-#: the arms of the default study (``fedseg study`` without ``--arms``, ``--arms default``)
-DEFAULT_ARMS: tuple[str, ...] = ("centralized", "local", "fedavg", "fedprox", "scaffold", "fedbn")
-#: the arms run through the federated runner (Flower): every federated strategy
-FEDERATED_ARMS: tuple[str, ...] = tuple(a for a in ARMS if a not in ("centralized", "local"))
-#: the arms that end with one model per site
-PER_SITE_ARMS: tuple[str, ...] = ("local", "fedbn")
 RESULTS_FORMAT = "fedseg-study-v1"
-POOLED = "pooled"
 #: the marker written into a generated cohort folder once generation has finished
 COHORT_MARKER = ".fedseg-cohort.json"
 #: number of pooled test cases drawn in the report's segmentation overlays
 NUM_OVERLAY_CASES = 3
 # keys that do not change any arm's result (the study sets the strategy per arm and the
 # epoch budget from rounds x local epochs; the partition file is covered by the partition)
-_NOT_FINGERPRINTED = frozenset(
-    {
-        "strategy",
-        "epochs",
-        "val-fraction",
-        "data-path",
-        "partition-file",
-        "out-dir",
-        "round-timeout",
-    }
-)
-
-
-# --------------------------------------------------------------------------------------------
-# arms
+_NOT_FINGERPRINTED = frozenset({"strategy", "epochs", "val-fraction"})
+__all__ = [
+    "ARMS",
+    "DEFAULT_ARMS",
+    "FEDERATED_ARMS",
+    "PER_SITE_ARMS",
+    "POOLED",
+    "curve_from_history",
+    "parse_arms",
+    "run_study",
+]
 
 
 #: Fewest cases a virtual hospital gets from the skewed partitions (when the cohort allows).
 MIN_SITE_CASES = 6
-
-
-def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Normalise a selection of arms: case-insensitive, comma-separated or a list.
-
-    Parameters
-    ----------
-    arms:
-        ``"fedavg,Local"``, ``["centralized", "fedbn"]``, ``"all"`` (every arm of :data:`ARMS`),
-        ``"default"`` or ``None`` (:data:`DEFAULT_ARMS`); ``"default,fedavgm"`` adds to those.
-
-    Returns
-    -------
-    tuple[str, ...]
-        The selected arms without duplicates, in :data:`ARMS` order.
-
-    Raises
-    ------
-    ConfigError
-        For an unknown arm (naming the valid ones and the closest match) or an empty selection.
-    """
-    import difflib
-
-    if arms is None:
-        return DEFAULT_ARMS
-    items = arms.split(",") if isinstance(arms, str) else [str(a) for a in arms]
-    wanted = {a.strip().lower() for a in items if a.strip()}
-    if "all" in wanted:
-        return ARMS
-    if "default" in wanted:
-        wanted = (wanted - {"default"}) | set(DEFAULT_ARMS)
-    for name in sorted(wanted):
-        if name not in ARMS:
-            close = difflib.get_close_matches(name, ARMS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown arm '{name}': expected one of {', '.join(ARMS)} (or all, default){hint}"
-            )
-    if not wanted:
-        raise ConfigError(f"no arm selected: expected one or more of {', '.join(ARMS)}")
-    return tuple(a for a in ARMS if a in wanted)
 
 
 def epoch_budget(cfg: FedsegConfig) -> int:
@@ -163,7 +108,7 @@ def epoch_budget(cfg: FedsegConfig) -> int:
 
 
 @dataclass
-class _Sites:
+class Sites:
     """The study's sites: partition, splits and prepared cases."""
 
     parts: dict[str, list[str]]
@@ -172,10 +117,12 @@ class _Sites:
 
     @property
     def pooled_train(self) -> list[Prepared]:
+        """Every site's training cases."""
         return [p for items in self.train.values() for p in items]
 
     @property
     def pooled_test(self) -> list[Prepared]:
+        """Every site's test cases (the pooled test set)."""
         return [p for items in self.test.values() for p in items]
 
 
@@ -187,6 +134,8 @@ def run_study(
     data: Path | None = None,
     progress: bool = True,
     resume: bool = True,
+    engine: str = "simulation",
+    superlink: str | None = None,
 ) -> dict[str, Any]:
     """Run the study (see the module docstring) and write its results and report into ``out``.
 
@@ -208,7 +157,11 @@ def run_study(
         Show the heterogeneity table and progress bars (on stderr).
     resume:
         Skip arms whose results are already in ``out`` (computed with the same configuration,
-        data and partition). With ``False`` every selected arm is recomputed.
+        data and partition; the resume rule of :mod:`fedseg.experiment.runner`). With
+        ``False`` every selected arm is recomputed.
+    engine, superlink:
+        Where the federated arms run (:func:`fedseg.experiment.engine.run_federation`):
+        Flower's Simulation Engine by default.
 
     Returns
     -------
@@ -221,55 +174,61 @@ def run_study(
     Raises
     ------
     ConfigError
-        Unknown arm, a bad partition setting, or existing results in ``out`` that were
-        computed with another configuration, data or partition.
+        Unknown arm or engine, or a bad partition setting.
     fedseg.errors.DataError
         When the data cannot be read, partitioned or split as asked.
     """
+    from fedseg.experiment.engine import check_engine
     from fedseg.utils.runtime import pick_device
 
     selected = parse_arms(arms)
+    engine = check_engine(engine, superlink)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # every arm and site of the study reads the cases prepared once into OUT/cache
     cfg = cfg.replace(cache_dir=cfg.cache_dir or str(out.resolve() / "cache"))
-    console = _console(progress)
+    console = make_console_for(progress)
     t_start = time.perf_counter()
 
-    data_dir, generated = _cohort(out, cfg, data, progress)
-    sites, summary = _make_sites(out, cfg, data_dir, progress, console)
-    fingerprint = _fingerprint(cfg, data_dir, sites.parts)
+    data_dir, generated = cohort_folder(out, cfg, data, progress)
+    sites, summary = make_sites(out, cfg, data_dir, progress, console)
     device = pick_device()
 
-    results: dict[str, Any] = {}
-    for arm in selected:
-        path = _result_path(out, arm)
-        if resume and path.is_file():
-            previous = _load_arm_result(path, fingerprint, out)
-            if previous is not None:
-                if console is not None:
-                    console.print(f"[dim]{arm}: finished earlier, results reused ({path})[/dim]")
-                results[arm] = previous
-                continue
-        if not resume:  # also forget the federated runner's checkpoint of this arm
-            shutil.rmtree(out / "arms" / arm, ignore_errors=True)
-        elif console is not None:
-            note = _resume_note(out, arm, cfg)
-            if note:
-                console.print(f"[dim]{note}[/dim]")
-        results[arm] = _run_arm(arm, out, cfg, data_dir, sites, device, progress)
-        results[arm]["fingerprint"] = fingerprint
-        atomic_write_json(path, results[arm])
-        if console is not None:
-            console.print(_one_line(arm, results[arm]))
+    def fingerprint_of(arm: Arm) -> dict[str, Any]:
+        return fingerprint(
+            arm.config(cfg), data=data_dir, partition=sites.parts, ignore=_NOT_FINGERPRINTED
+        )
 
+    def run_arm(arm: Arm, folder: Path) -> dict[str, Any]:
+        return _run_arm(
+            arm.name, out, arm.config(cfg), data_dir, sites, device, progress, engine, superlink
+        )
+
+    def on_event(arm: Arm, event: str, res: Mapping[str, Any] | None, note: str) -> None:
+        if console is None:
+            return
+        if event == "reused":
+            console.print(f"[dim]{arm.name}: {note} ({out / 'arms' / arm.name})[/dim]")
+        elif event == "start":
+            resumed = _resume_note(out, arm.name, cfg)
+            for line in (f"{arm.name}: {note}" if note else "", resumed):
+                if line:
+                    console.print(f"[dim]{line}[/dim]")
+        elif event == "done" and res is not None:
+            console.print(_one_line(arm.name, res))
+
+    results = run_experiment(
+        study_arms(selected),
+        out,
+        run_arm=run_arm,
+        fingerprint_of=fingerprint_of,
+        resume=resume,
+        accept=lambda res: all((out / rel).is_file() for rel in res.get("models", {}).values()),
+        on_event=on_event,
+    )
     # arms finished in an earlier invocation but not selected now stay in the report
-    for arm in ARMS:
-        path = _result_path(out, arm)
-        if arm not in results and path.is_file():
-            previous = _load_arm_result(path, fingerprint, out, strict=False)
-            if previous is not None:
-                results[arm] = previous
+    others = {a.name: a for a in study_arms([a for a in ARMS if a not in results])}
+    results.update(finished_results(out, others, lambda name: fingerprint_of(others[name])))
     ordered = {arm: results[arm] for arm in ARMS if arm in results}
 
     doc: dict[str, Any] = {
@@ -286,7 +245,8 @@ def run_study(
             "epoch-budget": epoch_budget(cfg),
             "test-fraction": cfg.test_fraction,
             "seed": cfg.seed,
-            **_cohort_facts(sites, data_dir, generated, device, t_start),
+            "engine": engine,
+            **cohort_facts(sites, data_dir, generated, device, t_start),
         },
         "sites": summary,
         "arms": ordered,
@@ -294,7 +254,7 @@ def run_study(
     _write_tables(out, doc)
     overlays = _overlays(out, cfg, sites, ordered, device)
     if overlays is not None:
-        _save_overlays(out / "overlays.npz", overlays)
+        save_overlays(out / "overlays.npz", overlays)
 
     from fedseg.study.report import write_report
 
@@ -308,7 +268,9 @@ def run_study(
 # cohort and sites
 
 
-def _cohort(out: Path, cfg: FedsegConfig, data: Path | None, progress: bool) -> tuple[Path, bool]:
+def cohort_folder(
+    out: Path, cfg: FedsegConfig, data: Path | None, progress: bool
+) -> tuple[Path, bool]:
     """The data folder of the study and whether it was generated."""
     if data is not None:
         from fedseg.errors import LayoutError
@@ -336,8 +298,8 @@ def _cohort(out: Path, cfg: FedsegConfig, data: Path | None, progress: bool) -> 
     return root, True
 
 
-def _cohort_facts(
-    sites: _Sites, data_dir: Path, generated: bool, device: Any, t_start: float
+def cohort_facts(
+    sites: Sites, data_dir: Path, generated: bool, device: Any, t_start: float
 ) -> dict[str, Any]:
     """Where the cases came from, how many trained and tested, the device and the run time.
 
@@ -377,9 +339,14 @@ def prepared_spacing(items: Sequence[Prepared]) -> dict[str, Any] | None:
     }
 
 
-def _make_sites(
+def make_sites(
     out: Path, cfg: FedsegConfig, data_dir: Path, progress: bool, console: Any
-) -> tuple[_Sites, list[dict[str, Any]]]:
+) -> tuple[Sites, list[dict[str, Any]]]:
+    """Partition the cohort into sites, split each into train / test, prepare the cases.
+
+    Writes ``OUT/partition.csv``, ``heterogeneity.json`` and ``split.json``; returns the sites
+    and the heterogeneity rows (with train / test counts).
+    """
     from fedseg.data.cache import default_cache_dir, prepare_cases
     from fedseg.data.cohort import split_cases
     from fedseg.data.partition import (
@@ -446,20 +413,12 @@ def _make_sites(
         progress=progress,
     )
     by_id = {p.case_id: p for p in prepared}
-    sites = _Sites(
+    sites = Sites(
         parts=parts,
         train={s: [by_id[c] for c in v["train"]] for s, v in splits.items()},
         test={s: [by_id[c] for c in v["test"]] for s, v in splits.items()},
     )
     return sites, summary
-
-
-def _fingerprint(
-    cfg: FedsegConfig, data_dir: Path, parts: Mapping[str, list[str]]
-) -> dict[str, Any]:
-    conf = {k: v for k, v in cfg.to_run_config().items() if k not in _NOT_FINGERPRINTED}
-    digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    return {"config": conf, "data": str(Path(data_dir).resolve()), "partition-sha1": digest}
 
 
 def _resume_note(out: Path, arm: str, cfg: FedsegConfig) -> str | None:
@@ -476,45 +435,6 @@ def _resume_note(out: Path, arm: str, cfg: FedsegConfig) -> str | None:
     return f"{arm}: resuming from {path}, {done} of {cfg.num_server_rounds} round(s) done"
 
 
-def _result_path(out: Path, arm: str) -> Path:
-    return out / "arms" / arm / "result.json"
-
-
-def _load_arm_result(
-    path: Path, fingerprint: Mapping[str, Any], out: Path, *, strict: bool = True
-) -> dict[str, Any] | None:
-    """A finished arm's result, or None when it must be recomputed (its model file is gone).
-
-    With ``strict`` a result computed under another configuration is an error; otherwise
-    (arms not selected this time) it is left out of the report.
-    """
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # a damaged result file only means the arm runs again
-    found = result.get("fingerprint", {})
-    if found != fingerprint:
-        if not strict:
-            return None
-        raise ConfigError(
-            f"{path} was computed with {_first_difference(found, fingerprint)}; "
-            "use another --out, or --no-resume to recompute"
-        )
-    if not all((out / rel).is_file() for rel in result.get("models", {}).values()):
-        return None
-    return result
-
-
-def _first_difference(found: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    fc, nc = found.get("config", {}), now.get("config", {})
-    for key in sorted(set(fc) | set(nc)):
-        if fc.get(key) != nc.get(key):
-            return f"a different config ('{key}': {fc.get(key)!r} there, {nc.get(key)!r} now)"
-    if found.get("data") != now.get("data"):
-        return f"other data ({found.get('data')} there, {now.get('data')} now)"
-    return "a different partition of the cases into sites"
-
-
 # --------------------------------------------------------------------------------------------
 # running one arm
 
@@ -524,11 +444,16 @@ def _run_arm(
     out: Path,
     cfg: FedsegConfig,
     data_dir: Path,
-    sites: _Sites,
+    sites: Sites,
     device: torch.device,
     progress: bool,
+    engine: str = "simulation",
+    superlink: str | None = None,
 ) -> dict[str, Any]:
-    """Train one arm, save its models, evaluate them; return its result document."""
+    """Train one arm, save its models, evaluate them; return its result's fields.
+
+    ``cfg`` is the arm's configuration (a federated arm's ``strategy`` is set).
+    """
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if arm == "centralized":
@@ -537,13 +462,13 @@ def _run_arm(
         shared, per_site, curve, timings, extra = _run_local(cfg, sites, device, progress)
     else:
         shared, per_site, curve, timings, extra = _run_federated(
-            arm, out, cfg, data_dir, sites, progress
+            arm, out, cfg, data_dir, sites, progress, engine, superlink
         )
     t_train = time.perf_counter() - t0
 
     models = _save_models(out, arm, cfg, shared, per_site, device)
-    evaluator = _evaluator(cfg, device)
-    ev = _evaluate_models(evaluator, shared, per_site, sites.test)
+    evaluator = make_evaluator(cfg, device)
+    ev = evaluate_models(evaluator, shared, per_site, sites.test)
     timings["total-seconds"] = time.perf_counter() - t0
     timings["training-seconds"] = t_train
     timings["evaluation-seconds"] = timings["total-seconds"] - t_train
@@ -565,12 +490,12 @@ Weights = dict[str, np.ndarray]
 
 
 def _run_centralized(
-    cfg: FedsegConfig, sites: _Sites, device: torch.device, progress: bool
+    cfg: FedsegConfig, sites: Sites, device: torch.device, progress: bool
 ) -> tuple[Weights, dict[str, Weights] | None, list[dict[str, Any]], dict[str, Any]]:
     from fedseg.study.local import train_for_epochs
 
     budget = epoch_budget(cfg)
-    with _Bar("centralized", budget, "epoch", progress) as bar:
+    with ProgressBar("centralized", budget, "epoch", progress) as bar:
         run = train_for_epochs(
             cfg,
             sites.pooled_train,
@@ -584,12 +509,12 @@ def _run_centralized(
 
 
 def _run_local(
-    cfg: FedsegConfig, sites: _Sites, device: torch.device, progress: bool
+    cfg: FedsegConfig, sites: Sites, device: torch.device, progress: bool
 ) -> tuple[None, dict[str, Weights], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     from fedseg.study.local import pool_curves, run_local_arm
 
     budget = epoch_budget(cfg)
-    with _Bar("local", budget * len(sites.train), "epoch", progress) as bar:
+    with ProgressBar("local", budget * len(sites.train), "epoch", progress) as bar:
         runs = run_local_arm(
             cfg,
             sites.train,
@@ -615,27 +540,35 @@ def _run_local(
 
 
 def _run_federated(
-    arm: str, out: Path, cfg: FedsegConfig, data_dir: Path, sites: _Sites, progress: bool
+    arm: str,
+    out: Path,
+    cfg: FedsegConfig,
+    data_dir: Path,
+    sites: Sites,
+    progress: bool,
+    engine: str,
+    superlink: str | None,
 ) -> tuple[
     Weights, dict[str, Weights] | None, list[dict[str, Any]], dict[str, Any], dict[str, Any]
 ]:
-    from fedseg.federation.runner import run_federated_arm
+    from fedseg.experiment.engine import run_federation
 
-    arm_cfg = cfg.replace(strategy=arm)
-    with _Bar(arm, cfg.num_server_rounds, "round", progress) as bar:
-        bar.note("starting the Flower simulation")
-        result = run_federated_arm(
-            arm,
-            arm_cfg,
+    with ProgressBar(arm, cfg.num_server_rounds, "round", progress) as bar:
+        bar.note(f"starting the federation ({engine} engine)")
+        result = run_federation(
+            cfg,
             data_dir,
             sites.parts,
             out / "arms" / arm / "federation",
-            progress=lambda r, n, info: bar.step(_mean_from_info(info)),
+            engine=engine,
+            superlink=superlink,
+            progress=lambda r, n, info: bar.step(mean_dice_of_row(info)),
         )
     per_site = dict(result.site_weights) if result.site_weights else None
     curve = curve_from_history(result.history, cfg.local_epochs)
     timings = {k: [float(x) for x in v] for k, v in dict(result.timings).items()}
-    return result.final_weights, per_site, curve, timings, {"history": result.history}
+    extra = {"history": result.history, "engine": result.engine, "traffic": result.traffic}
+    return result.weights, per_site, curve, timings, extra
 
 
 # --------------------------------------------------------------------------------------------
@@ -706,7 +639,8 @@ def curve_from_history(
     return rows
 
 
-def _mean_from_info(info: Mapping[str, Any] | None) -> float | None:
+def mean_dice_of_row(info: Mapping[str, Any] | None) -> float | None:
+    """The mean over regions of a history row's ``mean-dice`` (None when a region lacks one)."""
     pooled = _regions((info or {}).get("mean-dice"))
     return None if pooled is None else float(np.mean(list(pooled.values())))
 
@@ -715,7 +649,8 @@ def _mean_from_info(info: Mapping[str, Any] | None) -> float | None:
 # models and evaluation
 
 
-def _evaluator(cfg: FedsegConfig, device: torch.device) -> SiteTrainer:
+def make_evaluator(cfg: FedsegConfig, device: torch.device) -> SiteTrainer:
+    """A site trainer without training cases, used to score models."""
     from fedseg.site.trainer import SiteTrainer
 
     return SiteTrainer(cfg, (), device=device)
@@ -741,7 +676,7 @@ def _save_models(
     Local-only has no shared model, only the sites' own ones; FedBN has both (the shared one
     carries whatever normalisation parameters the server last held).
     """
-    evaluator = _evaluator(cfg, device)
+    evaluator = make_evaluator(cfg, device)
     files: dict[str, str] = {}
     if shared is not None:
         rel = f"models/{arm}.pt"
@@ -766,7 +701,7 @@ def _summarise(table: Mapping[str, Any], per_case: Sequence[Mapping[str, Any]]) 
     return out
 
 
-def _evaluate_models(
+def evaluate_models(
     evaluator: SiteTrainer,
     shared: Weights | None,
     per_site: Mapping[str, Weights] | None,
@@ -861,7 +796,7 @@ def best_federated_arm(arms: Mapping[str, Mapping[str, Any]]) -> str | None:
     return max(scored)[1] if scored else None
 
 
-def _overlay_cases(sites: _Sites, n: int) -> list[tuple[str, Prepared]]:
+def _overlay_cases(sites: Sites, n: int) -> list[tuple[str, Prepared]]:
     """``n`` pooled test cases, from different sites in turn: each site's median-sized tumour."""
     queues: dict[str, list[Prepared]] = {}
     for site, items in sites.test.items():
@@ -882,7 +817,7 @@ def _overlay_cases(sites: _Sites, n: int) -> list[tuple[str, Prepared]]:
 def _overlays(
     out: Path,
     cfg: FedsegConfig,
-    sites: _Sites,
+    sites: Sites,
     arms: Mapping[str, Mapping[str, Any]],
     device: torch.device,
 ) -> dict[str, Any] | None:
@@ -898,7 +833,7 @@ def _overlays(
     cases = _overlay_cases(sites, NUM_OVERLAY_CASES)
     if not shown or not cases:
         return None
-    evaluator = _evaluator(cfg, device)
+    evaluator = make_evaluator(cfg, device)
     flair_index = MODALITIES.index("flair")
     slices, flair, gt = [], [], []
     for _, prep in cases:
@@ -929,44 +864,12 @@ def _overlays(
     }
 
 
-def _save_overlays(path: Path, ov: Mapping[str, Any]) -> None:
-    from fedseg.utils.io import atomic_write
-
-    arrays = {
-        "case_ids": np.asarray(ov["case_ids"]),
-        "sites": np.asarray(ov["sites"]),
-        "slices": np.asarray(ov["slices"]),
-        "arms": np.asarray(ov["arms"]),
-        "flair": ov["flair"],
-        "gt": ov["gt"],
-        **{f"pred_{arm}": a for arm, a in ov["pred"].items()},
-    }
-    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
-
-
-def load_overlays(path: Path) -> dict[str, Any] | None:
-    """Read ``overlays.npz`` back into the structure :func:`run_study` passes to the report."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        arms = [str(a) for a in z["arms"]]
-        return {
-            "case_ids": [str(c) for c in z["case_ids"]],
-            "sites": [str(s) for s in z["sites"]],
-            "slices": [int(s) for s in z["slices"]],
-            "arms": arms,
-            "flair": z["flair"],
-            "gt": z["gt"],
-            "pred": {a: z[f"pred_{a}"] for a in arms},
-        }
-
-
 # --------------------------------------------------------------------------------------------
 # progress display
 
 
-def _console(progress: bool) -> Any:
+def make_console_for(progress: bool) -> Any:
+    """A rich console on stderr when ``progress`` is on, else None."""
     if not progress:
         return None
     from fedseg.cli._common import make_console
@@ -982,14 +885,14 @@ def _one_line(arm: str, res: Mapping[str, Any]) -> str:
     return f"[bold]{arm}[/bold]: pooled Dice {dice} (mean {mean:.3f}) in {secs:.0f} s"
 
 
-class _Bar:
-    """A tqdm bar per arm (a no-op without progress)."""
+class ProgressBar:
+    """A tqdm bar per arm (a no-op without progress); ``step`` per epoch or round."""
 
     def __init__(self, name: str, total: int, unit: str, enabled: bool) -> None:
         self.name, self.total, self.unit, self.enabled = name, total, unit, enabled
         self.bar: Any = None
 
-    def __enter__(self) -> _Bar:
+    def __enter__(self) -> ProgressBar:
         if self.enabled:
             from tqdm.auto import tqdm
 

@@ -1,0 +1,79 @@
+"""The arms of ``fedseg study``: which exist, which run by default, how a selection is read.
+
+Shared by the study (:mod:`fedseg.study.study`) and its report (:mod:`fedseg.study.report`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedseg.errors import ConfigError
+from fedseg.experiment.arms import Arm
+
+#: every arm, in the order they run and are reported (``--arms all``)
+ARMS: tuple[str, ...] = (
+    "centralized",
+    "local",
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "scaffold",
+    "fedbn",
+    "cyclic",
+)
+#: the arms of the default study (``fedseg study`` without ``--arms``, ``--arms default``)
+DEFAULT_ARMS: tuple[str, ...] = ("centralized", "local", "fedavg", "fedprox", "scaffold", "fedbn")
+#: the arms run through the federated runner (Flower): every federated strategy
+FEDERATED_ARMS: tuple[str, ...] = tuple(a for a in ARMS if a not in ("centralized", "local"))
+#: the arms that end with one model per site
+PER_SITE_ARMS: tuple[str, ...] = ("local", "fedbn")
+#: the key of the pooled test set in an arm's ``metrics`` (beside the site names)
+POOLED = "pooled"
+
+
+def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Normalise a selection of arms: case-insensitive, comma-separated or a list.
+
+    Parameters
+    ----------
+    arms:
+        ``"fedavg,Local"``, ``["centralized", "fedbn"]``, ``"all"`` (every arm of :data:`ARMS`),
+        ``"default"`` or ``None`` (:data:`DEFAULT_ARMS`); ``"default,fedavgm"`` adds to those.
+
+    Returns
+    -------
+    tuple[str, ...]
+        The selected arms without duplicates, in :data:`ARMS` order.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown arm (naming the valid ones and the closest match) or an empty selection.
+    """
+    import difflib
+
+    if arms is None:
+        return DEFAULT_ARMS
+    items = arms.split(",") if isinstance(arms, str) else [str(a) for a in arms]
+    wanted = {a.strip().lower() for a in items if a.strip()}
+    if "all" in wanted:
+        return ARMS
+    if "default" in wanted:
+        wanted = (wanted - {"default"}) | set(DEFAULT_ARMS)
+    for name in sorted(wanted):
+        if name not in ARMS:
+            close = difflib.get_close_matches(name, ARMS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown arm '{name}': expected one of {', '.join(ARMS)} (or all, default){hint}"
+            )
+    if not wanted:
+        raise ConfigError(f"no arm selected: expected one or more of {', '.join(ARMS)}")
+    return tuple(a for a in ARMS if a in wanted)
+
+
+def study_arms(names: Sequence[str]) -> list[Arm]:
+    """The study's arms as experiment arms: a federated arm sets ``strategy`` to its name."""
+    return [Arm(n, {"strategy": n} if n in FEDERATED_ARMS else {}) for n in names]
