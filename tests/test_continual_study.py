@@ -89,3 +89,56 @@ def test_summary_forgetting_and_what_was_kept(tmp_path: Path) -> None:
     assert arms["joint"]["forgetting"] == pytest.approx(-0.02)
     assert any("EWC kept 75%" in f and "at least half" in f for f in doc["findings"])
     json.dumps(doc)  # plain JSON
+
+
+def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    from test_federation import tiny_cfg, write_cohort
+
+    from fedseg.continual.report import render_report
+    from fedseg.continual.study import run_continual
+
+    data = tmp_path / "data"
+    ids = write_cohort(data, num_cases=10)
+    write_cohort_csv(data, ["a", "b"] * 3 + ["new"] * 4)
+    assert sorted(ids) == [f"CASE_{i:03d}" for i in range(10)]
+    # write_cohort names its cases CASE_*: rewrite cohort.csv with those ids
+    with open(data / "cohort.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "scanner"])
+        for i, cid in enumerate(sorted(ids)):
+            w.writerow([cid, "new" if i >= 6 else "ab"[i % 2]])
+    cfg = tiny_cfg(num_sites=2, test_fraction=0.34, ewc_strength=10.0)
+    out = tmp_path / "study"
+    doc = run_continual(
+        out,
+        cfg,
+        data=data,
+        new_scanner="new",
+        rounds_a=1,
+        rounds_b=1,
+        engine="inprocess",
+        progress=False,
+    )
+    assert list(doc["arms"]) == [PHASE_A, "naive", "ewc", "lwf", "joint"]
+    for name, arm in doc["arms"].items():
+        assert arm["status"] == "ok", name
+        assert 0 <= arm["old"]["mean"] <= 1 and 0 <= arm["new"]["mean"] <= 1
+        assert set(arm["per-site"]) == {"site-0", "site-1", NEW_SITE}
+    assert "forgetting" in doc["arms"]["naive"]
+    assert (out / "results.csv").read_text().startswith("arm,test,WT,TC,ET,mean,forgetting")
+    assert "fedseg continual study" in (out / "report.html").read_text()
+    render_report(json.loads((out / "results.json").read_text()))
+    # a rerun reuses every finished arm (same fingerprints): nothing is trained again
+    stamp = (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns
+    again = run_continual(
+        out,
+        cfg,
+        data=data,
+        new_scanner="new",
+        rounds_a=1,
+        rounds_b=1,
+        engine="inprocess",
+        progress=False,
+    )
+    assert (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns == stamp
+    assert again["arms"]["ewc"]["old"] == doc["arms"]["ewc"]["old"]

@@ -253,7 +253,11 @@ def _cohort(out: Path, cfg: FedsegConfig, data: Path | None, progress: bool) -> 
 
 
 def _curve_point(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {"round": row.get("round"), "mean-dice": row.get("mean-dice")}
+    """A history row's round and its mean Dice over the regions (``None`` if not scored)."""
+    per_region = row.get("mean-dice") or {}
+    values = [per_region.get(r) for r in REGIONS]
+    mean = sum(values) / len(values) if all(v is not None for v in values) else None
+    return {"round": row.get("round"), "mean-dice": mean}
 
 
 class _Evaluator:
