@@ -169,6 +169,14 @@ class FedsegConfig:
     ckks_scale_bits: int = 30
     secagg_clip_range: float = 1.0
     secagg_max_weight: float = 1000.0
+    # compression of site -> server updates (#17): none | q8 | q4 | topk
+    compression: str = "none"
+    topk_fraction: float = 0.05
+    # continual learning, phase B (#17): none (naive continued training) | ewc | lwf
+    continual: str = "none"
+    ewc_strength: float = 1000.0
+    lwf_weight: float = 1.0
+    lwf_temperature: float = 2.0
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "spatial-dims", "2 or 3", self.spatial_dims)
@@ -237,6 +245,7 @@ class FedsegConfig:
         self._check_robustness()
         self._check_privacy()
         self._check_secure()
+        self._check_compression()
 
     def _check_federation(self) -> None:
         from fedseg.data.partition import SCHEMES
@@ -386,6 +395,44 @@ class FedsegConfig:
         from fedseg.secure.rules import check_secure_combination
 
         check_secure_combination(self)
+
+    def _check_compression(self) -> None:
+        """Validate the compression and continual-learning keys (#17)."""
+        from fedseg.compression.codec import CODECS
+
+        _check_choice("compression", self.compression, CODECS)
+        frac = self.topk_fraction
+        _check(0 < frac <= 1, "topk-fraction", "a number in (0, 1]", frac)
+        from fedseg.continual import METHODS
+
+        _check_choice("continual", self.continual, METHODS)
+        for key, value in (
+            ("ewc-strength", self.ewc_strength),
+            ("lwf-weight", self.lwf_weight),
+            ("lwf-temperature", self.lwf_temperature),
+        ):
+            _check(math.isfinite(value) and value > 0, key, "a finite number > 0", value)
+        if self.continual != "none" and not self.init_model:
+            raise ConfigError(
+                f"config key 'continual': {self.continual!r} keeps what a phase-A model learned; "
+                f"set init-model to that model (final_model.pt of phase A)"
+            )
+        if self.continual != "none" and (
+            self.secure_aggregation != "none" or self.dp_mode != "none"
+        ):
+            raise ConfigError(
+                f"config key 'continual': {self.continual!r} is not available with "
+                f"secure-aggregation or dp-mode (EWC's Fisher is a noiseless statistic of the "
+                f"sites' gradients, and neither term is wired into DP-SGD's per-sample "
+                f"gradients); use continual 'none' for private or secure runs"
+            )
+        if self.compression != "none" and self.secure_aggregation != "none":
+            raise ConfigError(
+                f"config key 'compression': {self.compression!r} cannot be combined with "
+                f"secure-aggregation {self.secure_aggregation!r}: the server must decode each "
+                f"site's update, which encryption (ckks) and masking (secagg+, which already "
+                f"sends its own fixed-point encoding of the update) hide from it"
+            )
 
     @property
     def channels(self) -> tuple[int, ...]:

@@ -119,6 +119,12 @@ class AggregationError(FedsegError):
     code = "E401"
 
 
+class CompressionError(UpdateValidationError):
+    """A compressed site update that cannot be decoded (codec, scales, indices or lengths)."""
+
+    code = "E402"
+
+
 class ProvisionError(FedsegError):
     """Federation key material cannot be created (existing files, unwritable folder...)."""
 

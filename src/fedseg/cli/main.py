@@ -36,6 +36,7 @@ _COMMAND_MODULES = (
     "approve",
     "privacy_sweep",
     "robustness",
+    "continual",
     "site_ledger",
     "import_dicom",
     "model_card",

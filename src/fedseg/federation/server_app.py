@@ -130,6 +130,10 @@ def serve(
     initial, param_names = initial_model(cfg)
     strategy = make_strategy(cfg, param_names=param_names, num_sites=cfg.num_sites)
     strategy.summary()
+    if cfg.continual != "none":  # phase B: the phase-A model (and EWC's Fisher) to every site
+        from fedseg.continual.server import continual_records
+
+        strategy.extra_train_records = continual_records(grid, cfg, initial, param_names)
     result = run_rounds(
         grid,
         strategy,

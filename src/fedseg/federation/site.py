@@ -68,6 +68,8 @@ log = logging.getLogger("fedseg.site")
 
 FEDBN_STATE = "fedbn-local"
 OPTIMIZER_STATE = "optimizer"
+#: top-k compression's error-feedback residual (what earlier rounds did not send)
+COMPRESSION_STATE = "compression-residual"
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,8 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         from fedseg.secure.ckks_federation import decrypt_sum_reply
 
         return decrypt_sum_reply(msg, context, cfg)
+    if _message_config(msg).get("want") == "fisher":  # continual learning: EWC's Fisher
+        return _fisher_reply(msg, context, cfg)
     spec = resolve_site(context, cfg)
     content = RecordDict({R.SITE: R.site_record(spec.name)})
     declared = _declared_count(spec, cfg, context)
@@ -304,6 +308,30 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         else:
             _prepare_other_sites(spec, cfg)
     return content
+
+
+def _fisher_reply(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
+    """The diagonal Fisher of this site's training loss at the received model (EWC, #17).
+
+    One model-sized array set leaves the site, with its training-case count (the server's
+    weight). A site whose policy requires differential privacy refuses: the Fisher is a
+    statistic of the site's gradients without DP noise.
+    """
+    from fedseg.continual.site import site_fisher
+
+    spec = resolve_site(context, cfg)
+    received = _received_weights(msg)
+    enforce_site_policy(context, cfg, spec, "fisher", _message_config(msg), received)
+    rt = get_runtime(spec, cfg)
+    rt.trainer.set_weights(received)
+    fisher = site_fisher(rt.trainer)
+    return RecordDict(
+        {
+            R.ARRAYS: R.to_array_record(fisher),
+            R.METRICS: MetricRecord({"num-examples": len(rt.trainer.train_items)}),
+            R.SITE: R.site_record(spec.name),
+        }
+    )
 
 
 def _declared_count(spec: SiteSpec, cfg: FedsegConfig, context: Context) -> int | None:
@@ -434,18 +462,26 @@ def _train_received(
         def step_hook(model: torch.nn.Module) -> None:
             apply_scaffold_step_correction(model.parameters(), correction, lr)
 
+    term = None
+    if cfg.continual != "none":  # phase B of continual learning: EWC or LwF (#17)
+        term = _continual_term(msg, trainer, cfg)
+        loss_hook = term if loss_hook is None else _chain(loss_hook, term)
     privacy = None
     if cfg.dp_mode == "sample":  # DP-SGD; refuses (PrivacyBudgetError) a round past the budget
         from fedseg.privacy.dpsgd import DP_STATE, finish_private_round, start_private_round
 
         privacy = start_private_round(trainer, cfg, saved.get(DP_STATE), epochs)
-    fit = trainer.train(
-        epochs,
-        seed=site_seed(cfg.seed, server_round, spec.name),
-        loss_hook=loss_hook,
-        step_hook=step_hook,
-        learning_rate=lr,
-    )
+    try:
+        fit = trainer.train(
+            epochs,
+            seed=site_seed(cfg.seed, server_round, spec.name),
+            loss_hook=loss_hook,
+            step_hook=step_hook,
+            learning_rate=lr,
+        )
+    finally:
+        if term is not None:
+            term.close()
     weights = trainer.get_weights()
     if attack is not None:
         seed = site_seed(cfg.seed, server_round, spec.name)
@@ -454,9 +490,14 @@ def _train_received(
     round_state: dict[str, dict[str, np.ndarray]] = {}
     if not cfg.reset_optimizer:
         round_state[OPTIMIZER_STATE] = trainer.optimizer_arrays()
+    sent = weights
+    if cfg.compression != "none":  # the difference to the received model, encoded (#17)
+        sent, residual = _compress(weights, received, cfg, spec, server_round, saved)
+        if residual is not None:
+            round_state[COMPRESSION_STATE] = {"residual": residual}
     content = RecordDict(
         {
-            R.ARRAYS: R.to_array_record(weights),
+            R.ARRAYS: R.to_array_record(sent),
             R.METRICS: MetricRecord(
                 {
                     "num-examples": reported_count(attack, int(fit["num-examples"])),
@@ -487,6 +528,57 @@ def _train_received(
         bound = bound if isinstance(bound, int) and not isinstance(bound, bool) else 0
         content = seal_train_reply(content, context, cfg, bound)
     return content
+
+
+def _continual_term(msg: Message, trainer: Any, cfg: FedsegConfig) -> Any:
+    """Phase B's anti-forgetting term from the message's phase-A model (and Fisher, for EWC)."""
+    from fedseg.continual.site import ANCHOR, FISHER, ContinualTerm
+    from fedseg.model.unet import build_unet
+
+    return ContinualTerm(
+        trainer.model,
+        cfg.continual,
+        _array_record(msg, ANCHOR),
+        _array_record(msg, FISHER) if cfg.continual == "ewc" else None,
+        ewc_strength=cfg.ewc_strength,
+        lwf_weight=cfg.lwf_weight,
+        lwf_temperature=cfg.lwf_temperature,
+        build_model=lambda: build_unet(cfg),
+        device=trainer.device,
+    )
+
+
+def _chain(first: Any, second: Any) -> Any:
+    from fedseg.continual.site import chain
+
+    return chain(first, second)
+
+
+def _compress(
+    weights: dict[str, np.ndarray],
+    received: Mapping[str, np.ndarray],
+    cfg: FedsegConfig,
+    spec: SiteSpec,
+    server_round: int,
+    saved: Mapping[str, dict[str, np.ndarray]],
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Encode ``weights`` as a compressed difference to ``received`` (:mod:`fedseg.compression`).
+
+    Top-k's residual comes from the site's saved state and the new one goes back into it, so
+    error feedback survives a restart like the rest of the site's state.
+    """
+    from fedseg.compression.update import encode_update
+
+    residual = saved.get(COMPRESSION_STATE, {}).get("residual")
+    rng = np.random.default_rng([site_seed(cfg.seed, server_round, spec.name), 17])
+    return encode_update(
+        received,
+        weights,
+        cfg.compression,
+        rng=rng,
+        fraction=cfg.topk_fraction,
+        residual=None if residual is None else np.asarray(residual, dtype=np.float32),
+    )
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
@@ -617,7 +709,7 @@ def enforce_site_policy(
     conf: ConfigRecord,
     received: Mapping[str, np.ndarray],
 ) -> None:
-    """Refuse a ``train`` or ``evaluate`` request that the site's policy does not allow.
+    """Refuse a ``train``, ``evaluate`` or ``fisher`` request the site's policy does not allow.
 
     No-op without ``policy-file`` in the node config. Otherwise, before any case is read:
     the policy file is loaded (a bad one refuses everything, :class:`ConfigError`), the
@@ -842,7 +934,7 @@ def load_site_state(
     return {
         key: R.from_array_record(rec)
         for key, rec in context.state.array_records.items()
-        if key in (FEDBN_STATE, OPTIMIZER_STATE, "dp-accountant")
+        if key in (FEDBN_STATE, OPTIMIZER_STATE, COMPRESSION_STATE, "dp-accountant")
     }
 
 

@@ -308,7 +308,7 @@ class PolicyRequest:
     Attributes
     ----------
     kind:
-        ``"train"`` or ``"evaluate"``.
+        ``"train"``, ``"evaluate"`` or ``"fisher"`` (continual learning's Fisher query).
     dp_mode, secure_aggregation, strategy, aggregator:
         The run's values of these keys (the strategy the message names).
     model_parameters:
@@ -347,6 +347,11 @@ def check_request(policy: SitePolicy, request: PolicyRequest) -> None:
         problems.append(
             "an evaluation-only request (requires: this site trained in the run; "
             "evaluate-only = false)"
+        )
+    if r.kind == "fisher" and p.requires_dp:
+        problems.append(
+            "the Fisher information of the site's loss, which is not differentially private "
+            "(requires: dp-modes accepting 'none')"
         )
     if r.kind == "train":
         one_of("dp-mode", r.dp_mode, p.dp_modes)

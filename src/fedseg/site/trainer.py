@@ -504,6 +504,16 @@ class SiteTrainer:
         )
 
     # ------------------------------------------------------------------ evaluation
+    def training_batches(self, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One seeded pass over the training cases, as ``(images, targets)`` on the device.
+
+        The batches training sees (same sampling and augmentation), for statistics of the
+        site's loss such as the Fisher information (:mod:`fedseg.continual`).
+        """
+        import torch
+
+        return self._batches(self._loader(torch.Generator().manual_seed(seed)))
+
     def predict(self, prep: Prepared) -> np.ndarray:
         """Region probabilities ``(3, S, S, S)`` for one prepared case."""
         from fedseg.model.inference import predict_probs

@@ -119,6 +119,9 @@ class FedsegStrategy(Strategy):
         self.last_train: TrainReport | None = None
         self.last_evaluate: EvaluateReport | None = None
         self._sent: dict[int, str] = {}
+        #: array records sent with every training message besides the model (continual
+        #: learning's phase-A model and Fisher, :mod:`fedseg.continual`)
+        self.extra_train_records: dict[str, ArrayRecord] = {}
         #: the messages of the current half-round (their ids are set when the grid pushes them)
         self._outbox: list[Message] = []
         #: the same for the evaluation in flight, which may overlap the next round's training
@@ -673,6 +676,8 @@ class FedsegStrategy(Strategy):
         for key, value in self.algorithm.train_config().items():
             conf[key] = value
         content = RecordDict({R.ARRAYS: self.algorithm.outgoing(arrays), R.CONFIG: conf})
+        for key, record in self.extra_train_records.items():
+            content[key] = record
         if self.cfg.secure_aggregation != "none":  # each site applies its own weight bound
             self._outbox = [
                 Message(self._with_bound(content, conf, n), n, MessageType.TRAIN) for n in nodes
@@ -684,7 +689,9 @@ class FedsegStrategy(Strategy):
             if not own:
                 messages.append(Message(content, n, MessageType.TRAIN))
                 continue
-            site_content = RecordDict({R.ARRAYS: content[R.ARRAYS], R.CONFIG: conf, **own})
+            site_content = RecordDict(
+                {R.ARRAYS: content[R.ARRAYS], R.CONFIG: conf, **own, **self.extra_train_records}
+            )
             messages.append(Message(site_content, n, MessageType.TRAIN))
         self._outbox = list(messages)
         return messages
@@ -813,6 +820,10 @@ class FedsegStrategy(Strategy):
             raise UpdateValidationError(
                 f"'arrays' cannot be decoded as plain arrays ({type(exc).__name__})"
             ) from None
+        if self.cfg.compression != "none":  # decoded and checked before any arithmetic (#17)
+            from fedseg.compression.update import decode_update
+
+            update = decode_update(self.model(), update)
         metrics_rec = content.metric_records.get(R.METRICS)
         num = metrics_rec.get("num-examples") if metrics_rec is not None else None
         extra: dict[str, Any] = {"metrics": R.metrics_dict(metrics_rec)}

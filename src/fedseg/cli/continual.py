@@ -1,0 +1,117 @@
+"""``fedseg continual``: a federation in two phases, and what it forgets (#17).
+
+Exit codes: 0 success; 2 bad usage or bad input (unknown arm or scanner, a phase B without new
+cases, bad config value); 3 an internal failure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedseg.cli._common import existing_folder, user_errors, writable_folder
+from fedseg.cli.options import PRESET_HELP
+
+#: the study's defaults: phase A's three hospitals and the new one on the cpu-demo model
+STUDY_DEFAULTS: dict[str, Any] = {"num_cases": 80, "num_sites": 3, "local_epochs": 2}
+
+_HELP = (
+    "Continual learning: phase A trains the federation on hospitals with some scanners; in "
+    "phase B a hospital with a scanner phase A never saw joins. Phase-B arms: naive (continue "
+    "training on the new hospital), ewc (Fisher information estimated at the phase-A "
+    "hospitals, averaged by the server, anchors what phase A learned), lwf (the new hospital "
+    "distils the phase-A model's answers on its own images), joint (phase A's hospitals train "
+    "again beside the new one: the upper bound). Every arm is scored on the old hospitals' and "
+    "the new hospital's held-out cases. Writes OUT/results.json, OUT/results.csv and "
+    "OUT/report.html. Rerun the same command to resume (finished arms are reused)."
+    "\n\nExit codes: 0 success, 2 bad input, 3 internal failure."
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``continual`` command to ``app``."""
+    app.command("continual", help=_HELP)(continual_command)
+
+
+def continual_command(
+    out: Annotated[Path, typer.Option(help="Study folder.")] = Path("runs/continual"),
+    data: Annotated[
+        Path | None,
+        typer.Option(help="A generated cohort folder (with cohort.csv) instead of a new one."),
+    ] = None,
+    cases: Annotated[
+        int | None, typer.Option(help="Cases of the generated cohort (ignored with --data).")
+    ] = None,
+    sites: Annotated[int | None, typer.Option(help="Hospitals of phase A.")] = None,
+    new_scanner: Annotated[
+        str | None,
+        typer.Option("--new-scanner", help="The scanner profile of the hospital joining in B."),
+    ] = None,
+    rounds_a: Annotated[int, typer.Option("--rounds-a", help="Rounds of phase A.")] = 10,
+    rounds_b: Annotated[int, typer.Option("--rounds-b", help="Rounds of each phase-B arm.")] = 6,
+    arms: Annotated[
+        str, typer.Option(help="Comma-separated phase-B arms: naive, ewc, lwf, joint.")
+    ] = "naive,ewc,lwf,joint",
+    local_epochs: Annotated[
+        int | None, typer.Option("--local-epochs", help="Local epochs per round.")
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="simulation (Flower's Simulation Engine) or inprocess.")
+    ] = "simulation",
+    seed: Annotated[int | None, typer.Option(help="Seed of cohort, sites, training.")] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Any config key of the Flower app config (pyproject.toml), repeatable."
+        ),
+    ] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help=PRESET_HELP)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print each arm's kept and learned Dice as JSON.")
+    ] = False,
+) -> None:
+    """Run the continual study (see ``fedseg continual --help``)."""
+    from fedseg.cli.options import config_from_options, defaults_under_preset, parse_sets
+    from fedseg.continual.study import parse_arms, run_continual
+
+    with user_errors():
+        chosen = parse_arms(arms)
+        options: dict[str, Any] = defaults_under_preset(STUDY_DEFAULTS, preset)
+        given = {
+            "preset": preset,
+            "num_cases": cases,
+            "num_sites": sites,
+            "local_epochs": local_epochs,
+            "seed": seed,
+        }
+        options.update({k: v for k, v in given.items() if v is not None})
+        for key in parse_sets(sets or ()):  # --set wins over the study's defaults
+            if given.get(key.replace("-", "_")) is None:
+                options.pop(key.replace("-", "_"), None)
+        cfg = config_from_options(sets=sets or (), **options)
+        if data is not None:
+            existing_folder(data, "generated cohort folder (--data)")
+        writable_folder(out, "--out")
+        doc = run_continual(
+            out,
+            cfg,
+            data=data,
+            new_scanner=new_scanner,
+            rounds_a=rounds_a,
+            rounds_b=rounds_b,
+            arms=chosen,
+            engine=engine,
+            progress=not quiet and not as_json,
+        )
+    if as_json:
+        keep = ("old", "new", "forgetting", "kept-of-naive-forgetting")
+        arms_out = {n: {k: a[k] for k in keep if k in a} for n, a in doc["arms"].items()}
+        print(json.dumps({"report": str(out / "report.html"), "arms": arms_out}))
+        return
+    for line in doc["findings"]:
+        typer.echo(line)
+    typer.echo(f"report: {out / 'report.html'}")

@@ -1,0 +1,162 @@
+"""The continual study's report: what each way of continuing kept and learned, with figures."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedseg.data.case import REGIONS
+from fedseg.study import html as H
+from fedseg.study.plots import new_figure, to_png
+
+_ORDER = ("phase-a", "naive", "ewc", "lwf", "joint")
+_COLOURS = {
+    "phase-a": "#555555",
+    "naive": "#d62728",
+    "ewc": "#1f77b4",
+    "lwf": "#2ca02c",
+    "joint": "#9467bd",
+}
+
+
+def curves_png(doc: Mapping[str, Any]) -> bytes:
+    """Mean Dice per round: phase A, then each phase-B arm continuing from its last round.
+
+    Each round's Dice is the participating hospitals' own held-out cases (phase A: the old
+    hospitals; naive / EWC / LwF: the new hospital; joint: all of them).
+    """
+    fig = new_figure(7.5, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    arms = doc["arms"]
+    a = arms.get("phase-a", {})
+    offset = 0
+    if a.get("status") == "ok":
+        pts = [(p["round"], p["mean-dice"]) for p in a["curve"] if p["mean-dice"] is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color=_COLOURS["phase-a"], label="phase A", lw=2)
+            offset = max(r for r, _ in pts)
+            ax.axvline(offset + 0.5, color="#999", ls=":", lw=1)
+    for name in _ORDER[1:]:
+        arm = arms.get(name, {})
+        if arm.get("status") != "ok":
+            continue
+        pts = [
+            (offset + p["round"], p["mean-dice"])
+            for p in arm["curve"]
+            if p["mean-dice"] is not None
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color=_COLOURS[name], label=name, lw=1.6)
+    ax.set_xlabel("round (phase A, then phase B)")
+    ax.set_ylabel("mean Dice (participating hospitals)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return to_png(fig)
+
+
+def kept_learned_png(doc: Mapping[str, Any]) -> bytes:
+    """Per arm: mean Dice on phase A's hospitals (kept) and on the new hospital (learned)."""
+    fig = new_figure(7.5, 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    names = [n for n in _ORDER if doc["arms"].get(n, {}).get("status") == "ok"]
+    xs = range(len(names))
+    old = [doc["arms"][n]["old"]["mean"] for n in names]
+    new = [doc["arms"][n]["new"]["mean"] for n in names]
+    ax.bar([x - 0.2 for x in xs], old, width=0.4, label="phase A's hospitals", color="#4c72b0")
+    ax.bar([x + 0.2 for x in xs], new, width=0.4, label="new hospital", color="#dd8452")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("mean Dice (held-out cases)")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return to_png(fig)
+
+
+def render_report(doc: Mapping[str, Any]) -> str:
+    """The self-contained ``report.html`` of a continual study document."""
+    sc = doc["scenario"]
+    arms = doc["arms"]
+    rows = []
+    for name in _ORDER:
+        arm = arms.get(name)
+        if arm is None:
+            continue
+        if arm.get("status") != "ok":
+            rows.append([H.esc(name), *["–"] * 10, H.esc(arm.get("reason", ""))])
+            continue
+        rows.append(
+            [
+                H.esc(name),
+                *[H.num(arm["old"][r]) for r in REGIONS],
+                H.num(arm["old"]["mean"]),
+                *[H.num(arm["new"][r]) for r in REGIONS],
+                H.num(arm["new"]["mean"]),
+                H.num(arm.get("forgetting")),
+                H.pct(arm.get("kept-of-naive-forgetting")),
+                H.num(arm.get("seconds"), 0),
+            ]
+        )
+    header = [
+        "arm",
+        *[f"old {r}" for r in REGIONS],
+        "old mean",
+        *[f"new {r}" for r in REGIONS],
+        "new mean",
+        "forgetting",
+        "kept of naive's loss",
+        "seconds",
+    ]
+    site_rows = []
+    for name in _ORDER:
+        arm = arms.get(name, {})
+        if arm.get("status") != "ok":
+            continue
+        for site, s in arm["per-site"].items():
+            site_rows.append(
+                [
+                    H.esc(name),
+                    H.esc(site),
+                    *[H.num(s[r]) for r in REGIONS],
+                    H.num(s["mean"]),
+                    str(s["cases"]),
+                ]
+            )
+    scenario = H.table(
+        ["", ""],
+        [
+            ["new scanner (phase B)", H.esc(sc["new-scanner"])],
+            ["phase A hospitals (cases)", H.esc(sc["old-sites"])],
+            ["new hospital (cases)", H.esc(sc["new-sites"])],
+            ["held-out cases per hospital", H.esc(sc["test-cases"])],
+            ["rounds", f"{sc['rounds-a']} (phase A) + {sc['rounds-b']} (phase B)"],
+            ["strategy", H.esc(sc["strategy"])],
+            [
+                "EWC / LwF",
+                f"strength {sc['ewc-strength']:g}; weight {sc['lwf-weight']:g}, "
+                f"temperature {sc['lwf-temperature']:g}",
+            ],
+        ],
+        left=2,
+    )
+    body = [
+        "<h1>fedseg continual study</h1>",
+        '<p class="sub">A federation learns in two phases: what it keeps from phase A when a '
+        "hospital with a new scanner joins, and what it learns there.</p>",
+        "<h2>Findings</h2>",
+        "<ul class='notes'>" + "".join(f"<li>{H.esc(f)}</li>" for f in doc["findings"]) + "</ul>",
+        "<h2>Scenario</h2>",
+        scenario,
+        "<h2>Kept and learned</h2>",
+        "<p class=\"muted\">Dice of each arm's final model on the held-out cases of phase A's "
+        "hospitals (old) and of the new hospital (new), pooled over cases. Forgetting: phase "
+        "A's model's old mean Dice minus the arm's. Kept: the share of naive training's "
+        "forgetting an arm avoided.</p>",
+        H.table(header, rows),
+        H.img(kept_learned_png(doc), "Dice kept on old hospitals and learned on the new one"),
+        "<h2>Across both phases</h2>",
+        H.img(curves_png(doc), "mean Dice per round across phases"),
+        "<h2>Per hospital</h2>",
+        H.table(["arm", "hospital", *REGIONS, "mean", "cases"], site_rows, left=2),
+    ]
+    return H.page("fedseg continual study", body)

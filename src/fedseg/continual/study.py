@@ -1,0 +1,421 @@
+"""``fedseg continual``: a federation that learns in two phases, and what it forgets.
+
+The scenario, on the generated cohort (or any folder whose ``cohort.csv`` names each case's
+scanner):
+
+Phase A
+    ``num-sites`` hospitals whose scanners are every profile but one train the model with the
+    federation's strategy (FedAvg by default) for ``--rounds-a`` rounds.
+Phase B
+    A new hospital joins whose scanner (``--new-scanner``, default: the last profile) phase A
+    never saw. The federation continues from the phase-A model for ``--rounds-b`` rounds, with
+    one arm per way of continuing:
+
+    ``naive``   the new hospital trains on as in phase A (what forgets);
+    ``ewc``     elastic weight consolidation: the Fisher estimated at the phase-A hospitals and
+                averaged by the server anchors the parameters phase A relied on
+                (:mod:`fedseg.continual.penalties`);
+    ``lwf``     learning without forgetting: the new hospital distils the phase-A model's
+                answers on its own images;
+    ``joint``   the upper bound: phase A's hospitals train again beside the new one.
+
+Every arm is scored at the end on the held-out cases of the phase-A hospitals (what was kept:
+forgetting is the drop from the phase-A model's Dice) and of the new hospital (what was
+learned), per hospital. Arms run on the one experiment runner (:mod:`fedseg.experiment`):
+a finished arm is reused, a changed one runs again, and phase B's arms depend on the phase-A
+model's SHA-256 through ``init-model``.
+
+Output folder (``OUT``)
+-----------------------
+``data/``                  the generated cohort (when no ``--data`` is given)
+``arms/<arm>/``            each federation's run folder and ``result.json``
+``results.json``           the scenario, every arm's scores, forgetting and what was kept
+``results.csv``            one row per arm and test set: Dice per region and mean
+``report.html``            tables and figures (learning curves across both phases; kept vs learned)
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedseg.config import FedsegConfig
+from fedseg.data.case import REGIONS
+from fedseg.errors import ConfigError, PartitionError
+from fedseg.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PHASE_A = "phase-a"
+#: the phase-B arms, in report order
+ARMS: tuple[str, ...] = ("naive", "ewc", "lwf", "joint")
+#: the continual method each phase-B arm uses (``continual`` config key)
+_METHOD = {"naive": "none", "ewc": "ewc", "lwf": "lwf", "joint": "none"}
+NEW_SITE = "new-hospital"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Who trains when: phase A's hospitals, the new hospital, their held-out cases."""
+
+    data: Path
+    new_scanner: str
+    old_sites: dict[str, list[str]]
+    new_sites: dict[str, list[str]]
+    test: dict[str, list[str]]
+
+    def parts(self, arm: str) -> dict[str, list[str]]:
+        """The sites (name to case ids) of ``arm``'s federation."""
+        if arm == PHASE_A:
+            return dict(self.old_sites)
+        if arm == "joint":
+            return {**self.old_sites, **self.new_sites}
+        return dict(self.new_sites)
+
+
+def parse_arms(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The phase-B arms asked for (``None``: all of :data:`ARMS`), checked."""
+    if text is None:
+        return ARMS
+    names = [a.strip() for a in (text.split(",") if isinstance(text, str) else text) if a.strip()]
+    unknown = [a for a in names if a not in ARMS]
+    if unknown or not names:
+        raise ConfigError(f"--arms: unknown {unknown or names}; expected some of {', '.join(ARMS)}")
+    return tuple(a for a in ARMS if a in names)
+
+
+def build_scenario(data: Path, cfg: FedsegConfig, new_scanner: str | None = None) -> Scenario:
+    """Split the cohort by scanner into phase A's hospitals and the new hospital.
+
+    Raises
+    ------
+    ConfigError
+        No ``cohort.csv`` with a ``scanner`` column, or an unknown ``new_scanner``.
+    PartitionError
+        The new scanner has no cases (phase B would have nothing new), or too few cases
+        for the sites and their held-out splits.
+    """
+    from fedseg.data.cohort import split_cases
+
+    scanners = _scanners(data)
+    names = sorted(set(scanners.values()))
+    chosen = new_scanner or _default_new(names)
+    if chosen not in names:
+        raise PartitionError(
+            f"--new-scanner {chosen!r}: no case of {data} has it (its scanners: "
+            f"{', '.join(names)}); phase B needs new cases"
+        )
+    new_ids = sorted(c for c, s in scanners.items() if s == chosen)
+    old_ids = sorted(c for c, s in scanners.items() if s != chosen)
+    k = cfg.num_sites
+    if len(new_ids) < 3:
+        raise PartitionError(
+            f"phase B has {len(new_ids)} case(s) of scanner {chosen!r}: at least 3 are needed "
+            "(the new hospital trains on some and tests on the rest); give more --cases"
+        )
+    if len(old_ids) < 3 * k:
+        raise PartitionError(
+            f"{len(old_ids)} phase-A case(s) cannot make {k} hospitals of at least 3 cases; "
+            "give more --cases or fewer --sites"
+        )
+    # phase A's hospitals: a seeded round-robin over the other scanners' cases
+    import numpy as np
+
+    order = np.random.default_rng(cfg.seed).permutation(len(old_ids))
+    old_sites = {f"site-{i}": sorted(old_ids[j] for j in order[i::k]) for i in range(k)}
+    new_sites = {NEW_SITE: new_ids}
+    test = {
+        site: split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)["test"]
+        for site, ids in {**old_sites, **new_sites}.items()
+    }
+    return Scenario(Path(data), chosen, old_sites, new_sites, test)
+
+
+def _scanners(data: Path) -> dict[str, str]:
+    path = Path(data) / "cohort.csv"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: not found; the continual study splits hospitals by scanner and needs "
+            "the cohort.csv that fedseg synth writes (case_id, scanner, ...)"
+        )
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "scanner" not in rows[0] or "case_id" not in rows[0]:
+        raise ConfigError(f"{path}: expected columns case_id and scanner")
+    return {r["case_id"]: r["scanner"] for r in rows}
+
+
+def _default_new(names: Sequence[str]) -> str:
+    from fedseg.data.scanners import profile_names
+
+    known = [p for p in profile_names() if p in names]
+    return known[-1] if known else names[-1]
+
+
+def run_continual(
+    out: Path,
+    cfg: FedsegConfig,
+    *,
+    data: Path | None = None,
+    new_scanner: str | None = None,
+    rounds_a: int = 10,
+    rounds_b: int = 6,
+    arms: Sequence[str] = ARMS,
+    engine: str = "simulation",
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the two-phase study into ``out``; returns the ``results.json`` document.
+
+    Raises
+    ------
+    ConfigError
+        Bad rounds, arms or config (and see :func:`build_scenario`).
+    """
+    from fedseg.experiment import Arm, fingerprint, run_experiment
+    from fedseg.experiment.engine import check_engine, run_federation
+    from fedseg.federation.server_app import FINAL_MODEL
+
+    for key, value in (("--rounds-a", rounds_a), ("--rounds-b", rounds_b)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}: expected an integer >= 1, found {value!r}")
+    check_engine(engine)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = _cohort(out, cfg, data, progress)
+    scenario = build_scenario(data_dir, cfg, new_scanner)
+    model_a = (out / "arms" / PHASE_A / FINAL_MODEL).resolve()
+    base = cfg.replace(data_path=str(data_dir))
+    plan = [Arm(PHASE_A, {"num-server-rounds": rounds_a}, phase="A")] + [
+        Arm(
+            name,
+            {
+                "num-server-rounds": rounds_b,
+                "continual": _METHOD[name],
+                "init-model": str(model_a),
+            },
+            phase="B",
+        )
+        for name in parse_arms(list(arms))
+    ]
+    evaluator = _Evaluator(base, scenario, out)
+
+    def fingerprint_of(arm: Arm) -> dict[str, Any]:
+        return fingerprint(
+            arm.config(base),
+            data=data_dir,
+            partition=scenario.parts(arm.name),
+            ignore=("init-model",),  # its SHA-256 stands for it
+            extra={"test": scenario.test, "new-scanner": scenario.new_scanner},
+        )
+
+    def run_arm(arm: Arm, folder: Path) -> dict[str, Any]:
+        arm_cfg = arm.config(base)
+        run = run_federation(arm_cfg, data_dir, scenario.parts(arm.name), folder, engine=engine)
+        scores = evaluator.score(run.weights)
+        return {
+            "scores": scores,
+            "curve": [_curve_point(row) for row in run.history],
+            "traffic": {k: run.traffic.get(k) for k in ("down", "up", "seconds")},
+        }
+
+    def say(arm: Arm, event: str, doc: Mapping[str, Any] | None, note: str) -> None:
+        if progress and event in ("reused", "start", "done"):
+            extra = f" ({note})" if note else ""
+            print(f"[continual] {arm.name}: {event}{extra}", flush=True)
+
+    results = run_experiment(
+        plan, out, run_arm=run_arm, fingerprint_of=fingerprint_of, resume=resume, on_event=say
+    )
+    doc = summarise(scenario, results, rounds_a=rounds_a, rounds_b=rounds_b, cfg=cfg)
+    atomic_write_json(out / "results.json", doc)
+    write_csv(out / "results.csv", doc)
+    from fedseg.continual.report import render_report
+
+    atomic_write_text(out / "report.html", render_report(doc))
+    return doc
+
+
+def _cohort(out: Path, cfg: FedsegConfig, data: Path | None, progress: bool) -> Path:
+    if data is not None:
+        return Path(data)
+    folder = out / "data"
+    if (folder / "cohort.csv").is_file():
+        return folder
+    from fedseg.data.synth import generate_cohort
+
+    generate_cohort(folder, cfg.num_cases, seed=cfg.seed, progress=progress)
+    return folder
+
+
+def _curve_point(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A history row's round and its mean Dice over the regions (``None`` if not scored)."""
+    per_region = row.get("mean-dice") or {}
+    values = [per_region.get(r) for r in REGIONS]
+    mean = sum(values) / len(values) if all(v is not None for v in values) else None
+    return {"round": row.get("round"), "mean-dice": mean}
+
+
+class _Evaluator:
+    """Scores a model on every hospital's held-out cases (prepared once, from the cache)."""
+
+    def __init__(self, cfg: FedsegConfig, scenario: Scenario, out: Path) -> None:
+        self.cfg = cfg
+        self.scenario = scenario
+        self.cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+        self._items: dict[str, list[Any]] | None = None
+        self._trainer: Any = None
+
+    def score(self, weights: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        from fedseg.data.cache import prepare_cases
+        from fedseg.site.trainer import SiteTrainer
+
+        if self._items is None:
+            self._items = {
+                site: prepare_cases(
+                    self.scenario.data, self.cfg, case_ids=ids, cache_dir=self.cache
+                )
+                for site, ids in self.scenario.test.items()
+            }
+            self._trainer = SiteTrainer(self.cfg, ())
+        self._trainer.set_weights(dict(weights))
+        out: dict[str, dict[str, Any]] = {}
+        for site, items in self._items.items():
+            table = self._trainer.evaluate(items)
+            out[site] = {
+                **{r: float(table[r]["dice"]) for r in REGIONS},
+                "mean": float(table["mean-dice"]),
+                "cases": int(table["num-examples"]),
+            }
+        return out
+
+
+def _pooled(scores: Mapping[str, Mapping[str, Any]], sites: Sequence[str]) -> dict[str, float]:
+    """Case-weighted Dice over ``sites``."""
+    n = sum(scores[s]["cases"] for s in sites)
+    return {
+        k: sum(scores[s][k] * scores[s]["cases"] for s in sites) / n for k in (*REGIONS, "mean")
+    }
+
+
+def summarise(
+    scenario: Scenario,
+    results: Mapping[str, Mapping[str, Any]],
+    *,
+    rounds_a: int,
+    rounds_b: int,
+    cfg: FedsegConfig,
+) -> dict[str, Any]:
+    """The ``results.json`` document: per arm the Dice kept and learned, and the forgetting."""
+    old, new = list(scenario.old_sites), list(scenario.new_sites)
+    arms: dict[str, Any] = {}
+    for name, res in results.items():
+        if res.get("status") != "ok":
+            arms[name] = {"status": res.get("status"), "reason": res.get("reason")}
+            continue
+        scores = res["scores"]
+        arms[name] = {
+            "status": "ok",
+            "old": _pooled(scores, old),
+            "new": _pooled(scores, new),
+            "per-site": scores,
+            "curve": res["curve"],
+            "traffic": res.get("traffic", {}),
+            "seconds": res.get("meter", {}).get("seconds"),
+        }
+    ref = arms.get(PHASE_A, {}).get("old", {}).get("mean")
+    naive = None
+    for name, arm in arms.items():
+        if name == PHASE_A or arm.get("status") != "ok" or ref is None:
+            continue
+        arm["forgetting"] = ref - arm["old"]["mean"]
+        if name == "naive":
+            naive = arm["forgetting"]
+    for name, arm in arms.items():
+        if name in (PHASE_A, "naive", "joint") or "forgetting" not in arm:
+            continue
+        if naive is not None and naive > 0:
+            arm["kept-of-naive-forgetting"] = 1 - arm["forgetting"] / naive
+        if "naive" in arms and arms["naive"].get("status") == "ok":
+            arm["new-minus-naive"] = arm["new"]["mean"] - arms["naive"]["new"]["mean"]
+    return {
+        "format": "fedseg-continual-v1",
+        "scenario": {
+            "data": str(scenario.data),
+            "new-scanner": scenario.new_scanner,
+            "old-sites": {s: len(v) for s, v in scenario.old_sites.items()},
+            "new-sites": {s: len(v) for s, v in scenario.new_sites.items()},
+            "test-cases": {s: len(v) for s, v in scenario.test.items()},
+            "rounds-a": rounds_a,
+            "rounds-b": rounds_b,
+            "strategy": cfg.strategy,
+            "ewc-strength": cfg.ewc_strength,
+            "lwf-weight": cfg.lwf_weight,
+            "lwf-temperature": cfg.lwf_temperature,
+        },
+        "arms": arms,
+        "findings": findings(arms),
+    }
+
+
+def findings(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Plain sentences written from the numbers (what the tables show, and what they do not)."""
+    out: list[str] = []
+    naive = arms.get("naive", {})
+    if naive.get("status") == "ok" and "forgetting" in naive:
+        f = naive["forgetting"]
+        if f <= 0.005:
+            out.append(
+                f"Naive continued training lost {f:.3f} mean Dice on phase A's hospitals: "
+                "there was next to nothing to forget in this scenario, so the methods against "
+                "forgetting cannot show their effect here."
+            )
+        else:
+            out.append(f"Naive continued training lost {f:.3f} mean Dice on phase A's hospitals.")
+    for name in ("ewc", "lwf"):
+        arm = arms.get(name, {})
+        kept = arm.get("kept-of-naive-forgetting")
+        if kept is None:
+            continue
+        verdict = "at least half" if kept >= 0.5 else "less than half"
+        out.append(
+            f"{name.upper()} kept {kept:.0%} of what naive training forgot ({verdict}), at "
+            f"{arm['new-minus-naive']:+.3f} mean Dice on the new hospital compared with naive."
+        )
+    joint = arms.get("joint", {})
+    if joint.get("status") == "ok" and "forgetting" in joint:
+        out.append(
+            f"Joint training (phase A's hospitals train again) changed phase-A Dice by "
+            f"{-joint['forgetting']:+.3f}: the reference for what a federation that keeps its "
+            "old hospitals can do."
+        )
+    return out
+
+
+def write_csv(path: Path, doc: Mapping[str, Any]) -> None:
+    """``results.csv``: one row per arm and test set (old / new hospitals)."""
+    rows = []
+    for name, arm in doc["arms"].items():
+        if arm.get("status") != "ok":
+            continue
+        for which in ("old", "new"):
+            rows.append(
+                {
+                    "arm": name,
+                    "test": which,
+                    **{r: f"{arm[which][r]:.4f}" for r in REGIONS},
+                    "mean": f"{arm[which]['mean']:.4f}",
+                    "forgetting": f"{arm['forgetting']:.4f}" if "forgetting" in arm else "",
+                }
+            )
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["arm", "test", *REGIONS, "mean", "forgetting"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())

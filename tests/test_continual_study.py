@@ -1,0 +1,144 @@
+"""The continual study: scenario by scanner, the summary's arithmetic, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedseg.config import FedsegConfig
+from fedseg.continual.study import (
+    NEW_SITE,
+    PHASE_A,
+    build_scenario,
+    parse_arms,
+    summarise,
+)
+from fedseg.errors import ConfigError, PartitionError
+
+
+def write_cohort_csv(folder: Path, scanners: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "cohort.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "scanner", "wt_ml", "tc_ml", "et_ml"])
+        for i, s in enumerate(scanners):
+            w.writerow([f"SYN_{i:05d}", s, 1, 1, 1])
+
+
+def test_scenario_splits_hospitals_by_scanner(tmp_path: Path) -> None:
+    write_cohort_csv(tmp_path, ["a", "b", "c"] * 6 + ["new"] * 5)
+    cfg = FedsegConfig(num_sites=3, test_fraction=0.25)
+    sc = build_scenario(tmp_path, cfg, "new")
+    assert sc.new_sites == {NEW_SITE: [f"SYN_{i:05d}" for i in range(18, 23)]}
+    assert sorted(c for ids in sc.old_sites.values() for c in ids) == [
+        f"SYN_{i:05d}" for i in range(18)
+    ]
+    assert [len(v) for v in sc.old_sites.values()] == [6, 6, 6]
+    assert sc.parts(PHASE_A) == sc.old_sites
+    assert sc.parts("naive") == sc.new_sites
+    assert set(sc.parts("joint")) == {"site-0", "site-1", "site-2", NEW_SITE}
+    # the held-out cases are the ones each site itself holds out (split_cases, same seed)
+    assert all(set(sc.test[s]) <= set(ids) for s, ids in sc.parts("joint").items())
+    assert len(sc.test[NEW_SITE]) == 1
+
+
+def test_scenario_refuses_a_phase_b_without_new_cases(tmp_path: Path) -> None:
+    write_cohort_csv(tmp_path, ["a", "b"] * 9)
+    with pytest.raises(PartitionError, match="phase B needs new cases"):
+        build_scenario(tmp_path, FedsegConfig(num_sites=3), "c")
+    write_cohort_csv(tmp_path, ["a", "b"] * 9 + ["c"] * 2)
+    with pytest.raises(PartitionError, match="at least 3"):
+        build_scenario(tmp_path, FedsegConfig(num_sites=3), "c")
+    with pytest.raises(ConfigError, match="cohort.csv"):
+        build_scenario(tmp_path / "nowhere", FedsegConfig(), None)
+
+
+def test_parse_arms() -> None:
+    assert parse_arms(None) == ("naive", "ewc", "lwf", "joint")
+    assert parse_arms("lwf,naive") == ("naive", "lwf")
+    with pytest.raises(ConfigError, match="replay"):
+        parse_arms("naive,replay")
+
+
+def _result(old: float, new: float) -> dict[str, Any]:
+    scores = {
+        "site-0": {"WT": old, "TC": old, "ET": old, "mean": old, "cases": 2},
+        NEW_SITE: {"WT": new, "TC": new, "ET": new, "mean": new, "cases": 1},
+    }
+    return {"status": "ok", "scores": scores, "curve": [], "meter": {"seconds": 1.0}}
+
+
+def test_summary_forgetting_and_what_was_kept(tmp_path: Path) -> None:
+    write_cohort_csv(tmp_path, ["a"] * 6 + ["new"] * 4)
+    sc = build_scenario(tmp_path, FedsegConfig(num_sites=1), "new")
+    results = {
+        PHASE_A: _result(0.80, 0.40),
+        "naive": _result(0.60, 0.70),  # forgot 0.20
+        "ewc": _result(0.75, 0.68),  # forgot 0.05: kept 75 % of naive's loss
+        "joint": _result(0.82, 0.69),
+    }
+    doc = summarise(sc, results, rounds_a=2, rounds_b=1, cfg=FedsegConfig())
+    arms = doc["arms"]
+    assert arms["naive"]["forgetting"] == pytest.approx(0.20)
+    assert arms["ewc"]["kept-of-naive-forgetting"] == pytest.approx(0.75)
+    assert arms["ewc"]["new-minus-naive"] == pytest.approx(-0.02)
+    assert arms["joint"]["forgetting"] == pytest.approx(-0.02)
+    assert any("EWC kept 75%" in f and "at least half" in f for f in doc["findings"])
+    json.dumps(doc)  # plain JSON
+
+
+def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    from test_federation import tiny_cfg, write_cohort
+
+    from fedseg.continual.report import render_report
+    from fedseg.continual.study import run_continual
+
+    data = tmp_path / "data"
+    ids = write_cohort(data, num_cases=10)
+    write_cohort_csv(data, ["a", "b"] * 3 + ["new"] * 4)
+    assert sorted(ids) == [f"CASE_{i:03d}" for i in range(10)]
+    # write_cohort names its cases CASE_*: rewrite cohort.csv with those ids
+    with open(data / "cohort.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "scanner"])
+        for i, cid in enumerate(sorted(ids)):
+            w.writerow([cid, "new" if i >= 6 else "ab"[i % 2]])
+    cfg = tiny_cfg(num_sites=2, test_fraction=0.34, ewc_strength=10.0)
+    out = tmp_path / "study"
+    doc = run_continual(
+        out,
+        cfg,
+        data=data,
+        new_scanner="new",
+        rounds_a=1,
+        rounds_b=1,
+        engine="inprocess",
+        progress=False,
+    )
+    assert list(doc["arms"]) == [PHASE_A, "naive", "ewc", "lwf", "joint"]
+    for name, arm in doc["arms"].items():
+        assert arm["status"] == "ok", name
+        assert 0 <= arm["old"]["mean"] <= 1 and 0 <= arm["new"]["mean"] <= 1
+        assert set(arm["per-site"]) == {"site-0", "site-1", NEW_SITE}
+    assert "forgetting" in doc["arms"]["naive"]
+    assert (out / "results.csv").read_text().startswith("arm,test,WT,TC,ET,mean,forgetting")
+    assert "fedseg continual study" in (out / "report.html").read_text()
+    render_report(json.loads((out / "results.json").read_text()))
+    # a rerun reuses every finished arm (same fingerprints): nothing is trained again
+    stamp = (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns
+    again = run_continual(
+        out,
+        cfg,
+        data=data,
+        new_scanner="new",
+        rounds_a=1,
+        rounds_b=1,
+        engine="inprocess",
+        progress=False,
+    )
+    assert (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns == stamp
+    assert again["arms"]["ewc"]["old"] == doc["arms"]["ewc"]["old"]
