@@ -256,7 +256,8 @@ def _curve_point(row: Mapping[str, Any]) -> dict[str, Any]:
     """A history row's round and its mean Dice over the regions (``None`` if not scored)."""
     per_region = row.get("mean-dice") or {}
     values = [per_region.get(r) for r in REGIONS]
-    mean = sum(values) / len(values) if all(v is not None for v in values) else None
+    numbers = [float(v) for v in values if v is not None]
+    mean = sum(numbers) / len(numbers) if len(numbers) == len(values) else None
     return {"round": row.get("round"), "mean-dice": mean}
 
 

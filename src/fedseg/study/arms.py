@@ -31,6 +31,33 @@ FEDERATED_ARMS: tuple[str, ...] = tuple(a for a in ARMS if a not in ("centralize
 PER_SITE_ARMS: tuple[str, ...] = ("local", "fedbn")
 #: the key of the pooled test set in an arm's ``metrics`` (beside the site names)
 POOLED = "pooled"
+#: a federated arm's name may end in one of these: its updates are compressed (``compression``
+#: config key), e.g. ``fedavg-q8``, ``fedavg-topk``
+CODEC_SUFFIXES: tuple[str, ...] = ("q8", "q4", "topk")
+
+
+def split_arm(name: str) -> tuple[str, str]:
+    """``"fedavg-topk"`` -> ``("fedavg", "topk")``; ``"fedavg"`` -> ``("fedavg", "none")``."""
+    base, sep, codec = name.rpartition("-")
+    if sep and codec in CODEC_SUFFIXES and base in FEDERATED_ARMS:
+        return base, codec
+    return name, "none"
+
+
+def is_federated(name: str) -> bool:
+    """Whether ``name`` is a federated arm (a strategy, compressed or not)."""
+    return split_arm(name)[0] in FEDERATED_ARMS
+
+
+def arm_order(names: Sequence[str]) -> list[str]:
+    """``names`` in report order: :data:`ARMS` order, each compressed arm after its strategy."""
+
+    def key(name: str) -> tuple[int, int]:
+        base, codec = split_arm(name)
+        rank = ARMS.index(base) if base in ARMS else len(ARMS)
+        return rank, 0 if codec == "none" else 1 + CODEC_SUFFIXES.index(codec)
+
+    return sorted(dict.fromkeys(names), key=key)
 
 
 def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -40,12 +67,13 @@ def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
     ----------
     arms:
         ``"fedavg,Local"``, ``["centralized", "fedbn"]``, ``"all"`` (every arm of :data:`ARMS`),
-        ``"default"`` or ``None`` (:data:`DEFAULT_ARMS`); ``"default,fedavgm"`` adds to those.
+        ``"default"`` or ``None`` (:data:`DEFAULT_ARMS`); ``"default,fedavgm"`` adds to those;
+        ``"fedavg-q8"``, ``"fedavg-topk"``: a federated arm with compressed updates.
 
     Returns
     -------
     tuple[str, ...]
-        The selected arms without duplicates, in :data:`ARMS` order.
+        The selected arms without duplicates, in report order (:func:`arm_order`).
 
     Raises
     ------
@@ -63,17 +91,29 @@ def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
     if "default" in wanted:
         wanted = (wanted - {"default"}) | set(DEFAULT_ARMS)
     for name in sorted(wanted):
-        if name not in ARMS:
+        if name not in ARMS and split_arm(name)[1] == "none":
             close = difflib.get_close_matches(name, ARMS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
-                f"unknown arm '{name}': expected one of {', '.join(ARMS)} (or all, default){hint}"
+                f"unknown arm '{name}': expected one of {', '.join(ARMS)} (or all, default), "
+                f"a federated one may end in -{', -'.join(CODEC_SUFFIXES)} (compressed "
+                f"updates){hint}"
             )
     if not wanted:
         raise ConfigError(f"no arm selected: expected one or more of {', '.join(ARMS)}")
-    return tuple(a for a in ARMS if a in wanted)
+    return tuple(arm_order(list(wanted)))
 
 
 def study_arms(names: Sequence[str]) -> list[Arm]:
-    """The study's arms as experiment arms: a federated arm sets ``strategy`` to its name."""
-    return [Arm(n, {"strategy": n} if n in FEDERATED_ARMS else {}) for n in names]
+    """The study's arms as experiment arms: a federated arm sets ``strategy`` to its name (and
+    ``compression`` to its suffix, ``fedavg-q8``)."""
+    out = []
+    for n in names:
+        base, codec = split_arm(n)
+        if base not in FEDERATED_ARMS:
+            out.append(Arm(n, {}))
+        elif codec == "none":
+            out.append(Arm(n, {"strategy": base}))
+        else:
+            out.append(Arm(n, {"strategy": base, "compression": codec}))
+    return out

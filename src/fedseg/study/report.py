@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedseg.data.case import REGIONS
-from fedseg.study.arms import FEDERATED_ARMS, PER_SITE_ARMS, POOLED
+from fedseg.study.arms import PER_SITE_ARMS, POOLED, arm_order, is_federated, split_arm
 from fedseg.study.html import CSS, esc, img, num, pct, table
 from fedseg.utils.io import atomic_write_text
 
@@ -44,8 +44,10 @@ _STILL_RISING = 0.02
 
 
 def pretty(arm: str) -> str:
-    """Display name of an arm (``fedavg`` -> ``FedAvg``)."""
-    return _PRETTY.get(arm, arm)
+    """Display name of an arm (``fedavg`` -> ``FedAvg``, ``fedavg-q8`` -> ``FedAvg q8``)."""
+    base, codec = split_arm(arm)
+    name = _PRETTY.get(base, base)
+    return name if codec == "none" else f"{name} {codec}"
 
 
 def _sites_of(res: Mapping[str, Any]) -> list[str]:
@@ -127,7 +129,7 @@ def findings(doc: Mapping[str, Any]) -> list[str]:
     rows = {r["arm"]: r for r in summary_rows(doc)}
     notes: list[str] = []
     central = rows.get("centralized")
-    fed = [a for a in FEDERATED_ARMS if a in rows]
+    fed = [a for a in arm_order(list(rows)) if is_federated(a)]
 
     if central is not None:
         for a in fed:
@@ -503,6 +505,48 @@ def _overlay_section(overlays: Mapping[str, Any] | None) -> str:
     )
 
 
+def _communication_section(doc: Mapping[str, Any]) -> str:
+    """Bytes per round each federated arm sent down and received up, next to its Dice."""
+    arms = doc.get("arms", {})
+    rows = {r["arm"]: r for r in summary_rows(doc)}
+    fed = [a for a in arm_order(list(arms)) if is_federated(a) and arms[a].get("traffic")]
+    if not fed:
+        return ""
+    up0: dict[str, float] = {}
+    body = []
+    for arm in fed:
+        traffic = arms[arm]["traffic"]
+        per = [r for r in traffic.get("per-round", []) if r.get("up")]
+        down = float(np.median([r["down"] for r in per])) if per else math.nan
+        up = float(np.median([r["up"] for r in per])) if per else math.nan
+        base, codec = split_arm(arm)
+        if codec == "none":
+            up0[base] = up
+        ref = up0.get(base)
+        body.append(
+            [
+                esc(pretty(arm)),
+                esc(codec),
+                num(down / 1e6, 3),
+                num(up / 1e6, 3),
+                num(ref / up, 1) if ref and up else "–",
+                num(rows.get(arm, {}).get("mean")),
+            ]
+        )
+    return (
+        "<h2>Communication</h2>"
+        "<p>Median bytes of a round's messages (their content as Flower serialises it): down "
+        "(the model and config to every sampled site) and up (the sites' replies). Compressed "
+        "arms (<code>fedavg-q8</code>, <code>-q4</code>, <code>-topk</code>) send the "
+        "difference to the received model, quantised or sparsified; the ratio compares a "
+        "compressed arm's bytes up with its uncompressed strategy's in this study.</p>"
+        + table(
+            ["arm", "compression", "MB down / round", "MB up / round", "up: x fewer", "mean Dice"],
+            body,
+        )
+    )
+
+
 def _timing_section(doc: Mapping[str, Any]) -> str:
     arms = doc.get("arms", {})
     if not arms:
@@ -703,6 +747,7 @@ def render_report(doc: Mapping[str, Any], overlays: Mapping[str, Any] | None = N
             _heterogeneity_section(doc),
             _overlay_section(overlays),
             _timing_section(doc),
+            _communication_section(doc),
             _rounds_section(doc),
             _privacy_section(doc),
             _method_section(doc),

@@ -62,6 +62,8 @@ from fedseg.study.arms import (
     FEDERATED_ARMS,
     PER_SITE_ARMS,
     POOLED,
+    arm_order,
+    is_federated,
     parse_arms,
     study_arms,
 )
@@ -229,7 +231,7 @@ def run_study(
     # arms finished in an earlier invocation but not selected now stay in the report
     others = {a.name: a for a in study_arms([a for a in ARMS if a not in results])}
     results.update(finished_results(out, others, lambda name: fingerprint_of(others[name])))
-    ordered = {arm: results[arm] for arm in ARMS if arm in results}
+    ordered = {arm: results[arm] for arm in arm_order(list(results))}
 
     doc: dict[str, Any] = {
         "format": RESULTS_FORMAT,
@@ -426,7 +428,7 @@ def _resume_note(out: Path, arm: str, cfg: FedsegConfig) -> str | None:
     from fedseg.federation.server_app import CHECKPOINT
 
     path = out / "arms" / arm / "federation" / CHECKPOINT
-    if arm not in FEDERATED_ARMS or not path.is_file():
+    if not is_federated(arm) or not path.is_file():
         return None
     try:
         done = int(load_torch(path)["round"])
@@ -477,7 +479,7 @@ def _run_arm(
     timings["evaluation-seconds"] = timings["total-seconds"] - t_train
     return {
         "arm": arm,
-        "kind": "federated" if arm in FEDERATED_ARMS else "baseline",
+        "kind": "federated" if is_federated(arm) else "baseline",
         "epochs": epoch_budget(cfg),
         "models": models,
         "metrics": ev["metrics"],
@@ -794,7 +796,7 @@ def best_federated_arm(arms: Mapping[str, Mapping[str, Any]]) -> str | None:
     scored = [
         (res["metrics"][POOLED].get("mean-dice", -1.0), arm)
         for arm, res in arms.items()
-        if arm in FEDERATED_ARMS and POOLED in res.get("metrics", {})
+        if is_federated(arm) and POOLED in res.get("metrics", {})
     ]
     return max(scored)[1] if scored else None
 
