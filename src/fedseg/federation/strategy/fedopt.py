@@ -89,45 +89,38 @@ class FedAdam(_ServerOptimiser):
         return new
 
 
-class FedYogi(_ServerOptimiser):
+class _AdaptiveWithoutBiasCorrection(_ServerOptimiser):
+    """Yogi and Adagrad: the same step signature, one pure core each (:attr:`core`)."""
+
+    #: the name of the step function in :mod:`fedseg.strategies.fedopt`
+    core: str = ""
+
+    def step(
+        self, server_round: int, current: list[np.ndarray], delta: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """One step of :attr:`core`."""
+        from fedseg.strategies import fedopt
+
+        new, self.m, self.v = getattr(fedopt, self.core)(
+            current,
+            delta,
+            self.m,
+            self.v,
+            lr=self.cfg.server_learning_rate,
+            tau=self.cfg.server_tau,
+        )
+        return list(new)
+
+
+class FedYogi(_AdaptiveWithoutBiasCorrection):
     """Yogi at the server (:func:`~fedseg.strategies.fedopt.fedyogi_step`)."""
 
     names = ("fedyogi",)
-
-    def step(
-        self, server_round: int, current: list[np.ndarray], delta: list[np.ndarray]
-    ) -> list[np.ndarray]:
-        """One Yogi step."""
-        from fedseg.strategies.fedopt import fedyogi_step
-
-        new, self.m, self.v = fedyogi_step(
-            current,
-            delta,
-            self.m,
-            self.v,
-            lr=self.cfg.server_learning_rate,
-            tau=self.cfg.server_tau,
-        )
-        return new
+    core = "fedyogi_step"
 
 
-class FedAdagrad(_ServerOptimiser):
+class FedAdagrad(_AdaptiveWithoutBiasCorrection):
     """Adagrad at the server (:func:`~fedseg.strategies.fedopt.fedadagrad_step`)."""
 
     names = ("fedadagrad",)
-
-    def step(
-        self, server_round: int, current: list[np.ndarray], delta: list[np.ndarray]
-    ) -> list[np.ndarray]:
-        """One Adagrad step."""
-        from fedseg.strategies.fedopt import fedadagrad_step
-
-        new, self.m, self.v = fedadagrad_step(
-            current,
-            delta,
-            self.m,
-            self.v,
-            lr=self.cfg.server_learning_rate,
-            tau=self.cfg.server_tau,
-        )
-        return new
+    core = "fedadagrad_step"
