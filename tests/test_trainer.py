@@ -326,3 +326,19 @@ def test_per_sample_seeds_keep_the_augmentation_rates_and_vary_across_epochs() -
     assert rates[:3] == pytest.approx([0.5] * 3, abs=0.12)  # 240 draws: 4 standard errors
     assert rates[3] == pytest.approx(0.2, abs=0.11)
     assert sum(len(set(per_case)) > 1 for per_case in drawn.values()) >= 0.9 * n
+
+
+def test_evaluate_with_brats_adds_the_challenge_figures_per_case_and_region() -> None:
+    from fedseg.model.brats_metrics import brats_region_metrics
+
+    items = make_items(2)
+    t = SiteTrainer(TINY, items, device=torch.device("cpu"))
+    plain = t.evaluate(items, hd95=True)
+    table = t.evaluate(items, hd95=True, brats=True)
+    case = table["per-case"]["c0"]
+    expected = brats_region_metrics(t.predict(items[0]) >= 0.5, items[0].regions, (1.0,) * 3)
+    for region in ("WT", "TC", "ET"):
+        assert case[region]["dice"] == plain["per-case"]["c0"][region]["dice"]
+        for key, value in expected[region].items():
+            assert case[region][key] == pytest.approx(value, nan_ok=True)
+        assert "lesion_dice" in table[region]  # averaged over the cases like the MONAI figures

@@ -521,9 +521,13 @@ class SiteTrainer:
         return predict_probs(self.model, prep.image[self.channel_index], self.cfg, self.device)
 
     def evaluate(
-        self, items: Sequence[Prepared] | None = None, *, hd95: bool = False
+        self, items: Sequence[Prepared] | None = None, *, hd95: bool = False, brats: bool = False
     ) -> dict[str, Any]:
         """Dice (and optionally HD95) per region on prepared cases, on the prepared grid.
+
+        With ``brats``, also the BraTS challenge's figures of each case and region
+        (:func:`fedseg.model.brats_metrics.brats_region_metrics`: global Dice, pooled HD95,
+        lesion-wise Dice and HD95, lesion counts), on the same prepared grid.
 
         Returns
         -------
@@ -538,6 +542,12 @@ class SiteTrainer:
                 continue
             pred = self.predict(prep) >= 0.5
             per_case[prep.case_id] = region_metrics(pred, prep.regions, prep.spacing, hd95=hd95)
+            if brats:
+                from fedseg.model.brats_metrics import brats_region_metrics
+
+                extra = brats_region_metrics(pred, prep.regions, prep.spacing)
+                for region, figures in extra.items():
+                    per_case[prep.case_id][region].update(figures)
         table: dict[str, Any] = dict(mean_over_cases(list(per_case.values())))
         if per_case:
             table["mean-dice"] = mean_dice(table)

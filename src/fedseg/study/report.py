@@ -330,7 +330,11 @@ def _summary_section(doc: Mapping[str, Any]) -> str:
         "<p>All test cases of all sites; arms with one model per site (local only, FedBN) score "
         "each case with its own site's model. <em>vs centralized</em> is the arm's pooled mean "
         "Dice divided by the centralized arm's. The worst site is the site with the lowest "
-        "mean Dice for that arm.</p>"
+        "mean Dice for that arm. HD95 is MONAI's (the larger of the two directed 95th "
+        "percentiles, mm); the lesion-wise Dice is the BraTS challenge's (26-connected lesions "
+        "matched one to one, as <code>brats-evaluation</code> 0.0.10 computes it). Both are "
+        "on the prepared grid, not the cases' native one: for figures comparable with the "
+        "BraTS leaderboard run <code>fedseg evaluate</code> on the native cases.</p>"
         + table(header, body)
         + img(plots.dice_bars(pooled, worst), "pooled Dice per arm")
     )
@@ -406,8 +410,9 @@ def _per_site_section(doc: Mapping[str, Any]) -> str:
         "<h2>Per site</h2>"
         "<p>Every final model on every site's test set (per-site models on their own site). "
         "HD95 is MONAI's (the larger of the two directed 95th percentiles), in mm on the "
-        "prepared grid; the BraTS challenge's pooled and lesion-wise figures come from "
-        "<code>fedseg evaluate</code>.</p>"
+        "prepared grid; the BraTS challenge's pooled and lesion-wise figures of every case "
+        "are in <code>metrics.json</code> (on the native grid: <code>fedseg evaluate</code>)."
+        "</p>"
         + table(header, body, left=2, row_classes=classes)
         + "<h3>Fairness</h3><p>How evenly each arm serves the sites; the worst site per arm "
         "is also in the results table above.</p>"

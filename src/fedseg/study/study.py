@@ -725,7 +725,7 @@ def evaluate_models(
         if id(weights) != loaded:
             evaluator.set_weights(weights)
             loaded = id(weights)
-        table = evaluator.evaluate(items, hd95=True)
+        table = evaluator.evaluate(items, hd95=True, brats=True)
         cases = table["per-case"]
         metrics[site] = _summarise(table, list(cases.values()))
         per_case.update({cid: {"site": site, **m} for cid, m in cases.items()})
