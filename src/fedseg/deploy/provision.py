@@ -701,30 +701,68 @@ CONNECTION=${{1:-fedseg}}
 
 
 def supernode_script(spec: FederationSpec, site: SiteSpec, *, ckks: bool = False) -> str:
-    """``site-<name>/run-supernode.sh``: the SuperNode with this site's key and data path."""
+    """``site-<name>/run-supernode.sh``: the SuperNode with this site's key and data path, and
+    its long-running ClientApp process (:mod:`fedseg.deploy.warm_clientapp`), restarted by the
+    script whenever it exits while the SuperNode runs."""
     data = site.data_path or "/path/to/this/hospitals/cases"
     cmd = supernode_command(spec, site, "$HERE", "$DATA_PATH", port=0, ckks=ckks)
     # "$HERE" quoted in the plain arguments; inside the node config's double quotes, bare
     cmd = ['"$HERE"' + a[len("$HERE") :] if a.startswith("$HERE") else a for a in cmd]
     node = cmd.index("--node-config")
     shown = [*map(_quote, cmd[:node]), '--node-config "' + cmd[node + 1] + '"']
-    shown += ["--port", '"$RUNTIME_PORT"']
+    shown += ["--isolation", "process", "--port", '"$RUNTIME_PORT"']
     return f"""#!/bin/sh
 # Join the fedseg federation as {site.name}. Set DATA_PATH to the folder holding this hospital's
 # cases (BraTS or MSD layout); the images never leave this machine, only model weights do.
 # The private key {site.name}.key identifies this hospital: keep it here, mode 0600.
 # policy.toml is this hospital's privacy policy: every run is checked against it here.
 # Only the apps listed in {APPROVED_APPS_FILE} run here (add one with `fedseg approve`): every
-# ClientApp starts through bin/flwr-clientapp, which refuses any other app before unpacking it.
+# message is checked against it before any code of the app is unpacked.
+#
+# Two processes: the SuperNode (Flower, --isolation process: it talks to the server) and the
+# site's long-running ClientApp (python -m fedseg.deploy.warm_clientapp), which keeps torch, the
+# prepared cases and the model loaded from one round to the next. When the ClientApp process
+# dies (crash, out of memory), this script starts it again at once; it finishes the message it
+# was working on. When the SuperNode exits, the ClientApp is stopped and the script exits with
+# the SuperNode's code (run it under systemd or a container runtime that restarts it).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 DATA_PATH=${{DATA_PATH:-{data}}}
-RUNTIME_PORT=${{RUNTIME_PORT:-9094}}  # local port of the SuperNode's runtime API
+RUNTIME_PORT=${{RUNTIME_PORT:-9094}}  # local port of the SuperNode's runtime API (loopback)
+STATE=${{FEDSEG_SITE_STATE:-$HERE/state}}  # the message in flight, the SuperNode's id
 {_python_lookup("flower-supernode", "FEDSEG_PYTHON")}export FEDSEG_PYTHON
 export {APPROVED_APPS_ENV}=${{{APPROVED_APPS_ENV}:-$HERE/{APPROVED_APPS_FILE}}}
 "$FEDSEG_PYTHON" -m fedseg.deploy.approval "${APPROVED_APPS_ENV}"  # a bad list: no start
-export PATH="$HERE/bin:$PATH"  # flwr-clientapp -> the approval check, then Flower's own
-{_ENV}exec {" ".join(shown)} "$@"
+export PATH="$HERE/bin:$PATH"  # with --isolation subprocess: flwr-clientapp -> approval check
+mkdir -p "$STATE" 2>/dev/null && [ -w "$STATE" ] || {{
+    echo "state folder $STATE is not writable: set FEDSEG_SITE_STATE to a writable folder" >&2
+    exit 2
+}}
+{_ENV}{" ".join(shown)} "$@" &
+NODE=$!
+APP=""
+stop() {{ kill -TERM "$NODE" $APP 2>/dev/null || true; wait "$NODE" 2>/dev/null; exit 143; }}
+trap stop TERM INT
+while kill -0 "$NODE" 2>/dev/null; do
+    "$FEDSEG_PYTHON" -m fedseg.deploy.warm_clientapp --runtime-api-address "127.0.0.1:$RUNTIME_PORT" \
+        --journal-dir "$STATE/clientapp" --supernode-pid "$NODE" &
+    APP=$!
+    RC=0
+    wait "$APP" || RC=$?
+    APP=""
+    kill -0 "$NODE" 2>/dev/null || break
+    if [ "$RC" -eq 2 ]; then  # cannot start (it said why): no restart loop
+        echo "fedseg: the ClientApp process of {site.name} cannot start; stopping the SuperNode" >&2
+        kill -TERM "$NODE" 2>/dev/null || true
+        wait "$NODE" 2>/dev/null || true
+        exit 2
+    fi
+    echo "fedseg: the ClientApp process of {site.name} exited ($RC); starting it again" >&2
+    sleep 1
+done
+RC=0
+wait "$NODE" || RC=$?
+exit "$RC"
 """
 
 
