@@ -709,7 +709,12 @@ def supernode_script(spec: FederationSpec, site: SiteSpec, *, ckks: bool = False
     # "$HERE" quoted in the plain arguments; inside the node config's double quotes, bare
     cmd = ['"$HERE"' + a[len("$HERE") :] if a.startswith("$HERE") else a for a in cmd]
     node = cmd.index("--node-config")
-    shown = [*map(_quote, cmd[:node]), '--node-config "' + cmd[node + 1] + '"']
+    # the prepared cases once per site, in its state folder (fedseg.data.cache)
+    node_config = cmd[node + 1] + " cache-dir='$STATE/cache'"
+    # Flower's SuperNode through fedseg.deploy.supernode: rejoins at once after a hard kill
+    launcher = ['"$FEDSEG_PYTHON"', "-m", "fedseg.deploy.supernode"]
+    launcher += ["--node-id-file", '"$STATE/node-id"']
+    shown = [*launcher, *map(_quote, cmd[1:node]), '--node-config "' + node_config + '"']
     shown += ["--isolation", "process", "--port", '"$RUNTIME_PORT"']
     return f"""#!/bin/sh
 # Join the fedseg federation as {site.name}. Set DATA_PATH to the folder holding this hospital's
@@ -744,7 +749,8 @@ APP=""
 stop() {{ kill -TERM "$NODE" $APP 2>/dev/null || true; wait "$NODE" 2>/dev/null; exit 143; }}
 trap stop TERM INT
 while kill -0 "$NODE" 2>/dev/null; do
-    "$FEDSEG_PYTHON" -m fedseg.deploy.warm_clientapp --runtime-api-address "127.0.0.1:$RUNTIME_PORT" \
+    "$FEDSEG_PYTHON" -m fedseg.deploy.warm_clientapp \\
+        --runtime-api-address "127.0.0.1:$RUNTIME_PORT" \\
         --journal-dir "$STATE/clientapp" --supernode-pid "$NODE" &
     APP=$!
     RC=0

@@ -341,6 +341,7 @@ class WarmClientApp:
         )
 
         res = client.PullTaskInput(PullTaskInputRequest())
+        _identify(res)
         context = context_from_proto(res.context)
         run = run_from_proto(res.run)
         fab = fab_from_proto(res.fab)
@@ -378,6 +379,7 @@ class WarmClientApp:
 
         entry, read = replay
         res = PullTaskInputResponse.FromString(bytes.fromhex(entry["task-input"]))
+        _identify(res)
         tree = ObjectTree.FromString(bytes.fromhex(entry["object-tree"]))
         message = _inflate(tree, read, lambda _object_id: None)
         del client
@@ -458,6 +460,15 @@ class WarmClientApp:
                 time.sleep(self.poll)
         finally:
             client.close()
+
+
+def _identify(res: Any) -> None:
+    """Tell Flower which task this process now runs (as ``run_clientapp.pull_task_input``)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
 
 
 def _stop(heartbeat: Any) -> None:
