@@ -171,3 +171,42 @@ def test_bad_state_folder_stops_the_script_before_the_supernode(tmp_path: Path) 
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(f"state folder {blocker}/state")
     assert "Starting Flower SuperNode" not in done.stdout + done.stderr
+
+
+def test_units_start_the_provisioned_scripts_and_restart_them(tmp_path: Path) -> None:
+    import configparser
+    import shutil
+
+    pki = provision(SPEC, tmp_path / "pki")
+    units = {
+        "fedseg-superlink.service": (pki.server_dir, "run-superlink.sh", "on-failure"),
+        "fedseg-supernode.service": (pki.site_dirs["hospital-a"], "run-supernode.sh", "always"),
+        "fedseg-clientapp.service": (pki.site_dirs["hospital-a"], "run-clientapp.sh", "on-failure"),
+    }
+    for unit, (folder, script, restart) in units.items():
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        parser.read(folder / "systemd" / unit)
+        service = parser["Service"]
+        assert service["ExecStart"].endswith(f"/{folder.name}/{script}")
+        assert service["Restart"] == restart
+        assert service["StandardOutput"] == "journal"
+        assert (folder / script).stat().st_mode & 0o111
+        assert subprocess.run(["sh", "-n", str(folder / script)]).returncode == 0
+    if shutil.which("systemd-analyze"):
+        files = [str(d / "systemd" / u) for u, (d, _, _) in units.items()]
+        done = subprocess.run(["systemd-analyze", "verify", *files], capture_output=True, text=True)
+        # the units name where the folders are installed (/etc/fedseg), not this test's copy
+        problems = [
+            line for line in done.stderr.splitlines() if line and "is not executable" not in line
+        ]
+        assert problems == []
+
+
+def test_clientapp_unit_mode_runs_the_supernode_alone() -> None:
+    script = supernode_script(SPEC, SPEC.sites[0])
+
+    assert 'if [ "${FEDSEG_CLIENTAPP:-here}" = service ]; then' in script
+    service_branch = script.split("= service ]; then", 1)[1].split("fi\n", 1)[0]
+    assert "exec " in service_branch and "fedseg.deploy.supernode" in service_branch
+    assert "warm_clientapp" not in service_branch

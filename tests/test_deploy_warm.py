@@ -153,7 +153,13 @@ class WarmDrill:
 
         # after round 2: hospital-b killed hard, its script started again at once
         b_log = self.site_log("hospital-b", "1")
-        _wait_for(lambda: _count(b_log, "Sending: train message") >= 2, 2 * TIMEOUT, "b's reply")
+        b_journal = self.pki.site_dirs["hospital-b"] / "state" / "clientapp" / "inflight.json"
+        _wait_for(
+            # query and two training replies sent, nothing in flight: between rounds 2 and 3
+            lambda: _count(b_log, "Sent successfully") >= 3 and not b_journal.is_file(),
+            2 * TIMEOUT,
+            "b's round-2 reply",
+        )
         self.lab.kill(sites["hospital-b"])
         restarted = time.monotonic()
         self.events["b-killed"] = restarted - t0

@@ -532,6 +532,9 @@ def _write_all(
         _write(folder / POLICY_FILE, policy_to_toml(site_policy).encode(), 0o644)
         script = supernode_script(spec, site, ckks=bool(ckks_key))
         _write(folder / "run-supernode.sh", script.encode(), 0o755)
+        _write(folder / "run-clientapp.sh", clientapp_script(site).encode(), 0o755)
+        for unit, text in site_units(site).items():
+            _write(folder / "systemd" / unit, text.encode(), 0o644)
         _write(folder / APPROVED_APPS_FILE, LIST_HEADER.encode(), 0o644)
         _write(folder / "bin" / "flwr-clientapp", CLIENTAPP_SHIM.encode(), 0o755)
         _write(server / "site-keys" / f"{site.name}.pub", public, 0o644)
@@ -545,6 +548,7 @@ def _write_all(
         result.site_dirs[site.name] = folder
     _write(server / REGISTRY_FILE, ("\n".join(sites_rows) + "\n").encode(), 0o644)
     _write(server / "run-superlink.sh", superlink_script(spec).encode(), 0o755)
+    _write(server / "systemd" / SUPERLINK_UNIT, superlink_unit(spec).encode(), 0o644)
     _write(server / "register-sites.sh", register_script(spec).encode(), 0o755)
     _write(server / "flwr-connection.toml", connection_toml(spec).encode(), 0o644)
     from cryptography.hazmat.primitives import hashes
@@ -743,7 +747,10 @@ mkdir -p "$STATE" 2>/dev/null && [ -w "$STATE" ] || {{
     echo "state folder $STATE is not writable: set FEDSEG_SITE_STATE to a writable folder" >&2
     exit 2
 }}
-{_ENV}{" ".join(shown)} "$@" &
+{_ENV}if [ "${{FEDSEG_CLIENTAPP:-here}}" = service ]; then  # systemd: fedseg-clientapp.service
+    exec {" ".join(shown)} "$@"
+fi
+{" ".join(shown)} "$@" &
 NODE=$!
 APP=""
 stop() {{ kill -TERM "$NODE" $APP 2>/dev/null || true; wait "$NODE" 2>/dev/null; exit 143; }}
@@ -770,6 +777,120 @@ RC=0
 wait "$NODE" || RC=$?
 exit "$RC"
 """
+
+
+def clientapp_script(site: SiteSpec) -> str:
+    """``site-<name>/run-clientapp.sh``: the long-running ClientApp alone, for a service manager
+    that runs it as a unit of its own (``systemd/fedseg-clientapp.service``)."""
+    return f"""#!/bin/sh
+# The long-running ClientApp of {site.name} (python -m fedseg.deploy.warm_clientapp), for a
+# service manager that starts the SuperNode separately (FEDSEG_CLIENTAPP=service
+# run-supernode.sh) and restarts this one when it exits: a message it was working on when it
+# died is run again by the next start. Exit 2: it cannot start (the line says why).
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+RUNTIME_PORT=${{RUNTIME_PORT:-9094}}
+STATE=${{FEDSEG_SITE_STATE:-$HERE/state}}
+APPROVED=${{{APPROVED_APPS_ENV}:-$HERE/{APPROVED_APPS_FILE}}}
+{_python_lookup("flower-supernode", "FEDSEG_PYTHON")}export {APPROVED_APPS_ENV}="$APPROVED"
+"$FEDSEG_PYTHON" -m fedseg.deploy.approval "${APPROVED_APPS_ENV}"  # a bad list: no start
+{_ENV}exec "$FEDSEG_PYTHON" -m fedseg.deploy.warm_clientapp \\
+    --runtime-api-address "127.0.0.1:$RUNTIME_PORT" --journal-dir "$STATE/clientapp" --wait 300
+"""
+
+
+#: where the units expect things (the air-gapped install of docs/deployment.md, section 8)
+INSTALL_PREFIX = "/opt/fedseg"
+CONFIG_ROOT = "/etc/fedseg"
+SUPERLINK_UNIT = "fedseg-superlink.service"
+SUPERNODE_UNIT = "fedseg-supernode.service"
+CLIENTAPP_UNIT = "fedseg-clientapp.service"
+
+_UNIT_COMMON = f"""User=fedseg
+Group=fedseg
+Environment=PATH={INSTALL_PREFIX}/bin:/usr/local/bin:/usr/bin:/bin
+# logs go to the journal (journalctl -u UNIT), which rotates them (journald.conf SystemMaxUse=)
+StandardOutput=journal
+StandardError=journal
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=full
+"""
+
+
+def superlink_unit(spec: FederationSpec) -> str:
+    """``server/systemd/fedseg-superlink.service``."""
+    folder = f"{CONFIG_ROOT}/server"
+    return f"""# fedseg aggregation server (Flower SuperLink): copy server/ to {folder}, fedseg into
+# {INSTALL_PREFIX} (docs/deployment.md), then: systemctl enable --now {SUPERLINK_UNIT}
+# Health: curl --cacert {folder}/ca.crt https://{spec.address}:{spec.port}/health
+[Unit]
+Description=fedseg aggregation server (Flower SuperLink)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+{_UNIT_COMMON}Environment=FEDSEG_STATE=/var/lib/fedseg/superlink
+StateDirectory=fedseg/superlink
+ExecStart={folder}/run-superlink.sh
+Restart=on-failure
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def site_units(site: SiteSpec) -> dict[str, str]:
+    """``site-<name>/systemd/``: the SuperNode and the long-running ClientApp, one unit each."""
+    folder = f"{CONFIG_ROOT}/site-{site.name}"
+    data = site.data_path or "/path/to/this/hospitals/cases"
+    env = f"""Environment=DATA_PATH={data}
+Environment=RUNTIME_PORT=9094
+Environment=FEDSEG_SITE_STATE=/var/lib/fedseg/site
+"""
+    supernode = f"""# fedseg at {site.name}: the SuperNode. Copy site-{site.name}/ to {folder},
+# fedseg into {INSTALL_PREFIX} (docs/deployment.md), set DATA_PATH below, then:
+#   systemctl enable --now {SUPERNODE_UNIT} {CLIENTAPP_UNIT}
+# Health: curl http://127.0.0.1:9094/health (the SuperNode's local runtime API)
+[Unit]
+Description=fedseg site {site.name} (Flower SuperNode)
+After=network-online.target
+Wants=network-online.target {CLIENTAPP_UNIT}
+
+[Service]
+Type=simple
+{_UNIT_COMMON}{env}Environment=FEDSEG_CLIENTAPP=service
+StateDirectory=fedseg/site
+ExecStart={folder}/run-supernode.sh
+# restarted at once after a crash: it closes its previous session and rejoins in seconds
+Restart=always
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+"""
+    clientapp = f"""# fedseg at {site.name}: the long-running ClientApp (its model stays loaded).
+[Unit]
+Description=fedseg site {site.name} (long-running ClientApp)
+After={SUPERNODE_UNIT}
+PartOf={SUPERNODE_UNIT}
+
+[Service]
+Type=simple
+{_UNIT_COMMON}{env}StateDirectory=fedseg/site
+ExecStart={folder}/run-clientapp.sh
+# a crash is restarted at once and finishes the message it was working on; exit 2 (cannot
+# start, e.g. no SuperNode after 300 s) is not retried in a loop
+Restart=on-failure
+RestartSec=1
+RestartPreventExitStatus=2
+
+[Install]
+WantedBy=multi-user.target
+"""
+    return {SUPERNODE_UNIT: supernode, CLIENTAPP_UNIT: clientapp}
 
 
 #: ``site-<name>/bin/flwr-clientapp``: the SuperNode's executor starts every ClientApp process

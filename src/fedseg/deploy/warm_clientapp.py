@@ -178,9 +178,9 @@ class WarmClientApp:
 
     # -- Runtime API clients -------------------------------------------------------------------
 
-    def _client(self, token: str | None) -> Any:
-        """A Runtime API client: with ``token``, a task's (Flower's retries on); without, the
-        task claimer's (one try per call: the loop itself waits and tries again)."""
+    def _client(self, token: str | None, *, retry: bool = True) -> Any:
+        """A Runtime API client: with ``token``, a task's (Flower's retries on unless not
+        ``retry``); without, the task claimer's (one try per call: the loop tries again)."""
         from flwr.supercore.interceptors import (
             RuntimeTokenHttpInterceptor,
             RuntimeVersionHttpInterceptor,
@@ -192,15 +192,15 @@ class WarmClientApp:
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=name)]
         if token:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
-        retry = make_simple_http_retry_invoker()
-        if not token:
-            retry.max_tries = 1
+        invoker = make_simple_http_retry_invoker()
+        if not token or not retry:
+            invoker.max_tries = 1
         return RuntimeHttpClient.from_server_address(
             server_address=self.address,
             insecure=self.insecure,
             root_certificates=None if self.insecure else self.root_certificates,
             interceptors=interceptors,
-            retry_invoker=retry,
+            retry_invoker=invoker,
         )
 
     def wait_for_supernode(self, timeout: float) -> None:
@@ -405,6 +405,12 @@ class WarmClientApp:
             log(ERROR, "fedseg: the message in flight crashed this process %d times", attempts)
             self._answer_crash(entry, replay)
             return
+        if not self._token_alive(str(entry["token"])):
+            # the SuperNode restarted too (its state, and the task, are gone): nothing to answer
+            log(WARNING, "fedseg: the message a crashed ClientApp left belongs to a previous "
+                "SuperNode session; dropped")  # fmt: skip
+            self.journal.clear()
+            return
         self.journal.bump(entry)
         log(WARNING, "fedseg: running again the message a crashed ClientApp left (task %s)",
             entry.get("task-id"))  # fmt: skip
@@ -413,6 +419,19 @@ class WarmClientApp:
         except Exception as exc:  # noqa: BLE001 - an expired token: Flower answers it itself
             log(ERROR, "fedseg: could not run the journalled message again: %s", exc)
             self.journal.clear()
+
+    def _token_alive(self, token: str) -> bool:
+        """Whether the SuperNode still knows the task of ``token`` (one task heartbeat)."""
+        import httpx
+        from flwr.proto.heartbeat_pb2 import SendTaskHeartbeatRequest
+
+        client = self._client(token, retry=False)
+        try:
+            return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+        except httpx.HTTPError:
+            return False
+        finally:
+            client.close()
 
     def _answer_crash(self, entry: dict[str, Any], replay: tuple[dict[str, Any], Any]) -> None:
         from flwr.app import Message
