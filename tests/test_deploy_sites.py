@@ -210,3 +210,14 @@ def test_clientapp_unit_mode_runs_the_supernode_alone() -> None:
     service_branch = script.split("= service ]; then", 1)[1].split("fi\n", 1)[0]
     assert "exec " in service_branch and "fedseg.deploy.supernode" in service_branch
     assert "warm_clientapp" not in service_branch
+
+
+def test_a_journalled_message_of_a_gone_supernode_session_is_dropped(tmp_path: Path) -> None:
+    journal = W.Journal(tmp_path / "clientapp")
+    journal.write({"token": "old", "task-id": 1, "attempts": 1}, {})
+    app = W.WarmClientApp(f"127.0.0.1:{_free_port()}", journal, None)
+
+    app.recover()  # the token is unknown (no SuperNode answers it): nothing to run again
+
+    assert journal.read() is None
+    assert app.handled == 0

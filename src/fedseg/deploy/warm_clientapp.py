@@ -44,7 +44,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -61,18 +60,6 @@ JOURNAL_FILE = "inflight.json"
 PULL_BACKOFF = (0.05, 0.5)
 #: exit code when the SuperNode's Runtime API cannot be reached at start
 EXIT_NO_SUPERNODE = 2
-
-
-@dataclass
-class Task:
-    """One claimed ClientApp task: its token and what was pulled with it."""
-
-    token: str
-    task_id: int
-    message: Any
-    context: Any
-    run: Any
-    fab: Any
 
 
 class Journal:
@@ -423,7 +410,7 @@ class WarmClientApp:
     def _token_alive(self, token: str) -> bool:
         """Whether the SuperNode still knows the task of ``token`` (one task heartbeat)."""
         import httpx
-        from flwr.proto.heartbeat_pb2 import SendTaskHeartbeatRequest
+        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
 
         client = self._client(token, retry=False)
         try:
@@ -461,7 +448,11 @@ class WarmClientApp:
         from flwr.supercore import log
         from flwr.supercore.constant import TaskType
 
-        self.recover()
+        try:
+            self.recover()
+        except Exception as exc:  # noqa: BLE001 - a bad journal must not stop the site
+            log(ERROR, "fedseg: could not recover the message in flight: %s", exc)
+            self.journal.clear()
         client = self._client(None)
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         log(INFO, "fedseg: warm ClientApp serving the SuperNode at %s", self.address)
