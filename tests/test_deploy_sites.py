@@ -221,3 +221,61 @@ def test_a_journalled_message_of_a_gone_supernode_session_is_dropped(tmp_path: P
 
     assert journal.read() is None
     assert app.handled == 0
+
+
+def _state_db(path: Path, revision: str) -> bytes:
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
+    return path.read_bytes()
+
+
+def test_bad_database_of_another_flower_version_is_refused_untouched(tmp_path: Path) -> None:
+    from fedseg.deploy.superlink import check_database_version
+
+    db = tmp_path / "superlink.db"
+    before = _state_db(db, "ffffffffffff")
+
+    with pytest.raises(DeploymentError, match="written by another Flower version"):
+        check_database_version(str(db))
+    assert db.read_bytes() == before
+
+
+def test_database_of_this_flower_version_is_accepted(tmp_path: Path) -> None:
+    from fedseg.deploy.superlink import _flower_revisions, check_database_version
+
+    db = tmp_path / "superlink.db"
+    _state_db(db, sorted(_flower_revisions())[0])
+
+    check_database_version(str(db))  # no error
+    check_database_version(str(tmp_path / "new.db"))  # a file Flower will create
+
+
+def test_superlink_with_a_foreign_database_exits_with_one_line(tmp_path: Path) -> None:
+    db = tmp_path / "superlink.db"
+    before = _state_db(db, "ffffffffffff")
+    cmd = [sys.executable, "-m", "fedseg.deploy.superlink", "--insecure", "--database", str(db),
+           "--port", str(_free_port()), "--control-port", str(_free_port())]  # fmt: skip
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fedseg SuperLink: {db}: written by another Flower version")
+    assert "Traceback" not in done.stderr
+    assert db.read_bytes() == before
+
+
+def test_sqlite_writers_wait_a_minute_for_the_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore import sql_mixin
+
+    from fedseg.deploy.superlink import wait_longer_for_sqlite
+
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
+    wait_longer_for_sqlite()
+
+    pragmas = dict(sql_mixin.SQLITE_PRAGMAS)
+    assert pragmas["busy_timeout"] == "60000"
+    assert pragmas["journal_mode"] == "WAL"
