@@ -122,7 +122,7 @@ def wait_longer_for_sqlite(timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
     """
     from flwr.supercore import sql_mixin
 
-    sql_mixin.SQLITE_PRAGMAS = tuple(  # type: ignore[attr-defined]
+    sql_mixin.SQLITE_PRAGMAS = tuple(  # type: ignore[assignment]
         (name, str(timeout_ms) if name == "busy_timeout" else value)
         for name, value in sql_mixin.SQLITE_PRAGMAS
     )
