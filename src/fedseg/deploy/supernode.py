@@ -16,7 +16,9 @@
   has downloaded the message's objects from the SuperLink, and downloads them with Flower's
   retry schedule for objects still on their way (1 s, doubling to 10 s); the ServerApp is still
   uploading them at that moment, so a round could wait several seconds for nothing. Here the
-  retries start at 0.05 s and stop growing at 0.5 s.
+  retries start at 0.05 s and stop growing at 0.5 s, and a message whose objects have not come
+  within 60 s (a SuperLink that restarted meanwhile lost them) is given up, so the SuperNode,
+  which pulls nothing else while it waits, goes on to the next message.
 
 Everything else, including every exit code, is Flower's.
 """
@@ -34,6 +36,9 @@ from typing import Any
 
 #: first and longest wait (seconds) before the SuperNode asks again for an object on its way
 PULL_BACKOFF = (0.05, 0.5)
+#: give up on a message whose objects do not come within this many seconds (the SuperLink
+#: restarted and lost them): the SuperNode pulls nothing else meanwhile
+PULL_MAX_SECONDS = 60.0
 
 
 def read_node_id(path: Path) -> int | None:
@@ -96,7 +101,10 @@ def install(node_id_file: Path) -> None:
     from flwr.supernode import start_client_internal as flower
 
     flower.pull_objects = functools.partial(  # type: ignore[attr-defined]
-        flower.pull_objects, initial_backoff=PULL_BACKOFF[0], backoff_cap=PULL_BACKOFF[1]
+        flower.pull_objects,
+        initial_backoff=PULL_BACKOFF[0],
+        backoff_cap=PULL_BACKOFF[1],
+        max_time=PULL_MAX_SECONDS,
     )
     connect = flower._init_connection
 

@@ -58,6 +58,10 @@ MAX_ATTEMPTS = 2
 JOURNAL_FILE = "inflight.json"
 #: first and longest wait (seconds) before asking again for an object still on its way
 PULL_BACKOFF = (0.05, 0.5)
+#: how long (seconds) to wait for a message's objects: the SuperNode downloads them within
+#: seconds, or gives up and drops the message (a SuperLink that restarted meanwhile); one
+#: process serves every message, so it must not wait for that one for Flower's 2 hours
+PULL_MAX_SECONDS = 60.0
 #: exit code when the SuperNode's Runtime API cannot be reached at start
 EXIT_NO_SUPERNODE = 2
 
@@ -501,6 +505,7 @@ def _inflate(tree: Any, pull: Callable[[str], bytes], confirm: Callable[[str], A
         return_type=Message,
         initial_backoff=PULL_BACKOFF[0],
         backoff_cap=PULL_BACKOFF[1],
+        max_time=PULL_MAX_SECONDS,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id
     return message
