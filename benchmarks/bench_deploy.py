@@ -7,13 +7,20 @@ run ``--rounds`` rounds with ``flwr run``. Reported, as JSON lines:
 * ``deploy``: per-round wall time and overhead (round minus site train and eval on the critical
   path, from ``history.json``), bytes each site sent and received per round (its interface
   counters: model, TLS and HTTP, everything), and each site's peak memory (RSS summed over the
-  SuperNode, its SuperExec and ClientApp processes, sampled every 0.5 s);
+  SuperNode, its SuperExec and ClientApp processes, sampled every 0.5 s; with ``--mode warm``
+  also the long-running ClientApp process's own peak, its ``VmHWM``);
+* ``--mode warm`` (default): each site started by its ``run-supernode.sh`` as a hospital runs
+  it (the SuperNode with ``--isolation process`` and the long-running ClientApp process of
+  :mod:`fedseg.deploy.warm_clientapp`, the app approved in ``approved-apps.txt``);
+  ``--mode cold``: ``flower-supernode`` alone, Flower's new ``flwr-clientapp`` process per
+  message (what sites ran before the warm ClientApp);
 * ``simulation`` (``--simulation``): the same config and cases on Flower's Simulation Engine in
   this process (:func:`fedseg.experiment.engine.run_federation`).
 
 Examples::
 
     python benchmarks/bench_deploy.py --model default --sites 2 --rounds 3 --simulation
+    python benchmarks/bench_deploy.py --model default --sites 2 --rounds 3 --mode cold
     python benchmarks/bench_deploy.py --model tiny --sites 10 --rounds 3
 
 Needs root (network namespaces).
@@ -55,6 +62,20 @@ def _rss_kib(pids: list[str]) -> int:
     return total
 
 
+def _clientapp_hwm_kib(pids: list[str]) -> int:
+    """Peak RSS (``VmHWM``) of the long-running ClientApp process among ``pids``."""
+    for pid in pids:
+        try:
+            if b"fedseg.deploy.warm_clientapp" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return 0
+
+
 def _counters(netns: str, iface: str) -> tuple[int, int]:
     base = f"/sys/class/net/{iface}/statistics"
     out = subprocess.run(
@@ -81,6 +102,7 @@ def make_data(tmp: Path, sites: list[str], cases: int) -> dict[str, Path]:
 
 
 def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> dict[str, Any]:
+    from fedseg.deploy.approval import APPROVED_APPS_FILE, app_hash, approve
     from fedseg.deploy.netns import SERVER_IP, NetLab
     from fedseg.deploy.provision import (
         FederationSpec,
@@ -95,6 +117,9 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
     spec = FederationSpec(address=SERVER_IP, port=PORT, sites=tuple(SiteSpec(s) for s in sites))
     # the sites accept every run: this measures round time, not the sites' privacy policies
     pki = provision(spec, tmp / "pki", policy=permissive_policy())
+    digest = app_hash(ROOT)  # each hospital approves the app it runs
+    for folder in pki.site_dirs.values():
+        approve(folder / APPROVED_APPS_FILE, digest, "benchmark")
     home = tmp / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -113,6 +138,7 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
     }
     out = tmp / "out"
     peak: dict[str, int] = dict.fromkeys(sites, 0)
+    app_peak: dict[str, int] = dict.fromkeys(sites, 0)
     with NetLab(sites, tmp / "logs") as lab:
         (tmp / "state").mkdir()
         cmd = superlink_command(spec, str(pki.server_dir), str(tmp / "state" / "db.sqlite"))
@@ -129,6 +155,11 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
         if reg.returncode != 0:
             raise RuntimeError(reg.stderr)
         for i, site in enumerate(sites):
+            if args.mode == "warm":
+                script = [str(pki.site_dirs[site] / "run-supernode.sh")]
+                site_env = env | {"DATA_PATH": str(data[site]), "RUNTIME_PORT": str(9100 + i)}
+                lab.start(site, site, script, site_env)
+                continue
             node = supernode_command(spec, SiteSpec(site), str(pki.site_dirs[site]),
                                      str(data[site]), 9100 + i)  # fmt: skip
             lab.start(site, site, node, env)
@@ -143,6 +174,7 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
                         ["ip", "netns", "pids", ns], capture_output=True, text=True
                     ).stdout.split()
                     peak[s] = max(peak[s], _rss_kib(pids))
+                    app_peak[s] = max(app_peak[s], _clientapp_hwm_kib(pids))
                 stop.wait(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -179,12 +211,14 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
     }
     return {
         "engine": "deploy-tls-netns",
+        "mode": args.mode,
         "flwr-run-seconds": wall,
         "rounds": [_round(r) for r in rounds],
         "median-round-seconds": statistics.median(r["round-seconds"] for r in rounds),
         "median-overhead-seconds": statistics.median(r["overhead-seconds"] for r in rounds),
         "bytes": per_site_bytes,
         "peak-rss-mib": {s: v / 1024 for s, v in peak.items()},
+        "clientapp-peak-rss-mib": {s: v / 1024 for s, v in app_peak.items()},
         "all-ok": all(r["status"] == "ok" for r in rounds)
         and all(len(r["accepted"]) == len(sites) for r in rounds),
     }
@@ -240,6 +274,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", type=int, default=4, help="cases per site")
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--round-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--mode",
+        choices=("warm", "cold"),
+        default="warm",
+        help="sites as run-supernode.sh starts them (long-running ClientApp, default) or "
+        "Flower's new ClientApp process per message",
+    )
     p.add_argument("--simulation", action="store_true", help="also run the Simulation Engine")
     p.add_argument(
         "--state",

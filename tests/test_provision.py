@@ -54,12 +54,12 @@ def _mode(path: Path) -> int:
 def test_layout_one_folder_per_party(pki: Path) -> None:
     assert sorted(p.name for p in (pki / "server").iterdir()) == [
         "ca.crt", "flwr-connection.toml", "register-sites.sh", "run-superlink.sh",
-        "server.key", "server.pem", "site-keys", "sites.csv",
+        "server.key", "server.pem", "site-keys", "sites.csv", "systemd",
     ]  # fmt: skip
     for site in ("hospital-a", "hospital-b"):
         assert sorted(p.name for p in (pki / f"site-{site}").iterdir()) == [
             "approved-apps.txt", "bin", "ca.crt", f"{site}.key", f"{site}.pub",
-            "policy.toml", "run-supernode.sh",
+            "policy.toml", "run-clientapp.sh", "run-supernode.sh", "systemd",
         ]  # fmt: skip
         assert [p.name for p in (pki / f"site-{site}" / "bin").iterdir()] == ["flwr-clientapp"]
     # The CA's private key is in no folder that is handed over.

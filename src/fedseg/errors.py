@@ -154,6 +154,14 @@ class DeviceMemoryError(FedsegError):
     code = "E900"
 
 
+class DeploymentError(FedsegError):
+    """A deployed site or server cannot start or keep running: its ClientApp process cannot
+    reach its SuperNode, a folder it must write is not writable, or its state was written by
+    another Flower version. The message names the file or address and what was expected."""
+
+    code = "E520"
+
+
 class PrivacyBudgetError(FedsegError):
     """A site refuses a round that would take it past its differential-privacy budget."""
 

@@ -532,6 +532,9 @@ def _write_all(
         _write(folder / POLICY_FILE, policy_to_toml(site_policy).encode(), 0o644)
         script = supernode_script(spec, site, ckks=bool(ckks_key))
         _write(folder / "run-supernode.sh", script.encode(), 0o755)
+        _write(folder / "run-clientapp.sh", clientapp_script(site).encode(), 0o755)
+        for unit, text in site_units(site).items():
+            _write(folder / "systemd" / unit, text.encode(), 0o644)
         _write(folder / APPROVED_APPS_FILE, LIST_HEADER.encode(), 0o644)
         _write(folder / "bin" / "flwr-clientapp", CLIENTAPP_SHIM.encode(), 0o755)
         _write(server / "site-keys" / f"{site.name}.pub", public, 0o644)
@@ -545,6 +548,7 @@ def _write_all(
         result.site_dirs[site.name] = folder
     _write(server / REGISTRY_FILE, ("\n".join(sites_rows) + "\n").encode(), 0o644)
     _write(server / "run-superlink.sh", superlink_script(spec).encode(), 0o755)
+    _write(server / "systemd" / SUPERLINK_UNIT, superlink_unit(spec).encode(), 0o644)
     _write(server / "register-sites.sh", register_script(spec).encode(), 0o755)
     _write(server / "flwr-connection.toml", connection_toml(spec).encode(), 0o644)
     from cryptography.hazmat.primitives import hashes
@@ -701,31 +705,192 @@ CONNECTION=${{1:-fedseg}}
 
 
 def supernode_script(spec: FederationSpec, site: SiteSpec, *, ckks: bool = False) -> str:
-    """``site-<name>/run-supernode.sh``: the SuperNode with this site's key and data path."""
+    """``site-<name>/run-supernode.sh``: the SuperNode with this site's key and data path, and
+    its long-running ClientApp process (:mod:`fedseg.deploy.warm_clientapp`), restarted by the
+    script whenever it exits while the SuperNode runs."""
     data = site.data_path or "/path/to/this/hospitals/cases"
     cmd = supernode_command(spec, site, "$HERE", "$DATA_PATH", port=0, ckks=ckks)
     # "$HERE" quoted in the plain arguments; inside the node config's double quotes, bare
     cmd = ['"$HERE"' + a[len("$HERE") :] if a.startswith("$HERE") else a for a in cmd]
     node = cmd.index("--node-config")
-    shown = [*map(_quote, cmd[:node]), '--node-config "' + cmd[node + 1] + '"']
-    shown += ["--port", '"$RUNTIME_PORT"']
+    # the prepared cases once per site, in its state folder (fedseg.data.cache)
+    node_config = cmd[node + 1] + " cache-dir='$STATE/cache'"
+    # Flower's SuperNode through fedseg.deploy.supernode: rejoins at once after a hard kill
+    launcher = ['"$FEDSEG_PYTHON"', "-m", "fedseg.deploy.supernode"]
+    launcher += ["--node-id-file", '"$STATE/node-id"']
+    shown = [*launcher, *map(_quote, cmd[1:node]), '--node-config "' + node_config + '"']
+    shown += ["--isolation", "process", "--port", '"$RUNTIME_PORT"']
     return f"""#!/bin/sh
 # Join the fedseg federation as {site.name}. Set DATA_PATH to the folder holding this hospital's
 # cases (BraTS or MSD layout); the images never leave this machine, only model weights do.
 # The private key {site.name}.key identifies this hospital: keep it here, mode 0600.
 # policy.toml is this hospital's privacy policy: every run is checked against it here.
 # Only the apps listed in {APPROVED_APPS_FILE} run here (add one with `fedseg approve`): every
-# ClientApp starts through bin/flwr-clientapp, which refuses any other app before unpacking it.
+# message is checked against it before any code of the app is unpacked.
+#
+# Two processes: the SuperNode (Flower, --isolation process: it talks to the server) and the
+# site's long-running ClientApp (python -m fedseg.deploy.warm_clientapp), which keeps torch, the
+# prepared cases and the model loaded from one round to the next. When the ClientApp process
+# dies (crash, out of memory), this script starts it again at once; it finishes the message it
+# was working on. When the SuperNode exits, the ClientApp is stopped and the script exits with
+# the SuperNode's code (run it under systemd or a container runtime that restarts it).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 DATA_PATH=${{DATA_PATH:-{data}}}
-RUNTIME_PORT=${{RUNTIME_PORT:-9094}}  # local port of the SuperNode's runtime API
+RUNTIME_PORT=${{RUNTIME_PORT:-9094}}  # local port of the SuperNode's runtime API (loopback)
+STATE=${{FEDSEG_SITE_STATE:-$HERE/state}}  # the message in flight, the SuperNode's id
 {_python_lookup("flower-supernode", "FEDSEG_PYTHON")}export FEDSEG_PYTHON
 export {APPROVED_APPS_ENV}=${{{APPROVED_APPS_ENV}:-$HERE/{APPROVED_APPS_FILE}}}
 "$FEDSEG_PYTHON" -m fedseg.deploy.approval "${APPROVED_APPS_ENV}"  # a bad list: no start
-export PATH="$HERE/bin:$PATH"  # flwr-clientapp -> the approval check, then Flower's own
-{_ENV}exec {" ".join(shown)} "$@"
+export PATH="$HERE/bin:$PATH"  # with --isolation subprocess: flwr-clientapp -> approval check
+mkdir -p "$STATE" 2>/dev/null && [ -w "$STATE" ] || {{
+    echo "state folder $STATE is not writable: set FEDSEG_SITE_STATE to a writable folder" >&2
+    exit 2
+}}
+{_ENV}if [ "${{FEDSEG_CLIENTAPP:-here}}" = service ]; then  # systemd: fedseg-clientapp.service
+    exec {" ".join(shown)} "$@"
+fi
+{" ".join(shown)} "$@" &
+NODE=$!
+APP=""
+stop() {{ kill -TERM "$NODE" $APP 2>/dev/null || true; wait "$NODE" 2>/dev/null; exit 143; }}
+trap stop TERM INT
+while kill -0 "$NODE" 2>/dev/null; do
+    "$FEDSEG_PYTHON" -m fedseg.deploy.warm_clientapp \\
+        --runtime-api-address "127.0.0.1:$RUNTIME_PORT" \\
+        --journal-dir "$STATE/clientapp" --supernode-pid "$NODE" &
+    APP=$!
+    RC=0
+    wait "$APP" || RC=$?
+    APP=""
+    kill -0 "$NODE" 2>/dev/null || break
+    if [ "$RC" -eq 2 ]; then  # cannot start (it said why): no restart loop
+        echo "fedseg: the ClientApp process of {site.name} cannot start; stopping the SuperNode" >&2
+        kill -TERM "$NODE" 2>/dev/null || true
+        wait "$NODE" 2>/dev/null || true
+        exit 2
+    fi
+    echo "fedseg: the ClientApp process of {site.name} exited ($RC); starting it again" >&2
+    sleep 1
+done
+RC=0
+wait "$NODE" || RC=$?
+exit "$RC"
 """
+
+
+def clientapp_script(site: SiteSpec) -> str:
+    """``site-<name>/run-clientapp.sh``: the long-running ClientApp alone, for a service manager
+    that runs it as a unit of its own (``systemd/fedseg-clientapp.service``)."""
+    return f"""#!/bin/sh
+# The long-running ClientApp of {site.name} (python -m fedseg.deploy.warm_clientapp), for a
+# service manager that starts the SuperNode separately (FEDSEG_CLIENTAPP=service
+# run-supernode.sh) and restarts this one when it exits: a message it was working on when it
+# died is run again by the next start. Exit 2: it cannot start (the line says why).
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+RUNTIME_PORT=${{RUNTIME_PORT:-9094}}
+STATE=${{FEDSEG_SITE_STATE:-$HERE/state}}
+APPROVED=${{{APPROVED_APPS_ENV}:-$HERE/{APPROVED_APPS_FILE}}}
+{_python_lookup("flower-supernode", "FEDSEG_PYTHON")}export {APPROVED_APPS_ENV}="$APPROVED"
+"$FEDSEG_PYTHON" -m fedseg.deploy.approval "${APPROVED_APPS_ENV}"  # a bad list: no start
+{_ENV}exec "$FEDSEG_PYTHON" -m fedseg.deploy.warm_clientapp \\
+    --runtime-api-address "127.0.0.1:$RUNTIME_PORT" --journal-dir "$STATE/clientapp" --wait 300
+"""
+
+
+#: where the units expect things (the air-gapped install of docs/deployment.md, section 8)
+INSTALL_PREFIX = "/opt/fedseg"
+CONFIG_ROOT = "/etc/fedseg"
+SUPERLINK_UNIT = "fedseg-superlink.service"
+SUPERNODE_UNIT = "fedseg-supernode.service"
+CLIENTAPP_UNIT = "fedseg-clientapp.service"
+
+_UNIT_COMMON = f"""User=fedseg
+Group=fedseg
+Environment=PATH={INSTALL_PREFIX}/bin:/usr/local/bin:/usr/bin:/bin
+# logs go to the journal (journalctl -u UNIT), which rotates them (journald.conf SystemMaxUse=)
+StandardOutput=journal
+StandardError=journal
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=full
+"""
+
+
+def superlink_unit(spec: FederationSpec) -> str:
+    """``server/systemd/fedseg-superlink.service``."""
+    folder = f"{CONFIG_ROOT}/server"
+    return f"""# fedseg aggregation server (Flower SuperLink): copy server/ to {folder}, fedseg into
+# {INSTALL_PREFIX} (docs/deployment.md), then: systemctl enable --now {SUPERLINK_UNIT}
+# Health: curl --cacert {folder}/ca.crt https://{spec.address}:{spec.port}/health
+[Unit]
+Description=fedseg aggregation server (Flower SuperLink)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+{_UNIT_COMMON}Environment=FEDSEG_STATE=/var/lib/fedseg/superlink
+StateDirectory=fedseg/superlink
+ExecStart={folder}/run-superlink.sh
+Restart=on-failure
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def site_units(site: SiteSpec) -> dict[str, str]:
+    """``site-<name>/systemd/``: the SuperNode and the long-running ClientApp, one unit each."""
+    folder = f"{CONFIG_ROOT}/site-{site.name}"
+    data = site.data_path or "/path/to/this/hospitals/cases"
+    env = f"""Environment=DATA_PATH={data}
+Environment=RUNTIME_PORT=9094
+Environment=FEDSEG_SITE_STATE=/var/lib/fedseg/site
+"""
+    supernode = f"""# fedseg at {site.name}: the SuperNode. Copy site-{site.name}/ to {folder},
+# fedseg into {INSTALL_PREFIX} (docs/deployment.md), set DATA_PATH below, then:
+#   systemctl enable --now {SUPERNODE_UNIT} {CLIENTAPP_UNIT}
+# Health: curl http://127.0.0.1:9094/health (the SuperNode's local runtime API)
+[Unit]
+Description=fedseg site {site.name} (Flower SuperNode)
+After=network-online.target
+Wants=network-online.target {CLIENTAPP_UNIT}
+
+[Service]
+Type=simple
+{_UNIT_COMMON}{env}Environment=FEDSEG_CLIENTAPP=service
+StateDirectory=fedseg/site
+ExecStart={folder}/run-supernode.sh
+# restarted at once after a crash: it closes its previous session and rejoins in seconds
+Restart=always
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+"""
+    clientapp = f"""# fedseg at {site.name}: the long-running ClientApp (its model stays loaded).
+[Unit]
+Description=fedseg site {site.name} (long-running ClientApp)
+After={SUPERNODE_UNIT}
+PartOf={SUPERNODE_UNIT}
+
+[Service]
+Type=simple
+{_UNIT_COMMON}{env}StateDirectory=fedseg/site
+ExecStart={folder}/run-clientapp.sh
+# a crash is restarted at once and finishes the message it was working on; exit 2 (cannot
+# start, e.g. no SuperNode after 300 s) is not retried in a loop
+Restart=on-failure
+RestartSec=1
+RestartPreventExitStatus=2
+
+[Install]
+WantedBy=multi-user.target
+"""
+    return {SUPERNODE_UNIT: supernode, CLIENTAPP_UNIT: clientapp}
 
 
 #: ``site-<name>/bin/flwr-clientapp``: the SuperNode's executor starts every ClientApp process

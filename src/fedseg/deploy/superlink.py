@@ -34,6 +34,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -106,6 +107,76 @@ class ControlPlaneGuard:
         await send({"type": "http.response.body", "body": body})
 
 
+#: how long a SuperLink writer waits for SQLite's lock before failing (Flower 1.41 and 1.42: 5 s)
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+def wait_longer_for_sqlite(timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
+    """Make the SuperLink's SQLite connections wait ``timeout_ms`` for a lock.
+
+    Flower opens its state database in WAL mode with ``busy_timeout = 5000``
+    (``flwr/supercore/constant.py: SQLITE_PRAGMAS``, applied to every new connection by
+    ``flwr/supercore/sql_mixin.py``); with many SuperNodes writing at once on a busy server a
+    writer can wait longer than that, and the request fails with ``database is locked`` (an HTTP
+    500 that stops the ServerApp). A longer wait turns that failure into a delay.
+    """
+    from flwr.supercore import sql_mixin
+
+    sql_mixin.SQLITE_PRAGMAS = tuple(  # type: ignore[assignment]
+        (name, str(timeout_ms) if name == "busy_timeout" else value)
+        for name, value in sql_mixin.SQLITE_PRAGMAS
+    )
+
+
+def check_database_version(database: str) -> None:
+    """Refuse a state database written by a Flower version this one cannot read.
+
+    Flower migrates an older database forwards at start (Alembic); a database whose schema
+    revision this Flower does not know (written by a newer release) would fail inside the
+    migration with a traceback. Nothing is written to the file here.
+
+    Raises
+    ------
+    DeploymentError
+        The database's schema revision is not one of this Flower's.
+    """
+    import sqlite3
+
+    from fedseg.errors import DeploymentError
+
+    path = Path(database)
+    if not path.is_file():  # in-memory state, or a new file Flower creates
+        return
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if "no such table" in str(exc):
+            return  # a new or pre-migration database: Flower handles those itself
+        raise DeploymentError(
+            f"{path}: not a SuperLink state database SQLite can read ({exc})"
+        ) from None
+    known = _flower_revisions()
+    found = [str(r[0]) for r in rows]
+    unknown = [r for r in found if r not in known]
+    if unknown:
+        import flwr
+
+        raise DeploymentError(
+            f"{path}: written by another Flower version (schema revision {unknown[0]}, not one "
+            f"of Flower {flwr.__version__}'s); start the SuperLink with the Flower version that "
+            "wrote it, or move the file away to start with an empty state"
+        )
+
+
+def _flower_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+    from flwr.supercore.state import alembic as migrations
+
+    scripts = ScriptDirectory(str(Path(migrations.__file__).parent))
+    return {rev.revision for rev in scripts.walk_revisions()}
+
+
 def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--control-host", default=DEFAULT_CONTROL_HOST)
@@ -149,6 +220,13 @@ def serve(argv: list[str] | None = None) -> None:
     ours, flower_args = _split_args(sys.argv[1:] if argv is None else argv)
     sys.argv = ["flower-superlink", *flower_args]  # Flower's own parser and checks
     config = flower._parse_superlink_lifespan_config()
+    from fedseg.errors import DeploymentError
+
+    try:
+        check_database_version(str(getattr(config, "database", "") or ""))
+    except DeploymentError as exc:
+        sys.exit(f"fedseg SuperLink: {exc}")
+    wait_longer_for_sqlite()
     public = (config.host, config.port)
     if ours.control_port == public[1]:
         sys.exit(f"--control-port {ours.control_port} must differ from the public --port")

@@ -177,14 +177,21 @@ def run_rounds(
         track_round(Path(checkpoint).parent if checkpoint is not None else None, row, weights)
         if write:
             save(done.round, None)
+        privacy = row.get("privacy")
+        spent = (  # shown in `flwr run --stream` beside the round's loss and Dice
+            f", epsilon {privacy['max-epsilon']:.3f} at delta {privacy['delta']:g}"
+            if isinstance(privacy, dict) and "max-epsilon" in privacy
+            else ""
+        )
         log.info(
-            "round %d/%d %s: train-loss %s, mean Dice %s, %.2f s",
+            "round %d/%d %s: train-loss %s, mean Dice %s, %.2f s%s",
             done.round,
             cfg.num_server_rounds,
             row["status"],
             row["train-loss"],
             row["mean-dice"],
             row["round-seconds"],
+            spent,
         )
         log.info("round %d sites: %s", done.round, describe_sites(row))
         if progress is not None:
