@@ -242,3 +242,37 @@ def test_train_writes_tensorboard_events_per_epoch(
     assert [v for _, v in got["val/mean-dice"]] == pytest.approx(
         [float(r["val-mean-dice"]) for r in rows]
     )
+
+
+def test_a_deployed_site_writes_its_own_tensorboard_events(tmp_path: Path) -> None:
+    """A site with a ``state-dir`` (deployment) keeps its own event files there."""
+    from test_federation import tiny_cfg, write_cohort
+
+    from fedseg.federation.client_app import build_client_app
+    from fedseg.federation.inprocess import InProcessGrid
+    from fedseg.federation.server_app import serve
+
+    nodes = []
+    for k in range(2):
+        write_cohort(tmp_path / f"data-{k}", num_cases=3, seed=k)
+        nodes.append(
+            {
+                "data-path": str(tmp_path / f"data-{k}"),
+                "site-name": f"hospital-{k}",
+                "state-dir": str(tmp_path / f"state-{k}"),
+            }
+        )
+    cfg = tiny_cfg(num_sites=2, num_server_rounds=2, out_dir=str(tmp_path / "server"))
+    grid = InProcessGrid(build_client_app(cfg.to_run_config()), nodes)
+    serve(grid, cfg, tmp_path / "server")
+
+    history = json.loads((tmp_path / "server" / "history.json").read_text())["rounds"]
+    got = _scalars(tmp_path / "state-0")
+    assert [s for s, _ in got["site/train-loss"]] == [1, 2]
+    assert got["site/train-loss"][1][1] == pytest.approx(
+        history[1]["train"]["hospital-0"]["train-loss"]
+    )
+    # its own Dice of each round's global model, the figure the server recorded
+    assert got["site/dice-WT"] == [
+        (r + 1, pytest.approx(history[r]["dice"]["hospital-0"]["WT"])) for r in range(2)
+    ]

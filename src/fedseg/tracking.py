@@ -9,7 +9,11 @@
   ``server/round-seconds``, ``server/overhead-seconds``, ``server/accepted-sites``,
   ``server/model-bytes`` (model payload sent to the sampled sites and back from the accepted
   ones); and per site ``site/<name>/train-loss``, ``.../train-seconds``, ``.../dice-WT|TC|ET``
-  and ``.../epsilon`` when differential privacy is on.
+  and ``.../epsilon`` when differential privacy is on;
+* a deployed site (:func:`track_site`, called by the site after each training round; events in
+  its ``state-dir``/tensorboard, on the hospital's own machine): ``site/train-loss``,
+  ``site/train-seconds``, ``site/steps``, ``site/epsilon`` (DP) and ``site/dice-WT|TC|ET`` of
+  the global model it scored at the start of the round (step: the round that model ended).
 
 Tracking never stops a run: a writer that cannot be created or written is logged once and
 dropped. ``FEDSEG_TENSORBOARD=0`` turns it off.
@@ -118,6 +122,43 @@ def track_round(
     for site, dice in (row.get("dice") or {}).items():
         values |= {f"site/{site}/dice-{r}": (dice or {}).get(r) for r in _REGIONS}
     _flush(writer, values, step)
+
+
+def track_site(
+    state_dir: Path | None,
+    server_round: int,
+    train: Mapping[str, Any] | None = None,
+    scores: Mapping[str, Any] | None = None,
+) -> None:
+    """Write what a deployed site did in a round into its own event files.
+
+    Parameters
+    ----------
+    state_dir:
+        The site's state folder (events go to ``state_dir/tensorboard``); ``None``: nothing.
+    server_round:
+        The round: the one it trained in (``train``), the one whose model it scored
+        (``scores``).
+    train:
+        Its training reply's metrics (``train-loss``, ``train-seconds``, ``num-steps``,
+        ``dp-epsilon``).
+    scores:
+        Its evaluation of the global model (``dice-WT``.. keys).
+    """
+    writer = _writer(state_dir)
+    if writer is None:
+        return
+    values: dict[str, Any] = {}
+    if train:
+        values |= {
+            "site/train-loss": train.get("train-loss"),
+            "site/train-seconds": train.get("train-seconds"),
+            "site/steps": train.get("num-steps"),
+            "site/epsilon": train.get("dp-epsilon"),
+        }
+    if scores:
+        values |= {f"site/dice-{r}": scores.get(f"dice-{r}") for r in _REGIONS}
+    _flush(writer, values, int(server_round))
 
 
 def _flush(writer: Any, values: Mapping[str, Any], step: int) -> None:

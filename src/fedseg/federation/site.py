@@ -408,7 +408,20 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         raise
     for key, record in scores.items():
         content[key] = record
+    _track(context, server_round, train=R.metrics_dict(content.metric_records.get(R.METRICS)))
+    if "evaluate-round" in conf and R.EVAL_METRICS in content.metric_records:
+        scores = R.metrics_dict(content.metric_records.get(R.EVAL_METRICS))
+        _track(context, int(conf["evaluate-round"]), scores=scores)
     return content
+
+
+def _track(context: Context, server_round: int, **values: Any) -> None:
+    """A deployed site (``state-dir``) keeps its own TensorBoard events, on its own machine."""
+    state_dir = str(context.node_config.get("state-dir", ""))
+    if state_dir:
+        from fedseg.tracking import track_site
+
+        track_site(Path(state_dir), server_round, **values)
 
 
 def _train_received(
@@ -597,6 +610,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> Record
         else {}
     )
     metrics = _evaluate_received(rt, received, strategy, saved.get(FEDBN_STATE))
+    _track(context, server_round, scores=metrics)
     return RecordDict({R.METRICS: MetricRecord(metrics), R.SITE: R.site_record(spec.name)})
 
 
