@@ -128,6 +128,9 @@ def test_study_writes_all_files(baseline_study: tuple[Path, dict]) -> None:
         assert (out / name).is_file(), name
     assert doc["report"] == str(out / "report.html")
     assert json.loads((out / "metrics.json").read_text())["arms"].keys() == set(BASELINES)
+    # live tracking: TensorBoard events of the baselines, per epoch (local: per site)
+    for folder in ("centralized", "local/site-0", "local/site-1"):
+        assert list((out / "arms" / folder / "tensorboard").glob("events.out.tfevents.*")), folder
 
 
 def test_metrics_cover_every_arm_site_and_region(baseline_study: tuple[Path, dict]) -> None:

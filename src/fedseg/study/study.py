@@ -458,10 +458,11 @@ def _run_arm(
     """
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
+    folder = out / "arms" / arm  # TensorBoard events of the baselines go to FOLDER/tensorboard
     if arm == "centralized":
-        shared, per_site, curve, timings = _run_centralized(cfg, sites, device, progress)
+        shared, per_site, curve, timings = _run_centralized(cfg, sites, device, progress, folder)
     elif arm == "local":
-        shared, per_site, curve, timings, extra = _run_local(cfg, sites, device, progress)
+        shared, per_site, curve, timings, extra = _run_local(cfg, sites, device, progress, folder)
     else:
         shared, per_site, curve, timings, extra = _run_federated(
             arm, out, cfg, data_dir, sites, progress, engine, superlink
@@ -494,12 +495,25 @@ def _run_arm(
 Weights = dict[str, np.ndarray]
 
 
+def _tracked(folder: Path, row: Mapping[str, Any]) -> None:
+    """One epoch of a baseline arm as TensorBoard events (test-case Dice as ``val/``)."""
+    from fedseg.tracking import track_epoch
+
+    scores = {f"val-dice-{r}": row.get(r) for r in REGIONS}
+    track_epoch(folder, {**row, **scores, "val-mean-dice": row.get("mean-dice")})
+
+
 def _run_centralized(
-    cfg: FedsegConfig, sites: Sites, device: torch.device, progress: bool
+    cfg: FedsegConfig, sites: Sites, device: torch.device, progress: bool, folder: Path
 ) -> tuple[Weights, dict[str, Weights] | None, list[dict[str, Any]], dict[str, Any]]:
     from fedseg.study.local import train_for_epochs
 
     budget = epoch_budget(cfg)
+
+    def on_epoch(epoch: int, total: int, row: dict[str, Any]) -> None:
+        bar.step(row.get("mean-dice"))
+        _tracked(folder, row)
+
     with ProgressBar("centralized", budget, "epoch", progress) as bar:
         run = train_for_epochs(
             cfg,
@@ -507,18 +521,23 @@ def _run_centralized(
             sites.pooled_test,
             budget,
             device=device,
-            on_epoch=lambda e, n, row: bar.step(row.get("mean-dice")),
+            on_epoch=on_epoch,
             eval_every=cfg.local_epochs,  # scored at the federated rounds' epoch budgets
         )
     return run.weights, None, run.curve, dict(run.timings)
 
 
 def _run_local(
-    cfg: FedsegConfig, sites: Sites, device: torch.device, progress: bool
+    cfg: FedsegConfig, sites: Sites, device: torch.device, progress: bool, folder: Path
 ) -> tuple[None, dict[str, Weights], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     from fedseg.study.local import pool_curves, run_local_arm
 
     budget = epoch_budget(cfg)
+
+    def on_epoch(site: str, epoch: int, total: int, row: dict[str, Any]) -> None:
+        bar.step(row.get("mean-dice"), site=site)
+        _tracked(folder / site, row)
+
     with ProgressBar("local", budget * len(sites.train), "epoch", progress) as bar:
         runs = run_local_arm(
             cfg,
@@ -526,7 +545,7 @@ def _run_local(
             sites.test,
             budget,
             device=device,
-            on_epoch=lambda s, e, n, row: bar.step(row.get("mean-dice"), site=s),
+            on_epoch=on_epoch,
             eval_every=cfg.local_epochs,
         )
     per_site = {s: r.weights for s, r in runs.items()}
