@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -115,3 +116,24 @@ def tiny_case() -> Case:
 def write_case() -> Callable[[Case, Path, str], Path]:
     """The :func:`write_case_as` writer."""
     return write_case_as
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """One torch thread while a module's tests run, as a Ray actor with 1 CPU gets (and far
+    faster on a busy 2-core machine); use with ``pytest.mark.usefixtures``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
+    """Nine tiny cases (:func:`helpers.write_cohort`) in three sites of three."""
+    from helpers import three_sites, write_cohort
+
+    root = tmp_path_factory.mktemp("fed-cohort") / "data"
+    return root, three_sites(write_cohort(root))

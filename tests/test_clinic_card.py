@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_federation import run, tiny_cfg, write_cohort
+from helpers import run, tiny_cfg, write_cohort
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app
@@ -19,14 +19,6 @@ from fedseg.clinic.card import (
 )
 from fedseg.errors import ModelCardError
 from fedseg.federation.server_app import FINAL_MODEL
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
-    """Nine tiny cases in three sites."""
-    root = tmp_path_factory.mktemp("card-cohort") / "data"
-    ids = write_cohort(root)
-    return root, {f"site-{k}": ids[3 * k : 3 * k + 3] for k in range(3)}
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +238,7 @@ def test_train_writes_tensorboard_events_per_epoch(
 
 def test_a_deployed_site_writes_its_own_tensorboard_events(tmp_path: Path) -> None:
     """A site with a ``state-dir`` (deployment) keeps its own event files there."""
-    from test_federation import tiny_cfg, write_cohort
+    from helpers import tiny_cfg
 
     from fedseg.federation.client_app import build_client_app
     from fedseg.federation.inprocess import InProcessGrid

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from test_federation import write_cohort
+from helpers import write_cohort
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app

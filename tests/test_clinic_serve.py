@@ -15,7 +15,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from test_federation import write_cohort
+from helpers import write_cohort
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app

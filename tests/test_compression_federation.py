@@ -9,13 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import RecordDict
-from test_federation import (  # the autouse fixture: one torch thread per site
-    _one_torch_thread,  # noqa: F401
-    run,
-    saved_site_state,
-    tiny_cfg,
-    write_cohort,
-)
+from helpers import run, saved_site_state, tiny_cfg
 
 from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError
@@ -23,12 +17,7 @@ from fedseg.federation import records as R
 from fedseg.federation import site as site_module
 from fedseg.federation.server_app import HISTORY
 
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
-    root = tmp_path_factory.mktemp("compressed-cohort") / "data"
-    ids = write_cohort(root)
-    return root, {f"site-{k}": ids[3 * k : 3 * k + 3] for k in range(3)}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("codec", ["q8", "topk"])

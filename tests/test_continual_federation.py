@@ -8,12 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_federation import (  # the autouse fixture: one torch thread per site
-    _one_torch_thread,  # noqa: F401
-    run,
-    tiny_cfg,
-    write_cohort,
-)
+from helpers import run, tiny_cfg
 
 from fedseg.config import FedsegConfig
 from fedseg.continual import site as continual_site
@@ -22,12 +17,7 @@ from fedseg.errors import ConfigError, SitePolicyError
 from fedseg.federation.server_app import FINAL_MODEL, HISTORY
 from fedseg.site.policy import PolicyRequest, check_request, default_policy, permissive_policy
 
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
-    root = tmp_path_factory.mktemp("continual-cohort") / "data"
-    ids = write_cohort(root)
-    return root, {f"site-{k}": ids[3 * k : 3 * k + 3] for k in range(3)}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

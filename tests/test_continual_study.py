@@ -92,7 +92,7 @@ def test_summary_forgetting_and_what_was_kept(tmp_path: Path) -> None:
 
 
 def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
-    from test_federation import tiny_cfg, write_cohort
+    from helpers import tiny_cfg, write_cohort
 
     from fedseg.continual.report import render_report
     from fedseg.continual.study import run_continual

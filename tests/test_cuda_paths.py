@@ -15,16 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from test_federation import (  # the autouse fixture: one torch thread per site
-    _one_torch_thread,  # noqa: F401
-    run,
-    tiny_cfg,
-    write_cohort,
-)
+from helpers import run, tiny_cfg
 
 from fedseg.federation.server_app import HISTORY
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 CASES: dict[str, dict[str, Any]] = {
     "fedprox": {"strategy": "fedprox", "proximal_mu": 0.1},
@@ -37,13 +35,6 @@ CASES: dict[str, dict[str, Any]] = {
     "secagg+": {"secure_aggregation": "secagg+", "secagg_max_weight": 10.0},
     "amp-bf16": {"amp": "bf16"},
 }
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
-    root = tmp_path_factory.mktemp("cuda-cohort") / "data"
-    ids = write_cohort(root)
-    return root, {f"site-{k}": ids[3 * k : 3 * k + 3] for k in range(3)}
 
 
 @pytest.mark.slow

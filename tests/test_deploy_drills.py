@@ -183,7 +183,7 @@ class Drill:
     # -- set-up ------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        from test_federation import write_cohort
+        from helpers import write_cohort
         from test_site_policy import OPEN_POLICY
 
         for seed, site in enumerate(SITES, start=1):

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import write_cohort
 from test_deploy_drills import BIN, ROOT, Drill, _wait_for, approve_app, drill_marks
-from test_federation import write_cohort
 
 from fedseg.deploy.netns import SERVER_IP, NetLab
 from fedseg.deploy.provision import POLICY_FILE, FederationSpec, SiteSpec, provision

@@ -10,14 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_federation import (  # the autouse fixture: one torch thread per site
-    _one_torch_thread,  # noqa: F401
-    make_grid,
-    tiny_cfg,
-    write_cohort,
-)
+from helpers import make_grid, tiny_cfg, write_cohort
 
 from fedseg.federation.server_app import serve
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ class WarmDrill:
         return None
 
     def play(self) -> None:
-        from test_federation import write_cohort
+        from helpers import write_cohort
         from test_site_policy import OPEN_POLICY
 
         t0 = time.monotonic()

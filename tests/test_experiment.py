@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_federation import tiny_cfg, write_cohort
+from helpers import tiny_cfg, write_cohort
 
 from fedseg.config import FedsegConfig
 from fedseg.errors import ArmSpecError, ConfigError

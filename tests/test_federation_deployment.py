@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_federation import write_cohort
+from helpers import write_cohort
 
 pytestmark = [
     pytest.mark.slow,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_federation import make_grid, tiny_cfg, write_cohort
+from helpers import make_grid, tiny_cfg, write_cohort
 
 pytestmark = pytest.mark.slow
 

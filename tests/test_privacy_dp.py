@@ -16,12 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_federation import (  # the autouse fixture: one torch thread per site, as in a Ray actor
-    _one_torch_thread,  # noqa: F401
-    make_grid,
-    tiny_cfg,
-    write_cohort,
-)
+from helpers import make_grid, tiny_cfg, write_cohort
 
 from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError, PrivacyBudgetError
@@ -47,7 +42,10 @@ from fedseg.privacy.ledger import (
     privacy_summary,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 # ------------------------------------------------------------------------------- accountant

@@ -15,12 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_federation import (  # the autouse fixture: one torch thread per site, as in a Ray actor
-    _one_torch_thread,  # noqa: F401
-    make_grid,
-    tiny_cfg,
-    write_cohort,
-)
+from helpers import make_grid, tiny_cfg, write_cohort
 
 from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError
@@ -30,7 +25,10 @@ from fedseg.model.unet import build_unet
 from fedseg.privacy.dpsgd import SitePrivacy, build_per_sample_loss, trainable_names
 from fedseg.utils.io import load_torch
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def _norm_names(model: torch.nn.Module) -> set[str]:

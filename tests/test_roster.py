@@ -12,12 +12,7 @@ from typing import Any
 
 import pytest
 from flwr.app import Message
-from test_federation import (  # the autouse fixture: one torch thread per site
-    _one_torch_thread,  # noqa: F401
-    make_grid,
-    tiny_cfg,
-    write_cohort,
-)
+from helpers import make_grid, tiny_cfg, write_cohort
 
 from fedseg.federation.inprocess import InProcessGrid
 from fedseg.federation.roster import (
@@ -30,6 +25,8 @@ from fedseg.federation.roster import (
 )
 from fedseg.federation.server_app import serve
 from fedseg.federation.strategy import NO_REPLY, FedsegStrategy, TrainReport
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SITES = ("site-0", "site-1", "site-2")
 

@@ -12,16 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_federation import (  # the autouse fixture: one torch thread per site, as in a Ray actor
-    _one_torch_thread,  # noqa: F401
-    make_grid,
-    tiny_cfg,
-    write_cohort,
-)
+from helpers import make_grid, tiny_cfg
 
 from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError, UpdateValidationError
 from fedseg.secure import ckks as C
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 pytest.importorskip("tenseal")
 
@@ -196,13 +193,6 @@ def test_deployed_site_without_key_file_is_refused() -> None:
 
 
 # ---------------------------------------------------------------------- tiny federation
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
-    root = tmp_path_factory.mktemp("secure-cohort") / "data"
-    ids = write_cohort(root)
-    return root, {f"site-{k}": ids[3 * k : 3 * k + 3] for k in range(3)}
 
 
 def _serve(cfg: FedsegConfig, cohort: Any, out: Path, faults: dict[int, Any] | None = None):

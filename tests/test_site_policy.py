@@ -263,18 +263,13 @@ SITES = ("hospital-a", "hospital-b")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Any:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every test of this module with one torch thread (:func:`conftest.one_torch_thread`)."""
 
 
 @pytest.fixture(scope="module")
 def site_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from test_federation import write_cohort
+    from helpers import write_cohort
 
     root = tmp_path_factory.mktemp("policy-sites")
     out = {}
@@ -285,7 +280,7 @@ def site_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _cfg(**kw: Any) -> FedsegConfig:
-    from test_federation import tiny_cfg
+    from helpers import tiny_cfg
 
     return tiny_cfg(**{"num_server_rounds": 1, "num_sites": 2, "round_timeout": 30.0, **kw})
 

@@ -70,7 +70,7 @@ def test_read_traces_of_an_empty_folder_says_so(tmp_path: Path) -> None:
 def test_a_traced_federation_records_every_site_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_federation import run, tiny_cfg, write_cohort
+    from helpers import run, tiny_cfg, write_cohort
 
     root = tmp_path / "data"
     ids = write_cohort(root)

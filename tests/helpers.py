@@ -1,0 +1,128 @@
+"""Helpers shared by the tests: a tiny hand-written cohort, a tiny config, an in-process federation.
+
+Tiny: 20^3 BraTS-2021-layout cases prepared to 16^3, a 3-level U-Net with 4 base channels,
+sites of 3 cases (2 train, 1 held out), 2-3 rounds. The fixtures built on them (``cohort``,
+``one_torch_thread``) are in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedseg.config import FedsegConfig
+from fedseg.data.case import Case
+from fedseg.federation import site as site_module
+from fedseg.federation.client_app import build_client_app
+from fedseg.federation.inprocess import InProcessGrid
+from fedseg.federation.loop import LoopResult
+from fedseg.federation.server_app import serve
+
+SIZE = 20
+NUM_CASES = 9
+
+
+def write_cohort(root: Path, num_cases: int = NUM_CASES, seed: int = 0) -> list[str]:
+    """Tiny BraTS-2021-layout cases: a bright ellipsoid brain with a layered tumour."""
+    from fedseg.data.readers import save_case
+
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing="ij")).astype(np.float32)
+    brain = (((grid - SIZE / 2 + 0.5) / (SIZE * 0.42)) ** 2).sum(0) < 1
+    ids = []
+    for i in range(num_cases):
+        centre = rng.integers(7, SIZE - 7, 3)
+        radius = rng.uniform(2.5, 3.5)
+        d = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+        label = np.zeros((SIZE,) * 3, np.uint8)
+        label[(d < radius) & brain] = 2
+        label[(d < radius * 0.6) & brain] = 1
+        label[(d < radius * 0.3) & brain] = 4
+        image = rng.normal(1.0, 0.1, (4, SIZE, SIZE, SIZE)).astype(np.float32) * brain
+        image[:, label > 0] += 1.0
+        image[1, label == 4] += 1.0
+        cid = f"CASE_{i:03d}"
+        save_case(Case(cid, image, label, np.eye(4)), root, "brats2021")
+        ids.append(cid)
+    return ids
+
+
+def three_sites(ids: list[str]) -> dict[str, list[str]]:
+    """Nine case ids as three sites of three (``site-0``..``site-2``)."""
+    return {f"site-{k}": ids[3 * k : 3 * k + 3] for k in range(3)}
+
+
+def tiny_cfg(**kw: Any) -> FedsegConfig:
+    base: dict[str, Any] = dict(
+        image_size=16,
+        patch_size=16,
+        base_channels=4,
+        depth=3,
+        batch_size=2,
+        augment=False,
+        test_fraction=0.34,
+        num_server_rounds=2,
+        num_sites=3,
+        round_timeout=30.0,
+    )
+    base.update(kw)
+    return FedsegConfig(**base)
+
+
+def make_grid(
+    cfg: FedsegConfig,
+    root: Path,
+    parts: dict[str, list[str]],
+    tmp: Path,
+    *,
+    push_pull: bool = False,
+) -> tuple[InProcessGrid, FedsegConfig]:
+    from fedseg.data.partition import write_partition
+
+    csv = tmp / "partition.csv"
+    write_partition(parts, csv)
+    cfg = cfg.replace(data_path=str(root), partition_file=str(csv), num_sites=len(parts))
+    app = build_client_app(cfg.to_run_config())
+    grid = InProcessGrid(
+        app,
+        [{"partition-id": i, "num-partitions": len(parts)} for i in range(len(parts))],
+        push_pull=push_pull,
+    )
+    return grid, cfg
+
+
+def run(
+    cfg: FedsegConfig,
+    cohort: tuple[Path, dict[str, list[str]]],
+    out: Path,
+    *,
+    grid: InProcessGrid | None = None,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    parts: dict[str, list[str]] | None = None,
+    push_pull: bool = False,
+) -> tuple[LoopResult, InProcessGrid]:
+    root, default_parts = cohort
+    # out-dir also tells the simulated sites where to keep their state files
+    g, full = make_grid(
+        cfg.replace(out_dir=str(out)),
+        root,
+        parts or default_parts,
+        out.parent,
+        push_pull=push_pull,
+    )
+    return serve(grid or g, full, out, progress=progress), grid or g
+
+
+def saved_site_state(
+    out: Path, site: str, server_round: int | None = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """What ``site`` saved in ``server_round`` (default: its latest round) in its state file."""
+    from fedseg.utils.io import load_torch
+
+    rounds = load_torch(out / "site_state" / f"{site}.pt")["rounds"]
+    return site_module.saved_round_state(
+        rounds[max(rounds) if server_round is None else server_round]
+    )
