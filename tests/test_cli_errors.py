@@ -69,6 +69,16 @@ _COMMANDS = {
         "load_carded_model",
     ),
     "serve": (["serve", "{tmp}/m.pt", "--work-dir", "{tmp}/w"], "fedseg.clinic.serve", "Service"),
+    "continual": (
+        ["continual", "--out", "{tmp}/continual"],
+        "fedseg.continual.study",
+        "run_continual",
+    ),
+    "fusion-study": (
+        ["fusion-study", "--out", "{tmp}/fusion"],
+        "fedseg.fusion.study",
+        "run_fusion_study",
+    ),
 }
 
 
