@@ -126,3 +126,22 @@ def saved_site_state(
     return site_module.saved_round_state(
         rounds[max(rounds) if server_round is None else server_round]
     )
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """A ``fedseg-model-v1`` file of an untrained tiny U-Net (16^3, 2 base channels, depth 2)."""
+    import torch
+
+    from fedseg.model.unet import build_unet
+
+    cfg = FedsegConfig(image_size=16, patch_size=16, base_channels=2, depth=2)
+    torch.manual_seed(0)
+    payload = {
+        "format": "fedseg-model-v1",
+        "config": cfg.to_run_config(),
+        "modalities": ["t1", "t1ce", "t2", "flair"],
+        "epoch": 1,
+        "model": build_unet(cfg).state_dict(),
+    }
+    torch.save(payload, path)
+    return path

@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import tiny_checkpoint
 
 from fedseg.data.case import label_to_regions
 from fedseg.model.brats_metrics import (
@@ -229,25 +230,6 @@ def test_bad_surface_input_empty_mask_is_refused() -> None:
         surface_distances(_vol(), _vol())
 
 
-def _tiny_checkpoint(path: Path) -> Path:
-    import torch
-
-    from fedseg.config import FedsegConfig
-    from fedseg.model.unet import build_unet
-
-    cfg = FedsegConfig(image_size=16, patch_size=16, base_channels=2, depth=2)
-    torch.manual_seed(0)
-    payload = {
-        "format": "fedseg-model-v1",
-        "config": cfg.to_run_config(),
-        "modalities": ["t1", "t1ce", "t2", "flair"],
-        "epoch": 1,
-        "model": build_unet(cfg).state_dict(),
-    }
-    torch.save(payload, path)
-    return path
-
-
 def test_evaluate_writes_monai_and_brats_columns(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -260,7 +242,7 @@ def test_evaluate_writes_monai_and_brats_columns(tmp_path: Path) -> None:
     out = tmp_path / "pred"
 
     result = CliRunner().invoke(
-        app, ["evaluate", str(_tiny_checkpoint(tmp_path / "m.pt")), str(data), "--out", str(out)]
+        app, ["evaluate", str(tiny_checkpoint(tmp_path / "m.pt")), str(data), "--out", str(out)]
     )
 
     assert result.exit_code == 0, result.output

@@ -9,16 +9,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
+from helpers import tiny_checkpoint
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app
-from fedseg.config import FedsegConfig
 from fedseg.data.case import Case, label_to_regions
 from fedseg.data.transforms import Prepared, brain_bbox, preprocess_case
 from fedseg.errors import GeometryError
 from fedseg.model.inference import to_original_grid
-from fedseg.model.unet import build_unet
 
 SHAPE = (20, 22, 24)
 SIZE = 16
@@ -100,20 +98,6 @@ def test_to_original_grid_refuses_a_box_outside_the_grid() -> None:
         to_original_grid(probs, prep)
 
 
-def _tiny_checkpoint(path: Path) -> Path:
-    cfg = FedsegConfig(image_size=16, patch_size=16, base_channels=2, depth=2)
-    torch.manual_seed(0)
-    payload = {
-        "format": "fedseg-model-v1",
-        "config": cfg.to_run_config(),
-        "modalities": ["t1", "t1ce", "t2", "flair"],
-        "epoch": 1,
-        "model": build_unet(cfg).state_dict(),
-    }
-    torch.save(payload, path)
-    return path
-
-
 def test_evaluate_writes_each_prediction_on_its_input_grid(tmp_path: Path) -> None:
     from fedseg.data.synth import generate_cohort
 
@@ -122,7 +106,7 @@ def test_evaluate_writes_each_prediction_on_its_input_grid(tmp_path: Path) -> No
     # box ran past the image, which once made evaluate crash
     generate_cohort(data, 2, seed=0, progress=False, workers=1)
     (data / "SYN_00000" / "SYN_00000_seg.nii.gz").unlink()  # one unlabelled case
-    ckpt = _tiny_checkpoint(tmp_path / "model.pt")
+    ckpt = tiny_checkpoint(tmp_path / "model.pt")
     out = tmp_path / "pred"
 
     result = CliRunner().invoke(app, ["evaluate", str(ckpt), str(data), "--out", str(out)])
