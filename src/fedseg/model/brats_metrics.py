@@ -100,6 +100,17 @@ def _spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
     return sp
 
 
+def _masks(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | None
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """``pred`` and ``ref`` as boolean arrays of one shape, and the checked spacing."""
+    p = np.asarray(pred, dtype=bool)
+    r = np.asarray(ref, dtype=bool)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction shape {p.shape} != reference shape {r.shape}")
+    return p, r, _spacing(spacing, p.ndim)
+
+
 def _crop(*masks: np.ndarray) -> tuple[slice, ...]:
     """The union bounding box of ``masks``, padded by 2 voxels and clipped to the array."""
     box = ndimage.find_objects(np.logical_or.reduce(masks).astype(np.uint8))[0]
@@ -132,13 +143,9 @@ def surface_distances(
     ValueError
         When a mask is empty, the shapes differ or ``spacing`` does not fit.
     """
-    p = np.asarray(pred, dtype=bool)
-    r = np.asarray(ref, dtype=bool)
-    if p.shape != r.shape:
-        raise ValueError(f"prediction shape {p.shape} != reference shape {r.shape}")
+    p, r, sp = _masks(pred, ref, spacing)
     if not p.any() or not r.any():
         raise ValueError("surface distances need a non-empty prediction and reference")
-    sp = _spacing(spacing, p.ndim)
     box = _crop(p, r)
     p, r = p[box], r[box]
     cross = ndimage.generate_binary_structure(p.ndim, 1)
@@ -202,11 +209,7 @@ def lesion_wise(
     ValueError
         When the shapes differ or ``spacing`` does not fit.
     """
-    p = np.asarray(pred, dtype=bool)
-    r = np.asarray(ref, dtype=bool)
-    if p.shape != r.shape:
-        raise ValueError(f"prediction shape {p.shape} != reference shape {r.shape}")
-    sp = _spacing(spacing, p.ndim)
+    p, r, sp = _masks(pred, ref, spacing)
     p_lab, n_pred = _components(p)
     r_lab, n_ref = _components(r)
     pairs: list[tuple[int, int]] = []
@@ -284,11 +287,7 @@ def global_binary(
     ValueError
         When the shapes differ or ``spacing`` does not fit.
     """
-    p = np.asarray(pred, dtype=bool)
-    r = np.asarray(ref, dtype=bool)
-    if p.shape != r.shape:
-        raise ValueError(f"prediction shape {p.shape} != reference shape {r.shape}")
-    sp = _spacing(spacing, p.ndim)
+    p, r, sp = _masks(pred, ref, spacing)
     inter = int(np.count_nonzero(p & r))
     if inter == 0:
         if not p.any() and not r.any():
