@@ -17,11 +17,14 @@ seconds, so they share one run); the tests below each assert one outcome of it:
   restarts on the same ``--database`` and ``flwr run`` is repeated: the ServerApp resumes from
   ``checkpoint.pt`` and finishes round 3;
 * round 3: ``hospital-a``'s link is cut as soon as it has pulled the restarted run's training
-  message, and restored only once the server has logged its decision about ``hospital-a`` for
-  that round. The SuperLink marks the node offline after two missed 30 s heartbeats and then
-  answers its message as unavailable (``UNREACHABLE``); with a ``round-timeout`` shorter than
-  that the round times out first (``NO_REPLY``). Either way the round ends on time without it,
-  and the drill asks the SuperLink (``flwr supernode ls``) for the node's status at that moment;
+  message (its long-running ClientApp, which would answer within a second, is paused with
+  ``SIGSTOP`` from its handshake answer until the cable is out, so the reply cannot leave first;
+  the drill fails, saying so, if it did), and restored only once the server has logged its
+  decision about ``hospital-a`` for that round. The SuperLink marks the node offline after two
+  missed 30 s heartbeats and then answers its message as unavailable (``UNREACHABLE``); with a
+  ``round-timeout`` shorter than that the round times out first (``NO_REPLY``). Either way the
+  round ends on time without it, and the drill asks the SuperLink (``flwr supernode ls``) for
+  the node's status at that moment;
 * every round's record names every site (accepted, rejected or not sampled, with the reason),
   and the ServerApp's log (``flwr run --stream``) shows the same line per round;
 * server logs and metrics are scanned for the sites' paths and case ids; every Python process
@@ -29,8 +32,13 @@ seconds, so they share one run); the tests below each assert one outcome of it:
 
 Settings that cut the run time: ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2`` (the SuperExec's poll
 for new ClientApp/ServerApp tasks). The SuperNode's 3 s pull interval is hard-coded in Flower
-1.41 (``start_client_internal``: ``time.sleep(3)``) and every message starts a new ClientApp
-process (torch + MONAI imports): that is most of a round here.
+1.41 (``start_client_internal``: ``time.sleep(3)``). ``hospital-a`` and ``-b`` run the
+provisioned ``run-supernode.sh`` (a long-running ClientApp per site); ``hospital-c`` runs a bare
+``flower-supernode`` with the attack in its node config, where every message starts a new
+ClientApp process (torch + MONAI imports): that is most of a round here.
+
+A failure while the scenario plays fails the first test with the error, the timeline and the
+tails of the logs written last (:func:`drillkit.failure_report`), and the others with one line.
 
 Needs root and iproute2 (skipped otherwise, with the reason); ``FEDSEG_SKIP_DEPLOYMENT=1`` leaves
 it out of a quick local run. ``FEDSEG_DRILL_TIMEOUT`` sets ``round-timeout`` (default 120 s: the
@@ -55,10 +63,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from drillkit import (
+    BIN,
+    ROOT,
+    Played,
+    approve_app,
+    clientapp_pids,
+    count,
+    drill_marks,
+    flwr_env,
+    messages,
+    pause,
+    play_once,
+    resume,
+    wait_for,
+    write_connection,
+)
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
-from fedseg.deploy.approval import APPROVED_APPS_FILE, app_hash, approve
-from fedseg.deploy.netns import SERVER_IP, NetLab, lab_namespaces, netns_unavailable
+from fedseg.deploy.netns import SERVER_IP, NetLab, lab_namespaces
 from fedseg.deploy.provision import (
     FederationSpec,
     SiteSpec,
@@ -69,8 +92,6 @@ from fedseg.deploy.provision import (
 from fedseg.federation.roster import OFFLINE, describe_sites
 from fedseg.federation.strategy import NO_REPLY, UNREACHABLE
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 GUARD = Path(__file__).resolve().parent / "drills" / "pickle_guard"
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 PORT = 9092
@@ -80,49 +101,7 @@ ROUNDS = 3
 OFFLINE_AFTER = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
 
 
-def drill_marks(what: str) -> list[pytest.MarkDecorator]:
-    """The marks of a drill module: slow, and skipped with ``FEDSEG_SKIP_DEPLOYMENT=1`` or
-    where network namespaces cannot be made (``what`` names the drills in the reason)."""
-    skip = os.environ.get("FEDSEG_SKIP_DEPLOYMENT") == "1"
-    why_not = None if skip else netns_unavailable()
-    return [
-        pytest.mark.slow,
-        pytest.mark.skipif(
-            skip, reason="FEDSEG_SKIP_DEPLOYMENT=1 leaves out the deployment drills"
-        ),
-        pytest.mark.skipif(why_not is not None, reason=f"{what}: {why_not}"),
-    ]
-
-
 pytestmark = drill_marks("failure drills")
-
-
-def _count(path: Path, pattern: str) -> int:
-    return path.read_text(errors="replace").count(pattern) if path.is_file() else 0
-
-
-def _wait_for(pred: Any, timeout: float, what: str, poll: float = 0.3) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"drill: timed out waiting for {what}")
-        time.sleep(poll)
-
-
-def approve_app(pki: Any, app: Path, note: str = "drill") -> str:
-    """Approve ``app`` in every site folder of ``pki`` (a provision result); its hash."""
-    digest = app_hash(app)
-    for folder in pki.site_dirs.values():
-        approve(folder / APPROVED_APPS_FILE, digest, note)
-    return digest
-
-
-def _received(log: Path, run_id: str, kind: str) -> int:
-    """How many ``kind`` messages of run ``run_id`` a SuperNode's log says it pulled."""
-    if not log.is_file():
-        return 0
-    text = log.read_text(errors="replace")
-    return len(re.findall(rf"\[RUN {run_id}\][^\n]*\n[^\n]*Receiving: {kind} message", text))
 
 
 def _checkpoint_round(path: Path) -> int:
@@ -164,20 +143,13 @@ class Drill:
         self.stop = threading.Event()
         home = tmp / "flwr-home"
         home.mkdir()
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_HOME": str(home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(
+        self.env = flwr_env(
+            FLWR_HOME=str(home),
+            PYTHONPATH=os.pathsep.join(
                 p for p in (str(GUARD), os.environ.get("PYTHONPATH", "")) if p
             ),
-            "FEDSEG_PICKLE_LOG": str(tmp / "pickle.log"),
-        }
+            FEDSEG_PICKLE_LOG=str(tmp / "pickle.log"),
+        )
         self.home = home
 
     # -- set-up ------------------------------------------------------------------------------
@@ -194,11 +166,7 @@ class Drill:
         rogue = FederationSpec(address=SERVER_IP, port=PORT, sites=(SiteSpec("rogue"),))
         self.rogue = provision(rogue, self.tmp / "rogue-pki")
         approve_app(self.pki, ROOT)  # as each hospital does with `fedseg approve`
-        (self.home / "config.toml").write_text(
-            '[superlink]\ndefault = "fedseg"\n\n[superlink.fedseg]\n'
-            f'address = "{self.spec.control}"\n'
-            f'root-certificates = "{self.pki.server_dir / "ca.crt"}"\n'
-        )
+        write_connection(self.home, "fedseg", self.spec.control, self.pki.server_dir / "ca.crt")
         self.lab.up()
 
     def start_superlink(self, tag: str) -> subprocess.Popen[bytes]:
@@ -208,8 +176,8 @@ class Drill:
         (self.tmp / "state").mkdir(exist_ok=True)
         log = self.logs / f"superlink-{tag}.log"
         proc = self.lab.start("server", log.stem, cmd, self.env)
-        _wait_for(
-            lambda: _count(log, "Uvicorn running on https") > 0 or proc.poll() is not None,
+        wait_for(
+            lambda: count(log, "Uvicorn running on https") > 0 or proc.poll() is not None,
             90,
             "the SuperLink to listen",
         )
@@ -288,7 +256,7 @@ class Drill:
         self.collect_refused(intruders)
         self.events["refusals-done"] = time.monotonic() - t0
         b_log = self.logs / "hospital-b-1.log"
-        self._wait(lambda: _count(b_log, "Receiving: train message") >= 1, 300, "b's round 1")
+        self._wait(lambda: count(b_log, "Receiving: train message") >= 1, 300, "b's round 1")
         self.lab.kill(sites["hospital-b"])
         self.events["b-killed"] = time.monotonic() - t0
         supervisor = threading.Thread(
@@ -301,7 +269,7 @@ class Drill:
         # the server once hospital-a has that message, so that the restarted server's round 3
         # is the next one it receives (the cut below waits for it).
         a_log = self.logs / "hospital-a-1.log"
-        self._wait(lambda: _count(a_log, "Receiving: train message") >= 3, 300, "a's round 3")
+        self._wait(lambda: count(a_log, "Receiving: train message") >= 3, 300, "a's round 3")
         from fedseg.utils.io import load_torch
 
         saved = load_torch(ckpt)
@@ -313,13 +281,36 @@ class Drill:
         link = self.start_superlink("2")
         self.stream = self.flwr_run("2")
         run_id = self._run_id("2")
+        # hospital-a's long-running ClientApp answers a message within a second of its pull
+        # (faster than this drill can pull the cable), so it is paused once it has answered the
+        # restarted run's handshake (its next message is round 3's training) and goes on only
+        # once the link is down: the reply it then makes cannot reach the server.
+        self._wait(
+            lambda: messages(a_log, run_id, "query", "Sending") >= 1,
+            2 * TIMEOUT + 300,
+            "a's answer to the restarted run's handshake",
+            0.1,
+        )
+        paused = clientapp_pids(self.lab, "hospital-a")
+        if not paused:
+            raise RuntimeError("drill: hospital-a's long-running ClientApp process is not running")
+        pause(paused)
+        self.events["a-paused"] = time.monotonic() - t0
         # The restarted run trains round 3 only: its first training message to hospital-a is
         # round 3's (a message of the killed run is never counted: it has another run id).
-        self._wait(
-            lambda: _received(a_log, run_id, "train") >= 1, 2 * TIMEOUT + 300, "a's round 3", 0.1
-        )
-        self.lab.cut("hospital-a")
+        try:
+            self._wait(
+                lambda: messages(a_log, run_id, "train") >= 1,
+                2 * TIMEOUT + 300,
+                "a's round 3",
+                0.1,
+            )
+            self.lab.cut("hospital-a")
+        finally:
+            resume(paused)
         self.events["a-cut"] = time.monotonic() - t0
+        if messages(a_log, run_id, "train", "Sending"):
+            raise RuntimeError("drill: hospital-a's round-3 reply left before its link was cut")
         # Restore the link only once the server has decided about hospital-a in round 3: when
         # the SuperLink reported the node unavailable, or at the round's timeout.
         self._wait(
@@ -343,7 +334,7 @@ class Drill:
         supervisor.join()
 
     def _wait(self, pred: Any, timeout: float, what: str, poll: float = 0.3) -> None:
-        """:func:`_wait_for`, keeping the ServerApp's log streamed.
+        """:func:`drillkit.wait_for`, keeping the ServerApp's log streamed.
 
         ``flwr run --stream`` ends when its log stream breaks (seen here under heavy load: the
         SuperLink's SQLite state answered ``database is locked``) while the run goes on at the
@@ -360,7 +351,7 @@ class Drill:
                     self.stream = self.lab.start("server", f"run-{tag}", cmd, self.env)
             return bool(pred())
 
-        _wait_for(check, timeout, what, poll)
+        wait_for(check, timeout, what, poll)
 
     def _run_log(self, tag: str) -> str:
         return (self.logs / f"run-{tag}.log").read_text(errors="replace")
@@ -432,20 +423,13 @@ class Drill:
 
 
 @pytest.fixture(scope="module")
-def drill(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Drill:
-    d = Drill(tmp_path_factory.mktemp("drills"))
-    request.addfinalizer(d.lab.close)
-    request.addfinalizer(d.stop.set)
-    try:
-        d.play()
-    except BaseException:
-        d.stop.set()
-        d.lab.close()
-        tails = {p.name: p.read_text(errors="replace")[-1500:] for p in d.logs.glob("*.log")}
-        print(json.dumps(tails, indent=1))
-        raise
-    print(f"drill events (s since start): {d.events}, stream re-attached {d.reattached}x")
-    return d
+def played(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Played:
+    return play_once(request, Drill(tmp_path_factory.mktemp("drills")))
+
+
+@pytest.fixture
+def drill(played: Played[Drill]) -> Drill:
+    return played.get()
 
 
 def test_refused_without_ca_with_wrong_ca_in_plain_text_or_unregistered(drill: Drill) -> None:
@@ -522,7 +506,7 @@ def test_server_restart_resumes_from_checkpoint(drill: Drill) -> None:
     # cut off) pulled one training message per round, not 3 + 3; plus at most one: round 3's
     # training went out before the kill and may have reached it (it is redone after the
     # restart, from the checkpoint).
-    trains = _count(drill.logs / "hospital-c-1.log", "Receiving: train message")
+    trains = count(drill.logs / "hospital-c-1.log", "Receiving: train message")
     assert ROUNDS <= trains <= ROUNDS + 1
 
 

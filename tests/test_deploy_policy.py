@@ -30,8 +30,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+from drillkit import (
+    BIN,
+    ROOT,
+    Played,
+    approve_app,
+    drill_marks,
+    play_once,
+    wait_for,
+    write_connection,
+)
 from helpers import write_cohort
-from test_deploy_drills import BIN, ROOT, Drill, _wait_for, approve_app, drill_marks
+from test_deploy_drills import Drill
 
 from fedseg.deploy.netns import SERVER_IP, NetLab
 from fedseg.deploy.provision import POLICY_FILE, FederationSpec, SiteSpec, provision
@@ -76,6 +86,10 @@ class PolicyDrill:
     def lab(self) -> NetLab:
         return self.base.lab
 
+    @property
+    def logs(self) -> Path:
+        return self.base.logs
+
     def set_policy(self, policy: SitePolicy) -> None:
         """Give every site ``policy`` (its file is read again at every message)."""
         for site in SITES:
@@ -87,11 +101,7 @@ class PolicyDrill:
             write_cohort(b.data[site], 3, seed=seed)
         b.pki = provision(b.spec, self.tmp / "pki")  # the strict default policies
         approve_app(b.pki, ROOT)  # as each hospital does with `fedseg approve`
-        (b.home / "config.toml").write_text(
-            '[superlink]\ndefault = "fedseg"\n\n[superlink.fedseg]\n'
-            f'address = "{b.spec.control}"\n'
-            f'root-certificates = "{b.pki.server_dir / "ca.crt"}"\n'
-        )
+        write_connection(b.home, "fedseg", b.spec.control, b.pki.server_dir / "ca.crt")
         b.lab.up()
         b.start_superlink("1")
         reg = b.lab.run(
@@ -120,7 +130,7 @@ class PolicyDrill:
         config = f"{_TINY} out-dir='{out}' {extra}".strip()
         cmd = [str(BIN / "flwr"), "run", str(ROOT), "fedseg", "--stream"]
         proc = b.lab.start("server", f"run-{tag}", [*cmd, "--run-config", config], b.env)
-        _wait_for((out / "history.json").is_file, RUN_LIMIT, f"the end of run {tag}", poll=1.0)
+        wait_for((out / "history.json").is_file, RUN_LIMIT, f"the end of run {tag}", poll=1.0)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -138,17 +148,13 @@ class PolicyDrill:
 
 
 @pytest.fixture(scope="module")
-def drill(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> PolicyDrill:
-    d = PolicyDrill(tmp_path_factory.mktemp("policy-drills"))
-    request.addfinalizer(d.lab.close)
-    try:
-        d.play()
-    except BaseException:
-        d.lab.close()
-        tails = {p.name: p.read_text(errors="replace")[-1500:] for p in d.base.logs.glob("*.log")}
-        print(json.dumps(tails, indent=1))
-        raise
-    return d
+def played(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Played:
+    return play_once(request, PolicyDrill(tmp_path_factory.mktemp("policy-drills")))
+
+
+@pytest.fixture
+def drill(played: Played[PolicyDrill]) -> PolicyDrill:
+    return played.get()
 
 
 def _ledger(drill: PolicyDrill, site: str) -> LifetimeLedger:

@@ -27,12 +27,20 @@ import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_deploy_drills import BIN, _count, _wait_for, approve_app, drill_marks
+from drillkit import (
+    BIN,
+    Played,
+    approve_app,
+    count,
+    drill_marks,
+    flwr_env,
+    play_once,
+    wait_for,
+)
 from test_trust import make_app
 
 from fedseg.deploy.netns import SERVER_IP, NetLab
@@ -71,16 +79,7 @@ class TrustDrill:
         self.case_ids: list[str] = []
         self.outsider: dict[str, subprocess.CompletedProcess[str]] = {}
         self.run_ids: dict[str, str] = {}
-        self.base_env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
-            "OMP_NUM_THREADS": "1",
-            "FEDSEG_LEAK_MARKER": str(self.marker),
-        }
+        self.base_env = flwr_env(FEDSEG_LEAK_MARKER=str(self.marker))
 
     def env(self, host: str, **extra: str) -> dict[str, str]:
         """Each host its own ``FLWR_HOME`` (where Flower unpacks the apps it runs)."""
@@ -123,8 +122,8 @@ class TrustDrill:
         log = self.logs / "superlink.log"
         script = str(self.pki.server_dir / "run-superlink.sh")
         proc = self.lab.start("server", log.stem, [script], self.env("server"))
-        _wait_for(
-            lambda: _count(log, "Uvicorn running on https") > 0 or proc.poll() is not None,
+        wait_for(
+            lambda: count(log, "Uvicorn running on https") > 0 or proc.poll() is not None,
             90,
             "the SuperLink to listen",
         )
@@ -154,11 +153,11 @@ class TrustDrill:
 
     def wait_run(self, tag: str, proc: subprocess.Popen[bytes], out: Path) -> None:
         log = self.logs / f"run-{tag}.log"
-        _wait_for(lambda: "Successfully started run" in _text(log), 120, f"run {tag} to start")
+        wait_for(lambda: "Successfully started run" in _text(log), 120, f"run {tag} to start")
         self.run_ids[tag] = re.findall(r"Successfully started run (\d+)", _text(log))[-1]
         if tag == "approved":  # the outsider tries to stop it while it runs
             self.outsider_try("stop", ["stop", self.run_ids[tag], "outsider"])
-        _wait_for((out / "history.json").is_file, 3 * TIMEOUT + 300, f"the end of run {tag}", 1)
+        wait_for((out / "history.json").is_file, 3 * TIMEOUT + 300, f"the end of run {tag}", 1)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -217,19 +216,13 @@ def _text(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def drill(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> TrustDrill:
-    d = TrustDrill(tmp_path_factory.mktemp("trust"))
-    request.addfinalizer(d.lab.close)
-    t0 = time.monotonic()
-    try:
-        d.play()
-    except BaseException:
-        d.lab.close()
-        tails = {p.name: _text(p)[-1500:] for p in d.logs.glob("*.log")}
-        print(json.dumps(tails, indent=1))
-        raise
-    print(f"trust drill: {time.monotonic() - t0:.0f} s")
-    return d
+def played(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Played:
+    return play_once(request, TrustDrill(tmp_path_factory.mktemp("trust")))
+
+
+@pytest.fixture
+def drill(played: Played[TrustDrill]) -> TrustDrill:
+    return played.get()
 
 
 def test_outsider_with_only_the_ca_certificate_cannot_list_submit_or_stop(

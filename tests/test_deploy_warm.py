@@ -26,31 +26,37 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_deploy_drills import _count, _wait_for, approve_app, drill_marks
+from drillkit import (
+    BIN,
+    ROOT,
+    Played,
+    approve_app,
+    clean,
+    clientapp_pids,
+    count,
+    drill_marks,
+    flwr_env,
+    play_once,
+    wait_for,
+    write_connection,
+)
 
 from fedseg.deploy.netns import SERVER_IP, NetLab
 from fedseg.deploy.provision import FederationSpec, SiteSpec, provision, superlink_command
 
 pytestmark = drill_marks("warm-site drills")
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SITES = ("hospital-a", "hospital-b")
 PORT = 9092
 ROUNDS = 3
 TIMEOUT = float(os.environ.get("FEDSEG_DRILL_TIMEOUT", "240"))
 #: a restarted SuperNode must be activated well inside the ~60 s Flower alone needs
 REJOIN_LIMIT = float(os.environ.get("FEDSEG_REJOIN_LIMIT", "10"))
-
-
-def _clean(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 class WarmDrill:
@@ -71,16 +77,7 @@ class WarmDrill:
         home = tmp / "flwr-home"
         home.mkdir()
         self.home = home
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_HOME": str(home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
-            "OMP_NUM_THREADS": "1",
-        }
+        self.env = flwr_env(FLWR_HOME=str(home))
 
     def site_log(self, site: str, tag: str) -> Path:
         return self.logs / f"{site}-{tag}.log"
@@ -89,20 +86,6 @@ class WarmDrill:
         folder = self.pki.site_dirs[site]
         env = {**self.env, "DATA_PATH": str(self.data[site]), "RUNTIME_PORT": "9100"}
         return self.lab.start(site, f"{site}-{tag}", [str(folder / "run-supernode.sh")], env)
-
-    def clientapp_pid(self, site: str) -> int | None:
-        """The pid of ``site``'s long-running ClientApp process, if one runs."""
-        pids = subprocess.run(
-            ["ip", "netns", "pids", self.lab.hosts[site].netns], capture_output=True, text=True
-        ).stdout.split()
-        for pid in pids:
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"fedseg.deploy.warm_clientapp" in cmdline:
-                return int(pid)
-        return None
 
     def play(self) -> None:
         from helpers import write_cohort
@@ -113,11 +96,7 @@ class WarmDrill:
             write_cohort(self.data[site], 3, seed=seed)
         self.pki = provision(self.spec, self.tmp / "pki", policy=OPEN_POLICY)
         approve_app(self.pki, ROOT)
-        (self.home / "config.toml").write_text(
-            '[superlink]\ndefault = "fedseg"\n\n[superlink.fedseg]\n'
-            f'address = "{self.spec.control}"\n'
-            f'root-certificates = "{self.pki.server_dir / "ca.crt"}"\n'
-        )
+        write_connection(self.home, "fedseg", self.spec.control, self.pki.server_dir / "ca.crt")
         self.lab.up()
         (self.tmp / "state").mkdir()
         cmd = superlink_command(
@@ -125,7 +104,7 @@ class WarmDrill:
         )
         link = self.lab.start("server", "superlink", cmd, self.env)
         log = self.logs / "superlink.log"
-        _wait_for(lambda: _count(log, "Uvicorn running on https") > 0, 120, "the SuperLink")
+        wait_for(lambda: count(log, "Uvicorn running on https") > 0, 120, "the SuperLink")
         reg = self.lab.run(
             "server", [str(self.pki.server_dir / "register-sites.sh"), "fedseg"], self.env, 120
         )
@@ -143,20 +122,20 @@ class WarmDrill:
         # round 2: kill hospital-a's ClientApp process while its training message is journalled
         a_log = self.site_log("hospital-a", "1")
         journal = self.pki.site_dirs["hospital-a"] / "state" / "clientapp" / "inflight.json"
-        _wait_for(lambda: _count(a_log, "Receiving: train message") >= 2, 3 * TIMEOUT, "round 2")
-        _wait_for(journal.is_file, TIMEOUT, "a's journal", poll=0.02)
-        pid = self.clientapp_pid("hospital-a")
-        if pid is not None and journal.is_file():
-            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: count(a_log, "Receiving: train message") >= 2, 3 * TIMEOUT, "round 2")
+        wait_for(journal.is_file, TIMEOUT, "a's journal", poll=0.02)
+        pids = clientapp_pids(self.lab, "hospital-a")
+        if pids and journal.is_file():
+            os.kill(pids[0], signal.SIGKILL)
             self.killed_in_flight = True
         self.events["a-clientapp-killed"] = time.monotonic() - t0
 
         # after round 2: hospital-b killed hard, its script started again at once
         b_log = self.site_log("hospital-b", "1")
         b_journal = self.pki.site_dirs["hospital-b"] / "state" / "clientapp" / "inflight.json"
-        _wait_for(
+        wait_for(
             # query and two training replies sent, nothing in flight: between rounds 2 and 3
-            lambda: _count(b_log, "Sent successfully") >= 3 and not b_journal.is_file(),
+            lambda: count(b_log, "Sent successfully") >= 3 and not b_journal.is_file(),
             2 * TIMEOUT,
             "b's round-2 reply",
         )
@@ -165,14 +144,14 @@ class WarmDrill:
         self.events["b-killed"] = restarted - t0
         self.start_site("hospital-b", "2")
         b2 = self.site_log("hospital-b", "2")
-        _wait_for(
-            lambda: _count(b2, "SuperNode ID:") > 0 or _count(b2, "code: 2004") > 0,
+        wait_for(
+            lambda: count(b2, "SuperNode ID:") > 0 or count(b2, "code: 2004") > 0,
             120,
             "b's restart",
             poll=0.1,
         )
         self.rejoin_seconds = time.monotonic() - restarted
-        _wait_for(lambda: (self.out / "final_model.pt").is_file(), 3 * TIMEOUT, "the run's end")
+        wait_for(lambda: (self.out / "final_model.pt").is_file(), 3 * TIMEOUT, "the run's end")
         stream.wait(timeout=60)
         self.events["done"] = time.monotonic() - t0
         del link
@@ -182,18 +161,13 @@ class WarmDrill:
 
 
 @pytest.fixture(scope="module")
-def warm(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> WarmDrill:
-    d = WarmDrill(tmp_path_factory.mktemp("warm"))
-    request.addfinalizer(d.lab.close)
-    try:
-        d.play()
-    except BaseException:
-        d.lab.close()
-        tails = {p.name: p.read_text(errors="replace")[-2000:] for p in d.logs.glob("*.log")}
-        print(json.dumps(tails, indent=1))
-        raise
-    print(f"warm drill events (s since start): {d.events}, rejoin {d.rejoin_seconds:.1f} s")
-    return d
+def played(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Played:
+    return play_once(request, WarmDrill(tmp_path_factory.mktemp("warm")))
+
+
+@pytest.fixture
+def warm(played: Played[WarmDrill]) -> WarmDrill:
+    return played.get()
 
 
 def test_every_round_accepted_from_both_sites(warm: WarmDrill) -> None:
@@ -206,20 +180,20 @@ def test_every_round_accepted_from_both_sites(warm: WarmDrill) -> None:
 
 def test_crashed_clientapp_restarted_and_its_message_run_again(warm: WarmDrill) -> None:
     assert warm.killed_in_flight
-    log = _clean(warm.site_log("hospital-a", "1").read_text(errors="replace"))
+    log = clean(warm.site_log("hospital-a", "1").read_text(errors="replace"))
     assert "the ClientApp process of hospital-a exited" in log
     assert "running again the message a crashed ClientApp left" in log
 
 
 def test_one_clientapp_process_serves_many_messages(warm: WarmDrill) -> None:
-    log = _clean(warm.site_log("hospital-b", "1").read_text(errors="replace"))
+    log = clean(warm.site_log("hospital-b", "1").read_text(errors="replace"))
     counts = [int(n) for n in re.findall(r"\(process's message (\d+)\)", log)]
     # query, round 1 and round 2 training, all in one process
     assert counts[:3] == [1, 2, 3]
 
 
 def test_hard_killed_site_rejoins_at_once_and_trains_next_round(warm: WarmDrill) -> None:
-    log = _clean(warm.site_log("hospital-b", "2").read_text(errors="replace"))
+    log = clean(warm.site_log("hospital-b", "2").read_text(errors="replace"))
     assert "code: 2004" not in log
     assert "the previous session of this site" in log
     assert warm.rejoin_seconds is not None
