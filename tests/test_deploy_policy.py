@@ -142,9 +142,15 @@ class PolicyDrill:
             "history": json.loads((out / "history.json").read_text())["rounds"],
             "log": log,
             "out": out,
-            # whether any case of the site has been prepared (read and cached) so far
-            "prepared": {s: (b.data[s] / ".fedseg-cache").exists() for s in SITES},
+            # whether any case of the site has been prepared (read and cached) so far: the
+            # cache is in the site's state folder (run-supernode.sh: cache-dir='$STATE/cache')
+            "prepared": {s: _cached(b.pki.site_dirs[s]) for s in SITES},
         }
+
+
+def _cached(site_dir: Path) -> bool:
+    cache = site_dir / "state" / "cache"
+    return cache.is_dir() and any(p.is_file() for p in cache.rglob("*"))
 
 
 @pytest.fixture(scope="module")

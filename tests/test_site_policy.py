@@ -454,9 +454,25 @@ def test_only_a_policy_refusal_sends_its_reason_and_the_server_cuts_it() -> None
     assert shown.startswith("E700:X (a b") and len(shown) == len("E700:X ()") + R.MAX_REASON
 
 
-@pytest.mark.parametrize("with_policy", [False, True])
-def test_a_simulated_site_with_a_policy_prepares_no_case_at_the_handshake(
-    site_data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_policy: bool
+@pytest.mark.parametrize(
+    ("process", "policy", "prepares"),
+    [
+        ("simulated", None, True),
+        ("simulated", "open", True),
+        ("simulated", "strict", False),  # the run (no DP) would be refused: no case is read
+        ("per-message", None, False),  # a ClientApp process per message: nothing to keep
+        ("long-running", None, True),  # fedseg.deploy.warm_clientapp
+        ("long-running", "open", True),
+        ("long-running", "strict", False),
+    ],
+)
+def test_the_handshake_prepares_only_in_a_long_lived_process_and_as_the_policy_permits(
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    process: str,
+    policy: str | None,
+    prepares: bool,
 ) -> None:
     from fedseg.data.partition import write_partition
     from fedseg.federation import site as site_module
@@ -469,12 +485,20 @@ def test_a_simulated_site_with_a_policy_prepares_no_case_at_the_handshake(
     )  # fmt: skip
     prepared: list[str] = []
     monkeypatch.setattr(site_module, "get_runtime", lambda spec, cfg: prepared.append(spec.name))
+    monkeypatch.setattr(site_module, "_SERVES_MANY_MESSAGES", False)
+    if process == "long-running":
+        site_module.serve_many_messages()
     node: dict[str, Any] = {"partition-id": 0}
-    if with_policy:
-        (tmp_path / "policy.toml").write_text(policy_to_toml(OPEN_POLICY))
+    if process != "simulated":
+        node = {"data-path": str(site_data["hospital-a"]), "site-name": "site-0"}
+    if policy is not None:
+        chosen = OPEN_POLICY if policy == "open" else default_policy("strict")
+        (tmp_path / "policy.toml").write_text(policy_to_toml(chosen))
         node["policy-file"] = str(tmp_path / "policy.toml")
     grid = InProcessGrid(build_client_app(cfg.to_run_config()), [node])
     content = RecordDict({R.CONFIG: ConfigRecord({"want": "site-name", "prepare": True})})
     (reply,) = grid.send_and_receive([Message(content, next(iter(grid.contexts)), "query")])
     assert R.reply_site_name(reply.content) == "site-0"
-    assert prepared == ([] if with_policy else ["site-0"])
+    assert prepared == (["site-0"] if prepares else [])
+    # the handshake books nothing in the site's ledger
+    assert not any(tmp_path.rglob(LEDGER_FILE))

@@ -554,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
 
         start_parent_process_monitor(args.supernode_pid)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    from fedseg.federation.site import serve_many_messages
+
+    serve_many_messages()  # the handshake prepares the site's data (its policy permitting)
     app.serve()
     return 0
 

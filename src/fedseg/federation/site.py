@@ -288,18 +288,21 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     declared = _declared_count(spec, cfg, context)
     if declared is not None:  # the server bounds this site's weight by it (#24)
         content[R.SITE][R.DECLARED_COUNT] = declared
-    # Only simulated sites live in a long-lived worker; a SuperNode starts a new ClientApp
-    # process for every message, where preparing now would only cost time.
-    # A site with a policy of its own reads no case before a request passes it.
-    long_lived = "partition-id" in context.node_config
-    long_lived = long_lived and not str(context.node_config.get(POLICY_FILE_KEY, ""))
+    # Simulated sites live in a long-lived worker, deployed ones in the site's long-running
+    # ClientApp (fedseg.deploy.warm_clientapp); a ClientApp process per message would only
+    # lose the prepared data when it exits. A site with a policy of its own prepares only for
+    # a run its policy would let train (nothing is booked: the training request decides).
+    long_lived = "partition-id" in context.node_config or _SERVES_MANY_MESSAGES
     if long_lived and bool(_message_config(msg).get("prepare", False)):
         # Import the training stack first, so that even a site whose data fails leaves this
         # worker process warm for the other sites it may serve later (simulation actors).
         import fedseg.site.trainer  # noqa: F401
         from fedseg.model.unet import build_unet
 
-        build_unet(cfg)
+        model = build_unet(cfg)
+        size = int(sum(t.numel() for t in model.state_dict().values()))
+        if not policy_allows_preparing(context, cfg, spec, size):
+            return content
         try:
             get_runtime(spec, cfg)
         except Exception as exc:  # noqa: BLE001 - reported as a code; the details stay here
@@ -661,6 +664,54 @@ def _fused_evaluation(
 
 #: node config key of the site's policy file (:mod:`fedseg.site.policy`)
 POLICY_FILE_KEY = "policy-file"
+#: whether this process serves many messages (:func:`serve_many_messages`)
+_SERVES_MANY_MESSAGES = False
+
+
+def serve_many_messages() -> None:
+    """Say that this process serves message after message (a deployed site's long-running
+    ClientApp, :mod:`fedseg.deploy.warm_clientapp`): the handshake then prepares the site's
+    data for the rounds that follow, as a simulated site does."""
+    global _SERVES_MANY_MESSAGES
+    _SERVES_MANY_MESSAGES = True
+
+
+def policy_allows_preparing(
+    context: Context, cfg: FedsegConfig, spec: SiteSpec, model_parameters: int
+) -> bool:
+    """Whether the site's policy would let this run train (``True`` without ``policy-file``).
+
+    Asked at the handshake, before the site reads any case for the run: the same checks as a
+    training request (:func:`fedseg.site.policy.check_request`), with nothing written to the
+    ledger and nothing refused (the training request itself is checked and booked by
+    :func:`enforce_site_policy`). A missing or invalid policy file answers ``False``.
+    """
+    raw = str(context.node_config.get(POLICY_FILE_KEY, ""))
+    if not raw:
+        return True
+    from fedseg.errors import ConfigError, SitePolicyError
+    from fedseg.site.lifetime import LifetimeLedger
+    from fedseg.site.policy import PolicyRequest, check_request, load_policy
+
+    try:
+        policy = load_policy(Path(raw))
+        ledger = LifetimeLedger(ledger_path(context, Path(raw)))
+        check_request(
+            policy,
+            PolicyRequest(
+                kind="train",
+                dp_mode=cfg.dp_mode,
+                secure_aggregation=cfg.secure_aggregation,
+                strategy=cfg.strategy,
+                aggregator=cfg.aggregator,
+                model_parameters=model_parameters,
+                trained_in_run=ledger.trained_in(f"run-{context.run_id}"),
+            ),
+        )
+    except (ConfigError, SitePolicyError) as exc:
+        log.info("site %s: not preparing at the handshake: %s", spec.name, exc)
+        return False
+    return True
 
 
 def is_simulated(node_config: Mapping[str, Any]) -> bool:
