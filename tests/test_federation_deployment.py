@@ -8,14 +8,17 @@ default; set ``FEDSEG_SKIP_DEPLOYMENT=1`` to leave it out of a quick local run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import write_cohort
 
@@ -53,19 +56,11 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.
     raise TimeoutError("flower-superlink did not become healthy")
 
 
-@pytest.mark.parametrize("secure", ["none", "ckks", "secagg+"])
-def test_two_hospitals_over_loopback(tmp_path: Path, secure: str) -> None:
-    """Plain, CKKS-encrypted (key given to the sites only) and SecAgg+-masked updates."""
-    sites = {"hospital-a": tmp_path / "site-a", "hospital-b": tmp_path / "site-b"}
-    for seed, folder in enumerate(sites.values(), start=1):
-        write_cohort(folder, 3, seed=seed)
-    node_extra = ""
-    if secure == "ckks":  # the hospitals' shared key, as `fedseg provision --ckks` hands it out
-        from fedseg.secure import ckks as C
-        from fedseg.secure.ckks_federation import write_key_file
-
-        key = write_key_file(tmp_path / "secrets" / "ckks.ctx", C.CkksParams(4096, 30))
-        node_extra = f" ckks-key-file='{key}'"
+@contextlib.contextmanager
+def loopback(tmp_path: Path, node_configs: dict[str, str]) -> Iterator[tuple[dict[str, str], int]]:
+    """A SuperLink and one SuperNode per entry of ``node_configs`` (name -> ``--node-config``)
+    on 127.0.0.1, insecure; yields the environment for ``flwr`` and the SuperLink's port.
+    Everything is stopped on the way out."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     env = {
@@ -88,20 +83,47 @@ def test_two_hospitals_over_loopback(tmp_path: Path, secure: str) -> None:
         procs.append(proc)
         return proc
 
-    out = tmp_path / "out"
     try:
         link = start(
             "superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
             "--port", str(link_port),
         )  # fmt: skip
         _wait_healthy(link_port, link)
-        for name, folder in sites.items():
+        for name, node_config in node_configs.items():
             start(
                 name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--port", str(_free_port()),
-                "--node-config", f"data-path='{folder}' site-name='{name}'{node_extra}",
+                "--port", str(_free_port()), "--node-config", node_config,
             )  # fmt: skip
-        (home / "config.toml").write_text(
+        yield env, link_port
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs:
+            log.close()
+
+
+@pytest.mark.parametrize("secure", ["none", "ckks", "secagg+"])
+def test_two_hospitals_over_loopback(tmp_path: Path, secure: str) -> None:
+    """Plain, CKKS-encrypted (key given to the sites only) and SecAgg+-masked updates."""
+    sites = {"hospital-a": tmp_path / "site-a", "hospital-b": tmp_path / "site-b"}
+    for seed, folder in enumerate(sites.values(), start=1):
+        write_cohort(folder, 3, seed=seed)
+    node_extra = ""
+    if secure == "ckks":  # the hospitals' shared key, as `fedseg provision --ckks` hands it out
+        from fedseg.secure import ckks as C
+        from fedseg.secure.ckks_federation import write_key_file
+
+        key = write_key_file(tmp_path / "secrets" / "ckks.ctx", C.CkksParams(4096, 30))
+        node_extra = f" ckks-key-file='{key}'"
+    nodes = {n: f"data-path='{f}' site-name='{n}'{node_extra}" for n, f in sites.items()}
+    out = tmp_path / "out"
+    with loopback(tmp_path, nodes) as (env, link_port):
+        (Path(env["FLWR_HOME"]) / "config.toml").write_text(
             '[superlink]\ndefault = "loop"\n\n'
             f'[superlink.loop]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
         )
@@ -119,16 +141,6 @@ def test_two_hospitals_over_loopback(tmp_path: Path, secure: str) -> None:
             timeout=480,
         )
         seconds = time.perf_counter() - t0
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for log in logs:
-            log.close()
 
     assert done.returncode == 0, done.stdout.decode()[-2000:] + done.stderr.decode()[-2000:]
     history = json.loads((out / "history.json").read_text())["rounds"]
@@ -140,3 +152,32 @@ def test_two_hospitals_over_loopback(tmp_path: Path, secure: str) -> None:
         assert all(m["ciphertext-bytes"] > 0 for m in history[0]["train"].values())
     round_seconds = history[0]["round-seconds"]
     print(f"deployment ({secure}): flwr run {seconds:.1f} s, round {round_seconds:.1f} s")
+
+
+def test_the_experiment_engine_runs_a_federation_on_a_live_superlink(
+    cohort: tuple[Path, dict[str, list[str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_federation(engine="superlink")``: the app submitted with ``flwr run`` to a running
+    SuperLink whose SuperNodes serve the partition's sites (``partition-id``, as a study on a
+    live SuperLink starts them); the run folder is read back."""
+    from helpers import tiny_cfg
+
+    from fedseg.experiment.engine import FLOWER_LOG, run_federation
+
+    data, parts = cohort
+    two = dict(sorted(parts.items())[:2])
+    nodes = {f"node-{i}": f"partition-id={i} num-partitions=2" for i in range(len(two))}
+    with loopback(tmp_path, nodes) as (env, link_port):
+        monkeypatch.setenv("PATH", env["PATH"])  # flwr
+        monkeypatch.setenv("FEDSEG_APP_DIR", str(ROOT))
+        for key in ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "FLWR_TELEMETRY_ENABLED"):
+            monkeypatch.setenv(key, env[key])
+        cfg = tiny_cfg(num_sites=2, num_server_rounds=2, round_timeout=180.0)
+        run = run_federation(
+            cfg, data, two, tmp_path / "fed", engine="superlink", superlink=f"127.0.0.1:{link_port}"
+        )
+    assert run.engine == "superlink"
+    assert [r["status"] for r in run.history] == ["ok", "ok"]
+    assert [r["accepted"] for r in run.history] == [sorted(two)] * 2
+    assert run.weights and all(np.isfinite(v).all() for v in run.weights.values())
+    assert "Successfully started run" in (tmp_path / "fed" / FLOWER_LOG).read_text()

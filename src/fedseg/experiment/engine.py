@@ -13,8 +13,11 @@ Engines
 ``superlink``
     A live SuperLink (``--superlink HOST:PORT``, insecure): the app is submitted with
     ``flwr run`` and its run folder is read back when the run ends, so ``out`` must be a folder
-    the SuperLink's ServerApp can write (one machine, or a shared filesystem). Traffic is not
-    metered on this engine (the messages never pass through this process).
+    the SuperLink's ServerApp can write (one machine, or a shared filesystem). Its SuperNodes
+    serve the partition's sites: one per site, started with ``--node-config "partition-id=N"``
+    (N in the sites' natural name order), each reads its cases from the run's ``partition.csv``
+    (``tests/test_federation_deployment.py`` runs it on a live loopback SuperLink). Traffic is
+    not metered on this engine (the messages never pass through this process).
 
 Whatever the engine, the server is fedseg's ServerApp (:func:`fedseg.federation.server_app.
 build_server_app`) and each site fedseg's ClientApp, so the round loop, checkpoints, reply
