@@ -185,6 +185,16 @@ def test_crashed_clientapp_restarted_and_its_message_run_again(warm: WarmDrill) 
     assert "running again the message a crashed ClientApp left" in log
 
 
+def test_each_site_prepared_its_cases_at_the_handshake(warm: WarmDrill) -> None:
+    # the long-running ClientApp prepares the data when it answers the run's handshake (its
+    # open policy lets the run train), so round 1 does not wait for it
+    for site in SITES:
+        log = clean(warm.site_log(site, "1").read_text(errors="replace"))
+        prepared = log.find(f"site {site}: 2 training and 1 test cases prepared at the handshake")
+        first_train = log.find("Receiving: train message")
+        assert 0 <= prepared < first_train, site
+
+
 def test_one_clientapp_process_serves_many_messages(warm: WarmDrill) -> None:
     log = clean(warm.site_log("hospital-b", "1").read_text(errors="replace"))
     counts = [int(n) for n in re.findall(r"\(process's message (\d+)\)", log)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -484,7 +485,12 @@ def test_the_handshake_prepares_only_in_a_long_lived_process_and_as_the_policy_p
         partition_file=str(tmp_path / "partition.csv"),
     )  # fmt: skip
     prepared: list[str] = []
-    monkeypatch.setattr(site_module, "get_runtime", lambda spec, cfg: prepared.append(spec.name))
+
+    def runtime(spec: Any, cfg: Any) -> Any:
+        prepared.append(spec.name)
+        return SimpleNamespace(train_items=[1, 2], test_items=[3])
+
+    monkeypatch.setattr(site_module, "get_runtime", runtime)
     monkeypatch.setattr(site_module, "_SERVES_MANY_MESSAGES", False)
     if process == "long-running":
         site_module.serve_many_messages()

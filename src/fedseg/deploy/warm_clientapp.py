@@ -476,6 +476,18 @@ class WarmClientApp:
             client.close()
 
 
+def _site_log_lines() -> None:
+    """fedseg's own informational lines (policy admissions, data prepared, epsilon spent) in
+    this process's output, next to Flower's: the hospital's record of what its site did."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-8s fedseg: %(message)s"))
+    root = logging.getLogger("fedseg")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def _identify(res: Any) -> None:
     """Tell Flower which task this process now runs (as ``run_clientapp.pull_task_input``)."""
     from flwr.supercore.task_identity import TaskIdentity
@@ -557,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedseg.federation.site import serve_many_messages
 
     serve_many_messages()  # the handshake prepares the site's data (its policy permitting)
+    _site_log_lines()
     app.serve()
     return 0
 

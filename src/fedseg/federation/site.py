@@ -304,11 +304,17 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         if not policy_allows_preparing(context, cfg, spec, size):
             return content
         try:
-            get_runtime(spec, cfg)
+            rt = get_runtime(spec, cfg)
         except Exception as exc:  # noqa: BLE001 - reported as a code; the details stay here
             log.exception("site %s: preparing the data failed", spec.name)
             content[R.ERROR] = ConfigRecord({"code": R.public_code(exc)})
         else:
+            log.info(
+                "site %s: %d training and %d test cases prepared at the handshake",
+                spec.name,
+                len(rt.train_items),
+                len(rt.test_items),
+            )
             _prepare_other_sites(spec, cfg)
     return content
 
