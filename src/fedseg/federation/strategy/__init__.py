@@ -5,6 +5,7 @@ quorum, timeouts and checkpoint state. What every algorithm shares has a module 
 
 - :mod:`.sampling`: which sites a round is sent to, and the round's account of every site
 - :mod:`.handshake`: the query handshake (site names, declared case counts)
+- :mod:`.messages`: the training messages (model, train config, each site's own records)
 - :mod:`.counts`: case-count weights (bounded by the declared and registry counts)
 - :mod:`.evaluation`: federated evaluation messages and the per-site Dice report
 - :mod:`.reports`: the round reports and the reading of a site's reply

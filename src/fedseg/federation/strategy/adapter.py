@@ -7,7 +7,8 @@ round it
    handshake (:mod:`.handshake`);
 2. sends the global model (FedBN: only the shared, non-normalisation keys), the round's train
    config (``server-round``, ``strategy``, ``local-epochs``, the algorithm's keys) and the
-   algorithm's records for each site (SCAFFOLD: its drift correction ``c - c_i``);
+   algorithm's records for each site (SCAFFOLD: its drift correction ``c - c_i``):
+   :mod:`.messages`;
 3. checks **every** reply before any arithmetic (:func:`fedseg.strategies.validation.filter_valid`:
    keys, shapes, dtypes, finite values, ``num-examples`` a positive int; a site's error reply or
    a missing reply counts as a failure), logs each rejection with the site's name and node id,
@@ -35,7 +36,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -47,6 +48,11 @@ from fedseg.federation.strategy.base import Accepted, RoundInputs, ServerAlgorit
 from fedseg.federation.strategy.counts import CaseCounts, message_bound
 from fedseg.federation.strategy.evaluation import Evaluation, mean_dice_record
 from fedseg.federation.strategy.handshake import SiteDirectory
+from fedseg.federation.strategy.messages import (
+    bounded_train_messages,
+    train_config,
+    train_messages,
+)
 from fedseg.federation.strategy.registry import make_algorithm
 from fedseg.federation.strategy.reports import (
     NO_REPLY,
@@ -368,7 +374,8 @@ class FedsegStrategy(Strategy):
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
         """The strategy's state between rounds: the algorithm's (FedOpt moments, SCAFFOLD ``c``,
-        FedBN norms), the privacy ledger and the names of the known sites.
+        FedBN norms), the privacy ledger, the last reported case counts and the names of the
+        known sites.
 
         Every algorithm's keys are present (empty where another algorithm runs), so the
         checkpoint has one layout whatever the strategy.
@@ -434,46 +441,36 @@ class FedsegStrategy(Strategy):
         """
         self.global_weights = R.from_array_record(arrays)
         self._sent = {n: self.site_of(n) for n in nodes}
-        conf = ConfigRecord(dict(config))
-        conf["server-round"] = server_round
-        if evaluate_round is not None:
-            conf["evaluate-round"] = int(evaluate_round)
-        conf["strategy"] = self.name
-        conf["local-epochs"] = self.cfg.local_epochs
-        for key, value in self.algorithm.train_config().items():
-            conf[key] = value
-        content = RecordDict({R.ARRAYS: self.algorithm.outgoing(arrays), R.CONFIG: conf})
-        for key, record in self.extra_train_records.items():
-            content[key] = record
-        if self.cfg.secure_aggregation != "none":  # each site applies its own weight bound
-            self._outbox = [
-                Message(self._with_bound(content, conf, n), n, MessageType.TRAIN) for n in nodes
-            ]
-            return list(self._outbox)
-        messages = []
-        for n in nodes:  # SCAFFOLD: each site gets its own drift correction c - c_i
-            own = self.algorithm.site_records(self.site_of(n), self.global_weights)
-            if not own:
-                messages.append(Message(content, n, MessageType.TRAIN))
-                continue
-            site_content = RecordDict(
-                {R.ARRAYS: content[R.ARRAYS], R.CONFIG: conf, **own, **self.extra_train_records}
-            )
-            messages.append(Message(site_content, n, MessageType.TRAIN))
-        self._outbox = list(messages)
-        return messages
-
-    def _with_bound(self, content: RecordDict, conf: ConfigRecord, node: int) -> RecordDict:
-        """``content`` with the node's ``weight-bound`` (0: none) in its own train config."""
-        bound = None
-        if self.cfg.weighting != "equal" and self.cfg.count_bound != "off":
-            bound = self.weight_bound(self.site_of(node))
-        own = ConfigRecord(dict(conf))
-        own[R.WEIGHT_BOUND] = message_bound(
-            bound, weighting=self.cfg.weighting, count_bound=self.cfg.count_bound
+        model = self.global_weights
+        conf = train_config(
+            config,
+            server_round,
+            strategy=self.name,
+            local_epochs=self.cfg.local_epochs,
+            algorithm_keys=self.algorithm.train_config(),
+            evaluate_round=evaluate_round,
         )
-        own[R.COUNT_BOUND] = self.cfg.count_bound
-        return RecordDict({R.ARRAYS: content[R.ARRAYS], R.CONFIG: own})
+        send = self.algorithm.outgoing(arrays)
+        c = self.cfg
+        if c.secure_aggregation != "none":  # each site applies its own weight bound
+            bounds = {
+                n: message_bound(
+                    self.weight_bound(self.site_of(n)),
+                    weighting=c.weighting,
+                    count_bound=c.count_bound,
+                )
+                for n in nodes
+            }
+            self._outbox = bounded_train_messages(send, conf, bounds, c.count_bound)
+        else:  # SCAFFOLD: each site gets its own drift correction c - c_i
+            self._outbox = train_messages(
+                send,
+                conf,
+                nodes,
+                extra=self.extra_train_records,
+                site_records=lambda n: self.algorithm.site_records(self.site_of(n), model),
+            )
+        return list(self._outbox)
 
     # ---------------------------------------------------------------- public face for
     # secure aggregation (:class:`~fedseg.federation.strategy.base.RoundHost`)

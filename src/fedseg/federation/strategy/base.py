@@ -13,8 +13,9 @@ A :class:`ServerAlgorithm` says, for one federated algorithm,
   :meth:`~ServerAlgorithm.load_state_dict`.
 
 What every algorithm shares is in modules of its own: sampling (:mod:`.sampling`), the query
-handshake (:mod:`.handshake`), case-count weights (:mod:`.counts`), evaluation
-(:mod:`.evaluation`) and the reply checks and reports (:mod:`.reports`). The Flower adapter
+handshake (:mod:`.handshake`), the training messages (:mod:`.messages`), case-count weights
+(:mod:`.counts`), evaluation (:mod:`.evaluation`) and the reply checks and reports
+(:mod:`.reports`). The Flower adapter
 (:class:`fedseg.federation.strategy.FedsegStrategy`) validates the replies, applies the quorum
 and the timeouts, keeps the checkpoint state, and calls an algorithm chosen by name
 (:func:`fedseg.federation.strategy.make_algorithm`).
