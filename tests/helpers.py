@@ -56,6 +56,7 @@ def three_sites(ids: list[str]) -> dict[str, list[str]]:
 
 
 def tiny_cfg(**kw: Any) -> FedsegConfig:
+    """The tiny config (16^3 cases, 4 base channels, depth 3, 3 sites, 2 rounds), ``kw`` on top."""
     base: dict[str, Any] = dict(
         image_size=16,
         patch_size=16,

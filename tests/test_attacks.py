@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import tiny_cfg
 
 from fedseg.config import FedsegConfig
 from fedseg.data.case import Case
@@ -205,22 +206,15 @@ def run_round(
     csv = tmp / "partition.csv"
     write_partition(parts, csv)
     base: dict[str, Any] = dict(
-        image_size=16,
-        patch_size=16,
-        base_channels=4,
-        depth=3,
-        batch_size=2,
-        augment=False,
         test_fraction=0.5,
         num_server_rounds=1,
         num_sites=len(parts),
-        round_timeout=30.0,
         data_path=str(root),
         partition_file=str(csv),
         out_dir=str(tmp / "out"),
     )
     base.update(kw)
-    cfg = FedsegConfig(**base)
+    cfg = tiny_cfg(**base)
     nodes = [{"partition-id": i, **(node_extra or {}).get(i, {})} for i in range(len(parts))]
     grid = InProcessGrid(build_client_app(cfg.to_run_config()), nodes)
     replies: dict[str, dict[str, np.ndarray]] = {}

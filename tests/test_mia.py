@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_cfg
 from test_trainer import make_items as trainer_items
 
-from fedseg.config import FedsegConfig
 from fedseg.data.transforms import Prepared
 from fedseg.privacy.mia import (
     attack_summary,
@@ -21,9 +21,7 @@ from fedseg.privacy.mia import (
 )
 from fedseg.site.trainer import SiteTrainer
 
-TINY = FedsegConfig(
-    image_size=16, patch_size=16, base_channels=4, depth=3, batch_size=2, augment=False
-)
+TINY = tiny_cfg()  # the trainer and the attack read only the model and training keys
 
 
 def make_items(n: int, seed: int = 0) -> list[Prepared]:

@@ -163,8 +163,8 @@ class _Nodes:
 
 def _strategy(**kw: Any) -> FedsegStrategy:
     strategy = FedsegStrategy(tiny_cfg(**kw))
-    strategy.sites = {1: "site-0", 2: "site-1", 3: "site-2"}
-    strategy.known_sites = set(SITES)
+    strategy.sites.update({1: "site-0", 2: "site-1", 3: "site-2"})
+    strategy.known_sites.update(SITES)
     return strategy
 
 

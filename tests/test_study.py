@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tiny_cfg
 from typer.testing import CliRunner
 
 from fedseg.config import FedsegConfig
@@ -21,17 +22,13 @@ from fedseg.study import study as study_mod
 from fedseg.study.local import pool_curves
 from fedseg.study.study import ARMS, DEFAULT_ARMS, curve_from_history, parse_arms, run_study
 
-TINY = FedsegConfig(
-    image_size=16,
-    patch_size=16,
-    base_channels=4,
-    depth=3,
-    batch_size=2,
-    augment=False,
+TINY = tiny_cfg(
     num_cases=8,
     num_sites=2,
-    num_server_rounds=2,
     local_epochs=1,
+    # the study's own split and timeout: the defaults a user of `fedseg study` gets
+    test_fraction=FedsegConfig.test_fraction,
+    round_timeout=FedsegConfig.round_timeout,
 )
 BASELINES = ("centralized", "local")
 

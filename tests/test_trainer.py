@@ -7,15 +7,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_cfg
 
-from fedseg.config import FedsegConfig
 from fedseg.data.transforms import Prepared
 from fedseg.errors import DeviceMemoryError, UpdateValidationError
 from fedseg.site.trainer import SiteTrainer
 
-TINY = FedsegConfig(
-    image_size=16, patch_size=16, base_channels=4, depth=3, batch_size=2, augment=False
-)
+TINY = tiny_cfg()  # the trainer reads only its model and training keys
 
 
 def make_items(

@@ -351,7 +351,7 @@ def test_a_site_missing_from_a_registry_that_requires_counts_is_refused(tmp_path
     assert report.sampled == ["site-0", "site-1"]  # site-2 is never sent a round
     evaluated = strat.configure_evaluate(1, R.to_array_record(GLOBAL), ConfigRecord(), grid)
     assert sorted(strat.site_of(m.metadata.dst_node_id) for m in evaluated) == SITES[:2]
-    reason = strat._refusal("site-2")
+    reason = strat.counts.refusal("site-2")
     assert reason is not None and "'site-2' is not in the site registry" in reason
     assert "expected-cases" in reason
 

@@ -1,9 +1,17 @@
 """The server side of fedseg: one Flower strategy adapter over one module per algorithm.
 
-:class:`FedsegStrategy` (:mod:`.adapter`) is the Flower ``Strategy``: sampling, the handshake,
-reply checks, case-count weights, the quorum, timeouts, reports and checkpoint state. What
-differs between algorithms sits behind :class:`~.base.ServerAlgorithm` (what to send, how to
-combine, what to checkpoint), one module each, chosen by name (:func:`make_algorithm`):
+:class:`FedsegStrategy` (:mod:`.adapter`) is the Flower ``Strategy``: reply validation, the
+quorum, timeouts and checkpoint state. What every algorithm shares has a module of its own:
+
+- :mod:`.sampling`: which sites a round is sent to, and the round's account of every site
+- :mod:`.handshake`: the query handshake (site names, declared case counts)
+- :mod:`.messages`: the training messages (model, train config, each site's own records)
+- :mod:`.counts`: case-count weights (bounded by the declared and registry counts)
+- :mod:`.evaluation`: federated evaluation messages and the per-site Dice report
+- :mod:`.reports`: the round reports and the reading of a site's reply
+
+What differs between algorithms sits behind :class:`~.base.ServerAlgorithm` (what to send, how
+to combine, what to checkpoint), one module each, chosen by name (:func:`make_algorithm`):
 
 - :mod:`.fedavg`: ``fedavg``, ``fedprox``, ``fedbn``
 - :mod:`.fedopt`: ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad``

@@ -3,43 +3,30 @@
 :class:`FedsegStrategy` is a thin :class:`flwr.serverapp.strategy.Strategy` adapter. For each
 round it
 
-1. samples ``fraction-train`` of the known sites, deterministically from ``(seed, round)`` and
-   the sites' names (so a resumed run samples the same sites as an uninterrupted one);
+1. samples ``fraction-train`` of the known sites (:mod:`.sampling`), named by the query
+   handshake (:mod:`.handshake`);
 2. sends the global model (FedBN: only the shared, non-normalisation keys), the round's train
-   config (``server-round``, ``strategy``, ``local-epochs``, ``proximal-mu``) and, for SCAFFOLD,
-   each site's drift correction ``c - c_i``;
+   config (``server-round``, ``strategy``, ``local-epochs``, the algorithm's keys) and the
+   algorithm's records for each site (SCAFFOLD: its drift correction ``c - c_i``):
+   :mod:`.messages`;
 3. checks **every** reply before any arithmetic (:func:`fedseg.strategies.validation.filter_valid`:
    keys, shapes, dtypes, finite values, ``num-examples`` a positive int; a site's error reply or
-   a missing reply counts as a failure), logs each rejection with the site's name and node id;
+   a missing reply counts as a failure), logs each rejection with the site's name and node id,
+   and weighs the accepted ones by their bounded case counts (:mod:`.counts`);
 4. below the quorum (``min-fraction`` of the sampled sites) leaves the global model unchanged and
-   marks the round failed; otherwise calls the pure cores in :mod:`fedseg.strategies`.
+   marks the round failed; otherwise the algorithm combines the replies;
+5. keeps what a resumed run needs in its checkpoint state (:meth:`FedsegStrategy.state_dict`).
 
 Where Flower's own FedAvg ends the run on one inconsistent reply and checks no NaN, this one
-drops the bad reply and goes on.
+drops the bad reply and goes on. Federated evaluation is in :mod:`.evaluation`.
 
 The algorithms (server side) are one module each, behind the small interface of
 :class:`~fedseg.federation.strategy.base.ServerAlgorithm` and chosen by name
 (:func:`~fedseg.federation.strategy.registry.make_algorithm`): :mod:`.fedavg` (``fedavg``,
 ``fedprox``, ``fedbn``), :mod:`.fedopt` (``fedavgm``, ``fedadam``, ``fedyogi``,
-``fedadagrad``), :mod:`.scaffold`, :mod:`.cyclic`. This adapter keeps what every algorithm
-shares: sampling, the handshake, reply checks, case-count weights, the quorum, timeouts, the
-reports and the checkpoint state.
-
-Case-count weights (#24): a site's weight in every case-weighted average is its reported
-``num-examples`` bounded by the count it declared at the handshake and, with ``site-registry``,
-its expected count in the server's site registry (:mod:`fedseg.strategies.weights`,
-:mod:`fedseg.deploy.registry`). A reply above its bound is clipped to it or rejected
-(``count-bound``), logged with the site's name; a count that changes between rounds by more than
-``count-jump-factor`` is logged and recorded (``count-jump`` in the site's train metrics, beside
-``weight`` and ``weight-bound``); ``weighting = "equal"`` weighs every accepted reply 1. A site
-missing from a registry that requires counts is refused: it is never sent a round. Under CKKS
-and SecAgg+ the server cannot rescale a site's contribution, so each site gets its bound in the
-train message (``weight-bound``) and applies it itself (:mod:`fedseg.secure`).
-
-Robust aggregation (``aggregator``, ``update-clip-norm``, ``anomaly-threshold``): for fedavg,
-fedprox, fedbn (and as the delta source of fedadam / fedyogi) the average is replaced by
-:func:`fedseg.strategies.robust.robust_aggregate`; sites its anomaly filter drops are moved from
-``accepted`` to ``rejected`` with the reason.
+``fedadagrad``), :mod:`.scaffold`, :mod:`.cyclic`. Robust aggregation (``aggregator``,
+``update-clip-norm``, ``anomaly-threshold``) is part of every algorithm's average
+(:meth:`~fedseg.federation.strategy.base.ServerAlgorithm.average`).
 """
 
 from __future__ import annotations
@@ -49,26 +36,35 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedseg.config import FedsegConfig
-from fedseg.data.case import REGIONS
-from fedseg.deploy.registry import SiteRegistry, read_site_registry
 from fedseg.errors import AggregationError, CheckpointError, UpdateValidationError
 from fedseg.federation import records as R
-from fedseg.federation.messaging import send_and_receive
-from fedseg.federation.roster import Sampling, account_sites
+from fedseg.federation.roster import Sampling
 from fedseg.federation.strategy.base import Accepted, RoundInputs, ServerAlgorithm, Weights
+from fedseg.federation.strategy.counts import CaseCounts, message_bound
+from fedseg.federation.strategy.evaluation import Evaluation, mean_dice_record
+from fedseg.federation.strategy.handshake import SiteDirectory
+from fedseg.federation.strategy.messages import (
+    bounded_train_messages,
+    train_config,
+    train_messages,
+)
 from fedseg.federation.strategy.registry import make_algorithm
 from fedseg.federation.strategy.reports import (
     NO_REPLY,
     EvaluateReport,
     TrainReport,
     failure_reason,
-    positive_int,
-    safe_name,
+    reply_node,
+)
+from fedseg.federation.strategy.sampling import (
+    account_round,
+    eligible_nodes,
+    sample_round,
 )
 from fedseg.privacy.client_dp import ServerPrivacy
 
@@ -108,11 +104,8 @@ class FedsegStrategy(Strategy):
         self.algorithm = algorithm or make_algorithm(
             cfg, param_names=param_names, num_sites=num_sites
         )
-        #: node id -> site name (from the query handshake)
-        self.sites: dict[int, str] = {}
-        #: every site name ever learnt in the handshake (kept in the checkpoint): each round's
-        #: record accounts for all of them (:meth:`account`)
-        self.known_sites: set[str] = set()
+        #: node ids and site names, and the declared case counts (the query handshake)
+        self.directory = SiteDirectory()
         #: who could be sampled in the latest round and who was (:meth:`sample`)
         self.last_sampling: Sampling | None = None
         self.global_weights: Weights | None = None
@@ -124,20 +117,33 @@ class FedsegStrategy(Strategy):
         self.extra_train_records: dict[str, ArrayRecord] = {}
         #: the messages of the current half-round (their ids are set when the grid pushes them)
         self._outbox: list[Message] = []
-        #: the same for the evaluation in flight, which may overlap the next round's training
-        self._eval_sent: dict[int, str] = {}
-        self._eval_outbox: list[Message] = []
-        #: the sites whose current training message also asks them to score the model
-        self._fused_eval: dict[int, str] = {}
+        #: the evaluation in flight, which may overlap the next round's training
+        self.evaluation = Evaluation()
         #: differential privacy (#4): client-level clip/noise/accountant, the per-site ledger
         self.privacy = ServerPrivacy(cfg)
-        #: case counts (#24): declared at the handshake, and last reported, per site
-        self.declared: dict[str, int] = {}
-        self.last_counts: dict[str, int] = {}
-        #: the server's site registry (expected case counts), read and checked once, at start
-        self.registry: SiteRegistry | None = (
-            read_site_registry(cfg.site_registry) if cfg.site_registry else None
-        )
+        #: case-count weights (#24): the site registry and each site's last reported count
+        self.counts = CaseCounts(cfg)
+
+    # ---------------------------------------------------------------- views of the parts
+    @property
+    def sites(self) -> dict[int, str]:
+        """Node id to site name, from the query handshake (:attr:`directory`)."""
+        return self.directory.sites
+
+    @property
+    def known_sites(self) -> set[str]:
+        """Every site name ever learnt (kept in the checkpoint): each round accounts for all."""
+        return self.directory.known
+
+    @property
+    def declared(self) -> dict[str, int]:
+        """Site name to the case count it declared at the handshake."""
+        return self.directory.declared
+
+    @property
+    def last_counts(self) -> dict[str, int]:
+        """Site name to the case count it last reported (:attr:`counts`)."""
+        return self.counts.last
 
     # ---------------------------------------------------------------- Flower Strategy API
     def summary(self) -> None:
@@ -220,15 +226,9 @@ class FedsegStrategy(Strategy):
         ``exclude``: nodes that score this model within their training message instead
         (:meth:`start_train` with ``evaluate_round``); the others get an evaluation message.
         """
-        nodes = [n for n in self._connected(grid) if n not in exclude]
-        self._eval_sent = {n: self.site_of(n) for n in nodes}
+        nodes = {n: self.site_of(n) for n in self._connected(grid) if n not in exclude}
         send = self.algorithm.outgoing(arrays)
-        conf = ConfigRecord(dict(config))
-        conf["server-round"] = server_round
-        conf["strategy"] = self.name
-        content = RecordDict({R.ARRAYS: send, R.CONFIG: conf})
-        self._eval_outbox = [Message(content, n, MessageType.EVALUATE) for n in nodes]
-        return list(self._eval_outbox)
+        return self.evaluation.send(server_round, send, config, nodes, self.name)
 
     def aggregate_evaluate(
         self,
@@ -243,52 +243,11 @@ class FedsegStrategy(Strategy):
         training replies, whose scores travel in their own record. A site asked either way
         that did not answer is recorded as such.
         """
-        scored_in_training = self._fused_eval if fused is not None else {}
-        report = EvaluateReport(server_round=server_round)
+        report = self.evaluation.collect(
+            server_round, replies, fused, self.directory.who, self._sent, self._outbox
+        )
         self.last_evaluate = report
-        seen: set[str] = set()
-        answers: list[tuple[int, str, str | None, dict[str, float]]] = []
-        for msg in replies:
-            node = self._source(msg, self._eval_sent, self._eval_outbox)
-            site = self._eval_sent.get(node)
-            if site is None or site in seen:
-                continue
-            seen.add(site)
-            reason = failure_reason(msg)
-            metrics = {}
-            if reason is None:
-                metrics = R.metrics_dict(msg.content.metric_records.get(R.METRICS))
-            answers.append((node, site, reason, metrics))
-        for msg in fused or ():
-            node = self._source(msg)
-            site = scored_in_training.get(node)
-            if site is None or site in seen:
-                continue
-            seen.add(site)
-            answers.append((node, site, *self._fused_scores(msg)))
-        # By site: the case-weighted means then add up in the same order however replies came.
-        for node, site, reason, metrics in sorted(answers, key=lambda a: a[1]):
-            if reason is None:
-                try:
-                    n = positive_int(metrics.get("num-examples"))
-                    report.dice[site] = {r: metrics[f"dice-{r}"] for r in REGIONS}
-                    report.num_examples[site] = n
-                    report.seconds[site] = float(metrics.get("eval-seconds", 0.0))
-                    report.compute_seconds = max(
-                        report.compute_seconds, metrics.get("eval-seconds", 0.0)
-                    )
-                    continue
-                except (KeyError, UpdateValidationError) as exc:
-                    reason = f"malformed evaluation reply: {exc}"
-            report.failed[site] = reason
-            log.warning("round %d: evaluation at %s: %s", server_round, self._who(node), reason)
-        for site in [*self._eval_sent.values(), *scored_in_training.values()]:
-            if site not in seen:
-                report.failed[site] = NO_REPLY
-        mean: dict[str, Any] = {
-            f"dice-{r}": v for r, v in report.mean_dice().items() if v is not None
-        }
-        return MetricRecord(mean) if mean else None
+        return mean_dice_record(report)
 
     # ---------------------------------------------------------------- round driver
     def run_train(
@@ -313,7 +272,7 @@ class FedsegStrategy(Strategy):
     @property
     def fused_nodes(self) -> set[int]:
         """Nodes whose current training message also asks them to score the model."""
-        return set(self._fused_eval)
+        return set(self.evaluation.fused)
 
     @property
     def overlaps_evaluation(self) -> bool:
@@ -348,7 +307,7 @@ class FedsegStrategy(Strategy):
         the replies to :meth:`aggregate_evaluate` as ``fused`` too, and send evaluation
         messages only to the other sites (``configure_evaluate(..., exclude=...)``).
         """
-        self._fused_eval = {}
+        self.evaluation.fused = {}
         if self._refused(server_round):
             return None
         nodes = self.sample(grid, server_round)
@@ -356,7 +315,7 @@ class FedsegStrategy(Strategy):
             server_round, arrays, ConfigRecord(), nodes, evaluate_round=evaluate_round
         )
         if evaluate_round is not None:
-            self._fused_eval = dict(self._sent)
+            self.evaluation.fused = dict(self._sent)
         return messages
 
     def _refused(self, server_round: int) -> bool:
@@ -368,202 +327,43 @@ class FedsegStrategy(Strategy):
 
     # ---------------------------------------------------------------- sites
     def discover_sites(self, grid: Grid, timeout: float) -> dict[int, str]:
-        """Ask connected nodes not seen before for their site name (the ``query`` handshake).
+        """Ask connected nodes not seen before for their site name and case count (the query
+        handshake, :meth:`.handshake.SiteDirectory.discover`); returns node id to site name."""
+        return self.directory.discover(grid, timeout, self.counts.refusal)
 
-        The sites also load their data then (``prepare``), so round 1 carries no start-up cost.
-        A node that does not answer (an error reply, e.g. the SuperLink reporting it unavailable
-        just after a restart, or none before ``timeout``) is asked again at the next call and
-        is ``node-<id>`` until then. A name already taken by a node that is still connected
-        gets ``@<node id>`` appended, so names stay unique; a name whose node is no longer
-        connected moves to the new node (the site came back as a new node, e.g. a restarted
-        SuperNode without a registered key). Every name joins :attr:`known_sites`.
-        """
-        connected = set(grid.get_node_ids())
-        unknown = [n for n in sorted(connected) if n not in self.sites]
-        if not unknown:
-            return dict(self.sites)
-        content = RecordDict({R.CONFIG: ConfigRecord({"want": "site-name", "prepare": True})})
-        messages = [Message(content, n, MessageType.QUERY) for n in unknown]
-        names: dict[int, str] = {}
-        counts: dict[int, int] = {}
-        for msg in send_and_receive(grid, messages, timeout=timeout):
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                log.warning("node %d did not answer the handshake: %s", node, failure_reason(msg))
-                continue
-            if not msg.has_content():
-                continue
-            name = R.reply_site_name(msg.content)
-            if name is not None:
-                names[node] = safe_name(name)
-            count = R.reply_declared_count(msg.content)
-            if count is not None:
-                counts[node] = count
-            code = R.reply_error(msg.content)
-            if code is not None:
-                log.warning("site %s (node %d) could not prepare: %s", name, node, code)
-        for node in unknown:
-            name = names.get(node)
-            if name is None:
-                log.warning(
-                    "node %d did not answer the handshake; it is node-%d until it does", node, node
-                )
-                continue
-            holders = [n for n, s in self.sites.items() if s == name]
-            if any(n in connected for n in holders):
-                name = f"{name}@{node}"
-            for gone in holders:  # the site's earlier node is gone: the name moves
-                if gone not in connected:
-                    del self.sites[gone]
-                    log.info("site %s is now node %d (was node %d)", name, node, gone)
-            self.sites[node] = name
-            if node in counts:
-                self.declared[name] = counts[node]
-            refusal = self._refusal(name)
-            if refusal is not None:
-                log.error("%s (node %d): refused, never sent a round: %s", name, node, refusal)
-            self.known_sites.add(name)
-        return dict(self.sites)
+    def site_of(self, node_id: int) -> str:
+        """The site name of a node (``node-<id>`` before the handshake)."""
+        return self.directory.site_of(node_id)
 
     def weight_bound(self, site: str) -> int | None:
-        """The most ``site`` may weigh (``None``: unbounded): see :mod:`fedseg.strategies.weights`.
-
-        The smaller of the count it declared at the handshake and its registry count.
-        """
-        from fedseg.strategies.weights import site_bound
-
-        expected = self.registry.bound(site) if self.registry is not None else None
-        return site_bound(self.declared.get(site), expected)
+        """The most ``site`` may weigh (``None``: unbounded): :meth:`.counts.CaseCounts.bound`
+        of the count it declared at the handshake and its registry count."""
+        return self.counts.bound(site, self.declared.get(site))
 
     def bound_counts(
         self, server_round: int, reported: Mapping[str, int], report: TrainReport
     ) -> dict[str, int]:
-        """Each site's weight this round from its reported count; the sites left out go to
-        ``report.rejected``, the weights and events to ``report.metrics`` (and the log).
-
-        Parameters
-        ----------
-        server_round:
-            The round (for the log).
-        reported:
-            Site to the ``num-examples`` of its otherwise valid reply.
-        report:
-            The round's report (its ``metrics`` rows must exist for the sites in ``reported``).
-
-        Returns
-        -------
-        dict
-            Site to weight, for the sites that stay in the round.
-        """
-        from fedseg.strategies.weights import bounded_weights, count_jumps
-
-        c = self.cfg
-        allowed: dict[str, int] = {}
-        for site, num in reported.items():
-            refusal = self._refusal(site)  # not sent a round; a reply all the same is refused
-            if refusal is not None:
-                report.rejected[site] = refusal
-            else:
-                allowed[site] = num
-        bounds = {site: self.weight_bound(site) for site in allowed}
-        decision = bounded_weights(allowed, bounds, mode=c.count_bound, weighting=c.weighting)
-        for site, ratio in count_jumps(self.last_counts, allowed, c.count_jump_factor).items():
-            log.warning(
-                "round %d: site %s: num-examples jumped from %d to %d (x%.3g; "
-                "count-jump-factor %g)",
-                server_round,
-                site,
-                self.last_counts[site],
-                allowed[site],
-                ratio,
-                c.count_jump_factor,
-            )
-            report.metrics.setdefault(site, {})["count-jump"] = ratio
-        self.last_counts.update(allowed)
-        for site, (num, bound) in decision.over.items():
-            action = "rejected" if site in decision.rejected else "clipped to its bound"
-            log.warning(
-                "round %d: site %s reports num-examples %d above its bound %d: %s",
-                server_round,
-                site,
-                num,
-                bound,
-                action,
-            )
-        for site, reason in decision.rejected.items():
-            report.rejected[site] = reason
-        for site, weight in decision.weights.items():
-            row = report.metrics.setdefault(site, {})
-            row["weight"] = float(weight)
-            if bounds.get(site) is not None:
-                row["weight-bound"] = float(bounds[site])  # type: ignore[arg-type]
-        for site in reported:
-            if site not in decision.weights:
-                report.metrics.pop(site, None)
-        report.accepted = [s for s in report.accepted if s in decision.weights]
-        return dict(decision.weights)
-
-    def site_of(self, node_id: int) -> str:
-        """The site name of a node (``node-<id>`` before the handshake)."""
-        return self.sites.get(node_id, f"node-{node_id}")
+        """Each site's weight this round from its reported count
+        (:meth:`.counts.CaseCounts.weigh`); the sites left out go to ``report.rejected``."""
+        return self.counts.weigh(server_round, reported, report, self.declared)
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
-        """``max(1, int(fraction-train * K))`` of the K connected sites, ordered by name.
-
-        Deterministic for ``(seed, server_round)`` and the set of site names. What was seen is
-        kept in :attr:`last_sampling` for the round's record (:meth:`account`).
-        """
-        nodes = self._connected(grid)
-        k = max(1, int(len(nodes) * self.cfg.fraction_train))
-        if k < len(nodes):
-            rng = np.random.default_rng([self.cfg.seed, server_round])
-            picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
-            chosen = [nodes[i] for i in picked]
-        else:
-            chosen = nodes
-        connected = tuple(self.site_of(n) for n in nodes)
-        self.last_sampling = Sampling(
+        """``max(1, int(fraction-train * K))`` of the K connected sites, ordered by name
+        (:func:`.sampling.sample_round`); what was seen is kept in :attr:`last_sampling`."""
+        chosen, self.last_sampling = sample_round(
+            self._connected(grid),
+            self.site_of,
+            self.known_sites,
+            fraction=self.cfg.fraction_train,
+            seed=self.cfg.seed,
             server_round=server_round,
-            # a node not named yet (no handshake answer) is in this round's record as node-<id>
-            known=tuple(sorted(self.known_sites.union(connected))),
-            connected=connected,
-            selected=tuple(self.site_of(n) for n in chosen),
         )
         return chosen
 
     def account(self, report: TrainReport) -> TrainReport:
-        """Complete ``report`` so that it accounts for every known site, and return it.
-
-        ``accepted`` and ``rejected`` are made disjoint (a sampled site without an outcome is
-        rejected), and every other site of :attr:`known_sites` goes to ``not_sampled`` with
-        its reason: offline when the round was sampled, not selected by ``fraction-train``, or
-        excluded (a round the server did not run for anyone: its reason). See
-        :func:`fedseg.federation.roster.account_sites`.
-        """
-        seen = self.last_sampling
-        excluded: dict[str, str] = {}
-        if seen is None or seen.server_round != report.server_round:
-            # Nothing was sampled: the server did not run the round (e.g. client-level DP with
-            # the budget spent), so every site is left out for the round's reason.
-            seen = Sampling(report.server_round, known=tuple(sorted(self.known_sites)))
-            why = report.reason or "the round was not run"
-            excluded = {s: f"round not run: {why}" for s in seen.known}
-        for site in seen.known:  # never sent a round: not in a registry that requires counts
-            refusal = self._refusal(site)
-            if refusal is not None:
-                excluded.setdefault(site, refusal)
-        outcome = account_sites(
-            seen.known,
-            connected=seen.connected,
-            sampled=[*seen.selected, *report.sampled],
-            accepted=report.accepted,
-            rejected=report.rejected,
-            excluded=excluded,
-        )
-        report.accepted = outcome.accepted
-        report.rejected = outcome.rejected
-        report.not_sampled = outcome.not_sampled
-        return report
+        """Complete ``report`` so that it accounts for every known site, and return it
+        (:func:`.sampling.account_round`)."""
+        return account_round(report, self.last_sampling, self.known_sites, self.counts.refusal)
 
     def site_models(self) -> dict[str, Weights] | None:
         """FedBN: each site's personalised model (global shared keys + its own norms)."""
@@ -574,7 +374,8 @@ class FedsegStrategy(Strategy):
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
         """The strategy's state between rounds: the algorithm's (FedOpt moments, SCAFFOLD ``c``,
-        FedBN norms), the privacy ledger and the names of the known sites.
+        FedBN norms), the privacy ledger, the last reported case counts and the names of the
+        known sites.
 
         Every algorithm's keys are present (empty where another algorithm runs), so the
         checkpoint has one layout whatever the strategy.
@@ -590,7 +391,7 @@ class FedsegStrategy(Strategy):
             **empty,
             **self.algorithm.state_dict(),
             "privacy": self.privacy.state_dict(),
-            "last-counts": dict(self.last_counts),
+            **self.counts.state_dict(),
             "known-sites": sorted(self.known_sites),
         }
 
@@ -609,45 +410,18 @@ class FedsegStrategy(Strategy):
             )
         self.algorithm.load_state_dict(state)
         self.privacy.load_state_dict(state.get("privacy") or {})
-        self.last_counts = {str(k): int(v) for k, v in (state.get("last-counts") or {}).items()}
+        self.counts.load_state_dict(state)
         # Sites known before a restart stay in every round's record, connected or not.
         self.known_sites.update(str(s) for s in state.get("known-sites") or ())
 
     # ---------------------------------------------------------------- internals
     def _connected(self, grid: Grid) -> list[int]:
-        """The connected nodes that may take part, by site name: a site missing from a registry
-        that requires counts is never sent a round (refused at the handshake, logged there)."""
-        nodes = [n for n in grid.get_node_ids() if self._refusal(self.site_of(n)) is None]
-        return sorted(nodes, key=lambda n: (self.site_of(n), n))
+        """The nodes that may take part, by site name (:func:`.sampling.eligible_nodes`)."""
+        return eligible_nodes(grid.get_node_ids(), self.site_of, self.counts.refusal)
 
-    def _refusal(self, site: str) -> str | None:
-        return self.registry.refusal(site) if self.registry is not None else None
-
-    def _source(
-        self,
-        msg: Message,
-        sent: Mapping[int, str] | None = None,
-        outbox: Sequence[Message] | None = None,
-    ) -> int:
-        """The site node a reply is about (among the training messages unless told otherwise).
-
-        A reply's source is the site, except for the error reply the SuperLink writes itself
-        when a site is gone or cut off (its source is the SuperLink): that one is matched to
-        the site through the message it answers.
-        """
-        sent = self._sent if sent is None else sent
-        outbox = self._outbox if outbox is None else outbox
-        node = msg.metadata.src_node_id
-        if node in sent:
-            return node
-        answered = msg.metadata.reply_to_message_id
-        for out in outbox:
-            if answered and out.metadata.message_id == answered:
-                return out.metadata.dst_node_id
-        return node
-
-    def _who(self, node_id: int) -> str:
-        return f"site {self.site_of(node_id)} (node {node_id})"
+    def _source(self, msg: Message) -> int:
+        """The site node a training reply is about (:func:`.reports.reply_node`)."""
+        return reply_node(msg, self._sent, self._outbox)
 
     def train_messages(
         self,
@@ -667,47 +441,36 @@ class FedsegStrategy(Strategy):
         """
         self.global_weights = R.from_array_record(arrays)
         self._sent = {n: self.site_of(n) for n in nodes}
-        conf = ConfigRecord(dict(config))
-        conf["server-round"] = server_round
-        if evaluate_round is not None:
-            conf["evaluate-round"] = int(evaluate_round)
-        conf["strategy"] = self.name
-        conf["local-epochs"] = self.cfg.local_epochs
-        for key, value in self.algorithm.train_config().items():
-            conf[key] = value
-        content = RecordDict({R.ARRAYS: self.algorithm.outgoing(arrays), R.CONFIG: conf})
-        for key, record in self.extra_train_records.items():
-            content[key] = record
-        if self.cfg.secure_aggregation != "none":  # each site applies its own weight bound
-            self._outbox = [
-                Message(self._with_bound(content, conf, n), n, MessageType.TRAIN) for n in nodes
-            ]
-            return list(self._outbox)
-        messages = []
-        for n in nodes:  # SCAFFOLD: each site gets its own drift correction c - c_i
-            own = self.algorithm.site_records(self.site_of(n), self.global_weights)
-            if not own:
-                messages.append(Message(content, n, MessageType.TRAIN))
-                continue
-            site_content = RecordDict(
-                {R.ARRAYS: content[R.ARRAYS], R.CONFIG: conf, **own, **self.extra_train_records}
+        model = self.global_weights
+        conf = train_config(
+            config,
+            server_round,
+            strategy=self.name,
+            local_epochs=self.cfg.local_epochs,
+            algorithm_keys=self.algorithm.train_config(),
+            evaluate_round=evaluate_round,
+        )
+        send = self.algorithm.outgoing(arrays)
+        c = self.cfg
+        if c.secure_aggregation != "none":  # each site applies its own weight bound
+            bounds = {
+                n: message_bound(
+                    self.weight_bound(self.site_of(n)),
+                    weighting=c.weighting,
+                    count_bound=c.count_bound,
+                )
+                for n in nodes
+            }
+            self._outbox = bounded_train_messages(send, conf, bounds, c.count_bound)
+        else:  # SCAFFOLD: each site gets its own drift correction c - c_i
+            self._outbox = train_messages(
+                send,
+                conf,
+                nodes,
+                extra=self.extra_train_records,
+                site_records=lambda n: self.algorithm.site_records(self.site_of(n), model),
             )
-            messages.append(Message(site_content, n, MessageType.TRAIN))
-        self._outbox = list(messages)
-        return messages
-
-    def _with_bound(self, content: RecordDict, conf: ConfigRecord, node: int) -> RecordDict:
-        """``content`` with the node's ``weight-bound`` (0: none) in its own train config."""
-        if self.cfg.weighting == "equal":
-            bound: int | None = 1
-        elif self.cfg.count_bound == "off":
-            bound = None
-        else:
-            bound = self.weight_bound(self.site_of(node))
-        own = ConfigRecord(dict(conf))
-        own[R.WEIGHT_BOUND] = int(bound or 0)
-        own[R.COUNT_BOUND] = self.cfg.count_bound
-        return RecordDict({R.ARRAYS: content[R.ARRAYS], R.CONFIG: own})
+        return list(self._outbox)
 
     # ---------------------------------------------------------------- public face for
     # secure aggregation (:class:`~fedseg.federation.strategy.base.RoundHost`)
@@ -732,19 +495,6 @@ class FedsegStrategy(Strategy):
     def failure_reason(msg: Message) -> str | None:
         """Why a reply cannot be used (``None``: it can): :func:`.reports.failure_reason`."""
         return failure_reason(msg)
-
-    def _fused_scores(self, msg: Message) -> tuple[str | None, dict[str, float]]:
-        """A training reply's scores of the model it was sent: ``(failure reason, metrics)``."""
-        if msg.has_error():
-            return failure_reason(msg), {}
-        content = msg.content
-        if R.EVAL_METRICS in content.metric_records:
-            return None, R.metrics_dict(content.metric_records[R.EVAL_METRICS])
-        failed = content.config_records.get(R.EVAL_ERROR)
-        code = R.reply_error(content) if failed is None else failed.get("code")
-        if code is not None:
-            return f"site reported error {str(code)}", {}
-        return f"malformed evaluation reply: no '{R.EVAL_METRICS}' record", {}
 
     def _validated(
         self, server_round: int, replies: Iterable[Message], report: TrainReport
@@ -801,7 +551,7 @@ class FedsegStrategy(Strategy):
             log.warning(
                 "round %d: rejected %s: %s",
                 server_round,
-                self._who(nodes[site]) if site in nodes else site,
+                self.directory.who(nodes[site]) if site in nodes else site,
                 reason,
             )
         # A fixed order (by site name) makes the floating-point sums independent of arrival order.

@@ -12,9 +12,13 @@ A :class:`ServerAlgorithm` says, for one federated algorithm,
 - what state to checkpoint: :meth:`~ServerAlgorithm.state_dict` /
   :meth:`~ServerAlgorithm.load_state_dict`.
 
-Sampling, the handshake, the common reply checks, case-count weights, the quorum, timeouts and
-checkpoints belong to the Flower adapter (:class:`fedseg.federation.strategy.FedsegStrategy`),
-which calls an algorithm chosen by name (:func:`fedseg.federation.strategy.make_algorithm`).
+What every algorithm shares is in modules of its own: sampling (:mod:`.sampling`), the query
+handshake (:mod:`.handshake`), the training messages (:mod:`.messages`), case-count weights
+(:mod:`.counts`), evaluation (:mod:`.evaluation`) and the reply checks and reports
+(:mod:`.reports`). The Flower adapter
+(:class:`fedseg.federation.strategy.FedsegStrategy`) validates the replies, applies the quorum
+and the timeouts, keeps the checkpoint state, and calls an algorithm chosen by name
+(:func:`fedseg.federation.strategy.make_algorithm`).
 Secure aggregation (:mod:`fedseg.secure`) and cyclic weight transfer (:mod:`.cyclic`) drive a
 round through :class:`RoundHost`, the adapter's public face.
 """

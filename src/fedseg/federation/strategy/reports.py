@@ -2,8 +2,8 @@
 
 :class:`TrainReport` and :class:`EvaluateReport` are what each half-round leaves in
 ``FedsegStrategy.last_train`` / ``last_evaluate`` (and, through the loop, in every history row).
-:func:`failure_reason` and :func:`positive_int` are the reply checks that the plain and the
-secure-aggregation paths (:mod:`fedseg.secure`) share.
+:func:`failure_reason`, :func:`positive_int` and :func:`reply_node` are the reply checks that
+the plain and the secure-aggregation paths (:mod:`fedseg.secure`) and the evaluation share.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import Message
@@ -132,6 +133,37 @@ def failure_reason(msg: Message) -> str | None:
     if code is not None:
         return f"site reported error {code}"
     return None
+
+
+def reply_node(msg: Message, sent: Mapping[int, str], outbox: Iterable[Message]) -> int:
+    """The site node a reply is about.
+
+    A reply's source is the site, except for the error reply the SuperLink writes itself when
+    a site is gone or cut off (its source is the SuperLink): that one is matched to the site
+    through the message it answers.
+
+    Parameters
+    ----------
+    msg:
+        The reply.
+    sent:
+        Node id to site name of the messages sent.
+    outbox:
+        Those messages (with the ids the grid gave them when it pushed them).
+
+    Returns
+    -------
+    int
+        The node the reply is about; its source node when it matches nothing sent.
+    """
+    node = msg.metadata.src_node_id
+    if node in sent:
+        return node
+    answered = msg.metadata.reply_to_message_id
+    for out in outbox:
+        if answered and out.metadata.message_id == answered:
+            return out.metadata.dst_node_id
+    return node
 
 
 def positive_int(value: object) -> int:

@@ -1,0 +1,245 @@
+"""The query handshake: which site each connected node is, and the case count it declares.
+
+Before the first round (and at the start of every round, for nodes that joined late) the
+server asks each node it has no name for: a ``query`` message with ``want = "site-name"`` and
+``prepare = True``. The site answers with its name and the number of training cases it holds
+(the *declared* count, one of the bounds of its weight: :mod:`.counts`), and loads its data
+then, so round 1 carries no start-up cost.
+
+A node that does not answer (an error reply, e.g. the SuperLink reporting it unavailable just
+after a restart, or none before the timeout) is asked again at the next handshake and is
+``node-<id>`` until then. A name already taken by a node that is still connected gets
+``@<node id>`` appended, so names stay unique; a name whose node is no longer connected moves
+to the new node (the site came back as a new node, e.g. a restarted SuperNode without a
+registered key): :func:`assign_names`, a pure function. :class:`SiteDirectory` keeps the result
+between rounds; the names it has ever learnt (:attr:`SiteDirectory.known`) go into every
+round's record and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fedseg.federation import records as R
+from fedseg.federation.messaging import send_and_receive
+from fedseg.federation.strategy.reports import failure_reason, safe_name
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+__all__ = ["Answers", "NameAssignment", "SiteDirectory", "assign_names", "query_messages"]
+
+log = logging.getLogger("fedseg.server")
+
+
+@dataclass(frozen=True)
+class Answers:
+    """What the nodes answered to one handshake.
+
+    Attributes
+    ----------
+    names:
+        Node id to the site name it gave (made safe for logs and files:
+        :func:`~.reports.safe_name`).
+    counts:
+        Node id to the number of training cases it declared.
+    """
+
+    names: dict[int, str] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NameAssignment:
+    """The outcome of :func:`assign_names`.
+
+    Attributes
+    ----------
+    sites:
+        Node id to site name after the handshake (every earlier entry, less the names that
+        moved, plus the newly named nodes).
+    named:
+        The newly named nodes and their (unique) names, in the order they were asked.
+    moved:
+        ``(name, new node, old node)`` for each name that moved from a node no longer connected.
+    unnamed:
+        The asked nodes that gave no name.
+    """
+
+    sites: dict[int, str]
+    named: dict[int, str]
+    moved: list[tuple[str, int, int]]
+    unnamed: list[int]
+
+
+def query_messages(nodes: Iterable[int]) -> list[Message]:
+    """One handshake ``query`` message for each of ``nodes`` (site name, and prepare the data)."""
+    content = RecordDict({R.CONFIG: ConfigRecord({"want": "site-name", "prepare": True})})
+    return [Message(content, n, MessageType.QUERY) for n in nodes]
+
+
+def read_answers(replies: Iterable[Message]) -> Answers:
+    """The names and declared counts in the handshake replies.
+
+    An error reply, a reply without content or without a name gives no name; a site that
+    could not prepare its data is logged with its error code (it may still give its name).
+
+    Parameters
+    ----------
+    replies:
+        The replies to :func:`query_messages`.
+
+    Returns
+    -------
+    Answers
+    """
+    answers = Answers()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            log.warning("node %d did not answer the handshake: %s", node, failure_reason(msg))
+            continue
+        if not msg.has_content():
+            continue
+        name = R.reply_site_name(msg.content)
+        if name is not None:
+            answers.names[node] = safe_name(name)
+        count = R.reply_declared_count(msg.content)
+        if count is not None:
+            answers.counts[node] = count
+        code = R.reply_error(msg.content)
+        if code is not None:
+            log.warning("site %s (node %d) could not prepare: %s", name, node, code)
+    return answers
+
+
+def assign_names(
+    sites: Mapping[int, str],
+    asked: Sequence[int],
+    names: Mapping[int, str],
+    connected: Collection[int],
+) -> NameAssignment:
+    """Give each asked node the name it answered with, keeping names unique.
+
+    Parameters
+    ----------
+    sites:
+        Node id to site name before the handshake (not changed).
+    asked:
+        The nodes asked, in order (ascending node id).
+    names:
+        Node id to the name it answered with; an asked node absent here stays unnamed.
+    connected:
+        The nodes connected now.
+
+    Returns
+    -------
+    NameAssignment
+        A name held by a connected node is given as ``<name>@<node id>``; a name held only by
+        nodes no longer connected moves to the new node.
+
+    Examples
+    --------
+    >>> a = assign_names({1: "a"}, [2, 3], {2: "a", 3: "b"}, connected={1, 2, 3})
+    >>> a.sites
+    {1: 'a', 2: 'a@2', 3: 'b'}
+    >>> assign_names({1: "a"}, [2], {2: "a"}, connected={2}).moved
+    [('a', 2, 1)]
+    """
+    out = dict(sites)
+    named: dict[int, str] = {}
+    moved: list[tuple[str, int, int]] = []
+    unnamed: list[int] = []
+    for node in asked:
+        name = names.get(node)
+        if name is None:
+            unnamed.append(node)
+            continue
+        holders = [n for n, s in out.items() if s == name]
+        if any(n in connected for n in holders):
+            name = f"{name}@{node}"
+        for gone in holders:  # the site's earlier node is gone: the name moves
+            if gone not in connected:
+                del out[gone]
+                moved.append((name, node, gone))
+        out[node] = name
+        named[node] = name
+    return NameAssignment(sites=out, named=named, moved=moved, unnamed=unnamed)
+
+
+class SiteDirectory:
+    """Node ids and site names as the handshake learnt them, with the declared case counts.
+
+    Attributes
+    ----------
+    sites:
+        Node id to site name (nodes that answered the handshake).
+    known:
+        Every site name ever learnt (restored from the checkpoint after a resume).
+    declared:
+        Site name to the number of training cases it declared at the handshake.
+    """
+
+    def __init__(self) -> None:
+        self.sites: dict[int, str] = {}
+        self.known: set[str] = set()
+        self.declared: dict[str, int] = {}
+
+    def site_of(self, node_id: int) -> str:
+        """The site name of a node (``node-<id>`` before the handshake)."""
+        return self.sites.get(node_id, f"node-{node_id}")
+
+    def who(self, node_id: int) -> str:
+        """A node for the log: ``site <name> (node <id>)``."""
+        return f"site {self.site_of(node_id)} (node {node_id})"
+
+    def discover(
+        self,
+        grid: Grid,
+        timeout: float,
+        refusal: Callable[[str], str | None] = lambda site: None,
+    ) -> dict[int, str]:
+        """Ask the connected nodes not named yet for their site name (see the module docstring).
+
+        Parameters
+        ----------
+        grid:
+            The Flower grid.
+        timeout:
+            How long to wait for the answers (seconds).
+        refusal:
+            Why a site may not take part (``None``: it may); a refused site is logged here
+            and is never sent a round.
+
+        Returns
+        -------
+        dict
+            Node id to site name, after the handshake (a copy).
+        """
+        connected = set(grid.get_node_ids())
+        unknown = [n for n in sorted(connected) if n not in self.sites]
+        if not unknown:
+            return dict(self.sites)
+        answers = read_answers(send_and_receive(grid, query_messages(unknown), timeout=timeout))
+        assigned = assign_names(self.sites, unknown, answers.names, connected)
+        for node in assigned.unnamed:
+            log.warning(
+                "node %d did not answer the handshake; it is node-%d until it does", node, node
+            )
+        for name, node, gone in assigned.moved:
+            log.info("site %s is now node %d (was node %d)", name, node, gone)
+        self.sites.clear()  # in place: callers may hold this dict
+        self.sites.update(assigned.sites)
+        for node, name in assigned.named.items():
+            if node in answers.counts:
+                self.declared[name] = answers.counts[node]
+            refused = refusal(name)
+            if refused is not None:
+                log.error("%s (node %d): refused, never sent a round: %s", name, node, refused)
+            self.known.add(name)
+        return dict(self.sites)
