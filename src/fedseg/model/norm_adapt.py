@@ -47,9 +47,10 @@ def adapt_norm_statistics(model: torch.nn.Module, batches: Iterable[torch.Tensor
 
     Every layer that tracks running statistics is reset, then fed ``batches`` in training mode
     with ``momentum=None`` (a cumulative average, so the result does not depend on the batch
-    order); every other module stays in evaluation mode, no gradient is computed and no weight
-    changes. Afterwards the whole model is in evaluation mode and each layer's ``momentum`` is
-    what it was.
+    order: the mean over batches of each batch's mean and unbiased variance, which for one
+    batch are the images' own statistics); every other module stays in evaluation mode, no
+    gradient is computed and no weight changes. Afterwards the whole model is in evaluation mode
+    and each layer's ``momentum`` is what it was.
 
     Parameters
     ----------

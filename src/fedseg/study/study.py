@@ -18,7 +18,9 @@
    and HD95 per region, on the prepared grid). Arms with one model per site (``local``,
    ``fedbn``) are scored with each site's model on its own cases, also for the pooled set, and
    additionally across sites (Dice of site A's model on site B's test cases);
-5. the outputs (see below) and the HTML report.
+5. with ``holdout-site`` (``--holdout-site NAME|auto``): one hospital of the partition trains
+   in no arm and every arm is also scored on all its cases (:mod:`fedseg.study.holdout`);
+6. the outputs (see below) and the HTML report.
 
 Output folder::
 
@@ -33,6 +35,8 @@ Output folder::
     OUT/metrics.json            everything below in one document (returned by run_study)
     OUT/metrics.csv             arm,site,region,dice,hd95,num_cases (site "pooled" = all tests)
     OUT/curves.csv              learning curves: arm,epoch,round,WT,TC,ET,mean_dice,loss
+    OUT/unseen.csv              with a held-out hospital: arm,variant,region,unseen_dice,
+                                in_distribution_dice,ratio,num_cases
     OUT/overlays.npz            the slices drawn in the report (plain arrays)
     OUT/report.html             self-contained report
 
