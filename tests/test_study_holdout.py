@@ -395,3 +395,61 @@ def test_evaluate_scores_an_external_labelled_folder(
         dice = 2 * (p & r).sum() / (p.sum() + r.sum())
         assert float(row["dice_global"]) == pytest.approx(dice, abs=1e-6)
         assert 0.0 <= float(row["dice_monai"]) <= 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# over seeds
+
+
+def _unseen_doc(site: str, fedavg_ratio: float) -> dict:
+    from test_report import fake_doc
+
+    doc = fake_doc()
+    rows = [
+        {
+            "arm": "fedavg",
+            "variant": "model",
+            "first": True,
+            "unseen-mean": 0.6 * fedavg_ratio,
+            "ratio-mean": fedavg_ratio,
+        },
+        {
+            "arm": "local",
+            "variant": "average",
+            "first": True,
+            "unseen-mean": 0.5,
+            "ratio-mean": 0.9,
+        },
+        {"arm": "local", "variant": "adapt", "first": False, "unseen-mean": 0.1, "ratio-mean": 0.2},
+    ]
+    doc["unseen"] = {"site": site, "num-cases": 4, "unseen-norm": "average", "rows": rows}
+    return doc
+
+
+def test_seeds_summarise_the_unseen_hospital_with_an_interval() -> None:
+    from fedseg.study.seeds import render, summarise
+
+    out = summarise({0: _unseen_doc("site-0", 1.0), 1: _unseen_doc("site-2", 0.9)})
+
+    fed = out["arms"]["fedavg"]["unseen"]
+    assert fed["sites"] == ["site-0", "site-2"]
+    assert fed["ratio"]["values"] == [1.0, 0.9]
+    assert fed["ratio"]["mean"] == pytest.approx(0.95)
+    assert fed["ratio"]["low"] < 0.95 < fed["ratio"]["high"]
+    # an arm with two variants: only the one listed first counts
+    other = out["arms"]["local"]["unseen"]
+    assert (other["variant"], other["mean-dice"]["values"]) == ("average", [0.5, 0.5])
+    assert any(
+        f.startswith("FedAvg at the unseen hospital (site-0, site-2)") for f in out["findings"]
+    )
+    assert "Unseen hospital, mean [95 % interval] over seeds" in render(out)
+
+
+def test_seeds_without_a_held_out_hospital_have_no_unseen_block() -> None:
+    from test_report import fake_doc
+
+    from fedseg.study.seeds import summarise
+
+    out = summarise({0: fake_doc(), 1: _unseen_doc("site-0", 1.0)})
+
+    assert all("unseen" not in block for block in out["arms"].values())
