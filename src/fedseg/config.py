@@ -80,6 +80,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: what FedBN normalises with at a hospital it has no parameters for (``unseen-norm`` key)
+UNSEEN_NORMS: tuple[str, ...] = ("average", "adapt")
+
 #: secure-aggregation modes (``secure-aggregation`` key)
 SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
 
@@ -177,6 +180,12 @@ class FedsegConfig:
     ewc_strength: float = 1000.0
     lwf_weight: float = 1.0
     lwf_temperature: float = 2.0
+    # generalisation (#15): a hospital kept out of training and scored as unseen by the study
+    # ("": none; "auto": the scanner mix furthest from the rest), and the normalisation FedBN
+    # uses there first: "average" (the sites' averaged parameters) or "adapt" (adapted on the
+    # hospital's unlabelled images); both are measured
+    holdout_site: str = ""
+    unseen_norm: str = "average"
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "spatial-dims", "2 or 3", self.spatial_dims)
@@ -227,6 +236,7 @@ class FedsegConfig:
         )
         _check(self.batch_size >= 1, "batch-size", "an integer >= 1", self.batch_size)
         _check(self.learning_rate > 0, "learning-rate", "a number > 0", self.learning_rate)
+        _check_choice("unseen-norm", self.unseen_norm, UNSEEN_NORMS)
         _check(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
         _check_choice("amp", self.amp, AMP_MODES)

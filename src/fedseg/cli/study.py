@@ -25,6 +25,9 @@ _HELP = (
     "and on the pooled test set (Dice and HD95 per region), and writes OUT/report.html, "
     "OUT/metrics.json, OUT/metrics.csv and OUT/models/<arm>.pt (readable by `fedseg evaluate`)."
     "\n\n"
+    "--holdout-site NAME|auto keeps one hospital out of every arm's training and scores "
+    "every arm on all its cases next to its in-distribution test Dice."
+    "\n\n"
     "Rerun the same command to resume: finished arms are kept and only missing ones run; an "
     "arm whose results were computed with another configuration runs again."
     "\n\n"
@@ -112,6 +115,17 @@ def study_command(
             "--set reset-optimizer=false --set proximal-mu=0.1",
         ),
     ] = None,
+    holdout_site: Annotated[
+        str | None,
+        typer.Option(
+            "--holdout-site",
+            help="A hospital (site-0, site-1, ... or a name of the --partition CSV) that trains "
+            "in no arm; every arm is scored on all its cases (OUT/unseen.csv, the report's "
+            "'unseen hospital' table). 'auto': the hospital whose scanner mix is furthest from "
+            "the other hospitals' (total variation distance of the scanner label shares). "
+            "--sites counts it: at least 2 hospitals must remain to train.",
+        ),
+    ] = None,
     seeds: Annotated[
         int,
         typer.Option(
@@ -148,6 +162,7 @@ def study_command(
             "base_channels": base_channels,
             "depth": depth,
             "num_cases": cases,
+            "holdout_site": holdout_site,
         }
         if partition is not None:
             if partition.lower().endswith(".csv") or Path(partition).is_file():
@@ -161,6 +176,11 @@ def study_command(
                 f"{given}: a federation needs at least 2 sites; "
                 "for one hospital's data alone use `fedseg train`"
             )
+        if cfg.holdout_site:  # refused before the cohort is generated, not after
+            from fedseg.data.partition import check_holdout_site
+            from fedseg.study.holdout import site_names
+
+            check_holdout_site(cfg.holdout_site, site_names(cfg))
         if data is not None:
             existing_folder(data, "labelled dataset folder in BraTS 2020/2021/2023 or MSD layout")
         writable_folder(out, "--out")

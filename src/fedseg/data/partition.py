@@ -764,3 +764,125 @@ def attributes_from_label(
         float(np.isin(lab, REGION_LABELS[r]).sum()) * voxel_ml for r in ("WT", "TC", "ET")
     )
     return CaseAttributes(case_id, scanner, wt, tc, et)
+
+
+# --------------------------------------------------------------------------------------------
+# a hospital kept out of training (``fedseg study --holdout-site``)
+
+#: ``holdout-site`` value that picks the hospital whose scanner mix is furthest from the rest
+HOLDOUT_AUTO = "auto"
+
+
+def scanner_mix_distances(scanners: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """How far each site's scanner mix is from the mix of all other sites together.
+
+    A site's mix is its scanner label counts divided by its case count (a distribution over
+    scanner labels); the rest's mix is the summed counts of every other site, normalised the
+    same way. The distance is the total variation distance between the two, half the L1 norm
+    of their difference: 0 when the site has exactly the others' mix, 1 when it shares no
+    scanner with them. Pooling the other sites' counts weights each by its size, as the
+    training data would be.
+
+    Parameters
+    ----------
+    scanners:
+        Site name to ``{scanner label: number of cases}`` (the ``scanners`` of
+        :func:`heterogeneity_summary`); labels missing from a site count 0.
+
+    Returns
+    -------
+    dict[str, float]
+        Site name to its distance in [0, 1], in ``scanners`` order.
+
+    Raises
+    ------
+    PartitionError
+        Fewer than two sites, a site without cases or a negative count.
+    """
+    if len(scanners) < 2:
+        raise PartitionError(
+            f"a scanner-mix distance needs at least 2 sites, found {len(scanners)}"
+        )
+    labels = sorted({label for counts in scanners.values() for label in counts})
+    matrix = np.zeros((len(scanners), len(labels)), dtype=np.float64)
+    for i, (site, counts) in enumerate(scanners.items()):
+        for label, count in counts.items():
+            if count < 0:
+                raise PartitionError(f"site '{site}': negative count {count} of '{label}'")
+            matrix[i, labels.index(label)] = count
+        if matrix[i].sum() == 0:
+            raise PartitionError(f"site '{site}' has no cases")
+    total = matrix.sum(axis=0)
+    out: dict[str, float] = {}
+    for i, site in enumerate(scanners):
+        own = matrix[i] / matrix[i].sum()
+        rest = total - matrix[i]
+        out[site] = float(0.5 * np.abs(own - rest / rest.sum()).sum())
+    return out
+
+
+def check_holdout_site(requested: str, names: Sequence[str], *, min_training: int = 2) -> None:
+    """Refuse a ``holdout-site`` that names no site or leaves too few sites to train.
+
+    Parameters
+    ----------
+    requested:
+        A site name or ``"auto"``.
+    names:
+        Every site of the partition.
+    min_training:
+        Fewest sites that must remain for training.
+
+    Raises
+    ------
+    ConfigError
+        An unknown site name (the message names the sites there are) or a hold-out that would
+        leave fewer than ``min_training`` training sites.
+    """
+    names = sorted(names, key=natural_key)
+    if requested != HOLDOUT_AUTO and requested not in names:
+        close = difflib.get_close_matches(requested, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"--holdout-site: unknown hospital '{requested}': expected one of "
+            f"{', '.join(names)} or {HOLDOUT_AUTO}{hint}"
+        )
+    if len(names) - 1 < min_training:
+        raise ConfigError(
+            f"--holdout-site: holding out one of {len(names)} hospitals leaves "
+            f"{len(names) - 1} to train, and a federation needs at least {min_training}; "
+            f"use at least {min_training + 1} sites (--sites)"
+        )
+
+
+def choose_holdout(
+    requested: str, scanners: Mapping[str, Mapping[str, int]], *, min_training: int = 2
+) -> str:
+    """The hospital to keep out of training: ``requested`` checked, or the ``auto`` choice.
+
+    Parameters
+    ----------
+    requested:
+        A site name, or ``"auto"``: the site with the largest :func:`scanner_mix_distances`
+        (ties: the first in natural name order).
+    scanners:
+        Site name to its scanner label counts (every site of the partition).
+    min_training:
+        Fewest sites that must remain for training.
+
+    Returns
+    -------
+    str
+        The site's name.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`check_holdout_site`.
+    """
+    check_holdout_site(requested, list(scanners), min_training=min_training)
+    if requested != HOLDOUT_AUTO:
+        return requested
+    names = sorted(scanners, key=natural_key)
+    dist = scanner_mix_distances({s: scanners[s] for s in names})
+    return max(names, key=lambda s: (dist[s], -names.index(s)))

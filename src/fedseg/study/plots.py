@@ -165,6 +165,75 @@ def dice_bars(
     return to_png(fig)
 
 
+def unseen_bars(rows: Sequence[Mapping[str, Any]], target: float = 0.9) -> bytes:
+    """Dice at the unseen hospital against in-distribution Dice, per arm (and variant).
+
+    Left: mean Dice over regions, in-distribution (light) and at the unseen hospital (dark).
+    Right: the ratio unseen / in-distribution per region, with ``target`` drawn as a line.
+
+    Parameters
+    ----------
+    rows:
+        :func:`fedseg.study.holdout.unseen_rows` rows.
+    target:
+        The ratio marked by a dashed line.
+
+    Returns
+    -------
+    bytes
+        A PNG.
+    """
+    labels = [
+        r["arm"] if r["variant"] in ("model", "site-models") else f"{r['arm']}\n({r['variant']})"
+        for r in rows
+    ]
+    arms = [str(r["arm"]) for r in rows]
+    x = np.arange(len(rows))
+    fig = new_figure(max(8.0, 1.6 * len(rows) + 2), 3.6)
+    left, right = fig.subplots(1, 2)
+    colours = [_colour(a, i) for i, a in enumerate(arms)]
+    for j, (key, alpha, name) in enumerate(
+        (("in-distribution-mean", 0.35, "in-distribution test"), ("unseen-mean", 1.0, "unseen"))
+    ):
+        vals = [np.nan if r[key] is None else float(r[key]) for r in rows]
+        left.bar(
+            x + (j - 0.5) * 0.4,
+            vals,
+            0.4,
+            color=colours,
+            alpha=alpha,
+            label=name,
+            edgecolor="black",
+            linewidth=0.5,
+        )
+    left.set_xticks(x, labels, fontsize=8)
+    left.set_ylim(0, 1)
+    left.set_ylabel("mean Dice (WT, TC, ET)")
+    left.set_title("in-distribution (light) and unseen hospital (dark)", fontsize=10)
+    left.grid(axis="y", alpha=0.3)
+    width = 0.8 / len(REGIONS)
+    shades = {"WT": 0.45, "TC": 0.7, "ET": 1.0}
+    for j, region in enumerate(REGIONS):
+        vals = [float(r[f"ratio-{region}"]) for r in rows]
+        right.bar(
+            x + (j - (len(REGIONS) - 1) / 2) * width,
+            vals,
+            width,
+            color=colours,
+            alpha=shades[region],
+            label=region,
+        )
+    right.axhline(target, color="black", ls="--", lw=1, label=f"{target:.2f}")
+    right.set_xticks(x, labels, fontsize=8)
+    right.set_ylabel("unseen / in-distribution Dice")
+    right.set_title("ratio per region: WT, TC, ET (light to dark)", fontsize=10)
+    right.grid(axis="y", alpha=0.3)
+    right.legend(
+        fontsize=8, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False
+    )
+    return to_png(fig)
+
+
 def site_heatmap(
     matrix: Sequence[Sequence[float]],
     rows: Sequence[str],

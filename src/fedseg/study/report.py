@@ -190,6 +190,7 @@ def findings(doc: Mapping[str, Any]) -> list[str]:
             + f" (more than {_STILL_RISING} mean Dice gained over the last quarter); a longer "
             "budget may change the ranking."
         )
+    notes.extend(unseen_findings(doc))
     failed = _failed_rounds(arms)
     if failed:
         notes.append("Rounds with failed or missing sites: " + ", ".join(failed) + ".")
@@ -200,6 +201,75 @@ def findings(doc: Mapping[str, Any]) -> list[str]:
             "with each other."
         )
     return notes
+
+
+def unseen_findings(doc: Mapping[str, Any]) -> list[str]:
+    """Sentences on the held-out hospital: each arm's worst ratio, FedBN's two choices."""
+    unseen = doc.get("unseen") or {}
+    rows = unseen.get("rows") or []
+    if not rows:
+        return []
+    site, n = unseen.get("site"), unseen.get("num-cases")
+    notes = []
+    first = [r for r in rows if r["first"]]
+    kept = []
+    for r in first:
+        ratios = {k: r[f"ratio-{k}"] for k in REGIONS}
+        region = min(ratios, key=lambda k: ratios[k] if not math.isnan(ratios[k]) else 9.0)
+        kept.append(f"{pretty(r['arm'])} {ratios[region]:.0%} ({region})")
+    notes.append(
+        f"At the unseen hospital {site} ({n} cases, never trained on), the lowest ratio of "
+        "unseen to in-distribution Dice over the regions per arm: " + ", ".join(kept) + "."
+    )
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        variants = {r["variant"]: r for r in rows if r["arm"] == arm}
+        if {"average", "adapt"} <= set(variants):
+            a, b = variants["average"]["unseen-mean"], variants["adapt"]["unseen-mean"]
+            notes.append(
+                f"{pretty(arm)} at the unseen hospital: averaged normalisation {a:.3f}, "
+                f"adapted on its unlabelled images {b:.3f} (mean Dice; "
+                f"reported first: {unseen.get('unseen-norm')})."
+            )
+    return notes
+
+
+def _unseen_section(doc: Mapping[str, Any]) -> str:
+    unseen = doc.get("unseen") or {}
+    rows = unseen.get("rows") or []
+    if not rows:
+        return ""
+    from fedseg.study import plots
+
+    header = [
+        "arm",
+        "what is scored",
+        *(f"Dice {r} unseen / in-dist. (ratio)" for r in REGIONS),
+        "mean Dice unseen / in-dist. (ratio)",
+    ]
+    body = []
+    for r in rows:
+        cells = [
+            f"{num(r[f'unseen-{k}'])} / {num(r[f'in-distribution-{k}'])} ({pct(r[f'ratio-{k}'])})"
+            for k in (*REGIONS, "mean")
+        ]
+        name = pretty(r["arm"]) + ("" if r["first"] else " (alternative)")
+        body.append([esc(name), esc(r["scored"]), *cells])
+    return (
+        f"<h2>Unseen hospital: {esc(unseen.get('site'))}</h2>"
+        f"<p>{esc(unseen.get('site'))} trained in no arm (federated, centralized or local "
+        f"only); every arm is scored on all its {esc(unseen.get('num-cases'))} cases. "
+        "<em>In-dist.</em> is the same arm's Dice on the training hospitals' pooled test "
+        "cases (the results table above); the ratio is unseen / in-distribution. Local only: "
+        "each training hospital's own model scored at the unseen hospital, mean over the models. "
+        "FedBN has no normalisation parameters for a hospital that never trained: "
+        "<em>average</em> uses the training sites' parameters averaged (weighted by their "
+        "training cases), <em>adapt</em> adapts them on the hospital's unlabelled images "
+        "(entropy minimisation of the normalisation scale and shift; running statistics "
+        "re-estimated where a layer keeps them); the config key <code>unseen-norm</code> "
+        f"(here <code>{esc(unseen.get('unseen-norm'))}</code>) picks the one listed first.</p>"
+        + table(header, body, left=2)
+        + img(plots.unseen_bars(rows), "Dice at the unseen hospital")
+    )
 
 
 def _still_rising(curve: Sequence[Mapping[str, Any]]) -> bool:
@@ -476,7 +546,7 @@ def _heterogeneity_section(doc: Mapping[str, Any]) -> str:
             [
                 esc(r["site"]),
                 esc(r["num_cases"]),
-                esc(r.get("num_train", "–")),
+                esc("unseen" if r.get("role") == "unseen" else r.get("num_train", "–")),
                 esc(r.get("num_test", "–")),
                 num(r.get("wt_ml_mean"), 1),
                 num(r.get("wt_ml_median"), 1),
@@ -747,6 +817,7 @@ def render_report(doc: Mapping[str, Any], overlays: Mapping[str, Any] | None = N
             _header(doc),
             notes_html,
             _summary_section(doc),
+            _unseen_section(doc),
             _curves_section(doc),
             _per_site_section(doc),
             _heterogeneity_section(doc),

@@ -8,7 +8,10 @@ initial weights and training randomness, on the same cohort (generated once into
 of each region and their mean over the seeds with Student's t 95 % interval
 (:func:`fedseg.utils.stats.mean_ci`), and every arm against centralized by the paired t-test
 over the seeds (both arms share each seed's split; :func:`fedseg.utils.stats.paired`). The
-findings say when a difference is within noise.
+findings say when a difference is within noise. With ``--holdout-site``, each arm also gets
+``unseen``: its mean Dice at the held-out hospital (the variant the report lists first) and the
+ratio to its in-distribution mean Dice, each as a mean with its interval over the seeds (with
+``auto`` each seed's partition may hold out another hospital).
 
 Files: ``OUT/seeds.json``, ``OUT/seeds.csv`` and ``OUT/seeds.html``.
 """
@@ -107,7 +110,35 @@ def summarise(docs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
                 "within-noise": test.within_noise(),
             }
         out[arm] = block
+    for arm, block in unseen_over_seeds(docs).items():
+        if arm in out:
+            out[arm]["unseen"] = block
     return {"format": FORMAT, "seeds": seeds, "arms": out, "findings": findings(out, len(seeds))}
+
+
+def unseen_over_seeds(docs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per arm scored at a held-out hospital in every seed: its unseen mean Dice and its ratio
+    to the in-distribution mean Dice over the seeds (mean, interval, values), and the hospital
+    held out in each seed. Empty when a seed has no held-out hospital."""
+    rows: dict[int, dict[str, Mapping[str, Any]]] = {}
+    for seed, doc in docs.items():
+        unseen = doc.get("unseen") or {}
+        if not unseen.get("rows"):
+            return {}
+        rows[seed] = {r["arm"]: r for r in unseen["rows"] if r["first"]}
+    seeds = sorted(rows)
+    out: dict[str, Any] = {}
+    for arm in [a for a in rows[seeds[0]] if all(a in rows[s] for s in seeds)]:
+        block: dict[str, Any] = {
+            "sites": [docs[s]["unseen"]["site"] for s in seeds],
+            "variant": rows[seeds[0]][arm]["variant"],
+        }
+        for key, col in (("mean-dice", "unseen-mean"), ("ratio", "ratio-mean")):
+            values = [float(rows[s][arm][col]) for s in seeds]
+            ci = mean_ci(values)
+            block[key] = {"values": values, "mean": ci.mean, "low": ci.low, "high": ci.high}
+        out[arm] = block
+    return out
 
 
 def findings(arms: Mapping[str, Mapping[str, Any]], n: int) -> list[str]:
@@ -134,6 +165,17 @@ def findings(arms: Mapping[str, Mapping[str, Any]], n: int) -> list[str]:
         lines.append(
             f"{head}; {vs['difference']:+.3f} [{vs['low']:+.3f}, {vs['high']:+.3f}] against "
             f"centralized, paired t-test p = {vs['p-value']:.3f}: {verdict}."
+        )
+    for arm, block in arms.items():
+        u = block.get("unseen")
+        if u is None:
+            continue
+        r = u["ratio"]
+        interval = "" if r["low"] is None else f" [{r['low']:.2f}, {r['high']:.2f}]"
+        lines.append(
+            f"{pretty(arm)} at the unseen hospital ({', '.join(dict.fromkeys(u['sites']))}): "
+            f"mean Dice {u['mean-dice']['mean']:.3f}, {r['mean']:.2f}{interval} of its "
+            f"in-distribution mean Dice over {n} seed(s)."
         )
     return lines
 
@@ -195,4 +237,22 @@ def render(doc: Mapping[str, Any]) -> str:
         "compares an arm's mean Dice with centralized's seed by seed. With few seeds the "
         "intervals are wide: a difference whose p-value is 0.05 or more is within noise.</p>",
     ]
+    unseen = [(arm, b["unseen"]) for arm, b in doc["arms"].items() if "unseen" in b]
+    if unseen:
+        body += [
+            "<h2>Unseen hospital, mean [95 % interval] over seeds</h2>",
+            H.table(
+                ["arm", "what is scored", "hospital held out", "mean Dice", "unseen / in-dist."],
+                [
+                    [
+                        H.esc(pretty(arm)),
+                        H.esc(u["variant"]),
+                        H.esc(", ".join(u["sites"])),
+                        cell(u["mean-dice"]),
+                        cell(u["ratio"]),
+                    ]
+                    for arm, u in unseen
+                ],
+            ),
+        ]
     return H.page("fedseg study over seeds", body)

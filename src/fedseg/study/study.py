@@ -18,7 +18,9 @@
    and HD95 per region, on the prepared grid). Arms with one model per site (``local``,
    ``fedbn``) are scored with each site's model on its own cases, also for the pooled set, and
    additionally across sites (Dice of site A's model on site B's test cases);
-5. the outputs (see below) and the HTML report.
+5. with ``holdout-site`` (``--holdout-site NAME|auto``): one hospital of the partition trains
+   in no arm and every arm is also scored on all its cases (:mod:`fedseg.study.holdout`);
+6. the outputs (see below) and the HTML report.
 
 Output folder::
 
@@ -33,6 +35,8 @@ Output folder::
     OUT/metrics.json            everything below in one document (returned by run_study)
     OUT/metrics.csv             arm,site,region,dice,hd95,num_cases (site "pooled" = all tests)
     OUT/curves.csv              learning curves: arm,epoch,round,WT,TC,ET,mean_dice,loss
+    OUT/unseen.csv              with a held-out hospital: arm,variant,region,unseen_dice,
+                                in_distribution_dice,ratio,num_cases
     OUT/overlays.npz            the slices drawn in the report (plain arrays)
     OUT/report.html             self-contained report
 
@@ -45,7 +49,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,8 +86,12 @@ COHORT_MARKER = ".fedseg-cohort.json"
 #: number of pooled test cases drawn in the report's segmentation overlays
 NUM_OVERLAY_CASES = 3
 # keys that do not change any arm's result (the study sets the strategy per arm and the
-# epoch budget from rounds x local epochs; the partition file is covered by the partition)
-_NOT_FINGERPRINTED = frozenset({"strategy", "epochs", "val-fraction"})
+# epoch budget from rounds x local epochs; the partition file is covered by the partition;
+# the held-out hospital is fingerprinted by its resolved name, ``auto`` included; every arm
+# scores FedBN's both unseen-hospital normalisations, ``unseen-norm`` only orders the report)
+_NOT_FINGERPRINTED = frozenset(
+    {"strategy", "epochs", "val-fraction", "holdout-site", "unseen-norm"}
+)
 __all__ = [
     "ARMS",
     "DEFAULT_ARMS",
@@ -111,11 +119,17 @@ def epoch_budget(cfg: FedsegConfig) -> int:
 
 @dataclass
 class Sites:
-    """The study's sites: partition, splits and prepared cases."""
+    """The study's sites: partition, splits and prepared cases.
+
+    With a held-out hospital (``holdout-site``), ``parts``, ``train`` and ``test`` hold the
+    training hospitals only; ``holdout`` names the other one and ``unseen`` holds all its cases.
+    """
 
     parts: dict[str, list[str]]
     train: dict[str, list[Prepared]]
     test: dict[str, list[Prepared]]
+    holdout: str | None = None
+    unseen: list[Prepared] = field(default_factory=list)
 
     @property
     def pooled_train(self) -> list[Prepared]:
@@ -193,12 +207,18 @@ def run_study(
     t_start = time.perf_counter()
 
     data_dir, generated = cohort_folder(out, cfg, data, progress)
-    sites, summary = make_sites(out, cfg, data_dir, progress, console)
+    sites, summary = make_sites(out, cfg, data_dir, progress, console, holdout=cfg.holdout_site)
     device = pick_device()
+    # a rerun with another held-out hospital (or none) must not reuse an arm's results
+    held = {"holdout-site": sites.holdout} if sites.holdout else None
 
     def fingerprint_of(arm: Arm) -> dict[str, Any]:
         return fingerprint(
-            arm.config(cfg), data=data_dir, partition=sites.parts, ignore=_NOT_FINGERPRINTED
+            arm.config(cfg),
+            data=data_dir,
+            partition=sites.parts,
+            ignore=_NOT_FINGERPRINTED,
+            extra=held,
         )
 
     def run_arm(arm: Arm, folder: Path) -> dict[str, Any]:
@@ -248,11 +268,21 @@ def run_study(
             "test-fraction": cfg.test_fraction,
             "seed": cfg.seed,
             "engine": engine,
+            "holdout-site": sites.holdout,
             **cohort_facts(sites, data_dir, generated, device, t_start),
         },
         "sites": summary,
         "arms": ordered,
     }
+    if sites.holdout:
+        from fedseg.study.holdout import unseen_rows
+
+        doc["unseen"] = {
+            "site": sites.holdout,
+            "num-cases": len(sites.unseen),
+            "unseen-norm": cfg.unseen_norm,
+            "rows": unseen_rows(ordered, cfg.unseen_norm),
+        }
     _write_tables(out, doc)
     overlays = _overlays(out, cfg, sites, ordered, device)
     if overlays is not None:
@@ -342,19 +372,40 @@ def prepared_spacing(items: Sequence[Prepared]) -> dict[str, Any] | None:
 
 
 def make_sites(
-    out: Path, cfg: FedsegConfig, data_dir: Path, progress: bool, console: Any
+    out: Path,
+    cfg: FedsegConfig,
+    data_dir: Path,
+    progress: bool,
+    console: Any,
+    *,
+    holdout: str = "",
 ) -> tuple[Sites, list[dict[str, Any]]]:
     """Partition the cohort into sites, split each into train / test, prepare the cases.
 
-    Writes ``OUT/partition.csv``, ``heterogeneity.json`` and ``split.json``; returns the sites
-    and the heterogeneity rows (with train / test counts).
+    Writes ``OUT/partition.csv`` (every site), ``heterogeneity.json`` and ``split.json`` (the
+    training sites); returns the sites and the heterogeneity rows (with train / test counts).
+
+    Parameters
+    ----------
+    holdout:
+        ``""`` (every site trains), a site name or ``"auto"``
+        (:func:`fedseg.data.partition.choose_holdout`): that hospital trains in no arm, all its
+        cases are scored as unseen. Its heterogeneity row has ``role`` ``"unseen"`` and
+        ``num_unseen``; every row gets ``scanner_distance``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown ``holdout`` site (naming the sites) or one leaving fewer than 2 to train.
     """
     from fedseg.data.cache import default_cache_dir, prepare_cases
     from fedseg.data.cohort import split_cases
     from fedseg.data.partition import (
         case_attributes,
+        choose_holdout,
         heterogeneity_summary,
         partition,
+        scanner_mix_distances,
         summary_table,
         write_partition,
         write_summary_json,
@@ -380,12 +431,23 @@ def make_sites(
         min_cases=min_cases,
         csv_path=csv_path,
     )
+    summary = heterogeneity_summary(parts, attrs)
+    held: str | None = None
+    if holdout:
+        scanners = {row["site"]: row["scanners"] for row in summary}
+        held = choose_holdout(holdout, scanners)
+        distance = scanner_mix_distances(scanners)
+        for row in summary:
+            row["scanner_distance"] = distance[row["site"]]
     splits = {
         site: split_cases(ids, test_fraction=cfg.test_fraction, val_fraction=0, seed=cfg.seed)
         for site, ids in parts.items()
+        if site != held
     }
-    summary = heterogeneity_summary(parts, attrs)
     for row in summary:
+        if row["site"] == held:
+            row.update(role="unseen", num_train=0, num_test=0, num_unseen=row["num_cases"])
+            continue
         row["num_train"] = len(splits[row["site"]]["train"])
         row["num_test"] = len(splits[row["site"]]["test"])
     meta = {
@@ -395,6 +457,7 @@ def make_sites(
         "num_cases": len(attrs),
         "alpha": cfg.partition_alpha,
         "seed": cfg.seed,
+        "holdout_site": held,
     }
     write_partition(parts, out / "partition.csv")
     write_summary_json(summary, out / "heterogeneity.json", meta=meta)
@@ -405,6 +468,12 @@ def make_sites(
     if console is not None:
         title = f"{len(attrs)} cases, {len(parts)} sites, partition {cfg.partition}"
         console.print(summary_table(summary, title=title))
+        if held is not None:
+            console.print(
+                f"[bold]{held}[/bold] is held out: it trains in no arm and every arm is scored "
+                f"on all its {len(parts[held])} cases (scanner-mix distance "
+                f"{summary_by_site(summary)[held]['scanner_distance']:.2f})"
+            )
 
     ids = sorted(attrs)
     prepared = prepare_cases(
@@ -416,11 +485,18 @@ def make_sites(
     )
     by_id = {p.case_id: p for p in prepared}
     sites = Sites(
-        parts=parts,
+        parts={s: ids for s, ids in parts.items() if s != held},
         train={s: [by_id[c] for c in v["train"]] for s, v in splits.items()},
         test={s: [by_id[c] for c in v["test"]] for s, v in splits.items()},
+        holdout=held,
+        unseen=[by_id[c] for c in parts[held]] if held is not None else [],
     )
     return sites, summary
+
+
+def summary_by_site(summary: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Heterogeneity rows keyed by site name."""
+    return {str(row["site"]): row for row in summary}
 
 
 def _resume_note(out: Path, arm: str, cfg: FedsegConfig) -> str | None:
@@ -475,6 +551,16 @@ def _run_arm(
     from fedseg.clinic.card import write_study_cards  # model cards beside the arm's models
 
     write_study_cards(out, models, cfg, arm, sites, ev["metrics"], extra.get("history"))
+    if sites.unseen:  # the held-out hospital: every case, never trained on
+        from fedseg.study.holdout import score_unseen
+
+        t_unseen = time.perf_counter()
+        counts = {s: len(items) for s, items in sites.train.items()}
+        extra["unseen"] = {
+            "site": sites.holdout,
+            **score_unseen(arm, evaluator, cfg, shared, per_site, sites.unseen, counts),
+        }
+        timings["unseen-seconds"] = time.perf_counter() - t_unseen
     timings["total-seconds"] = time.perf_counter() - t0
     timings["training-seconds"] = t_train
     timings["evaluation-seconds"] = timings["total-seconds"] - t_train
@@ -808,6 +894,11 @@ def _write_tables(out: Path, doc: Mapping[str, Any]) -> None:
             )
     fields = ["arm", "epoch", "round", *REGIONS, "mean_dice", "loss"]
     atomic_write_csv(out / "curves.csv", curve_rows, fields)
+    if doc.get("unseen"):
+        from fedseg.study.holdout import UNSEEN_CSV_FIELDS, unseen_csv_rows
+
+        rows = unseen_csv_rows(doc["unseen"]["rows"])
+        atomic_write_csv(out / "unseen.csv", rows, UNSEEN_CSV_FIELDS)
 
 
 def best_federated_arm(arms: Mapping[str, Mapping[str, Any]]) -> str | None:

@@ -1,0 +1,455 @@
+"""A hospital that never trains: choosing it, scoring every arm there, FedBN's normalisation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedseg.cli.main import app
+from fedseg.data.case import Case
+from fedseg.data.partition import (
+    check_holdout_site,
+    choose_holdout,
+    scanner_mix_distances,
+)
+from fedseg.errors import ConfigError, PartitionError
+from fedseg.model.norm_adapt import (
+    adapt_norm_statistics,
+    adapt_to_unlabelled,
+    binary_entropy,
+    entropy_adapt_affines,
+    image_batches,
+)
+from fedseg.study.holdout import average_norms, unseen_rows
+from fedseg.study.study import run_study
+from tests.test_study import TINY, _fake_run_federation, write_tiny_cohort
+
+# three hospitals of four cases: A all scanner-a, B half a half b, C all scanner-c
+SCANNERS = {"A": {"scanner-a": 4}, "B": {"scanner-a": 2, "scanner-b": 2}, "C": {"scanner-c": 4}}
+
+
+# --------------------------------------------------------------------------------------------
+# which hospital is held out
+
+
+def test_scanner_mix_distances_by_hand() -> None:
+    # A: own (1, 0, 0), the rest B+C (2, 2, 4)/8: TV = (0.75 + 0.25 + 0.5) / 2 = 0.75
+    # B: own (.5, .5, 0), the rest A+C (4, 0, 4)/8: TV = (0 + 0.5 + 0.5) / 2 = 0.5
+    # C: own (0, 0, 1), the rest A+B (6, 2, 0)/8: TV = (0.75 + 0.25 + 1) / 2 = 1 (shares none)
+    assert scanner_mix_distances(SCANNERS) == pytest.approx({"A": 0.75, "B": 0.5, "C": 1.0})
+
+
+def test_identical_mixes_are_at_distance_zero_and_scale_free() -> None:
+    same = {"A": {"x": 1, "y": 3}, "B": {"x": 2, "y": 6}, "C": {"y": 30, "x": 10}}
+
+    assert scanner_mix_distances(same) == pytest.approx({"A": 0.0, "B": 0.0, "C": 0.0})
+
+
+def test_auto_picks_the_furthest_mix_and_breaks_ties_by_name() -> None:
+    tie = {"site-10": {"x": 2}, "site-2": {"y": 2}, "site-1": {"x": 1, "y": 1}}
+
+    assert choose_holdout("auto", SCANNERS) == "C"
+    # site-2 and site-10 are both at 0.75; site-2 comes first in natural order
+    assert choose_holdout("auto", tie) == "site-2"
+    assert choose_holdout("B", SCANNERS) == "B"
+
+
+@pytest.mark.parametrize(
+    ("requested", "names", "fragment"),
+    [
+        (
+            "site-9",
+            ["site-0", "site-1", "site-2"],
+            "expected one of site-0, site-1, site-2 or auto",
+        ),
+        ("site1", ["site-0", "site-1", "site-2"], "did you mean 'site-1'"),
+        ("site-0", ["site-0", "site-1"], "leaves 1 to train, and a federation needs at least 2"),
+        ("auto", ["site-0", "site-1"], "use at least 3 sites"),
+    ],
+)
+def test_bad_holdout_site(requested: str, names: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        check_holdout_site(requested, names)
+
+
+def test_bad_scanner_counts() -> None:
+    with pytest.raises(PartitionError, match="'B' has no cases"):
+        scanner_mix_distances({"A": {"x": 1}, "B": {}})
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (
+            ["--holdout-site", "site-7"],
+            "--holdout-site: unknown hospital 'site-7': expected one of site-0, site-1, site-2, "
+            "site-3 or auto",
+        ),
+        (["--holdout-site", "auto", "--sites", "2"], "leaves 1 to train"),
+    ],
+)
+def test_cli_bad_holdout_exits_2_with_one_line(
+    argv: list[str], fragment: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "study"
+
+    result = CliRunner().invoke(app, ["study", *argv, "--out", str(out)])
+
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert fragment in lines[0]
+    assert "Traceback" not in result.output
+    assert not (out / "data").exists()  # refused before the cohort is generated
+
+
+# --------------------------------------------------------------------------------------------
+# the study with a held-out hospital
+
+
+def _three_hospitals(root: Path) -> Path:
+    """12 tiny cases, a partition CSV of hospitals A, B, C (4 each) with :data:`SCANNERS`."""
+    data = write_tiny_cohort(root / "data", n=12)
+    site_of = {f"T_{i:03d}": "ABC"[i // 4] for i in range(12)}
+    scanner = {
+        **{f"T_{i:03d}": "scanner-a" for i in range(6)},
+        "T_006": "scanner-b",
+        "T_007": "scanner-b",
+        **{f"T_{i:03d}": "scanner-c" for i in range(8, 12)},
+    }
+    with open(data / "cohort.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row["scanner"] = scanner[row["case_id"]]
+    with open(data / "cohort.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    part = root / "partition.csv"
+    part.write_text("case_id,site\n" + "".join(f"{c},{s}\n" for c, s in site_of.items()))
+    return data
+
+
+@pytest.fixture(scope="module")
+def held_out_study(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict, list[dict], Path]:
+    import fedseg.experiment.engine as engine_mod
+
+    root = tmp_path_factory.mktemp("holdout")
+    data = _three_hospitals(root)
+    cfg = TINY.replace(
+        num_sites=3,
+        partition="csv",
+        partition_file=str(root / "partition.csv"),
+        holdout_site="auto",
+        unseen_norm="adapt",
+    )
+    calls: list[dict] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_mod, "run_federation", _fake_run_federation(calls))
+        doc = run_study(root / "out", cfg, arms="local,fedavg,fedbn", data=data, progress=False)
+    return root / "out", doc, calls, data
+
+
+def test_the_held_out_hospital_trains_in_no_arm(held_out_study: tuple) -> None:
+    out, doc, calls, _ = held_out_study
+    split = json.loads((out / "split.json").read_text())
+    held = {f"T_{i:03d}" for i in range(8, 12)}  # hospital C, the furthest scanner mix
+
+    assert doc["study"]["holdout-site"] == "C"
+    assert set(split) == {"A", "B"}
+    assert not held & {c for s in split.values() for part in s.values() for c in part}
+    assert [sorted(c["partition"]) for c in calls] == [["A", "B"], ["A", "B"]]
+    assert all(not held & {c for ids in call["partition"].values() for c in ids} for call in calls)
+    for res in doc["arms"].values():
+        assert set(res["metrics"]) == {"A", "B", "pooled"}
+        assert res["unseen"]["site"] == "C"
+    cards = json.loads((out / "models" / "fedavg.card.json").read_text())
+    assert "C" not in json.dumps(cards.get("hospitals", cards))
+    rows = {r["site"]: r for r in doc["sites"]}
+    assert rows["C"]["role"] == "unseen"
+    assert rows["C"]["num_unseen"] == 4
+    assert rows["C"]["scanner_distance"] == pytest.approx(1.0)
+
+
+def test_every_arm_is_scored_on_every_unseen_case(held_out_study: tuple) -> None:
+    _, doc, _, _ = held_out_study
+    arms = doc["arms"]
+
+    assert list(arms["fedavg"]["unseen"]["variants"]) == ["model"]
+    assert list(arms["fedbn"]["unseen"]["variants"]) == ["average", "adapt"]
+    local = arms["local"]["unseen"]
+    assert set(local["models"]) == {"A", "B"}
+    for region in ("WT", "TC", "ET"):
+        each = [m[region]["dice"] for m in local["models"].values()]
+        assert local["variants"]["site-models"][region]["dice"] == pytest.approx(np.mean(each))
+    for res in arms.values():
+        for v in res["unseen"]["variants"].values():
+            assert v["num-cases"] == 4
+
+
+def test_unseen_table_puts_the_configured_fedbn_choice_first(held_out_study: tuple) -> None:
+    out, doc, _, _ = held_out_study
+    rows = doc["unseen"]["rows"]
+    fedbn = [r for r in rows if r["arm"] == "fedbn"]
+
+    assert [(r["variant"], r["first"]) for r in fedbn] == [("adapt", True), ("average", False)]
+    assert [r["variant"] for r in unseen_rows(doc["arms"], "average") if r["arm"] == "fedbn"] == [
+        "average",
+        "adapt",
+    ]
+    for r in rows:
+        pooled = doc["arms"][r["arm"]]["metrics"]["pooled"]
+        assert r["in-distribution-WT"] == pooled["WT"]["dice"]
+        assert r["ratio-WT"] == pytest.approx(r["unseen-WT"] / r["in-distribution-WT"])
+    with open(out / "unseen.csv", newline="") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert len(csv_rows) == 4 * len(rows)
+    report = (out / "report.html").read_text()
+    assert "Unseen hospital: C" in report
+    assert "FedBN (alternative)" in report
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["unseen"]["rows"] == json.loads(json.dumps(rows))
+
+
+def test_another_holdout_does_not_reuse_results(held_out_study: tuple) -> None:
+    import fedseg.experiment.engine as engine_mod
+
+    out, doc, _, data = held_out_study
+    cfg = TINY.replace(
+        num_sites=3,
+        partition="csv",
+        partition_file=str(out.parent / "partition.csv"),
+        holdout_site="auto",
+    )
+    calls: list[dict] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_mod, "run_federation", _fake_run_federation(calls))
+        # unseen-norm only orders the report: the finished arm is reused
+        same = run_study(out, cfg, arms="fedavg", data=data, progress=False)
+        assert calls == []
+        other = run_study(
+            out, cfg.replace(holdout_site="A"), arms="fedavg", data=data, progress=False
+        )
+    assert same["arms"]["fedavg"]["unseen"] == doc["arms"]["fedavg"]["unseen"]
+    assert [sorted(c["partition"]) for c in calls] == [["B", "C"]]
+    assert other["arms"]["fedavg"]["unseen"]["site"] == "A"
+
+
+# --------------------------------------------------------------------------------------------
+# FedBN at a hospital without normalisation parameters
+
+
+def test_average_norms_by_hand() -> None:
+    shared = {
+        "conv.weight": np.full(2, 9.0),
+        "adn.N.weight": np.zeros(2),
+        "adn.N.bias": np.zeros(2),
+    }
+    per_site = {
+        "a": {"conv.weight": np.zeros(2), "adn.N.weight": np.ones(2), "adn.N.bias": np.zeros(2)},
+        "b": {
+            "conv.weight": np.zeros(2),
+            "adn.N.weight": np.full(2, 3.0),
+            "adn.N.bias": np.ones(2),
+        },
+    }
+
+    got = average_norms(shared, per_site, {"a": 1, "b": 3})
+
+    np.testing.assert_allclose(got["adn.N.weight"], [2.5, 2.5])  # (1*1 + 3*3) / 4
+    np.testing.assert_allclose(got["adn.N.bias"], [0.75, 0.75])
+    np.testing.assert_allclose(got["conv.weight"], [9.0, 9.0])  # the shared keys as they are
+
+
+def test_adabn_statistics_equal_the_image_statistics_of_a_tiny_input() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm3d(2, momentum=0.1), torch.nn.Conv3d(2, 1, 1))
+    conv_before = model[1].weight.detach().clone()
+    x = torch.tensor(np.arange(2 * 2 * 2 * 2 * 2, dtype=np.float32).reshape(2, 2, 2, 2, 2))
+    # channel 0 holds 0..7 and 16..23, channel 1 holds 8..15 and 24..31
+    c0 = np.r_[0:8, 16:24].astype(np.float64)
+    c1 = c0 + 8
+
+    n = adapt_norm_statistics(model, [x])
+
+    bn = model[0]
+    assert n == 1
+    np.testing.assert_allclose(bn.running_mean.numpy(), [c0.mean(), c1.mean()], rtol=1e-6)
+    np.testing.assert_allclose(bn.running_var.numpy(), [c0.var(ddof=1), c1.var(ddof=1)], rtol=1e-6)
+    # over several batches: the mean of the batches' means and of their unbiased variances
+    adapt_norm_statistics(model, [x[:1], x[1:]])
+    np.testing.assert_allclose(bn.running_mean.numpy(), [c0.mean(), c1.mean()], rtol=1e-6)
+    within = np.mean([c0[:8].var(ddof=1), c0[8:].var(ddof=1)])
+    np.testing.assert_allclose(bn.running_var.numpy(), [within, within], rtol=1e-6)
+    assert bn.momentum == 0.1
+    assert not model.training
+    assert torch.equal(model[1].weight, conv_before)
+
+
+def test_adabn_changes_nothing_in_a_model_without_running_statistics() -> None:
+    model = torch.nn.Sequential(torch.nn.InstanceNorm3d(2, affine=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert adapt_norm_statistics(model, [torch.randn(1, 2, 4, 4, 4)]) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_entropy_adaptation_moves_only_the_norm_affines_and_lowers_the_entropy() -> None:
+    from fedseg.config import FedsegConfig
+    from fedseg.model.unet import build_unet
+
+    cfg = FedsegConfig(image_size=16, patch_size=16, base_channels=2, depth=2)
+    torch.manual_seed(0)
+    model = build_unet(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = [np.random.default_rng(i).normal(size=(4, 16, 16, 16)) for i in range(2)]
+    batches = image_batches(images, 2, 16, torch.device("cpu"))
+
+    losses = entropy_adapt_affines(model, batches, epochs=3, lr=1e-2)
+
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed
+    assert all(k.endswith((".adn.N.weight", ".adn.N.bias")) for k in changed)
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        assert float(binary_entropy(model(batches[0]))) < losses[0]
+
+
+def test_adapt_to_unlabelled_reports_the_entropy_it_lowered() -> None:
+    from fedseg.config import FedsegConfig
+    from fedseg.model.unet import build_unet
+
+    torch.manual_seed(0)
+    model = build_unet(FedsegConfig(image_size=16, patch_size=16, base_channels=2, depth=2))
+    batches = image_batches([np.ones((4, 16, 16, 16))], 1, 16, torch.device("cpu"))
+
+    info = adapt_to_unlabelled(model, batches, epochs=3, lr=1e-2)
+
+    assert info["statistics-layers"] == 0  # instance norm keeps no running statistics
+    assert info["entropy-after"] < info["entropy-before"]
+
+
+def test_image_batches_centre_crop_and_pad_to_the_patch() -> None:
+    image = np.arange(3 * 6 * 2 * 4, dtype=np.float32).reshape(3, 6, 2, 4)
+
+    (batch,) = image_batches([image, image], 2, 4, torch.device("cpu"))
+
+    assert tuple(batch.shape) == (2, 3, 4, 4, 4)
+    np.testing.assert_array_equal(batch[0, :, :, 1:3, :].numpy(), image[:, 1:5, :, :])
+    assert not batch[0, :, :, 0, :].any() and not batch[0, :, :, 3, :].any()
+
+
+@pytest.mark.parametrize(("epochs", "lr"), [(0, 1e-3), (1, 0.0)])
+def test_bad_entropy_settings(epochs: int, lr: float) -> None:
+    model = torch.nn.Sequential(torch.nn.InstanceNorm3d(2, affine=True))
+
+    with pytest.raises(ValueError, match="epochs|lr"):
+        entropy_adapt_affines(model, [torch.zeros(1, 2, 2, 2, 2)], epochs=epochs, lr=lr)
+
+
+# --------------------------------------------------------------------------------------------
+# fedseg evaluate on an external labelled folder
+
+
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023", "msd"])
+def test_evaluate_scores_an_external_labelled_folder(
+    layout: str, tmp_path: Path, write_case: Callable[[Case, Path, str], Path]
+) -> None:
+    from conftest import make_tiny_case
+    from helpers import tiny_checkpoint
+
+    # cases written by the tests' own layout writer (not fedseg's), with no cohort.csv,
+    # an oblique-free but flipped affine and another grid than the model's
+    data = tmp_path / "external"
+    for i in range(2):
+        write_case(make_tiny_case(f"ext_{i}", seed=i), data, layout)
+    out = tmp_path / "pred"
+
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", str(tiny_checkpoint(tmp_path / "m.pt")), str(data), "--out", str(out)],
+    )
+
+    assert result.exit_code == 0, result.output
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["case_id"] for r in rows} == {"ext_0", "ext_1"}
+    ref = make_tiny_case().label  # both cases share the label map
+    regions = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+    for row in rows:
+        pred = np.asarray(nib.load(out / f"{row['case_id']}.nii.gz").dataobj)
+        assert pred.shape == ref.shape
+        p, r = np.isin(pred, regions[row["region"]]), np.isin(ref, regions[row["region"]])
+        # the BraTS global Dice is computed on the written label map (MONAI's on the channels)
+        assert p.sum() + r.sum() > 0
+        dice = 2 * (p & r).sum() / (p.sum() + r.sum())
+        assert float(row["dice_global"]) == pytest.approx(dice, abs=1e-6)
+        assert 0.0 <= float(row["dice_monai"]) <= 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# over seeds
+
+
+def _unseen_doc(site: str, fedavg_ratio: float) -> dict:
+    from test_report import fake_doc
+
+    doc = fake_doc()
+    rows = [
+        {
+            "arm": "fedavg",
+            "variant": "model",
+            "first": True,
+            "unseen-mean": 0.6 * fedavg_ratio,
+            "ratio-mean": fedavg_ratio,
+        },
+        {
+            "arm": "local",
+            "variant": "average",
+            "first": True,
+            "unseen-mean": 0.5,
+            "ratio-mean": 0.9,
+        },
+        {"arm": "local", "variant": "adapt", "first": False, "unseen-mean": 0.1, "ratio-mean": 0.2},
+    ]
+    doc["unseen"] = {"site": site, "num-cases": 4, "unseen-norm": "average", "rows": rows}
+    return doc
+
+
+def test_seeds_summarise_the_unseen_hospital_with_an_interval() -> None:
+    from fedseg.study.seeds import render, summarise
+
+    out = summarise({0: _unseen_doc("site-0", 1.0), 1: _unseen_doc("site-2", 0.9)})
+
+    fed = out["arms"]["fedavg"]["unseen"]
+    assert fed["sites"] == ["site-0", "site-2"]
+    assert fed["ratio"]["values"] == [1.0, 0.9]
+    assert fed["ratio"]["mean"] == pytest.approx(0.95)
+    assert fed["ratio"]["low"] < 0.95 < fed["ratio"]["high"]
+    # an arm with two variants: only the one listed first counts
+    other = out["arms"]["local"]["unseen"]
+    assert (other["variant"], other["mean-dice"]["values"]) == ("average", [0.5, 0.5])
+    assert any(
+        f.startswith("FedAvg at the unseen hospital (site-0, site-2)") for f in out["findings"]
+    )
+    assert "Unseen hospital, mean [95 % interval] over seeds" in render(out)
+
+
+def test_seeds_without_a_held_out_hospital_have_no_unseen_block() -> None:
+    from test_report import fake_doc
+
+    from fedseg.study.seeds import summarise
+
+    out = summarise({0: fake_doc(), 1: _unseen_doc("site-0", 1.0)})
+
+    assert all("unseen" not in block for block in out["arms"].values())
