@@ -204,7 +204,9 @@ def test_other_seed_other_case(cohort: Cohort, pair: tuple) -> None:
 
 def test_enhancing_tumour_stands_out_on_t1ce_not_on_t1(cohort: Cohort) -> None:
     t1, t1ce = MODALITIES.index("t1"), MODALITIES.index("t1ce")
-    enhancing = [c for c, k in zip(_cases(cohort), _tumour_types(cohort), strict=True) if k == "enhancing"]
+    enhancing = [
+        c for c, k in zip(_cases(cohort), _tumour_types(cohort), strict=True) if k == "enhancing"
+    ]
     assert enhancing
     for image, label in enhancing:
         et, rest = label == 4, np.isin(label, (1, 2))

@@ -105,11 +105,7 @@ class TumourPhenotype:
 
 
 def _range_ok(pair: tuple[float, float], lo: float, hi: float) -> bool:
-    return (
-        len(pair) == 2
-        and all(math.isfinite(v) for v in pair)
-        and lo <= pair[0] <= pair[1] <= hi
-    )
+    return len(pair) == 2 and all(math.isfinite(v) for v in pair) and lo <= pair[0] <= pair[1] <= hi
 
 
 DEFAULT_PHENOTYPE = TumourPhenotype()

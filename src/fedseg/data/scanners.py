@@ -180,7 +180,6 @@ def draw_acquisition(profile: ScannerProfile, rng: np.random.Generator) -> Acqui
     )
 
 
-
 @dataclass(frozen=True)
 class ScannerProfile:
     """The acquisition characteristics of one (kind of) scanner.
@@ -237,7 +236,8 @@ class ScannerProfile:
         if self.field_strength not in FIELD_STRENGTHS:
             raise ConfigError(
                 f"scanner profile {self.name!r}: field_strength must be one of "
-                f"{', '.join(f'{f:g}' for f in FIELD_STRENGTHS)} (tesla), got {self.field_strength!r}"
+                f"{', '.join(f'{f:g}' for f in FIELD_STRENGTHS)} (tesla), "
+                f"got {self.field_strength!r}"
             )
         if not self.name:
             raise ConfigError("scanner profile name must not be empty")

@@ -101,7 +101,7 @@ _TUMOUR = {
     _ET: (0.43, 1.25, 0.70, 0.74),
     # fluid: darker than necrosis on T1, as bright as CSF on T2, FLAIR only partly suppressed
     # (proteinaceous fluid)
-    _CYST: (0.16, 0.15, 1.0, 0.35),
+    _CYST: (0.12, 0.11, 1.05, 0.30),
 }
 # Non-brain tissue that skull stripping can leave at the brain's edge (dura, scalp fat):
 # bright on T1 (fat), moderately bright on T2 and FLAIR.
@@ -436,7 +436,7 @@ def _add_cyst(
     r_tc: float,
 ) -> None:
     """Turn a ball inside the core (never the rim) into a fluid cyst (label 1), in place."""
-    radius = max(1.5, float(rng.uniform(0.25, 0.5)) * r_tc)
+    radius = max(1.5, float(rng.uniform(0.35, 0.6)) * r_tc)
     if not inner.any():
         return
     deep = np.argwhere(inner & (depth >= np.median(depth[inner])))
@@ -557,13 +557,12 @@ def _render(
     tissue_vals = np.stack([np.asarray(_TISSUE[k]) for k in ("csf", "gm", "wm")])
     tissue_vals = (tissue_vals * (1 + rng.normal(0, 0.04, tissue_vals.shape))).astype(np.float32)
     tumour_vals = {
-        k: np.asarray(v) * (1 + rng.normal(0, 0.07, 4))
-        for k, v in _TUMOUR.items()
-        if k != _CYST
+        k: np.asarray(v) * (1 + rng.normal(0, 0.07, 4)) for k, v in _TUMOUR.items() if k != _CYST
     }
-    # drawn only when used, so that cases without a cyst keep their random stream
-    if (tumour.classes == _CYST).any():
-        tumour_vals[_CYST] = np.asarray(_TUMOUR[_CYST]) * (1 + rng.normal(0, 0.07, 4))
+    # a cyst shares necrosis's jitter: no extra draw, so a cyst changes only its own voxels
+    tumour_vals[_CYST] = np.asarray(_TUMOUR[_CYST]) * (
+        tumour_vals[_NCR] / np.asarray(_TUMOUR[_NCR])
+    )
     # Enhancement is relative to the unenhanced tumour, scaled by the scanner's protocol.
     gain = scanner.enhancement * (1 + rng.normal(0, 0.08)) * phenotype.enhancement
     if acquisition is not None:
@@ -571,9 +570,11 @@ def _render(
         # enhancement stands out more; a T1ce taken early or late enhances less.
         c = T1_CONTRAST[acquisition.field_strength]
         ref = tissue_vals[1:, :2].mean(axis=0)  # grey and white matter, T1 and T1ce
+        uptake = tumour_vals[_ET][_T1CE] - tumour_vals[_NET][_T1CE]
         tissue_vals[:, :2] = ref + c * (tissue_vals[:, :2] - ref)
         for v in tumour_vals.values():
             v[:2] = ref + c * (v[:2] - ref)
+        tumour_vals[_ET][_T1CE] = tumour_vals[_NET][_T1CE] + uptake  # uptake is not T1 contrast
         gain *= ENHANCEMENT_AT_FIELD[acquisition.field_strength] * acquisition.contrast_timing
     base_et = tumour_vals[_NET][_T1CE]
     tumour_vals[_ET][_T1CE] = base_et + (tumour_vals[_ET][_T1CE] - base_et) * gain
@@ -616,7 +617,9 @@ def _render(
     return images
 
 
-def _ghosts(vals: np.ndarray, idx: np.ndarray, shape: tuple[int, ...], acq: Acquisition) -> np.ndarray:
+def _ghosts(
+    vals: np.ndarray, idx: np.ndarray, shape: tuple[int, ...], acq: Acquisition
+) -> np.ndarray:
     """Motion ghosts at the head's voxels: copies of the image shifted along the phase axis.
 
     Periodic motion modulates the k-space lines, which puts attenuated replicas of the object
@@ -626,7 +629,9 @@ def _ghosts(vals: np.ndarray, idx: np.ndarray, shape: tuple[int, ...], acq: Acqu
     full = np.zeros(shape, dtype=np.float32)
     full.ravel()[idx] = vals
     shift = int(round(shape[1] / acq.ghost_period))
-    ghost = 0.5 * acq.ghost_amplitude * (np.roll(full, shift, axis=1) + np.roll(full, -shift, axis=1))
+    ghost = (
+        0.5 * acq.ghost_amplitude * (np.roll(full, shift, axis=1) + np.roll(full, -shift, axis=1))
+    )
     return ghost.ravel()[idx]
 
 
