@@ -98,6 +98,26 @@ def test_bad_shift_options(tmp_path: Path, kwargs: dict, error: type, match: str
         build_scenario(tmp_path, FedsegConfig(num_sites=3), new_scanner, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--shift", "contrast"], "--shift: unknown 'contrast'"),
+        (["--shift", "tumour", "--new-tumour", "cystic"], "--new-tumour: unknown 'cystic'"),
+        (["--new-tumour", "multifocal"], "--shift tumour only"),
+    ],
+)
+def test_cli_bad_shift_exits_2_before_generating(tmp_path: Path, args: list, match: str) -> None:
+    from typer.testing import CliRunner
+
+    from fedseg.cli.main import app
+
+    result = CliRunner().invoke(app, ["continual", "--out", str(tmp_path / "c"), *args])
+    assert result.exit_code == 2
+    assert match in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "c" / "data").exists()  # refused before any case was generated
+
+
 def test_bad_tumour_shift_cohorts(tmp_path: Path) -> None:
     cfg = FedsegConfig(num_sites=3)
     write_tumour_csv(tmp_path, [("enhancing", 1)] * 12)

@@ -141,21 +141,12 @@ def build_scenario(
     """
     from fedseg.data.cohort import split_cases
 
-    if shift not in SHIFTS:
-        raise ConfigError(f"--shift: unknown {shift!r}; expected one of {', '.join(SHIFTS)}")
+    check_shift(shift, new_scanner, new_tumour)
     if shift == "scanner":
-        if new_tumour is not None:
-            raise ConfigError("--new-tumour applies to --shift tumour only")
         chosen, new_ids, old_ids = _by_scanner(data, new_scanner)
         what = f"of scanner {chosen!r}"
     else:
-        if new_scanner is not None:
-            raise ConfigError("--new-scanner applies to --shift scanner only")
         kind = new_tumour or NEW_TUMOURS[0]
-        if kind not in NEW_TUMOURS:
-            raise ConfigError(
-                f"--new-tumour: unknown {kind!r}; expected one of {', '.join(NEW_TUMOURS)}"
-            )
         new_ids, old_ids = _by_tumour(data, kind)
         chosen, new_tumour = "", kind
         what = f"with {kind} tumours"
@@ -185,6 +176,26 @@ def build_scenario(
         for site, ids in {**old_sites, **new_sites}.items()
     }
     return Scenario(Path(data), chosen, old_sites, new_sites, test, shift, new_tumour)
+
+
+def check_shift(shift: str, new_scanner: str | None, new_tumour: str | None) -> None:
+    """Check ``--shift`` and the options that go with it.
+
+    Raises
+    ------
+    ConfigError
+        An unknown shift or tumour type, or an option of the other shift.
+    """
+    if shift not in SHIFTS:
+        raise ConfigError(f"--shift: unknown {shift!r}; expected one of {', '.join(SHIFTS)}")
+    if shift == "scanner" and new_tumour is not None:
+        raise ConfigError("--new-tumour applies to --shift tumour only")
+    if shift == "tumour" and new_scanner is not None:
+        raise ConfigError("--new-scanner applies to --shift scanner only")
+    if new_tumour is not None and new_tumour not in NEW_TUMOURS:
+        raise ConfigError(
+            f"--new-tumour: unknown {new_tumour!r}; expected one of {', '.join(NEW_TUMOURS)}"
+        )
 
 
 def _by_scanner(data: Path, new_scanner: str | None) -> tuple[str, list[str], list[str]]:
@@ -287,6 +298,7 @@ def run_continual(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}: expected an integer >= 1, found {value!r}")
     check_engine(engine)
+    check_shift(shift, new_scanner, new_tumour)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = _cohort(out, cfg, data, progress)
