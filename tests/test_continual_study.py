@@ -219,3 +219,18 @@ def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> N
     )
     assert (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns == stamp
     assert again["arms"]["ewc"]["old"] == doc["arms"]["ewc"]["old"]
+    # a phase-B key (EWC's strength) reruns the EWC arm only: phase A does not read it
+    phase_a = (out / "arms" / PHASE_A / "result.json").stat().st_mtime_ns
+    run_continual(
+        out,
+        cfg.replace(ewc_strength=1e4),
+        data=data,
+        new_scanner="new",
+        rounds_a=1,
+        rounds_b=1,
+        arms=("ewc",),
+        engine="inprocess",
+        progress=False,
+    )
+    assert (out / "arms" / PHASE_A / "result.json").stat().st_mtime_ns == phase_a
+    assert (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns != stamp

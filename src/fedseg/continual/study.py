@@ -62,6 +62,8 @@ ARMS: tuple[str, ...] = ("naive", "ewc", "lwf", "joint")
 #: the continual method each phase-B arm uses (``continual`` config key)
 _METHOD = {"naive": "none", "ewc": "ewc", "lwf": "lwf", "joint": "none"}
 NEW_SITE = "new-hospital"
+#: config keys only phase B reads
+_PHASE_B_KEYS: tuple[str, ...] = ("continual", "ewc-strength", "lwf-weight", "lwf-temperature")
 #: what changes in phase B (``--shift``)
 SHIFTS: tuple[str, ...] = ("scanner", "tumour")
 #: the tumour types phase B can bring with ``--shift tumour`` (``--new-tumour``)
@@ -324,7 +326,9 @@ def run_continual(
             arm.config(base),
             data=data_dir,
             partition=scenario.parts(arm.name),
-            ignore=("init-model",),  # its SHA-256 stands for it
+            # init-model: its SHA-256 stands for it; phase A does not use phase B's keys, so
+            # changing them reruns only the phase-B arms
+            ignore=("init-model", *(_PHASE_B_KEYS if arm.name == PHASE_A else ())),
             extra={
                 "test": scenario.test,
                 "new-scanner": scenario.new_scanner,
