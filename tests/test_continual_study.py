@@ -57,6 +57,83 @@ def test_scenario_refuses_a_phase_b_without_new_cases(tmp_path: Path) -> None:
         build_scenario(tmp_path / "nowhere", FedsegConfig(), None)
 
 
+def write_tumour_csv(folder: Path, tumours: list[tuple[str, int]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "cohort.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "scanner", "wt_ml", "tc_ml", "et_ml", "tumour", "foci"])
+        for i, (kind, foci) in enumerate(tumours):
+            w.writerow(
+                [f"SYN_{i:05d}", "ab"[i % 2], 1, 1, 0 if kind != "enhancing" else 1, kind, foci]
+            )
+
+
+def test_tumour_shift_gives_phase_b_the_type_phase_a_never_saw(tmp_path: Path) -> None:
+    kinds = [("enhancing", 1)] * 9 + [("non-enhancing", 1)] * 4 + [("enhancing", 2)] * 3
+    write_tumour_csv(tmp_path, kinds)
+    cfg = FedsegConfig(num_sites=3, test_fraction=0.25)
+    sc = build_scenario(tmp_path, cfg, shift="tumour")
+    assert sc.shift == "tumour" and sc.new_tumour == "non-enhancing"
+    assert sc.new_sites == {NEW_SITE: [f"SYN_{i:05d}" for i in range(9, 13)]}
+    old = sorted(c for ids in sc.old_sites.values() for c in ids)
+    assert old == [f"SYN_{i:05d}" for i in (*range(9), *range(13, 16))]
+    multi = build_scenario(tmp_path, cfg, shift="tumour", new_tumour="multifocal")
+    assert multi.new_sites == {NEW_SITE: [f"SYN_{i:05d}" for i in range(13, 16)]}
+    assert not set(multi.new_sites[NEW_SITE]) & {c for v in multi.old_sites.values() for c in v}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"shift": "contrast"}, ConfigError, "--shift: unknown 'contrast'"),
+        ({"shift": "tumour", "new_tumour": "cystic"}, ConfigError, "--new-tumour: unknown"),
+        ({"shift": "tumour", "new_scanner": "a"}, ConfigError, "--shift scanner only"),
+        ({"shift": "scanner", "new_tumour": "multifocal"}, ConfigError, "--shift tumour only"),
+    ],
+)
+def test_bad_shift_options(tmp_path: Path, kwargs: dict, error: type, match: str) -> None:
+    write_tumour_csv(tmp_path, [("enhancing", 1)] * 9 + [("non-enhancing", 1)] * 4)
+    new_scanner = kwargs.pop("new_scanner", None)
+    with pytest.raises(error, match=match):
+        build_scenario(tmp_path, FedsegConfig(num_sites=3), new_scanner, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--shift", "contrast"], "--shift: unknown 'contrast'"),
+        (["--shift", "tumour", "--new-tumour", "cystic"], "--new-tumour: unknown 'cystic'"),
+        (["--new-tumour", "multifocal"], "--shift tumour only"),
+    ],
+)
+def test_cli_bad_shift_exits_2_before_generating(tmp_path: Path, args: list, match: str) -> None:
+    from typer.testing import CliRunner
+
+    from fedseg.cli.main import app
+
+    result = CliRunner().invoke(app, ["continual", "--out", str(tmp_path / "c"), *args])
+    assert result.exit_code == 2
+    assert match in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "c" / "data").exists()  # refused before any case was generated
+
+
+def test_bad_tumour_shift_cohorts(tmp_path: Path) -> None:
+    cfg = FedsegConfig(num_sites=3)
+    write_tumour_csv(tmp_path, [("enhancing", 1)] * 12)
+    with pytest.raises(PartitionError, match="phase B needs new cases"):
+        build_scenario(tmp_path, cfg, shift="tumour")
+    write_tumour_csv(tmp_path, [("enhancing", 1)] * 12 + [("non-enhancing", 1)] * 2)
+    with pytest.raises(PartitionError, match="at least 3"):
+        build_scenario(tmp_path, cfg, shift="tumour")
+    write_tumour_csv(tmp_path, [("enhancing", 1)] * 12 + [("low-grade", 1)] * 4)
+    with pytest.raises(ConfigError, match="tumour must be one of"):
+        build_scenario(tmp_path, cfg, shift="tumour")
+    write_cohort_csv(tmp_path, ["a", "b"] * 9)  # an older cohort.csv: no tumour column
+    with pytest.raises(ConfigError, match="missing tumour"):
+        build_scenario(tmp_path, cfg, shift="tumour")
+
+
 def test_parse_arms() -> None:
     assert parse_arms(None) == ("naive", "ewc", "lwf", "joint")
     assert parse_arms("lwf,naive") == ("naive", "lwf")
@@ -142,3 +219,18 @@ def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> N
     )
     assert (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns == stamp
     assert again["arms"]["ewc"]["old"] == doc["arms"]["ewc"]["old"]
+    # a phase-B key (EWC's strength) reruns the EWC arm only: phase A does not read it
+    phase_a = (out / "arms" / PHASE_A / "result.json").stat().st_mtime_ns
+    run_continual(
+        out,
+        cfg.replace(ewc_strength=1e4),
+        data=data,
+        new_scanner="new",
+        rounds_a=1,
+        rounds_b=1,
+        arms=("ewc",),
+        engine="inprocess",
+        progress=False,
+    )
+    assert (out / "arms" / PHASE_A / "result.json").stat().st_mtime_ns == phase_a
+    assert (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns != stamp

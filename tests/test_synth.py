@@ -31,6 +31,9 @@ from fedseg.errors import ConfigError
 NUM_CASES = 2
 SUFFIXES = ("t1", "t1ce", "t2", "flair", "seg")
 SCANNERS = ("siemens-3t", "old-1.5t-lowres")
+# seed 4: case 0 enhancing with one focus, case 1 without enhancement, with skull-stripping
+# residue (cases of the broader cohort differ in tumour type and acquisition)
+SEED = 4
 
 Cohort = tuple[Path, list[CaseRef]]
 
@@ -38,7 +41,7 @@ Cohort = tuple[Path, list[CaseRef]]
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
     out = tmp_path_factory.mktemp("cohort")
-    refs = generate_cohort(out, NUM_CASES, seed=0, scanners=list(SCANNERS), progress=False)
+    refs = generate_cohort(out, NUM_CASES, seed=SEED, scanners=list(SCANNERS), progress=False)
     return out, refs
 
 
@@ -60,6 +63,11 @@ def _read_case(folder: Path) -> tuple[np.ndarray, np.ndarray, list[nib.Nifti1Ima
 def _cases(cohort: Cohort) -> list[tuple[np.ndarray, np.ndarray]]:
     out, refs = cohort
     return [_read_case(out / r.case_id)[:2] for r in refs]
+
+
+def _tumour_types(cohort: Cohort) -> list[str]:
+    with open(cohort[0] / "cohort.csv", newline="") as fh:
+        return [r["tumour"] for r in csv.DictReader(fh)]
 
 
 def _ellipsoid_dice(mask: np.ndarray) -> float:
@@ -109,12 +117,16 @@ def test_geometry_agrees_and_is_ras_2mm(cohort: Cohort) -> None:
 
 
 def test_labels_regions_and_background(cohort: Cohort) -> None:
-    for image, label in _cases(cohort):
+    assert _tumour_types(cohort) == ["enhancing", "non-enhancing"]
+    for (image, label), kind in zip(_cases(cohort), _tumour_types(cohort), strict=True):
         assert set(np.unique(label).tolist()) <= {0, 1, 2, 4}
-        for values in ((1, 2, 4), (1, 4), (4,)):  # WT, TC, ET
+        for values in ((1, 2, 4), (1, 4)):  # WT, TC
             assert np.isin(label, values).sum() > 50
-        brain = image[0] > 0
-        # One brain mask for all modalities; exactly 0 outside (skull-stripped).
+        # ET present exactly when the tumour enhances
+        assert ((label == 4).sum() > 50) == (kind == "enhancing")
+        assert ((label == 4).sum() == 0) == (kind == "non-enhancing")
+        brain = image[0] > 0  # the brain and any skull-stripping residue
+        # One mask for all modalities; exactly 0 outside (skull-stripped).
         for m in range(4):
             assert np.array_equal(image[m] > 0, brain)
         assert not (label[~brain] > 0).any()  # tumour inside the brain
@@ -136,6 +148,8 @@ def test_cohort_csv_matches_files(cohort: Cohort) -> None:
     assert tuple(reader.fieldnames or ()) == COHORT_COLUMNS
     assert [r["case_id"] for r in rows] == [f"SYN_{i:05d}" for i in range(NUM_CASES)]
     assert [r["scanner"] for r in rows] == [SCANNERS[i % 2] for i in range(NUM_CASES)]
+    assert [r["foci"] for r in rows] == ["1", "1"]
+    assert rows[1]["protocol"].startswith("1.5T+") and "residue" in rows[1]["protocol"]
     for row in rows:
         _, label, _ = _read_case(out / row["case_id"])
         expected = {
@@ -155,7 +169,7 @@ def test_case_depends_only_on_seed_and_index(cohort: Cohort) -> None:
     # the written files exactly, so a cohort's first cases do not depend on its size (nor on
     # the worker processes that wrote it: NUM_CASES > 1 uses a pool on a multi-core machine).
     out, _ = cohort
-    case, record = synth.cohort_case(0, 1, get_profile(SCANNERS[1]))
+    case, record = synth.cohort_case(SEED, 1, get_profile(SCANNERS[1]))
     image, label, imgs = _read_case(out / "SYN_00001")
     assert np.array_equal(case.image, image)
     assert np.array_equal(case.label, label)
@@ -173,8 +187,8 @@ def test_without_phenotype_the_image_is_the_one_drawn_before_clinical_records(
     cohort: Cohort,
 ) -> None:
     # The record only re-maps draws the generator already makes: WT, TC and oedema of a cohort
-    # case are those of the same image stream with the default phenotype.
-    case = generate_case("SYN_00000", case_rng(0, 0), get_profile(SCANNERS[0]))
+    # case with one focus are those of the same image stream with the default phenotype.
+    case = generate_case("SYN_00000", case_rng(SEED, 0), get_profile(SCANNERS[0]))
     _, label = _cases(cohort)[0]
     assert np.array_equal(case.label > 0, label > 0)
     assert np.array_equal(case.label == 2, label == 2)
@@ -190,7 +204,11 @@ def test_other_seed_other_case(cohort: Cohort, pair: tuple) -> None:
 
 def test_enhancing_tumour_stands_out_on_t1ce_not_on_t1(cohort: Cohort) -> None:
     t1, t1ce = MODALITIES.index("t1"), MODALITIES.index("t1ce")
-    for image, label in _cases(cohort):
+    enhancing = [
+        c for c, k in zip(_cases(cohort), _tumour_types(cohort), strict=True) if k == "enhancing"
+    ]
+    assert enhancing
+    for image, label in enhancing:
         et, rest = label == 4, np.isin(label, (1, 2))
         ratio_t1ce = image[t1ce][et].mean() / image[t1ce][rest].mean()
         ratio_t1 = image[t1][et].mean() / image[t1][rest].mean()

@@ -1,7 +1,7 @@
 """``fedseg continual``: a federation in two phases, and what it forgets (#17).
 
-Exit codes: 0 success; 2 bad usage or bad input (unknown arm or scanner, a phase B without new
-cases, bad config value); 3 an internal failure.
+Exit codes: 0 success; 2 bad usage or bad input (unknown arm, scanner, shift or tumour type, a
+phase B without new cases, bad config value); 3 an internal failure.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from fedseg.cli.options import PRESET_HELP
 STUDY_DEFAULTS: dict[str, Any] = {"num_cases": 80, "num_sites": 3, "local_epochs": 2}
 
 _HELP = (
-    "Continual learning: phase A trains the federation on hospitals with some scanners; in "
-    "phase B a hospital with a scanner phase A never saw joins. Phase-B arms: naive (continue "
+    "Continual learning: phase A trains the federation on hospitals with some scanners (--shift "
+    "scanner) or some tumour types (--shift tumour); in phase B a hospital with the scanner or "
+    "the tumour type (--new-tumour: non-enhancing lower-grade tumours, or multifocal ones) "
+    "phase A never saw joins. Phase-B arms: naive (continue "
     "training on the new hospital), ewc (Fisher information estimated at the phase-A "
     "hospitals, averaged by the server, anchors what phase A learned), lwf (the new hospital "
     "distils the phase-A model's answers on its own images), joint (phase A's hospitals train "
@@ -49,6 +51,20 @@ def continual_command(
     new_scanner: Annotated[
         str | None,
         typer.Option("--new-scanner", help="The scanner profile of the hospital joining in B."),
+    ] = None,
+    shift: Annotated[
+        str,
+        typer.Option(
+            help="What phase B brings: scanner (a scanner phase A never saw) or tumour (a "
+            "tumour type phase A never saw)."
+        ),
+    ] = "scanner",
+    new_tumour: Annotated[
+        str | None,
+        typer.Option(
+            "--new-tumour",
+            help="With --shift tumour: non-enhancing (default) or multifocal.",
+        ),
     ] = None,
     rounds_a: Annotated[int, typer.Option("--rounds-a", help="Rounds of phase A.")] = 10,
     rounds_b: Annotated[int, typer.Option("--rounds-b", help="Rounds of each phase-B arm.")] = 6,
@@ -101,6 +117,8 @@ def continual_command(
             cfg,
             data=data,
             new_scanner=new_scanner,
+            shift=shift,
+            new_tumour=new_tumour,
             rounds_a=rounds_a,
             rounds_b=rounds_b,
             arms=chosen,

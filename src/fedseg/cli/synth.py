@@ -20,12 +20,16 @@ _HELP = "\n\n".join(
         "Generate a synthetic cohort of multimodal brain MRI cases with tumour labels.",
         "Each case is written in BraTS 2021 layout "
         "(DIR/SYN_00000/SYN_00000_{t1,t1ce,t2,flair,seg}.nii.gz, 2 mm RAS, labels 0/1/2/4) "
-        "and listed in DIR/cohort.csv (case_id, scanner, wt_ml, tc_ml, et_ml); "
+        "and listed in DIR/cohort.csv (case_id, scanner, wt_ml, tc_ml, et_ml, tumour, foci, "
+        "protocol); "
         "DIR/clinical.csv holds each case's clinical record (age, sex, KPS, IDH, MGMT, WHO "
         "grade, resection, survival), drawn jointly with the image (docs/fusion.md).",
         "Cases are built on the MNI152 template shipped with nilearn, with a random "
-        "deformation, an irregular tumour and the intensity characteristics of a scanner "
-        "profile. The same --seed always gives the same cases; case i does not depend on "
+        "deformation, an irregular tumour (with or without enhancement, one to three foci, "
+        "cysts, varied rim and necrosis) and the intensity characteristics of a scanner "
+        "profile and its hospital's protocol mix (field strength, thick slices, motion "
+        "ghosts, contrast timing, skull-stripping residue); every range is in "
+        "docs/generator.md. The same --seed always gives the same cases; case i does not depend on "
         "--cases or --workers.",
         "Exit codes: 0 written; 2 bad arguments (unknown scanner, --cases < 1, ...) or the "
         "folder cannot be written.",
@@ -106,6 +110,7 @@ def synth(
             "num_cases": len(refs),
             "seed": seed,
             "scanners": per_scanner,
+            "tumours": dict(Counter(r.get("tumour", "") for r in rows)),
             "volumes_ml": volumes,
             "seconds": round(elapsed, 2),
         }

@@ -125,7 +125,11 @@ def render_report(doc: Mapping[str, Any]) -> str:
     scenario = H.table(
         ["", ""],
         [
-            ["new scanner (phase B)", H.esc(sc["new-scanner"])],
+            (
+                ["new tumour type (phase B)", H.esc(sc.get("new-tumour"))]
+                if sc.get("shift") == "tumour"
+                else ["new scanner (phase B)", H.esc(sc["new-scanner"])]
+            ),
             ["phase A hospitals (cases)", H.esc(sc["old-sites"])],
             ["new hospital (cases)", H.esc(sc["new-sites"])],
             ["held-out cases per hospital", H.esc(sc["test-cases"])],

@@ -1,15 +1,21 @@
 """``fedseg continual``: a federation that learns in two phases, and what it forgets.
 
 The scenario, on the generated cohort (or any folder whose ``cohort.csv`` names each case's
-scanner):
+scanner, and for the tumour shift its tumour type), with one of two shifts (``--shift``):
 
-Phase A
-    ``num-sites`` hospitals whose scanners are every profile but one train the model with the
-    federation's strategy (FedAvg by default) for ``--rounds-a`` rounds.
-Phase B
-    A new hospital joins whose scanner (``--new-scanner``, default: the last profile) phase A
-    never saw. The federation continues from the phase-A model for ``--rounds-b`` rounds, with
-    one arm per way of continuing:
+``scanner`` (default)
+    Phase A: ``num-sites`` hospitals whose scanners are every profile but one train the model
+    with the federation's strategy (FedAvg by default) for ``--rounds-a`` rounds. Phase B: a
+    new hospital joins whose scanner (``--new-scanner``, default: the last profile) phase A
+    never saw.
+``tumour``
+    Phase A: the hospitals (all scanners) see only the tumour types phase B brings none of;
+    phase B: a new hospital brings the type phase A never saw (``--new-tumour``:
+    ``non-enhancing``, lower-grade tumours without enhancement, the default; or
+    ``multifocal``), from every scanner.
+
+Phase B continues from the phase-A model for ``--rounds-b`` rounds, with one arm per way of
+continuing:
 
     ``naive``   the new hospital trains on as in phase A (what forgets);
     ``ewc``     elastic weight consolidation: the Fisher estimated at the phase-A hospitals and
@@ -56,6 +62,12 @@ ARMS: tuple[str, ...] = ("naive", "ewc", "lwf", "joint")
 #: the continual method each phase-B arm uses (``continual`` config key)
 _METHOD = {"naive": "none", "ewc": "ewc", "lwf": "lwf", "joint": "none"}
 NEW_SITE = "new-hospital"
+#: config keys only phase B reads
+_PHASE_B_KEYS: tuple[str, ...] = ("continual", "ewc-strength", "lwf-weight", "lwf-temperature")
+#: what changes in phase B (``--shift``)
+SHIFTS: tuple[str, ...] = ("scanner", "tumour")
+#: the tumour types phase B can bring with ``--shift tumour`` (``--new-tumour``)
+NEW_TUMOURS: tuple[str, ...] = ("non-enhancing", "multifocal")
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,8 @@ class Scenario:
     old_sites: dict[str, list[str]]
     new_sites: dict[str, list[str]]
     test: dict[str, list[str]]
+    shift: str = "scanner"
+    new_tumour: str | None = None
 
     def parts(self, arm: str) -> dict[str, list[str]]:
         """The sites (name to case ids) of ``arm``'s federation."""
@@ -88,33 +102,64 @@ def parse_arms(text: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(a for a in ARMS if a in names)
 
 
-def build_scenario(data: Path, cfg: FedsegConfig, new_scanner: str | None = None) -> Scenario:
-    """Split the cohort by scanner into phase A's hospitals and the new hospital.
+def build_scenario(
+    data: Path,
+    cfg: FedsegConfig,
+    new_scanner: str | None = None,
+    *,
+    shift: str = "scanner",
+    new_tumour: str | None = None,
+) -> Scenario:
+    """Split the cohort into phase A's hospitals and the new hospital.
+
+    Parameters
+    ----------
+    data:
+        The cohort folder (with ``cohort.csv``).
+    cfg:
+        The study's config (``num-sites``, ``test-fraction``, ``seed``).
+    new_scanner:
+        With ``shift="scanner"``: the new hospital's scanner (default: the last profile).
+    shift:
+        ``"scanner"``: the new hospital has a scanner phase A never saw; ``"tumour"``: it has
+        the tumour type phase A never saw (:data:`SHIFTS`).
+    new_tumour:
+        With ``shift="tumour"``: that type, one of :data:`NEW_TUMOURS` (default
+        ``"non-enhancing"``).
+
+    Returns
+    -------
+    Scenario
+        Who trains in which phase, and the held-out cases of each hospital.
 
     Raises
     ------
     ConfigError
-        No ``cohort.csv`` with a ``scanner`` column, or an unknown ``new_scanner``.
+        No ``cohort.csv`` with the columns the shift needs, an unknown ``shift`` or
+        ``new_tumour``, or an option of the other shift.
     PartitionError
-        The new scanner has no cases (phase B would have nothing new), or too few cases
+        Phase B has too few new cases (phase B would have nothing new), or too few cases
         for the sites and their held-out splits.
     """
     from fedseg.data.cohort import split_cases
 
-    scanners = _scanners(data)
-    names = sorted(set(scanners.values()))
-    chosen = new_scanner or _default_new(names)
-    if chosen not in names:
-        raise PartitionError(
-            f"--new-scanner {chosen!r}: no case of {data} has it (its scanners: "
-            f"{', '.join(names)}); phase B needs new cases"
-        )
-    new_ids = sorted(c for c, s in scanners.items() if s == chosen)
-    old_ids = sorted(c for c, s in scanners.items() if s != chosen)
+    check_shift(shift, new_scanner, new_tumour)
+    if shift == "scanner":
+        chosen, new_ids, old_ids = _by_scanner(data, new_scanner)
+        what = f"of scanner {chosen!r}"
+    else:
+        kind = new_tumour or NEW_TUMOURS[0]
+        new_ids, old_ids = _by_tumour(data, kind)
+        chosen, new_tumour = "", kind
+        what = f"with {kind} tumours"
+        if not new_ids:
+            raise PartitionError(
+                f"--new-tumour {kind}: no case of {data} has it; phase B needs new cases"
+            )
     k = cfg.num_sites
     if len(new_ids) < 3:
         raise PartitionError(
-            f"phase B has {len(new_ids)} case(s) of scanner {chosen!r}: at least 3 are needed "
+            f"phase B has {len(new_ids)} case(s) {what}: at least 3 are needed "
             "(the new hospital trains on some and tests on the rest); give more --cases"
         )
     if len(old_ids) < 3 * k:
@@ -132,21 +177,90 @@ def build_scenario(data: Path, cfg: FedsegConfig, new_scanner: str | None = None
         site: split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)["test"]
         for site, ids in {**old_sites, **new_sites}.items()
     }
-    return Scenario(Path(data), chosen, old_sites, new_sites, test)
+    return Scenario(Path(data), chosen, old_sites, new_sites, test, shift, new_tumour)
 
 
-def _scanners(data: Path) -> dict[str, str]:
+def check_shift(shift: str, new_scanner: str | None, new_tumour: str | None) -> None:
+    """Check ``--shift`` and the options that go with it.
+
+    Raises
+    ------
+    ConfigError
+        An unknown shift or tumour type, or an option of the other shift.
+    """
+    if shift not in SHIFTS:
+        raise ConfigError(f"--shift: unknown {shift!r}; expected one of {', '.join(SHIFTS)}")
+    if shift == "scanner" and new_tumour is not None:
+        raise ConfigError("--new-tumour applies to --shift tumour only")
+    if shift == "tumour" and new_scanner is not None:
+        raise ConfigError("--new-scanner applies to --shift scanner only")
+    if new_tumour is not None and new_tumour not in NEW_TUMOURS:
+        raise ConfigError(
+            f"--new-tumour: unknown {new_tumour!r}; expected one of {', '.join(NEW_TUMOURS)}"
+        )
+
+
+def _by_scanner(data: Path, new_scanner: str | None) -> tuple[str, list[str], list[str]]:
+    """The new scanner, its cases and the others' cases."""
+    scanners = {c: r["scanner"] for c, r in _cohort_rows(data, ("scanner",)).items()}
+    names = sorted(set(scanners.values()))
+    chosen = new_scanner or _default_new(names)
+    if chosen not in names:
+        raise PartitionError(
+            f"--new-scanner {chosen!r}: no case of {data} has it (its scanners: "
+            f"{', '.join(names)}); phase B needs new cases"
+        )
+    new_ids = sorted(c for c, s in scanners.items() if s == chosen)
+    old_ids = sorted(c for c, s in scanners.items() if s != chosen)
+    return chosen, new_ids, old_ids
+
+
+def _by_tumour(data: Path, kind: str) -> tuple[list[str], list[str]]:
+    """The cases with the new tumour type and the others (``tumour`` / ``foci`` columns)."""
+    column = "tumour" if kind == "non-enhancing" else "foci"
+    rows = _cohort_rows(data, (column,))
+    path = Path(data) / "cohort.csv"
+    new: list[str] = []
+    for case_id, row in rows.items():
+        value = row[column]
+        if column == "tumour":
+            from fedseg.data.synth import TUMOUR_TYPES
+
+            if value not in TUMOUR_TYPES:
+                raise ConfigError(
+                    f"{path}: case {case_id}: tumour must be one of "
+                    f"{', '.join(TUMOUR_TYPES)}, found {value!r}"
+                )
+            is_new = value == "non-enhancing"
+        else:
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(
+                    f"{path}: case {case_id}: foci must be an integer >= 1, found {value!r}"
+                )
+            is_new = int(value) > 1
+        if is_new:
+            new.append(case_id)
+    old = sorted(set(rows) - set(new))
+    return sorted(new), old
+
+
+def _cohort_rows(data: Path, columns: Sequence[str]) -> dict[str, dict[str, str]]:
     path = Path(data) / "cohort.csv"
     if not path.is_file():
         raise ConfigError(
-            f"{path}: not found; the continual study splits hospitals by scanner and needs "
-            "the cohort.csv that fedseg synth writes (case_id, scanner, ...)"
+            f"{path}: not found; the continual study splits hospitals by scanner or tumour "
+            "type and needs the cohort.csv that fedseg synth writes (case_id, scanner, ...)"
         )
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    if not rows or "scanner" not in rows[0] or "case_id" not in rows[0]:
-        raise ConfigError(f"{path}: expected columns case_id and scanner")
-    return {r["case_id"]: r["scanner"] for r in rows}
+    missing = [c for c in ("case_id", *columns) if not rows or c not in rows[0]]
+    if missing:
+        raise ConfigError(
+            f"{path}: expected columns case_id, {', '.join(columns)}; missing "
+            f"{', '.join(missing)} (a cohort generated by an older fedseg synth has no tumour "
+            "types: generate it again)"
+        )
+    return {r["case_id"]: r for r in rows}
 
 
 def _default_new(names: Sequence[str]) -> str:
@@ -162,6 +276,8 @@ def run_continual(
     *,
     data: Path | None = None,
     new_scanner: str | None = None,
+    shift: str = "scanner",
+    new_tumour: str | None = None,
     rounds_a: int = 10,
     rounds_b: int = 6,
     arms: Sequence[str] = ARMS,
@@ -184,10 +300,11 @@ def run_continual(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}: expected an integer >= 1, found {value!r}")
     check_engine(engine)
+    check_shift(shift, new_scanner, new_tumour)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = _cohort(out, cfg, data, progress)
-    scenario = build_scenario(data_dir, cfg, new_scanner)
+    scenario = build_scenario(data_dir, cfg, new_scanner, shift=shift, new_tumour=new_tumour)
     model_a = (out / "arms" / PHASE_A / FINAL_MODEL).resolve()
     base = cfg.replace(data_path=str(data_dir))
     plan = [Arm(PHASE_A, {"num-server-rounds": rounds_a}, phase="A")] + [
@@ -209,8 +326,18 @@ def run_continual(
             arm.config(base),
             data=data_dir,
             partition=scenario.parts(arm.name),
-            ignore=("init-model",),  # its SHA-256 stands for it
-            extra={"test": scenario.test, "new-scanner": scenario.new_scanner},
+            # init-model: its SHA-256 stands for it; phase A does not use phase B's keys, so
+            # changing them reruns only the phase-B arms
+            ignore=("init-model", *(_PHASE_B_KEYS if arm.name == PHASE_A else ())),
+            extra={
+                "test": scenario.test,
+                "new-scanner": scenario.new_scanner,
+                **(
+                    {"shift": scenario.shift, "new-tumour": scenario.new_tumour}
+                    if scenario.shift != "scanner"
+                    else {}
+                ),
+            },
         )
 
     def run_arm(arm: Arm, folder: Path) -> dict[str, Any]:
@@ -347,7 +474,9 @@ def summarise(
         "format": "fedseg-continual-v1",
         "scenario": {
             "data": str(scenario.data),
+            "shift": scenario.shift,
             "new-scanner": scenario.new_scanner,
+            "new-tumour": scenario.new_tumour,
             "old-sites": {s: len(v) for s, v in scenario.old_sites.items()},
             "new-sites": {s: len(v) for s, v in scenario.new_sites.items()},
             "test-cases": {s: len(v) for s, v in scenario.test.items()},

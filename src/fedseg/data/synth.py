@@ -49,22 +49,41 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from fedseg.data.case import MODALITIES, REGION_LABELS, REGIONS, Case, CaseRef
-from fedseg.data.phenotype import DEFAULT_PHENOTYPE, TumourPhenotype
-from fedseg.data.scanners import ScannerProfile, get_profile, profile_names
+from fedseg.data.phenotype import DEFAULT_PHENOTYPE, TumourPhenotype, broaden
+from fedseg.data.scanners import (
+    ENHANCEMENT_AT_FIELD,
+    T1_CONTRAST,
+    Acquisition,
+    ScannerProfile,
+    draw_acquisition,
+    get_profile,
+    profile_names,
+)
 from fedseg.errors import ConfigError
 
 VOXEL_MM: float = 2.0
 ML_PER_VOXEL: float = VOXEL_MM**3 / 1000.0
 #: columns of ``cohort.csv``, in order
-COHORT_COLUMNS: tuple[str, ...] = ("case_id", "scanner", "wt_ml", "tc_ml", "et_ml")
+COHORT_COLUMNS: tuple[str, ...] = (
+    "case_id",
+    "scanner",
+    "wt_ml",
+    "tc_ml",
+    "et_ml",
+    "tumour",
+    "foci",
+    "protocol",
+)
+#: the ``tumour`` column of ``cohort.csv``: whether the tumour enhances
+TUMOUR_TYPES: tuple[str, ...] = ("enhancing", "non-enhancing")
 CASE_PREFIX = "SYN_"
 
 _MARGIN = 5  # voxels of background kept around the template brain's bounding box
 _MAX_STORED = 32767.0
 
-# Internal tissue classes of the tumour map (label 1 has two looks: necrosis and solid).
-_NONE, _NCR, _ED, _NET, _ET = 0, 1, 2, 3, 4
-_CLASS_TO_LABEL = np.array([0, 1, 2, 1, 4], dtype=np.uint8)
+# Internal tissue classes of the tumour map (label 1 has three looks: necrosis, solid, cyst).
+_NONE, _NCR, _ED, _NET, _ET, _CYST = 0, 1, 2, 3, 4, 5
+_CLASS_TO_LABEL = np.array([0, 1, 2, 1, 4, 1], dtype=np.uint8)
 
 # Relative intensities (t1, t1ce, t2, flair) before the scanner's curve and scale.
 # T1: WM > GM > CSF; T1ce like T1 with a bright ET; T2: CSF brightest, GM > WM;
@@ -80,7 +99,13 @@ _TUMOUR = {
     _NET: (0.43, 0.44, 0.70, 0.74),
     _ED: (0.47, 0.45, 0.86, 0.95),
     _ET: (0.43, 1.25, 0.70, 0.74),
+    # fluid: darker than necrosis on T1, as bright as CSF on T2, FLAIR only partly suppressed
+    # (proteinaceous fluid)
+    _CYST: (0.12, 0.11, 1.05, 0.30),
 }
+# Non-brain tissue that skull stripping can leave at the brain's edge (dura, scalp fat):
+# bright on T1 (fat), moderately bright on T2 and FLAIR.
+_RESIDUE = (0.95, 0.92, 0.75, 0.80)
 _T1CE = MODALITIES.index("t1ce")
 
 
@@ -284,7 +309,15 @@ def _core_pattern(
             raise ConfigError("a phenotype that makes a solid core necrotic needs extra_rng")
         patch = _smooth_noise(extra_rng, bshape, 4.0)[0]
         share = float(extra_rng.uniform(0.0, 0.25))
-    return solid, patch, share
+    return solid, patch, _remap(share, (0.0, 0.25), phenotype.necrosis_net_share)
+
+
+def _remap(drawn: float, default: tuple[float, float], wanted: tuple[float, float]) -> float:
+    """Map a draw of the ``default`` range onto ``wanted``, at the same quantile."""
+    if wanted == default:
+        return drawn
+    q = (drawn - default[0]) / (default[1] - default[0])
+    return wanted[0] + (wanted[1] - wanted[0]) * q
 
 
 @dataclass
@@ -351,10 +384,12 @@ def _make_tumour(
     classes = np.zeros(bshape, dtype=np.uint8)
     # Enhancing rim 2-4 voxels thick (varying around the tumour), inside the core's surface.
     depth = ndi.distance_transform_edt(np.pad(core, 1))[1:-1, 1:-1, 1:-1]
-    thickness = rng.uniform(2.0, 3.8) * np.exp(0.2 * _smooth_noise(rng, bshape, 4.0)[0])
+    base = _remap(float(rng.uniform(2.0, 3.8)), (2.0, 3.8), phenotype.rim_thickness)
+    thickness = base * np.exp(0.2 * _smooth_noise(rng, bshape, 4.0)[0])
     rim = core & (depth <= thickness)
     inner = core & ~rim
-    classes[rim] = _ET
+    # A tumour without enhancement: its rim is solid tumour like the rest of the core.
+    classes[rim] = _ET if phenotype.enhancing else _NET
     # Part of the rim does not enhance (label 1, looks like ET except on T1ce).
     patch = _smooth_noise(rng, bshape, 4.0)[0]
     n_rim = int(rim.sum())
@@ -366,6 +401,10 @@ def _make_tumour(
     else:
         classes[inner] = _NCR
         classes[_lowest(necrosis, inner, int(net_share * inner.sum()))] = _NET
+    if phenotype.cyst:
+        if extra_rng is None:
+            raise ConfigError("a phenotype with a cyst needs extra_rng")
+        _add_cyst(extra_rng, classes, inner, depth, r_tc)
 
     # Oedema follows white matter (slow through grey matter, none in CSF), finger-like.
     dist = ndi.distance_transform_edt(~core).astype(np.float32)
@@ -389,6 +428,101 @@ def _make_tumour(
     return _Tumour(classes=full, oedema_strength=strength)
 
 
+def _add_cyst(
+    rng: np.random.Generator,
+    classes: np.ndarray,
+    inner: np.ndarray,
+    depth: np.ndarray,
+    r_tc: float,
+) -> None:
+    """Turn a ball inside the core (never the rim) into a fluid cyst (label 1), in place."""
+    radius = max(1.5, float(rng.uniform(0.35, 0.6)) * r_tc)
+    if not inner.any():
+        return
+    deep = np.argwhere(inner & (depth >= np.median(depth[inner])))
+    pick = int(rng.integers(len(deep)))
+    c = deep[pick]
+    grid = np.ogrid[tuple(slice(0, n) for n in classes.shape)]
+    ball = sum((g - c[k]) ** 2 for k, g in enumerate(grid)) <= radius**2
+    classes[ball & inner] = _CYST
+
+
+def _add_foci(
+    rng: np.random.Generator,
+    tumour: _Tumour,
+    tissue: np.ndarray,
+    brain: np.ndarray,
+    tc_vox: int,
+    ed_vox: int,
+    phenotype: TumourPhenotype,
+) -> int:
+    """Add ``phenotype.foci - 1`` smaller tumours apart from the main one; returns the foci.
+
+    Each satellite has 10-30 % of the main tumour's core and oedema volumes, lies in white
+    matter at least two voxels away from every tumour voxel drawn before it (so that it is a
+    separate component of WT) and within about 3 cm of the main tumour.
+    """
+    placed = 1
+    for _ in range(phenotype.foci - 1):
+        f_tc, f_ed = rng.uniform(0.1, 0.3, 2)
+        s_tc, s_ed = max(8, int(tc_vox * f_tc)), max(8, int(ed_vox * f_ed))
+        r_sat = (3 * (s_tc + s_ed) / (4 * math.pi)) ** (1 / 3)
+        taken = tumour.classes > 0
+        far = ndi.distance_transform_edt(~taken)
+        ok = brain & (tissue[..., 2] > 0.6) & (far > 1.6 * r_sat + 4) & (far < 1.6 * r_sat + 16)
+        cand = np.argwhere(ok)
+        pick = int(rng.integers(max(len(cand), 1)))
+        if not len(cand):
+            continue
+        allowed = brain & ~ndi.binary_dilation(taken, iterations=2)
+        sat = _make_tumour(
+            rng, tissue, allowed, cand[pick].astype(np.float64), s_tc, s_ed, phenotype, rng
+        )
+        new = (sat.classes > 0) & allowed
+        if not new.any():
+            continue
+        tumour.classes[new] = sat.classes[new]
+        tumour.oedema_strength[new] = sat.oedema_strength[new]
+        placed += 1
+    return placed
+
+
+def _thick_slices(grid: np.ndarray, slice_mm: float) -> np.ndarray:
+    """Average ``grid`` over axial slices ``slice_mm`` thick, then interpolate back linearly.
+
+    What a 2D acquisition with thick slices, resampled to the (2 mm) grid, looks like: blur
+    through the slices (partial volume over the slab) and linear stair-steps between slice
+    centres. In-plane resolution is unchanged.
+    """
+    step = slice_mm / VOXEL_MM  # slice thickness in grid voxels (> 1)
+    n = grid.shape[2]
+    # slab averages: a box filter of the slab's width, read at the slab centres
+    smooth = ndi.uniform_filter1d(grid, size=max(1, int(round(step))), axis=2, mode="nearest")
+    centres = np.arange(step / 2 - 0.5, n, step)
+    lo = np.clip(np.floor(centres).astype(int), 0, n - 1)
+    frac = (centres - np.floor(centres)).astype(np.float32)
+    hi = np.clip(lo + 1, 0, n - 1)
+    slabs = smooth[..., lo] * (1 - frac) + smooth[..., hi] * frac
+    # back to the grid: linear interpolation between slab centres
+    z = np.arange(n, dtype=np.float64)
+    pos = np.clip(np.interp(z, centres, np.arange(len(centres))), 0, len(centres) - 1)
+    j = np.minimum(np.floor(pos).astype(int), len(centres) - 2) if len(centres) > 1 else None
+    if j is None:
+        return np.repeat(slabs, n, axis=2)
+    w = (pos - j).astype(np.float32)
+    return slabs[..., j] * (1 - w) + slabs[..., j + 1] * w
+
+
+def _residue_mask(brain: np.ndarray, seed: int) -> np.ndarray:
+    """Patches of a 1-2 voxel shell outside the brain: what skull stripping left behind."""
+    rng = np.random.default_rng(seed)
+    shell = ndi.binary_dilation(brain, iterations=int(rng.integers(1, 3))) & ~brain
+    noise = _smooth_noise(rng, brain.shape, 8.0)[0]
+    cover = rng.uniform(0.15, 0.5)  # share of the brain's surface with residue
+    thr = np.quantile(noise[shell], 1.0 - cover)
+    return shell & (noise >= thr)
+
+
 def _render(
     rng: np.random.Generator,
     scanner: ScannerProfile,
@@ -396,11 +530,18 @@ def _render(
     brain: np.ndarray,
     tumour: _Tumour,
     phenotype: TumourPhenotype = DEFAULT_PHENOTYPE,
+    acquisition: Acquisition | None = None,
 ) -> np.ndarray:
     """Turn tissue fractions and tumour classes into four stored-unit images (float32)."""
     shape = brain.shape
-    # Work on the brain's voxels only (about a third of the grid), except for the blur.
-    idx = np.flatnonzero(brain)
+    residue = (
+        _residue_mask(brain, acquisition.seed)
+        if acquisition is not None and acquisition.residue
+        else None
+    )
+    head = brain if residue is None else brain | residue
+    # Work on the head's voxels only (about a third of the grid), except for the blur.
+    idx = np.flatnonzero(head)
     tex = _smooth_noise(rng, shape, 3.0, 2).reshape(2, -1)[:, idx]
     bias = _smooth_noise(rng, shape, 22.0, 1 + len(MODALITIES)).reshape(1 + len(MODALITIES), -1)
     bias = bias[:, idx]
@@ -415,9 +556,26 @@ def _render(
 
     tissue_vals = np.stack([np.asarray(_TISSUE[k]) for k in ("csf", "gm", "wm")])
     tissue_vals = (tissue_vals * (1 + rng.normal(0, 0.04, tissue_vals.shape))).astype(np.float32)
-    tumour_vals = {k: np.asarray(v) * (1 + rng.normal(0, 0.07, 4)) for k, v in _TUMOUR.items()}
+    tumour_vals = {
+        k: np.asarray(v) * (1 + rng.normal(0, 0.07, 4)) for k, v in _TUMOUR.items() if k != _CYST
+    }
+    # a cyst shares necrosis's jitter: no extra draw, so a cyst changes only its own voxels
+    tumour_vals[_CYST] = np.asarray(_TUMOUR[_CYST]) * (
+        tumour_vals[_NCR] / np.asarray(_TUMOUR[_NCR])
+    )
     # Enhancement is relative to the unenhanced tumour, scaled by the scanner's protocol.
     gain = scanner.enhancement * (1 + rng.normal(0, 0.08)) * phenotype.enhancement
+    if acquisition is not None:
+        # T1-weighted contrast between tissues shrinks at 3 T (T1 times converge), the
+        # enhancement stands out more; a T1ce taken early or late enhances less.
+        c = T1_CONTRAST[acquisition.field_strength]
+        ref = tissue_vals[1:, :2].mean(axis=0)  # grey and white matter, T1 and T1ce
+        uptake = tumour_vals[_ET][_T1CE] - tumour_vals[_NET][_T1CE]
+        tissue_vals[:, :2] = ref + c * (tissue_vals[:, :2] - ref)
+        for v in tumour_vals.values():
+            v[:2] = ref + c * (v[:2] - ref)
+        tumour_vals[_ET][_T1CE] = tumour_vals[_NET][_T1CE] + uptake  # uptake is not T1 contrast
+        gain *= ENHANCEMENT_AT_FIELD[acquisition.field_strength] * acquisition.contrast_timing
     base_et = tumour_vals[_NET][_T1CE]
     tumour_vals[_ET][_T1CE] = base_et + (tumour_vals[_ET][_T1CE] - base_et) * gain
 
@@ -435,21 +593,46 @@ def _render(
         w = 0.65 + 0.35 * strength
         tum[ed] = w * tum[ed] + (1 - w) * normal[ed]
         vals[in_tumour] = tum
+        if residue is not None:
+            vals[residue.ravel()[idx]] = _RESIDUE[m] * (1.0 + 0.1 * t[residue.ravel()[idx]])
         np.maximum(vals, 0.0, out=vals)
         if scanner.gamma[m] != 1.0:
             np.power(vals, scanner.gamma[m], out=vals)
         grid.ravel()[idx] = vals
-        vals = ndi.gaussian_filter(grid, scanner.blur_sigma, truncate=3.0).ravel()[idx]
+        blurred = ndi.gaussian_filter(grid, scanner.blur_sigma, truncate=3.0)
+        if acquisition is not None and acquisition.slice_mm > VOXEL_MM:
+            blurred = _thick_slices(blurred, acquisition.slice_mm)
+        vals = blurred.ravel()[idx]
         field = 0.8 * bias[0] + 0.6 * bias[m + 1]
         scale = scanner.intensity_scale[m] * (1 + rng.normal(0, 0.05))
         vals *= np.exp(scanner.bias_strength * field)
         vals = vals * scale + scanner.intensity_offset
+        if acquisition is not None and acquisition.ghost_amplitude > 0:
+            vals += _ghosts(vals, idx, shape, acquisition)
         sigma = scanner.noise * scanner.intensity_scale[m]
         n = rng.standard_normal((2, idx.size), dtype=np.float32) * sigma
         vals = np.sqrt((vals + n[0]) ** 2 + n[1] ** 2)
         # Stored as integers later: round now so that the Case equals what is written.
         images[m].ravel()[idx] = np.clip(np.rint(vals), 1.0, _MAX_STORED)
     return images
+
+
+def _ghosts(
+    vals: np.ndarray, idx: np.ndarray, shape: tuple[int, ...], acq: Acquisition
+) -> np.ndarray:
+    """Motion ghosts at the head's voxels: copies of the image shifted along the phase axis.
+
+    Periodic motion modulates the k-space lines, which puts attenuated replicas of the object
+    at +/- FOV / period along the phase-encoding axis (anterior-posterior, axis 1 here).
+    Only what lands inside the head survives skull stripping.
+    """
+    full = np.zeros(shape, dtype=np.float32)
+    full.ravel()[idx] = vals
+    shift = int(round(shape[1] / acq.ghost_period))
+    ghost = (
+        0.5 * acq.ghost_amplitude * (np.roll(full, shift, axis=1) + np.roll(full, -shift, axis=1))
+    )
+    return ghost.ravel()[idx]
 
 
 def _region_volumes(label: np.ndarray) -> dict[str, float]:
@@ -467,6 +650,7 @@ def generate_case(
     scanner: ScannerProfile,
     phenotype: TumourPhenotype = DEFAULT_PHENOTYPE,
     extra_rng: np.random.Generator | None = None,
+    acquisition: Acquisition | None = None,
 ) -> Case:
     """Generate one synthetic BraTS-style case.
 
@@ -484,20 +668,35 @@ def generate_case(
         the default is the generator without clinical records.
     extra_rng:
         Draws a phenotype needs beyond ``rng``'s (a necrosis pattern where the default draw
-        gave a solid core), so that ``rng``'s stream stays aligned. Required when
-        ``phenotype.solid_probability`` is below the default's.
+        gave a solid core, satellite foci, a cyst), so that ``rng``'s stream stays aligned.
+        Required when ``phenotype.solid_probability`` is below the default's, or with
+        ``phenotype.foci > 1`` or ``phenotype.cyst``.
+    acquisition:
+        Acquisition effects beyond the scanner profile (field-strength contrast, thick
+        slices, motion ghosts, contrast timing, skull-stripping residue;
+        :func:`fedseg.data.scanners.draw_acquisition`); ``None``: none of them.
 
     Returns
     -------
     Case
         ``image`` ``float32`` ``(4, X, Y, Z)`` in ``t1, t1ce, t2, flair`` order, integral values
-        in stored units (0 outside the brain); ``label`` ``uint8`` in BraTS 2021 numbering;
+        in stored units (0 outside the brain and any skull-stripping residue); ``label``
+        ``uint8`` in BraTS 2021 numbering (label 4 absent for a tumour without enhancement);
         a RAS affine with 2 mm spacing; ``meta`` with ``scanner``, ``wt_ml``, ``tc_ml``,
-        ``et_ml``.
+        ``et_ml``, ``tumour`` (:data:`TUMOUR_TYPES`), ``foci`` and ``protocol``
+        (:meth:`Acquisition.labels`, ``""`` without acquisition effects).
+
+    Raises
+    ------
+    ConfigError
+        If the phenotype needs ``extra_rng`` and none is given.
     """
-    synthesis = _synthesise(rng, scanner, phenotype, extra_rng)
+    synthesis = _synthesise(rng, scanner, phenotype, extra_rng, acquisition)
     meta: dict[str, object] = {"scanner": scanner.name, "source": "fedseg.synth"}
     meta.update(_region_volumes(synthesis.label))
+    meta["tumour"] = TUMOUR_TYPES[0] if phenotype.enhancing else TUMOUR_TYPES[1]
+    meta["foci"] = synthesis.foci
+    meta["protocol"] = acquisition.labels() if acquisition is not None else ""
     return Case(
         case_id=case_id,
         image=synthesis.image,
@@ -514,6 +713,7 @@ class _Synthesis:
     affine: np.ndarray
     tissue: np.ndarray  # (X, Y, Z, 3) csf, gm, wm fractions after the deformation
     brain: np.ndarray
+    foci: int = 1  # tumour foci placed
 
 
 def _synthesise(
@@ -521,12 +721,13 @@ def _synthesise(
     scanner: ScannerProfile,
     phenotype: TumourPhenotype = DEFAULT_PHENOTYPE,
     extra_rng: np.random.Generator | None = None,
+    acquisition: Acquisition | None = None,
 ) -> _Synthesis:
     """Draw anatomy, tumour and images; also returns the tissue maps (used by tests)."""
     # The matrix products here are small: extra BLAS threads only spin, and under load from
     # other processes they slow everything down several times.
     with _single_blas_thread():
-        return _synthesise_unlimited(rng, scanner, phenotype, extra_rng)
+        return _synthesise_unlimited(rng, scanner, phenotype, extra_rng, acquisition)
 
 
 def _single_blas_thread() -> AbstractContextManager[object]:
@@ -542,6 +743,7 @@ def _synthesise_unlimited(
     scanner: ScannerProfile,
     phenotype: TumourPhenotype,
     extra_rng: np.random.Generator | None,
+    acquisition: Acquisition | None = None,
 ) -> _Synthesis:
     anat = _anatomy()
     shape = anat.shape
@@ -606,14 +808,38 @@ def _synthesise_unlimited(
     np.divide(tissue, np.where(brain, total, np.inf)[..., None], out=tissue)
 
     tumour = _make_tumour(rng, tissue, brain, c_out, tc_vox, ed_vox, phenotype, extra_rng)
-    image = _render(rng, scanner, tissue, brain, tumour, phenotype)
+    foci = 1
+    if phenotype.foci > 1:
+        if extra_rng is None:
+            raise ConfigError("a multifocal phenotype needs extra_rng")
+        foci = _add_foci(extra_rng, tumour, tissue, brain, tc_vox, ed_vox, phenotype)
+    image = _render(rng, scanner, tissue, brain, tumour, phenotype, acquisition)
     label = _CLASS_TO_LABEL[tumour.classes]
-    return _Synthesis(image, label, anat.affine.copy(), tissue, brain)
+    return _Synthesis(image, label, anat.affine.copy(), tissue, brain, foci)
 
 
 def _along(values: np.ndarray, axis: int) -> np.ndarray:
     """Reshape a 1D array to broadcast along ``axis`` of a 3D grid."""
     return values.reshape([-1 if j == axis else 1 for j in range(3)])
+
+
+_VARIANT_STREAM = 23  # a third word in the seed sequence keeps this stream apart
+
+
+def variant_rng(seed: int, index: int) -> np.random.Generator:
+    """The stream of case ``index``'s tumour type and acquisition (broader cohort).
+
+    Parameters
+    ----------
+    seed, index:
+        The cohort's seed and the case's position (both >= 0).
+
+    Returns
+    -------
+    numpy.random.Generator
+        A fresh generator, independent of :func:`case_rng` and the clinical streams.
+    """
+    return np.random.default_rng(np.random.SeedSequence([seed, index, _VARIANT_STREAM]))
 
 
 def case_rng(seed: int, index: int) -> np.random.Generator:
@@ -844,8 +1070,12 @@ def cohort_case(seed: int, index: int, scanner: ScannerProfile) -> tuple[Case, d
 
     The record is drawn first from the case's clinical streams
     (:func:`fedseg.data.clinical.clinical_streams`), its grade and IDH status set the tumour's
-    :class:`TumourPhenotype`, the image is drawn from :func:`case_rng` ``(seed, index)``, and
-    the survival (which depends on the core volume) and the missing fields come last.
+    :class:`TumourPhenotype`, which :func:`fedseg.data.phenotype.broaden` extends from the
+    case's :func:`variant_rng` (tumours without enhancement, multifocal tumours, cysts, rim and
+    necrosis) before the acquisition is drawn from the hospital's protocol mix
+    (:func:`fedseg.data.scanners.draw_acquisition`, same stream); the image is drawn from
+    :func:`case_rng` ``(seed, index)``, and the survival (which depends on the core volume)
+    and the missing fields come last.
 
     Parameters
     ----------
@@ -869,9 +1099,13 @@ def cohort_case(seed: int, index: int, scanner: ScannerProfile) -> tuple[Case, d
 
     streams = clinical_streams(seed, index)
     draw = draw_clinical(streams.record)
-    phenotype = phenotype_of(draw)
+    variant = variant_rng(seed, index)
+    phenotype = broaden(phenotype_of(draw), draw.grade, variant)  # type: ignore[arg-type]
+    acquisition = draw_acquisition(scanner, variant)
     case_id = f"{CASE_PREFIX}{index:05d}"
-    case = generate_case(case_id, case_rng(seed, index), scanner, phenotype, streams.image)  # type: ignore[arg-type]
+    case = generate_case(
+        case_id, case_rng(seed, index), scanner, phenotype, streams.image, acquisition
+    )
     tc_ml = float(case.meta["tc_ml"])  # type: ignore[arg-type]
     record = complete_record(draw, streams.outcome, scanner.name, tc_ml)
     return case, dict(record)
