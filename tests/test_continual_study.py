@@ -202,6 +202,11 @@ def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> N
         assert 0 <= arm["old"]["mean"] <= 1 and 0 <= arm["new"]["mean"] <= 1
         assert set(arm["per-site"]) == {"site-0", "site-1", NEW_SITE}
     assert "forgetting" in doc["arms"]["naive"]
+    # phase A asked its own hospitals for EWC's Fisher; the EWC arm read it from that file
+    fisher = out / "arms" / PHASE_A / "fisher.npz"
+    assert fisher.is_file()
+    ewc_config = json.loads((out / "arms" / "ewc" / "history.json").read_text())["config"]
+    assert ewc_config["ewc-fisher"] == str(fisher.resolve())
     assert (out / "results.csv").read_text().startswith("arm,test,WT,TC,ET,mean,forgetting")
     assert "fedseg continual study" in (out / "report.html").read_text()
     render_report(json.loads((out / "results.json").read_text()))

@@ -180,6 +180,10 @@ class FedsegConfig:
     ewc_strength: float = 1000.0
     lwf_weight: float = 1.0
     lwf_temperature: float = 2.0
+    # EWC's Fisher: asked of the sites at the end of a run and written to OUT/fisher.npz
+    # (save-fisher, phase A), or read from a file by phase B (ewc-fisher; "": ask phase B's sites)
+    save_fisher: bool = False
+    ewc_fisher: str = ""
     # generalisation (#15): a hospital kept out of training and scored as unseen by the study
     # ("": none; "auto": the scanner mix furthest from the rest), and the normalisation FedBN
     # uses there first: "average" (the sites' averaged parameters) or "adapt" (adapted on the
@@ -426,6 +430,17 @@ class FedsegConfig:
             raise ConfigError(
                 f"config key 'continual': {self.continual!r} keeps what a phase-A model learned; "
                 f"set init-model to that model (final_model.pt of phase A)"
+            )
+        if self.ewc_fisher and self.continual != "ewc":
+            raise ConfigError(
+                f"config key 'ewc-fisher': only continual 'ewc' reads a Fisher file, found "
+                f"continual {self.continual!r}"
+            )
+        if self.save_fisher and (self.secure_aggregation != "none" or self.dp_mode != "none"):
+            raise ConfigError(
+                "config key 'save-fisher': the sites' Fisher is a noiseless statistic of their "
+                "gradients; it is not asked for in a private or secure run (dp-mode and "
+                "secure-aggregation must be 'none')"
             )
         if self.continual != "none" and (
             self.secure_aggregation != "none" or self.dp_mode != "none"

@@ -18,9 +18,9 @@ Phase B continues from the phase-A model for ``--rounds-b`` rounds, with one arm
 continuing:
 
     ``naive``   the new hospital trains on as in phase A (what forgets);
-    ``ewc``     elastic weight consolidation: the Fisher estimated at the phase-A hospitals and
-                averaged by the server anchors the parameters phase A relied on
-                (:mod:`fedseg.continual.penalties`);
+    ``ewc``     elastic weight consolidation: the Fisher estimated at the phase-A hospitals at
+                the end of phase A (``save-fisher``) and averaged by the server anchors the
+                parameters phase A relied on (:mod:`fedseg.continual.penalties`);
     ``lwf``     learning without forgetting: the new hospital distils the phase-A model's
                 answers on its own images;
     ``joint``   the upper bound: phase A's hospitals train again beside the new one.
@@ -63,7 +63,13 @@ ARMS: tuple[str, ...] = ("naive", "ewc", "lwf", "joint")
 _METHOD = {"naive": "none", "ewc": "ewc", "lwf": "lwf", "joint": "none"}
 NEW_SITE = "new-hospital"
 #: config keys only phase B reads
-_PHASE_B_KEYS: tuple[str, ...] = ("continual", "ewc-strength", "lwf-weight", "lwf-temperature")
+_PHASE_B_KEYS: tuple[str, ...] = (
+    "continual",
+    "ewc-strength",
+    "ewc-fisher",
+    "lwf-weight",
+    "lwf-temperature",
+)
 #: what changes in phase B (``--shift``)
 SHIFTS: tuple[str, ...] = ("scanner", "tumour")
 #: the tumour types phase B can bring with ``--shift tumour`` (``--new-tumour``)
@@ -292,6 +298,7 @@ def run_continual(
     ConfigError
         Bad rounds, arms or config (and see :func:`build_scenario`).
     """
+    from fedseg.continual.server import FISHER_FILE
     from fedseg.experiment import Arm, fingerprint, run_experiment
     from fedseg.experiment.engine import check_engine, run_federation
     from fedseg.federation.server_app import FINAL_MODEL
@@ -307,13 +314,18 @@ def run_continual(
     scenario = build_scenario(data_dir, cfg, new_scanner, shift=shift, new_tumour=new_tumour)
     model_a = (out / "arms" / PHASE_A / FINAL_MODEL).resolve()
     base = cfg.replace(data_path=str(data_dir))
-    plan = [Arm(PHASE_A, {"num-server-rounds": rounds_a}, phase="A")] + [
+    # Phase A ends by asking its own hospitals for EWC's Fisher at its final model
+    # (OUT/arms/phase-a/fisher.npz): what phase A learned is described by phase A's cases,
+    # not by the new hospital's, which are all the EWC arm's phase B sees.
+    fisher_a = (out / "arms" / PHASE_A / FISHER_FILE).resolve()
+    plan = [Arm(PHASE_A, {"num-server-rounds": rounds_a, "save-fisher": True}, phase="A")] + [
         Arm(
             name,
             {
                 "num-server-rounds": rounds_b,
                 "continual": _METHOD[name],
                 "init-model": str(model_a),
+                **({"ewc-fisher": str(fisher_a)} if _METHOD[name] == "ewc" else {}),
             },
             phase="B",
         )
@@ -326,9 +338,9 @@ def run_continual(
             arm.config(base),
             data=data_dir,
             partition=scenario.parts(arm.name),
-            # init-model: its SHA-256 stands for it; phase A does not use phase B's keys, so
-            # changing them reruns only the phase-B arms
-            ignore=("init-model", *(_PHASE_B_KEYS if arm.name == PHASE_A else ())),
+            # init-model, ewc-fisher: their SHA-256 stands for them; phase A does not use
+            # phase B's keys, so changing them reruns only the phase-B arms
+            ignore=("init-model", "ewc-fisher", *(_PHASE_B_KEYS if arm.name == PHASE_A else ())),
             extra={
                 "test": scenario.test,
                 "new-scanner": scenario.new_scanner,

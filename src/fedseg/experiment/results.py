@@ -69,9 +69,10 @@ def fingerprint(
     """
     skip = NOT_FINGERPRINTED | set(ignore)
     conf = {k: v for k, v in cfg.to_run_config().items() if k not in skip}
-    if cfg.init_model:
-        path = Path(cfg.init_model)
-        conf["init-model-sha256"] = file_sha256(path) if path.is_file() else None
+    for key, value in (("init-model", cfg.init_model), ("ewc-fisher", cfg.ewc_fisher)):
+        if value:  # a file's contents, not its path, make the result
+            path = Path(value)
+            conf[f"{key}-sha256"] = file_sha256(path) if path.is_file() else None
     out: dict[str, Any] = {"config": conf}
     if data is not None:
         out["data"] = str(Path(data).resolve())

@@ -144,6 +144,11 @@ def serve(
         workers=workers,
     )
     write_outputs(out, result, cfg)
+    if cfg.save_fisher:  # phase A of continual learning: EWC's Fisher at the final model
+        from fedseg.continual.server import FISHER_FILE, collect_fisher, save_fisher
+
+        fisher = collect_fisher(grid, cfg, result.weights, param_names)
+        save_fisher(out / FISHER_FILE, fisher)
     return result
 
 
