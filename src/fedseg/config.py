@@ -64,7 +64,7 @@ AMP_MODES: tuple[str, ...] = ("none", "bf16")
 #: ``cpu-demo`` is the dataclass defaults (a whole study on a 2-core laptop, ``make demo``);
 #: ``gpu`` trains at BraTS's native 1 mm on 128^3 patches (a third centred on tumour) with a
 #: U-Net of nnU-Net's size class (32..320 channels, 5 levels, about 13 M parameters), bf16
-#: autocast, augmentation on the GPU and 8 DataLoader workers.
+#: autocast, nnU-Net's augmentation set run on the GPU and 8 DataLoader workers.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": {},
     "gpu": {
@@ -76,6 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max-channels": 320,
         "amp": "bf16",
         "num-workers": 8,
+        "augment": "nnunet",
         "device-augment": True,
     },
 }
