@@ -10,11 +10,12 @@ over batches already stacked in memory; the trainer reads its batches the way a 
     memory maps (as the prepared-case cache holds them), 16..128 channels, tumour oversampling.
 
 Augmentation is off in both loops so that only the loop is compared (target: trainer <= 1.10x
-the bare step); ``--augment`` also times the trainer with its augmentation on, reported as its
-own figure. The two loops alternate, and the figure is the median of ``--repeats`` rounds.
+the bare step); ``--augment VALUE`` (repeatable) also times the trainer with that ``augment``
+value (``--augment`` alone: ``basic``), reported as its own figure. The loops alternate, and
+the figure is the median of ``--repeats`` rounds.
 
     python benchmarks/bench_trainer.py [--settings cpu-demo,native] [--steps 10] [--repeats 5]
-        [--threads N] [--augment]
+        [--threads N] [--augment [VALUE]]...
 
 On a shared machine, ``--threads 1`` keeps a competing process from stalling torch's thread
 team, which otherwise moves both loops' times by far more than the difference measured.
@@ -120,8 +121,8 @@ def interleaved(timers: dict[str, Callable[[int], float]], repeats: int) -> dict
     return got
 
 
-def measure(name: str, steps: int, repeats: int, augment: bool) -> dict[str, Any]:
-    """Bare loop vs SiteTrainer (and, with ``augment``, SiteTrainer with augmentation)."""
+def measure(name: str, steps: int, repeats: int, augment: list[str]) -> dict[str, Any]:
+    """Bare loop vs SiteTrainer (and SiteTrainer with each ``augment`` value)."""
     from fedseg.site.trainer import SiteTrainer
 
     setting = SETTINGS[name]
@@ -145,9 +146,9 @@ def measure(name: str, steps: int, repeats: int, augment: bool) -> dict[str, Any
             "bare": BareLoop(cfg, batches).seconds,
             "trainer": trainer_timer(SiteTrainer(cfg, items, device=torch.device("cpu"))),
         }
-        if augment:
-            aug = cfg.replace(augment=True)
-            timers["trainer-augment"] = trainer_timer(
+        for value in augment:
+            aug = cfg.replace(augment=value)
+            timers[f"augment:{aug.augment}"] = trainer_timer(
                 SiteTrainer(aug, items, device=torch.device("cpu"))
             )
         got = interleaved(timers, repeats)
@@ -167,7 +168,9 @@ def measure(name: str, steps: int, repeats: int, augment: bool) -> dict[str, Any
         "load_1min": round(os.getloadavg()[0], 2),
     }
     if augment:
-        out["trainer_augment_s_per_step"] = round(med["trainer-augment"], 4)
+        out["trainer_augment_s_per_step"] = {
+            k.removeprefix("augment:"): round(v, 4) for k, v in med.items() if k[:8] == "augment:"
+        }
     return out
 
 
@@ -177,7 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settings", default="cpu-demo,native", help="comma-separated, of SETTINGS")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--augment", action="store_true", help="also time augmentation")
+    ap.add_argument(
+        "--augment",
+        action="append",
+        nargs="?",
+        const="basic",
+        default=[],
+        help="also time the trainer with this augment value (repeatable; alone: basic)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads > 0:

@@ -2,8 +2,8 @@
 
 The benchmarks that need a finished study (``runs/study``: ``bench_round_trace``,
 ``bench_site_handler``), a deployment (``bench_deploy``), a GPU (``bench_scale``) or tens of
-minutes (``bench_quality``, ``bench_throughput``) are not run here; run them on their own (see
-each file's docstring and BENCHMARKS.md).
+minutes (``bench_quality``, ``bench_throughput``, ``bench_augment``) are not run here; run them
+on their own (see each file's docstring and BENCHMARKS.md).
 
 Prints each benchmark's output as it comes, then one summary line per benchmark (exit code and
 seconds); exits 1 when any failed.

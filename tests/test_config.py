@@ -39,7 +39,7 @@ def test_channels_double_per_level() -> None:
         ({"spatial-dims": 4}, "'spatial-dims': expected 2 or 3"),
         ({"learning-rate": "fast"}, "'learning-rate': expected a number"),
         ({"epochs": 2.5}, "'epochs': expected an integer"),
-        ({"augment": "maybe"}, "'augment': expected true or false"),
+        ({"augment": "maybe"}, "'augment': expected true, false, one of none, basic, nnunet"),
         ({"patch-size": 64}, "'patch-size'"),
         ({"test-fraction": 1.5}, "'test-fraction'"),
         ({"batch-size": True}, "'batch-size': expected an integer"),
@@ -58,4 +58,4 @@ def test_non_strict_ignores_foreign_keys() -> None:
 
 def test_string_values_from_cli_are_coerced() -> None:
     cfg = FedsegConfig.from_run_config({"epochs": "3", "augment": "false", "learning-rate": "0.01"})
-    assert (cfg.epochs, cfg.augment, cfg.learning_rate) == (3, False, 0.01)
+    assert (cfg.epochs, cfg.augment, cfg.learning_rate) == (3, "none", 0.01)

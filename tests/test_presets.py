@@ -27,6 +27,7 @@ def test_gpu_preset_values() -> None:
     assert cfg.channels == (32, 64, 128, 256, 320)
     assert cfg.amp == "bf16"
     assert cfg.device_augment is True
+    assert cfg.augment == "nnunet"
 
 
 def test_given_keys_win_over_the_preset() -> None:

@@ -240,17 +240,6 @@ def test_dataloader_workers_give_the_same_training_as_in_process_loading() -> No
     assert set(a.get_weights()) == set(wb)
 
 
-def test_device_augmentation_runs_after_the_copy() -> None:
-    cfg = TINY.replace(augment=True, device_augment=True)
-    trainer = SiteTrainer(cfg, make_items(4), device=torch.device("cpu"))
-
-    fit = trainer.train(1, seed=0)
-
-    assert trainer.device_augment is not None
-    assert len(trainer.augment.transforms) == 0  # the dataset only crops (nothing at 16^3)
-    assert fit["steps"] == 2 and np.isfinite(fit["loss"])
-
-
 def test_out_of_device_memory_is_one_line_naming_patch_and_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

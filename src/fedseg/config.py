@@ -64,7 +64,7 @@ AMP_MODES: tuple[str, ...] = ("none", "bf16")
 #: ``cpu-demo`` is the dataclass defaults (a whole study on a 2-core laptop, ``make demo``);
 #: ``gpu`` trains at BraTS's native 1 mm on 128^3 patches (a third centred on tumour) with a
 #: U-Net of nnU-Net's size class (32..320 channels, 5 levels, about 13 M parameters), bf16
-#: autocast, augmentation on the GPU and 8 DataLoader workers.
+#: autocast, nnU-Net's augmentation set run on the GPU and 8 DataLoader workers.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": {},
     "gpu": {
@@ -76,12 +76,39 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max-channels": 320,
         "amp": "bf16",
         "num-workers": 8,
+        "augment": "nnunet",
         "device-augment": True,
     },
 }
 
 #: what FedBN normalises with at a hospital it has no parameters for (``unseen-norm`` key)
 UNSEEN_NORMS: tuple[str, ...] = ("average", "adapt")
+#: training augmentation (``augment`` key): a named set, or a comma-separated list of groups.
+#: ``basic`` is the light set fedseg used before (flips, a small affine, intensity scale and
+#: shift); ``nnunet`` is nnU-Net's default set; ``all`` adds elastic deformation and a bias field.
+#: The transforms of each group: :mod:`fedseg.data.transforms`.
+AUGMENT_SETS: tuple[str, ...] = ("none", "basic", "nnunet", "all")
+AUGMENT_GROUPS: tuple[str, ...] = (
+    "spatial",
+    "elastic",
+    "intensity",
+    "bias-field",
+    "noise",
+    "resolution",
+    "mirror",
+)
+#: the groups of nnU-Net's default set (its trainers leave elastic deformation off, p = 0, and
+#: have no bias field)
+NNUNET_GROUPS: tuple[str, ...] = ("spatial", "intensity", "noise", "resolution", "mirror")
+#: the values the ``augment`` key took when it was a boolean, and what they mean now
+_AUGMENT_BOOLS: dict[str, str] = {
+    "true": "basic",
+    "1": "basic",
+    "yes": "basic",
+    "false": "none",
+    "0": "none",
+    "no": "none",
+}
 
 #: secure-aggregation modes (``secure-aggregation`` key)
 SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
@@ -109,7 +136,8 @@ class FedsegConfig:
     learning_rate: float = 0.003
     weight_decay: float = 0.00001
     epochs: int = 20
-    augment: bool = True
+    # none | basic | nnunet | all, or groups "spatial,intensity,..." (true = basic, false = none)
+    augment: str = "basic"
     # throughput: mixed precision (CUDA only) and DataLoader worker processes
     amp: str = "none"
     num_workers: int = 0
@@ -243,6 +271,14 @@ class FedsegConfig:
         _check_choice("unseen-norm", self.unseen_norm, UNSEEN_NORMS)
         _check(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        # frozen: the canonical form replaces what was given (a bool, "True", "mirror,spatial")
+        object.__setattr__(self, "augment", parse_augment(self.augment))
+        _check(
+            self.spatial_dims == 3 or "elastic" not in augment_groups(self.augment),
+            "augment",
+            "no 'elastic' group with spatial-dims 2 (elastic deformation is 3D here)",
+            self.augment,
+        )
         _check_choice("amp", self.amp, AMP_MODES)
         _check(self.num_workers >= 0, "num-workers", "an integer >= 0", self.num_workers)
         _check(self.num_cases >= 4, "num-cases", "an integer >= 4", self.num_cases)
@@ -567,6 +603,67 @@ def _same(given: Any, default: Any) -> bool:
         except ValueError:
             return False
     return bool(given == default)
+
+
+def parse_augment(value: object) -> str:
+    """The canonical form of an ``augment`` value.
+
+    Parameters
+    ----------
+    value:
+        ``True``/``False`` or their text forms (``true``, ``false``, ``1``, ``0``, ``yes``,
+        ``no``: the values of the key when it was a boolean, meaning ``basic`` and ``none``), a
+        set name of :data:`AUGMENT_SETS`, or a comma-separated list of :data:`AUGMENT_GROUPS`.
+
+    Returns
+    -------
+    str
+        A set name, or the groups in :data:`AUGMENT_GROUPS` order joined by commas.
+
+    Raises
+    ------
+    ConfigError
+        Anything else, naming the allowed sets and groups and the closest match.
+    """
+    if isinstance(value, bool):
+        return "basic" if value else "none"
+    text = str(value).strip().lower()
+    if text in _AUGMENT_BOOLS:
+        return _AUGMENT_BOOLS[text]
+    if text in AUGMENT_SETS:
+        return text
+    parts = [p.strip() for p in text.split(",")]
+    wrong = [p for p in parts if p not in AUGMENT_GROUPS]
+    if wrong or len(set(parts)) != len(parts):
+        if wrong:
+            close = difflib.get_close_matches(wrong[0], [*AUGMENT_SETS, *AUGMENT_GROUPS], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+        else:
+            twice = next((p for p in parts if parts.count(p) > 1), text)
+            hint = f"; '{twice}' is given twice"
+        raise ConfigError(
+            f"config key 'augment': expected true, false, one of {', '.join(AUGMENT_SETS)}, "
+            f"or a comma-separated list of distinct groups from {', '.join(AUGMENT_GROUPS)}, "
+            f"found {value!r}{hint}"
+        )
+    return ",".join(g for g in AUGMENT_GROUPS if g in parts)
+
+
+def augment_groups(value: str) -> tuple[str, ...]:
+    """The augmentation groups of a canonical ``augment`` value (:func:`parse_augment`).
+
+    ``none`` has none, ``nnunet`` has :data:`NNUNET_GROUPS`, ``all`` every group; ``basic`` is
+    not made of groups and gives ``("basic",)``.
+    """
+    if value == "none":
+        return ()
+    if value == "basic":
+        return ("basic",)
+    if value == "nnunet":
+        return NNUNET_GROUPS
+    if value == "all":
+        return AUGMENT_GROUPS
+    return tuple(value.split(","))
 
 
 def _check(ok: bool, key: str, expected: str, found: object) -> None:

@@ -29,7 +29,7 @@ STUDY_DEFAULTS: dict[str, Any] = {
     "depth": 3,
     "batch_size": 16,
     "learning_rate": 0.01,
-    "augment": False,
+    "augment": "none",
     "num_cases": 24,
     "num_server_rounds": 4,
     "local_epochs": 2,

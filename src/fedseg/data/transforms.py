@@ -4,8 +4,9 @@ Preprocessing (every case, train and test): crop to the brain's bounding box, z-
 modality inside the brain, resize to the configured cubic size. The crop box and original grid
 are kept so predictions can be mapped back onto the input's own grid.
 
-Augmentation (training data only): random flips, a small random affine, intensity scale and
-shift, and a random crop to the patch size when the patch is smaller than the image.
+Augmentation (training data only): a random crop to the patch size when the patch is smaller
+than the image, then the transforms the ``augment`` key chooses (:mod:`fedseg.data.augment`:
+nnU-Net's set in groups, or fedseg's earlier light set ``basic``).
 """
 
 from __future__ import annotations
@@ -131,7 +132,11 @@ def brain_bbox(image: np.ndarray, margin: int = 2) -> tuple[list[int], list[int]
 
 
 def train_augmentation(cfg: FedsegConfig) -> Any:
-    """MONAI dictionary transforms applied to training samples (keys ``image``, ``label``)."""
+    """MONAI dictionary transforms applied to training samples (keys ``image``, ``label``).
+
+    The crop to the patch (when the patch is smaller than the image), then the random
+    transforms of ``cfg.augment`` (:func:`fedseg.data.augment.augmentation_transforms`).
+    """
     from monai.transforms import Compose
 
     return Compose([*_crop_transforms(cfg), *_random_transforms(cfg)])
@@ -139,18 +144,51 @@ def train_augmentation(cfg: FedsegConfig) -> Any:
 
 def host_augmentation(cfg: FedsegConfig) -> Any:
     """The part of :func:`train_augmentation` run in the dataset when the rest runs on the GPU:
-    the crop to the patch (it reads the case; the flips and the affine do not)."""
+    the crop to the patch (it reads the case; the random transforms do not)."""
     from monai.transforms import Compose
 
     return Compose(_crop_transforms(cfg))
 
 
-def device_augmentation(cfg: FedsegConfig) -> Any:
-    """The flips, affine and intensity changes of :func:`train_augmentation`, for tensors
-    already on the device (``device-augment``)."""
+def device_augmentation(cfg: FedsegConfig, device: torch.device | None = None) -> Any:
+    """The random transforms of :func:`train_augmentation`, for one sample's tensors already on
+    ``device`` (``device-augment``, see :func:`augment_on_device`).
+
+    Parameters
+    ----------
+    cfg:
+        ``augment`` and ``spatial-dims``.
+    device:
+        Where the affine and elastic transforms build their sampling grids (the tensors' device).
+
+    Returns
+    -------
+    monai.transforms.Compose
+    """
     from monai.transforms import Compose
 
-    return Compose(_random_transforms(cfg))
+    return Compose(_random_transforms(cfg, device))
+
+
+def augment_on_device(cfg: FedsegConfig, device: torch.device) -> bool:
+    """Whether training augments on ``device`` after the copy rather than in the dataset.
+
+    True only with ``device-augment`` (the ``gpu`` preset), some augmentation, and a CUDA
+    device: without a GPU the transforms run where they always run, in the dataset, on the
+    read-ahead thread or the DataLoader workers.
+
+    Parameters
+    ----------
+    cfg:
+        ``device-augment`` and ``augment``.
+    device:
+        The device training runs on.
+
+    Returns
+    -------
+    bool
+    """
+    return bool(cfg.device_augment) and cfg.augment != "none" and device.type == "cuda"
 
 
 def _crop_transforms(cfg: FedsegConfig) -> list[Any]:
@@ -165,32 +203,10 @@ def _crop_transforms(cfg: FedsegConfig) -> list[Any]:
     return []
 
 
-def _random_transforms(cfg: FedsegConfig) -> list[Any]:
-    from monai.transforms import (
-        RandAffined,
-        RandFlipd,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-    )
+def _random_transforms(cfg: FedsegConfig, device: torch.device | None = None) -> list[Any]:
+    from fedseg.data.augment import augmentation_transforms
 
-    if not cfg.augment:
-        return []
-    nd = cfg.spatial_dims
-    keys = ["image", "label"]
-    ts: list[Any] = [RandFlipd(keys=keys, prob=0.5, spatial_axis=i) for i in range(nd)]
-    ts.append(
-        RandAffined(
-            keys=keys,
-            prob=0.2,
-            rotate_range=(0.2,) * (1 if nd == 2 else 3),
-            scale_range=(0.1,) * nd,
-            mode=("bilinear", "nearest"),
-            padding_mode="zeros",
-        )
-    )
-    ts.append(RandScaleIntensityd(keys="image", factors=0.1, prob=0.5))
-    ts.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5))
-    return ts
+    return augmentation_transforms(cfg.augment, cfg.spatial_dims, device)
 
 
 class SegmentationDataset:

@@ -80,6 +80,7 @@ class SiteTrainer:
 
         from fedseg.data.transforms import (
             SegmentationDataset,
+            augment_on_device,
             device_augmentation,
             host_augmentation,
             train_augmentation,
@@ -98,11 +99,12 @@ class SiteTrainer:
         self.channel_index = [MODALITIES.index(m) for m in modalities]
         self.train_items = list(train_items)
         self.val_items = list(val_items)
-        #: augmentation applied on the device after the copy (None: all of it in the dataset)
+        #: augmentation applied on the device after the copy (None: all of it in the dataset);
+        #: only on a GPU (``device-augment``), the CPU path is the dataset's
         self.device_augment: Any = None
-        if cfg.device_augment and cfg.augment:
+        if augment_on_device(cfg, self.device):
             self.augment = host_augmentation(cfg)
-            self.device_augment = device_augmentation(cfg)
+            self.device_augment = device_augmentation(cfg, self.device)
         else:
             self.augment = train_augmentation(cfg)
         self.dataset: Any

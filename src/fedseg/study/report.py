@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.config import parse_augment
 from fedseg.data.case import REGIONS
 from fedseg.study.arms import PER_SITE_ARMS, POOLED, arm_order, is_federated, split_arm
 from fedseg.study.html import CSS, esc, img, num, pct, table
@@ -339,8 +340,8 @@ def _header(doc: Mapping[str, Any]) -> str:
             "optimisation",
             f"AdamW lr {esc(cfg.get('learning-rate'))}, weight decay "
             f"{esc(cfg.get('weight-decay'))}, batch {esc(cfg.get('batch-size'))}, "
-            f"augmentation {'on' if cfg.get('augment') else 'off'}; FedProx mu "
-            f"{esc(cfg.get('proximal-mu'))}",
+            f"augmentation <code>{esc(parse_augment(cfg.get('augment', False)))}</code>; "
+            f"FedProx mu {esc(cfg.get('proximal-mu'))}",
         ),
         ("arms", ", ".join(esc(pretty(a)) for a in doc.get("arms", {}))),
         (

@@ -1,0 +1,265 @@
+"""Training augmentation: nnU-Net's set through MONAI dictionary transforms, in groups.
+
+The ``augment`` key (:func:`fedseg.config.parse_augment`) chooses a named set (``none``,
+``basic``, ``nnunet``, ``all``) or a list of groups (``spatial``, ``elastic``, ``intensity``,
+``bias-field``, ``noise``, ``resolution``, ``mirror``); :func:`augmentation_transforms` builds
+its transforms. They run in the dataset (the read-ahead thread or the DataLoader workers), or on
+the GPU after the copy under ``device-augment`` (:func:`fedseg.data.transforms.augment_on_device`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from monai.transforms import (
+    MapTransform,
+    Rand3DElasticd,
+    RandAdjustContrast,
+    RandAffined,
+    RandBiasFieldd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmooth,
+    RandomizableTransform,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandShiftIntensityd,
+    RandSimulateLowResolution,
+    RandZoomd,
+)
+
+from fedseg.config import augment_groups, parse_augment
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+
+def augmentation_transforms(
+    augment: str, spatial_dims: int = 3, device: torch.device | None = None
+) -> list[Any]:
+    """The random MONAI dictionary transforms of an ``augment`` value, in nnU-Net's order.
+
+    Keys ``image`` (``(4, *spatial)`` float, z-scored in the brain, 0 outside) and ``label``
+    (``(3, *spatial)`` WT/TC/ET masks as float). Spatial transforms move both, the label with
+    nearest-neighbour interpolation so that it stays binary; every other transform changes the
+    image only. Probabilities and ranges are those of nnU-Net v2's default training transforms
+    (``nnUNetTrainer.get_training_transforms`` and
+    ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``, nnU-Net 2.x); p is the share
+    of samples a transform is applied to (nnU-Net's ``apply_probability``), "per channel" the
+    share of the four modalities it then changes, each modality with its own draw.
+
+    ==========  ===================================================================  ========
+    group       transform (MONAI)                                                    p
+    ==========  ===================================================================  ========
+    spatial     rotation, each axis U(-30°, 30°) (2D: U(-180°, 180°)): RandAffined   0.2
+    spatial     scaling, one zoom for all axes U(0.7, 1.4): RandZoomd (label:        0.2
+                "nearest-exact", torch's "nearest" shifts it against the image)
+    elastic     deformation, alpha U(0, 900), sigma U(9, 13) voxels (the values of    0.2
+                nnU-Net v1's default_3D_augmentation_params; nnU-Net's trainers set
+                p = 0): Rand3DElasticd, 3D only
+    bias-field  multiplicative exp(P), P a degree-3 Legendre polynomial with          0.1
+                coefficients U(0, 0.1) (not in nnU-Net; MONAI's defaults):
+                RandBiasFieldd
+    noise       Gaussian noise, std U(0, 0.1), every channel: RandGaussianNoised      0.1
+    noise       Gaussian blur, sigma U(0.5, 1) per axis, per channel 0.5:             0.2
+                RandGaussianSmooth
+    intensity   brightness, x * U(0.75, 1.25) per channel: RandScaleIntensityd       0.15
+    intensity   contrast, (x - mean) * U(0.75, 1.25) + mean per channel, clipped to   0.15
+                the channel's range: RandScaleIntensityFixedMeand
+    resolution  low resolution: nearest down to U(0.5, 1) of the grid, linear back    0.25
+                up, per channel 0.5: RandSimulateLowResolution
+    intensity   gamma of the inverted image, gamma U(0.7, 1.5), mean and std kept,    0.1
+                per channel: RandAdjustContrast(invert_image=True)
+    intensity   gamma, gamma U(0.7, 1.5), mean and std kept, per channel:             0.3
+                RandAdjustContrast
+    mirror      flip along each axis: RandFlipd                                       0.5 each
+    ==========  ===================================================================  ========
+
+    Where this differs from nnU-Net: rotation and scaling are two resamplings when both are
+    drawn (4 % of samples) instead of one; gamma is uniform in (0.7, 1.5) where nnU-Net's
+    ``BGContrast`` draws below or above 1 with equal odds; nnU-Net scales the sampling
+    coordinates by U(0.7, 1.4), a zoom of 0.71 to 1.43, here the zoom is U(0.7, 1.4).
+
+    ``basic`` is fedseg's earlier light set: flips (p 0.5 per axis), an affine with rotation
+    U(-0.2, 0.2) rad and scale 1 + U(-0.1, 0.1) per axis (p 0.2), intensity x * (1 + U(-0.1,
+    0.1)) (p 0.5) and x + U(-0.1, 0.1) (p 0.5).
+
+    Parameters
+    ----------
+    augment:
+        An ``augment`` value (:func:`fedseg.config.parse_augment`).
+    spatial_dims:
+        2 (axial slices) or 3.
+    device:
+        Where the affine and elastic transforms build their sampling grids; ``None`` for the
+        CPU. Every transform runs on the device of the tensors it is given.
+
+    Returns
+    -------
+    list
+        MONAI dictionary transforms; empty for ``none``.
+
+    Raises
+    ------
+    ConfigError
+        An ``augment`` value that :func:`fedseg.config.parse_augment` refuses.
+    """
+    groups = set(augment_groups(parse_augment(augment)))
+    nd = spatial_dims
+    both = ["image", "label"]
+    flips = [RandFlipd(keys=both, prob=0.5, spatial_axis=i) for i in range(nd)]
+    if "basic" in groups:
+        return [
+            *flips,
+            RandAffined(
+                keys=both,
+                prob=0.2,
+                rotate_range=(0.2,) * (1 if nd == 2 else 3),
+                scale_range=(0.1,) * nd,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                device=device,
+            ),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        ]
+    linear = "trilinear" if nd == 3 else "bilinear"
+    angle = math.pi if nd == 2 else math.pi / 6
+    blur = (0.5, 1.0)
+    gamma = (0.7, 1.5)
+    ordered: list[tuple[str, Any]] = [
+        (
+            "spatial",
+            RandAffined(
+                keys=both,
+                prob=0.2,
+                rotate_range=(angle,) * (1 if nd == 2 else 3),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                device=device,
+            ),
+        ),
+        (
+            "spatial",
+            RandZoomd(
+                keys=both,
+                prob=0.2,
+                min_zoom=0.7,
+                max_zoom=1.4,
+                # torch's "nearest" is off by up to half a voxel against the linear image
+                mode=(linear, "nearest-exact"),
+                padding_mode="constant",
+                keep_size=True,
+            ),
+        ),
+    ]
+    if nd == 3:  # config refuses 'elastic' with spatial-dims 2
+        elastic = Rand3DElasticd(
+            keys=both,
+            prob=0.2,
+            sigma_range=(9.0, 13.0),
+            magnitude_range=(0.0, 900.0),
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
+            device=device,
+        )
+        ordered.append(("elastic", elastic))
+    ordered += [
+        ("bias-field", RandBiasFieldd(keys="image", prob=0.1, degree=3, coeff_range=(0.0, 0.1))),
+        ("noise", RandGaussianNoised(keys="image", prob=0.1, std=0.1, sample_std=True)),
+        ("noise", ChannelWised("image", RandGaussianSmooth(blur, blur, blur, prob=0.5), 0.2)),
+        (
+            "intensity",
+            RandScaleIntensityd(keys="image", factors=0.25, prob=0.15, channel_wise=True),
+        ),
+        (
+            "intensity",
+            RandScaleIntensityFixedMeand(
+                keys="image",
+                factors=0.25,
+                prob=0.15,
+                fixed_mean=True,
+                preserve_range=True,
+                channel_wise=True,
+            ),
+        ),
+        (
+            "resolution",
+            ChannelWised(
+                "image",
+                RandSimulateLowResolution(
+                    prob=0.5,
+                    zoom_range=(0.5, 1.0),
+                    downsample_mode="nearest-exact",
+                    upsample_mode=linear,
+                ),
+                0.25,
+            ),
+        ),
+        (
+            "intensity",
+            ChannelWised(
+                "image",
+                RandAdjustContrast(prob=1.0, gamma=gamma, invert_image=True, retain_stats=True),
+                0.1,
+            ),
+        ),
+        (
+            "intensity",
+            ChannelWised(
+                "image", RandAdjustContrast(prob=1.0, gamma=gamma, retain_stats=True), 0.3
+            ),
+        ),
+        *(("mirror", f) for f in flips),
+    ]
+    return [t for group, t in ordered if group in groups]
+
+
+class ChannelWised(MapTransform, RandomizableTransform):  # type: ignore[misc]
+    """Apply a random MONAI array transform to each channel on its own.
+
+    nnU-Net's ``synchronize_channels=False``: with probability ``prob`` per sample (nnU-Net's
+    ``apply_probability``) every channel of each key is given to ``transform`` with its own
+    random draw, so the inner transform's ``prob`` is nnU-Net's ``p_per_channel``.
+
+    Parameters
+    ----------
+    keys:
+        Dictionary key(s) of channel-first arrays or tensors.
+    transform:
+        A MONAI ``RandomizableTransform`` taking one ``(1, *spatial)`` channel.
+    prob:
+        Share of samples the transform is applied to.
+    """
+
+    def __init__(
+        self, keys: Hashable | Sequence[Hashable], transform: Any, prob: float = 1.0
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.transform = transform
+
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> ChannelWised:
+        """Seed this transform and, from its stream, the inner one (MONAI's API)."""
+        super().set_random_state(seed, state)
+        self.transform.set_random_state(seed=int(self.R.randint(2**31 - 1)))
+        return self
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """The sample with each channel of ``keys`` transformed on its own, or unchanged."""
+        import torch
+
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            parts = [torch.as_tensor(self.transform(img[c : c + 1])) for c in range(len(img))]
+            d[key] = torch.cat(parts)
+        return d

@@ -1,0 +1,100 @@
+"""The augmentation ablation benchmark: its table, its test sets and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "bench_augment", ROOT / "benchmarks/bench_augment.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_augment"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(arm: str, seed: int, id_dice: float, unseen_dice: float) -> dict:
+    out = {"arm": arm, "seed": seed, "s_per_step": 0.5}
+    for region in ("WT", "TC", "ET", "mean"):
+        out[f"id_{region}"], out[f"unseen_{region}"] = id_dice, unseen_dice
+    return out
+
+
+def test_summary_averages_seeds_and_the_table_compares_with_none() -> None:
+    b = bench()
+    rows = [row("none", 0, 0.8, 0.4), row("none", 1, 0.6, 0.2), row("nnunet", 0, 0.8, 0.6)]
+
+    summary = b.summarise(rows, ["none", "nnunet", "mirror"])
+    table = b.markdown(
+        summary,
+        {
+            "train_cases": 3,
+            "train_profiles": ["a", "b"],
+            "test_cases": 1,
+            "unseen": "c",
+            "epochs": 1,
+            "seeds": 2,
+            "load_1min": 1.0,
+        },
+    )
+
+    assert [s["arm"] for s in summary] == ["none", "nnunet"]  # an arm not run is left out
+    assert summary[0]["seeds"] == 2 and summary[0]["unseen_ET"] == pytest.approx(0.3)
+    assert summary[0]["ratio_mean"] == pytest.approx(0.3 / 0.7)
+    assert summary[1]["ratio_mean"] == pytest.approx(0.75)
+    assert "| `nnunet` | 0.800 | 0.800 | 0.800 | 0.600 | 0.600 | 0.600 | 0.75 | +0.300 |" in table
+
+
+def test_unseen_cases_are_the_same_tumours_by_another_scanner() -> None:
+    b = bench()
+
+    train, test_id, test_unseen = b.make_cases(["siemens-3t"], "old-1.5t-lowres", 1, 1, 0, 16)
+
+    assert len(train) == len(test_id) == len(test_unseen) == 1
+    assert test_id[0].case_id == test_unseen[0].case_id
+    assert np.array_equal(test_id[0].regions, test_unseen[0].regions)
+    assert not np.allclose(test_id[0].image, test_unseen[0].image)
+    assert test_id[0].meta["scanner"] == "siemens-3t"
+    assert test_unseen[0].meta["scanner"] == "old-1.5t-lowres"
+
+
+@pytest.mark.slow
+def test_a_tiny_ablation_writes_its_json_and_table(tmp_path: Path) -> None:
+    b = bench()
+    args = ["--train-cases", "2", "--test-cases", "1", "--epochs", "1", "--arms", "none,mirror"]
+
+    b.main([*args, "--train-profiles", "siemens-3t", "--out", str(tmp_path)])
+
+    doc = json.loads((tmp_path / "augment.json").read_text())
+    assert [r["arm"] for r in doc["rows"]] == ["none", "mirror"]
+    assert all(0 <= r["unseen_WT"] <= 1 for r in doc["rows"])
+    assert "| `mirror` |" in (tmp_path / "augment.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--arms", "none,mirorr"], "--arms: unknown ['mirorr']"),
+        (["--unseen", "siemens-3t"], "is one of --train-profiles"),
+        (["--unseen", "mri-9t"], "unknown scanner profile 'mri-9t'"),
+        (["--epochs", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_arguments(argv: list[str], fragment: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        bench().main(argv)
+
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err
