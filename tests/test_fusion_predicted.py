@@ -1,8 +1,9 @@
 """Fusion with image features from predicted regions, and the ServerApp's ``task = "fusion"``.
 
 A tiny segmentation federation (16^3 cases, one round; the tests that use it are marked slow)
-stands in for the study's default training; the ServerApp runs on the in-process grid with a site failing or sending a malformed
-model, which must be dropped with its reason while the round goes on.
+stands in for the study's default training; the ServerApp runs on the in-process grid with a
+site failing or sending a malformed model, which must be dropped with its reason while the
+round goes on.
 """
 
 from __future__ import annotations
