@@ -346,7 +346,7 @@ def case_image_features(
         if seg_model is None and ref.label is None:
             raise MissingModalityError(f"{root}: case {cid!r} has no label")
         stamp = ref.label if seg_model is None else next(iter(ref.images.values()))
-        st = os.stat(stamp)
+        st = os.stat(str(stamp))
         key = (str(stamp), st.st_size, st.st_mtime_ns, seg_model.sha256 if seg_model else "")
         if key not in _CACHE:
             case = load_case(ref, require_label=seg_model is None, validate=False)

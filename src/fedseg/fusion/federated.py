@@ -190,15 +190,17 @@ def run_fusion(
     finally:
         flwr_log.setLevel(level)
     final = result.arrays.to_numpy_ndarrays() if len(result.arrays) else start
-    history = [
-        {
-            "round": r,
-            "kept": strategy.kept.get(r, 0),
-            "dropped": {d["site"]: d["reason"] for d in strategy.dropped if d["round"] == r},
-            "train-loss": (result.train_metrics_clientapp.get(r) or {}).get("train-loss"),
-        }
-        for r in range(1, rounds + 1)
-    ]
+    history = []
+    for r in range(1, rounds + 1):
+        metrics = result.train_metrics_clientapp.get(r)
+        history.append(
+            {
+                "round": r,
+                "kept": strategy.kept.get(r, 0),
+                "dropped": {d["site"]: d["reason"] for d in strategy.dropped if d["round"] == r},
+                "train-loss": None if metrics is None else metrics.get("train-loss"),
+            }
+        )
     return FusionRun([np.asarray(a, dtype=np.float64) for a in final], history)
 
 
