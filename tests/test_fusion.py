@@ -309,6 +309,8 @@ def test_fusion_study_cli_end_to_end_and_resume(tiny_root: Path, tmp_path: Path)
         "3",
         "--bootstrap",
         "100",
+        "--image-source",
+        "reference",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

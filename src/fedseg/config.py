@@ -109,6 +109,15 @@ _AUGMENT_BOOLS: dict[str, str] = {
     "0": "none",
     "no": "none",
 }
+#: what a federation trains (``task`` key): the segmentation network or the fusion model
+TASKS: tuple[str, ...] = ("segmentation", "fusion")
+#: the fusion model's endpoints (``fusion-endpoint``): WHO grade 4 vs 2-3, overall survival
+FUSION_ENDPOINTS: tuple[str, ...] = ("grade", "survival")
+#: its feature sets (``fusion-features``)
+FUSION_FEATURE_SETS: tuple[str, ...] = ("image", "clinical", "fusion")
+#: where its image features' tumour regions come from (``fusion-image-source``): a
+#: segmentation model's prediction, or the reference label maps (an upper bound)
+FUSION_IMAGE_SOURCES: tuple[str, ...] = ("predicted", "reference")
 
 #: secure-aggregation modes (``secure-aggregation`` key)
 SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
@@ -168,6 +177,17 @@ class FedsegConfig:
     # where prepared cases are cached ("": OUT/cache of the run; a deployed site's node config
     # key cache-dir wins, see fedseg.data.cache)
     cache_dir: str = ""
+    # what the federation trains (#19): the segmentation network, or the image + clinical
+    # fusion model of fedseg.fusion (its endpoint, feature set, image features' source, the
+    # segmentation model that predicts the regions, and its local steps, step size, L2)
+    task: str = "segmentation"
+    fusion_endpoint: str = "grade"
+    fusion_features: str = "fusion"
+    fusion_image_source: str = "predicted"
+    fusion_seg_model: str = ""
+    fusion_local_steps: int = 20
+    fusion_lr: float = 0.3
+    fusion_l2: float = 0.01
     # robustness (#5): robust aggregation and simulated attacks
     aggregator: str = "mean"
     trim_fraction: float = 0.2
@@ -296,6 +316,7 @@ class FedsegConfig:
         self._check_privacy()
         self._check_secure()
         self._check_compression()
+        self._check_task()
 
     def _check_federation(self) -> None:
         from fedseg.data.partition import SCHEMES
@@ -494,6 +515,18 @@ class FedsegConfig:
                 f"site's update, which encryption (ckks) and masking (secagg+, which already "
                 f"sends its own fixed-point encoding of the update) hide from it"
             )
+
+    def _check_task(self) -> None:
+        """Validate the task and fusion keys (#19)."""
+        _check_choice("task", self.task, TASKS)
+        _check_choice("fusion-endpoint", self.fusion_endpoint, FUSION_ENDPOINTS)
+        _check_choice("fusion-features", self.fusion_features, FUSION_FEATURE_SETS)
+        _check_choice("fusion-image-source", self.fusion_image_source, FUSION_IMAGE_SOURCES)
+        steps = self.fusion_local_steps
+        _check(steps >= 1, "fusion-local-steps", "an integer >= 1", steps)
+        lr, l2 = self.fusion_lr, self.fusion_l2
+        _check(math.isfinite(lr) and lr > 0, "fusion-lr", "a finite number > 0", lr)
+        _check(math.isfinite(l2) and l2 >= 0, "fusion-l2", "a finite number >= 0", l2)
 
     @property
     def channels(self) -> tuple[int, ...]:

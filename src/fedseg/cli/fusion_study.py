@@ -19,9 +19,12 @@ _HELP = "\n\n".join(
         "and at each site alone.",
         "Endpoints: WHO grade 4 vs 2-3 (logistic model, AUC) and overall survival (Cox model, "
         "Harrell's C-index), each with a 95 % bootstrap interval over the pooled test cases. "
-        "Image features come from the tumour regions of each case's label and the images "
-        "inside them; clinical fields (age, sex, KPS, IDH, MGMT, resection) are used with "
-        "missing-value indicators.",
+        "Image features (volumes, shape, enhancement, necrosis) come from the tumour regions "
+        "a segmentation model predicts for each case (--seg-model, or one trained first by "
+        "FedAvg over the same sites' training cases, never on the test cases), each site "
+        "predicting its own cases; --image-source reference uses the reference label maps "
+        "instead (an upper bound). Clinical fields (age, sex, KPS, IDH, MGMT, resection) are "
+        "used with missing-value indicators.",
         "Without --data, a cohort with clinical records (clinical.csv) is generated into "
         "OUT/data (reused on a rerun). With --data, the folder's cases and a clinical CSV "
         "(OUT-independent: --clinical, default DATA/clinical.csv; fedseg's format or BraTS "
@@ -65,6 +68,29 @@ def fusion_study(
     endpoints: Annotated[
         str, typer.Option("--endpoints", help="Comma-separated: grade, survival.")
     ] = "grade,survival",
+    image_source: Annotated[
+        str,
+        typer.Option(
+            "--image-source",
+            help="predicted: image features inside the regions a segmentation model predicts "
+            "(what a new patient has); reference: inside the reference label maps (an upper "
+            "bound).",
+        ),
+    ] = "predicted",
+    seg_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--seg-model",
+            help="Segmentation model with its card (final_model.pt, best.pt, or a run folder) "
+            "that predicts every case's regions; default: train one first (FedAvg over the "
+            "same sites' training cases, into OUT/segmentation). It must not have been "
+            "trained on the study's test cases.",
+        ),
+    ] = None,
+    seg_rounds: Annotated[
+        int,
+        typer.Option("--seg-rounds", help="Rounds (one local epoch each) of that training."),
+    ] = 5,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print results.json's arms as JSON on stdout.")
     ] = False,
@@ -87,6 +113,9 @@ def fusion_study(
             local_steps=local_steps,
             bootstrap=bootstrap,
             endpoints=tuple(e.strip() for e in endpoints.split(",") if e.strip()),
+            image_source=image_source,
+            seg_model=seg_model,
+            seg_rounds=seg_rounds,
         )
         say = (lambda s: print(s, file=sys.stderr)) if as_json else typer.echo
         doc = run_fusion_study(cfg, say=say)

@@ -277,18 +277,15 @@ def predict_patient(
     import json
     import time
 
-    from fedseg.data.patches import prepare_case
     from fedseg.data.readers import save_label
-    from fedseg.model.inference import predict_probs, to_original_grid
+    from fedseg.model.inference import predict_regions
     from fedseg.utils.runtime import pick_device
 
     t0 = time.perf_counter()
     device = device or pick_device()
     case = patient.case
-    idx = [MODALITIES.index(m) for m in card["modalities"]]
-    prep = prepare_case(case, cfg)
-    probs = predict_probs(model, prep.image[idx], cfg, device)
-    label = regions_to_label(to_original_grid(probs, prep)).astype(np.uint8)
+    regions = predict_regions(model, cfg, card["modalities"], case, device)
+    label = regions_to_label(regions).astype(np.uint8)
     volumes = region_volumes_ml(label, case.affine)
     out = Path(out)
     try:

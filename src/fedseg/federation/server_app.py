@@ -16,6 +16,10 @@ Outputs in the run folder
     The global model, ``fedseg-model-v1`` payload (``fedseg evaluate`` reads it).
 ``site_models/<site>.pt``
     FedBN only: each site's personalised model.
+
+With ``task = "fusion"`` the app trains the image + clinical fusion model instead
+(:func:`fedseg.fusion.federated.serve_fusion` writes ``fusion_model.json`` and ``history.json``;
+default folder ``runs/fusion-<fusion-endpoint>``).
 """
 
 from __future__ import annotations
@@ -109,8 +113,13 @@ def load_init_model(path: Path, like: Mapping[str, np.ndarray]) -> dict[str, np.
 
 
 def out_dir_of(cfg: FedsegConfig) -> Path:
-    """Where the ServerApp writes: ``out-dir``, or ``runs/federated-<strategy>``."""
-    return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / f"federated-{cfg.strategy}"
+    """Where the ServerApp writes: ``out-dir``, or ``runs/federated-<strategy>``
+    (``runs/fusion-<fusion-endpoint>`` for ``task = "fusion"``)."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    if cfg.task == "fusion":
+        return Path("runs") / f"fusion-{cfg.fusion_endpoint}"
+    return Path("runs") / f"federated-{cfg.strategy}"
 
 
 def serve(
@@ -219,6 +228,11 @@ def build_server_app(
         given = given_keys(context.run_config)
         cfg = FedsegConfig.from_run_config({**given, **fixed}, strict=False)
         folder = out if out is not None else out_dir_of(cfg)
+        if cfg.task == "fusion":  # the image + clinical model (fedseg.fusion)
+            from fedseg.fusion.federated import serve_fusion
+
+            serve_fusion(grid, cfg, folder)
+            return
         result = serve(grid, cfg, folder, progress=progress, workers=workers)
         if on_result is not None:
             on_result(result)

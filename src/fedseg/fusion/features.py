@@ -35,13 +35,18 @@ from pathlib import Path
 
 import numpy as np
 
+from fedseg.config import FUSION_ENDPOINTS, FUSION_FEATURE_SETS, FUSION_IMAGE_SOURCES
 from fedseg.data.clinical import ClinicalRecord
 from fedseg.errors import ConfigError
+from fedseg.fusion.segment import SegModel, predicted_label
 
 #: the prediction targets: WHO grade 4 vs 2-3 (classification), overall survival (Cox)
-ENDPOINTS: tuple[str, ...] = ("grade", "survival")
+ENDPOINTS: tuple[str, ...] = FUSION_ENDPOINTS
 #: the feature sets compared by the study
-FEATURE_SETS: tuple[str, ...] = ("image", "clinical", "fusion")
+FEATURE_SETS: tuple[str, ...] = FUSION_FEATURE_SETS
+#: where the image features' regions come from: a segmentation model's prediction (what a new
+#: patient has), or the reference label maps (an upper bound)
+IMAGE_SOURCES: tuple[str, ...] = FUSION_IMAGE_SOURCES
 #: names of the image features, in vector order
 IMAGE_FEATURES: tuple[str, ...] = (
     "log_wt",
@@ -295,14 +300,16 @@ def build_data(
     return FusionData(tuple(ids), x, np.asarray(y), np.asarray(time), np.asarray(event))
 
 
-_CACHE: dict[tuple[str, int, int], np.ndarray] = {}
+_CACHE: dict[tuple[str, int, int, str], np.ndarray] = {}
 
 
-def case_image_features(root: Path, case_ids: Sequence[str]) -> dict[str, np.ndarray]:
-    """Image features of cases of a dataset folder, read from their images and labels.
+def case_image_features(
+    root: Path, case_ids: Sequence[str], seg_model: SegModel | None = None
+) -> dict[str, np.ndarray]:
+    """Image features of cases of a dataset folder, from predicted or reference regions.
 
-    Cached per process by label file (path, size, time), so that a site and the study in one
-    process read each case once.
+    Cached per process by image files (path, size, time) and model, so that a site and the
+    study in one process read and segment each case once.
 
     Parameters
     ----------
@@ -310,6 +317,10 @@ def case_image_features(root: Path, case_ids: Sequence[str]) -> dict[str, np.nda
         The dataset folder (any layout :func:`fedseg.data.readers.discover_cases` reads).
     case_ids:
         The cases wanted.
+    seg_model:
+        The segmentation model whose predicted regions are used
+        (:func:`fedseg.fusion.segment.load_seg_model`); ``None``: the cases' reference label
+        maps (an upper bound: a new patient has none).
 
     Returns
     -------
@@ -319,7 +330,7 @@ def case_image_features(root: Path, case_ids: Sequence[str]) -> dict[str, np.nda
     Raises
     ------
     MissingModalityError
-        A case is not in the folder or has no label.
+        A case is not in the folder, or (reference regions) has no label.
     fedseg.errors.DataError
         Whatever the readers raise for a case they cannot read.
     """
@@ -330,13 +341,17 @@ def case_image_features(root: Path, case_ids: Sequence[str]) -> dict[str, np.nda
     out: dict[str, np.ndarray] = {}
     for cid in case_ids:
         ref = refs.get(cid)
-        if ref is None or ref.label is None:
-            raise MissingModalityError(f"{root}: case {cid!r} has no images with a label")
-        st = os.stat(ref.label)
-        key = (str(ref.label), st.st_size, st.st_mtime_ns)
+        if ref is None:
+            raise MissingModalityError(f"{root}: no case {cid!r} in this folder")
+        if seg_model is None and ref.label is None:
+            raise MissingModalityError(f"{root}: case {cid!r} has no label")
+        stamp = ref.label if seg_model is None else next(iter(ref.images.values()))
+        st = os.stat(str(stamp))
+        key = (str(stamp), st.st_size, st.st_mtime_ns, seg_model.sha256 if seg_model else "")
         if key not in _CACHE:
-            case = load_case(ref, require_label=True, validate=False)
+            case = load_case(ref, require_label=seg_model is None, validate=False)
             spacing = np.sqrt((np.asarray(case.affine)[:3, :3] ** 2).sum(axis=0))
-            _CACHE[key] = image_features(case.label, case.image, spacing)  # type: ignore[arg-type]
+            label = case.label if seg_model is None else predicted_label(seg_model, case)
+            _CACHE[key] = image_features(label, case.image, spacing)  # type: ignore[arg-type]
         out[cid] = _CACHE[key]
     return out

@@ -1,32 +1,274 @@
 """The server side of federated fusion training: Flower's FedAvg over ``train.fusion``.
 
-:class:`FusionFedAvg` is Flower's message-API FedAvg (sampling, reply checks, the
-``num-examples``-weighted average) whose messages carry the ``fusion`` action, so that the
-ClientApp routes them to :func:`fedseg.fusion.site.handle_fusion_train`.
-:func:`train_federated` runs it over the fedseg ClientApp on an in-process grid (one Context
-per simulated site, as a SuperNode keeps it).
+:class:`FusionFedAvg` is Flower's message-API FedAvg (sampling, the ``num-examples``-weighted
+average) whose messages carry the ``fusion`` action, so that the ClientApp routes them to
+:func:`fedseg.fusion.site.handle_fusion_train`. Unlike Flower's FedAvg, which ends the whole run
+on one inconsistent reply, it sets aside each failed or malformed reply with its reason (a
+site's error code, or :func:`fedseg.strategies.validation.validate_update`'s finding) and
+averages the others; a round without a valid reply keeps the model.
+
+:func:`run_fusion` runs it on any grid: fedseg's ServerApp does with run-config ``task =
+"fusion"`` (``flwr run``, Simulation or Deployment Engine; :func:`serve_fusion` writes the run
+folder), and :func:`train_federated` on an in-process grid (one Context per simulated site, as
+a SuperNode keeps it) for ``fedseg fusion-study``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedseg.fusion.site import FUSION_ACTION
 
+log = logging.getLogger("fedseg.fusion")
+
+#: the fusion model a ServerApp run writes into its run folder
+FUSION_MODEL = "fusion_model.json"
+#: its per-round history
+FUSION_HISTORY = "history.json"
+
 
 class FusionFedAvg(FedAvg):
-    """Flower's FedAvg sending ``train.fusion`` / ``evaluate.fusion`` messages."""
+    """Flower's FedAvg sending ``train.fusion`` messages, dropping bad replies with a reason.
+
+    Attributes
+    ----------
+    dropped:
+        One ``{"round", "site", "reason"}`` per reply set aside.
+    kept:
+        Per round, how many replies were averaged.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dropped: list[dict[str, Any]] = []
+        self.kept: dict[int, int] = {}
+        self._sent: list[np.ndarray] = []
 
     def _construct_messages(
         self, record: RecordDict, node_ids: list[int], message_type: str
     ) -> Iterable[Message]:
         return super()._construct_messages(record, node_ids, f"{message_type}.{FUSION_ACTION}")
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's sampling and messages; remembers the model sent (replies are checked
+        against it)."""
+        self._sent = arrays.to_numpy_ndarrays()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Set aside failed and malformed replies (logged, with their reason); average the rest.
+
+        Returns
+        -------
+        tuple
+            Flower's FedAvg of the valid replies, or ``(None, None)`` when none is valid.
+        """
+        from fedseg.errors import UpdateValidationError
+        from fedseg.federation import records as R
+        from fedseg.strategies.validation import validate_update
+
+        valid: list[Message] = []
+        for msg in replies:
+            site = f"node-{msg.metadata.src_node_id}"
+            if msg.has_error():  # the runtime's error (timeout, a crashed ClientApp)
+                reason = f"Flower error {msg.error.code}: {msg.error.reason}"
+            else:
+                site = R.reply_site_name(msg.content) or site
+                reason = R.reply_error(msg.content) or ""
+                if not reason:
+                    arrays = msg.content.array_records.get("arrays")
+                    metrics = msg.content.metric_records.get("metrics")
+                    try:
+                        if arrays is None or metrics is None or len(msg.content) != 2:
+                            raise UpdateValidationError(
+                                "expected exactly the records 'arrays' and 'metrics'"
+                            )
+                        validate_update(
+                            arrays.to_numpy_ndarrays(), self._sent, metrics.get("num-examples")
+                        )
+                    except UpdateValidationError as exc:
+                        reason = f"{exc.code}: {exc}"
+            if reason:
+                log.warning("round %d: %s dropped from the round: %s", server_round, site, reason)
+                self.dropped.append({"round": server_round, "site": site, "reason": reason})
+            else:
+                valid.append(msg)
+        self.kept[server_round] = len(valid)
+        if not valid:
+            log.warning("round %d: no valid reply, the model is kept", server_round)
+            return None, None
+        return super().aggregate_train(server_round, valid)
+
+
+@dataclass
+class FusionRun:
+    """What :func:`run_fusion` returns: the final ``[w, b]`` and what each round kept."""
+
+    weights: list[np.ndarray]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_fusion(
+    grid: Grid,
+    num_sites: int,
+    initial: Sequence[np.ndarray],
+    *,
+    endpoint: str,
+    features: str,
+    rounds: int,
+    local_steps: int,
+    lr: float,
+    l2: float,
+    image_source: str = "predicted",
+    fraction_train: float = 1.0,
+) -> FusionRun:
+    """Train a fusion model with :class:`FusionFedAvg` on ``grid``.
+
+    Parameters
+    ----------
+    grid:
+        Any Flower grid whose nodes run the fedseg ClientApp.
+    num_sites:
+        How many nodes to wait for before the first round.
+    initial:
+        The starting ``[w, b]``.
+    endpoint, features, local_steps, lr, l2, image_source:
+        The task each message carries (see :mod:`fedseg.fusion.site`).
+    rounds:
+        Number of rounds.
+    fraction_train:
+        Share of the nodes sampled per round.
+
+    Returns
+    -------
+    FusionRun
+    """
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)  # an INFO block per round, a warning for no evaluation
+    try:
+        strategy = FusionFedAvg(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=1,
+            min_available_nodes=num_sites,
+        )
+    finally:
+        flwr_log.setLevel(level)
+    config = ConfigRecord(
+        {
+            "endpoint": endpoint,
+            "features": features,
+            "local-steps": int(local_steps),
+            "lr": float(lr),
+            "l2": float(l2),
+            "image-source": image_source,
+        }
+    )
+    flwr_log.setLevel(logging.WARNING)
+    start = [np.asarray(a, dtype=np.float64) for a in initial]
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(numpy_ndarrays=start),
+            num_rounds=rounds,
+            train_config=config,
+        )
+    finally:
+        flwr_log.setLevel(level)
+    final = result.arrays.to_numpy_ndarrays() if len(result.arrays) else start
+    history = []
+    for r in range(1, rounds + 1):
+        metrics = result.train_metrics_clientapp.get(r)
+        history.append(
+            {
+                "round": r,
+                "kept": strategy.kept.get(r, 0),
+                "dropped": {d["site"]: d["reason"] for d in strategy.dropped if d["round"] == r},
+                "train-loss": None if metrics is None else metrics.get("train-loss"),
+            }
+        )
+    return FusionRun([np.asarray(a, dtype=np.float64) for a in final], history)
+
+
+def serve_fusion(grid: Grid, cfg: Any, out: Path) -> FusionRun:
+    """The ServerApp's ``task = "fusion"``: train the fusion model and write the run folder.
+
+    ``num-server-rounds`` rounds of ``fusion-local-steps`` steps over ``num-sites`` sites
+    (``fraction-train`` of them sampled per round) with the ``fusion-*`` keys of ``cfg``.
+    Writes ``out/fusion_model.json`` (endpoint, feature set and names, image source, ``w``,
+    ``b``; :func:`fedseg.fusion.model.predict` scores a design matrix with it) and
+    ``out/history.json`` (per round: replies averaged, sites dropped and why, train loss).
+
+    Parameters
+    ----------
+    grid:
+        The Flower grid.
+    cfg:
+        The run's :class:`fedseg.config.FedsegConfig`.
+    out:
+        The run folder.
+
+    Returns
+    -------
+    FusionRun
+    """
+    from fedseg.fusion.features import feature_names
+    from fedseg.fusion.model import init_weights
+    from fedseg.utils.io import atomic_write_json
+
+    names = feature_names(cfg.fusion_endpoint, cfg.fusion_features)
+    log.info(
+        "fusion model: %s from %s features (%s regions), %d rounds x %d steps",
+        cfg.fusion_endpoint,
+        cfg.fusion_features,
+        cfg.fusion_image_source,
+        cfg.num_server_rounds,
+        cfg.fusion_local_steps,
+    )
+    run = run_fusion(
+        grid,
+        cfg.num_sites,
+        init_weights(len(names)),
+        endpoint=cfg.fusion_endpoint,
+        features=cfg.fusion_features,
+        rounds=cfg.num_server_rounds,
+        local_steps=cfg.fusion_local_steps,
+        lr=cfg.fusion_lr,
+        l2=cfg.fusion_l2,
+        image_source=cfg.fusion_image_source,
+        fraction_train=cfg.fraction_train,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        out / FUSION_MODEL,
+        {
+            "format": "fedseg-fusion-model-v1",
+            "endpoint": cfg.fusion_endpoint,
+            "features": cfg.fusion_features,
+            "image-source": cfg.fusion_image_source,
+            "feature-names": list(names),
+            "w": [float(v) for v in run.weights[0]],
+            "b": [float(v) for v in run.weights[1]],
+        },
+    )
+    atomic_write_json(out / FUSION_HISTORY, {"config": cfg.to_run_config(), "rounds": run.rounds})
+    for row in run.rounds:
+        log.info("fusion round %d: %d replies averaged", row["round"], row["kept"])
+    return run
 
 
 def train_federated(
@@ -40,6 +282,7 @@ def train_federated(
     local_steps: int,
     lr: float,
     l2: float,
+    image_source: str = "reference",
     node_config: Mapping[str, Any] | None = None,
 ) -> list[np.ndarray]:
     """Train a fusion model with FedAvg over the simulated sites of a partition.
@@ -48,12 +291,12 @@ def train_federated(
     ----------
     run_config:
         Kebab-case run config every site sees (``data-path``, ``partition-file``,
-        ``test-fraction``, ``seed``...).
+        ``test-fraction``, ``seed``, ``fusion-seg-model``...).
     num_sites:
         Number of sites in the partition (one node each, ``partition-id`` 0..K-1).
     initial:
         The starting ``[w, b]``.
-    endpoint, features, rounds, local_steps, lr, l2:
+    endpoint, features, rounds, local_steps, lr, l2, image_source:
         The task (see :mod:`fedseg.fusion.site`) and the number of rounds.
     node_config:
         Added to every site's node config (e.g. ``clinical-file``).
@@ -73,36 +316,18 @@ def train_federated(
             for i in range(num_sites)
         ],
         dict(run_config),
+        keep_sent=False,
     )
-    flwr_log = logging.getLogger("flwr")
-    level = flwr_log.level
-    flwr_log.setLevel(logging.ERROR)  # an INFO block per round, a warning for no evaluation
-    try:
-        strategy = FusionFedAvg(
-            fraction_train=1.0,
-            fraction_evaluate=0.0,
-            min_train_nodes=num_sites,
-            min_available_nodes=num_sites,
-        )
-    finally:
-        flwr_log.setLevel(level)
-    config = ConfigRecord(
-        {
-            "endpoint": endpoint,
-            "features": features,
-            "local-steps": int(local_steps),
-            "lr": float(lr),
-            "l2": float(l2),
-        }
+    run = run_fusion(
+        grid,
+        num_sites,
+        initial,
+        endpoint=endpoint,
+        features=features,
+        rounds=rounds,
+        local_steps=local_steps,
+        lr=lr,
+        l2=l2,
+        image_source=image_source,
     )
-    flwr_log.setLevel(logging.WARNING)
-    try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(numpy_ndarrays=[np.asarray(a) for a in initial]),
-            num_rounds=rounds,
-            train_config=config,
-        )
-    finally:
-        flwr_log.setLevel(level)
-    return [np.asarray(a, dtype=np.float64) for a in result.arrays.to_numpy_ndarrays()]
+    return run.weights

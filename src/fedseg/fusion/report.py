@@ -175,6 +175,20 @@ def render_report(doc: Mapping[str, Any]) -> str:
             for x in sites
         ],
     )
+    seg = doc.get("segmentation")
+    if seg:
+        pooled = (seg.get("dice") or {}).get("mean") or {}
+        dice = ", ".join(f"{r} {_f(pooled.get(r))}" for r in ("WT", "TC", "ET"))
+        source = (
+            f"<p><b>Image features from predicted regions</b>: every case segmented by "
+            f"{html.escape(str(seg['model']))} ({html.escape(str(seg.get('strategy')))}, "
+            f"{seg.get('rounds') or '?'} rounds; test Dice {dice}), each site its own cases.</p>"
+        )
+    else:
+        source = (
+            "<p><b>Image features from the reference label maps</b>: an upper bound (a new "
+            "patient has no reference segmentation).</p>"
+        )
     skipped = "".join(
         f"<p>Endpoint {html.escape(x['endpoint'])} skipped: {html.escape(x['reason'])}.</p>"
         for x in doc.get("skipped", [])
@@ -193,13 +207,15 @@ Cox for survival) trained {s["rounds"]} x {s["local_steps"]} gradient steps (lr 
 L2 {s["l2"]}); federated: FedAvg over the fedseg ClientApp, {s["rounds"]} rounds of
 {s["local_steps"]} local steps. 95 % intervals: percentile bootstrap over test cases
 ({s["bootstrap"]} resamples). Run time {doc.get("seconds", "?")} s.</p>
+{source}
 {skipped}
 <h2>Targets</h2>{comparisons}
 <h2>ROC curves (WHO grade 4 vs 2-3)</h2>{roc_figure(arms)}
 <h2>All results</h2>{interval_figure(arms)}{results}
 <h2>Sites and missing clinical fields</h2>{cohort}
 <h2>Method</h2>
-<p>Image features come from the tumour regions of each case's label map (volumes of WT, TC
+<p>Image features come from the tumour regions of each case (predicted by the segmentation
+model, or the reference label map; see above): volumes of WT, TC
 and ET, ET/TC, label-1 share of TC, oedema share of WT, TC sphericity) and from the images
 inside them (T1ce in ET and in the non-enhancing core, T2 in the core, each against the
 normal brain). Clinical features: age, sex, Karnofsky score, IDH, MGMT, extent of resection

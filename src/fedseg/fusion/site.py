@@ -9,7 +9,10 @@ segmentation handlers do (:func:`fedseg.data.cohort.split_cases`, seeded by ``se
 the site.
 
 The message's config record is the one source of the task's parameters: ``endpoint``,
-``features``, ``local-steps``, ``lr``, ``l2``.
+``features``, ``local-steps``, ``lr``, ``l2`` and ``image-source`` (``predicted``, the default:
+the image features come from the regions the site predicts for its own cases with the
+segmentation model of its node config ``seg-model`` or the run config ``fusion-seg-model``;
+``reference``: from its reference label maps).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fedseg.errors import ConfigError
 from fedseg.fusion.features import (
     ENDPOINTS,
     FEATURE_SETS,
+    IMAGE_SOURCES,
     FusionData,
     build_data,
     case_image_features,
@@ -51,11 +55,41 @@ def _task(config: ConfigRecord) -> dict[str, Any]:
         "steps": get("local-steps", int),
         "lr": get("lr", float),
         "l2": get("l2", float),
+        "image-source": check_choice(
+            "image-source",
+            get("image-source", str) if "image-source" in config else "predicted",
+            IMAGE_SOURCES,
+        ),
     }
 
 
+def site_seg_model(context: Context, cfg: FedsegConfig) -> Path:
+    """The segmentation model a site predicts its cases' regions with.
+
+    The node config's ``seg-model`` (a path on the site's machine) wins over the run config's
+    ``fusion-seg-model``.
+
+    Raises
+    ------
+    ConfigError
+        Neither is set.
+    """
+    path = str(context.node_config.get("seg-model", "") or cfg.fusion_seg_model)
+    if not path:
+        raise ConfigError(
+            "image-source 'predicted' needs a segmentation model: set the node config key "
+            "'seg-model' or the run config key 'fusion-seg-model' (a fedseg model with its card)"
+        )
+    return Path(path)
+
+
 def site_fusion_data(
-    context: Context, cfg: FedsegConfig, endpoint: str, features: str, part: str = "train"
+    context: Context,
+    cfg: FedsegConfig,
+    endpoint: str,
+    features: str,
+    part: str = "train",
+    image_source: str = "predicted",
 ) -> FusionData:
     """This site's fusion data (its ``train`` or ``test`` cases) for a task.
 
@@ -70,17 +104,33 @@ def site_fusion_data(
         See :data:`fedseg.fusion.features.ENDPOINTS` and ``FEATURE_SETS``.
     part:
         ``"train"`` or ``"test"``.
+    image_source:
+        ``predicted``: the image features are computed inside the regions this site
+        predicts for its own cases with :func:`site_seg_model`; ``reference``: inside its
+        reference label maps.
 
     Returns
     -------
     FusionData
         The site's cases of that part that have the endpoint.
+
+    Raises
+    ------
+    ConfigError
+        ``predicted`` without a segmentation model.
+    fedseg.errors.ModelCardError
+        A segmentation model without a valid card.
     """
     from fedseg.data.clinical import read_clinical
     from fedseg.data.cohort import split_cases
     from fedseg.federation.site import _discover_ids, resolve_site
 
     spec = resolve_site(context, cfg)
+    seg = None
+    if features != "clinical" and image_source == "predicted":
+        from fedseg.fusion.segment import load_seg_model
+
+        seg = load_seg_model(site_seg_model(context, cfg))
     clinical = str(context.node_config.get("clinical-file", "") or "")
     path = Path(clinical) if clinical else spec.root / "clinical.csv"
     try:
@@ -98,12 +148,13 @@ def site_fusion_data(
         endpoint,
         features,
         part,
+        seg.sha256 if seg is not None else image_source,
     )
     if key not in _DATA:
         ids = list(spec.case_ids) if spec.case_ids is not None else _discover_ids(spec.root)
         chosen = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)[part]
         records = read_clinical(path)
-        images = case_image_features(spec.root, chosen) if features != "clinical" else {}
+        images = case_image_features(spec.root, chosen, seg) if features != "clinical" else {}
         _DATA[key] = build_data(chosen, records, images, endpoint, features)
     return _DATA[key]
 
@@ -142,7 +193,9 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
     arrays = msg.content.array_records.get("arrays")
     if arrays is None:
         raise ConfigError("fusion message without 'arrays'")
-    data = site_fusion_data(context, cfg, task["endpoint"], task["features"])
+    data = site_fusion_data(
+        context, cfg, task["endpoint"], task["features"], image_source=task["image-source"]
+    )
     if len(data) == 0:
         raise DataError(f"no training case of this site has the {task['endpoint']} endpoint")
     weights, loss = local_steps(

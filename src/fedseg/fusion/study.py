@@ -39,6 +39,7 @@ from fedseg.errors import ClinicalDataError, ConfigError, DataError
 from fedseg.fusion.features import (
     ENDPOINTS,
     FEATURE_SETS,
+    IMAGE_SOURCES,
     FusionData,
     build_data,
     case_image_features,
@@ -95,6 +96,18 @@ class FusionStudyConfig:
         Bootstrap resamples for the intervals.
     endpoints:
         Which of :data:`fedseg.fusion.features.ENDPOINTS` to study.
+    image_source:
+        ``predicted`` (default): image features inside the regions a segmentation model
+        predicts for each case; ``reference``: inside the reference label maps (an upper
+        bound, no new patient has them).
+    seg_model:
+        The segmentation model (a fedseg model with its card); ``None`` with ``predicted``
+        trains one first (:func:`fedseg.fusion.segment.train_segmentation`, FedAvg over the
+        same sites' training cases) into ``out/segmentation``.
+    seg_rounds:
+        Rounds of that training (one local epoch each).
+    seg_overrides:
+        Further run-config keys of that training (kebab-case, e.g. ``image-size``).
     """
 
     out: Path
@@ -112,6 +125,10 @@ class FusionStudyConfig:
     l2: float = 0.01
     bootstrap: int = 1000
     endpoints: tuple[str, ...] = field(default=ENDPOINTS)
+    image_source: str = "predicted"
+    seg_model: Path | None = None
+    seg_rounds: int = 5
+    seg_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str, value: object) -> None:
@@ -131,12 +148,20 @@ class FusionStudyConfig:
         need(len(self.endpoints) >= 1, "--endpoints", "at least one endpoint", self.endpoints)
         for e in self.endpoints:
             check_choice("--endpoints", e, ENDPOINTS)
+        check_choice("--image-source", self.image_source, IMAGE_SOURCES)
+        need(self.seg_rounds >= 1, "--seg-rounds", "an integer >= 1", self.seg_rounds)
+        if self.seg_model is not None and self.image_source != "predicted":
+            raise ConfigError("--seg-model is used only with --image-source predicted")
 
     def fingerprint(self) -> str:
         """A hash of the settings that decide the results (not the output folder)."""
         d = asdict(self)
         d.pop("out")
         d.pop("bootstrap")
+        if self.seg_model is not None:  # the model's weights, not only its path
+            from fedseg.clinic.card import read_card, resolve_model
+
+            d["seg_model"] = read_card(resolve_model(self.seg_model))["sha256"]
         text = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -150,6 +175,8 @@ class _Split:
     train: dict[str, list[str]]
     test: dict[str, list[str]]
     images: dict[str, np.ndarray]
+    seg_model: Path | None = None
+    seg_card: dict[str, Any] | None = None
 
 
 def _prepare(cfg: FusionStudyConfig, say: Callable[[str], None]) -> _Split:
@@ -188,9 +215,29 @@ def _prepare(cfg: FusionStudyConfig, say: Callable[[str], None]) -> _Split:
     for site, ids in parts.items():
         split = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)
         train[site], test[site] = split["train"], split["test"]
-    say(f"reading image features of {len(attrs)} cases")
-    images = case_image_features(root, sorted(attrs))
-    return _Split(root, clinical, records, dict(parts), train, test, images)
+    seg_path, seg = None, None
+    if cfg.image_source == "predicted":
+        from fedseg.fusion.segment import (
+            SEGMENTATION_DIR,
+            load_seg_model,
+            segmentation_config,
+            train_segmentation,
+        )
+
+        seg_path = cfg.seg_model
+        if seg_path is None:
+            seg_cfg = segmentation_config(
+                cfg.seed, cfg.test_fraction, cfg.seg_rounds, cfg.seg_overrides
+            )
+            seg_path = train_segmentation(root, parts, cfg.out / SEGMENTATION_DIR, seg_cfg, say)
+        seg = load_seg_model(seg_path)
+    images: dict[str, np.ndarray] = {}
+    for site, ids in parts.items():  # each site its own cases (with the same model)
+        how = "predicted regions" if seg is not None else "reference labels"
+        say(f"{site}: image features of {len(ids)} cases from {how}")
+        images.update(case_image_features(root, sorted(ids), seg))
+    card = seg.card if seg is not None else None
+    return _Split(root, clinical, records, dict(parts), train, test, images, seg_path, card)
 
 
 def _data(split: _Split, ids: Sequence[str], endpoint: str, features: str) -> FusionData:
@@ -256,6 +303,7 @@ def _train(
             "num-sites": len(split.sites),
             "test-fraction": cfg.test_fraction,
             "seed": cfg.seed,
+            "fusion-seg-model": str(split.seg_model or ""),
         }
         w = train_federated(
             run_config,
@@ -267,6 +315,7 @@ def _train(
             local_steps=cfg.local_steps,
             lr=cfg.lr,
             l2=cfg.l2,
+            image_source=cfg.image_source,
             node_config={"clinical-file": str(split.clinical)},
         )
         n = len(_data(split, sorted(all_train), endpoint, features))
@@ -330,6 +379,8 @@ def run_fusion_study(
         "fingerprint": cfg.fingerprint(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "cohort": _cohort_summary(split),
+        "image_source": cfg.image_source,
+        "segmentation": _segmentation_summary(split),
         "arms": [],
         "skipped": [],
     }
@@ -506,9 +557,29 @@ def _cohort_summary(split: _Split) -> dict[str, Any]:
     }
 
 
+def _segmentation_summary(split: _Split) -> dict[str, Any] | None:
+    """The segmentation model behind predicted regions: file, weights, its measured Dice."""
+    if split.seg_card is None:
+        return None
+    return {
+        "model": str(split.seg_model),
+        "sha256": split.seg_card["sha256"],
+        "strategy": split.seg_card.get("strategy"),
+        "rounds": split.seg_card.get("rounds"),
+        "dice": split.seg_card.get("dice") or {},
+    }
+
+
 def results_table(doc: Mapping[str, Any]) -> list[str]:
     """Plain-text lines summarising a study's results (for the CLI)."""
     lines = []
+    seg = doc.get("segmentation")
+    if seg:
+        pooled = (seg.get("dice") or {}).get("mean") or {}
+        dice = "  ".join(f"{r} {_fmt(pooled.get(r))}" for r in ("WT", "TC", "ET"))
+        lines.append(f"image features from the regions predicted by {seg['model']} ({dice})")
+    elif doc.get("image_source") == "reference":
+        lines.append("image features from the reference label maps (upper bound)")
     for arm in doc["arms"]:
         lines.append(
             f"{arm['endpoint']:9s} {arm['features']:9s} {arm['training']:12s} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
     from fedseg.config import FedsegConfig
+    from fedseg.data.case import Case
     from fedseg.data.transforms import Prepared
 
 
@@ -103,3 +105,49 @@ def to_original_grid(probs: np.ndarray, prep: Prepared, threshold: float = 0.5) 
     sl = tuple(slice(s, e) for s, e in zip(start, end, strict=True))
     out[(slice(None), *sl)] = resized >= threshold
     return out
+
+
+def predict_regions(
+    model: nn.Module,
+    cfg: FedsegConfig,
+    modalities: Sequence[str],
+    case: Case,
+    device: torch.device,
+) -> np.ndarray:
+    """A case's predicted regions on its own grid: prepare, sliding window, map back.
+
+    What ``fedseg evaluate``, ``fedseg predict`` and the fusion study's image features run
+    for every case.
+
+    Parameters
+    ----------
+    model:
+        The U-Net.
+    cfg:
+        Its configuration (geometry of the prepared grid, patch size).
+    modalities:
+        The model's input channels, in order (a subset of
+        :data:`fedseg.data.case.MODALITIES`).
+    case:
+        The case, images in ``MODALITIES`` order.
+    device:
+        Where to run.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``bool`` ``(3, X, Y, Z)``: WT, TC, ET on the case's grid (see
+        :func:`fedseg.data.case.regions_to_label` for the label map).
+
+    Raises
+    ------
+    GeometryError
+        The case's crop box lies outside its grid.
+    """
+    from fedseg.data.case import MODALITIES
+    from fedseg.data.patches import prepare_case
+
+    idx = [MODALITIES.index(m) for m in modalities]
+    prep = prepare_case(case, cfg)
+    probs = predict_probs(model, prep.image[idx], cfg, device)
+    return to_original_grid(probs, prep)

@@ -162,14 +162,12 @@ def evaluate_folder(
         mean}}, "mean-dice": ...}``; means skip NaN (a region absent from both masks has no
         BraTS figure, as in the official evaluator).
     """
-    from fedseg.data.patches import prepare_case
     from fedseg.data.readers import discover_cases, load_case, save_label
-    from fedseg.model.inference import predict_probs, to_original_grid
+    from fedseg.model.inference import predict_regions
     from fedseg.utils.runtime import pick_device
 
     device = pick_device()
     model, cfg, modalities = load_model(checkpoint, device)
-    idx = [MODALITIES.index(m) for m in modalities]
     refs = discover_cases(Path(data))
     pred_dir = Path(pred_dir)
     pred_dir.mkdir(parents=True, exist_ok=True)
@@ -182,9 +180,7 @@ def evaluate_folder(
         it = tqdm(refs, desc="evaluating", unit="case")
     for ref in it:
         case = load_case(ref, require_label=False)
-        prep = prepare_case(case, cfg)
-        probs = predict_probs(model, prep.image[idx], cfg, device)
-        regions = to_original_grid(probs, prep)
+        regions = predict_regions(model, cfg, modalities, case, device)
         label = regions_to_label(regions)
         save_label(label, case.affine, pred_dir / f"{case.case_id}.nii.gz")
         if case.label is not None:
