@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -65,7 +66,8 @@ def save_fisher(path: Path, fisher: Mapping[str, np.ndarray]) -> Path:
     from fedseg.utils.io import atomic_write_bytes
 
     buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.asarray(v, dtype=np.float32) for k, v in fisher.items()})
+    arrays: dict[str, Any] = {k: np.asarray(v, dtype=np.float32) for k, v in fisher.items()}
+    np.savez(buffer, **arrays)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
