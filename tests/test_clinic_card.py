@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,25 @@ def test_a_deployed_site_writes_its_own_tensorboard_events(tmp_path: Path) -> No
     assert got["site/dice-WT"] == [
         (r + 1, pytest.approx(history[r]["dice"]["hospital-0"]["WT"])) for r in range(2)
     ]
+
+
+def test_tracking_survives_a_run_folder_removed_under_its_writer(tmp_path: Path) -> None:
+    # an arm rerun with another configuration clears its folder while the process still holds
+    # the writer of the earlier run: the next round gets a new writer, and closing the old one
+    # (when it is evicted or at the end) does not raise
+    from fedseg import tracking
+
+    tracking.close_all()
+    run_dir = tmp_path / "arm"
+    row = {"round": 1, "train-loss": 0.5, "accepted": ["a"], "mean-dice": {"WT": 0.4}}
+    tracking.track_round(run_dir, row)
+    first = tracking._writers[run_dir / tracking.TRACKING_DIR]
+    shutil.rmtree(run_dir)
+    tracking.track_round(run_dir, {**row, "round": 2})
+    assert tracking._writers[run_dir / tracking.TRACKING_DIR] is not first
+    for i in range(tracking._MAX_OPEN + 1):  # evict everything, the removed one included
+        other = tmp_path / f"other-{i}"
+        tracking.track_round(other, row)
+        shutil.rmtree(other)
+    tracking.close_all()
+    assert list((run_dir / tracking.TRACKING_DIR).glob("events.out.tfevents.*"))

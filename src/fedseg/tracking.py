@@ -43,11 +43,13 @@ def _writer(run_dir: Path | None) -> Any:
         return None
     folder = Path(run_dir) / TRACKING_DIR
     if folder in _writers:
-        return _writers[folder]
+        cached = _writers[folder]
+        if cached is None or folder.is_dir():
+            return cached
+        # the folder was removed since (e.g. an arm rerun with another configuration)
+        _close_quietly(_writers.pop(folder))
     while len(_writers) >= _MAX_OPEN:  # one process may run many arms (a study, tests)
-        oldest = _writers.pop(next(iter(_writers)))
-        if oldest is not None:
-            oldest.close()
+        _close_quietly(_writers.pop(next(iter(_writers))))
     try:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -57,6 +59,16 @@ def _writer(run_dir: Path | None) -> Any:
         writer = None
     _writers[folder] = writer
     return writer
+
+
+def _close_quietly(writer: Any) -> None:
+    """Close ``writer``; a folder removed under it (its events are gone anyway) is logged."""
+    if writer is None:
+        return
+    try:
+        writer.close()
+    except OSError as exc:
+        log.warning("TensorBoard events not closed: %s", exc)
 
 
 def _number(value: Any) -> float | None:
@@ -172,6 +184,5 @@ def _flush(writer: Any, values: Mapping[str, Any], step: int) -> None:
 def close_all() -> None:
     """Close every open writer (tests, end of a process)."""
     for writer in _writers.values():
-        if writer is not None:
-            writer.close()
+        _close_quietly(writer)
     _writers.clear()

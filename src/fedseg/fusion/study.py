@@ -102,7 +102,7 @@ class FusionStudyConfig:
         bound, no new patient has them).
     seg_model:
         The segmentation model (a fedseg model with its card); ``None`` with ``predicted``
-        trains one first (:func:`fedseg.fusion.segment.train_segmentation`, FedAvg over the
+        trains one first (:func:`fedseg.fusion.seg_training.train_segmentation`, FedAvg over the
         same sites' training cases) into ``out/segmentation``.
     seg_rounds:
         Rounds of that training (one local epoch each).
@@ -217,12 +217,8 @@ def _prepare(cfg: FusionStudyConfig, say: Callable[[str], None]) -> _Split:
         train[site], test[site] = split["train"], split["test"]
     seg_path, seg = None, None
     if cfg.image_source == "predicted":
-        from fedseg.fusion.segment import (
-            SEGMENTATION_DIR,
-            load_seg_model,
-            segmentation_config,
-            train_segmentation,
-        )
+        from fedseg.fusion.seg_training import segmentation_config, train_segmentation
+        from fedseg.fusion.segment import SEGMENTATION_DIR, load_seg_model
 
         seg_path = cfg.seg_model
         if seg_path is None:
