@@ -199,6 +199,8 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
         stop.set()
         sampler.join()
         after = {s: _counters(lab.hosts[s].netns, "eth0") for s in sites}
+    if args.logs is not None:
+        _keep_logs(tmp, out, args.logs)
     if done.returncode != 0:
         raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
     rounds = json.loads((out / "history.json").read_text())["rounds"]
@@ -222,6 +224,18 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
         "all-ok": all(r["status"] == "ok" for r in rounds)
         and all(len(r["accepted"]) == len(sites) for r in rounds),
     }
+
+
+def _keep_logs(tmp: Path, out: Path, dest: Path) -> None:
+    """Copy the processes' logs, the sites' own logs and the run's output to ``dest``."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tmp / "logs", dest / "logs", dirs_exist_ok=True)
+    for log in tmp.glob("pki/**/*.log"):
+        shutil.copy2(log, dest / f"{log.parent.name}-{log.name}")
+    if out.is_dir():
+        shutil.copytree(out, dest / "out", dirs_exist_ok=True)
 
 
 def _round(r: dict[str, Any]) -> dict[str, Any]:
@@ -287,6 +301,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=("sqlite", "memory"),
         default="sqlite",
         help="SuperLink state: --database file (default) or in memory",
+    )
+    p.add_argument(
+        "--logs",
+        type=Path,
+        default=None,
+        help="copy the SuperLink's, sites' and run's logs and history.json here to read the "
+        "rounds' timeline",
     )
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
