@@ -279,3 +279,17 @@ def test_sqlite_writers_wait_a_minute_for_the_lock(monkeypatch: pytest.MonkeyPat
     pragmas = dict(sql_mixin.SQLITE_PRAGMAS)
     assert pragmas["busy_timeout"] == "60000"
     assert pragmas["journal_mode"] == "WAL"
+
+
+def test_the_clientapp_exits_once_on_sigterm_and_ignores_a_second() -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            W._exit_once(signal.SIGTERM, None)
+        assert exited.value.code == 0
+        # a second SIGTERM while the exit handlers run must not raise inside them
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)

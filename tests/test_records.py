@@ -53,7 +53,8 @@ def test_decoded_arrays_are_writable_copies() -> None:
     got = R.from_array_record(rec)["w"]
     got += 1.0  # in place: must not raise, and must not change the record
     np.testing.assert_array_equal(R.from_array_record(rec)["w"], np.ones((2, 2)))
-    assert list(R.to_array_record({"b": np.zeros(1), "a": np.zeros(1)})) == ["b", "a"]
+    order = R.from_array_record(R.to_array_record({"b": np.zeros(1), "a": np.zeros(1)}))
+    assert list(order) == ["b", "a"]
 
 
 def test_a_declared_dtype_that_lies_is_decoded_as_the_header_says() -> None:
@@ -154,3 +155,70 @@ def test_flat_record_round_trip_and_wrong_layout() -> None:
     rec["other"] = R.encode_array(np.zeros(1))
     with pytest.raises(ValueError, match="must hold one entry 'values'"):
         R.from_flat_record(rec, [(2, 3), (1,)], "scaffold-correction")
+
+
+# --------------------------------------------------------------------- the wire: packed per dtype
+
+
+def test_a_model_travels_as_one_array_per_dtype_and_comes_back_in_order() -> None:
+    rng = np.random.default_rng(1)
+    named = {
+        "enc.weight": rng.normal(size=(4, 2, 3, 3, 3)).astype(np.float32),
+        "steps": np.array(7, dtype=np.int64),
+        "enc.bias": rng.normal(size=(4,)).astype(np.float32),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+        "dec.weight": rng.normal(size=(2, 4, 1, 1, 1)).astype(np.float32),
+    }
+    rec = R.to_array_record(named)
+    assert len(rec) == 2  # float32 and int64: two Flower objects, not five
+    assert all(k.startswith(R.PACKED) for k in rec)
+    back = R.from_array_record(rec)
+    assert list(back) == list(named)
+    for k, v in named.items():
+        np.testing.assert_array_equal(back[k], v)
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+    back["enc.bias"][0] = 99.0  # writable, and not aliasing another entry
+    assert back["enc.weight"].ravel()[-1] == named["enc.weight"].ravel()[-1]
+
+
+def test_the_one_entry_per_name_form_is_still_read() -> None:
+    named = {"a": np.arange(3, dtype=np.float32), "b": np.ones((2, 2), dtype=np.float64)}
+    rec = ArrayRecord({k: R.encode_array(v) for k, v in named.items()})
+    back = R.from_array_record(rec)
+    assert list(back) == ["a", "b"]
+    np.testing.assert_array_equal(back["b"], named["b"])
+
+
+def test_flowers_average_by_key_of_packed_records_is_the_average_model() -> None:
+    # Flower's strategies aggregate ArrayRecords key by key: packed records of one model
+    # layout share their keys, so the average of the flat arrays is the average model.
+    a = {"w": np.array([1.0, 3.0], np.float32), "b": np.array([2.0], np.float32)}
+    b = {"w": np.array([3.0, 5.0], np.float32), "b": np.array([4.0], np.float32)}
+    ra, rb = R.to_array_record(a), R.to_array_record(b)
+    assert list(ra) == list(rb)
+    key = next(iter(ra))
+    mean = ArrayRecord({key: R.encode_array((ra[key].numpy() + rb[key].numpy()) / 2)})
+    got = R.from_array_record(mean)
+    np.testing.assert_array_equal(got["w"], [2.0, 4.0])
+    np.testing.assert_array_equal(got["b"], [3.0])
+
+
+@pytest.mark.parametrize(
+    ("layout", "values", "match"),
+    [
+        ("not json", np.zeros(2, np.float32), "not JSON"),
+        ('{"a": 1}', np.zeros(2, np.float32), "must be a list"),
+        ('[[0,"a",[-1]]]', np.zeros(2, np.float32), "non-negative"),
+        ('[[0,"a",[2.5]]]', np.zeros(2, np.float32), "non-negative int sizes"),
+        ('[[0,"a",[3]]]', np.zeros(2, np.float32), "for its layout"),
+        ('[[0,"a",[1]],[1,"a",[1]]]', np.zeros(2, np.float32), "names an array twice"),
+        ('[[0,"a",[1]],[0,"b",[1]]]', np.zeros(2, np.float32), "same position"),
+        ('[[0,"a",[2]]]', np.zeros((1, 2), np.float32), "one-dimensional"),
+    ],
+)
+def test_a_malformed_packed_entry_is_a_value_error(
+    layout: str, values: np.ndarray, match: str
+) -> None:
+    rec = ArrayRecord({R.PACKED + layout: R.encode_array(values)})
+    with pytest.raises(ValueError, match=match):
+        R.from_array_record(rec)

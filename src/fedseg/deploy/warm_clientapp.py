@@ -523,6 +523,14 @@ def _inflate(tree: Any, pull: Callable[[str], bytes], confirm: Callable[[str], A
     return message
 
 
+def _exit_once(*_: Any) -> None:
+    """SIGTERM: exit cleanly once. A second SIGTERM (the SuperNode's shutdown sends one, a
+    service manager another) would otherwise raise ``SystemExit`` inside the exit handlers
+    that are already running and print a traceback into the site's log."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fedseg.deploy.warm_clientapp",
@@ -565,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
         start_parent_process_monitor(args.supernode_pid)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _exit_once)
     from fedseg.federation.site import serve_many_messages
 
     serve_many_messages()  # the handshake prepares the site's data (its policy permitting)

@@ -3,9 +3,10 @@
 Every message carries a :class:`flwr.app.RecordDict` with these keys:
 
 server -> site, ``train`` and ``evaluate``
-    ``"arrays"`` (:class:`~flwr.app.ArrayRecord`, the global model by state-dict name; FedBN
-    sends only the shared keys), ``"config"`` (:class:`~flwr.app.ConfigRecord` with
-    ``server-round``, ``strategy``, ``local-epochs``, ``proximal-mu``) and, for SCAFFOLD's
+    ``"arrays"`` (:class:`~flwr.app.ArrayRecord`, the global model by state-dict name, packed
+    one flat array per dtype by :func:`to_array_record`; FedBN sends only the shared keys),
+    ``"config"`` (:class:`~flwr.app.ConfigRecord` with ``server-round``, ``strategy``,
+    ``local-epochs``, ``proximal-mu``) and, for SCAFFOLD's
     training, ``"scaffold-correction"``: the site's drift correction ``c - c_i`` (server control
     variate minus the site's, which the server keeps for it) as one flat array, the model's
     trainable parameters concatenated in ``named_parameters()`` order (:func:`to_flat_record`).
@@ -29,6 +30,7 @@ site -> server, any failure
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Mapping
 
@@ -49,6 +51,9 @@ ERROR = "error"
 SCAFFOLD_CORRECTION = "scaffold-correction"
 #: the one entry of a flat record
 FLAT = "values"
+#: the key prefix of a packed entry: the arrays of one dtype as one flat array, the key
+#: giving the layout (:func:`to_array_record`)
+PACKED = "fedseg-packed:"
 #: a training reply's scores of the received model, when its message asked for them
 #: (``evaluate-round`` in the config: the evaluation of the previous round's model, fused)
 EVAL_METRICS = "evaluate-metrics"
@@ -66,28 +71,102 @@ INTERNAL_CODE = FedsegError.code
 
 
 def to_array_record(named: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Wrap ``{name: ndarray}`` into an ArrayRecord, keeping the order.
+    """Wrap ``{name: ndarray}`` into an ArrayRecord, keeping names, order and dtypes.
 
-    Each entry is a standard Flower :class:`~flwr.app.Array` (``stype`` ``numpy.ndarray``, the
-    bytes of ``np.save``), so any Flower code can read it; the ``.npy`` header is built once per
-    dtype and shape (:func:`npy_header`) instead of by ``np.save`` for every array of every
-    message.
+    The arrays of one dtype travel packed: one flat Flower :class:`~flwr.app.Array` (``stype``
+    ``numpy.ndarray``, the bytes of ``np.save``) whose key is :data:`PACKED` followed by the
+    layout as JSON, ``[[position, name, shape], ...]``. Every Array is a separate object for
+    Flower's transport: one HTTP request each way between SuperLink and SuperNode (and a row in
+    the SuperLink's SQLite state), so a model of ~75 arrays sent one by one costs ~150
+    requests per message, which dominated a deployed round (BENCHMARKS.md, "Deployment");
+    packed, it is one array (plus its chunk). Flower code that averages records by key (its
+    strategies, SecAgg+'s masking of a flat vector) still sees same-keyed float arrays.
+    Arrays of object dtype are refused by Flower's own path, as before.
+    :func:`from_array_record` reads both this and the one-entry-per-name form.
     """
+    groups: dict[str, list[tuple[int, str, np.ndarray]]] = {}
+    plain: dict[str, np.ndarray] = {}
+    for position, (name, value) in enumerate(named.items()):
+        arr = np.asarray(value)
+        if arr.dtype.hasobject:
+            plain[name] = arr
+            continue
+        groups.setdefault(arr.dtype.str, []).append((position, name, arr))
     record = ArrayRecord()
-    for k, v in named.items():
-        record[k] = encode_array(v)
+    for items in groups.values():
+        layout = [[position, name, [int(n) for n in arr.shape]] for position, name, arr in items]
+        key = PACKED + json.dumps(layout, separators=(",", ":"))
+        record[key] = encode_array(concat_flat([arr for _, _, arr in items]))
+    for name, arr in plain.items():
+        record[name] = encode_array(arr)
     return record
 
 
+def _layout(key: str) -> list[tuple[int, str, tuple[int, ...]]]:
+    """The ``[[position, name, shape], ...]`` of a packed entry's key, checked."""
+    try:
+        raw = json.loads(key[len(PACKED) :])
+    except json.JSONDecodeError:
+        raise ValueError("a packed entry's layout is not JSON") from None
+    if not isinstance(raw, list):
+        raise ValueError("a packed entry's layout must be a list of [position, name, shape]")
+    out: list[tuple[int, str, tuple[int, ...]]] = []
+    for item in raw:
+        ok = (
+            isinstance(item, list)
+            and len(item) == 3
+            and type(item[0]) is int
+            and item[0] >= 0
+            and isinstance(item[1], str)
+            and isinstance(item[2], list)
+            and all(type(n) is int and n >= 0 for n in item[2])
+        )
+        if not ok:
+            raise ValueError(
+                "a packed entry's layout must be a list of [position, name, shape] with a "
+                "non-negative int position, a str name and non-negative int sizes, "
+                f"got {item!r:.80}"
+            )
+        out.append((item[0], item[1], tuple(item[2])))
+    return out
+
+
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Unwrap an ArrayRecord into ``{name: ndarray}`` (writable copies, never pickles).
+    """Unwrap an ArrayRecord into ``{name: ndarray}`` (writable, never pickles).
+
+    Reads the packed form of :func:`to_array_record` (arrays back in their original order,
+    as views of one decoded copy per dtype) and the one-entry-per-name form.
 
     Raises
     ------
     ValueError
-        An entry cannot be decoded as a plain (non-object) NumPy array.
+        An entry cannot be decoded as a plain (non-object) NumPy array, or a packed entry's
+        layout is malformed, names an array twice, or does not match its data's size.
     """
-    return {k: decode_array(v) for k, v in record.items()}
+    packed: list[tuple[int, str, np.ndarray]] = []
+    plain: dict[str, np.ndarray] = {}
+    for key, value in record.items():
+        if not key.startswith(PACKED):
+            plain[key] = decode_array(value)
+            continue
+        layout = _layout(key)
+        flat = decode_array(value)
+        if flat.ndim != 1:
+            raise ValueError(f"a packed entry must be one-dimensional, got shape {flat.shape}")
+        try:
+            parts = split_flat(flat, [shape for _, _, shape in layout])
+        except ValueError as exc:
+            raise ValueError(f"a packed entry has {exc} for its layout") from None
+        packed.extend((pos, name, part) for (pos, name, _), part in zip(layout, parts, strict=True))
+    packed.sort(key=lambda t: t[0])
+    positions = [pos for pos, _, _ in packed]
+    if len(set(positions)) != len(positions):
+        raise ValueError("a packed record gives two arrays the same position")
+    out = {name: part for _, name, part in packed}
+    if len(out) != len(packed) or set(out) & set(plain):
+        raise ValueError("a packed record names an array twice")
+    out.update(plain)
+    return out
 
 
 def to_flat_record(arrays: list[np.ndarray]) -> ArrayRecord:

@@ -52,10 +52,11 @@ class FedBN(FedAvg):
 
     def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
         """Only the shared (non-normalisation) keys."""
+        from fedseg.federation import records as R
         from fedseg.strategies.fedbn import split_local
 
-        shared, _ = split_local(dict(arrays.items()))
-        return ArrayRecord(shared)
+        shared, _ = split_local(R.from_array_record(arrays))
+        return R.to_array_record(shared)
 
     def combine(self, inputs: RoundInputs) -> Weights:
         """The average of every key; each accepted site's norms are kept for it."""
