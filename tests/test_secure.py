@@ -430,8 +430,10 @@ def test_ckks_site_sending_garbage_ciphertexts_is_rejected(cohort: Any, tmp_path
     def garble(msg: Any, reply: Any) -> Any:
         rec = reply.content.array_records.get("ckks-ct")
         if rec is not None:
-            junk = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint8)
-            reply.content["ckks-ct"] = ArrayRecord({k: Array(junk) for k in rec})
+            # the same layout (sizes) as the real ciphertexts, random bytes inside
+            rng = np.random.default_rng(0)
+            junk = {k: rng.integers(0, 256, rec[k].numpy().size).astype(np.uint8) for k in rec}
+            reply.content["ckks-ct"] = ArrayRecord({k: Array(v) for k, v in junk.items()})
         return reply
 
     cfg = tiny_cfg(num_server_rounds=1, secure_aggregation="ckks")

@@ -202,7 +202,7 @@ def seal_train_reply(
     for key, record in content.items():
         if key != R.ARRAYS:
             out[key] = record
-    out[CIPHERTEXT] = ArrayRecord({f"{j:06d}": Array(C.to_uint8(b)) for j, b in enumerate(chunks)})
+    out[CIPHERTEXT] = _ciphertext_record(chunks)
     out[CKKS_META] = ConfigRecord({"context": C.params_bytes(ctx), "length": int(vector.size)})
     extended = dict(metrics)
     extended["ckks-weight"] = num
@@ -370,17 +370,21 @@ def _parse_reply(
     return num, chunks, ctx_bytes, R.metrics_dict(metrics_rec)
 
 
+def _ciphertext_record(chunks: list[bytes]) -> ArrayRecord:
+    """The ciphertexts, in order, packed into one byte array (:func:`R.to_array_record`): one
+    Flower object instead of one per ciphertext (each object is a request on the wire)."""
+    return R.to_array_record({f"{j:06d}": C.to_uint8(b) for j, b in enumerate(chunks)})
+
+
 def _chunks(rec: ArrayRecord) -> list[bytes]:
-    out = []
-    for key in sorted(rec):
-        try:
-            arr = rec[key].numpy()
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is bad input
-            raise UpdateValidationError(
-                f"ciphertext '{key}' cannot be decoded ({type(exc).__name__})"
-            ) from None
-        out.append(C.from_uint8(arr))
-    return out
+    """The ciphertexts of a :func:`_ciphertext_record` (or one entry per ciphertext), in order."""
+    try:
+        arrays = R.from_array_record(rec)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is bad input
+        raise UpdateValidationError(
+            f"ciphertexts cannot be decoded ({type(exc).__name__}: {exc})"
+        ) from None
+    return [C.from_uint8(arrays[key]) for key in sorted(arrays)]
 
 
 def _decrypt_at_a_site(
@@ -393,7 +397,7 @@ def _decrypt_at_a_site(
 ) -> np.ndarray | None:
     """Ask the contributing sites, one at a time, to decrypt the sum; ``None`` if none can."""
     by_name = {name: node for node, name in strategy.sent.items()}
-    ciphertext = ArrayRecord({f"{j:06d}": Array(C.to_uint8(b)) for j, b in enumerate(summed)})
+    ciphertext = _ciphertext_record(summed)
     conf = ConfigRecord({"want": WANT_SUM, "length": length, "server-round": server_round})
     for site in sites:
         node = by_name[site]
