@@ -305,6 +305,30 @@ class Hosts:
         self.pki = provision(self.spec, self.tmp / "pki", policy=policy)
         return self.pki
 
+    def run_superlink(
+        self, cmd: list[str], env: dict[str, str], name: str = "superlink"
+    ) -> subprocess.Popen[bytes]:
+        """Start the SuperLink ``cmd`` on the server (log ``logs/<name>.log``) and return once
+        it listens.
+
+        Raises
+        ------
+        RuntimeError
+            It exited instead (its log is in the message).
+        TimeoutError
+            It neither listened nor exited within 120 s.
+        """
+        log = self.logs / f"{name}.log"
+        proc = self.lab.start("server", name, cmd, env)
+        wait_for(
+            lambda: count(log, "Uvicorn running on https") > 0 or proc.poll() is not None,
+            120,
+            "the SuperLink to listen",
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"SuperLink exited with {proc.returncode}: {log.read_text()}")
+        return proc
+
     def register_sites(self, env: dict[str, str]) -> str:
         """Enrol every site at the running SuperLink with the server's ``register-sites.sh``
         (connection ``fedseg``); what it printed.

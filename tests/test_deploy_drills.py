@@ -166,16 +166,7 @@ class Drill(Hosts):
             self.spec, str(self.pki.server_dir), str(self.tmp / "state" / "superlink.db")
         )
         (self.tmp / "state").mkdir(exist_ok=True)
-        log = self.logs / f"superlink-{tag}.log"
-        proc = self.lab.start("server", log.stem, cmd, self.env)
-        wait_for(
-            lambda: count(log, "Uvicorn running on https") > 0 or proc.poll() is not None,
-            90,
-            "the SuperLink to listen",
-        )
-        if proc.poll() is not None:
-            raise RuntimeError(f"SuperLink exited with {proc.returncode}: {log.read_text()}")
-        return proc
+        return self.run_superlink(cmd, self.env, f"superlink-{tag}")
 
     def start_site(self, site: str, tag: str, port: int) -> subprocess.Popen[bytes]:
         folder = self.pki.site_dirs[site]

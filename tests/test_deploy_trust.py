@@ -33,7 +33,6 @@ from drillkit import (
     BIN,
     Hosts,
     approve_app,
-    count,
     drill_fixtures,
     drill_marks,
     drill_timeout,
@@ -103,16 +102,8 @@ class TrustDrill(Hosts):
         self.lab.up()
 
     def start_superlink(self) -> None:
-        log = self.logs / "superlink.log"
         script = str(self.pki.server_dir / "run-superlink.sh")
-        proc = self.lab.start("server", log.stem, [script], self.env("server"))
-        wait_for(
-            lambda: count(log, "Uvicorn running on https") > 0 or proc.poll() is not None,
-            90,
-            "the SuperLink to listen",
-        )
-        if proc.poll() is not None:
-            raise RuntimeError(f"SuperLink exited with {proc.returncode}: {log.read_text()}")
+        self.run_superlink([script], self.env("server"))
 
     def start_sites(self) -> None:
         for i, site in enumerate(SITES):

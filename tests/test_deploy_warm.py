@@ -159,9 +159,7 @@ class WarmDrill(Hosts):
         cmd = superlink_command(
             self.spec, str(self.pki.server_dir), str(self.tmp / "state" / "superlink.db")
         )
-        link = self.lab.start("server", "superlink", cmd, self.env)
-        log = self.logs / "superlink.log"
-        wait_for(lambda: count(log, "Uvicorn running on https") > 0, 120, "the SuperLink")
+        link = self.run_superlink(cmd, self.env)
         self.register_sites(self.env)
         sites = {s: self.start_site(s, "1") for s in SITES}
         run_config = (
