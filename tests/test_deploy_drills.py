@@ -62,26 +62,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from drillkit import (
     BIN,
+    PORT,
     ROOT,
-    Played,
+    Hosts,
     approve_app,
     clientapp_pids,
     count,
+    drill_fixtures,
     drill_marks,
+    drill_timeout,
     flwr_env,
     messages,
     pause,
-    play_once,
     resume,
     wait_for,
     write_connection,
 )
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
-from fedseg.deploy.netns import SERVER_IP, NetLab, lab_namespaces
+from fedseg.deploy.netns import SERVER_IP, lab_namespaces
 from fedseg.deploy.provision import (
     FederationSpec,
     SiteSpec,
@@ -94,8 +95,7 @@ from fedseg.federation.strategy import NO_REPLY, UNREACHABLE
 
 GUARD = Path(__file__).resolve().parent / "drills" / "pickle_guard"
 SITES = ("hospital-a", "hospital-b", "hospital-c")
-PORT = 9092
-TIMEOUT = float(os.environ.get("FEDSEG_DRILL_TIMEOUT", "120"))
+TIMEOUT = drill_timeout(120)
 ROUNDS = 3
 #: seconds after its last heartbeat that the SuperLink reports a silent node offline
 OFFLINE_AFTER = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
@@ -115,25 +115,21 @@ def _checkpoint_round(path: Path) -> int:
         return 0
 
 
-class Drill:
-    """The scenario of the module docstring; its results are read by the tests."""
+class Drill(Hosts):
+    """The scenario of the module docstring; its results are read by the tests.
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.logs = tmp / "logs"
+    ``sites`` other than :data:`SITES` give the same set-up and start scripts to another
+    scenario (``tests/test_deploy_policy.py``); :meth:`play` needs :data:`SITES`.
+    """
+
+    def __init__(self, tmp: Path, sites: tuple[str, ...] = SITES) -> None:
+        super().__init__(tmp, sites)
         self.out = tmp / "out"
-        self.lab = NetLab(SITES, self.logs)
-        self.spec = FederationSpec(
-            address=SERVER_IP, port=PORT, sites=tuple(SiteSpec(s) for s in SITES)
-        )
-        self.data = {s: tmp / f"data-{s}" for s in SITES}
-        self.events: dict[str, float] = {}
         self.refusals: dict[str, tuple[int | None, str]] = {}
         self.runs: list[subprocess.CompletedProcess[str] | None] = []
         self.before_kill: list[dict[str, Any]] = []
         #: the checkpoint's round left unscored at the kill (its model aggregated, scores out)
         self.unscored_at_kill: dict[str, Any] | None = None
-        self.case_ids: list[str] = []
         self.restarts: dict[str, int] = {}
         self.reattached = 0
         #: the ServerApp's logged decision about the cut site: (node id, reason)
@@ -141,28 +137,24 @@ class Drill:
         #: the cut site's node status at the SuperLink when that decision was logged
         self.cut_status: str | None = None
         self.stop = threading.Event()
-        home = tmp / "flwr-home"
-        home.mkdir()
+        self.home = self.flwr_home()
         self.env = flwr_env(
-            FLWR_HOME=str(home),
+            FLWR_HOME=str(self.home),
             PYTHONPATH=os.pathsep.join(
                 p for p in (str(GUARD), os.environ.get("PYTHONPATH", "")) if p
             ),
             FEDSEG_PICKLE_LOG=str(tmp / "pickle.log"),
         )
-        self.home = home
 
     # -- set-up ------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        from helpers import write_cohort
         from test_site_policy import OPEN_POLICY
 
-        for seed, site in enumerate(SITES, start=1):
-            self.case_ids += write_cohort(self.data[site], 3, seed=seed)
+        self.write_cohorts()
         # These drills are about failures, not privacy: every site accepts every run
         # (tests/test_deploy_policy.py drills the sites' own policies).
-        self.pki = provision(self.spec, self.tmp / "pki", policy=OPEN_POLICY)
+        self.provision(OPEN_POLICY)
         rogue = FederationSpec(address=SERVER_IP, port=PORT, sites=(SiteSpec("rogue"),))
         self.rogue = provision(rogue, self.tmp / "rogue-pki")
         approve_app(self.pki, ROOT)  # as each hospital does with `fedseg approve`
@@ -174,16 +166,7 @@ class Drill:
             self.spec, str(self.pki.server_dir), str(self.tmp / "state" / "superlink.db")
         )
         (self.tmp / "state").mkdir(exist_ok=True)
-        log = self.logs / f"superlink-{tag}.log"
-        proc = self.lab.start("server", log.stem, cmd, self.env)
-        wait_for(
-            lambda: count(log, "Uvicorn running on https") > 0 or proc.poll() is not None,
-            90,
-            "the SuperLink to listen",
-        )
-        if proc.poll() is not None:
-            raise RuntimeError(f"SuperLink exited with {proc.returncode}: {log.read_text()}")
-        return proc
+        return self.run_superlink(cmd, self.env, f"superlink-{tag}")
 
     def start_site(self, site: str, tag: str, port: int) -> subprocess.Popen[bytes]:
         folder = self.pki.site_dirs[site]
@@ -241,24 +224,18 @@ class Drill:
     # -- the scenario ------------------------------------------------------------------------
 
     def play(self) -> None:
-        t0 = time.monotonic()
         self.prepare()
         link = self.start_superlink("1")
-        reg = self.lab.run(
-            "server", [str(self.pki.server_dir / "register-sites.sh"), "fedseg"], self.env, 120
-        )
-        self.register_output = reg.stdout + reg.stderr
-        if reg.returncode != 0:
-            raise RuntimeError(f"register-sites.sh failed: {self.register_output}")
+        self.register_output = self.register_sites(self.env)
         sites = {s: self.start_site(s, "1", 9100 + i) for i, s in enumerate(SITES)}
         intruders = self.try_refused()  # while the study starts: they must not slow it down
         self.stream = self.flwr_run("1")
         self.collect_refused(intruders)
-        self.events["refusals-done"] = time.monotonic() - t0
+        self.mark("refusals-done")
         b_log = self.logs / "hospital-b-1.log"
         self._wait(lambda: count(b_log, "Receiving: train message") >= 1, 300, "b's round 1")
         self.lab.kill(sites["hospital-b"])
-        self.events["b-killed"] = time.monotonic() - t0
+        self.mark("b-killed")
         supervisor = threading.Thread(
             target=self.restart_until_up, args=("hospital-b",), daemon=True
         )
@@ -277,7 +254,7 @@ class Drill:
         self.unscored_at_kill = saved.get("unscored")
         self.lab.kill(self.stream)
         self.lab.kill(link)
-        self.events["server-killed"] = time.monotonic() - t0
+        self.mark("server-killed")
         link = self.start_superlink("2")
         self.stream = self.flwr_run("2")
         run_id = self._run_id("2")
@@ -295,7 +272,7 @@ class Drill:
         if not paused:
             raise RuntimeError("drill: hospital-a's long-running ClientApp process is not running")
         pause(paused)
-        self.events["a-paused"] = time.monotonic() - t0
+        self.mark("a-paused")
         # The restarted run trains round 3 only: its first training message to hospital-a is
         # round 3's (a message of the killed run is never counted: it has another run id).
         try:
@@ -308,7 +285,7 @@ class Drill:
             self.lab.cut("hospital-a")
         finally:
             resume(paused)
-        self.events["a-cut"] = time.monotonic() - t0
+        self.mark("a-cut")
         if messages(a_log, run_id, "train", "Sending"):
             raise RuntimeError("drill: hospital-a's round-3 reply left before its link was cut")
         # Restore the link only once the server has decided about hospital-a in round 3: when
@@ -318,18 +295,18 @@ class Drill:
             TIMEOUT + 300,
             "the server's round-3 decision about hospital-a",
         )
-        self.events["a-decided"] = time.monotonic() - t0
+        self.mark("a-decided")
         self.cut_decision = self._decision(3, "hospital-a")
         self.cut_status = self.node_status(self.cut_decision[0])  # type: ignore[index]
         self.lab.restore("hospital-a")
-        self.events["a-restored"] = time.monotonic() - t0
+        self.mark("a-restored")
         done = self.out / "history.json"  # written once, at the end of the run
         self._wait(done.is_file, 3 * TIMEOUT + 300, "the end of the run", poll=1.0)
         try:
             self.stream.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.lab.kill(self.stream)
-        self.events["done"] = time.monotonic() - t0
+        self.mark("done")
         self.stop.set()
         supervisor.join()
 
@@ -422,14 +399,7 @@ class Drill:
         return texts
 
 
-@pytest.fixture(scope="module")
-def played(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Played:
-    return play_once(request, Drill(tmp_path_factory.mktemp("drills")))
-
-
-@pytest.fixture
-def drill(played: Played[Drill]) -> Drill:
-    return played.get()
+played, drill = drill_fixtures(Drill)
 
 
 def test_refused_without_ca_with_wrong_ca_in_plain_text_or_unregistered(drill: Drill) -> None:

@@ -22,34 +22,31 @@ Needs root and iproute2 (skipped otherwise); ``FEDSEG_SKIP_DEPLOYMENT=1`` leaves
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from drillkit import (
     BIN,
     ROOT,
-    Played,
     approve_app,
+    drill_fixtures,
     drill_marks,
-    play_once,
+    drill_timeout,
     wait_for,
     write_connection,
 )
-from helpers import write_cohort
 from test_deploy_drills import Drill
 
-from fedseg.deploy.netns import SERVER_IP, NetLab
-from fedseg.deploy.provision import POLICY_FILE, FederationSpec, SiteSpec, provision
+from fedseg.deploy.netns import NetLab
+from fedseg.deploy.provision import POLICY_FILE
 from fedseg.site.lifetime import LEDGER_FILE, LifetimeLedger
 from fedseg.site.policy import SitePolicy, policy_to_toml
 
 SITES = ("hospital-a", "hospital-b")
-ROUND_TIMEOUT = float(os.environ.get("FEDSEG_DRILL_TIMEOUT", "120"))
+ROUND_TIMEOUT = drill_timeout(120)
 RUN_LIMIT = 4 * ROUND_TIMEOUT + 120  # one run of one round: handshake, round, final evaluation
 
 pytestmark = drill_marks("policy drills")
@@ -72,12 +69,7 @@ class PolicyDrill:
     def __init__(self, tmp: Path) -> None:
         # The failure drills' set-up (environment, SuperLink, sites' own start scripts) on two
         # hospitals.
-        self.base = Drill(tmp)
-        self.base.lab = NetLab(SITES, self.base.logs)
-        self.base.spec = FederationSpec(
-            address=SERVER_IP, port=self.base.spec.port, sites=tuple(SiteSpec(s) for s in SITES)
-        )
-        self.base.data = {s: tmp / f"data-{s}" for s in SITES}
+        self.base = Drill(tmp, SITES)
         self.tmp = tmp
         self.runs: dict[str, dict[str, Any]] = {}
         self.ledger_output: str = ""
@@ -97,18 +89,13 @@ class PolicyDrill:
 
     def play(self) -> None:
         b = self.base
-        for seed, site in enumerate(SITES, start=1):
-            write_cohort(b.data[site], 3, seed=seed)
-        b.pki = provision(b.spec, self.tmp / "pki")  # the strict default policies
+        b.write_cohorts()
+        b.provision()  # the strict default policies
         approve_app(b.pki, ROOT)  # as each hospital does with `fedseg approve`
         write_connection(b.home, "fedseg", b.spec.control, b.pki.server_dir / "ca.crt")
         b.lab.up()
         b.start_superlink("1")
-        reg = b.lab.run(
-            "server", [str(b.pki.server_dir / "register-sites.sh"), "fedseg"], b.env, 120
-        )
-        if reg.returncode != 0:
-            raise RuntimeError(f"register-sites.sh failed: {reg.stdout}{reg.stderr}")
+        b.register_sites(b.env)
         for i, site in enumerate(SITES):
             b.start_site(site, "1", 9100 + i)
 
@@ -153,14 +140,7 @@ def _cached(site_dir: Path) -> bool:
     return cache.is_dir() and any(p.is_file() for p in cache.rglob("*"))
 
 
-@pytest.fixture(scope="module")
-def played(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Played:
-    return play_once(request, PolicyDrill(tmp_path_factory.mktemp("policy-drills")))
-
-
-@pytest.fixture
-def drill(played: Played[PolicyDrill]) -> PolicyDrill:
-    return played.get()
+played, drill = drill_fixtures(PolicyDrill)
 
 
 def _ledger(drill: PolicyDrill, site: str) -> LifetimeLedger:

@@ -24,31 +24,28 @@ leaves it out of a quick local run. About 4-6 minutes on 2 loaded cores (two sho
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 from drillkit import (
     BIN,
-    Played,
+    Hosts,
     approve_app,
-    count,
+    drill_fixtures,
     drill_marks,
+    drill_timeout,
     flwr_env,
-    play_once,
     wait_for,
+    write_connection,
 )
 from test_trust import make_app
 
-from fedseg.deploy.netns import SERVER_IP, NetLab
-from fedseg.deploy.provision import FederationSpec, SiteSpec, provision
+from fedseg.deploy.netns import SERVER_IP
 
 SITES = ("hospital-a", "hospital-b")
-PORT = 9092
-TIMEOUT = float(os.environ.get("FEDSEG_DRILL_TIMEOUT", "120"))
+TIMEOUT = drill_timeout(120)
 REFUSED_HERE = "serves the sites' Fleet API only"
 
 pytestmark = drill_marks("trust drills")
@@ -64,53 +61,39 @@ except urllib.error.HTTPError as exc:
 """
 
 
-class TrustDrill:
+class TrustDrill(Hosts):
     """The scenario of the module docstring; its results are read by the tests."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.logs = tmp / "logs"
-        self.lab = NetLab(SITES, self.logs)
-        self.spec = FederationSpec(
-            address=SERVER_IP, port=PORT, sites=tuple(SiteSpec(s) for s in SITES)
-        )
-        self.data = {s: tmp / f"data-{s}" for s in SITES}
+        super().__init__(tmp, SITES)
         self.marker = tmp / "leak-marker"
-        self.case_ids: list[str] = []
         self.outsider: dict[str, subprocess.CompletedProcess[str]] = {}
         self.run_ids: dict[str, str] = {}
         self.base_env = flwr_env(FEDSEG_LEAK_MARKER=str(self.marker))
 
     def env(self, host: str, **extra: str) -> dict[str, str]:
         """Each host its own ``FLWR_HOME`` (where Flower unpacks the apps it runs)."""
-        home = self.tmp / f"home-{host}"
-        home.mkdir(exist_ok=True)
-        return {**self.base_env, "FLWR_HOME": str(home), **extra}
+        return {**self.base_env, "FLWR_HOME": str(self.flwr_home(f"home-{host}")), **extra}
 
     # -- set-up ------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        from helpers import write_cohort
         from test_site_policy import OPEN_POLICY
 
-        for seed, site in enumerate(SITES, start=1):
-            self.case_ids += write_cohort(self.data[site], 3, seed=seed)
+        self.write_cohorts()
         # policies that accept every run: these drills are about which app runs, not privacy
-        self.pki = provision(self.spec, self.tmp / "pki", policy=OPEN_POLICY)
+        self.provision(OPEN_POLICY)
         # A frozen copy of fedseg's app files: what was reviewed is exactly what is submitted.
         self.app = make_app(self.tmp / "approved" / "fedseg")
         self.approved = approve_app(self.pki, self.app, "fedseg, reviewed")
         self.leaky = make_app(self.tmp / "leaky" / "fedseg", "leak:app")
         server_ca = self.pki.server_dir / "ca.crt"
-        (self.tmp / "home-server").mkdir()
-        (self.tmp / "home-server" / "config.toml").write_text(
-            f'[superlink.fedseg]\naddress = "{self.spec.control}"\n'
-            f'root-certificates = "{server_ca}"\n'
+        write_connection(
+            self.flwr_home("home-server"), "fedseg", self.spec.control, server_ca, default=False
         )
         # The outsider: a hospital's ca.crt, nothing else (no site key, no server access).
         site_ca = self.pki.site_dirs["hospital-b"] / "ca.crt"
-        (self.tmp / "home-outsider").mkdir()
-        (self.tmp / "home-outsider" / "config.toml").write_text(
+        (self.flwr_home("home-outsider") / "config.toml").write_text(
             f'[superlink.outsider]\naddress = "{self.spec.superlink}"\n'
             f'root-certificates = "{site_ca}"\n\n'
             f'[superlink.outsider-control]\naddress = "{SERVER_IP}:{self.spec.control_port}"\n'
@@ -119,16 +102,8 @@ class TrustDrill:
         self.lab.up()
 
     def start_superlink(self) -> None:
-        log = self.logs / "superlink.log"
         script = str(self.pki.server_dir / "run-superlink.sh")
-        proc = self.lab.start("server", log.stem, [script], self.env("server"))
-        wait_for(
-            lambda: count(log, "Uvicorn running on https") > 0 or proc.poll() is not None,
-            90,
-            "the SuperLink to listen",
-        )
-        if proc.poll() is not None:
-            raise RuntimeError(f"SuperLink exited with {proc.returncode}: {log.read_text()}")
+        self.run_superlink([script], self.env("server"))
 
     def start_sites(self) -> None:
         for i, site in enumerate(SITES):
@@ -168,15 +143,7 @@ class TrustDrill:
     def play(self) -> None:
         self.prepare()
         self.start_superlink()
-        reg = self.lab.run(
-            "server",
-            [str(self.pki.server_dir / "register-sites.sh"), "fedseg"],
-            self.env("server"),
-            120,
-        )
-        self.register_output = reg.stdout + reg.stderr
-        if reg.returncode != 0:
-            raise RuntimeError(f"register-sites.sh failed: {self.register_output}")
+        self.register_output = self.register_sites(self.env("server"))
         self.start_sites()
         self.outsider_try("ls", ["ls", "outsider"])
         self.outsider_try("run", ["run", str(self.leaky), "outsider"])
@@ -215,14 +182,7 @@ def _text(path: Path) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
 
 
-@pytest.fixture(scope="module")
-def played(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Played:
-    return play_once(request, TrustDrill(tmp_path_factory.mktemp("trust")))
-
-
-@pytest.fixture
-def drill(played: Played[TrustDrill]) -> TrustDrill:
-    return played.get()
+played, drill = drill_fixtures(TrustDrill)
 
 
 def test_outsider_with_only_the_ca_certificate_cannot_list_submit_or_stop(

@@ -5,14 +5,19 @@ namespaces, the app approved in ``approved-apps.txt``): the SuperNode with ``--i
 process`` and the long-running ClientApp process (:mod:`fedseg.deploy.warm_clientapp`). One
 federation of three rounds (``min-fraction=1``: every round needs both sites) plays:
 
-* round 2: as soon as ``hospital-a``'s ClientApp process has journalled its training message,
-  it is killed (``SIGKILL``); the start script starts it again, the new process runs the same
-  message with the same task token, and round 2 is accepted from both sites;
-* after round 2: ``hospital-b`` (SuperNode, ClientApp, script: the whole process group) is
-  killed hard and its ``run-supernode.sh`` started again at once. Flower alone refuses it for
-  about 60 s (``[code: 2004]``, the killed node is still online at the SuperLink);
+* round 2: while ``hospital-a``'s ClientApp process works on its training message (journalled,
+  reply not yet pushed: the drill watches the journal and reads which message it holds), it is
+  killed (``SIGKILL``); the start script starts it again, the new process runs the same message
+  with the same task token, and round 2 is accepted from both sites;
+* after round 2: once ``hospital-b``'s round-2 reply has reached the SuperLink, ``hospital-b``
+  (SuperNode, ClientApp, script: the whole process group) is killed hard and its
+  ``run-supernode.sh`` started again at once. Flower alone refuses it for about 60 s
+  (``[code: 2004]``, the killed node is still online at the SuperLink);
   :mod:`fedseg.deploy.supernode` first closes the previous session with the site key, so it is
-  activated at its first try, and trains in round 3;
+  activated at its first try, and trains in round 3. Round 3 starts with the sites connected
+  when round 2 ends, so ``hospital-a``'s start script is held (``SIGSTOP``) from the kill of
+  its ClientApp until ``hospital-b`` is back: a's round-2 reply, and so round 3, cannot come
+  before that however fast the machine;
 * every message of a site after its first is served by the same process (no new ClientApp
   process per message): the process's message counter in its log goes up.
 
@@ -30,71 +35,123 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from drillkit import (
     BIN,
     ROOT,
-    Played,
+    Hosts,
     approve_app,
     clean,
     clientapp_pids,
     count,
+    drill_fixtures,
     drill_marks,
+    drill_timeout,
     flwr_env,
-    play_once,
+    in_flight,
+    journalled_task,
+    parent_pid,
+    pause,
+    resume,
+    sent,
     wait_for,
     write_connection,
 )
 
-from fedseg.deploy.netns import SERVER_IP, NetLab
-from fedseg.deploy.provision import FederationSpec, SiteSpec, provision, superlink_command
+from fedseg.deploy.provision import superlink_command
 
 pytestmark = drill_marks("warm-site drills")
 
 SITES = ("hospital-a", "hospital-b")
-PORT = 9092
 ROUNDS = 3
-TIMEOUT = float(os.environ.get("FEDSEG_DRILL_TIMEOUT", "240"))
+TIMEOUT = drill_timeout(240)
 #: a restarted SuperNode must be activated well inside the ~60 s Flower alone needs
 REJOIN_LIMIT = float(os.environ.get("FEDSEG_REJOIN_LIMIT", "10"))
 
 
-class WarmDrill:
+class WarmDrill(Hosts):
     """The scenario of the module docstring; the tests read its results."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.logs = tmp / "logs"
+        super().__init__(tmp, SITES)
         self.out = tmp / "out"
-        self.lab = NetLab(SITES, self.logs)
-        self.spec = FederationSpec(
-            address=SERVER_IP, port=PORT, sites=tuple(SiteSpec(s) for s in SITES)
-        )
-        self.data = {s: tmp / f"data-{s}" for s in SITES}
-        self.events: dict[str, float] = {}
         self.rejoin_seconds: float | None = None
         self.killed_in_flight = False
-        home = tmp / "flwr-home"
-        home.mkdir()
-        self.home = home
-        self.env = flwr_env(FLWR_HOME=str(home))
+        self.home = self.flwr_home()
+        self.env = flwr_env(FLWR_HOME=str(self.home))
 
     def site_log(self, site: str, tag: str) -> Path:
         return self.logs / f"{site}-{tag}.log"
+
+    def journal(self, site: str) -> Path:
+        """The folder where ``site``'s long-running ClientApp journals its message in flight."""
+        return self.pki.site_dirs[site] / "state" / "clientapp"
 
     def start_site(self, site: str, tag: str) -> subprocess.Popen[bytes]:
         folder = self.pki.site_dirs[site]
         env = {**self.env, "DATA_PATH": str(self.data[site]), "RUNTIME_PORT": "9100"}
         return self.lab.start(site, f"{site}-{tag}", [str(folder / "run-supernode.sh")], env)
 
+    def catch_in_flight(self, site: str, kind: str, server_round: int) -> int:
+        """Stop ``site``'s ClientApp process (``SIGSTOP``) while it works on the ``kind`` message
+        of ``server_round`` (journalled: pulled, its reply not yet pushed); its pid.
+
+        A warm training message of the tiny model runs in well under a second, less than one
+        poll of the log on a fast machine, so the journal itself is watched (every 10 ms), and
+        the process (its pid found ahead) is stopped as soon as a message appears there, before
+        the message is read from it: a message other than the one wanted (the handshake, round 1)
+        lets it go on at once.
+
+        Raises
+        ------
+        RuntimeError
+            The site answered that message before it could be caught.
+        """
+        folder = self.journal(site)
+        looked: set[int] = set()
+        caught: list[int] = []
+        pids: list[int] = []  # found ahead: listing a namespace's processes takes a while
+
+        def process() -> bool:
+            pids[:] = clientapp_pids(self.lab, site)
+            if len(pids) > 1:
+                raise RuntimeError(f"drill: {site} runs {len(pids)} ClientApp processes")
+            return bool(pids)
+
+        def working_on_it() -> bool:
+            if (not pids or not Path(f"/proc/{pids[0]}").exists()) and not process():
+                return False  # started again (not in this scenario): wait for it
+            task = journalled_task(folder)
+            if task is None or task in looked:
+                return False
+            pause(pids)
+            found = in_flight(folder)
+            if found is not None and (found.kind, found.server_round) == (kind, server_round):
+                caught[:] = pids
+                return True
+            resume(pids)
+            if found is None:
+                return False  # cleared while it was read: the next one
+            looked.add(found.task_id)
+            if found.kind == kind and (found.server_round or 0) > server_round:
+                raise RuntimeError(
+                    f"drill: {site} answered its round-{server_round} {kind} message before "
+                    "the drill could catch it"
+                )
+            return False
+
+        wait_for(process, 3 * TIMEOUT, f"{site}'s ClientApp process")
+        try:
+            wait_for(working_on_it, 3 * TIMEOUT, f"{site}'s round-{server_round} {kind}", 0.01)
+        except BaseException:
+            resume(caught)
+            raise
+        return caught[0]
+
     def play(self) -> None:
-        from helpers import write_cohort
         from test_site_policy import OPEN_POLICY
 
-        t0 = time.monotonic()
-        for seed, site in enumerate(SITES, start=1):
-            write_cohort(self.data[site], 3, seed=seed)
-        self.pki = provision(self.spec, self.tmp / "pki", policy=OPEN_POLICY)
+        self.write_cohorts()
+        self.provision(OPEN_POLICY)
         approve_app(self.pki, ROOT)
         write_connection(self.home, "fedseg", self.spec.control, self.pki.server_dir / "ca.crt")
         self.lab.up()
@@ -102,14 +159,8 @@ class WarmDrill:
         cmd = superlink_command(
             self.spec, str(self.pki.server_dir), str(self.tmp / "state" / "superlink.db")
         )
-        link = self.lab.start("server", "superlink", cmd, self.env)
-        log = self.logs / "superlink.log"
-        wait_for(lambda: count(log, "Uvicorn running on https") > 0, 120, "the SuperLink")
-        reg = self.lab.run(
-            "server", [str(self.pki.server_dir / "register-sites.sh"), "fedseg"], self.env, 120
-        )
-        if reg.returncode != 0:
-            raise RuntimeError(f"register-sites.sh failed: {reg.stdout}{reg.stderr}")
+        link = self.run_superlink(cmd, self.env)
+        self.register_sites(self.env)
         sites = {s: self.start_site(s, "1") for s in SITES}
         run_config = (
             f"num-server-rounds={ROUNDS} num-sites={len(SITES)} image-size=16 patch-size=16 "
@@ -119,55 +170,61 @@ class WarmDrill:
         flwr = [str(BIN / "flwr"), "run", str(ROOT), "fedseg", "--stream"]
         stream = self.lab.start("server", "run", [*flwr, "--run-config", run_config], self.env)
 
-        # round 2: kill hospital-a's ClientApp process while its training message is journalled
-        a_log = self.site_log("hospital-a", "1")
-        journal = self.pki.site_dirs["hospital-a"] / "state" / "clientapp" / "inflight.json"
-        wait_for(lambda: count(a_log, "Receiving: train message") >= 2, 3 * TIMEOUT, "round 2")
-        wait_for(journal.is_file, TIMEOUT, "a's journal", poll=0.02)
-        pids = clientapp_pids(self.lab, "hospital-a")
-        if pids and journal.is_file():
-            os.kill(pids[0], signal.SIGKILL)
+        # Round 2: hospital-a's ClientApp process is killed with its training message journalled.
+        # Its start script is held (SIGSTOP) until hospital-b is back. Otherwise the script
+        # starts the ClientApp again within seconds, a's round-2 reply ends round 2, and round 3
+        # samples the sites connected at that moment: on a fast machine that can be while b's
+        # killed SuperNode still counts as online (its round-3 message is lost with it) or
+        # after it was closed and before the new one is activated (b is not sampled); either
+        # way b misses round 3. The held message's task token lives 60 s after the ClientApp's
+        # last heartbeat (Flower's 2 x 30 s); b is back within about 10 s.
+        app = self.catch_in_flight("hospital-a", "train", 2)
+        script = parent_pid(app)
+        if script is None:
+            raise RuntimeError("drill: hospital-a's ClientApp has no start script")
+        pause([script])
+        try:
+            os.kill(app, signal.SIGKILL)
             self.killed_in_flight = True
-        self.events["a-clientapp-killed"] = time.monotonic() - t0
-
-        # after round 2: hospital-b killed hard, its script started again at once
-        b_log = self.site_log("hospital-b", "1")
-        b_journal = self.pki.site_dirs["hospital-b"] / "state" / "clientapp" / "inflight.json"
-        wait_for(
-            # query and two training replies sent, nothing in flight: between rounds 2 and 3
-            lambda: count(b_log, "Sent successfully") >= 3 and not b_journal.is_file(),
-            2 * TIMEOUT,
-            "b's round-2 reply",
-        )
-        self.lab.kill(sites["hospital-b"])
-        restarted = time.monotonic()
-        self.events["b-killed"] = restarted - t0
-        self.start_site("hospital-b", "2")
-        b2 = self.site_log("hospital-b", "2")
-        wait_for(
-            lambda: count(b2, "SuperNode ID:") > 0 or count(b2, "code: 2004") > 0,
-            120,
-            "b's restart",
-            poll=0.1,
-        )
-        self.rejoin_seconds = time.monotonic() - restarted
+            self.mark("a-clientapp-killed")
+            # After round 2: hospital-b killed hard once its round-2 reply is at the SuperLink
+            # and its ClientApp is done with it (the journal is cleared after the ClientApp has
+            # logged the message), then its script started again at once.
+            b_log = self.site_log("hospital-b", "1")
+            wait_for(
+                lambda: (
+                    sent(b_log)["train"] >= 2
+                    and journalled_task(self.journal("hospital-b")) is None
+                ),
+                2 * TIMEOUT,
+                "b's round-2 reply",
+            )
+            self.lab.kill(sites["hospital-b"])
+            restarted = time.monotonic()
+            self.mark("b-killed")
+            self.start_site("hospital-b", "2")
+            b2 = self.site_log("hospital-b", "2")
+            wait_for(
+                lambda: count(b2, "SuperNode ID:") > 0 or count(b2, "code: 2004") > 0,
+                120,
+                "b's restart",
+                poll=0.1,
+            )
+            self.rejoin_seconds = time.monotonic() - restarted
+            self.mark("b-rejoined")
+        finally:
+            resume([script])  # a's ClientApp starts again and runs round 2's message again
+        self.mark("a-script-resumed")
         wait_for(lambda: (self.out / "final_model.pt").is_file(), 3 * TIMEOUT, "the run's end")
         stream.wait(timeout=60)
-        self.events["done"] = time.monotonic() - t0
+        self.mark("done")
         del link
 
     def history(self) -> list[dict[str, Any]]:
         return list(json.loads((self.out / "history.json").read_text())["rounds"])
 
 
-@pytest.fixture(scope="module")
-def played(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Played:
-    return play_once(request, WarmDrill(tmp_path_factory.mktemp("warm")))
-
-
-@pytest.fixture
-def warm(played: Played[WarmDrill]) -> WarmDrill:
-    return played.get()
+played, warm = drill_fixtures(WarmDrill, "warm")
 
 
 def test_every_round_accepted_from_both_sites(warm: WarmDrill) -> None:
