@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from fedseg.data.transforms import Prepared
 
 __all__ = [
-    "HARMONISE_METHODS",
     "PERCENTILES",
     "STANDARD_RANGE",
     "average_landmarks",
@@ -59,8 +58,6 @@ __all__ = [
     "site_landmarks",
 ]
 
-#: values of the ``harmonise`` config key: no harmonisation, or federated Nyúl standardisation
-HARMONISE_METHODS: tuple[str, ...] = ("none", "histogram")
 #: the landmark percentiles: TorchIO's default cutoffs (1 %, 99 %) and the deciles between
 PERCENTILES: tuple[float, ...] = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
 #: where the cutoff percentiles land on the standard scale (TorchIO's ``STANDARD_RANGE``)
