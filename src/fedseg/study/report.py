@@ -20,7 +20,14 @@ import numpy as np
 
 from fedseg.config import parse_augment
 from fedseg.data.case import REGIONS
-from fedseg.study.arms import PER_SITE_ARMS, POOLED, arm_order, is_federated, split_arm
+from fedseg.study.arms import (
+    PER_SITE_ARMS,
+    POOLED,
+    arm_order,
+    harmonise_of,
+    is_federated,
+    split_arm,
+)
 from fedseg.study.html import CSS, esc, img, num, pct, table
 from fedseg.utils.io import atomic_write_text
 
@@ -45,10 +52,12 @@ _STILL_RISING = 0.02
 
 
 def pretty(arm: str) -> str:
-    """Display name of an arm (``fedavg`` -> ``FedAvg``, ``fedavg-q8`` -> ``FedAvg q8``)."""
+    """Display name of an arm (``fedavg`` -> ``FedAvg``, ``fedavg-q8`` -> ``FedAvg q8``,
+    ``fedavg-hist`` -> ``FedAvg + histogram std.``)."""
     base, codec = split_arm(arm)
     name = _PRETTY.get(base, base)
-    return name if codec == "none" else f"{name} {codec}"
+    name = name if codec == "none" else f"{name} {codec}"
+    return name if harmonise_of(arm)[1] == "none" else f"{name} + histogram std."
 
 
 def _sites_of(res: Mapping[str, Any]) -> list[str]:

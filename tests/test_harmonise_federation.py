@@ -1,0 +1,189 @@
+"""Federated histogram standardisation: the landmark exchange, bad replies, the study's arms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from helpers import make_grid, tiny_cfg
+
+from fedseg.data.harmonise import PERCENTILES, site_landmarks
+from fedseg.errors import UpdateValidationError
+from fedseg.federation.landmarks import (
+    LANDMARKS,
+    LANDMARKS_FILE,
+    combine_site_landmarks,
+    landmarks_config,
+    parse_landmark_reply,
+    standard_from_config,
+)
+from fedseg.federation.server_app import serve
+
+L = len(PERCENTILES)
+GOOD = np.tile(np.linspace(0.0, 100.0, L), (4, 1))
+
+
+def _site_training_landmarks(cfg: Any, root: Path, ids: list[str]) -> tuple[np.ndarray, Any]:
+    """What a site computes, recomputed here from its own split of its cases."""
+    from fedseg.data.cache import prepare_cases
+    from fedseg.data.cohort import split_cases
+
+    train = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)["train"]
+    return site_landmarks([p.image for p in prepare_cases(root, cfg, case_ids=train)])
+
+
+def test_the_server_averages_the_sites_landmarks_by_count(cohort: Any, tmp_path: Path) -> None:
+    root, parts = cohort
+    grid, cfg = make_grid(
+        tiny_cfg(num_server_rounds=1, harmonise="histogram"), root, parts, tmp_path
+    )
+
+    serve(grid, cfg, tmp_path / "out")
+
+    doc = json.loads((tmp_path / "out" / LANDMARKS_FILE).read_text())
+    own = [_site_training_landmarks(cfg, root, ids) for ids in parts.values()]
+    expected = combine_site_landmarks([lm for lm, _ in own], [n for _, n in own])
+    assert sorted(doc["sites"]) == sorted(parts)
+    assert doc["rejected"] == {}
+    assert np.allclose(doc["landmarks"], expected)
+
+
+def test_a_reply_with_bad_landmarks_is_left_out_with_its_reason(
+    cohort: Any, tmp_path: Path
+) -> None:
+    root, parts = cohort
+    grid, cfg = make_grid(
+        tiny_cfg(num_server_rounds=1, harmonise="histogram"), root, parts, tmp_path
+    )
+
+    def reversed_landmarks(msg: Message, reply: Message | None) -> Message | None:
+        if reply is None or msg.metadata.message_type != "query":
+            return reply
+        rec = reply.content.array_records.get("arrays")
+        if rec is not None and "landmarks" in rec:
+            flipped = rec["landmarks"].numpy()[:, ::-1].copy()
+            reply.content["arrays"] = ArrayRecord(
+                {"landmarks": Array(flipped), "counts": rec["counts"]}
+            )
+        return reply
+
+    grid.faults[grid.node_of("partition-id", 1)] = reversed_landmarks
+
+    serve(grid, cfg, tmp_path / "out")
+
+    doc = json.loads((tmp_path / "out" / LANDMARKS_FILE).read_text())
+    (bad,) = doc["rejected"]
+    assert "do not strictly increase" in doc["rejected"][bad]
+    assert sorted(doc["sites"]) == ["site-0", "site-2"]
+    own = [_site_training_landmarks(cfg, root, parts[s]) for s in ("site-0", "site-2")]
+    expected = combine_site_landmarks([lm for lm, _ in own], [n for _, n in own])
+    assert np.allclose(doc["landmarks"], expected)
+
+
+def test_landmarks_travel_in_the_config_and_come_back_unchanged() -> None:
+    conf = ConfigRecord(landmarks_config(GOOD))
+
+    assert np.array_equal(standard_from_config(conf), GOOD)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+def _reply(arrays: dict[str, np.ndarray] | None, error: str | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 3})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+    if error is not None:
+        content["error"] = ConfigRecord({"code": error})
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=7,
+        dst_node_id=0,
+        reply_to_message_id="i",
+        group_id="0",
+        created_at=0.0,
+        ttl=3600.0,
+        message_type="query",
+    )
+    return Message(content=content, metadata=metadata)
+
+
+COUNTS = np.full(4, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("reply", "fragment"),
+    [
+        (_reply(None), "no 'arrays' record"),
+        (_reply(None, error="E220:HarmonisationError"), "the site failed (E220"),
+        (_reply({"landmarks": GOOD}), "expected arrays 'landmarks' and 'counts'"),
+        (_reply({"landmarks": GOOD[:, :5], "counts": COUNTS}), "expected 11 per modality"),
+        (_reply({"landmarks": GOOD, "counts": COUNTS[:3]}), "expected (modalities, 11)"),
+        (
+            _reply({"landmarks": np.where(GOOD > 50, np.nan, GOOD), "counts": COUNTS}),
+            "not all finite",
+        ),
+        (
+            _reply({"landmarks": GOOD[:, ::-1].copy(), "counts": COUNTS}),
+            "modality 0 do not strictly increase",
+        ),
+        (_reply({"landmarks": GOOD, "counts": np.zeros(4)}), "counts must be integers >= 1"),
+        (_reply({"landmarks": GOOD, "counts": COUNTS / 2}), "counts must be integers >= 1"),
+    ],
+)
+def test_bad_landmark_reply(reply: Message, fragment: str) -> None:
+    with pytest.raises(UpdateValidationError) as info:
+        parse_landmark_reply(reply)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("conf", "fragment"),
+    [
+        ({}, "the message has no 'harmonise-landmarks'"),
+        ({LANDMARKS: [1.0, 2.0, 3.0]}, "expected a multiple of 11 values, found 3"),
+        ({LANDMARKS: GOOD[:, ::-1].reshape(-1).tolist()}, "do not strictly increase"),
+    ],
+)
+def test_bad_landmarks_in_a_message(conf: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(UpdateValidationError, match=fragment):
+        standard_from_config(ConfigRecord(conf))
+
+
+def test_bad_site_with_one_training_image_sends_nothing() -> None:
+    from fedseg.errors import HarmonisationError
+    from fedseg.federation.landmarks import landmark_reply
+
+    with pytest.raises(HarmonisationError, match="at least 2 are needed"):
+        landmark_reply(GOOD, np.array([1, 2, 2, 2]), "site-0")
+
+
+def test_a_site_trains_and_scores_on_its_cases_mapped_onto_the_standard(
+    cohort: Any, tmp_path: Path
+) -> None:
+    from fedseg.data.harmonise import harmonise_image
+    from fedseg.federation import site as site_module
+
+    root, parts = cohort
+    cfg = tiny_cfg(harmonise="histogram")
+    spec = site_module.SiteSpec("site-0", root, tuple(parts["site-0"]), tmp_path / "cache")
+    rt = site_module.get_runtime(spec, cfg)
+    standard, _ = site_landmarks([p.image for p in rt.train_items])
+    conf = ConfigRecord(landmarks_config(standard))
+
+    mapped = site_module.harmonised_runtime(rt, cfg, conf)
+
+    assert site_module.harmonised_runtime(rt, cfg, conf) is mapped  # built once per standard
+    assert site_module.harmonised_runtime(rt, cfg.replace(harmonise="none"), conf) is rt
+    for before, after in zip(
+        rt.train_items + rt.test_items, mapped.train_items + mapped.test_items, strict=True
+    ):
+        assert np.allclose(after.image, harmonise_image(before.image, standard))
+        assert not np.allclose(after.image, before.image)
+    assert mapped.trainer.train_items is not rt.trainer.train_items
