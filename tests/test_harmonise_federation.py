@@ -187,3 +187,107 @@ def test_a_site_trains_and_scores_on_its_cases_mapped_onto_the_standard(
         assert np.allclose(after.image, harmonise_image(before.image, standard))
         assert not np.allclose(after.image, before.image)
     assert mapped.trainer.train_items is not rt.trainer.train_items
+
+
+# --------------------------------------------------------------------------------------------
+# the study's harmonised arms
+
+
+@pytest.fixture(scope="module")
+def harmonised_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    from fedseg.study.study import run_study
+    from tests.test_study import TINY
+    from tests.test_study_holdout import _three_hospitals
+
+    root = tmp_path_factory.mktemp("harmonised")
+    data = _three_hospitals(root)
+    cfg = TINY.replace(
+        num_sites=3,
+        partition="csv",
+        partition_file=str(root / "partition.csv"),
+        holdout_site="auto",
+        num_server_rounds=1,
+    )
+    doc = run_study(
+        root / "out",
+        cfg,
+        arms="centralized-hist,fedavg-hist",
+        data=data,
+        progress=False,
+        engine="inprocess",
+    )
+    return root / "out", doc
+
+
+def test_hist_arms_use_one_standard_pooled_or_federated(harmonised_study: tuple) -> None:
+    out, doc = harmonised_study
+    arms = doc["arms"]
+    federated = json.loads(
+        (out / "arms" / "fedavg-hist" / "federation" / LANDMARKS_FILE).read_text()
+    )
+
+    assert list(arms) == ["centralized-hist", "fedavg-hist"]
+    assert sorted(federated["sites"]) == ["A", "B"]  # the held-out hospital C sends nothing
+    assert np.allclose(arms["centralized-hist"]["harmonise"]["landmarks"], federated["landmarks"])
+    assert arms["fedavg-hist"]["harmonise"]["landmarks"] == federated["landmarks"]
+    for arm in arms:
+        payload = torch_load(out / arms[arm]["models"]["*"])
+        assert np.allclose(payload["harmonise-landmarks"], federated["landmarks"])
+        assert payload["config"]["harmonise"] == "histogram"
+
+
+def test_hist_arms_are_in_the_unseen_hospital_table(harmonised_study: tuple) -> None:
+    out, doc = harmonised_study
+    rows = {r["arm"]: r for r in doc["unseen"]["rows"]}
+
+    assert doc["unseen"]["site"] == "C"
+    assert sorted(rows) == ["centralized-hist", "fedavg-hist"]
+    assert all(r["num-cases"] == 4 for r in rows.values())
+    assert "FedAvg + histogram std." in (out / "report.html").read_text()
+
+
+def torch_load(path: Path) -> dict[str, Any]:
+    from fedseg.utils.io import load_torch
+
+    return load_torch(path)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("fedavg-hist,fedbn,centralized,fedavg", ("centralized", "fedavg", "fedavg-hist", "fedbn")),
+        ("local-hist,fedavg-q8-hist", ("local-hist", "fedavg-q8-hist")),
+    ],
+)
+def test_parse_hist_arms(given: str, expected: tuple[str, ...]) -> None:
+    from fedseg.study.arms import parse_arms
+
+    assert parse_arms(given) == expected
+
+
+def test_hist_arms_set_harmonise_and_keep_their_strategy() -> None:
+    from fedseg.study.arms import split_arm, study_arms
+
+    arms = {
+        a.name: dict(a.overrides)
+        for a in study_arms(["centralized-hist", "fedbn-hist", "fedavg-q8-hist"])
+    }
+
+    assert arms == {
+        "centralized-hist": {"harmonise": "histogram"},
+        "fedbn-hist": {"strategy": "fedbn", "harmonise": "histogram"},
+        "fedavg-q8-hist": {"strategy": "fedavg", "compression": "q8", "harmonise": "histogram"},
+    }
+    assert split_arm("fedbn-hist") == ("fedbn", "none")
+
+
+@pytest.mark.parametrize(
+    ("given", "fragment"),
+    [("fedavg-histo", "did you mean 'fedavg'"), ("quantum-hist", "any may end in -hist")],
+)
+def test_bad_hist_arms(given: str, fragment: str) -> None:
+    from fedseg.errors import ConfigError
+    from fedseg.study.arms import parse_arms
+
+    with pytest.raises(ConfigError, match=fragment):
+        parse_arms(given)
