@@ -291,3 +291,42 @@ def test_bad_hist_arms(given: str, fragment: str) -> None:
 
     with pytest.raises(ConfigError, match=fragment):
         parse_arms(given)
+
+
+def test_evaluate_maps_cases_with_the_model_s_landmarks(
+    harmonised_study: tuple, tmp_path: Path
+) -> None:
+    from fedseg.errors import CheckpointError
+    from fedseg.study.evaluate import evaluate_folder, model_landmarks
+    from fedseg.utils.io import save_torch
+
+    out, doc = harmonised_study
+    federated = json.loads(
+        (out / "arms" / "fedavg-hist" / "federation" / LANDMARKS_FILE).read_text()
+    )
+    model = out / doc["arms"]["fedavg-hist"]["models"]["*"]
+    final = out / "arms" / "fedavg-hist" / "federation" / "final_model.pt"
+
+    assert np.allclose(model_landmarks(model), federated["landmarks"])
+    assert np.allclose(model_landmarks(final), federated["landmarks"])  # landmarks.json beside
+    import fedseg.data.harmonise as harmonise_mod
+
+    seen: list[np.ndarray] = []
+    original = harmonise_mod.harmonise_image
+
+    def spy(image: np.ndarray, standard: np.ndarray) -> np.ndarray:
+        seen.append(np.asarray(standard))
+        return original(image, standard)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harmonise_mod, "harmonise_image", spy)
+        summary = evaluate_folder(model, out.parent / "data", tmp_path / "pred", progress=False)
+    assert summary["num-labelled"] == 12
+    assert len(seen) == 12  # every case mapped, with the federation's standard
+    assert all(np.allclose(s, federated["landmarks"]) for s in seen)
+
+    payload = torch_load(model)
+    del payload["harmonise-landmarks"]
+    save_torch(tmp_path / "bare.pt", payload)
+    with pytest.raises(CheckpointError, match="trained with harmonise = 'histogram' but no"):
+        model_landmarks(tmp_path / "bare.pt")
