@@ -330,3 +330,24 @@ def test_evaluate_maps_cases_with_the_model_s_landmarks(
     save_torch(tmp_path / "bare.pt", payload)
     with pytest.raises(CheckpointError, match="trained with harmonise = 'histogram' but no"):
         model_landmarks(tmp_path / "bare.pt")
+
+
+def test_report_compares_a_hist_arm_with_its_plain_arm_at_the_unseen_hospital() -> None:
+    from fedseg.study.holdout import unseen_rows
+    from fedseg.study.report import unseen_findings
+
+    def result(unseen: float, ind: float) -> dict[str, Any]:
+        regions = {r: {"dice": unseen} for r in ("WT", "TC", "ET")}
+        pooled = {r: {"dice": ind} for r in ("WT", "TC", "ET")}
+        return {
+            "metrics": {"pooled": {**pooled, "mean-dice": ind}},
+            "unseen": {"variants": {"model": {**regions, "mean-dice": unseen, "num-cases": 4}}},
+        }
+
+    rows = unseen_rows({"fedavg": result(0.5, 0.6), "fedavg-hist": result(0.55, 0.58)}, "average")
+    notes = unseen_findings({"unseen": {"site": "C", "num-cases": 4, "rows": rows}})
+
+    assert (
+        "Histogram standardisation at the unseen hospital: FedAvg + histogram std. 0.550 against "
+        "FedAvg 0.500 (mean Dice; in-distribution 0.580 against 0.600" in " ".join(notes)
+    )

@@ -240,6 +240,17 @@ def unseen_findings(doc: Mapping[str, Any]) -> list[str]:
                 f"adapted on its unlabelled images {b:.3f} (mean Dice; "
                 f"reported first: {unseen.get('unseen-norm')})."
             )
+    first_of = {r["arm"]: r for r in first}
+    for arm, row in first_of.items():
+        plain = harmonise_of(arm)[0]
+        if harmonise_of(arm)[1] != "none" and plain in first_of:
+            ref = first_of[plain]
+            notes.append(
+                f"Histogram standardisation at the unseen hospital: {pretty(arm)} "
+                f"{num(row['unseen-mean'])} against {pretty(plain)} {num(ref['unseen-mean'])} "
+                f"(mean Dice; in-distribution {num(row['in-distribution-mean'])} against "
+                f"{num(ref['in-distribution-mean'])}; one seed: read small differences as noise)."
+            )
     return notes
 
 
@@ -276,7 +287,16 @@ def _unseen_section(doc: Mapping[str, Any]) -> str:
         "training cases), <em>adapt</em> adapts them on the hospital's unlabelled images "
         "(entropy minimisation of the normalisation scale and shift; running statistics "
         "re-estimated where a layer keeps them); the config key <code>unseen-norm</code> "
-        f"(here <code>{esc(unseen.get('unseen-norm'))}</code>) picks the one listed first.</p>"
+        f"(here <code>{esc(unseen.get('unseen-norm'))}</code>) picks the one listed first."
+        + (
+            " Arms marked <em>+ histogram std.</em> read every case (training, test, unseen) "
+            "mapped onto standard histogram landmarks (Nyúl's method) that the training sites "
+            "computed on their own training cases and the server averaged by case count; the "
+            "unseen hospital maps its cases onto the same standard."
+            if any(harmonise_of(r["arm"])[1] != "none" for r in rows)
+            else ""
+        )
+        + "</p>"
         + table(header, body, left=2)
         + img(plots.unseen_bars(rows), "Dice at the unseen hospital")
     )
