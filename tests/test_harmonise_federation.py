@@ -351,3 +351,20 @@ def test_report_compares_a_hist_arm_with_its_plain_arm_at_the_unseen_hospital() 
         "Histogram standardisation at the unseen hospital: FedAvg + histogram std. 0.550 against "
         "FedAvg 0.500 (mean Dice; in-distribution 0.580 against 0.600" in " ".join(notes)
     )
+
+
+def test_fedseg_train_maps_its_cases_and_keeps_the_landmarks_with_the_model(
+    cohort: Any, tmp_path: Path
+) -> None:
+    from fedseg.data.cache import prepare_cases
+    from fedseg.study.centralized import train_centralized
+
+    root, _ = cohort
+    cfg = tiny_cfg(epochs=1, harmonise="histogram", cache_dir=str(tmp_path / "cache"))
+
+    train_centralized(root, tmp_path / "run", cfg, progress=False)
+
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    train = prepare_cases(root, cfg, case_ids=split["train"], cache_dir=tmp_path / "cache")
+    expected, _ = site_landmarks([p.image for p in train])
+    assert np.allclose(torch_load(tmp_path / "run" / "best.pt")["harmonise-landmarks"], expected)
