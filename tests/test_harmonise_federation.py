@@ -368,3 +368,25 @@ def test_fedseg_train_maps_its_cases_and_keeps_the_landmarks_with_the_model(
     train = prepare_cases(root, cfg, case_ids=split["train"], cache_dir=tmp_path / "cache")
     expected, _ = site_landmarks([p.image for p in train])
     assert np.allclose(torch_load(tmp_path / "run" / "best.pt")["harmonise-landmarks"], expected)
+
+
+def test_a_site_whose_policy_requires_dp_refuses_the_landmark_query() -> None:
+    import dataclasses
+
+    from fedseg.errors import SitePolicyError
+    from fedseg.site.policy import PolicyRequest, check_request, default_policy
+
+    request = PolicyRequest(
+        kind="landmarks",
+        dp_mode="none",
+        secure_aggregation="none",
+        strategy="fedavg",
+        aggregator="mean",
+        model_parameters=0,
+    )
+    with pytest.raises(SitePolicyError, match="histogram landmarks of the site's training"):
+        check_request(default_policy("p"), request)
+    lenient = dataclasses.replace(
+        default_policy("p"), dp_modes=("none", "sample"), secure_aggregation=("none",)
+    )
+    check_request(lenient, request)  # a policy accepting non-private runs lets it answer

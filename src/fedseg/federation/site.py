@@ -284,7 +284,7 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     if _message_config(msg).get("want") == "fisher":  # continual learning: EWC's Fisher
         return _fisher_reply(msg, context, cfg)
     if _message_config(msg).get("want") == "landmarks":  # harmonisation's landmark query
-        return _landmarks_reply(context, cfg)
+        return _landmarks_reply(msg, context, cfg)
     spec = resolve_site(context, cfg)
     content = RecordDict({R.SITE: R.site_record(spec.name)})
     declared = _declared_count(spec, cfg, context)
@@ -383,13 +383,16 @@ def _prepare_other_sites(spec: SiteSpec, cfg: FedsegConfig) -> None:
             log.debug("site %s: not prepared in advance", name, exc_info=True)
 
 
-def _landmarks_reply(context: Context, cfg: FedsegConfig) -> RecordDict:
+def _landmarks_reply(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
     """Per modality, the mean standard-scale landmarks of this site's training cases and their
-    count (:mod:`fedseg.federation.landmarks`); no image or single case's histogram leaves."""
+    count (:mod:`fedseg.federation.landmarks`); no image or single case's histogram leaves.
+    A site whose policy requires differential privacy refuses: the landmarks are a statistic
+    of its cases without DP noise."""
     from fedseg.data.harmonise import site_landmarks
     from fedseg.federation.landmarks import landmark_reply
 
     spec = resolve_site(context, cfg)
+    enforce_site_policy(context, cfg, spec, "landmarks", _message_config(msg), {})
     rt = get_runtime(spec, cfg)
     landmarks, counts = site_landmarks([p.image for p in rt.train_items])
     return landmark_reply(landmarks, counts, spec.name)
@@ -823,7 +826,8 @@ def enforce_site_policy(
     conf: ConfigRecord,
     received: Mapping[str, np.ndarray],
 ) -> None:
-    """Refuse a ``train``, ``evaluate`` or ``fisher`` request the site's policy does not allow.
+    """Refuse a ``train``, ``evaluate``, ``fisher`` or ``landmarks`` request the site's policy
+    does not allow.
 
     No-op without ``policy-file`` in the node config. Otherwise, before any case is read:
     the policy file is loaded (a bad one refuses everything, :class:`ConfigError`), the
