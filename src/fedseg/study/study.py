@@ -639,7 +639,7 @@ def _run_centralized(
         bar.step(row.get("mean-dice"))
         _tracked(folder, row)
 
-    with ProgressBar("centralized", budget, "epoch", progress) as bar:
+    with ProgressBar(folder.name, budget, "epoch", progress) as bar:
         run = train_for_epochs(
             cfg,
             sites.pooled_train,
@@ -663,7 +663,7 @@ def _run_local(
         bar.step(row.get("mean-dice"), site=site)
         _tracked(folder / site, row)
 
-    with ProgressBar("local", budget * len(sites.train), "epoch", progress) as bar:
+    with ProgressBar(folder.name, budget * len(sites.train), "epoch", progress) as bar:
         runs = run_local_arm(
             cfg,
             sites.train,
