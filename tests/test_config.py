@@ -43,6 +43,11 @@ def test_channels_double_per_level() -> None:
         ({"patch-size": 64}, "'patch-size'"),
         ({"test-fraction": 1.5}, "'test-fraction'"),
         ({"batch-size": True}, "'batch-size': expected an integer"),
+        (
+            {"harmonise": "histgram"},
+            "'harmonise': expected one of none, histogram, found 'histgram'; did you mean "
+            "'histogram'?",
+        ),
     ],
 )
 def test_bad_config_values(given: dict, fragment: str) -> None:

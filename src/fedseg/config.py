@@ -83,6 +83,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 #: what FedBN normalises with at a hospital it has no parameters for (``unseen-norm`` key)
 UNSEEN_NORMS: tuple[str, ...] = ("average", "adapt")
+#: intensity harmonisation before training and evaluation (``harmonise`` key): none, or Nyúl
+#: histogram standardisation with landmarks averaged across the sites
+#: (:mod:`fedseg.data.harmonise`)
+HARMONISE_METHODS: tuple[str, ...] = ("none", "histogram")
 #: training augmentation (``augment`` key): a named set, or a comma-separated list of groups.
 #: ``basic`` is the light set fedseg used before (flips, a small affine, intensity scale and
 #: shift); ``nnunet`` is nnU-Net's default set; ``all`` adds elastic deformation and a bias field.
@@ -238,6 +242,9 @@ class FedsegConfig:
     # hospital's unlabelled images); both are measured
     holdout_site: str = ""
     unseen_norm: str = "average"
+    # harmonisation (#15): "histogram" maps every case onto standard histogram landmarks that
+    # the sites compute on their training cases and the server averages (fedseg.data.harmonise)
+    harmonise: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "spatial-dims", "2 or 3", self.spatial_dims)
@@ -289,6 +296,7 @@ class FedsegConfig:
         _check(self.batch_size >= 1, "batch-size", "an integer >= 1", self.batch_size)
         _check(self.learning_rate > 0, "learning-rate", "a number > 0", self.learning_rate)
         _check_choice("unseen-norm", self.unseen_norm, UNSEEN_NORMS)
+        _check_choice("harmonise", self.harmonise, HARMONISE_METHODS)
         _check(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
         # frozen: the canonical form replaces what was given (a bool, "True", "mirror,spatial")

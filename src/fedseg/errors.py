@@ -94,6 +94,13 @@ class ClinicalDataError(DataError):
     code = "E208"
 
 
+class HarmonisationError(DataError):
+    """Histogram standardisation cannot use an image or a set of landmarks (no foreground
+    voxels in a modality, landmarks that are not finite and strictly increasing)."""
+
+    code = "E220"
+
+
 class CheckpointError(FedsegError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 

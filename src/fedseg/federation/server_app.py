@@ -143,6 +143,17 @@ def serve(
         from fedseg.continual.server import continual_records
 
         strategy.extra_train_records = continual_records(grid, cfg, initial, param_names)
+    if cfg.harmonise == "histogram":  # the sites' averaged landmarks travel with every message
+        from fedseg.federation.landmarks import (
+            LANDMARKS_FILE,
+            collect_landmarks,
+            landmarks_config,
+            save_landmarks,
+        )
+
+        standard, info = collect_landmarks(grid, cfg)
+        save_landmarks(out / LANDMARKS_FILE, standard, info)
+        strategy.extra_config.update(landmarks_config(standard))
     result = run_rounds(
         grid,
         strategy,

@@ -283,6 +283,8 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         return decrypt_sum_reply(msg, context, cfg)
     if _message_config(msg).get("want") == "fisher":  # continual learning: EWC's Fisher
         return _fisher_reply(msg, context, cfg)
+    if _message_config(msg).get("want") == "landmarks":  # harmonisation's landmark query
+        return _landmarks_reply(msg, context, cfg)
     spec = resolve_site(context, cfg)
     content = RecordDict({R.SITE: R.site_record(spec.name)})
     declared = _declared_count(spec, cfg, context)
@@ -381,6 +383,50 @@ def _prepare_other_sites(spec: SiteSpec, cfg: FedsegConfig) -> None:
             log.debug("site %s: not prepared in advance", name, exc_info=True)
 
 
+def _landmarks_reply(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
+    """Per modality, the mean standard-scale landmarks of this site's training cases and their
+    count (:mod:`fedseg.federation.landmarks`); no image or single case's histogram leaves.
+    A site whose policy requires differential privacy refuses: the landmarks are a statistic
+    of its cases without DP noise."""
+    from fedseg.data.harmonise import site_landmarks
+    from fedseg.federation.landmarks import landmark_reply
+
+    spec = resolve_site(context, cfg)
+    enforce_site_policy(context, cfg, spec, "landmarks", _message_config(msg), {})
+    rt = get_runtime(spec, cfg)
+    landmarks, counts = site_landmarks([p.image for p in rt.train_items])
+    return landmark_reply(landmarks, counts, spec.name)
+
+
+def harmonised_runtime(rt: SiteRuntime, cfg: FedsegConfig, conf: ConfigRecord) -> SiteRuntime:
+    """``rt`` itself, or with ``harmonise = "histogram"`` a runtime whose cases are mapped onto
+    the standard landmarks the message carries (built once per process and standard).
+
+    Raises
+    ------
+    UpdateValidationError
+        The message lacks the standard or carries landmarks that are not finite and strictly
+        increasing.
+    """
+    if cfg.harmonise != "histogram":
+        return rt
+    from fedseg.data.harmonise import harmonise_prepared
+    from fedseg.federation.landmarks import standard_from_config
+    from fedseg.site.trainer import SiteTrainer
+
+    standard = standard_from_config(conf)
+    key = (str(rt.spec.root), rt.spec.name, rt.spec.case_ids, _model_key(cfg), standard.tobytes())
+    mapped = _SITES.get(key)
+    if mapped is None:
+        train = harmonise_prepared(rt.train_items, standard)
+        test = harmonise_prepared(rt.test_items, standard)
+        mapped = SiteRuntime(
+            spec=rt.spec, trainer=SiteTrainer(cfg, train, test), train_items=train, test_items=test
+        )
+        _SITES[key] = mapped
+    return mapped
+
+
 def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
     """Load the received model, train ``local-epochs`` with the strategy's hooks, reply.
 
@@ -402,7 +448,7 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     received = _received_weights(msg)
     # The site's own policy decides first: a refused request never reaches the data.
     enforce_site_policy(context, cfg, spec, "train", conf, received)
-    rt = get_runtime(spec, cfg)
+    rt = harmonised_runtime(get_runtime(spec, cfg), cfg, conf)
     # a simulated malicious site (#5); a deployed site ignores the run config's switches
     attack = site_attack(simulation_switches(context, cfg, spec), spec.name, context.node_config)
     trainer = trainer_for(rt, attack)
@@ -611,7 +657,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> Record
     server_round = int(conf.get("server-round", 0))
     received = _received_weights(msg)
     enforce_site_policy(context, cfg, spec, "evaluate", conf, received)
-    rt = get_runtime(spec, cfg)
+    rt = harmonised_runtime(get_runtime(spec, cfg), cfg, conf)
     # Only FedBN evaluates with state of the site's own (its normalisation parameters).
     saved = (
         load_site_state(context, cfg, spec, server_round, inclusive=True, optimizer=False)
@@ -780,7 +826,8 @@ def enforce_site_policy(
     conf: ConfigRecord,
     received: Mapping[str, np.ndarray],
 ) -> None:
-    """Refuse a ``train``, ``evaluate`` or ``fisher`` request the site's policy does not allow.
+    """Refuse a ``train``, ``evaluate``, ``fisher`` or ``landmarks`` request the site's policy
+    does not allow.
 
     No-op without ``policy-file`` in the node config. Otherwise, before any case is read:
     the policy file is loaded (a bad one refuses everything, :class:`ConfigError`), the

@@ -113,6 +113,7 @@ def predict_regions(
     modalities: Sequence[str],
     case: Case,
     device: torch.device,
+    landmarks: np.ndarray | None = None,
 ) -> np.ndarray:
     """A case's predicted regions on its own grid: prepare, sliding window, map back.
 
@@ -132,6 +133,10 @@ def predict_regions(
         The case, images in ``MODALITIES`` order.
     device:
         Where to run.
+    landmarks:
+        The standard landmarks of a model trained on histogram-standardised cases
+        (``harmonise = "histogram"``, :func:`fedseg.study.evaluate.model_landmarks`): the
+        prepared case is mapped onto them first. ``None``: no harmonisation.
 
     Returns
     -------
@@ -149,5 +154,9 @@ def predict_regions(
 
     idx = [MODALITIES.index(m) for m in modalities]
     prep = prepare_case(case, cfg)
+    if landmarks is not None:
+        from fedseg.data.harmonise import harmonise_image
+
+        prep.image = harmonise_image(prep.image, landmarks)
     probs = predict_probs(model, prep.image[idx], cfg, device)
     return to_original_grid(probs, prep)

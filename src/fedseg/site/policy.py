@@ -308,7 +308,8 @@ class PolicyRequest:
     Attributes
     ----------
     kind:
-        ``"train"``, ``"evaluate"`` or ``"fisher"`` (continual learning's Fisher query).
+        ``"train"``, ``"evaluate"``, ``"fisher"`` (continual learning's Fisher query) or
+        ``"landmarks"`` (histogram standardisation's landmark query).
     dp_mode, secure_aggregation, strategy, aggregator:
         The run's values of these keys (the strategy the message names).
     model_parameters:
@@ -352,6 +353,11 @@ def check_request(policy: SitePolicy, request: PolicyRequest) -> None:
         problems.append(
             "the Fisher information of the site's loss, which is not differentially private "
             "(requires: dp-modes accepting 'none')"
+        )
+    if r.kind == "landmarks" and p.requires_dp:
+        problems.append(
+            "the histogram landmarks of the site's training cases, which are not differentially "
+            "private (requires: dp-modes accepting 'none')"
         )
     if r.kind == "train":
         one_of("dp-mode", r.dp_mode, p.dp_modes)

@@ -34,14 +34,28 @@ POOLED = "pooled"
 #: a federated arm's name may end in one of these: its updates are compressed (``compression``
 #: config key), e.g. ``fedavg-q8``, ``fedavg-topk``
 CODEC_SUFFIXES: tuple[str, ...] = ("q8", "q4", "topk")
+#: any arm's name may end in this: its cases are harmonised (``harmonise = "histogram"``:
+#: Nyúl standardisation onto landmarks averaged over the training sites), e.g. ``fedavg-hist``,
+#: ``centralized-hist``
+HARMONISE_SUFFIX = "hist"
+
+
+def harmonise_of(name: str) -> tuple[str, str]:
+    """``"fedavg-hist"`` -> ``("fedavg", "histogram")``; ``"fedavg"`` -> ``("fedavg", "none")``."""
+    stem, sep, suffix = name.rpartition("-")
+    if sep and suffix == HARMONISE_SUFFIX and stem:
+        return stem, "histogram"
+    return name, "none"
 
 
 def split_arm(name: str) -> tuple[str, str]:
-    """``"fedavg-topk"`` -> ``("fedavg", "topk")``; ``"fedavg"`` -> ``("fedavg", "none")``."""
-    base, sep, codec = name.rpartition("-")
+    """``"fedavg-topk"`` -> ``("fedavg", "topk")``; ``"fedavg"`` -> ``("fedavg", "none")``; a
+    harmonised arm's suffix is dropped first (``"fedavg-q8-hist"`` -> ``("fedavg", "q8")``)."""
+    stem = harmonise_of(name)[0]
+    base, sep, codec = stem.rpartition("-")
     if sep and codec in CODEC_SUFFIXES and base in FEDERATED_ARMS:
         return base, codec
-    return name, "none"
+    return stem, "none"
 
 
 def is_federated(name: str) -> bool:
@@ -52,10 +66,11 @@ def is_federated(name: str) -> bool:
 def arm_order(names: Sequence[str]) -> list[str]:
     """``names`` in report order: :data:`ARMS` order, each compressed arm after its strategy."""
 
-    def key(name: str) -> tuple[int, int]:
+    def key(name: str) -> tuple[int, int, int]:
         base, codec = split_arm(name)
         rank = ARMS.index(base) if base in ARMS else len(ARMS)
-        return rank, 0 if codec == "none" else 1 + CODEC_SUFFIXES.index(codec)
+        hist = 0 if harmonise_of(name)[1] == "none" else 1
+        return rank, hist, 0 if codec == "none" else 1 + CODEC_SUFFIXES.index(codec)
 
     return sorted(dict.fromkeys(names), key=key)
 
@@ -68,7 +83,8 @@ def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
     arms:
         ``"fedavg,Local"``, ``["centralized", "fedbn"]``, ``"all"`` (every arm of :data:`ARMS`),
         ``"default"`` or ``None`` (:data:`DEFAULT_ARMS`); ``"default,fedavgm"`` adds to those;
-        ``"fedavg-q8"``, ``"fedavg-topk"``: a federated arm with compressed updates.
+        ``"fedavg-q8"``, ``"fedavg-topk"``: a federated arm with compressed updates;
+        ``"fedavg-hist"``, ``"centralized-hist"``: any arm with harmonised cases.
 
     Returns
     -------
@@ -91,13 +107,14 @@ def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
     if "default" in wanted:
         wanted = (wanted - {"default"}) | set(DEFAULT_ARMS)
     for name in sorted(wanted):
-        if name not in ARMS and split_arm(name)[1] == "none":
+        if split_arm(name)[0] not in ARMS:
             close = difflib.get_close_matches(name, ARMS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
                 f"unknown arm '{name}': expected one of {', '.join(ARMS)} (or all, default), "
                 f"a federated one may end in -{', -'.join(CODEC_SUFFIXES)} (compressed "
-                f"updates){hint}"
+                f"updates), any may end in -{HARMONISE_SUFFIX} (histogram-standardised "
+                f"cases){hint}"
             )
     if not wanted:
         raise ConfigError(f"no arm selected: expected one or more of {', '.join(ARMS)}")
@@ -106,14 +123,16 @@ def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def study_arms(names: Sequence[str]) -> list[Arm]:
     """The study's arms as experiment arms: a federated arm sets ``strategy`` to its name (and
-    ``compression`` to its suffix, ``fedavg-q8``)."""
+    ``compression`` to its suffix, ``fedavg-q8``); a ``-hist`` arm sets ``harmonise``."""
     out = []
     for n in names:
         base, codec = split_arm(n)
-        if base not in FEDERATED_ARMS:
-            out.append(Arm(n, {}))
-        elif codec == "none":
-            out.append(Arm(n, {"strategy": base}))
-        else:
-            out.append(Arm(n, {"strategy": base, "compression": codec}))
+        overrides: dict[str, str] = {}
+        if base in FEDERATED_ARMS:
+            overrides["strategy"] = base
+            if codec != "none":
+                overrides["compression"] = codec
+        if harmonise_of(n)[1] != "none":
+            overrides["harmonise"] = harmonise_of(n)[1]
+        out.append(Arm(n, overrides))
     return out

@@ -45,7 +45,9 @@ def train_centralized(
     out:
         Run folder; created if needed.
     cfg:
-        Configuration.
+        Configuration. With ``harmonise = "histogram"`` every case is mapped onto the
+        landmarks of the training cases (:mod:`fedseg.data.harmonise`), which the model files
+        carry (``harmonise-landmarks``).
     resume:
         Continue from ``out/checkpoint.pt`` when present (its config must match).
     progress:
@@ -97,7 +99,21 @@ def train_centralized(
         load(split["val"]),
         load(split["test"]),
     )
+    standard = None
+    if cfg.harmonise == "histogram":  # Nyúl standardisation on the training cases' landmarks
+        from fedseg.data.harmonise import harmonise_prepared, site_landmarks
+
+        standard, _ = site_landmarks([p.image for p in train_items])
+        train_items, val_items, test_items = (
+            harmonise_prepared(items, standard) for items in (train_items, val_items, test_items)
+        )
     trainer = SiteTrainer(cfg, train_items, val_items or train_items[:2], modalities=modalities)
+
+    def payload(epoch: int) -> dict[str, Any]:
+        doc = _model_payload(trainer, cfg, modalities, epoch)
+        if standard is not None:  # the cases the model reads must be mapped onto these first
+            doc["harmonise-landmarks"] = standard.tolist()
+        return doc
 
     history: list[dict[str, Any]] = []
     best = -1.0
@@ -124,11 +140,11 @@ def train_centralized(
         track_epoch(out, row)  # TensorBoard events in out/tensorboard
         if val["mean-dice"] > best:
             best = val["mean-dice"]
-            save_torch(out / BEST, _model_payload(trainer, cfg, modalities, epoch + 1))
+            save_torch(out / BEST, payload(epoch + 1))
         save_torch(
             ckpt_path,
             {
-                **_model_payload(trainer, cfg, modalities, epoch + 1),
+                **payload(epoch + 1),
                 "trainer": trainer.state(),
                 "history": history,
                 "best": best,

@@ -66,6 +66,41 @@ def load_model(path: Path, device: Any = None) -> tuple[Any, FedsegConfig, tuple
     return model.to(device), cfg, modalities
 
 
+def model_landmarks(path: Path) -> np.ndarray | None:
+    """The standard landmarks a model's inputs must be mapped onto, or ``None``.
+
+    A model trained with ``harmonise = "histogram"`` reads histogram-standardised cases: the
+    study's models carry the landmarks (``harmonise-landmarks``); a federation's
+    ``final_model.pt`` has them beside it in ``landmarks.json``.
+
+    Raises
+    ------
+    CheckpointError
+        The model was trained with harmonisation but neither place holds its landmarks.
+    """
+    from fedseg.data.harmonise import check_landmarks
+    from fedseg.errors import HarmonisationError
+    from fedseg.federation.landmarks import LANDMARKS_FILE, load_landmarks
+
+    ckpt_path = resolve_checkpoint(path)
+    payload = load_torch(ckpt_path)
+    config = payload.get("config", {}) if isinstance(payload, dict) else {}
+    try:
+        if isinstance(payload, dict) and "harmonise-landmarks" in payload:
+            return check_landmarks(np.asarray(payload["harmonise-landmarks"], dtype=np.float64))
+        if config.get("harmonise", "none") == "none":
+            return None
+        beside = ckpt_path.parent / LANDMARKS_FILE
+        if beside.is_file():
+            return load_landmarks(beside)
+    except HarmonisationError as exc:
+        raise CheckpointError(f"{ckpt_path}: its harmonisation landmarks: {exc}") from None
+    raise CheckpointError(
+        f"{ckpt_path}: trained with harmonise = {config.get('harmonise')!r} but no landmarks "
+        f"found (expected 'harmonise-landmarks' in the file or {LANDMARKS_FILE} beside it)"
+    )
+
+
 #: Columns of ``metrics.csv`` after ``case_id`` and ``region`` (units in the names). MONAI's
 #: figures: ``dice_monai`` (1 when both masks are empty) and ``hd95_monai_mm`` (the larger of
 #: the two directed 95th percentiles). The BraTS challenge's, from
@@ -168,6 +203,7 @@ def evaluate_folder(
 
     device = pick_device()
     model, cfg, modalities = load_model(checkpoint, device)
+    landmarks = model_landmarks(checkpoint)
     refs = discover_cases(Path(data))
     pred_dir = Path(pred_dir)
     pred_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +216,7 @@ def evaluate_folder(
         it = tqdm(refs, desc="evaluating", unit="case")
     for ref in it:
         case = load_case(ref, require_label=False)
-        regions = predict_regions(model, cfg, modalities, case, device)
+        regions = predict_regions(model, cfg, modalities, case, device, landmarks)
         label = regions_to_label(regions)
         save_label(label, case.affine, pred_dir / f"{case.case_id}.nii.gz")
         if case.label is not None:

@@ -20,7 +20,14 @@ import numpy as np
 
 from fedseg.config import parse_augment
 from fedseg.data.case import REGIONS
-from fedseg.study.arms import PER_SITE_ARMS, POOLED, arm_order, is_federated, split_arm
+from fedseg.study.arms import (
+    PER_SITE_ARMS,
+    POOLED,
+    arm_order,
+    harmonise_of,
+    is_federated,
+    split_arm,
+)
 from fedseg.study.html import CSS, esc, img, num, pct, table
 from fedseg.utils.io import atomic_write_text
 
@@ -45,10 +52,12 @@ _STILL_RISING = 0.02
 
 
 def pretty(arm: str) -> str:
-    """Display name of an arm (``fedavg`` -> ``FedAvg``, ``fedavg-q8`` -> ``FedAvg q8``)."""
+    """Display name of an arm (``fedavg`` -> ``FedAvg``, ``fedavg-q8`` -> ``FedAvg q8``,
+    ``fedavg-hist`` -> ``FedAvg + histogram std.``)."""
     base, codec = split_arm(arm)
     name = _PRETTY.get(base, base)
-    return name if codec == "none" else f"{name} {codec}"
+    name = name if codec == "none" else f"{name} {codec}"
+    return name if harmonise_of(arm)[1] == "none" else f"{name} + histogram std."
 
 
 def _sites_of(res: Mapping[str, Any]) -> list[str]:
@@ -231,6 +240,17 @@ def unseen_findings(doc: Mapping[str, Any]) -> list[str]:
                 f"adapted on its unlabelled images {b:.3f} (mean Dice; "
                 f"reported first: {unseen.get('unseen-norm')})."
             )
+    first_of = {r["arm"]: r for r in first}
+    for arm, row in first_of.items():
+        plain = harmonise_of(arm)[0]
+        if harmonise_of(arm)[1] != "none" and plain in first_of:
+            ref = first_of[plain]
+            notes.append(
+                f"Histogram standardisation at the unseen hospital: {pretty(arm)} "
+                f"{num(row['unseen-mean'])} against {pretty(plain)} {num(ref['unseen-mean'])} "
+                f"(mean Dice; in-distribution {num(row['in-distribution-mean'])} against "
+                f"{num(ref['in-distribution-mean'])}; one seed: read small differences as noise)."
+            )
     return notes
 
 
@@ -267,7 +287,16 @@ def _unseen_section(doc: Mapping[str, Any]) -> str:
         "training cases), <em>adapt</em> adapts them on the hospital's unlabelled images "
         "(entropy minimisation of the normalisation scale and shift; running statistics "
         "re-estimated where a layer keeps them); the config key <code>unseen-norm</code> "
-        f"(here <code>{esc(unseen.get('unseen-norm'))}</code>) picks the one listed first.</p>"
+        f"(here <code>{esc(unseen.get('unseen-norm'))}</code>) picks the one listed first."
+        + (
+            " Arms marked <em>+ histogram std.</em> read every case (training, test, unseen) "
+            "mapped onto standard histogram landmarks (Nyúl's method) that the training sites "
+            "computed on their own training cases and the server averaged by case count; the "
+            "unseen hospital maps its cases onto the same standard."
+            if any(harmonise_of(r["arm"])[1] != "none" for r in rows)
+            else ""
+        )
+        + "</p>"
         + table(header, body, left=2)
         + img(plots.unseen_bars(rows), "Dice at the unseen hospital")
     )

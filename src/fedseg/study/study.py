@@ -69,6 +69,7 @@ from fedseg.study.arms import (
     arm_order,
     is_federated,
     parse_arms,
+    split_arm,
     study_arms,
 )
 from fedseg.study.overlays import save_overlays
@@ -494,6 +495,30 @@ def make_sites(
     return sites, summary
 
 
+def pooled_landmarks(sites: Sites) -> np.ndarray:
+    """The standard landmarks of the study's training cases: each training site's
+    :func:`fedseg.data.harmonise.site_landmarks`, combined by case count as the federation's
+    server does (:func:`fedseg.federation.landmarks.combine_site_landmarks`)."""
+    from fedseg.data.harmonise import site_landmarks
+    from fedseg.federation.landmarks import combine_site_landmarks
+
+    parts = [site_landmarks([p.image for p in items]) for items in sites.train.values()]
+    return combine_site_landmarks([lm for lm, _ in parts], [n for _, n in parts])
+
+
+def harmonised_sites(sites: Sites, standard: np.ndarray) -> Sites:
+    """``sites`` with every training, test and unseen case mapped onto ``standard``."""
+    from fedseg.data.harmonise import harmonise_prepared
+
+    return Sites(
+        parts=sites.parts,
+        train={s: harmonise_prepared(v, standard) for s, v in sites.train.items()},
+        test={s: harmonise_prepared(v, standard) for s, v in sites.test.items()},
+        holdout=sites.holdout,
+        unseen=harmonise_prepared(sites.unseen, standard),
+    )
+
+
 def summary_by_site(summary: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """Heterogeneity rows keyed by site name."""
     return {str(row["site"]): row for row in summary}
@@ -535,17 +560,31 @@ def _run_arm(
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     folder = out / "arms" / arm  # TensorBoard events of the baselines go to FOLDER/tensorboard
-    if arm == "centralized":
+    base = split_arm(arm)[0]
+    standard = None
+    if cfg.harmonise == "histogram" and not is_federated(arm):
+        # the landmarks a federation would average: the same training cases, pooled
+        standard = pooled_landmarks(sites)
+        sites = harmonised_sites(sites, standard)
+    if base == "centralized":
         shared, per_site, curve, timings = _run_centralized(cfg, sites, device, progress, folder)
-    elif arm == "local":
+    elif base == "local":
         shared, per_site, curve, timings, extra = _run_local(cfg, sites, device, progress, folder)
     else:
         shared, per_site, curve, timings, extra = _run_federated(
             arm, out, cfg, data_dir, sites, progress, engine, superlink
         )
+    if cfg.harmonise == "histogram" and is_federated(arm):
+        # scored with the standard the sites agreed on in the federation
+        from fedseg.federation.landmarks import LANDMARKS_FILE, load_landmarks
+
+        standard = load_landmarks(out / "arms" / arm / "federation" / LANDMARKS_FILE)
+        sites = harmonised_sites(sites, standard)
+    if standard is not None:
+        extra["harmonise"] = {"method": cfg.harmonise, "landmarks": standard.tolist()}
     t_train = time.perf_counter() - t0
 
-    models = _save_models(out, arm, cfg, shared, per_site, device)
+    models = _save_models(out, arm, cfg, shared, per_site, device, standard)
     evaluator = make_evaluator(cfg, device)
     ev = evaluate_models(evaluator, shared, per_site, sites.test)
     from fedseg.clinic.card import write_study_cards  # model cards beside the arm's models
@@ -600,7 +639,7 @@ def _run_centralized(
         bar.step(row.get("mean-dice"))
         _tracked(folder, row)
 
-    with ProgressBar("centralized", budget, "epoch", progress) as bar:
+    with ProgressBar(folder.name, budget, "epoch", progress) as bar:
         run = train_for_epochs(
             cfg,
             sites.pooled_train,
@@ -624,7 +663,7 @@ def _run_local(
         bar.step(row.get("mean-dice"), site=site)
         _tracked(folder / site, row)
 
-    with ProgressBar("local", budget * len(sites.train), "epoch", progress) as bar:
+    with ProgressBar(folder.name, budget * len(sites.train), "epoch", progress) as bar:
         runs = run_local_arm(
             cfg,
             sites.train,
@@ -766,11 +805,19 @@ def make_evaluator(cfg: FedsegConfig, device: torch.device) -> SiteTrainer:
     return SiteTrainer(cfg, (), device=device)
 
 
-def _payload(evaluator: SiteTrainer, cfg: FedsegConfig, weights: Weights) -> dict[str, Any]:
+def _payload(
+    evaluator: SiteTrainer,
+    cfg: FedsegConfig,
+    weights: Weights,
+    standard: np.ndarray | None = None,
+) -> dict[str, Any]:
     from fedseg.study.centralized import _model_payload
 
     evaluator.set_weights(weights)
-    return _model_payload(evaluator, cfg, MODALITIES, epoch_budget(cfg))
+    payload = _model_payload(evaluator, cfg, MODALITIES, epoch_budget(cfg))
+    if standard is not None:  # the cases it reads must be mapped onto these landmarks first
+        payload["harmonise-landmarks"] = np.asarray(standard, dtype=np.float64).tolist()
+    return payload
 
 
 def _save_models(
@@ -780,21 +827,23 @@ def _save_models(
     shared: Weights | None,
     per_site: Mapping[str, Weights] | None,
     device: torch.device,
+    standard: np.ndarray | None = None,
 ) -> dict[str, str]:
     """Write the arm's models; return ``{"*" or site: path relative to out}``.
 
     Local-only has no shared model, only the sites' own ones; FedBN has both (the shared one
-    carries whatever normalisation parameters the server last held).
+    carries whatever normalisation parameters the server last held). A harmonised arm's
+    models carry the standard landmarks (``harmonise-landmarks``).
     """
     evaluator = make_evaluator(cfg, device)
     files: dict[str, str] = {}
     if shared is not None:
         rel = f"models/{arm}.pt"
-        save_torch(out / rel, _payload(evaluator, cfg, shared))
+        save_torch(out / rel, _payload(evaluator, cfg, shared, standard))
         files["*"] = rel
     for site, weights in (per_site or {}).items():
         rel = f"models/{arm}-{site}.pt"
-        save_torch(out / rel, _payload(evaluator, cfg, weights))
+        save_torch(out / rel, _payload(evaluator, cfg, weights, standard))
         files[site] = rel
     return files
 
@@ -964,8 +1013,12 @@ def _overlays(
         arm_preds = []
         for (site, prep), z in zip(cases, slices, strict=True):
             rel = files.get(site, files.get("*"))
-            state = load_torch(out / rel)["model"]
-            evaluator.set_weights({k: v.numpy() for k, v in state.items()})
+            payload = load_torch(out / rel)
+            evaluator.set_weights({k: v.numpy() for k, v in payload["model"].items()})
+            if "harmonise-landmarks" in payload:  # a harmonised arm reads mapped cases
+                from fedseg.data.harmonise import harmonise_prepared
+
+                (prep,) = harmonise_prepared([prep], np.asarray(payload["harmonise-landmarks"]))
             arm_preds.append((evaluator.predict(prep)[:, :, :, z] >= 0.5).astype(np.uint8))
         preds[arm] = np.stack(arm_preds)
     return {

@@ -115,6 +115,9 @@ class FedsegStrategy(Strategy):
         #: array records sent with every training message besides the model (continual
         #: learning's phase-A model and Fisher, :mod:`fedseg.continual`)
         self.extra_train_records: dict[str, ArrayRecord] = {}
+        #: config values sent with every training and evaluation message (harmonisation's
+        #: standard landmarks, :mod:`fedseg.federation.landmarks`)
+        self.extra_config: dict[str, Any] = {}
         #: the messages of the current half-round (their ids are set when the grid pushes them)
         self._outbox: list[Message] = []
         #: the evaluation in flight, which may overlap the next round's training
@@ -228,7 +231,8 @@ class FedsegStrategy(Strategy):
         """
         nodes = {n: self.site_of(n) for n in self._connected(grid) if n not in exclude}
         send = self.algorithm.outgoing(arrays)
-        return self.evaluation.send(server_round, send, config, nodes, self.name)
+        conf = ConfigRecord({**dict(config), **self.extra_config})
+        return self.evaluation.send(server_round, send, conf, nodes, self.name)
 
     def aggregate_evaluate(
         self,
@@ -443,7 +447,7 @@ class FedsegStrategy(Strategy):
         self._sent = {n: self.site_of(n) for n in nodes}
         model = self.global_weights
         conf = train_config(
-            config,
+            ConfigRecord({**dict(config), **self.extra_config}),
             server_round,
             strategy=self.name,
             local_epochs=self.cfg.local_epochs,
