@@ -180,3 +180,31 @@ def test_bad_predict_input_exits_2_with_one_line(
     assert len(lines) == 1
     assert expected in lines[0]
     assert not any((tmp_path / "o").iterdir())
+
+
+def test_a_harmonised_model_maps_the_patient_onto_its_landmarks(tmp_path: Path) -> None:
+    import fedseg.data.harmonise as harmonise_mod
+    from fedseg.study.evaluate import model_landmarks
+
+    write_cohort(tmp_path / "data", num_cases=5)
+    args = ["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3"]
+    args += ["--set", "harmonise=histogram"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    landmarks = model_landmarks(tmp_path / "run")
+    assert landmarks is not None
+
+    seen: list[np.ndarray] = []
+    original = harmonise_mod.harmonise_image
+
+    def spy(image: np.ndarray, standard: np.ndarray) -> np.ndarray:
+        seen.append(np.asarray(standard))
+        return original(image, standard)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harmonise_mod, "harmonise_image", spy)
+        code, _, stderr = _predict(tmp_path / "run", tmp_path / "data" / "CASE_000", "--out",
+                                   tmp_path / "o")  # fmt: skip
+    assert code == 0, stderr
+    assert len(seen) == 1 and np.allclose(seen[0], landmarks)

@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         from fedseg.clinic.card import load_carded_model
         from fedseg.clinic.dicom import load_mapping
         from fedseg.clinic.predict import load_patient, predict_patient
+        from fedseg.study.evaluate import model_landmarks
         from fedseg.utils.runtime import pick_device
 
         with user_errors():
@@ -52,8 +53,9 @@ def register(app: typer.Typer) -> None:
             writable_folder(out, "--out")
             device = pick_device()
             net, cfg, card = load_carded_model(model, device, preset=preset)
+            landmarks = model_landmarks(model)
             patient = load_patient(case, rules=rules)
-            result = predict_patient(net, cfg, card, patient, out, device)
+            result = predict_patient(net, cfg, card, patient, out, device, landmarks=landmarks)
         if json_out:
             doc = {
                 "case": result.case_id,

@@ -263,8 +263,13 @@ def predict_patient(
     patient: Patient,
     out: Path,
     device: Any = None,
+    landmarks: np.ndarray | None = None,
 ) -> Prediction:
     """Segment one patient and write the label map, SEG (DICOM input), volumes and overlay.
+
+    ``landmarks``: the model's histogram-standardisation landmarks
+    (:func:`fedseg.study.evaluate.model_landmarks`) when it was trained with
+    ``harmonise = "histogram"``; the patient's images are mapped onto them first.
 
     The files are written into a temporary folder inside ``out`` and moved into ``out`` at
     the end, so a failure leaves no half-written result.
@@ -284,7 +289,7 @@ def predict_patient(
     t0 = time.perf_counter()
     device = device or pick_device()
     case = patient.case
-    regions = predict_regions(model, cfg, card["modalities"], case, device)
+    regions = predict_regions(model, cfg, card["modalities"], case, device, landmarks=landmarks)
     label = regions_to_label(regions).astype(np.uint8)
     volumes = region_volumes_ml(label, case.affine)
     out = Path(out)

@@ -148,10 +148,12 @@ class Service:
         preset: str | None = None,
     ) -> None:
         from fedseg.clinic.card import load_carded_model
+        from fedseg.study.evaluate import model_landmarks
         from fedseg.utils.runtime import pick_device
 
         self.device = pick_device()
         self.model, self.cfg, self.card = load_carded_model(model_path, self.device, preset=preset)
+        self.landmarks = model_landmarks(model_path)
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = int(max_upload_bytes)
@@ -187,7 +189,13 @@ class Service:
         job.status = "running"
         try:
             result = predict_patient(
-                self.model, self.cfg, self.card, patient, job.folder / "result", self.device
+                self.model,
+                self.cfg,
+                self.card,
+                patient,
+                job.folder / "result",
+                self.device,
+                landmarks=self.landmarks,
             )
         except FedsegError as exc:
             job.status, job.error = "failed", public_message(str(exc), job.folder)
