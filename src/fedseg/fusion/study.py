@@ -2,7 +2,9 @@
 
 For each endpoint (WHO grade 4 vs 2-3, AUC; overall survival, Harrell's C-index) and each
 feature set (:data:`fedseg.fusion.features.FEATURE_SETS`) the same linear model is trained
-with the same number of gradient steps (``rounds x local-steps``):
+with the same number of gradient steps (``rounds x local-steps``), on features standardised
+by the mean and standard deviation of the cases it is trained on (pooled from the sites'
+moments when federated: the centralized statistics):
 
 ``centralized``
     on the pooled training cases of all sites;
@@ -47,7 +49,13 @@ from fedseg.fusion.features import (
     feature_names,
 )
 from fedseg.fusion.metrics import auc, bootstrap_ci, c_index
-from fedseg.fusion.model import init_weights, local_steps, predict
+from fedseg.fusion.model import (
+    feature_moments,
+    init_weights,
+    local_steps,
+    pooled_scaling,
+    predict,
+)
 
 log = logging.getLogger("fedseg.fusion")
 
@@ -269,6 +277,8 @@ def _train(
     steps = cfg.rounds * cfg.local_steps
 
     def fit(data: FusionData) -> list[np.ndarray]:
+        # on the standardised features of the cases it trains on (pooled: the same statistics
+        # the federation pools from the sites' moments)
         w, _ = local_steps(
             init_weights(dim),
             data.x,
@@ -279,6 +289,7 @@ def _train(
             steps=steps,
             lr=cfg.lr,
             l2=cfg.l2,
+            scaling=pooled_scaling([feature_moments(data.x)]),
         )
         return w
 
