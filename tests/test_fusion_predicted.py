@@ -51,6 +51,7 @@ def predicted_study(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         bootstrap=100,
         endpoints=("grade",),
         seg_rounds=1,
+        seg_cases=5,
         seg_overrides=TINY_SEG,
     )
     said: list[str] = []
@@ -68,10 +69,14 @@ def test_default_study_trains_a_segmentation_model_on_training_cases_only(
     model = out / "segmentation" / "final_model.pt"
     card = read_card(model)
     parts = read_partition(out / "partition.csv")
-    assert read_partition(out / "segmentation" / "partition.csv") == parts
+    seg_parts = read_partition(out / "segmentation" / "partition.csv")
+    assert set(seg_parts) == set(parts)
     for site, ids in parts.items():
-        train = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)["train"]
-        assert card["hospitals"][site]["train"] == len(train)
+        split = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)
+        assert set(seg_parts[site]) <= set(split["train"])  # never a fusion test case
+        assert len(seg_parts[site]) == min(cfg.seg_cases, len(split["train"])) == 5
+        seg_train = split_cases(seg_parts[site], cfg.test_fraction, 0.0, cfg.seed)["train"]
+        assert card["hospitals"][site]["train"] == len(seg_train)
     doc = predicted_study["doc"]
     assert doc["image_source"] == "predicted"
     assert doc["segmentation"]["sha256"] == card["sha256"]
@@ -134,6 +139,7 @@ def test_given_seg_model_is_used_without_training(
     [
         (["--image-source", "labels"], "--image-source must be one of predicted, reference"),
         (["--seg-rounds", "0"], "--seg-rounds must be an integer >= 1"),
+        (["--seg-cases", "1"], "--seg-cases must be an integer >= 2"),
         (["--seg-model", "MODEL", "--image-source", "reference"], "only with --image-source"),
         (["--seg-model", "NOCARD"], "no model card"),
     ],
