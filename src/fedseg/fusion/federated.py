@@ -267,7 +267,8 @@ def run_fusion(
         "image-source": image_source,
     }
     start = [np.asarray(a, dtype=np.float64) for a in initial]
-    scaling, scaling_dropped = None, {}
+    scaling: Scaling | None = None
+    scaling_dropped: dict[str, str] = {}
     flwr_log.setLevel(logging.WARNING)
     try:
         if standardize:

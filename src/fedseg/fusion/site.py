@@ -71,7 +71,7 @@ def _task(config: ConfigRecord) -> dict[str, Any]:
             isinstance(v, float) and math.isfinite(v) for v in value
         ):
             raise ConfigError(f"fusion message: {key!r} must be a list of finite floats")
-        return value
+        return [float(v) for v in value]
 
     mean, scale = floats("feature-mean"), floats("feature-scale")
     if (mean is None) != (scale is None) or (
