@@ -24,7 +24,7 @@ from fedseg.data.cohort import split_cases
 from fedseg.data.partition import read_partition
 from fedseg.errors import ConfigError
 from fedseg.fusion.features import build_data, case_image_features, feature_names
-from fedseg.fusion.model import local_steps
+from fedseg.fusion.model import feature_moments, local_steps, pooled_scaling
 
 TINY_SEG = {"image-size": 16, "patch-size": 16, "depth": 2, "base-channels": 4}
 
@@ -51,6 +51,7 @@ def predicted_study(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         bootstrap=100,
         endpoints=("grade",),
         seg_rounds=1,
+        seg_cases=5,
         seg_overrides=TINY_SEG,
     )
     said: list[str] = []
@@ -68,10 +69,14 @@ def test_default_study_trains_a_segmentation_model_on_training_cases_only(
     model = out / "segmentation" / "final_model.pt"
     card = read_card(model)
     parts = read_partition(out / "partition.csv")
-    assert read_partition(out / "segmentation" / "partition.csv") == parts
+    seg_parts = read_partition(out / "segmentation" / "partition.csv")
+    assert set(seg_parts) == set(parts)
     for site, ids in parts.items():
-        train = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)["train"]
-        assert card["hospitals"][site]["train"] == len(train)
+        split = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)
+        assert set(seg_parts[site]) <= set(split["train"])  # never a fusion test case
+        assert len(seg_parts[site]) == min(cfg.seg_cases, len(split["train"])) == 5
+        seg_train = split_cases(seg_parts[site], cfg.test_fraction, 0.0, cfg.seed)["train"]
+        assert card["hospitals"][site]["train"] == len(seg_train)
     doc = predicted_study["doc"]
     assert doc["image_source"] == "predicted"
     assert doc["segmentation"]["sha256"] == card["sha256"]
@@ -134,6 +139,7 @@ def test_given_seg_model_is_used_without_training(
     [
         (["--image-source", "labels"], "--image-source must be one of predicted, reference"),
         (["--seg-rounds", "0"], "--seg-rounds must be an integer >= 1"),
+        (["--seg-cases", "1"], "--seg-cases must be an integer >= 2"),
         (["--seg-model", "MODEL", "--image-source", "reference"], "only with --image-source"),
         (["--seg-model", "NOCARD"], "no model card"),
     ],
@@ -218,7 +224,16 @@ def _one_step(root: Path, site_ids: list[str], start: list[np.ndarray]) -> list[
     train = sorted(c for ids in site_ids for c in split_cases(ids, 0.25, 0.0, 0)["train"])
     data = build_data(train, records, {}, "grade", "clinical")
     w, _ = local_steps(
-        start, data.x, data.y, data.time, data.event, endpoint="grade", steps=1, lr=0.5, l2=0.0
+        start,
+        data.x,
+        data.y,
+        data.time,
+        data.event,
+        endpoint="grade",
+        steps=1,
+        lr=0.5,
+        l2=0.0,
+        scaling=pooled_scaling([feature_moments(data.x)]),  # of these sites' cases only
     )
     return w
 
@@ -247,7 +262,10 @@ def test_server_app_task_fusion_trains_the_model_through_the_client_app(tmp_path
     np.testing.assert_allclose(model["w"], expected[0], rtol=1e-12)
     np.testing.assert_allclose(model["b"], expected[1], rtol=1e-12)
     assert [r["kept"] for r in served["history"]["rounds"]] == [3, 3, 3]
-    assert {m.metadata.message_type for m in served["grid"].sent} == {"train.fusion"}
+    # the sites' feature moments first, then the training rounds
+    types = [m.metadata.message_type for m in served["grid"].sent]
+    assert types == ["query.fusion"] * 3 + ["train.fusion"] * 9
+    assert len(served["history"]["feature-scaling"]["scale"]) == len(model["feature-names"])
 
 
 def _error_reply(msg: Any, reply: Any) -> Any:
@@ -286,6 +304,8 @@ def test_bad_site_reply_during_fusion_is_dropped_with_its_reason_and_the_round_g
     ((site, why),) = row["dropped"].items()
     assert why.startswith(reason)
     assert f"{site} dropped from the round: {why}" in caplog.text
+    # the same site's moments were set aside too: the scaling is the two others' pooled cases
+    assert list(served["history"]["feature-scaling-dropped"]) == [site]
     # one step at the two other sites, averaged by case count: one step on their pooled cases
     dim = len(feature_names("grade", "clinical"))
     expected = _one_step(tmp_path, [parts["site-1"], parts["site-2"]], init_weights(dim))

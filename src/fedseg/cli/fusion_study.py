@@ -89,8 +89,16 @@ def fusion_study(
     ] = None,
     seg_rounds: Annotated[
         int,
-        typer.Option("--seg-rounds", help="Rounds (one local epoch each) of that training."),
-    ] = 5,
+        typer.Option("--seg-rounds", help="Rounds (two local epochs each) of that training."),
+    ] = 10,
+    seg_cases: Annotated[
+        int,
+        typer.Option(
+            "--seg-cases",
+            help="Training cases per site that training uses (a seeded draw of the site's "
+            "training cases; never its test cases).",
+        ),
+    ] = 15,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print results.json's arms as JSON on stdout.")
     ] = False,
@@ -116,6 +124,7 @@ def fusion_study(
             image_source=image_source,
             seg_model=seg_model,
             seg_rounds=seg_rounds,
+            seg_cases=seg_cases,
         )
         say = (lambda s: print(s, file=sys.stderr)) if as_json else typer.echo
         doc = run_fusion_study(cfg, say=say)

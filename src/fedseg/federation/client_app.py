@@ -112,7 +112,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     Returns
     -------
     flwr.clientapp.ClientApp
-        With ``train``, ``evaluate`` and ``query`` handlers, and ``train.fusion``.
+        With ``train``, ``evaluate`` and ``query`` handlers, ``train.fusion`` and ``query.fusion``.
     """
     fixed = dict(overrides or {})
     client = ClientApp()
@@ -135,6 +135,12 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         from fedseg.fusion.site import handle_fusion_train
 
         return guarded_reply(handle_fusion_train, msg, context, fixed)
+
+    @client.query("fusion")  # the fusion models' feature moments (pooled scaling)
+    def query_fusion(msg: Message, context: Context) -> Message:
+        from fedseg.fusion.site import handle_fusion_stats
+
+        return guarded_reply(handle_fusion_stats, msg, context, fixed)
 
     return client
 

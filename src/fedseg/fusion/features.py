@@ -15,7 +15,10 @@ Image features (:data:`IMAGE_FEATURES`) come from the tumour regions of a label 
     of TC: ``pi^(1/3) (6 V)^(2/3) / A`` with the voxel-face surface area (1 for a sphere).
 ``t1ce_et`` / ``t1ce_core`` / ``t2_core``
     log ratio of the median T1ce in ET, T1ce in label 1 and T2 in label 1 to the median of the
-    same modality in the brain outside the tumour (enhancement and necrosis).
+    same modality in the brain outside the tumour (enhancement and necrosis). Only voxels inside
+    the brain (intensity > 0) count, and the log ratio is clipped to [-3, 3]: a predicted
+    region that spills into the background would otherwise give log(1e-6) = -14 and swamp every
+    other feature.
 
 Clinical features (:func:`clinical_features`): age, sex, KPS, IDH, MGMT and resection coded
 around fixed reference values (binary fields as +1 / -1, 0 when missing), each with a
@@ -115,10 +118,16 @@ def feature_names(endpoint: str, features: str) -> tuple[str, ...]:
     return IMAGE_FEATURES + clinical
 
 
+#: bound of the intensity log ratios (a factor of e^3 = 20 either way)
+_LOG_RATIO_BOUND = 3.0
+
+
 def _median_ratio(values: np.ndarray, reference: float) -> float:
+    values = values[values > 0]  # inside the brain
     if values.size == 0 or reference <= 0:
         return 0.0
-    return float(math.log(max(float(np.median(values)), 1e-6) / reference))
+    ratio = math.log(float(np.median(values)) / reference)
+    return float(min(max(ratio, -_LOG_RATIO_BOUND), _LOG_RATIO_BOUND))
 
 
 def _surface_faces(mask: np.ndarray, spacing: Sequence[float]) -> float:

@@ -7,6 +7,12 @@ on one inconsistent reply, it sets aside each failed or malformed reply with its
 site's error code, or :func:`fedseg.strategies.validation.validate_update`'s finding) and
 averages the others; a round without a valid reply keeps the model.
 
+Before the first round :func:`run_fusion` asks every site for the moments of its training
+features (``query.fusion``: count, sum and sum of squares per feature) and pools them into the
+features' mean and standard deviation (:func:`fedseg.fusion.model.pooled_scaling`, exactly the
+centralized statistics); the training messages carry them, every site steps on the same
+standardised features, and the model is still exchanged on the features as they are.
+
 :func:`run_fusion` runs it on any grid: fedseg's ServerApp does with run-config ``task =
 "fusion"`` (``flwr run``, Simulation or Deployment Engine; :func:`serve_fusion` writes the run
 folder), and :func:`train_federated` on an in-process grid (one Context per simulated site, as
@@ -16,6 +22,7 @@ a SuperNode keeps it) for ``fedseg fusion-study``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedseg.fusion.model import Scaling
 from fedseg.fusion.site import FUSION_ACTION
 
 log = logging.getLogger("fedseg.fusion")
@@ -115,10 +123,88 @@ class FusionFedAvg(FedAvg):
 
 @dataclass
 class FusionRun:
-    """What :func:`run_fusion` returns: the final ``[w, b]`` and what each round kept."""
+    """What :func:`run_fusion` returns: the final ``[w, b]`` and what each round kept.
+
+    ``scaling`` is the pooled feature scaling the sites stepped on (``None`` without it) and
+    ``scaling_dropped`` the sites whose moments were set aside, with the reason.
+    """
 
     weights: list[np.ndarray]
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    scaling: Scaling | None = None
+    scaling_dropped: dict[str, str] = field(default_factory=dict)
+
+
+def _wait_for_nodes(grid: Grid, num_sites: int, timeout: float = 600.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= num_sites or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def collect_scaling(
+    grid: Grid, num_sites: int, dim: int, task: Mapping[str, Any]
+) -> tuple[Scaling | None, dict[str, str]]:
+    """Ask every site for its training features' moments and pool them.
+
+    Parameters
+    ----------
+    grid:
+        The Flower grid.
+    num_sites:
+        How many nodes to wait for.
+    dim:
+        The number of features (replies of another shape are set aside).
+    task:
+        ``endpoint``, ``features``, ``image-source`` (the config of the ``query.fusion``
+        message).
+
+    Returns
+    -------
+    tuple
+        The pooled :class:`~fedseg.fusion.model.Scaling` (``None`` when no site replied with
+        valid moments) and, per site set aside, the reason.
+    """
+    from flwr.app import Message
+
+    from fedseg.federation import records as R
+    from fedseg.fusion.model import pooled_scaling
+
+    config = ConfigRecord({k: task[k] for k in ("endpoint", "features", "image-source")})
+    messages = [
+        Message(
+            content=RecordDict({"config": config}),
+            dst_node_id=node,
+            message_type=f"query.{FUSION_ACTION}",
+        )
+        for node in _wait_for_nodes(grid, num_sites)
+    ]
+    moments: list[list[np.ndarray]] = []
+    dropped: dict[str, str] = {}
+    for msg in grid.send_and_receive(messages):
+        site = f"node-{msg.metadata.src_node_id}"
+        if msg.has_error():
+            dropped[site] = f"Flower error {msg.error.code}: {msg.error.reason}"
+            continue
+        site = R.reply_site_name(msg.content) or site
+        reason = R.reply_error(msg.content) or ""
+        arrays = msg.content.array_records.get("arrays")
+        got = [] if arrays is None else arrays.to_numpy_ndarrays()
+        shapes = [tuple(a.shape) for a in got]
+        if not reason and shapes != [(1,), (dim,), (dim,)]:
+            reason = f"expected moments of shapes [(1,), ({dim},), ({dim},)], got {shapes}"
+        elif not reason and not (
+            all(np.isfinite(a).all() for a in got) and got[0][0] >= 1 and (got[2] >= 0).all()
+        ):
+            reason = "moments not finite, no case, or a negative sum of squares"
+        if reason:
+            log.warning("feature scaling: %s set aside: %s", site, reason)
+            dropped[site] = reason
+        else:
+            moments.append([np.asarray(a, dtype=np.float64) for a in got])
+    return (pooled_scaling(moments) if moments else None), dropped
 
 
 def run_fusion(
@@ -134,6 +220,7 @@ def run_fusion(
     l2: float,
     image_source: str = "predicted",
     fraction_train: float = 1.0,
+    standardize: bool = True,
 ) -> FusionRun:
     """Train a fusion model with :class:`FusionFedAvg` on ``grid``.
 
@@ -151,6 +238,9 @@ def run_fusion(
         Number of rounds.
     fraction_train:
         Share of the nodes sampled per round.
+    standardize:
+        Pool the sites' feature moments first (:func:`collect_scaling`) and train on the
+        standardised features; ``False``: on the features as they are.
 
     Returns
     -------
@@ -168,18 +258,28 @@ def run_fusion(
         )
     finally:
         flwr_log.setLevel(level)
-    config = ConfigRecord(
-        {
-            "endpoint": endpoint,
-            "features": features,
-            "local-steps": int(local_steps),
-            "lr": float(lr),
-            "l2": float(l2),
-            "image-source": image_source,
-        }
-    )
-    flwr_log.setLevel(logging.WARNING)
+    task: dict[str, Any] = {
+        "endpoint": endpoint,
+        "features": features,
+        "local-steps": int(local_steps),
+        "lr": float(lr),
+        "l2": float(l2),
+        "image-source": image_source,
+    }
     start = [np.asarray(a, dtype=np.float64) for a in initial]
+    scaling: Scaling | None = None
+    scaling_dropped: dict[str, str] = {}
+    flwr_log.setLevel(logging.WARNING)
+    try:
+        if standardize:
+            scaling, scaling_dropped = collect_scaling(grid, num_sites, len(start[0]), task)
+        if scaling is not None:
+            task["feature-mean"] = [float(v) for v in scaling.mean]
+            task["feature-scale"] = [float(v) for v in scaling.scale]
+    finally:
+        flwr_log.setLevel(level)
+    config = ConfigRecord(task)
+    flwr_log.setLevel(logging.WARNING)
     try:
         result = strategy.start(
             grid=grid,
@@ -201,7 +301,9 @@ def run_fusion(
                 "train-loss": None if metrics is None else metrics.get("train-loss"),
             }
         )
-    return FusionRun([np.asarray(a, dtype=np.float64) for a in final], history)
+    return FusionRun(
+        [np.asarray(a, dtype=np.float64) for a in final], history, scaling, scaling_dropped
+    )
 
 
 def serve_fusion(grid: Grid, cfg: Any, out: Path) -> FusionRun:
@@ -265,7 +367,21 @@ def serve_fusion(grid: Grid, cfg: Any, out: Path) -> FusionRun:
             "b": [float(v) for v in run.weights[1]],
         },
     )
-    atomic_write_json(out / FUSION_HISTORY, {"config": cfg.to_run_config(), "rounds": run.rounds})
+    scaling = None
+    if run.scaling is not None:
+        scaling = {
+            "mean": [float(v) for v in run.scaling.mean],
+            "scale": [float(v) for v in run.scaling.scale],
+        }
+    atomic_write_json(
+        out / FUSION_HISTORY,
+        {
+            "config": cfg.to_run_config(),
+            "feature-scaling": scaling,
+            "feature-scaling-dropped": run.scaling_dropped,
+            "rounds": run.rounds,
+        },
+    )
     for row in run.rounds:
         log.info("fusion round %d: %d replies averaged", row["round"], row["kept"])
     return run
@@ -284,6 +400,7 @@ def train_federated(
     l2: float,
     image_source: str = "reference",
     node_config: Mapping[str, Any] | None = None,
+    standardize: bool = True,
 ) -> list[np.ndarray]:
     """Train a fusion model with FedAvg over the simulated sites of a partition.
 
@@ -300,6 +417,8 @@ def train_federated(
         The task (see :mod:`fedseg.fusion.site`) and the number of rounds.
     node_config:
         Added to every site's node config (e.g. ``clinical-file``).
+    standardize:
+        See :func:`run_fusion`.
 
     Returns
     -------
@@ -329,5 +448,6 @@ def train_federated(
         lr=lr,
         l2=l2,
         image_source=image_source,
+        standardize=standardize,
     )
     return run.weights

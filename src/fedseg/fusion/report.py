@@ -204,9 +204,10 @@ text-align:right}}th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><b
 {doc["cohort"]["cases"]} cases). {len(sites)} sites ({html.escape(str(s["partition"]))}
 partition), {s["test_fraction"]} of each site held out; linear models (logistic for grade,
 Cox for survival) trained {s["rounds"]} x {s["local_steps"]} gradient steps (lr {s["lr"]},
-L2 {s["l2"]}); federated: FedAvg over the fedseg ClientApp, {s["rounds"]} rounds of
-{s["local_steps"]} local steps. 95 % intervals: percentile bootstrap over test cases
-({s["bootstrap"]} resamples). Run time {doc.get("seconds", "?")} s.</p>
+L2 {s["l2"]}) on features standardised by the training cases' mean and standard deviation
+(federated: pooled from the sites' sums); federated: FedAvg over the fedseg ClientApp,
+{s["rounds"]} rounds of {s["local_steps"]} local steps. 95 % intervals: percentile bootstrap
+over test cases ({s["bootstrap"]} resamples). Run time {doc.get("seconds", "?")} s.</p>
 {source}
 {skipped}
 <h2>Targets</h2>{comparisons}

@@ -18,9 +18,10 @@ def segmentation_config(
 ) -> Any:
     """The configuration of the segmentation federation a fusion study trains.
 
-    The ``cpu-demo`` network and FedAvg, ``rounds`` rounds of one local epoch, the study's
-    ``seed`` and ``test-fraction`` (so every site holds out exactly the cases the fusion models
-    are scored on), then ``overrides`` (kebab-case keys).
+    The ``cpu-demo`` network and FedAvg, ``rounds`` rounds of two local epochs (the default
+    study's budget), the study's ``seed`` and ``test-fraction`` (each site scores the model on
+    that share of the cases it is given, which are training cases of the fusion study), then
+    ``overrides`` (kebab-case keys).
 
     Raises
     ------
@@ -32,7 +33,7 @@ def segmentation_config(
     base = {
         "strategy": "fedavg",
         "num-server-rounds": rounds,
-        "local-epochs": 1,
+        "local-epochs": 2,
         "seed": seed,
         "test-fraction": test_fraction,
         "val-fraction": 0.0,
@@ -54,7 +55,8 @@ def train_segmentation(
     data:
         The cohort folder.
     sites:
-        Site name to case ids (each site trains on its own ``split_cases`` training part).
+        Site name to case ids: only cases the fusion study trains on (each site trains on the
+        ``split_cases`` training part of these and scores the model on the rest).
     out:
         The run folder (``final_model.pt`` and its card, ``history.json``); a finished run of
         the same config and sites is reused, an interrupted one resumed.

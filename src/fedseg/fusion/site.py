@@ -8,8 +8,16 @@ segmentation handlers do (:func:`fedseg.data.cohort.split_cases`, seeded by ``se
 (``[w, b]``, a few dozen numbers) and ``num-examples``: no feature, record or case id leaves
 the site.
 
+Before training, the server asks each site (a ``query.fusion`` message,
+:func:`handle_fusion_stats`) for the count, sum and sum of squares of each feature over its
+training cases (:func:`fedseg.fusion.model.feature_moments`: ``2 d + 1`` numbers, no more than
+the model), pools them into the features' mean and standard deviation and sends them with every
+training message (``feature-mean``, ``feature-scale``) so that every site takes its steps on the
+same standardised features (:class:`fedseg.fusion.model.Scaling`).
+
 The message's config record is the one source of the task's parameters: ``endpoint``,
-``features``, ``local-steps``, ``lr``, ``l2`` and ``image-source`` (``predicted``, the default:
+``features``, ``local-steps``, ``lr``, ``l2``, the optional ``feature-mean`` and
+``feature-scale`` and ``image-source`` (``predicted``, the default:
 the image features come from the regions the site predicts for its own cases with the
 segmentation model of its node config ``seg-model`` or the run config ``fusion-seg-model``;
 ``reference``: from its reference label maps).
@@ -17,9 +25,11 @@ segmentation model of its node config ``seg-model`` or the run config ``fusion-s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedseg.config import FedsegConfig
@@ -33,33 +43,64 @@ from fedseg.fusion.features import (
     case_image_features,
     check_choice,
 )
+from fedseg.fusion.model import Scaling
 
 #: the action of fusion messages (``train.fusion``)
 FUSION_ACTION = "fusion"
 
 
-def _task(config: ConfigRecord) -> dict[str, Any]:
-    def get(key: str, kind: type) -> Any:
-        if key not in config:
-            raise ConfigError(f"fusion message without {key!r} in its config record")
-        value = config[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ConfigError(f"fusion message: {key!r} must be {kind.__name__}, got {value!r}")
-        return value
+def _get(config: ConfigRecord, key: str, kind: type) -> Any:
+    if key not in config:
+        raise ConfigError(f"fusion message without {key!r} in its config record")
+    value = config[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"fusion message: {key!r} must be {kind.__name__}, got {value!r}")
+    return value
 
+
+def _task(config: ConfigRecord) -> dict[str, Any]:
+    """The data part of a fusion message's task (endpoint, features, regions, scaling)."""
+
+    def floats(key: str) -> list[float] | None:
+        value = config.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(
+            isinstance(v, float) and math.isfinite(v) for v in value
+        ):
+            raise ConfigError(f"fusion message: {key!r} must be a list of finite floats")
+        return [float(v) for v in value]
+
+    mean, scale = floats("feature-mean"), floats("feature-scale")
+    if (mean is None) != (scale is None) or (
+        scale is not None and (len(scale) != len(mean or []) or min(scale, default=1.0) <= 0)
+    ):
+        raise ConfigError(
+            "fusion message: 'feature-mean' and 'feature-scale' come together, of one length, "
+            "with scales > 0"
+        )
     return {
-        "endpoint": check_choice("endpoint", get("endpoint", str), ENDPOINTS),
-        "features": check_choice("features", get("features", str), FEATURE_SETS),
-        "steps": get("local-steps", int),
-        "lr": get("lr", float),
-        "l2": get("l2", float),
+        "scaling": None
+        if mean is None or scale is None
+        else Scaling(np.asarray(mean, dtype=np.float64), np.asarray(scale, dtype=np.float64)),
+        "endpoint": check_choice("endpoint", _get(config, "endpoint", str), ENDPOINTS),
+        "features": check_choice("features", _get(config, "features", str), FEATURE_SETS),
         "image-source": check_choice(
             "image-source",
-            get("image-source", str) if "image-source" in config else "predicted",
+            _get(config, "image-source", str) if "image-source" in config else "predicted",
             IMAGE_SOURCES,
         ),
+    }
+
+
+def _train_task(config: ConfigRecord) -> dict[str, Any]:
+    return {
+        **_task(config),
+        "steps": _get(config, "local-steps", int),
+        "lr": _get(config, "lr", float),
+        "l2": _get(config, "l2", float),
     }
 
 
@@ -189,7 +230,7 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
     from fedseg.errors import DataError
     from fedseg.fusion.model import local_steps
 
-    task = _task(msg.content.config_records.get("config", ConfigRecord()))
+    task = _train_task(msg.content.config_records.get("config", ConfigRecord()))
     arrays = msg.content.array_records.get("arrays")
     if arrays is None:
         raise ConfigError("fusion message without 'arrays'")
@@ -208,10 +249,51 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
         steps=task["steps"],
         lr=task["lr"],
         l2=task["l2"],
+        scaling=task["scaling"],
     )
     return RecordDict(
         {
             "arrays": ArrayRecord(numpy_ndarrays=weights),
             "metrics": MetricRecord({"num-examples": len(data), "train-loss": loss}),
+        }
+    )
+
+
+def handle_fusion_stats(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
+    """Moments of this site's training features for the pooled scaling (``query.fusion``).
+
+    Parameters
+    ----------
+    msg:
+        Content: ``config`` with ``endpoint``, ``features`` and ``image-source``.
+    context, cfg:
+        The ClientApp's context and the site's config.
+
+    Returns
+    -------
+    flwr.app.RecordDict
+        ``arrays``: :func:`fedseg.fusion.model.feature_moments` of its training cases;
+        ``metrics``: ``num-examples``.
+
+    Raises
+    ------
+    ConfigError
+        A message without a valid task.
+    fedseg.errors.DataError
+        The site's data or clinical CSV cannot be read, or it has no case with the endpoint.
+    """
+    from fedseg.errors import DataError
+    from fedseg.fusion.model import feature_moments
+
+    task = _task(msg.content.config_records.get("config", ConfigRecord()))
+    data = site_fusion_data(
+        context, cfg, task["endpoint"], task["features"], image_source=task["image-source"]
+    )
+    if len(data) == 0:
+        raise DataError(f"no training case of this site has the {task['endpoint']} endpoint")
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(numpy_ndarrays=feature_moments(data.x)),
+            "metrics": MetricRecord({"num-examples": len(data)}),
         }
     )
