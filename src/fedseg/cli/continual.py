@@ -136,7 +136,7 @@ def continual_command(
             progress=not quiet and not as_json,
         )
     if as_json:
-        keep = ("old", "new", "forgetting", "kept-of-naive-forgetting")
+        keep = ("old", "new", "forgetting", "kept-of-naive-forgetting", "new-minus-naive")
         arms_out = {n: {k: a[k] for k in keep if k in a} for n, a in doc["arms"].items()}
         print(json.dumps({"report": str(out / "report.html"), "arms": arms_out}))
         return
