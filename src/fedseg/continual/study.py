@@ -88,6 +88,12 @@ _PHASE_B_KEYS: tuple[str, ...] = (
     "lwf-weight",
     "lwf-temperature",
 )
+#: the phase-B keys each continual method reads (the others cannot change its arm's result)
+_METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "none": ("continual",),
+    "ewc": ("continual", "ewc-strength", "ewc-fisher"),
+    "lwf": ("continual", "lwf-weight", "lwf-temperature"),
+}
 #: what changes in phase B (``--shift``)
 SHIFTS: tuple[str, ...] = ("scanner", "tumour")
 #: the tumour types phase B can bring with ``--shift tumour`` (``--new-tumour``)
@@ -388,13 +394,16 @@ def run_continual(
     evaluator = _Evaluator(base, scenario, out)
 
     def fingerprint_of(arm: Arm) -> dict[str, Any]:
+        # init-model, ewc-fisher: their SHA-256 stands for them; an arm ignores the phase-B
+        # keys its method does not read (phase A all of them), so changing LwF's weight
+        # reruns the LwF arm only
+        used = () if arm.name == PHASE_A else _METHOD_KEYS[_METHOD[arm.name]]
+        unused = tuple(k for k in _PHASE_B_KEYS if k not in used)
         return fingerprint(
             arm.config(base),
             data=data_dir,
             partition=scenario.parts(arm.name),
-            # init-model, ewc-fisher: their SHA-256 stands for them; phase A does not use
-            # phase B's keys, so changing them reruns only the phase-B arms
-            ignore=("init-model", "ewc-fisher", *(_PHASE_B_KEYS if arm.name == PHASE_A else ())),
+            ignore=("init-model", "ewc-fisher", *unused),
             extra={
                 "test": scenario.test,
                 "new-scanner": scenario.new_scanner,
