@@ -252,6 +252,23 @@ def test_summary_forgetting_and_what_was_kept(tmp_path: Path) -> None:
     json.dumps(doc)  # plain JSON
 
 
+def test_summary_does_not_claim_the_target_when_naive_forgot_next_to_nothing(
+    tmp_path: Path,
+) -> None:
+    write_cohort_csv(tmp_path, ["a"] * 6 + ["new"] * 4)
+    sc = build_scenario(tmp_path, FedsegConfig(num_sites=1), "new")
+    results = {
+        PHASE_A: _result(0.60, 0.40),
+        "naive": _result(0.59, 0.70),  # forgot 0.01: within the noise of a run
+        "lwf": _result(0.605, 0.71),
+    }
+    doc = summarise(sc, results, rounds_a=2, rounds_b=1, cfg=FedsegConfig())
+    assert doc["arms"]["lwf"]["kept-of-naive-forgetting"] == pytest.approx(1.5)
+    assert any("next to nothing to forget" in f for f in doc["findings"])
+    assert not any(f.endswith(": met).") for f in doc["findings"])
+    assert any("LWF" in f and "cannot be shown" in f for f in doc["findings"])
+
+
 def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     from helpers import tiny_cfg, write_cohort
 
