@@ -341,7 +341,6 @@ def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> N
     assert [a for a in doc["arms"] if after[a] != stamps[a]] == ["ewc"]
 
 
-@pytest.mark.slow
 def test_a_tiny_new_cases_study_trains_phase_b_at_the_existing_hospitals(tmp_path: Path) -> None:
     from helpers import tiny_cfg, write_cohort
 
