@@ -13,6 +13,7 @@ from fedseg.config import FedsegConfig
 from fedseg.continual.study import (
     NEW_SITE,
     PHASE_A,
+    PHASE_B_MODES,
     build_scenario,
     parse_arms,
     summarise,
@@ -55,6 +56,84 @@ def test_scenario_refuses_a_phase_b_without_new_cases(tmp_path: Path) -> None:
         build_scenario(tmp_path, FedsegConfig(num_sites=3), "c")
     with pytest.raises(ConfigError, match="cohort.csv"):
         build_scenario(tmp_path / "nowhere", FedsegConfig(), None)
+
+
+def _training_cases(sc: Any, arm: str) -> set[str]:
+    """The cases ``arm``'s sites train on: each holds out its own split (as the site does)."""
+    from fedseg.data.cohort import split_cases
+
+    cfg = FedsegConfig(num_sites=3, test_fraction=0.25)
+    return {
+        c
+        for ids in sc.parts(arm).values()
+        for c in split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)["train"]
+    }
+
+
+@pytest.mark.parametrize(
+    ("phase_b", "sites"),
+    [
+        ("new-hospital", [NEW_SITE]),
+        ("new-cases", ["site-0-new", "site-1-new", "site-2-new"]),
+        ("both", ["site-0-new", "site-1-new", "site-2-new", NEW_SITE]),
+    ],
+)
+def test_phase_b_modes_put_the_new_cases_where_asked(
+    tmp_path: Path, phase_b: str, sites: list[str]
+) -> None:
+    write_cohort_csv(tmp_path, ["a", "b", "c"] * 6 + ["new"] * 12)
+    cfg = FedsegConfig(num_sites=3, test_fraction=0.25)
+    default = build_scenario(tmp_path, cfg, "new")
+    sc = build_scenario(tmp_path, cfg, "new", phase_b=phase_b)
+    new_ids = [f"SYN_{i:05d}" for i in range(18, 30)]
+    assert sc.phase_b == phase_b
+    # phase A is the same in every mode; phase B's sites share out exactly the new cases
+    assert sc.old_sites == default.old_sites
+    assert list(sc.new_sites) == sites
+    assert sorted(c for ids in sc.new_sites.values() for c in ids) == new_ids
+    assert all(len(ids) >= 3 for ids in sc.new_sites.values())
+    assert sc.parts("naive") == sc.new_sites
+    assert sc.parts("joint") == {**sc.old_sites, **sc.new_sites}
+    assert set(sc.test) == {*sc.old_sites, *sc.new_sites}
+    # no arm trains on a case held out in either phase (joint trains every site)
+    held_out = {c for ids in sc.test.values() for c in ids}
+    for arm in (PHASE_A, "naive", "joint"):
+        assert not _training_cases(sc, arm) & held_out, arm
+
+
+@pytest.mark.parametrize("phase_b", PHASE_B_MODES)
+def test_every_phase_b_mode_refuses_a_phase_b_without_new_cases(
+    tmp_path: Path, phase_b: str
+) -> None:
+    cfg = FedsegConfig(num_sites=3)
+    write_cohort_csv(tmp_path, ["a", "b"] * 9)
+    with pytest.raises(PartitionError, match="phase B needs new cases"):
+        build_scenario(tmp_path, cfg, "c", phase_b=phase_b)
+    write_tumour_csv(tmp_path, [("enhancing", 1)] * 12)
+    with pytest.raises(PartitionError, match="phase B needs new cases"):
+        build_scenario(tmp_path, cfg, shift="tumour", phase_b=phase_b)
+
+
+@pytest.mark.parametrize(
+    ("phase_b", "new_cases", "match"),
+    [
+        ("new-hospital", 2, "at least 3 are needed"),
+        ("new-cases", 8, "at least 9 are needed .--phase-b new-cases spreads them over 3 sites"),
+        ("both", 11, "at least 12 are needed .--phase-b both spreads them over 4 sites"),
+    ],
+)
+def test_bad_phase_b_with_too_few_new_cases_per_site(
+    tmp_path: Path, phase_b: str, new_cases: int, match: str
+) -> None:
+    write_cohort_csv(tmp_path, ["a", "b"] * 9 + ["c"] * new_cases)
+    with pytest.raises(PartitionError, match=match):
+        build_scenario(tmp_path, FedsegConfig(num_sites=3), "c", phase_b=phase_b)
+
+
+def test_bad_phase_b_mode(tmp_path: Path) -> None:
+    write_cohort_csv(tmp_path, ["a", "b"] * 9 + ["c"] * 9)
+    with pytest.raises(ConfigError, match="--phase-b: unknown 'new-scanner'; expected one of"):
+        build_scenario(tmp_path, FedsegConfig(num_sites=3), "c", phase_b="new-scanner")
 
 
 def write_tumour_csv(folder: Path, tumours: list[tuple[str, int]]) -> None:
@@ -104,6 +183,7 @@ def test_bad_shift_options(tmp_path: Path, kwargs: dict, error: type, match: str
         (["--shift", "contrast"], "--shift: unknown 'contrast'"),
         (["--shift", "tumour", "--new-tumour", "cystic"], "--new-tumour: unknown 'cystic'"),
         (["--new-tumour", "multifocal"], "--shift tumour only"),
+        (["--phase-b", "elsewhere"], "--phase-b: unknown 'elsewhere'"),
     ],
 )
 def test_cli_bad_shift_exits_2_before_generating(tmp_path: Path, args: list, match: str) -> None:
@@ -164,8 +244,29 @@ def test_summary_forgetting_and_what_was_kept(tmp_path: Path) -> None:
     assert arms["ewc"]["kept-of-naive-forgetting"] == pytest.approx(0.75)
     assert arms["ewc"]["new-minus-naive"] == pytest.approx(-0.02)
     assert arms["joint"]["forgetting"] == pytest.approx(-0.02)
+    assert arms["joint"]["new-minus-naive"] == pytest.approx(-0.01)
+    assert "kept-of-naive-forgetting" not in arms["joint"]
     assert any("EWC kept 75%" in f and "at least half" in f for f in doc["findings"])
+    # -0.02 on phase B's cases is just inside the target (at most 2 points below naive)
+    assert any("EWC" in f and f.endswith("below naive: met).") for f in doc["findings"])
     json.dumps(doc)  # plain JSON
+
+
+def test_summary_does_not_claim_the_target_when_naive_forgot_next_to_nothing(
+    tmp_path: Path,
+) -> None:
+    write_cohort_csv(tmp_path, ["a"] * 6 + ["new"] * 4)
+    sc = build_scenario(tmp_path, FedsegConfig(num_sites=1), "new")
+    results = {
+        PHASE_A: _result(0.60, 0.40),
+        "naive": _result(0.59, 0.70),  # forgot 0.01: within the noise of a run
+        "lwf": _result(0.605, 0.71),
+    }
+    doc = summarise(sc, results, rounds_a=2, rounds_b=1, cfg=FedsegConfig())
+    assert doc["arms"]["lwf"]["kept-of-naive-forgetting"] == pytest.approx(1.5)
+    assert any("next to nothing to forget" in f for f in doc["findings"])
+    assert not any(f.endswith(": met).") for f in doc["findings"])
+    assert any("LWF" in f and "cannot be shown" in f for f in doc["findings"])
 
 
 def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
@@ -224,8 +325,8 @@ def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> N
     )
     assert (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns == stamp
     assert again["arms"]["ewc"]["old"] == doc["arms"]["ewc"]["old"]
-    # a phase-B key (EWC's strength) reruns the EWC arm only: phase A does not read it
-    phase_a = (out / "arms" / PHASE_A / "result.json").stat().st_mtime_ns
+    # a phase-B key (EWC's strength) reruns the EWC arm only: no other arm reads it
+    stamps = {a: (out / "arms" / a / "result.json").stat().st_mtime_ns for a in doc["arms"]}
     run_continual(
         out,
         cfg.replace(ewc_strength=1e4),
@@ -233,9 +334,48 @@ def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> N
         new_scanner="new",
         rounds_a=1,
         rounds_b=1,
-        arms=("ewc",),
         engine="inprocess",
         progress=False,
     )
-    assert (out / "arms" / PHASE_A / "result.json").stat().st_mtime_ns == phase_a
-    assert (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns != stamp
+    after = {a: (out / "arms" / a / "result.json").stat().st_mtime_ns for a in doc["arms"]}
+    assert [a for a in doc["arms"] if after[a] != stamps[a]] == ["ewc"]
+
+
+def test_a_tiny_new_cases_study_trains_phase_b_at_the_existing_hospitals(tmp_path: Path) -> None:
+    from helpers import tiny_cfg, write_cohort
+
+    from fedseg.continual.study import run_continual
+
+    data = tmp_path / "data"
+    ids = sorted(write_cohort(data, num_cases=12))
+    with open(data / "cohort.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "scanner"])
+        for i, cid in enumerate(ids):
+            w.writerow([cid, "new" if i >= 6 else "ab"[i % 2]])
+    cfg = tiny_cfg(num_sites=2, test_fraction=0.34)
+    out = tmp_path / "study"
+    doc = run_continual(
+        out,
+        cfg,
+        data=data,
+        new_scanner="new",
+        phase_b="new-cases",
+        rounds_a=1,
+        rounds_b=1,
+        arms=("naive", "joint"),
+        engine="inprocess",
+        progress=False,
+    )
+    assert doc["scenario"]["phase-b"] == "new-cases"
+    assert doc["scenario"]["new-sites"] == {"site-0-new": 3, "site-1-new": 3}
+    partition = (out / "arms" / "naive" / "partition.csv").read_text()
+    assert "site-0-new" in partition and "site-0," not in partition
+    for name, arm in doc["arms"].items():
+        assert arm["status"] == "ok", name
+        assert set(arm["per-site"]) == {"site-0", "site-1", "site-0-new", "site-1-new"}
+        # "new" pools phase B's held-out cases over its sites, weighted by cases
+        per = arm["per-site"]
+        pooled = sum(per[s]["mean"] * per[s]["cases"] for s in ("site-0-new", "site-1-new"))
+        total = per["site-0-new"]["cases"] + per["site-1-new"]["cases"]
+        assert arm["new"]["mean"] == pytest.approx(pooled / total)

@@ -230,7 +230,7 @@ class FedsegConfig:
     # continual learning, phase B (#17): none (naive continued training) | ewc | lwf
     continual: str = "none"
     ewc_strength: float = 1000.0
-    lwf_weight: float = 1.0
+    lwf_weight: float = 10.0
     lwf_temperature: float = 2.0
     # EWC's Fisher: asked of the sites at the end of a run and written to OUT/fisher.npz
     # (save-fisher, phase A), or read from a file by phase B (ewc-fisher; "": ask phase B's sites)

@@ -1,7 +1,7 @@
 """``fedseg continual``: a federation in two phases, and what it forgets (#17).
 
-Exit codes: 0 success; 2 bad usage or bad input (unknown arm, scanner, shift or tumour type, a
-phase B without new cases, bad config value); 3 an internal failure.
+Exit codes: 0 success; 2 bad usage or bad input (unknown arm, scanner, shift, tumour type or
+phase-B mode, a phase B without new cases, bad config value); 3 an internal failure.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ _HELP = (
     "Continual learning: phase A trains the federation on hospitals with some scanners (--shift "
     "scanner) or some tumour types (--shift tumour); in phase B a hospital with the scanner or "
     "the tumour type (--new-tumour: non-enhancing lower-grade tumours, or multifocal ones) "
-    "phase A never saw joins. Phase-B arms: naive (continue "
-    "training on the new hospital), ewc (Fisher information estimated at the phase-A "
-    "hospitals, averaged by the server, anchors what phase A learned), lwf (the new hospital "
-    "distils the phase-A model's answers on its own images), joint (phase A's hospitals train "
-    "again beside the new one: the upper bound). Every arm is scored on the old hospitals' and "
-    "the new hospital's held-out cases. Writes OUT/results.json, OUT/results.csv and "
+    "phase A never saw joins (--phase-b new-hospital, the default), or those new cases arrive at "
+    "phase A's hospitals (new-cases), or at both. Phase-B arms: naive (continue "
+    "training on the new cases), ewc (Fisher information estimated at the phase-A "
+    "hospitals, averaged by the server, anchors what phase A learned), lwf (phase B's sites "
+    "distil the phase-A model's answers on their own images), joint (phase A's cases train "
+    "again beside phase B's: the upper bound). Every arm is scored on phase A's and phase B's "
+    "held-out cases. Writes OUT/results.json, OUT/results.csv and "
     "OUT/report.html. Rerun the same command to resume (finished arms are reused)."
     "\n\nExit codes: 0 success, 2 bad input, 3 internal failure."
 )
@@ -66,6 +67,14 @@ def continual_command(
             help="With --shift tumour: non-enhancing (default) or multifocal.",
         ),
     ] = None,
+    phase_b: Annotated[
+        str,
+        typer.Option(
+            "--phase-b",
+            help="Where phase B's new cases arrive: new-hospital (one hospital joins), "
+            "new-cases (at phase A's hospitals) or both.",
+        ),
+    ] = "new-hospital",
     rounds_a: Annotated[int, typer.Option("--rounds-a", help="Rounds of phase A.")] = 10,
     rounds_b: Annotated[int, typer.Option("--rounds-b", help="Rounds of each phase-B arm.")] = 6,
     arms: Annotated[
@@ -119,6 +128,7 @@ def continual_command(
             new_scanner=new_scanner,
             shift=shift,
             new_tumour=new_tumour,
+            phase_b=phase_b,
             rounds_a=rounds_a,
             rounds_b=rounds_b,
             arms=chosen,
@@ -126,7 +136,7 @@ def continual_command(
             progress=not quiet and not as_json,
         )
     if as_json:
-        keep = ("old", "new", "forgetting", "kept-of-naive-forgetting")
+        keep = ("old", "new", "forgetting", "kept-of-naive-forgetting", "new-minus-naive")
         arms_out = {n: {k: a[k] for k in keep if k in a} for n, a in doc["arms"].items()}
         print(json.dumps({"report": str(out / "report.html"), "arms": arms_out}))
         return

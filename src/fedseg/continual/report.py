@@ -22,8 +22,8 @@ _COLOURS = {
 def curves_png(doc: Mapping[str, Any]) -> bytes:
     """Mean Dice per round: phase A, then each phase-B arm continuing from its last round.
 
-    Each round's Dice is the participating hospitals' own held-out cases (phase A: the old
-    hospitals; naive / EWC / LwF: the new hospital; joint: all of them).
+    Each round's Dice is the participating sites' own held-out cases (phase A: the old
+    hospitals' cases; naive / EWC / LwF: phase B's new cases; joint: all of them).
     """
     fig = new_figure(7.5, 3.6)
     ax = fig.add_subplot(1, 1, 1)
@@ -48,7 +48,7 @@ def curves_png(doc: Mapping[str, Any]) -> bytes:
         if pts:
             ax.plot(*zip(*pts, strict=True), color=_COLOURS[name], label=name, lw=1.6)
     ax.set_xlabel("round (phase A, then phase B)")
-    ax.set_ylabel("mean Dice (participating hospitals)")
+    ax.set_ylabel("mean Dice (participating sites)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -56,15 +56,15 @@ def curves_png(doc: Mapping[str, Any]) -> bytes:
 
 
 def kept_learned_png(doc: Mapping[str, Any]) -> bytes:
-    """Per arm: mean Dice on phase A's hospitals (kept) and on the new hospital (learned)."""
+    """Per arm: mean Dice on phase A's held-out cases (kept) and phase B's (learned)."""
     fig = new_figure(7.5, 3.4)
     ax = fig.add_subplot(1, 1, 1)
     names = [n for n in _ORDER if doc["arms"].get(n, {}).get("status") == "ok"]
     xs = range(len(names))
     old = [doc["arms"][n]["old"]["mean"] for n in names]
     new = [doc["arms"][n]["new"]["mean"] for n in names]
-    ax.bar([x - 0.2 for x in xs], old, width=0.4, label="phase A's hospitals", color="#4c72b0")
-    ax.bar([x + 0.2 for x in xs], new, width=0.4, label="new hospital", color="#dd8452")
+    ax.bar([x - 0.2 for x in xs], old, width=0.4, label="phase A's cases", color="#4c72b0")
+    ax.bar([x + 0.2 for x in xs], new, width=0.4, label="phase B's new cases", color="#dd8452")
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("mean Dice (held-out cases)")
     ax.set_ylim(0, 1)
@@ -83,7 +83,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
         if arm is None:
             continue
         if arm.get("status") != "ok":
-            rows.append([H.esc(name), *["–"] * 10, H.esc(arm.get("reason", ""))])
+            rows.append([H.esc(name), *["–"] * 11, H.esc(arm.get("reason", ""))])
             continue
         rows.append(
             [
@@ -94,6 +94,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
                 H.num(arm["new"]["mean"]),
                 H.num(arm.get("forgetting")),
                 H.pct(arm.get("kept-of-naive-forgetting")),
+                H.num(arm.get("new-minus-naive")),
                 H.num(arm.get("seconds"), 0),
             ]
         )
@@ -105,6 +106,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
         "new mean",
         "forgetting",
         "kept of naive's loss",
+        "new vs naive",
         "seconds",
     ]
     site_rows = []
@@ -131,8 +133,11 @@ def render_report(doc: Mapping[str, Any]) -> str:
                 else ["new scanner (phase B)", H.esc(sc["new-scanner"])]
             ),
             ["phase A hospitals (cases)", H.esc(sc["old-sites"])],
-            ["new hospital (cases)", H.esc(sc["new-sites"])],
-            ["held-out cases per hospital", H.esc(sc["test-cases"])],
+            [
+                f"phase B sites (cases; --phase-b {H.esc(sc.get('phase-b', 'new-hospital'))})",
+                H.esc(sc["new-sites"]),
+            ],
+            ["held-out cases per site", H.esc(sc["test-cases"])],
             ["rounds", f"{sc['rounds-a']} (phase A) + {sc['rounds-b']} (phase B)"],
             ["strategy", H.esc(sc["strategy"])],
             [
@@ -145,22 +150,23 @@ def render_report(doc: Mapping[str, Any]) -> str:
     )
     body = [
         "<h1>fedseg continual study</h1>",
-        '<p class="sub">A federation learns in two phases: what it keeps from phase A when a '
-        "hospital with a new scanner joins, and what it learns there.</p>",
+        '<p class="sub">A federation learns in two phases: what it keeps from phase A when new '
+        "cases (a new scanner or tumour type) arrive, and what it learns from them.</p>",
         "<h2>Findings</h2>",
         "<ul class='notes'>" + "".join(f"<li>{H.esc(f)}</li>" for f in doc["findings"]) + "</ul>",
         "<h2>Scenario</h2>",
         scenario,
         "<h2>Kept and learned</h2>",
-        "<p class=\"muted\">Dice of each arm's final model on the held-out cases of phase A's "
-        "hospitals (old) and of the new hospital (new), pooled over cases. Forgetting: phase "
-        "A's model's old mean Dice minus the arm's. Kept: the share of naive training's "
-        "forgetting an arm avoided.</p>",
+        '<p class="muted">Dice of each arm\'s final model on the held-out cases of phase A '
+        "(old) and on the held-out new cases of phase B, every phase-B site together (new), "
+        "pooled over cases. Forgetting: phase A's model's old mean Dice minus the arm's. Kept: "
+        "the share of naive training's forgetting an arm avoided. New vs naive: the arm's new "
+        "mean Dice minus naive's.</p>",
         H.table(header, rows),
-        H.img(kept_learned_png(doc), "Dice kept on old hospitals and learned on the new one"),
+        H.img(kept_learned_png(doc), "Dice kept on phase A's cases and learned on phase B's"),
         "<h2>Across both phases</h2>",
         H.img(curves_png(doc), "mean Dice per round across phases"),
-        "<h2>Per hospital</h2>",
-        H.table(["arm", "hospital", *REGIONS, "mean", "cases"], site_rows, left=2),
+        "<h2>Per site</h2>",
+        H.table(["arm", "site", *REGIONS, "mean", "cases"], site_rows, left=2),
     ]
     return H.page("fedseg continual study", body)

@@ -14,6 +14,20 @@ scanner, and for the tumour shift its tumour type), with one of two shifts (``--
     ``non-enhancing``, lower-grade tumours without enhancement, the default; or
     ``multifocal``), from every scanner.
 
+Where phase B's new cases arrive (``--phase-b``):
+
+``new-hospital`` (default)
+    all of them at one new hospital (``new-hospital``);
+``new-cases``
+    at phase A's hospitals (a scanner replaced, a new tumour type referred there): each
+    hospital ``site-i`` gets a seeded share of them, a phase-B site ``site-i-new``;
+``both``
+    shared between phase A's hospitals and the new hospital.
+
+The new cases of an existing hospital are a site of their own (``site-i-new``) with their own
+held-out cases, so the joint arm, which trains ``site-i`` and ``site-i-new`` side by side,
+never trains on a case held out in either phase.
+
 Phase B continues from the phase-A model for ``--rounds-b`` rounds, with one arm per way of
 continuing:
 
@@ -23,13 +37,13 @@ continuing:
                 parameters phase A relied on (:mod:`fedseg.continual.penalties`);
     ``lwf``     learning without forgetting: the new hospital distils the phase-A model's
                 answers on its own images;
-    ``joint``   the upper bound: phase A's hospitals train again beside the new one.
+    ``joint``   the upper bound: phase A's cases train again beside phase B's.
 
-Every arm is scored at the end on the held-out cases of the phase-A hospitals (what was kept:
-forgetting is the drop from the phase-A model's Dice) and of the new hospital (what was
-learned), per hospital. Arms run on the one experiment runner (:mod:`fedseg.experiment`):
-a finished arm is reused, a changed one runs again, and phase B's arms depend on the phase-A
-model's SHA-256 through ``init-model``.
+Every arm is scored at the end on the held-out cases of phase A (what was kept: forgetting is
+the drop from the phase-A model's Dice) and on the held-out new cases of phase B (what was
+learned, pooled over every phase-B site), per site. Arms run on the one experiment runner
+(:mod:`fedseg.experiment`): a finished arm is reused, a changed one runs again, and phase B's
+arms depend on the phase-A model's SHA-256 through ``init-model``.
 
 Output folder (``OUT``)
 -----------------------
@@ -62,6 +76,10 @@ ARMS: tuple[str, ...] = ("naive", "ewc", "lwf", "joint")
 #: the continual method each phase-B arm uses (``continual`` config key)
 _METHOD = {"naive": "none", "ewc": "ewc", "lwf": "lwf", "joint": "none"}
 NEW_SITE = "new-hospital"
+#: where phase B's new cases arrive (``--phase-b``)
+PHASE_B_MODES: tuple[str, ...] = ("new-hospital", "new-cases", "both")
+#: the suffix of an existing hospital's phase-B site (its new cases)
+NEW_CASES_SUFFIX = "-new"
 #: config keys only phase B reads
 _PHASE_B_KEYS: tuple[str, ...] = (
     "continual",
@@ -70,6 +88,12 @@ _PHASE_B_KEYS: tuple[str, ...] = (
     "lwf-weight",
     "lwf-temperature",
 )
+#: the phase-B keys each continual method reads (the others cannot change its arm's result)
+_METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "none": ("continual",),
+    "ewc": ("continual", "ewc-strength", "ewc-fisher"),
+    "lwf": ("continual", "lwf-weight", "lwf-temperature"),
+}
 #: what changes in phase B (``--shift``)
 SHIFTS: tuple[str, ...] = ("scanner", "tumour")
 #: the tumour types phase B can bring with ``--shift tumour`` (``--new-tumour``)
@@ -87,6 +111,7 @@ class Scenario:
     test: dict[str, list[str]]
     shift: str = "scanner"
     new_tumour: str | None = None
+    phase_b: str = "new-hospital"
 
     def parts(self, arm: str) -> dict[str, list[str]]:
         """The sites (name to case ids) of ``arm``'s federation."""
@@ -115,8 +140,9 @@ def build_scenario(
     *,
     shift: str = "scanner",
     new_tumour: str | None = None,
+    phase_b: str = "new-hospital",
 ) -> Scenario:
-    """Split the cohort into phase A's hospitals and the new hospital.
+    """Split the cohort into phase A's hospitals and phase B's sites.
 
     Parameters
     ----------
@@ -132,6 +158,10 @@ def build_scenario(
     new_tumour:
         With ``shift="tumour"``: that type, one of :data:`NEW_TUMOURS` (default
         ``"non-enhancing"``).
+    phase_b:
+        Where the new cases arrive (:data:`PHASE_B_MODES`): at the new hospital
+        (``"new-hospital"``), at phase A's hospitals (``"new-cases"``, one phase-B site
+        ``site-i-new`` each) or at both (``"both"``).
 
     Returns
     -------
@@ -141,15 +171,15 @@ def build_scenario(
     Raises
     ------
     ConfigError
-        No ``cohort.csv`` with the columns the shift needs, an unknown ``shift`` or
-        ``new_tumour``, or an option of the other shift.
+        No ``cohort.csv`` with the columns the shift needs, an unknown ``shift``,
+        ``new_tumour`` or ``phase_b``, or an option of the other shift.
     PartitionError
-        Phase B has too few new cases (phase B would have nothing new), or too few cases
-        for the sites and their held-out splits.
+        Phase B has no new cases, or too few for each of its sites to train on some and hold
+        out the rest, or phase A has too few cases for its hospitals.
     """
     from fedseg.data.cohort import split_cases
 
-    check_shift(shift, new_scanner, new_tumour)
+    check_shift(shift, new_scanner, new_tumour, phase_b)
     if shift == "scanner":
         chosen, new_ids, old_ids = _by_scanner(data, new_scanner)
         what = f"of scanner {chosen!r}"
@@ -163,10 +193,23 @@ def build_scenario(
                 f"--new-tumour {kind}: no case of {data} has it; phase B needs new cases"
             )
     k = cfg.num_sites
-    if len(new_ids) < 3:
+    old_names = [f"site-{i}" for i in range(k)]
+    # the phase-B sites: the new hospital and/or each existing hospital's new cases
+    b_names = {
+        "new-hospital": [NEW_SITE],
+        "new-cases": [f"{s}{NEW_CASES_SUFFIX}" for s in old_names],
+        "both": [*(f"{s}{NEW_CASES_SUFFIX}" for s in old_names), NEW_SITE],
+    }[phase_b]
+    if len(new_ids) < 3 * len(b_names):
+        where = (
+            "the new hospital"
+            if phase_b == "new-hospital"
+            else f"--phase-b {phase_b} spreads them over {len(b_names)} sites, and each"
+        )
         raise PartitionError(
-            f"phase B has {len(new_ids)} case(s) {what}: at least 3 are needed "
-            "(the new hospital trains on some and tests on the rest); give more --cases"
+            f"phase B has {len(new_ids)} case(s) {what}: at least {3 * len(b_names)} are "
+            f"needed ({where} trains on some and tests on the rest); give more --cases"
+            + (" or fewer --sites" if phase_b != "new-hospital" else "")
         )
     if len(old_ids) < 3 * k:
         raise PartitionError(
@@ -177,23 +220,37 @@ def build_scenario(
     import numpy as np
 
     order = np.random.default_rng(cfg.seed).permutation(len(old_ids))
-    old_sites = {f"site-{i}": sorted(old_ids[j] for j in order[i::k]) for i in range(k)}
-    new_sites = {NEW_SITE: new_ids}
+    old_sites = {s: sorted(old_ids[j] for j in order[i::k]) for i, s in enumerate(old_names)}
+    if phase_b == "new-hospital":
+        new_sites = {NEW_SITE: new_ids}
+    else:  # phase B's new cases dealt out the same seeded way
+        n = len(b_names)
+        order_b = np.random.default_rng(cfg.seed + 1).permutation(len(new_ids))
+        new_sites = {s: sorted(new_ids[j] for j in order_b[i::n]) for i, s in enumerate(b_names)}
     test = {
         site: split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)["test"]
         for site, ids in {**old_sites, **new_sites}.items()
     }
-    return Scenario(Path(data), chosen, old_sites, new_sites, test, shift, new_tumour)
+    return Scenario(Path(data), chosen, old_sites, new_sites, test, shift, new_tumour, phase_b)
 
 
-def check_shift(shift: str, new_scanner: str | None, new_tumour: str | None) -> None:
-    """Check ``--shift`` and the options that go with it.
+def check_shift(
+    shift: str,
+    new_scanner: str | None,
+    new_tumour: str | None,
+    phase_b: str = "new-hospital",
+) -> None:
+    """Check ``--shift``, ``--phase-b`` and the options that go with them.
 
     Raises
     ------
     ConfigError
-        An unknown shift or tumour type, or an option of the other shift.
+        An unknown shift, tumour type or phase-B mode, or an option of the other shift.
     """
+    if phase_b not in PHASE_B_MODES:
+        raise ConfigError(
+            f"--phase-b: unknown {phase_b!r}; expected one of {', '.join(PHASE_B_MODES)}"
+        )
     if shift not in SHIFTS:
         raise ConfigError(f"--shift: unknown {shift!r}; expected one of {', '.join(SHIFTS)}")
     if shift == "scanner" and new_tumour is not None:
@@ -284,6 +341,7 @@ def run_continual(
     new_scanner: str | None = None,
     shift: str = "scanner",
     new_tumour: str | None = None,
+    phase_b: str = "new-hospital",
     rounds_a: int = 10,
     rounds_b: int = 6,
     arms: Sequence[str] = ARMS,
@@ -307,11 +365,13 @@ def run_continual(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}: expected an integer >= 1, found {value!r}")
     check_engine(engine)
-    check_shift(shift, new_scanner, new_tumour)
+    check_shift(shift, new_scanner, new_tumour, phase_b)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = _cohort(out, cfg, data, progress)
-    scenario = build_scenario(data_dir, cfg, new_scanner, shift=shift, new_tumour=new_tumour)
+    scenario = build_scenario(
+        data_dir, cfg, new_scanner, shift=shift, new_tumour=new_tumour, phase_b=phase_b
+    )
     model_a = (out / "arms" / PHASE_A / FINAL_MODEL).resolve()
     base = cfg.replace(data_path=str(data_dir))
     # Phase A ends by asking its own hospitals for EWC's Fisher at its final model
@@ -334,13 +394,16 @@ def run_continual(
     evaluator = _Evaluator(base, scenario, out)
 
     def fingerprint_of(arm: Arm) -> dict[str, Any]:
+        # init-model, ewc-fisher: their SHA-256 stands for them; an arm ignores the phase-B
+        # keys its method does not read (phase A all of them), so changing LwF's weight
+        # reruns the LwF arm only
+        used = () if arm.name == PHASE_A else _METHOD_KEYS[_METHOD[arm.name]]
+        unused = tuple(k for k in _PHASE_B_KEYS if k not in used)
         return fingerprint(
             arm.config(base),
             data=data_dir,
             partition=scenario.parts(arm.name),
-            # init-model, ewc-fisher: their SHA-256 stands for them; phase A does not use
-            # phase B's keys, so changing them reruns only the phase-B arms
-            ignore=("init-model", "ewc-fisher", *(_PHASE_B_KEYS if arm.name == PHASE_A else ())),
+            ignore=("init-model", "ewc-fisher", *unused),
             extra={
                 "test": scenario.test,
                 "new-scanner": scenario.new_scanner,
@@ -349,6 +412,7 @@ def run_continual(
                     if scenario.shift != "scanner"
                     else {}
                 ),
+                # the sites and their cases stand for the phase-B mode (partition, test)
             },
         )
 
@@ -476,10 +540,11 @@ def summarise(
         if name == "naive":
             naive = arm["forgetting"]
     for name, arm in arms.items():
-        if name in (PHASE_A, "naive", "joint") or "forgetting" not in arm:
+        if name in (PHASE_A, "naive") or "forgetting" not in arm:
             continue
-        if naive is not None and naive > 0:
+        if naive is not None and naive > 0 and name != "joint":
             arm["kept-of-naive-forgetting"] = 1 - arm["forgetting"] / naive
+        # the joint upper bound's too: how far below naive phase B's cases can be at best
         if "naive" in arms and arms["naive"].get("status") == "ok":
             arm["new-minus-naive"] = arm["new"]["mean"] - arms["naive"]["new"]["mean"]
     return {
@@ -489,6 +554,7 @@ def summarise(
             "shift": scenario.shift,
             "new-scanner": scenario.new_scanner,
             "new-tumour": scenario.new_tumour,
+            "phase-b": scenario.phase_b,
             "old-sites": {s: len(v) for s, v in scenario.old_sites.items()},
             "new-sites": {s: len(v) for s, v in scenario.new_sites.items()},
             "test-cases": {s: len(v) for s, v in scenario.test.items()},
@@ -504,36 +570,56 @@ def summarise(
     }
 
 
+#: below this much forgetting by naive training (mean Dice), what a method keeps of it is noise
+FORGETTING_TOO_SMALL = 0.02
+
+
 def findings(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Plain sentences written from the numbers (what the tables show, and what they do not)."""
     out: list[str] = []
     naive = arms.get("naive", {})
+    too_small = False
     if naive.get("status") == "ok" and "forgetting" in naive:
         f = naive["forgetting"]
-        if f <= 0.005:
+        too_small = f < FORGETTING_TOO_SMALL
+        if too_small:
             out.append(
-                f"Naive continued training lost {f:.3f} mean Dice on phase A's hospitals: "
+                f"Naive continued training lost {f:.3f} mean Dice on phase A's held-out cases: "
                 "there was next to nothing to forget in this scenario, so the methods against "
-                "forgetting cannot show their effect here."
+                "forgetting cannot show their effect here (what they keep of it is noise)."
             )
         else:
-            out.append(f"Naive continued training lost {f:.3f} mean Dice on phase A's hospitals.")
+            out.append(
+                f"Naive continued training lost {f:.3f} mean Dice on phase A's held-out cases."
+            )
     for name in ("ewc", "lwf"):
         arm = arms.get(name, {})
         kept = arm.get("kept-of-naive-forgetting")
         if kept is None:
             continue
         verdict = "at least half" if kept >= 0.5 else "less than half"
+        gap = arm["new-minus-naive"]
+        if too_small:
+            target = "cannot be shown, naive training forgot too little"
+        else:
+            target = "met" if kept >= 0.5 and gap >= -0.02 else "not met"
         out.append(
             f"{name.upper()} kept {kept:.0%} of what naive training forgot ({verdict}), at "
-            f"{arm['new-minus-naive']:+.3f} mean Dice on the new hospital compared with naive."
+            f"{gap:+.3f} mean Dice on phase B's held-out new cases compared with naive "
+            f"(keep at least half at no more than 0.02 below naive: {target})."
         )
     joint = arms.get("joint", {})
     if joint.get("status") == "ok" and "forgetting" in joint:
+        versus = (
+            f", and scored {joint['new-minus-naive']:+.3f} mean Dice on phase B's held-out "
+            "new cases compared with naive"
+            if "new-minus-naive" in joint
+            else ""
+        )
         out.append(
-            f"Joint training (phase A's hospitals train again) changed phase-A Dice by "
-            f"{-joint['forgetting']:+.3f}: the reference for what a federation that keeps its "
-            "old hospitals can do."
+            f"Joint training (phase A's cases train again) changed phase-A Dice by "
+            f"{-joint['forgetting']:+.3f}{versus}: the reference for what a federation that "
+            "keeps its old cases can do."
         )
     return out
 
