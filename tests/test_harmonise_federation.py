@@ -13,6 +13,7 @@ from helpers import make_grid, tiny_cfg
 
 from fedseg.data.harmonise import PERCENTILES, site_landmarks
 from fedseg.errors import UpdateValidationError
+from fedseg.federation import records as R
 from fedseg.federation.landmarks import (
     LANDMARKS,
     LANDMARKS_FILE,
@@ -64,11 +65,10 @@ def test_a_reply_with_bad_landmarks_is_left_out_with_its_reason(
         if reply is None or msg.metadata.message_type != "query":
             return reply
         rec = reply.content.array_records.get("arrays")
-        if rec is not None and "landmarks" in rec:
-            flipped = rec["landmarks"].numpy()[:, ::-1].copy()
-            reply.content["arrays"] = ArrayRecord(
-                {"landmarks": Array(flipped), "counts": rec["counts"]}
-            )
+        arrays = R.from_array_record(rec) if rec is not None else {}
+        if "landmarks" in arrays:
+            arrays["landmarks"] = arrays["landmarks"][:, ::-1].copy()
+            reply.content["arrays"] = R.to_array_record(arrays)
         return reply
 
     grid.faults[grid.node_of("partition-id", 1)] = reversed_landmarks
