@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pytest
@@ -222,3 +223,27 @@ def test_a_malformed_packed_entry_is_a_value_error(
     rec = ArrayRecord({R.PACKED + layout: R.encode_array(values)})
     with pytest.raises(ValueError, match=match):
         R.from_array_record(rec)
+
+
+def test_a_query_reply_s_arrays_are_decoded_or_refused_with_the_reason() -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from fedseg.errors import UpdateValidationError
+
+    def reply(content: RecordDict) -> Any:
+        return SimpleNamespace(has_content=lambda: True, content=content)
+
+    good = reply(RecordDict({R.ARRAYS: R.to_array_record({"f": np.ones(2)})}))
+    np.testing.assert_array_equal(R.reply_arrays(good)["f"], [1.0, 1.0])
+    lost = SimpleNamespace(has_content=lambda: False, error=SimpleNamespace(reason="node offline"))
+    with pytest.raises(UpdateValidationError, match="no reply content \\(node offline\\)"):
+        R.reply_arrays(lost)
+    with pytest.raises(UpdateValidationError, match="no 'arrays' record"):
+        R.reply_arrays(reply(RecordDict()))
+    with pytest.raises(UpdateValidationError, match="the site failed"):
+        R.reply_arrays(reply(R.error_content(RuntimeError("x"), "site-0")))
+    bad = ArrayRecord({R.PACKED + '[[0,"f",[3]]]': R.encode_array(np.ones(2))})
+    with pytest.raises(UpdateValidationError, match="cannot be decoded"):
+        R.reply_arrays(reply(RecordDict({R.ARRAYS: bad})))

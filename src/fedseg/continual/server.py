@@ -143,15 +143,7 @@ def parse_fisher_reply(
     reply: Message, anchor: Mapping[str, np.ndarray], param_names: list[str]
 ) -> tuple[dict[str, np.ndarray], float]:
     """One site's Fisher and case count, checked; raises :class:`UpdateValidationError`."""
-    if not reply.has_content():
-        raise UpdateValidationError(f"no reply content ({reply.error.reason})")
-    error = R.reply_error(reply.content)
-    if error is not None:
-        raise UpdateValidationError(f"the site failed ({error})")
-    rec = reply.content.array_records.get(R.ARRAYS)
-    if rec is None:
-        raise UpdateValidationError("reply has no 'arrays' record")
-    fisher = R.from_array_record(rec)
+    fisher = R.reply_arrays(reply)
     if sorted(fisher) != sorted(param_names):
         raise UpdateValidationError("Fisher arrays do not name the model's trainable parameters")
     for name, f in fisher.items():

@@ -93,15 +93,7 @@ def parse_landmark_reply(reply: Message) -> tuple[np.ndarray, np.ndarray]:
         No content, the site's error code, missing arrays, wrong shapes, landmarks that are
         not finite and strictly increasing, or counts that are not integers >= 1.
     """
-    if not reply.has_content():
-        raise UpdateValidationError(f"no reply content ({reply.error.reason})")
-    error = R.reply_error(reply.content)
-    if error is not None:
-        raise UpdateValidationError(f"the site failed ({error})")
-    rec = reply.content.array_records.get(R.ARRAYS)
-    if rec is None:
-        raise UpdateValidationError("reply has no 'arrays' record")
-    arrays = R.from_array_record(rec)
+    arrays = R.reply_arrays(reply)
     if sorted(arrays) != sorted((WANT, _COUNTS)):
         raise UpdateValidationError(
             f"expected arrays '{WANT}' and '{_COUNTS}', found {sorted(arrays)}"

@@ -35,11 +35,11 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
 from numpy.lib import format as npformat
 
-from fedseg.errors import FedsegError
+from fedseg.errors import FedsegError, UpdateValidationError
 from fedseg.utils.arrays import concat_flat, split_flat
 
 ARRAYS = "arrays"
@@ -167,6 +167,29 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
         raise ValueError("a packed record names an array twice")
     out.update(plain)
     return out
+
+
+def reply_arrays(reply: Message) -> dict[str, np.ndarray]:
+    """The ``"arrays"`` of a site's reply to a query, decoded.
+
+    Raises
+    ------
+    UpdateValidationError
+        The reply has no content, carries the site's error code, has no ``"arrays"`` record,
+        or its arrays cannot be decoded.
+    """
+    if not reply.has_content():
+        raise UpdateValidationError(f"no reply content ({reply.error.reason})")
+    error = reply_error(reply.content)
+    if error is not None:
+        raise UpdateValidationError(f"the site failed ({error})")
+    rec = reply.content.array_records.get(ARRAYS)
+    if rec is None:
+        raise UpdateValidationError("reply has no 'arrays' record")
+    try:
+        return from_array_record(rec)
+    except ValueError as exc:
+        raise UpdateValidationError(f"'arrays' cannot be decoded: {exc}") from None
 
 
 def to_flat_record(arrays: list[np.ndarray]) -> ArrayRecord:
