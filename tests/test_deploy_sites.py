@@ -293,3 +293,36 @@ def test_the_clientapp_exits_once_on_sigterm_and_ignores_a_second() -> None:
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_the_supernode_s_idle_poll_is_shortened_and_the_rest_of_time_passes_through(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import time
+
+    from flwr.supernode import start_client_internal as flower
+
+    from fedseg.deploy import supernode as S
+
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(flower, "time", flower.time)  # restored after the test
+    monkeypatch.setattr(flower, "pull_objects", flower.pull_objects)
+    monkeypatch.setattr(flower, "_init_connection", flower._init_connection)
+
+    S.install(tmp_path / "node-id", poll=0.7)
+    flower.time.sleep(3)  # Flower's idle wait after an empty pull
+    flower.time.sleep(0.5)  # its check for the ClientApp's reply
+    flower.time.sleep(2)  # any other wait is left alone
+    assert slept == [0.7, S.REPLY_CHECK_SECONDS, 2]
+    assert flower.time.monotonic is time.monotonic
+
+
+@pytest.mark.parametrize("given", ["0", "-1", "61", "soon", "nan"])
+def test_bad_poll_interval_is_refused(given: str) -> None:
+    import argparse
+
+    from fedseg.deploy.supernode import poll_seconds
+
+    with pytest.raises(argparse.ArgumentTypeError, match="between 0.1 and 60"):
+        poll_seconds(given)

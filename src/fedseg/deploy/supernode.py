@@ -1,7 +1,8 @@
-"""Flower's SuperNode with two fixes for a site that restarts and for a warm ClientApp.
+"""Flower's SuperNode with three fixes: a site that restarts, a warm ClientApp, idle waits.
 
-``python -m fedseg.deploy.supernode --node-id-file FILE FLOWER-ARGS...`` runs Flower 1.41's own
-``flower-supernode`` (its parser, checks and loop, unchanged) with two of its steps wrapped:
+``python -m fedseg.deploy.supernode --node-id-file FILE [--poll-interval S] FLOWER-ARGS...`` runs
+Flower 1.41's own ``flower-supernode`` (its parser, checks and loop, unchanged) with three of its
+steps wrapped:
 
 * **Fast rejoin after a hard kill.** A SuperNode that stops cleanly deactivates itself at the
   SuperLink (``fleet_http_connection``: ``DeactivateNode`` in its ``finally``); one that is
@@ -19,6 +20,14 @@
   retries start at 0.05 s and stop growing at 0.5 s, and a message whose objects have not come
   within 60 s (a SuperLink that restarted meanwhile lost them) is given up, so the SuperNode,
   which pulls nothing else while it waits, goes on to the next message.
+* **A shorter idle poll.** After a pull that found no message Flower's loop sleeps a fixed 3 s
+  (``time.sleep(3)`` in ``start_client_internal``), and while the ClientApp works it looks for
+  the reply every 0.5 s. A site answers a round within a second or so, then pulls once, finds
+  nothing (the server is still collecting the other replies) and sleeps: each round waited up to
+  3 s for the next message, most of a deployed round's overhead (BENCHMARKS.md,
+  "Deployment"). Here the idle sleep is ``--poll-interval`` seconds (default
+  :data:`POLL_SECONDS`; ``3`` restores Flower's) and the reply check 0.05 s. One idle pull is one
+  small authenticated HTTPS request to the SuperLink.
 
 Everything else, including every exit code, is Flower's.
 """
@@ -28,11 +37,20 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
+
+#: seconds between the SuperNode's pulls while no message is waiting (Flower's own: 3)
+POLL_SECONDS = 1.0
+#: Flower 1.41's idle sleep and reply-check sleep in ``start_client_internal``
+FLOWER_IDLE_SECONDS = 3
+FLOWER_REPLY_CHECK_SECONDS = 0.5
+#: how often this SuperNode looks for its ClientApp's reply (in-process state, no request)
+REPLY_CHECK_SECONDS = 0.05
 
 #: first and longest wait (seconds) before the SuperNode asks again for an object on its way
 PULL_BACKOFF = (0.05, 0.5)
@@ -95,10 +113,43 @@ def deactivate(
     return True
 
 
-def install(node_id_file: Path) -> None:
-    """Wrap the two steps of Flower's SuperNode described in the module docstring."""
+class PollClock:
+    """Stands in for the ``time`` module inside Flower's ``start_client_internal``: its idle
+    sleep lasts ``idle`` seconds and its reply check :data:`REPLY_CHECK_SECONDS`; every other
+    sleep and every other attribute are the ``time`` module's."""
+
+    def __init__(self, idle: float) -> None:
+        self.idle = float(idle)
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep``, with Flower's two fixed waits replaced."""
+        if seconds == FLOWER_IDLE_SECONDS:
+            seconds = self.idle
+        elif seconds == FLOWER_REPLY_CHECK_SECONDS:
+            seconds = REPLY_CHECK_SECONDS
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def poll_seconds(text: str) -> float:
+    """``--poll-interval``: a number of seconds in [0.1, 60] (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.1 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0.1 and 60, got {text!r}")
+    return value
+
+
+def install(node_id_file: Path, poll: float = POLL_SECONDS) -> None:
+    """Wrap the steps of Flower's SuperNode described in the module docstring."""
     from flwr.supercore import log
     from flwr.supernode import start_client_internal as flower
+
+    flower.time = PollClock(poll)  # type: ignore[assignment]
 
     flower.pull_objects = functools.partial(  # type: ignore[attr-defined]
         flower.pull_objects,
@@ -132,11 +183,13 @@ def install(node_id_file: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``--node-id-file FILE`` and Flower's ``flower-supernode`` arguments."""
+    """``--node-id-file FILE``, ``--poll-interval SECONDS`` and Flower's ``flower-supernode``
+    arguments."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--node-id-file", type=Path, required=True)
+    parser.add_argument("--poll-interval", type=poll_seconds, default=POLL_SECONDS)
     ours, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    install(ours.node_id_file)
+    install(ours.node_id_file, ours.poll_interval)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_args]
