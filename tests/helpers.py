@@ -7,7 +7,8 @@ sites of 3 cases (2 train, 1 held out), 2-3 rounds. The fixtures built on them (
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,23 @@ def tiny_checkpoint(path: Path) -> Path:
     }
     torch.save(payload, path)
     return path
+
+
+@contextmanager
+def landmark_spy() -> Iterator[list[np.ndarray]]:
+    """The standard landmarks each image is mapped onto (``fedseg.data.harmonise``), recorded
+    while the block runs."""
+    import pytest
+
+    import fedseg.data.harmonise as harmonise_mod
+
+    seen: list[np.ndarray] = []
+    original = harmonise_mod.harmonise_image
+
+    def spy(image: np.ndarray, standard: np.ndarray) -> np.ndarray:
+        seen.append(np.asarray(standard))
+        return original(image, standard)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harmonise_mod, "harmonise_image", spy)
+        yield seen

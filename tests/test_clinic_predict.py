@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers import write_cohort
+from helpers import landmark_spy, write_cohort
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app
@@ -183,7 +183,6 @@ def test_bad_predict_input_exits_2_with_one_line(
 
 
 def test_a_harmonised_model_maps_the_patient_onto_its_landmarks(tmp_path: Path) -> None:
-    import fedseg.data.harmonise as harmonise_mod
     from fedseg.study.evaluate import model_landmarks
 
     write_cohort(tmp_path / "data", num_cases=5)
@@ -195,15 +194,7 @@ def test_a_harmonised_model_maps_the_patient_onto_its_landmarks(tmp_path: Path) 
     landmarks = model_landmarks(tmp_path / "run")
     assert landmarks is not None
 
-    seen: list[np.ndarray] = []
-    original = harmonise_mod.harmonise_image
-
-    def spy(image: np.ndarray, standard: np.ndarray) -> np.ndarray:
-        seen.append(np.asarray(standard))
-        return original(image, standard)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(harmonise_mod, "harmonise_image", spy)
+    with landmark_spy() as seen:
         code, _, stderr = _predict(tmp_path / "run", tmp_path / "data" / "CASE_000", "--out",
                                    tmp_path / "o")  # fmt: skip
     assert code == 0, stderr

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
-from helpers import make_grid, tiny_cfg
+from helpers import landmark_spy, make_grid, tiny_cfg
 
 from fedseg.data.harmonise import PERCENTILES, site_landmarks
 from fedseg.errors import UpdateValidationError
@@ -309,17 +309,7 @@ def test_evaluate_maps_cases_with_the_model_s_landmarks(
 
     assert np.allclose(model_landmarks(model), federated["landmarks"])
     assert np.allclose(model_landmarks(final), federated["landmarks"])  # landmarks.json beside
-    import fedseg.data.harmonise as harmonise_mod
-
-    seen: list[np.ndarray] = []
-    original = harmonise_mod.harmonise_image
-
-    def spy(image: np.ndarray, standard: np.ndarray) -> np.ndarray:
-        seen.append(np.asarray(standard))
-        return original(image, standard)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(harmonise_mod, "harmonise_image", spy)
+    with landmark_spy() as seen:
         summary = evaluate_folder(model, out.parent / "data", tmp_path / "pred", progress=False)
     assert summary["num-labelled"] == 12
     assert len(seen) == 12  # every case mapped, with the federation's standard
