@@ -135,6 +135,16 @@ def study_command(
             "with a 95 % interval and a paired test against centralized (OUT/seeds.html)."
         ),
     ] = 1,
+    tune: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tune",
+            help="KEY=V1,V2,...: choose this config key's value per arm on validation cases "
+            "(each site's training cases split again by val-fraction; the test cases play no "
+            "part), then run every arm with its choice. Repeatable: several keys make a grid. "
+            "Costs one validation study per grid point (OUT/tuning/, OUT/tuning.json).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the pooled results as JSON on stdout.")
@@ -186,6 +196,9 @@ def study_command(
             existing_folder(data, "labelled dataset folder in BraTS 2020/2021/2023 or MSD layout")
         writable_folder(out, "--out")
         from fedseg.study.seeds import check_seeds, run_seeds
+        from fedseg.study.tuning import parse_tune
+
+        grid = parse_tune(tune or (), cfg) or None
 
         if check_seeds(seeds) > 1:
             summary = run_seeds(
@@ -198,6 +211,7 @@ def study_command(
                 resume=resume,
                 engine=engine,
                 superlink=superlink,
+                tune=grid,
             )
             if as_json:
                 print(json.dumps({"report": str(out / "seeds.html"), **summary}))
@@ -215,6 +229,7 @@ def study_command(
             resume=resume,
             engine=engine,
             superlink=superlink,
+            tune=grid,
         )
     _print_summary(doc, as_json)
 

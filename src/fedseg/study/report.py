@@ -302,6 +302,40 @@ def _unseen_section(doc: Mapping[str, Any]) -> str:
     )
 
 
+def _tuning_section(doc: Mapping[str, Any]) -> str:
+    tuning = doc.get("tuning") or {}
+    arms = tuning.get("arms") or {}
+    if not arms:
+        return ""
+    from fedseg.study.tuning import point_label
+
+    points = [p["values"] for p in tuning.get("points", [])]
+    header = ["arm", *(point_label(p) for p in points), "chosen"]
+    body = []
+    for arm, block in arms.items():
+        by_point = {point_label(r["values"]): r["mean-dice"] for r in block["scores"]}
+        chosen = point_label(block["chosen"])
+        cells = [
+            (
+                f"<b>{num(by_point.get(point_label(p)))}</b>"
+                if point_label(p) == chosen
+                else num(by_point.get(point_label(p)))
+            )
+            for p in points
+        ]
+        body.append([esc(pretty(arm)), *cells, esc(chosen)])
+    return (
+        "<h2>Hyperparameters chosen on validation cases</h2>"
+        "<p>Before the test run, every arm ran at each value below with each site's training "
+        "cases split again into fitting cases and validation cases "
+        f"(val-fraction {esc(tuning.get('val-fraction'))}, at least one per site); the cells "
+        "are the mean Dice on the pooled validation cases. Each arm then trained on all its "
+        "training cases with its best value (bold) and was scored on the test cases above, "
+        "which no choice saw. The validation studies are in <code>tuning/</code>.</p>"
+        + table(header, body, left=1)
+    )
+
+
 def _still_rising(curve: Sequence[Mapping[str, Any]]) -> bool:
     pts = [(r["epoch"], r["mean-dice"]) for r in curve if r.get("mean-dice") is not None]
     if len(pts) < 4:
@@ -848,6 +882,7 @@ def render_report(doc: Mapping[str, Any], overlays: Mapping[str, Any] | None = N
             notes_html,
             _summary_section(doc),
             _unseen_section(doc),
+            _tuning_section(doc),
             _curves_section(doc),
             _per_site_section(doc),
             _heterogeneity_section(doc),

@@ -52,8 +52,12 @@ def run_seeds(
     resume: bool = True,
     engine: str = "simulation",
     superlink: str | None = None,
+    tune: Mapping[str, Sequence[Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the study for ``seeds`` seeds into ``OUT/seed-<s>/`` and summarise them.
+
+    With ``tune``, each seed chooses its arms' values on its own validation cases
+    (:mod:`fedseg.study.tuning`).
 
     Returns the ``seeds.json`` document; see the module docstring.
     """
@@ -77,6 +81,7 @@ def run_seeds(
             resume=resume,
             engine=engine,
             superlink=superlink,
+            tune=tune,
         )
     doc = summarise(docs)
     atomic_write_json(out / "seeds.json", doc)

@@ -153,6 +153,8 @@ def run_study(
     resume: bool = True,
     engine: str = "simulation",
     superlink: str | None = None,
+    tune: Mapping[str, Sequence[Any]] | None = None,
+    validation: bool = False,
 ) -> dict[str, Any]:
     """Run the study (see the module docstring) and write its results and report into ``out``.
 
@@ -179,6 +181,15 @@ def run_study(
     engine, superlink:
         Where the federated arms run (:func:`fedseg.experiment.engine.run_federation`):
         Flower's Simulation Engine by default.
+    tune:
+        A grid of config values (:func:`fedseg.study.tuning.parse_tune`): each arm first runs
+        at every grid point on validation cases carved from the sites' training cases
+        (:func:`fedseg.study.tuning.run_tuning`, into ``out/tuning/``), then with the values
+        that scored best there. ``None``: every arm uses ``cfg`` as it is.
+    validation:
+        Score on validation cases instead of test cases: each site's training cases are split
+        again (``val-fraction``) into fitting and validation cases, the test cases are not
+        read at all, and no held-out hospital is scored. What tuning runs.
 
     Returns
     -------
@@ -208,10 +219,32 @@ def run_study(
     t_start = time.perf_counter()
 
     data_dir, generated = cohort_folder(out, cfg, data, progress)
-    sites, summary = make_sites(out, cfg, data_dir, progress, console, holdout=cfg.holdout_site)
+    tuning: dict[str, Any] | None = None
+    chosen: dict[str, dict[str, Any]] = {}
+    if tune:
+        from fedseg.study.tuning import chosen_overrides, run_tuning
+
+        tuning = run_tuning(
+            out,
+            cfg,
+            tune,
+            selected,
+            data_dir,
+            progress=progress,
+            resume=resume,
+            engine=engine,
+            superlink=superlink,
+        )
+        chosen = chosen_overrides(tuning)
+    sites, summary = make_sites(
+        out, cfg, data_dir, progress, console, holdout=cfg.holdout_site, validation=validation
+    )
     device = pick_device()
-    # a rerun with another held-out hospital (or none) must not reuse an arm's results
-    held = {"holdout-site": sites.holdout} if sites.holdout else None
+    # a rerun with another held-out hospital (or none) must not reuse an arm's results, nor a
+    # validation study's a test study's
+    held: dict[str, Any] | None = {"holdout-site": sites.holdout} if sites.holdout else None
+    if validation:
+        held = {**(held or {}), "scored-on": "validation", "val-fraction": cfg.val_fraction}
 
     def fingerprint_of(arm: Arm) -> dict[str, Any]:
         return fingerprint(
@@ -241,7 +274,7 @@ def run_study(
             console.print(_one_line(arm.name, res))
 
     results = run_experiment(
-        study_arms(selected),
+        [Arm(a.name, {**a.overrides, **chosen.get(a.name, {})}) for a in study_arms(selected)],
         out,
         run_arm=run_arm,
         fingerprint_of=fingerprint_of,
@@ -270,12 +303,15 @@ def run_study(
             "seed": cfg.seed,
             "engine": engine,
             "holdout-site": sites.holdout,
+            "scored-on": "validation" if validation else "test",
             **cohort_facts(sites, data_dir, generated, device, t_start),
         },
         "sites": summary,
         "arms": ordered,
     }
-    if sites.holdout:
+    if tuning is not None:
+        doc["tuning"] = tuning
+    if sites.holdout and sites.unseen:
         from fedseg.study.holdout import unseen_rows
 
         doc["unseen"] = {
@@ -380,6 +416,7 @@ def make_sites(
     console: Any,
     *,
     holdout: str = "",
+    validation: bool = False,
 ) -> tuple[Sites, list[dict[str, Any]]]:
     """Partition the cohort into sites, split each into train / test, prepare the cases.
 
@@ -393,6 +430,11 @@ def make_sites(
         (:func:`fedseg.data.partition.choose_holdout`): that hospital trains in no arm, all its
         cases are scored as unseen. Its heterogeneity row has ``role`` ``"unseen"`` and
         ``num_unseen``; every row gets ``scanner_distance``.
+    validation:
+        Split each site's training cases again into fitting cases (``train``) and validation
+        cases (``test``; ``val-fraction`` of them, at least one), leave the test cases out
+        entirely and score no held-out hospital. ``split.json`` then holds ``train`` and
+        ``val``.
 
     Raises
     ------
@@ -445,6 +487,17 @@ def make_sites(
         for site, ids in parts.items()
         if site != held
     }
+    if validation:  # the test cases stay untouched; validation comes out of the training cases
+        if cfg.val_fraction <= 0:
+            raise ConfigError(
+                "val-fraction: validation needs a share of each site's training cases, "
+                f"expected a number in (0, 1), found {cfg.val_fraction}"
+            )
+        for site, split in splits.items():
+            inner = split_cases(
+                split["train"], test_fraction=cfg.val_fraction, val_fraction=0, seed=cfg.seed
+            )
+            splits[site] = {"train": inner["train"], "test": inner["test"]}
     for row in summary:
         if row["site"] == held:
             row.update(role="unseen", num_train=0, num_test=0, num_unseen=row["num_cases"])
@@ -462,9 +515,10 @@ def make_sites(
     }
     write_partition(parts, out / "partition.csv")
     write_summary_json(summary, out / "heterogeneity.json", meta=meta)
+    scored = "val" if validation else "test"
     atomic_write_json(
         out / "split.json",
-        {s: {"train": v["train"], "test": v["test"]} for s, v in splits.items()},
+        {s: {"train": v["train"], scored: v["test"]} for s, v in splits.items()},
     )
     if console is not None:
         title = f"{len(attrs)} cases, {len(parts)} sites, partition {cfg.partition}"
@@ -490,7 +544,7 @@ def make_sites(
         train={s: [by_id[c] for c in v["train"]] for s, v in splits.items()},
         test={s: [by_id[c] for c in v["test"]] for s, v in splits.items()},
         holdout=held,
-        unseen=[by_id[c] for c in parts[held]] if held is not None else [],
+        unseen=[by_id[c] for c in parts[held]] if held is not None and not validation else [],
     )
     return sites, summary
 
