@@ -88,6 +88,7 @@ def test_each_arm_gets_the_value_that_scored_best_on_validation(tuned: tuple[Pat
     assert TINY.learning_rate not in (0.0001, 0.01)
     arm = json.loads((out / "arms" / "centralized" / "arm.json").read_text())
     assert arm["config"]["learning-rate"] == best["values"]["learning-rate"]
+    assert doc["study"]["learning-rates"] == {"centralized": best["values"]["learning-rate"]}
     assert doc["study"]["scored-on"] == "test"
     assert "Hyperparameters chosen on validation cases" in (out / "report.html").read_text()
 

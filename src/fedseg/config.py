@@ -78,8 +78,52 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num-workers": 8,
         "augment": "nnunet",
         "device-augment": True,
+        # the per-arm rates of the cpu-demo default were chosen for its model and budget
+        "arm-learning-rates": "",
     },
 }
+
+#: the arms ``arm-learning-rates`` may name: the study's baselines and every strategy
+LR_ARMS: tuple[str, ...] = ("centralized", "local", *STRATEGIES)
+
+
+def parse_arm_learning_rates(text: str) -> dict[str, float]:
+    """``"fedavg=0.012, fedprox=0.008"`` -> ``{"fedavg": 0.012, "fedprox": 0.008}``.
+
+    Raises
+    ------
+    ConfigError
+        An item that is not ``ARM=RATE``, an unknown arm (naming the allowed ones), an arm
+        given twice, or a rate that is not a finite number > 0; the message names
+        ``arm-learning-rates``.
+    """
+    out: dict[str, float] = {}
+    for item in (part.strip() for part in str(text).split(",")):
+        if not item:
+            continue
+        arm, sep, raw = (x.strip() for x in item.partition("="))
+        if not sep or not arm:
+            raise ConfigError(
+                f"'arm-learning-rates': expected ARM=RATE items separated by commas (e.g. "
+                f"fedavg=0.012,fedprox=0.008), found {item!r}"
+            )
+        if arm not in LR_ARMS:
+            raise ConfigError(
+                f"'arm-learning-rates': unknown arm {arm!r}; expected one of {', '.join(LR_ARMS)}"
+            )
+        if arm in out:
+            raise ConfigError(f"'arm-learning-rates': {arm} is given twice")
+        try:
+            rate = float(raw)
+        except ValueError:
+            rate = math.nan
+        if not (math.isfinite(rate) and rate > 0):
+            raise ConfigError(
+                f"'arm-learning-rates': {arm}: expected a learning rate > 0, found {raw!r}"
+            )
+        out[arm] = rate
+    return out
+
 
 #: what FedBN normalises with at a hospital it has no parameters for (``unseen-norm`` key)
 UNSEEN_NORMS: tuple[str, ...] = ("average", "adapt")
@@ -147,6 +191,9 @@ class FedsegConfig:
     # optimisation
     batch_size: int = 2
     learning_rate: float = 0.003
+    # ``fedseg study`` only: these arms train with their own learning rate instead of
+    # learning-rate (each chosen on validation cases with ``fedseg study --tune``; README)
+    arm_learning_rates: str = "local=0.012,fedavg=0.012,fedprox=0.008,scaffold=0.012,fedbn=0.012"
     weight_decay: float = 0.00001
     epochs: int = 20
     # none | basic | nnunet | all, or groups "spatial,intensity,..." (true = basic, false = none)
@@ -295,6 +342,7 @@ class FedsegConfig:
         )
         _check(self.batch_size >= 1, "batch-size", "an integer >= 1", self.batch_size)
         _check(self.learning_rate > 0, "learning-rate", "a number > 0", self.learning_rate)
+        parse_arm_learning_rates(self.arm_learning_rates)
         _check_choice("unseen-norm", self.unseen_norm, UNSEEN_NORMS)
         _check_choice("harmonise", self.harmonise, HARMONISE_METHODS)
         _check(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)

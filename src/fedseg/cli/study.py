@@ -181,6 +181,12 @@ def study_command(
             else:
                 options["partition"] = partition
         cfg = config_from_options(sets=sets or (), **options)
+        from fedseg.cli.options import parse_sets
+
+        explicit = parse_sets(sets or ())
+        if "learning-rate" in explicit and "arm-learning-rates" not in explicit:
+            # an explicit learning rate is every arm's, as it reads
+            cfg = cfg.replace(arm_learning_rates="")
         if cfg.num_sites < 2:
             given = f"--sites {sites}" if sites is not None else f"num-sites {cfg.num_sites}"
             raise ConfigError(

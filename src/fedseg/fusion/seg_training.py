@@ -19,19 +19,23 @@ def segmentation_config(
     """The configuration of the segmentation federation a fusion study trains.
 
     The ``cpu-demo`` network and FedAvg, ``rounds`` rounds of two local epochs (the default
-    study's budget), the study's ``seed`` and ``test-fraction`` (each site scores the model on
-    that share of the cases it is given, which are training cases of the fusion study), then
-    ``overrides`` (kebab-case keys).
+    study's budget) at FedAvg's own learning rate in that study (``arm-learning-rates``), the
+    study's ``seed`` and ``test-fraction`` (each site scores the model on that share of the
+    cases it is given, which are training cases of the fusion study), then ``overrides``
+    (kebab-case keys).
 
     Raises
     ------
     ConfigError
         A bad override.
     """
-    from fedseg.config import FedsegConfig
+    from fedseg.config import FedsegConfig, parse_arm_learning_rates
 
+    default = FedsegConfig()
+    rate = parse_arm_learning_rates(default.arm_learning_rates).get("fedavg")
     base = {
         "strategy": "fedavg",
+        "learning-rate": default.learning_rate if rate is None else rate,
         "num-server-rounds": rounds,
         "local-epochs": 2,
         "seed": seed,

@@ -814,6 +814,19 @@ def _spacing_note(doc: Mapping[str, Any]) -> str:
     )
 
 
+def _rates_note(doc: Mapping[str, Any]) -> str:
+    rates = doc.get("study", {}).get("learning-rates") or {}
+    if not rates:
+        return ""
+    listed = ", ".join(f"{pretty(a)} {esc(v)}" for a, v in rates.items())
+    return (
+        f"<li>Learning rates (AdamW, poly decay over the budget): {listed}. Where they differ, "
+        "each arm's own rate was chosen on validation cases (<code>arm-learning-rates</code>, "
+        "<code>--tune</code>): with the same epoch budget a federation takes fewer, averaged "
+        "steps than training on the pooled cases.</li>"
+    )
+
+
 def _method_section(doc: Mapping[str, Any]) -> str:
     cfg = doc.get("config", {})
     return (
@@ -823,6 +836,7 @@ def _method_section(doc: Mapping[str, Any]) -> str:
         "<em>Centralized</em>: one model on the union of the sites' training cases. "
         "<em>Local only</em>: each site trains alone on its own cases. Federated arms: Flower "
         "simulation, all sites every round.</li>"
+        f"{_rates_note(doc)}"
         "<li>Each site's cases are split into training and test cases once; the pooled test "
         "set is the union of the sites' test sets. No case is used for both.</li>"
         "<li>Dice and HD95 (MONAI's 95th-percentile Hausdorff distance: the larger of the two "

@@ -90,8 +90,9 @@ NUM_OVERLAY_CASES = 3
 # epoch budget from rounds x local epochs; the partition file is covered by the partition;
 # the held-out hospital is fingerprinted by its resolved name, ``auto`` included; every arm
 # scores FedBN's both unseen-hospital normalisations, ``unseen-norm`` only orders the report)
+# ``arm-learning-rates`` reaches an arm as its own ``learning-rate``, which is fingerprinted)
 _NOT_FINGERPRINTED = frozenset(
-    {"strategy", "epochs", "val-fraction", "holdout-site", "unseen-norm"}
+    {"strategy", "epochs", "val-fraction", "holdout-site", "unseen-norm", "arm-learning-rates"}
 )
 __all__ = [
     "ARMS",
@@ -273,8 +274,9 @@ def run_study(
         elif event == "done" and res is not None:
             console.print(_one_line(arm.name, res))
 
+    planned = own_settings(study_arms(selected), cfg, chosen)
     results = run_experiment(
-        [Arm(a.name, {**a.overrides, **chosen.get(a.name, {})}) for a in study_arms(selected)],
+        planned,
         out,
         run_arm=run_arm,
         fingerprint_of=fingerprint_of,
@@ -283,7 +285,10 @@ def run_study(
         on_event=on_event,
     )
     # arms finished in an earlier invocation but not selected now stay in the report
-    others = {a.name: a for a in study_arms([a for a in ARMS if a not in results])}
+    others = {
+        a.name: a
+        for a in own_settings(study_arms([a for a in ARMS if a not in results]), cfg, chosen)
+    }
     results.update(finished_results(out, others, lambda name: fingerprint_of(others[name])))
     ordered = {arm: results[arm] for arm in arm_order(list(results))}
 
@@ -304,6 +309,7 @@ def run_study(
             "engine": engine,
             "holdout-site": sites.holdout,
             "scored-on": "validation" if validation else "test",
+            "learning-rates": {a.name: a.config(cfg).learning_rate for a in planned},
             **cohort_facts(sites, data_dir, generated, device, t_start),
         },
         "sites": summary,
@@ -331,6 +337,23 @@ def run_study(
     doc["report"] = str(report)
     atomic_write_json(out / "metrics.json", doc)
     return doc
+
+
+def own_settings(
+    arms: Sequence[Arm], cfg: FedsegConfig, chosen: Mapping[str, Mapping[str, Any]]
+) -> list[Arm]:
+    """The arms with their own settings: the ``learning-rate`` that ``arm-learning-rates``
+    gives the arm's strategy or baseline (``fedavg-q8``, ``fedavg-hist``: FedAvg's), then the
+    values ``--tune`` chose for the arm (which win)."""
+    from fedseg.config import parse_arm_learning_rates
+
+    rates = parse_arm_learning_rates(cfg.arm_learning_rates)
+    out = []
+    for arm in arms:
+        base = split_arm(arm.name)[0]
+        own: dict[str, Any] = {"learning-rate": rates[base]} if base in rates else {}
+        out.append(Arm(arm.name, {**arm.overrides, **own, **chosen.get(arm.name, {})}))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
