@@ -231,6 +231,7 @@ def run_study(
             tune,
             selected,
             data_dir,
+            run_study,
             progress=progress,
             resume=resume,
             engine=engine,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,7 @@ def run_tuning(
     grid: Mapping[str, Sequence[Any]],
     arms: Sequence[str],
     data_dir: Path,
+    run_study: Callable[..., dict[str, Any]],
     *,
     progress: bool = True,
     resume: bool = True,
@@ -146,12 +147,13 @@ def run_tuning(
 ) -> dict[str, Any]:
     """Run the validation studies of every grid point and choose each arm's values.
 
+    ``run_study`` is :func:`fedseg.study.study.run_study` (passed in: the study calls this
+    module, not the other way round).
+
     Returns the ``tuning.json`` document: ``grid``, ``val-fraction``, ``points`` (per point its
     ``values`` and ``folder``), and per arm ``scores`` (per point: ``values``, ``mean-dice``
     and each region's Dice on the pooled validation cases) and ``chosen`` (the values).
     """
-    from fedseg.study.study import run_study
-
     out = Path(out)
     points = grid_points(grid)
     if "learning-rate" in grid:  # the grid's rate, not the arms' own ones, is what is compared
