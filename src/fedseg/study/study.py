@@ -89,7 +89,7 @@ NUM_OVERLAY_CASES = 3
 # keys that do not change any arm's result (the study sets the strategy per arm and the
 # epoch budget from rounds x local epochs; the partition file is covered by the partition;
 # the held-out hospital is fingerprinted by its resolved name, ``auto`` included; every arm
-# scores FedBN's both unseen-hospital normalisations, ``unseen-norm`` only orders the report)
+# scores FedBN's both unseen-hospital normalisations, ``unseen-norm`` only orders the report;
 # ``arm-learning-rates`` reaches an arm as its own ``learning-rate``, which is fingerprinted)
 _NOT_FINGERPRINTED = frozenset(
     {"strategy", "epochs", "val-fraction", "holdout-site", "unseen-norm", "arm-learning-rates"}
