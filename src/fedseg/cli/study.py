@@ -154,7 +154,7 @@ def study_command(
     preset: Annotated[str | None, typer.Option("--preset", help=PRESET_HELP)] = None,
 ) -> None:
     """Run the study (see ``fedseg study --help``)."""
-    from fedseg.cli.options import config_from_options
+    from fedseg.cli.options import config_from_options, parse_sets
     from fedseg.errors import ConfigError
     from fedseg.study.study import parse_arms, run_study
 
@@ -183,8 +183,6 @@ def study_command(
             else:
                 options["partition"] = partition
         cfg = config_from_options(sets=sets or (), **options)
-        from fedseg.cli.options import parse_sets
-
         explicit = parse_sets(sets or ())
         if "learning-rate" in explicit and "arm-learning-rates" not in explicit:
             # an explicit learning rate is every arm's, as it reads

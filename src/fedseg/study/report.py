@@ -309,19 +309,14 @@ def _tuning_section(doc: Mapping[str, Any]) -> str:
         return ""
     from fedseg.study.tuning import point_label
 
-    points = [p["values"] for p in tuning.get("points", [])]
-    header = ["arm", *(point_label(p) for p in points), "chosen"]
+    labels = [point_label(p["values"]) for p in tuning.get("points", [])]
+    header = ["arm", *labels, "chosen"]
     body = []
     for arm, block in arms.items():
-        by_point = {point_label(r["values"]): r["mean-dice"] for r in block["scores"]}
+        by_point = {point_label(r["values"]): num(r["mean-dice"]) for r in block["scores"]}
         chosen = point_label(block["chosen"])
         cells = [
-            (
-                f"<b>{num(by_point.get(point_label(p)))}</b>"
-                if point_label(p) == chosen
-                else num(by_point.get(point_label(p)))
-            )
-            for p in points
+            f"<b>{by_point[k]}</b>" if k == chosen else by_point.get(k, num(None)) for k in labels
         ]
         body.append([esc(pretty(arm)), *cells, esc(chosen)])
     return (

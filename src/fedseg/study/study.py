@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedseg.config import FedsegConfig
+from fedseg.config import FedsegConfig, parse_arm_learning_rates
 from fedseg.data.case import MODALITIES, REGIONS
 from fedseg.errors import ConfigError, PartitionError
 from fedseg.experiment import Arm, fingerprint, run_experiment
@@ -346,8 +346,6 @@ def own_settings(
     """The arms with their own settings: the ``learning-rate`` that ``arm-learning-rates``
     gives the arm's strategy or baseline (``fedavg-q8``, ``fedavg-hist``: FedAvg's), then the
     values ``--tune`` chose for the arm (which win)."""
-    from fedseg.config import parse_arm_learning_rates
-
     rates = parse_arm_learning_rates(cfg.arm_learning_rates)
     out = []
     for arm in arms:
