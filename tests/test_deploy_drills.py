@@ -242,6 +242,10 @@ class Drill(Hosts):
         supervisor.start()
         ckpt = self.out / "checkpoint.pt"
         self._wait(lambda: _checkpoint_round(ckpt) >= 2, 4 * TIMEOUT + 300, "round 2")
+        # Round 1's row is complete before round 2's checkpoint; its line reaches the stream
+        # (ServerApp -> SuperLink -> `flwr run --stream`) within a second or so.
+        run_log = self.logs / "run-1.log"
+        self._wait(lambda: count(run_log, "round 1 sites: ") >= 1, 60, "round 1 in the stream")
         # Round 2's model is checkpointed once round 3 (which also scores it) is pushed: kill
         # the server once hospital-a has that message, so that the restarted server's round 3
         # is the next one it receives (the cut below waits for it).

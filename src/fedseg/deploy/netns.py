@@ -124,7 +124,13 @@ class NetLab:
         self, host: str, name: str, cmd: Sequence[str], env: dict[str, str], cwd: Path | None = None
     ) -> subprocess.Popen[bytes]:
         """Start ``cmd`` inside ``host``'s namespace, in its own process group, logging to
-        ``logs/<name>.log`` (appended)."""
+        ``logs/<name>.log`` (appended).
+
+        Python's output is unbuffered (``PYTHONUNBUFFERED=1``): a process the lab kills has
+        written everything it printed, not all but its last block (``flwr run --stream``
+        prints the server's log to standard output, which Python buffers in a file).
+        """
+        env = {**env, "PYTHONUNBUFFERED": "1"}
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed in close()
         self._files.append(log)
         proc = subprocess.Popen(
