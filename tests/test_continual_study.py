@@ -19,6 +19,7 @@ from fedseg.continual.study import (
     summarise,
 )
 from fedseg.errors import ConfigError, PartitionError
+from fedseg.model.postprocess import ET_MIN_VOLUMES, choose_min_volume
 
 
 def write_cohort_csv(folder: Path, scanners: list[str]) -> None:
@@ -269,6 +270,43 @@ def test_summary_does_not_claim_the_target_when_naive_forgot_next_to_nothing(
     assert any("LWF" in f and "cannot be shown" in f for f in doc["findings"])
 
 
+def _post(old: float, new: float, threshold: float) -> dict[str, Any]:
+    res = _result(old, new)
+    return {"et-min-volume": threshold, "choice": {"0": 0.5}, "per-site": res["scores"]}
+
+
+def test_summary_with_postprocessing_compares_the_postprocessed_figures(tmp_path: Path) -> None:
+    write_cohort_csv(tmp_path, ["a"] * 6 + ["new"] * 4)
+    sc = build_scenario(tmp_path, FedsegConfig(num_sites=1), "new")
+    results = {
+        PHASE_A: _result(0.80, 0.40),
+        "naive": _result(0.60, 0.70),
+        "lwf": _result(0.70, 0.40),  # raw: kept 50 %, 0.30 below naive on the new cases
+    }
+    post = {
+        PHASE_A: _post(0.80, 0.50, 0.0),
+        "naive": _post(0.60, 0.70, 0.0),  # forgot 0.20 as well
+        "lwf": _post(0.72, 0.69, 500.0),  # kept 60 %, 0.01 below naive
+    }
+    doc = summarise(sc, results, rounds_a=2, rounds_b=1, cfg=FedsegConfig(), postprocessed=post)
+    raw, pp = doc["arms"]["lwf"], doc["arms"]["lwf"]["postprocessed"]
+    assert raw["kept-of-naive-forgetting"] == pytest.approx(0.5)
+    assert raw["new-minus-naive"] == pytest.approx(-0.30)
+    assert pp["et-min-volume"] == 500.0
+    assert pp["forgetting"] == pytest.approx(0.08)
+    assert pp["kept-of-naive-forgetting"] == pytest.approx(0.6)
+    assert pp["new-minus-naive"] == pytest.approx(-0.01)
+    assert any(f.startswith("LWF kept 50%") and f.endswith("not met).") for f in doc["findings"])
+    assert any(
+        "below 500 mm³" in f and "LWF kept 60%" in f and f.endswith("(target: met).")
+        for f in doc["findings"]
+    )
+    # without post-processed figures the document has none
+    plain = summarise(sc, results, rounds_a=2, rounds_b=1, cfg=FedsegConfig())
+    assert "postprocessed" not in plain["arms"]["lwf"]
+    assert not any("post-processing" in f for f in plain["findings"])
+
+
 def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     from helpers import tiny_cfg, write_cohort
 
@@ -310,6 +348,17 @@ def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> N
     assert ewc_config["ewc-fisher"] == str(fisher.resolve())
     assert (out / "results.csv").read_text().startswith("arm,test,WT,TC,ET,mean,forgetting")
     assert "fedseg continual study" in (out / "report.html").read_text()
+    # BraTS post-processing, its threshold the best on the cases that are not held out
+    for name, arm in doc["arms"].items():
+        post = arm["postprocessed"]
+        choice = {float(k): v for k, v in post["choice"].items()}
+        assert list(choice) == list(ET_MIN_VOLUMES), name
+        assert post["et-min-volume"] == choose_min_volume(choice), name
+        assert set(post["per-site"]) == {"site-0", "site-1", NEW_SITE}, name
+        saved = json.loads((out / "arms" / name / "postprocessed.json").read_text())
+        assert saved["fitting-cases"] == 10 - sum(doc["scenario"]["test-cases"].values())
+    assert "With BraTS post-processing" in (out / "report.html").read_text()
+    post_stamp = (out / "arms" / "ewc" / "postprocessed.json").stat().st_mtime_ns
     render_report(json.loads((out / "results.json").read_text()))
     # a rerun reuses every finished arm (same fingerprints): nothing is trained again
     stamp = (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns
@@ -324,6 +373,8 @@ def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> N
         progress=False,
     )
     assert (out / "arms" / "ewc" / "result.json").stat().st_mtime_ns == stamp
+    assert (out / "arms" / "ewc" / "postprocessed.json").stat().st_mtime_ns == post_stamp
+    assert again["arms"]["ewc"]["postprocessed"] == doc["arms"]["ewc"]["postprocessed"]
     assert again["arms"]["ewc"]["old"] == doc["arms"]["ewc"]["old"]
     # a phase-B key (EWC's strength) reruns the EWC arm only: no other arm reads it
     stamps = {a: (out / "arms" / a / "result.json").stat().st_mtime_ns for a in doc["arms"]}

@@ -292,6 +292,10 @@ class FedsegConfig:
     # harmonisation (#15): "histogram" maps every case onto standard histogram landmarks that
     # the sites compute on their training cases and the server averages (fedseg.data.harmonise)
     harmonise: str = "none"
+    # post-processing (BraTS convention): a predicted enhancing tumour smaller than this many
+    # mm³ is relabelled necrosis (fedseg.model.postprocess); 0 = off. `fedseg continual`
+    # chooses one per arm on training cases and reports it beside the raw figures
+    et_min_volume: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), "spatial-dims", "2 or 3", self.spatial_dims)
@@ -345,6 +349,12 @@ class FedsegConfig:
         parse_arm_learning_rates(self.arm_learning_rates)
         _check_choice("unseen-norm", self.unseen_norm, UNSEEN_NORMS)
         _check_choice("harmonise", self.harmonise, HARMONISE_METHODS)
+        _check(
+            math.isfinite(self.et_min_volume) and self.et_min_volume >= 0,
+            "et-min-volume",
+            "a number of mm³ >= 0 (0 = off)",
+            self.et_min_volume,
+        )
         _check(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
         # frozen: the canonical form replaces what was given (a bool, "True", "mirror,spatial")

@@ -29,6 +29,12 @@ def register(app: typer.Typer) -> None:
             "(hd95_pooled_vox/_mm), lesion-wise Dice and HD95 (lesion_dice, lesion_hd95_mm) "
             "and lesion TP/FP/FN, as the official brats-evaluation package defines them.",
         ),
+        et_min_volume: float = typer.Option(
+            None,
+            "--et-min-volume",
+            help="Predicted enhancing tumour smaller than this many mm³ becomes necrosis "
+            "(BraTS post-processing; 0 = off). Default: the model's own et-min-volume.",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Segment every case of DATA with a trained model; score cases that have labels.
@@ -49,7 +55,9 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             existing_folder(data, "dataset folder in BraTS 2020/2021/2023 or MSD layout")
             writable_folder(out, "--out")
-            summary = evaluate_folder(model, data, out, hd95=hd95, brats=brats)
+            summary = evaluate_folder(
+                model, data, out, hd95=hd95, brats=brats, et_min_volume=et_min_volume
+            )
         if json_out:
             print(json.dumps(summary))
             return

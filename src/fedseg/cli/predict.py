@@ -33,6 +33,12 @@ def register(app: typer.Typer) -> None:
         mapping: Path = typer.Option(
             None, "--mapping", help="DICOM series mapping file (see fedseg import-dicom)."
         ),
+        et_min_volume: float = typer.Option(
+            None,
+            "--et-min-volume",
+            help="Predicted enhancing tumour smaller than this many mm³ becomes necrosis "
+            "(BraTS post-processing; 0 = off). Default: the model's own et-min-volume.",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Segment one patient: <case>_seg.nii.gz on the input grid, <case>_seg.dcm (DICOM SEG
@@ -53,6 +59,8 @@ def register(app: typer.Typer) -> None:
             writable_folder(out, "--out")
             device = pick_device()
             net, cfg, card = load_carded_model(model, device, preset=preset)
+            if et_min_volume is not None:
+                cfg = cfg.replace(et_min_volume=float(et_min_volume))
             landmarks = model_landmarks(model)
             patient = load_patient(case, rules=rules)
             result = predict_patient(net, cfg, card, patient, out, device, landmarks=landmarks)

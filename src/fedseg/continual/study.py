@@ -76,6 +76,8 @@ ARMS: tuple[str, ...] = ("naive", "ewc", "lwf", "joint")
 #: the continual method each phase-B arm uses (``continual`` config key)
 _METHOD = {"naive": "none", "ewc": "ewc", "lwf": "lwf", "joint": "none"}
 NEW_SITE = "new-hospital"
+#: an arm's post-processed scores, beside its model (:meth:`_Evaluator.postprocessed`)
+POSTPROCESSED = "postprocessed.json"
 #: where phase B's new cases arrive (``--phase-b``)
 PHASE_B_MODES: tuple[str, ...] = ("new-hospital", "new-cases", "both")
 #: the suffix of an existing hospital's phase-B site (its new cases)
@@ -434,7 +436,15 @@ def run_continual(
     results = run_experiment(
         plan, out, run_arm=run_arm, fingerprint_of=fingerprint_of, resume=resume, on_event=say
     )
-    doc = summarise(scenario, results, rounds_a=rounds_a, rounds_b=rounds_b, cfg=cfg)
+    # BraTS post-processing, its ET threshold chosen per arm on the cases not held out
+    post = {
+        name: evaluator.postprocessed(out / "arms" / name / FINAL_MODEL)
+        for name, res in results.items()
+        if res.get("status") == "ok" and (out / "arms" / name / FINAL_MODEL).is_file()
+    }
+    doc = summarise(
+        scenario, results, rounds_a=rounds_a, rounds_b=rounds_b, cfg=cfg, postprocessed=post
+    )
     atomic_write_json(out / "results.json", doc)
     write_csv(out / "results.csv", doc)
     from fedseg.continual.report import render_report
@@ -465,16 +475,19 @@ def _curve_point(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class _Evaluator:
-    """Scores a model on every hospital's held-out cases (prepared once, from the cache)."""
+    """Scores a model on every hospital's held-out cases (prepared once, from the cache), raw
+    and BraTS-post-processed."""
 
     def __init__(self, cfg: FedsegConfig, scenario: Scenario, out: Path) -> None:
         self.cfg = cfg
         self.scenario = scenario
         self.cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
         self._items: dict[str, list[Any]] | None = None
+        self._fit_items: dict[str, list[Any]] | None = None
         self._trainer: Any = None
 
-    def score(self, weights: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    def _prepare(self) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+        """The held-out and the other cases of every site, prepared once."""
         from fedseg.data.cache import prepare_cases
         from fedseg.site.trainer import SiteTrainer
 
@@ -486,9 +499,25 @@ class _Evaluator:
                 for site, ids in self.scenario.test.items()
             }
             self._trainer = SiteTrainer(self.cfg, ())
+        if self._fit_items is None:
+            held_out = {c for ids in self.scenario.test.values() for c in ids}
+            sites = {**self.scenario.old_sites, **self.scenario.new_sites}
+            self._fit_items = {
+                site: prepare_cases(
+                    self.scenario.data,
+                    self.cfg,
+                    case_ids=[c for c in ids if c not in held_out],
+                    cache_dir=self.cache,
+                )
+                for site, ids in sites.items()
+            }
+        return self._items, self._fit_items
+
+    def score(self, weights: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        held_out, _ = self._prepare()
         self._trainer.set_weights(dict(weights))
         out: dict[str, dict[str, Any]] = {}
-        for site, items in self._items.items():
+        for site, items in held_out.items():
             table = self._trainer.evaluate(items)
             out[site] = {
                 **{r: float(table[r]["dice"]) for r in REGIONS},
@@ -496,6 +525,81 @@ class _Evaluator:
                 "cases": int(table["num-examples"]),
             }
         return out
+
+    def postprocessed(self, model_path: Path) -> dict[str, Any]:
+        """BraTS post-processing for the model at ``model_path``, its threshold chosen honestly.
+
+        Every candidate ET threshold (:data:`fedseg.model.postprocess.ET_MIN_VOLUMES`) is
+        scored on every hospital's cases that are not held out (phase A's and phase B's: the
+        consortium at the end of phase B), pooled; the best (first on a tie, so ``0`` unless
+        removing ET helps) is applied to the held-out cases. Cached beside the model in
+        ``postprocessed.json`` under the model's SHA-256.
+        """
+        from fedseg.experiment.results import file_sha256
+        from fedseg.model.postprocess import (
+            ET_MIN_VOLUMES,
+            choose_min_volume,
+            dice_by_threshold,
+            voxel_volume,
+        )
+        from fedseg.study.evaluate import load_model
+
+        cache = model_path.parent / POSTPROCESSED
+        sha = file_sha256(model_path)
+        candidates = [float(t) for t in ET_MIN_VOLUMES]
+        if cache.is_file():
+            import json
+
+            try:
+                doc = json.loads(cache.read_text())
+            except (OSError, ValueError):
+                doc = None
+            if (
+                isinstance(doc, dict)
+                and doc.get("model-sha256") == sha
+                and doc.get("candidates") == candidates
+            ):
+                return doc
+        held_out, fit = self._prepare()
+        model, _, _ = load_model(model_path)
+        self._trainer.model.load_state_dict(model.state_dict())
+
+        def tables(items: Sequence[Any]) -> list[dict[float, dict[str, float]]]:
+            return [
+                dice_by_threshold(
+                    self._trainer.predict(p) >= 0.5, p.regions, voxel_volume(p.spacing), candidates
+                )
+                for p in items
+                if p.regions is not None
+            ]
+
+        fitting = [t for items in fit.values() for t in tables(items)]
+        choice = {
+            t: sum(sum(c[t].values()) / len(REGIONS) for c in fitting) / max(len(fitting), 1)
+            for t in candidates
+        }
+        chosen = choose_min_volume(choice)
+        per_site: dict[str, dict[str, Any]] = {}
+        for site, items in held_out.items():
+            rows = [c[chosen] for c in tables(items)]
+            n = max(len(rows), 1)
+            means = {r: sum(row[r] for row in rows) / n for r in REGIONS}
+            per_site[site] = {
+                **means,
+                "mean": sum(means.values()) / len(REGIONS),
+                "cases": len(rows),
+            }
+        doc = {
+            "model-sha256": sha,
+            "candidates": candidates,
+            "chosen-on": "every hospital's cases that are not held out",
+            "fitting-cases": len(fitting),
+            "choice": {f"{t:g}": v for t, v in choice.items()},
+            "et-min-volume": chosen,
+            "per-site": per_site,
+        }
+        atomic_write_json(cache, doc)
+        return doc
 
 
 def _pooled(scores: Mapping[str, Mapping[str, Any]], sites: Sequence[str]) -> dict[str, float]:
@@ -513,10 +617,16 @@ def summarise(
     rounds_a: int,
     rounds_b: int,
     cfg: FedsegConfig,
+    postprocessed: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The ``results.json`` document: per arm the Dice kept and learned, and the forgetting."""
+    """The ``results.json`` document: per arm the Dice kept and learned, and the forgetting.
+
+    ``postprocessed``: per arm, :meth:`_Evaluator.postprocessed`'s document; each arm then
+    also gets a ``postprocessed`` entry with the same figures after BraTS post-processing.
+    """
     old, new = list(scenario.old_sites), list(scenario.new_sites)
     arms: dict[str, Any] = {}
+    views: dict[str, dict[str, Any]] = {}
     for name, res in results.items():
         if res.get("status") != "ok":
             arms[name] = {"status": res.get("status"), "reason": res.get("reason")}
@@ -531,22 +641,17 @@ def summarise(
             "traffic": res.get("traffic", {}),
             "seconds": res.get("meter", {}).get("seconds"),
         }
-    ref = arms.get(PHASE_A, {}).get("old", {}).get("mean")
-    naive = None
-    for name, arm in arms.items():
-        if name == PHASE_A or arm.get("status") != "ok" or ref is None:
-            continue
-        arm["forgetting"] = ref - arm["old"]["mean"]
-        if name == "naive":
-            naive = arm["forgetting"]
-    for name, arm in arms.items():
-        if name in (PHASE_A, "naive") or "forgetting" not in arm:
-            continue
-        if naive is not None and naive > 0 and name != "joint":
-            arm["kept-of-naive-forgetting"] = 1 - arm["forgetting"] / naive
-        # the joint upper bound's too: how far below naive phase B's cases can be at best
-        if "naive" in arms and arms["naive"].get("status") == "ok":
-            arm["new-minus-naive"] = arm["new"]["mean"] - arms["naive"]["new"]["mean"]
+        post = (postprocessed or {}).get(name)
+        if post is not None:
+            views[name] = arms[name]["postprocessed"] = {
+                "et-min-volume": post["et-min-volume"],
+                "choice": post["choice"],
+                "old": _pooled(post["per-site"], old),
+                "new": _pooled(post["per-site"], new),
+                "per-site": post["per-site"],
+            }
+    _compare({n: a for n, a in arms.items() if a.get("status") == "ok"})
+    _compare(views)
     return {
         "format": "fedseg-continual-v1",
         "scenario": {
@@ -568,6 +673,27 @@ def summarise(
         "arms": arms,
         "findings": findings(arms),
     }
+
+
+def _compare(arms: dict[str, dict[str, Any]]) -> None:
+    """Forgetting (every arm), what was kept of naive's and the gap to naive on the new cases
+    (EWC, LwF; joint the gap only), written into each arm's entry; ``arms`` are scored ones
+    (``old`` and ``new`` pooled Dice), phase A's model among them."""
+    ref = arms.get(PHASE_A, {}).get("old", {}).get("mean")
+    if ref is None:
+        return
+    for name, arm in arms.items():
+        if name != PHASE_A:
+            arm["forgetting"] = ref - arm["old"]["mean"]
+    naive = arms.get("naive")
+    for name, arm in arms.items():
+        if name in (PHASE_A, "naive"):
+            continue
+        if naive is not None and naive["forgetting"] > 0 and name != "joint":
+            arm["kept-of-naive-forgetting"] = 1 - arm["forgetting"] / naive["forgetting"]
+        # the joint upper bound's too: how far below naive phase B's cases can be at best
+        if naive is not None:
+            arm["new-minus-naive"] = arm["new"]["mean"] - naive["new"]["mean"]
 
 
 #: below this much forgetting by naive training (mean Dice), what a method keeps of it is noise
@@ -607,6 +733,23 @@ def findings(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"{name.upper()} kept {kept:.0%} of what naive training forgot ({verdict}), at "
             f"{gap:+.3f} mean Dice on phase B's held-out new cases compared with naive "
             f"(keep at least half at no more than 0.02 below naive: {target})."
+        )
+    for name in ("ewc", "lwf"):
+        post = arms.get(name, {}).get("postprocessed", {})
+        kept = post.get("kept-of-naive-forgetting")
+        if kept is None or "new-minus-naive" not in post:
+            continue
+        gap = post["new-minus-naive"]
+        naive_post = arms.get("naive", {}).get("postprocessed", {})
+        if naive_post.get("forgetting", 0.0) < FORGETTING_TOO_SMALL:
+            target = "cannot be shown, naive training forgot too little"
+        else:
+            target = "met" if kept >= 0.5 and gap >= -0.02 else "not met"
+        out.append(
+            f"With BraTS post-processing (predicted ET below {post['et-min-volume']:g} mm³ "
+            f"becomes necrosis, the volume chosen for this arm on the cases not held out), "
+            f"{name.upper()} kept {kept:.0%} of what naive training forgot, at {gap:+.3f} mean "
+            f"Dice on phase B's held-out new cases compared with naive (target: {target})."
         )
     joint = arms.get("joint", {})
     if joint.get("status") == "ok" and "forgetting" in joint:

@@ -142,7 +142,8 @@ def predict_regions(
     -------
     numpy.ndarray
         ``bool`` ``(3, X, Y, Z)``: WT, TC, ET on the case's grid (see
-        :func:`fedseg.data.case.regions_to_label` for the label map).
+        :func:`fedseg.data.case.regions_to_label` for the label map), post-processed as
+        ``cfg.et_min_volume`` says (:func:`fedseg.model.postprocess.suppress_small_et`).
 
     Raises
     ------
@@ -159,4 +160,11 @@ def predict_regions(
 
         prep.image = harmonise_image(prep.image, landmarks)
     probs = predict_probs(model, prep.image[idx], cfg, device)
-    return to_original_grid(probs, prep)
+    regions = to_original_grid(probs, prep)
+    min_volume = float(cfg.et_min_volume)
+    if min_volume > 0:  # BraTS post-processing, on the case's own grid
+        from fedseg.model.postprocess import suppress_small_et
+
+        voxel = abs(float(np.linalg.det(np.asarray(case.affine, dtype=float)[:3, :3])))
+        regions = suppress_small_et(regions, voxel, min_volume)
+    return regions

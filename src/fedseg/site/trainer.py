@@ -527,6 +527,9 @@ class SiteTrainer:
     ) -> dict[str, Any]:
         """Dice (and optionally HD95) per region on prepared cases, on the prepared grid.
 
+        The prediction is post-processed as the config says (``et-min-volume``,
+        :func:`fedseg.model.postprocess.suppress_small_et`).
+
         With ``brats``, also the BraTS challenge's figures of each case and region
         (:func:`fedseg.model.brats_metrics.brats_region_metrics`: global Dice, pooled HD95,
         lesion-wise Dice and HD95, lesion counts), on the same prepared grid.
@@ -543,6 +546,10 @@ class SiteTrainer:
             if prep.regions is None:
                 continue
             pred = self.predict(prep) >= 0.5
+            if self.cfg.et_min_volume > 0:  # BraTS post-processing (et-min-volume)
+                from fedseg.model.postprocess import suppress_small_et, voxel_volume
+
+                pred = suppress_small_et(pred, voxel_volume(prep.spacing), self.cfg.et_min_volume)
             per_case[prep.case_id] = region_metrics(pred, prep.regions, prep.spacing, hd95=hd95)
             if brats:
                 from fedseg.model.brats_metrics import brats_region_metrics

@@ -167,6 +167,7 @@ def evaluate_folder(
     hd95: bool = True,
     brats: bool = True,
     progress: bool = True,
+    et_min_volume: float | None = None,
 ) -> dict[str, Any]:
     """Predict every case of ``data`` and score the labelled ones.
 
@@ -189,6 +190,10 @@ def evaluate_folder(
         HD95, lesion counts).
     progress:
         Show a progress bar.
+    et_min_volume:
+        Predicted ET below this many mm³ becomes necrosis (BraTS post-processing,
+        :func:`fedseg.model.postprocess.suppress_small_et`); ``None``: the model's own
+        ``et-min-volume`` (0, off, unless it was trained with another).
 
     Returns
     -------
@@ -203,6 +208,8 @@ def evaluate_folder(
 
     device = pick_device()
     model, cfg, modalities = load_model(checkpoint, device)
+    if et_min_volume is not None:
+        cfg = cfg.replace(et_min_volume=float(et_min_volume))
     landmarks = model_landmarks(checkpoint)
     refs = discover_cases(Path(data))
     pred_dir = Path(pred_dir)

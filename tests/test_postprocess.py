@@ -1,0 +1,169 @@
+"""BraTS post-processing: a small predicted enhancing tumour becomes necrosis."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedseg.config import FedsegConfig
+from fedseg.errors import ConfigError
+from fedseg.model.postprocess import (
+    ET_MIN_VOLUMES,
+    choose_min_volume,
+    dice_by_threshold,
+    suppress_small_et,
+    voxel_volume,
+)
+
+
+def regions(et_voxels: int, *, size: int = 6) -> np.ndarray:
+    """WT a 4x4x4 block, TC its inner 2x2x2, ET the first ``et_voxels`` of a far corner row."""
+    reg = np.zeros((3, size, size, size), dtype=bool)
+    reg[0, 1:5, 1:5, 1:5] = True
+    reg[1, 2:4, 2:4, 2:4] = True
+    reg[2, 5, 5, :et_voxels] = True
+    return reg
+
+
+def test_voxel_volume_is_the_product_of_the_spacing() -> None:
+    assert voxel_volume((2.0, 3.0, 0.5)) == 3.0
+    assert voxel_volume((1.0, 1.0, 1.0)) == 1.0
+
+
+def test_small_et_moves_into_tc_and_wt() -> None:
+    pred = regions(2)  # 2 voxels of 8 mm³: 16 mm³
+    out = suppress_small_et(pred, 8.0, 17.0)
+    assert not out[2].any()
+    assert out[1].sum() == 8 + 2 and out[1, 5, 5, :2].all()  # now necrosis: still in TC ...
+    assert out[0].sum() == 64 + 2 and out[0, 5, 5, :2].all()  # ... and in WT
+    assert pred[2].sum() == 2  # the input is not changed
+
+
+@pytest.mark.parametrize(
+    ("et_voxels", "threshold"),
+    [
+        (2, 16.0),  # exactly at the threshold: kept (below it is removed)
+        (2, 0.0),  # 0: off
+        (2, -5.0),  # below 0: off as well
+        (0, 1e9),  # no ET: nothing to remove
+        (6, 40.0),  # 48 mm³ above 40
+    ],
+)
+def test_et_at_or_above_the_threshold_or_off_is_unchanged(et_voxels: int, threshold: float) -> None:
+    pred = regions(et_voxels)
+    assert np.array_equal(suppress_small_et(pred, 8.0, threshold), pred)
+
+
+@pytest.mark.parametrize(
+    ("array", "voxel", "match"),
+    [
+        (np.zeros((2, 4, 4, 4), bool), 1.0, "expected \\(3, \\*spatial\\)"),
+        (np.zeros((3, 4, 4, 4), bool), 0.0, "voxel volume"),
+        (np.zeros((3, 4, 4, 4), bool), float("nan"), "voxel volume"),
+    ],
+)
+def test_bad_suppress_input(array: np.ndarray, voxel: float, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        suppress_small_et(array, voxel, 10.0)
+
+
+def test_choose_min_volume_best_first_on_tie_and_nan_never_wins() -> None:
+    assert choose_min_volume({0.0: 0.5, 100.0: 0.7, 200.0: 0.6}) == 100.0
+    assert choose_min_volume({0.0: 0.7, 100.0: 0.7}) == 0.0
+    assert choose_min_volume({0.0: math.nan, 100.0: 0.1}) == 100.0
+    with pytest.raises(ValueError, match="no finite score"):
+        choose_min_volume({0.0: math.nan})
+    with pytest.raises(ValueError, match="no finite score"):
+        choose_min_volume({})
+
+
+def test_dice_by_threshold_by_hand() -> None:
+    # the reference has no ET; the prediction a speck of 2 voxels (16 mm³) and TC 8 voxels
+    ref = regions(0)
+    pred = regions(2)
+    table = dice_by_threshold(pred, ref, 8.0, (0.0, 16.0, 17.0))
+    assert table[0.0] == {"WT": 1.0, "TC": 1.0, "ET": 0.0}  # BraTS: ET predicted, none there
+    assert table[16.0] == table[0.0]
+    # removed: ET empty in both (1), the speck now in TC (2*8 / (10+8)) and WT (2*64 / (66+64))
+    assert table[17.0]["ET"] == 1.0
+    assert table[17.0]["TC"] == pytest.approx(16 / 18)
+    assert table[17.0]["WT"] == pytest.approx(128 / 130)
+
+
+def test_candidates_start_with_off() -> None:
+    assert ET_MIN_VOLUMES[0] == 0.0
+    assert list(ET_MIN_VOLUMES) == sorted(set(ET_MIN_VOLUMES))
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_bad_et_min_volume_names_the_key(value: float) -> None:
+    with pytest.raises(ConfigError, match="et-min-volume"):
+        FedsegConfig(et_min_volume=value)
+
+
+def test_site_evaluation_applies_the_configured_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A case without ET scores ET 0 with a speck predicted, 1 once the speck is removed."""
+    from helpers import tiny_cfg, write_cohort
+
+    from fedseg.data.cache import prepare_cases
+    from fedseg.site.trainer import SiteTrainer
+
+    ids = write_cohort(tmp_path / "data", num_cases=1)
+    cfg = tiny_cfg()
+    (prep,) = prepare_cases(tmp_path / "data", cfg, case_ids=ids, cache_dir=tmp_path / "cache")
+    prep.regions = np.array(prep.regions)  # a writable copy of the memory-mapped cache
+    prep.regions[2] = 0  # a tumour without enhancement
+    probs = prep.regions.astype(np.float32)
+    probs[2, 0, 0, :3] = 0.9  # a speck of 3 voxels of ET, far from the tumour
+    speck = 3 * voxel_volume(prep.spacing)
+
+    def scores(min_volume: float) -> dict[str, Any]:
+        trainer = SiteTrainer(cfg.replace(et_min_volume=min_volume), ())
+        monkeypatch.setattr(trainer, "predict", lambda p: probs)
+        return trainer.evaluate([prep])
+
+    assert scores(0.0)["ET"]["dice"] == 0.0
+    assert scores(speck * 0.99)["ET"]["dice"] == 0.0
+    kept = scores(speck * 1.01)
+    assert kept["ET"]["dice"] == 1.0
+    assert kept["WT"]["dice"] < 1.0  # the speck is necrosis now, outside the reference WT
+
+
+def test_predicted_regions_on_the_input_grid_use_the_case_voxel_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from helpers import tiny_cfg, write_cohort
+
+    import fedseg.model.inference as inference
+    from fedseg.data.readers import discover_cases, load_case
+
+    write_cohort(tmp_path / "data", num_cases=1)
+    case = load_case(discover_cases(tmp_path / "data")[0])
+    cfg = tiny_cfg()
+    size = cfg.image_size
+
+    def probs(model: Any, image: np.ndarray, cfg: Any, device: Any) -> np.ndarray:
+        out = np.zeros((3, size, size, size), np.float32)
+        out[:, 6:10, 6:10, 6:10] = 0.9  # every region, ET too: a small enhancing focus
+        return out
+
+    monkeypatch.setattr(inference, "predict_probs", probs)
+    raw = inference.predict_regions(None, cfg, ("t1", "t1ce", "t2", "flair"), case, None)
+    voxel = abs(float(np.linalg.det(case.affine[:3, :3])))
+    et = float(raw[2].sum()) * voxel
+    assert et > 0
+    below = inference.predict_regions(
+        None, cfg.replace(et_min_volume=et * 0.99), ("t1", "t1ce", "t2", "flair"), case, None
+    )
+    assert np.array_equal(below, raw)
+    removed = inference.predict_regions(
+        None, cfg.replace(et_min_volume=et * 1.01), ("t1", "t1ce", "t2", "flair"), case, None
+    )
+    assert not removed[2].any()
+    assert np.array_equal(removed[1], raw[1] | raw[2])
