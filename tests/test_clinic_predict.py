@@ -68,6 +68,32 @@ def test_case_folder_gives_label_on_input_grid_volumes_and_overlay(
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(doc["files"])
 
 
+def test_et_min_volume_relabels_small_et_as_necrosis_and_says_so(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run, data = trained
+    code, _, stderr = _predict(run, data / "CASE_000", "--out", tmp_path / "raw")
+    assert code == 0, stderr
+    code, _, stderr = _predict(
+        run, data / "CASE_000", "--out", tmp_path / "pp", "--et-min-volume", "1e12"
+    )
+    assert code == 0, stderr
+
+    raw = np.asarray(nib.load(tmp_path / "raw" / "CASE_000_seg.nii.gz").dataobj)
+    pp = np.asarray(nib.load(tmp_path / "pp" / "CASE_000_seg.nii.gz").dataobj)
+    assert not (pp == 4).any()
+    assert np.array_equal(pp, np.where(raw == 4, 1, raw))  # ET -> necrosis, nothing else moves
+    assert json.loads((tmp_path / "raw" / "volumes.json").read_text())["et-min-volume"] == 0.0
+    doc = json.loads((tmp_path / "pp" / "volumes.json").read_text())
+    assert doc["et-min-volume"] == 1e12
+    assert doc["volumes-ml"]["ET"] == 0.0
+    code, _, stderr = _predict(
+        run, data / "CASE_000", "--out", tmp_path / "bad", "--et-min-volume", "-1"
+    )
+    assert code == 2
+    assert "et-min-volume" in stderr
+
+
 def test_four_nifti_files_give_the_same_label_as_the_folder(
     trained: tuple[Path, Path], tmp_path: Path
 ) -> None:

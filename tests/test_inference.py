@@ -124,3 +124,13 @@ def test_evaluate_writes_each_prediction_on_its_input_grid(tmp_path: Path) -> No
     assert [r["region"] for r in rows] == ["WT", "TC", "ET"]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["num-cases"], summary["num-labelled"]) == (2, 1)
+    # BraTS post-processing asked for on the command line: ET below 1e12 mm³ becomes necrosis
+    pp_out = tmp_path / "pp"
+    args = ["evaluate", str(ckpt), str(data), "--out", str(pp_out), "--et-min-volume", "1e12"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for case_id in ("SYN_00000", "SYN_00001"):
+        raw = np.asarray(nib.load(out / f"{case_id}.nii.gz").dataobj)
+        pp = np.asarray(nib.load(pp_out / f"{case_id}.nii.gz").dataobj)
+        assert np.array_equal(pp, np.where(raw == 4, 1, raw))
+        assert not (pp == 4).any()

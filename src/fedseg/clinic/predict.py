@@ -312,6 +312,8 @@ def predict_patient(
             "input": patient.source,
             "model-sha256": card["sha256"],
             "model-strategy": card["strategy"],
+            # BraTS post-processing applied (mm³; 0 = none): the ET shown is what is left
+            "et-min-volume": float(cfg.et_min_volume),
             "files": names,
         }
         (tmp / "volumes.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
