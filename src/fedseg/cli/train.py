@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
             help="Where prepared cases are kept (default RUN/cache; never the data folder).",
         ),
         sets: list[str] = typer.Option(
-            None, "--set", help="Any config key of [tool.flwr.app.config], repeatable."
+            None, "--set", help="Any config key of \\[tool.flwr.app.config], repeatable."
         ),
     ) -> None:
         """Train the centralized baseline on pooled data; resume after an interruption.
