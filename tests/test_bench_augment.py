@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_benchmark
 
 
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_augment", ROOT / "benchmarks/bench_augment.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_augment"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_augment")
 
 
 def row(arm: str, seed: int, id_dice: float, unseen_dice: float) -> dict:

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_benchmark
 
 
 def generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "external_generator", ROOT / "benchmarks/external_generator.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["external_generator"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("external_generator")
 
 
 @pytest.mark.slow
