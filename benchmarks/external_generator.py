@@ -9,7 +9,8 @@ or importing `fedseg.data.synth`, and saved as real BraTS 2021 files (240 x 240 
 
 Where it differs from fedseg's generator on purpose:
 
-* grid: 1 mm, 240 x 240 x 155 (fedseg's default is 2 mm);
+* grid: 1 mm, 240 x 240 x 155, stored in BraTS's voxel order (x right-to-left, y
+  anterior-to-posterior; fedseg's files are stored left-to-right, posterior-to-anterior);
 * anatomy: a random affine (scale 0.9-1.1, rotation up to 8 degrees) of the 1 mm templates,
   no elastic field, no mass effect;
 * tumour: core and oedema are level sets of a distance-plus-noise field (a smooth random
@@ -177,12 +178,19 @@ def _render(
     return images
 
 
+def _lps(a: np.ndarray) -> np.ndarray:
+    """The array in BraTS's storage order (x and y reversed from the templates')."""
+    return np.ascontiguousarray(a[::-1, ::-1, :])
+
+
 def generate(out: Path, cases: int, seed: int = 7) -> list[str]:
     """Write ``cases`` BraTS 2021 cases into ``out``; returns their ids."""
     import nibabel as nib
 
     gm0, wm0, csf0, brain0 = _templates()
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS-like 1 mm, as BraTS files carry
+    # Stored as BraTS files are: the first two voxel axes run right-to-left and anterior-to-
+    # posterior (the templates' are left-to-right, posterior-to-anterior), and the affine says so.
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
     affine[:3, 3] = [120.0, 120.0, -77.0]
     ids = []
     for i in range(cases):
@@ -195,8 +203,8 @@ def generate(out: Path, cases: int, seed: int = 7) -> list[str]:
         folder = out / case
         folder.mkdir(parents=True, exist_ok=True)
         for name, img in zip(MODALITIES, images, strict=True):
-            nib.save(nib.Nifti1Image(img, affine), folder / f"{case}_{name}.nii.gz")
-        nib.save(nib.Nifti1Image(label, affine), folder / f"{case}_seg.nii.gz")
+            nib.save(nib.Nifti1Image(_lps(img), affine), folder / f"{case}_{name}.nii.gz")
+        nib.save(nib.Nifti1Image(_lps(label), affine), folder / f"{case}_seg.nii.gz")
         ids.append(case)
     return ids
 

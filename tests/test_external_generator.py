@@ -27,6 +27,9 @@ def test_a_case_is_brats_2021_at_1_mm_and_passes_fedseg_s_checks(tmp_path: Path)
     case = load_case(ref, require_label=True)  # fedseg's own validation of files and labels
     assert case.image.shape == (4, 240, 240, 155)
     assert np.allclose(np.abs(np.diag(case.affine)[:3]), 1.0)
+    import nibabel as nib
+
+    assert nib.aff2axcodes(case.affine) == ("L", "P", "S")  # stored as BraTS stores its files
     assert set(np.unique(case.label)) <= {0, 1, 2, 4}
     wt, tc, et = label_to_regions(case.label).astype(bool)
     assert tc.any() and (wt & ~tc).any()  # a core and oedema around it
