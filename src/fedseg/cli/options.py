@@ -14,6 +14,12 @@ PRESET_HELP = (
     "128^3 patches, nnU-Net-size U-Net, bf16); explicit options and --set win over it."
 )
 
+#: ``--et-min-volume`` help, shared by evaluate and predict
+ET_MIN_VOLUME_HELP = (
+    "Predicted enhancing tumour smaller than this many mm³ becomes necrosis "
+    "(BraTS post-processing; 0 = off). Default: the model's own et-min-volume."
+)
+
 
 def defaults_under_preset(defaults: dict[str, Any], preset: str | None) -> dict[str, Any]:
     """A command's own defaults, less the model and data keys when a preset other than

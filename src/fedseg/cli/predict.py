@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from fedseg.cli._common import user_errors, writable_folder
+from fedseg.cli.options import ET_MIN_VOLUME_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -36,8 +37,7 @@ def register(app: typer.Typer) -> None:
         et_min_volume: float = typer.Option(
             None,
             "--et-min-volume",
-            help="Predicted enhancing tumour smaller than this many mm³ becomes necrosis "
-            "(BraTS post-processing; 0 = off). Default: the model's own et-min-volume.",
+            help=ET_MIN_VOLUME_HELP,
         ),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:

@@ -165,7 +165,9 @@ def load_patient(inputs: Sequence[Path], *, channels: int = 4, rules: Any = None
 
 def region_volumes_ml(label: np.ndarray, affine: np.ndarray) -> dict[str, float]:
     """WT, TC and ET volumes in ml of a BraTS label map with voxel-to-mm ``affine``."""
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    from fedseg.model.postprocess import affine_voxel_volume
+
+    voxel_ml = affine_voxel_volume(affine) / 1000.0
     regions = label_to_regions(label)
     return {r: round(float(regions[i].sum()) * voxel_ml, 3) for i, r in enumerate(REGIONS)}
 

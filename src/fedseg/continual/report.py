@@ -73,6 +73,19 @@ def kept_learned_png(doc: Mapping[str, Any]) -> bytes:
     return to_png(fig)
 
 
+def _figures(view: Mapping[str, Any]) -> list[str]:
+    """One arm's cells of the kept-and-learned table: old and new Dice, forgetting, kept, gap."""
+    return [
+        *[H.num(view["old"][r]) for r in REGIONS],
+        H.num(view["old"]["mean"]),
+        *[H.num(view["new"][r]) for r in REGIONS],
+        H.num(view["new"]["mean"]),
+        H.num(view.get("forgetting")),
+        H.pct(view.get("kept-of-naive-forgetting")),
+        H.num(view.get("new-minus-naive")),
+    ]
+
+
 def render_report(doc: Mapping[str, Any]) -> str:
     """The self-contained ``report.html`` of a continual study document."""
     sc = doc["scenario"]
@@ -85,19 +98,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
         if arm.get("status") != "ok":
             rows.append([H.esc(name), *["–"] * 11, H.esc(arm.get("reason", ""))])
             continue
-        rows.append(
-            [
-                H.esc(name),
-                *[H.num(arm["old"][r]) for r in REGIONS],
-                H.num(arm["old"]["mean"]),
-                *[H.num(arm["new"][r]) for r in REGIONS],
-                H.num(arm["new"]["mean"]),
-                H.num(arm.get("forgetting")),
-                H.pct(arm.get("kept-of-naive-forgetting")),
-                H.num(arm.get("new-minus-naive")),
-                H.num(arm.get("seconds"), 0),
-            ]
-        )
+        rows.append([H.esc(name), *_figures(arm), H.num(arm.get("seconds"), 0)])
     header = [
         "arm",
         *[f"old {r}" for r in REGIONS],
@@ -114,19 +115,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
         post = arms.get(name, {}).get("postprocessed")
         if post is None:
             continue
-        post_rows.append(
-            [
-                H.esc(name),
-                f"{post['et-min-volume']:g}",
-                *[H.num(post["old"][r]) for r in REGIONS],
-                H.num(post["old"]["mean"]),
-                *[H.num(post["new"][r]) for r in REGIONS],
-                H.num(post["new"]["mean"]),
-                H.num(post.get("forgetting")),
-                H.pct(post.get("kept-of-naive-forgetting")),
-                H.num(post.get("new-minus-naive")),
-            ]
-        )
+        post_rows.append([H.esc(name), f"{post['et-min-volume']:g}", *_figures(post)])
     post_section = (
         [
             "<h2>With BraTS post-processing</h2>",

@@ -163,8 +163,7 @@ def predict_regions(
     regions = to_original_grid(probs, prep)
     min_volume = float(cfg.et_min_volume)
     if min_volume > 0:  # BraTS post-processing, on the case's own grid
-        from fedseg.model.postprocess import suppress_small_et
+        from fedseg.model.postprocess import affine_voxel_volume, suppress_small_et
 
-        voxel = abs(float(np.linalg.det(np.asarray(case.affine, dtype=float)[:3, :3])))
-        regions = suppress_small_et(regions, voxel, min_volume)
+        regions = suppress_small_et(regions, affine_voxel_volume(case.affine), min_volume)
     return regions

@@ -29,6 +29,11 @@ def voxel_volume(spacing: Sequence[float]) -> float:
     return float(math.prod(float(s) for s in spacing))
 
 
+def affine_voxel_volume(affine: np.ndarray) -> float:
+    """The volume in mm³ of one voxel of a grid with voxel-to-mm ``affine`` (4 x 4)."""
+    return abs(float(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3])))
+
+
 def suppress_small_et(regions: np.ndarray, voxel_mm3: float, min_volume_mm3: float) -> np.ndarray:
     """Relabel a predicted ET smaller than ``min_volume_mm3`` as necrosis.
 
