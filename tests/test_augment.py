@@ -8,7 +8,7 @@ import torch
 from monai.transforms import Compose, RandAdjustContrast
 
 from fedseg.config import AUGMENT_GROUPS, FedsegConfig, parse_augment
-from fedseg.data.augment import ChannelWised, augmentation_transforms
+from fedseg.data.augment import ChannelWised, RandTumourContrastd, augmentation_transforms
 from fedseg.data.transforms import Prepared, augment_on_device
 from fedseg.errors import ConfigError
 from fedseg.site.trainer import SiteTrainer
@@ -75,11 +75,12 @@ def test_each_group_is_its_monai_transforms(augment: str, expected: list[str]) -
     assert names(augment) == expected
 
 
-def test_nnunet_is_its_five_groups_and_all_adds_elastic_and_bias_field() -> None:
+def test_nnunet_is_its_five_groups_and_all_adds_elastic_bias_field_and_tumour_contrast() -> None:
     nnunet = names("nnunet")
     assert nnunet == names("spatial,intensity,noise,resolution,mirror")
     assert "Rand3DElasticd" not in nnunet and "RandBiasFieldd" not in nnunet
-    assert sorted(names("all")) == sorted([*nnunet, "Rand3DElasticd", "RandBiasFieldd"])
+    extra = ["Rand3DElasticd", "RandBiasFieldd", "RandTumourContrastd"]
+    assert sorted(names("all")) == sorted([*nnunet, *extra])
 
 
 def test_probabilities_and_ranges_are_nnunets() -> None:
@@ -332,3 +333,79 @@ def test_on_a_gpu_the_batch_reaches_the_device_before_augmentation(
     assert trainer.augment.transforms == ()  # the dataset only crops (nothing at 16^3)
     assert seen == [("cpu", (4, 16, 16, 16))] * 4
     assert fit["steps"] == 2 and np.isfinite(fit["loss"])
+
+
+# ------------------------------------------------------------------ tumour compartments' contrast
+def _compartments(s: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    wt, tc, et = (s["label"][i] > 0.5 for i in range(3))
+    return [wt & ~tc, tc & ~et, et]
+
+
+def test_tumour_contrast_scales_each_compartment_against_normal_brain_by_hand() -> None:
+    s = sample()
+    t = RandTumourContrastd(prob=1.0, factors=(0.5, 2.0), sigma=0.0)
+    t.set_random_state(seed=3)
+    out = t(s)
+    f = t._draw  # (3 compartments, channels) drawn for this sample
+    assert f is not None and ((f >= 0.5) & (f <= 2.0)).all()
+    x, y = s["image"], torch.as_tensor(out["image"])
+    brain = (x != 0).any(0)
+    normal = brain & ~(s["label"][0] > 0.5)
+    ref = x[:, normal].mean(1)
+    for r, region in enumerate(_compartments(s)):
+        region = region & brain  # the tumour ball reaches past the brain ball: 0 stays 0
+        for c in range(4):
+            want = ref[c] + float(f[r, c]) * (x[c][region] - ref[c])
+            assert torch.allclose(y[c][region], want, atol=1e-5)
+    # normal brain and background untouched, the label too
+    assert torch.equal(y[:, normal], x[:, normal]) and torch.equal(y[:, ~brain], x[:, ~brain])
+    assert torch.equal(torch.as_tensor(out["label"]), s["label"])
+
+
+def test_tumour_contrast_keeps_the_sign_of_enhancement_and_fades_across_boundaries() -> None:
+    s = sample(size=32)
+    et = s["label"][2] > 0.5
+    normal = ((s["image"] != 0).any(0)) & ~(s["label"][0] > 0.5)
+    for seed in range(5):
+        t = RandTumourContrastd(prob=1.0, factors=(0.3, 1.7), sigma=1.0)
+        t.set_random_state(seed=seed)
+        y = torch.as_tensor(t(s)["image"])
+        # ET stays brighter on T1ce than normal brain (weaker or stronger, never inverted)
+        assert y[1][et].mean() > y[1][normal].mean()
+        # with blurred masks the change reaches into the brain just outside WT, and fades
+        moved = (y - s["image"]).abs().sum(0)
+        assert moved[normal].max() > 0
+        far = normal & (torch.as_tensor(_distance(~(s["label"][0] > 0.5))) > 6)
+        assert moved[far].max() < 1e-4
+
+
+def _distance(mask: torch.Tensor) -> np.ndarray:
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(mask.numpy())
+
+
+def test_tumour_contrast_leaves_a_sample_without_tumour_and_checks_its_inputs() -> None:
+    s = sample()
+    s["label"] = torch.zeros_like(s["label"])
+    t = RandTumourContrastd(prob=1.0)
+    assert torch.equal(torch.as_tensor(t(s)["image"]), s["image"])
+    bad = sample()
+    bad["label"] = bad["label"][:2]
+    with pytest.raises(ValueError, match=r"\(3, \*spatial\)"):
+        t(bad)
+    with pytest.raises(ValueError, match="factors"):
+        RandTumourContrastd(factors=(1.5, 0.5))
+    with pytest.raises(ValueError, match="sigma"):
+        RandTumourContrastd(sigma=-1.0)
+
+
+def test_tumour_contrast_is_its_own_group_and_combines_with_basic() -> None:
+    assert names("tumour-contrast") == ["RandTumourContrastd"]
+    assert names("basic,tumour-contrast") == ["RandTumourContrastd", *names("basic")]
+    assert parse_augment("tumour-contrast, basic") == "basic,tumour-contrast"
+    assert names("tumour-contrast", nd=2) == ["RandTumourContrastd"]
+    out = run("tumour-contrast", 0, nd=2)
+    assert out["image"].shape == sample(2)["image"].shape
+    with pytest.raises(ConfigError, match="'basic' is a set of its own.*tumour-contrast"):
+        parse_augment("basic,spatial")

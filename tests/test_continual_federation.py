@@ -37,16 +37,26 @@ def test_phase_b_sends_the_anchor_and_trains_with_the_term(
 
     def spy(self: Any, model: Any) -> Any:
         value = original(self, model)
-        seen.append({"method": self.method, "value": float(value.detach())})
+        seen.append(
+            {
+                "method": self.method,
+                "value": float(value.detach()),
+                "channels": getattr(self, "channels", None),
+            }
+        )
         return value
 
-    cfg = tiny_cfg(continual=method, init_model=str(phase_a), ewc_strength=10.0)
+    cfg = tiny_cfg(
+        continual=method, init_model=str(phase_a), ewc_strength=10.0, lwf_regions="et,tc"
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(continual_site.ContinualTerm, "__call__", spy)
         result, grid = run(cfg, cohort, tmp_path / "out")
     history = json.loads((tmp_path / "out" / HISTORY).read_text())["rounds"]
     assert all(r["status"] == "ok" and r["rejected"] == {} for r in history)
     assert seen and all(s["method"] == method for s in seen)
+    # LwF distils the regions of lwf-regions (WT, TC, ET order)
+    assert all(s["channels"] == ((1, 2) if method == "lwf" else None) for s in seen)
     # the first step starts at the anchor: EWC's penalty is 0 there, and later steps move away
     assert all(np.isfinite(s["value"]) and s["value"] >= 0 for s in seen)
     assert max(s["value"] for s in seen) > 0
@@ -131,6 +141,12 @@ def test_continual_needs_a_phase_a_model_and_no_privacy_modes() -> None:
         FedsegConfig(continual="ewc", init_model="a.pt", ewc_strength=0.0)
     with pytest.raises(ConfigError, match="'ewc-fisher': only continual 'ewc'"):
         FedsegConfig(continual="lwf", init_model="a.pt", ewc_fisher="f.npz")
+    with pytest.raises(ConfigError, match="'lwf-regions': unknown region 'ncr'.*'wt', 'tc', 'et'"):
+        FedsegConfig(continual="lwf", init_model="a.pt", lwf_regions="et,ncr")
+    with pytest.raises(ConfigError, match="'lwf-regions': a region is named twice"):
+        FedsegConfig(lwf_regions="ET,et")
+    with pytest.raises(ConfigError, match="'lwf-regions': expected at least one"):
+        FedsegConfig(lwf_regions=" , ")
     with pytest.raises(ConfigError, match="'save-fisher'"):
         FedsegConfig(save_fisher=True, dp_mode="sample", dp_noise_multiplier=1.0)
 

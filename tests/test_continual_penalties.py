@@ -82,3 +82,26 @@ def test_distillation_is_smallest_at_the_old_answer() -> None:
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
     with pytest.raises(ValueError, match="shape"):
         distillation_loss(torch.zeros(2), torch.zeros(3))
+
+
+def test_distillation_of_some_regions_is_the_distillation_of_those_outputs() -> None:
+    torch.manual_seed(0)
+    new = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    old = torch.randn(2, 3, 4, 4, 4)
+    only_et = distillation_loss(new, old, temperature=2.0, channels=(2,))
+    assert only_et.item() == pytest.approx(
+        distillation_loss(new[:, 2:], old[:, 2:], temperature=2.0).item(), rel=1e-6
+    )
+    # every channel named is every channel
+    assert distillation_loss(new, old, channels=(0, 1, 2)).item() == pytest.approx(
+        distillation_loss(new, old).item(), rel=1e-6
+    )
+    only_et.backward()
+    # the outputs not distilled get no gradient from the term
+    assert new.grad is not None
+    assert torch.count_nonzero(new.grad[:, :2]) == 0
+    assert torch.count_nonzero(new.grad[:, 2]) > 0
+    with pytest.raises(ValueError, match="channels"):
+        distillation_loss(new, old, channels=(3,))
+    with pytest.raises(ValueError, match="channels"):
+        distillation_loss(new, old, channels=())

@@ -133,8 +133,9 @@ UNSEEN_NORMS: tuple[str, ...] = ("average", "adapt")
 HARMONISE_METHODS: tuple[str, ...] = ("none", "histogram")
 #: training augmentation (``augment`` key): a named set, or a comma-separated list of groups.
 #: ``basic`` is the light set fedseg used before (flips, a small affine, intensity scale and
-#: shift); ``nnunet`` is nnU-Net's default set; ``all`` adds elastic deformation and a bias field.
-#: The transforms of each group: :mod:`fedseg.data.transforms`.
+#: shift); ``nnunet`` is nnU-Net's default set; ``all`` adds elastic deformation, a bias field
+#: and the tumour compartments' contrast. ``basic`` also combines with ``tumour-contrast``
+#: (``basic,tumour-contrast``). The transforms of each group: :mod:`fedseg.data.augment`.
 AUGMENT_SETS: tuple[str, ...] = ("none", "basic", "nnunet", "all")
 AUGMENT_GROUPS: tuple[str, ...] = (
     "spatial",
@@ -144,7 +145,10 @@ AUGMENT_GROUPS: tuple[str, ...] = (
     "noise",
     "resolution",
     "mirror",
+    "tumour-contrast",
 )
+#: the groups ``basic`` (a set, not a group) can be listed with
+_WITH_BASIC: tuple[str, ...] = ("tumour-contrast",)
 #: the groups of nnU-Net's default set (its trainers leave elastic deformation off, p = 0, and
 #: have no bias field)
 NNUNET_GROUPS: tuple[str, ...] = ("spatial", "intensity", "noise", "resolution", "mirror")
@@ -279,6 +283,7 @@ class FedsegConfig:
     ewc_strength: float = 1000.0
     lwf_weight: float = 10.0
     lwf_temperature: float = 2.0
+    lwf_regions: str = "wt,tc,et"
     # EWC's Fisher: asked of the sites at the end of a run and written to OUT/fisher.npz
     # (save-fisher, phase A), or read from a file by phase B (ewc-fisher; "": ask phase B's sites)
     save_fisher: bool = False
@@ -549,6 +554,7 @@ class FedsegConfig:
             ("lwf-temperature", self.lwf_temperature),
         ):
             _check(math.isfinite(value) and value > 0, key, "a finite number > 0", value)
+        parse_lwf_regions(self.lwf_regions)
         if self.continual != "none" and not self.init_model:
             raise ConfigError(
                 f"config key 'continual': {self.continual!r} keeps what a phase-A model learned; "
@@ -704,6 +710,42 @@ def _same(given: Any, default: Any) -> bool:
     return bool(given == default)
 
 
+def parse_lwf_regions(value: object) -> tuple[int, ...]:
+    """The output channels LwF distils, from ``lwf-regions`` (comma-separated ``wt``, ``tc``,
+    ``et``, any order, each once; at least one).
+
+    Returns
+    -------
+    tuple of int
+        Channel indices in the model's WT, TC, ET order, sorted.
+
+    Raises
+    ------
+    ConfigError
+        Not a string, an empty list, an unknown or repeated region; the message names the key
+        and the regions there are.
+    """
+    from fedseg.data.case import REGIONS
+
+    names = [r.lower() for r in REGIONS]
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"config key 'lwf-regions': expected comma-separated regions of {names}, "
+            f"found {value!r}"
+        )
+    parts = [p.strip().lower() for p in value.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError(f"config key 'lwf-regions': expected at least one of {names}, found none")
+    for p in parts:
+        if p not in names:
+            raise ConfigError(
+                f"config key 'lwf-regions': unknown region {p!r}; expected regions of {names}"
+            )
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"config key 'lwf-regions': a region is named twice in {value!r}")
+    return tuple(sorted(names.index(p) for p in parts))
+
+
 def parse_augment(value: object) -> str:
     """The canonical form of an ``augment`` value.
 
@@ -712,12 +754,14 @@ def parse_augment(value: object) -> str:
     value:
         ``True``/``False`` or their text forms (``true``, ``false``, ``1``, ``0``, ``yes``,
         ``no``: the values of the key when it was a boolean, meaning ``basic`` and ``none``), a
-        set name of :data:`AUGMENT_SETS`, or a comma-separated list of :data:`AUGMENT_GROUPS`.
+        set name of :data:`AUGMENT_SETS`, or a comma-separated list of :data:`AUGMENT_GROUPS`
+        (or ``basic`` with ``tumour-contrast``).
 
     Returns
     -------
     str
-        A set name, or the groups in :data:`AUGMENT_GROUPS` order joined by commas.
+        A set name, or the groups in :data:`AUGMENT_GROUPS` order joined by commas (``basic``
+        first).
 
     Raises
     ------
@@ -732,6 +776,14 @@ def parse_augment(value: object) -> str:
     if text in AUGMENT_SETS:
         return text
     parts = [p.strip() for p in text.split(",")]
+    if "basic" in parts and len(parts) > 1:
+        others = [p for p in parts if p != "basic"]
+        if all(p in _WITH_BASIC for p in others) and len(set(others)) == len(others):
+            return ",".join(["basic", *(g for g in AUGMENT_GROUPS if g in others)])
+        raise ConfigError(
+            f"config key 'augment': 'basic' is a set of its own and combines only with "
+            f"{', '.join(_WITH_BASIC)}, found {value!r}"
+        )
     wrong = [p for p in parts if p not in AUGMENT_GROUPS]
     if wrong or len(set(parts)) != len(parts):
         if wrong:
@@ -752,7 +804,7 @@ def augment_groups(value: str) -> tuple[str, ...]:
     """The augmentation groups of a canonical ``augment`` value (:func:`parse_augment`).
 
     ``none`` has none, ``nnunet`` has :data:`NNUNET_GROUPS`, ``all`` every group; ``basic`` is
-    not made of groups and gives ``("basic",)``.
+    not made of groups and gives ``("basic",)`` (and ``basic,tumour-contrast`` both names).
     """
     if value == "none":
         return ()

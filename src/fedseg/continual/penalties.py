@@ -109,10 +109,17 @@ def ewc_penalty(
 
 
 def distillation_loss(
-    new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float = 2.0
+    new_logits: torch.Tensor,
+    old_logits: torch.Tensor,
+    temperature: float = 2.0,
+    channels: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """LwF for sigmoid region outputs: BCE of the new model's softened probabilities against the
-    old model's (a constant), scaled by ``temperature**2`` as in Hinton et al. (2015)."""
+    old model's (a constant), scaled by ``temperature**2`` as in Hinton et al. (2015).
+
+    ``channels`` (indices along dimension 1, the WT/TC/ET outputs) restricts the term to those
+    regions (config key ``lwf-regions``), the mean then taken over their voxels only; ``None``
+    distils every output."""
     if new_logits.shape != old_logits.shape:
         raise ValueError(
             f"distillation: outputs of shape {tuple(new_logits.shape)} and "
@@ -120,5 +127,12 @@ def distillation_loss(
         )
     if not temperature > 0:
         raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
+    if channels is not None:
+        index = list(channels)
+        if not index or any(not 0 <= c < new_logits.shape[1] for c in index):
+            raise ValueError(
+                f"distillation: channels {index} for outputs with {new_logits.shape[1]} channels"
+            )
+        new_logits, old_logits = new_logits[:, index], old_logits[:, index]
     target = torch.sigmoid(old_logits.detach() / temperature)
     return F.binary_cross_entropy_with_logits(new_logits / temperature, target) * temperature**2

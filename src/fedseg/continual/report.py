@@ -163,7 +163,8 @@ def render_report(doc: Mapping[str, Any]) -> str:
             [
                 "EWC / LwF",
                 f"strength {sc['ewc-strength']:g}; weight {sc['lwf-weight']:g}, "
-                f"temperature {sc['lwf-temperature']:g}",
+                f"temperature {sc['lwf-temperature']:g}, regions "
+                f"{H.esc(sc.get('lwf-regions', 'wt,tc,et'))}",
             ],
         ],
         left=2,

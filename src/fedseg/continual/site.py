@@ -10,7 +10,7 @@ the frozen phase-A model on the same input.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ class ContinualTerm:
         ewc_strength: float,
         lwf_weight: float,
         lwf_temperature: float,
+        lwf_channels: Sequence[int] | None = None,
         build_model: Callable[[], torch.nn.Module],
         device: torch.device | str,
     ) -> None:
@@ -67,6 +68,7 @@ class ContinualTerm:
             self.old = old
             self.weight = float(lwf_weight)
             self.temperature = float(lwf_temperature)
+            self.channels = None if lwf_channels is None else tuple(lwf_channels)
             self._handle = model.register_forward_hook(self._keep)
         else:
             raise UpdateValidationError(f"continual method {method!r}; expected ewc or lwf")
@@ -84,7 +86,9 @@ class ContinualTerm:
         self._last = None
         with torch.no_grad():
             old_logits = self.old(x.detach())
-        return self.weight * distillation_loss(logits.float(), old_logits.float(), self.temperature)
+        return self.weight * distillation_loss(
+            logits.float(), old_logits.float(), self.temperature, self.channels
+        )
 
     def close(self) -> None:
         """Remove the forward hook (LwF) and drop the kept tensors."""

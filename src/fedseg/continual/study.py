@@ -89,12 +89,13 @@ _PHASE_B_KEYS: tuple[str, ...] = (
     "ewc-fisher",
     "lwf-weight",
     "lwf-temperature",
+    "lwf-regions",
 )
 #: the phase-B keys each continual method reads (the others cannot change its arm's result)
 _METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "none": ("continual",),
     "ewc": ("continual", "ewc-strength", "ewc-fisher"),
-    "lwf": ("continual", "lwf-weight", "lwf-temperature"),
+    "lwf": ("continual", "lwf-weight", "lwf-temperature", "lwf-regions"),
 }
 #: what changes in phase B (``--shift``)
 SHIFTS: tuple[str, ...] = ("scanner", "tumour")
@@ -669,6 +670,7 @@ def summarise(
             "ewc-strength": cfg.ewc_strength,
             "lwf-weight": cfg.lwf_weight,
             "lwf-temperature": cfg.lwf_temperature,
+            "lwf-regions": cfg.lwf_regions,
         },
         "arms": arms,
         "findings": findings(arms),

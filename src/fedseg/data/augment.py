@@ -111,8 +111,11 @@ def augmentation_transforms(
     nd = spatial_dims
     both = ["image", "label"]
     flips = [RandFlipd(keys=both, prob=0.5, spatial_axis=i) for i in range(nd)]
+    # on the sample's own grid, before any resampling, where the label maps are exact
+    contrast = [RandTumourContrastd()] if "tumour-contrast" in groups else []
     if "basic" in groups:
         return [
+            *contrast,
             *flips,
             RandAffined(
                 keys=both,
@@ -131,6 +134,7 @@ def augmentation_transforms(
     blur = (0.5, 1.0)
     gamma = (0.7, 1.5)
     ordered: list[tuple[str, Any]] = [
+        *(("tumour-contrast", t) for t in contrast),
         (
             "spatial",
             RandAffined(
@@ -263,3 +267,112 @@ class ChannelWised(MapTransform, RandomizableTransform):  # type: ignore[misc]
             parts = [torch.as_tensor(self.transform(img[c : c + 1])) for c in range(len(img))]
             d[key] = torch.cat(parts)
         return d
+
+
+class RandTumourContrastd(MapTransform, RandomizableTransform):  # type: ignore[misc]
+    """Scale each tumour sub-region's contrast against normal brain, per modality, at random.
+
+    Scanners, protocols and tumours differ most in how far each tumour compartment stands out
+    from the brain around it: how strongly the rim enhances on T1ce, how dark necrosis is, how
+    bright oedema is on FLAIR. A model that learned one generator's or one hospital's contrasts
+    misses tumours drawn with weaker ones. With probability ``prob`` per sample this transform
+    draws, for each of the three compartments the label maps give (oedema WT - TC, the
+    non-enhancing core TC - ET, enhancing tumour ET) and each modality, a factor f ~ U(``factors``)
+    and moves the compartment's voxels to ``ref + f (x - ref)``, ``ref`` the modality's mean over
+    the brain outside the tumour: the sign of every contrast (ET brighter on T1ce, necrosis
+    darker) is kept, its strength varies. The compartments' masks are blurred with a Gaussian
+    of ``sigma`` voxels first, so that the change fades across a boundary as partial volume does
+    rather than drawing an edge exactly on the label's (the blurred weights of the three
+    compartments sum to the blurred WT mask, at most 1, so a voxel's change is a weighted mean
+    of the compartments' around it); voxels outside the brain (0 after the brain z-score)
+    stay 0. It is the label-conditioned part of SynthSeg's randomised appearance
+    (Billot et al. 2023), restricted to the tumour, whose labels training has.
+
+    Keys: ``image`` (``(C, *spatial)``, z-scored in the brain, 0 outside) and ``label``
+    (``(3, *spatial)``: WT, TC, ET masks). A sample without tumour, or without brain outside it,
+    is returned unchanged.
+
+    Parameters
+    ----------
+    prob:
+        Share of samples changed.
+    factors:
+        (low, high) of the uniform contrast factor, ``0 <= low <= high``.
+    sigma:
+        Gaussian blur of the compartment masks, in voxels (0: sharp masks).
+    """
+
+    def __init__(
+        self,
+        prob: float = 0.3,
+        factors: tuple[float, float] = (0.5, 1.5),
+        sigma: float = 1.0,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> None:
+        lo, hi = (float(f) for f in factors)
+        if not 0 <= lo <= hi or not math.isfinite(hi):
+            raise ValueError(f"tumour contrast factors must be 0 <= low <= high, got {factors}")
+        if not sigma >= 0:
+            raise ValueError(f"tumour contrast sigma must be >= 0, got {sigma}")
+        MapTransform.__init__(self, [image_key, label_key])
+        RandomizableTransform.__init__(self, prob)
+        self.factors = (lo, hi)
+        self.sigma = float(sigma)
+        self.image_key = image_key
+        self.label_key = label_key
+        self._draw: np.ndarray | None = None
+
+    def randomize(self, data: Any = None) -> None:
+        """Decide whether to change this sample and draw its factors (3 compartments x 4)."""
+        super().randomize(None)
+        if self._do_transform:
+            self._draw = self.R.uniform(self.factors[0], self.factors[1], size=(3, 16))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """The sample with its tumour compartments' contrasts rescaled, or unchanged."""
+        import torch
+
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        img = torch.as_tensor(d[self.image_key])
+        lab = torch.as_tensor(d[self.label_key], device=img.device) > 0.5
+        if lab.shape[0] != 3 or lab.shape[1:] != img.shape[1:]:
+            raise ValueError(
+                f"tumour contrast: label of shape {tuple(lab.shape)} for an image of shape "
+                f"{tuple(img.shape)}; expected (3, *spatial) WT/TC/ET masks on the image's grid"
+            )
+        if img.shape[0] > 16:
+            raise ValueError(f"tumour contrast: {img.shape[0]} channels, at most 16 supported")
+        wt, tc, et = lab[0], lab[1], lab[2]
+        brain = (img != 0).any(0)
+        normal = brain & ~wt
+        if not wt.any() or not normal.any():
+            return d
+        x = img.float()
+        ref = x[:, normal].mean(1).view(-1, *([1] * (x.ndim - 1)))
+        if self._draw is None:  # randomize() draws whenever it decides to transform
+            raise RuntimeError("tumour contrast: no factors drawn")
+        draw = torch.as_tensor(self._draw, dtype=x.dtype, device=x.device)
+        out = x.clone()
+        for r, region in enumerate((wt & ~tc, tc & ~et, et)):
+            if not region.any():
+                continue
+            w = self._soft(region.to(x.dtype))
+            f = draw[r, : x.shape[0]].view(-1, *([1] * (x.ndim - 1)))
+            out = out + w * (f - 1.0) * (x - ref)
+        out = torch.where(brain, out, torch.zeros_like(out))
+        d[self.image_key] = out.to(img.dtype)
+        return d
+
+    def _soft(self, mask: Any) -> Any:
+        from monai.networks.layers import GaussianFilter
+
+        if self.sigma <= 0:
+            return mask
+
+        blur = GaussianFilter(mask.ndim, self.sigma, truncated=3.0).to(mask.device)
+        # the compartments partition WT, so their blurred weights sum to WT's blur, <= 1
+        return blur(mask[None, None])[0, 0]

@@ -600,6 +600,7 @@ def _train_received(
 
 def _continual_term(msg: Message, trainer: Any, cfg: FedsegConfig) -> Any:
     """Phase B's anti-forgetting term from the message's phase-A model (and Fisher, for EWC)."""
+    from fedseg.config import parse_lwf_regions
     from fedseg.continual.site import ANCHOR, FISHER, ContinualTerm
     from fedseg.model.unet import build_unet
 
@@ -611,6 +612,7 @@ def _continual_term(msg: Message, trainer: Any, cfg: FedsegConfig) -> Any:
         ewc_strength=cfg.ewc_strength,
         lwf_weight=cfg.lwf_weight,
         lwf_temperature=cfg.lwf_temperature,
+        lwf_channels=parse_lwf_regions(cfg.lwf_regions),
         build_model=lambda: build_unet(cfg),
         device=trainer.device,
     )
