@@ -301,10 +301,51 @@ def test_summary_with_postprocessing_compares_the_postprocessed_figures(tmp_path
         "below 500 mm³" in f and "LWF kept 60%" in f and f.endswith("(target: met).")
         for f in doc["findings"]
     )
+    assert "postprocessed-per-site" not in pp and "postprocessed-per-site" not in raw
     # without post-processed figures the document has none
     plain = summarise(sc, results, rounds_a=2, rounds_b=1, cfg=FedsegConfig())
     assert "postprocessed" not in plain["arms"]["lwf"]
     assert not any("post-processing" in f for f in plain["findings"])
+
+
+def test_summary_with_each_hospitals_own_postprocessing(tmp_path: Path) -> None:
+    write_cohort_csv(tmp_path, ["a"] * 6 + ["new"] * 4)
+    sc = build_scenario(tmp_path, FedsegConfig(num_sites=1), "new")
+    results = {
+        PHASE_A: _result(0.80, 0.40),
+        "naive": _result(0.60, 0.70),
+        "lwf": _result(0.70, 0.40),
+    }
+
+    def post(old: float, new: float, own_old: float, own_new: float) -> dict[str, Any]:
+        doc = _post(old, new, 1000.0)
+        doc["per-site-own"] = _result(own_old, own_new)["scores"]
+        doc["site-et-min-volume"] = {"site-0": 0.0, NEW_SITE: 8000.0}
+        return doc
+
+    pp = {
+        PHASE_A: post(0.80, 0.50, 0.80, 0.55),
+        "naive": post(0.60, 0.70, 0.60, 0.70),  # forgot 0.20
+        # one threshold for all: 0.05 below naive; each hospital its own: kept 75 %, 0.01 above
+        "lwf": post(0.70, 0.65, 0.75, 0.71),
+    }
+    doc = summarise(sc, results, rounds_a=2, rounds_b=1, cfg=FedsegConfig(), postprocessed=pp)
+    own = doc["arms"]["lwf"]["postprocessed-per-site"]
+    assert own["et-min-volume"] == {"site-0": 0.0, NEW_SITE: 8000.0}
+    assert own["forgetting"] == pytest.approx(0.05)
+    assert own["kept-of-naive-forgetting"] == pytest.approx(0.75)
+    assert own["new-minus-naive"] == pytest.approx(0.01)
+    assert doc["arms"]["lwf"]["postprocessed"]["new-minus-naive"] == pytest.approx(-0.05)
+    assert any(
+        "below 1000 mm³" in f and "LWF kept 50%" in f and f.endswith("(target: not met).")
+        for f in doc["findings"]
+    )
+    assert any(
+        "its own cases not held out (site-0 0, new-hospital 8000 mm³)" in f
+        and "LWF kept 75%" in f
+        and f.endswith("(target: met).")
+        for f in doc["findings"]
+    )
 
 
 def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
@@ -357,7 +398,16 @@ def test_a_tiny_continual_study_runs_end_to_end_and_resumes(tmp_path: Path) -> N
         assert set(post["per-site"]) == {"site-0", "site-1", NEW_SITE}, name
         saved = json.loads((out / "arms" / name / "postprocessed.json").read_text())
         assert saved["fitting-cases"] == 10 - sum(doc["scenario"]["test-cases"].values())
-    assert "With BraTS post-processing" in (out / "report.html").read_text()
+        # each hospital's own threshold is a candidate, its figures those of its own cases
+        own = arm["postprocessed-per-site"]
+        assert set(own["et-min-volume"]) == {"site-0", "site-1", NEW_SITE}, name
+        for site, volume in own["et-min-volume"].items():
+            site_choice = {float(k): v for k, v in saved["site-choice"][site].items()}
+            assert volume == choose_min_volume(site_choice), (name, site)
+        assert set(own["per-site"]) == {"site-0", "site-1", NEW_SITE}, name
+    report = (out / "report.html").read_text()
+    assert "With BraTS post-processing" in report
+    assert "With each hospital's own post-processing" in report
     post_stamp = (out / "arms" / "ewc" / "postprocessed.json").stat().st_mtime_ns
     render_report(json.loads((out / "results.json").read_text()))
     # a rerun reuses every finished arm (same fingerprints): nothing is trained again

@@ -283,7 +283,7 @@ class FedsegConfig:
     ewc_strength: float = 1000.0
     lwf_weight: float = 10.0
     lwf_temperature: float = 2.0
-    lwf_regions: str = "wt,tc,et"
+    lwf_regions: str = "et"
     # EWC's Fisher: asked of the sites at the end of a run and written to OUT/fisher.npz
     # (save-fisher, phase A), or read from a file by phase B (ewc-fisher; "": ask phase B's sites)
     save_fisher: bool = False

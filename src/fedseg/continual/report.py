@@ -129,6 +129,24 @@ def render_report(doc: Mapping[str, Any]) -> str:
         if post_rows
         else []
     )
+    own_rows = []
+    for name in _ORDER:
+        own = arms.get(name, {}).get("postprocessed-per-site")
+        if own is None:
+            continue
+        volumes = ", ".join(f"{H.esc(k)} {v:g}" for k, v in own["et-min-volume"].items())
+        own_rows.append([H.esc(name), volumes, *_figures(own)])
+    own_section = (
+        [
+            "<h2>With each hospital's own post-processing</h2>",
+            '<p class="muted">The same models and post-processing, each hospital choosing its '
+            "own threshold (mm³) on its own cases that are not held out and applying it to its "
+            "held-out ones: a hospital tunes its post-processing on its own labelled cases.</p>",
+            H.table(["arm", "ET below (mm³) per site", *header[1:-1]], own_rows),
+        ]
+        if own_rows
+        else []
+    )
     site_rows = []
     for name in _ORDER:
         arm = arms.get(name, {})
@@ -186,6 +204,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
         H.table(header, rows),
         H.img(kept_learned_png(doc), "Dice kept on phase A's cases and learned on phase B's"),
         *post_section,
+        *own_section,
         "<h2>Across both phases</h2>",
         H.img(curves_png(doc), "mean Dice per round across phases"),
         "<h2>Per site</h2>",

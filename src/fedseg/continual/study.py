@@ -533,8 +533,11 @@ class _Evaluator:
         Every candidate ET threshold (:data:`fedseg.model.postprocess.ET_MIN_VOLUMES`) is
         scored on every hospital's cases that are not held out (phase A's and phase B's: the
         consortium at the end of phase B), pooled; the best (first on a tie, so ``0`` unless
-        removing ET helps) is applied to the held-out cases. Cached beside the model in
-        ``postprocessed.json`` under the model's SHA-256.
+        removing ET helps) is applied to the held-out cases (``et-min-volume``, ``per-site``).
+        Each hospital also chooses its own threshold on its own cases that are not held out and
+        applies it to its held-out ones (``site-et-min-volume``, ``per-site-own``): a hospital
+        tunes its post-processing on its own labelled cases, nothing but its own data decides
+        it. Cached beside the model in ``postprocessed.json`` under the model's SHA-256.
         """
         from fedseg.experiment.results import file_sha256
         from fedseg.model.postprocess import (
@@ -559,6 +562,7 @@ class _Evaluator:
                 isinstance(doc, dict)
                 and doc.get("model-sha256") == sha
                 and doc.get("candidates") == candidates
+                and "per-site-own" in doc
             ):
                 return doc
         held_out, fit = self._prepare()
@@ -574,22 +578,31 @@ class _Evaluator:
                 if p.regions is not None
             ]
 
-        fitting = [t for items in fit.values() for t in tables(items)]
-        choice = {
-            t: sum(sum(c[t].values()) / len(REGIONS) for c in fitting) / max(len(fitting), 1)
-            for t in candidates
-        }
-        chosen = choose_min_volume(choice)
-        per_site: dict[str, dict[str, Any]] = {}
-        for site, items in held_out.items():
-            rows = [c[chosen] for c in tables(items)]
+        def mean_dice(rows: Sequence[dict[float, dict[str, float]]]) -> dict[float, float]:
+            n = max(len(rows), 1)
+            return {t: sum(sum(c[t].values()) / len(REGIONS) for c in rows) / n for t in candidates}
+
+        def scores(rows: Sequence[dict[str, float]]) -> dict[str, Any]:
             n = max(len(rows), 1)
             means = {r: sum(row[r] for row in rows) / n for r in REGIONS}
-            per_site[site] = {
-                **means,
-                "mean": sum(means.values()) / len(REGIONS),
-                "cases": len(rows),
-            }
+            return {**means, "mean": sum(means.values()) / len(REGIONS), "cases": len(rows)}
+
+        fit_tables = {site: tables(items) for site, items in fit.items()}
+        test_tables = {site: tables(items) for site, items in held_out.items()}
+        fitting = [t for rows in fit_tables.values() for t in rows]
+        choice = mean_dice(fitting)
+        chosen = choose_min_volume(choice)
+        per_site = {site: scores([c[chosen] for c in rows]) for site, rows in test_tables.items()}
+        # each hospital's own choice, on its own cases not held out (0 when it has none)
+        site_choice = {site: mean_dice(rows) for site, rows in fit_tables.items() if rows}
+        own = {
+            site: choose_min_volume(site_choice[site]) if site in site_choice else 0.0
+            for site in fit_tables
+        }
+        per_site_own = {
+            site: scores([c[own.get(site, 0.0)] for c in rows])
+            for site, rows in test_tables.items()
+        }
         doc = {
             "model-sha256": sha,
             "candidates": candidates,
@@ -598,6 +611,11 @@ class _Evaluator:
             "choice": {f"{t:g}": v for t, v in choice.items()},
             "et-min-volume": chosen,
             "per-site": per_site,
+            "site-choice": {
+                site: {f"{t:g}": v for t, v in c.items()} for site, c in site_choice.items()
+            },
+            "site-et-min-volume": own,
+            "per-site-own": per_site_own,
         }
         atomic_write_json(cache, doc)
         return doc
@@ -628,6 +646,7 @@ def summarise(
     old, new = list(scenario.old_sites), list(scenario.new_sites)
     arms: dict[str, Any] = {}
     views: dict[str, dict[str, Any]] = {}
+    own_views: dict[str, dict[str, Any]] = {}
     for name, res in results.items():
         if res.get("status") != "ok":
             arms[name] = {"status": res.get("status"), "reason": res.get("reason")}
@@ -651,8 +670,16 @@ def summarise(
                 "new": _pooled(post["per-site"], new),
                 "per-site": post["per-site"],
             }
+            if "per-site-own" in post:
+                own_views[name] = arms[name]["postprocessed-per-site"] = {
+                    "et-min-volume": post["site-et-min-volume"],
+                    "old": _pooled(post["per-site-own"], old),
+                    "new": _pooled(post["per-site-own"], new),
+                    "per-site": post["per-site-own"],
+                }
     _compare({n: a for n, a in arms.items() if a.get("status") == "ok"})
     _compare(views)
+    _compare(own_views)
     return {
         "format": "fedseg-continual-v1",
         "scenario": {
@@ -753,6 +780,21 @@ def findings(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"becomes necrosis, the volume chosen for this arm on the cases not held out), "
             f"{name.upper()} kept {kept:.0%} of what naive training forgot, at {gap:+.3f} mean "
             f"Dice on phase B's held-out new cases compared with naive (target: {target})."
+        )
+    for name in ("ewc", "lwf"):
+        post = arms.get(name, {}).get("postprocessed-per-site", {})
+        kept = post.get("kept-of-naive-forgetting")
+        if kept is None or "new-minus-naive" not in post:
+            continue
+        gap = post["new-minus-naive"]
+        naive_post = arms.get("naive", {}).get("postprocessed-per-site", {})
+        target = _target(kept, gap, naive_post.get("forgetting", 0.0) < FORGETTING_TOO_SMALL)
+        volumes = ", ".join(f"{s} {v:g}" for s, v in post["et-min-volume"].items())
+        out.append(
+            f"With each hospital choosing its own post-processing volume on its own cases not "
+            f"held out ({volumes} mm³), {name.upper()} kept {kept:.0%} of what naive training "
+            f"forgot, at {gap:+.3f} mean Dice on phase B's held-out new cases compared with "
+            f"naive (target: {target})."
         )
     joint = arms.get("joint", {})
     if joint.get("status") == "ok" and "forgetting" in joint:
