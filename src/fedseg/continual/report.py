@@ -110,42 +110,44 @@ def render_report(doc: Mapping[str, Any]) -> str:
         "new vs naive",
         "seconds",
     ]
-    post_rows = []
-    for name in _ORDER:
-        post = arms.get(name, {}).get("postprocessed")
-        if post is None:
-            continue
-        post_rows.append([H.esc(name), f"{post['et-min-volume']:g}", *_figures(post)])
-    post_section = (
-        [
-            "<h2>With BraTS post-processing</h2>",
-            '<p class="muted">The same models, their predicted enhancing tumour relabelled '
-            "necrosis when its volume is below a threshold (mm³) chosen for each arm on every "
-            "hospital's cases that are not held out (0: removing it did not help there), as "
-            "BraTS entries do. A speck of ET on a tumour without enhancement costs that case's "
-            "whole ET Dice.</p>",
-            H.table(["arm", "ET below (mm³)", *header[1:-1]], post_rows),
+
+    def view_section(view: str, title: str, note: str, threshold: str) -> list[str]:
+        view_rows = []
+        for name in _ORDER:
+            post = arms.get(name, {}).get(view)
+            if post is None:
+                continue
+            volume = post["et-min-volume"]
+            cell = (
+                ", ".join(f"{H.esc(k)} {v:g}" for k, v in volume.items())
+                if isinstance(volume, Mapping)
+                else f"{volume:g}"
+            )
+            view_rows.append([H.esc(name), cell, *_figures(post)])
+        if not view_rows:
+            return []
+        return [
+            f"<h2>{title}</h2>",
+            f'<p class="muted">{note}</p>',
+            H.table(["arm", threshold, *header[1:-1]], view_rows),
         ]
-        if post_rows
-        else []
+
+    post_section = view_section(
+        "postprocessed",
+        "With BraTS post-processing",
+        "The same models, their predicted enhancing tumour relabelled necrosis when its volume "
+        "is below a threshold (mm³) chosen for each arm on every hospital's cases that are not "
+        "held out (0: removing it did not help there), as BraTS entries do. A speck of ET on a "
+        "tumour without enhancement costs that case's whole ET Dice.",
+        "ET below (mm³)",
     )
-    own_rows = []
-    for name in _ORDER:
-        own = arms.get(name, {}).get("postprocessed-per-site")
-        if own is None:
-            continue
-        volumes = ", ".join(f"{H.esc(k)} {v:g}" for k, v in own["et-min-volume"].items())
-        own_rows.append([H.esc(name), volumes, *_figures(own)])
-    own_section = (
-        [
-            "<h2>With each hospital's own post-processing</h2>",
-            '<p class="muted">The same models and post-processing, each hospital choosing its '
-            "own threshold (mm³) on its own cases that are not held out and applying it to its "
-            "held-out ones: a hospital tunes its post-processing on its own labelled cases.</p>",
-            H.table(["arm", "ET below (mm³) per site", *header[1:-1]], own_rows),
-        ]
-        if own_rows
-        else []
+    own_section = view_section(
+        "postprocessed-per-site",
+        "With each hospital's own post-processing",
+        "The same models and post-processing, each hospital choosing its own threshold (mm³) on "
+        "its own cases that are not held out and applying it to its held-out ones: a hospital "
+        "tunes its post-processing on its own labelled cases.",
+        "ET below (mm³) per site",
     )
     site_rows = []
     for name in _ORDER:

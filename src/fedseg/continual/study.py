@@ -767,35 +767,33 @@ def findings(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"{gap:+.3f} mean Dice on phase B's held-out new cases compared with naive "
             f"(keep at least half at no more than 0.02 below naive: {target})."
         )
-    for name in ("ewc", "lwf"):
-        post = arms.get(name, {}).get("postprocessed", {})
-        kept = post.get("kept-of-naive-forgetting")
-        if kept is None or "new-minus-naive" not in post:
-            continue
-        gap = post["new-minus-naive"]
-        naive_post = arms.get("naive", {}).get("postprocessed", {})
-        target = _target(kept, gap, naive_post.get("forgetting", 0.0) < FORGETTING_TOO_SMALL)
-        out.append(
-            f"With BraTS post-processing (predicted ET below {post['et-min-volume']:g} mm³ "
-            f"becomes necrosis, the volume chosen for this arm on the cases not held out), "
-            f"{name.upper()} kept {kept:.0%} of what naive training forgot, at {gap:+.3f} mean "
-            f"Dice on phase B's held-out new cases compared with naive (target: {target})."
-        )
-    for name in ("ewc", "lwf"):
-        post = arms.get(name, {}).get("postprocessed-per-site", {})
-        kept = post.get("kept-of-naive-forgetting")
-        if kept is None or "new-minus-naive" not in post:
-            continue
-        gap = post["new-minus-naive"]
-        naive_post = arms.get("naive", {}).get("postprocessed-per-site", {})
-        target = _target(kept, gap, naive_post.get("forgetting", 0.0) < FORGETTING_TOO_SMALL)
+
+    def how(view: str, post: Mapping[str, Any]) -> str:
+        if view == "postprocessed":
+            return (
+                f"With BraTS post-processing (predicted ET below {post['et-min-volume']:g} mm³ "
+                f"becomes necrosis, the volume chosen for this arm on the cases not held out)"
+            )
         volumes = ", ".join(f"{s} {v:g}" for s, v in post["et-min-volume"].items())
-        out.append(
+        return (
             f"With each hospital choosing its own post-processing volume on its own cases not "
-            f"held out ({volumes} mm³), {name.upper()} kept {kept:.0%} of what naive training "
-            f"forgot, at {gap:+.3f} mean Dice on phase B's held-out new cases compared with "
-            f"naive (target: {target})."
+            f"held out ({volumes} mm³)"
         )
+
+    for view in ("postprocessed", "postprocessed-per-site"):
+        for name in ("ewc", "lwf"):
+            post = arms.get(name, {}).get(view, {})
+            kept = post.get("kept-of-naive-forgetting")
+            if kept is None or "new-minus-naive" not in post:
+                continue
+            gap = post["new-minus-naive"]
+            naive_post = arms.get("naive", {}).get(view, {})
+            target = _target(kept, gap, naive_post.get("forgetting", 0.0) < FORGETTING_TOO_SMALL)
+            out.append(
+                f"{how(view, post)}, {name.upper()} kept {kept:.0%} of what naive training "
+                f"forgot, at {gap:+.3f} mean Dice on phase B's held-out new cases compared with "
+                f"naive (target: {target})."
+            )
     joint = arms.get("joint", {})
     if joint.get("status") == "ok" and "forgetting" in joint:
         versus = (
