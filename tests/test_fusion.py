@@ -475,3 +475,60 @@ def test_fusion_study_bad_clinical_csv_exits_2_with_one_line(
     )
     assert result.exit_code == 2
     assert f"{bad}, row 2, column 'age': 300 is out of range" in result.output
+
+
+@pytest.mark.parametrize("requires_dp", [True, False])
+def test_the_sites_policy_decides_fusion_and_its_ledger_books_what_left(
+    tmp_path: Path, requires_dp: bool
+) -> None:
+    """Fusion's moments and training rounds are statistics without DP noise: a hospital whose
+    policy requires DP refuses both before reading a record; one that accepts them finds each
+    kind booked in its lifetime ledger."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from fedseg.federation.client_app import build_client_app
+    from fedseg.federation.inprocess import InProcessGrid
+    from fedseg.site.lifetime import LEDGER_FILE, LifetimeLedger
+    from fedseg.site.policy import default_policy, permissive_policy, policy_to_toml
+
+    data = tmp_path / "data"
+    _clinical_cohort(data, 16, 2)
+    policy = default_policy("strict") if requires_dp else permissive_policy("open")
+    (tmp_path / "policy.toml").write_text(policy_to_toml(policy))
+    node_config = {
+        "partition-id": 0,
+        "num-partitions": 2,
+        "policy-file": str(tmp_path / "policy.toml"),
+        "state-dir": str(tmp_path / "state"),
+    }
+    grid = InProcessGrid(
+        build_client_app(_run_config(data, 2)), [node_config], _run_config(data, 2)
+    )
+    node = next(iter(grid.get_node_ids()))
+    task = {"endpoint": "grade", "features": "clinical"}
+    dim = len(feature_names("grade", "clinical"))
+    stats = Message(RecordDict({"config": ConfigRecord(task)}), node, "query.fusion")
+    train = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(numpy_ndarrays=init_weights(dim)),
+                "config": ConfigRecord({**task, "local-steps": 1, "lr": 0.1, "l2": 0.0}),
+            }
+        ),
+        node,
+        "train.fusion",
+    )
+    replies = [next(iter(grid.send_and_receive([m]))) for m in (stats, train, train)]
+    ledger = LifetimeLedger(tmp_path / "state" / LEDGER_FILE)
+    if requires_dp:
+        for reply in replies:
+            text = str(reply.content)
+            assert "E700:SitePolicyError" in text
+            assert "fusion model of images and clinical records" in text
+            assert reply.content.array_records == {}
+        assert ledger.data["releases"] == []
+    else:
+        assert all(r.content.array_records for r in replies)
+        booked = {r["kind"]: r["count"] for r in ledger.data["releases"]}
+        assert booked == {"fusion-moments": 1, "fusion": 2}
+        assert all(r["run"] == ledger.data["releases"][0]["run"] for r in ledger.data["releases"])

@@ -380,3 +380,22 @@ def test_a_site_whose_policy_requires_dp_refuses_the_landmark_query() -> None:
         default_policy("p"), dp_modes=("none", "sample"), secure_aggregation=("none",)
     )
     check_request(lenient, request)  # a policy accepting non-private runs lets it answer
+
+
+def test_each_sites_ledger_books_its_landmarks(cohort: Any, tmp_path: Path) -> None:
+    from fedseg.site.lifetime import LEDGER_FILE, LifetimeLedger
+    from fedseg.site.policy import permissive_policy, policy_to_toml
+
+    root, parts = cohort
+    grid, cfg = make_grid(
+        tiny_cfg(num_server_rounds=1, harmonise="histogram"), root, parts, tmp_path
+    )
+    (tmp_path / "policy.toml").write_text(policy_to_toml(permissive_policy("open")))
+    for i, ctx in enumerate(grid.contexts.values()):
+        ctx.node_config["policy-file"] = str(tmp_path / "policy.toml")
+        ctx.node_config["state-dir"] = str(tmp_path / f"state-{i}")
+    serve(grid, cfg, tmp_path / "out")
+    for i in range(len(parts)):
+        ledger = LifetimeLedger(tmp_path / f"state-{i}" / LEDGER_FILE)
+        assert [(r["kind"], r["count"]) for r in ledger.data["releases"]] == [("landmarks", 1)]
+        assert list(ledger.data["runs"]) == [ledger.data["releases"][0]["run"]]

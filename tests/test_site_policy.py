@@ -508,3 +508,31 @@ def test_the_handshake_prepares_only_in_a_long_lived_process_and_as_the_policy_p
     assert prepared == (["site-0"] if prepares else [])
     # the handshake books nothing in the site's ledger
     assert not any(tmp_path.rglob(LEDGER_FILE))
+
+
+def test_releases_without_dp_are_booked_per_run_and_kind_and_shown(tmp_path: Path) -> None:
+    ledger = LifetimeLedger(tmp_path / LEDGER_FILE)
+    ledger.record_release("run-3", "landmarks", "mean histogram landmarks")
+    ledger.record_release("run-3", "fisher", "diagonal Fisher")
+    ledger.record_release("run-3", "landmarks", "mean histogram landmarks")
+    ledger.record_release("run-4", "landmarks", "mean histogram landmarks")
+    again = LifetimeLedger(tmp_path / LEDGER_FILE)  # survives a reload
+    rows = {(r["run"], r["kind"]): r["count"] for r in again.data["releases"]}
+    assert rows == {("run-3", "landmarks"): 2, ("run-3", "fisher"): 1, ("run-4", "landmarks"): 1}
+    assert again.summary()["releases"] == again.data["releases"]
+    text = CliRunner().invoke(cli, ["site-ledger", str(tmp_path)])
+    assert text.exit_code == 0, text.output
+    assert "released without DP:" in text.output
+    assert "run-3: landmarks x2 (mean histogram landmarks)" in text.output
+    (tmp_path / LEDGER_FILE).write_text(
+        json.dumps({**LifetimeLedger.empty(), "releases": {"run-3": 1}})
+    )
+    with pytest.raises(ConfigError, match="'releases': expected a list"):
+        LifetimeLedger(tmp_path / LEDGER_FILE)
+
+
+def test_a_policy_requiring_dp_refuses_the_fusion_model() -> None:
+    request = PolicyRequest("fusion", "none", "none", "fedavg", "mean", 10)
+    with pytest.raises(SitePolicyError, match="fusion model of images and clinical records"):
+        check_request(default_policy("strict"), request)
+    check_request(OPEN_POLICY, request)

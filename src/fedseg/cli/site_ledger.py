@@ -88,6 +88,11 @@ def _print(s: dict[str, Any]) -> None:
         )
     if not s["runs"]:
         typer.echo("(no run admitted yet)")
+    if s.get("releases"):
+        typer.echo("")
+        typer.echo("released without DP:")
+        for r in s["releases"]:
+            typer.echo(f"  {r['run']}: {r['kind']} x{r['count']} ({r['what']}), last {r['last']}")
     if s["refusals"]:
         typer.echo("")
         typer.echo("refused:")

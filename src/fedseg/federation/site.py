@@ -336,6 +336,7 @@ def _fisher_reply(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDi
     rt = get_runtime(spec, cfg)
     rt.trainer.set_weights(received)
     fisher = site_fisher(rt.trainer)
+    book_release(context, "fisher", "diagonal Fisher information of the training loss")
     return RecordDict(
         {
             R.ARRAYS: R.to_array_record(fisher),
@@ -395,6 +396,7 @@ def _landmarks_reply(msg: Message, context: Context, cfg: FedsegConfig) -> Recor
     enforce_site_policy(context, cfg, spec, "landmarks", _message_config(msg), {})
     rt = get_runtime(spec, cfg)
     landmarks, counts = site_landmarks([p.image for p in rt.train_items])
+    book_release(context, "landmarks", "mean histogram landmarks of the training cases")
     return landmark_reply(landmarks, counts, spec.name)
 
 
@@ -828,8 +830,8 @@ def enforce_site_policy(
     conf: ConfigRecord,
     received: Mapping[str, np.ndarray],
 ) -> None:
-    """Refuse a ``train``, ``evaluate``, ``fisher`` or ``landmarks`` request the site's policy
-    does not allow.
+    """Refuse a ``train``, ``evaluate``, ``fisher``, ``landmarks`` or ``fusion`` request the
+    site's policy does not allow.
 
     No-op without ``policy-file`` in the node config. Otherwise, before any case is read:
     the policy file is loaded (a bad one refuses everything, :class:`ConfigError`), the
@@ -897,6 +899,20 @@ def enforce_site_policy(
         run_key,
         cost.planned,
         cost.spent,
+    )
+
+
+def book_release(context: Context, kind: str, what: str) -> None:
+    """Book a statistic this site releases without DP (``kind``: ``fisher``, ``landmarks``,
+    ``fusion-moments``, ``fusion``) in its lifetime ledger; no-op without ``policy-file``
+    (:meth:`fedseg.site.lifetime.LifetimeLedger.record_release`)."""
+    raw = str(context.node_config.get(POLICY_FILE_KEY, ""))
+    if not raw:
+        return
+    from fedseg.site.lifetime import LifetimeLedger
+
+    LifetimeLedger(ledger_path(context, Path(raw))).record_release(
+        f"run-{context.run_id}", kind, what
     )
 
 

@@ -228,12 +228,17 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
         The site's data or clinical CSV cannot be read, or it has no case with the endpoint.
     """
     from fedseg.errors import DataError
+    from fedseg.federation.site import book_release, enforce_site_policy, resolve_site
     from fedseg.fusion.model import local_steps
 
-    task = _train_task(msg.content.config_records.get("config", ConfigRecord()))
+    config = msg.content.config_records.get("config", ConfigRecord())
+    task = _train_task(config)
     arrays = msg.content.array_records.get("arrays")
     if arrays is None:
         raise ConfigError("fusion message without 'arrays'")
+    # the site's own policy decides before any case or record is read
+    received = {f"fusion.{i}": a for i, a in enumerate(arrays.to_numpy_ndarrays())}
+    enforce_site_policy(context, cfg, resolve_site(context, cfg), "fusion", config, received)
     data = site_fusion_data(
         context, cfg, task["endpoint"], task["features"], image_source=task["image-source"]
     )
@@ -251,6 +256,7 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
         l2=task["l2"],
         scaling=task["scaling"],
     )
+    book_release(context, "fusion", "fusion model weights trained on the site's cases")
     return RecordDict(
         {
             "arrays": ArrayRecord(numpy_ndarrays=weights),
@@ -283,17 +289,22 @@ def handle_fusion_stats(msg: Message, context: Context, cfg: FedsegConfig) -> Re
         The site's data or clinical CSV cannot be read, or it has no case with the endpoint.
     """
     from fedseg.errors import DataError
+    from fedseg.federation.site import book_release, enforce_site_policy, resolve_site
     from fedseg.fusion.model import feature_moments
 
-    task = _task(msg.content.config_records.get("config", ConfigRecord()))
+    config = msg.content.config_records.get("config", ConfigRecord())
+    task = _task(config)
+    enforce_site_policy(context, cfg, resolve_site(context, cfg), "fusion", config, {})
     data = site_fusion_data(
         context, cfg, task["endpoint"], task["features"], image_source=task["image-source"]
     )
     if len(data) == 0:
         raise DataError(f"no training case of this site has the {task['endpoint']} endpoint")
+    moments = feature_moments(data.x)
+    book_release(context, "fusion-moments", "count, sum and sum of squares of the features")
     return RecordDict(
         {
-            "arrays": ArrayRecord(numpy_ndarrays=feature_moments(data.x)),
+            "arrays": ArrayRecord(numpy_ndarrays=moments),
             "metrics": MetricRecord({"num-examples": len(data)}),
         }
     )

@@ -24,6 +24,12 @@ policy's delta when needed (Opacus RDP, :func:`fedseg.privacy.dpsgd.epsilon_spen
 A resumed run is a new Flower run and is charged again: conservative, never less than spent.
 Runs without sample-level DP (accepted by a policy that allows them) are listed without an
 epsilon.
+
+Statistics a site releases outside training and without DP noise (continual learning's Fisher,
+histogram standardisation's landmarks, the fusion model's feature moments and rounds) are
+booked under ``releases``: one row per run and kind, with what was released, how many times,
+first and last (:meth:`LifetimeLedger.record_release`); a policy that requires DP refuses them
+before they are computed.
 """
 
 from __future__ import annotations
@@ -130,7 +136,14 @@ class LifetimeLedger:
     @staticmethod
     def empty() -> dict[str, Any]:
         """The contents of a new ledger."""
-        return {"format": LEDGER_FORMAT, "policy": None, "delta": None, "runs": {}, "refusals": []}
+        return {
+            "format": LEDGER_FORMAT,
+            "policy": None,
+            "delta": None,
+            "runs": {},
+            "refusals": [],
+            "releases": [],
+        }
 
     def _read(self) -> dict[str, Any]:
         if not self.path.is_file():
@@ -157,9 +170,10 @@ class LifetimeLedger:
                         f"{where}: runs.{key}.{part}: expected (noise multiplier, sample rate, "
                         f"steps) rows, found {run.get(part)!r}"
                     )
-        if not isinstance(data.get("refusals", []), list):
-            raise ConfigError(f"{where}: key 'refusals': expected a list")
-        data.setdefault("refusals", [])
+        for key in ("refusals", "releases"):
+            if not isinstance(data.get(key, []), list):
+                raise ConfigError(f"{where}: key '{key}': expected a list")
+            data.setdefault(key, [])
         return data
 
     def run_cost(self, run_key: str, delta: float) -> RunCost:
@@ -205,6 +219,7 @@ class LifetimeLedger:
             "total-epsilon": total,
             "runs": runs,
             "refusals": list(self.data.get("refusals") or []),
+            "releases": list(self.data.get("releases") or []),
         }
 
     # ------------------------------------------------------------------------- writing
@@ -226,6 +241,29 @@ class LifetimeLedger:
         """Add a refusal (its time, the run, the reason) to the ledger."""
         with self._locked():
             self._add_refusal(run_key, reason)
+            self._save()
+
+    def record_release(self, run_key: str, kind: str, what: str) -> None:
+        """Book a statistic released without DP in run ``run_key``: one row per run and kind
+        (``what`` it is), its count and first and last time updated on each release."""
+        with self._locked():
+            now = _now()
+            rows = self.data["releases"]
+            row = next((r for r in rows if r.get("run") == run_key and r.get("kind") == kind), None)
+            if row is None:
+                rows.append(
+                    {
+                        "run": run_key,
+                        "kind": kind,
+                        "what": what,
+                        "count": 1,
+                        "first": now,
+                        "last": now,
+                    }
+                )
+            else:
+                row["count"] = int(row.get("count", 0)) + 1
+                row["last"] = now
             self._save()
 
     def _add_refusal(self, run_key: str, reason: str) -> None:

@@ -308,8 +308,9 @@ class PolicyRequest:
     Attributes
     ----------
     kind:
-        ``"train"``, ``"evaluate"``, ``"fisher"`` (continual learning's Fisher query) or
-        ``"landmarks"`` (histogram standardisation's landmark query).
+        ``"train"``, ``"evaluate"``, ``"fisher"`` (continual learning's Fisher query),
+        ``"landmarks"`` (histogram standardisation's landmark query) or ``"fusion"`` (the
+        fusion model's feature moments and training rounds).
     dp_mode, secure_aggregation, strategy, aggregator:
         The run's values of these keys (the strategy the message names).
     model_parameters:
@@ -358,6 +359,11 @@ def check_request(policy: SitePolicy, request: PolicyRequest) -> None:
         problems.append(
             "the histogram landmarks of the site's training cases, which are not differentially "
             "private (requires: dp-modes accepting 'none')"
+        )
+    if r.kind == "fusion" and p.requires_dp:
+        problems.append(
+            "the fusion model of images and clinical records and its feature moments, which are "
+            "not differentially private (requires: dp-modes accepting 'none')"
         )
     if r.kind == "train":
         one_of("dp-mode", r.dp_mode, p.dp_modes)
