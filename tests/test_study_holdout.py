@@ -94,6 +94,15 @@ def test_bad_scanner_counts() -> None:
             "site-3 or auto",
         ),
         (["--holdout-site", "auto", "--sites", "2"], "leaves 1 to train"),
+        (
+            ["--holdout-scanner", "old-1.5t-lowrez"],
+            "--holdout-scanner: unknown scanner profile 'old-1.5t-lowrez'; the generated "
+            "cohort's profiles are",
+        ),
+        (
+            ["--holdout-scanner", "ge-1.5t", "--holdout-site", "auto"],
+            "hold out one hospital or one scanner profile, not both",
+        ),
     ],
 )
 def test_cli_bad_holdout_exits_2_with_one_line(
@@ -453,3 +462,58 @@ def test_seeds_without_a_held_out_hospital_have_no_unseen_block() -> None:
     out = summarise({0: fake_doc(), 1: _unseen_doc("site-0", 1.0)})
 
     assert all("unseen" not in block for block in out["arms"].values())
+
+
+# --------------------------------------------------------------------------------------------
+# a scanner profile held out as a hospital of its own
+
+
+def test_a_held_out_scanner_is_a_hospital_no_training_hospital_shares_a_scanner_with(
+    tmp_path: Path,
+) -> None:
+    from fedseg.data.partition import case_attributes
+    from fedseg.study.study import make_sites
+
+    data = _three_hospitals(tmp_path)  # scanner-c: T_008 .. T_011
+    cfg = TINY.replace(num_sites=2, partition="iid", holdout_scanner="scanner-c")
+    sites, summary = make_sites(
+        tmp_path / "out", cfg, data, False, None, holdout_scanner="scanner-c"
+    )
+
+    attrs = case_attributes(data)
+    assert sites.holdout == "unseen-scanner-c"
+    assert sorted(p.case_id for p in sites.unseen) == [f"T_{i:03d}" for i in range(8, 12)]
+    assert sorted(sites.parts) == ["site-0", "site-1"]
+    trained = [c for ids in sites.parts.values() for c in ids]
+    assert sorted(trained) == [f"T_{i:03d}" for i in range(8)]
+    assert all(attrs[c].scanner != "scanner-c" for c in trained)
+    rows = {r["site"]: r for r in summary}
+    assert rows["unseen-scanner-c"]["role"] == "unseen"
+    assert rows["unseen-scanner-c"]["num_unseen"] == 4
+    assert rows["unseen-scanner-c"]["scanner_distance"] == pytest.approx(1.0)
+    written = (tmp_path / "out" / "partition.csv").read_text()
+    assert written.count("unseen-scanner-c") == 4
+    split = json.loads((tmp_path / "out" / "split.json").read_text())
+    assert set(split) == {"site-0", "site-1"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        (
+            {"holdout_scanner": "scanner-x"},
+            "no case of scanner profile 'scanner-x' in the cohort; its profiles are scanner-a, "
+            "scanner-b, scanner-c",
+        ),
+        ({"holdout_scanner": "scanner-a", "partition": "csv"}, "names every case's hospital"),
+    ],
+)
+def test_bad_holdout_scanner(tmp_path: Path, changes: dict, fragment: str) -> None:
+    from fedseg.study.study import make_sites
+
+    data = _three_hospitals(tmp_path)
+    cfg = TINY.replace(
+        num_sites=2, partition="iid", partition_file=str(tmp_path / "partition.csv")
+    ).replace(**changes)
+    with pytest.raises(ConfigError, match=fragment):
+        make_sites(tmp_path / "out", cfg, data, False, None, holdout_scanner=cfg.holdout_scanner)

@@ -293,6 +293,9 @@ class FedsegConfig:
     # uses there first: "average" (the sites' averaged parameters) or "adapt" (adapted on the
     # hospital's unlabelled images); both are measured
     holdout_site: str = ""
+    # or every case of one scanner profile, as a hospital of its own that no training hospital
+    # shares a scanner with ("": none)
+    holdout_scanner: str = ""
     unseen_norm: str = "average"
     # harmonisation (#15): "histogram" maps every case onto standard histogram landmarks that
     # the sites compute on their training cases and the server averages (fedseg.data.harmonise)
@@ -353,6 +356,12 @@ class FedsegConfig:
         _check(self.learning_rate > 0, "learning-rate", "a number > 0", self.learning_rate)
         parse_arm_learning_rates(self.arm_learning_rates)
         _check_choice("unseen-norm", self.unseen_norm, UNSEEN_NORMS)
+        if self.holdout_site and self.holdout_scanner:
+            raise ConfigError(
+                f"config keys 'holdout-site' ({self.holdout_site!r}) and 'holdout-scanner' "
+                f"({self.holdout_scanner!r}): hold out one hospital or one scanner profile, "
+                "not both"
+            )
         _check_choice("harmonise", self.harmonise, HARMONISE_METHODS)
         _check(
             math.isfinite(self.et_min_volume) and self.et_min_volume >= 0,

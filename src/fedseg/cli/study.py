@@ -28,7 +28,9 @@ _HELP = (
     "OUT/metrics.json, OUT/metrics.csv and OUT/models/<arm>.pt (readable by `fedseg evaluate`)."
     "\n\n"
     "--holdout-site NAME|auto keeps one hospital out of every arm's training and scores "
-    "every arm on all its cases next to its in-distribution test Dice."
+    "every arm on all its cases next to its in-distribution test Dice; --holdout-scanner "
+    "PROFILE does the same with every case of one scanner profile, a hospital no training "
+    "hospital shares a scanner with."
     "\n\n"
     "Rerun the same command to resume: finished arms are kept and only missing ones run; an "
     "arm whose results were computed with another configuration runs again."
@@ -129,6 +131,16 @@ def study_command(
             "--sites counts it: at least 2 hospitals must remain to train.",
         ),
     ] = None,
+    holdout_scanner: Annotated[
+        str | None,
+        typer.Option(
+            "--holdout-scanner",
+            help="A scanner profile of the cohort (e.g. old-1.5t-lowres): its cases form a "
+            "hospital of their own, unseen-<profile>, that trains in no arm and is scored as "
+            "--holdout-site's is; the other cases make the --sites training hospitals, none "
+            "of which has that scanner. Not with --holdout-site, nor with a partition CSV.",
+        ),
+    ] = None,
     seeds: Annotated[
         int,
         typer.Option(
@@ -176,6 +188,7 @@ def study_command(
             "depth": depth,
             "num_cases": cases,
             "holdout_site": holdout_site,
+            "holdout_scanner": holdout_scanner,
         }
         if partition is not None:
             if partition.lower().endswith(".csv") or Path(partition).is_file():
@@ -198,6 +211,18 @@ def study_command(
             from fedseg.study.holdout import site_names
 
             check_holdout_site(cfg.holdout_site, site_names(cfg))
+        if cfg.holdout_scanner and data is None:  # a generated cohort: its profiles are known
+            import difflib
+
+            from fedseg.data.scanners import profile_names
+
+            if cfg.holdout_scanner not in profile_names():
+                close = difflib.get_close_matches(cfg.holdout_scanner, profile_names(), n=1)
+                raise ConfigError(
+                    f"--holdout-scanner: unknown scanner profile '{cfg.holdout_scanner}'; the "
+                    f"generated cohort's profiles are {', '.join(profile_names())}"
+                    + (f"; did you mean '{close[0]}'?" if close else "")
+                )
         if data is not None:
             existing_folder(data, "labelled dataset folder in BraTS 2020/2021/2023 or MSD layout")
         writable_folder(out, "--out")

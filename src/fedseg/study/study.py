@@ -46,6 +46,7 @@ with the same configuration, data and partition) and only redoes what is missing
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -239,7 +240,14 @@ def run_study(
         )
         chosen = chosen_overrides(tuning)
     sites, summary = make_sites(
-        out, cfg, data_dir, progress, console, holdout=cfg.holdout_site, validation=validation
+        out,
+        cfg,
+        data_dir,
+        progress,
+        console,
+        holdout=cfg.holdout_site,
+        holdout_scanner=cfg.holdout_scanner,
+        validation=validation,
     )
     device = pick_device()
     # a rerun with another held-out hospital (or none) must not reuse an arm's results, nor a
@@ -438,6 +446,7 @@ def make_sites(
     console: Any,
     *,
     holdout: str = "",
+    holdout_scanner: str = "",
     validation: bool = False,
 ) -> tuple[Sites, list[dict[str, Any]]]:
     """Partition the cohort into sites, split each into train / test, prepare the cases.
@@ -452,6 +461,12 @@ def make_sites(
         (:func:`fedseg.data.partition.choose_holdout`): that hospital trains in no arm, all its
         cases are scored as unseen. Its heterogeneity row has ``role`` ``"unseen"`` and
         ``num_unseen``; every row gets ``scanner_distance``.
+    holdout_scanner:
+        ``""`` or a scanner profile of the cohort: every case of that profile becomes a
+        hospital of its own, ``unseen-<profile>``, held out as above; the other cases are
+        partitioned into ``num-sites`` training hospitals, none of which has that scanner.
+        Not with ``partition = csv`` (its file names every case's hospital: hold one out with
+        ``holdout``).
     validation:
         Split each site's training cases again into fitting cases (``train``) and validation
         cases (``test``; ``val-fraction`` of them, at least one), leave the test cases out
@@ -461,7 +476,9 @@ def make_sites(
     Raises
     ------
     ConfigError
-        An unknown ``holdout`` site (naming the sites) or one leaving fewer than 2 to train.
+        An unknown ``holdout`` site (naming the sites) or one leaving fewer than 2 to train; an
+        unknown ``holdout_scanner`` (naming the profiles there are), or one with a CSV
+        partition.
     """
     from fedseg.data.cache import default_cache_dir, prepare_cases
     from fedseg.data.cohort import split_cases
@@ -478,6 +495,10 @@ def make_sites(
 
     attrs = case_attributes(data_dir)
     csv_path = Path(cfg.partition_file) if cfg.partition == "csv" else None
+    every_case = attrs
+    unseen_ids: list[str] = []
+    if holdout_scanner:
+        attrs, unseen_ids = _without_scanner(attrs, holdout_scanner, csv_path is not None)
     # A hospital with a handful of cases cannot hold out test cases and still train.
     min_cases = max(2, min(MIN_SITE_CASES, len(attrs) // cfg.num_sites))
     if csv_path is None and len(attrs) < cfg.num_sites * min_cases:
@@ -496,11 +517,14 @@ def make_sites(
         min_cases=min_cases,
         csv_path=csv_path,
     )
-    summary = heterogeneity_summary(parts, attrs)
     held: str | None = None
-    if holdout:
+    if unseen_ids:
+        held = f"unseen-{holdout_scanner}"
+        parts = {**parts, held: unseen_ids}
+    summary = heterogeneity_summary(parts, every_case)
+    if held is not None or holdout:
         scanners = {row["site"]: row["scanners"] for row in summary}
-        held = choose_holdout(holdout, scanners)
+        held = held or choose_holdout(holdout, scanners)
         distance = scanner_mix_distances(scanners)
         for row in summary:
             row["scanner_distance"] = distance[row["site"]]
@@ -530,7 +554,7 @@ def make_sites(
         "data": str(data_dir),
         "scheme": cfg.partition,
         "num_sites": len(parts),
-        "num_cases": len(attrs),
+        "num_cases": len(every_case),
         "alpha": cfg.partition_alpha,
         "seed": cfg.seed,
         "holdout_site": held,
@@ -543,7 +567,7 @@ def make_sites(
         {s: {"train": v["train"], scored: v["test"]} for s, v in splits.items()},
     )
     if console is not None:
-        title = f"{len(attrs)} cases, {len(parts)} sites, partition {cfg.partition}"
+        title = f"{len(every_case)} cases, {len(parts)} sites, partition {cfg.partition}"
         console.print(summary_table(summary, title=title))
         if held is not None:
             console.print(
@@ -552,7 +576,7 @@ def make_sites(
                 f"{summary_by_site(summary)[held]['scanner_distance']:.2f})"
             )
 
-    ids = sorted(attrs)
+    ids = sorted(every_case)
     prepared = prepare_cases(
         data_dir,
         cfg,
@@ -569,6 +593,38 @@ def make_sites(
         unseen=[by_id[c] for c in parts[held]] if held is not None and not validation else [],
     )
     return sites, summary
+
+
+def _without_scanner(
+    attrs: Mapping[str, Any], scanner: str, csv_partition: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """``attrs`` without the cases of ``scanner``, and those cases' ids (``holdout-scanner``).
+
+    Raises
+    ------
+    ConfigError
+        With a CSV partition; an unknown scanner profile (naming those of the cohort); a
+        profile that every case has (nothing would be left to train on).
+    """
+    where = "config key 'holdout-scanner' (--holdout-scanner)"
+    if csv_partition:
+        raise ConfigError(
+            f"{where}: the partition CSV names every case's hospital; hold one of its hospitals "
+            "out with --holdout-site instead"
+        )
+    profiles = sorted({str(a.scanner) for a in attrs.values()})
+    if scanner not in profiles:
+        close = difflib.get_close_matches(scanner, profiles, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"{where}: no case of scanner profile '{scanner}' in the cohort; its profiles are "
+            f"{', '.join(profiles)}{hint}"
+        )
+    held = sorted(c for c, a in attrs.items() if a.scanner == scanner)
+    rest = {c: a for c, a in attrs.items() if a.scanner != scanner}
+    if not rest:
+        raise ConfigError(f"{where}: every case has scanner profile '{scanner}'; none would train")
+    return rest, held
 
 
 def pooled_landmarks(sites: Sites) -> np.ndarray:

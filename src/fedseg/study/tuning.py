@@ -47,6 +47,7 @@ UNTUNABLE = frozenset(
         "test-fraction",
         "val-fraction",
         "holdout-site",
+        "holdout-scanner",
         "cache-dir",
         "out-dir",
         "strategy",
