@@ -9,13 +9,12 @@ the frozen, validated :class:`FedsegConfig`. A bad key or value raises
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fedseg.errors import ConfigError
+from fedseg.errors import ConfigError, did_you_mean
 
 #: federated strategies the ServerApp knows (``strategy`` key)
 STRATEGIES: tuple[str, ...] = (
@@ -651,8 +650,7 @@ class FedsegConfig:
         for key, value in run_config.items():
             if key not in known:
                 if strict:
-                    close = difflib.get_close_matches(key, list(known), n=1)
-                    hint = f"; did you mean '{close[0]}'?" if close else ""
+                    hint = did_you_mean(key, list(known))
                     raise ConfigError(f"unknown config key '{key}'{hint}")
                 continue
             f = known[key]
@@ -796,8 +794,7 @@ def parse_augment(value: object) -> str:
     wrong = [p for p in parts if p not in AUGMENT_GROUPS]
     if wrong or len(set(parts)) != len(parts):
         if wrong:
-            close = difflib.get_close_matches(wrong[0], [*AUGMENT_SETS, *AUGMENT_GROUPS], n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(wrong[0], [*AUGMENT_SETS, *AUGMENT_GROUPS])
         else:
             twice = next((p for p in parts if parts.count(p) > 1), text)
             hint = f"; '{twice}' is given twice"
@@ -855,8 +852,7 @@ def _check_attack(value: str) -> None:
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), list(allowed), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(str(value), list(allowed))
         raise ConfigError(
             f"config key '{key}': expected one of {', '.join(allowed)}, found {value!r}{hint}"
         )

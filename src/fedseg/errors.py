@@ -8,6 +8,8 @@ a case identifier (see :func:`FedsegError.public`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class FedsegError(Exception):
     """Base class of all fedseg errors."""
@@ -189,3 +191,14 @@ class SitePolicyError(FedsegError):
     def __init__(self, message: str, *, public_reason: str | None = None) -> None:
         super().__init__(message)
         self.public_reason = public_reason if public_reason is not None else message
+
+
+def did_you_mean(value: object, choices: Iterable[str]) -> str:
+    """``"; did you mean 'X'?"`` for the choice closest to ``value`` (difflib), or ``""``.
+
+    The tail of a refusal that names what was expected: ``f"... expected a, b{hint}"``.
+    """
+    import difflib
+
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""

@@ -212,16 +212,14 @@ def study_command(
 
             check_holdout_site(cfg.holdout_site, site_names(cfg))
         if cfg.holdout_scanner and data is None:  # a generated cohort: its profiles are known
-            import difflib
-
             from fedseg.data.scanners import profile_names
+            from fedseg.errors import did_you_mean
 
             if cfg.holdout_scanner not in profile_names():
-                close = difflib.get_close_matches(cfg.holdout_scanner, profile_names(), n=1)
                 raise ConfigError(
                     f"--holdout-scanner: unknown scanner profile '{cfg.holdout_scanner}'; the "
                     f"generated cohort's profiles are {', '.join(profile_names())}"
-                    + (f"; did you mean '{close[0]}'?" if close else "")
+                    + did_you_mean(cfg.holdout_scanner, profile_names())
                 )
         if data is not None:
             existing_folder(data, "labelled dataset folder in BraTS 2020/2021/2023 or MSD layout")

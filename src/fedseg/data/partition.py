@@ -43,7 +43,6 @@ Everything here except the file helpers and :func:`case_attributes` is a pure fu
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import math
 import re
@@ -56,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedseg.data.case import REGION_LABELS
-from fedseg.errors import ConfigError, MissingModalityError, PartitionError
+from fedseg.errors import ConfigError, MissingModalityError, PartitionError, did_you_mean
 from fedseg.utils.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:  # rich is only needed for printing
@@ -256,8 +255,7 @@ def case_to_site(parts: Mapping[str, Sequence[str]]) -> dict[str, str]:
 
 def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), list(allowed), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(str(value), list(allowed))
         raise ConfigError(f"unknown {what} '{value}': expected one of {', '.join(allowed)}{hint}")
 
 
@@ -841,8 +839,7 @@ def check_holdout_site(requested: str, names: Sequence[str], *, min_training: in
     """
     names = sorted(names, key=natural_key)
     if requested != HOLDOUT_AUTO and requested not in names:
-        close = difflib.get_close_matches(requested, names, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(requested, names)
         raise ConfigError(
             f"--holdout-site: unknown hospital '{requested}': expected one of "
             f"{', '.join(names)} or {HOLDOUT_AUTO}{hint}"

@@ -27,7 +27,6 @@ So a dataset that ``fedseg check`` passes loads without error, and vice versa.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import os
 import re
@@ -54,6 +53,7 @@ from fedseg.errors import (
     LabelValueError,
     LayoutError,
     MissingModalityError,
+    did_you_mean,
 )
 
 LAYOUTS: tuple[str, ...] = ("brats2021", "brats2023", "msd")
@@ -191,8 +191,7 @@ class _Collector:
 
 def _check_layout_name(layout: str) -> str:
     if layout not in LAYOUTS:
-        close = difflib.get_close_matches(str(layout), LAYOUTS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(str(layout), LAYOUTS)
         raise LayoutError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}{hint}")
     return layout
 

@@ -63,7 +63,6 @@ Description file (TOML)::
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import hashlib
 import ipaddress
 import json
@@ -77,7 +76,7 @@ from typing import Any
 
 from fedseg.deploy.approval import APPROVED_APPS_ENV, APPROVED_APPS_FILE, LIST_HEADER
 from fedseg.deploy.registry import EXPECTED_CASES, REGISTRY_FILE
-from fedseg.errors import ConfigError, ProvisionError
+from fedseg.errors import ConfigError, ProvisionError, did_you_mean
 from fedseg.site.policy import SitePolicy, default_policy, policy_to_toml
 
 DEFAULT_PORT = 9092
@@ -278,8 +277,7 @@ def spec_from_dict(doc: dict[str, Any], *, source: str = "description") -> Feder
 def _unknown(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
     for key in table:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, allowed)
             raise ConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)}){hint}")
 
 

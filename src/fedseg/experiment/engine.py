@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from fedseg.config import FedsegConfig
-from fedseg.errors import ConfigError
+from fedseg.errors import ConfigError, did_you_mean
 from fedseg.experiment.meter import Meter, MeteredGrid, Observer
 from fedseg.utils.io import atomic_write_json
 
@@ -132,12 +132,10 @@ def check_engine(
         An engine not in ``allowed`` (naming them and the closest), or ``superlink`` without
         ``HOST:PORT``.
     """
-    import difflib
 
     name = str(engine).strip().lower()
     if name not in allowed:
-        close = difflib.get_close_matches(name, allowed, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, allowed)
         raise ConfigError(f"--engine: expected one of {', '.join(allowed)}, found {engine!r}{hint}")
     if name == "superlink":
         host, sep, port = str(superlink or "").rpartition(":")

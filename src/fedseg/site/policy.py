@@ -32,7 +32,6 @@ validation and the request check, no Flower, no I/O besides reading the file.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import tomllib
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.config import AGGREGATORS, DP_MODES, SECURE_MODES, STRATEGIES
-from fedseg.errors import ConfigError, SitePolicyError
+from fedseg.errors import ConfigError, SitePolicyError, did_you_mean
 
 __all__ = [
     "POLICY_KEYS",
@@ -163,8 +162,7 @@ def _validate(p: SitePolicy) -> None:
             )
         for v in values:
             if v not in allowed:
-                close = difflib.get_close_matches(str(v), allowed, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(str(v), allowed)
                 raise ConfigError(
                     f"{where}: key '{_key(attr)}': {v!r} is not one of {', '.join(allowed)}{hint}"
                 )
@@ -218,8 +216,7 @@ def policy_from_dict(doc: Mapping[str, Any], *, source: str = "policy") -> SiteP
     """
     for key in doc:
         if key not in POLICY_KEYS:
-            close = difflib.get_close_matches(str(key), POLICY_KEYS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(str(key), POLICY_KEYS)
             raise ConfigError(
                 f"{source}: unknown key {key!r} (allowed: {', '.join(POLICY_KEYS)}){hint}"
             )

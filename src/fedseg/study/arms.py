@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedseg.errors import ConfigError
+from fedseg.errors import ConfigError, did_you_mean
 from fedseg.experiment.arms import Arm
 
 #: every arm, in the order they run and are reported (``--arms all``)
@@ -96,7 +96,6 @@ def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
     ConfigError
         For an unknown arm (naming the valid ones and the closest match) or an empty selection.
     """
-    import difflib
 
     if arms is None:
         return DEFAULT_ARMS
@@ -108,8 +107,7 @@ def parse_arms(arms: str | Sequence[str] | None) -> tuple[str, ...]:
         wanted = (wanted - {"default"}) | set(DEFAULT_ARMS)
     for name in sorted(wanted):
         if split_arm(name)[0] not in ARMS:
-            close = difflib.get_close_matches(name, ARMS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(name, ARMS)
             raise ConfigError(
                 f"unknown arm '{name}': expected one of {', '.join(ARMS)} (or all, default), "
                 f"a federated one may end in -{', -'.join(CODEC_SUFFIXES)} (compressed "

@@ -77,7 +77,6 @@ Output folder::
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -91,7 +90,7 @@ import numpy as np
 
 from fedseg.config import SECURE_MODES, FedsegConfig
 from fedseg.data.case import REGIONS
-from fedseg.errors import ConfigError
+from fedseg.errors import ConfigError, did_you_mean
 from fedseg.experiment import Arm, ArmSkipped, fingerprint, run_experiment
 from fedseg.experiment.results import file_sha256
 from fedseg.utils.io import atomic_write_csv, atomic_write_json
@@ -250,8 +249,7 @@ def parse_secure(text: str | Sequence[str] | None) -> tuple[str, ...]:
         if not mode or mode == "none":
             continue
         if mode not in allowed:
-            close = difflib.get_close_matches(mode, allowed, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(mode, allowed)
             raise ConfigError(
                 f"--secure: expected {', '.join(allowed)} or none, found {mode!r}{hint}"
             )
@@ -301,8 +299,7 @@ def plan_arms(
     names = [a.name for a in arms]
     for name in wanted:
         if name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(name, names)
             raise ConfigError(
                 f"--arms: unknown arm {name!r}: this sweep has {', '.join(names)} "
                 f"(set by --epsilons and --secure){hint}"

@@ -55,7 +55,7 @@ import numpy as np
 
 from fedseg.config import ATTACKS, INFLATE, FedsegConfig, attack_parts
 from fedseg.data.case import REGIONS
-from fedseg.errors import ConfigError
+from fedseg.errors import ConfigError, did_you_mean
 from fedseg.experiment import Arm, fingerprint, run_experiment
 from fedseg.utils.io import atomic_write_json, atomic_write_text
 
@@ -161,14 +161,12 @@ def parse_settings(text: str | Sequence[str]) -> list[Setting]:
 
 
 def _parse_list(text: str | Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
-    import difflib
 
     items = text.split(",") if isinstance(text, str) else list(text)
     out = [i.strip() for i in items if i.strip()]
     for item in out:
         if item not in allowed:
-            close = difflib.get_close_matches(item, list(allowed), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(item, list(allowed))
             raise ConfigError(f"--{what} {item!r}: expected some of {', '.join(allowed)}{hint}")
     if not out:
         raise ConfigError(f"--{what}: give at least one")

@@ -46,7 +46,6 @@ with the same configuration, data and partition) and only redoes what is missing
 
 from __future__ import annotations
 
-import difflib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -58,7 +57,7 @@ import numpy as np
 
 from fedseg.config import FedsegConfig, parse_arm_learning_rates
 from fedseg.data.case import MODALITIES, REGIONS
-from fedseg.errors import ConfigError, PartitionError
+from fedseg.errors import ConfigError, PartitionError, did_you_mean
 from fedseg.experiment import Arm, fingerprint, run_experiment
 from fedseg.experiment.runner import finished_results
 from fedseg.study.arms import (
@@ -614,8 +613,7 @@ def _without_scanner(
         )
     profiles = sorted({str(a.scanner) for a in attrs.values()})
     if scanner not in profiles:
-        close = difflib.get_close_matches(scanner, profiles, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(scanner, profiles)
         raise ConfigError(
             f"{where}: no case of scanner profile '{scanner}' in the cohort; its profiles are "
             f"{', '.join(profiles)}{hint}"
