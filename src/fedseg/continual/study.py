@@ -600,8 +600,7 @@ class _Evaluator:
             for site in fit_tables
         }
         per_site_own = {
-            site: scores([c[own.get(site, 0.0)] for c in rows])
-            for site, rows in test_tables.items()
+            site: scores([c[own[site]] for c in rows]) for site, rows in test_tables.items()
         }
         doc = {
             "model-sha256": sha,

@@ -356,23 +356,22 @@ class RandTumourContrastd(MapTransform, RandomizableTransform):  # type: ignore[
         if self._draw is None:  # randomize() draws whenever it decides to transform
             raise RuntimeError("tumour contrast: no factors drawn")
         draw = torch.as_tensor(self._draw, dtype=x.dtype, device=x.device)
+        # the three compartments as channels, blurred together; an empty one weighs 0
+        weights = self._soft(torch.stack((wt & ~tc, tc & ~et, et)).to(x.dtype))
         out = x.clone()
-        for r, region in enumerate((wt & ~tc, tc & ~et, et)):
-            if not region.any():
-                continue
-            w = self._soft(region.to(x.dtype))
+        for r in range(3):
             f = draw[r, : x.shape[0]].view(-1, *([1] * (x.ndim - 1)))
-            out = out + w * (f - 1.0) * (x - ref)
+            out = out + weights[r] * (f - 1.0) * (x - ref)
         out = torch.where(brain, out, torch.zeros_like(out))
         d[self.image_key] = out.to(img.dtype)
         return d
 
-    def _soft(self, mask: Any) -> Any:
+    def _soft(self, masks: Any) -> Any:
+        """``(3, *spatial)`` masks, each blurred by ``sigma`` voxels (unchanged at 0)."""
         from monai.networks.layers import GaussianFilter
 
         if self.sigma <= 0:
-            return mask
-
-        blur = GaussianFilter(mask.ndim, self.sigma, truncated=3.0).to(mask.device)
+            return masks
+        blur = GaussianFilter(masks.ndim - 1, self.sigma, truncated=3.0).to(masks.device)
         # the compartments partition WT, so their blurred weights sum to WT's blur, <= 1
-        return blur(mask[None, None])[0, 0]
+        return blur(masks[None])[0]

@@ -237,7 +237,8 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
     if arrays is None:
         raise ConfigError("fusion message without 'arrays'")
     # the site's own policy decides before any case or record is read
-    received = {f"fusion.{i}": a for i, a in enumerate(arrays.to_numpy_ndarrays())}
+    start = arrays.to_numpy_ndarrays()
+    received = {f"fusion.{i}": a for i, a in enumerate(start)}
     enforce_site_policy(context, cfg, resolve_site(context, cfg), "fusion", config, received)
     data = site_fusion_data(
         context, cfg, task["endpoint"], task["features"], image_source=task["image-source"]
@@ -245,7 +246,7 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
     if len(data) == 0:
         raise DataError(f"no training case of this site has the {task['endpoint']} endpoint")
     weights, loss = local_steps(
-        arrays.to_numpy_ndarrays(),
+        start,
         data.x,
         data.y,
         data.time,
