@@ -622,3 +622,26 @@ def test_runner_refuses_to_resume_another_partition(cohort: Any, tmp_path: Path)
 
     with pytest.raises(ConfigError, match="another partition"):
         run_federation(tiny_cfg(), root, parts, out)
+
+
+def test_a_checkpoint_ignores_keys_its_task_never_reads(tmp_path: Path) -> None:
+    from fedseg.federation.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = FedsegConfig(fusion_l2=0.01)
+    path = tmp_path / "checkpoint.pt"
+    weights = {"w": np.ones(3, dtype=np.float32)}
+    save_checkpoint(path, server_round=2, weights=weights, strategy_state={}, history=[], cfg=cfg)
+    assert "fusion-l2" in cfg.unread_keys() and "learning-rate" not in cfg.unread_keys()
+    # a segmentation run never reads fusion-*: a new fusion default does not block its resume
+    state = load_checkpoint(path, cfg.replace(fusion_l2=1.0))
+    assert state["round"] == 2
+    with pytest.raises(ConfigError, match="'learning-rate'"):
+        load_checkpoint(path, cfg.replace(learning_rate=0.5))
+    # a fusion run reads them
+    fusion = cfg.replace(task="fusion")
+    save_checkpoint(
+        path, server_round=1, weights=weights, strategy_state={}, history=[], cfg=fusion
+    )
+    assert fusion.unread_keys() == frozenset()
+    with pytest.raises(ConfigError, match="'fusion-l2'"):
+        load_checkpoint(path, fusion.replace(fusion_l2=1.0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ from fedseg.data.cohort import split_cases
 from fedseg.data.partition import write_partition
 from fedseg.errors import ConfigError
 from fedseg.fusion.features import (
+    ENDPOINTS,
+    FEATURE_SETS,
     IMAGE_FEATURES,
     build_data,
     clinical_features,
@@ -532,3 +535,48 @@ def test_the_sites_policy_decides_fusion_and_its_ledger_books_what_left(
         booked = {r["kind"]: r["count"] for r in ledger.data["releases"]}
         assert booked == {"fusion-moments": 1, "fusion": 2}
         assert all(r["run"] == ledger.data["releases"][0]["run"] for r in ledger.data["releases"])
+
+
+def test_cross_validation_of_the_penalty_reads_training_cases_only(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedseg.fusion.study as study
+
+    read: set[str] = set()
+    real = study.build_data
+
+    def spy(ids: Any, *args: Any, **kwargs: Any) -> Any:
+        read.update(ids)
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(study, "build_data", spy)
+    cfg = study.FusionStudyConfig(
+        out=tmp_path / "cv",
+        data=tiny_root,
+        sites=2,
+        partition="iid",
+        rounds=20,
+        local_steps=10,
+        image_source="reference",
+    )
+    scores = study.cross_validate_l2(cfg, [0.01, 1.0], folds=3)
+    assert set(scores) == {f"{e}/{f}" for e in ENDPOINTS for f in FEATURE_SETS}
+    assert all(len(row) == 2 and all(0.0 <= v <= 1.0 for v in row) for row in scores.values())
+    assert max(scores["grade/image"]) > 0.7  # the planted enhancing share is found
+    split = study._prepare(cfg, lambda s: None)
+    test_ids = {c for ids in split.test.values() for c in ids}
+    train_ids = {c for ids in split.train.values() for c in ids}
+    assert read and read <= train_ids and not read & test_ids
+
+
+@pytest.mark.parametrize(
+    ("grid", "folds", "message"),
+    [([], 5, "--grid"), ([-1.0], 5, "--grid"), ([0.1], 1, "--folds")],
+)
+def test_cross_validation_refuses_a_bad_grid_or_fold_count(
+    tmp_path: Path, grid: list[float], folds: int, message: str
+) -> None:
+    from fedseg.fusion.study import FusionStudyConfig, cross_validate_l2
+
+    with pytest.raises(ConfigError, match=message):
+        cross_validate_l2(FusionStudyConfig(out=tmp_path), grid, folds)

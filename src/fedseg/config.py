@@ -241,7 +241,7 @@ class FedsegConfig:
     fusion_seg_model: str = ""
     fusion_local_steps: int = 20
     fusion_lr: float = 0.3
-    fusion_l2: float = 0.01
+    fusion_l2: float = 1.0
     # robustness (#5): robust aggregation and simulated attacks
     aggregator: str = "mean"
     trim_fraction: float = 0.2
@@ -626,6 +626,14 @@ class FedsegConfig:
     def to_run_config(self) -> dict[str, Any]:
         """Return the kebab-case mapping (the Flower run-config form) of this config."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def unread_keys(self) -> frozenset[str]:
+        """Run-config keys this config's task never reads: the fusion model's (``fusion-*``)
+        in a segmentation run. A checkpoint ignores their values, so a changed fusion setting
+        (or its default) does not stop a segmentation run from resuming."""
+        if self.task == "segmentation":
+            return frozenset(k for k in self.to_run_config() if k.startswith("fusion-"))
+        return frozenset()
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], *, strict: bool = True) -> FedsegConfig:

@@ -64,6 +64,14 @@ def fusion_study(
     local_steps: Annotated[
         int, typer.Option("--local-steps", help="Gradient steps per site and round.")
     ] = 20,
+    l2: Annotated[
+        float,
+        typer.Option(
+            "--l2",
+            help="L2 penalty of every model (chosen by 5-fold cross-validation on training "
+            "cases: benchmarks/bench_fusion_l2.py).",
+        ),
+    ] = 1.0,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples.")] = 1000,
     endpoints: Annotated[
         str, typer.Option("--endpoints", help="Comma-separated: grade, survival.")
@@ -119,6 +127,7 @@ def fusion_study(
             test_fraction=test_fraction,
             rounds=rounds,
             local_steps=local_steps,
+            l2=l2,
             bootstrap=bootstrap,
             endpoints=tuple(e.strip() for e in endpoints.split(",") if e.strip()),
             image_source=image_source,

@@ -78,14 +78,16 @@ def load_checkpoint(path: Path, cfg: FedsegConfig) -> dict[str, Any]:
     CheckpointError
         Unreadable file or not a fedseg federated checkpoint.
     ConfigError
-        Written with a different configuration (other than :data:`RESUMABLE_CHANGES`).
+        Written with a different configuration (other than :data:`RESUMABLE_CHANGES` and
+        the keys the run's task never reads, :meth:`FedsegConfig.unread_keys`).
     """
     state = load_torch(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fedseg federated checkpoint ({FORMAT})")
     saved = dict(state.get("config", {}))
     now = cfg.to_run_config()
-    diffs = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    free = RESUMABLE_CHANGES | cfg.unread_keys()
+    diffs = [k for k in now if k not in free and saved.get(k) != now[k]]
     if diffs:
         k = diffs[0]
         raise ConfigError(

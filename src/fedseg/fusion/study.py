@@ -136,7 +136,7 @@ class FusionStudyConfig:
     rounds: int = 50
     local_steps: int = 20
     lr: float = 0.3
-    l2: float = 0.01
+    l2: float = 1.0
     bootstrap: int = 1000
     endpoints: tuple[str, ...] = field(default=ENDPOINTS)
     image_source: str = "predicted"
@@ -440,6 +440,86 @@ def run_fusion_study(
 
     write_report(doc, cfg.out / "report.html")
     return doc
+
+
+def cross_validate_l2(
+    cfg: FusionStudyConfig,
+    grid: Sequence[float],
+    folds: int = 5,
+    say: Callable[[str], None] = lambda s: None,
+) -> dict[str, list[float]]:
+    """Cross-validated score of each centralized arm at each L2 penalty, on training cases only.
+
+    The study's pooled training cases (every site's, never a test case) are split into
+    ``folds`` seeded folds; for each endpoint, feature set and penalty the centralized model
+    (the study's step size and number of steps) is fitted on all but one fold and scores the
+    left-out fold; the scores of every fold are pooled into one AUC or C-index. This is how
+    the default ``l2`` was chosen (``benchmarks/bench_fusion_l2.py``, BENCHMARKS.md).
+
+    Parameters
+    ----------
+    cfg:
+        The study's settings (cohort, sites, split, image source, segmentation model).
+    grid:
+        The L2 penalties tried (each >= 0).
+    folds:
+        Number of folds (>= 2).
+    say:
+        Receives one-line progress messages.
+
+    Returns
+    -------
+    dict
+        ``"endpoint/features"`` -> one score per value of ``grid``, in order.
+
+    Raises
+    ------
+    ConfigError
+        An empty grid, a negative penalty or fewer than two folds.
+    """
+    if not grid or any(not (math.isfinite(v) and v >= 0) for v in grid):
+        raise ConfigError(f"--grid must be L2 penalties >= 0, got {list(grid)!r}")
+    if folds < 2:
+        raise ConfigError(f"--folds must be an integer >= 2, got {folds!r}")
+    split = _prepare(cfg, say)
+    train = sorted(c for ids in split.train.values() for c in ids)
+    order = np.random.default_rng(cfg.seed).permutation(len(train))
+    parts = [set(int(i) for i in f) for f in np.array_split(order, folds)]
+    steps = cfg.rounds * cfg.local_steps
+    out: dict[str, list[float]] = {}
+    for endpoint in cfg.endpoints:
+        for features in FEATURE_SETS:
+            dim = len(feature_names(endpoint, features))
+            pooled = _data(split, train, endpoint, features)
+            where = {c: i for i, c in enumerate(pooled.case_ids)}
+            row = []
+            for l2 in grid:
+                scores = np.full(len(pooled), np.nan)
+                for held in parts:
+                    fit_ids = [train[i] for i in range(len(train)) if i not in held]
+                    data = _data(split, fit_ids, endpoint, features)
+                    left = _data(split, [train[i] for i in sorted(held)], endpoint, features)
+                    if not (_usable(data, endpoint) and len(left)):
+                        continue
+                    w, _ = local_steps(
+                        init_weights(dim),
+                        data.x,
+                        data.y,
+                        data.time,
+                        data.event,
+                        endpoint=endpoint,
+                        steps=steps,
+                        lr=cfg.lr,
+                        l2=float(l2),
+                        scaling=pooled_scaling([feature_moments(data.x)]),
+                    )
+                    for c, s in zip(left.case_ids, predict(w, left.x), strict=True):
+                        scores[where[c]] = s
+                scored = np.flatnonzero(~np.isnan(scores))
+                row.append(float(_score(endpoint, pooled, scores, scored)))
+            out[f"{endpoint}/{features}"] = row
+            say(f"{endpoint}/{features}: " + " ".join(f"{v:.3f}" for v in row))
+    return out
 
 
 def _arm(
