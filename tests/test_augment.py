@@ -8,7 +8,13 @@ import torch
 from monai.transforms import Compose, RandAdjustContrast
 
 from fedseg.config import AUGMENT_GROUPS, FedsegConfig, parse_augment
-from fedseg.data.augment import ChannelWised, RandTumourContrastd, augmentation_transforms
+from fedseg.data.augment import (
+    ChannelWised,
+    RandShadingd,
+    RandTumourContrastd,
+    augmentation_transforms,
+    shade,
+)
 from fedseg.data.transforms import Prepared, augment_on_device
 from fedseg.errors import ConfigError
 from fedseg.site.trainer import SiteTrainer
@@ -52,7 +58,7 @@ def names(augment: str, nd: int = 3) -> list[str]:
         ("none", []),
         ("spatial", ["RandAffined", "RandZoomd"]),
         ("elastic", ["Rand3DElasticd"]),
-        ("bias-field", ["RandBiasFieldd"]),
+        ("bias-field", ["RandShadingd"]),
         ("noise", ["RandGaussianNoised", "ChannelWised"]),
         (
             "intensity",
@@ -78,8 +84,8 @@ def test_each_group_is_its_monai_transforms(augment: str, expected: list[str]) -
 def test_nnunet_is_its_five_groups_and_all_adds_elastic_bias_field_and_tumour_contrast() -> None:
     nnunet = names("nnunet")
     assert nnunet == names("spatial,intensity,noise,resolution,mirror")
-    assert "Rand3DElasticd" not in nnunet and "RandBiasFieldd" not in nnunet
-    extra = ["Rand3DElasticd", "RandBiasFieldd", "RandTumourContrastd"]
+    assert "Rand3DElasticd" not in nnunet and "RandShadingd" not in nnunet
+    extra = ["Rand3DElasticd", "RandShadingd", "RandTumourContrastd"]
     assert sorted(names("all")) == sorted([*nnunet, *extra])
 
 
@@ -409,3 +415,78 @@ def test_tumour_contrast_is_its_own_group_and_combines_with_basic() -> None:
     assert out["image"].shape == sample(2)["image"].shape
     with pytest.raises(ConfigError, match="'basic' is a set of its own.*tumour-contrast"):
         parse_augment("basic,spatial")
+
+
+# ------------------------------------------------------------------ coil shading (bias-field)
+def _z(raw: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    inside = raw[:, brain]
+    view = (-1, 1, 1, 1)
+    z = (raw - inside.mean(1).view(view)) / inside.std(1).view(view)
+    return torch.where(brain, z, torch.zeros_like(z))
+
+
+def test_shading_equals_the_z_score_of_the_shaded_stored_intensities() -> None:
+    # stored intensities whose brain has mean 400 and sd 100: offset m / s = 4
+    g = torch.Generator().manual_seed(0)
+    brain = torch.zeros(6, 6, 6, dtype=torch.bool)
+    brain[1:5, 1:5, 1:5] = True
+    raw = 400.0 + 100.0 * torch.randn(2, 6, 6, 6, generator=g)
+    raw[:, brain] = (raw[:, brain] - raw[:, brain].mean(1, keepdim=True)) / raw[:, brain].std(
+        1, keepdim=True
+    ) * 100.0 + 400.0
+    raw = torch.where(brain, raw, torch.zeros_like(raw))
+    field = 0.2 * torch.randn(2, 6, 6, 6, generator=g)
+    expected = _z(raw * torch.exp(field), brain)
+    got = shade(_z(raw, brain), field, 4.0, brain)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.all(got[:, ~brain] == 0)
+    # a flat field changes nothing; the z-scores themselves are not multiplied
+    assert torch.allclose(
+        shade(_z(raw, brain), torch.zeros_like(field), 4.0, brain), _z(raw, brain), atol=1e-5
+    )
+    assert not torch.allclose(got, _z(raw, brain) * torch.exp(field), atol=1e-2)
+
+
+def test_shading_keeps_each_channels_statistics_and_the_label() -> None:
+    before = sample()
+    t = RandShadingd(prob=1.0, sd=(0.3, 0.3))
+    t.set_random_state(3)
+    out = t({k: v.clone() for k, v in before.items()})
+    brain = (before["image"] != 0).any(0)
+    assert torch.equal(out["label"], before["label"])
+    a, b = before["image"][:, brain], out["image"][:, brain]
+    assert torch.allclose(a.mean(1), b.mean(1), atol=1e-4)
+    assert torch.allclose(a.std(1), b.std(1), atol=1e-4)
+    assert not torch.allclose(a, b, atol=1e-2)
+    assert torch.all(out["image"][:, ~brain] == 0)
+
+
+def test_shading_field_is_smooth_has_the_drawn_strength_and_a_common_part() -> None:
+    t = RandShadingd(prob=1.0, sd=(0.25, 0.25))
+    t.set_random_state(1)
+    shape = (4, 24, 24, 24)
+    t.randomize(shape)
+    brain = torch.ones(shape[1:], dtype=torch.bool)
+    field = t.log_field(shape, brain)
+    assert field.shape == shape
+    assert torch.allclose(field.reshape(4, -1).std(1), torch.full((4,), 0.25), atol=1e-3)
+    steps = (field[:, 1:] - field[:, :-1]).abs().max()
+    assert steps < 0.25  # neighbouring voxels differ by far less than the field's range
+    corr = torch.corrcoef(field.reshape(4, -1))
+    off = corr[~torch.eye(4, dtype=torch.bool)]
+    assert torch.all(off > 0.1) and torch.all(off < 0.99)  # the coil's part is shared
+
+
+def test_shading_is_bias_field_combines_with_basic_and_refuses_bad_ranges() -> None:
+    assert names("basic,bias-field") == ["RandShadingd", *names("basic")]
+    assert parse_augment("bias-field,basic") == "basic,bias-field"
+    assert names("basic,bias-field,tumour-contrast")[:2] == ["RandTumourContrastd", "RandShadingd"]
+    out = run("bias-field", 0, nd=2)
+    assert out["image"].shape == sample(2)["image"].shape
+    assert RandShadingd(prob=0.0)({"image": sample()["image"]})["image"] is not None
+    with pytest.raises(ValueError, match="sd"):
+        RandShadingd(sd=(0.3, 0.1))
+    with pytest.raises(ValueError, match="offset"):
+        RandShadingd(offset=(0.0, 2.0))
+    with pytest.raises(ValueError, match="control_points"):
+        RandShadingd(control_points=1)

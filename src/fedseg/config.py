@@ -133,8 +133,9 @@ HARMONISE_METHODS: tuple[str, ...] = ("none", "histogram")
 #: training augmentation (``augment`` key): a named set, or a comma-separated list of groups.
 #: ``basic`` is the light set fedseg used before (flips, a small affine, intensity scale and
 #: shift); ``nnunet`` is nnU-Net's default set; ``all`` adds elastic deformation, a bias field
-#: and the tumour compartments' contrast. ``basic`` also combines with ``tumour-contrast``
-#: (``basic,tumour-contrast``). The transforms of each group: :mod:`fedseg.data.augment`.
+#: and the tumour compartments' contrast. ``basic`` also combines with ``tumour-contrast`` and
+#: ``bias-field`` (``basic,bias-field,tumour-contrast``). The transforms of each group:
+#: :mod:`fedseg.data.augment`.
 AUGMENT_SETS: tuple[str, ...] = ("none", "basic", "nnunet", "all")
 AUGMENT_GROUPS: tuple[str, ...] = (
     "spatial",
@@ -147,7 +148,7 @@ AUGMENT_GROUPS: tuple[str, ...] = (
     "tumour-contrast",
 )
 #: the groups ``basic`` (a set, not a group) can be listed with
-_WITH_BASIC: tuple[str, ...] = ("tumour-contrast",)
+_WITH_BASIC: tuple[str, ...] = ("bias-field", "tumour-contrast")
 #: the groups of nnU-Net's default set (its trainers leave elastic deformation off, p = 0, and
 #: have no bias field)
 NNUNET_GROUPS: tuple[str, ...] = ("spatial", "intensity", "noise", "resolution", "mirror")
@@ -770,7 +771,7 @@ def parse_augment(value: object) -> str:
         ``True``/``False`` or their text forms (``true``, ``false``, ``1``, ``0``, ``yes``,
         ``no``: the values of the key when it was a boolean, meaning ``basic`` and ``none``), a
         set name of :data:`AUGMENT_SETS`, or a comma-separated list of :data:`AUGMENT_GROUPS`
-        (or ``basic`` with ``tumour-contrast``).
+        (or ``basic`` with ``bias-field`` and/or ``tumour-contrast``).
 
     Returns
     -------
@@ -818,7 +819,7 @@ def augment_groups(value: str) -> tuple[str, ...]:
     """The augmentation groups of a canonical ``augment`` value (:func:`parse_augment`).
 
     ``none`` has none, ``nnunet`` has :data:`NNUNET_GROUPS`, ``all`` every group; ``basic`` is
-    not made of groups and gives ``("basic",)`` (and ``basic,tumour-contrast`` both names).
+    not made of groups and gives ``("basic",)`` (``basic,tumour-contrast`` both names).
     """
     if value == "none":
         return ()

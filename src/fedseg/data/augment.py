@@ -18,7 +18,6 @@ from monai.transforms import (
     Rand3DElasticd,
     RandAdjustContrast,
     RandAffined,
-    RandBiasFieldd,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmooth,
@@ -60,9 +59,9 @@ def augmentation_transforms(
     elastic     deformation, alpha U(0, 900), sigma U(9, 13) voxels (the values of    0.2
                 nnU-Net v1's default_3D_augmentation_params; nnU-Net's trainers set
                 p = 0): Rand3DElasticd, 3D only
-    bias-field  multiplicative exp(P), P a degree-3 Legendre polynomial with          0.1
-                coefficients U(0, 0.1) (not in nnU-Net; MONAI's defaults):
-                RandBiasFieldd
+    bias-field  coil shading on the stored intensities, log field SD U(0, 0.3),     0.3
+                a common and a per-channel smooth field (not in nnU-Net):
+                :class:`RandShadingd`
     noise       Gaussian noise, std U(0, 0.1), every channel: RandGaussianNoised      0.1
     noise       Gaussian blur, sigma U(0.5, 1) per axis, per channel 0.5:             0.2
                 RandGaussianSmooth
@@ -85,7 +84,8 @@ def augmentation_transforms(
 
     ``basic`` is fedseg's earlier light set: flips (p 0.5 per axis), an affine with rotation
     U(-0.2, 0.2) rad and scale 1 + U(-0.1, 0.1) per axis (p 0.2), intensity x * (1 + U(-0.1,
-    0.1)) (p 0.5) and x + U(-0.1, 0.1) (p 0.5).
+    0.1)) (p 0.5) and x + U(-0.1, 0.1) (p 0.5). It combines with ``tumour-contrast`` and
+    ``bias-field`` (``basic,bias-field``), which then run first, on the sample's own grid.
 
     Parameters
     ----------
@@ -114,8 +114,10 @@ def augmentation_transforms(
     # on the sample's own grid, before any resampling, where the label maps are exact
     contrast = [RandTumourContrastd()] if "tumour-contrast" in groups else []
     if "basic" in groups:
+        shading = [RandShadingd()] if "bias-field" in groups else []
         return [
             *contrast,
+            *shading,
             *flips,
             RandAffined(
                 keys=both,
@@ -172,7 +174,7 @@ def augmentation_transforms(
         )
         ordered.append(("elastic", elastic))
     ordered += [
-        ("bias-field", RandBiasFieldd(keys="image", prob=0.1, degree=3, coeff_range=(0.0, 0.1))),
+        ("bias-field", RandShadingd()),
         ("noise", RandGaussianNoised(keys="image", prob=0.1, std=0.1, sample_std=True)),
         ("noise", ChannelWised("image", RandGaussianSmooth(blur, blur, blur, prob=0.5), 0.2)),
         (
@@ -375,3 +377,160 @@ class RandTumourContrastd(MapTransform, RandomizableTransform):  # type: ignore[
         blur = GaussianFilter(masks.ndim - 1, self.sigma, truncated=3.0).to(masks.device)
         # the compartments partition WT, so their blurred weights sum to WT's blur, <= 1
         return blur(masks[None])[0]
+
+
+def _unit(fields: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """Each channel of ``fields`` at mean 0 and standard deviation 1 over ``brain``.
+
+    A channel flat over the brain (a tiny sample) becomes 0: a constant field only scales the
+    image, which the z-score undoes.
+    """
+    import torch
+
+    inside = fields[:, brain]
+    std = inside.std(1)
+    scale = torch.where(std > 1e-6, 1.0 / std.clamp(min=1e-6), torch.zeros_like(std))
+    view = (-1, *([1] * (fields.ndim - 1)))
+    return (fields - inside.mean(1).view(view)) * scale.view(view)
+
+
+def shade(
+    image: torch.Tensor, log_field: torch.Tensor, offset: float, brain: torch.Tensor
+) -> torch.Tensor:
+    """Apply a multiplicative bias field to a brain z-scored image, as a scanner applies it.
+
+    A receive coil's shading multiplies the stored intensities, which are positive: with the
+    brain's mean ``m`` and standard deviation ``s`` in stored units, a z-score ``x`` stands for
+    ``s (x + m / s)``. The field therefore multiplies ``x + offset`` (``offset`` = ``m / s``,
+    clipped at 0 as stored values are), and each channel is then given back the mean and standard
+    deviation it had over ``brain``, as a z-score of the shaded image would have (a patch keeps
+    its own). MONAI's ``RandBiasField`` multiplies the z-scores themselves, which scales each
+    voxel's distance from the brain mean instead of shading it.
+
+    Parameters
+    ----------
+    image:
+        ``(C, *spatial)``, z-scored in the brain, 0 outside.
+    log_field:
+        ``(C, *spatial)`` natural log of each channel's field.
+    offset:
+        The brain's mean over its standard deviation in stored units (> 0).
+    brain:
+        ``(*spatial)`` boolean mask of the voxels the statistics are taken over.
+
+    Returns
+    -------
+    torch.Tensor
+        The shaded image, 0 outside ``brain``, in ``image``'s dtype.
+    """
+    import torch
+
+    x = image.float()
+    inside = x[:, brain]
+    mean, std = inside.mean(1), inside.std(1)
+    raw = (x + offset).clamp(min=0.0) * torch.exp(log_field.float())
+    shaded = raw[:, brain]
+    new_mean, new_std = shaded.mean(1), shaded.std(1).clamp(min=1e-6)
+    view = (-1, *([1] * (x.ndim - 1)))
+    out = (raw - new_mean.view(view)) / new_std.view(view) * std.view(view) + mean.view(view)
+    return torch.where(brain, out, torch.zeros_like(out)).to(image.dtype)
+
+
+class RandShadingd(MapTransform, RandomizableTransform):  # type: ignore[misc]
+    """A smooth random bias field (coil shading) on the stored intensities, per sample.
+
+    Intensity non-uniformity is the artefact multi-site MRI differs in most after the contrast
+    curve: a 3 T receive coil shades the brain by 10-20 % over a few centimetres, older and
+    1.5 T coils less. With probability ``prob`` per sample this transform draws the field's
+    strength ``sd ~ U(sd)`` (standard deviation of its natural log over the brain), a common
+    smooth field (the receive coil, shared by every sequence) and one per channel (the
+    sequence's own), each Gaussian noise on a grid of ``control_points`` per axis spanning the
+    sample, interpolated linearly to its grid and scaled to unit standard deviation over the
+    brain; the log field of channel c is ``F0 + Fc`` brought to standard deviation ``sd`` over
+    the brain. It is applied by
+    :func:`shade` with an ``offset`` (the brain's mean over its standard deviation in stored
+    units, 3-6 for MR brain images) drawn from ``U(offset)``. The label is not changed.
+
+    Parameters
+    ----------
+    prob:
+        Share of samples shaded.
+    sd:
+        (low, high) of the log field's standard deviation, ``0 <= low <= high``.
+    offset:
+        (low, high) of the stored-unit mean over standard deviation, ``0 < low <= high``.
+    control_points:
+        Grid points per axis of the random fields (>= 2; 4 puts them a third of the sample
+        apart, a few centimetres in a brain).
+    image_key:
+        The image's key (``(C, *spatial)``, z-scored in the brain, 0 outside).
+    """
+
+    def __init__(
+        self,
+        prob: float = 0.3,
+        sd: tuple[float, float] = (0.0, 0.3),
+        offset: tuple[float, float] = (3.0, 6.0),
+        control_points: int = 4,
+        image_key: str = "image",
+    ) -> None:
+        lo, hi = (float(v) for v in sd)
+        if not 0 <= lo <= hi or not math.isfinite(hi):
+            raise ValueError(f"shading sd must be 0 <= low <= high, got {sd}")
+        o_lo, o_hi = (float(v) for v in offset)
+        if not 0 < o_lo <= o_hi or not math.isfinite(o_hi):
+            raise ValueError(f"shading offset must be 0 < low <= high, got {offset}")
+        if int(control_points) < 2:
+            raise ValueError(f"shading control_points must be >= 2, got {control_points}")
+        MapTransform.__init__(self, [image_key])
+        RandomizableTransform.__init__(self, prob)
+        self.sd = (lo, hi)
+        self.offset = (o_lo, o_hi)
+        self.control_points = int(control_points)
+        self.image_key = image_key
+        self._strength = 0.0
+        self._shift = 0.0
+        self._coarse: np.ndarray | None = None
+
+    def randomize(self, data: Any = None) -> None:
+        """Decide whether to shade this sample; draw strength, offset and coarse fields.
+
+        ``data`` is the image's shape ``(C, *spatial)``.
+        """
+        super().randomize(None)
+        if self._do_transform and data is not None:
+            channels, nd = int(data[0]), len(data) - 1
+            self._strength = float(self.R.uniform(*self.sd))
+            self._shift = float(self.R.uniform(*self.offset))
+            grid = (channels + 1, *([self.control_points] * nd))
+            self._coarse = self.R.standard_normal(grid)
+
+    def log_field(self, shape: Sequence[int], brain: torch.Tensor) -> torch.Tensor:
+        """The drawn log field of every channel, ``(C, *spatial)`` on ``brain``'s device."""
+        import torch
+        import torch.nn.functional as F
+
+        if self._coarse is None:
+            raise RuntimeError("shading: no field drawn")
+        coarse = torch.as_tensor(self._coarse, dtype=torch.float32, device=brain.device)
+        mode = "trilinear" if len(shape) == 4 else "bilinear"
+        fields = F.interpolate(coarse[None], size=tuple(shape[1:]), mode=mode, align_corners=True)
+        fields = fields[0]
+        unit = _unit(fields, brain)
+        return self._strength * _unit(unit[:1] + unit[1:], brain)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """The sample with its image shaded, or unchanged."""
+        import torch
+
+        d = dict(data)
+        img = torch.as_tensor(d[self.image_key])
+        self.randomize(tuple(img.shape))
+        if not self._do_transform:
+            return d
+        brain = (img != 0).any(0)
+        if int(brain.sum()) < 2:
+            return d
+        field = self.log_field(tuple(img.shape), brain)
+        d[self.image_key] = shade(img, field, self._shift, brain)
+        return d

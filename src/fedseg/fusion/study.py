@@ -279,6 +279,27 @@ def _nan_to_none(v: float) -> float | None:
     return None if v is None or not math.isfinite(v) else round(float(v), 4)
 
 
+def _fit(cfg: FusionStudyConfig, endpoint: str, data: FusionData, l2: float) -> list[np.ndarray]:
+    """The study's model fitted on ``data`` in one place (``rounds x local-steps`` steps).
+
+    It steps on the standardised features of the cases it trains on (pooled: the same
+    statistics a federation pools from the sites' moments).
+    """
+    w, _ = local_steps(
+        init_weights(data.x.shape[1]),
+        data.x,
+        data.y,
+        data.time,
+        data.event,
+        endpoint=endpoint,
+        steps=cfg.rounds * cfg.local_steps,
+        lr=cfg.lr,
+        l2=l2,
+        scaling=pooled_scaling([feature_moments(data.x)]),
+    )
+    return w
+
+
 def _train(
     cfg: FusionStudyConfig,
     split: _Split,
@@ -289,24 +310,9 @@ def _train(
 ) -> tuple[np.ndarray, int]:
     """Scores of the pooled test cases (in ``test_ids`` order) and the training-set size."""
     dim = len(feature_names(endpoint, features))
-    steps = cfg.rounds * cfg.local_steps
 
     def fit(data: FusionData) -> list[np.ndarray]:
-        # on the standardised features of the cases it trains on (pooled: the same statistics
-        # the federation pools from the sites' moments)
-        w, _ = local_steps(
-            init_weights(dim),
-            data.x,
-            data.y,
-            data.time,
-            data.event,
-            endpoint=endpoint,
-            steps=steps,
-            lr=cfg.lr,
-            l2=cfg.l2,
-            scaling=pooled_scaling([feature_moments(data.x)]),
-        )
-        return w
+        return _fit(cfg, endpoint, data, cfg.l2)
 
     all_train = [c for ids in split.train.values() for c in ids]
     test = _data(split, test_ids, endpoint, features)
@@ -485,11 +491,9 @@ def cross_validate_l2(
     train = sorted(c for ids in split.train.values() for c in ids)
     order = np.random.default_rng(cfg.seed).permutation(len(train))
     parts = [set(int(i) for i in f) for f in np.array_split(order, folds)]
-    steps = cfg.rounds * cfg.local_steps
     out: dict[str, list[float]] = {}
     for endpoint in cfg.endpoints:
         for features in FEATURE_SETS:
-            dim = len(feature_names(endpoint, features))
             pooled = _data(split, train, endpoint, features)
             where = {c: i for i, c in enumerate(pooled.case_ids)}
             row = []
@@ -501,18 +505,7 @@ def cross_validate_l2(
                     left = _data(split, [train[i] for i in sorted(held)], endpoint, features)
                     if not (_usable(data, endpoint) and len(left)):
                         continue
-                    w, _ = local_steps(
-                        init_weights(dim),
-                        data.x,
-                        data.y,
-                        data.time,
-                        data.event,
-                        endpoint=endpoint,
-                        steps=steps,
-                        lr=cfg.lr,
-                        l2=float(l2),
-                        scaling=pooled_scaling([feature_moments(data.x)]),
-                    )
+                    w = _fit(cfg, endpoint, data, float(l2))
                     for c, s in zip(left.case_ids, predict(w, left.x), strict=True):
                         scores[where[c]] = s
                 scored = np.flatnonzero(~np.isnan(scores))
