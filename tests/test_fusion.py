@@ -480,6 +480,13 @@ def test_fusion_study_bad_clinical_csv_exits_2_with_one_line(
     assert f"{bad}, row 2, column 'age': 300 is out of range" in result.output
 
 
+def test_fusion_study_bad_l2_exits_2_naming_the_option(tiny_root: Path, tmp_path: Path) -> None:
+    args = ["fusion-study", "--data", str(tiny_root), "--out", str(tmp_path / "o"), "--l2", "-1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "--l2 must be a number >= 0, got -1.0" in result.output
+
+
 @pytest.mark.parametrize("requires_dp", [True, False])
 def test_the_sites_policy_decides_fusion_and_its_ledger_books_what_left(
     tmp_path: Path, requires_dp: bool
