@@ -496,15 +496,18 @@ def cross_validate_l2(
         for features in FEATURE_SETS:
             pooled = _data(split, train, endpoint, features)
             where = {c: i for i, c in enumerate(pooled.case_ids)}
+            splits = []  # (fitted on, scored) per fold, the same for every penalty
+            for held in parts:
+                data = _data(
+                    split, [c for i, c in enumerate(train) if i not in held], endpoint, features
+                )
+                left = _data(split, [train[i] for i in sorted(held)], endpoint, features)
+                if _usable(data, endpoint) and len(left):
+                    splits.append((data, left))
             row = []
             for l2 in grid:
                 scores = np.full(len(pooled), np.nan)
-                for held in parts:
-                    fit_ids = [train[i] for i in range(len(train)) if i not in held]
-                    data = _data(split, fit_ids, endpoint, features)
-                    left = _data(split, [train[i] for i in sorted(held)], endpoint, features)
-                    if not (_usable(data, endpoint) and len(left)):
-                        continue
+                for data, left in splits:
                     w = _fit(cfg, endpoint, data, float(l2))
                     for c, s in zip(left.case_ids, predict(w, left.x), strict=True):
                         scores[where[c]] = s
