@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -635,6 +635,16 @@ class FedsegConfig:
         if self.task == "segmentation":
             return frozenset(k for k in self.to_run_config() if k.startswith("fusion-"))
         return frozenset()
+
+    def changed_keys(self, saved: Mapping[str, Any], may_change: Collection[str]) -> list[str]:
+        """The run-config keys whose value differs from ``saved`` (a checkpoint's config).
+
+        Keys in ``may_change`` (what a resume may change) and the keys this config's task never
+        reads (:meth:`unread_keys`) are not compared. In this config's key order.
+        """
+        free = set(may_change) | self.unread_keys()
+        now = self.to_run_config()
+        return [k for k in now if k not in free and saved.get(k) != now[k]]
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], *, strict: bool = True) -> FedsegConfig:

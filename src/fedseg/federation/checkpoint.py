@@ -86,8 +86,7 @@ def load_checkpoint(path: Path, cfg: FedsegConfig) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a fedseg federated checkpoint ({FORMAT})")
     saved = dict(state.get("config", {}))
     now = cfg.to_run_config()
-    free = RESUMABLE_CHANGES | cfg.unread_keys()
-    diffs = [k for k in now if k not in free and saved.get(k) != now[k]]
+    diffs = cfg.changed_keys(saved, RESUMABLE_CHANGES)
     if diffs:
         k = diffs[0]
         raise ConfigError(

@@ -194,8 +194,7 @@ def _check_same_config(
     saved = dict(state.get("config", {}))
     now = cfg.to_run_config()
     # The epoch budget may grow on resume; everything the run reads must match.
-    free = {"epochs", "cache-dir"} | cfg.unread_keys()
-    diffs = [k for k in now if k not in free and saved.get(k) != now[k]]
+    diffs = cfg.changed_keys(saved, ("epochs", "cache-dir"))
     if list(state.get("modalities", MODALITIES)) != list(modalities):
         diffs.append("modalities")
     if diffs:
