@@ -4,8 +4,10 @@ Two measurements on a fusion study's cohort (``fedseg fusion-study``'s settings)
 
 * ``--grid``: 5-fold cross-validation of every centralized arm (endpoint x feature set) on the
   study's **training cases only** (:func:`fedseg.fusion.study.cross_validate_l2`) at each L2
-  penalty of the grid; the penalty with the best mean score over the arms is printed as
-  ``chosen``. Test cases are never read.
+  penalty of the grid; each arm's best penalty is printed as ``chosen_per_arm`` (what
+  ``fedseg fusion-study`` uses by default, ``--l2 cv``) and the penalty with the best mean
+  score over the arms as ``chosen`` (the run-config default ``fusion-l2`` of a deployed
+  federation, which trains one model). Test cases are never read.
 * ``--ceiling`` (a cohort fedseg generated, with its ``--seed``): Harrell's C-index on all
   cases of the generator's own survival risk (:func:`fedseg.data.clinical.survival_risk`, the
   linear predictor the survival times were drawn from, with every clinical field known), of its
@@ -33,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.fusion.study import FusionStudyConfig, cross_validate_l2
+from fedseg.fusion.study import L2_GRID, FusionStudyConfig, choose_l2, cross_validate_l2
 
-DEFAULT_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_GRID = L2_GRID
 
 
 def choose(scores: dict[str, list[float]], grid: list[float]) -> float:
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "folds": args.folds,
         "cv": {k: [round(v, 4) for v in row] for k, row in scores.items()},
         "chosen": choose(scores, grid),
+        "chosen_per_arm": {k: choose_l2(row, grid) for k, row in scores.items()},
     }
     if args.ceiling:
         result["survival_ceiling"] = survival_ceiling(args.data, args.seed)

@@ -452,9 +452,71 @@ def test_fusion_study_cli_end_to_end_and_resume(tiny_root: Path, tmp_path: Path)
     assert "ROC curves" in html and "data:image/png;base64," in html
     kinds = {c["kind"] for c in doc["comparisons"]}
     assert kinds == {"fusion gain", "federated / centralized"}
+    # each endpoint and feature set trained at the penalty its cross-validation chose
+    from fedseg.fusion.study import L2_GRID, choose_l2
+
+    penalties = doc["l2"]
+    assert penalties["rule"] == "cv" and penalties["grid"] == list(L2_GRID)
+    assert set(penalties["chosen"]) == {f"{e}/{f}" for e in ENDPOINTS for f in FEATURE_SETS}
+    for name, chosen in penalties["chosen"].items():
+        row = [float("nan") if v is None else v for v in penalties["cv"][name]]
+        assert chosen == choose_l2(row, L2_GRID)
+    for arm in doc["arms"]:
+        assert arm["l2"] == penalties["chosen"][f"{arm['endpoint']}/{arm['features']}"]
+    assert "L2 penalties" in html
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0
     assert again.output.count("finished in an earlier run") == 18
+    assert "L2 penalties: chosen in an earlier run, kept" in again.output
+
+
+def test_fusion_study_trains_every_model_at_its_penalty(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The penalty the arm records is the one its models were fitted with; a fixed ``l2``
+    skips the cross-validation."""
+    import fedseg.fusion.federated as federated
+    import fedseg.fusion.study as study
+
+    used: list[tuple[str, float]] = []
+    real_fit, real_fed = study._fit, federated.train_federated
+
+    def fit(cfg: Any, endpoint: str, data: Any, l2: float) -> Any:
+        used.append(("fit", l2))
+        return real_fit(cfg, endpoint, data, l2)
+
+    def fed(*args: Any, **kwargs: Any) -> Any:
+        used.append(("federated", kwargs["l2"]))
+        return real_fed(*args, **kwargs)
+
+    monkeypatch.setattr(study, "_fit", fit)
+    monkeypatch.setattr(federated, "train_federated", fed)
+    base = dict(data=tiny_root, sites=2, partition="iid", rounds=2, local_steps=2)
+    base.update(bootstrap=100, endpoints=("grade",), image_source="reference")
+    doc = study.run_fusion_study(study.FusionStudyConfig(out=tmp_path / "cv", **base))
+    chosen = doc["l2"]["chosen"]
+    assert set(chosen) == {"grade/image", "grade/clinical", "grade/fusion"}
+    cv_fits = len(used) - 3 * (1 + 1 + 2)  # per feature set: centralized, federated, 2 sites
+    assert cv_fits == 3 * len(study.L2_GRID) * study.CV_FOLDS
+    trained = used[cv_fits:]
+    for k, features in enumerate(("image", "clinical", "fusion")):
+        assert {v for _, v in trained[4 * k : 4 * k + 4]} == {chosen[f"grade/{features}"]}
+    used.clear()
+    fixed = study.run_fusion_study(study.FusionStudyConfig(out=tmp_path / "f", l2=0.5, **base))
+    assert fixed["l2"] == {"rule": "fixed", "chosen": dict.fromkeys(chosen, 0.5)}
+    assert len(used) == 12 and {v for _, v in used} == {0.5}
+
+
+def test_choose_l2_takes_the_best_score_and_the_smaller_penalty_on_ties() -> None:
+    from fedseg.fusion.study import choose_l2
+
+    nan = float("nan")
+    assert choose_l2([0.70, 0.80, 0.80, 0.75], [0.01, 0.1, 0.3, 1.0]) == 0.1
+    assert choose_l2([nan, 0.60, 0.65], [0.01, 0.1, 1.0]) == 1.0
+    with pytest.raises(ConfigError, match="no L2 penalty"):
+        choose_l2([nan, nan], [0.1, 1.0])
+    with pytest.raises(ConfigError, match="one score per L2 penalty"):
+        choose_l2([0.5], [0.1, 1.0])
 
 
 def test_fusion_study_bad_clinical_csv_exits_2_with_one_line(
@@ -481,10 +543,11 @@ def test_fusion_study_bad_clinical_csv_exits_2_with_one_line(
 
 
 def test_fusion_study_bad_l2_exits_2_naming_the_option(tiny_root: Path, tmp_path: Path) -> None:
-    args = ["fusion-study", "--data", str(tiny_root), "--out", str(tmp_path / "o"), "--l2", "-1"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2
-    assert "--l2 must be a number >= 0, got -1.0" in result.output
+    for bad, shown in (("-1", "-1.0"), ("auto", "'auto'")):
+        args = ["fusion-study", "--data", str(tiny_root), "--out", str(tmp_path / "o")]
+        result = CliRunner().invoke(app, [*args, "--l2", bad])
+        assert result.exit_code == 2
+        assert f"--l2 must be 'cv' or a number >= 0, got {shown}" in result.output
 
 
 @pytest.mark.parametrize("requires_dp", [True, False])

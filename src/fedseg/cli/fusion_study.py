@@ -37,6 +37,18 @@ _HELP = "\n\n".join(
 )
 
 
+def _penalty(text: str) -> float | None:
+    """``--l2``: ``cv`` (None: chosen by cross-validation) or a number."""
+    from fedseg.errors import ConfigError
+
+    if text.strip().lower() == "cv":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--l2 must be 'cv' or a number >= 0, got {text!r}") from None
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``fusion-study`` command to ``app``."""
     app.command("fusion-study", help=_HELP)(fusion_study)
@@ -65,13 +77,14 @@ def fusion_study(
         int, typer.Option("--local-steps", help="Gradient steps per site and round.")
     ] = 20,
     l2: Annotated[
-        float,
+        str,
         typer.Option(
             "--l2",
-            help="L2 penalty of every model (chosen by 5-fold cross-validation on training "
-            "cases: benchmarks/bench_fusion_l2.py).",
+            help="L2 penalty of every model, or cv: each endpoint and feature set gets the "
+            "penalty (0.01-1) with the best 5-fold cross-validated score of its centralized "
+            "model on the training cases (never a test case).",
         ),
-    ] = 1.0,
+    ] = "cv",
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples.")] = 1000,
     endpoints: Annotated[
         str, typer.Option("--endpoints", help="Comma-separated: grade, survival.")
@@ -127,7 +140,7 @@ def fusion_study(
             test_fraction=test_fraction,
             rounds=rounds,
             local_steps=local_steps,
-            l2=l2,
+            l2=_penalty(l2),
             bootstrap=bootstrap,
             endpoints=tuple(e.strip() for e in endpoints.split(",") if e.strip()),
             image_source=image_source,

@@ -101,6 +101,23 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _penalty_section(l2: Mapping[str, Any] | None) -> str:
+    """The L2 penalties: the cross-validation table, or the fixed value."""
+    if not l2 or l2.get("rule") != "cv":
+        return ""
+    grid = l2["grid"]
+    rows = [
+        [name, *(_f(v) for v in l2["cv"][name]), f"{l2['chosen'][name]:g}"] for name in l2["chosen"]
+    ]
+    table = _table(["endpoint / features", *(f"L2 {g:g}" for g in grid), "chosen"], rows)
+    return (
+        f"<h2>L2 penalties</h2><p>Each endpoint and feature set uses the penalty with the best "
+        f"{l2['folds']}-fold cross-validated AUC / C-index of its centralized model on the "
+        f"pooled training cases (no test case read), for its centralized, federated and "
+        f"local models alike.</p>{table}"
+    )
+
+
 def render_report(doc: Mapping[str, Any]) -> str:
     """The HTML of a fusion study's report.
 
@@ -189,6 +206,8 @@ def render_report(doc: Mapping[str, Any]) -> str:
             "<p><b>Image features from the reference label maps</b>: an upper bound (a new "
             "patient has no reference segmentation).</p>"
         )
+    penalties = _penalty_section(doc.get("l2"))
+    penalty = "chosen by cross-validation" if s["l2"] is None else s["l2"]
     skipped = "".join(
         f"<p>Endpoint {html.escape(x['endpoint'])} skipped: {html.escape(x['reason'])}.</p>"
         for x in doc.get("skipped", [])
@@ -204,7 +223,7 @@ text-align:right}}th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><b
 {doc["cohort"]["cases"]} cases). {len(sites)} sites ({html.escape(str(s["partition"]))}
 partition), {s["test_fraction"]} of each site held out; linear models (logistic for grade,
 Cox for survival) trained {s["rounds"]} x {s["local_steps"]} gradient steps (lr {s["lr"]},
-L2 {s["l2"]}) on features standardised by the training cases' mean and standard deviation
+L2 penalty {penalty}) on features standardised by the training cases' mean and standard deviation
 (federated: pooled from the sites' sums); federated: FedAvg over the fedseg ClientApp,
 {s["rounds"]} rounds of {s["local_steps"]} local steps. 95 % intervals: percentile bootstrap
 over test cases ({s["bootstrap"]} resamples). Run time {doc.get("seconds", "?")} s.</p>
@@ -213,6 +232,7 @@ over test cases ({s["bootstrap"]} resamples). Run time {doc.get("seconds", "?")}
 <h2>Targets</h2>{comparisons}
 <h2>ROC curves (WHO grade 4 vs 2-3)</h2>{roc_figure(arms)}
 <h2>All results</h2>{interval_figure(arms)}{results}
+{penalties}
 <h2>Sites and missing clinical fields</h2>{cohort}
 <h2>Method</h2>
 <p>Image features come from the tumour regions of each case (predicted by the segmentation

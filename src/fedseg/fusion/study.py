@@ -63,6 +63,11 @@ log = logging.getLogger("fedseg.fusion")
 TRAININGS: tuple[str, ...] = ("centralized", "federated", "local")
 #: the study's targets: fusion gain over each single source, federated / centralized
 TARGET_GAIN, TARGET_RATIO = 0.05, 0.95
+#: the L2 penalties cross-validation chooses from (``l2 = None``); at the default step size
+#: 0.3, penalties of 3 and more make gradient descent oscillate
+L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+#: folds of that cross-validation
+CV_FOLDS = 5
 RESULT_COLUMNS: tuple[str, ...] = (
     "endpoint",
     "features",
@@ -98,8 +103,15 @@ class FusionStudyConfig:
         Number of sites and how they are drawn (:func:`fedseg.data.partition.partition`).
     test_fraction:
         Share of each site's cases held out for scoring.
-    rounds, local_steps, lr, l2:
-        Training budget and the models' step size and L2 penalty.
+    rounds, local_steps, lr:
+        Training budget and the models' step size.
+    l2:
+        L2 penalty of every model, or ``None`` (the default): each endpoint and feature set
+        gets the penalty of :data:`L2_GRID` with the best :data:`CV_FOLDS`-fold
+        cross-validated score of its centralized model on the pooled training cases
+        (:func:`cross_validate_l2`; no test case is read), used by its centralized, federated
+        and local models alike. The choice pools training cases, which a simulated study can
+        do; a real federation gives ``fusion-l2``.
     bootstrap:
         Bootstrap resamples for the intervals.
     endpoints:
@@ -136,7 +148,7 @@ class FusionStudyConfig:
     rounds: int = 50
     local_steps: int = 20
     lr: float = 0.3
-    l2: float = 1.0
+    l2: float | None = None
     bootstrap: int = 1000
     endpoints: tuple[str, ...] = field(default=ENDPOINTS)
     image_source: str = "predicted"
@@ -157,7 +169,9 @@ class FusionStudyConfig:
         need(self.rounds >= 1, "--rounds", "an integer >= 1", self.rounds)
         need(self.local_steps >= 1, "--local-steps", "an integer >= 1", self.local_steps)
         need(self.lr > 0 and math.isfinite(self.lr), "--lr", "a number > 0", self.lr)
-        need(self.l2 >= 0 and math.isfinite(self.l2), "--l2", "a number >= 0", self.l2)
+        if self.l2 is not None:
+            ok = math.isfinite(self.l2) and self.l2 >= 0
+            need(ok, "--l2", "'cv' or a number >= 0", self.l2)
         need(self.bootstrap >= 100, "--bootstrap", "an integer >= 100", self.bootstrap)
         need(self.alpha > 0, "--alpha", "a number > 0", self.alpha)
         need(len(self.endpoints) >= 1, "--endpoints", "at least one endpoint", self.endpoints)
@@ -307,12 +321,13 @@ def _train(
     features: str,
     training: str,
     test_ids: list[str],
+    l2: float,
 ) -> tuple[np.ndarray, int]:
     """Scores of the pooled test cases (in ``test_ids`` order) and the training-set size."""
     dim = len(feature_names(endpoint, features))
 
     def fit(data: FusionData) -> list[np.ndarray]:
-        return _fit(cfg, endpoint, data, cfg.l2)
+        return _fit(cfg, endpoint, data, l2)
 
     all_train = [c for ids in split.train.values() for c in ids]
     test = _data(split, test_ids, endpoint, features)
@@ -342,7 +357,7 @@ def _train(
             rounds=cfg.rounds,
             local_steps=cfg.local_steps,
             lr=cfg.lr,
-            l2=cfg.l2,
+            l2=l2,
             image_source=cfg.image_source,
             node_config={"clinical-file": str(split.clinical)},
         )
@@ -395,6 +410,7 @@ def run_fusion_study(
     split = _prepare(cfg, say)
     results_path = cfg.out / "results.json"
     previous: dict[str, Any] = {}
+    old_l2: Mapping[str, Any] | None = None
     if results_path.is_file():
         try:
             old = json.loads(results_path.read_text(encoding="utf-8"))
@@ -402,6 +418,7 @@ def run_fusion_study(
             old = {}
         if old.get("fingerprint") == cfg.fingerprint():
             previous = {a["name"]: a for a in old.get("arms", []) if "scores" in a}
+            old_l2 = old.get("l2")
     test_ids = sorted(c for ids in split.test.values() for c in ids)
     doc: dict[str, Any] = {
         "fingerprint": cfg.fingerprint(),
@@ -412,15 +429,22 @@ def run_fusion_study(
         "arms": [],
         "skipped": [],
     }
+    usable = []
     for endpoint in cfg.endpoints:
         ref = _data(split, test_ids, endpoint, "clinical")
         train_ref = _data(split, [c for v in split.train.values() for c in v], endpoint, "clinical")
-        if not (_usable(ref, endpoint) and _usable(train_ref, endpoint)):
+        if _usable(ref, endpoint) and _usable(train_ref, endpoint):
+            usable.append(endpoint)
+        else:
             reason = f"too few cases with the {endpoint} endpoint in the training or test set"
             doc["skipped"].append({"endpoint": endpoint, "reason": reason})
             say(f"{endpoint}: skipped ({reason})")
-            continue
+    doc["l2"] = _penalties(cfg, split, usable, old_l2, say)
+    atomic_write_json(results_path, doc)
+    for endpoint in usable:
+        ref = _data(split, test_ids, endpoint, "clinical")
         for features in FEATURE_SETS:
+            l2 = doc["l2"]["chosen"][f"{endpoint}/{features}"]
             for training in TRAININGS:
                 name = f"{endpoint}/{features}/{training}"
                 if name in previous:
@@ -428,8 +452,9 @@ def run_fusion_study(
                     doc["arms"].append(previous[name])
                     continue
                 t0 = time.perf_counter()
-                scores, n_train = _train(cfg, split, endpoint, features, training, test_ids)
+                scores, n_train = _train(cfg, split, endpoint, features, training, test_ids, l2)
                 arm = _arm(cfg, endpoint, features, training, ref, scores, n_train)
+                arm["l2"] = l2
                 arm["seconds"] = round(time.perf_counter() - t0, 2)
                 doc["arms"].append(arm)
                 say(f"{name}: {arm['metric']} {arm['value']} [{arm['ci_low']}, {arm['ci_high']}]")
@@ -459,8 +484,10 @@ def cross_validate_l2(
     The study's pooled training cases (every site's, never a test case) are split into
     ``folds`` seeded folds; for each endpoint, feature set and penalty the centralized model
     (the study's step size and number of steps) is fitted on all but one fold and scores the
-    left-out fold; the scores of every fold are pooled into one AUC or C-index. This is how
-    the default ``l2`` was chosen (``benchmarks/bench_fusion_l2.py``, BENCHMARKS.md).
+    left-out fold; the scores of every fold are pooled into one AUC or C-index. With
+    ``l2 = None`` (the default) the study runs this over :data:`L2_GRID` and gives each
+    endpoint and feature set its best penalty (:func:`choose_l2`);
+    ``benchmarks/bench_fusion_l2.py`` prints the table.
 
     Parameters
     ----------
@@ -487,12 +514,73 @@ def cross_validate_l2(
         raise ConfigError(f"--grid must be L2 penalties >= 0, got {list(grid)!r}")
     if folds < 2:
         raise ConfigError(f"--folds must be an integer >= 2, got {folds!r}")
-    split = _prepare(cfg, say)
+    return _cross_validate(cfg, _prepare(cfg, say), cfg.endpoints, grid, folds, say)
+
+
+def choose_l2(scores: Sequence[float], grid: Sequence[float]) -> float:
+    """The penalty of ``grid`` with the best cross-validated score (the smaller on ties).
+
+    Parameters
+    ----------
+    scores:
+        One score (AUC or C-index; higher is better) per value of ``grid``; NaN for a penalty
+        that could not be scored.
+    grid:
+        The L2 penalties, in the order of ``scores``.
+
+    Returns
+    -------
+    float
+        The chosen penalty.
+
+    Raises
+    ------
+    ConfigError
+        ``scores`` and ``grid`` differ in length, or no score is finite.
+    """
+    if len(scores) != len(grid) or not grid:
+        raise ConfigError(f"need one score per L2 penalty, got {len(scores)} for {len(grid)}")
+    finite = [(v, -g, g) for v, g in zip(scores, grid, strict=True) if math.isfinite(v)]
+    if not finite:
+        raise ConfigError("no L2 penalty could be cross-validated (no finite score)")
+    return float(max(finite)[2])
+
+
+def _penalties(
+    cfg: FusionStudyConfig,
+    split: _Split,
+    endpoints: Sequence[str],
+    previous: Mapping[str, Any] | None,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Each endpoint and feature set's L2 penalty: ``cfg.l2``, or chosen by cross-validation."""
+    names = [f"{e}/{f}" for e in endpoints for f in FEATURE_SETS]
+    if cfg.l2 is not None:
+        return {"rule": "fixed", "chosen": {n: cfg.l2 for n in names}}
+    if previous and previous.get("rule") == "cv" and set(names) <= set(previous["chosen"]):
+        say("L2 penalties: chosen in an earlier run, kept")
+        return dict(previous)
+    say(f"L2 penalties: {CV_FOLDS}-fold cross-validation on the training cases ...")
+    cv = _cross_validate(cfg, split, endpoints, L2_GRID, CV_FOLDS, say)
+    chosen = {n: choose_l2(row, L2_GRID) for n, row in cv.items()}
+    say("L2 penalties chosen: " + ", ".join(f"{n} {v:g}" for n, v in chosen.items()))
+    table = {n: [_nan_to_none(v) for v in row] for n, row in cv.items()}
+    return {"rule": "cv", "grid": list(L2_GRID), "folds": CV_FOLDS, "cv": table, "chosen": chosen}
+
+
+def _cross_validate(
+    cfg: FusionStudyConfig,
+    split: _Split,
+    endpoints: Sequence[str],
+    grid: Sequence[float],
+    folds: int,
+    say: Callable[[str], None],
+) -> dict[str, list[float]]:
     train = sorted(c for ids in split.train.values() for c in ids)
     order = np.random.default_rng(cfg.seed).permutation(len(train))
     parts = [set(int(i) for i in f) for f in np.array_split(order, folds)]
     out: dict[str, list[float]] = {}
-    for endpoint in cfg.endpoints:
+    for endpoint in endpoints:
         for features in FEATURE_SETS:
             pooled = _data(split, train, endpoint, features)
             where = {c: i for i, c in enumerate(pooled.case_ids)}
@@ -682,7 +770,7 @@ def results_table(doc: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"{arm['endpoint']:9s} {arm['features']:9s} {arm['training']:12s} "
             f"{arm['metric']:8s} {_fmt(arm['value'])} [{_fmt(arm['ci_low'])}, "
-            f"{_fmt(arm['ci_high'])}]"
+            f"{_fmt(arm['ci_high'])}]" + (f"  L2 {arm['l2']:g}" if "l2" in arm else "")
         )
     for c in doc.get("comparisons", []):
         what = (
