@@ -13,14 +13,17 @@ independently written BraTS-format generator"), run the way a new user would, th
     python benchmarks/bench_external.py [--cases 16] [--train-cases 40] [--out DIR]
                                         [--set KEY=VALUE ...]   (passed to fedseg train)
 
-Prints and writes ``OUT/external.json``: per region the mean Dice in distribution and external,
-and the drop; ``met`` says whether TC and ET dropped by at most 0.10. Steps already done in
-``OUT`` (a cohort, a trained model) are reused.
+Prints and writes ``OUT/external-MODEL.json``: per region the mean Dice in distribution and
+external, and the drop; ``met`` says whether TC and ET dropped by at most 0.10. Steps already
+done in ``OUT`` (the cohorts, a trained model) are reused; the model is trained into
+``OUT/model`` without ``--set``, else into ``OUT/model-<hash of the overrides>``, so runs with
+other overrides (another ``seed``, say) each train their own.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -38,6 +41,15 @@ def fedseg(*args: str) -> str:
     if run.returncode != 0:
         sys.exit(f"{' '.join(args[:2])} failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
     return run.stdout
+
+
+def model_folder(overrides: list[str]) -> str:
+    """The trained model's folder: one per set of ``--set`` overrides, so that a run with other
+    overrides trains its own model instead of reusing another's (``model`` without any)."""
+    if not overrides:
+        return "model"
+    key = json.dumps(sorted(overrides)).encode()
+    return f"model-{hashlib.sha256(key).hexdigest()[:10]}"
 
 
 def evaluate(model: Path, data: Path, out: Path) -> dict[str, float]:
@@ -66,7 +78,7 @@ def main() -> None:
     out = args.out
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    train_data, model = out / "train-data", out / "model"
+    train_data, model = out / "train-data", out / model_folder(args.overrides)
     if not (train_data / "cohort.csv").is_file():
         fedseg("synth", "--out", str(train_data), "--cases", str(args.train_cases), "--no-progress")
     if not (model / "test_metrics.json").is_file():  # written when training has finished
@@ -82,8 +94,8 @@ def main() -> None:
         generate(external, args.cases, args.seed)
         seconds["generate-external"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    ind = evaluate(model, same, out / "pred-same")
-    ext = evaluate(model, external, out / "pred-external")
+    ind = evaluate(model, same, out / f"pred-same-{model.name}")
+    ext = evaluate(model, external, out / f"pred-external-{model.name}")
     seconds["evaluate"] = time.perf_counter() - t2
     drop = {r: ind[r] - ext[r] for r in REGIONS}
     doc = {
@@ -97,10 +109,11 @@ def main() -> None:
         "met": all(drop[r] <= 0.10 for r in ("TC", "ET")),
         "seconds": seconds,
     }
-    (out / "external.json").write_text(json.dumps(doc, indent=2))
+    (out / f"external-{model.name}.json").write_text(json.dumps(doc, indent=2))
     for r in REGIONS:
         print(f"{r}: in distribution {ind[r]:.3f}, external {ext[r]:.3f}, drop {drop[r]:+.3f}")
-    print(f"TC and ET within 0.10: {'met' if doc['met'] else 'not met'}  ({out}/external.json)")
+    verdict = "met" if doc["met"] else "not met"
+    print(f"TC and ET within 0.10: {verdict}  ({out}/external-{model.name}.json)")
 
 
 if __name__ == "__main__":

@@ -291,3 +291,24 @@ def test_tracking_survives_a_run_folder_removed_under_its_writer(tmp_path: Path)
         shutil.rmtree(other)
     tracking.close_all()
     assert list((run_dir / tracking.TRACKING_DIR).glob("events.out.tfevents.*"))
+
+
+def test_a_model_older_than_a_config_key_is_loaded_as_it_was_trained(
+    dp_federation: Path, tmp_path: Path
+) -> None:
+    """A model written before ``bias-correction`` existed was trained without the correction:
+    its card and checkpoint lack the key, and loading it must not take today's default."""
+    import torch
+
+    model = _copy(dp_federation / FINAL_MODEL, tmp_path)
+    payload = torch.load(model, map_location="cpu", weights_only=False)
+    payload["config"].pop("bias-correction")
+    torch.save(payload, model)
+    card = json.loads(card_path(model).read_text())
+    card["config"].pop("bias-correction")
+    card["sha256"] = sha256_file(model)
+    card_path(model).write_text(json.dumps(card))
+
+    _, cfg, _ = load_carded_model(model, "cpu")
+
+    assert cfg.bias_correction == "none"

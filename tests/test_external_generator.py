@@ -48,3 +48,11 @@ def test_a_tumour_without_enhancement_has_no_label_4(monkeypatch: pytest.MonkeyP
 
     assert not (label == 4).any() and not necrotic.any()
     assert (label == 1).any() and (label == 2).any()
+
+
+def test_each_set_of_training_overrides_gets_its_own_model_folder() -> None:
+    bench = load_benchmark("bench_external")
+    assert bench.model_folder([]) == "model"
+    a = bench.model_folder(["seed=1", "bias-correction=n4"])
+    assert a == bench.model_folder(["bias-correction=n4", "seed=1"])  # order does not matter
+    assert a.startswith("model-") and a != bench.model_folder(["seed=2", "bias-correction=n4"])

@@ -645,3 +645,24 @@ def test_a_checkpoint_ignores_keys_its_task_never_reads(tmp_path: Path) -> None:
     assert fusion.unread_keys() == frozenset()
     with pytest.raises(ConfigError, match="'fusion-l2'"):
         load_checkpoint(path, fusion.replace(fusion_l2=1.0))
+
+
+def test_a_key_newer_than_the_checkpoint_compares_as_what_such_runs_did() -> None:
+    """A checkpoint written before a config key existed ran as :data:`LEGACY_VALUES` says (or
+    with the key's default): resuming that way is no change, resuming another way is."""
+    from fedseg.config import LEGACY_VALUES
+
+    cfg = FedsegConfig(bias_correction="none", et_min_volume=0.0)
+    assert LEGACY_VALUES["bias-correction"] == "none"
+    saved = {
+        k: v
+        for k, v in cfg.to_run_config().items()
+        if k not in ("bias-correction", "et-min-volume")
+    }
+    assert cfg.changed_keys(saved, ()) == []
+    assert cfg.replace(bias_correction="n4").changed_keys(saved, ()) == ["bias-correction"]
+    assert cfg.replace(et_min_volume=50.0).changed_keys(saved, ()) == ["et-min-volume"]
+    assert cfg.replace(learning_rate=0.5).changed_keys(saved, ()) == ["learning-rate"]
+    # a model card or checkpoint without the key is prepared as it was trained
+    assert FedsegConfig.from_saved(saved).bias_correction == "none"
+    assert FedsegConfig.from_saved({**saved, "bias-correction": "n4"}).bias_correction == "n4"

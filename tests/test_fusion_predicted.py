@@ -142,6 +142,10 @@ def test_given_seg_model_is_used_without_training(
         (["--seg-cases", "1"], "--seg-cases must be an integer >= 2"),
         (["--seg-model", "MODEL", "--image-source", "reference"], "only with --image-source"),
         (["--seg-model", "NOCARD"], "no model card"),
+        (["--seg-set", "bias-correction=n3"], "config key 'bias-correction'"),
+        (["--seg-set", "colour=blue"], "unknown config key 'colour'"),
+        (["--seg-set", "epochs"], "expected KEY=VALUE"),
+        (["--seg-set", "epochs=2", "--image-source", "reference"], "not with --seg-model"),
     ],
 )
 def test_bad_seg_options_exit_2_with_one_line(

@@ -175,6 +175,11 @@ FUSION_IMAGE_SOURCES: tuple[str, ...] = ("predicted", "reference")
 SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
 
 
+#: what a run did before its key existed, where that differs from the key's default now: a
+#: checkpoint or model card written by such a fedseg lacks the key and ran this way
+LEGACY_VALUES: dict[str, Any] = {"bias-correction": "none"}
+
+
 @dataclass(frozen=True)
 class FedsegConfig:
     """Validated configuration. Field names are the snake_case form of the kebab-case keys."""
@@ -192,6 +197,8 @@ class FedsegConfig:
     # grid, cropped to the brain and resampled to this voxel size (mm), trained on patches
     spacing: float = 0.0
     foreground_fraction: float = 0.33
+    # n4 | none: bias-field correction of each modality before its z-score (fedseg.data.bias)
+    bias_correction: str = "n4"
     # optimisation
     batch_size: int = 2
     learning_rate: float = 0.003
@@ -321,6 +328,14 @@ class FedsegConfig:
             "spacing",
             "0 (resize to image-size) or a voxel size in mm in (0, 10]",
             self.spacing,
+        )
+        from fedseg.data.bias import BIAS_CORRECTIONS
+
+        _check(
+            self.bias_correction in BIAS_CORRECTIONS,
+            "bias-correction",
+            f"one of {', '.join(BIAS_CORRECTIONS)}",
+            self.bias_correction,
         )
         if self.spacing > 0:  # native grid: patches of any size the network can halve
             _check(
@@ -640,11 +655,25 @@ class FedsegConfig:
         """The run-config keys whose value differs from ``saved`` (a checkpoint's config).
 
         Keys in ``may_change`` (what a resume may change) and the keys this config's task never
-        reads (:meth:`unread_keys`) are not compared. In this config's key order.
+        reads (:meth:`unread_keys`) are not compared. A key ``saved`` lacks (a checkpoint of a
+        fedseg before the key existed) compares as the value such runs had
+        (:func:`saved_defaults`). In this config's key order.
         """
         free = set(may_change) | self.unread_keys()
         now = self.to_run_config()
-        return [k for k in now if k not in free and saved.get(k) != now[k]]
+        before = saved_defaults()
+        return [k for k in now if k not in free and saved.get(k, before[k]) != now[k]]
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any], *, strict: bool = True) -> FedsegConfig:
+        """The config a checkpoint or model card was written with.
+
+        Like :meth:`from_run_config`, but a key ``saved`` lacks (written by a fedseg before the
+        key existed) takes the value such runs had (:data:`LEGACY_VALUES`, else the default),
+        so an older model is prepared and run as it was trained.
+        """
+        legacy = {k: v for k, v in LEGACY_VALUES.items() if k not in saved}
+        return cls.from_run_config({**legacy, **saved}, strict=strict)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], *, strict: bool = True) -> FedsegConfig:
@@ -909,3 +938,10 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     if tname == "str":
         return str(value)
     return value
+
+
+def saved_defaults() -> dict[str, Any]:
+    """The value of every key for a saved config that lacks it: :data:`LEGACY_VALUES`, else the
+    key's default."""
+    default = {f.name.replace("_", "-"): f.default for f in fields(FedsegConfig)}
+    return {**default, **LEGACY_VALUES}

@@ -120,11 +120,20 @@ def fusion_study(
             "training cases; never its test cases).",
         ),
     ] = 15,
+    seg_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--seg-set",
+            help="KEY=VALUE, repeatable: a config key of the segmentation model's training "
+            "(any key of [tool.flwr.app.config]), e.g. --seg-set bias-correction=none.",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print results.json's arms as JSON on stdout.")
     ] = False,
 ) -> None:
     """Run the fusion study (see the command help)."""
+    from fedseg.cli.options import parse_sets
     from fedseg.fusion.study import FusionStudyConfig, results_table, run_fusion_study
 
     with user_errors():
@@ -147,6 +156,7 @@ def fusion_study(
             seg_model=seg_model,
             seg_rounds=seg_rounds,
             seg_cases=seg_cases,
+            seg_overrides=parse_sets(seg_set or ()),
         )
         say = (lambda s: print(s, file=sys.stderr)) if as_json else typer.echo
         doc = run_fusion_study(cfg, say=say)

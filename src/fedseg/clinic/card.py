@@ -261,7 +261,7 @@ def load_carded_model(
     model_path = resolve_model(path)
     card = read_card(model_path)
     try:
-        cfg = FedsegConfig.from_run_config(card["config"], strict=True)
+        cfg = FedsegConfig.from_saved(card["config"], strict=True)
     except (ConfigError, TypeError, AttributeError) as exc:
         raise ModelCardError(
             f"{model_path}: its card's config cannot be rebuilt by fedseg "
@@ -303,7 +303,7 @@ def format_card(card: Mapping[str, Any]) -> str:
     lines.append(
         f"network    {cfg.get('spatial-dims')}D U-Net, base channels {cfg.get('base-channels')}, "
         f"depth {cfg.get('depth')}, image/patch {cfg.get('image-size')}/{cfg.get('patch-size')}, "
-        f"spacing {cfg.get('spacing')}"
+        f"spacing {cfg.get('spacing')}, bias correction {cfg.get('bias-correction', 'none')}"
     )
     if card.get("rounds"):
         lines.append(f"rounds     {card['rounds']} x {card.get('epochs')} local epoch(s)")

@@ -55,6 +55,8 @@ def preparation_params(cfg: FedsegConfig) -> dict[str, Any]:
     from fedseg.data.patches import MARGIN
 
     params: dict[str, Any] = {"fedseg": __version__, "format": CACHE_FORMAT, "margin": MARGIN}
+    if cfg.bias_correction != "none":  # absent when off: caches written before it stay valid
+        params["bias-correction"] = cfg.bias_correction
     if cfg.spacing > 0:
         params.update(mode="native", spacing=float(cfg.spacing))
     else:

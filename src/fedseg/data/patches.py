@@ -35,12 +35,20 @@ def prepare_case(case: Case, cfg: FedsegConfig) -> Prepared:
     case:
         A loaded case.
     cfg:
-        Uses ``spacing`` (0: resize mode) and ``image-size``.
+        Uses ``spacing`` (0: resize mode), ``image-size`` and ``bias-correction`` (applied to
+        the loaded images before the crop and z-score: :mod:`fedseg.data.bias`).
 
     Returns
     -------
     Prepared
     """
+    if cfg.bias_correction != "none":
+        from dataclasses import replace
+
+        from fedseg.data.bias import correct_bias
+
+        image = correct_bias(np.asarray(case.image), case.spacing, cfg.bias_correction)
+        case = replace(case, image=image)
     if cfg.spacing > 0:
         return preprocess_native(case, cfg.spacing)
     return preprocess_case(case, cfg.image_size)

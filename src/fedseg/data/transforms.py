@@ -1,7 +1,9 @@
 """Preprocessing and augmentation with MONAI transforms.
 
 Preprocessing (every case, train and test): crop to the brain's bounding box, z-score each
-modality inside the brain, resize to the configured cubic size. The crop box and original grid
+modality inside the brain, resize to the configured cubic size. Before it,
+:func:`fedseg.data.patches.prepare_case` corrects each modality's bias field when the config
+asks (``bias-correction``, :mod:`fedseg.data.bias`). The crop box and original grid
 are kept so predictions can be mapped back onto the input's own grid.
 
 Augmentation (training data only): a random crop to the patch size when the patch is smaller

@@ -182,6 +182,15 @@ class FusionStudyConfig:
         need(self.seg_cases >= 2, "--seg-cases", "an integer >= 2", self.seg_cases)
         if self.seg_model is not None and self.image_source != "predicted":
             raise ConfigError("--seg-model is used only with --image-source predicted")
+        if self.seg_overrides:
+            if self.seg_model is not None or self.image_source != "predicted":
+                raise ConfigError(
+                    "--seg-set configures the segmentation model the study trains: not with "
+                    "--seg-model or --image-source reference"
+                )
+            from fedseg.fusion.seg_training import segmentation_config
+
+            segmentation_config(self.seed, self.test_fraction, self.seg_rounds, self.seg_overrides)
 
     def fingerprint(self) -> str:
         """A hash of the settings that decide the results (not the output folder)."""

@@ -53,7 +53,7 @@ def load_model(path: Path, device: Any = None) -> tuple[Any, FedsegConfig, tuple
         raise CheckpointError(
             f"{ckpt_path}: not a fedseg model checkpoint (format fedseg-model-v1)"
         )
-    cfg = FedsegConfig.from_run_config(payload["config"], strict=False)
+    cfg = FedsegConfig.from_saved(payload["config"], strict=False)
     modalities = tuple(payload.get("modalities", MODALITIES))
     model = build_unet(cfg, in_channels=len(modalities))
     try:
