@@ -65,6 +65,7 @@ def tiny_cfg(**kw: Any) -> FedsegConfig:
         depth=3,
         batch_size=2,
         augment=False,
+        bias_correction="none",  # N4's fixed cost per case, not tested here (test_bias.py is)
         test_fraction=0.34,
         num_server_rounds=2,
         num_sites=3,
