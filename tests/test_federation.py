@@ -661,6 +661,10 @@ def test_a_key_newer_than_the_checkpoint_compares_as_what_such_runs_did() -> Non
     }
     assert cfg.changed_keys(saved, ()) == []
     assert cfg.replace(bias_correction="n4").changed_keys(saved, ()) == ["bias-correction"]
+    assert cfg.replace(bias_correction="n4").first_change(saved, ()) == (
+        "'bias-correction': 'none' there, 'n4' now"
+    )
+    assert cfg.first_change(saved, ()) == ""
     assert cfg.replace(et_min_volume=50.0).changed_keys(saved, ()) == ["et-min-volume"]
     assert cfg.replace(learning_rate=0.5).changed_keys(saved, ()) == ["learning-rate"]
     # a model card or checkpoint without the key is prepared as it was trained

@@ -664,6 +664,16 @@ class FedsegConfig:
         before = saved_defaults()
         return [k for k in now if k not in free and saved.get(k, before[k]) != now[k]]
 
+    def first_change(self, saved: Mapping[str, Any], may_change: Collection[str]) -> str:
+        """The first of :meth:`changed_keys` in words, ``"'key': X there, Y now"`` (X as such
+        runs had it when ``saved`` lacks the key), or ``""`` when nothing changed."""
+        diffs = self.changed_keys(saved, may_change)
+        if not diffs:
+            return ""
+        k = diffs[0]
+        there = saved.get(k, saved_defaults()[k])
+        return f"'{k}': {there!r} there, {self.to_run_config()[k]!r} now"
+
     @classmethod
     def from_saved(cls, saved: Mapping[str, Any], *, strict: bool = True) -> FedsegConfig:
         """The config a checkpoint or model card was written with.

@@ -85,13 +85,11 @@ def load_checkpoint(path: Path, cfg: FedsegConfig) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fedseg federated checkpoint ({FORMAT})")
     saved = dict(state.get("config", {}))
-    now = cfg.to_run_config()
-    diffs = cfg.changed_keys(saved, RESUMABLE_CHANGES)
-    if diffs:
-        k = diffs[0]
+    change = cfg.first_change(saved, RESUMABLE_CHANGES)
+    if change:
         raise ConfigError(
-            f"{path} was written with a different config ('{k}': {saved.get(k)!r} there, "
-            f"{now[k]!r} now); remove it or use another output folder"
+            f"{path} was written with a different config ({change}); remove it or use another "
+            "output folder"
         )
     return {
         "round": int(state["round"]),

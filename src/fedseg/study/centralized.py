@@ -191,17 +191,15 @@ def _model_payload(
 def _check_same_config(
     state: dict[str, Any], cfg: FedsegConfig, modalities: tuple[str, ...], path: Path
 ) -> None:
-    saved = dict(state.get("config", {}))
-    now = cfg.to_run_config()
     # The epoch budget may grow on resume; everything the run reads must match.
-    diffs = cfg.changed_keys(saved, ("epochs", "cache-dir"))
-    if list(state.get("modalities", MODALITIES)) != list(modalities):
-        diffs.append("modalities")
-    if diffs:
-        k = diffs[0]
+    change = cfg.first_change(dict(state.get("config", {})), ("epochs", "cache-dir"))
+    before = list(state.get("modalities", MODALITIES))
+    if not change and before != list(modalities):
+        change = f"'modalities': {before!r} there, {list(modalities)!r} now"
+    if change:
         raise ConfigError(
-            f"{path} was written with a different config ('{k}': {saved.get(k)!r} there, "
-            f"{now.get(k)!r} now); use --no-resume or another --out"
+            f"{path} was written with a different config ({change}); use --no-resume or "
+            "another --out"
         )
 
 
