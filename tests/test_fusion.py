@@ -39,6 +39,7 @@ from fedseg.fusion.model import (
     feature_moments,
     init_weights,
     local_steps,
+    loss_gradient,
     pooled_scaling,
     predict,
     safe_step_size,
@@ -186,17 +187,79 @@ def _planted_sites(seed: int) -> list[tuple[np.ndarray, ...]]:
 
 
 def _fedavg(
-    sites: list[tuple[np.ndarray, ...]], endpoint: str, rounds: int, steps: int, lr: float, scaling
+    sites: list[tuple[np.ndarray, ...]],
+    endpoint: str,
+    rounds: int,
+    steps: int,
+    lr: float,
+    scaling,
+    corrected: bool = False,
 ) -> list[np.ndarray]:
     w = init_weights(3)
     n = np.array([len(s[0]) for s in sites], dtype=float)
     for _ in range(rounds):
+        fix = [None] * len(sites)
+        if corrected:  # the sites' gradients at w, averaged by cases; each steps towards it
+            own = [loss_gradient(w, *s, endpoint=endpoint, l2=0.01, scaling=scaling) for s in sites]
+            avg = [sum(g[k] * m for g, m in zip(own, n, strict=True)) / n.sum() for k in range(2)]
+            fix = [[a - b for a, b in zip(avg, g, strict=True)] for g in own]
         outs = [
-            local_steps(w, *s, endpoint=endpoint, steps=steps, lr=lr, l2=0.01, scaling=scaling)[0]
-            for s in sites
+            local_steps(
+                w,
+                *s,
+                endpoint=endpoint,
+                steps=steps,
+                lr=lr,
+                l2=0.01,
+                scaling=scaling,
+                correction=c,
+            )[0]
+            for s, c in zip(sites, fix, strict=True)
         ]
         w = [sum(o[k] * m for o, m in zip(outs, n, strict=True)) / n.sum() for k in range(2)]
     return w
+
+
+def test_loss_gradient_of_the_logistic_model_by_hand() -> None:
+    x = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    y = np.array([1.0, 0.0, 1.0])
+    w, b = np.array([0.5, -0.25]), np.array([0.1])
+    p = 1 / (1 + np.exp(-(x @ w + b[0])))
+    zeros = np.zeros(3)
+    gw, gb = loss_gradient([w, b], x, y, zeros, zeros, endpoint="grade", l2=0.2)
+    np.testing.assert_allclose(gw, x.T @ (p - y) / 3 + 0.2 * w, rtol=1e-12)
+    np.testing.assert_allclose(gb, [np.mean(p - y)], rtol=1e-12)
+    # a Cox model has no intercept: its gradient is 0
+    t, e = np.array([3.0, 2.0, 1.0]), np.ones(3)
+    assert loss_gradient([w, b], x, y, t, e, endpoint="survival", l2=0.0)[1].tolist() == [0.0]
+
+
+def test_one_corrected_step_is_the_step_of_the_averaged_gradient() -> None:
+    x, y, t, e = _toy(20, 3)
+    w = [np.array([0.2, -0.1, 0.3]), np.array([0.05])]
+    g = loss_gradient(w, x, y, t, e, endpoint="grade", l2=0.0)
+    target = [np.array([1.0, 2.0, -1.0]), np.array([0.5])]
+    fix = [a - b for a, b in zip(target, g, strict=True)]
+    out, _ = local_steps(w, x, y, t, e, endpoint="grade", steps=1, lr=0.1, l2=0.0, correction=fix)
+    np.testing.assert_allclose(out[0], w[0] - 0.1 * target[0], rtol=1e-12)
+    np.testing.assert_allclose(out[1], w[1] - 0.1 * target[1], rtol=1e-12)
+    with pytest.raises(ConfigError, match="correction must be"):
+        local_steps(w, x, y, t, e, endpoint="grade", steps=1, lr=0.1, l2=0.0, correction=fix[:1])
+
+
+@pytest.mark.parametrize("endpoint", ["grade", "survival"])
+def test_the_gradient_correction_removes_client_drift(endpoint: str) -> None:
+    # With 20 local steps plain FedAvg stops short of the optimum of the sites' summed losses
+    # (client drift); with each site stepping on its gradient corrected towards the average
+    # at the round's model, the fixed point is that optimum.
+    sites = _planted_sites(2)
+    scaling = pooled_scaling([feature_moments(s[0]) for s in sites])
+    optimum = _fedavg(sites, endpoint, rounds=600, steps=1, lr=1.0, scaling=scaling)
+    corrected = _fedavg(sites, endpoint, 60, 20, 0.3, scaling, corrected=True)
+    plain = _fedavg(sites, endpoint, 60, 20, 0.3, scaling)
+    scale = np.abs(optimum[0]).max()
+    assert np.abs(corrected[0] - optimum[0]).max() < 1e-3 * scale
+    assert np.abs(plain[0] - optimum[0]).max() > 20 * np.abs(corrected[0] - optimum[0]).max()
 
 
 def test_fedavg_on_pooled_scaling_reaches_the_centralized_optimum() -> None:
@@ -548,6 +611,10 @@ def test_fusion_study_bad_l2_exits_2_naming_the_option(tiny_root: Path, tmp_path
         result = CliRunner().invoke(app, [*args, "--l2", bad])
         assert result.exit_code == 2
         assert f"--l2 must be 'cv' or a number >= 0, got {shown}" in result.output
+    args = ["fusion-study", "--data", str(tiny_root), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*args, "--correction", "scaffold"])
+    assert result.exit_code == 2
+    assert "--correction must be one of gradient, none, got 'scaffold'" in result.output
 
 
 @pytest.mark.parametrize("requires_dp", [True, False])
@@ -591,7 +658,18 @@ def test_the_sites_policy_decides_fusion_and_its_ledger_books_what_left(
         node,
         "train.fusion",
     )
-    replies = [next(iter(grid.send_and_receive([m]))) for m in (stats, train, train)]
+    gradient = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(numpy_ndarrays=init_weights(dim)),
+                "config": ConfigRecord({**task, "ask": "gradient", "l2": 0.0}),
+            }
+        ),
+        node,
+        "query.fusion",
+    )
+    sent = (stats, gradient, train, train)
+    replies = [next(iter(grid.send_and_receive([m]))) for m in sent]
     ledger = LifetimeLedger(tmp_path / "state" / LEDGER_FILE)
     if requires_dp:
         for reply in replies:
@@ -603,7 +681,7 @@ def test_the_sites_policy_decides_fusion_and_its_ledger_books_what_left(
     else:
         assert all(r.content.array_records for r in replies)
         booked = {r["kind"]: r["count"] for r in ledger.data["releases"]}
-        assert booked == {"fusion-moments": 1, "fusion": 2}
+        assert booked == {"fusion-moments": 1, "fusion-gradient": 1, "fusion": 2}
         assert all(r["run"] == ledger.data["releases"][0]["run"] for r in ledger.data["releases"])
 
 

@@ -266,9 +266,14 @@ def test_server_app_task_fusion_trains_the_model_through_the_client_app(tmp_path
     np.testing.assert_allclose(model["w"], expected[0], rtol=1e-12)
     np.testing.assert_allclose(model["b"], expected[1], rtol=1e-12)
     assert [r["kept"] for r in served["history"]["rounds"]] == [3, 3, 3]
-    # the sites' feature moments first, then the training rounds
-    types = [m.metadata.message_type for m in served["grid"].sent]
-    assert types == ["query.fusion"] * 3 + ["train.fusion"] * 9
+    # the sites' feature moments first, then per round their gradients and the training
+    sent = served["grid"].sent
+    types = [m.metadata.message_type for m in sent]
+    assert types == ["query.fusion"] * 3 + (["query.fusion"] * 3 + ["train.fusion"] * 3) * 3
+    asks = [m.content.config_records["config"].get("ask", "moments") for m in sent[:6]]
+    assert asks == ["moments"] * 3 + ["gradient"] * 3
+    trains = [m for m in sent if m.metadata.message_type == "train.fusion"]
+    assert all("global-gradient" in m.content.array_records for m in trains)
     assert len(served["history"]["feature-scaling"]["scale"]) == len(model["feature-names"])
 
 
@@ -308,6 +313,8 @@ def test_bad_site_reply_during_fusion_is_dropped_with_its_reason_and_the_round_g
     ((site, why),) = row["dropped"].items()
     assert why.startswith(reason)
     assert f"{site} dropped from the round: {why}" in caplog.text
+    # its gradient was left out of the drift correction's average as well
+    assert f"round 1: {site} gradient left out" in caplog.text
     # the same site's moments were set aside too: the scaling is the two others' pooled cases
     assert list(served["history"]["feature-scaling-dropped"]) == [site]
     # one step at the two other sites, averaged by case count: one step on their pooled cases
@@ -326,6 +333,7 @@ def test_bad_site_reply_during_fusion_is_dropped_with_its_reason_and_the_round_g
         ("fusion-local-steps", 0, "config key 'fusion-local-steps'"),
         ("fusion-lr", 0.0, "config key 'fusion-lr'"),
         ("fusion-l2", -1.0, "config key 'fusion-l2'"),
+        ("fusion-correction", "scaffold", "config key 'fusion-correction'"),
     ],
 )
 def test_bad_fusion_task_keys_are_refused(key: str, value: object, expected: str) -> None:

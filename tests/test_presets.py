@@ -30,6 +30,16 @@ def test_gpu_preset_values() -> None:
     assert cfg.augment == "nnunet"
 
 
+def test_cpu_native_preset_is_the_cpu_demo_network_on_2mm_patches() -> None:
+    cfg = preset_config("cpu-native")
+
+    assert cfg.preset == "cpu-native"
+    assert (cfg.spacing, cfg.patch_size) == (2.0, 64)
+    demo = FedsegConfig()
+    assert cfg.channels == demo.channels and cfg.augment == demo.augment
+    assert cfg.arm_learning_rates == demo.arm_learning_rates
+
+
 def test_given_keys_win_over_the_preset() -> None:
     cfg = FedsegConfig.from_run_config({"preset": "gpu", "patch-size": 96, "amp": "none"})
 
@@ -75,7 +85,7 @@ def test_a_site_reads_the_servers_resolved_config_exactly() -> None:
 @pytest.mark.parametrize(
     ("given", "fragment"),
     [
-        ({"preset": "gpux"}, "expected one of cpu-demo, gpu"),
+        ({"preset": "gpux"}, "expected one of cpu-demo, cpu-native, gpu"),
         ({"preset": "GPU"}, "'preset'"),
         ({"amp": "fp8"}, "'amp'"),
         ({"spacing": -1}, "'spacing'"),

@@ -577,3 +577,32 @@ def test_cli_runs_a_tiny_study(tmp_path: Path, tiny_data: Path) -> None:
     assert Path(doc["report"]).is_file()
     assert set(doc["pooled"]) == {"local"}
     assert 0.0 <= doc["pooled"]["local"]["mean-dice"] <= 1.0
+
+
+def test_stack_padded_pads_the_last_two_axes_with_background() -> None:
+    from fedseg.study.study import stack_padded
+
+    a, b = np.ones((3, 2, 4)), np.full((3, 5, 3), 2.0)
+    out = stack_padded([a, b])
+    assert out.shape == (2, 3, 5, 4)
+    assert (out[0, :, :2, :4] == 1).all() and (out[0, :, 2:] == 0).all()
+    assert (out[1, :, :, :3] == 2).all() and (out[1, :, :, 3] == 0).all()
+
+
+def test_a_native_resolution_study_with_cases_of_different_sizes_writes_its_report(
+    tmp_path: Path,
+) -> None:
+    # native cases keep their own cropped grid: the report's overlay slices differ in size
+    data = tmp_path / "data"
+    for i, size in enumerate(range(22, 30)):  # every case its own size
+        write_tiny_cohort(data, n=1, size=size, seed=i, prefix=f"S{size}", cohort_csv=False)
+    cfg = TINY.replace(spacing=1.0, patch_size=16)
+    run_study(tmp_path / "s", cfg, arms="centralized", data=data, progress=False)
+    from fedseg.study.overlays import load_overlays
+
+    ov = load_overlays(tmp_path / "s" / "overlays.npz")
+    assert ov is not None and len(ov["case_ids"]) >= 2
+    sizes = [int(c[1:3]) for c in ov["case_ids"]]
+    assert len(set(sizes)) == len(sizes)
+    assert ov["flair"].shape[0] == ov["gt"].shape[0] == ov["pred"]["centralized"].shape[0]
+    assert "Segmentations" in (tmp_path / "s" / "report.html").read_text()

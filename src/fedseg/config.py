@@ -61,11 +61,15 @@ AMP_MODES: tuple[str, ...] = ("none", "bf16")
 
 #: named sets of values (``preset`` key, ``--preset``), applied under the keys that are given.
 #: ``cpu-demo`` is the dataclass defaults (a whole study on a 2-core laptop, ``make demo``);
+#: ``cpu-native`` is the native-resolution path on a CPU: cases on a 2 mm grid cropped to the
+#: brain, 64^3 patches (a third centred on tumour), sliding-window inference, the cpu-demo
+#: network (better enhancing-tumour outlines, about 2.5 times cpu-demo's time);
 #: ``gpu`` trains at BraTS's native 1 mm on 128^3 patches (a third centred on tumour) with a
 #: U-Net of nnU-Net's size class (32..320 channels, 5 levels, about 13 M parameters), bf16
 #: autocast, nnU-Net's augmentation set run on the GPU and 8 DataLoader workers.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": {},
+    "cpu-native": {"spacing": 2.0, "patch-size": 64},
     "gpu": {
         "spacing": 1.0,
         "image-size": 128,
@@ -170,6 +174,10 @@ FUSION_FEATURE_SETS: tuple[str, ...] = ("image", "clinical", "fusion")
 #: where its image features' tumour regions come from (``fusion-image-source``): a
 #: segmentation model's prediction, or the reference label maps (an upper bound)
 FUSION_IMAGE_SOURCES: tuple[str, ...] = ("predicted", "reference")
+#: drift correction of federated fusion training (``fusion-correction``): each round the sites'
+#: gradients at the round's model are averaged and every site steps on its own gradient
+#: corrected towards that average (:mod:`fedseg.fusion.federated`), or plain FedAvg
+FUSION_CORRECTIONS: tuple[str, ...] = ("gradient", "none")
 
 #: secure-aggregation modes (``secure-aggregation`` key)
 SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
@@ -177,7 +185,7 @@ SECURE_MODES: tuple[str, ...] = ("none", "secagg+", "ckks")
 
 #: what a run did before its key existed, where that differs from the key's default now: a
 #: checkpoint or model card written by such a fedseg lacks the key and ran this way
-LEGACY_VALUES: dict[str, Any] = {"bias-correction": "none"}
+LEGACY_VALUES: dict[str, Any] = {"bias-correction": "none", "fusion-correction": "none"}
 
 
 @dataclass(frozen=True)
@@ -250,6 +258,7 @@ class FedsegConfig:
     fusion_local_steps: int = 20
     fusion_lr: float = 0.3
     fusion_l2: float = 1.0
+    fusion_correction: str = "gradient"
     # robustness (#5): robust aggregation and simulated attacks
     aggregator: str = "mean"
     trim_fraction: float = 0.2
@@ -618,6 +627,7 @@ class FedsegConfig:
         _check_choice("fusion-endpoint", self.fusion_endpoint, FUSION_ENDPOINTS)
         _check_choice("fusion-features", self.fusion_features, FUSION_FEATURE_SETS)
         _check_choice("fusion-image-source", self.fusion_image_source, FUSION_IMAGE_SOURCES)
+        _check_choice("fusion-correction", self.fusion_correction, FUSION_CORRECTIONS)
         steps = self.fusion_local_steps
         _check(steps >= 1, "fusion-local-steps", "an integer >= 1", steps)
         lr, l2 = self.fusion_lr, self.fusion_l2

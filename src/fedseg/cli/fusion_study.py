@@ -85,6 +85,15 @@ def fusion_study(
             "model on the training cases (never a test case).",
         ),
     ] = "cv",
+    correction: Annotated[
+        str,
+        typer.Option(
+            "--correction",
+            help="Drift correction of the federated models: gradient (each round the sites' "
+            "gradients at the model are averaged and every site steps towards that average) "
+            "or none (plain FedAvg).",
+        ),
+    ] = "gradient",
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples.")] = 1000,
     endpoints: Annotated[
         str, typer.Option("--endpoints", help="Comma-separated: grade, survival.")
@@ -150,6 +159,7 @@ def fusion_study(
             rounds=rounds,
             local_steps=local_steps,
             l2=_penalty(l2),
+            correction=correction,
             bootstrap=bootstrap,
             endpoints=tuple(e.strip() for e in endpoints.split(",") if e.strip()),
             image_source=image_source,

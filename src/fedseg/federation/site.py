@@ -904,8 +904,8 @@ def enforce_site_policy(
 
 def book_release(context: Context, kind: str, what: str) -> None:
     """Book a statistic this site releases without DP (``kind``: ``fisher``, ``landmarks``,
-    ``fusion-moments``, ``fusion``) in its lifetime ledger; no-op without ``policy-file``
-    (:meth:`fedseg.site.lifetime.LifetimeLedger.record_release`)."""
+    ``fusion-moments``, ``fusion-gradient``, ``fusion``) in its lifetime ledger; no-op without
+    ``policy-file`` (:meth:`fedseg.site.lifetime.LifetimeLedger.record_release`)."""
     raw = str(context.node_config.get(POLICY_FILE_KEY, ""))
     if not raw:
         return

@@ -149,6 +149,74 @@ def _loss(
     return -((risk - log_risk_set) * ev).sum() / n_events + penalty
 
 
+def _standardised(
+    weights: Sequence[np.ndarray], x: np.ndarray, scaling: Scaling | None
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Check ``weights`` against ``x`` and move both onto the standardised features."""
+    if len(weights) != 2 or weights[0].shape != (x.shape[1],) or weights[1].shape != (1,):
+        raise ConfigError(
+            f"weights must be [w ({x.shape[1]},), b (1,)], got {[tuple(a.shape) for a in weights]}"
+        )
+    if scaling is None:
+        return [np.asarray(a, dtype=np.float64) for a in weights], np.asarray(x, np.float64)
+    if scaling.mean.shape != (x.shape[1],) or scaling.scale.shape != (x.shape[1],):
+        raise ConfigError(
+            f"scaling must have {x.shape[1]} means and scales, got "
+            f"{scaling.mean.shape} and {scaling.scale.shape}"
+        )
+    x = (np.asarray(x, dtype=np.float64) - scaling.mean) / scaling.scale
+    return to_standard(weights, scaling), x
+
+
+def _check_task(endpoint: str, l2: float) -> None:
+    if endpoint not in ("grade", "survival"):
+        raise ConfigError(f"endpoint must be grade or survival, got {endpoint!r}")
+    if not l2 >= 0:
+        raise ConfigError(f"need l2 >= 0, got {l2}")
+
+
+def loss_gradient(
+    weights: Sequence[np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    *,
+    endpoint: str,
+    l2: float,
+    scaling: Scaling | None = None,
+) -> list[np.ndarray]:
+    """The gradient of the loss at ``weights``, ``[dw, db]`` (``db`` is 0 for ``survival``).
+
+    On the standardised weights when ``scaling`` is given: the space :func:`local_steps` steps
+    in, where a federation adds the sites' averaged gradient as a drift correction.
+
+    Raises
+    ------
+    ConfigError
+        Bad ``endpoint`` or ``l2``, or weights or scaling that do not fit ``x``.
+    """
+    _check_task(endpoint, l2)
+    weights, x = _standardised(weights, x, scaling)
+    w = torch.tensor(weights[0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(weights[1], dtype=torch.float64, requires_grad=endpoint == "grade")
+    loss = _loss(
+        endpoint,
+        w,
+        b,
+        torch.as_tensor(x, dtype=torch.float64),
+        torch.as_tensor(y, dtype=torch.float64),
+        torch.as_tensor(time, dtype=torch.float64),
+        torch.as_tensor(event, dtype=torch.float64),
+        l2,
+    )
+    if b.requires_grad:
+        gw, gb = torch.autograd.grad(loss, [w, b])
+        return [gw.numpy().copy(), gb.numpy().copy()]
+    (gw,) = torch.autograd.grad(loss, [w])
+    return [gw.numpy().copy(), np.zeros(1, dtype=np.float64)]
+
+
 def local_steps(
     weights: Sequence[np.ndarray],
     x: np.ndarray,
@@ -161,6 +229,7 @@ def local_steps(
     lr: float,
     l2: float,
     scaling: Scaling | None = None,
+    correction: Sequence[np.ndarray] | None = None,
 ) -> tuple[list[np.ndarray], float]:
     """Run ``steps`` full-batch gradient-descent steps from ``weights``.
 
@@ -178,6 +247,11 @@ def local_steps(
     scaling:
         Run the steps on ``(x - mean) / scale`` (see the module docstring); ``weights`` and the
         result are on ``x`` as given either way.
+    correction:
+        ``[cw, cb]`` added to the gradient of every step (on the standardised weights when
+        ``scaling`` is given): a federation's drift correction, the sites' averaged gradient
+        at the round's model minus this site's own (:func:`loss_gradient`), which makes the
+        fixed point of the local steps the optimum of the whole federation's loss.
 
     Returns
     -------
@@ -187,26 +261,23 @@ def local_steps(
     Raises
     ------
     ConfigError
-        Bad ``endpoint``, ``steps``, ``lr`` or ``l2``, or weights that do not fit ``x``.
+        Bad ``endpoint``, ``steps``, ``lr``, ``l2`` or ``correction``, or weights that do not
+        fit ``x``.
     """
-    if endpoint not in ("grade", "survival"):
-        raise ConfigError(f"endpoint must be grade or survival, got {endpoint!r}")
-    if steps < 1 or not lr > 0 or l2 < 0:
-        raise ConfigError(f"need steps >= 1, lr > 0, l2 >= 0; got {steps}, {lr}, {l2}")
-    if len(weights) != 2 or weights[0].shape != (x.shape[1],) or weights[1].shape != (1,):
-        raise ConfigError(
-            f"weights must be [w ({x.shape[1]},), b (1,)], got {[tuple(a.shape) for a in weights]}"
-        )
-    if scaling is not None:
-        if scaling.mean.shape != (x.shape[1],) or scaling.scale.shape != (x.shape[1],):
-            raise ConfigError(
-                f"scaling must have {x.shape[1]} means and scales, got "
-                f"{scaling.mean.shape} and {scaling.scale.shape}"
-            )
-        weights = to_standard(weights, scaling)
-        x = (np.asarray(x, dtype=np.float64) - scaling.mean) / scaling.scale
+    _check_task(endpoint, l2)
+    if steps < 1 or not lr > 0:
+        raise ConfigError(f"need steps >= 1, lr > 0; got {steps}, {lr}")
+    weights, x = _standardised(weights, x, scaling)
     w = torch.tensor(weights[0], dtype=torch.float64, requires_grad=True)
     b = torch.tensor(weights[1], dtype=torch.float64, requires_grad=endpoint == "grade")
+    shift: list[torch.Tensor] | None = None
+    if correction is not None:
+        shapes = [tuple(np.shape(a)) for a in correction]
+        if shapes != [tuple(w.shape), (1,)] or not all(np.isfinite(a).all() for a in correction):
+            raise ConfigError(
+                f"correction must be finite [cw ({x.shape[1]},), cb (1,)], got {shapes}"
+            )
+        shift = [torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in correction]
     tx = torch.as_tensor(x, dtype=torch.float64)
     ty = torch.as_tensor(y, dtype=torch.float64)
     tt = torch.as_tensor(time, dtype=torch.float64)
@@ -218,8 +289,8 @@ def local_steps(
         params = [w, b] if b.requires_grad else [w]
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p -= lr * g
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                p -= lr * (g if shift is None else g + shift[i])
     out = [w.detach().numpy().copy(), b.detach().numpy().copy()]
     if scaling is not None:
         out = from_standard(out, scaling)

@@ -15,6 +15,14 @@ the model), pools them into the features' mean and standard deviation and sends 
 training message (``feature-mean``, ``feature-scale``) so that every site takes its steps on the
 same standardised features (:class:`fedseg.fusion.model.Scaling`).
 
+With the drift correction (run config ``fusion-correction = "gradient"``), the server also asks
+each site, before every round, for the gradient of its loss at the round's model (a
+``query.fusion`` message with ``ask = "gradient"``: ``d + 1`` numbers, the model's size) and
+sends the sites' case-weighted average with the training message (the array record
+``global-gradient``); the site then adds ``global - own`` gradient to every local step
+(:func:`fedseg.fusion.model.local_steps`'s ``correction``), so that its steps no longer drift
+towards its own optimum.
+
 The message's config record is the one source of the task's parameters: ``endpoint``,
 ``features``, ``local-steps``, ``lr``, ``l2``, the optional ``feature-mean`` and
 ``feature-scale`` and ``image-source`` (``predicted``, the default:
@@ -47,6 +55,8 @@ from fedseg.fusion.model import Scaling
 
 #: the action of fusion messages (``train.fusion``)
 FUSION_ACTION = "fusion"
+#: the array record of a training message with the sites' averaged gradient (drift correction)
+GLOBAL_GRADIENT = "global-gradient"
 
 
 def _get(config: ConfigRecord, key: str, kind: type) -> Any:
@@ -229,7 +239,7 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
     """
     from fedseg.errors import DataError
     from fedseg.federation.site import book_release, enforce_site_policy, resolve_site
-    from fedseg.fusion.model import local_steps
+    from fedseg.fusion.model import local_steps, loss_gradient
 
     config = msg.content.config_records.get("config", ConfigRecord())
     task = _train_task(config)
@@ -245,6 +255,26 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
     )
     if len(data) == 0:
         raise DataError(f"no training case of this site has the {task['endpoint']} endpoint")
+    correction = None
+    average = msg.content.array_records.get(GLOBAL_GRADIENT)
+    if average is not None:
+        own = loss_gradient(
+            start,
+            data.x,
+            data.y,
+            data.time,
+            data.event,
+            endpoint=task["endpoint"],
+            l2=task["l2"],
+            scaling=task["scaling"],
+        )
+        got = average.to_numpy_ndarrays()
+        if [a.shape for a in got] != [a.shape for a in own]:
+            raise ConfigError(
+                f"fusion message: {GLOBAL_GRADIENT!r} of shapes {[a.shape for a in got]}, "
+                f"expected {[a.shape for a in own]} (the model's)"
+            )
+        correction = [np.asarray(g, dtype=np.float64) - o for g, o in zip(got, own, strict=True)]
     weights, loss = local_steps(
         start,
         data.x,
@@ -256,6 +286,7 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
         lr=task["lr"],
         l2=task["l2"],
         scaling=task["scaling"],
+        correction=correction,
     )
     book_release(context, "fusion", "fusion model weights trained on the site's cases")
     return RecordDict(
@@ -267,20 +298,24 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
 
 
 def handle_fusion_stats(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDict:
-    """Moments of this site's training features for the pooled scaling (``query.fusion``).
+    """Moments of this site's training features, or its loss gradient (``query.fusion``).
 
     Parameters
     ----------
     msg:
-        Content: ``config`` with ``endpoint``, ``features`` and ``image-source``.
+        Content: ``config`` with ``endpoint``, ``features`` and ``image-source``, and ``ask``:
+        ``moments`` (the default; for the pooled scaling) or ``gradient`` (then also ``l2``,
+        the scaling's ``feature-mean`` and ``feature-scale`` when the training has them, and
+        ``arrays``, the round's ``[w, b]``).
     context, cfg:
         The ClientApp's context and the site's config.
 
     Returns
     -------
     flwr.app.RecordDict
-        ``arrays``: :func:`fedseg.fusion.model.feature_moments` of its training cases;
-        ``metrics``: ``num-examples``.
+        ``arrays``: :func:`fedseg.fusion.model.feature_moments` of its training cases, or
+        :func:`fedseg.fusion.model.loss_gradient` at the received model; ``metrics``:
+        ``num-examples``.
 
     Raises
     ------
@@ -291,21 +326,44 @@ def handle_fusion_stats(msg: Message, context: Context, cfg: FedsegConfig) -> Re
     """
     from fedseg.errors import DataError
     from fedseg.federation.site import book_release, enforce_site_policy, resolve_site
-    from fedseg.fusion.model import feature_moments
+    from fedseg.fusion.model import feature_moments, loss_gradient
 
     config = msg.content.config_records.get("config", ConfigRecord())
     task = _task(config)
-    enforce_site_policy(context, cfg, resolve_site(context, cfg), "fusion", config, {})
+    ask = str(config.get("ask", "moments"))
+    if ask not in ("moments", "gradient"):
+        raise ConfigError(f"fusion query: 'ask' must be moments or gradient, got {ask!r}")
+    start: list[np.ndarray] = []
+    if ask == "gradient":
+        arrays = msg.content.array_records.get("arrays")
+        if arrays is None:
+            raise ConfigError("fusion gradient query without 'arrays'")
+        start = arrays.to_numpy_ndarrays()
+    received = {f"fusion.{i}": a for i, a in enumerate(start)}
+    enforce_site_policy(context, cfg, resolve_site(context, cfg), "fusion", config, received)
     data = site_fusion_data(
         context, cfg, task["endpoint"], task["features"], image_source=task["image-source"]
     )
     if len(data) == 0:
         raise DataError(f"no training case of this site has the {task['endpoint']} endpoint")
-    moments = feature_moments(data.x)
-    book_release(context, "fusion-moments", "count, sum and sum of squares of the features")
+    if ask == "gradient":
+        out = loss_gradient(
+            start,
+            data.x,
+            data.y,
+            data.time,
+            data.event,
+            endpoint=task["endpoint"],
+            l2=_get(config, "l2", float),
+            scaling=task["scaling"],
+        )
+        book_release(context, "fusion-gradient", "gradient of the fusion loss at the model")
+    else:
+        out = feature_moments(data.x)
+        book_release(context, "fusion-moments", "count, sum and sum of squares of the features")
     return RecordDict(
         {
-            "arrays": ArrayRecord(numpy_ndarrays=moments),
+            "arrays": ArrayRecord(numpy_ndarrays=out),
             "metrics": MetricRecord({"num-examples": len(data)}),
         }
     )

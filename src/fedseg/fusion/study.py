@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.config import FUSION_CORRECTIONS
 from fedseg.errors import ClinicalDataError, ConfigError, DataError
 from fedseg.fusion.features import (
     ENDPOINTS,
@@ -112,6 +113,9 @@ class FusionStudyConfig:
         (:func:`cross_validate_l2`; no test case is read), used by its centralized, federated
         and local models alike. The choice pools training cases, which a simulated study can
         do; a real federation gives ``fusion-l2``.
+    correction:
+        The federated models' drift correction (``fusion-correction``): ``gradient`` (the
+        default; :mod:`fedseg.fusion.federated`) or ``none`` (plain FedAvg).
     bootstrap:
         Bootstrap resamples for the intervals.
     endpoints:
@@ -149,6 +153,7 @@ class FusionStudyConfig:
     local_steps: int = 20
     lr: float = 0.3
     l2: float | None = None
+    correction: str = "gradient"
     bootstrap: int = 1000
     endpoints: tuple[str, ...] = field(default=ENDPOINTS)
     image_source: str = "predicted"
@@ -172,6 +177,7 @@ class FusionStudyConfig:
         if self.l2 is not None:
             ok = math.isfinite(self.l2) and self.l2 >= 0
             need(ok, "--l2", "'cv' or a number >= 0", self.l2)
+        check_choice("--correction", self.correction, FUSION_CORRECTIONS)
         need(self.bootstrap >= 100, "--bootstrap", "an integer >= 100", self.bootstrap)
         need(self.alpha > 0, "--alpha", "a number > 0", self.alpha)
         need(len(self.endpoints) >= 1, "--endpoints", "at least one endpoint", self.endpoints)
@@ -369,6 +375,7 @@ def _train(
             l2=l2,
             image_source=cfg.image_source,
             node_config={"clinical-file": str(split.clinical)},
+            correction=cfg.correction,
         )
         n = len(_data(split, sorted(all_train), endpoint, features))
         return predict(w, test.x), n

@@ -1150,16 +1150,31 @@ def _overlays(
 
                 (prep,) = harmonise_prepared([prep], np.asarray(payload["harmonise-landmarks"]))
             arm_preds.append((evaluator.predict(prep)[:, :, :, z] >= 0.5).astype(np.uint8))
-        preds[arm] = np.stack(arm_preds)
+        preds[arm] = stack_padded(arm_preds)
     return {
         "case_ids": [p.case_id for _, p in cases],
         "sites": [s for s, _ in cases],
         "slices": slices,
         "arms": shown,
-        "flair": np.stack(flair).astype(np.float32),
-        "gt": np.stack(gt).astype(np.uint8),
+        "flair": stack_padded(flair).astype(np.float32),
+        "gt": stack_padded(gt).astype(np.uint8),
         "pred": preds,
     }
+
+
+def stack_padded(slices: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack arrays whose last two axes may differ, zero-padding each at the end of those axes.
+
+    Native-resolution cases (``spacing > 0``) keep their own cropped grid, so their axial
+    slices differ in size; 0 is background for FLAIR (outside the brain) and for the masks.
+    """
+    h = max(a.shape[-2] for a in slices)
+    w = max(a.shape[-1] for a in slices)
+    pad = [
+        np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, h - a.shape[-2]), (0, w - a.shape[-1])])
+        for a in slices
+    ]
+    return np.stack(pad)
 
 
 # --------------------------------------------------------------------------------------------
