@@ -103,3 +103,28 @@ def test_bad_preset_and_throughput_keys(given: dict[str, object], fragment: str)
 def test_native_patch_may_exceed_image_size() -> None:
     cfg = FedsegConfig(spacing=1.0, image_size=48, patch_size=64)
     assert cfg.patch_size == 64
+
+
+def test_study_cli_with_the_cpu_native_preset_trains_on_2mm_patches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import fedseg.study.study as study_mod
+    from fedseg.cli.main import app
+
+    seen: list[FedsegConfig] = []
+
+    def fake_run_study(out: Path, cfg: FedsegConfig, **kw: object) -> dict:
+        seen.append(cfg)
+        return {"arms": {}, "findings": []}
+
+    monkeypatch.setattr(study_mod, "run_study", fake_run_study)
+    args = ["study", "--out", str(tmp_path), "--preset", "cpu-native", "--quiet"]
+    CliRunner().invoke(app, args)
+    CliRunner().invoke(app, [*args, "--set", "patch-size=48"])
+    assert [(c.preset, c.spacing, c.patch_size) for c in seen] == [
+        ("cpu-native", 2.0, 64),
+        ("cpu-native", 2.0, 48),
+    ]
+    assert seen[0].channels == FedsegConfig().channels
