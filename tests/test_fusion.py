@@ -513,6 +513,8 @@ def test_fusion_study_cli_end_to_end_and_resume(tiny_root: Path, tmp_path: Path)
     assert len(rows) == 18 and rows[0]["metric"] in ("AUC", "C-index")
     html = (out / "report.html").read_text()
     assert "ROC curves" in html and "data:image/png;base64," in html
+    assert doc["settings"]["correction"] == "gradient"
+    assert "corrected towards the sites' averaged gradient" in html
     kinds = {c["kind"] for c in doc["comparisons"]}
     assert kinds == {"fusion gain", "federated / centralized"}
     # each endpoint and feature set trained at the penalty its cross-validation chose

@@ -208,6 +208,11 @@ def render_report(doc: Mapping[str, Any]) -> str:
         )
     penalties = _penalty_section(doc.get("l2"))
     penalty = "chosen by cross-validation" if s["l2"] is None else s["l2"]
+    correction = (
+        ", each site's steps corrected towards the sites' averaged gradient"
+        if s.get("correction", "none") == "gradient"
+        else " (plain FedAvg, no drift correction)"
+    )
     skipped = "".join(
         f"<p>Endpoint {html.escape(x['endpoint'])} skipped: {html.escape(x['reason'])}.</p>"
         for x in doc.get("skipped", [])
@@ -225,8 +230,8 @@ partition), {s["test_fraction"]} of each site held out; linear models (logistic 
 Cox for survival) trained {s["rounds"]} x {s["local_steps"]} gradient steps (lr {s["lr"]},
 L2 penalty {penalty}) on features standardised by the training cases' mean and standard deviation
 (federated: pooled from the sites' sums); federated: FedAvg over the fedseg ClientApp,
-{s["rounds"]} rounds of {s["local_steps"]} local steps. 95 % intervals: percentile bootstrap
-over test cases ({s["bootstrap"]} resamples). Run time {doc.get("seconds", "?")} s.</p>
+{s["rounds"]} rounds of {s["local_steps"]} local steps{correction}. 95 % intervals: percentile
+bootstrap over test cases ({s["bootstrap"]} resamples). Run time {doc.get("seconds", "?")} s.</p>
 {source}
 {skipped}
 <h2>Targets</h2>{comparisons}

@@ -10,7 +10,8 @@ moments when federated: the centralized statistics):
     on the pooled training cases of all sites;
 ``federated``
     FedAvg over the sites through the fedseg ClientApp (:mod:`fedseg.fusion.federated`),
-    ``rounds`` rounds of ``local-steps`` steps at each site;
+    ``rounds`` rounds of ``local-steps`` steps at each site, each site's steps corrected
+    towards the sites' averaged gradient (``correction``);
 ``local``
     at each site alone; each site's model scores that site's test cases.
 
