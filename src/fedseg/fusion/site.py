@@ -255,19 +255,12 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
     )
     if len(data) == 0:
         raise DataError(f"no training case of this site has the {task['endpoint']} endpoint")
+    cases = (data.x, data.y, data.time, data.event)
+    loss = {"endpoint": task["endpoint"], "l2": task["l2"], "scaling": task["scaling"]}
     correction = None
     average = msg.content.array_records.get(GLOBAL_GRADIENT)
     if average is not None:
-        own = loss_gradient(
-            start,
-            data.x,
-            data.y,
-            data.time,
-            data.event,
-            endpoint=task["endpoint"],
-            l2=task["l2"],
-            scaling=task["scaling"],
-        )
+        own = loss_gradient(start, *cases, **loss)
         got = average.to_numpy_ndarrays()
         if [a.shape for a in got] != [a.shape for a in own]:
             raise ConfigError(
@@ -275,24 +268,14 @@ def handle_fusion_train(msg: Message, context: Context, cfg: FedsegConfig) -> Re
                 f"expected {[a.shape for a in own]} (the model's)"
             )
         correction = [np.asarray(g, dtype=np.float64) - o for g, o in zip(got, own, strict=True)]
-    weights, loss = local_steps(
-        start,
-        data.x,
-        data.y,
-        data.time,
-        data.event,
-        endpoint=task["endpoint"],
-        steps=task["steps"],
-        lr=task["lr"],
-        l2=task["l2"],
-        scaling=task["scaling"],
-        correction=correction,
+    weights, last = local_steps(
+        start, *cases, **loss, steps=task["steps"], lr=task["lr"], correction=correction
     )
     book_release(context, "fusion", "fusion model weights trained on the site's cases")
     return RecordDict(
         {
             "arrays": ArrayRecord(numpy_ndarrays=weights),
-            "metrics": MetricRecord({"num-examples": len(data), "train-loss": loss}),
+            "metrics": MetricRecord({"num-examples": len(data), "train-loss": last}),
         }
     )
 
