@@ -54,6 +54,17 @@ FUSION_MODEL = "fusion_model.json"
 FUSION_HISTORY = "history.json"
 
 
+def _reply_status(msg: Message) -> tuple[str, str]:
+    """A reply's site name and why it cannot be used, ``""`` when it can: the runtime's error
+    (timeout, a crashed ClientApp) or the error code the site's handler replied with."""
+    from fedseg.federation import records as R
+
+    site = f"node-{msg.metadata.src_node_id}"
+    if msg.has_error():
+        return site, f"Flower error {msg.error.code}: {msg.error.reason}"
+    return R.reply_site_name(msg.content) or site, R.reply_error(msg.content) or ""
+
+
 class FusionFedAvg(FedAvg):
     """Flower's FedAvg sending ``train.fusion`` messages, dropping bad replies with a reason.
 
@@ -99,8 +110,6 @@ class FusionFedAvg(FedAvg):
     ) -> list[np.ndarray] | None:
         """The case-weighted average of the sites' gradients at ``arrays`` (``None`` when no
         site replied with a valid one; that round runs without the correction)."""
-        from fedseg.federation import records as R
-
         ask = ConfigRecord({**dict(config), "ask": "gradient"})
         messages = [
             Message(
@@ -113,20 +122,16 @@ class FusionFedAvg(FedAvg):
         shapes = [a.shape for a in self._sent]
         total, weight = [np.zeros(s) for s in shapes], 0.0
         for msg in grid.send_and_receive(messages):
-            site = f"node-{msg.metadata.src_node_id}"
+            site, reason = _reply_status(msg)
             grads: list[np.ndarray] = []
             count = 0
-            if msg.has_error():
-                reason = f"Flower error {msg.error.code}: {msg.error.reason}"
-            else:
-                site = R.reply_site_name(msg.content) or site
-                reason = R.reply_error(msg.content) or ""
+            if not reason:
                 got = msg.content.array_records.get("arrays")
                 metrics = msg.content.metric_records.get("metrics")
                 grads = [] if got is None else got.to_numpy_ndarrays()
                 n = None if metrics is None else metrics.get("num-examples")
                 count = n if isinstance(n, int) and not isinstance(n, bool) else 0
-                if not reason and (
+                if (
                     [g.shape for g in grads] != shapes
                     or not all(np.isfinite(g).all() for g in grads)
                     or count < 1
@@ -151,30 +156,24 @@ class FusionFedAvg(FedAvg):
             Flower's FedAvg of the valid replies, or ``(None, None)`` when none is valid.
         """
         from fedseg.errors import UpdateValidationError
-        from fedseg.federation import records as R
         from fedseg.strategies.validation import validate_update
 
         valid: list[Message] = []
         for msg in replies:
-            site = f"node-{msg.metadata.src_node_id}"
-            if msg.has_error():  # the runtime's error (timeout, a crashed ClientApp)
-                reason = f"Flower error {msg.error.code}: {msg.error.reason}"
-            else:
-                site = R.reply_site_name(msg.content) or site
-                reason = R.reply_error(msg.content) or ""
-                if not reason:
-                    arrays = msg.content.array_records.get("arrays")
-                    metrics = msg.content.metric_records.get("metrics")
-                    try:
-                        if arrays is None or metrics is None or len(msg.content) != 2:
-                            raise UpdateValidationError(
-                                "expected exactly the records 'arrays' and 'metrics'"
-                            )
-                        validate_update(
-                            arrays.to_numpy_ndarrays(), self._sent, metrics.get("num-examples")
+            site, reason = _reply_status(msg)
+            if not reason:
+                arrays = msg.content.array_records.get("arrays")
+                metrics = msg.content.metric_records.get("metrics")
+                try:
+                    if arrays is None or metrics is None or len(msg.content) != 2:
+                        raise UpdateValidationError(
+                            "expected exactly the records 'arrays' and 'metrics'"
                         )
-                    except UpdateValidationError as exc:
-                        reason = f"{exc.code}: {exc}"
+                    validate_update(
+                        arrays.to_numpy_ndarrays(), self._sent, metrics.get("num-examples")
+                    )
+                except UpdateValidationError as exc:
+                    reason = f"{exc.code}: {exc}"
             if reason:
                 log.warning("round %d: %s dropped from the round: %s", server_round, site, reason)
                 self.dropped.append({"round": server_round, "site": site, "reason": reason})

@@ -168,6 +168,38 @@ def _standardised(
     return to_standard(weights, scaling), x
 
 
+#: a fit's cases as float64 tensors: features, grade labels, survival times, events
+_Cases = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _tensors(
+    endpoint: str,
+    weights: Sequence[np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor, _Cases]:
+    """``w`` and ``b`` as float64 leaves (``b`` fixed for the Cox model) and the cases."""
+    w = torch.tensor(weights[0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(weights[1], dtype=torch.float64, requires_grad=endpoint == "grade")
+    tx, ty, tt, te = (torch.as_tensor(a, dtype=torch.float64) for a in (x, y, time, event))
+    return w, b, (tx, ty, tt, te)
+
+
+def _gradient(
+    endpoint: str,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    cases: _Cases,
+    l2: float,
+) -> tuple[float, tuple[torch.Tensor, ...]]:
+    """The loss at ``w, b`` and its gradient for ``w`` (and ``b`` when it is trained)."""
+    loss = _loss(endpoint, w, b, *cases, l2)
+    params = [w, b] if b.requires_grad else [w]
+    return float(loss.detach()), torch.autograd.grad(loss, params)
+
+
 def _check_task(endpoint: str, l2: float) -> None:
     if endpoint not in ("grade", "survival"):
         raise ConfigError(f"endpoint must be grade or survival, got {endpoint!r}")
@@ -198,23 +230,10 @@ def loss_gradient(
     """
     _check_task(endpoint, l2)
     weights, x = _standardised(weights, x, scaling)
-    w = torch.tensor(weights[0], dtype=torch.float64, requires_grad=True)
-    b = torch.tensor(weights[1], dtype=torch.float64, requires_grad=endpoint == "grade")
-    loss = _loss(
-        endpoint,
-        w,
-        b,
-        torch.as_tensor(x, dtype=torch.float64),
-        torch.as_tensor(y, dtype=torch.float64),
-        torch.as_tensor(time, dtype=torch.float64),
-        torch.as_tensor(event, dtype=torch.float64),
-        l2,
-    )
-    if b.requires_grad:
-        gw, gb = torch.autograd.grad(loss, [w, b])
-        return [gw.numpy().copy(), gb.numpy().copy()]
-    (gw,) = torch.autograd.grad(loss, [w])
-    return [gw.numpy().copy(), np.zeros(1, dtype=np.float64)]
+    w, b, cases = _tensors(endpoint, weights, x, y, time, event)
+    _, grads = _gradient(endpoint, w, b, cases, l2)
+    gb = grads[1].numpy().copy() if len(grads) == 2 else np.zeros(1, dtype=np.float64)
+    return [grads[0].numpy().copy(), gb]
 
 
 def local_steps(
@@ -268,8 +287,7 @@ def local_steps(
     if steps < 1 or not lr > 0:
         raise ConfigError(f"need steps >= 1, lr > 0; got {steps}, {lr}")
     weights, x = _standardised(weights, x, scaling)
-    w = torch.tensor(weights[0], dtype=torch.float64, requires_grad=True)
-    b = torch.tensor(weights[1], dtype=torch.float64, requires_grad=endpoint == "grade")
+    w, b, cases = _tensors(endpoint, weights, x, y, time, event)
     shift: list[torch.Tensor] | None = None
     if correction is not None:
         shapes = [tuple(np.shape(a)) for a in correction]
@@ -278,16 +296,10 @@ def local_steps(
                 f"correction must be finite [cw ({x.shape[1]},), cb (1,)], got {shapes}"
             )
         shift = [torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in correction]
-    tx = torch.as_tensor(x, dtype=torch.float64)
-    ty = torch.as_tensor(y, dtype=torch.float64)
-    tt = torch.as_tensor(time, dtype=torch.float64)
-    te = torch.as_tensor(event, dtype=torch.float64)
     loss_value = float("nan")
     for _ in range(steps):
-        loss = _loss(endpoint, w, b, tx, ty, tt, te, l2)
-        loss_value = float(loss.detach())
+        loss_value, grads = _gradient(endpoint, w, b, cases, l2)
         params = [w, b] if b.requires_grad else [w]
-        grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                 p -= lr * (g if shift is None else g + shift[i])
