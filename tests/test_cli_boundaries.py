@@ -262,6 +262,33 @@ def test_version_and_help_texts() -> None:
     assert "Epochs (default 20" in train_help.stdout
 
 
+def test_bracketed_help_text_survives_rich_markup() -> None:
+    # Rich reads an unescaped "[tool.flwr.app.config]" as a markup tag and drops it
+    import re
+
+    import click
+    import typer
+
+    def walk(command: click.Command, path: list[str]) -> list[tuple[list[str], click.Command]]:
+        found = [(path, command)]
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                found += walk(sub, [*path, name])
+        return found
+
+    checked = 0
+    for path, command in walk(typer.main.get_command(app), []):
+        texts = [getattr(p, "help", None) or "" for p in command.params]
+        terms = {t for text in texts for t in re.findall(r"\[[a-z][\w.-]*\]", text)}
+        if not terms:
+            continue
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "250"}).stdout
+        for term in terms:
+            assert term in shown, f"fedseg {' '.join(path)} --help lost {term}"
+            checked += 1
+    assert checked >= 3  # train, study, fusion-study
+
+
 def _can_mount_read_only(folder: Path) -> bool:
     if shutil.which("unshare") is None:
         return False

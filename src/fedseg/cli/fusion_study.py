@@ -134,7 +134,7 @@ def fusion_study(
         typer.Option(
             "--seg-set",
             help="KEY=VALUE, repeatable: a config key of the segmentation model's training "
-            "(any key of [tool.flwr.app.config]), e.g. --seg-set bias-correction=none.",
+            "(any key of \\[tool.flwr.app.config]), e.g. --seg-set bias-correction=none.",
         ),
     ] = None,
     as_json: Annotated[
