@@ -535,6 +535,36 @@ def test_fusion_study_cli_end_to_end_and_resume(tiny_root: Path, tmp_path: Path)
     assert "L2 penalties: chosen in an earlier run, kept" in again.output
 
 
+def test_an_edited_clinical_file_reruns_the_arms_it_decides(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from fedseg.fusion.study import FusionStudyConfig, run_fusion_study
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_root, data)
+    cfg = FusionStudyConfig(
+        out=tmp_path / "study", data=data, sites=2, partition="iid", rounds=2, local_steps=2,
+        bootstrap=100, endpoints=("grade",), image_source="reference", l2=0.1,
+    )  # fmt: skip
+    first = run_fusion_study(cfg)
+    said: list[str] = []
+    run_fusion_study(cfg, said.append)
+    assert sum("finished in an earlier run" in s for s in said) == 9
+    rows = (data / "clinical.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    grade = header.index("who_grade")
+    cells = rows[1].split(",")
+    cells[grade] = "2" if cells[grade] == "4" else "4"  # one corrected record
+    rows[1] = ",".join(cells)
+    (data / "clinical.csv").write_text("\n".join(rows) + "\n")
+    said.clear()
+    second = run_fusion_study(cfg, said.append)
+    assert not any("finished in an earlier run" in s for s in said)
+    assert second["fingerprint"] != first["fingerprint"]
+
+
 def test_fusion_study_trains_every_model_at_its_penalty(
     tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -289,6 +289,17 @@ def _prepare(cfg: FusionStudyConfig, say: Callable[[str], None]) -> _Split:
     return _Split(root, clinical, records, dict(parts), train, test, images, seg_path, card)
 
 
+def _fingerprint(cfg: FusionStudyConfig, split: _Split) -> str:
+    """The settings' fingerprint and what the study read: the clinical CSV's bytes and every
+    case's image features, so an edited record or a changed image reruns the arms it decides."""
+    digest = hashlib.sha256(cfg.fingerprint().encode())
+    digest.update(split.clinical.read_bytes())
+    for case_id in sorted(split.images):
+        digest.update(case_id.encode())
+        digest.update(np.ascontiguousarray(split.images[case_id], dtype=np.float64).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _data(split: _Split, ids: Sequence[str], endpoint: str, features: str) -> FusionData:
     return build_data(ids, split.records, split.images, endpoint, features)
 
@@ -425,6 +436,7 @@ def run_fusion_study(
 
     started = time.perf_counter()
     split = _prepare(cfg, say)
+    fingerprint = _fingerprint(cfg, split)
     results_path = cfg.out / "results.json"
     previous: dict[str, Any] = {}
     old_l2: Mapping[str, Any] | None = None
@@ -433,12 +445,12 @@ def run_fusion_study(
             old = json.loads(results_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = {}
-        if old.get("fingerprint") == cfg.fingerprint():
+        if old.get("fingerprint") == fingerprint:
             previous = {a["name"]: a for a in old.get("arms", []) if "scores" in a}
             old_l2 = old.get("l2")
     test_ids = sorted(c for ids in split.test.values() for c in ids)
     doc: dict[str, Any] = {
-        "fingerprint": cfg.fingerprint(),
+        "fingerprint": fingerprint,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "cohort": _cohort_summary(split),
         "image_source": cfg.image_source,
