@@ -419,6 +419,39 @@ def test_one_site_federation_equals_centralized_survival_training(tmp_path: Path
     np.testing.assert_allclose(fed[0], cen[0], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("correction", ["gradient", "none"])
+def test_federated_steps_is_the_federation_through_the_client_app(
+    tmp_path: Path, correction: str
+) -> None:
+    # the in-process arithmetic the study cross-validates the federated model with is what
+    # the ServerApp and the ClientApps compute: three sites, several rounds and local steps
+    from fedseg.data.clinical import read_clinical
+    from fedseg.fusion.model import federated_steps
+
+    ids = sorted(c for v in _clinical_cohort(tmp_path, 48, 3).values() for c in v)
+    parts = {"site-0": ids[:8], "site-1": ids[8:24], "site-2": ids[24:]}  # unequal sizes
+    write_partition(parts, tmp_path / "partition.csv")
+    dim = len(feature_names("survival", "clinical"))
+    settings = dict(endpoint="survival", rounds=3, lr=0.3, l2=0.05)
+    fed = train_federated(
+        _run_config(tmp_path, 3), 3, init_weights(dim), features="clinical", local_steps=4,
+        correction=correction, **settings,
+    )  # fmt: skip
+    records = read_clinical(tmp_path / "clinical.csv")
+    sites = []
+    for site in sorted(parts):
+        train = split_cases(parts[site], 0.25, 0.0, 0)["train"]
+        d = build_data(train, records, {}, "survival", "clinical")
+        sites.append((d.x, d.y, d.time, d.event))
+    mine = federated_steps(
+        sites, init_weights(dim), steps=4, corrected=correction == "gradient", **settings
+    )
+    np.testing.assert_allclose(fed[0], mine[0], rtol=1e-9, atol=1e-12)
+    assert np.abs(mine[0]).max() > 0.01
+    with pytest.raises(ConfigError, match="each with cases"):
+        federated_steps([], init_weights(dim), steps=1, **settings)
+
+
 def test_a_bad_fusion_message_gets_a_code_not_a_traceback(tmp_path: Path) -> None:
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
@@ -522,13 +555,16 @@ def test_fusion_study_cli_end_to_end_and_resume(tiny_root: Path, tmp_path: Path)
 
     penalties = doc["l2"]
     assert penalties["rule"] == "cv" and penalties["grid"] == list(L2_GRID)
-    assert set(penalties["chosen"]) == {f"{e}/{f}" for e in ENDPOINTS for f in FEATURE_SETS}
+    own = {f"survival/{f}/federated" for f in FEATURE_SETS}  # each site's risk sets
+    assert set(penalties["chosen"]) == {f"{e}/{f}" for e in ENDPOINTS for f in FEATURE_SETS} | own
     for name, chosen in penalties["chosen"].items():
         row = [float("nan") if v is None else v for v in penalties["cv"][name]]
         assert chosen == choose_l2(row, L2_GRID)
     for arm in doc["arms"]:
-        assert arm["l2"] == penalties["chosen"][f"{arm['endpoint']}/{arm['features']}"]
-    assert "L2 penalties" in html
+        key = f"{arm['endpoint']}/{arm['features']}"
+        mine = f"{key}/{arm['training']}"
+        assert arm["l2"] == penalties["chosen"][mine if mine in own else key]
+    assert "L2 penalties" in html and "own row" in html
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0
     assert again.output.count("finished in an earlier run") == 18
@@ -600,6 +636,47 @@ def test_fusion_study_trains_every_model_at_its_penalty(
     fixed = study.run_fusion_study(study.FusionStudyConfig(out=tmp_path / "f", l2=0.5, **base))
     assert fixed["l2"] == {"rule": "fixed", "chosen": dict.fromkeys(chosen, 0.5)}
     assert len(used) == 12 and {v for _, v in used} == {0.5}
+
+
+def test_the_federated_survival_model_is_cross_validated_as_the_federation_trains_it(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its Cox loss uses each site's risk sets, so its penalty comes from folds trained by
+    :func:`federated_steps` over the sites, and the federated arm trains at that penalty."""
+    import fedseg.fusion.federated as federated
+    import fedseg.fusion.model as model
+    import fedseg.fusion.study as study
+
+    calls: list[tuple[int, float, int]] = []
+    trained: dict[str, float] = {}
+    real_steps, real_fed = model.federated_steps, federated.train_federated
+
+    def steps(sites: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((len(sites), kwargs["l2"], sum(len(s[0]) for s in sites)))
+        assert kwargs["rounds"] == 2 and kwargs["steps"] == 3 and kwargs["corrected"]
+        return real_steps(sites, *args, **kwargs)
+
+    def fed(*args: Any, **kwargs: Any) -> Any:
+        trained[kwargs["features"]] = kwargs["l2"]
+        return real_fed(*args, **kwargs)
+
+    monkeypatch.setattr(model, "federated_steps", steps)
+    monkeypatch.setattr(federated, "train_federated", fed)
+    cfg = study.FusionStudyConfig(
+        out=tmp_path / "s", data=tiny_root, sites=2, partition="iid", rounds=2, local_steps=3,
+        bootstrap=100, endpoints=("survival",), image_source="reference",
+    )  # fmt: skip
+    doc = study.run_fusion_study(cfg)
+    chosen = doc["l2"]["chosen"]
+    assert len(calls) == len(FEATURE_SETS) * len(study.L2_GRID) * study.CV_FOLDS
+    n_train = next(a["n_train"] for a in doc["arms"] if a["training"] == "centralized")
+    # two sites per fold, trained on the cases outside the held-out fold only
+    assert {c[0] for c in calls} == {2} and all(c[2] < n_train for c in calls)
+    assert {c[1] for c in calls} == set(study.L2_GRID)
+    for features in FEATURE_SETS:
+        assert trained[features] == chosen[f"survival/{features}/federated"]
+        arm = next(a for a in doc["arms"] if a["name"] == f"survival/{features}/federated")
+        assert arm["l2"] == trained[features]
 
 
 def test_choose_l2_takes_the_best_score_and_the_smaller_penalty_on_ties() -> None:

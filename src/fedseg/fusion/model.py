@@ -327,3 +327,84 @@ def predict(weights: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
         ``(n,)`` scores.
     """
     return np.asarray(x, dtype=np.float64) @ weights[0] + weights[1][0]
+
+
+#: one site's cases for :func:`federated_steps`: features, grade labels, survival times, events
+SiteCases = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def federated_steps(
+    sites: Sequence[SiteCases],
+    weights: Sequence[np.ndarray],
+    *,
+    endpoint: str,
+    rounds: int,
+    steps: int,
+    lr: float,
+    l2: float,
+    corrected: bool = True,
+) -> list[np.ndarray]:
+    """The arithmetic of a fusion federation in one process (no messages): what
+    :class:`fedseg.fusion.federated.FusionFedAvg` and the sites compute, on the same cases.
+
+    The features are standardised by the moments pooled from every site
+    (:func:`pooled_scaling`); each round every site runs ``steps`` of :func:`local_steps` from
+    the round's model, corrected towards the case-weighted average of the sites' gradients
+    when ``corrected`` (``fusion-correction = "gradient"``), and the new model is the
+    case-weighted average of the sites' models. A Cox model trained so is stratified by site:
+    each site's own risk sets. Used to choose the federated model's penalty by
+    cross-validation of that model (:func:`fedseg.fusion.study.cross_validate_l2`).
+
+    Parameters
+    ----------
+    sites:
+        Each site's ``(x, y, time, event)`` (see :class:`fedseg.fusion.features.FusionData`).
+    weights:
+        The starting ``[w, b]``.
+    endpoint, steps, lr, l2:
+        As for :func:`local_steps`.
+    rounds:
+        Number of rounds (>= 1).
+    corrected:
+        Apply the drift correction (the default), or plain FedAvg.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        The final ``[w, b]``.
+
+    Raises
+    ------
+    ConfigError
+        No site, a site without cases, ``rounds < 1``, or what :func:`local_steps` refuses.
+    """
+    if not sites or any(len(s[0]) == 0 for s in sites):
+        raise ConfigError(
+            f"need at least one site, each with cases; got sizes {[len(s[0]) for s in sites]}"
+        )
+    if rounds < 1:
+        raise ConfigError(f"need rounds >= 1, got {rounds}")
+    scaling = pooled_scaling([feature_moments(s[0]) for s in sites])
+    n = np.array([len(s[0]) for s in sites], dtype=np.float64)
+    share = n / n.sum()
+
+    def average(parts: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+        return [sum(p[k] * f for p, f in zip(parts, share, strict=True)) for k in range(2)]
+
+    w = [np.asarray(a, dtype=np.float64) for a in weights]
+    for _ in range(rounds):
+        fixes: list[list[np.ndarray] | None] = [None] * len(sites)
+        if corrected:
+            own = [loss_gradient(w, *s, endpoint=endpoint, l2=l2, scaling=scaling) for s in sites]
+            mean = average(own)
+            fixes = [[m - g for m, g in zip(mean, o, strict=True)] for o in own]
+        w = average(
+            [
+                local_steps(
+                    w, *s, endpoint=endpoint, steps=steps, lr=lr, l2=l2, scaling=scaling,
+                    correction=fix,
+                )[0]
+                for s, fix in zip(sites, fixes, strict=True)
+            ]
+        )  # fmt: skip
+    return w

@@ -110,11 +110,19 @@ def _penalty_section(l2: Mapping[str, Any] | None) -> str:
         [name, *(_f(v) for v in l2["cv"][name]), f"{l2['chosen'][name]:g}"] for name in l2["chosen"]
     ]
     table = _table(["endpoint / features", *(f"L2 {g:g}" for g in grid), "chosen"], rows)
+    federated = any(name.endswith("/federated") for name in l2["chosen"])
+    own = (
+        " The federated survival models have their own row: a federation's Cox model uses "
+        "each site's risk sets, so its penalty is cross-validated on the same folds by "
+        "training that federated model on the sites' remaining cases."
+        if federated
+        else ""
+    )
     return (
         f"<h2>L2 penalties</h2><p>Each endpoint and feature set uses the penalty with the best "
         f"{l2['folds']}-fold cross-validated AUC / C-index of its centralized model on the "
         f"pooled training cases (no test case read), for its centralized, federated and "
-        f"local models alike.</p>{table}"
+        f"local models alike.{own}</p>{table}"
     )
 
 

@@ -473,9 +473,9 @@ def run_fusion_study(
     for endpoint in usable:
         ref = _data(split, test_ids, endpoint, "clinical")
         for features in FEATURE_SETS:
-            l2 = doc["l2"]["chosen"][f"{endpoint}/{features}"]
             for training in TRAININGS:
                 name = f"{endpoint}/{features}/{training}"
+                l2 = penalty_of(doc["l2"], name)
                 if name in previous:
                     say(f"{name}: finished in an earlier run, kept")
                     doc["arms"].append(previous[name])
@@ -575,6 +575,16 @@ def choose_l2(scores: Sequence[float], grid: Sequence[float]) -> float:
     return float(max(finite)[2])
 
 
+def penalty_of(penalties: Mapping[str, Any], arm: str) -> float:
+    """The L2 penalty an arm (``endpoint/features/training``) trains with.
+
+    The penalty chosen for its own model where the study chose one (the federated survival
+    model, whose Cox loss uses each site's risk sets), else its endpoint and feature set's.
+    """
+    chosen = penalties["chosen"]
+    return float(chosen.get(arm, chosen[arm.rsplit("/", 1)[0]]))
+
+
 def _penalties(
     cfg: FusionStudyConfig,
     split: _Split,
@@ -584,6 +594,7 @@ def _penalties(
 ) -> dict[str, Any]:
     """Each endpoint and feature set's L2 penalty: ``cfg.l2``, or chosen by cross-validation."""
     names = [f"{e}/{f}" for e in endpoints for f in FEATURE_SETS]
+    names += [f"survival/{f}/federated" for f in FEATURE_SETS if "survival" in endpoints]
     if cfg.l2 is not None:
         return {"rule": "fixed", "chosen": {n: cfg.l2 for n in names}}
     if previous and previous.get("rule") == "cv" and set(names) <= set(previous["chosen"]):
@@ -632,7 +643,61 @@ def _cross_validate(
                 row.append(float(_score(endpoint, pooled, scores, scored)))
             out[f"{endpoint}/{features}"] = row
             say(f"{endpoint}/{features}: " + " ".join(f"{v:.3f}" for v in row))
+            if endpoint == "survival":  # the federation's Cox model has each site's risk sets
+                name = f"{endpoint}/{features}/federated"
+                out[name] = _cross_validate_federated(cfg, split, features, parts, train, grid)
+                say(f"{name}: " + " ".join(f"{v:.3f}" for v in out[name]))
     return out
+
+
+def _cross_validate_federated(
+    cfg: FusionStudyConfig,
+    split: _Split,
+    features: str,
+    parts: Sequence[set[int]],
+    train: Sequence[str],
+    grid: Sequence[float],
+) -> list[float]:
+    """Cross-validated C-index of the federated survival model at each penalty.
+
+    The same folds as the centralized model's; each fold's model is what the federation
+    trains on the sites' remaining training cases (:func:`federated_steps`: the rounds, local
+    steps and drift correction of the study), so each site keeps its own risk sets.
+    """
+    from fedseg.fusion.model import federated_steps
+
+    endpoint = "survival"
+    pooled = _data(split, list(train), endpoint, features)
+    where = {c: i for i, c in enumerate(pooled.case_ids)}
+    folds = []
+    for held in parts:
+        out_ids = {train[i] for i in held}
+        sites = []
+        for ids in split.train.values():
+            d = _data(split, [c for c in ids if c not in out_ids], endpoint, features)
+            if len(d):
+                sites.append((d.x, d.y, d.time, d.event))
+        left = _data(split, sorted(out_ids), endpoint, features)
+        if sites and len(left) and sum(float(s[3].sum()) for s in sites) > 0:
+            folds.append((sites, left))
+    row = []
+    for l2 in grid:
+        scores = np.full(len(pooled), np.nan)
+        for sites, left in folds:
+            w = federated_steps(
+                sites,
+                init_weights(pooled.x.shape[1]),
+                endpoint=endpoint,
+                rounds=cfg.rounds,
+                steps=cfg.local_steps,
+                lr=cfg.lr,
+                l2=float(l2),
+                corrected=cfg.correction == "gradient",
+            )
+            for c, v in zip(left.case_ids, predict(w, left.x), strict=True):
+                scores[where[c]] = v
+        row.append(float(_score(endpoint, pooled, scores, np.flatnonzero(~np.isnan(scores)))))
+    return row
 
 
 def _arm(
