@@ -11,7 +11,8 @@ Two measurements on a fusion study's cohort (``fedseg fusion-study``'s settings)
 * ``--ceiling`` (a cohort fedseg generated, with its ``--seed``): Harrell's C-index on all
   cases of the generator's own survival risk (:func:`fedseg.data.clinical.survival_risk`, the
   linear predictor the survival times were drawn from, with every clinical field known), of its
-  clinical part alone (without the tumour-core volume term) and of the core-volume term alone.
+  clinical part alone (without the image terms: core and oedema volume) and of the image
+  terms alone (:func:`fedseg.data.clinical.image_risk`).
   The difference between the first two is what a perfect fused model could gain over a perfect
   clinical-only model on this generator.
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ def choose(scores: dict[str, list[float]], grid: list[float]) -> float:
 
 
 def survival_ceiling(data: Path, seed: int) -> dict[str, float]:
-    """C-index of the generator's survival risk, its clinical part and its core-volume term.
+    """C-index of the generator's survival risk, its clinical part and its image part.
 
     Parameters
     ----------
@@ -59,7 +59,7 @@ def survival_ceiling(data: Path, seed: int) -> dict[str, float]:
         The seed it was generated with (the clinical draws are recomputed from it; a recorded
         age that differs from the recomputed one stops with the reason).
     """
-    from fedseg.data.clinical import clinical_streams, draw_clinical, survival_risk
+    from fedseg.data.clinical import clinical_streams, draw_clinical, image_risk, survival_risk
     from fedseg.fusion.metrics import c_index
 
     with (data / "cohort.csv").open(newline="") as f:
@@ -71,8 +71,9 @@ def survival_ceiling(data: Path, seed: int) -> dict[str, float]:
         index = int(row["case_id"].rsplit("_", 1)[1])
         draw = draw_clinical(clinical_streams(seed, index).record)
         tc_ml = float(row["tc_ml"])
-        risk = survival_risk(draw, tc_ml)
-        term = math.log(max(tc_ml, 0.1) / 15.0)
+        ed_ml = float(row["wt_ml"]) - tc_ml
+        risk = survival_risk(draw, tc_ml, ed_ml)
+        term = image_risk(tc_ml, ed_ml)
         full.append(risk)
         clinical.append(risk - term)
         volume.append(term)
@@ -87,7 +88,7 @@ def survival_ceiling(data: Path, seed: int) -> dict[str, float]:
     t, e = np.asarray(times), np.asarray(events)
     out = {
         name: round(float(c_index(t, e, np.asarray(s))), 4)
-        for name, s in (("risk", full), ("clinical_part", clinical), ("core_volume", volume))
+        for name, s in (("risk", full), ("clinical_part", clinical), ("image_part", volume))
     }
     out["risk_minus_clinical"] = round(out["risk"] - out["clinical_part"], 4)
     out["cases"] = len(cohort)

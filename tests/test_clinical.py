@@ -46,6 +46,28 @@ def test_idh_mutant_patients_are_younger_and_lower_grade(draws: list[C.ClinicalD
     assert np.mean([d.mgmt_methylated for d in mut]) > np.mean([d.mgmt_methylated for d in wt])
 
 
+def test_higher_grades_are_older_and_less_fit_within_an_idh_class(
+    draws: list[C.ClinicalDraw],
+) -> None:
+    for idh in (True, False):
+        by_grade = {g: [d for d in draws if d.idh_mutant == idh and d.grade == g] for g in (2, 4)}
+        age = {g: np.mean([d.age for d in v]) for g, v in by_grade.items()}
+        kps = {g: np.mean([d.kps for d in v]) for g, v in by_grade.items()}
+        assert 5.0 < age[4] - age[2] < 11.0  # 2 x AGE_PER_GRADE, up to sampling and clipping
+        assert kps[2] - kps[4] > 7.0  # 2 x KPS_PER_GRADE and the older age
+
+
+def test_survival_risk_by_hand() -> None:
+    d = C.ClinicalDraw(65.0, "F", 70.0, False, True, 4, "STR")
+    record = 0.035 * 10 + 1.0 - 0.45 - 0.2 - 0.015 * (-10)
+    assert survival_risk(d, 15.0, 20.0) == pytest.approx(record, abs=1e-12)
+    e = float(np.e)
+    assert C.image_risk(15.0, 20.0) == pytest.approx(0.0, abs=1e-12)
+    assert C.image_risk(15.0 * e, 20.0) == pytest.approx(1.0)
+    assert C.image_risk(15.0, 20.0 * e) == pytest.approx(0.8)
+    assert survival_risk(d, 15.0 * e, 20.0 * e) == pytest.approx(record + 1.8)
+
+
 def test_values_within_their_ranges(draws: list[C.ClinicalDraw]) -> None:
     assert all(18 <= d.age <= 89 and 40 <= d.kps <= 100 and d.kps % 10 == 0 for d in draws)
     assert {d.grade for d in draws} == {2, 3, 4}
@@ -69,10 +91,11 @@ def test_survival_follows_the_planted_risk(draws: list[C.ClinicalDraw]) -> None:
     times, events, risks = [], [], []
     for i, d in enumerate(draws[:1500]):
         tc = 5.0 + (i % 40)
-        rec = complete_record(d, clinical_streams(3, i).outcome, "siemens-3t", tc)
+        ed = 3.0 + (i * 7 % 80)
+        rec = complete_record(d, clinical_streams(3, i).outcome, "siemens-3t", tc, ed)
         times.append(rec["survival_days"])
         events.append(rec["vital_status"] == "dead")
-        risks.append(survival_risk(d, tc))
+        risks.append(survival_risk(d, tc, ed))
     assert c_index(np.array(times), np.array(events), np.array(risks)) > 0.7
     assert 0.3 < np.mean(events) < 0.95  # some follow-ups end before death
 
@@ -82,12 +105,12 @@ def test_hospitals_never_record_some_fields_and_others_miss_at_random(
 ) -> None:
     for hospital, fields in NOT_RECORDED.items():
         recs = [
-            complete_record(d, np.random.default_rng(i), hospital, 20.0)
+            complete_record(d, np.random.default_rng(i), hospital, 20.0, 30.0)
             for i, d in enumerate(draws[:300])
         ]
         assert all(r[f] is None for r in recs for f in fields)
     recs = [
-        complete_record(d, np.random.default_rng(i), "siemens-3t", 20.0)
+        complete_record(d, np.random.default_rng(i), "siemens-3t", 20.0, 30.0)
         for i, d in enumerate(draws)
     ]
     rate = np.mean([r["age"] is None for r in recs])
@@ -108,7 +131,7 @@ def test_clinical_stream_is_separate_from_the_image_stream() -> None:
 
 def test_generic_csv_round_trip(tmp_path: Path, draws: list[C.ClinicalDraw]) -> None:
     records = {
-        f"SYN_{i:05d}": complete_record(d, np.random.default_rng(i), "ge-1.5t", 12.0)
+        f"SYN_{i:05d}": complete_record(d, np.random.default_rng(i), "ge-1.5t", 12.0, 30.0)
         for i, d in enumerate(draws[:20])
     }
     path = tmp_path / "clinical.csv"

@@ -327,7 +327,7 @@ def _clinical_cohort(root: Path, n: int, sites: int) -> dict[str, list[str]]:
     records = {}
     for i, cid in enumerate(ids):
         s = clinical_streams(1, i)
-        records[cid] = complete_record(draw_clinical(s.record), s.outcome, "siemens-3t", 20.0)
+        records[cid] = complete_record(draw_clinical(s.record), s.outcome, "siemens-3t", 20.0, 30.0)
     root.mkdir(parents=True, exist_ok=True)
     write_clinical_csv(root / "clinical.csv", records)
     parts = {f"site-{k}": ids[k::sites] for k in range(sites)}
@@ -497,7 +497,7 @@ def _tiny_cohort(root: Path, n: int) -> None:
         image[1][label == 4] += 80
         cid = f"TINY_{i:03d}"
         write_case_as(Case(cid, image, label, affine), root, "brats2021")
-        records[cid] = complete_record(draw, s.outcome, "philips-3t", 3.0)
+        records[cid] = complete_record(draw, s.outcome, "philips-3t", 3.0, 10.0)
     write_clinical_csv(root / "clinical.csv", records)
 
 

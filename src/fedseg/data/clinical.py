@@ -16,10 +16,11 @@ cohort's seed and the case's index, separate from the image stream):
 * ``idh`` mutant with probability 0.35;
 * ``who_grade`` given IDH: mutant 2 / 3 / 4 with 0.40 / 0.40 / 0.20, wild type 0.08 / 0.17 /
   0.75 (grade 4 in about 56 % of cases);
-* ``age`` normal, mean 38 (mutant) or 61 (wild type) years, sd 10, within 18-89;
+* ``age`` normal, mean 38 (mutant) or 61 (wild type) years plus 4 per grade above 3, sd 10,
+  within 18-89 (:data:`AGE_MEAN`, :data:`AGE_PER_GRADE`);
 * ``sex`` male with probability 0.58 (independent of everything else);
-* ``kps`` = 95 - 2 (grade - 2) - 0.25 (age - 50) + normal(0, 9), rounded to a multiple of 10
-  within 40-100;
+* ``kps`` = 95 - 5 (grade - 2) - 0.25 (age - 50) + normal(0, 9), rounded to a multiple of 10
+  within 40-100 (:data:`KPS_PER_GRADE`);
 * ``mgmt`` methylated with probability 0.80 (IDH mutant) or 0.40 (wild type);
 * ``resection`` GTR / STR / BIOPSY with 0.50 / 0.35 / 0.15, independent of the rest.
 
@@ -28,10 +29,11 @@ The image then depends on the record through :func:`phenotype_of`
 enhances, the stronger the enhancement and the more often the core is necrotic; IDH-mutant
 tumours enhance less again (see :data:`GRADE_PHENOTYPES`).
 
-Survival, drawn after the image (it depends on the tumour core volume ``tc_ml``): a Weibull
-proportional-hazards time (shape 1.4, median 500 days at a linear predictor of 0) with the
-linear predictor :func:`survival_risk` (age, grade, IDH, MGMT, resection, KPS and the core
-volume), censored at a follow-up time uniform in 150-2000 days.
+Survival, drawn after the image (it depends on the tumour core volume ``tc_ml`` and the
+peritumoral oedema volume ``ed_ml``): a Weibull proportional-hazards time (shape 1.4, median 500
+days at a linear predictor of 0) with the linear predictor :func:`survival_risk` (age, grade,
+IDH, MGMT, resection, KPS, the core volume and the oedema volume), censored at a follow-up time
+uniform in 150-2000 days.
 
 Missing fields: each of ``age, sex, kps, idh, mgmt, resection`` is missing completely at
 random with probability 0.08, and some hospitals (scanner profiles) never record some fields
@@ -136,6 +138,14 @@ GRADE_PHENOTYPES: dict[int, tuple[float, tuple[float, float], float]] = {
     3: (0.33, (0.08, 0.46), 0.945),
     2: (0.45, (0.12, 0.55), 0.895),
 }
+#: mean age (years) at grade 3 given IDH mutant / wild type
+AGE_MEAN: dict[bool, float] = {True: 38.0, False: 61.0}
+#: years added to the mean age per WHO grade above 3 (within an IDH class)
+AGE_PER_GRADE = 4.0
+#: Karnofsky points lost per WHO grade above 2
+KPS_PER_GRADE = 5.0
+#: log hazard per e-fold of the tumour core volume (around 15 ml) and of the oedema (20 ml)
+CORE_HAZARD, OEDEMA_HAZARD = 1.0, 0.8
 #: IDH-mutant tumours: added to the non-enhancing share, factor on the enhancement
 IDH_MUTANT_RIM_SHIFT, IDH_MUTANT_ENHANCEMENT = 0.03, 0.97
 #: scanner profile (the hospital that uses it) -> fields that hospital never records
@@ -208,9 +218,10 @@ def draw_clinical(rng: np.random.Generator) -> ClinicalDraw:
     """
     idh = bool(rng.random() < 0.35)
     grade = int(rng.choice([2, 3, 4], p=GRADE_GIVEN_IDH[idh]))
-    age = float(np.clip(rng.normal(38.0 if idh else 61.0, 10.0), 18.0, 89.0))
+    age_mean = AGE_MEAN[idh] + AGE_PER_GRADE * (grade - 3)
+    age = float(np.clip(rng.normal(age_mean, 10.0), 18.0, 89.0))
     sex = "M" if rng.random() < 0.58 else "F"
-    kps_raw = 95.0 - 2.0 * (grade - 2) - 0.25 * (age - 50.0) + rng.normal(0.0, 9.0)
+    kps_raw = 95.0 - KPS_PER_GRADE * (grade - 2) - 0.25 * (age - 50.0) + rng.normal(0.0, 9.0)
     kps = float(np.clip(10.0 * round(kps_raw / 10.0), 40.0, 100.0))
     mgmt = bool(rng.random() < (0.80 if idh else 0.40))
     resection = str(rng.choice(["GTR", "STR", "BIOPSY"], p=[0.50, 0.35, 0.15]))
@@ -239,25 +250,45 @@ def phenotype_of(draw: ClinicalDraw) -> object:
     return TumourPhenotype(solid_probability=solid, nonenhancing_rim=(lo, hi), enhancement=gain)
 
 
-def survival_risk(draw: ClinicalDraw, tc_ml: float) -> float:
+def image_risk(tc_ml: float, ed_ml: float) -> float:
+    """The image's part of :func:`survival_risk`: ``1.0 log(TC ml / 15) + 0.8 log(ED ml / 20)``.
+
+    Parameters
+    ----------
+    tc_ml, ed_ml:
+        Volumes (ml) of the tumour core (labels 1 and 4) and of the oedema (label 2).
+
+    Returns
+    -------
+    float
+        The log hazard ratio the tumour adds (0 for a 15 ml core with 20 ml of oedema).
+    """
+    return CORE_HAZARD * math.log(max(tc_ml, 0.1) / 15.0) + OEDEMA_HAZARD * math.log(
+        max(ed_ml, 0.1) / 20.0
+    )
+
+
+def survival_risk(draw: ClinicalDraw, tc_ml: float, ed_ml: float) -> float:
     """The linear predictor of the generated survival (higher: shorter survival).
 
     ``0.035 (age - 55) + 0.45 [grade 3] + 1.0 [grade 4] - 0.8 [IDH mutant] - 0.45 [MGMT
-    methylated] - 0.5 [GTR] - 0.2 [STR] - 0.015 (KPS - 80) + 1.0 log(TC ml / 15)``.
+    methylated] - 0.5 [GTR] - 0.2 [STR] - 0.015 (KPS - 80) + 1.0 log(TC ml / 15)
+    + 0.8 log(ED ml / 20)``: the record's part and :func:`image_risk`.
 
     Parameters
     ----------
     draw:
         The case's clinical variables.
-    tc_ml:
-        Volume of the tumour core (labels 1 and 4) in ml, from the generated label.
+    tc_ml, ed_ml:
+        Volumes (ml) of the tumour core (labels 1 and 4) and of the oedema (label 2), from the
+        generated label.
 
     Returns
     -------
     float
         The log hazard ratio against a reference patient.
     """
-    return (
+    return image_risk(tc_ml, ed_ml) + (
         0.035 * (draw.age - 55.0)
         + 0.45 * (draw.grade == 3)
         + 1.0 * (draw.grade == 4)
@@ -266,12 +297,11 @@ def survival_risk(draw: ClinicalDraw, tc_ml: float) -> float:
         - 0.5 * (draw.resection == "GTR")
         - 0.2 * (draw.resection == "STR")
         - 0.015 * (draw.kps - 80.0)
-        + 1.0 * math.log(max(tc_ml, 0.1) / 15.0)
     )
 
 
 def complete_record(
-    draw: ClinicalDraw, rng: np.random.Generator, hospital: str, tc_ml: float
+    draw: ClinicalDraw, rng: np.random.Generator, hospital: str, tc_ml: float, ed_ml: float
 ) -> ClinicalRecord:
     """Draw survival, then hide the fields this case's hospital or chance leaves unrecorded.
 
@@ -283,8 +313,8 @@ def complete_record(
         The case's ``outcome`` stream (:func:`clinical_streams`).
     hospital:
         The scanner profile's name (hospitals are told apart by their scanner here).
-    tc_ml:
-        Tumour core volume (ml) of the generated label.
+    tc_ml, ed_ml:
+        Tumour core and oedema volumes (ml) of the generated label.
 
     Returns
     -------
@@ -293,7 +323,7 @@ def complete_record(
     """
     shape, median0 = 1.4, 500.0
     scale = median0 / math.log(2.0) ** (1.0 / shape)
-    hazard = math.exp(survival_risk(draw, tc_ml))
+    hazard = math.exp(survival_risk(draw, tc_ml, ed_ml))
     event_time = scale * (-math.log(1.0 - rng.random()) / hazard) ** (1.0 / shape)
     follow_up = rng.uniform(150.0, 2000.0)
     record: ClinicalRecord = {

@@ -1107,7 +1107,8 @@ def cohort_case(seed: int, index: int, scanner: ScannerProfile) -> tuple[Case, d
         case_id, case_rng(seed, index), scanner, phenotype, streams.image, acquisition
     )
     tc_ml = float(case.meta["tc_ml"])  # type: ignore[arg-type]
-    record = complete_record(draw, streams.outcome, scanner.name, tc_ml)
+    ed_ml = float(case.meta["wt_ml"]) - tc_ml  # type: ignore[arg-type]
+    record = complete_record(draw, streams.outcome, scanner.name, tc_ml, ed_ml)
     return case, dict(record)
 
 
