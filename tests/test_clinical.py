@@ -118,6 +118,25 @@ def test_hospitals_never_record_some_fields_and_others_miss_at_random(
     assert all(r["who_grade"] is not None and r["survival_days"] is not None for r in recs)
 
 
+def test_the_record_model_beyond_grade_and_idh_never_reaches_the_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # age, Karnofsky and the survival model can change without changing a single voxel
+    from fedseg.data.scanners import get_profile
+    from fedseg.data.synth import cohort_case
+
+    case, record = cohort_case(5, 2, get_profile("siemens-3t"))
+    monkeypatch.setattr(C, "AGE_PER_GRADE", 15.0)
+    monkeypatch.setattr(C, "KPS_PER_GRADE", 20.0)
+    monkeypatch.setattr(C, "OEDEMA_HAZARD", 3.0)
+    other, changed = cohort_case(5, 2, get_profile("siemens-3t"))
+    assert np.array_equal(case.image, other.image) and np.array_equal(case.label, other.label)
+    assert record["who_grade"] == changed["who_grade"] and record["idh"] == changed["idh"]
+    assert (record["age"], record["kps"], record["survival_days"]) != (
+        changed["age"], changed["kps"], changed["survival_days"]
+    )  # fmt: skip
+
+
 def test_clinical_stream_is_separate_from_the_image_stream() -> None:
     from fedseg.data.synth import case_rng
 
