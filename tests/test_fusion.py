@@ -248,6 +248,21 @@ def test_one_corrected_step_is_the_step_of_the_averaged_gradient() -> None:
 
 
 @pytest.mark.parametrize("endpoint", ["grade", "survival"])
+def test_the_penalty_is_a_proximal_step_stable_at_any_strength(endpoint: str) -> None:
+    x, y, t, e = _toy(30, 3)
+    w = [np.array([0.4, -0.2, 0.1]), np.array([0.05 if endpoint == "grade" else 0.0])]
+    g = loss_gradient(w, x, y, t, e, endpoint=endpoint, l2=0.0)  # the loss alone
+    one, _ = local_steps(w, x, y, t, e, endpoint=endpoint, steps=1, lr=0.3, l2=2.0)
+    np.testing.assert_allclose(one[0], (w[0] - 0.3 * g[0]) / (1 + 0.3 * 2.0), rtol=1e-12)
+    np.testing.assert_allclose(one[1], w[1] - 0.3 * g[1], rtol=1e-12)  # no penalty on b
+    # lr * l2 = 3: a plain gradient step on the penalised loss would flip and grow w;
+    # the proximal step reaches the penalised optimum, where the full gradient vanishes
+    fit, _ = local_steps(w, x, y, t, e, endpoint=endpoint, steps=400, lr=0.3, l2=10.0)
+    full = loss_gradient(fit, x, y, t, e, endpoint=endpoint, l2=10.0)
+    assert np.abs(full[0]).max() < 1e-8 and np.abs(fit[0]).max() < 0.1
+
+
+@pytest.mark.parametrize("endpoint", ["grade", "survival"])
 def test_the_gradient_correction_removes_client_drift(endpoint: str) -> None:
     # With 20 local steps plain FedAvg stops short of the optimum of the sites' summed losses
     # (client drift); with each site stepping on its gradient corrected towards the average

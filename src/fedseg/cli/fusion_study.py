@@ -81,8 +81,9 @@ def fusion_study(
         typer.Option(
             "--l2",
             help="L2 penalty of every model, or cv: each endpoint and feature set gets the "
-            "penalty (0.01-1) with the best 5-fold cross-validated score of its centralized "
-            "model on the training cases (never a test case).",
+            "penalty (0.01-10) with the best 5-fold cross-validated score of its centralized "
+            "model on the training cases (never a test case); the federated survival models "
+            "that of their own cross-validation (each site's risk sets).",
         ),
     ] = "cv",
     correction: Annotated[

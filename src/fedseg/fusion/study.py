@@ -65,9 +65,9 @@ log = logging.getLogger("fedseg.fusion")
 TRAININGS: tuple[str, ...] = ("centralized", "federated", "local")
 #: the study's targets: fusion gain over each single source, federated / centralized
 TARGET_GAIN, TARGET_RATIO = 0.05, 0.95
-#: the L2 penalties cross-validation chooses from (``l2 = None``); at the default step size
-#: 0.3, penalties of 3 and more make gradient descent oscillate
-L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+#: the L2 penalties cross-validation chooses from (``l2 = None``); the penalty's proximal step
+#: (:func:`fedseg.fusion.model.local_steps`) keeps every one stable at the default step size
+L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 #: folds of that cross-validation
 CV_FOLDS = 5
 RESULT_COLUMNS: tuple[str, ...] = (
@@ -597,7 +597,12 @@ def _penalties(
     names += [f"survival/{f}/federated" for f in FEATURE_SETS if "survival" in endpoints]
     if cfg.l2 is not None:
         return {"rule": "fixed", "chosen": {n: cfg.l2 for n in names}}
-    if previous and previous.get("rule") == "cv" and set(names) <= set(previous["chosen"]):
+    if (
+        previous
+        and previous.get("rule") == "cv"
+        and previous.get("grid") == list(L2_GRID)
+        and set(names) <= set(previous["chosen"])
+    ):
         say("L2 penalties: chosen in an earlier run, kept")
         return dict(previous)
     say(f"L2 penalties: {CV_FOLDS}-fold cross-validation on the training cases ...")
