@@ -28,7 +28,7 @@ def test_survival_ceiling_recomputes_the_generators_risk(bench: Any, tmp_path: P
     generate_cohort(root, 12, seed=3, progress=False)
     out = bench.survival_ceiling(root, 3)
     assert out["cases"] == 12
-    for key in ("risk", "clinical_part", "core_volume"):
+    for key in ("risk", "clinical_part", "image_part"):
         assert 0.0 <= out[key] <= 1.0
     assert out["risk_minus_clinical"] == pytest.approx(out["risk"] - out["clinical_part"])
     # the draws belong to the cohort's seed: another seed is refused with the reason
