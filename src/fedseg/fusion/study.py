@@ -628,7 +628,6 @@ def _cross_validate(
     for endpoint in endpoints:
         for features in FEATURE_SETS:
             pooled = _data(split, train, endpoint, features)
-            where = {c: i for i, c in enumerate(pooled.case_ids)}
             splits = []  # (fitted on, scored) per fold, the same for every penalty
             for held in parts:
                 data = _data(
@@ -637,15 +636,11 @@ def _cross_validate(
                 left = _data(split, [train[i] for i in sorted(held)], endpoint, features)
                 if _usable(data, endpoint) and len(left):
                     splits.append((data, left))
-            row = []
-            for l2 in grid:
-                scores = np.full(len(pooled), np.nan)
-                for data, left in splits:
-                    w = _fit(cfg, endpoint, data, float(l2))
-                    for c, s in zip(left.case_ids, predict(w, left.x), strict=True):
-                        scores[where[c]] = s
-                scored = np.flatnonzero(~np.isnan(scores))
-                row.append(float(_score(endpoint, pooled, scores, scored)))
+
+            def fit(data: FusionData, l2: float, endpoint: str = endpoint) -> list[np.ndarray]:
+                return _fit(cfg, endpoint, data, l2)
+
+            row = _cv_row(endpoint, pooled, splits, grid, fit)
             out[f"{endpoint}/{features}"] = row
             say(f"{endpoint}/{features}: " + " ".join(f"{v:.3f}" for v in row))
             if endpoint == "survival":  # the federation's Cox model has each site's risk sets
@@ -669,11 +664,10 @@ def _cross_validate_federated(
     trains on the sites' remaining training cases (:func:`federated_steps`: the rounds, local
     steps and drift correction of the study), so each site keeps its own risk sets.
     """
-    from fedseg.fusion.model import federated_steps
+    from fedseg.fusion.model import SiteCases, federated_steps
 
     endpoint = "survival"
     pooled = _data(split, list(train), endpoint, features)
-    where = {c: i for i, c in enumerate(pooled.case_ids)}
     folds = []
     for held in parts:
         out_ids = {train[i] for i in held}
@@ -685,20 +679,37 @@ def _cross_validate_federated(
         left = _data(split, sorted(out_ids), endpoint, features)
         if sites and len(left) and sum(float(s[3].sum()) for s in sites) > 0:
             folds.append((sites, left))
+
+    def fit(sites: Sequence[SiteCases], l2: float) -> list[np.ndarray]:
+        return federated_steps(
+            sites,
+            init_weights(pooled.x.shape[1]),
+            endpoint=endpoint,
+            rounds=cfg.rounds,
+            steps=cfg.local_steps,
+            lr=cfg.lr,
+            l2=l2,
+            corrected=cfg.correction == "gradient",
+        )
+
+    return _cv_row(endpoint, pooled, folds, grid, fit)
+
+
+def _cv_row(
+    endpoint: str,
+    pooled: FusionData,
+    folds: Sequence[tuple[Any, FusionData]],
+    grid: Sequence[float],
+    fit: Callable[[Any, float], list[np.ndarray]],
+) -> list[float]:
+    """One cross-validated score per penalty: ``fit(training part, l2)`` per fold, its scores
+    of the left-out cases pooled over the folds into one AUC or C-index."""
+    where = {c: i for i, c in enumerate(pooled.case_ids)}
     row = []
     for l2 in grid:
         scores = np.full(len(pooled), np.nan)
-        for sites, left in folds:
-            w = federated_steps(
-                sites,
-                init_weights(pooled.x.shape[1]),
-                endpoint=endpoint,
-                rounds=cfg.rounds,
-                steps=cfg.local_steps,
-                lr=cfg.lr,
-                l2=float(l2),
-                corrected=cfg.correction == "gradient",
-            )
+        for part, left in folds:
+            w = fit(part, float(l2))
             for c, v in zip(left.case_ids, predict(w, left.x), strict=True):
                 scores[where[c]] = v
         row.append(float(_score(endpoint, pooled, scores, np.flatnonzero(~np.isnan(scores)))))
