@@ -645,7 +645,9 @@ def _cross_validate(
             say(f"{endpoint}/{features}: " + " ".join(f"{v:.3f}" for v in row))
             if endpoint == "survival":  # the federation's Cox model has each site's risk sets
                 name = f"{endpoint}/{features}/federated"
-                out[name] = _cross_validate_federated(cfg, split, features, parts, train, grid)
+                out[name] = _cross_validate_federated(
+                    cfg, split, features, pooled, parts, train, grid
+                )
                 say(f"{name}: " + " ".join(f"{v:.3f}" for v in out[name]))
     return out
 
@@ -654,11 +656,14 @@ def _cross_validate_federated(
     cfg: FusionStudyConfig,
     split: _Split,
     features: str,
+    pooled: FusionData,
     parts: Sequence[set[int]],
     train: Sequence[str],
     grid: Sequence[float],
 ) -> list[float]:
     """Cross-validated C-index of the federated survival model at each penalty.
+
+    ``pooled`` is the survival data of the ``train`` cases (in order) for one feature set.
 
     The same folds as the centralized model's; each fold's model is what the federation
     trains on the sites' remaining training cases (:func:`federated_steps`: the rounds, local
@@ -667,7 +672,6 @@ def _cross_validate_federated(
     from fedseg.fusion.model import SiteCases, federated_steps
 
     endpoint = "survival"
-    pooled = _data(split, list(train), endpoint, features)
     folds = []
     for held in parts:
         out_ids = {train[i] for i in held}
