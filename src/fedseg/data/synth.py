@@ -81,6 +81,14 @@ CASE_PREFIX = "SYN_"
 _MARGIN = 5  # voxels of background kept around the template brain's bounding box
 _MAX_STORED = 32767.0
 
+#: The main focus's whole-tumour volume (ml), drawn log-uniform.
+WT_ML_RANGE = (15.0, 120.0)
+#: The core's (labels 1 + 4) share of the main focus's whole tumour, drawn logit-uniform; the
+#: oedema is the rest.
+CORE_SHARE_RANGE = (0.06, 0.85)
+#: The smallest core (ml) a tumour gets, whatever its share.
+MIN_CORE_ML = 2.0
+
 # Internal tissue classes of the tumour map (label 1 has three looks: necrosis, solid, cyst).
 _NONE, _NCR, _ED, _NET, _ET, _CYST = 0, 1, 2, 3, 4, 5
 _CLASS_TO_LABEL = np.array([0, 1, 2, 1, 4, 1], dtype=np.uint8)
@@ -738,6 +746,21 @@ def _single_blas_thread() -> AbstractContextManager[object]:
     return threadpool_limits(1, user_api="blas")
 
 
+def draw_volumes(rng: np.random.Generator) -> tuple[float, float]:
+    """Draw the main focus's core (labels 1 + 4) and oedema volumes (ml) from two draws of ``rng``.
+
+    The whole tumour is log-uniform in :data:`WT_ML_RANGE`; the core's share of it is
+    logit-uniform in :data:`CORE_SHARE_RANGE`, from a small core in wide oedema to a core with a
+    thin rim of oedema; the core is at least :data:`MIN_CORE_ML`. Growing the tumour and removing
+    detached fragments later can take a little off either volume.
+    """
+    wt_ml = math.exp(rng.uniform(*(math.log(v) for v in WT_ML_RANGE)))
+    logit = rng.uniform(*(math.log(v / (1.0 - v)) for v in CORE_SHARE_RANGE))
+    share = 1.0 / (1.0 + math.exp(-logit))
+    tc_ml = max(share * wt_ml, MIN_CORE_ML)
+    return tc_ml, wt_ml - tc_ml
+
+
 def _synthesise_unlimited(
     rng: np.random.Generator,
     scanner: ScannerProfile,
@@ -749,15 +772,7 @@ def _synthesise_unlimited(
     shape = anat.shape
     ctr = (np.asarray(shape, dtype=np.float64) - 1) / 2
 
-    # Tumour volumes: core and oedema drawn independently (log-uniform), WT aimed at 15-120 ml
-    # (removing detached fragments later can take a little off).
-    tc_ml = math.exp(rng.uniform(math.log(4.0), math.log(45.0)))
-    ed_ml = math.exp(rng.uniform(math.log(3.0), math.log(90.0)))
-    if tc_ml + ed_ml > 120.0:
-        f = 120.0 / (tc_ml + ed_ml)
-        tc_ml, ed_ml = tc_ml * f, ed_ml * f
-    if tc_ml + ed_ml < 15.0:
-        ed_ml = 15.0 - tc_ml
+    tc_ml, ed_ml = draw_volumes(rng)
     tc_vox = int(round(tc_ml / ML_PER_VOXEL))
     ed_vox = int(round(ed_ml / ML_PER_VOXEL))
     c_template = anat.candidates[rng.integers(len(anat.candidates))].astype(np.float64)
