@@ -138,7 +138,7 @@ def test_labels_regions_and_background(cohort: Cohort) -> None:
 
 def test_volumes_plausible(cohort: Cohort) -> None:
     for _, label in _cases(cohort):
-        # the main focus's whole tumour is kept within 15-150 ml (these cases have no satellite)
+        # the main focus's whole tumour is drawn within 15-120 ml (these cases have no satellite)
         assert 10 <= (label > 0).sum() * ML_PER_VOXEL <= synth.WT_ML_RANGE[1] + 1
 
 
@@ -231,7 +231,7 @@ def test_oedema_bright_against_white_matter(pair: tuple) -> None:
         # Inside the oedema, away from the partial volume at its edges: this draw's oedema is a
         # thin shell (12 ml around 42 ml of core), and old-1.5t-lowres blurs it most.
         inner = ndi.binary_erosion(syn.label == 2)
-        assert inner.sum() > 20
+        assert inner.sum() > 50
         for mod in ("flair", "t2"):
             img = syn.image[MODALITIES.index(mod)]
             assert img[inner].mean() > 1.4 * np.median(img[wm])
@@ -403,7 +403,8 @@ def test_the_core_share_of_the_tumour_ranges_from_small_cores_to_thin_oedema() -
     # the whole tumour is log-uniform: its log median at the middle of the log range
     assert np.log(np.median(wt)) == pytest.approx(np.log(synth.WT_ML_RANGE).mean(), abs=0.05)
     # the share is logit-uniform over 6-85 %: the median at the logit's midpoint (38 %), a tenth
-    # of cases under 9 % (a small core in wide oedema), a tenth over 78 % (a thin rim of oedema)
+    # of cases under about 10 % (a small core in wide oedema), a tenth over 78 % (a thin rim of
+    # oedema); the 2 ml floor lifts the lowest shares a little
     share = tc / wt
     lo, hi = (np.log(v / (1 - v)) for v in synth.CORE_SHARE_RANGE)
     assert np.median(share) == pytest.approx(1 / (1 + np.exp(-(lo + hi) / 2)), abs=0.02)
