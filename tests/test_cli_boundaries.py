@@ -259,7 +259,7 @@ def test_version_and_help_texts() -> None:
     assert version.exit_code == 0  # type: ignore[attr-defined]
     assert version.stdout == f"fedseg {__version__}\n"  # type: ignore[attr-defined]
     assert "Any config key of [tool.flwr.app.config]" in study_help.stdout
-    assert "Epochs (default 20" in train_help.stdout
+    assert "Epochs (default 60" in train_help.stdout
 
 
 def test_bracketed_help_text_survives_rich_markup() -> None:

@@ -214,7 +214,9 @@ class FedsegConfig:
     # learning-rate (each chosen on validation cases with ``fedseg study --tune``; README)
     arm_learning_rates: str = "local=0.012,fedavg=0.012,fedprox=0.008,scaffold=0.012,fedbn=0.012"
     weight_decay: float = 0.00001
-    epochs: int = 20
+    # ``fedseg train`` only (a study's arms get num-server-rounds x local-epochs): at 20 the
+    # validation Dice was still rising (BENCHMARKS "Cases of an independently modelled generator")
+    epochs: int = 60
     # none | basic | nnunet | all, or groups "spatial,intensity,..." (true = basic, false = none)
     augment: str = "basic"
     # throughput: mixed precision (CUDA only) and DataLoader worker processes
