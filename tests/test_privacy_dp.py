@@ -576,3 +576,37 @@ def test_dp_sgd_trains_a_cuda_model_in_every_mode(mode: str) -> None:
     assert all(p.device.type == "cuda" for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
     assert privacy.epsilon() > 0
+
+
+def test_empty_poisson_batches_step_on_the_training_thread(
+    cohort: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer reads batches ahead on a thread (CPU, no workers); an empty Poisson batch's
+    noise-only step changes the model, so it must not run there, concurrently with the step
+    being trained (that corrupted the heap: "free(): corrupted unsorted chunks")."""
+    import threading
+
+    from fedseg.data.cache import prepare_cases
+    from fedseg.privacy.dpsgd import SkipEmptyBatches, enable_site_privacy
+    from fedseg.site.trainer import SiteTrainer
+
+    root, _ = cohort
+    items = prepare_cases(root, FedsegConfig(image_size=16, patch_size=16))
+    # batch size 1 over 4 cases: a Poisson batch is empty with chance (3/4)^4, about a third
+    cfg = _dp_cfg(dp_mode="sample", dp_noise_multiplier=1.0, batch_size=1)
+    trainer = SiteTrainer(cfg, items[:4], items[4:5])
+    enable_site_privacy(trainer, cfg)
+    threads: list[str] = []
+    original = SkipEmptyBatches._empty_step
+
+    def recorded(self: SkipEmptyBatches) -> None:
+        threads.append(threading.current_thread().name)
+        original(self)
+
+    monkeypatch.setattr(SkipEmptyBatches, "_empty_step", recorded)
+
+    trainer.train(3, seed=0)
+
+    assert threads  # the seed gives empty batches (12 steps)
+    assert set(threads) == {threading.current_thread().name}
+    assert sum(s for _, _, s in trainer.privacy.history) == 12  # every step accounted

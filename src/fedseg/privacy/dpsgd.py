@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -423,13 +423,17 @@ class _PerSampleBackwardCriterion:
         return _PerSampleBackwardLoss(per_case, self.params)
 
 
-class _SkipEmpty:
+class SkipEmptyBatches:
     """Iterate a Poisson loader; take an empty batch's DP-SGD step here and skip it.
 
     With Poisson sampling a batch may hold no case. DP-SGD still takes that step (the
     accountant counts it): the clipped sum is zero, so the update is noise only. The U-Net
     cannot run on an empty batch (instance norm), so the step is taken here, with zero
     gradients, and the trainer only sees the non-empty batches.
+
+    The empty step changes the model and the optimizer, so it must run on the thread that
+    trains: a trainer that reads batches ahead on another thread reads :attr:`loader` there
+    and passes what it read through :meth:`consume` on its own thread.
     """
 
     def __init__(self, loader: Any, optimizer: Any, module: Any, *, ghost: bool) -> None:
@@ -442,7 +446,12 @@ class _SkipEmpty:
         return len(self.loader)
 
     def __iter__(self) -> Any:
-        for batch in self.loader:
+        return self.consume(self.loader)
+
+    def consume(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """The non-empty batches of ``batches`` (read from :attr:`loader`); an empty one is
+        stepped here, on the calling thread."""
+        for batch in batches:
             if isinstance(batch, dict) and int(batch["image"].shape[0]) > 0:
                 yield batch
             else:
@@ -590,7 +599,7 @@ class SitePrivacy:
                 dp_loss = criterion
         # Opacus describes an empty *first* Poisson batch from ``dataset[0]``, which fails on
         # dict samples (it iterates the keys); without that description it yields ``[]``,
-        # which _SkipEmpty turns into the noise-only step.
+        # which SkipEmptyBatches turns into the noise-only step.
         collate = getattr(dp_loader, "collate_fn", None)
         if collate is not None and hasattr(collate, "sample_empty_shapes"):
             collate.sample_empty_shapes = None
@@ -598,7 +607,7 @@ class SitePrivacy:
         self._engine = engine
         trainer.model, trainer.optimizer, trainer.loss_fn = module, optimizer, dp_loss
         # iterated like the DataLoader it wraps (all the trainer does with it)
-        skip = _SkipEmpty(dp_loader, optimizer, trainer.model, ghost=mode == "ghost")
+        skip = SkipEmptyBatches(dp_loader, optimizer, trainer.model, ghost=mode == "ghost")
         return skip  # type: ignore[return-value]
 
     def detach(self, trainer: Any) -> None:

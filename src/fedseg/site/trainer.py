@@ -409,6 +409,8 @@ class SiteTrainer:
         """
         import torch
 
+        from fedseg.privacy.dpsgd import SkipEmptyBatches
+
         all_channels = self.channel_index == list(range(len(MODALITIES)))
 
         def select(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,8 +421,14 @@ class SiteTrainer:
 
         if self.device.type != "cuda":
             # Without worker processes the next batch is read (and augmented) on a thread while
-            # this one trains: slicing memory maps and MONAI's tensor ops release the GIL.
-            source = loader if self.cfg.num_workers > 0 else _prefetched(loader)
+            # this one trains: slicing memory maps and MONAI's tensor ops release the GIL. What
+            # steps the model while reading (DP-SGD's empty Poisson batches) stays on this one.
+            if self.cfg.num_workers > 0:
+                source = loader
+            elif isinstance(loader, SkipEmptyBatches):
+                source = loader.consume(_prefetched(loader.loader))
+            else:
+                source = _prefetched(loader)
             for batch in source:
                 x, y = select(batch)
                 yield self._augment_on_device(x.to(self.device), y.to(self.device))
