@@ -17,10 +17,10 @@ Prints and writes ``OUT/external-MODEL.json``: per region the mean Dice in distr
 external, and the drop; ``met`` says whether TC and ET dropped by at most 0.10; ``by-core-size``
 gives the same means over the cases whose reference tumour core is at most
 :data:`SMALL_CORE_ML` and over the rest, since the two cohorts mix core sizes differently and
-small cores are the hardest at 48³. Steps already
-done in ``OUT`` (the cohorts, a trained model) are reused; the model is trained into
-``OUT/model`` without ``--set``, else into ``OUT/model-<hash of the overrides>``, so runs with
-other overrides (another ``seed``, say) each train their own.
+small cores are the hardest at 48³. Steps already done in ``OUT`` (the cohorts, a trained
+model) are reused; the model is trained into ``OUT/model`` without ``--set``, else into
+``OUT/model-<hash of the overrides>``, so runs with other overrides (another ``seed``, say)
+each train their own.
 """
 
 from __future__ import annotations
