@@ -71,13 +71,14 @@ def core_volumes(data: Path) -> dict[str, float]:
     import numpy as np
 
     from fedseg.data.readers import discover_cases
+    from fedseg.model.postprocess import affine_voxel_volume
 
     out: dict[str, float] = {}
     for ref in discover_cases(data):
         if ref.label is None:
             continue
         img = nib.load(ref.label)
-        voxel_ml = abs(float(np.linalg.det(img.affine[:3, :3]))) / 1000.0
+        voxel_ml = affine_voxel_volume(img.affine) / 1000.0
         out[ref.case_id] = float(np.isin(np.asanyarray(img.dataobj), (1, 4)).sum()) * voxel_ml
     return out
 
