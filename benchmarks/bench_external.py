@@ -3,7 +3,8 @@
 The check of issue #15 ("keeps TC and ET within 0.10 of its in-distribution Dice on cases from an
 independently written BraTS-format generator"), run the way a new user would, through the CLI:
 
-1. ``fedseg synth --cases 40 --seed 0`` and ``fedseg train`` with the defaults;
+1. ``fedseg synth --cases 40 --seed 0`` and ``fedseg train`` with the defaults (its preset
+   ``cpu-native``; ``--set preset=cpu-demo`` trains the study's 48³ model instead);
 2. ``fedseg synth --cases N --seed 1``: cases of the same generator the model never saw
    (in-distribution);
 3. ``benchmarks/external_generator.py``: N cases of the independently modelled generator at

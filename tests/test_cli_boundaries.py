@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from fedseg.cli.main import app
 from fedseg.data.synth import generate_cohort
 
-TINY = ["--image-size", "16", "--base-channels", "2"]
+# the resized 16^3 grid (train defaults to cpu-native; study is cpu-demo already)
+TINY = ["--image-size", "16", "--base-channels", "2", "--preset", "cpu-demo"]
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,38 @@ def test_train_derives_patch_size_from_image_size(cohort: Path, tmp_path: Path) 
     assert _one_error_line(bad) == (
         "error: config key 'image-size': expected a multiple of 8 (2**(depth-1)), found 20"
     )
+
+
+def test_train_preset_defaults_to_cpu_native_for_3d_models() -> None:
+    from fedseg.cli.options import train_preset
+
+    assert train_preset(None, [], None) == "cpu-native"
+    assert train_preset(None, [], 3) == "cpu-native"
+    assert train_preset(None, [], 2) == "cpu-demo"  # the native grid is 3D only
+    assert train_preset(None, ["spatial-dims=2"], None) == "cpu-demo"
+    assert train_preset(None, ["preset=gpu"], None) == "gpu"
+    assert train_preset(None, ["preset=cpu-native"], 2) == "cpu-native"  # named: kept
+    assert train_preset("cpu-demo", ["preset=gpu"], None) == "cpu-demo"  # the option wins
+
+
+def test_train_without_preset_trains_on_the_native_grid_and_names_it_on_resume(
+    cohort: Path, tmp_path: Path
+) -> None:
+    from fedseg.clinic.card import load_carded_model
+
+    data, run = _copy(cohort, tmp_path / "d"), tmp_path / "run"
+    tiny = ["--set", "patch-size=16", "--base-channels", "2", "--epochs", "1"]
+    native = _invoke("train", data, "--out", run, *tiny)
+    assert native.exit_code == 0, native.output  # type: ignore[attr-defined]
+    _, cfg, _ = load_carded_model(run, "cpu")
+    assert (cfg.preset, cfg.spacing, cfg.patch_size) == ("cpu-native", 2.0, 16)
+
+    demo = _invoke("train", data, "--out", run, *tiny, "--preset", "cpu-demo")
+
+    assert demo.exit_code == 2  # type: ignore[attr-defined]
+    line = _one_error_line(demo)
+    assert "'preset'" in line and "'cpu-native' there" in line
+    assert line.endswith("or --preset cpu-native to resume it")
 
 
 def test_study_resume_note_names_the_checkpoint_and_round(tmp_path: Path) -> None:

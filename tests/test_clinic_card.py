@@ -73,7 +73,16 @@ def test_model_card_command_prints_text_and_json(dp_federation: Path) -> None:
 def test_centralized_train_writes_a_card(tmp_path: Path, cohort: tuple[Path, object]) -> None:
     root, _ = cohort
     args = ["train", str(root), "--out", str(tmp_path / "run"), "--epochs", "1"]
-    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3"]
+    args += [
+        "--image-size",
+        "16",
+        "--base-channels",
+        "4",
+        "--set",
+        "depth=3",
+        "--preset",
+        "cpu-demo",
+    ]
 
     result = CliRunner().invoke(app, args)
 
@@ -223,7 +232,16 @@ def test_train_writes_tensorboard_events_per_epoch(
 
     root, _ = cohort
     args = ["train", str(root), "--out", str(tmp_path / "run"), "--epochs", "2"]
-    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3"]
+    args += [
+        "--image-size",
+        "16",
+        "--base-channels",
+        "4",
+        "--set",
+        "depth=3",
+        "--preset",
+        "cpu-demo",
+    ]
 
     result = CliRunner().invoke(app, args)
 

@@ -27,7 +27,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("predict")
     write_cohort(root / "data", num_cases=5)
     args = ["train", str(root / "data"), "--out", str(root / "run"), "--epochs", "1"]
-    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3"]
+    args += [
+        "--image-size",
+        "16",
+        "--base-channels",
+        "4",
+        "--set",
+        "depth=3",
+        "--preset",
+        "cpu-demo",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return root / "run", root / "data"
@@ -213,7 +222,16 @@ def test_a_harmonised_model_maps_the_patient_onto_its_landmarks(tmp_path: Path) 
 
     write_cohort(tmp_path / "data", num_cases=5)
     args = ["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--epochs", "1"]
-    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3"]
+    args += [
+        "--image-size",
+        "16",
+        "--base-channels",
+        "4",
+        "--set",
+        "depth=3",
+        "--preset",
+        "cpu-demo",
+    ]
     args += ["--set", "harmonise=histogram"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

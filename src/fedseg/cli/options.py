@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fedseg.config import FedsegConfig
+from fedseg.config import TRAIN_PRESET, FedsegConfig
 from fedseg.errors import ConfigError
 
 #: ``--preset`` help, shared by study, train, privacy-sweep and robustness
@@ -29,6 +29,21 @@ def defaults_under_preset(defaults: dict[str, Any], preset: str | None) -> dict[
         return dict(defaults)
     keep = ("num_server_rounds", "local_epochs", "num_cases", "dp_trainable")
     return {k: v for k, v in defaults.items() if k in keep}
+
+
+def train_preset(preset: str | None, sets: Sequence[str], spatial_dims: int | None) -> str:
+    """The preset of ``fedseg train``: the one named, else :data:`fedseg.config.TRAIN_PRESET`
+    for a 3D model and ``cpu-demo`` for a 2D one (the native grid is 3D only).
+
+    A ``--set preset=NAME`` counts as named; ``--set spatial-dims=2`` as a 2D model.
+    """
+    given = parse_sets(sets)
+    if preset is not None:
+        return preset
+    if "preset" in given:
+        return given["preset"]
+    dims = spatial_dims if spatial_dims is not None else given.get("spatial-dims")
+    return "cpu-demo" if str(dims).strip() == "2" else TRAIN_PRESET
 
 
 def config_from_options(*, sets: Sequence[str] = (), **options: Any) -> FedsegConfig:

@@ -197,9 +197,11 @@ def _check_same_config(
     if not change and before != list(modalities):
         change = f"'modalities': {before!r} there, {list(modalities)!r} now"
     if change:
+        earlier = dict(state.get("config", {})).get("preset")
+        hint = f", or --preset {earlier} to resume it" if earlier not in (None, cfg.preset) else ""
         raise ConfigError(
             f"{path} was written with a different config ({change}); use --no-resume or "
-            "another --out"
+            f"another --out{hint}"
         )
 
 
