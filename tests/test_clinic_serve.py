@@ -243,11 +243,19 @@ def test_public_message_drops_server_paths() -> None:
     assert public_message(text) == "P1_t1.nii.gz: cannot read second line"
 
 
-def test_serve_refuses_a_model_without_card(tmp_path: Path, trained: tuple[Path, Path]) -> None:
+def test_serve_refuses_a_model_without_card(
+    tmp_path: Path, trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
     run, _ = trained
     (tmp_path / "m.pt").write_bytes((run / "best.pt").read_bytes())
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "m.pt"), "--port", "1"])
 
     assert result.exit_code == 2
     assert "no model card" in result.stderr
+    assert list(scratch.iterdir()) == []  # its own work folder is not left behind

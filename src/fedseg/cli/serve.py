@@ -70,10 +70,15 @@ def register(app: typer.Typer) -> None:
                 token = os.environ.get(TOKEN_ENV, "").strip()
             own_dir = work_dir is None
             folder = Path(tempfile.mkdtemp(prefix="fedseg-serve-")) if own_dir else work_dir
-            writable_folder(folder, "--work-dir")
-            service = Service(
-                model, work_dir=folder, max_upload_bytes=int(max_upload_mb * 1e6), preset=preset
-            )
+            try:
+                writable_folder(folder, "--work-dir")
+                service = Service(
+                    model, work_dir=folder, max_upload_bytes=int(max_upload_mb * 1e6), preset=preset
+                )
+            except BaseException:
+                if own_dir:  # the folder it made for this run, still empty
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
         if not token:
             token = secrets.token_urlsafe(24)
             print(f"API token (pass as 'Authorization: Bearer TOKEN'): {token}", file=sys.stderr)
