@@ -167,3 +167,81 @@ def test_predicted_regions_on_the_input_grid_use_the_case_voxel_volume(
     )
     assert not removed[2].any()
     assert np.array_equal(removed[1], raw[1] | raw[2])
+
+
+def _case(et_ref: int, et_pred: int) -> Any:
+    """A 12³ case on a 2 mm grid (8 mm³ voxels): WT a block, TC inside it, ET a slab of TC."""
+    from types import SimpleNamespace
+
+    def regions_with(et: int) -> np.ndarray:
+        reg = np.zeros((3, 12, 12, 12), dtype=bool)
+        reg[0, 1:11, 1:11, 1:11] = True
+        reg[1, 2:10, 2:10, 2:10] = True
+        reg[2].reshape(-1)[np.flatnonzero(reg[1].reshape(-1))[:et]] = True
+        return reg
+
+    pred = regions_with(et_pred).astype(np.float32)
+    return SimpleNamespace(regions=regions_with(et_ref), spacing=(2.0, 2.0, 2.0), probs=pred)
+
+
+def test_choose_et_threshold_by_hand() -> None:
+    from types import SimpleNamespace
+
+    from fedseg.study.centralized import choose_et_threshold
+
+    trainer = SimpleNamespace(predict=lambda p: p.probs)
+    speck = _case(0, 40)  # no ET there; 40 voxels (320 mm³) of ET predicted inside the core
+    rim = _case(200, 200)  # 1600 mm³ of ET, predicted exactly
+    unlabelled = _case(0, 0)
+    unlabelled.regions = None
+
+    got = choose_et_threshold(trainer, [speck, rim, unlabelled])
+
+    # mean Dice (WT, TC, ET) per case: the speck 2/3 while kept, 1 once removed (its voxels stay
+    # in TC and WT); the rim 1 while kept, 2/3 once removed (below 2000 mm³)
+    scores = got["validation-mean-dice"]
+    assert got["cases"] == 2
+    assert scores["0"] == pytest.approx(5 / 6) and scores["250"] == pytest.approx(5 / 6)
+    assert scores["500"] == pytest.approx(1.0) and scores["1000"] == pytest.approx(1.0)
+    assert scores["2000"] == pytest.approx(5 / 6)
+    assert got["chosen"] == 500.0  # the first of the best
+    assert choose_et_threshold(trainer, [rim])["chosen"] == 0.0  # off unless it helps
+    with pytest.raises(ValueError, match="no labelled case"):
+        choose_et_threshold(trainer, [unlabelled])
+
+
+@pytest.mark.parametrize("fixed", [None, "250"])
+def test_fedseg_train_keeps_the_threshold_chosen_on_validation_cases(
+    tmp_path: Path, fixed: str | None
+) -> None:
+    import json
+
+    from helpers import write_cohort
+    from typer.testing import CliRunner
+
+    from fedseg.cli.main import app
+    from fedseg.clinic.card import load_carded_model, read_card
+
+    write_cohort(tmp_path / "data", num_cases=6)
+    run = tmp_path / "run"
+    args = ["train", str(tmp_path / "data"), "--out", str(run), "--epochs", "1"]
+    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3", "--preset"]
+    args += ["cpu-demo", *(["--et-min-volume", fixed] if fixed else [])]
+
+    result = CliRunner().invoke(app, args)
+
+    assert result.exit_code == 0, result.output
+    test = json.loads((run / "test_metrics.json").read_text())
+    _, cfg, _ = load_carded_model(run, "cpu")
+    card = read_card(run / "best.pt")
+    if fixed:
+        assert "et-min-volume" not in test
+        assert cfg.et_min_volume == 250.0
+    else:
+        pick = test["et-min-volume"]
+        assert pick["chosen"] in ET_MIN_VOLUMES
+        assert pick["cases"] == test["split"]["val"] >= 1
+        assert set(pick["validation-mean-dice"]) == {f"{t:g}" for t in ET_MIN_VOLUMES}
+        assert cfg.et_min_volume == pick["chosen"]
+        assert f"et-min-volume {pick['chosen']:g} mm³" in result.stdout
+    assert card["config"]["et-min-volume"] == cfg.et_min_volume

@@ -67,6 +67,15 @@ def register(app: typer.Typer) -> None:
             "for --spatial-dims 2; about 0.4x the time) or gpu (native 1 mm, 128^3 patches, "
             "nnU-Net-size U-Net, bf16); explicit options and --set win over it.",
         ),
+        et_min_volume: float = typer.Option(
+            None,
+            "--et-min-volume",
+            help="Predicted enhancing tumour smaller than this many mm³ becomes necrosis "
+            "(BraTS post-processing; 0 = off). Default: chosen on the validation cases among "
+            "0-8000 once training ends (0 unless it raises their mean Dice) and kept in the "
+            "model for evaluate, predict and serve.",
+            show_default=False,
+        ),
         cache_dir: Path = typer.Option(
             None,
             "--cache-dir",
@@ -82,7 +91,7 @@ def register(app: typer.Typer) -> None:
         Exit codes: 0 success, 2 bad input, 3 internal failure."""
         import json
 
-        from fedseg.cli.options import config_from_options, train_preset
+        from fedseg.cli.options import config_from_options, parse_sets, train_preset
         from fedseg.data.case import REGIONS
         from fedseg.study.centralized import train_centralized
 
@@ -98,7 +107,10 @@ def register(app: typer.Typer) -> None:
                 base_channels=base_channels,
                 spatial_dims=spatial_dims,
                 seed=seed,
+                et_min_volume=et_min_volume,
             )
+            # chosen on validation cases unless given (--et-min-volume or --set)
+            fixed = et_min_volume is not None or "et-min-volume" in parse_sets(sets or ())
             mods = tuple(m.strip() for m in modalities.split(",") if m.strip())
             existing_folder(data, "dataset folder in BraTS 2020/2021/2023 or MSD layout")
             writable_folder(out, "--out")
@@ -109,6 +121,7 @@ def register(app: typer.Typer) -> None:
                 resume=resume,
                 modalities=mods,
                 notify=lambda line: typer.echo(line, err=True),
+                choose_et_min_volume=not fixed,
             )
         if json_out:
             print(json.dumps({k: v for k, v in result.items() if k != "per-case"}))
@@ -119,4 +132,10 @@ def register(app: typer.Typer) -> None:
             f"test Dice  {dice}  (mean {result['mean-dice']:.3f}, {result['num-examples']} cases)"
         )
         typer.echo(f"test HD95  {hd}  (mm, prepared grid)")
+        if "et-min-volume" in result:
+            pick = result["et-min-volume"]
+            typer.echo(
+                f"et-min-volume {pick['chosen']:g} mm³ (chosen on {pick['cases']} validation "
+                "cases; ET smaller than this becomes necrosis)"
+            )
         typer.echo(f"results in {out}/ (test_metrics.json, metrics.csv, best.pt)")

@@ -7,12 +7,16 @@ Run folder layout::
     RUN_DIR/best.pt             model with the best validation mean Dice (atomic)
     RUN_DIR/metrics.csv         one row per epoch: loss and validation Dice per region
     RUN_DIR/test_metrics.json   final held-out test Dice / HD95 per region and per case
+
+With ``choose_et_min_volume`` the BraTS post-processing threshold (``et-min-volume``) is chosen
+on the validation cases once training ends and written into ``best.pt``'s config, so the test
+cases, ``fedseg evaluate``, ``predict`` and ``serve`` apply it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ def train_centralized(
     progress: bool = True,
     modalities: tuple[str, ...] = MODALITIES,
     notify: Callable[[str], None] | None = None,
+    choose_et_min_volume: bool = False,
 ) -> dict[str, Any]:
     """Train the centralized baseline on pooled data and evaluate it on held-out cases.
 
@@ -56,11 +61,18 @@ def train_centralized(
         Input modalities (ablations use a subset).
     notify:
         Called with one line when the run resumes (what from, which epoch).
+    choose_et_min_volume:
+        Choose ``et-min-volume`` among
+        :data:`fedseg.model.postprocess.ET_MIN_VOLUMES` by the best model's mean Dice on the
+        validation cases (``0``, off, unless removing ET helps), instead of ``cfg``'s value;
+        the test cases are scored with it and ``best.pt`` and its card carry it.
 
     Returns
     -------
     dict
-        The test metrics table (also written to ``test_metrics.json``).
+        The test metrics table (also written to ``test_metrics.json``); with
+        ``choose_et_min_volume`` also ``"et-min-volume"``: the threshold chosen, the
+        validation cases it was chosen on and their mean Dice at each candidate.
 
     Raises
     ------
@@ -158,9 +170,19 @@ def train_centralized(
         bar.close()
 
     # Final evaluation of the best model on held-out test cases, with HD95.
-    trainer.model.load_state_dict(load_torch(out / BEST)["model"])
+    best_doc = load_torch(out / BEST)
+    trainer.model.load_state_dict(best_doc["model"])
+    chosen: dict[str, Any] | None = None
+    if choose_et_min_volume:  # BraTS post-processing, chosen on the validation cases only
+        chosen = choose_et_threshold(trainer, val_items or train_items[:2])
+        cfg = cfg.replace(et_min_volume=chosen["chosen"])
+        trainer.cfg = cfg
+        best_doc["config"] = cfg.to_run_config()
+        save_torch(out / BEST, best_doc)
     test = trainer.evaluate(test_items, hd95=True)
     result = {"split": {k: len(v) for k, v in split.items()}, "best-val-mean-dice": best, **test}
+    if chosen is not None:
+        result["et-min-volume"] = chosen
     atomic_write_json(out / "test_metrics.json", result)
     from fedseg.clinic.card import write_card  # the model card beside best.pt
 
@@ -174,6 +196,53 @@ def train_centralized(
         modalities=modalities,
     )
     return result
+
+
+def choose_et_threshold(trainer: Any, items: Sequence[Any]) -> dict[str, Any]:
+    """The ``et-min-volume`` with the best mean Dice of ``trainer``'s model on ``items``.
+
+    Parameters
+    ----------
+    trainer:
+        A :class:`fedseg.site.trainer.SiteTrainer` holding the model to post-process.
+    items:
+        Labelled prepared cases (validation cases: never the test cases).
+
+    Returns
+    -------
+    dict
+        ``{"chosen": mm3, "cases": n, "validation-mean-dice": {"<mm3>": dice, ...}}`` over
+        :data:`fedseg.model.postprocess.ET_MIN_VOLUMES` (``0`` first, so it wins a tie).
+
+    Raises
+    ------
+    ValueError
+        No case in ``items`` has labels.
+    """
+    from fedseg.model.postprocess import (
+        ET_MIN_VOLUMES,
+        choose_min_volume,
+        dice_by_threshold,
+        voxel_volume,
+    )
+
+    candidates = [float(t) for t in ET_MIN_VOLUMES]
+    tables = [
+        dice_by_threshold(trainer.predict(p) >= 0.5, p.regions, voxel_volume(p.spacing), candidates)
+        for p in items
+        if p.regions is not None
+    ]
+    if not tables:
+        raise ValueError("no labelled case to choose et-min-volume on")
+    scores = {
+        t: sum(sum(case[t][r] for r in REGIONS) / len(REGIONS) for case in tables) / len(tables)
+        for t in candidates
+    }
+    return {
+        "chosen": choose_min_volume(scores),
+        "cases": len(tables),
+        "validation-mean-dice": {f"{t:g}": v for t, v in scores.items()},
+    }
 
 
 def _model_payload(
