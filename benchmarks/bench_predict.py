@@ -1,8 +1,9 @@
 """``fedseg predict`` on one native-resolution patient, and the DICOM round trip.
 
-Prepares, under ``--work`` (default ``benchmarks/out/predict``): a model of the CPU preset
-(``cpu-demo``) trained for one epoch by ``fedseg train`` on a few generated 2 mm cases (only
-its card and size matter here, not its quality), one case on BraTS's native 240 x 240 x 155 grid
+Prepares, under ``--work`` (default ``benchmarks/out/predict``): a model of ``fedseg train``'s
+default preset (``cpu-native``: sliding 64³ windows over the case on a 2 mm grid), or of
+``--preset``, trained for one epoch on a few generated 2 mm cases (only its card, grid and size
+matter here, not its quality), one case on BraTS's native 240 x 240 x 155 grid
 of 1 mm (``fedseg synth --spacing 1``), and that case written as four MR DICOM series.
 
 Then measures, each ``--repeats`` times, the wall time of the whole command as a user runs it
@@ -20,7 +21,7 @@ On a loaded machine the CPU seconds tell what the command needs, the wall time w
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/bench_predict.py [--repeats 3]
+    PYTHONPATH=src python benchmarks/bench_predict.py [--repeats 3] [--preset cpu-demo]
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ def _run(args: list[str], cpu: list[float] | None = None) -> float:
     return seconds
 
 
-def prepare(work: Path) -> tuple[Path, Path, Path]:
-    """Model (with card), one native case folder, and its DICOM folder."""
-    model = work / "model"
+def prepare(work: Path, preset: str | None = None) -> tuple[Path, Path, Path]:
+    """Model with card (``model``, ``model-PRESET``), one native case folder, its DICOM folder."""
+    model = work / ("model" if preset is None else f"model-{preset}")
     if not (model / "best.card.json").is_file():
-        _run(["synth", "--out", str(work / "train"), "--cases", "4", "--seed", "1"])
-        _run(["train", str(work / "train"), "--out", str(model), "--epochs", "1"])
+        if not (work / "train" / "cohort.csv").is_file():
+            _run(["synth", "--out", str(work / "train"), "--cases", "4", "--seed", "1"])
+        chosen = [] if preset is None else ["--preset", preset]
+        _run(["train", str(work / "train"), "--out", str(model), "--epochs", "1", *chosen])
     native = work / "native"
     if not native.is_dir():
         _run(["synth", "--out", str(native), "--cases", "1", "--spacing", "1", "--seed", "7"])
@@ -105,9 +108,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/predict"))
+    parser.add_argument("--preset", default=None, help="default: fedseg train's own")
     args = parser.parse_args()
     work = args.work
-    model, case, dicom = prepare(work)
+    model, case, dicom = prepare(work, args.preset)
     load_before = os.getloadavg()[0]
     names = ("predict-nifti", "predict-dicom", "import-dicom")
     times: dict[str, list[float]] = {k: [] for k in names}
@@ -137,6 +141,7 @@ def main() -> None:
         json.dumps(
             {
                 "case-shape": list(shape),
+                "model-preset": json.loads((model / "best.card.json").read_text())["preset"],
                 **{
                     f"{k}-seconds": {
                         "median": round(statistics.median(v), 2),
