@@ -23,7 +23,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny model trained one epoch by ``fedseg train`` (so it has its card), and its data."""
+    """A tiny model trained one epoch by ``fedseg train`` (so it has its card), and its data;
+    ``et-min-volume`` 0 rather than a threshold chosen on its one validation case."""
     root = tmp_path_factory.mktemp("predict")
     write_cohort(root / "data", num_cases=5)
     args = ["train", str(root / "data"), "--out", str(root / "run"), "--epochs", "1"]
@@ -36,6 +37,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "depth=3",
         "--preset",
         "cpu-demo",
+        "--et-min-volume",  # no post-processing: the tests add their own
+        "0",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
