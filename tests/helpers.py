@@ -25,6 +25,19 @@ from fedseg.federation.server_app import serve
 SIZE = 20
 NUM_CASES = 9
 
+#: ``fedseg train`` options for a tiny model on these cases: the 16^3 resized grid of ``cpu-demo``
+#: (``fedseg train`` defaults to ``cpu-native``), a 3-level U-Net with 4 base channels
+TINY_TRAIN = [
+    "--image-size",
+    "16",
+    "--base-channels",
+    "4",
+    "--set",
+    "depth=3",
+    "--preset",
+    "cpu-demo",
+]
+
 
 def write_cohort(root: Path, num_cases: int = NUM_CASES, seed: int = 0) -> list[str]:
     """Tiny BraTS-2021-layout cases: a bright ellipsoid brain with a layered tumour."""

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import run, tiny_cfg, write_cohort
+from helpers import TINY_TRAIN, run, tiny_cfg, write_cohort
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app
@@ -73,16 +73,7 @@ def test_model_card_command_prints_text_and_json(dp_federation: Path) -> None:
 def test_centralized_train_writes_a_card(tmp_path: Path, cohort: tuple[Path, object]) -> None:
     root, _ = cohort
     args = ["train", str(root), "--out", str(tmp_path / "run"), "--epochs", "1"]
-    args += [
-        "--image-size",
-        "16",
-        "--base-channels",
-        "4",
-        "--set",
-        "depth=3",
-        "--preset",
-        "cpu-demo",
-    ]
+    args += TINY_TRAIN
 
     result = CliRunner().invoke(app, args)
 
@@ -232,16 +223,7 @@ def test_train_writes_tensorboard_events_per_epoch(
 
     root, _ = cohort
     args = ["train", str(root), "--out", str(tmp_path / "run"), "--epochs", "2"]
-    args += [
-        "--image-size",
-        "16",
-        "--base-channels",
-        "4",
-        "--set",
-        "depth=3",
-        "--preset",
-        "cpu-demo",
-    ]
+    args += TINY_TRAIN
 
     result = CliRunner().invoke(app, args)
 

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers import landmark_spy, write_cohort
+from helpers import TINY_TRAIN, landmark_spy, write_cohort
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app
@@ -28,18 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("predict")
     write_cohort(root / "data", num_cases=5)
     args = ["train", str(root / "data"), "--out", str(root / "run"), "--epochs", "1"]
-    args += [
-        "--image-size",
-        "16",
-        "--base-channels",
-        "4",
-        "--set",
-        "depth=3",
-        "--preset",
-        "cpu-demo",
-        "--et-min-volume",  # no post-processing: the tests add their own
-        "0",
-    ]
+    args += [*TINY_TRAIN, "--et-min-volume", "0"]  # no post-processing: the tests add their own
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return root / "run", root / "data"
@@ -225,16 +214,7 @@ def test_a_harmonised_model_maps_the_patient_onto_its_landmarks(tmp_path: Path) 
 
     write_cohort(tmp_path / "data", num_cases=5)
     args = ["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--epochs", "1"]
-    args += [
-        "--image-size",
-        "16",
-        "--base-channels",
-        "4",
-        "--set",
-        "depth=3",
-        "--preset",
-        "cpu-demo",
-    ]
+    args += TINY_TRAIN
     args += ["--set", "harmonise=histogram"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -15,7 +15,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import write_cohort
+from helpers import TINY_TRAIN, write_cohort
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app
@@ -31,16 +31,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("serve")
     write_cohort(root / "data", num_cases=5)
     args = ["train", str(root / "data"), "--out", str(root / "run"), "--epochs", "1"]
-    args += [
-        "--image-size",
-        "16",
-        "--base-channels",
-        "4",
-        "--set",
-        "depth=3",
-        "--preset",
-        "cpu-demo",
-    ]
+    args += TINY_TRAIN
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return root / "run", root / "data"
