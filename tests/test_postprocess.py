@@ -15,6 +15,7 @@ from fedseg.model.postprocess import (
     ET_MIN_VOLUMES,
     choose_min_volume,
     dice_by_threshold,
+    mean_dice_by_threshold,
     suppress_small_et,
     voxel_volume,
 )
@@ -92,6 +93,16 @@ def test_dice_by_threshold_by_hand() -> None:
     assert table[17.0]["ET"] == 1.0
     assert table[17.0]["TC"] == pytest.approx(16 / 18)
     assert table[17.0]["WT"] == pytest.approx(128 / 130)
+
+
+def test_mean_dice_by_threshold_by_hand() -> None:
+    a = {0.0: {"WT": 1.0, "TC": 1.0, "ET": 0.0}, 9.0: {"WT": 1.0, "TC": 1.0, "ET": 1.0}}
+    b = {0.0: {"WT": 0.5, "TC": 0.5, "ET": 0.5}, 9.0: {"WT": 0.5, "TC": 0.5, "ET": 0.0}}
+
+    got = mean_dice_by_threshold([a, b], (0.0, 9.0))
+
+    assert got == pytest.approx({0.0: (2 / 3 + 0.5) / 2, 9.0: (1.0 + 1 / 3) / 2})
+    assert mean_dice_by_threshold([], (0.0, 9.0)) == {0.0: 0.0, 9.0: 0.0}
 
 
 def test_candidates_start_with_off() -> None:

@@ -543,8 +543,8 @@ class _Evaluator:
         from fedseg.model.postprocess import (
             ET_MIN_VOLUMES,
             choose_min_volume,
-            dice_by_threshold,
-            voxel_volume,
+            mean_dice_by_threshold,
+            threshold_tables,
         )
         from fedseg.study.evaluate import load_model
 
@@ -570,17 +570,10 @@ class _Evaluator:
         self._trainer.model.load_state_dict(model.state_dict())
 
         def tables(items: Sequence[Any]) -> list[dict[float, dict[str, float]]]:
-            return [
-                dice_by_threshold(
-                    self._trainer.predict(p) >= 0.5, p.regions, voxel_volume(p.spacing), candidates
-                )
-                for p in items
-                if p.regions is not None
-            ]
+            return threshold_tables(self._trainer.predict, items, candidates)
 
         def mean_dice(rows: Sequence[dict[float, dict[str, float]]]) -> dict[float, float]:
-            n = max(len(rows), 1)
-            return {t: sum(sum(c[t].values()) / len(REGIONS) for c in rows) / n for t in candidates}
+            return mean_dice_by_threshold(rows, candidates)
 
         def scores(rows: Sequence[dict[str, float]]) -> dict[str, Any]:
             n = max(len(rows), 1)

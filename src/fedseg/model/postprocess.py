@@ -15,7 +15,8 @@ The threshold is a volume in mm³, so one value means the same on the cpu-demo's
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -134,3 +135,30 @@ def dice_by_threshold(
             plain = dice
         out[float(threshold)] = dict(dice)
     return out
+
+
+def threshold_tables(
+    predict: Callable[[Any], np.ndarray], items: Sequence[Any], candidates: Sequence[float]
+) -> list[dict[float, dict[str, float]]]:
+    """:func:`dice_by_threshold` of each labelled prepared case, predicted by ``predict``.
+
+    ``predict`` gives a case's ``(3, *spatial)`` probabilities (thresholded at 0.5); cases
+    without labels (``regions`` None) are left out.
+    """
+    return [
+        dice_by_threshold(predict(p) >= 0.5, p.regions, voxel_volume(p.spacing), candidates)
+        for p in items
+        if p.regions is not None
+    ]
+
+
+def mean_dice_by_threshold(
+    tables: Sequence[Mapping[float, Mapping[str, float]]], candidates: Sequence[float]
+) -> dict[float, float]:
+    """Per threshold, the mean over cases of each case's mean Dice over its regions (0 for no
+    case)."""
+    n = max(len(tables), 1)
+    return {
+        float(t): sum(sum(case[t].values()) / len(case[t]) for case in tables) / n
+        for t in candidates
+    }

@@ -222,22 +222,15 @@ def choose_et_threshold(trainer: Any, items: Sequence[Any]) -> dict[str, Any]:
     from fedseg.model.postprocess import (
         ET_MIN_VOLUMES,
         choose_min_volume,
-        dice_by_threshold,
-        voxel_volume,
+        mean_dice_by_threshold,
+        threshold_tables,
     )
 
     candidates = [float(t) for t in ET_MIN_VOLUMES]
-    tables = [
-        dice_by_threshold(trainer.predict(p) >= 0.5, p.regions, voxel_volume(p.spacing), candidates)
-        for p in items
-        if p.regions is not None
-    ]
+    tables = threshold_tables(trainer.predict, items, candidates)
     if not tables:
         raise ValueError("no labelled case to choose et-min-volume on")
-    scores = {
-        t: sum(sum(case[t][r] for r in REGIONS) / len(REGIONS) for case in tables) / len(tables)
-        for t in candidates
-    }
+    scores = mean_dice_by_threshold(tables, candidates)
     return {
         "chosen": choose_min_volume(scores),
         "cases": len(tables),
