@@ -250,3 +250,43 @@ def test_serve_refuses_a_model_without_card(
     assert result.exit_code == 2
     assert "no model card" in result.stderr
     assert list(scratch.iterdir()) == []  # its own work folder is not left behind
+
+
+def test_sigterm_stops_serve_and_removes_its_work_folder(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # systemctl stop and kill send SIGTERM: the uploaded cases must not stay on disk
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    run, _ = trained
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "TMPDIR": str(scratch), "FEDSEG_SERVE_TOKEN": TOKEN}
+    cmd = [sys.executable, "-m", "fedseg.cli", "serve", str(run), "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code in (200, 401):
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.2)
+        assert [p.name[:13] for p in scratch.iterdir()] == ["fedseg-serve-"]
+
+        server.terminate()
+        code = server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+    assert code == 0, server.stderr.read() if server.stderr else ""
+    assert list(scratch.iterdir()) == []

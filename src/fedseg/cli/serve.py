@@ -1,18 +1,24 @@
 """``fedseg serve``: a local HTTP service for one-patient predictions (FastAPI + uvicorn).
 
-Exit codes: 0 stopped by Ctrl-C; 2 bad input (a model without a card or whose config cannot be
-rebuilt, a model from another preset, an unreadable token file, a bad option); 3 an internal
-failure.
+Exit codes: 0 stopped by Ctrl-C or SIGTERM (the work folder it made is removed); 2 bad input (a
+model without a card or whose config cannot be rebuilt, a model from another preset, an
+unreadable token file, a bad option); 3 an internal failure.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 import typer
 
 from fedseg.cli._common import user_errors, writable_folder
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def register(app: typer.Typer) -> None:
@@ -90,9 +96,16 @@ def register(app: typer.Typer) -> None:
             file=sys.stderr,
             flush=True,
         )
+        # uvicorn stops gracefully on SIGTERM (systemctl stop, kill), then raises the signal
+        # again under the handler it found: make that handler leave through the finally below,
+        # so the uploaded cases in the work folder are removed as on Ctrl-C
+        main = threading.current_thread() is threading.main_thread()  # where signals can be set
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
         try:
             uvicorn.run(create_app(service, token), host=host, port=port, log_level="warning")
         finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
             service.close()
             if own_dir:
                 shutil.rmtree(folder, ignore_errors=True)
