@@ -227,7 +227,7 @@ def test_fedseg_train_keeps_the_threshold_chosen_on_validation_cases(
 ) -> None:
     import json
 
-    from helpers import write_cohort
+    from helpers import TINY_TRAIN, write_cohort
     from typer.testing import CliRunner
 
     from fedseg.cli.main import app
@@ -236,8 +236,7 @@ def test_fedseg_train_keeps_the_threshold_chosen_on_validation_cases(
     write_cohort(tmp_path / "data", num_cases=6)
     run = tmp_path / "run"
     args = ["train", str(tmp_path / "data"), "--out", str(run), "--epochs", "1"]
-    args += ["--image-size", "16", "--base-channels", "4", "--set", "depth=3", "--preset"]
-    args += ["cpu-demo", *(["--et-min-volume", fixed] if fixed else [])]
+    args += [*TINY_TRAIN, *(["--et-min-volume", fixed] if fixed else [])]
 
     result = CliRunner().invoke(app, args)
 

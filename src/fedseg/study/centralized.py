@@ -174,7 +174,7 @@ def train_centralized(
     trainer.model.load_state_dict(best_doc["model"])
     chosen: dict[str, Any] | None = None
     if choose_et_min_volume:  # BraTS post-processing, chosen on the validation cases only
-        chosen = choose_et_threshold(trainer, val_items or train_items[:2])
+        chosen = choose_et_threshold(trainer, trainer.val_items)  # the cases that chose the epoch
         cfg = cfg.replace(et_min_volume=chosen["chosen"])
         trainer.cfg = cfg
         best_doc["config"] = cfg.to_run_config()
