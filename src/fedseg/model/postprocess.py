@@ -162,3 +162,33 @@ def mean_dice_by_threshold(
         float(t): sum(sum(case[t].values()) / len(case[t]) for case in tables) / n
         for t in candidates
     }
+
+
+def threshold_choice(
+    tables: Sequence[Mapping[float, Mapping[str, float]]],
+    candidates: Sequence[float] = ET_MIN_VOLUMES,
+    *,
+    scores_key: str = "mean-dice",
+) -> dict[str, Any]:
+    """The threshold chosen on the cases of ``tables`` (:func:`threshold_tables`), as a record.
+
+    Returns
+    -------
+    dict
+        ``{"chosen": mm3, "cases": n, scores_key: {"<mm3>": mean Dice, ...}}``
+        (:func:`choose_min_volume` of :func:`mean_dice_by_threshold`).
+
+    Raises
+    ------
+    ValueError
+        ``tables`` is empty (no labelled case to choose on).
+    """
+    if not tables:
+        raise ValueError("no labelled case to choose et-min-volume on")
+    cands = [float(t) for t in candidates]
+    scores = mean_dice_by_threshold(tables, cands)
+    return {
+        "chosen": choose_min_volume(scores),
+        "cases": len(tables),
+        scores_key: {f"{t:g}": v for t, v in scores.items()},
+    }

@@ -219,23 +219,10 @@ def choose_et_threshold(trainer: Any, items: Sequence[Any]) -> dict[str, Any]:
     ValueError
         No case in ``items`` has labels.
     """
-    from fedseg.model.postprocess import (
-        ET_MIN_VOLUMES,
-        choose_min_volume,
-        mean_dice_by_threshold,
-        threshold_tables,
-    )
+    from fedseg.model.postprocess import ET_MIN_VOLUMES, threshold_choice, threshold_tables
 
-    candidates = [float(t) for t in ET_MIN_VOLUMES]
-    tables = threshold_tables(trainer.predict, items, candidates)
-    if not tables:
-        raise ValueError("no labelled case to choose et-min-volume on")
-    scores = mean_dice_by_threshold(tables, candidates)
-    return {
-        "chosen": choose_min_volume(scores),
-        "cases": len(tables),
-        "validation-mean-dice": {f"{t:g}": v for t, v in scores.items()},
-    }
+    tables = threshold_tables(trainer.predict, items, ET_MIN_VOLUMES)
+    return threshold_choice(tables, ET_MIN_VOLUMES, scores_key="validation-mean-dice")
 
 
 def _model_payload(
