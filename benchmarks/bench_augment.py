@@ -9,7 +9,8 @@ tumour independently of the scanner, so the two test sets differ in the scanner 
 
     python benchmarks/bench_augment.py [--train-profiles siemens-3t,philips-3t,ge-1.5t]
         [--unseen old-1.5t-lowres] [--train-cases 36] [--test-cases 12] [--epochs 22]
-        [--seeds 1] [--arms none,nnunet,...] [--threads N] [--out benchmarks/out/augment]
+        [--seeds 1] [--arms none,nnunet,...] [--threads N] [--bias-correction n4|none]
+        [--out benchmarks/out/augment]
 
 Writes ``OUT/augment.json`` (every arm and seed, per region) and ``OUT/augment.md`` (the table
 of BENCHMARKS.md); an arm already in ``augment.json`` with the same settings is kept, so a rerun
@@ -23,6 +24,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,30 +34,42 @@ REGIONS = ("WT", "TC", "ET")
 
 
 def make_cases(
-    train_profiles: list[str], unseen: str, n_train: int, n_test: int, seed: int, size: int
+    train_profiles: list[str],
+    unseen: str,
+    n_train: int,
+    n_test: int,
+    seed: int,
+    size: int,
+    bias_correction: str = "none",
 ) -> tuple[list[Any], list[Any], list[Any]]:
     """Prepared training, in-distribution test and unseen-scanner test cases.
 
     Case ``i`` is drawn from ``case_rng(seed, i)`` with training profile ``i % len(profiles)``;
-    each test case is also rendered, from the same draw, by the ``unseen`` profile.
+    each test case is also rendered, from the same draw, by the ``unseen`` profile. Every case
+    is corrected with ``bias_correction`` (:func:`fedseg.data.bias.correct_bias`) before the
+    crop and z-score, as the study's preparation does.
     """
+    from fedseg.data.bias import correct_bias
     from fedseg.data.scanners import get_profile
     from fedseg.data.synth import case_rng, generate_case
     from fedseg.data.transforms import preprocess_case
+
+    def prepare(case: Any) -> Any:
+        if bias_correction != "none":
+            case = replace(case, image=correct_bias(case.image, case.spacing, bias_correction))
+        return preprocess_case(case, size)
 
     profiles = [get_profile(p) for p in train_profiles]
     other = get_profile(unseen)
     train, test_id, test_unseen = [], [], []
     for i in range(n_train + n_test):
         own = profiles[i % len(profiles)]
-        case = generate_case(f"AUG_{i:04d}", case_rng(seed, i), own)
-        prepared = preprocess_case(case, size)
+        prepared = prepare(generate_case(f"AUG_{i:04d}", case_rng(seed, i), own))
         if i < n_train:
             train.append(prepared)
             continue
         test_id.append(prepared)
-        shifted = generate_case(f"AUG_{i:04d}", case_rng(seed, i), other)
-        test_unseen.append(preprocess_case(shifted, size))
+        test_unseen.append(prepare(generate_case(f"AUG_{i:04d}", case_rng(seed, i), other)))
     return train, test_id, test_unseen
 
 
@@ -145,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arms", default=DEFAULT_ARMS, help="comma-separated augment values")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/augment"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--bias-correction",
+        default=None,
+        help="n4 or none (default: the config's bias-correction, as the study prepares cases)",
+    )
     args = ap.parse_args(argv)
     if args.threads > 0:
         import torch
@@ -167,6 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds < 1 or args.epochs < 1 or args.train_cases < 2 or args.test_cases < 1:
         ap.error("--seeds, --epochs, --test-cases must be >= 1 and --train-cases >= 2")
 
+    from fedseg.data.bias import BIAS_CORRECTIONS
+
+    bias = args.bias_correction or FedsegConfig().bias_correction
+    if bias not in BIAS_CORRECTIONS:
+        ap.error(f"--bias-correction: expected one of {', '.join(BIAS_CORRECTIONS)}, got {bias!r}")
     size = FedsegConfig().image_size
     settings = {
         "train_profiles": train_profiles,
@@ -176,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "epochs": args.epochs,
         "seed": args.seed,
         "image_size": size,
+        "bias_correction": bias,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "augment.json"
@@ -185,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     train, test_id, test_unseen = make_cases(
-        train_profiles, args.unseen, args.train_cases, args.test_cases, args.seed, size
+        train_profiles, args.unseen, args.train_cases, args.test_cases, args.seed, size, bias
     )
     print(
         json.dumps(

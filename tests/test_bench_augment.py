@@ -60,6 +60,17 @@ def test_unseen_cases_are_the_same_tumours_by_another_scanner() -> None:
     assert test_unseen[0].meta["scanner"] == "old-1.5t-lowres"
 
 
+def test_cases_are_bias_corrected_before_the_z_score_when_asked() -> None:
+    b = bench()
+
+    plain = b.make_cases(["philips-3t"], "old-1.5t-lowres", 1, 1, 0, 16)
+    n4 = b.make_cases(["philips-3t"], "old-1.5t-lowres", 1, 1, 0, 16, "n4")
+
+    for before, after in zip(plain, n4, strict=True):
+        assert np.array_equal(before[0].regions, after[0].regions)
+        assert not np.allclose(before[0].image, after[0].image, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_a_tiny_ablation_writes_its_json_and_table(tmp_path: Path) -> None:
     b = bench()
@@ -69,6 +80,7 @@ def test_a_tiny_ablation_writes_its_json_and_table(tmp_path: Path) -> None:
 
     doc = json.loads((tmp_path / "augment.json").read_text())
     assert [r["arm"] for r in doc["rows"]] == ["none", "mirror"]
+    assert doc["settings"]["bias_correction"] == "n4"  # prepared as the study prepares them
     assert all(0 <= r["unseen_WT"] <= 1 for r in doc["rows"])
     assert "| `mirror` |" in (tmp_path / "augment.md").read_text()
 
@@ -80,6 +92,7 @@ def test_a_tiny_ablation_writes_its_json_and_table(tmp_path: Path) -> None:
         (["--unseen", "siemens-3t"], "is one of --train-profiles"),
         (["--unseen", "mri-9t"], "unknown scanner profile 'mri-9t'"),
         (["--epochs", "0"], "must be >= 1"),
+        (["--bias-correction", "n5"], "--bias-correction: expected one of none, n4"),
     ],
 )
 def test_bad_arguments(argv: list[str], fragment: str, capsys: pytest.CaptureFixture) -> None:
