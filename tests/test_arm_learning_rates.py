@@ -1,5 +1,6 @@
-"""Each study arm's own learning rate (``arm-learning-rates``): parsing, which arm gets what,
-tuning's precedence, and an explicit ``--set learning-rate`` meaning every arm."""
+"""Each study arm's own learning rate and augmentation (``arm-learning-rates``, ``arm-augment``):
+parsing, which arm gets what, tuning's precedence, and an explicit ``--set learning-rate`` or
+``--set augment`` meaning every arm."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from test_study import TINY
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app
-from fedseg.config import FedsegConfig, parse_arm_learning_rates
+from fedseg.config import FedsegConfig, parse_arm_augment, parse_arm_learning_rates
 from fedseg.errors import ConfigError
 from fedseg.study.arms import study_arms
 from fedseg.study.study import own_settings
@@ -98,3 +99,67 @@ def test_an_explicit_learning_rate_is_every_arms(
         "arm-learning-rates=fedavg=0.02",
     )
     assert both.arm_learning_rates == "fedavg=0.02"
+
+
+def test_parse_arm_augment_reads_sets_and_plus_joined_groups() -> None:
+    assert parse_arm_augment("local=basic, fedbn=spatial+intensity") == {
+        "local": "basic",
+        "fedbn": "spatial,intensity",
+    }
+    assert parse_arm_augment("") == {}
+    # stored canonical, groups joined by + so that it parses again
+    cfg = FedsegConfig.from_run_config({"arm-augment": "fedbn=intensity+spatial,local=true"})
+    assert cfg.arm_augment == "fedbn=spatial+intensity,local=basic"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("local", "expected ARM=AUGMENT"),
+        ("locl=basic", "unknown arm 'locl'"),
+        ("local=basic,local=none", "given twice"),
+        ("local=mirorr", "local: config key 'augment'"),
+    ],
+)
+def test_bad_arm_augment_names_the_key(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match="arm-augment") as err:
+        FedsegConfig.from_run_config({"arm-augment": text})
+    assert fragment in str(err.value)
+
+
+def test_arms_get_their_own_augment_and_tuning_wins() -> None:
+    cfg = TINY.replace(augment="none", arm_augment="local=basic,fedavg=spatial")
+    names = ["centralized", "local", "fedavg", "fedavg-hist", "fedprox"]
+    arms = own_settings(study_arms(names), cfg, {"fedprox": {"augment": "nnunet"}})
+    got = {a.name: a.config(cfg).augment for a in arms}
+    assert got == {
+        "centralized": "none",
+        "local": "basic",
+        "fedavg": "spatial",
+        "fedavg-hist": "spatial",
+        "fedprox": "nnunet",
+    }
+    # the default: local, which trains on a handful of cases, chose basic; the rest none
+    default = FedsegConfig()
+    assert (default.augment, parse_arm_augment(default.arm_augment)) == ("none", {"local": "basic"})
+    assert FedsegConfig.from_run_config({"preset": "gpu"}).arm_augment == ""
+
+
+def test_an_explicit_augment_is_every_arms(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    plain = _study_config(monkeypatch, tmp_path)
+    assert plain.arm_augment == FedsegConfig().arm_augment
+    explicit = _study_config(monkeypatch, tmp_path, "--set", "augment=spatial")
+    assert explicit.augment == "spatial" and explicit.arm_augment == ""
+    both = _study_config(
+        monkeypatch, tmp_path, "--set", "augment=spatial", "--set", "arm-augment=local=none"
+    )
+    assert both.arm_augment == "local=none"
+
+
+def test_the_report_lists_each_arms_augment() -> None:
+    from fedseg.study.report import _augment_note
+
+    note = _augment_note({"study": {"augment": {"centralized": "none", "local": "basic"}}})
+
+    assert "Centralized <code>none</code>" in note and "<code>basic</code>" in note
+    assert _augment_note({"study": {}}) == ""

@@ -36,7 +36,9 @@ def test_cpu_native_preset_is_the_cpu_demo_network_on_2mm_patches() -> None:
     assert cfg.preset == "cpu-native"
     assert (cfg.spacing, cfg.patch_size) == (2.0, 64)
     demo = FedsegConfig()
-    assert cfg.channels == demo.channels and cfg.augment == demo.augment
+    assert cfg.channels == demo.channels
+    # its figures were measured with basic; cpu-demo's 20-epoch study chose none
+    assert (cfg.augment, demo.augment) == ("basic", "none")
     assert cfg.arm_learning_rates == demo.arm_learning_rates
 
 

@@ -112,3 +112,29 @@ def test_cli_refuses_an_untunable_key_before_any_work(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "--tune seed: cannot be tuned" in result.output
     assert not (tmp_path / "s" / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("grid", "expected"),
+    [
+        ({"learning-rate": [0.01, 0.02]}, ("", "local=basic")),
+        ({"augment": ["none", "basic"]}, ("fedavg=0.012", "")),
+    ],
+)
+def test_the_grids_value_is_compared_not_the_arms_own(
+    tmp_path: Path, grid: dict, expected: tuple[str, str]
+) -> None:
+    from fedseg.config import FedsegConfig
+    from fedseg.study.tuning import run_tuning
+
+    seen: list[tuple[str, str]] = []
+
+    def fake_run_study(out: Path, cfg: FedsegConfig, **kw: object) -> dict:
+        seen.append((cfg.arm_learning_rates, cfg.arm_augment))
+        pooled = {"mean-dice": 0.5, **{r: {"dice": 0.5} for r in ("WT", "TC", "ET")}}
+        return {"arms": {"fedavg": {"metrics": {"pooled": pooled}}}}
+
+    cfg = FedsegConfig(arm_learning_rates="fedavg=0.012", arm_augment="local=basic")
+    run_tuning(tmp_path, cfg, grid, ["fedavg"], tmp_path, fake_run_study, progress=False)
+
+    assert seen == [expected, expected]

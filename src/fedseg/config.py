@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -63,13 +63,16 @@ AMP_MODES: tuple[str, ...] = ("none", "bf16")
 #: ``cpu-demo`` is the dataclass defaults (a whole study on a 2-core laptop, ``make demo``);
 #: ``cpu-native`` is the native-resolution path on a CPU: cases on a 2 mm grid cropped to the
 #: brain, 64^3 patches (a third centred on tumour), sliding-window inference, the cpu-demo
-#: network (better enhancing-tumour outlines, about 2.5 times cpu-demo's time);
+#: network and ``basic`` augmentation (better enhancing-tumour outlines, about 2.5 times
+#: cpu-demo's time);
 #: ``gpu`` trains at BraTS's native 1 mm on 128^3 patches (a third centred on tumour) with a
 #: U-Net of nnU-Net's size class (32..320 channels, 5 levels, about 13 M parameters), bf16
 #: autocast, nnU-Net's augmentation set run on the GPU and 8 DataLoader workers.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": {},
-    "cpu-native": {"spacing": 2.0, "patch-size": 64},
+    # augment "basic": what its 60-epoch `fedseg train` figures were measured with (not chosen
+    # again when cpu-demo's default became "none")
+    "cpu-native": {"spacing": 2.0, "patch-size": 64, "augment": "basic"},
     "gpu": {
         "spacing": 1.0,
         "image-size": 128,
@@ -81,8 +84,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num-workers": 8,
         "augment": "nnunet",
         "device-augment": True,
-        # the per-arm rates of the cpu-demo default were chosen for its model and budget
+        # the per-arm rates and augmentation of the cpu-demo default were chosen for its model
+        # and budget
         "arm-learning-rates": "",
+        "arm-augment": "",
     },
 }
 
@@ -97,6 +102,29 @@ TRAIN_PRESET = "cpu-native"
 LR_ARMS: tuple[str, ...] = ("centralized", "local", *STRATEGIES)
 
 
+def _parse_arm_items(
+    text: str, key: str, form: str, example: str, parse_value: Callable[[str, str], Any]
+) -> dict[str, Any]:
+    """``"ARM=VALUE, ..."`` -> ``{arm: parse_value(arm, raw)}`` for the per-arm keys (``form``:
+    how an item reads in the error, e.g. ``ARM=RATE``)."""
+    out: dict[str, Any] = {}
+    for item in (part.strip() for part in str(text).split(",")):
+        if not item:
+            continue
+        arm, sep, raw = (x.strip() for x in item.partition("="))
+        if not sep or not arm:
+            raise ConfigError(
+                f"'{key}': expected {form} items separated by commas (e.g. {example}), "
+                f"found {item!r}"
+            )
+        if arm not in LR_ARMS:
+            raise ConfigError(f"'{key}': unknown arm {arm!r}; expected one of {', '.join(LR_ARMS)}")
+        if arm in out:
+            raise ConfigError(f"'{key}': {arm} is given twice")
+        out[arm] = parse_value(arm, raw)
+    return out
+
+
 def parse_arm_learning_rates(text: str) -> dict[str, float]:
     """``"fedavg=0.012, fedprox=0.008"`` -> ``{"fedavg": 0.012, "fedprox": 0.008}``.
 
@@ -107,32 +135,43 @@ def parse_arm_learning_rates(text: str) -> dict[str, float]:
         given twice, or a rate that is not a finite number > 0; the message names
         ``arm-learning-rates``.
     """
-    out: dict[str, float] = {}
-    for item in (part.strip() for part in str(text).split(",")):
-        if not item:
-            continue
-        arm, sep, raw = (x.strip() for x in item.partition("="))
-        if not sep or not arm:
-            raise ConfigError(
-                f"'arm-learning-rates': expected ARM=RATE items separated by commas (e.g. "
-                f"fedavg=0.012,fedprox=0.008), found {item!r}"
-            )
-        if arm not in LR_ARMS:
-            raise ConfigError(
-                f"'arm-learning-rates': unknown arm {arm!r}; expected one of {', '.join(LR_ARMS)}"
-            )
-        if arm in out:
-            raise ConfigError(f"'arm-learning-rates': {arm} is given twice")
+
+    def rate(arm: str, raw: str) -> float:
         try:
-            rate = float(raw)
+            value = float(raw)
         except ValueError:
-            rate = math.nan
-        if not (math.isfinite(rate) and rate > 0):
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
             raise ConfigError(
                 f"'arm-learning-rates': {arm}: expected a learning rate > 0, found {raw!r}"
             )
-        out[arm] = rate
-    return out
+        return value
+
+    return _parse_arm_items(
+        text, "arm-learning-rates", "ARM=RATE", "fedavg=0.012,fedprox=0.008", rate
+    )
+
+
+def parse_arm_augment(text: str) -> dict[str, str]:
+    """``"local=basic"`` -> ``{"local": "basic"}`` (each value in :func:`parse_augment`'s form).
+
+    Groups of one arm are joined by ``+`` (``"local=spatial+intensity"``), since commas separate
+    the arms.
+
+    Raises
+    ------
+    ConfigError
+        An item that is not ``ARM=AUGMENT``, an unknown arm, an arm given twice, or a value
+        :func:`parse_augment` refuses; the message names ``arm-augment``.
+    """
+
+    def augment(arm: str, raw: str) -> str:
+        try:
+            return parse_augment(raw.replace("+", ","))
+        except ConfigError as err:
+            raise ConfigError(f"'arm-augment': {arm}: {err}") from None
+
+    return _parse_arm_items(text, "arm-augment", "ARM=AUGMENT", "local=basic", augment)
 
 
 #: what FedBN normalises with at a hospital it has no parameters for (``unseen-norm`` key)
@@ -220,12 +259,17 @@ class FedsegConfig:
     # ``fedseg study`` only: these arms train with their own learning rate instead of
     # learning-rate (each chosen on validation cases with ``fedseg study --tune``; README)
     arm_learning_rates: str = "local=0.012,fedavg=0.012,fedprox=0.008,scaffold=0.012,fedbn=0.012"
+    # `fedseg study`: an arm's own augment (ARM=AUGMENT, ...), chosen on validation cases at the
+    # cpu-demo budget: a hospital training alone on 4-18 cases does better with it
+    arm_augment: str = "local=basic"
     weight_decay: float = 0.00001
     # ``fedseg train`` only (a study's arms get num-server-rounds x local-epochs): at 20 the
     # validation Dice was still rising (BENCHMARKS "Cases of an independently modelled generator")
     epochs: int = 60
-    # none | basic | nnunet | all, or groups "spatial,intensity,..." (true = basic, false = none)
-    augment: str = "basic"
+    # none | basic | nnunet | all, or groups "spatial,intensity,..." (true = basic, false = none).
+    # cpu-demo: none, chosen on validation cases at the study's 20-epoch budget, where every set
+    # that mirrors cost 3-7 points of Dice (BENCHMARKS "Augmentation ablation")
+    augment: str = "none"
     # throughput: mixed precision (CUDA only) and DataLoader worker processes
     amp: str = "none"
     num_workers: int = 0
@@ -388,6 +432,13 @@ class FedsegConfig:
         _check(self.batch_size >= 1, "batch-size", "an integer >= 1", self.batch_size)
         _check(self.learning_rate > 0, "learning-rate", "a number > 0", self.learning_rate)
         parse_arm_learning_rates(self.arm_learning_rates)
+        object.__setattr__(
+            self,
+            "arm_augment",
+            ",".join(
+                f"{a}={v.replace(',', '+')}" for a, v in parse_arm_augment(self.arm_augment).items()
+            ),
+        )
         _check_choice("unseen-norm", self.unseen_norm, UNSEEN_NORMS)
         if self.holdout_site and self.holdout_scanner:
             raise ConfigError(

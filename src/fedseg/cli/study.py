@@ -200,6 +200,8 @@ def study_command(
         if "learning-rate" in explicit and "arm-learning-rates" not in explicit:
             # an explicit learning rate is every arm's, as it reads
             cfg = cfg.replace(arm_learning_rates="")
+        if "augment" in explicit and "arm-augment" not in explicit:  # the same for augment
+            cfg = cfg.replace(arm_augment="")
         if cfg.num_sites < 2:
             given = f"--sites {sites}" if sites is not None else f"num-sites {cfg.num_sites}"
             raise ConfigError(

@@ -822,6 +822,18 @@ def _rates_note(doc: Mapping[str, Any]) -> str:
     )
 
 
+def _augment_note(doc: Mapping[str, Any]) -> str:
+    augment = doc.get("study", {}).get("augment") or {}
+    if not augment:
+        return ""
+    listed = ", ".join(f"{pretty(a)} <code>{esc(v)}</code>" for a, v in augment.items())
+    return (
+        f"<li>Training augmentation (<code>augment</code>): {listed}. Where they differ, each "
+        "arm's own was chosen on validation cases (<code>arm-augment</code>, "
+        "<code>--tune</code>).</li>"
+    )
+
+
 def _method_section(doc: Mapping[str, Any]) -> str:
     cfg = doc.get("config", {})
     return (
@@ -832,6 +844,7 @@ def _method_section(doc: Mapping[str, Any]) -> str:
         "<em>Local only</em>: each site trains alone on its own cases. Federated arms: Flower "
         "simulation, all sites every round.</li>"
         f"{_rates_note(doc)}"
+        f"{_augment_note(doc)}"
         "<li>Each site's cases are split into training and test cases once; the pooled test "
         "set is the union of the sites' test sets. No case is used for both.</li>"
         "<li>Dice and HD95 (MONAI's 95th-percentile Hausdorff distance: the larger of the two "

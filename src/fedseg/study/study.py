@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedseg.config import FedsegConfig, parse_arm_learning_rates
+from fedseg.config import FedsegConfig, parse_arm_augment, parse_arm_learning_rates
 from fedseg.data.case import MODALITIES, REGIONS
 from fedseg.errors import ConfigError, PartitionError, did_you_mean
 from fedseg.experiment import Arm, fingerprint, run_experiment
@@ -90,9 +90,18 @@ NUM_OVERLAY_CASES = 3
 # epoch budget from rounds x local epochs; the partition file is covered by the partition;
 # the held-out hospital is fingerprinted by its resolved name, ``auto`` included; every arm
 # scores FedBN's both unseen-hospital normalisations, ``unseen-norm`` only orders the report;
-# ``arm-learning-rates`` reaches an arm as its own ``learning-rate``, which is fingerprinted)
+# ``arm-learning-rates`` and ``arm-augment`` reach an arm as its own ``learning-rate`` and
+# ``augment``, which are fingerprinted)
 _NOT_FINGERPRINTED = frozenset(
-    {"strategy", "epochs", "val-fraction", "holdout-site", "unseen-norm", "arm-learning-rates"}
+    {
+        "strategy",
+        "epochs",
+        "val-fraction",
+        "holdout-site",
+        "unseen-norm",
+        "arm-learning-rates",
+        "arm-augment",
+    }
 )
 __all__ = [
     "ARMS",
@@ -318,6 +327,7 @@ def run_study(
             "holdout-site": sites.holdout,
             "scored-on": "validation" if validation else "test",
             "learning-rates": {a.name: a.config(cfg).learning_rate for a in planned},
+            "augment": {a.name: a.config(cfg).augment for a in planned},
             **cohort_facts(sites, data_dir, generated, device, t_start),
         },
         "sites": summary,
@@ -350,14 +360,17 @@ def run_study(
 def own_settings(
     arms: Sequence[Arm], cfg: FedsegConfig, chosen: Mapping[str, Mapping[str, Any]]
 ) -> list[Arm]:
-    """The arms with their own settings: the ``learning-rate`` that ``arm-learning-rates``
-    gives the arm's strategy or baseline (``fedavg-q8``, ``fedavg-hist``: FedAvg's), then the
-    values ``--tune`` chose for the arm (which win)."""
+    """The arms with their own settings: the ``learning-rate`` that ``arm-learning-rates`` and
+    the ``augment`` that ``arm-augment`` give the arm's strategy or baseline (``fedavg-q8``,
+    ``fedavg-hist``: FedAvg's), then the values ``--tune`` chose for the arm (which win)."""
     rates = parse_arm_learning_rates(cfg.arm_learning_rates)
+    augments = parse_arm_augment(cfg.arm_augment)
     out = []
     for arm in arms:
         base = split_arm(arm.name)[0]
         own: dict[str, Any] = {"learning-rate": rates[base]} if base in rates else {}
+        if base in augments:
+            own["augment"] = augments[base]
         out.append(Arm(arm.name, {**arm.overrides, **own, **chosen.get(arm.name, {})}))
     return out
 

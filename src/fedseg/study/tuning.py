@@ -159,6 +159,8 @@ def run_tuning(
     points = grid_points(grid)
     if "learning-rate" in grid:  # the grid's rate, not the arms' own ones, is what is compared
         cfg = cfg.replace(arm_learning_rates="")
+    if "augment" in grid:  # likewise the grid's augmentation
+        cfg = cfg.replace(arm_augment="")
     arm_scores: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     folders = []
     for i, point in enumerate(points):
