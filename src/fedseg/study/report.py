@@ -809,28 +809,33 @@ def _spacing_note(doc: Mapping[str, Any]) -> str:
     )
 
 
+def _per_arm(doc: Mapping[str, Any], key: str, code: bool = False) -> str:
+    """``"Centralized 0.003, FedAvg 0.012"`` from ``doc["study"][key]``; ``""`` without it."""
+    values = doc.get("study", {}).get(key) or {}
+    shown = (f"<code>{esc(v)}</code>" if code else esc(v) for v in values.values())
+    return ", ".join(f"{pretty(a)} {v}" for a, v in zip(values, shown, strict=True))
+
+
 def _rates_note(doc: Mapping[str, Any]) -> str:
-    rates = doc.get("study", {}).get("learning-rates") or {}
-    if not rates:
-        return ""
-    listed = ", ".join(f"{pretty(a)} {esc(v)}" for a, v in rates.items())
+    listed = _per_arm(doc, "learning-rates")
     return (
         f"<li>Learning rates (AdamW, poly decay over the budget): {listed}. Where they differ, "
         "each arm's own rate was chosen on validation cases (<code>arm-learning-rates</code>, "
         "<code>--tune</code>): with the same epoch budget a federation takes fewer, averaged "
         "steps than training on the pooled cases.</li>"
+        if listed
+        else ""
     )
 
 
 def _augment_note(doc: Mapping[str, Any]) -> str:
-    augment = doc.get("study", {}).get("augment") or {}
-    if not augment:
-        return ""
-    listed = ", ".join(f"{pretty(a)} <code>{esc(v)}</code>" for a, v in augment.items())
+    listed = _per_arm(doc, "augment", code=True)
     return (
         f"<li>Training augmentation (<code>augment</code>): {listed}. Where they differ, each "
         "arm's own was chosen on validation cases (<code>arm-augment</code>, "
         "<code>--tune</code>).</li>"
+        if listed
+        else ""
     )
 
 
