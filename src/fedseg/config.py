@@ -100,6 +100,9 @@ TRAIN_PRESET = "cpu-native"
 
 #: the arms ``arm-learning-rates`` may name: the study's baselines and every strategy
 LR_ARMS: tuple[str, ...] = ("centralized", "local", *STRATEGIES)
+#: ``fedseg study``: the keys an arm may have its own value of, each with the key that gives it
+#: (an explicit ``--set`` of the key, or ``--tune`` of it, empties the per-arm key)
+PER_ARM_KEYS: dict[str, str] = {"learning-rate": "arm-learning-rates", "augment": "arm-augment"}
 
 
 def _parse_arm_items(

@@ -167,6 +167,7 @@ def study_command(
 ) -> None:
     """Run the study (see ``fedseg study --help``)."""
     from fedseg.cli.options import config_from_options, parse_sets
+    from fedseg.config import PER_ARM_KEYS
     from fedseg.errors import ConfigError
     from fedseg.study.study import parse_arms, run_study
 
@@ -197,11 +198,10 @@ def study_command(
                 options["partition"] = partition
         cfg = config_from_options(sets=sets or (), **options)
         explicit = parse_sets(sets or ())
-        if "learning-rate" in explicit and "arm-learning-rates" not in explicit:
-            # an explicit learning rate is every arm's, as it reads
-            cfg = cfg.replace(arm_learning_rates="")
-        if "augment" in explicit and "arm-augment" not in explicit:  # the same for augment
-            cfg = cfg.replace(arm_augment="")
+        for key, per_arm in PER_ARM_KEYS.items():
+            if key in explicit and per_arm not in explicit:
+                # an explicit learning rate (augment) is every arm's, as it reads
+                cfg = cfg.replace(**{per_arm.replace("-", "_"): ""})
         if cfg.num_sites < 2:
             given = f"--sites {sites}" if sites is not None else f"num-sites {cfg.num_sites}"
             raise ConfigError(

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedseg.config import FedsegConfig
+from fedseg.config import PER_ARM_KEYS, FedsegConfig
 from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError
 from fedseg.utils.io import atomic_write_json
@@ -157,10 +157,9 @@ def run_tuning(
     """
     out = Path(out)
     points = grid_points(grid)
-    if "learning-rate" in grid:  # the grid's rate, not the arms' own ones, is what is compared
-        cfg = cfg.replace(arm_learning_rates="")
-    if "augment" in grid:  # likewise the grid's augmentation
-        cfg = cfg.replace(arm_augment="")
+    for key, per_arm in PER_ARM_KEYS.items():
+        if key in grid:  # the grid's value, not the arms' own ones, is what is compared
+            cfg = cfg.replace(**{per_arm.replace("-", "_"): ""})
     arm_scores: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     folders = []
     for i, point in enumerate(points):
