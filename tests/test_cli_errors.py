@@ -157,3 +157,29 @@ def test_bad_input_still_exits_2_and_usage_errors_stay_2(tmp_path: Path) -> None
     assert bad_input.stderr == f"error: checkpoint not found: {missing}\n"
     assert usage.exit_code == 2
     assert "Traceback" not in bad_input.output + usage.output
+
+
+def test_a_reader_that_closes_the_pipe_early_is_no_internal_error(tmp_path: Path) -> None:
+    # `fedseg study --help | head`: head exits while fedseg still writes; the write that
+    # finds the pipe closed raises BrokenPipeError inside the command
+    code = (
+        "import sys\n"
+        "import fedseg.study.evaluate as e\n"
+        "def gone(*a, **k):\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "e.evaluate_folder = gone\n"
+        "from fedseg.cli.main import main\n"
+        f"sys.argv = ['fedseg', 'evaluate', {str(tmp_path)!r}, {str(tmp_path)!r},"
+        f" '--out', {str(tmp_path / 'p')!r}]\n"
+        "main()\n"
+    )
+    env = {**os.environ, "FEDSEG_LOG_DIR": str(tmp_path / "logs")}
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+
+    assert proc.returncode == 1  # click's answer to a closed pipe
+    assert "internal error" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "logs").exists()

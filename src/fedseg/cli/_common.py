@@ -3,7 +3,9 @@
 :class:`GuardedGroup` is the one place where a command's failure becomes an exit code: a
 :class:`~fedseg.errors.FedsegError` (bad input) prints ``error: <message>`` and exits 2; any
 other exception is an internal failure: its traceback goes to a log file, the terminal gets one
-line naming the command, the error and the log, and the exit code is 3.
+line naming the command, the error and the log, and the exit code is 3. A reader that closes
+fedseg's output early (``fedseg study --help | head``) is no failure: the broken pipe goes on to
+click, which exits 1 without a word.
 """
 
 from __future__ import annotations
@@ -179,6 +181,8 @@ class GuardedGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BrokenPipeError:  # the reader went away (`| head`): click ends quietly
             raise
         except FedsegError as exc:
             print_error(str(exc))
