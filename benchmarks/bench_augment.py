@@ -82,7 +82,7 @@ def run_arm(
     from fedseg.config import FedsegConfig
     from fedseg.site.trainer import SiteTrainer
 
-    cfg = FedsegConfig(seed=seed, augment=augment, epochs=epochs)
+    cfg = FedsegConfig(seed=seed, augment=augment.replace("+", ","), epochs=epochs)
     trainer = SiteTrainer(cfg, train, device=torch.device("cpu"))
     t0 = time.perf_counter()
     steps = 0
@@ -156,7 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=22)
     ap.add_argument("--seeds", type=int, default=1, help="training seeds per arm (same data)")
     ap.add_argument("--seed", type=int, default=0, help="the cohort's seed and the first seed")
-    ap.add_argument("--arms", default=DEFAULT_ARMS, help="comma-separated augment values")
+    ap.add_argument(
+        "--arms",
+        default=DEFAULT_ARMS,
+        help="comma-separated augment values; groups of one arm joined by + (intensity+noise)",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/augment"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument(
@@ -174,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     from fedseg.data.scanners import profile_names
 
     arms = [a for a in args.arms.split(",") if a]
-    unknown = [a for a in arms if a not in (*AUGMENT_SETS, *AUGMENT_GROUPS)]
+    # an arm of several groups joins them with "+" (intensity+tumour-contrast)
+    unknown = [
+        a for a in arms if any(g not in (*AUGMENT_SETS, *AUGMENT_GROUPS) for g in a.split("+"))
+    ]
     if unknown:
         ap.error(f"--arms: unknown {unknown}; allowed: {', '.join(AUGMENT_SETS + AUGMENT_GROUPS)}")
     train_profiles = [p for p in args.train_profiles.split(",") if p]

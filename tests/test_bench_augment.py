@@ -74,21 +74,32 @@ def test_cases_are_bias_corrected_before_the_z_score_when_asked() -> None:
 @pytest.mark.slow
 def test_a_tiny_ablation_writes_its_json_and_table(tmp_path: Path) -> None:
     b = bench()
-    args = ["--train-cases", "2", "--test-cases", "1", "--epochs", "1", "--arms", "none,mirror"]
+    args = [
+        "--train-cases",
+        "2",
+        "--test-cases",
+        "1",
+        "--epochs",
+        "1",
+        "--arms",
+        "none,mirror+intensity",
+    ]
 
     b.main([*args, "--train-profiles", "siemens-3t", "--out", str(tmp_path)])
 
     doc = json.loads((tmp_path / "augment.json").read_text())
-    assert [r["arm"] for r in doc["rows"]] == ["none", "mirror"]
+    assert [r["arm"] for r in doc["rows"]] == ["none", "mirror+intensity"]
+    assert [r["augment"] for r in doc["rows"]] == ["none", "intensity,mirror"]
     assert doc["settings"]["bias_correction"] == "n4"  # prepared as the study prepares them
     assert all(0 <= r["unseen_WT"] <= 1 for r in doc["rows"])
-    assert "| `mirror` |" in (tmp_path / "augment.md").read_text()
+    assert "| `mirror+intensity` |" in (tmp_path / "augment.md").read_text()
 
 
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
         (["--arms", "none,mirorr"], "--arms: unknown ['mirorr']"),
+        (["--arms", "spatial+mirorr"], "--arms: unknown ['spatial+mirorr']"),
         (["--unseen", "siemens-3t"], "is one of --train-profiles"),
         (["--unseen", "mri-9t"], "unknown scanner profile 'mri-9t'"),
         (["--epochs", "0"], "must be >= 1"),
