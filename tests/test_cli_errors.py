@@ -118,24 +118,28 @@ def test_every_command_is_covered() -> None:
     assert names <= set(_COMMANDS)
 
 
-def test_internal_failure_from_the_console_entry_point(tmp_path: Path) -> None:
-    # the real start-up path (typer's app() with its own exception handling), in a subprocess
+def _evaluate_raising(tmp_path: Path, exception: str) -> subprocess.CompletedProcess[str]:
+    """``fedseg evaluate`` through the real console entry point (typer's ``app()`` with its own
+    exception handling), in a subprocess, its work replaced by ``raise <exception>``."""
     code = (
         "import sys\n"
         "import fedseg.study.evaluate as e\n"
-        "def boom(*a, **k):\n"
-        "    raise KeyError('lost')\n"
-        "e.evaluate_folder = boom\n"
+        "def fail(*a, **k):\n"
+        f"    raise {exception}\n"
+        "e.evaluate_folder = fail\n"
         "from fedseg.cli.main import main\n"
         f"sys.argv = ['fedseg', 'evaluate', {str(tmp_path)!r}, {str(tmp_path)!r},"
         f" '--out', {str(tmp_path / 'p')!r}]\n"
         "main()\n"
     )
     env = {**os.environ, "FEDSEG_LOG_DIR": str(tmp_path / "logs")}
-
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
+
+
+def test_internal_failure_from_the_console_entry_point(tmp_path: Path) -> None:
+    proc = _evaluate_raising(tmp_path, "KeyError('lost')")
 
     assert proc.returncode == 3
     assert proc.stdout == ""
@@ -162,22 +166,7 @@ def test_bad_input_still_exits_2_and_usage_errors_stay_2(tmp_path: Path) -> None
 def test_a_reader_that_closes_the_pipe_early_is_no_internal_error(tmp_path: Path) -> None:
     # `fedseg study --help | head`: head exits while fedseg still writes; the write that
     # finds the pipe closed raises BrokenPipeError inside the command
-    code = (
-        "import sys\n"
-        "import fedseg.study.evaluate as e\n"
-        "def gone(*a, **k):\n"
-        "    raise BrokenPipeError(32, 'Broken pipe')\n"
-        "e.evaluate_folder = gone\n"
-        "from fedseg.cli.main import main\n"
-        f"sys.argv = ['fedseg', 'evaluate', {str(tmp_path)!r}, {str(tmp_path)!r},"
-        f" '--out', {str(tmp_path / 'p')!r}]\n"
-        "main()\n"
-    )
-    env = {**os.environ, "FEDSEG_LOG_DIR": str(tmp_path / "logs")}
-
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
+    proc = _evaluate_raising(tmp_path, "BrokenPipeError(32, 'Broken pipe')")
 
     assert proc.returncode == 1  # click's answer to a closed pipe
     assert "internal error" not in proc.stderr
