@@ -174,14 +174,17 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
 
-    from fedseg.config import AUGMENT_GROUPS, AUGMENT_SETS, FedsegConfig
+    from fedseg.config import AUGMENT_GROUPS, AUGMENT_SETS, FedsegConfig, parse_augment
     from fedseg.data.scanners import profile_names
+    from fedseg.errors import ConfigError
 
     arms = [a for a in args.arms.split(",") if a]
-    # an arm of several groups joins them with "+" (intensity+tumour-contrast)
-    unknown = [
-        a for a in arms if any(g not in (*AUGMENT_SETS, *AUGMENT_GROUPS) for g in a.split("+"))
-    ]
+    unknown = []
+    for arm in arms:  # an arm of several groups joins them with "+" (intensity+tumour-contrast)
+        try:
+            parse_augment(arm.replace("+", ","))
+        except ConfigError:
+            unknown.append(arm)
     if unknown:
         ap.error(f"--arms: unknown {unknown}; allowed: {', '.join(AUGMENT_SETS + AUGMENT_GROUPS)}")
     train_profiles = [p for p in args.train_profiles.split(",") if p]

@@ -180,9 +180,8 @@ class GuardedGroup(TyperGroup):
         """Run the chosen command; map :class:`FedsegError` to 2, anything else to 3."""
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except BrokenPipeError:  # the reader went away (`| head`): click ends quietly
+        # click's own exits, and a reader that went away (`| head`: click ends quietly)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, BrokenPipeError):
             raise
         except FedsegError as exc:
             print_error(str(exc))
