@@ -410,28 +410,31 @@ def test_evaluate_scores_an_external_labelled_folder(
 # over seeds
 
 
-def _unseen_doc(site: str, fedavg_ratio: float) -> dict:
+def _ratio_row(arm: str, variant: str, first: bool, ratio: float) -> dict:
+    """An unseen-table row with mean ratio ``ratio``; WT keeps all, TC ``ratio``, ET half."""
+    regions = {"ratio-WT": 1.0, "ratio-TC": ratio, "ratio-ET": ratio / 2}
+    return {"arm": arm, "variant": variant, "first": first, "unseen-mean": 0.6 * ratio} | {
+        "ratio-mean": ratio,
+        **regions,
+    }
+
+
+def _unseen_doc(site: str, fedavg_ratio: float, paired_ratio: float | None = None) -> dict:
     from test_report import fake_doc
 
     doc = fake_doc()
     rows = [
-        {
-            "arm": "fedavg",
-            "variant": "model",
-            "first": True,
-            "unseen-mean": 0.6 * fedavg_ratio,
-            "ratio-mean": fedavg_ratio,
-        },
-        {
-            "arm": "local",
-            "variant": "average",
-            "first": True,
-            "unseen-mean": 0.5,
-            "ratio-mean": 0.9,
-        },
-        {"arm": "local", "variant": "adapt", "first": False, "unseen-mean": 0.1, "ratio-mean": 0.2},
+        _ratio_row("fedavg", "model", True, fedavg_ratio),
+        _ratio_row("local", "average", True, 0.5 / 0.6),
+        _ratio_row("local", "adapt", False, 0.1 / 0.6),
     ]
     doc["unseen"] = {"site": site, "num-cases": 4, "unseen-norm": "average", "rows": rows}
+    if paired_ratio is not None:
+        doc["unseen"]["paired"] = {
+            "scanner": "ge-1.5t",
+            "num-cases": 3,
+            "rows": [_ratio_row("fedavg", "model", True, paired_ratio)],
+        }
     return doc
 
 
@@ -446,12 +449,41 @@ def test_seeds_summarise_the_unseen_hospital_with_an_interval() -> None:
     assert fed["ratio"]["mean"] == pytest.approx(0.95)
     assert fed["ratio"]["low"] < 0.95 < fed["ratio"]["high"]
     # an arm with two variants: only the one listed first counts
+    assert fed["ratio-ET"]["values"] == [0.5, 0.45]
+    assert fed["ratio-WT"]["mean"] == 1.0
     other = out["arms"]["local"]["unseen"]
     assert (other["variant"], other["mean-dice"]["values"]) == ("average", [0.5, 0.5])
     assert any(
-        f.startswith("FedAvg at the unseen hospital (site-0, site-2)") for f in out["findings"]
+        f.startswith("FedAvg at the unseen hospital (site-0, site-2)")
+        and f.endswith("by region WT 1.00, TC 0.95, ET 0.47.")
+        for f in out["findings"]
     )
     assert "Unseen hospital, mean [95 % interval] over seeds" in render(out)
+    assert all("paired" not in block for block in out["arms"].values())
+
+
+def test_seeds_summarise_the_test_tumours_on_the_held_out_scanner() -> None:
+    from fedseg.study.seeds import render, summarise
+
+    out = summarise(
+        {0: _unseen_doc("unseen-ge-1.5t", 0.8, 1.0), 1: _unseen_doc("unseen-ge-1.5t", 0.7, 0.9)}
+    )
+
+    paired = out["arms"]["fedavg"]["paired"]
+    assert paired["ratio"]["values"] == [1.0, 0.9]
+    assert paired["ratio-TC"]["mean"] == pytest.approx(0.95)
+    assert paired["ratio-ET"]["mean"] == pytest.approx(0.475)
+    assert "paired" not in out["arms"]["local"]  # not scored on them
+    assert any(
+        f.startswith("FedAvg on the in-distribution test tumours drawn again")
+        and f.endswith("mean Dice; by region WT 1.00, TC 0.95, ET 0.47.")
+        and "0.95 of its in-distribution" in f
+        for f in out["findings"]
+    )
+    assert "The in-distribution test tumours on the held-out scanner" in render(out)
+    # one seed without them: no summary of them
+    one = summarise({0: _unseen_doc("unseen-ge-1.5t", 0.8, 1.0), 1: _unseen_doc("x", 0.7)})
+    assert "paired" not in one["arms"]["fedavg"]
 
 
 def test_seeds_without_a_held_out_hospital_have_no_unseen_block() -> None:
@@ -517,3 +549,87 @@ def test_bad_holdout_scanner(tmp_path: Path, changes: dict, fragment: str) -> No
     ).replace(**changes)
     with pytest.raises(ConfigError, match=fragment):
         make_sites(tmp_path / "out", cfg, data, False, None, holdout_scanner=cfg.holdout_scanner)
+
+
+# --------------------------------------------------------------------------------------------
+# the held-out scanner on the in-distribution test tumours (a generated cohort)
+
+
+@pytest.fixture(scope="module")
+def held_out_scanner_study(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict]:
+    import fedseg.experiment.engine as engine_mod
+
+    root = tmp_path_factory.mktemp("paired")
+    # ten generated cases, two per profile (round robin): ge-1.5t's two are held out
+    cfg = TINY.replace(num_cases=10, num_sites=2, partition="iid", holdout_scanner="ge-1.5t")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_mod, "run_federation", _fake_run_federation([]))
+        doc = run_study(root / "out", cfg, arms="centralized,fedavg", progress=False)
+    return root / "out", doc
+
+
+def test_the_test_tumours_are_scored_again_on_the_held_out_scanner(
+    held_out_scanner_study: tuple,
+) -> None:
+    from fedseg.study.study import PAIRED_DIR
+
+    out, doc = held_out_scanner_study
+    split = json.loads((out / "split.json").read_text())
+    test_ids = [c for site in split.values() for c in site["test"]]
+    folder = out / PAIRED_DIR / "ge-1.5t"
+    with open(out / "data" / "cohort.csv", newline="") as fh:
+        scanner = {r["case_id"]: r["scanner"] for r in csv.DictReader(fh)}
+
+    assert doc["unseen"]["site"] == "unseen-ge-1.5t"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(test_ids)
+    for case_id in test_ids:
+        assert scanner[case_id] != "ge-1.5t"
+        # the same tumour: the label is the written test case's, the images are not
+        seg = f"{case_id}/{case_id}_seg.nii.gz"
+        flair = f"{case_id}/{case_id}_flair.nii.gz"
+        label = np.asarray(nib.load(str(out / "data" / seg)).dataobj)
+        assert np.array_equal(np.asarray(nib.load(str(folder / seg)).dataobj), label)
+        assert not np.array_equal(
+            np.asarray(nib.load(str(folder / flair)).dataobj),
+            np.asarray(nib.load(str(out / "data" / flair)).dataobj),
+        )
+    paired = doc["unseen"]["paired"]
+    assert (paired["scanner"], paired["num-cases"]) == ("ge-1.5t", len(test_ids))
+    assert [r["arm"] for r in paired["rows"]] == ["centralized", "fedavg"]
+    for r in paired["rows"]:
+        arm = doc["arms"][r["arm"]]
+        scored = arm["paired"]["variants"]["model"]
+        assert scored["num-cases"] == len(test_ids)
+        assert r["unseen-ET"] == scored["ET"]["dice"]
+        assert r["in-distribution-ET"] == arm["metrics"]["pooled"]["ET"]["dice"]
+        assert r["ratio-mean"] == pytest.approx(r["unseen-mean"] / r["in-distribution-mean"])
+    with open(out / "paired.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 4 * len(paired["rows"])
+    assert "The same tumours on ge-1.5t" in (out / "report.html").read_text()
+
+
+def test_a_rerun_reuses_the_cases_drawn_again(held_out_scanner_study: tuple) -> None:
+    from fedseg.study.study import PAIRED_DIR
+
+    out, doc = held_out_scanner_study
+    seg = next((out / PAIRED_DIR / "ge-1.5t").glob("*/*_seg.nii.gz"))
+    written = seg.stat().st_mtime_ns
+    cfg = TINY.replace(num_cases=10, num_sites=2, partition="iid", holdout_scanner="ge-1.5t")
+
+    again = run_study(out, cfg, arms="centralized", progress=False)
+
+    assert seg.stat().st_mtime_ns == written
+    assert again["unseen"]["paired"] == doc["unseen"]["paired"]  # both arms reused
+
+
+def test_without_the_generators_seed_nothing_is_drawn_again(tmp_path: Path) -> None:
+    from fedseg.study.study import PAIRED_DIR, make_sites
+
+    data = _three_hospitals(tmp_path)  # a folder fedseg did not generate
+    cfg = TINY.replace(num_sites=2, partition="iid", holdout_scanner="scanner-c")
+    sites, _ = make_sites(tmp_path / "out", cfg, data, False, None, holdout_scanner="scanner-c")
+
+    assert sites.unseen and sites.paired == []
+    assert not (tmp_path / "out" / PAIRED_DIR).exists()

@@ -185,6 +185,41 @@ def test_case_depends_only_on_seed_and_index(cohort: Cohort) -> None:
     assert float(rows["SYN_00001"]["who_grade"]) == record["who_grade"]
 
 
+def test_a_case_drawn_again_on_another_scanner_keeps_its_tumour(
+    cohort: Cohort, tmp_path: Path
+) -> None:
+    out, _ = cohort
+    # on its own profile the case is drawn exactly as written; on another only the images change
+    same = synth.rerender_cases(tmp_path / "same", SEED, ["SYN_00001"], SCANNERS[1])
+    other = synth.rerender_cases(tmp_path / "other", SEED, ["SYN_00001"], SCANNERS[0])
+    image, label, _ = _read_case(out / "SYN_00001")
+    same_image, same_label, _ = _read_case(same[0].label.parent)  # type: ignore[union-attr]
+    other_image, other_label, _ = _read_case(other[0].label.parent)  # type: ignore[union-attr]
+
+    assert [r.case_id for r in other] == ["SYN_00001"]
+    assert np.array_equal(same_image, image) and np.array_equal(same_label, label)
+    assert np.array_equal(other_label, label)
+    brain = image[0] > 0
+    assert np.abs(other_image[:, brain] - image[:, brain]).mean() > 1.0
+
+
+@pytest.mark.parametrize(
+    ("case_id", "fragment"),
+    [
+        ("T_001", "'T_001' is not a case of a generated cohort: expected an id like SYN_00042"),
+        ("SYN_12", "not a case of a generated cohort"),
+        ("SYN_0001x", "not a case of a generated cohort"),
+    ],
+)
+def test_drawing_again_a_case_of_no_generated_cohort(
+    case_id: str, fragment: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        synth.rerender_cases(tmp_path, 0, [case_id], "siemens-3t")
+    with pytest.raises(ConfigError, match="unknown scanner profile|scanner"):
+        synth.rerender_cases(tmp_path, 0, ["SYN_00000"], "siemens-4t")
+
+
 def test_without_phenotype_the_image_is_the_one_drawn_before_clinical_records(
     cohort: Cohort,
 ) -> None:

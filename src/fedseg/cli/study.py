@@ -30,7 +30,8 @@ _HELP = (
     "--holdout-site NAME|auto keeps one hospital out of every arm's training and scores "
     "every arm on all its cases next to its in-distribution test Dice; --holdout-scanner "
     "PROFILE does the same with every case of one scanner profile, a hospital no training "
-    "hospital shares a scanner with."
+    "hospital shares a scanner with; on a generated cohort it also scores every arm on the "
+    "pooled test cases drawn again on that profile (same tumours, that scanner: OUT/paired.csv)."
     "\n\n"
     "Rerun the same command to resume: finished arms are kept and only missing ones run; an "
     "arm whose results were computed with another configuration runs again."
@@ -138,7 +139,10 @@ def study_command(
             help="A scanner profile of the cohort (e.g. old-1.5t-lowres): its cases form a "
             "hospital of their own, unseen-<profile>, that trains in no arm and is scored as "
             "--holdout-site's is; the other cases make the --sites training hospitals, none "
-            "of which has that scanner. Not with --holdout-site, nor with a partition CSV.",
+            "of which has that scanner. On a cohort fedseg generated, every arm is also scored "
+            "on the pooled test cases drawn again on that profile: the same tumours, so the "
+            "ratio to in-distribution Dice is the scanner's effect alone. Not with "
+            "--holdout-site, nor with a partition CSV.",
         ),
     ] = None,
     seeds: Annotated[

@@ -1127,6 +1127,64 @@ def cohort_case(seed: int, index: int, scanner: ScannerProfile) -> tuple[Case, d
     return case, dict(record)
 
 
+def case_index(case_id: str) -> int:
+    """The cohort position of a generated case from its id (``SYN_00042`` -> 42).
+
+    Raises
+    ------
+    ConfigError
+        An id :func:`generate_cohort` does not write.
+    """
+    digits = case_id[len(CASE_PREFIX) :]
+    if not case_id.startswith(CASE_PREFIX) or len(digits) < 5 or not digits.isdigit():
+        raise ConfigError(
+            f"case {case_id!r} is not a case of a generated cohort: expected an id like "
+            f"{CASE_PREFIX}00042"
+        )
+    return int(digits)
+
+
+def rerender_cases(
+    out_dir: Path, seed: int, case_ids: Sequence[str], scanner: str
+) -> list[CaseRef]:
+    """Cases of a generated cohort drawn again on another scanner profile.
+
+    Case ``SYN_<i>`` of the cohort drawn with ``seed`` is generated once more by
+    :func:`cohort_case` with profile ``scanner``: the clinical record, tumour, anatomy and label
+    come from the same streams and are the same; the intensities and the acquisition (drawn from
+    ``scanner``'s protocol mix, same stream) are that scanner's. Written to ``out_dir`` in BraTS
+    2021 layout under the same ids, on the 2 mm grid the study's cohorts have.
+
+    Parameters
+    ----------
+    out_dir:
+        Folder to write into (created if missing).
+    seed:
+        The cohort's seed (as given to :func:`generate_cohort`).
+    case_ids:
+        Ids of the cohort's cases (``SYN_<index>``).
+    scanner:
+        A scanner profile (:func:`fedseg.data.scanners.profile_names`).
+
+    Returns
+    -------
+    list of CaseRef
+        One per id, in order.
+
+    Raises
+    ------
+    ConfigError
+        An id of no generated cohort, an unknown profile, a negative seed.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    profile = get_profile(scanner)
+    indices = [case_index(c) for c in case_ids]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [write_case(cohort_case(seed, i, profile)[0], out) for i in indices]
+
+
 def _generate_and_write(
     job: tuple[Path, int, int, ScannerProfile, float],
 ) -> tuple[CaseRef, dict[str, object], dict[str, Any]]:

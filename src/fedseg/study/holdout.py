@@ -200,7 +200,9 @@ def _ratio(a: Any, b: Any) -> float:
     return fa / fb if fb > 0 and math.isfinite(fa) else math.nan
 
 
-def unseen_rows(arms: Mapping[str, Mapping[str, Any]], unseen_norm: str) -> list[dict[str, Any]]:
+def unseen_rows(
+    arms: Mapping[str, Mapping[str, Any]], unseen_norm: str, key: str = "unseen"
+) -> list[dict[str, Any]]:
     """The "unseen hospital" table: per arm and variant, Dice there next to in-distribution.
 
     Parameters
@@ -209,6 +211,10 @@ def unseen_rows(arms: Mapping[str, Mapping[str, Any]], unseen_norm: str) -> list
         The study's arm results (with ``unseen`` and ``metrics["pooled"]``).
     unseen_norm:
         The FedBN variant listed first (``average`` or ``adapt``).
+    key:
+        The arm results' entry scored: ``unseen`` (the held-out hospital) or ``paired`` (the
+        pooled test cases drawn again on the held-out scanner profile: the same tumours as
+        the in-distribution figure, so the ratio is the scanner's effect alone).
 
     Returns
     -------
@@ -220,7 +226,7 @@ def unseen_rows(arms: Mapping[str, Mapping[str, Any]], unseen_norm: str) -> list
     """
     rows: list[dict[str, Any]] = []
     for arm, res in arms.items():
-        variants = (res.get("unseen") or {}).get("variants") or {}
+        variants = (res.get(key) or {}).get("variants") or {}
         if not variants:
             continue
         order = sorted(variants, key=lambda v: (v != unseen_norm, list(variants).index(v)))

@@ -222,15 +222,17 @@ def unseen_findings(doc: Mapping[str, Any]) -> list[str]:
     site, n = unseen.get("site"), unseen.get("num-cases")
     notes = []
     first = [r for r in rows if r["first"]]
-    kept = []
-    for r in first:
-        ratios = {k: r[f"ratio-{k}"] for k in REGIONS}
-        region = min(ratios, key=lambda k: ratios[k] if not math.isnan(ratios[k]) else 9.0)
-        kept.append(f"{pretty(r['arm'])} {ratios[region]:.0%} ({region})")
     notes.append(
         f"At the unseen hospital {site} ({n} cases, never trained on), the lowest ratio of "
-        "unseen to in-distribution Dice over the regions per arm: " + ", ".join(kept) + "."
+        "unseen to in-distribution Dice over the regions per arm: " + _lowest_ratios(first) + "."
     )
+    paired = unseen.get("paired") or {}
+    if paired.get("rows"):
+        notes.append(
+            f"The same {paired.get('num-cases')} tumours as the in-distribution test cases, "
+            f"drawn again on {paired.get('scanner')} (the scanner's effect alone), lowest ratio "
+            "per arm: " + _lowest_ratios([r for r in paired["rows"] if r["first"]]) + "."
+        )
     for arm in dict.fromkeys(r["arm"] for r in rows):
         variants = {r["variant"]: r for r in rows if r["arm"] == arm}
         if {"average", "adapt"} <= set(variants):
@@ -254,18 +256,23 @@ def unseen_findings(doc: Mapping[str, Any]) -> list[str]:
     return notes
 
 
-def _unseen_section(doc: Mapping[str, Any]) -> str:
-    unseen = doc.get("unseen") or {}
-    rows = unseen.get("rows") or []
-    if not rows:
-        return ""
-    from fedseg.study import plots
+def _lowest_ratios(first: Sequence[Mapping[str, Any]]) -> str:
+    """ "Arm 93% (ET), ..." : each row's lowest ratio over the regions and where it is."""
+    kept = []
+    for r in first:
+        ratios = {k: r[f"ratio-{k}"] for k in REGIONS}
+        region = min(ratios, key=lambda k: ratios[k] if not math.isnan(ratios[k]) else 9.0)
+        kept.append(f"{pretty(r['arm'])} {ratios[region]:.0%} ({region})")
+    return ", ".join(kept)
 
+
+def _ratio_table(rows: Sequence[Mapping[str, Any]], where: str) -> str:
+    """Per arm and variant: Dice ``where`` / in-distribution (ratio), per region and mean."""
     header = [
         "arm",
         "what is scored",
-        *(f"Dice {r} unseen / in-dist. (ratio)" for r in REGIONS),
-        "mean Dice unseen / in-dist. (ratio)",
+        *(f"Dice {r} {where} / in-dist. (ratio)" for r in REGIONS),
+        f"mean Dice {where} / in-dist. (ratio)",
     ]
     body = []
     for r in rows:
@@ -275,6 +282,32 @@ def _unseen_section(doc: Mapping[str, Any]) -> str:
         ]
         name = pretty(r["arm"]) + ("" if r["first"] else " (alternative)")
         body.append([esc(name), esc(r["scored"]), *cells])
+    return table(header, body, left=2)
+
+
+def _paired_part(unseen: Mapping[str, Any]) -> str:
+    paired = unseen.get("paired") or {}
+    if not paired.get("rows"):
+        return ""
+    scanner = esc(paired.get("scanner"))
+    return (
+        f"<h3>The same tumours on {scanner}</h3>"
+        f"<p>The unseen hospital's cases differ from the test cases in their tumours as well as "
+        f"their scanner. Here the {esc(paired.get('num-cases'))} pooled in-distribution test "
+        f"cases are drawn again by the generator on {scanner}: the same anatomy, tumour and "
+        "label, only the scanner (and its protocol mix) changes, and every arm is scored as at "
+        "the unseen hospital. The ratio to in-distribution Dice is the scanner's effect alone.</p>"
+        + _ratio_table(paired["rows"], "on " + str(paired.get("scanner")))
+    )
+
+
+def _unseen_section(doc: Mapping[str, Any]) -> str:
+    unseen = doc.get("unseen") or {}
+    rows = unseen.get("rows") or []
+    if not rows:
+        return ""
+    from fedseg.study import plots
+
     return (
         f"<h2>Unseen hospital: {esc(unseen.get('site'))}</h2>"
         f"<p>{esc(unseen.get('site'))} trained in no arm (federated, centralized or local "
@@ -297,8 +330,9 @@ def _unseen_section(doc: Mapping[str, Any]) -> str:
             else ""
         )
         + "</p>"
-        + table(header, body, left=2)
+        + _ratio_table(rows, "unseen")
         + img(plots.unseen_bars(rows), "Dice at the unseen hospital")
+        + _paired_part(unseen)
     )
 
 

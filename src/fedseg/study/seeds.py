@@ -11,7 +11,9 @@ over the seeds (both arms share each seed's split; :func:`fedseg.utils.stats.pai
 findings say when a difference is within noise. With ``--holdout-site``, each arm also gets
 ``unseen``: its mean Dice at the held-out hospital (the variant the report lists first) and the
 ratio to its in-distribution mean Dice, each as a mean with its interval over the seeds (with
-``auto`` each seed's partition may hold out another hospital).
+``auto`` each seed's partition may hold out another hospital), and the ratio per region. With
+``--holdout-scanner`` on a generated cohort, ``paired``: the same ratios on the pooled test
+cases drawn again on the held-out scanner profile (the scanner's effect alone).
 
 Files: ``OUT/seeds.json``, ``OUT/seeds.csv`` and ``OUT/seeds.html``.
 """
@@ -115,30 +117,44 @@ def summarise(docs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
                 "within-noise": test.within_noise(),
             }
         out[arm] = block
-    for arm, block in unseen_over_seeds(docs).items():
-        if arm in out:
-            out[arm]["unseen"] = block
+    for key, on_paired in (("unseen", False), ("paired", True)):
+        for arm, block in unseen_over_seeds(docs, on_paired).items():
+            if arm in out:
+                out[arm][key] = block
     return {"format": FORMAT, "seeds": seeds, "arms": out, "findings": findings(out, len(seeds))}
 
 
-def unseen_over_seeds(docs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+def unseen_over_seeds(
+    docs: Mapping[int, Mapping[str, Any]], paired: bool = False
+) -> dict[str, Any]:
     """Per arm scored at a held-out hospital in every seed: its unseen mean Dice and its ratio
-    to the in-distribution mean Dice over the seeds (mean, interval, values), and the hospital
-    held out in each seed. Empty when a seed has no held-out hospital."""
+    to the in-distribution Dice (of the mean, ``ratio``, and of each region, ``ratio-<R>``)
+    over the seeds (mean, interval, values), and the hospital held out in each seed. Empty
+    when a seed has no held-out hospital.
+
+    With ``paired``, the same for the pooled test cases drawn again on the held-out scanner
+    profile (``unseen.paired``; empty when a seed has none)."""
     rows: dict[int, dict[str, Mapping[str, Any]]] = {}
     for seed, doc in docs.items():
         unseen = doc.get("unseen") or {}
+        if paired:
+            unseen = unseen.get("paired") or {}
         if not unseen.get("rows"):
             return {}
         rows[seed] = {r["arm"]: r for r in unseen["rows"] if r["first"]}
     seeds = sorted(rows)
+    columns = [
+        ("mean-dice", "unseen-mean"),
+        ("ratio", "ratio-mean"),
+        *((f"ratio-{r}", f"ratio-{r}") for r in REGIONS),
+    ]
     out: dict[str, Any] = {}
     for arm in [a for a in rows[seeds[0]] if all(a in rows[s] for s in seeds)]:
         block: dict[str, Any] = {
             "sites": [docs[s]["unseen"]["site"] for s in seeds],
             "variant": rows[seeds[0]][arm]["variant"],
         }
-        for key, col in (("mean-dice", "unseen-mean"), ("ratio", "ratio-mean")):
+        for key, col in columns:
             values = [float(rows[s][arm][col]) for s in seeds]
             ci = mean_ci(values)
             block[key] = {"values": values, "mean": ci.mean, "low": ci.low, "high": ci.high}
@@ -180,9 +196,25 @@ def findings(arms: Mapping[str, Mapping[str, Any]], n: int) -> list[str]:
         lines.append(
             f"{pretty(arm)} at the unseen hospital ({', '.join(dict.fromkeys(u['sites']))}): "
             f"mean Dice {u['mean-dice']['mean']:.3f}, {r['mean']:.2f}{interval} of its "
-            f"in-distribution mean Dice over {n} seed(s)."
+            f"in-distribution mean Dice over {n} seed(s); by region " + _by_region(u) + "."
+        )
+    for arm, block in arms.items():
+        p = block.get("paired")
+        if p is None:
+            continue
+        lines.append(
+            f"{pretty(arm)} on the in-distribution test tumours drawn again on the held-out "
+            f"scanner (the scanner's effect alone): {p['ratio']['mean']:.2f} of its "
+            "in-distribution mean Dice; by region " + _by_region(p) + "."
         )
     return lines
+
+
+def _by_region(block: Mapping[str, Any]) -> str:
+    """ "WT 0.97, TC 0.95, ET 0.91": the mean ratio per region over the seeds."""
+    return ", ".join(
+        f"{r} {block[f'ratio-{r}']['mean']:.2f}" for r in REGIONS if f"ratio-{r}" in block
+    )
 
 
 def write_csv(path: Path, doc: Mapping[str, Any]) -> None:
@@ -257,6 +289,28 @@ def render(doc: Mapping[str, Any]) -> str:
                         cell(u["ratio"]),
                     ]
                     for arm, u in unseen
+                ],
+            ),
+        ]
+    for title, key in (
+        ("Unseen hospital", "unseen"),
+        ("The in-distribution test tumours on the held-out scanner", "paired"),
+    ):
+        blocks = [(arm, b[key]) for arm, b in doc["arms"].items() if key in b]
+        if not blocks:
+            continue
+        body += [
+            f"<h2>{title}: Dice / in-distribution Dice by region, mean [95 % interval] over "
+            "seeds</h2>",
+            H.table(
+                ["arm", *REGIONS, "mean"],
+                [
+                    [
+                        H.esc(pretty(arm)),
+                        *(cell(u[f"ratio-{r}"]) for r in REGIONS),
+                        cell(u["ratio"]),
+                    ]
+                    for arm, u in blocks
                 ],
             ),
         ]

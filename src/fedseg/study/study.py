@@ -20,6 +20,9 @@
    additionally across sites (Dice of site A's model on site B's test cases);
 5. with ``holdout-site`` (``--holdout-site NAME|auto``): one hospital of the partition trains
    in no arm and every arm is also scored on all its cases (:mod:`fedseg.study.holdout`);
+   with ``holdout-scanner`` on a generated cohort, every arm is also scored on the pooled
+   test cases drawn again on the held-out profile (:func:`paired_cases`): the same tumours,
+   another scanner, which separates the scanner's effect from the held-out cases' tumours;
 6. the outputs (see below) and the HTML report.
 
 Output folder::
@@ -37,6 +40,9 @@ Output folder::
     OUT/curves.csv              learning curves: arm,epoch,round,WT,TC,ET,mean_dice,loss
     OUT/unseen.csv              with a held-out hospital: arm,variant,region,unseen_dice,
                                 in_distribution_dice,ratio,num_cases
+    OUT/paired/<scanner>/       with a held-out scanner profile on a generated cohort: the
+                                pooled test cases drawn again on that profile
+    OUT/paired.csv              the same columns as unseen.csv, scored on those cases
     OUT/overlays.npz            the slices drawn in the report (plain arrays)
     OUT/report.html             self-contained report
 
@@ -134,6 +140,8 @@ class Sites:
 
     With a held-out hospital (``holdout-site``), ``parts``, ``train`` and ``test`` hold the
     training hospitals only; ``holdout`` names the other one and ``unseen`` holds all its cases.
+    With a held-out scanner profile on a generated cohort, ``paired`` holds the pooled test
+    cases drawn again on that profile (same tumours, same order; :func:`paired_cases`).
     """
 
     parts: dict[str, list[str]]
@@ -141,6 +149,7 @@ class Sites:
     test: dict[str, list[Prepared]]
     holdout: str | None = None
     unseen: list[Prepared] = field(default_factory=list)
+    paired: list[Prepared] = field(default_factory=list)
 
     @property
     def pooled_train(self) -> list[Prepared]:
@@ -344,6 +353,13 @@ def run_study(
             "unseen-norm": cfg.unseen_norm,
             "rows": unseen_rows(ordered, cfg.unseen_norm),
         }
+        paired_rows = unseen_rows(ordered, cfg.unseen_norm, key="paired")
+        if paired_rows:
+            doc["unseen"]["paired"] = {
+                "scanner": cfg.holdout_scanner,
+                "num-cases": len(sites.paired),
+                "rows": paired_rows,
+            }
     _write_tables(out, doc)
     overlays = _overlays(out, cfg, sites, ordered, device)
     if overlays is not None:
@@ -604,7 +620,62 @@ def make_sites(
         holdout=held,
         unseen=[by_id[c] for c in parts[held]] if held is not None and not validation else [],
     )
+    if holdout_scanner and not validation:
+        test_ids = [c for v in splits.values() for c in v["test"]]
+        sites.paired = paired_cases(out, cfg, data_dir, test_ids, holdout_scanner, progress)
     return sites, summary
+
+
+#: where a study keeps its pooled test cases drawn again on the held-out scanner profile
+PAIRED_DIR = "paired"
+
+
+def paired_cases(
+    out: Path,
+    cfg: FedsegConfig,
+    data_dir: Path,
+    case_ids: Sequence[str],
+    scanner: str,
+    progress: bool,
+) -> list[Prepared]:
+    """The pooled test cases drawn again on the held-out ``scanner`` (``holdout-scanner``).
+
+    Only for a cohort the study generated (its folder has the :data:`COHORT_MARKER`, which
+    names the cohort's seed): each case is generated once more by
+    :func:`fedseg.data.synth.rerender_cases` with the held-out profile, so its tumour, anatomy
+    and label are those of the in-distribution test case and only the scanner differs.
+    Written to ``OUT/paired/<scanner>/`` (reused while its cases, seed and profile match) and
+    prepared like every other case.
+
+    Returns
+    -------
+    list[Prepared]
+        In the order of ``case_ids``; empty for a cohort the study did not generate.
+    """
+    from fedseg.data.cache import default_cache_dir, prepare_cases
+    from fedseg.data.synth import rerender_cases
+
+    marker = data_dir / COHORT_MARKER
+    if not marker.is_file() or not case_ids:
+        return []
+    seed = int(json.loads(marker.read_text())["seed"])
+    folder = out / PAIRED_DIR / scanner
+    wanted = {"seed": seed, "scanner": scanner, "cases": list(case_ids)}
+    done = folder / COHORT_MARKER
+    if not done.is_file() or json.loads(done.read_text()) != wanted:
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        rerender_cases(folder, seed, case_ids, scanner)
+        atomic_write_json(done, wanted)
+    return prepare_cases(
+        folder,
+        cfg,
+        case_ids=list(case_ids),
+        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(out),
+        progress=progress,
+    )
 
 
 def _without_scanner(
@@ -659,6 +730,7 @@ def harmonised_sites(sites: Sites, standard: np.ndarray) -> Sites:
         test={s: harmonise_prepared(v, standard) for s, v in sites.test.items()},
         holdout=sites.holdout,
         unseen=harmonise_prepared(sites.unseen, standard),
+        paired=harmonise_prepared(sites.paired, standard),
     )
 
 
@@ -742,6 +814,10 @@ def _run_arm(
             "site": sites.holdout,
             **score_unseen(arm, evaluator, cfg, shared, per_site, sites.unseen, counts),
         }
+        if sites.paired:  # the same tumours as the pooled test cases, on the held-out scanner
+            extra["paired"] = score_unseen(
+                arm, evaluator, cfg, shared, per_site, sites.paired, counts
+            )
         timings["unseen-seconds"] = time.perf_counter() - t_unseen
     timings["total-seconds"] = time.perf_counter() - t0
     timings["training-seconds"] = t_train
@@ -1091,6 +1167,9 @@ def _write_tables(out: Path, doc: Mapping[str, Any]) -> None:
 
         rows = unseen_csv_rows(doc["unseen"]["rows"])
         atomic_write_csv(out / "unseen.csv", rows, UNSEEN_CSV_FIELDS)
+        if doc["unseen"].get("paired"):
+            rows = unseen_csv_rows(doc["unseen"]["paired"]["rows"])
+            atomic_write_csv(out / "paired.csv", rows, UNSEEN_CSV_FIELDS)
 
 
 def best_federated_arm(arms: Mapping[str, Mapping[str, Any]]) -> str | None:
