@@ -107,6 +107,7 @@ def score_study(folder: Path, arms: Sequence[str]) -> dict[str, dict[str, Any]]:
             None,
             holdout=cfg.holdout_site,
             holdout_scanner=cfg.holdout_scanner,
+            paired=False,  # not scored here
         )
         rebuilt = json.loads((Path(tmp) / "split.json").read_text())
     if rebuilt != json.loads((folder / "split.json").read_text()):

@@ -624,6 +624,21 @@ def test_a_rerun_reuses_the_cases_drawn_again(held_out_scanner_study: tuple) -> 
     assert again["unseen"]["paired"] == doc["unseen"]["paired"]  # both arms reused
 
 
+def test_sites_without_the_cases_drawn_again_when_not_wanted(
+    held_out_scanner_study: tuple, tmp_path: Path
+) -> None:
+    from fedseg.study.study import PAIRED_DIR, make_sites
+
+    out, _ = held_out_scanner_study
+    cfg = TINY.replace(num_cases=10, num_sites=2, partition="iid", holdout_scanner="ge-1.5t")
+    sites, _ = make_sites(
+        tmp_path, cfg, out / "data", False, None, holdout_scanner="ge-1.5t", paired=False
+    )
+
+    assert sites.unseen and sites.paired == []
+    assert not (tmp_path / PAIRED_DIR).exists()
+
+
 def test_without_the_generators_seed_nothing_is_drawn_again(tmp_path: Path) -> None:
     from fedseg.study.study import PAIRED_DIR, make_sites
 

@@ -476,6 +476,7 @@ def make_sites(
     holdout: str = "",
     holdout_scanner: str = "",
     validation: bool = False,
+    paired: bool = True,
 ) -> tuple[Sites, list[dict[str, Any]]]:
     """Partition the cohort into sites, split each into train / test, prepare the cases.
 
@@ -494,7 +495,8 @@ def make_sites(
         hospital of its own, ``unseen-<profile>``, held out as above; the other cases are
         partitioned into ``num-sites`` training hospitals, none of which has that scanner.
         Not with ``partition = csv`` (its file names every case's hospital: hold one out with
-        ``holdout``).
+        ``holdout``). On a generated cohort, ``paired`` draws the pooled test cases again on
+        that profile (:func:`paired_cases`, ``Sites.paired``).
     validation:
         Split each site's training cases again into fitting cases (``train``) and validation
         cases (``test``; ``val-fraction`` of them, at least one), leave the test cases out
@@ -620,7 +622,7 @@ def make_sites(
         holdout=held,
         unseen=[by_id[c] for c in parts[held]] if held is not None and not validation else [],
     )
-    if holdout_scanner and not validation:
+    if holdout_scanner and paired and not validation:
         test_ids = [c for v in splits.values() for c in v["test"]]
         sites.paired = paired_cases(out, cfg, data_dir, test_ids, holdout_scanner, progress)
     return sites, summary
