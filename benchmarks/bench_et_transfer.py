@@ -85,19 +85,15 @@ def arm_row(
     return row
 
 
-def score_study(folder: Path, arms: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Every requested arm of one finished study: :func:`arm_row`."""
-    import torch
-
+def rebuild_sites(folder: Path) -> tuple[dict[str, Any], Any, Any]:
+    """A finished study's result document, configuration and sites, rebuilt from its own
+    configuration and cohort and checked against its ``split.json`` (nothing is trained; the
+    cases come from the study's cache). Shared with ``bench_scanner_paired.py``."""
     from fedseg.config import FedsegConfig
-    from fedseg.model.postprocess import ET_MIN_VOLUMES, threshold_tables
-    from fedseg.study.study import make_evaluator, make_sites
-    from fedseg.utils.io import load_torch
+    from fedseg.study.study import make_sites
 
     doc = json.loads((folder / "metrics.json").read_text())
     cfg = FedsegConfig.from_saved(doc["config"])
-    if not (cfg.holdout_site or cfg.holdout_scanner):
-        raise SystemExit(f"{folder}: the study held out no hospital (--holdout-site/-scanner)")
     with tempfile.TemporaryDirectory() as tmp:
         sites, _ = make_sites(
             Path(tmp),
@@ -112,6 +108,20 @@ def score_study(folder: Path, arms: Sequence[str]) -> dict[str, dict[str, Any]]:
         rebuilt = json.loads((Path(tmp) / "split.json").read_text())
     if rebuilt != json.loads((folder / "split.json").read_text()):
         raise SystemExit(f"{folder}: the rebuilt split differs from split.json")
+    return doc, cfg, sites
+
+
+def score_study(folder: Path, arms: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Every requested arm of one finished study: :func:`arm_row`."""
+    import torch
+
+    from fedseg.model.postprocess import ET_MIN_VOLUMES, threshold_tables
+    from fedseg.study.study import make_evaluator
+    from fedseg.utils.io import load_torch
+
+    _, cfg, sites = rebuild_sites(folder)
+    if not (cfg.holdout_site or cfg.holdout_scanner):
+        raise SystemExit(f"{folder}: the study held out no hospital (--holdout-site/-scanner)")
     evaluator = make_evaluator(cfg, torch.device("cpu"))
     items = {"train": sites.pooled_train, "test": sites.pooled_test, "unseen": sites.unseen}
     out: dict[str, dict[str, Any]] = {}
