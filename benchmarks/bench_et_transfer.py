@@ -29,7 +29,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +111,59 @@ def rebuild_sites(folder: Path) -> tuple[dict[str, Any], Any, Any]:
     return doc, cfg, sites
 
 
+def loaded_arms(folder: Path, arms: Sequence[str], evaluator: Any) -> Iterator[str]:
+    """Each of ``arms`` with a shared model in ``folder/models``, after loading its weights
+    into ``evaluator``'s model (an arm without one is skipped, with a line saying so)."""
+    from fedseg.utils.io import load_torch
+
+    for arm in arms:
+        path = folder / "models" / f"{arm}.pt"
+        if not path.is_file():
+            print(f"{folder}: no {path.name} (not run, or one model per site): skipped")
+            continue
+        evaluator.model.load_state_dict(load_torch(path)["model"])
+        yield arm
+
+
+def by_arm(per_seed: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, list[Any]]:
+    """Each arm's rows over the seeds, in seed order."""
+    arms: dict[str, list[Mapping[str, Any]]] = {}
+    for seed in per_seed:
+        for arm, row in seed.items():
+            arms.setdefault(arm, []).append(row)
+    return arms
+
+
+def run_studies(
+    studies: Sequence[Path],
+    score: Callable[[Path], dict[str, Any]],
+    summarise: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    markdown: Callable[[str, dict[str, Any]], str],
+    out: Path | None,
+    head: Mapping[str, Any] | None = None,
+) -> int:
+    """Score every seed of every study, print each study's table, write every figure to
+    ``out`` (JSON: ``head``, then per study ``seeds`` and ``summary``, and ``seconds``)."""
+    t0 = time.perf_counter()
+    result: dict[str, Any] = dict(head or {})
+    for study in studies:
+        per_seed = {f.name: score(f) for f in study_folders(study)}
+        summary = summarise(list(per_seed.values()))
+        result[str(study)] = {"seeds": per_seed, "summary": summary}
+        print(markdown(str(study), summary), end="\n\n", flush=True)
+    result["seconds"] = time.perf_counter() - t0
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1))
+    print(f"{result['seconds']:.0f} s")
+    return 0
+
+
 def score_study(folder: Path, arms: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Every requested arm of one finished study: :func:`arm_row`."""
     import torch
 
     from fedseg.model.postprocess import ET_MIN_VOLUMES, threshold_tables
     from fedseg.study.study import make_evaluator
-    from fedseg.utils.io import load_torch
 
     _, cfg, sites = rebuild_sites(folder)
     if not (cfg.holdout_site or cfg.holdout_scanner):
@@ -125,12 +171,7 @@ def score_study(folder: Path, arms: Sequence[str]) -> dict[str, dict[str, Any]]:
     evaluator = make_evaluator(cfg, torch.device("cpu"))
     items = {"train": sites.pooled_train, "test": sites.pooled_test, "unseen": sites.unseen}
     out: dict[str, dict[str, Any]] = {}
-    for arm in arms:
-        path = folder / "models" / f"{arm}.pt"
-        if not path.is_file():
-            print(f"{folder}: no {path.name} (not run, or one model per site): skipped")
-            continue
-        evaluator.model.load_state_dict(load_torch(path)["model"])
+    for arm in loaded_arms(folder, arms, evaluator):
         tables = {
             name: threshold_tables(evaluator.predict, items[name], ET_MIN_VOLUMES) for name in SETS
         }
@@ -140,12 +181,8 @@ def score_study(folder: Path, arms: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def summarise(per_seed: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per arm over the seeds: chosen thresholds, mean ET figures and ratios."""
-    arms: dict[str, list[Mapping[str, Any]]] = {}
-    for seed in per_seed:
-        for arm, row in seed.items():
-            arms.setdefault(arm, []).append(row)
     out: dict[str, dict[str, Any]] = {}
-    for arm, rows in arms.items():
+    for arm, rows in by_arm(per_seed).items():
         out[arm] = {"chosen": [r["chosen"] for r in rows], "seeds": len(rows)}
         for key in (
             "test-ET-raw",
@@ -189,18 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON file of every figure")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {}
-    for study in args.studies:
-        per_seed = {f.name: score_study(f, arms) for f in study_folders(study)}
-        summary = summarise(list(per_seed.values()))
-        result[str(study)] = {"seeds": per_seed, "summary": summary}
-        print(markdown(str(study), summary), end="\n\n", flush=True)
-    result["seconds"] = time.perf_counter() - t0
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=1))
-    print(f"{result['seconds']:.0f} s")
-    return 0
+    return run_studies(args.studies, lambda f: score_study(f, arms), summarise, markdown, args.out)
 
 
 if __name__ == "__main__":

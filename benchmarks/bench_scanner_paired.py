@@ -22,10 +22,8 @@ prepared in a temporary folder.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_et_transfer import rebuild_sites, study_folders  # noqa: E402
+from bench_et_transfer import by_arm, loaded_arms, rebuild_sites, run_studies  # noqa: E402
 
 REGIONS = ("WT", "TC", "ET")
 
@@ -53,7 +51,6 @@ def score_study(folder: Path, arms: Sequence[str], scanner: str) -> dict[str, di
 
     from fedseg.data.partition import case_attributes
     from fedseg.study.study import COHORT_MARKER, make_evaluator, paired_cases
-    from fedseg.utils.io import load_torch
 
     doc, cfg, sites = rebuild_sites(folder)
     data = Path(doc["study"]["data"])
@@ -66,12 +63,7 @@ def score_study(folder: Path, arms: Sequence[str], scanner: str) -> dict[str, di
     with tempfile.TemporaryDirectory() as tmp:
         ids = [p.case_id for p in test]  # prepared inside tmp, not in the study's cache
         drawn = paired_cases(Path(tmp), cfg.replace(cache_dir=""), data, ids, scanner, False)
-        for arm in arms:
-            path = folder / "models" / f"{arm}.pt"
-            if not path.is_file():
-                print(f"{folder}: no {path.name} (not run, or one model per site): skipped")
-                continue
-            evaluator.model.load_state_dict(load_torch(path)["model"])
+        for arm in loaded_arms(folder, arms, evaluator):
             as_is, again = evaluator.evaluate(test), evaluator.evaluate(drawn)
             out[arm] = {
                 "cases": len(test),
@@ -84,10 +76,6 @@ def score_study(folder: Path, arms: Sequence[str], scanner: str) -> dict[str, di
 
 def summarise(per_seed: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per arm over the seeds: each region's ratios (per seed) and their mean."""
-    arms: dict[str, list[Mapping[str, Any]]] = {}
-    for seed in per_seed:
-        for arm, row in seed.items():
-            arms.setdefault(arm, []).append(row)
     return {
         arm: {
             k: {
@@ -96,7 +84,7 @@ def summarise(per_seed: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, 
             }
             for k in (*REGIONS, "mean")
         }
-        for arm, rows in arms.items()
+        for arm, rows in by_arm(per_seed).items()
     }
 
 
@@ -127,18 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON file of every figure")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {"scanner": args.scanner}
-    for study in args.studies:
-        per_seed = {f.name: score_study(f, arms, args.scanner) for f in study_folders(study)}
-        summary = summarise(list(per_seed.values()))
-        result[str(study)] = {"seeds": per_seed, "summary": summary}
-        print(markdown(str(study), args.scanner, summary), end="\n\n", flush=True)
-    result["seconds"] = time.perf_counter() - t0
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=1))
-    print(f"{result['seconds']:.0f} s")
-    return 0
+    return run_studies(
+        args.studies,
+        lambda f: score_study(f, arms, args.scanner),
+        summarise,
+        lambda name, summary: markdown(name, args.scanner, summary),
+        args.out,
+        head={"scanner": args.scanner},
+    )
 
 
 if __name__ == "__main__":
