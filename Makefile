@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: install
 	$(BIN)/fedseg study --out runs/study
 
+# Two workers: the network drills (mostly waiting) on one, the other modules on the other
+# (tests/conftest.py, NETWORK_MODULES); `pytest -n 0` runs the suite in one process.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadscope
 
 # ruff (lint and format) and mypy (its settings, strict modules included: pyproject.toml).
 lint: install

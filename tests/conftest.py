@@ -20,6 +20,54 @@ from fedseg.data.case import Case
 
 TINY_SHAPE = (12, 12, 12)
 
+#: Modules that start a SuperLink, SuperNodes or network namespaces, or listen on fixed ports.
+#: ``make test`` runs the suite on two pytest-xdist workers (``-n 2 --dist loadscope``): these
+#: modules are one unit of work, run first and one after another on one worker (they are most of
+#: the suite's wall time and mostly wait on heartbeats and rounds), while the other worker takes
+#: the other modules one at a time (each module's fixtures are then built once).
+NETWORK_MODULES = frozenset(
+    {
+        "test_deploy_drills.py",
+        "test_deploy_policy.py",
+        "test_deploy_trust.py",
+        "test_deploy_warm.py",
+        "test_deploy_sites.py",
+        "test_drillkit.py",
+        "test_federation_deployment.py",
+    }
+)
+#: the scope of :data:`NETWORK_MODULES` under ``--dist loadscope``
+NETWORK_SCOPE = "network"
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work of a test under ``--dist loadscope``: its module, or
+    :data:`NETWORK_SCOPE` for one of :data:`NETWORK_MODULES`."""
+    module = nodeid.split("::", 1)[0]
+    return NETWORK_SCOPE if Path(module).name in NETWORK_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadscope`` with :func:`xdist_scope` as its scopes, in collection order (the
+    network modules first, see :func:`pytest_collection_modifyitems`); other modes as usual."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class NetworkFirst(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    config.option.loadscopereorder = False  # keep the network unit first
+    return NetworkFirst(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put the network modules first (a stable sort: every other test keeps its place)."""
+    items.sort(key=lambda item: item.path.name not in NETWORK_MODULES)
+
+
 # internal modality order is t1, t1ce, t2, flair
 _BRATS_NAMES = {
     "brats2021": ("_", ("t1", "t1ce", "t2", "flair"), {0: 0, 1: 1, 2: 2, 4: 4}),

@@ -10,8 +10,10 @@ Sections
 ``step``
     One training step (zero_grad, forward, loss, backward, AdamW step) of the ``gpu`` preset's
     U-Net on ``batch-size x 4 x patch^3``: a bare MONAI loop with the batch already on the
-    device, against :class:`fedseg.site.trainer.SiteTrainer` fed from host memory through its
-    DataLoader (augmentation off on both), in fp32 and with bf16 autocast. Target: ratio <= 1.10.
+    device, against :class:`fedseg.site.trainer.SiteTrainer` with its cases held on the GPU
+    (``data-on-device = auto``, ``ratio``) and fed from host memory through its DataLoader
+    (``off``, ``streamed-ratio``), augmentation off on all three, in fp32 and with bf16
+    autocast. Target: ratio <= 1.10.
 ``dp``
     The same trainer step with DP-SGD (:mod:`fedseg.privacy.dpsgd`, sigma 1, clip 1, fixed
     batches) for each grad-sample mode, each in a child process with a time limit, as a ratio
@@ -31,9 +33,11 @@ Usage::
     PYTHONPATH=src python benchmarks/gpu/run.py --out gpu.json            # on the GPU machine
     PYTHONPATH=src python benchmarks/gpu/run.py --tiny --out tiny.json    # anywhere, ~1 min
 
-Since the last GPU run (step 3.02x the bare loop, the host data path the bottleneck), the
-trainer sends patch images as bf16 under ``amp = bf16`` (a batch of two 128³ patches: 46 MB
-through the workers, the pinned copy and the bus instead of 79 MB) and a patch read from a
+Since the last GPU run (step 3.02x the bare loop, the host data path the bottleneck), a site
+whose training cases fit in half of the GPU's free memory holds them there and cuts its patches
+on the device (``data-on-device = auto``, :class:`fedseg.data.patches.ResidentPatches`); the
+streamed path sends patch images as bf16 under ``amp = bf16`` (a batch of two 128³ patches: 46
+MB through the workers, the pinned copy and the bus instead of 79 MB) and a patch read from a
 cached case hands its pages back (MADV_DONTNEED), so the workers' resident memory stays flat.
 Compare the ``step`` section with BENCHMARKS.md. A ``DeviceMemoryError`` in a section means the
 patch or batch did not fit: lower them with ``cfg.replace`` in :func:`bench_config`.
@@ -299,11 +303,15 @@ def section_step(cfg: FedsegConfig, device: torch.device, size: dict[str, Any]) 
         if amp == "bf16" and device.type != "cuda":
             continue
         bare = BareLoop(plain, device, amp == "bf16")
+        # data-on-device auto: the cases held on the GPU when they fit (the default), and off:
+        # every patch read from host memory through the DataLoader (the path of 2026-12-04)
         trainer = SiteTrainer(plain.replace(amp=amp), items, device=device)
+        streamed = SiteTrainer(plain.replace(amp=amp, data_on_device="off"), items, device=device)
         got = interleaved(
             {
                 "bare": lambda _r, b=bare: b.seconds(steps),
                 "trainer": lambda r, t=trainer: trainer_seconds(t, r),
+                "streamed": lambda r, t=streamed: trainer_seconds(t, r),
             },
             repeats,
         )
@@ -311,9 +319,12 @@ def section_step(cfg: FedsegConfig, device: torch.device, size: dict[str, Any]) 
             "bare-seconds": got["bare"],
             "trainer-seconds": got["trainer"],
             "ratio": got["trainer"] / got["bare"],
+            "cases-on-device": trainer._resident is not None,
+            "streamed-seconds": got["streamed"],
+            "streamed-ratio": got["streamed"] / got["bare"],
         }
         print(f"[step] {amp}: {json.dumps(out[amp])}")
-        del bare, trainer
+        del bare, trainer, streamed
     # the whole training configuration: augmentation (on the device in the gpu preset)
     aug = SiteTrainer(cfg.replace(image_size=cfg.patch_size), items, device=device)
     out["with-augmentation-seconds"] = interleaved(

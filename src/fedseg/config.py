@@ -58,6 +58,8 @@ DP_TRAINABLE: tuple[str, ...] = ("all", "norm", "norm-bias")
 
 #: mixed precision of training and inference (``amp`` key): none, or bfloat16 autocast on CUDA
 AMP_MODES: tuple[str, ...] = ("none", "bf16")
+#: ``data-on-device``: where the training patches are cut (see :mod:`fedseg.data.patches`)
+DATA_ON_DEVICE: tuple[str, ...] = ("auto", "off", "on")
 
 #: named sets of values (``preset`` key, ``--preset``), applied under the keys that are given.
 #: ``cpu-demo`` is the dataclass defaults (a whole study on a 2-core laptop, ``make demo``);
@@ -279,6 +281,10 @@ class FedsegConfig:
     amp: str = "none"
     num_workers: int = 0
     device_augment: bool = False
+    # native grid: hold the training cases on the training device and cut patches there (auto:
+    # on a GPU when they take at most half of its free memory; off: read each patch from the
+    # cache through the DataLoader; on: always, in RAM on a CPU)
+    data_on_device: str = "auto"
     # cohort
     num_cases: int = 60
     test_fraction: float = 0.25
@@ -470,6 +476,7 @@ class FedsegConfig:
         )
         _check_choice("amp", self.amp, AMP_MODES)
         _check(self.num_workers >= 0, "num-workers", "an integer >= 0", self.num_workers)
+        _check_choice("data-on-device", self.data_on_device, DATA_ON_DEVICE)
         _check(self.num_cases >= 4, "num-cases", "an integer >= 4", self.num_cases)
         test = self.test_fraction
         _check(0 < test < 1, "test-fraction", "a number in (0, 1)", test)

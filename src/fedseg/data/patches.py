@@ -9,10 +9,18 @@ patch is zero-padded. Inference slides
 a Gaussian-weighted window over the whole prepared volume
 (:func:`fedseg.model.inference.predict_probs`), and predictions go back to the input grid as in
 the resized mode (:func:`fedseg.model.inference.to_original_grid`).
+
+Where the patches are cut (``data-on-device``): by default the training cases stay in the site's
+cache (memory maps) and each patch is read from it and copied to the device through the
+DataLoader (:class:`PatchDataset`), so a site's memory does not grow with its cases. On a GPU
+whose free memory holds the training cases twice over, :class:`ResidentPatches` copies them
+there once and cuts every patch on the device: the same patches, without per-step host work
+(:func:`resident_decision` says which, and why).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +29,8 @@ from fedseg.data.case import Case, label_to_regions
 from fedseg.data.transforms import Prepared, preprocess_case
 
 if TYPE_CHECKING:
+    import torch
+
     from fedseg.config import FedsegConfig
 
 #: voxels kept around the brain's bounding box
@@ -124,6 +134,13 @@ def foreground_points(regions: np.ndarray, limit: int = MAX_FOREGROUND_POINTS) -
     return pts
 
 
+def _labelled(item: Prepared) -> np.ndarray:
+    """The case's regions; a case without label cannot give training patches."""
+    if item.regions is None:
+        raise ValueError(f"case {item.case_id} has no label; cannot train on it")
+    return item.regions
+
+
 class PatchSampler:
     """Draw one ``patch``³ training patch from a prepared case, reading only the patch.
 
@@ -166,14 +183,10 @@ class PatchSampler:
             self._points[key] = got
         return got
 
-    def __call__(self, key: int, item: Prepared) -> tuple[np.ndarray, np.ndarray]:
-        """``(image (4, p, p, p) float32, regions (3, p, p, p) uint8)`` for one patch.
-
-        The regions stay uint8 (a quarter of float32's bytes through the workers, the pinned
-        copy and the bus); the trainer makes them float on the device.
-        """
-        if item.regions is None:
-            raise ValueError(f"case {item.case_id} has no label; cannot train on it")
+    def window(self, key: int, item: Prepared) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """Draw the next patch of ``item``: ``(source, destination)`` spatial slices, the
+        region of the case and where it goes in the zero-padded ``patch``³ patch."""
+        _labelled(item)
         shape = np.asarray(item.image.shape[1:])
         p = self.patch
         pts = self.points(key, item)
@@ -183,13 +196,24 @@ class PatchSampler:
             centre = np.array([self.rng.integers(n) for n in shape], dtype=np.int64)
         start = np.clip(centre - p // 2, 0, np.maximum(shape - p, 0))
         end = np.minimum(start + p, shape)
-        sl = tuple(slice(int(a), int(b)) for a, b in zip(start, end, strict=True))
+        source = tuple(slice(int(a), int(b)) for a, b in zip(start, end, strict=True))
+        dest = tuple(slice(0, int(b - a)) for a, b in zip(start, end, strict=True))
+        return source, dest
+
+    def __call__(self, key: int, item: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        """``(image (4, p, p, p) float32, regions (3, p, p, p) uint8)`` for one patch.
+
+        The regions stay uint8 (a quarter of float32's bytes through the workers, the pinned
+        copy and the bus); the trainer makes them float on the device.
+        """
+        regions = _labelled(item)
+        sl, dst = self.window(key, item)
+        p = self.patch
         image = np.zeros((item.image.shape[0], p, p, p), dtype=np.float32)
-        label = np.zeros((item.regions.shape[0], p, p, p), dtype=np.uint8)
-        dst = tuple(slice(0, int(b - a)) for a, b in zip(start, end, strict=True))
+        label = np.zeros((regions.shape[0], p, p, p), dtype=np.uint8)
         image[(slice(None), *dst)] = item.image[(slice(None), *sl)]
-        label[(slice(None), *dst)] = item.regions[(slice(None), *sl)]
-        for array in (item.image, item.regions, pts):
+        label[(slice(None), *dst)] = regions[(slice(None), *sl)]
+        for array in (item.image, regions, self.points(key, item)):
             release_pages(array)
         return image, label
 
@@ -286,3 +310,147 @@ def foreground_share(
     ds = PatchDataset(items, cfg).set_random_state(seed)
     hits = sum(int(bool(ds[i % len(items)]["label"].any())) for i in range(samples))
     return hits / samples
+
+
+#: ``data-on-device = auto`` holds the training cases on a GPU when they take at most this share
+#: of its free memory (the rest is for the model, its activations and the optimizer)
+RESIDENT_SHARE = 0.5
+
+
+def resident_bytes(items: Sequence[Prepared], image_bytes: int) -> int:
+    """Bytes the training cases take on the device: images at ``image_bytes`` per value
+    (4 for float32, 2 for bfloat16), regions as uint8."""
+    total = 0
+    for item in items:
+        total += int(item.image.size) * image_bytes
+        total += int(item.regions.size) if item.regions is not None else 0
+    return total
+
+
+def resident_decision(
+    mode: str,
+    device_type: str,
+    needed: int,
+    free: int | None,
+    *,
+    native: bool,
+    host_augment: bool,
+    dp_sgd: bool,
+) -> tuple[bool, str]:
+    """Whether the training cases are held on the device (``data-on-device``), and why.
+
+    Parameters
+    ----------
+    mode:
+        ``auto``, ``off`` or ``on``.
+    device_type:
+        ``cuda`` or ``cpu``.
+    needed:
+        Bytes of the cases on the device (:func:`resident_bytes`).
+    free:
+        Free bytes on the device (CUDA), or ``None`` where unknown.
+    native:
+        Whether training cuts patches from the native grid (``spacing > 0``).
+    host_augment:
+        Whether augmentation runs per sample on the host (then the cases stay on the host).
+    dp_sgd:
+        Whether DP-SGD draws the batches (Opacus's Poisson sampling reads the DataLoader).
+
+    Returns
+    -------
+    tuple
+        ``(resident, reason)``: the reason is one line for the log.
+    """
+    gib = f"{needed / 2**30:.2f} GiB"
+    if mode == "off":
+        return False, "data-on-device = off: patches read from the cache each step"
+    if not native:
+        return False, "whole resized volumes (spacing 0) are read through the DataLoader"
+    if host_augment:
+        return False, "augmentation runs on the host: patches read from the cache each step"
+    if dp_sgd:
+        return False, "DP-SGD samples its batches through the DataLoader"
+    if mode == "on":
+        return True, f"data-on-device = on: the training cases ({gib}) held on the {device_type}"
+    if device_type != "cuda":
+        return False, "not a GPU: patches read from the cache each step (memory flat in cases)"
+    if free is None or needed > RESIDENT_SHARE * free:
+        room = "unknown" if free is None else f"{free / 2**30:.2f} GiB"
+        return False, (
+            f"the training cases ({gib}) exceed {RESIDENT_SHARE:.0%} of the GPU's free memory "
+            f"({room}): patches read from the cache each step"
+        )
+    return True, f"the training cases ({gib}) held on the GPU: patches cut there"
+
+
+class ResidentPatches:
+    """Training cases held as tensors on the training device; patches cut there.
+
+    The patch of ``(index, seed)`` is the one :class:`PatchDataset` gives for that index with
+    its sampler seeded by ``seed`` (what the trainer's per-sample seeds do), without a worker
+    process, a pinned copy or a host-to-device copy per step.
+
+    Parameters
+    ----------
+    items:
+        Labelled prepared cases (memory maps are read once, one case at a time).
+    cfg:
+        ``patch-size``, ``foreground-fraction``.
+    device:
+        Where the cases are held.
+    image_dtype:
+        dtype of the images there (``torch.bfloat16`` halves them under bf16 autocast); the
+        regions are uint8.
+
+    Raises
+    ------
+    ValueError
+        If a case has no label.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Prepared],
+        cfg: FedsegConfig,
+        device: torch.device,
+        image_dtype: torch.dtype | None = None,
+    ) -> None:
+        import torch
+
+        self.items = list(items)
+        self.sampler = PatchSampler(cfg.patch_size, cfg.foreground_fraction)
+        self.device = device
+        self.image_dtype = image_dtype or torch.float32
+        self.images: list[torch.Tensor] = []
+        self.regions: list[torch.Tensor] = []
+        for index, item in enumerate(self.items):
+            regions = _labelled(item)
+            image = torch.from_numpy(np.array(item.image, dtype=np.float32))
+            self.images.append(image.to(device=device, dtype=self.image_dtype))
+            self.regions.append(torch.from_numpy(np.array(regions, dtype=np.uint8)).to(device))
+            self.sampler.points(index, item)  # the tumour coordinates, found once on the host
+            release_pages(item.image)
+            release_pages(regions)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batch(self, keys: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images (B, 4, p, p, p), regions (B, 3, p, p, p) uint8)`` for ``(index, seed)``
+        keys, on the device."""
+        import torch
+
+        p = self.sampler.patch
+        first = self.images[keys[0][0]]
+        x = torch.zeros(
+            (len(keys), first.shape[0], p, p, p), dtype=self.image_dtype, device=self.device
+        )
+        y = torch.zeros(
+            (len(keys), self.regions[0].shape[0], p, p, p), dtype=torch.uint8, device=self.device
+        )
+        for b, (index, seed) in enumerate(keys):
+            self.sampler.set_random_state(seed)
+            src, dst = self.sampler.window(index, self.items[index])
+            x[(b, slice(None), *dst)] = self.images[index][(slice(None), *src)]
+            y[(b, slice(None), *dst)] = self.regions[index][(slice(None), *src)]
+        return x, y

@@ -8,6 +8,8 @@ SCAFFOLD's control-variate correction), so the training loop itself exists once.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,8 +24,11 @@ if TYPE_CHECKING:
     import torch
 
     from fedseg.config import FedsegConfig
+    from fedseg.data.patches import ResidentPatches
     from fedseg.data.transforms import Prepared
     from fedseg.privacy.dpsgd import SitePrivacy
+
+log = logging.getLogger(__name__)
 
 LossHook = Callable[["torch.nn.Module"], "torch.Tensor"]
 GradHook = Callable[["torch.nn.Module"], None]
@@ -130,6 +135,9 @@ class SiteTrainer:
         self._sampler_gen = torch.Generator()
         self._seed_gen = torch.Generator()
         self._train_loader: Any = None
+        #: the training cases held on the device (``data-on-device``), decided on first use
+        self._resident: ResidentPatches | None = None
+        self._resident_decided = False
 
     # ------------------------------------------------------------------ weights
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -318,7 +326,8 @@ class SiteTrainer:
                 self.augment.set_random_state(seed=seed % (2**32))
             if self.device_augment is not None:
                 self.device_augment.set_random_state(seed=(seed + 1) % (2**32))
-        loader: Any = self._loader(gen)
+        resident = self._resident_patches()
+        loader: Any = self._loader(gen) if resident is None else self._on_device(resident, gen)
         total = epochs * len(loader)
         if self.privacy is not None:  # DP-SGD: Opacus wrappers and Poisson batches until detach
             loader = self.privacy.attach(self, loader, seed=seed)
@@ -401,6 +410,57 @@ class SiteTrainer:
             )
         return self._train_loader
 
+    def _resident_patches(self) -> ResidentPatches | None:
+        """The training cases held on the device, when ``data-on-device``, the device's free
+        memory and the path allow it (:func:`fedseg.data.patches.resident_decision`, decided
+        and logged once); ``None``: patches are read from the cache through the DataLoader."""
+        import torch
+
+        from fedseg.data.patches import (
+            PatchDataset,
+            ResidentPatches,
+            resident_bytes,
+            resident_decision,
+        )
+
+        if self.privacy is not None:  # Opacus's Poisson sampling draws from the DataLoader
+            return None
+        if not self._resident_decided:
+            self._resident_decided = True
+            native = isinstance(self.dataset, PatchDataset)
+            dtype = getattr(self.dataset, "image_dtype", None) or torch.float32
+            needed = resident_bytes(self.train_items, 2 if dtype == torch.bfloat16 else 4)
+            free = None
+            if self.device.type == "cuda":
+                free = int(torch.cuda.mem_get_info(self.device)[0])
+            resident, why = resident_decision(
+                self.cfg.data_on_device,
+                self.device.type,
+                needed,
+                free,
+                native=native,
+                host_augment=native and self.dataset.transform is not None,
+                dp_sgd=self.cfg.dp_mode == "sample",
+            )
+            log.info("training data of %d cases: %s", len(self.train_items), why)
+            if resident:
+                try:
+                    self._resident = ResidentPatches(self.train_items, self.cfg, self.device, dtype)
+                except torch.OutOfMemoryError:
+                    raise DeviceMemoryError(
+                        f"the training cases ({needed / 2**30:.2f} GiB) do not fit on "
+                        f"{self.device}: set data-on-device = auto or off"
+                    ) from None
+        return self._resident
+
+    def _on_device(self, resident: ResidentPatches, gen: torch.Generator) -> _ResidentBatches:
+        """Batches cut from the cases on the device, in the order and with the per-sample
+        seeds that :meth:`_loader` gives for the same ``gen``."""
+        self._sampler_gen.set_state(gen.get_state())
+        self._seed_gen.manual_seed(gen.initial_seed() + 1)
+        sampler = _SeededSampler(len(resident), self._sampler_gen, self._seed_gen)
+        return _ResidentBatches(resident, self.cfg.batch_size, sampler)
+
     def _batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(image, label)`` on the device, the next batch copied while this one trains.
 
@@ -419,6 +479,10 @@ class SiteTrainer:
                 x = x[:, self.channel_index]
             return x, y
 
+        if isinstance(loader, _ResidentBatches):  # already on the device
+            for batch in loader:
+                yield self._augment_on_device(*select(batch))
+            return
         if self.device.type != "cuda":
             # Without worker processes the next batch is read (and augmented) on a thread while
             # this one trains: slicing memory maps and MONAI's tensor ops release the GIL. What
@@ -651,6 +715,30 @@ class _SeededSampler:
         order = list(RandomSampler(range(self.n), generator=self.order))
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=self.seeds).tolist()
         return iter(zip(order, seeds, strict=True))
+
+
+class _ResidentBatches:
+    """Batches of :class:`fedseg.data.patches.ResidentPatches` in :class:`_SeededSampler`'s
+    order, ``batch_size`` at a time (the last one may be smaller), as the DataLoader gives."""
+
+    def __init__(self, patches: ResidentPatches, batch_size: int, sampler: _SeededSampler) -> None:
+        self.patches = patches
+        self.batch_size = batch_size
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        import torch
+
+        # The DataLoader draws its workers' base seed from this generator before the first
+        # index; the same draw keeps the order and the per-sample seeds of the streamed path.
+        torch.empty((), dtype=torch.int64).random_(generator=self.sampler.order)
+        keys = list(self.sampler)
+        for i in range(0, len(keys), self.batch_size):
+            x, y = self.patches.batch(keys[i : i + self.batch_size])
+            yield {"image": x, "label": y}
 
 
 class _PerSampleSeeds:
