@@ -42,7 +42,7 @@ _HELP = (
 
 #: defaults of the sweep: the default study's model and cohort, FedAvg, 10 rounds x 2 local
 #: epochs, DP-SGD on the norm layers and biases of the publicly pretrained model (from a random
-#: start no DP arm learns: BENCHMARKS.md, "Privacy-utility study"); about 30 minutes on a
+#: start no DP arm learns: BENCHMARKS.md, "Privacy-utility study"); about 18 minutes on a
 #: 2-core machine
 SWEEP_DEFAULTS: dict[str, Any] = {
     "num_server_rounds": 10,
@@ -56,7 +56,7 @@ SWEEP_DEFAULTS: dict[str, Any] = {
 #: epochs of centralized pretraining on public data by default
 DEFAULT_PRETRAIN = 30
 #: minutes of the default sweep on the 2-core machine (BENCHMARKS.md, "Privacy-utility study")
-_DEFAULT_MINUTES = "30"
+_DEFAULT_MINUTES = "18"
 
 _HELP = (
     _HELP.replace("__PRETRAIN__", str(DEFAULT_PRETRAIN))
