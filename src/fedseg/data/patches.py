@@ -441,9 +441,10 @@ class ResidentPatches:
         import torch
 
         p = self.sampler.patch
-        first = self.images[keys[0][0]]
         x = torch.zeros(
-            (len(keys), first.shape[0], p, p, p), dtype=self.image_dtype, device=self.device
+            (len(keys), self.images[0].shape[0], p, p, p),
+            dtype=self.image_dtype,
+            device=self.device,
         )
         y = torch.zeros(
             (len(keys), self.regions[0].shape[0], p, p, p), dtype=torch.uint8, device=self.device
