@@ -395,8 +395,7 @@ class SiteTrainer:
         """
         from torch.utils.data import DataLoader
 
-        self._sampler_gen.set_state(gen.get_state())
-        self._seed_gen.manual_seed(gen.initial_seed() + 1)
+        self._reseed(gen)
         if self._train_loader is None:
             workers = self.cfg.num_workers
             self._train_loader = DataLoader(
@@ -409,6 +408,12 @@ class SiteTrainer:
                 persistent_workers=workers > 0,
             )
         return self._train_loader
+
+    def _reseed(self, gen: torch.Generator) -> None:
+        """Set the shuffling order and the per-sample seed streams from ``gen`` (both batch
+        paths, :meth:`_loader` and :meth:`_on_device`, draw from them alike)."""
+        self._sampler_gen.set_state(gen.get_state())
+        self._seed_gen.manual_seed(gen.initial_seed() + 1)
 
     def _resident_patches(self) -> ResidentPatches | None:
         """The training cases held on the device, when ``data-on-device``, the device's free
@@ -456,8 +461,7 @@ class SiteTrainer:
     def _on_device(self, resident: ResidentPatches, gen: torch.Generator) -> _ResidentBatches:
         """Batches cut from the cases on the device, in the order and with the per-sample
         seeds that :meth:`_loader` gives for the same ``gen``."""
-        self._sampler_gen.set_state(gen.get_state())
-        self._seed_gen.manual_seed(gen.initial_seed() + 1)
+        self._reseed(gen)
         sampler = _SeededSampler(len(resident), self._sampler_gen, self._seed_gen)
         return _ResidentBatches(resident, self.cfg.batch_size, sampler)
 
