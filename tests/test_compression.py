@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -51,10 +53,29 @@ def test_topk_keeps_largest_magnitudes_by_hand() -> None:
     np.testing.assert_allclose(codec.desparsify(wire, size=5), [0, -3, 0, 2, 0])
 
 
+def test_deflated_codes_by_hand() -> None:
+    # q4z carries zlib's stream of exactly q4's packed codes: same draws, same decoded values
+    x = np.array([0.0, 1.0, 2.0, 15.0, 7.0])
+    wire = codec.quantize(x, 4, rng(), chunk=16, deflate=True)
+    assert "codes" not in wire and wire["zcodes"].dtype == np.uint8
+    assert wire["meta"].tolist() == [codec.CODECS.index("q4z"), 5, 16]
+    assert zlib.decompress(wire["zcodes"].tobytes()) == bytes([0 | (1 << 4), 2 | (15 << 4), 7])
+    np.testing.assert_allclose(codec.dequantize(wire, size=5), x, atol=1e-6)
+
+
+@pytest.mark.parametrize(("plain", "deflated"), [("q8", "q8z"), ("q4", "q4z")])
+def test_deflated_codec_decodes_exactly_as_its_plain_codec(plain: str, deflated: str) -> None:
+    x = rng(10).standard_t(3, size=20_000) * 1e-3  # heavy-tailed, as a trained model's update
+    a, _ = codec.encode(x, plain, rng=rng(11))
+    b, _ = codec.encode(x, deflated, rng=rng(11))
+    np.testing.assert_array_equal(codec.decode(a, size=x.size), codec.decode(b, size=x.size))
+    assert codec.wire_bytes(b) < codec.wire_bytes(a)
+
+
 # -- round trips and unbiasedness ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["q8", "q4"])
+@pytest.mark.parametrize("name", ["q8", "q4", "q4z"])
 def test_quantisation_error_bounded_by_one_step(name: str) -> None:
     x = rng(1).normal(size=10_000) * 0.01
     wire, _ = codec.encode(x, name, rng=rng(2))
@@ -115,13 +136,24 @@ def test_byte_ratios() -> None:
     assert 3.9 < dense / q8 <= 4.0
     assert 7.8 < dense / q4 <= 8.0
     assert dense / topk >= 9.9
+    # deflate gains on codes that crowd the middle levels: about 3.1 bits per q4 code of a
+    # normal vector (entropy of a normal cut into 15 steps of its +-3.5 sd range), less on
+    # heavier tails; nothing on codes that fill every level evenly
+    q4z = codec.wire_bytes(codec.encode(x, "q4z", rng=rng())[0])
+    heavy = rng(7).standard_t(3, size=300_000)
+    q4z_heavy = codec.wire_bytes(codec.encode(heavy, "q4z", rng=rng())[0])
+    flat = rng(7).uniform(size=300_000)
+    q4z_flat = codec.wire_bytes(codec.encode(flat, "q4z", rng=rng())[0])
+    assert 9.0 < dense / q4z < 11.0
+    assert dense / q4z_heavy > 12.0
+    assert dense / q4z_flat < 8.0
 
 
 # -- validation -----------------------------------------------------------------------------
 
 
 def test_unknown_codec_and_bad_fraction_name_the_key() -> None:
-    with pytest.raises(CompressionError, match="none, q8, q4, topk"):
+    with pytest.raises(CompressionError, match="none, q8, q4, topk, q8z, q4z"):
         codec.check_codec("zip")
     for bad in (0, -0.1, 1.5, "x"):
         with pytest.raises(CompressionError, match="topk-fraction"):
@@ -145,6 +177,14 @@ def _wire(name: str, n: int = 100) -> dict[str, np.ndarray]:
         ("topk", lambda w: w.update(value=w["value"][:-1]), "'value' has"),
         ("topk", lambda w: w.update(meta=np.array([9, 100, 0], np.int64)), "codec id 9"),
         ("none", lambda w: w.update(value=np.full(100, np.inf, np.float32)), "non-finite"),
+        ("q8z", lambda w: w.pop("zcodes"), "'zcodes' missing"),
+        ("q8z", lambda w: w.update(zcodes=w["zcodes"][:-3]), "cut short"),
+        ("q8z", lambda w: w.update(zcodes=w["zcodes"][::-1].copy()), "not a deflate stream"),
+        ("q8z", lambda w: w.update(zcodes=_z(bytes(99))), "inflates to 99 bytes, expected 100"),
+        ("q8z", lambda w: w.update(zcodes=_z(bytes(10**6))), "more than 100 bytes"),
+        ("q8z", lambda w: w.update(zcodes=np.concatenate([w["zcodes"], _z(b"x")])), "after"),
+        ("q8z", lambda w: w.update(zcodes=w["zcodes"].astype(np.int16)), "uint8"),
+        ("q4z", lambda w: w.update(zcodes=_z(bytes(49))), "inflates to 49 bytes, expected 50"),
     ],
 )
 def test_malformed_wire_is_refused(name, change, message) -> None:
@@ -152,6 +192,10 @@ def test_malformed_wire_is_refused(name, change, message) -> None:
     change(wire)
     with pytest.raises(CompressionError, match=message):
         codec.decode(wire, size=100)
+
+
+def _z(data: bytes) -> np.ndarray:
+    return np.frombuffer(zlib.compress(data), dtype=np.uint8).copy()
 
 
 def test_declared_size_must_match_the_model() -> None:
@@ -172,7 +216,7 @@ def model(seed: int) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("name", ["none", "q8", "q4", "topk"])
+@pytest.mark.parametrize("name", ["none", "q8", "q4", "topk", "q8z", "q4z"])
 def test_update_round_trip(name: str) -> None:
     received = model(0)
     trained = {
@@ -186,7 +230,7 @@ def test_update_round_trip(name: str) -> None:
     assert back["bn.num_batches_tracked"] == 7
     for k in ("enc.weight", "enc.bias", "dec.weight"):
         assert back[k].dtype == np.float32 and back[k].shape == received[k].shape
-        tol = {"none": 1e-7, "topk": 1e-7, "q8": 2e-3, "q4": 4e-3}[name]
+        tol = {"none": 1e-7, "topk": 1e-7, "q8": 2e-3, "q4": 4e-3, "q8z": 2e-3, "q4z": 4e-3}[name]
         np.testing.assert_allclose(back[k], trained[k], atol=tol)
     assert flat_size(received) == 36 + 4 + 8
     if name == "q4":

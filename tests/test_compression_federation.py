@@ -20,7 +20,7 @@ from fedseg.federation.server_app import HISTORY
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("codec", ["q8", "topk"])
+@pytest.mark.parametrize("codec", ["q8", "q4z", "topk"])
 def test_compressed_rounds_train_and_keep_the_residual(
     codec: str, cohort: Any, tmp_path: Path
 ) -> None:
@@ -40,6 +40,7 @@ def test_compressed_rounds_train_and_keep_the_residual(
     assert all(r["status"] == "ok" and r["rejected"] == {} for r in history)
     assert len(sent) == 6  # 3 sites x 2 rounds, every reply compressed
     assert all("codec.meta" in p for p in sent)
+    assert all(("codec.zcodes" in p) == codec.endswith("z") for p in sent)
     assert all(np.isfinite(v).all() for v in result.weights.values())
     state_file = tmp_path / "out" / "site_state" / "site-0.pt"
     if codec == "topk":  # error feedback: the residual is kept in the site's state

@@ -26,7 +26,7 @@ def test_compressed_arm_names() -> None:
     assert arm_order(["fedbn", "fedavg-topk", "local"]) == ["local", "fedavg-topk", "fedbn"]
     assert pretty("fedavg-q8") == "FedAvg q8"
     for bad in ("local-q8", "fedavg-zip", "centralized-topk"):
-        with pytest.raises(ConfigError, match="-q8, -q4, -topk"):
+        with pytest.raises(ConfigError, match="-q8, -q4, -q8z, -q4z, -topk"):
             parse_arms(bad)
 
 

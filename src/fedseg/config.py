@@ -355,7 +355,7 @@ class FedsegConfig:
     ckks_scale_bits: int = 30
     secagg_clip_range: float = 1.0
     secagg_max_weight: float = 1000.0
-    # compression of site -> server updates (#17): none | q8 | q4 | topk
+    # compression of site -> server updates (#17): none | q8 | q4 | topk | q8z | q4z
     compression: str = "none"
     topk_fraction: float = 0.05
     # continual learning, phase B (#17): none (naive continued training) | ewc | lwf

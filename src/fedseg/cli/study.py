@@ -51,8 +51,9 @@ def study_command(
         typer.Option(
             help="Comma-separated arms: centralized, local, fedavg, fedavgm, fedprox, fedadam, "
             "fedyogi, scaffold, fedbn, cyclic; 'default' (centralized, local, fedavg, fedprox, "
-            "scaffold, fedbn) or 'all'. A federated arm may end in -q8, -q4, -topk (compressed "
-            "updates); any arm may end in -hist (histogram-standardised cases, e.g. fedavg-hist)."
+            "scaffold, fedbn) or 'all'. A federated arm may end in -q8, -q4, -q8z, -q4z, -topk "
+            "(compressed updates); any arm may end in -hist (histogram-standardised cases, "
+            "e.g. fedavg-hist)."
         ),
     ] = "default",
     sites: Annotated[

@@ -33,7 +33,7 @@ PER_SITE_ARMS: tuple[str, ...] = ("local", "fedbn")
 POOLED = "pooled"
 #: a federated arm's name may end in one of these: its updates are compressed (``compression``
 #: config key), e.g. ``fedavg-q8``, ``fedavg-topk``
-CODEC_SUFFIXES: tuple[str, ...] = ("q8", "q4", "topk")
+CODEC_SUFFIXES: tuple[str, ...] = ("q8", "q4", "q8z", "q4z", "topk")
 #: any arm's name may end in this: its cases are harmonised (``harmonise = "histogram"``:
 #: Nyúl standardisation onto landmarks averaged over the training sites), e.g. ``fedavg-hist``,
 #: ``centralized-hist``

@@ -705,8 +705,9 @@ def _communication_section(doc: Mapping[str, Any]) -> str:
         "<h2>Communication</h2>"
         "<p>Median bytes of a round's messages (their content as Flower serialises it): down "
         "(the model and config to every sampled site) and up (the sites' replies). Compressed "
-        "arms (<code>fedavg-q8</code>, <code>-q4</code>, <code>-topk</code>) send the "
-        "difference to the received model, quantised or sparsified; the ratio compares a "
+        "arms (<code>fedavg-q8</code>, <code>-q4</code>, <code>-q4z</code>, <code>-topk</code>) "
+        "send the difference to the received model, quantised (<code>z</code>: then deflated) "
+        "or sparsified; the ratio compares a "
         "compressed arm's bytes up with its uncompressed strategy's in this study.</p>"
         + table(
             ["arm", "compression", "MB down / round", "MB up / round", "up: x fewer", "mean Dice"],
