@@ -163,3 +163,15 @@ def test_the_report_lists_each_arms_augment() -> None:
 
     assert "Centralized <code>none</code>" in note and "<code>basic</code>" in note
     assert _augment_note({"study": {}}) == ""
+
+
+def test_the_report_header_names_the_rates_the_arms_trained_with() -> None:
+    from fedseg.study.report import _shared_or_per_arm
+
+    shared = {"study": {"learning-rates": {"fedavg": 0.02, "fedavg-q4": 0.02}}}
+    mixed = {"study": {"learning-rates": {"centralized": 0.012, "fedavg": 0.02}}}
+
+    assert _shared_or_per_arm(shared, "learning-rates", 0.003) == "0.02"
+    assert _shared_or_per_arm(mixed, "learning-rates", 0.003) == "Centralized 0.012, FedAvg 0.02"
+    assert _shared_or_per_arm({"study": {}}, "learning-rates", 0.003) == "0.003"
+    assert _shared_or_per_arm({"study": {}}, "augment", "none", code=True) == "<code>none</code>"

@@ -430,10 +430,13 @@ def _header(doc: Mapping[str, Any]) -> str:
         ),
         (
             "optimisation",
-            f"AdamW lr {esc(cfg.get('learning-rate'))}, weight decay "
-            f"{esc(cfg.get('weight-decay'))}, batch {esc(cfg.get('batch-size'))}, "
-            f"augmentation <code>{esc(parse_augment(cfg.get('augment', False)))}</code>; "
-            f"FedProx mu {esc(cfg.get('proximal-mu'))}",
+            f"AdamW lr {_shared_or_per_arm(doc, 'learning-rates', cfg.get('learning-rate'))}, "
+            f"weight decay {esc(cfg.get('weight-decay'))}, batch {esc(cfg.get('batch-size'))}, "
+            "augmentation "
+            + _shared_or_per_arm(
+                doc, "augment", parse_augment(cfg.get("augment", False)), code=True
+            )
+            + f"; FedProx mu {esc(cfg.get('proximal-mu'))}",
         ),
         ("arms", ", ".join(esc(pretty(a)) for a in doc.get("arms", {}))),
         (
@@ -849,6 +852,16 @@ def _per_arm(doc: Mapping[str, Any], key: str, code: bool = False) -> str:
     values = doc.get("study", {}).get(key) or {}
     shown = (f"<code>{esc(v)}</code>" if code else esc(v) for v in values.values())
     return ", ".join(f"{pretty(a)} {v}" for a, v in zip(values, shown, strict=True))
+
+
+def _shared_or_per_arm(doc: Mapping[str, Any], key: str, fallback: Any, code: bool = False) -> str:
+    """The one value every arm trained with (``doc["study"][key]``), or each arm's where they
+    differ (:func:`_per_arm`); ``fallback`` (the run's config value) for results without it."""
+    values = list((doc.get("study", {}).get(key) or {}).values())
+    if values and any(v != values[0] for v in values):
+        return _per_arm(doc, key, code)
+    one = esc(values[0] if values else fallback)
+    return f"<code>{one}</code>" if code else one
 
 
 def _rates_note(doc: Mapping[str, Any]) -> str:
