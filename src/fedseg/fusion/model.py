@@ -146,16 +146,17 @@ def _standardised(
     return to_standard(weights, scaling), x
 
 
-#: a fit's cases as float64 arrays: features, grade labels, survival times, events
-_Cases = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+#: a fit's cases as float64 arrays in descending survival time: features, grade labels, events
+_Cases = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _cases(x: np.ndarray, y: np.ndarray, time: np.ndarray, event: np.ndarray) -> _Cases:
-    """The cases as ``float64`` arrays, the survival ones in descending time order (ties in
-    their given order): the order of the Cox model's risk sets."""
-    x, y, time, event = (np.asarray(a, dtype=np.float64) for a in (x, y, time, event))
-    order = np.argsort(-time, kind="stable")
-    return x[order], y[order], time[order], event[order]
+    """Features, grade labels and events as ``float64`` arrays in descending ``time`` order
+    (ties in their given order): the order of the Cox model's risk sets, which is all the
+    loss needs of the times."""
+    x, y, event = (np.asarray(a, dtype=np.float64) for a in (x, y, event))
+    order = np.argsort(-np.asarray(time, dtype=np.float64), kind="stable")
+    return x[order], y[order], event[order]
 
 
 def _loss_gradient(
@@ -172,7 +173,7 @@ def _loss_gradient(
     add ``l2 / 2 |w|^2`` and its gradient ``l2 w``. Checked against torch's autograd in the
     tests.
     """
-    x, y, _, event = cases
+    x, y, event = cases
     penalty = 0.5 * l2 * float(w @ w)
     if endpoint == "grade":
         z = x @ w + b[0]
