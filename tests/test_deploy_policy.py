@@ -144,7 +144,8 @@ played, drill = drill_fixtures(PolicyDrill)
 
 
 def _ledger(drill: PolicyDrill, site: str) -> LifetimeLedger:
-    return LifetimeLedger(drill.base.pki.site_dirs[site] / LEDGER_FILE)
+    # run-supernode.sh names its state folder (state-dir='$STATE'), where the ledger is kept
+    return LifetimeLedger(drill.base.pki.site_dirs[site] / "state" / LEDGER_FILE)
 
 
 def test_a_run_without_dp_trains_nowhere_and_every_refusal_is_in_the_server_log(

@@ -161,8 +161,9 @@ def test_scripts_carry_the_exact_flags(pki: Path) -> None:
 
     assert read_approved(pki / "site-hospital-a" / "approved-apps.txt") == {}
     reg = (pki / "server" / "register-sites.sh").read_text()
-    assert reg.count("flwr supernode register") == 2
-    assert "--name hospital-b" in reg
+    assert reg.count("flwr supernode register") == 1  # one function, called per site
+    assert 'register "$HERE/site-keys/hospital-a.pub" hospital-a' in reg
+    assert 'register "$HERE/site-keys/hospital-b.pub" hospital-b' in reg
     for script in ("server/run-superlink.sh", "server/register-sites.sh",
                    "site-hospital-a/run-supernode.sh",
                    "site-hospital-a/bin/flwr-clientapp"):  # fmt: skip

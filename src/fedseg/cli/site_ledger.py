@@ -18,8 +18,9 @@ _HELP = """Show the site's lifetime privacy ledger: for every run this site trai
 epsilon planned, spent and charged; the lifetime total against the policy's budget; every
 refusal with its reason.
 
-PATH is the site's state folder (node config state-dir), the folder of its policy file when
-it has no state folder, or the ledger file itself (privacy-ledger.json).
+PATH is the site's state folder (node config state-dir), the site folder `fedseg provision`
+wrote (its state/ folder), the folder of its policy file when it has no state folder, or the
+ledger file itself (privacy-ledger.json).
 
 Exit codes: 0 success, 2 no ledger found or a damaged ledger.
 """
@@ -49,6 +50,8 @@ def site_ledger_command(
 
     with user_errors():
         file = path / LEDGER_FILE if path.is_dir() else path
+        if path.is_dir() and not file.is_file() and (path / "state" / LEDGER_FILE).is_file():
+            file = path / "state" / LEDGER_FILE  # a provisioned site folder: its state/
         if not file.is_file():
             raise ConfigError(
                 f"no site ledger at {file}: give the site's state-dir (or its policy folder); "

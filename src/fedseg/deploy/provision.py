@@ -685,20 +685,33 @@ mkdir -p "$STATE"
 
 def register_script(spec: FederationSpec) -> str:
     """``server/register-sites.sh``: ``flwr supernode register`` for every site key."""
-    lines = [
-        f'flwr supernode register "$HERE/site-keys/{s.name}.pub" "$CONNECTION" --name {s.name}'
-        for s in spec.sites
-    ]
+    lines = [f'register "$HERE/site-keys/{s.name}.pub" {s.name}' for s in spec.sites]
     body = "\n".join(lines)
     return f"""#!/bin/sh
 # Enrol the hospitals' public keys with the running SuperLink (run once, on the server, after
 # run-superlink.sh is up). Only enrolled keys can connect. CONNECTION names the entry of
 # $FLWR_HOME/config.toml that points at this SuperLink's control listener, {spec.control}
 # (see flwr-connection.toml).
+# Run it again at any time: a site already enrolled is reported and left as it is.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONNECTION=${{1:-fedseg}}
-{_ENV}{body}
+{_ENV}FAILED=""
+register() {{
+    if OUT=$(flwr supernode register "$1" "$CONNECTION" --name "$2" 2>&1); then
+        echo "$OUT"
+    elif echo "$OUT" | grep -q "already in use"; then
+        echo "$2: already enrolled"
+    else
+        echo "$OUT" >&2
+        FAILED="$FAILED $2"
+    fi
+}}
+{body}
+if [ -n "$FAILED" ]; then
+    echo "not enrolled:$FAILED" >&2
+    exit 1
+fi
 """
 
 
@@ -711,8 +724,9 @@ def supernode_script(spec: FederationSpec, site: SiteSpec, *, ckks: bool = False
     # "$HERE" quoted in the plain arguments; inside the node config's double quotes, bare
     cmd = ['"$HERE"' + a[len("$HERE") :] if a.startswith("$HERE") else a for a in cmd]
     node = cmd.index("--node-config")
-    # the prepared cases once per site, in its state folder (fedseg.data.cache)
-    node_config = cmd[node + 1] + " cache-dir='$STATE/cache'"
+    # the prepared cases once per site, and the site's privacy ledger and round state, in its
+    # state folder (fedseg.data.cache, fedseg.site.lifetime): the site folder may be read-only
+    node_config = cmd[node + 1] + " cache-dir='$STATE/cache' state-dir='$STATE'"
     # Flower's SuperNode through fedseg.deploy.supernode: rejoins at once after a hard kill
     launcher = ['"$FEDSEG_PYTHON"', "-m", "fedseg.deploy.supernode"]
     launcher += ["--node-id-file", '"$STATE/node-id"']
@@ -741,6 +755,11 @@ STATE=${{FEDSEG_SITE_STATE:-$HERE/state}}  # the message in flight, the SuperNod
 export {APPROVED_APPS_ENV}=${{{APPROVED_APPS_ENV}:-$HERE/{APPROVED_APPS_FILE}}}
 "$FEDSEG_PYTHON" -m fedseg.deploy.approval "${APPROVED_APPS_ENV}"  # a bad list: no start
 export PATH="$HERE/bin:$PATH"  # with --isolation subprocess: flwr-clientapp -> approval check
+case "$DATA_PATH$STATE$HERE" in *"'"*)  # the node config quotes them with '
+    echo "DATA_PATH, FEDSEG_SITE_STATE and this folder must not contain a '" \\
+        "(found in: $DATA_PATH $STATE $HERE): rename the folder or give a symbolic link" >&2
+    exit 2
+esac
 mkdir -p "$STATE" 2>/dev/null && [ -w "$STATE" ] || {{
     echo "state folder $STATE is not writable: set FEDSEG_SITE_STATE to a writable folder" >&2
     exit 2
@@ -807,6 +826,10 @@ CLIENTAPP_UNIT = "fedseg-clientapp.service"
 _UNIT_COMMON = f"""User=fedseg
 Group=fedseg
 Environment=PATH={INSTALL_PREFIX}/bin:/usr/local/bin:/usr/bin:/bin
+# a system account has no home of its own: Flower keeps its folder (installed apps) here
+StateDirectory=fedseg
+Environment=HOME=/var/lib/fedseg
+Environment=FLWR_HOME=/var/lib/fedseg/flwr
 # logs go to the journal (journalctl -u UNIT), which rotates them (journald.conf SystemMaxUse=)
 StandardOutput=journal
 StandardError=journal

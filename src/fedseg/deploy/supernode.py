@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -182,13 +183,58 @@ def install(node_id_file: Path, poll: float = POLL_SECONDS) -> None:
     flower._init_connection = init_connection  # type: ignore[assignment]
 
 
+#: ``flower-supernode`` options that name a file the SuperNode reads at start
+_FILE_OPTIONS = ("--root-certificates", "--auth-supernode-private-key")
+
+
+def check_start(flower_args: list[str]) -> str | None:
+    """Why Flower's SuperNode could not start with ``flower_args``, found before it starts.
+
+    Checks what would otherwise cost a confusing minute: that the files of
+    :data:`_FILE_OPTIONS` can be read, and that the Runtime API's ``--port`` on loopback is
+    free (a second SuperNode on a taken port fails, but the site's ClientApp then serves the
+    SuperNode that holds it: another site's tasks).
+
+    Returns
+    -------
+    str or None
+        One line naming the option and what is wrong; ``None`` when nothing is.
+    """
+    import socket
+
+    parser = argparse.ArgumentParser(add_help=False)
+    for option in (*_FILE_OPTIONS, "--port"):
+        parser.add_argument(option, default=None)
+    known, _ = parser.parse_known_args(flower_args)
+    for option in _FILE_OPTIONS:
+        value = getattr(known, option.lstrip("-").replace("-", "_"))
+        if value is not None and not os.access(value, os.R_OK):
+            return f"{option} {value}: the file does not exist or cannot be read"
+    if known.port is not None and str(known.port) not in ("", "0"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(("127.0.0.1", int(known.port)))
+            except (OSError, ValueError) as exc:
+                return (
+                    f"--port {known.port}: the SuperNode's Runtime API port cannot be used "
+                    f"({getattr(exc, 'strerror', None) or exc}; another SuperNode on this "
+                    "machine?): give each site its own port (RUNTIME_PORT)"
+                )
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """``--node-id-file FILE``, ``--poll-interval SECONDS`` and Flower's ``flower-supernode``
-    arguments."""
+    arguments; exits 2 with one line when :func:`check_start` finds why it cannot start."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--node-id-file", type=Path, required=True)
     parser.add_argument("--poll-interval", type=poll_seconds, default=POLL_SECONDS)
     ours, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    problem = check_start(flower_args)
+    if problem is not None:
+        print(f"fedseg SuperNode: {problem}", file=sys.stderr)
+        sys.exit(2)
     install(ours.node_id_file, ours.poll_interval)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -42,6 +42,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
@@ -523,6 +524,48 @@ def _inflate(tree: Any, pull: Callable[[str], bytes], confirm: Callable[[str], A
     return message
 
 
+def supernode_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running: gone, or a zombie (exited, not yet reaped by the
+    script that started it), is not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc here: the signal said it exists
+        return True
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def watch_supernode(pid: int, interval: float = 0.5, grace: float = 10.0) -> threading.Thread:
+    """Stop this process once the SuperNode ``pid`` has exited.
+
+    It sends itself SIGTERM (a clean exit through :func:`_exit_once`) and, should the main
+    thread not get to it within ``grace`` seconds (blocked in a call), ends with
+    ``os._exit(0)``. Flower's own monitor raises SIGINT instead, which a process that a
+    non-interactive shell started in the background (``run-supernode.sh``) ignores: the
+    ClientApp then outlived its SuperNode and the script never exited.
+    """
+
+    def monitor() -> None:
+        while supernode_alive(pid):
+            time.sleep(interval)
+        print(
+            f"fedseg warm ClientApp: the SuperNode (pid {pid}) has exited; stopping",
+            file=sys.stderr,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(0)
+
+    thread = threading.Thread(target=monitor, name="fedseg-supernode-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def _exit_once(*_: Any) -> None:
     """SIGTERM: exit cleanly once. A second SIGTERM (the SuperNode's shutdown sends one, a
     service manager another) would otherwise raise ``SystemExit`` inside the exit handlers
@@ -554,6 +597,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Serve until stopped; one clear line and a non-zero exit when it cannot start."""
     args = _parse(argv)
+    signal.signal(signal.SIGTERM, _exit_once)
+    if args.supernode_pid is not None:  # before waiting for it: it may already have failed
+        watch_supernode(args.supernode_pid)
     try:
         journal = Journal(args.journal_dir)
         certs = args.root_certificates.read_bytes() if args.root_certificates else None
@@ -569,11 +615,6 @@ def main(argv: list[str] | None = None) -> int:
     except (DeploymentError, OSError) as exc:
         print(f"fedseg warm ClientApp: {exc}", file=sys.stderr)
         return EXIT_NO_SUPERNODE
-    if args.supernode_pid is not None:
-        from flwr.supercore.app_utils import start_parent_process_monitor
-
-        start_parent_process_monitor(args.supernode_pid)
-    signal.signal(signal.SIGTERM, _exit_once)
     from fedseg.federation.site import serve_many_messages
 
     serve_many_messages()  # the handshake prepares the site's data (its policy permitting)

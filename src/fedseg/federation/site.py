@@ -71,6 +71,25 @@ OPTIMIZER_STATE = "optimizer"
 #: top-k compression's error-feedback residual (what earlier rounds did not send)
 COMPRESSION_STATE = "compression-residual"
 
+#: every node-config key a fedseg site reads (:func:`check_node_config`); a key outside this
+#: set is a typo that would otherwise be ignored (a misspelt ``policy-file`` trains unguarded)
+NODE_CONFIG_KEYS = frozenset(
+    {
+        "data-path",  # deployment: resolve_site
+        "site-name",
+        "partition-id",  # simulation: Flower's Simulation Engine sets both
+        "num-partitions",
+        "cache-dir",  # site_cache_dir
+        "state-dir",  # state_file, ledger_path, _track
+        "policy-file",  # POLICY_FILE_KEY
+        "ckks-key-file",  # fedseg.secure.ckks_federation.KEY_FILE
+        "attack",  # fedseg.site.attacks.site_attack (the failure drills)
+        "attack-strength",
+        "seg-model",  # fedseg.fusion.site
+        "clinical-file",
+    }
+)
+
 
 @dataclass(frozen=True)
 class SiteSpec:
@@ -125,11 +144,13 @@ def resolve_site(context: Context, cfg: FedsegConfig) -> SiteSpec:
     Raises
     ------
     ConfigError
-        Neither a node ``data-path`` nor a simulation partition is configured.
+        The node config has a key no fedseg site reads (:func:`check_node_config`), or neither
+        a node ``data-path`` nor a simulation partition is configured.
     PartitionError
         The partition file has fewer sites than the simulation has nodes.
     """
     node = context.node_config
+    check_node_config(node)
     if "data-path" in node and str(node["data-path"]):
         name = str(node.get("site-name", "") or f"node-{context.node_id}")
         root = Path(str(node["data-path"]))
@@ -147,6 +168,39 @@ def resolve_site(context: Context, cfg: FedsegConfig) -> SiteSpec:
         name = sites[index]
         return SiteSpec(name, root, tuple(parts[name]), site_cache_dir(node, cfg))
     raise ConfigError("this node has no 'data-path' in its node config (--node-config)")
+
+
+def check_node_config(node: Mapping[str, Any]) -> None:
+    """Refuse a node config with a key no fedseg site reads (:data:`NODE_CONFIG_KEYS`).
+
+    Every handler finds its site through :func:`resolve_site`, which calls this first, so a
+    misspelt key (``policy_file`` for ``policy-file``) stops every request with a
+    :class:`ConfigError` instead of being silently ignored.
+
+    Parameters
+    ----------
+    node:
+        The node config (``context.node_config``: ``--node-config`` of the SuperNode, or what
+        the Simulation Engine or the in-process grid gives a simulated node).
+
+    Raises
+    ------
+    ConfigError
+        Naming each unknown key, the closest known key and every known key.
+    """
+    import difflib
+
+    unknown = sorted(str(key) for key in node if key not in NODE_CONFIG_KEYS)
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(NODE_CONFIG_KEYS), n=1)
+        named.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    raise ConfigError(
+        f"node config: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
+        f"known keys: {', '.join(sorted(NODE_CONFIG_KEYS))}"
+    )
 
 
 def site_cache_dir(node: Mapping[str, Any], cfg: FedsegConfig) -> Path:
@@ -440,6 +494,10 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     ------
     UpdateValidationError
         The received model does not fit this site's model.
+    ConfigError
+        ``secure-aggregation = "ckks"`` and this site has no usable key
+        (:func:`fedseg.secure.ckks_federation.check_site_key`): refused before its policy
+        admits the round, so nothing is booked in its ledger.
     """
     from fedseg.site.attacks import site_attack, trainer_for
 
@@ -448,7 +506,12 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     strategy = str(conf.get("strategy", cfg.strategy))
     server_round = int(conf.get("server-round", 0))
     received = _received_weights(msg)
-    # The site's own policy decides first: a refused request never reaches the data.
+    if cfg.secure_aggregation == "ckks":
+        # A site that could not seal its reply must refuse before its policy books epsilon.
+        from fedseg.secure.ckks_federation import check_site_key
+
+        check_site_key(context, cfg)
+    # The site's own policy decides next: a refused request never reaches the data.
     enforce_site_policy(context, cfg, spec, "train", conf, received)
     rt = harmonised_runtime(get_runtime(spec, cfg), cfg, conf)
     # a simulated malicious site (#5); a deployed site ignores the run config's switches
@@ -814,12 +877,25 @@ def simulation_switches(context: Context, cfg: FedsegConfig, spec: SiteSpec) -> 
 
 def ledger_path(context: Context, policy_file: Path) -> Path:
     """The site's lifetime privacy ledger: in ``state-dir`` when the node config names one,
-    else beside the policy file."""
-    from fedseg.site.lifetime import LEDGER_FILE
+    else beside the policy file.
 
-    node = context.node_config
-    folder = Path(str(node["state-dir"])) if str(node.get("state-dir", "")) else policy_file.parent
-    return folder / LEDGER_FILE
+    A site whose ledger is beside its policy file (provisioned before its script named
+    ``state-dir``) has it copied into ``state-dir`` the first time: the epsilon it has spent
+    is carried over, never started again from zero.
+    """
+    from fedseg.site.lifetime import LEDGER_FILE
+    from fedseg.utils.io import atomic_write_bytes
+
+    beside = policy_file.parent / LEDGER_FILE
+    state_dir = str(context.node_config.get("state-dir", ""))
+    if not state_dir:
+        return beside
+    path = Path(state_dir) / LEDGER_FILE
+    if not path.exists() and beside.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, beside.read_bytes())
+        log.warning("site ledger %s carried over into the state folder: %s", beside, path)
+    return path
 
 
 def enforce_site_policy(

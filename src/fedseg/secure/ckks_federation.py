@@ -143,7 +143,8 @@ def site_context(context: Context, cfg: FedsegConfig) -> ts.Context:
     Raises
     ------
     ConfigError
-        No key file where a deployed site must have one, or it is not a CKKS secret context.
+        No key file where a deployed site must have one, one that cannot be read, or one
+        that is not a CKKS secret context.
     """
     import fcntl
 
@@ -161,13 +162,37 @@ def site_context(context: Context, cfg: FedsegConfig) -> ts.Context:
     ctx = _CONTEXTS.get(key)
     if ctx is None:
         try:
-            ctx = C.load_context(path.read_bytes(), params)
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"node config '{KEY_FILE}': the key file cannot be read ({exc.strerror})"
+            ) from None
+        try:
+            ctx = C.load_context(blob, params)
         except UpdateValidationError as exc:
             raise ConfigError(f"node config '{KEY_FILE}': {exc}") from None
         if not ctx.is_private():
             raise ConfigError(f"node config '{KEY_FILE}': the context holds no secret key")
         _CONTEXTS[key] = ctx
     return ctx
+
+
+def check_site_key(context: Context, cfg: FedsegConfig) -> None:
+    """Make sure this site can seal a ``ckks`` training reply, before it admits the round.
+
+    :func:`seal_train_reply` needs the key only after training, by when the site's policy has
+    booked the round's epsilon in its lifetime ledger; a site without a usable key must refuse
+    the training request before that. Loads the secret context as :func:`site_context` does
+    (cached, so sealing the reply reads it no second time; a simulated site generates its key
+    here).
+
+    Raises
+    ------
+    ConfigError
+        A deployed site without ``ckks-key-file``, a key file that is missing or unreadable,
+        or one that is not a CKKS secret context of this run's parameters.
+    """
+    site_context(context, cfg)
 
 
 def seal_train_reply(
