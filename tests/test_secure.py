@@ -398,6 +398,10 @@ def test_secagg_below_threshold_fails_the_round_not_the_run(cohort: Any, tmp_pat
     row = result.history[0]
     assert row["status"] == "failed"
     assert "threshold" in row["reason"]
+    # the sites that sent their masked update are not blamed for the others' silence
+    assert row["rejected"]["site-2"] == "dropped out of SecAgg+ (no masked update)"
+    for site in ("site-0", "site-1"):
+        assert "this site answered" in row["rejected"][site]
 
 
 def test_secagg_site_failing_in_training_is_rejected_with_its_code(

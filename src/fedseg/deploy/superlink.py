@@ -187,14 +187,76 @@ def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return ours, flower_args
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, flags: str) -> socket.socket:
+    """A socket bound to ``host:port`` (not listening yet; uvicorn listens on it).
+
+    Raises
+    ------
+    DeploymentError
+        The address cannot be bound (in use, not an address of this machine, a port this user
+        may not open); the message names it and the options that chose it (``flags``).
+    """
+    import errno
+
+    from fedseg.errors import DeploymentError
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        hint = (
+            "another process listens there (an earlier SuperLink?): stop it or choose another port"
+            if exc.errno == errno.EADDRINUSE
+            else (exc.strerror or str(exc))
+        )
+        raise DeploymentError(f"cannot listen on {where} ({flags}): {hint}") from None
     return sock
+
+
+def check_tls_files(certfile: str, keyfile: str | None) -> None:
+    """Refuse a TLS certificate and key that do not make a pair, before anything listens.
+
+    uvicorn would load them only when it starts, and fail there with a traceback.
+
+    Parameters
+    ----------
+    certfile, keyfile:
+        ``--ssl-certfile`` and ``--ssl-keyfile`` (``None``: the key is in ``certfile``).
+
+    Raises
+    ------
+    DeploymentError
+        The key is not the certificate's, or a file is not a PEM certificate / an unencrypted
+        PEM private key; the message names both files.
+    """
+    import ssl
+
+    from fedseg.errors import DeploymentError
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise DeploymentError(
+                f"--ssl-keyfile {keyfile} is not the private key of --ssl-certfile {certfile}; "
+                "give the key made with that certificate (server.key beside server.pem)"
+            ) from None
+        raise DeploymentError(
+            f"--ssl-certfile {certfile} and --ssl-keyfile {keyfile} do not make a TLS key pair: "
+            f"expected a PEM certificate and its own unencrypted PEM private key ({exc})"
+        ) from None
+    except OSError as exc:
+        raise DeploymentError(
+            f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: cannot be read "
+            f"({exc.strerror or exc})"
+        ) from None
 
 
 def serve(argv: list[str] | None = None) -> None:
@@ -205,6 +267,11 @@ def serve(argv: list[str] | None = None) -> None:
     argv:
         ``--control-host``, ``--control-port`` and any ``flower-superlink`` arguments
         (default: ``sys.argv[1:]``).
+
+    Exits with status 1 and one line on standard error (``fedseg SuperLink: ...``, no
+    traceback) when the state database is another Flower version's, the TLS certificate and
+    key do not make a pair (:func:`check_tls_files`), or a listener's address cannot be bound
+    (in use...: the message names the address and its options).
     """
     import importlib
 
@@ -224,13 +291,22 @@ def serve(argv: list[str] | None = None) -> None:
 
     try:
         check_database_version(str(getattr(config, "database", "") or ""))
+        if config.ssl_certfile:
+            check_tls_files(config.ssl_certfile, config.ssl_keyfile)
     except DeploymentError as exc:
         sys.exit(f"fedseg SuperLink: {exc}")
     wait_longer_for_sqlite()
     public = (config.host, config.port)
     if ours.control_port == public[1]:
         sys.exit(f"--control-port {ours.control_port} must differ from the public --port")
-    sockets = [_bind(*public), _bind(ours.control_host, ours.control_port)]
+    sockets: list[socket.socket] = []
+    try:
+        sockets.append(_bind(*public, "--host/--port"))
+        sockets.append(_bind(ours.control_host, ours.control_port, "--control-host/--control-port"))
+    except DeploymentError as exc:
+        for sock in sockets:
+            sock.close()
+        sys.exit(f"fedseg SuperLink: {exc}")
     control = tuple(sockets[1].getsockname()[:2])  # as connections will report it
     # The SuperExec (and through it the ServerApp) dials the Runtime API at host:port.
     config.host, config.port = ours.control_host, ours.control_port

@@ -13,13 +13,23 @@ Outputs in the run folder
 ``history.json``
     One row per round (:func:`fedseg.federation.loop.history_row`).
 ``final_model.pt``
-    The global model, ``fedseg-model-v1`` payload (``fedseg evaluate`` reads it).
+    The global model, ``fedseg-model-v1`` payload (``fedseg evaluate`` reads it): the model of
+    the last aggregated round; not written when no round was aggregated (the starting model is
+    no result).
 ``site_models/<site>.pt``
     FedBN only: each site's personalised model.
 
 With ``task = "fusion"`` the app trains the image + clinical fusion model instead
 (:func:`fedseg.fusion.federated.serve_fusion` writes ``fusion_model.json`` and ``history.json``;
 default folder ``runs/fusion-<fusion-endpoint>``).
+
+Failures
+--------
+``app`` (what Flower runs) ends as failed, without a traceback, when the run cannot go on for
+a reason that is no bug: a fedseg error (a bad config value, an unreadable ``site-registry``...)
+or a run in which no round was aggregated. The reason is logged in one ``fedseg: ...`` line and
+:class:`ServerAppFailed` tells Flower (the run is then ``finished:failed`` in ``flwr ls``, with
+that reason as its status details). Any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -27,13 +37,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 from flwr.app import Context
+from flwr.app.exception import AppExitException
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import ExitCode
 
 from fedseg.config import FedsegConfig, given_keys
+from fedseg.errors import AggregationError, FedsegError
 from fedseg.federation.checkpoint import save_model
 from fedseg.federation.loop import LoopResult, Progress, run_rounds
 from fedseg.federation.strategy import make_strategy
@@ -45,6 +59,42 @@ CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
 FINAL_MODEL = "final_model.pt"
 SITE_MODELS = "site_models"
+
+
+class ServerAppFailed(AppExitException):
+    """Ends the ServerApp as failed for a reason already logged, which is no bug.
+
+    Flower catches it like any exception of a ServerApp: the run is marked failed, with the
+    message as its status details, and ``flwr-serverapp`` exits with :attr:`exit_code`
+    (``flwr/superlink/runtime/run_serverapp.py``; the Simulation runtime likewise). Flower also
+    logs the exception with its traceback (``exc_info``); this one shows none, so the log holds
+    the reason and no frames (see :attr:`__traceback__`).
+
+    Parameters
+    ----------
+    message:
+        The reason, as logged.
+    exit_code:
+        Flower's exit code (``flwr.supercore.exit.ExitCode``).
+    """
+
+    exit_code = ExitCode.SERVERAPP_EXCEPTION
+
+    def __init__(self, message: str, *, exit_code: int = ExitCode.SERVERAPP_EXCEPTION) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    # Python's logging (and so Flower's log of the failure) formats ``exc.__traceback__``; the
+    # interpreter keeps the real traceback in the exception's C slot (``sys.exc_info()``,
+    # ``with_traceback``, debuggers and pytest still see it).
+    @property  # type: ignore[override]
+    def __traceback__(self) -> TracebackType | None:
+        """``None``: the reason is the one line logged, not where it was raised."""
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, tb: TracebackType | None) -> None:
+        self.with_traceback(tb)
 
 
 def initial_model(cfg: FedsegConfig) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -172,10 +222,39 @@ def serve(
     return result
 
 
+def aggregated_rounds(history: list[dict[str, Any]]) -> list[int]:
+    """The rounds of ``history`` whose training was aggregated (status ``ok``), in order.
+
+    A failed round leaves the global model unchanged, so the model after ``history`` is the
+    model of the last of these, and the starting model when there is none.
+    """
+    return [int(row["round"]) for row in history if row.get("status") == "ok"]
+
+
 def write_outputs(out: Path, result: LoopResult, cfg: FedsegConfig) -> None:
-    """``history.json``, ``final_model.pt`` and (FedBN) ``site_models/<site>.pt``."""
+    """``history.json``, ``final_model.pt`` and (FedBN) ``site_models/<site>.pt``.
+
+    Without an aggregated round only ``history.json`` is written (with each round's reason)
+    and the run is logged as failed at ERROR level: the model is still the starting one, and a
+    ``final_model.pt`` with its card would pass it off as trained. When some rounds failed, the
+    log says which round's model ``final_model.pt`` is.
+    """
     rounds = len(result.history)
     atomic_write_json(out / HISTORY, {"config": cfg.to_run_config(), "rounds": result.history})
+    done = aggregated_rounds(result.history)
+    if not done:
+        log.error(
+            "fedseg: no round was aggregated (%d of %d failed; each round's reason is in %s): "
+            "%s was not written, the model is still the starting one",
+            rounds, cfg.num_server_rounds, out / HISTORY, FINAL_MODEL,
+        )  # fmt: skip
+        return
+    if len(done) < rounds:
+        log.warning(
+            "fedseg: %d of %d rounds were aggregated (the others failed, reasons in %s); "
+            "%s is the model of round %d",
+            len(done), rounds, out / HISTORY, FINAL_MODEL, done[-1],
+        )  # fmt: skip
     save_model(out / FINAL_MODEL, result.weights, cfg, rounds)
     if result.site_weights:
         for site, weights in result.site_weights.items():
@@ -209,6 +288,7 @@ def build_server_app(
     progress: Progress | None = None,
     on_result: Callable[[LoopResult], None] | None = None,
     workers: int | None = None,
+    boundary: bool = False,
 ) -> ServerApp:
     """Build the fedseg ServerApp.
 
@@ -224,6 +304,12 @@ def build_server_app(
         Receives the :class:`LoopResult` at the end (same process).
     workers:
         Sites that can compute at once, for the overhead figures (see :func:`serve`).
+    boundary:
+        The app is the end of the line (``app``, which Flower runs): a fedseg error, or a run
+        without an aggregated round, is logged in one line and ends the ServerApp as failed
+        without a traceback (:class:`ServerAppFailed`). Otherwise (a runner in this process)
+        fedseg errors reach the caller as raised, and a run without an aggregated round
+        returns normally (its history says why; no ``final_model.pt``).
 
     Returns
     -------
@@ -232,9 +318,7 @@ def build_server_app(
     fixed = dict(overrides or {})
     server = ServerApp()
 
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        show_progress()
+    def run(grid: Grid, context: Context) -> LoopResult | None:
         # a preset in the run config fills the keys left at their defaults (given_keys)
         given = given_keys(context.run_config)
         cfg = FedsegConfig.from_run_config({**given, **fixed}, strict=False)
@@ -243,12 +327,34 @@ def build_server_app(
             from fedseg.fusion.federated import serve_fusion
 
             serve_fusion(grid, cfg, folder)
-            return
+            return None
         result = serve(grid, cfg, folder, progress=progress, workers=workers)
         if on_result is not None:
             on_result(result)
+        return result
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        show_progress()
+        if not boundary:
+            run(grid, context)
+            return
+        try:
+            result = run(grid, context)
+        except FedsegError as exc:
+            log.error("fedseg: %s", exc)
+            code = ExitCode.SERVERAPP_EXCEPTION
+            if isinstance(exc, AggregationError):
+                code = ExitCode.SERVERAPP_STRATEGY_AGGREGATION_ERROR
+            raise ServerAppFailed(str(exc), exit_code=code) from None
+        if result is not None and not aggregated_rounds(result.history):
+            # write_outputs logged it and wrote no final model
+            raise ServerAppFailed(
+                "no round was aggregated; each round's reason is in history.json",
+                exit_code=ExitCode.SERVERAPP_STRATEGY_AGGREGATION_ERROR,
+            )
 
     return server
 
 
-app = build_server_app()
+app = build_server_app(boundary=True)

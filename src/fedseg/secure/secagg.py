@@ -181,12 +181,17 @@ class _Recording:
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.errors: dict[int, str] = {}
+        #: the nodes that answered the latest exchange without an error
+        self.answered: set[int] = set()
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
         replies = send_and_receive(self.grid, messages, timeout=timeout)
+        self.answered = set()
         for reply in replies:
             if reply.has_error():
                 self.errors[reply.metadata.src_node_id] = str(reply.error.reason or "")
+            else:
+                self.answered.add(reply.metadata.src_node_id)
         return replies
 
 
@@ -274,11 +279,16 @@ def run_train_secagg(
     for n in nodes:
         if n not in sink.metrics:
             code = recording.errors.get(n, "")
-            report.rejected[names[n]] = (
-                f"site reported error {code}"
-                if code.startswith("E")
-                else "dropped out of SecAgg+ (no masked update)"
-            )
+            if code.startswith("E"):
+                report.rejected[names[n]] = f"site reported error {code}"
+            elif halted and n in recording.answered:
+                # it answered the stage that stopped, for want of others: not its failure
+                report.rejected[names[n]] = (
+                    "no aggregate this round: SecAgg+ stopped for too few other sites "
+                    "(this site answered)"
+                )
+            else:
+                report.rejected[names[n]] = "dropped out of SecAgg+ (no masked update)"
     report.metrics = {
         names[n]: {k: float(v) for k, v in m.items() if isinstance(v, int | float)}
         for n, m in sink.metrics.items()

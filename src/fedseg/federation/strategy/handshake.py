@@ -114,7 +114,8 @@ def read_answers(replies: Iterable[Message]) -> Answers:
             answers.counts[node] = count
         code = R.reply_error(msg.content)
         if code is not None:
-            log.warning("site %s (node %d) could not prepare: %s", name, node, code)
+            who = f"site {safe_name(name)} (node {node})" if name is not None else f"node {node}"
+            log.warning("%s could not prepare: %s", who, code)
     return answers
 
 
