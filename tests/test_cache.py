@@ -56,6 +56,20 @@ def test_each_case_is_prepared_once_and_read_back_as_memory_maps(
         assert a.bbox_start == b.bbox_start and a.spacing == b.spacing
 
 
+def test_a_folder_named_relatively_and_absolutely_shares_its_prepared_cases(
+    data: Path, tmp_path: Path, counted: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a study reads --data as given (often relative); its sites get the absolute data-path
+    cache = tmp_path / "cache"
+    monkeypatch.chdir(data.parent)
+    C.prepare_cases(Path(data.name), CFG, cache_dir=cache)
+    C.prepare_cases(data.resolve(), CFG, cache_dir=cache)
+    C.prepare_cases(Path("..") / data.parent.name / data.name, CFG, cache_dir=cache)
+
+    assert sorted(counted) == ["case_000", "case_001", "case_002"]
+    assert len(list((cache / C.cache_key(CFG)).glob("case_*.json"))) == 3
+
+
 def test_nothing_is_written_inside_the_data_folder(data: Path, tmp_path: Path) -> None:
     before = sorted(p.name for p in data.rglob("*"))
     C.prepare_cases(data, CFG, cache_dir=tmp_path / "cache")

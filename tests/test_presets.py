@@ -130,3 +130,16 @@ def test_study_cli_with_the_cpu_native_preset_trains_on_2mm_patches(
         ("cpu-native", 2.0, 48),
     ]
     assert seen[0].channels == FedsegConfig().channels
+
+
+@pytest.mark.parametrize("size", [24, "24"])
+def test_image_size_alone_carries_the_patch_on_the_resized_grid(size: object) -> None:
+    # cpu-demo trains on whole volumes resized to image-size: the patch is the grid
+    # (`--set image-size=24`, `flwr run --run-config image-size=24`), as --image-size does
+    cfg = FedsegConfig.from_run_config({"image-size": size})
+    assert (cfg.image_size, cfg.patch_size) == (24, 24)
+    # a patch that is given wins, and native grids keep their patch
+    assert FedsegConfig.from_run_config({"image-size": 32, "patch-size": 16}).patch_size == 16
+    native = FedsegConfig.from_run_config({"preset": "cpu-native", "image-size": 32})
+    assert (native.image_size, native.patch_size) == (32, 64)
+    assert FedsegConfig.from_run_config({"image-size": 32, "spacing": 2}).patch_size == 48

@@ -648,3 +648,51 @@ def test_without_the_generators_seed_nothing_is_drawn_again(tmp_path: Path) -> N
 
     assert sites.unseen and sites.paired == []
     assert not (tmp_path / "out" / PAIRED_DIR).exists()
+
+
+def test_a_cohort_written_by_fedseg_synth_is_drawn_again(tmp_path: Path) -> None:
+    # `fedseg synth` (generate_cohort) marks its 2 mm cohorts with their seed, so a study with
+    # --data pointing at one gets the same-tumour table as on its own cohort
+    from fedseg.data.synth import COHORT_MARKER, generate_cohort
+    from fedseg.study.study import COHORT_MARKER as STUDY_MARKER
+    from fedseg.study.study import make_sites
+
+    assert STUDY_MARKER == COHORT_MARKER
+    data = tmp_path / "synth"
+    generate_cohort(data, 10, seed=3, progress=False, workers=1)
+    assert json.loads((data / COHORT_MARKER).read_text()) == {"num-cases": 10, "seed": 3}
+    cfg = TINY.replace(num_cases=10, num_sites=2, partition="iid", holdout_scanner="ge-1.5t")
+
+    sites, _ = make_sites(tmp_path / "out", cfg, data, False, None, holdout_scanner="ge-1.5t")
+
+    assert sorted(p.case_id for p in sites.paired) == sorted(
+        p.case_id for ps in sites.test.values() for p in ps
+    )
+
+
+def test_a_cohort_on_another_grid_is_not_marked_for_drawing_again(tmp_path: Path) -> None:
+    from fedseg.data.synth import COHORT_MARKER, generate_cohort
+
+    data = tmp_path / "synth"
+    generate_cohort(data, 1, seed=3, progress=False, workers=1)
+    assert (data / COHORT_MARKER).is_file()
+
+    generate_cohort(data, 1, seed=3, progress=False, workers=1, spacing=1.0)
+
+    assert not (data / COHORT_MARKER).exists()  # rerender_cases draws 2 mm cases only
+
+
+def test_the_study_says_when_it_cannot_draw_the_test_cases_again(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from fedseg.study.study import make_sites
+
+    data = _three_hospitals(tmp_path)  # a folder fedseg did not generate
+    cfg = TINY.replace(num_sites=2, partition="iid", holdout_scanner="scanner-c")
+    console = Console(record=True, width=400)
+
+    make_sites(tmp_path / "out", cfg, data, False, console, holdout_scanner="scanner-c")
+
+    text = console.export_text()
+    assert "no 'same tumours on scanner-c' table" in text
+    assert ".fedseg-cohort.json" in text

@@ -814,7 +814,19 @@ def apply_preset(run_config: Mapping[str, Any]) -> dict[str, Any]:
     _check_choice("preset", name, tuple(PRESETS))
     for key, value in PRESETS[name].items():
         out.setdefault(key, value)
+    if "image-size" in out and "patch-size" not in out and not _native(out.get("spacing", 0)):
+        # whole volumes resized to the grid: the patch is the grid unless given (as --image-size)
+        out["patch-size"] = out["image-size"]
     return out
+
+
+def _native(spacing: Any) -> bool:
+    """Whether a run-config ``spacing`` (maybe text) asks for the native grid; a value that is
+    not a number is left for the config's own check to name."""
+    try:
+        return float(spacing) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def given_keys(run_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,12 +8,14 @@ from typing import Any
 from fedseg.config import TRAIN_PRESET, FedsegConfig
 from fedseg.errors import ConfigError
 
-#: ``--preset`` help, shared by study, train, privacy-sweep and robustness
-PRESET_HELP = (
+#: ``--preset`` help of a command without ``--set`` (privacy-sweep)
+PRESET_HELP_NO_SET = (
     "Named set of config values: cpu-demo (the defaults, a 2-core laptop), cpu-native (2 mm "
     "grid, 64^3 patches, the same network; about 2.5x the time) or gpu (native 1 mm, 128^3 "
-    "patches, nnU-Net-size U-Net, bf16); explicit options and --set win over it."
+    "patches, nnU-Net-size U-Net, bf16); explicit options win over it."
 )
+#: ``--preset`` help, shared by the commands with ``--set`` (study, robustness, continual)
+PRESET_HELP = PRESET_HELP_NO_SET.replace("explicit options win", "explicit options and --set win")
 
 #: ``--et-min-volume`` help, shared by evaluate and predict
 ET_MIN_VOLUME_HELP = (

@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
             if et_min_volume is not None:
                 cfg = cfg.replace(et_min_volume=float(et_min_volume))
             landmarks = model_landmarks(model)
-            patient = load_patient(case, rules=rules)
+            patient = load_patient(case, rules=rules, uses=card["modalities"])
             result = predict_patient(net, cfg, card, patient, out, device, landmarks=landmarks)
         if json_out:
             doc = {

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from fedseg.cli._common import existing_folder, user_errors, writable_folder
-from fedseg.cli.options import PRESET_HELP
+from fedseg.cli.options import PRESET_HELP_NO_SET
 
 _HELP = (
     "Run the same federation at several privacy levels and compare utility, privacy and cost."
@@ -164,11 +164,12 @@ def privacy_sweep_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the table as JSON on stdout.")
     ] = False,
-    preset: Annotated[str | None, typer.Option("--preset", help=PRESET_HELP)] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help=PRESET_HELP_NO_SET)] = None,
 ) -> None:
     """Run the sweep (see ``fedseg privacy-sweep --help``)."""
     from fedseg.cli.options import config_from_options, defaults_under_preset
     from fedseg.study.privacy_sweep import (
+        check_arm_configs,
         parse_epsilons,
         parse_secure,
         plan_arms,
@@ -182,7 +183,7 @@ def privacy_sweep_command(
         check_engine(engine, allowed=("simulation", "inprocess"))
         eps = parse_epsilons(epsilons)
         modes = parse_secure(secure)
-        plan_arms(eps, modes, arms, dp_mode)  # bad names fail before any work
+        planned = plan_arms(eps, modes, arms, dp_mode)  # bad names fail before any work
         defaults = defaults_under_preset(SWEEP_DEFAULTS, preset)
         size = image_size if image_size is not None else defaults.get("image_size")
         options: dict[str, Any] = {
@@ -206,6 +207,7 @@ def privacy_sweep_command(
             if options[key] is None:
                 options[key] = value
         cfg = config_from_options(**options)
+        check_arm_configs(planned, cfg)  # an arm's refused config fails before any work
         if data is not None:
             existing_folder(data, "labelled dataset folder (--data)")
         if public_data is not None:
@@ -242,6 +244,7 @@ def _print_table(rows: list[dict[str, Any]], doc: dict[str, Any]) -> None:
 
     from fedseg.cli._common import make_console
     from fedseg.data.case import REGIONS
+    from fedseg.study.privacy_report import dice_points
 
     def f(v: Any, digits: int = 3) -> str:
         return "-" if v is None else f"{v:.{digits}f}"
@@ -267,6 +270,6 @@ def _print_table(rows: list[dict[str, Any]], doc: dict[str, Any]) -> None:
         verdict = "met" if target["met"] else "not met"
         console.print(
             f"utility target (epsilon 8, mean Dice within 5 points of no DP): {verdict} "
-            f"(drop {100 * target['drop']:.1f} points)"
+            f"(drop {dice_points(target['drop']):.1f} points)"
         )
     console.print(f"report: {doc['report']}")

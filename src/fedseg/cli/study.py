@@ -58,7 +58,10 @@ def study_command(
     ] = "default",
     sites: Annotated[
         int | None,
-        typer.Option(help="Number of virtual hospitals, at least 2 (default 4)."),
+        typer.Option(
+            help="Number of virtual hospitals, at least 2 (default 4; with a partition CSV, "
+            "the CSV's sites)."
+        ),
     ] = None,
     rounds: Annotated[
         int | None,
@@ -74,7 +77,7 @@ def study_command(
         str | None,
         typer.Option(
             help="Partition scheme (iid, quantity, tumour-size, scanner, dirichlet, "
-            "mixed) or a CSV file case_id,site."
+            "mixed) or a CSV file case_id,site (its sites are the study's)."
         ),
     ] = None,
     seed: Annotated[
@@ -203,6 +206,12 @@ def study_command(
                 options["partition"] = partition
         cfg = config_from_options(sets=sets or (), **options)
         explicit = parse_sets(sets or ())
+        if cfg.partition == "csv" and sites is None and "num-sites" not in explicit:
+            # the partition CSV decides how many sites there are; an explicit --sites that
+            # disagrees with it is refused when the cases are partitioned
+            from fedseg.data.partition import read_partition
+
+            cfg = cfg.replace(num_sites=len(read_partition(Path(cfg.partition_file))))
         for key, per_arm in PER_ARM_KEYS.items():
             if key in explicit and per_arm not in explicit:
                 # an explicit learning rate (augment) is every arm's, as it reads

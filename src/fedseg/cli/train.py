@@ -16,8 +16,97 @@ import typer
 
 from fedseg.cli._common import existing_folder, user_errors, writable_folder
 from fedseg.config import PRESETS, TRAIN_PRESET, FedsegConfig
+from fedseg.errors import ConfigError, did_you_mean
 
 _DEFAULTS = FedsegConfig()
+
+
+def parse_modalities(text: str) -> tuple[str, ...]:
+    """``"flair, t1ce"`` -> ``("flair", "t1ce")``, checked before any case is prepared.
+
+    Parameters
+    ----------
+    text:
+        The value of ``--modalities``: comma-separated modality names.
+
+    Returns
+    -------
+    tuple of str
+        The names, in the order given.
+
+    Raises
+    ------
+    ConfigError
+        A name is not one of :data:`fedseg.data.case.MODALITIES`, a name is repeated, or no
+        name is given.
+    """
+    from fedseg.data.case import MODALITIES
+
+    mods = tuple(m.strip() for m in text.split(",") if m.strip())
+    allowed = ", ".join(MODALITIES)
+    unknown = [m for m in mods if m not in MODALITIES]
+    if unknown:
+        raise ConfigError(
+            f"--modalities {text!r}: unknown modality {unknown[0]!r}; expected a "
+            f"comma-separated subset of {allowed}{did_you_mean(unknown[0], MODALITIES)}"
+        )
+    if not mods:
+        raise ConfigError(
+            f"--modalities {text!r}: no modality given; expected a comma-separated subset of "
+            f"{allowed}"
+        )
+    repeated = sorted({m for m in mods if mods.count(m) > 1})
+    if repeated:
+        raise ConfigError(
+            f"--modalities {text!r}: {repeated[0]!r} is given twice; expected a "
+            f"comma-separated subset of {allowed}, each name once"
+        )
+    return mods
+
+
+def check_run_data(out: Path, data: Path) -> None:
+    """Refuse to resume a run folder whose split lists cases that ``data`` does not hold.
+
+    A resumed run reads its cases from ``OUT/split.json``; a run folder trained on another data
+    folder would otherwise fail later with a bare list of missing cases.
+
+    Parameters
+    ----------
+    out:
+        The run folder (``--out``); nothing is checked without ``checkpoint.pt`` and
+        ``split.json`` in it (a fresh run writes a new split).
+    data:
+        The dataset folder of this command.
+
+    Raises
+    ------
+    ConfigError
+        ``split.json`` names cases that ``data`` lacks, or cannot be read.
+    """
+    import json
+
+    from fedseg.data.readers import discover_cases
+    from fedseg.study.centralized import CHECKPOINT
+
+    split_path = Path(out) / "split.json"
+    if not (Path(out) / CHECKPOINT).is_file() or not split_path.is_file():
+        return
+    try:
+        split = json.loads(split_path.read_text(encoding="utf-8"))
+        listed = {str(c) for ids in split.values() for c in ids}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            f"--out {out}: its split.json cannot be read ({exc}); use another --out, or "
+            "--no-resume to start over there"
+        ) from None
+    missing = sorted(listed - {r.case_id for r in discover_cases(Path(data))})
+    if missing:
+        few = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ConfigError(
+            f"--out {out} holds a run trained on another data folder (its name is not recorded): "
+            f"its split.json lists {len(missing)} case(s) that {data} does not hold ({few}); "
+            "use another --out for this data folder, or --no-resume to start over there"
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -111,9 +200,11 @@ def register(app: typer.Typer) -> None:
             )
             # chosen on validation cases unless given (--et-min-volume or --set)
             fixed = et_min_volume is not None or "et-min-volume" in parse_sets(sets or ())
-            mods = tuple(m.strip() for m in modalities.split(",") if m.strip())
+            mods = parse_modalities(modalities)
             existing_folder(data, "dataset folder in BraTS 2020/2021/2023 or MSD layout")
             writable_folder(out, "--out")
+            if resume:
+                check_run_data(out, data)
             result = train_centralized(
                 data,
                 out,

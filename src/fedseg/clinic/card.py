@@ -166,13 +166,20 @@ def write_study_cards(
     metrics: Mapping[str, Any],
     history: Sequence[Mapping[str, Any]] | None,
 ) -> None:
-    """Cards for one study arm's models (``models``: site or ``*`` to a path under ``out``)."""
+    """Cards for one study arm's models (``models``: site or ``*`` to a path under ``out``).
+
+    A federated arm's card states its rounds and local epochs per round; a baseline arm's
+    (centralized, local) the epochs it trained: the study's budget, rounds x local epochs.
+    """
     hospitals = {
         s: {"train": len(sites.train.get(s, ())), "test": len(sites.test.get(s, ()))}
         for s in sites.parts
     }
     fed = federation_summary(history or [])
     rounds = fed["rounds"] if history else None
+    # a baseline arm trains for the study's epoch budget (rounds x local epochs, as
+    # fedseg.study.study.epoch_budget), never for cfg.epochs, which only `fedseg train` uses
+    epochs = cfg.local_epochs if history else int(cfg.num_server_rounds) * int(cfg.local_epochs)
     for site, rel in models.items():
         # a local-only model saw only its own hospital's cases
         own = {site: hospitals[site]} if arm == "local" and site in hospitals else hospitals
@@ -182,7 +189,7 @@ def write_study_cards(
             strategy=arm,
             hospitals=own,
             rounds=rounds,
-            epochs=cfg.local_epochs if history else cfg.epochs,
+            epochs=epochs,
             epsilon=fed["epsilon"],
             dice=metrics,
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ _SEGMENTS = (
     (2, "peritumoural oedema", "Edema"),
     (4, "enhancing tumour", "Tumor"),
 )
+
+
+#: highdicom's warning about a PatientName of one component (``"PAT-7"``), a regex
+_PERSON_NAME_WARNING = r'The string ".*" is unlikely to represent the intended person name'
 
 
 @dataclass
@@ -90,7 +95,22 @@ def _load_dicom(folder: Path, rules: Any) -> Patient:
     )
 
 
-def _load_nifti_files(files: Sequence[Path], channels: int) -> Patient:
+def _channels_message(found: int, channels: int, uses: Sequence[str] | None) -> str:
+    """Why ``found`` image channels are refused: what predict reads and what the model uses."""
+    order = ", ".join(MODALITIES[:channels])
+    if uses is not None and list(uses) == list(MODALITIES[:channels]):
+        return f"{found} image channel(s), the model needs {channels} ({order} in this order)"
+    count = "four" if channels == 4 else str(channels)
+    # predict always reads every modality (the overlay shows the T1ce); a model trained on a
+    # subset takes its own channels out of them
+    tail = f"; this model uses {', '.join(uses)}" if uses is not None else ""
+    reads = f"predict reads the {count} modalities {order} in this order"
+    return f"{found} image channel(s); {reads}{tail}"
+
+
+def _load_nifti_files(
+    files: Sequence[Path], channels: int, uses: Sequence[str] | None = None
+) -> Patient:
     from fedseg.data.readers import load_nifti
 
     arrays: list[np.ndarray] = []
@@ -106,10 +126,7 @@ def _load_nifti_files(files: Sequence[Path], channels: int) -> Patient:
             affines.append(affine)
     if len(arrays) != channels:
         names = ", ".join(p.name for p in files)
-        raise LayoutError(
-            f"{names}: {len(arrays)} image channel(s), the model needs {channels} "
-            f"({', '.join(MODALITIES[:channels])} in this order)"
-        )
+        raise LayoutError(f"{names}: {_channels_message(len(arrays), channels, uses)}")
     for f, a, arr in zip(files, affines, arrays, strict=False):
         if arr.shape != arrays[0].shape or not np.allclose(a, affines[0], atol=1e-3):
             raise GeometryError(
@@ -120,7 +137,13 @@ def _load_nifti_files(files: Sequence[Path], channels: int) -> Patient:
     return Patient(Case(name, np.stack(arrays), None, affines[0]), source="nifti")
 
 
-def load_patient(inputs: Sequence[Path], *, channels: int = 4, rules: Any = None) -> Patient:
+def load_patient(
+    inputs: Sequence[Path],
+    *,
+    channels: int = 4,
+    rules: Any = None,
+    uses: Sequence[str] | None = None,
+) -> Patient:
     """Read one patient from a case folder, NIfTI files or a DICOM folder.
 
     Parameters
@@ -128,9 +151,13 @@ def load_patient(inputs: Sequence[Path], *, channels: int = 4, rules: Any = None
     inputs:
         One folder (BraTS case folder, or DICOM files), or NIfTI files (t1, t1ce, t2, flair).
     channels:
-        How many input channels the model takes.
+        How many image channels are read: the modalities t1, t1ce, t2, flair, whatever the
+        model uses of them.
     rules:
         The DICOM series mapping (default :data:`fedseg.clinic.dicom.DEFAULT_RULES`).
+    uses:
+        The modalities the model takes (its card's ``modalities``), named when the images
+        are refused; ``None``: not known.
 
     Raises
     ------
@@ -160,7 +187,7 @@ def load_patient(inputs: Sequence[Path], *, channels: int = 4, rules: Any = None
         raise LayoutError(
             f"{not_nifti[0]}: expected a case folder, a DICOM folder, or NIfTI files (.nii.gz)"
         )
-    return _load_nifti_files(paths, channels)
+    return _load_nifti_files(paths, channels, uses)
 
 
 def region_volumes_ml(label: np.ndarray, affine: np.ndarray) -> dict[str, float]:
@@ -229,22 +256,26 @@ def write_dicom_seg(
         )
         for number, (_, text, prop) in enumerate(_SEGMENTS, start=1)
     ]
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=900,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="fedseg",
-        manufacturer_model_name=f"fedseg {card['strategy']} ({card['preset']})",
-        software_versions=__version__,
-        device_serial_number=card["sha256"][:16],
-        series_description="fedseg tumour segmentation",
-        omit_empty_frames=False,
-    )
+    with warnings.catch_warnings():
+        # highdicom checks the source's PatientName and warns about a single-component one
+        # (an anonymised "PAT-7"); the SEG copies the name as the hospital wrote it
+        warnings.filterwarnings("ignore", message=_PERSON_NAME_WARNING, category=UserWarning)
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=900,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="fedseg",
+            manufacturer_model_name=f"fedseg {card['strategy']} ({card['preset']})",
+            software_versions=__version__,
+            device_serial_number=card["sha256"][:16],
+            series_description="fedseg tumour segmentation",
+            omit_empty_frames=False,
+        )
     seg.save_as(path)
 
 

@@ -728,6 +728,12 @@ def _target(kept: float, gap: float, too_small: bool) -> str:
     return "met" if kept >= 0.5 and gap >= -0.02 else "not met"
 
 
+def _dice(value: float) -> float:
+    """A mean Dice (difference) rounded to the 3 decimals it is printed with, never ``-0.0``."""
+    # round() keeps the sign of a value that rounds to zero; adding 0.0 turns -0.0 into 0.0
+    return round(float(value), 3) + 0.0
+
+
 def findings(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Plain sentences written from the numbers (what the tables show, and what they do not)."""
     out: list[str] = []
@@ -738,13 +744,15 @@ def findings(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
         too_small = f < FORGETTING_TOO_SMALL
         if too_small:
             out.append(
-                f"Naive continued training lost {f:.3f} mean Dice on phase A's held-out cases: "
+                f"Naive continued training lost {_dice(f):.3f} mean Dice on phase A's held-out "
+                "cases: "
                 "there was next to nothing to forget in this scenario, so the methods against "
                 "forgetting cannot show their effect here (what they keep of it is noise)."
             )
         else:
             out.append(
-                f"Naive continued training lost {f:.3f} mean Dice on phase A's held-out cases."
+                f"Naive continued training lost {_dice(f):.3f} mean Dice on phase A's held-out "
+                "cases."
             )
     for name in ("ewc", "lwf"):
         arm = arms.get(name, {})
@@ -756,7 +764,7 @@ def findings(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
         target = _target(kept, gap, too_small)
         out.append(
             f"{name.upper()} kept {kept:.0%} of what naive training forgot ({verdict}), at "
-            f"{gap:+.3f} mean Dice on phase B's held-out new cases compared with naive "
+            f"{_dice(gap):+.3f} mean Dice on phase B's held-out new cases compared with naive "
             f"(keep at least half at no more than 0.02 below naive: {target})."
         )
 
@@ -783,20 +791,21 @@ def findings(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
             target = _target(kept, gap, naive_post.get("forgetting", 0.0) < FORGETTING_TOO_SMALL)
             out.append(
                 f"{how(view, post)}, {name.upper()} kept {kept:.0%} of what naive training "
-                f"forgot, at {gap:+.3f} mean Dice on phase B's held-out new cases compared with "
+                f"forgot, at {_dice(gap):+.3f} mean Dice on phase B's held-out new cases "
+                "compared with "
                 f"naive (target: {target})."
             )
     joint = arms.get("joint", {})
     if joint.get("status") == "ok" and "forgetting" in joint:
         versus = (
-            f", and scored {joint['new-minus-naive']:+.3f} mean Dice on phase B's held-out "
+            f", and scored {_dice(joint['new-minus-naive']):+.3f} mean Dice on phase B's held-out "
             "new cases compared with naive"
             if "new-minus-naive" in joint
             else ""
         )
         out.append(
             f"Joint training (phase A's cases train again) changed phase-A Dice by "
-            f"{-joint['forgetting']:+.3f}{versus}: the reference for what a federation that "
+            f"{_dice(-joint['forgetting']):+.3f}{versus}: the reference for what a federation that "
             "keeps its old cases can do."
         )
     return out

@@ -245,10 +245,14 @@ def _prepare_one(
 
 
 def source_stamp(ref: CaseRef) -> str | None:
-    """A hash of the case's source files (path, size, modification time); ``None`` when one
-    of them is missing or unreadable."""
+    """A hash of the case's source files (absolute path, size, modification time); ``None``
+    when one of them is missing or unreadable.
+
+    The paths are made absolute first, so a folder named relatively (``--data data``) and
+    absolutely (a site's ``data-path``) finds the same prepared cases."""
     h = hashlib.sha1()
-    for p in sorted({*map(str, ref.images.values()), *([str(ref.label)] if ref.label else [])}):
+    files = [*ref.images.values(), *([ref.label] if ref.label else [])]
+    for p in sorted({str(Path(f).resolve()) for f in files}):
         try:
             st = Path(p).stat()
         except OSError:

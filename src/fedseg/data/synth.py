@@ -928,6 +928,12 @@ def write_case(case: Case, out_dir: Path) -> CaseRef:
 
 #: voxel sizes (mm) ``generate_cohort`` writes: 2 as synthesised, 1 on BraTS's own grid
 SYNTH_SPACINGS: tuple[float, ...] = (2.0, 1.0)
+#: the grid :func:`rerender_cases` writes: a cohort on it can have its cases drawn again
+REDRAW_SPACING = 2.0
+#: written by :func:`generate_cohort` into a cohort on :data:`REDRAW_SPACING`: the cohort's
+#: seed and size, so that a study (``--holdout-scanner``) can draw its cases again on another
+#: scanner profile
+COHORT_MARKER = ".fedseg-cohort.json"
 #: BraTS's native grid: 240 x 240 x 155 voxels of 1 mm
 BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
 
@@ -1077,6 +1083,13 @@ def generate_cohort(
 
     write_clinical_csv(out / "clinical.csv", {ref.case_id: rec for ref, _, rec in results})
     _write_csv(out / "cohort.csv", [row for _, row, _ in results])
+    marker = out / COHORT_MARKER
+    if spacing == REDRAW_SPACING:  # its cases can be drawn again (rerender_cases)
+        from fedseg.utils.io import atomic_write_json
+
+        atomic_write_json(marker, {"num-cases": num_cases, "seed": seed})
+    else:
+        marker.unlink(missing_ok=True)
     return [ref for ref, _, _ in results]
 
 

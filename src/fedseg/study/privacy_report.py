@@ -172,6 +172,25 @@ def cost_bars(rows: Sequence[Mapping[str, Any]]) -> bytes:
 # HTML
 
 
+def dice_points(fraction: float, digits: int = 1) -> float:
+    """A Dice difference in points (x 100), rounded to ``digits`` decimals, never ``-0.0``.
+
+    Parameters
+    ----------
+    fraction:
+        The difference as a fraction (``0.012`` -> 1.2 points).
+    digits:
+        Decimals it is printed with.
+
+    Returns
+    -------
+    float
+        The rounded points; a tiny negative difference becomes ``0.0``, not ``-0.0``.
+    """
+    # round() keeps the sign of a value that rounds to zero; adding 0.0 turns -0.0 into 0.0
+    return round(100 * float(fraction), digits) + 0.0
+
+
 def _findings(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     notes: list[str] = []
     target = doc.get("utility-target", {})
@@ -182,7 +201,7 @@ def _findings(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list
         notes.append(
             f"Utility target {verdict}: at epsilon 8 the mean pooled Dice is "
             f"{target['dp']:.3f} against {target['no-dp']:.3f} without DP "
-            f"(drop {100 * target['drop']:.1f} points; target: at most "
+            f"(drop {dice_points(target['drop']):.1f} points; target: at most "
             f"{100 * target['margin']:.0f})."
         )
     public = _public_only(rows)
@@ -204,7 +223,7 @@ def _findings(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list
             )
         for eps, r in _dp_points(rows):
             if r.get("mean_dice") is not None:
-                added = 100 * (r["mean_dice"] - public["mean_dice"])
+                added = dice_points(r["mean_dice"] - public["mean_dice"])
                 notes.append(
                     f"{r['arm']} (epsilon {eps:.2f}): private fine-tuning adds {added:+.1f} "
                     f"points to the public model."
@@ -359,7 +378,7 @@ def _results_table(rows: Sequence[Mapping[str, Any]]) -> str:
                 esc(r.get("secure_aggregation")),
                 *(num(r.get(k)) for k in REGIONS),
                 num(r.get("mean_dice")),
-                "–" if drop is None else f"{100 * drop:+.1f} pts",
+                "–" if drop is None else f"{dice_points(drop):+.1f} pts",
                 num(r.get("mia_auc_loss"), 2)
                 + ("" if r.get("mia_auc_loss_se") is None else f" ± {r['mia_auc_loss_se']:.2f}"),
                 num(r.get("mia_auc_calibrated"), 2),

@@ -51,10 +51,12 @@ in-process engine the CPU time of this process is reported too (the sites train 
 Features that are not there
 ---------------------------
 An arm whose feature this build lacks is *skipped with a recorded reason*, never run as
-something else: an arm is skipped when its config is refused
-(:class:`fedseg.errors.ConfigError`) or when its first round shows no sign of the feature (a
-DP arm whose history reports no epsilon; a secure arm whose messages carry only the plain
-records). Its folder is then removed and no result is kept, so that a later build runs it.
+something else: an arm is skipped when its first round shows no sign of the feature (a DP arm
+whose history reports no epsilon; a secure arm whose messages carry only the plain records).
+Its folder is then removed and no result is kept, so that a later build runs it. An arm whose
+config is refused (:class:`fedseg.errors.ConfigError`, e.g. client-level DP with a strategy
+that does not produce it) is a usage error, not a missing feature: :func:`check_arm_configs`
+refuses the sweep before any work.
 
 Output folder::
 
@@ -90,7 +92,7 @@ import numpy as np
 
 from fedseg.config import SECURE_MODES, FedsegConfig
 from fedseg.data.case import REGIONS
-from fedseg.errors import ConfigError, did_you_mean
+from fedseg.errors import ArmSpecError, ConfigError, did_you_mean
 from fedseg.experiment import Arm, ArmSkipped, fingerprint, run_experiment
 from fedseg.experiment.results import file_sha256
 from fedseg.utils.io import atomic_write_csv, atomic_write_json
@@ -309,6 +311,30 @@ def plan_arms(
     return [a for a in arms if a.name in wanted]
 
 
+def check_arm_configs(arms: Sequence[SweepArm], cfg: FedsegConfig) -> None:
+    """Refuse the sweep when the config of one of its arms is refused, before any work.
+
+    Parameters
+    ----------
+    arms:
+        The planned arms (:func:`plan_arms`).
+    cfg:
+        The sweep's config, before the arms' privacy keys are set.
+
+    Raises
+    ------
+    ArmSpecError
+        An arm's config is refused; the message names the arm and the reason.
+    """
+    for arm in arms:
+        try:
+            arm.config(cfg)
+        except ConfigError as exc:  # the message names the arm already
+            raise ArmSpecError(
+                f"{exc}; leave the arm out with --arms, or change the option it conflicts with"
+            ) from None
+
+
 # --------------------------------------------------------------------------------------------
 # reading the run's history
 
@@ -513,8 +539,8 @@ def run_privacy_sweep(
     Raises
     ------
     ConfigError
-        Bad arm selection, a bad pretraining setting, or a bad setting of the cohort /
-        partition.
+        Bad arm selection, an arm whose config is refused (:func:`check_arm_configs`), a bad
+        pretraining setting, or a bad setting of the cohort / partition.
     fedseg.errors.DataError
         The data cannot be read or partitioned.
     """
@@ -523,6 +549,7 @@ def run_privacy_sweep(
     from fedseg.utils.runtime import pick_device
 
     planned = plan_arms(epsilons, secure, arms, dp_mode)
+    check_arm_configs(planned, cfg)
     engine = check_engine(engine, allowed=("simulation", "inprocess"))
     if pretrain < 0 or public_cases < 4:
         raise ConfigError(
@@ -552,11 +579,10 @@ def run_privacy_sweep(
     by_name = {a.name: a for a in planned}
 
     def fingerprint_of(arm: Arm) -> dict[str, Any]:
-        try:
-            arm_cfg = arm.config(cfg)
-        except ConfigError:  # refused by this build: skipped when it runs
-            arm_cfg = cfg
-        return fingerprint(arm_cfg, data=data_dir, partition=sites.parts, ignore=_NOT_COMPARED)
+        # every arm's config was checked up front (check_arm_configs)
+        return fingerprint(
+            arm.config(cfg), data=data_dir, partition=sites.parts, ignore=_NOT_COMPARED
+        )
 
     def run_arm(arm: Arm, folder: Path) -> dict[str, Any]:
         return _run_arm(by_name[arm.name], folder, cfg, data_dir, sites, device, progress, engine)
@@ -631,10 +657,7 @@ def _run_arm(
     from fedseg.privacy.mia import run_mia
     from fedseg.study.study import ProgressBar, evaluate_models, make_evaluator, mean_dice_of_row
 
-    try:
-        arm_cfg = arm.config(cfg)
-    except ConfigError as exc:  # a mode this build refuses
-        raise ArmSkipped(f"the config is refused: {exc}") from None
+    arm_cfg = arm.config(cfg)  # checked up front: a refused config is a usage error
     with ProgressBar(arm.name, cfg.num_server_rounds, "round", progress) as bar:
         run = run_federation(
             arm_cfg,

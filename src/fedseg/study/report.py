@@ -47,6 +47,27 @@ _PRETTY = {
 _STILL_RISING = 0.02
 
 
+#: what each federation engine (``study.engine`` of metrics.json) is, for the report's texts
+_ENGINE_RUN = {
+    "simulation": "Flower simulation",
+    "inprocess": "Flower's ServerApp and ClientApp in this process (engine <code>inprocess</code>, "
+    "the sites one after another, no Ray)",
+    "superlink": "a live Flower SuperLink and its SuperNodes (engine <code>superlink</code>)",
+}
+#: what a federated arm's start-up time holds on each engine
+_ENGINE_STARTUP = {
+    "simulation": "starting the Flower Simulation Engine (Ray)",
+    "inprocess": "starting the federation in this process (no Ray)",
+    "superlink": "submitting the run to the SuperLink until every site answered",
+}
+
+
+def study_engine(doc: Mapping[str, Any]) -> str:
+    """The engine the study's federated arms ran on (``study.engine``); ``simulation`` for a
+    study recorded before the key existed (it was the only engine then)."""
+    return str(doc.get("study", {}).get("engine") or "simulation")
+
+
 # --------------------------------------------------------------------------------------------
 # numbers
 
@@ -436,7 +457,11 @@ def _header(doc: Mapping[str, Any]) -> str:
             + _shared_or_per_arm(
                 doc, "augment", parse_augment(cfg.get("augment", False)), code=True
             )
-            + f"; FedProx mu {esc(cfg.get('proximal-mu'))}",
+            + (
+                f"; FedProx mu {esc(cfg.get('proximal-mu'))}"
+                if any(split_arm(a)[0] == "fedprox" for a in doc.get("arms", {}))
+                else ""
+            ),
         ),
         ("arms", ", ".join(esc(pretty(a)) for a in doc.get("arms", {}))),
         (
@@ -723,12 +748,13 @@ def _timing_section(doc: Mapping[str, Any]) -> str:
     arms = doc.get("arms", {})
     if not arms:
         return ""
+    engine = study_engine(doc)
     header = [
         "arm",
         "total (s)",
         "training (s)",
         "final evaluation (s)",
-        "simulation start-up (s)",
+        "simulation start-up (s)" if engine == "simulation" else "federation start-up (s)",
         "per round / epoch (s)",
         "site training in rounds (s)",
         "federation overhead (s)",
@@ -757,17 +783,29 @@ def _timing_section(doc: Mapping[str, Any]) -> str:
                 pct(share),
             ]
         )
+    if engine == "simulation":
+        path = (
+            "the sites' measured compute scheduled, in the order the Simulation Engine "
+            "dispatches them, on its workers (so waiting for a busy worker is compute)"
+        )
+        rest = ""
+    else:
+        path = "the longest site's compute in the round, as if each site had its own machine"
+        rest = (
+            ", and here the other sites' compute too (they ran one after another in this process)"
+            if engine == "inprocess"
+            else ""
+        )
+    startup = _ENGINE_STARTUP.get(engine, f"starting the {esc(engine)} engine")
     return (
         "<h2>Timing</h2>"
         "<p>Wall-clock seconds on this machine. <em>Training</em> includes the learning-curve "
-        "scoring after each epoch or round and, for federated arms, starting the Flower "
-        "Simulation Engine (Ray), shown separately. Local only trains the sites one after "
+        f"scoring after each epoch or round and, for federated arms, {startup}, shown "
+        "separately. Local only trains the sites one after "
         "another (a real deployment would run them in parallel). For federated arms, site "
-        "training and evaluation count on their critical path: the sites' measured compute "
-        "scheduled, in the order the Simulation Engine dispatches them, on its workers (so "
-        "waiting for a busy worker is compute). The overhead is the rest of each round: "
-        "messaging and Flower's polling, serialisation, the sites' state files, validation, "
-        "aggregation and the checkpoint.</p>" + table(header, body)
+        f"training and evaluation count on their critical path: {path}. The overhead is the "
+        "rest of each round: messaging and Flower's polling, serialisation, the sites' state "
+        f"files, validation, aggregation and the checkpoint{rest}.</p>" + table(header, body)
     )
 
 
@@ -894,8 +932,9 @@ def _method_section(doc: Mapping[str, Any]) -> str:
         "<li>Every arm starts from the same initial weights (seed "
         f"{esc(cfg.get('seed'))}) and gets the same budget of passes over local data. "
         "<em>Centralized</em>: one model on the union of the sites' training cases. "
-        "<em>Local only</em>: each site trains alone on its own cases. Federated arms: Flower "
-        "simulation, all sites every round.</li>"
+        "<em>Local only</em>: each site trains alone on its own cases. Federated arms: "
+        f"{_ENGINE_RUN.get(study_engine(doc), esc(study_engine(doc)))}, all sites every "
+        "round.</li>"
         f"{_rates_note(doc)}"
         f"{_augment_note(doc)}"
         "<li>Each site's cases are split into training and test cases once; the pooled test "

@@ -88,7 +88,8 @@ if TYPE_CHECKING:
     from fedseg.site.trainer import SiteTrainer
 
 RESULTS_FORMAT = "fedseg-study-v1"
-#: the marker written into a generated cohort folder once generation has finished
+#: the marker written into a generated cohort folder once generation has finished (the same
+#: name as :data:`fedseg.data.synth.COHORT_MARKER`, which ``fedseg synth`` writes too)
 COHORT_MARKER = ".fedseg-cohort.json"
 #: number of pooled test cases drawn in the report's segmentation overlays
 NUM_OVERLAY_CASES = 3
@@ -625,6 +626,13 @@ def make_sites(
     if holdout_scanner and paired and not validation:
         test_ids = [c for v in splits.values() for c in v["test"]]
         sites.paired = paired_cases(out, cfg, data_dir, test_ids, holdout_scanner, progress)
+        if not sites.paired and console is not None:
+            console.print(
+                f"[dim]no 'same tumours on {holdout_scanner}' table: {data_dir} has no "
+                f"{COHORT_MARKER}, so its test cases cannot be drawn again on that scanner (only "
+                "a cohort fedseg generated on its 2 mm grid can: fedseg synth, or the "
+                "study's own)[/dim]"
+            )
     return sites, summary
 
 
