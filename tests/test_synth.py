@@ -93,7 +93,9 @@ def _ellipsoid_dice(mask: np.ndarray) -> float:
 def test_files_named_as_brats2021(cohort: Cohort) -> None:
     out, refs = cohort
     ids = [f"SYN_{i:05d}" for i in range(NUM_CASES)]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*ids, "clinical.csv", "cohort.csv"])
+    # .fedseg-cohort.json: the seed and size, so a study can draw the cases again
+    expected = [*ids, "clinical.csv", "cohort.csv", ".fedseg-cohort.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
     for cid, ref in zip(ids, refs, strict=True):
         names = sorted(p.name for p in (out / cid).iterdir())
         assert names == sorted(f"{cid}_{s}.nii.gz" for s in SUFFIXES)
