@@ -175,3 +175,20 @@ def test_a_refused_site_is_named_and_known() -> None:
     directory.discover(grid, timeout=5, refusal=lambda site: "not in the registry")
 
     assert directory.known == {"site-0"}  # refused sites still appear in every round's record
+
+
+def test_a_site_that_could_not_prepare_is_logged_by_what_is_known_of_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    q = query_messages([5, 6])
+    failed = RecordDict({R.ERROR: ConfigRecord({"code": "E100:ConfigError"})})
+    named = RecordDict(
+        {R.ERROR: ConfigRecord({"code": "E100:ConfigError"}), R.SITE: ConfigRecord({"name": "b"})}
+    )
+
+    with caplog.at_level("WARNING"):
+        read_answers([Message(failed, reply_to=q[0]), Message(named, reply_to=q[1])])
+
+    lines = [r.getMessage() for r in caplog.records]
+    assert "node 5 could not prepare: E100:ConfigError" in lines  # no "site None"
+    assert "site b (node 6) could not prepare: E100:ConfigError" in lines
