@@ -177,9 +177,11 @@ def write_study_cards(
     }
     fed = federation_summary(history or [])
     rounds = fed["rounds"] if history else None
-    # a baseline arm trains for the study's epoch budget (rounds x local epochs, as
-    # fedseg.study.study.epoch_budget), never for cfg.epochs, which only `fedseg train` uses
-    epochs = cfg.local_epochs if history else int(cfg.num_server_rounds) * int(cfg.local_epochs)
+    from fedseg.study.study import epoch_budget  # the caller's module: loaded already
+
+    # a baseline arm trains for the study's epoch budget, never for cfg.epochs, which only
+    # `fedseg train` uses
+    epochs = cfg.local_epochs if history else epoch_budget(cfg)
     for site, rel in models.items():
         # a local-only model saw only its own hospital's cases
         own = {site: hospitals[site]} if arm == "local" and site in hospitals else hospitals
