@@ -717,6 +717,15 @@ class FedsegConfig:
             widths = [min(w, self.max_channels) for w in widths]
         return tuple(widths)
 
+    @property
+    def epoch_budget(self) -> int:
+        """Passes over local data every study arm gets: ``num-server-rounds`` x ``local-epochs``.
+
+        A federated arm spends it as rounds of local epochs, a centralized or local-only arm
+        as that many epochs in one go; ``epochs`` is only what ``fedseg train`` uses.
+        """
+        return int(self.num_server_rounds) * int(self.local_epochs)
+
     def replace(self, **changes: Any) -> FedsegConfig:
         """Return a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -177,11 +177,9 @@ def write_study_cards(
     }
     fed = federation_summary(history or [])
     rounds = fed["rounds"] if history else None
-    from fedseg.study.study import epoch_budget  # the caller's module: loaded already
-
     # a baseline arm trains for the study's epoch budget, never for cfg.epochs, which only
     # `fedseg train` uses
-    epochs = cfg.local_epochs if history else epoch_budget(cfg)
+    epochs = cfg.local_epochs if history else cfg.epoch_budget
     for site, rel in models.items():
         # a local-only model saw only its own hospital's cases
         own = {site: hospitals[site]} if arm == "local" and site in hospitals else hospitals

@@ -127,8 +127,8 @@ MIN_SITE_CASES = 6
 
 
 def epoch_budget(cfg: FedsegConfig) -> int:
-    """Passes over local data every arm gets: ``num-server-rounds`` x ``local-epochs``."""
-    return int(cfg.num_server_rounds) * int(cfg.local_epochs)
+    """Passes over local data every arm gets (:attr:`FedsegConfig.epoch_budget`)."""
+    return cfg.epoch_budget
 
 
 # --------------------------------------------------------------------------------------------
