@@ -92,10 +92,39 @@ def existing_folder(path: Path, what: str) -> Path:
     raise LayoutError(f"{p}: is {kind}, not a folder (expected a {what})")
 
 
+#: folders :func:`writable_folder` created during the running command, deepest first; a command
+#: that fails removes those still empty (:func:`remove_empty_created_folders`)
+_created_folders: list[Path] = []
+
+
+def remove_empty_created_folders() -> list[Path]:
+    """Remove the folders this command created that are still empty, deepest first.
+
+    A refused command (bad option, missing data) leaves no empty ``--out`` folder behind; a
+    folder holding anything, a file of an earlier run or of this one, is never touched.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The folders removed.
+    """
+    removed: list[Path] = []
+    for folder in sorted(set(_created_folders), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            continue
+        removed.append(folder)
+    _created_folders.clear()
+    return removed
+
+
 def writable_folder(path: Path, option: str = "--out") -> Path:
     """Create ``path`` if needed and make sure files can be written into it.
 
     Only a probe file of this process is created and removed: nothing already there is touched.
+    The folders created are remembered: when the command fails they are removed again if they
+    are still empty (:class:`GuardedGroup`).
 
     Parameters
     ----------
@@ -114,8 +143,10 @@ def writable_folder(path: Path, option: str = "--out") -> Path:
     if p.exists() and not p.is_dir():
         raise OutputError(f"{option} {p}: is a file, not a folder (expected a writable folder)")
     probe = p / f".fedseg-write-test-{os.getpid()}"
+    missing = [q for q in (p, *p.parents) if not q.exists()]
     try:
         p.mkdir(parents=True, exist_ok=True)
+        _created_folders.extend(missing)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -177,7 +208,24 @@ class GuardedGroup(TyperGroup):
     """
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Run the chosen command; map :class:`FedsegError` to 2, anything else to 3."""
+        """Run the chosen command; map :class:`FedsegError` to 2, anything else to 3.
+
+        A command that does not succeed leaves no empty output folder it created behind.
+        """
+        _created_folders.clear()
+        succeeded = False
+        try:
+            result = self._invoke_guarded(ctx)
+            succeeded = True
+            return result
+        except click.exceptions.Exit as exc:
+            succeeded = exc.exit_code == EXIT_OK
+            raise
+        finally:
+            if not succeeded:
+                remove_empty_created_folders()
+
+    def _invoke_guarded(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         # click's own exits, and a reader that went away (`| head`: click ends quietly)

@@ -14,6 +14,7 @@ import typer
 
 from fedseg.cli._common import EXIT_BAD_INPUT, user_errors, writable_folder
 from fedseg.data.scanners import profile_names
+from fedseg.errors import ConfigError
 
 _HELP = "\n\n".join(
     (
@@ -83,6 +84,8 @@ def synth(
         names = [s.strip() for s in scanners.split(",") if s.strip()]
     start = time.perf_counter()
     with user_errors():
+        if cases < 1:
+            raise ConfigError(f"--cases: expected an integer >= 1, found {cases}")
         writable_folder(out, "--out")
         try:
             refs = generate_cohort(
