@@ -13,7 +13,9 @@ code                exception               meaning
 layout              LayoutError             no (or more than one) layout detected
 missing-modality    MissingModalityError    a modality file is missing
 missing-label       MissingModalityError    the label is missing (when labels are required)
-corrupt-file        CorruptFileError        unreadable: truncated, not gzip, bad header
+corrupt-file        CorruptFileError        not NIfTI: truncated, gzip vs name, bad header
+unreadable          CorruptFileError        a file or case folder this user cannot open
+                                            (permissions) or a broken symbolic link
 bad-dims            GeometryError           not 3D (MSD: not 4D with 4 channels)
 shape-mismatch      GeometryError           modalities of one case differ in shape
 affine-mismatch     GeometryError           modalities of one case differ in affine

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import struct
 import tempfile
 import zlib
@@ -73,6 +74,20 @@ _TO_INTERNAL: dict[str, dict[int, int]] = {
     "msd": {0: 0, 1: 2, 2: 1, 3: 4},
 }
 
+#: how far a label stored as floating point may lie from a whole number (e.g. 0.99999994 or
+#: 3.9999 after a tool's float round trip) and still count as that label
+LABEL_ATOL: float = 1e-3
+
+#: what a label value that a layout does not allow most likely means, per (layout, value)
+_LABEL_HINTS: dict[tuple[str, int], str] = {
+    ("brats2021", 3): "3 is the enhancing tumour in BraTS 2023 and MSD numbering; BraTS "
+    "2020/2021 files (_t1, _t1ce, _t2, _flair, _seg) number it 4",
+    ("brats2023", 4): "4 is the enhancing tumour in BraTS 2020/2021 numbering; BraTS 2023 "
+    "files (-t1n, -t1c, -t2w, -t2f, -seg) number it 3",
+    ("msd", 4): "4 is the enhancing tumour in BraTS 2020/2021 numbering; MSD Task01 labels "
+    "number it 3 (1 oedema, 2 non-enhancing tumour, 3 enhancing tumour)",
+}
+
 #: plausible voxel size of a brain MRI, in mm (inclusive)
 SPACING_RANGE_MM: tuple[float, float] = (0.2, 7.0)
 #: tolerance when comparing the affines of the files of one case
@@ -84,6 +99,7 @@ PROBLEM_CODES: dict[str, type[DataError]] = {
     "missing-modality": MissingModalityError,
     "missing-label": MissingModalityError,
     "corrupt-file": CorruptFileError,
+    "unreadable": CorruptFileError,
     "bad-dims": GeometryError,
     "shape-mismatch": GeometryError,
     "affine-mismatch": GeometryError,
@@ -219,14 +235,35 @@ def _present_values(arr: np.ndarray) -> list[float | int]:
     raise LabelValueError(f"label data type {arr.dtype} is not numeric; expected integers")
 
 
-def _remap(label: np.ndarray, mapping: dict[int, int], what: str) -> np.ndarray:
+def _label_of(value: float | int, mapping: dict[int, int]) -> int | None:
+    """The label ``value`` stands for (a whole number within :data:`LABEL_ATOL`), if allowed."""
+    v = float(value)
+    if not np.isfinite(v):
+        return None
+    nearest = round(v)
+    if abs(v - nearest) > LABEL_ATOL or nearest not in mapping:
+        return None
+    return int(nearest)
+
+
+def _remap(
+    label: np.ndarray, mapping: dict[int, int], what: str, hints: dict[int, str] | None = None
+) -> np.ndarray:
     arr = np.asarray(label)
     values = _present_values(arr)
-    illegal = [v for v in values if not (float(v).is_integer() and int(v) in mapping)]
+    illegal = [v for v in values if _label_of(v, mapping) is None]
     if illegal:
+        hint = next(
+            (hints[int(v)] for v in illegal if hints and float(v).is_integer() and int(v) in hints),
+            "",
+        )
         raise LabelValueError(
             f"illegal label value(s) {_fmt_values(illegal)} for {what}; allowed {sorted(mapping)}"
+            + (f" ({hint})" if hint else "")
         )
+    if np.issubdtype(arr.dtype, np.floating):
+        # near-whole values (0.9999) are that whole number, not the one below
+        arr = np.rint(arr)
     lut = np.zeros(256, dtype=np.uint8)
     for src, dst in mapping.items():
         lut[src] = dst
@@ -240,7 +277,9 @@ def to_internal_labels(label: np.ndarray, layout: str) -> np.ndarray:
     Parameters
     ----------
     label:
-        Integer (or integral float) array in the numbering of ``layout``.
+        Integer (or integral float) array in the numbering of ``layout``; a floating-point
+        value within :data:`LABEL_ATOL` of an allowed whole number (0.9999, 3.99999994) counts
+        as that number.
     layout:
         One of :data:`LAYOUTS`.
 
@@ -252,13 +291,15 @@ def to_internal_labels(label: np.ndarray, layout: str) -> np.ndarray:
     Raises
     ------
     LabelValueError
-        If ``label`` holds values outside :data:`LAYOUT_LABELS` ``[layout]``; the message names
-        the illegal values and the allowed set.
+        If ``label`` holds values outside :data:`LAYOUT_LABELS` ``[layout]`` (NaN included);
+        the message names the illegal values, the allowed set and, for another BraTS
+        numbering's enhancing tumour (3 vs 4), which numbering it belongs to.
     LayoutError
         If ``layout`` is unknown.
     """
     _check_layout_name(layout)
-    return _remap(label, _TO_INTERNAL[layout], f"layout {layout}")
+    hints = {value: hint for (lay, value), hint in _LABEL_HINTS.items() if lay == layout}
+    return _remap(label, _TO_INTERNAL[layout], f"layout {layout}", hints)
 
 
 def from_internal_labels(label: np.ndarray, layout: str) -> np.ndarray:
@@ -292,23 +333,125 @@ def from_internal_labels(label: np.ndarray, layout: str) -> np.ndarray:
 # NIfTI input / output
 
 
-def _read_nifti(path: Path) -> tuple[tuple[np.ndarray, np.ndarray, Any] | None, str]:
-    """Read a NIfTI file fully; return ``(result, "")`` or ``(None, what went wrong)``."""
-    if not path.is_file():
-        return None, "file not found; expected a NIfTI file (.nii or .nii.gz)"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+# pathlib's is_file / is_dir / exists raise PermissionError (Python < 3.14) when a folder on
+# the way may not be searched: these answer instead, and reading the file reports the reason.
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _absent(path: Path) -> bool:
+    """Whether nothing is at ``path`` (no entry, or a symbolic link to nothing).
+
+    An entry that exists but cannot be reached (permissions) is not absent: reading it
+    reports why.
+    """
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _broken_link_target(path: Path) -> str | None:
+    """Where ``path`` points when it is a symbolic link to nothing, else ``None``."""
+    try:
+        if not path.is_symlink() or path.exists():
+            return None
+    except OSError:
+        return None
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def _missing_detail(path: Path, expected: str) -> str:
+    """Why ``path`` is not a usable file: absent, a broken symbolic link, or not a file."""
+    target = _broken_link_target(path)
+    if target is not None:
+        return f"is a symbolic link to {target}, which does not exist; expected {expected}"
+    if not _absent(path):
+        return f"is not a regular file; expected {expected}"
+    return f"file not found; expected {expected}"
+
+
+def _open_problem(path: Path) -> tuple[str, str] | None:
+    """``(code, detail)`` when ``path`` cannot be opened or is misnamed, else ``None``.
+
+    nibabel hides a permission error behind "Could not read file" and decides on gzip from
+    the name alone, so both are told apart here, before nibabel reads the file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(len(_GZIP_MAGIC))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return "unreadable", f"cannot be opened ({reason}); expected a file this user can read"
+    if path.name.endswith(".nii") and magic == _GZIP_MAGIC:
+        return (
+            "corrupt-file",
+            f"is gzip-compressed but named .nii; expected the name {path.name}.gz "
+            "(rename the file)",
+        )
+    if path.name.endswith(".nii.gz") and magic and magic != _GZIP_MAGIC:
+        return (
+            "corrupt-file",
+            f"is not gzip-compressed but named .nii.gz; expected the name "
+            f"{path.name[: -len('.gz')]} (rename the file) or a gzip-compressed file",
+        )
+    return None
+
+
+def _read_nifti(path: Path) -> tuple[tuple[np.ndarray, np.ndarray, Any] | None, str, str]:
+    """Read a NIfTI file fully; return ``(result, "", "")`` or ``(None, code, what went wrong)``."""
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        regular = False
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return (
+            None,
+            "unreadable",
+            f"cannot be reached ({reason}); expected a file this user can read",
+        )
+    if not regular:
+        return None, "corrupt-file", _missing_detail(path, "a NIfTI file (.nii or .nii.gz)")
+    problem = _open_problem(path)
+    if problem is not None:
+        return None, *problem
     try:
         img = nib.load(path)
         # force the read: nibabel is lazy and a truncated .nii.gz only fails here
         data = np.asanyarray(img.dataobj)
     except _READ_ERRORS as exc:
         reason = f"{type(exc).__name__}: {exc}".replace(str(path), path.name)
-        return None, f"cannot be read as NIfTI ({reason}); expected a complete .nii or .nii.gz file"
+        return (
+            None,
+            "corrupt-file",
+            f"cannot be read as NIfTI ({reason}); expected a complete .nii or .nii.gz file",
+        )
     affine = getattr(img, "affine", None)
     if affine is None:
-        return None, "has no voxel-to-world affine; expected a NIfTI image"
+        return None, "corrupt-file", "has no voxel-to-world affine; expected a NIfTI image"
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
-        return None, f"holds data of type {data.dtype}; expected real numbers"
-    return (data, np.asarray(affine, dtype=np.float64), img.header), ""
+        return None, "corrupt-file", f"holds data of type {data.dtype}; expected real numbers"
+    return (data, np.asarray(affine, dtype=np.float64), img.header), "", ""
 
 
 def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -332,7 +475,7 @@ def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
         data. The message names the file and what was expected.
     """
     path = Path(path)
-    result, detail = _read_nifti(path)
+    result, _, detail = _read_nifti(path)
     if result is None:
         raise CorruptFileError(f"{path}: {detail}")
     return result
@@ -415,9 +558,51 @@ def save_label(
 # Layout detection and case discovery
 
 
+#: folders that file systems and archives add beside the data; never cases, and often
+#: unreadable to a user (``lost+found`` of a mounted disk, Windows folders of a USB drive)
+_SYSTEM_FOLDERS: frozenset[str] = frozenset(
+    {"__MACOSX", "lost+found", "$RECYCLE.BIN", "System Volume Information"}
+)
+
+
 def _is_hidden(name: str) -> bool:
     # also skips macOS "._" resource forks and __MACOSX folders from zip archives
-    return name.startswith(".") or name == "__MACOSX"
+    return name.startswith(".") or name in _SYSTEM_FOLDERS
+
+
+def _list_dir(folder: Path) -> tuple[list[Path], str]:
+    """The sorted visible entries of ``folder``, and ``""`` or why it cannot be listed."""
+    try:
+        return sorted(p for p in folder.iterdir() if not _is_hidden(p.name)), ""
+    except OSError as exc:
+        return [], exc.strerror or type(exc).__name__
+
+
+def _unreadable_entries(root: Path) -> list[tuple[Path, str]]:
+    """Entries of ``root`` that could hold a case but cannot be looked into, with why.
+
+    A case folder that cannot be listed (permissions) or a symbolic link to a folder that is
+    gone (an unmounted disk) would otherwise be skipped without a word, and a site would
+    train on fewer cases than it holds.
+    """
+    entries, _ = _list_dir(root)
+    found: list[tuple[Path, str]] = []
+    for entry in entries:
+        target = _broken_link_target(entry)
+        if target is not None:
+            found.append(
+                (
+                    entry,
+                    f"is a symbolic link to {target}, which does not exist; expected a case folder",
+                )
+            )
+        elif _is_dir(entry):
+            _, why = _list_dir(entry)
+            if why:
+                found.append(
+                    (entry, f"cannot be listed ({why}); expected a case folder this user can read")
+                )
+    return found
 
 
 def _strip_nifti(name: str) -> str:
@@ -453,14 +638,15 @@ def _files_by_role(folder: Path, layout: str) -> dict[str, list[Path]]:
         if _is_hidden(entry.name):
             continue
         match = regex.match(entry.name)
-        if match and entry.is_file():
+        # a name-matched entry that cannot be looked at is kept, so that reading reports it
+        if match and not _is_dir(entry):
             found.setdefault(_role_of(layout, match["role"]), []).append(entry)
     return found
 
 
 def _subfolders(root: Path) -> list[Path]:
     try:
-        return sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+        return sorted(p for p in root.iterdir() if _is_dir(p) and not _is_hidden(p.name))
     except OSError:
         return []
 
@@ -470,19 +656,42 @@ def _brats_layouts_in(folder: Path) -> set[str]:
 
 
 def _is_msd(root: Path) -> bool:
-    return (root / "dataset.json").is_file() or (root / "imagesTr").is_dir()
+    return _is_file(root / "dataset.json") or _is_dir(root / "imagesTr")
+
+
+#: subfolders of a folder without a layout that are looked into for a "did you mean" hint
+_HINT_SUBFOLDERS = 5
+
+
+def _holds_layout(folder: Path) -> bool:
+    """Whether ``folder`` is a dataset (or case) folder in a supported layout."""
+    if _is_msd(folder) or _brats_layouts_in(folder):
+        return True
+    return any(_brats_layouts_in(sub) for sub in _subfolders(folder)[:_HINT_SUBFOLDERS])
 
 
 def _no_layout_detail(root: Path) -> str:
-    try:
-        entries = [p for p in root.iterdir() if not _is_hidden(p.name)]
-    except OSError:
-        entries = []
-    n_dirs = sum(p.is_dir() for p in entries)
+    entries, why = _list_dir(root)
+    expected = "; or ".join(_EXPECTED.values())
+    if why:
+        return (
+            f"no supported dataset layout found: the folder cannot be listed ({why}); "
+            f"expected a folder this user can read, in layout {expected}"
+        )
+    n_dirs = sum(_is_dir(p) for p in entries)
     n_files = len(entries) - n_dirs
+    unreadable = _unreadable_entries(root)
+    blocked = (
+        f", {len(unreadable)} of them unreadable ({unreadable[0][0].name} {unreadable[0][1]})"
+        if unreadable
+        else ""
+    )
+    # a download unpacked one level too deep (MICCAI_BraTS2020_TrainingData/, Task01_BrainTumour/)
+    inner = [sub for sub in _subfolders(root)[:_HINT_SUBFOLDERS] if _holds_layout(sub)]
+    hint = f"; did you mean {inner[0]}?" if inner else ""
     return (
         f"no supported dataset layout found ({n_dirs} subfolder(s) and {n_files} file(s), "
-        f"none named like a case); expected {'; or '.join(_EXPECTED.values())}"
+        f"none named like a case{blocked}); expected {expected}{hint}"
     )
 
 
@@ -540,14 +749,20 @@ def detect_layout(root: Path) -> str:
 
 
 def _pick(candidates: list[Path], case_id: str, layout: str) -> Path | None:
-    """Choose among files of one role: name prefix equal to the folder first, then .nii.gz."""
+    """Choose among files of one role: present files first, then a name prefix equal to the
+    folder, then .nii.gz."""
     if not candidates:
         return None
     regex = _name_regex(layout)
 
-    def key(p: Path) -> tuple[bool, bool, str]:
+    def key(p: Path) -> tuple[bool, bool, bool, str]:
         match = regex.match(p.name)
-        return (match is None or match["case"] != case_id, not p.name.endswith(".gz"), p.name)
+        return (
+            _absent(p),
+            match is None or match["case"] != case_id,
+            not p.name.endswith(".gz"),
+            p.name,
+        )
 
     return min(candidates, key=key)
 
@@ -615,7 +830,15 @@ def _msd_order(meta: dict[str, Any] | None, json_path: Path, col: _Collector) ->
 def _msd_entries(root: Path, col: _Collector) -> list[tuple[Path, Path | None]]:
     json_path = root / "dataset.json"
     entries: list[tuple[Path, Path | None]] = []
-    if json_path.is_file():
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        _, why = _list_dir(root / sub)
+        if why and _is_dir(root / sub):
+            col.add(
+                root / sub,
+                "unreadable",
+                f"cannot be listed ({why}); expected a folder this user can read",
+            )
+    if _is_file(json_path):
         meta = _dataset_json(json_path, col)
         if meta is None:
             return entries
@@ -640,10 +863,10 @@ def _msd_entries(root: Path, col: _Collector) -> list[tuple[Path, Path | None]]:
     # no dataset.json: take the folders as they are
     for sub, labelled in (("imagesTr", True), ("imagesTs", False)):
         folder = root / sub
-        if not folder.is_dir():
+        if not _is_dir(folder):
             continue
-        for image in sorted(folder.iterdir()):
-            if image.is_file() and not _is_hidden(image.name) and _is_nifti_name(image.name):
+        for image in _list_dir(folder)[0]:
+            if not _is_dir(image) and _is_nifti_name(image.name):
                 entries.append((image, root / "labelsTr" / image.name if labelled else None))
     return entries
 
@@ -663,12 +886,14 @@ def _discover(root: Path, layout: str, col: _Collector) -> list[CaseRef]:
                     _strip_nifti(image.name),
                     "msd",
                     {m: image for m in MODALITIES},
-                    label if label is not None and label.is_file() else None,
+                    label if label is not None and not _absent(label) else None,
                 )
             )
     elif _files_by_role(root, layout):  # ROOT is a single case folder
         refs.append(_brats_ref(root, layout))
     else:
+        for path, detail in _unreadable_entries(root):
+            col.add(path, "unreadable", detail)
         refs = [_brats_ref(sub, layout) for sub in _subfolders(root) if _files_by_role(sub, layout)]
     if not refs and not col.issues:
         col.add(root, "layout", f"no {layout} cases found; expected {_EXPECTED[layout]}")
@@ -755,9 +980,9 @@ def _fmt_affine(affine: np.ndarray) -> str:
 
 
 def _read(path: Path, col: _Collector) -> tuple[np.ndarray, np.ndarray] | None:
-    result, detail = _read_nifti(path)
+    result, code, detail = _read_nifti(path)
     if result is None:
-        col.add(path, "corrupt-file", detail)
+        col.add(path, code, detail)
         return None
     return result[0], result[1]
 
@@ -795,6 +1020,12 @@ def _check_spacing(path: Path, affine: np.ndarray, col: _Collector) -> None:
         )
 
 
+def _link_note(path: Path) -> str:
+    """``"; it is a symbolic link to T, which does not exist"`` for a broken link, else ``""``."""
+    target = _broken_link_target(path)
+    return "" if target is None else f"; it is a symbolic link to {target}, which does not exist"
+
+
 def _expected_label_path(ref: CaseRef) -> Path:
     if ref.label is not None:
         return ref.label
@@ -815,13 +1046,14 @@ def _inspect_label(
     ref: CaseRef, grid: _Grid | None, col: _Collector, require_label: bool, validate: bool
 ) -> np.ndarray | None:
     path = ref.label
-    if path is None or not path.is_file():
+    if path is None or _absent(path):
         if require_label:
             expected = _expected_label_path(ref)
             col.add(
                 expected,
                 "missing-label",
-                f"case {ref.case_id} has no label; expected file {expected.name}",
+                f"case {ref.case_id} has no label; expected file {expected.name}"
+                f"{_link_note(expected)}",
             )
         return None
     read = _read(path, col)
@@ -861,14 +1093,15 @@ def _inspect_brats(
     loaded: dict[str, tuple[Path, np.ndarray, np.ndarray]] = {}
     for m in MODALITIES:
         path = ref.images.get(m)
-        if path is None or not path.is_file():
+        if path is None or _absent(path):
             expected = path or _expected_brats_path(
                 _expected_label_path(ref).parent, ref.case_id, ref.layout, m
             )
             col.add(
                 expected,
                 "missing-modality",
-                f"case {ref.case_id} lacks modality {m}; expected file {expected.name}",
+                f"case {ref.case_id} lacks modality {m}; expected file {expected.name}"
+                f"{_link_note(expected)}",
             )
             continue
         read = _read(path, col)
@@ -916,7 +1149,7 @@ def _inspect_msd(
     ref: CaseRef, col: _Collector, validate: bool
 ) -> tuple[np.ndarray | None, _Grid | None]:
     path = ref.images.get(MODALITIES[0])
-    if path is None or not path.is_file():
+    if path is None or _absent(path):
         shown = path.name if path is not None else f"{ref.case_id}.nii.gz"
         col.add(
             path or Path(shown),
@@ -937,7 +1170,7 @@ def _inspect_msd(
         )
         return None, None
     json_path = path.parent.parent / "dataset.json"
-    meta = _dataset_json(json_path, col) if json_path.is_file() else None
+    meta = _dataset_json(json_path, col) if _is_file(json_path) else None
     order = _msd_order(meta, json_path, col)
     grid = _Grid(path, data.shape[:3], affine)
     if validate:
@@ -1148,6 +1381,7 @@ def save_case(case: Case, root: Path, layout: str = "brats2021") -> CaseRef:
 
 __all__ = [
     "AFFINE_ATOL",
+    "LABEL_ATOL",
     "LAYOUTS",
     "LAYOUT_LABELS",
     "PROBLEM_CODES",
