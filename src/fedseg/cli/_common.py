@@ -41,9 +41,9 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _end_progress_bars() -> None:
-    # An unfinished tqdm bar leaves the cursor at the end of its line: close it so that the
-    # error starts on a line of its own.
+def end_progress_bars() -> None:
+    """Close every open tqdm bar, so that the next line (an error, ``interrupted: ...``) starts
+    on a line of its own rather than at the end of an unfinished bar."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -54,7 +54,7 @@ def _end_progress_bars() -> None:
 
 def print_error(message: str) -> None:
     """Print ``error: <message>`` as one line on stderr, after closing any progress bar."""
-    _end_progress_bars()
+    end_progress_bars()
     print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
@@ -238,7 +238,7 @@ class GuardedGroup(TyperGroup):
             command = ctx.invoked_subcommand or ""
             log = write_failure_log(command, exc)
             where = f"full log: {log}" if log is not None else "no log could be written"
-            _end_progress_bars()
+            end_progress_bars()
             print(
                 one_line(
                     f"internal error in `fedseg {command}`: {type(exc).__name__}: {exc} ({where})"

@@ -1,7 +1,9 @@
 """``fedseg privacy-sweep``: the privacy-utility study (Dice, epsilon, attack AUC, cost per arm).
 
 Exit codes: 0 success (skipped arms are recorded in the table, not errors); 2 bad usage or bad
-input (unknown arm, bad epsilon list, bad option value, unreadable data); 3 an internal failure.
+input (unknown arm, bad epsilon list, bad option value, unreadable data, an output file that
+cannot be written); 3 an internal failure; 130 interrupted by Ctrl-C (one line names the
+finished arms kept).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ _HELP = (
     "pretraining __PRETRAIN__ epochs on __PUBLIC__ public cases, DP-SGD on __TRAINABLE__: "
     "about __MINUTES__ minutes on a 2-core machine. Rerun the same command to resume."
     "\n\n"
-    "Exit codes: 0 success, 2 bad input, 3 internal failure."
+    "Exit codes: 0 success, 2 bad input, 3 internal failure, 130 interrupted (Ctrl-C: finished "
+    "arms are kept, the same command resumes)."
 )
 
 #: defaults of the sweep: the default study's model and cohort, FedAvg, 10 rounds x 2 local
@@ -167,6 +170,7 @@ def privacy_sweep_command(
     preset: Annotated[str | None, typer.Option("--preset", help=PRESET_HELP_NO_SET)] = None,
 ) -> None:
     """Run the sweep (see ``fedseg privacy-sweep --help``)."""
+    from fedseg.cli.interrupt import arms_kept, interruptible
     from fedseg.cli.options import config_from_options, defaults_under_preset
     from fedseg.study.privacy_sweep import (
         check_arm_configs,
@@ -177,7 +181,7 @@ def privacy_sweep_command(
         table_rows,
     )
 
-    with user_errors():
+    with interruptible(lambda: arms_kept(out)), user_errors():
         from fedseg.experiment.engine import check_engine
 
         check_engine(engine, allowed=("simulation", "inprocess"))

@@ -1,7 +1,8 @@
 """``fedseg robustness``: the attack-by-defence study (#5).
 
 Exit codes: 0 success; 2 bad usage or bad input (unknown attack or defence, bad setting, bad
-config value, unreadable data); 3 an internal failure.
+config value, unreadable data, an output file that cannot be written); 3 an internal failure;
+130 interrupted by Ctrl-C (one line names the finished cells kept).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ _HELP = (
     "the default matrix (86 cells) within about 50 minutes on 2 busy CPU cores; raise them with "
     "the options."
     "\n\n"
-    "Exit codes: 0 success, 2 bad input, 3 internal failure."
+    "Exit codes: 0 success, 2 bad input, 3 internal failure, 130 interrupted (Ctrl-C: finished "
+    "cells are kept, the same command resumes)."
 )
 
 
@@ -126,10 +128,11 @@ def robustness_command(
     preset: Annotated[str | None, typer.Option("--preset", help=PRESET_HELP)] = None,
 ) -> None:
     """Run the robustness study (see ``fedseg robustness --help``)."""
+    from fedseg.cli.interrupt import arms_kept, interruptible
     from fedseg.cli.options import config_from_options, defaults_under_preset
     from fedseg.study import robustness as rob
 
-    with user_errors():
+    with interruptible(lambda: arms_kept(out, "cell")), user_errors():
         from fedseg.experiment.engine import check_engine
 
         check_engine(engine, allowed=("simulation", "inprocess"))

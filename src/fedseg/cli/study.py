@@ -1,7 +1,8 @@
 """``fedseg study``: the whole comparison in one command (what ``make demo`` runs).
 
 Exit codes: 0 success; 2 bad usage or bad input (unknown arm, bad option value, unreadable
-data, results in --out from another configuration); 3 an internal failure.
+data, results in --out from another configuration, an output file that cannot be written); 3 an
+internal failure; 130 interrupted by Ctrl-C (one line names the finished arms kept).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ _HELP = (
     "Rerun the same command to resume: finished arms are kept and only missing ones run; an "
     "arm whose results were computed with another configuration runs again."
     "\n\n"
-    "Exit codes: 0 success, 2 bad input, 3 internal failure."
+    "Exit codes: 0 success, 2 bad input, 3 internal failure, 130 interrupted (Ctrl-C: finished "
+    "arms are kept, the same command resumes)."
 )
 
 
@@ -174,12 +176,13 @@ def study_command(
     preset: Annotated[str | None, typer.Option("--preset", help=PRESET_HELP)] = None,
 ) -> None:
     """Run the study (see ``fedseg study --help``)."""
+    from fedseg.cli.interrupt import arms_kept, interruptible
     from fedseg.cli.options import config_from_options, parse_sets
     from fedseg.config import PER_ARM_KEYS
     from fedseg.errors import ConfigError
     from fedseg.study.study import parse_arms, run_study
 
-    with user_errors():
+    with interruptible(lambda: arms_kept(out)), user_errors():
         from fedseg.experiment.engine import check_engine
 
         selected = parse_arms(arms)

@@ -4,8 +4,9 @@ With no ``--preset`` it trains under :data:`fedseg.config.TRAIN_PRESET` (``cpu-n
 grid, 64^3 patches), ``cpu-demo`` for a 2D model.
 
 Exit codes: 0 success; 2 bad usage or bad input (the data folder, a case's files, an option
-value, an --out folder that cannot be written, a run folder from another configuration); 3 an
-internal failure.
+value, an --out folder that cannot be written, a damaged checkpoint, a run folder from another
+configuration); 3 an internal failure; 130 interrupted by Ctrl-C (one line says how many epochs
+``checkpoint.pt`` keeps; the same command resumes).
 """
 
 from __future__ import annotations
@@ -177,14 +178,16 @@ def register(app: typer.Typer) -> None:
         """Train one model on pooled data (default preset cpu-native: 2 mm grid, 64³ patches);
         resume after an interruption.
 
-        Exit codes: 0 success, 2 bad input, 3 internal failure."""
+        Exit codes: 0 success, 2 bad input, 3 internal failure, 130 interrupted (Ctrl-C; the
+        finished epochs are kept, the same command resumes)."""
         import json
 
+        from fedseg.cli.interrupt import interruptible, train_kept
         from fedseg.cli.options import config_from_options, parse_sets, train_preset
         from fedseg.data.case import REGIONS
         from fedseg.study.centralized import train_centralized
 
-        with user_errors():
+        with interruptible(lambda: train_kept(out)), user_errors():
             cfg = config_from_options(
                 sets=sets or (),
                 preset=train_preset(preset, sets or (), spatial_dims),

@@ -7,7 +7,8 @@
   still accepts, e.g. its model files are there) is **skipped**, its result reused;
 * otherwise it **runs**. Its folder is kept when ``arm.json`` there names the same fingerprint
   (an interrupted arm: a federation resumes from its last checkpointed round) and cleared
-  when it names another one (a result of another configuration is replaced, and said so);
+  when it names another one (a result of another configuration is replaced, and said so); the
+  temporary files of writes that a killed run cut short are removed from a kept folder;
 * ``resume=False`` clears and runs every arm.
 
 An arm that cannot run in this build or setting raises :class:`ArmSkipped`: it is recorded
@@ -25,7 +26,7 @@ from typing import Any
 from fedseg.experiment.arms import Arm, check_arms
 from fedseg.experiment.meter import Meter
 from fedseg.experiment.results import RESULT, first_difference, read_result, write_result
-from fedseg.utils.io import atomic_write_json
+from fedseg.utils.io import atomic_write_json, remove_partial_writes
 
 #: the marker of an arm's folder: the fingerprint it was started with
 STARTED = "arm.json"
@@ -107,6 +108,8 @@ def run_experiment(
             note = "continuing the interrupted run in its folder"
         if not resume or started != wanted:
             shutil.rmtree(folder, ignore_errors=True)
+        else:  # what a killed run was writing (a checkpoint's temporary file) is never read
+            remove_partial_writes(folder, recursive=True)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / STARTED, wanted)
         say(arm, "start", None, note)

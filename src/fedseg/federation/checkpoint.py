@@ -81,9 +81,17 @@ def load_checkpoint(path: Path, cfg: FedsegConfig) -> dict[str, Any]:
         Written with a different configuration (other than :data:`RESUMABLE_CHANGES` and
         the keys the run's task never reads, :meth:`FedsegConfig.unread_keys`).
     """
-    state = load_torch(path)
+    # a damaged file cannot be resumed; said with the way out, so a rerun does not stop there
+    start_over = (
+        "it cannot be resumed: delete it to run the federation again from its first round, "
+        "or use another output folder"
+    )
+    try:
+        state = load_torch(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {start_over}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a fedseg federated checkpoint ({FORMAT})")
+        raise CheckpointError(f"{path}: not a fedseg federated checkpoint ({FORMAT}); {start_over}")
     saved = dict(state.get("config", {}))
     change = cfg.first_change(saved, RESUMABLE_CHANGES)
     if change:

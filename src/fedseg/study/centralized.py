@@ -22,9 +22,15 @@ from typing import Any
 
 from fedseg.config import FedsegConfig
 from fedseg.data.case import MODALITIES, REGIONS
-from fedseg.errors import ConfigError
+from fedseg.errors import CheckpointError, ConfigError
 from fedseg.tracking import track_epoch
-from fedseg.utils.io import atomic_write_csv, atomic_write_json, load_torch, save_torch
+from fedseg.utils.io import (
+    atomic_write_csv,
+    atomic_write_json,
+    load_torch,
+    remove_partial_writes,
+    save_torch,
+)
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -78,6 +84,12 @@ def train_centralized(
     ------
     ConfigError
         When resuming a run folder created with a different configuration.
+    CheckpointError
+        ``checkpoint.pt`` (when resuming) or ``best.pt`` cannot be read; the message names the
+        file and what to do.
+    fedseg.errors.OutputError
+        A file of the run folder cannot be written (disk full, read-only); the files written
+        before are kept.
     """
     from fedseg.data.cache import default_cache_dir, prepare_cases
     from fedseg.data.cohort import split_cases
@@ -86,10 +98,11 @@ def train_centralized(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_partial_writes(out)  # what a killed run was writing: never read, maybe large
     ckpt_path = out / CHECKPOINT
     state: dict[str, Any] | None = None
     if resume and ckpt_path.is_file():
-        state = load_torch(ckpt_path)
+        state = read_checkpoint(ckpt_path)
         _check_same_config(state, cfg, modalities, ckpt_path)
 
     split_path = out / "split.json"
@@ -170,7 +183,7 @@ def train_centralized(
         bar.close()
 
     # Final evaluation of the best model on held-out test cases, with HD95.
-    best_doc = load_torch(out / BEST)
+    best_doc = _read_best(out / BEST)
     trainer.model.load_state_dict(best_doc["model"])
     chosen: dict[str, Any] | None = None
     if choose_et_min_volume:  # BraTS post-processing, chosen on the validation cases only
@@ -223,6 +236,68 @@ def choose_et_threshold(trainer: Any, items: Sequence[Any]) -> dict[str, Any]:
 
     tables = threshold_tables(trainer.predict, items, ET_MIN_VOLUMES)
     return threshold_choice(tables, ET_MIN_VOLUMES, scores_key="validation-mean-dice")
+
+
+#: what a training checkpoint holds besides the model payload
+_CHECKPOINT_KEYS = ("epoch", "model", "trainer", "history", "best")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The training checkpoint at ``path``, refused with what to do when it cannot resume.
+
+    Parameters
+    ----------
+    path:
+        ``RUN/checkpoint.pt``.
+
+    Returns
+    -------
+    dict
+        The checkpoint: the model payload plus ``trainer`` (model and optimizer state),
+        ``history`` and ``best``.
+
+    Raises
+    ------
+    CheckpointError
+        The file is damaged (truncated, overwritten) or is not a training checkpoint (a model
+        file, another format); the message names it and says how to start over.
+    """
+    start_over = (
+        f"it cannot be resumed: delete it, or run with --no-resume, to train again from "
+        f"epoch 1 in {path.parent}"
+    )
+    try:
+        state = load_torch(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {start_over}") from None
+    missing = (
+        list(_CHECKPOINT_KEYS)
+        if not isinstance(state, dict)
+        else [k for k in _CHECKPOINT_KEYS if k not in state]
+    )
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a training checkpoint of `fedseg train` (no {', '.join(missing)}); "
+            f"{start_over}"
+        )
+    return state
+
+
+def _read_best(path: Path) -> dict[str, Any]:
+    """``RUN/best.pt``, refused with what to do when it is missing or damaged."""
+    try:
+        doc = load_torch(path)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc}; the best model of this run is lost: run with --no-resume to train again "
+            f"in {path.parent}"
+        ) from None
+    if not isinstance(doc, dict) or "model" not in doc:
+        raise CheckpointError(
+            f"{path}: not a model file of `fedseg train` (no model); run with --no-resume to "
+            f"train again in {path.parent}"
+        )
+    return doc
 
 
 def _model_payload(

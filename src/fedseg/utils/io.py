@@ -2,7 +2,10 @@
 
 Every file fedseg produces that matters (checkpoints, metrics, predictions, partitions) is
 written to a temporary file in the same folder, flushed to disk, then renamed over the target
-with :func:`os.replace` (atomic on POSIX).
+with :func:`os.replace` (atomic on POSIX). A write that fails (disk full, read-only folder, a
+folder in the way) raises :class:`~fedseg.errors.OutputError` naming the file, and the file that
+was there before stays as it was. A process killed in the middle of a write leaves only its
+temporary file (``.NAME.XXXXXXXX.tmp``), which :func:`remove_partial_writes` clears.
 """
 
 from __future__ import annotations
@@ -11,12 +14,28 @@ import csv
 import io
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from fedseg.errors import CheckpointError
+from fedseg.errors import CheckpointError, OutputError
+
+#: how the temporary file of :func:`atomic_write` is named: ``.NAME.<random>.tmp``
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+
+
+def _process_umask() -> int:
+    # read once, at import: os.umask can only be read by setting it, which races with threads
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: the permissions a written file gets, as ``open()`` would give it: 0o666 less the umask
+#: (``tempfile.mkstemp`` alone makes every file 0o600, unreadable to a colleague or a group)
+FILE_MODE = 0o666 & ~_process_umask()
 
 
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
@@ -33,20 +52,109 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
     -------
     pathlib.Path
         The destination path.
+
+    The file gets the permissions ``open()`` would give a new file (:data:`FILE_MODE`, from
+    the process's umask), not ``mkstemp``'s 0o600. Secrets are not written here
+    (``fedseg.deploy.provision`` sets their modes itself).
+
+    Raises
+    ------
+    OutputError
+        The file cannot be written (disk full, read-only folder, no permission, a folder in
+        the way); the message names it. A file already at ``path`` is left as it was.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    # an exception the caller is handling is the implicit context of any raised here: not ours
+    outer = sys.exc_info()[1]
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{TEMP_PREFIX}{dest.name}.", suffix=TEMP_SUFFIX, dir=dest.parent
+        )
+    except OSError as exc:
+        raise _output_error(dest, exc) from exc
+    try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error(exc, outer) if isinstance(exc, Exception) else None
+        if cause is None:
+            raise
+        # torch.save reports a failed write as a RuntimeError whose context is the OSError
+        raise _output_error(dest, cause) from exc
     return dest
+
+
+def _os_error(exc: BaseException, outer: BaseException | None) -> OSError | None:
+    """The :class:`OSError` in ``exc``'s chain (itself, its cause or context) up to ``outer``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and current is not outer and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _output_error(dest: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    kept = (
+        f"{dest.name} keeps its previous content"
+        if dest.is_file()
+        else f"nothing was written as {dest.name}"
+    )
+    fix = (
+        f"move the folder {dest} out of the way"
+        if dest.is_dir()
+        else "free some space or make the folder writable"
+    )
+    return OutputError(
+        f"cannot write {dest} ({reason}); {kept}; {fix}, then run the same command again"
+    )
+
+
+def remove_partial_writes(folder: Path | str, *, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files that writes cut short by a killed process left in ``folder``.
+
+    :func:`atomic_write` removes its temporary file when a write fails, but a process killed
+    (SIGKILL, out of memory, power loss) while writing leaves it behind: as large as the file it
+    was writing and never read. Call this before a command writes into a folder again, never
+    while another process may be writing there.
+
+    Parameters
+    ----------
+    folder:
+        The folder to clean; nothing happens when it does not exist.
+    recursive:
+        Also clean its sub-folders.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files removed.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    pattern = f"{TEMP_PREFIX}*{TEMP_SUFFIX}"
+    removed: list[Path] = []
+    for tmp in root.rglob(pattern) if recursive else root.glob(pattern):
+        # ".NAME.<8 random characters>.tmp": only what atomic_write names so
+        middle = tmp.name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)]
+        if "." not in middle or not tmp.is_file() or tmp.is_symlink():
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            continue
+        removed.append(tmp)
+    return removed
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
@@ -99,8 +207,12 @@ def load_torch(path: Path | str, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many kinds (pickle, zip, runtime)
+        # torch's first sentence says what failed; the rest is advice about its own internals
+        detail = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else ""
+        size = p.stat().st_size if p.is_file() else 0
         raise CheckpointError(
-            f"{p}: not a readable weights-only checkpoint ({type(exc).__name__}: {exc})"
+            f"{p}: not a readable weights-only checkpoint, damaged or truncated? ({size} bytes; "
+            f"{type(exc).__name__}{': ' + detail if detail else ''})"
         ) from None
 
 
