@@ -106,8 +106,8 @@ def arms_kept(out: Path, what: str = "arm") -> str:
         if (doc := read_result(p)) is not None and doc.get("status") == "ok"
     )
     rerun = (
-        "run the same command again to resume (finished ones are kept, an interrupted "
-        "federation continues from its last round)"
+        "run the same command again to resume (finished ones are kept, an interrupted one "
+        "continues after its last round or epoch)"
     )
     if not done:
         return f"no {what} had finished in {root}; {rerun}"

@@ -9,6 +9,11 @@ only in which data each model sees and how updates are combined.
 After every epoch the model is scored (Dice only) on given evaluation cases to draw a learning
 curve. The curve is only a picture of training: the model kept is always the last epoch's,
 never one selected on those cases.
+
+With a ``checkpoint`` path, the model, optimizer, curve and timings are written there
+(atomically) after every epoch, and a run that finds one of its own continues after its last
+epoch: every epoch is seeded by its number (:meth:`SiteTrainer.train_epoch`), so an
+interrupted arm ends with the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ if TYPE_CHECKING:
 
 #: called after each epoch as ``on_epoch(epoch, epochs, row)`` with the curve row
 EpochCallback = Callable[[int, int, dict[str, Any]], None]
+
+#: the ``format`` of a checkpoint of :func:`train_for_epochs`
+CHECKPOINT_FORMAT = "fedseg-epochs/1"
 
 
 @dataclass
@@ -62,6 +70,8 @@ def train_for_epochs(
     device: torch.device | None = None,
     on_epoch: EpochCallback | None = None,
     eval_every: int = 1,
+    checkpoint: Path | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> BaselineRun:
     """Train one fresh model for ``epochs`` passes and score it every ``eval_every`` epochs.
 
@@ -84,6 +94,12 @@ def train_for_epochs(
         Score after every ``eval_every``-th epoch and after the last one (the study passes
         ``local-epochs``, so baselines are scored at the same epoch budgets as the federated
         rounds); other epochs' rows have ``num-cases`` 0 and no Dice.
+    checkpoint:
+        Written after every epoch; when it exists at the start (a run of the same ``epochs``
+        that was interrupted), training continues after its last epoch. The caller removes it
+        once the run's result is kept (:func:`remove_checkpoint`).
+    on_resume:
+        Called with the number of epochs a checkpoint already held, when it held any.
 
     Returns
     -------
@@ -93,6 +109,9 @@ def train_for_epochs(
     ------
     ValueError
         If there is no training case, ``epochs < 1`` or ``eval_every < 1``.
+    CheckpointError
+        ``checkpoint`` exists but is not one of this function's for ``epochs`` epochs; the
+        message names it and says to delete it.
     """
     from fedseg.site.trainer import SiteTrainer
 
@@ -108,7 +127,12 @@ def train_for_epochs(
     run = BaselineRun(
         weights={}, timings={"epoch-seconds": [], "train-seconds": [], "eval-seconds": []}
     )
-    for epoch in range(epochs):
+    start = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        start = _resume(Path(checkpoint), epochs, trainer, run)
+        if start and on_resume is not None:
+            on_resume(start)
+    for epoch in range(start, epochs):
         t0 = time.perf_counter()
         # the same per-epoch seeds as the centralized baseline (fedseg train)
         fit = trainer.train_epoch(epoch, epochs)
@@ -128,10 +152,52 @@ def train_for_epochs(
         run.timings["epoch-seconds"].append(t2 - t0)
         run.timings["train-seconds"].append(t1 - t0)
         run.timings["eval-seconds"].append(t2 - t1)
+        if checkpoint is not None:
+            from fedseg.utils.io import save_torch
+
+            save_torch(
+                checkpoint,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch + 1,
+                    "epochs": epochs,
+                    "trainer": trainer.state(),
+                    "curve": run.curve,
+                    "timings": run.timings,
+                },
+            )
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, row)
     run.weights = trainer.get_weights()
     return run
+
+
+def _resume(path: Path, epochs: int, trainer: Any, run: BaselineRun) -> int:
+    """Load ``path`` into ``trainer`` and ``run``; the number of epochs it held."""
+    from fedseg.errors import CheckpointError
+    from fedseg.utils.io import load_torch
+
+    state = load_torch(path)
+    if (
+        not isinstance(state, dict)
+        or state.get("format") != CHECKPOINT_FORMAT
+        or int(state.get("epochs", -1)) != epochs
+        or not 0 <= int(state.get("epoch", -1)) <= epochs
+    ):
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this arm's {epochs} epoch(s) ({CHECKPOINT_FORMAT}); "
+            "delete it to train the arm again from its first epoch"
+        )
+    trainer.load_state(state["trainer"])
+    run.curve = [dict(row) for row in state["curve"]]
+    run.timings = {k: [float(x) for x in v] for k, v in dict(state["timings"]).items()}
+    return int(state["epoch"])
+
+
+def remove_checkpoint(path: Path | None) -> None:
+    """Remove a checkpoint of :func:`train_for_epochs` once its run's result is kept."""
+    if path is not None:
+        Path(path).unlink(missing_ok=True)
 
 
 def run_local_arm(
@@ -143,6 +209,8 @@ def run_local_arm(
     device: torch.device | None = None,
     on_epoch: Callable[[str, int, int, dict[str, Any]], None] | None = None,
     eval_every: int = 1,
+    checkpoints: Path | None = None,
+    on_resume: Callable[[str, int], None] | None = None,
 ) -> dict[str, BaselineRun]:
     """Local-only training: every site trains its own model on its own cases, alone.
 
@@ -162,6 +230,11 @@ def run_local_arm(
         Called as ``on_epoch(site, epoch, epochs, row)``.
     eval_every:
         Score every ``eval_every`` epochs (see :func:`train_for_epochs`).
+    checkpoints:
+        A folder for one checkpoint per site (:func:`site_checkpoint`); an interrupted arm
+        continues where it stopped, a site that had finished is not trained again.
+    on_resume:
+        Called as ``on_resume(site, epochs)`` for a site whose checkpoint held epochs.
 
     Returns
     -------
@@ -181,8 +254,15 @@ def run_local_arm(
             device=device,
             on_epoch=cb,
             eval_every=eval_every,
+            checkpoint=site_checkpoint(checkpoints, site) if checkpoints is not None else None,
+            on_resume=(lambda n, _s=site: on_resume(_s, n)) if on_resume is not None else None,
         )
     return runs
+
+
+def site_checkpoint(folder: Path, site: str) -> Path:
+    """The checkpoint of ``site``'s local-only training in ``folder``."""
+    return Path(folder) / f"checkpoint-{site}.pt"
 
 
 def pool_curves(curves: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:

@@ -88,6 +88,9 @@ if TYPE_CHECKING:
     from fedseg.site.trainer import SiteTrainer
 
 RESULTS_FORMAT = "fedseg-study-v1"
+#: a centralized arm's checkpoint in its folder, written every epoch, removed when it ends (a
+#: local-only arm keeps one per site: :func:`fedseg.study.local.site_checkpoint`)
+BASELINE_CHECKPOINT = "checkpoint.pt"
 #: the marker written into a generated cohort folder once generation has finished (the same
 #: name as :data:`fedseg.data.synth.COHORT_MARKER`, which ``fedseg synth`` writes too)
 COHORT_MARKER = ".fedseg-cohort.json"
@@ -860,13 +863,18 @@ def _tracked(folder: Path, row: Mapping[str, Any]) -> None:
 def _run_centralized(
     cfg: FedsegConfig, sites: Sites, device: torch.device, progress: bool, folder: Path
 ) -> tuple[Weights, dict[str, Weights] | None, list[dict[str, Any]], dict[str, Any]]:
-    from fedseg.study.local import train_for_epochs
+    from fedseg.study.local import remove_checkpoint, train_for_epochs
 
     budget = epoch_budget(cfg)
+    checkpoint = folder / BASELINE_CHECKPOINT
 
     def on_epoch(epoch: int, total: int, row: dict[str, Any]) -> None:
         bar.step(row.get("mean-dice"))
         _tracked(folder, row)
+
+    def on_resume(done: int) -> None:
+        bar.note(f"continuing after epoch {done} of {budget} ({checkpoint.name})")
+        bar.advance(done)
 
     with ProgressBar(folder.name, budget, "epoch", progress) as bar:
         run = train_for_epochs(
@@ -877,20 +885,27 @@ def _run_centralized(
             device=device,
             on_epoch=on_epoch,
             eval_every=cfg.local_epochs,  # scored at the federated rounds' epoch budgets
+            checkpoint=checkpoint,
+            on_resume=on_resume,
         )
+    remove_checkpoint(checkpoint)  # the arm's result is returned to be kept
     return run.weights, None, run.curve, dict(run.timings)
 
 
 def _run_local(
     cfg: FedsegConfig, sites: Sites, device: torch.device, progress: bool, folder: Path
 ) -> tuple[None, dict[str, Weights], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    from fedseg.study.local import pool_curves, run_local_arm
+    from fedseg.study.local import pool_curves, remove_checkpoint, run_local_arm, site_checkpoint
 
     budget = epoch_budget(cfg)
 
     def on_epoch(site: str, epoch: int, total: int, row: dict[str, Any]) -> None:
         bar.step(row.get("mean-dice"), site=site)
         _tracked(folder / site, row)
+
+    def on_resume(site: str, done: int) -> None:
+        bar.note(f"{site}: continuing after epoch {done} of {budget}")
+        bar.advance(done)
 
     with ProgressBar(folder.name, budget * len(sites.train), "epoch", progress) as bar:
         runs = run_local_arm(
@@ -901,7 +916,11 @@ def _run_local(
             device=device,
             on_epoch=on_epoch,
             eval_every=cfg.local_epochs,
+            checkpoints=folder,
+            on_resume=on_resume,
         )
+    for site in runs:  # the arm's result is returned to be kept
+        remove_checkpoint(site_checkpoint(folder, site))
     per_site = {s: r.weights for s, r in runs.items()}
     curve = pool_curves([r.curve for r in runs.values()])
     # the sites train one after the other here; in a real deployment they would in parallel
@@ -1327,6 +1346,11 @@ class ProgressBar:
     def note(self, text: str) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(text)
+
+    def advance(self, steps: int) -> None:
+        """Count ``steps`` done before this bar started (an arm continued from a checkpoint)."""
+        if self.bar is not None and steps > 0:
+            self.bar.update(steps)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
