@@ -129,11 +129,6 @@ __all__ = [
 MIN_SITE_CASES = 6
 
 
-def epoch_budget(cfg: FedsegConfig) -> int:
-    """Passes over local data every arm gets (:attr:`FedsegConfig.epoch_budget`)."""
-    return cfg.epoch_budget
-
-
 # --------------------------------------------------------------------------------------------
 # the study
 
@@ -333,7 +328,7 @@ def run_study(
             "partition-alpha": cfg.partition_alpha,
             "num-server-rounds": cfg.num_server_rounds,
             "local-epochs": cfg.local_epochs,
-            "epoch-budget": epoch_budget(cfg),
+            "epoch-budget": cfg.epoch_budget,
             "test-fraction": cfg.test_fraction,
             "seed": cfg.seed,
             "engine": engine,
@@ -838,7 +833,7 @@ def _run_arm(
     return {
         "arm": arm,
         "kind": "federated" if is_federated(arm) else "baseline",
-        "epochs": epoch_budget(cfg),
+        "epochs": cfg.epoch_budget,
         "models": models,
         "metrics": ev["metrics"],
         "per-case": ev["per-case"],
@@ -865,7 +860,7 @@ def _run_centralized(
 ) -> tuple[Weights, dict[str, Weights] | None, list[dict[str, Any]], dict[str, Any]]:
     from fedseg.study.local import remove_checkpoint, train_for_epochs
 
-    budget = epoch_budget(cfg)
+    budget = cfg.epoch_budget
     checkpoint = folder / BASELINE_CHECKPOINT
 
     def on_epoch(epoch: int, total: int, row: dict[str, Any]) -> None:
@@ -897,7 +892,7 @@ def _run_local(
 ) -> tuple[None, dict[str, Weights], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     from fedseg.study.local import pool_curves, remove_checkpoint, run_local_arm, site_checkpoint
 
-    budget = epoch_budget(cfg)
+    budget = cfg.epoch_budget
 
     def on_epoch(site: str, epoch: int, total: int, row: dict[str, Any]) -> None:
         bar.step(row.get("mean-dice"), site=site)
@@ -1062,7 +1057,7 @@ def _payload(
     from fedseg.study.centralized import _model_payload
 
     evaluator.set_weights(weights)
-    payload = _model_payload(evaluator, cfg, MODALITIES, epoch_budget(cfg))
+    payload = _model_payload(evaluator, cfg, MODALITIES, cfg.epoch_budget)
     if standard is not None:  # the cases it reads must be mapped onto these landmarks first
         payload["harmonise-landmarks"] = np.asarray(standard, dtype=np.float64).tolist()
     return payload
