@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
         grid and write the BraTS 2021 layout (OUT/<case>/<case>_<modality>.nii.gz).
 
         Series are matched by the first rule they satisfy (series description regex, contrast
-        agent, repetition/echo/inversion time); unmatched series (localizers...) are skipped.
+        agent, repetition/echo/inversion time); unmatched series (localizers...) are skipped,
+        and so are DERIVED series (reformats) beside the one ORIGINAL series of a modality.
 
         Exit codes: 0 success, 2 bad input (nothing written), 3 internal failure."""
         import json
@@ -76,5 +77,5 @@ def register(app: typer.Typer) -> None:
             for m, name in row["series"].items():
                 typer.echo(f"  {m:<5} {name}")
             for name in row["skipped"]:
-                typer.echo(f"  skipped {name} (no rule matches)")
+                typer.echo(f"  skipped {name} (no rule matches, or a derived copy of one used)")
         typer.echo(f"{len(rows)} case(s) written to {out}/")

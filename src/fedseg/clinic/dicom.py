@@ -4,15 +4,20 @@ Steps (pydicom reads the headers, SimpleITK reads the pixels and resamples; no D
 hand):
 
 1. every file is read with ``pydicom.dcmread(stop_before_pixels=True)``; files that are not
-   DICOM are skipped; files are grouped into series by ``SeriesInstanceUID`` and series into
-   cases by ``(PatientID, StudyInstanceUID)``;
-2. each series is checked: one patient and one study, modality ``MR``, one orientation, one
-   pixel grid, no duplicated slice position, evenly spaced slices (a gap of a whole number of
-   slices is reported as missing slices, any other unevenness as inconsistent spacing);
+   DICOM, and objects without an image (DICOMDIR, presentation states, structured reports,
+   key-object selections), are skipped; files are grouped into series by
+   ``SeriesInstanceUID`` (a second copy of one ``SOPInstanceUID`` is the same image and is read
+   once) and series into cases by ``(PatientID, StudyInstanceUID)``;
+2. each series is checked: one patient and one study, modality ``MR``, classic single-frame
+   images (an enhanced multi-frame MR file is refused), one orientation, one pixel grid, no
+   duplicated slice position, evenly spaced slices (a gap of a whole number of slices is
+   reported as missing slices, any other unevenness as inconsistent spacing);
 3. each MR series is matched to T1, T1ce, T2 or FLAIR by the first rule of the mapping
    (:data:`DEFAULT_RULES`, or ``--mapping FILE``) that it satisfies; a series no rule matches
-   (localizer, diffusion...) is skipped and listed; two series for one modality, or none, is an
-   error;
+   (localizer, diffusion...) is skipped and listed, and its slices need not form a volume (a
+   three-plane localizer, a single-slice map); when several series match one modality and
+   exactly one of them is ``ORIGINAL`` (``ImageType``), the ``DERIVED`` ones (reformats) are
+   skipped; otherwise two series for one modality, or none, is an error;
 4. the four series must share one ``FrameOfReferenceUID``; each is resampled (linear) onto the
    grid of the reference modality (T1ce by default), whose orientation is kept; a series already
    on that grid is copied voxel for voxel;
@@ -65,6 +70,8 @@ _RANGE_KEYS = {
     "inversion-time": "InversionTime",
 }
 _RULE_KEYS = {"modality", "description", "exclude", "contrast", *_RANGE_KEYS}
+#: Enhanced MR Image Storage and Legacy Converted Enhanced MR Image Storage (multi-frame)
+_ENHANCED_MR = {"1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"}
 
 
 @dataclass(frozen=True)
@@ -93,19 +100,31 @@ class Rule:
         return True
 
 
+#: Series that are no structural T1 image although their description names one: diffusion,
+#: perfusion, parametric maps (a T1 gradient echo is a T1: MPRAGE, FSPGR, TFE).
+_NOT_STRUCTURAL = r"diff|dwi|\bdti\b|\badc\b|perf|\bdsc\b|\bdce\b|map"
+#: ... nor a T2: also T2*-weighted and susceptibility-weighted gradient echoes.
+_NOT_T2 = _NOT_STRUCTURAL + r"|t2\s*\*|t2.?star|swi|\bgre\b|ffe\b|flash|\bme?rge\b"
+
 #: The default mapping, tried in order. Descriptions first, acquisition parameters where a
 #: description alone is ambiguous (a T1 with contrast agent, a T2-weighted inversion recovery).
+#: A "T1 FLAIR" (GE's T1-weighted inversion recovery) is a T1 (or a T1ce with contrast).
 DEFAULT_RULES: tuple[Rule, ...] = (
-    Rule("flair", description=r"flair|dark.?fluid"),
-    Rule("flair", description=r"t2", ranges=(("InversionTime", 1500.0, 4000.0),)),
+    Rule("flair", description=r"flair|dark.?fluid", exclude=r"t1(?!\d)"),
+    Rule(
+        "flair",
+        description=r"t2",
+        exclude=_NOT_T2,
+        ranges=(("InversionTime", 1500.0, 4000.0),),
+    ),
     Rule(
         "t1ce",
         description=r"t1.*(\+ ?c\b|gd|gad|post|contrast|\bce\b)|t1ce|t1c\b|t1gd",
         exclude=r"\bpre\b|pre.?contrast|without",
     ),
-    Rule("t1ce", description=r"t1", contrast=True),
-    Rule("t2", description=r"t2"),
-    Rule("t1", description=r"t1"),
+    Rule("t1ce", description=r"t1", exclude=_NOT_STRUCTURAL, contrast=True),
+    Rule("t2", description=r"t2", exclude=_NOT_T2),
+    Rule("t1", description=r"t1", exclude=_NOT_STRUCTURAL),
 )
 
 
@@ -123,6 +142,10 @@ class Series:
     contrast: bool
     parameters: dict[str, float]
     files: list[Path] = field(default_factory=list)
+    #: ``ImageType`` starts with ``DERIVED`` (a reformat, a map, a subtraction)
+    derived: bool = False
+    #: why its slices do not form one volume (empty: they do); raised only if it is used
+    problem: str = ""
 
     @property
     def name(self) -> str:
@@ -233,14 +256,24 @@ def _number(ds: Any, keyword: str) -> float | None:
         return None
 
 
+def _is_derived(ds: Any) -> bool:
+    """Whether ``ImageType``'s first value is ``DERIVED`` (a reformat, a map, a subtraction)."""
+    value = ds.get("ImageType")
+    if value is None:
+        return False
+    first = value if isinstance(value, str) else next(iter(value), "")
+    return str(first).strip().upper() == "DERIVED"
+
+
 def scan_folder(src: Path) -> tuple[list[Series], int]:
     """Read the headers of every file under ``src`` and group them into series.
 
     Returns
     -------
     tuple
-        ``(series, skipped)``: the series (files sorted along the slice normal, not yet
-        checked) and how many files were not DICOM.
+        ``(series, skipped)``: the series (files sorted along the slice normal; a series whose
+        slices do not form one volume keeps its files unsorted and says why in
+        :attr:`Series.problem`) and how many files were not DICOM images.
 
     Raises
     ------
@@ -257,6 +290,7 @@ def scan_folder(src: Path) -> tuple[list[Series], int]:
         raise LayoutError(f"{root}: no such folder (expected a folder of DICOM files)")
     by_uid: dict[str, Series] = {}
     headers: dict[str, list[tuple[Path, Any]]] = defaultdict(list)
+    instances: dict[str, set[str]] = defaultdict(set)
     not_dicom = 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
@@ -265,9 +299,15 @@ def scan_folder(src: Path) -> tuple[list[Series], int]:
             not_dicom += 1
             continue
         uid = _text(ds, "SeriesInstanceUID")
-        if not uid:  # a DICOMDIR or another object outside any series
+        # a DICOMDIR, or an object without pixels (presentation state, structured report,
+        # key-object selection) that a PACS exports along with the images
+        if not uid or ds.get("Rows") is None:
             not_dicom += 1
             continue
+        sop = _text(ds, "SOPInstanceUID")
+        if sop and sop in instances[uid]:
+            continue  # the same image exported twice (two folders, a CD and its copy)
+        instances[uid].add(sop)
         if uid not in by_uid:
             by_uid[uid] = Series(
                 uid=uid,
@@ -281,6 +321,7 @@ def scan_folder(src: Path) -> tuple[list[Series], int]:
                 parameters={
                     tag: v for tag in _RANGE_KEYS.values() if (v := _number(ds, tag)) is not None
                 },
+                derived=_is_derived(ds),
             )
         series = by_uid[uid]
         for keyword, expected in (
@@ -296,7 +337,12 @@ def scan_folder(src: Path) -> tuple[list[Series], int]:
     if not by_uid:
         raise LayoutError(f"{root}: no DICOM image found (expected a folder of DICOM series)")
     for uid, series in by_uid.items():
-        series.files = _sorted_slices(series, headers[uid])
+        try:
+            series.files = _sorted_slices(series, headers[uid])
+        except DicomSeriesError as exc:
+            # only an error if the series is used: a localizer need not be one volume
+            series.files = [p for p, _ in headers[uid]]
+            series.problem = str(exc)
     return list(by_uid.values()), not_dicom
 
 
@@ -305,7 +351,7 @@ def _pixel_grid(series: Series, path: Path, ds: Any) -> tuple[float, ...]:
     spacing = ds.get("PixelSpacing")
     if ds.get("Rows") is None or ds.get("Columns") is None or not spacing or len(spacing) != 2:
         raise DicomSeriesError(
-            f"{series.name}: file {path.name} lacks Rows, Columns or PixelSpacing "
+            f"{series.name}: file {path} lacks Rows, Columns or PixelSpacing "
             "(expected single-frame MR images)"
         )
     return (int(ds.Rows), int(ds.Columns), float(spacing[0]), float(spacing[1]))
@@ -316,6 +362,15 @@ def _sorted_slices(series: Series, items: list[tuple[Path, Any]]) -> list[Path]:
     if series.modality != "MR":
         return [p for p, _ in items]  # refused by check_series, with its name
     first = items[0][1]
+    for path, ds in items:
+        frames = _number(ds, "NumberOfFrames")
+        if (frames is not None and frames > 1) or _text(ds, "SOPClassUID") in _ENHANCED_MR:
+            raise DicomSeriesError(
+                f"{series.name}: file {path} is an enhanced (multi-frame) MR image"
+                f"{f' of {int(frames)} frames' if frames else ''}; expected classic MR "
+                "images, one file per slice: export the series from the PACS as single-frame "
+                "images, or convert it (dcm4che emf2sf)"
+            )
     iop = np.asarray([float(v) for v in first.get("ImageOrientationPatient", [])])
     if iop.shape != (6,):
         raise DicomSeriesError(
@@ -327,18 +382,16 @@ def _sorted_slices(series: Series, items: list[tuple[Path, Any]]) -> list[Path]:
     for path, ds in items:
         other = np.asarray([float(v) for v in ds.get("ImageOrientationPatient", [])])
         if other.shape != (6,) or np.abs(other - iop).max() > _TOL:
-            raise DicomSeriesError(
-                f"{series.name}: slices with different orientations ({path.name})"
-            )
+            raise DicomSeriesError(f"{series.name}: slices with different orientations ({path})")
         g = _pixel_grid(series, path, ds)
         if not np.allclose(g, grid, atol=_TOL):
             raise DicomSeriesError(
                 f"{series.name}: slices with different matrix or pixel spacing "
-                f"({grid} and {g}, file {path.name})"
+                f"({grid} and {g}, file {path})"
             )
         ipp = ds.get("ImagePositionPatient")
         if ipp is None or len(ipp) != 3:
-            raise DicomSeriesError(f"{series.name}: file {path.name} has no ImagePositionPatient")
+            raise DicomSeriesError(f"{series.name}: file {path} has no ImagePositionPatient")
         positions.append(float(np.dot(normal, [float(v) for v in ipp])))
     order = np.argsort(positions, kind="stable")
     pos = np.asarray(positions)[order]
@@ -346,8 +399,12 @@ def _sorted_slices(series: Series, items: list[tuple[Path, Any]]) -> list[Path]:
         raise DicomSeriesError(f"{series.name}: {len(pos)} slice; expected a 3D series")
     steps = np.diff(pos)
     if (steps < _TOL).any():
-        at = float(pos[int(np.argmax(steps < _TOL))])
-        raise DicomSeriesError(f"{series.name}: duplicated slice at position {at:.2f} mm")
+        i = int(np.argmax(steps < _TOL))
+        a, b = items[int(order[i])][0], items[int(order[i + 1])][0]
+        raise DicomSeriesError(
+            f"{series.name}: duplicated slice at position {float(pos[i]):.2f} mm "
+            f"(files {a} and {b}); expected one image per position"
+        )
     step = float(np.min(steps))
     if np.abs(steps - step).max() > max(_TOL, 0.01 * step):
         ratio = steps / step
@@ -375,24 +432,35 @@ def match_series(
     tuple
         ``(by_modality, unmatched)``.
 
+    When several series match one modality and exactly one of them is ``ORIGINAL``, the
+    ``DERIVED`` ones (reformats of it, maps) are left unmatched.
+
     Raises
     ------
     DicomSeriesError
-        Two series satisfy rules of the same modality.
+        Two series satisfy rules of the same modality (and derivation does not tell them
+        apart).
     """
-    found: dict[str, Series] = {}
+    candidates: dict[str, list[Series]] = defaultdict(list)
     unmatched: list[Series] = []
     for s in series:
         modality = next((r.modality for r in rules if r.matches(s)), None)
         if modality is None:
             unmatched.append(s)
-            continue
-        if modality in found:
+        else:
+            candidates[modality].append(s)
+    found: dict[str, Series] = {}
+    for modality, matched in candidates.items():
+        original = [s for s in matched if not s.derived]
+        if len(matched) > 1 and len(original) == 1:
+            unmatched.extend(s for s in matched if s.derived)
+            matched = original
+        if len(matched) > 1:
             raise DicomSeriesError(
-                f"{s.name} and {found[modality].name} both match {modality}; "
+                f"{matched[1].name} and {matched[0].name} both match {modality}; "
                 "keep one, or pass --mapping FILE with rules that tell them apart"
             )
-        found[modality] = s
+        found[modality] = matched[0]
     return found, unmatched
 
 
@@ -416,7 +484,8 @@ def plan_cases(
     Raises
     ------
     DicomSeriesError
-        A series that is not MR; two patients with one study UID; a modality matched twice.
+        A series that is not MR; two patients with one study UID; a modality matched twice;
+        a matched series whose slices do not form one volume (:attr:`Series.problem`).
     MissingModalityError
         A modality matched by no series (the message lists the series that were found).
     GeometryError
@@ -447,6 +516,9 @@ def plan_cases(
     for (patient, study), members in groups.items():
         case_id = _case_id(patient, study, per_patient[patient] > 1)
         found, unmatched = match_series(sorted(members, key=lambda s: s.number), rules)
+        for s in found.values():
+            if s.problem:
+                raise DicomSeriesError(s.problem)
         missing = [m for m in MODALITIES if m not in found]
         if missing:
             listed = "; ".join(s.name for s in members)
@@ -464,8 +536,41 @@ def plan_cases(
     return sorted(plans, key=lambda p: p[0])
 
 
+def _undecodable(series: Series, detail: str) -> DicomSeriesError:
+    """The error for a series whose pixels SimpleITK cannot read, naming the first file that
+    fails on its own and its transfer syntax."""
+    import pydicom
+    import SimpleITK as sitk
+
+    for path in series.files:
+        try:
+            sitk.ReadImage(str(path))
+        except RuntimeError:
+            pass
+        else:
+            continue
+        try:
+            syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+            what = f"transfer syntax {syntax.name} ({syntax})" if syntax else "no transfer syntax"
+        except (OSError, ValueError, AttributeError, EOFError):
+            what = "an unreadable header"
+        return DicomSeriesError(
+            f"{series.name}: file {path}: pixels cannot be decoded ({what}); SimpleITK (GDCM) "
+            "reads uncompressed, RLE, JPEG, JPEG-LS and JPEG 2000 images: export the series "
+            "uncompressed from the PACS, or convert it (gdcmconv --raw FILE OUT, or dcmdjpeg)"
+        )
+    return DicomSeriesError(f"{series.name}: pixels cannot be read ({detail})")
+
+
 def read_series(series: Series) -> Any:
-    """The series as a SimpleITK image (slices in the checked order, rescale applied)."""
+    """The series as a SimpleITK image (slices in the checked order, rescale applied).
+
+    Raises
+    ------
+    DicomSeriesError
+        The pixels cannot be read; the message names the first file that cannot be decoded
+        and its transfer syntax.
+    """
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -473,9 +578,7 @@ def read_series(series: Series) -> Any:
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise DicomSeriesError(
-            f"{series.name}: pixels cannot be read ({str(exc).splitlines()[0]})"
-        ) from None
+        raise _undecodable(series, str(exc).strip().splitlines()[0]) from None
 
 
 def _same_grid(a: Any, b: Any) -> bool:
