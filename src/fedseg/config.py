@@ -623,6 +623,13 @@ class FedsegConfig:
                 f"calibrated for the mean of clipped updates, not aggregator "
                 f"{self.aggregator!r}; use aggregator 'mean' or dp-mode 'sample'"
             )
+        if self.dp_mode == "sample" and self.spatial_dims == 2:
+            raise ConfigError(
+                "config key 'dp-mode': sample-level DP-SGD accounts for one training case per "
+                "sample, but a 2D model (spatial-dims 2) trains on every slice of every case, "
+                "so its epsilon would be a per-slice figure; use spatial-dims 3 or dp-mode "
+                "'client'"
+            )
         if self.dp_mode == "client" and self.strategy in ("scaffold", "cyclic"):
             raise ConfigError(
                 f"config key 'dp-mode': client-level DP clips and noises averaged model updates, "

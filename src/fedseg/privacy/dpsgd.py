@@ -632,6 +632,36 @@ class SitePrivacy:
             self._engine = None
 
 
+def check_privacy_unit(num_samples: int, num_cases: int) -> None:
+    """Refuse DP-SGD whose Poisson-sampled unit is not one training case.
+
+    The accountant's figure is for one *sample* of the training loader: Opacus clips each
+    sample's gradient and samples each with rate ``1 / ceil(samples / batch)``. Sample-level DP
+    promises one training *case*, so the loader must hold exactly one sample per case. A 2D
+    model (``spatial-dims = 2``) trains on every slice of every case instead: each case is then
+    dozens of samples, the calibration (made for the cases) does not match the steps that run,
+    and the epsilon reported would be a per-slice figure, far below the per-case one.
+
+    Parameters
+    ----------
+    num_samples:
+        Samples of the training loader (``len(trainer.dataset)``).
+    num_cases:
+        Training cases of the site.
+
+    Raises
+    ------
+    ConfigError
+        ``num_samples != num_cases``.
+    """
+    if num_samples != num_cases:
+        raise ConfigError(
+            f"dp-mode 'sample': DP-SGD accounts for one training case per sample, but the "
+            f"training loader holds {num_samples} samples for {num_cases} case(s) (2D slices: "
+            f"spatial-dims 2); use spatial-dims 3 or dp-mode 'client'"
+        )
+
+
 def enable_site_privacy(
     trainer: Any, cfg: FedsegConfig, history: Iterable[Sequence[float]] = ()
 ) -> SitePrivacy:
@@ -644,8 +674,13 @@ def enable_site_privacy(
     Raises
     ------
     ConfigError
-        The model fails Opacus's validation, or the DP settings are invalid.
+        The model fails Opacus's validation, the training loader's samples are not the cases
+        (:func:`check_privacy_unit`), or the DP settings are invalid.
     """
+    # a trainer without a loader dataset (a stand-in) samples its cases
+    check_privacy_unit(
+        len(getattr(trainer, "dataset", trainer.train_items)), len(trainer.train_items)
+    )
     validate_model(trainer.model)
     sigma = resolve_noise_multiplier(cfg, len(trainer.train_items))
     privacy = SitePrivacy(

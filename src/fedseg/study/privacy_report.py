@@ -191,6 +191,39 @@ def dice_points(fraction: float, digits: int = 1) -> float:
     return round(100 * float(fraction), digits) + 0.0
 
 
+#: two-sided 95 % normal quantile: an attack AUC leaks when its interval lies above guessing
+_Z95 = 1.959963984540054
+
+
+def mia_reading(auc: float, se: float | None) -> str:
+    """How the findings read a loss-attack AUC, given its standard error.
+
+    The attack is said to reveal the training cases only when the AUC's 95 % interval
+    (``auc ± 1.96 SE``, Hanley-McNeil) lies above 0.5; with a few dozen cases an AUC of 0.65
+    can be guessing.
+
+    Parameters
+    ----------
+    auc:
+        The attack's AUC.
+    se:
+        Its standard error (``None``: unknown, the AUC is read alone).
+
+    Returns
+    -------
+    str
+        The reading, for the sentence "the attack reaches AUC ... (<reading>)".
+    """
+    if auc < 0.6:
+        return "close to guessing: the model does not fit its training cases much better"
+    if se is not None and auc - _Z95 * se <= 0.5:
+        return (
+            f"but its 95 % interval, {auc - _Z95 * se:.2f} to {min(auc + _Z95 * se, 1.0):.2f}, "
+            "includes guessing (0.5): with these few cases no leak is shown"
+        )
+    return "the final model leaks which cases it was trained on"
+
+
 def _findings(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     notes: list[str] = []
     target = doc.get("utility-target", {})
@@ -230,12 +263,11 @@ def _findings(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list
                 )
     if ref is not None and ref.get("mia_auc_loss") is not None:
         auc = ref["mia_auc_loss"]
-        reading = (
-            "close to guessing: the model does not fit its training cases much better"
-            if auc < 0.6
-            else "the final model leaks which cases it was trained on"
+        se = ref.get("mia_auc_loss_se")
+        shown = f"{auc:.2f}" if se is None else f"{auc:.2f} ± {se:.2f}"
+        notes.append(
+            f"Without DP the loss-threshold attack reaches AUC {shown} ({mia_reading(auc, se)})."
         )
-        notes.append(f"Without DP the loss-threshold attack reaches AUC {auc:.2f} ({reading}).")
         for eps, r in _dp_points(rows):
             if r.get("mia_auc_loss") is not None:
                 notes.append(
@@ -288,7 +320,8 @@ def _header(doc: Mapping[str, Any]) -> str:
             f"dp-mode {esc(sw.get('dp-mode', 'sample'))}, target epsilons "
             f"{esc(sw.get('epsilons'))}, delta "
             f"{esc(sw.get('dp-delta'))}, clip norm {esc(sw.get('dp-clip-norm'))}; "
-            f"DP-SGD trains {_trained(sw)}",
+            + ("" if sw.get("dp-mode", "sample") == "client" else "DP-SGD trains ")
+            + _trained(sw),
         ),
         ("initial model", _initial_model(sw)),
         ("secure aggregation", esc(", ".join(sw.get("secure", [])) or "none tried")),
@@ -309,6 +342,16 @@ def _header(doc: Mapping[str, Any]) -> str:
 
 
 def _trained(sw: Mapping[str, Any]) -> str:
+    """What the DP arms train at the sites, for the header's DP row.
+
+    ``dp-trainable`` applies to DP-SGD only (``dp-mode sample``); with client-level DP the sites
+    train every parameter without DP-SGD and the server clips and noises their updates.
+    """
+    if sw.get("dp-mode", "sample") == "client":
+        return esc(
+            "no DP-SGD: the sites train every parameter, the server clips each site's update "
+            "and adds the noise (client-level DP)"
+        )
     which = sw.get("dp-trainable", "all")
     counts = sw.get("dp-trained-parameters") or {}
     size = (

@@ -21,8 +21,8 @@ Defences
 --------
 ``fedavg`` (no robust rule; case counts bounded by the default ``count-bound = "clip"``),
 ``fedavg-unbounded`` (FedAvg taking every reported count as it is: ``count-bound = "off"``),
-``median``, ``trimmed-mean`` (cutting exactly ``m`` per end: trim
-``m / n``), ``krum``, ``multi-krum``, ``bulyan`` (``byzantine-sites = m``), ``clip`` (FedAvg of
+``median``, ``trimmed-mean`` (cutting exactly ``m`` per end, :func:`trim_fraction`),
+``krum``, ``multi-krum``, ``bulyan`` (``byzantine-sites = m``), ``clip`` (FedAvg of
 updates clipped to the median L2 norm of the honest updates seen in that setting's clean
 reference run) and ``anomaly`` (FedAvg after dropping updates more than
 :data:`ANOMALY_THRESHOLD` times farther than typical from the median update). A rule whose
@@ -217,15 +217,37 @@ def infeasible(defence: str, setting: Setting) -> str | None:
     return None
 
 
+def trim_fraction(setting: Setting) -> float:
+    """The ``trim-fraction`` that cuts exactly ``m`` of ``n`` values at each end.
+
+    The trimmed mean cuts ``floor(trim * n)`` values per end and accepts ``trim`` in
+    ``[0, 0.5)``; any ``trim`` in ``[m / n, min((m + 1) / n, 0.5))`` cuts ``m``. The middle of
+    that interval is returned, away from both ends so that rounding cannot cut one more or
+    one fewer (``(m + 0.5) / n`` would be 0.5, refused, when ``n = 2m + 1``).
+
+    Parameters
+    ----------
+    setting:
+        ``m`` malicious sites among ``n`` (``2m < n``, :func:`parse_settings`).
+
+    Returns
+    -------
+    float
+        The trim fraction, in ``[m / n, 0.5)``.
+    """
+    m, n = setting.malicious, setting.sites
+    return (m / n + min((m + 1) / n, 0.5)) / 2
+
+
 def defence_config(defence: str, setting: Setting, clip_norm: float) -> dict[str, Any]:
     """The config keys of a defence in a setting (see the module docstring)."""
-    m, n = setting.malicious, setting.sites
+    m = setting.malicious
     if defence == "fedavg":
         return {"aggregator": "mean"}
     if defence == "fedavg-unbounded":
         return {"aggregator": "mean", "count-bound": "off"}
     if defence == "trimmed-mean":
-        return {"aggregator": "trimmed-mean", "trim-fraction": (m + 0.5) / n}
+        return {"aggregator": "trimmed-mean", "trim-fraction": trim_fraction(setting)}
     if defence in ("median", "krum", "multi-krum", "bulyan"):
         return {"aggregator": defence, "byzantine-sites": m}
     if defence == "clip":
