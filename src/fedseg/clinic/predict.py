@@ -199,24 +199,59 @@ def region_volumes_ml(label: np.ndarray, affine: np.ndarray) -> dict[str, float]
     return {r: round(float(regions[i].sum()) * voxel_ml, 3) for i, r in enumerate(REGIONS)}
 
 
-def write_overlay(image: np.ndarray, label: np.ndarray, path: Path, title: str) -> None:
-    """PNG of the axial slice with the largest tumour area (the middle one when none)."""
+def axial_view(
+    image: np.ndarray, label: np.ndarray, affine: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The axial slice with the largest tumour area (the middle one when none), for display.
+
+    Parameters
+    ----------
+    image, label:
+        One modality and the label map, on the same voxel grid.
+    affine:
+        Their voxel-to-world affine. The arrays are first turned to the closest RAS
+        orientation (nibabel), so that the slice is axial whatever axis the series was
+        acquired along (a sagittal 3D T1ce stores the left-right axis last); ``None`` takes
+        voxel axis 2 as it is.
+
+    Returns
+    -------
+    tuple
+        The slice of ``image`` and of ``label``, rotated for display (anterior up), and its
+        index along the inferior-superior axis of the reoriented grid.
+    """
+    if affine is not None:
+        from nibabel.orientations import apply_orientation, io_orientation
+
+        ornt = io_orientation(np.asarray(affine, dtype=float))
+        image, label = apply_orientation(image, ornt), apply_orientation(label, ornt)
+    area = (label > 0).sum(axis=(0, 1))
+    z = int(np.argmax(area)) if area.max() > 0 else label.shape[2] // 2
+    return np.rot90(image[:, :, z]), np.rot90(label[:, :, z]), z
+
+
+def write_overlay(
+    image: np.ndarray,
+    label: np.ndarray,
+    path: Path,
+    title: str,
+    affine: np.ndarray | None = None,
+) -> None:
+    """PNG of the axial slice with the largest tumour area (:func:`axial_view`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    area = (label > 0).sum(axis=(0, 1))
-    z = int(np.argmax(area)) if area.max() > 0 else label.shape[2] // 2
-    background = np.rot90(image[:, :, z])
-    lab = np.rot90(label[:, :, z]).astype(float)
+    background, lab, z = axial_view(image, label, affine)
+    lab = lab.astype(float)
     colours = ListedColormap(["#00000000", "#ff3b30", "#34c759", "#ffcc00"])
     shown = np.select([lab == 1, lab == 2, lab == 4], [1.0, 2.0, 3.0], 0.0)
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     ax.imshow(background, cmap="gray")
     ax.imshow(np.ma.masked_equal(shown, 0), cmap=colours, vmin=0, vmax=3, alpha=0.5)
-    ax.set_title(f"{title} (slice {z}; red NCR, green ED, yellow ET)", fontsize=8)
+    ax.set_title(f"{title} (axial slice {z}; red NCR, green ED, yellow ET)", fontsize=8)
     ax.axis("off")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
@@ -335,7 +370,7 @@ def predict_patient(
         names = [f"{case.case_id}_seg.nii.gz", "overlay.png", "volumes.json"]
         save_label(label, case.affine, tmp / names[0])
         t1ce = case.image[MODALITIES.index("t1ce")]
-        write_overlay(t1ce, label, tmp / names[1], case.case_id)
+        write_overlay(t1ce, label, tmp / names[1], case.case_id, case.affine)
         if patient.reference_files is not None:
             names.append(f"{case.case_id}_seg.dcm")
             write_dicom_seg(label, patient.reference_files, tmp / names[-1], card)
