@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedseg.data.case import REGIONS
+from fedseg.errors import CheckpointError
+from fedseg.utils.io import load_torch, save_torch
 
 if TYPE_CHECKING:
     import torch
@@ -153,8 +155,6 @@ def train_for_epochs(
         run.timings["train-seconds"].append(t1 - t0)
         run.timings["eval-seconds"].append(t2 - t1)
         if checkpoint is not None:
-            from fedseg.utils.io import save_torch
-
             save_torch(
                 checkpoint,
                 {
@@ -174,9 +174,6 @@ def train_for_epochs(
 
 def _resume(path: Path, epochs: int, trainer: Any, run: BaselineRun) -> int:
     """Load ``path`` into ``trainer`` and ``run``; the number of epochs it held."""
-    from fedseg.errors import CheckpointError
-    from fedseg.utils.io import load_torch
-
     state = load_torch(path)
     if (
         not isinstance(state, dict)
