@@ -196,3 +196,38 @@ def load_benchmark(name: str) -> Any:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def enhanced_mr(files: list[Path], *, keep: bool = False) -> Path:
+    """Replace classic slices by one Legacy Converted Enhanced MR file (highdicom), built from
+    them in an order that is not the slice order."""
+    import logging
+    import warnings
+
+    import pydicom
+    from highdicom.legacy import LegacyConvertedEnhancedMRImage
+
+    from fedseg.clinic.dicom_write import new_uid
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    order = [*range(1, len(datasets), 2), *range(0, len(datasets), 2)][::-1]
+    first = datasets[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a one-component PatientName
+        logging.disable(logging.WARNING)  # the VOI LUT our slices do not carry
+        try:
+            image = LegacyConvertedEnhancedMRImage(
+                [datasets[i] for i in order],
+                series_instance_uid=str(first.SeriesInstanceUID),
+                series_number=int(first.SeriesNumber),
+                sop_instance_uid=new_uid(),
+                instance_number=1,
+            )
+        finally:
+            logging.disable(logging.NOTSET)
+    path = files[0].parent / f"ENHANCED_{first.SeriesNumber}"
+    image.save_as(path)
+    if not keep:
+        for f in files:
+            f.unlink()
+    return path

@@ -103,7 +103,7 @@ def test_other_grids_are_resampled_to_the_t1ce_grid(tmp_path: Path) -> None:
     coarse[:3, :3] *= 2.0  # T2 at 2 mm over the same field of view's corner
     _write_patient(tmp_path / "src", affines={"t2": coarse})
 
-    cases = import_dicom(tmp_path / "src", tmp_path / "out")
+    cases = import_dicom(tmp_path / "src", tmp_path / "out").cases
 
     t1ce = nib.load(tmp_path / "out" / "PAT-1" / "PAT-1_t1ce.nii.gz")
     t2 = nib.load(tmp_path / "out" / "PAT-1" / "PAT-1_t2.nii.gz")
@@ -151,7 +151,7 @@ def test_default_rules_use_acquisition_parameters(tmp_path: Path) -> None:
         tmp_path / "src", descriptions={"t1ce": "T1 3D", "flair": "T2 IR", "t1": "T1 3D pre"}
     )
 
-    cases = import_dicom(tmp_path / "src", tmp_path / "out", rules=DEFAULT_RULES)
+    cases = import_dicom(tmp_path / "src", tmp_path / "out", rules=DEFAULT_RULES).cases
 
     assert "'T1 3D'" in cases[0].series["t1ce"]
     assert "'T2 IR'" in cases[0].series["flair"]

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers import TINY_TRAIN, landmark_spy, write_cohort
+from helpers import TINY_TRAIN, enhanced_mr, landmark_spy, write_cohort
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app
@@ -160,6 +160,68 @@ def test_dicom_input_gives_a_seg_referencing_the_t1ce_series(
     for k, value in enumerate((1, 2, 4)):
         assert int(frames[..., k].sum()) == int((label == value).sum())
     assert int((label > 0).sum()) > 0
+    _assert_seg_is_label_map(seg, tmp_path / "o" / "P9_seg.nii.gz")
+
+
+def _assert_seg_is_label_map(seg: object, nifti: Path) -> None:
+    """Every voxel of the SEG, placed by its own geometry, holds the label map's label."""
+    image = nib.load(nifti)
+    label = np.asarray(image.dataobj)
+    volume = seg.get_volume(combine_segments=True)  # type: ignore[attr-defined]
+    values = np.asarray([0, 1, 2, 4])[np.asarray(volume.array)]  # segment numbers to labels
+    # SEG voxel (slice, row, column) -> LPS -> RAS -> the label map's voxel
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    to_label = np.linalg.inv(image.affine) @ lps_to_ras @ np.asarray(volume.affine)
+    index = np.indices(values.shape).reshape(3, -1)
+    voxel = to_label @ np.vstack([index, np.ones(index.shape[1])])
+    ijk = np.rint(voxel[:3]).astype(int)
+    assert np.abs(voxel[:3] - ijk).max() < 1e-3, "the SEG's grid is not the label map's"
+    assert np.array_equal(label[ijk[0], ijk[1], ijk[2]], values.reshape(-1))
+    assert values.size == label.size
+
+
+def test_an_enhanced_multiframe_t1ce_gives_the_same_label_and_a_seg_over_its_frames(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A Siemens XA-style export: the T1ce (the SEG's reference) and the T2 as enhanced
+    multi-frame files whose frames are not in slice order."""
+    import highdicom as hd
+
+    run, data = trained
+    vols, affine = _int_case(data)
+    study, frame = new_uid(), new_uid()
+    files = {}
+    for n, m in enumerate(MODALITIES, start=1):
+        files[m] = write_series(
+            vols[n - 1],
+            affine,
+            tmp_path / "dicom" / m,
+            patient_id="P9",
+            study_uid=study,
+            frame_of_reference=frame,
+            description={"t1": "T1", "t1ce": "T1 post Gd", "t2": "T2", "flair": "FLAIR"}[m],
+            series_number=n,
+        )
+    reference = enhanced_mr(files["t1ce"])
+    enhanced_mr(files["t2"])
+    for n, m in enumerate(MODALITIES):
+        nib.save(nib.Nifti1Image(vols[n], affine), tmp_path / f"P9_{m}.nii.gz")
+
+    code, _, stderr = _predict(run, tmp_path / "dicom", "--out", tmp_path / "o")
+    ref = _predict(run, *[tmp_path / f"P9_{m}.nii.gz" for m in MODALITIES], "--out", tmp_path / "r")
+
+    assert code == 0, stderr
+    assert ref[0] == 0
+    label = np.asarray(nib.load(tmp_path / "o" / "P9_seg.nii.gz").dataobj)
+    assert np.array_equal(label, np.asarray(nib.load(tmp_path / "r" / "P9_seg.nii.gz").dataobj))
+    assert int((label > 0).sum()) > 0
+    seg = hd.seg.segread(tmp_path / "o" / "P9_seg.dcm")
+    source = pydicom.dcmread(reference, stop_before_pixels=True)
+    assert {
+        s.ReferencedSOPInstanceUID
+        for s in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    } == {source.SOPInstanceUID}
+    _assert_seg_is_label_map(seg, tmp_path / "o" / "P9_seg.nii.gz")
 
 
 def _three_channel_4d(tmp: Path, data: Path) -> list[Path]:

@@ -187,7 +187,7 @@ def test_a_derived_reformat_gives_way_to_the_original_series(tmp_path: Path) -> 
 
     series, _ = scan_folder(src)
     found, unmatched = match_series(series, DEFAULT_RULES)
-    cases = import_dicom(src, tmp_path / "out")
+    cases = import_dicom(src, tmp_path / "out").cases
 
     assert found["t1ce"].uid == uids["t1ce"]
     assert [s.description for s in unmatched] == ["AX T1 POST GAD MPR COR"]
@@ -258,12 +258,15 @@ def test_a_duplicated_slice_names_both_files(tmp_path: Path) -> None:
     assert path.name in line and "IM_COPY" in line
 
 
-def test_an_enhanced_multi_frame_series_is_refused_naming_the_file(tmp_path: Path) -> None:
+def test_an_enhanced_file_without_frame_geometry_is_refused_naming_the_file(
+    tmp_path: Path,
+) -> None:
     src = tmp_path / "src"
     _patient(src)
     frames = sorted(src.glob("004_*.dcm"))
     ds = pydicom.dcmread(frames[0])
-    # an enhanced MR image keeps its geometry in functional groups, not at the top level
+    # an enhanced MR image keeps its geometry in functional groups, not at the top level: this
+    # one has neither (enhanced files that have them are read: test_dicom_enhanced_and_partial)
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.NumberOfFrames = len(frames)
@@ -278,7 +281,8 @@ def test_an_enhanced_multi_frame_series_is_refused_naming_the_file(tmp_path: Pat
 
     line = _one_line_error(code, stderr)
     assert "series 4 'FLAIR 3D'" in line and "ENHANCED" in line
-    assert "enhanced (multi-frame) MR image of 4 frames" in line
+    assert "enhanced (multi-frame) MR image of 4 frame(s)" in line
+    assert "PerFrameFunctionalGroupsSequence" in line
 
 
 def test_pixels_that_cannot_be_decoded_name_the_file_and_transfer_syntax(tmp_path: Path) -> None:

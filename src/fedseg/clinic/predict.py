@@ -51,6 +51,8 @@ class Patient:
     case: Case
     source: str
     reference_files: list[Path] | None = None
+    #: a multi-frame reference file: the file's frame index of each slice (slice order)
+    reference_frames: list[int] | None = None
 
 
 def _is_nifti(path: Path) -> bool:
@@ -92,6 +94,7 @@ def _load_dicom(folder: Path, rules: Any) -> Patient:
         Case(case_id, np.stack(channels), None, affine),  # type: ignore[arg-type]
         source="dicom",
         reference_files=list(found["t1ce"].files),
+        reference_frames=list(found["t1ce"].frame_order) if found["t1ce"].multiframe else None,
     )
 
 
@@ -258,11 +261,18 @@ def write_overlay(
 
 
 def write_dicom_seg(
-    label: np.ndarray, reference_files: Sequence[Path], path: Path, card: dict[str, Any]
+    label: np.ndarray,
+    reference_files: Sequence[Path],
+    path: Path,
+    card: dict[str, Any],
+    frame_order: Sequence[int] | None = None,
 ) -> None:
     """DICOM SEG (highdicom, binary, one segment per BraTS label) over the reference series.
 
-    ``label`` is on the reference series' grid: voxel axis 2 follows ``reference_files``.
+    ``label`` is on the reference series' grid: voxel axis 2 follows ``reference_files``, or,
+    for one enhanced multi-frame reference file, ``frame_order`` (the file's frame index of
+    each slice, :attr:`fedseg.clinic.dicom.Series.frame_order`): the SEG's frames are then in
+    the file's own frame order, one per source frame.
     """
     import highdicom as hd
     import pydicom
@@ -271,9 +281,14 @@ def write_dicom_seg(
     from fedseg import __version__
 
     sources = [pydicom.dcmread(p) for p in reference_files]
-    frames = np.zeros((len(sources), *label[:, :, 0].T.shape), dtype=np.uint8)
+    slices = np.zeros((label.shape[2], *label[:, :, 0].T.shape), dtype=np.uint8)
     for number, (value, _, _) in enumerate(_SEGMENTS, start=1):
-        frames[np.transpose(label, (2, 1, 0)) == value] = number
+        slices[np.transpose(label, (2, 1, 0)) == value] = number
+    if frame_order is None:
+        frames = slices
+    else:
+        frames = np.zeros_like(slices)
+        frames[np.asarray(frame_order, dtype=np.intp)] = slices
     algorithm = hd.AlgorithmIdentificationSequence(
         name="fedseg",
         version=__version__,
@@ -373,7 +388,9 @@ def predict_patient(
         write_overlay(t1ce, label, tmp / names[1], case.case_id, case.affine)
         if patient.reference_files is not None:
             names.append(f"{case.case_id}_seg.dcm")
-            write_dicom_seg(label, patient.reference_files, tmp / names[-1], card)
+            write_dicom_seg(
+                label, patient.reference_files, tmp / names[-1], card, patient.reference_frames
+            )
         doc = {
             "case": case.case_id,
             "volumes-ml": volumes,
