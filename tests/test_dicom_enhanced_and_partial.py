@@ -142,6 +142,53 @@ def test_a_patient_mixing_enhanced_and_classic_series_imports(tmp_path: Path) ->
         assert np.allclose(got.affine, want.affine, atol=1e-4)
 
 
+def _transcode(path: Path, syntax: str) -> None:
+    """Compress a DICOM file in place with GDCM (as a PACS or a CD export does)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    writer.SetFileName(str(path))
+    assert writer.Write()
+
+
+@pytest.mark.parametrize(
+    ("syntax", "uid"),
+    [
+        ("JPEGLosslessProcess14_1", "1.2.840.10008.1.2.4.70"),
+        ("JPEGLSLossless", "1.2.840.10008.1.2.4.80"),
+    ],
+)
+def test_a_compressed_enhanced_file_imports_like_its_uncompressed_slices(
+    syntax: str, uid: str, tmp_path: Path
+) -> None:
+    """Enhanced files exported with lossless JPEG compression (CD exports, many PACS)."""
+    files = _patient(tmp_path / "src", affine=_oblique())
+    code, _, stderr = _import(tmp_path / "src", tmp_path / "classic")
+    assert code == 0, stderr
+    for m in ("t1ce", "t2"):
+        path = enhanced_mr(files[m])
+        _transcode(path, syntax)
+        assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == uid
+
+    code, _, stderr = _import(tmp_path / "src", tmp_path / "compressed")
+
+    assert code == 0, stderr
+    for m in MODALITIES:
+        want = _nifti(tmp_path / "classic", "PAT-1", m)
+        got = _nifti(tmp_path / "compressed", "PAT-1", m)
+        assert np.array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
+        assert np.allclose(got.affine, want.affine, atol=1e-4)
+
+
 def test_an_enhanced_series_on_another_grid_is_resampled_onto_the_reference(
     tmp_path: Path,
 ) -> None:

@@ -14,7 +14,8 @@ enhanced multi-frame files; no DICOM parsing by hand):
    is either classic images (one file per slice) or one enhanced multi-frame MR file (Enhanced
    MR, Legacy Converted Enhanced MR), whose frames take the place of the slices: their
    geometry comes from the functional groups (``PlanePositionSequence``,
-   ``PlaneOrientationSequence``, ``PixelMeasuresSequence``, per frame or shared). A file whose
+   ``PlaneOrientationSequence``, ``PixelMeasuresSequence``, per frame or shared), and
+   compressed frames are decoded by pydicom through GDCM (``python-gdcm``). A file whose
    frames repeat positions holds several stacks (echoes, phases, repeated volumes) and is
    refused; so is a series of several multi-frame files, or of multi-frame and classic files
    mixed (export one volume per series);
