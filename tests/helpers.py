@@ -231,3 +231,21 @@ def enhanced_mr(files: list[Path], *, keep: bool = False) -> Path:
         for f in files:
             f.unlink()
     return path
+
+
+def transcode_dicom(path: Path, syntax: str) -> None:
+    """Compress a DICOM file in place with GDCM (as a PACS or a CD export does)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    writer.SetFileName(str(path))
+    assert writer.Write()

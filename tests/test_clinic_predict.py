@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers import TINY_TRAIN, enhanced_mr, landmark_spy, write_cohort
+from helpers import TINY_TRAIN, enhanced_mr, landmark_spy, transcode_dicom, write_cohort
 from typer.testing import CliRunner
 
 from fedseg.cli.main import app
@@ -183,8 +183,8 @@ def _assert_seg_is_label_map(seg: object, nifti: Path) -> None:
 def test_an_enhanced_multiframe_t1ce_gives_the_same_label_and_a_seg_over_its_frames(
     trained: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """A Siemens XA-style export: the T1ce (the SEG's reference) and the T2 as enhanced
-    multi-frame files whose frames are not in slice order."""
+    """A Siemens XA-style export: the T1ce (the SEG's reference, JPEG lossless) and the T2 as
+    enhanced multi-frame files whose frames are not in slice order."""
     import highdicom as hd
 
     run, data = trained
@@ -203,6 +203,7 @@ def test_an_enhanced_multiframe_t1ce_gives_the_same_label_and_a_seg_over_its_fra
             series_number=n,
         )
     reference = enhanced_mr(files["t1ce"])
+    transcode_dicom(reference, "JPEGLosslessProcess14_1")  # as a CD export compresses it
     enhanced_mr(files["t2"])
     for n, m in enumerate(MODALITIES):
         nib.save(nib.Nifti1Image(vols[n], affine), tmp_path / f"P9_{m}.nii.gz")

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers import enhanced_mr
+from helpers import enhanced_mr, transcode_dicom
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 from typer.testing import CliRunner
@@ -142,24 +142,6 @@ def test_a_patient_mixing_enhanced_and_classic_series_imports(tmp_path: Path) ->
         assert np.allclose(got.affine, want.affine, atol=1e-4)
 
 
-def _transcode(path: Path, syntax: str) -> None:
-    """Compress a DICOM file in place with GDCM (as a PACS or a CD export does)."""
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(path))
-    assert reader.Read()
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
-    change.SetInput(reader.GetImage())
-    assert change.Change()
-    writer = gdcm.ImageWriter()
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    writer.SetFileName(str(path))
-    assert writer.Write()
-
-
 @pytest.mark.parametrize(
     ("syntax", "uid"),
     [
@@ -176,7 +158,7 @@ def test_a_compressed_enhanced_file_imports_like_its_uncompressed_slices(
     assert code == 0, stderr
     for m in ("t1ce", "t2"):
         path = enhanced_mr(files[m])
-        _transcode(path, syntax)
+        transcode_dicom(path, syntax)
         assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == uid
 
     code, _, stderr = _import(tmp_path / "src", tmp_path / "compressed")
