@@ -29,6 +29,13 @@ _HELP = "\n\n".join(
         "OUT/data (reused on a rerun). With --data, the folder's cases and a clinical CSV "
         "(OUT-independent: --clinical, default DATA/clinical.csv; fedseg's format or BraTS "
         "2020's survival_info.csv) are used.",
+        "The clinical CSV may be separated by commas, semicolons (decimal commas such as 61,5 "
+        "allowed) or tabs, in UTF-8, UTF-16 or Windows-1252; header names are matched ignoring "
+        "case and spacing, other columns (names, record numbers) are not read, and case ids "
+        "may differ from the folder's in case and zero padding (README: Clinical records and "
+        "fusion). Rows of cases not in the folder are refused; a case without a row, or "
+        "without an endpoint's fields, is left out of that endpoint's arms, and the counts are "
+        "printed.",
         "Writes OUT/report.html (ROC curves, tables, targets), OUT/results.json and "
         "OUT/results.csv. A rerun with the same settings keeps finished arms.",
         "Exit codes: 0 done; 2 bad options or input (one line naming the file, row and "

@@ -44,20 +44,64 @@ Reading
 -------
 :func:`read_clinical` reads ``clinical.csv`` (a generic CSV keyed by ``case_id``, columns any
 subset of the fields) and BraTS 2020's ``survival_info.csv`` (``Brats20ID, Age, Survival_days,
-Extent_of_Resection``; a survival such as ``ALIVE (361 days later)`` is censored at 361 days).
-A bad file raises :class:`fedseg.errors.ClinicalDataError` naming the file, row and column.
+Extent_of_Resection``; a survival such as ``ALIVE (361 days later)`` is censored at 361 days),
+as hospitals export them, by these rules and no others (anything else is refused):
+
+* encoding: UTF-8 (a byte order mark is skipped), UTF-16 with a byte order mark (Excel's
+  "Unicode text"), otherwise Windows-1252 (Latin-1 where a byte is undefined there); a
+  spreadsheet (.xlsx, .xls), PDF, archive or other binary file is refused, with how to save it
+  as CSV;
+* delimiter: comma, semicolon or tab, the one the header line holds (outside quotes); a header
+  holding two of them is refused; Excel's ``sep=;`` first line is obeyed. Windows line ends,
+  quoted fields, blank rows and trailing columns without a name and without values are fine;
+* numbers: ``61.5``; in a file separated by semicolons or tabs ``61,5`` too, and then every
+  number with a decimal point is refused (a thousands separator?), as is a survival such as
+  ``1.234`` there; in a comma-separated file ``"61,5"`` is refused. Thousands separators are
+  never read;
+* header: names compared in lower case with spaces and punctuation as ``_`` (``Case ID``,
+  ``Age `` and ``SURVIVAL-DAYS`` are ``case_id``, ``age``, ``survival_days``); a field in two
+  columns is refused. Other columns (names, record numbers, notes) are not read and their
+  values are kept nowhere, unless the name suggests a column of the layout that the file
+  lacks (a misspelling,
+  ``Status``, ``WHO``, or one of its words: ``Grade``, ``Patient age``, ``Gender``, ``OS
+  months``, ``IDH1``): then the file is refused, asking to rename or delete the column (a
+  survival in months or years: to convert it to days);
+* missing: an empty cell or :data:`MISSING_MARKERS` (``NA``, ``N/A``, ``n.a.``, ``#N/A``,
+  ``-``, ``?``, ``unknown``, ``k.A.``...);
+* categories: the spellings of :data:`CATEGORY_SPELLINGS`, compared in lower case with ``-``
+  and ``_`` as spaces (``m``/``male``/``F``/``w``/``weiblich``; ``IDH-mutant``/``mut``/``wt``;
+  ``meth``; ``gross total``; ``deceased``/``censored``); a number in a category column
+  (``1``/``0``) is refused: hospitals code them either way round;
+* WHO grade: 1-4 as ``4``, ``4.0``, ``IV``, ``G4``, ``grade 4`` or ``WHO grade IV``; a range
+  (``2-3``) or ``high grade`` is refused;
+* ranges: age 0-120, KPS 0-100, survival 0-20000 days; outside is refused. A file whose every
+  survival (at least :data:`MONTHS_MIN_ROWS` of them) is below :data:`MONTHS_BELOW_DAYS` days
+  is read, with a warning that the values look like months (:class:`ClinicalTable`);
+* cases: the same case twice is merged when the two rows are identical in every column, and
+  refused (naming both rows and a column that differs) otherwise. Given the image folder's
+  cases, a case id matches exactly, or else the one case that equals it ignoring case and zero
+  padding (``brats2021_1`` is ``BraTS2021_00001``; two such cases: refused); a row of a case
+  that is not in the folder is refused (all of them counted in the message), or skipped when a
+  site reads a file shared with other sites; a case without a row has no record.
+
+A file without a header, without rows or with a bad value raises
+:class:`fedseg.errors.ClinicalDataError` in one line naming the file, the row (line in the
+file) and the column, and saying what was expected. :func:`read_clinical_table` also returns
+what was read, ignored, merged and matched, and the warnings, for the study to print.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
+import io
 import math
 import os
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -79,43 +123,6 @@ CLINICAL_FIELDS: tuple[str, ...] = (
 CLINICAL_COLUMNS: tuple[str, ...] = ("case_id", *CLINICAL_FIELDS)
 #: a case's record: field -> value (float for numbers, str for categories) or None (missing)
 ClinicalRecord = dict[str, float | str | None]
-
-_NUMERIC: dict[str, tuple[float, float]] = {
-    "age": (0.0, 120.0),
-    "kps": (0.0, 100.0),
-    "who_grade": (1.0, 4.0),
-    "survival_days": (0.0, 20000.0),
-}
-# Accepted spellings (lower case) of each category -> the canonical value.
-_CATEGORIES: dict[str, dict[str, str]] = {
-    "sex": {"m": "M", "male": "M", "f": "F", "female": "F"},
-    "idh": {
-        "mutant": "mutant",
-        "mut": "mutant",
-        "idh-mutant": "mutant",
-        "wildtype": "wildtype",
-        "wild-type": "wildtype",
-        "wt": "wildtype",
-        "idh-wildtype": "wildtype",
-    },
-    "mgmt": {
-        "methylated": "methylated",
-        "meth": "methylated",
-        "unmethylated": "unmethylated",
-        "unmeth": "unmethylated",
-    },
-    "resection": {"gtr": "GTR", "str": "STR", "biopsy": "BIOPSY"},
-    "vital_status": {"dead": "dead", "deceased": "dead", "alive": "alive", "censored": "alive"},
-}
-_MISSING = {"", "na", "n/a", "nan", "none", "unknown", "?"}
-_BRATS_COLUMNS = {
-    "Brats20ID": "case_id",
-    "Age": "age",
-    "Survival_days": "survival_days",
-    "Extent_of_Resection": "resection",
-    "ResectionStatus": "resection",  # the BraTS 2020 validation file's name for it
-}
-_ALIVE = re.compile(r"^\s*alive\s*\(\s*(\d+(?:\.\d+)?)\s*days?\s+later\s*\)\s*$", re.IGNORECASE)
 
 
 def empty_record() -> ClinicalRecord:
@@ -380,9 +387,127 @@ def write_clinical_csv(path: Path, records: Mapping[str, ClinicalRecord]) -> Non
 
 # --- reading -----------------------------------------------------------------------------------
 
+_NUMERIC: dict[str, tuple[float, float]] = {
+    "age": (0.0, 120.0),
+    "kps": (0.0, 100.0),
+    "who_grade": (1.0, 4.0),
+    "survival_days": (0.0, 20000.0),
+}
+#: accepted spellings of each category (compared in lower case, with ``-``, ``_`` and runs of
+#: spaces as one space) -> the canonical value
+CATEGORY_SPELLINGS: dict[str, dict[str, str]] = {
+    "sex": {
+        "m": "M",
+        "male": "M",
+        "männlich": "M",
+        "maennlich": "M",
+        "f": "F",
+        "female": "F",
+        "w": "F",
+        "weiblich": "F",
+    },
+    "idh": {
+        "mutant": "mutant",
+        "mut": "mutant",
+        "mutated": "mutant",
+        "idh mutant": "mutant",
+        "idh mut": "mutant",
+        "idh mutated": "mutant",
+        "wildtype": "wildtype",
+        "wild type": "wildtype",
+        "wt": "wildtype",
+        "idh wildtype": "wildtype",
+        "idh wild type": "wildtype",
+        "idh wt": "wildtype",
+    },
+    "mgmt": {
+        "methylated": "methylated",
+        "meth": "methylated",
+        "mgmt methylated": "methylated",
+        "unmethylated": "unmethylated",
+        "unmeth": "unmethylated",
+        "not methylated": "unmethylated",
+        "non methylated": "unmethylated",
+        "mgmt unmethylated": "unmethylated",
+    },
+    "resection": {
+        "gtr": "GTR",
+        "gross total": "GTR",
+        "gross total resection": "GTR",
+        "str": "STR",
+        "subtotal": "STR",
+        "sub total": "STR",
+        "subtotal resection": "STR",
+        "biopsy": "BIOPSY",
+    },
+    "vital_status": {
+        "dead": "dead",
+        "deceased": "dead",
+        "died": "dead",
+        "alive": "alive",
+        "living": "alive",
+        "censored": "alive",
+    },
+}
+#: cell texts that mean "not recorded" (compared in lower case, after stripping spaces)
+MISSING_MARKERS: frozenset[str] = frozenset(
+    {"", "na", "n/a", "n.a.", "#n/a", "nan", "none", "null", "unknown", "missing", "?", "-",
+     "--", ".", "k.a."}
+)  # fmt: skip
+#: BraTS 2020 ``survival_info.csv`` columns (as written) -> field
+BRATS_COLUMNS: dict[str, str] = {
+    "Brats20ID": "case_id",
+    "Age": "age",
+    "Survival_days": "survival_days",
+    "Extent_of_Resection": "resection",
+    "ResectionStatus": "resection",  # the BraTS 2020 validation file's name for it
+}
+#: words in an unknown column's name that suggest it holds a field under another name
+_FIELD_WORDS: dict[str, frozenset[str]] = {
+    "age": frozenset({"age"}),
+    "sex": frozenset({"sex", "gender"}),
+    "kps": frozenset({"kps", "karnofsky"}),
+    "idh": frozenset({"idh", "idh1"}),
+    "mgmt": frozenset({"mgmt"}),
+    "who_grade": frozenset({"grade"}),
+    "resection": frozenset({"resection", "eor"}),
+    "survival_days": frozenset({"survival", "os"}),
+    "vital_status": frozenset({"vital", "deceased", "censored", "censor"}),
+}
+#: whole column names that hold a field under another name
+_FIELD_ALIASES: dict[str, str] = {"status": "vital_status", "who": "who_grade"}
+#: column names that may hold the case id
+_ID_ALIASES = frozenset(
+    {"id", "caseid", "case", "patient_id", "patientid", "subject_id", "subject", "pid"}
+)
+#: a survival column whose largest value is below this (days), over at least
+#: :data:`MONTHS_MIN_ROWS` values, is flagged as probably in months
+MONTHS_BELOW_DAYS, MONTHS_MIN_ROWS = 120.0, 5
+_ALIVE = re.compile(r"^\s*alive\s*\(\s*(\d+(?:[.,]\d+)?)\s*days?\s+later\s*\)\s*$", re.IGNORECASE)
+_GRADE = re.compile(r"(?:who\s*)?(?:grade|grad|g)?\s*(iv|iii|ii|i|[1-4])")
+_ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4}
+_NUMBER = {
+    ".": re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"),
+    ",": re.compile(r"[+-]?\d+(?:,\d+)?"),
+}
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")
+# a survival such as 1.234 in a file separated by semicolons or tabs: 1234 days, grouped?
+_GROUPED = re.compile(r"\d{1,3}(?:\.\d{3})+")
+_CODE = re.compile(r"[+-]?\d+(?:[.,]\d+)?")
+_DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
+# what a binary file starts with -> what it is
+_SIGNATURES = (
+    (b"PK\x03\x04", "an Excel workbook (.xlsx) or another ZIP archive"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an Excel 97-2003 workbook (.xls)"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+_SAVE_AS_CSV = "save it as CSV (in Excel: File > Save As > 'CSV UTF-8') and give that file"
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
 
 class _Where:
-    """Formats the place of a fault: file, row (1-based line, header = 1), column."""
+    """Formats the place of a fault: file, row (line in the file, header = 1), column."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -396,8 +521,66 @@ class _Where:
         return ClinicalDataError(f"{', '.join(place)}: {what}")
 
 
-def parse_value(field: str, text: str) -> float | str | None:
-    """Parse one cell of a clinical field; ``None`` when empty or marked missing (``NA``...).
+def _category_key(text: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", text.strip().lower()).strip()
+
+
+def _header_key(text: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", text.strip().lower()).strip("_")
+
+
+def _id_key(case_id: str) -> str:
+    """A case id ignoring case and zero padding: ``BraTS2021_00001`` and ``brats2021_1``."""
+    return re.sub(r"\d+", lambda m: str(int(m.group())), case_id.strip().lower())
+
+
+def _number(raw: str, decimal: str) -> float:
+    if _NUMBER[decimal].fullmatch(raw):
+        return float(raw.replace(",", "."))
+    if decimal == "." and _DECIMAL_COMMA.fullmatch(raw):
+        raise ValueError(
+            f"{raw!r} has a comma in a comma-separated file, where it may be a decimal comma or "
+            f"a thousands separator: write {_either(raw, ',', '.')}, or save the file "
+            "separated by semicolons, where decimal commas are read"
+        )
+    if decimal == "," and re.fullmatch(r"[+-]?\d+\.\d+", raw):
+        raise ValueError(
+            f"{raw!r} has a point in a file whose numbers have decimal commas, where it may be "
+            f"a thousands separator: write {_either(raw, '.', ',')}"
+        )
+    raise ValueError(f"{raw!r} is not a number")
+
+
+def _either(raw: str, sep: str, decimal: str) -> str:
+    """How to write ``raw`` without doubt: with ``decimal``, or as a whole number when the
+    separator may group thousands (three digits after it)."""
+    fixed = repr(raw.replace(sep, decimal))
+    if len(raw) - raw.index(sep) - 1 == 3:
+        return f"{fixed} (a decimal) or {raw.replace(sep, '')!r} (a whole number)"
+    return fixed
+
+
+def _grade(raw: str, decimal: str) -> float:
+    match = _GRADE.fullmatch(_category_key(raw))
+    if match:
+        text = match.group(1)
+        return float(_ROMAN[text] if text in _ROMAN else int(text))
+    try:
+        value = _number(raw, decimal)
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value) and value == int(value) and not 1 <= value <= 4:
+        raise ValueError(f"{raw} is out of range (expected 1 to 4)")
+    if math.isfinite(value) and value == int(value):
+        return value
+    raise ValueError(
+        f"{raw!r} is not a WHO grade (expected 1, 2, 3 or 4, also written I-IV, G4, grade 4 or "
+        "WHO grade IV; a range such as 2-3 must be resolved to one grade)"
+    )
+
+
+def parse_value(field: str, text: str, decimal: str = ".") -> float | str | None:
+    """Parse one cell of a clinical field; ``None`` when empty or marked missing.
 
     Parameters
     ----------
@@ -405,72 +588,494 @@ def parse_value(field: str, text: str) -> float | str | None:
         One of :data:`CLINICAL_FIELDS`.
     text:
         The cell's text.
+    decimal:
+        The file's decimal separator: ``"."`` or ``","`` (see :func:`read_clinical`).
 
     Returns
     -------
     float, str or None
-        A number for numeric fields, the canonical category, or ``None``.
+        A number for numeric fields (the WHO grade also from ``IV``, ``G4``, ``grade 4``), the
+        canonical category (:data:`CATEGORY_SPELLINGS`), or ``None`` (:data:`MISSING_MARKERS`).
 
     Raises
     ------
     ValueError
-        A number that does not parse or lies out of range, or an unknown category; the
-        message says what was expected (callers add file, row and column).
+        A number that does not parse or lies out of range, an unknown category or a numeric
+        code for a category; the message says what was expected (callers add file, row and
+        column).
     """
     raw = text.strip()
-    if raw.lower() in _MISSING:
+    if raw.lower() in MISSING_MARKERS:
         return None
+    if field == "who_grade":
+        return _grade(raw, decimal)
     if field in _NUMERIC:
         lo, hi = _NUMERIC[field]
         try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"{raw!r} is not a number (expected {lo:g} to {hi:g})") from None
+            value = _number(raw, decimal)
+        except ValueError as exc:
+            plain = str(exc).endswith("not a number")
+            raise ValueError(f"{exc} (expected {lo:g} to {hi:g})" if plain else str(exc)) from None
         if not math.isfinite(value) or not lo <= value <= hi:
             raise ValueError(f"{raw} is out of range (expected {lo:g} to {hi:g})")
-        if field == "who_grade" and value != int(value):
-            raise ValueError(f"{raw} is not a WHO grade (expected 1, 2, 3 or 4)")
         return value
-    allowed = _CATEGORIES[field]
-    canonical = allowed.get(raw.lower())
-    if canonical is None:
-        names = sorted(set(allowed.values()))
-        raise ValueError(f"unknown category {raw!r} (expected one of {', '.join(names)})")
-    return canonical
+    allowed = CATEGORY_SPELLINGS[field]
+    canonical = allowed.get(_category_key(raw))
+    if canonical is not None:
+        return canonical
+    names = sorted(set(allowed.values()))
+    expected = f"{', '.join(names[:-1])} or {names[-1]}"
+    if _CODE.fullmatch(raw):
+        raise ValueError(
+            f"{raw!r} is a numeric code, and codes differ between hospitals (0/1, 1/2, "
+            f"either way round): write {expected}"
+        )
+    others = ", ".join(k for k in allowed if k not in {n.lower() for n in names})
+    raise ValueError(f"unknown category {raw!r} (expected {expected}; also accepted: {others})")
 
 
-def _rows(path: Path, where: _Where) -> tuple[list[str], list[tuple[int, list[str]]]]:
+@dataclass(frozen=True)
+class ClinicalTable:
+    """What :func:`read_clinical_table` read from a clinical CSV, and how.
+
+    Only the names of the columns fedseg does not read are kept, never their values.
+    """
+
+    path: Path
+    #: case id (the image folder's spelling when ``case_ids`` were given) -> record
+    records: dict[str, ClinicalRecord]
+    #: ``fedseg`` (``case_id`` and the fields) or ``brats2020`` (``survival_info.csv``)
+    layout: str
+    encoding: str
+    delimiter: str
+    decimal: str
+    #: names of the columns that were not read
+    ignored_columns: tuple[str, ...] = ()
+    #: rows that repeated an earlier row of the same case exactly, and were dropped
+    merged_duplicates: int = 0
+    #: (as written in the file, the folder's case id), matched ignoring case and zero padding
+    matched_ids: tuple[tuple[str, str], ...] = ()
+    #: rows of cases not in ``case_ids``, skipped (``others="skip"``)
+    other_rows: int = 0
+    #: values that are accepted but look wrong (survival in months)
+    warnings: tuple[str, ...] = ()
+
+    def describe(self) -> list[str]:
+        """One line per fact a user should see: what was read, ignored, merged, matched."""
+        fmt = (
+            f"{self.encoding}, {_DELIMITERS[self.delimiter]}-separated, decimal "
+            f"{'comma' if self.decimal == ',' else 'point'}"
+        )
+        lines = [f"clinical records: {len(self.records)} cases from {self.path} ({fmt})"]
+        if self.ignored_columns:
+            names = ", ".join(repr(c) for c in self.ignored_columns)
+            lines.append(f"clinical records: columns not read (their values are not used): {names}")
+        if self.merged_duplicates:
+            lines.append(
+                f"clinical records: {self.merged_duplicates} rows repeated an earlier row of "
+                "the same case exactly and were merged with it"
+            )
+        if self.matched_ids:
+            written, case = self.matched_ids[0]
+            lines.append(
+                f"clinical records: {len(self.matched_ids)} case ids matched to the image "
+                f"folder's ignoring case and zero padding (e.g. {written!r} -> {case!r})"
+            )
+        if self.other_rows:
+            lines.append(
+                f"clinical records: {self.other_rows} rows of cases not among these were not read"
+            )
+        lines += [f"warning: {w}" for w in self.warnings]
+        return lines
+
+
+def _decode(data: bytes) -> tuple[str, str]:
+    """The text of a CSV file and its encoding: UTF-8 (with or without a byte order mark),
+    UTF-16 with a byte order mark (Excel's 'Unicode text'), else Windows-1252 / Latin-1."""
+    for magic, what in _SIGNATURES:
+        if data.startswith(magic):
+            raise ValueError(f"{what}, not a CSV text file: {_SAVE_AS_CSV}")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            text, encoding = data.decode("utf-16"), "UTF-16"
+        except UnicodeDecodeError:
+            raise ValueError("starts as UTF-16 text but is not: not a CSV text file") from None
+    else:
+        try:
+            text, encoding = data.decode("utf-8-sig"), "UTF-8"
+        except UnicodeDecodeError:
+            try:  # what Excel writes in Western Europe, a superset of Latin-1's characters
+                text, encoding = data.decode("cp1252"), "Windows-1252"
+            except UnicodeDecodeError:
+                text, encoding = data.decode("latin-1"), "Latin-1"
+    if _CONTROL.search(text):
+        raise ValueError(f"binary content, not a CSV text file: {_SAVE_AS_CSV}")
+    return text, encoding
+
+
+def _delimiter(line: str) -> str:
+    """The delimiter of a header line: the one of comma, semicolon and tab it contains."""
+    bare = re.sub(r'"[^"]*"', "", line)  # quoted names may hold anything
+    found = [d for d in _DELIMITERS if d in bare]
+    if len(found) > 1:
+        names = " and ".join(_DELIMITERS[d] for d in found)
+        raise ValueError(
+            f"the header holds both {names}, so which one separates the columns is ambiguous: "
+            "column names must not contain them (or must be quoted)"
+        )
+    return found[0] if found else ","
+
+
+def _records(text: str, where: _Where) -> tuple[str, int, list[str], list[tuple[int, list[str]]]]:
+    """Delimiter, header row, header cells and non-empty body rows (row = line of its start)."""
+    lines = re.split(r"\r\n|\r|\n", text)
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        raise where.error(None, None, "empty file (expected a header row)")
+    sep = re.fullmatch(r"\s*sep=(.)\s*", lines[first])  # Excel's delimiter line
+    if sep and sep.group(1) not in _DELIMITERS:
+        raise where.error(first + 1, None, f"unsupported delimiter {sep.group(1)!r}")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except FileNotFoundError:
-        raise where.error(None, None, "no such file") from None
-    except UnicodeDecodeError:
-        raise where.error(None, None, "not a UTF-8 text file") from None
-    except (OSError, csv.Error) as exc:
-        raise where.error(None, None, f"cannot be read as CSV ({exc})") from None
+        delimiter = sep.group(1) if sep else _delimiter(lines[first])
+    except ValueError as exc:
+        raise where.error(first + 1, None, str(exc)) from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[tuple[int, list[str]]] = []
+    start = 1
+    try:
+        for cells in reader:
+            rows.append((start, [c.strip() for c in cells]))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise where.error(start, None, f"cannot be read as CSV ({exc})") from None
+    rows = [(line, cells) for line, cells in rows if any(cells)]
+    if sep:
+        rows = rows[1:]
     if not rows:
         raise where.error(None, None, "empty file (expected a header row)")
-    header = [h.strip() for h in rows[0]]
-    body = [(i + 2, r) for i, r in enumerate(rows[1:]) if any(c.strip() for c in r)]
-    return header, body
+    (header_row, header), body = rows[0], rows[1:]
+    return delimiter, header_row, header, body
 
 
-def read_clinical(path: Path, case_ids: Collection[str] | None = None) -> dict[str, ClinicalRecord]:
+def _looks_like(key: str, fields: Collection[str]) -> str | None:
+    """The field (of ``fields``) an unknown column's name suggests: a misspelling, an alias or
+    one of the field's words in the name."""
+    if key in _FIELD_ALIASES and _FIELD_ALIASES[key] in fields:
+        return _FIELD_ALIASES[key]
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.8)
+    if close:
+        return close[0]
+    words = set(key.split("_"))
+    return next((f for f in fields if f in _FIELD_WORDS and words & _FIELD_WORDS[f]), None)
+
+
+def _columns(
+    header: list[str], header_row: int, where: _Where
+) -> tuple[str, dict[int, str], list[int], list[int]]:
+    """Layout, read columns (index -> field), ignored named columns and unnamed columns."""
+    keys = [_header_key(h) for h in header]
+    if "brats20id" in keys:
+        layout = "brats2020"
+        names = {_header_key(k): v for k, v in BRATS_COLUMNS.items()}
+        known = {_header_key(k): k for k in BRATS_COLUMNS}
+    elif "case_id" in keys:
+        layout = "fedseg"
+        names = {c: c for c in CLINICAL_COLUMNS}
+        known = dict(names)
+    else:
+        ids = [h for h, k in zip(header, keys, strict=True) if k in _ID_ALIASES]
+        hint = (
+            f" (if {ids[0]!r} holds the image folder's case names, name it case_id)"
+            if ids
+            else " (if the file has no header row, add one)"
+        )
+        raise where.error(
+            header_row,
+            None,
+            f"the header has neither 'case_id' (fedseg clinical CSV) nor 'Brats20ID' (BraTS 2020 "
+            f"survival_info.csv) among its {len(header)} columns{hint}",
+        )
+    read: dict[int, str] = {}
+    ignored: list[int] = []
+    unnamed: list[int] = []
+    present = {names[k] for k in keys if k in names}
+    for i, (name, key) in enumerate(zip(header, keys, strict=True)):
+        if key in names:
+            if names[key] in read.values():
+                raise where.error(header_row, name, "the field appears in more than one column")
+            read[i] = names[key]
+            continue
+        if not name:
+            unnamed.append(i)
+            continue
+        absent = [k for k in known if names[k] not in present]
+        near = _looks_like(key, absent)
+        if near is not None:
+            unit = "month" in key or "year" in key
+            if unit and names[near] == "survival_days":
+                what = (
+                    "survival is read in days only: convert it (days = months x 30.44, years x "
+                    f"365.25) into a column {known[near]!r}, or delete the column"
+                )
+            else:
+                what = (
+                    f"not a column fedseg reads; did you mean {known[near]!r}? If it holds that "
+                    f"field, name it {known[near]}; if not, rename or delete it"
+                )
+            raise where.error(header_row, name, what)
+        ignored.append(i)
+    return layout, read, ignored, unnamed
+
+
+def read_clinical_table(
+    path: Path,
+    case_ids: Collection[str] | None = None,
+    *,
+    others: Literal["refuse", "skip"] = "refuse",
+) -> ClinicalTable:
+    """Read a clinical CSV with what :func:`read_clinical` returns and how it was read.
+
+    Parameters
+    ----------
+    path:
+        The CSV file.
+    case_ids, others:
+        See :func:`read_clinical`.
+
+    Returns
+    -------
+    ClinicalTable
+        The records, the file's format, the columns not read, the rows merged and ids matched,
+        and warnings.
+
+    Raises
+    ------
+    ClinicalDataError
+        See :func:`read_clinical`.
+    """
+    if others not in ("refuse", "skip"):
+        raise ValueError(f"others must be 'refuse' or 'skip', got {others!r}")
+    path = Path(path)
+    where = _Where(path)
+    text, encoding = _read_text(path, where)
+    delimiter, header_row, header, body = _records(text, where)
+    layout, read, ignored, unnamed = _columns(header, header_row, where)
+    if not body:
+        raise where.error(
+            None, None, "a header but no rows (expected one row per case below the header)"
+        )
+    _check_cells(body, header, [*read, *ignored], unnamed, where)
+    id_index = next(i for i, f in read.items() if f == "case_id")
+    numeric = [i for i, f in read.items() if f in _NUMERIC]
+    decimal = "."
+    if delimiter != "," and any(
+        _DECIMAL_COMMA.fullmatch(cells[i]) for _, cells in body for i in numeric
+    ):
+        decimal = ","
+
+    resolve = _resolver(case_ids, where, header[id_index])
+    records: dict[str, ClinicalRecord] = {}
+    seen: dict[str, tuple[int, list[str]]] = {}  # case -> (row, cells of the unread columns)
+    matched: list[tuple[str, str]] = []
+    unknown: list[tuple[int, str]] = []
+    merged = 0
+    for line, cells in body:
+        written = cells[id_index]
+        if not written:
+            raise where.error(line, header[id_index], "empty case id")
+        case_id = resolve(line, written)
+        if case_id is None:
+            unknown.append((line, written))
+            continue
+        record = empty_record()
+        for i, field in read.items():
+            if field != "case_id":
+                try:
+                    record.update(_cell_value(layout, field, cells[i], delimiter, decimal))
+                except ValueError as exc:
+                    raise where.error(line, header[i], str(exc)) from None
+        rest = [cells[i] for i in ignored]
+        if case_id in records:
+            first, first_rest = seen[case_id]
+            old = records[case_id]
+            differ = [header[i] for i, f in read.items() if i != id_index and old[f] != record[f]]
+            differ += [
+                header[i] for i, a, b in zip(ignored, first_rest, rest, strict=True) if a != b
+            ]
+            if differ:
+                raise where.error(
+                    line,
+                    header[id_index],
+                    f"case {case_id!r} is listed twice (first in row {first}) with different "
+                    f"values in column {differ[0]!r}: delete the row that is wrong",
+                )
+            merged += 1
+            continue
+        if case_id != written:
+            matched.append((written, case_id))
+        records[case_id] = record
+        seen[case_id] = (line, rest)
+    if unknown and others == "refuse":
+        raise _unknown_cases(unknown, case_ids or (), where, header[id_index])
+    return ClinicalTable(
+        path=path,
+        records=records,
+        layout=layout,
+        encoding=encoding,
+        delimiter=delimiter,
+        decimal=decimal,
+        ignored_columns=tuple(header[i] for i in ignored),
+        merged_duplicates=merged,
+        matched_ids=tuple(matched),
+        other_rows=len(unknown),
+        warnings=_warnings(records),
+    )
+
+
+def _read_text(path: Path, where: _Where) -> tuple[str, str]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise where.error(None, None, "no such file") from None
+    except IsADirectoryError:
+        raise where.error(None, None, "a folder, not a CSV file") from None
+    except OSError as exc:
+        raise where.error(None, None, f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        return _decode(data)
+    except ValueError as exc:
+        raise where.error(None, None, str(exc)) from None
+
+
+def _check_cells(
+    body: list[tuple[int, list[str]]],
+    header: list[str],
+    named: list[int],
+    unnamed: list[int],
+    where: _Where,
+) -> None:
+    """Every row has a cell for each named column (trailing unnamed ones may be left out), and
+    nothing in an unnamed column or beyond the header."""
+    width = max(named) + 1
+    for line, cells in body:
+        if len(cells) < width or any(cells[len(header) :]):
+            raise where.error(
+                line, None, f"{len(cells)} cells where the header has {len(header)} columns"
+            )
+        for i in unnamed:
+            if i < len(cells) and cells[i]:
+                raise where.error(
+                    line,
+                    None,
+                    f"column {i + 1} has no name in the header but holds a value: name the "
+                    "column, or delete it",
+                )
+
+
+def _cell_value(
+    layout: str, field: str, text: str, delimiter: str, decimal: str
+) -> dict[str, float | str | None]:
+    """The fields one cell sets (BraTS's survival also sets the vital status)."""
+    if field == "survival_days" and delimiter != "," and _GROUPED.fullmatch(text):
+        raise ValueError(
+            f"{text!r} in a file separated by {_DELIMITERS[delimiter]}s, where a point may "
+            f"group thousands: write the days as a whole number ({text.replace('.', '')!r}) "
+            "or with a decimal comma"
+        )
+    if layout == "brats2020" and field == "survival_days":
+        return _brats_survival(text, decimal)
+    return {field: parse_value(field, text, decimal)}
+
+
+def _unknown_cases(
+    unknown: list[tuple[int, str]], case_ids: Collection[str], where: _Where, column: str
+) -> ClinicalDataError:
+    line, written = unknown[0]
+    close = difflib.get_close_matches(written, sorted(case_ids), n=1)
+    hint = f" (closest: {close[0]!r})" if close else ""
+    more = ""
+    if len(unknown) > 1:
+        rows = ", ".join(str(r) for r, _ in unknown[1:6]) + (", ..." if len(unknown) > 6 else "")
+        more = f"; {len(unknown) - 1} more rows name cases that are not in it either (rows {rows})"
+    return where.error(
+        line,
+        column,
+        f"unknown case {written!r}: not in the cohort's image folder{hint}{more}; delete the "
+        "rows of cases without images, or add their images",
+    )
+
+
+def _resolver(
+    case_ids: Collection[str] | None, where: _Where, column: str
+) -> Callable[[int, str], str | None]:
+    """``(row, id as written) -> the folder's case id`` (``None``: not in the folder)."""
+    if case_ids is None:
+        return lambda line, written: written
+    exact = set(case_ids)
+    by_key: dict[str, list[str]] = {}
+    for c in sorted(exact):
+        by_key.setdefault(_id_key(c), []).append(c)
+
+    def resolve(line: int, written: str) -> str | None:
+        if written in exact:
+            return written
+        found = by_key.get(_id_key(written), [])
+        if len(found) > 1:
+            raise where.error(
+                line,
+                column,
+                f"case {written!r} matches {found[0]!r} and {found[1]!r} of the image folder "
+                "when case and zero padding are ignored: write the case id exactly",
+            )
+        return found[0] if found else None
+
+    return resolve
+
+
+def _warnings(records: Mapping[str, ClinicalRecord]) -> tuple[str, ...]:
+    days = [float(v) for r in records.values() if isinstance(v := r["survival_days"], float)]
+    if len(days) >= MONTHS_MIN_ROWS and max(days) < MONTHS_BELOW_DAYS:
+        return (
+            f"every survival_days is below {MONTHS_BELOW_DAYS:g} (the largest of {len(days)} is "
+            f"{max(days):g}): these look like months, but they are read as days; if they are "
+            "months, convert them (days = months x 30.44)",
+        )
+    return ()
+
+
+def read_clinical(
+    path: Path,
+    case_ids: Collection[str] | None = None,
+    *,
+    others: Literal["refuse", "skip"] = "refuse",
+) -> dict[str, ClinicalRecord]:
     """Read a clinical CSV: fedseg's ``clinical.csv`` or BraTS 2020's ``survival_info.csv``.
 
-    The layout is told by the header: ``case_id`` (generic: any of :data:`CLINICAL_FIELDS` as
-    further columns, in any order) or ``Brats20ID`` (``Age``, ``Survival_days``,
-    ``Extent_of_Resection``; a plain survival is a death, ``ALIVE (N days later)`` is alive
-    at N days, ``NA`` is missing). Empty cells and ``NA`` are missing values.
+    The file (every rule documented in the module docstring, "Reading"): UTF-8 (a byte order
+    mark is skipped), UTF-16 with a byte order mark, or else Windows-1252 / Latin-1; separated by
+    commas, semicolons or tabs (the one the header line contains, or Excel's ``sep=;`` first
+    line); in a file separated by semicolons or tabs, numbers may have decimal commas (``61,5``);
+    blank rows and trailing unnamed empty columns are skipped. The layout is told by the header,
+    whose names are compared ignoring case, spaces and punctuation (``Case ID`` is
+    ``case_id``): ``case_id`` (any of :data:`CLINICAL_FIELDS` as further columns, in any order)
+    or ``Brats20ID`` (``Age``, ``Survival_days``, ``Extent_of_Resection``; a plain survival is
+    a death, ``ALIVE (N days later)`` is alive at N days). Other columns (names, record numbers,
+    notes) are not read, unless their name suggests a field the file lacks (``Grade``,
+    ``Patient age``, ``OS months``, ``agee``): then the file is refused, to be renamed.
 
     Parameters
     ----------
     path:
         The CSV file.
     case_ids:
-        The cohort's cases: when given, a row naming another case is an error (cases of the
-        cohort without a row simply have no record).
+        The cohort's cases (its image folder): when given, a row naming another case is an
+        error, and a case id that matches one of them only when case and zero padding are
+        ignored (``brats2021_1`` for ``BraTS2021_00001``) is read as that case. Cases of the
+        cohort without a row simply have no record.
+    others:
+        ``refuse`` (the default): a row naming a case not in ``case_ids`` is an error (the
+        message counts them all); ``skip``: such rows are not read (a site reading a file that
+        also holds other sites' cases).
 
     Returns
     -------
@@ -480,96 +1085,23 @@ def read_clinical(path: Path, case_ids: Collection[str] | None = None) -> dict[s
     Raises
     ------
     ClinicalDataError
-        One line naming the file, the row (line number, header = 1) and the column: an
-        unreadable file, a header without ``case_id`` / ``Brats20ID``, an unknown column, a
-        duplicated or unknown case id, a value out of range or an unknown category.
+        One line naming the file, the row (line in the file, header = 1) and the column: an
+        unreadable, empty, binary or spreadsheet file, a header without ``case_id`` /
+        ``Brats20ID`` or with a column whose name suggests a field, a file without rows, a case
+        listed twice with different values, a case not in ``case_ids``, a value out of range,
+        an unknown category, a numeric code for a category, an ambiguous number.
     """
-    path = Path(path)
-    where = _Where(path)
-    header, body = _rows(path, where)
-    if "Brats20ID" in header:
-        columns = {}
-        for h in header:
-            if h not in _BRATS_COLUMNS:
-                close = difflib.get_close_matches(h, list(_BRATS_COLUMNS), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise where.error(
-                    1,
-                    h,
-                    f"unknown column{hint}; BraTS 2020 survival files "
-                    f"have {', '.join(list(_BRATS_COLUMNS)[:4])}",
-                )
-            columns[h] = _BRATS_COLUMNS[h]
-        id_column, brats = "Brats20ID", True
-    elif "case_id" in header:
-        columns = {}
-        for h in header:
-            if h != "case_id" and h not in CLINICAL_FIELDS:
-                close = difflib.get_close_matches(h, list(CLINICAL_FIELDS), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise where.error(
-                    1, h, f"unknown column{hint}; known: {', '.join(CLINICAL_COLUMNS)}"
-                )
-            columns[h] = h
-        id_column, brats = "case_id", False
-    else:
-        raise where.error(
-            1,
-            None,
-            "the header has neither 'case_id' (fedseg clinical CSV) nor 'Brats20ID' "
-            f"(BraTS 2020 survival_info.csv); found: {', '.join(header) or '(nothing)'}",
-        )
-    dupes = {h for h in header if header.count(h) > 1}
-    if dupes:
-        raise where.error(1, sorted(dupes)[0], "the column appears more than once")
-
-    known = set(case_ids) if case_ids is not None else None
-    records: dict[str, ClinicalRecord] = {}
-    first_row: dict[str, int] = {}
-    for line, cells in body:
-        if len(cells) != len(header):
-            raise where.error(
-                line, None, f"{len(cells)} cells where the header has {len(header)} columns"
-            )
-        values = dict(zip(header, cells, strict=True))
-        case_id = values[id_column].strip()
-        if not case_id:
-            raise where.error(line, id_column, "empty case id")
-        if case_id in records:
-            raise where.error(
-                line,
-                id_column,
-                f"case {case_id!r} is listed twice (first in row {first_row[case_id]})",
-            )
-        if known is not None and case_id not in known:
-            close = difflib.get_close_matches(case_id, sorted(known), n=1)
-            hint = f" (closest: {close[0]!r})" if close else ""
-            raise where.error(line, id_column, f"unknown case {case_id!r}: not in the cohort{hint}")
-        record = empty_record()
-        for column, text in values.items():
-            field = columns[column]
-            if field == "case_id":
-                continue
-            try:
-                if brats and field == "survival_days":
-                    record.update(_brats_survival(text))
-                else:
-                    record[field] = parse_value(field, text)
-            except ValueError as exc:
-                raise where.error(line, column, str(exc)) from None
-        records[case_id] = record
-        first_row[case_id] = line
-    return records
+    return read_clinical_table(path, case_ids, others=others).records
 
 
-def _brats_survival(text: str) -> dict[str, float | str | None]:
+def _brats_survival(text: str, decimal: str = ".") -> dict[str, float | str | None]:
     """BraTS 2020's ``Survival_days``: a number (death), ``ALIVE (N days later)``, or NA."""
     match = _ALIVE.match(text)
     if match:
-        days = parse_value("survival_days", match.group(1))
+        days = parse_value("survival_days", match.group(1), decimal)
         return {"survival_days": days, "vital_status": "alive"}
     try:
-        days = parse_value("survival_days", text)
+        days = parse_value("survival_days", text, decimal)
     except ValueError:
         raise ValueError(
             f"{text.strip()!r} is not a survival (expected days, e.g. 289, or "

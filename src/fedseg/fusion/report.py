@@ -225,6 +225,20 @@ def render_report(doc: Mapping[str, Any]) -> str:
         f"<p>Endpoint {html.escape(x['endpoint'])} skipped: {html.escape(x['reason'])}.</p>"
         for x in doc.get("skipped", [])
     )
+    with_endpoint = doc["cohort"].get("with_endpoint") or {}
+    coverage = "".join(
+        f" {html.escape(e)}: {n} of {doc['cohort']['cases']} cases;"
+        for e, n in with_endpoint.items()
+    )
+    if coverage:
+        coverage = (
+            f"<p>Cases with each endpoint (the others, with no row or without the endpoint's "
+            f"fields, are left out of its arms):{coverage[:-1]}.</p>"
+        )
+    coverage += "".join(
+        f"<p><b>Clinical records warning</b>: {html.escape(w)}.</p>"
+        for w in doc["cohort"].get("clinical_warnings", [])
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fedseg fusion study</title>
 <style>body{{font-family:sans-serif;max-width:1250px;margin:2em auto;color:#222}}
@@ -241,6 +255,7 @@ L2 penalty {penalty}) on features standardised by the training cases' mean and s
 {s["rounds"]} rounds of {s["local_steps"]} local steps{correction}. 95 % intervals: percentile
 bootstrap over test cases ({s["bootstrap"]} resamples). Run time {doc.get("seconds", "?")} s.</p>
 {source}
+{coverage}
 {skipped}
 <h2>Targets</h2>{comparisons}
 <h2>ROC curves (WHO grade 4 vs 2-3)</h2>{roc_figure(arms)}

@@ -204,7 +204,9 @@ def site_fusion_data(
     if key not in _DATA:
         ids = list(spec.case_ids) if spec.case_ids is not None else _discover_ids(spec.root)
         chosen = split_cases(ids, cfg.test_fraction, 0.0, cfg.seed)[part]
-        records = read_clinical(path)
+        # the site's cases: ids matched as the study matches them (case, zero padding); rows
+        # of other cases (other sites' in a shared file) are not this site's to read
+        records = read_clinical(path, ids, others="skip")
         images = case_image_features(spec.root, chosen, seg) if features != "clinical" else {}
         _DATA[key] = build_data(chosen, records, images, endpoint, features)
     return _DATA[key]

@@ -49,6 +49,7 @@ from fedseg.fusion.features import (
     case_image_features,
     check_choice,
     feature_names,
+    has_endpoint,
 )
 from fedseg.fusion.metrics import auc, bootstrap_ci, c_index
 from fedseg.fusion.model import (
@@ -70,6 +71,15 @@ TARGET_GAIN, TARGET_RATIO = 0.05, 0.95
 L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 #: folds of that cross-validation
 CV_FOLDS = 5
+#: what a case's clinical record needs to count for an endpoint
+ENDPOINT_NEEDS: dict[str, str] = {
+    "grade": "a WHO grade",
+    "survival": "both survival_days and vital_status",
+}
+_ENDPOINT_MINIMUM = {
+    "grade": "grade 4 cases and grade 2-3 cases",
+    "survival": "two cases and one death",
+}
 RESULT_COLUMNS: tuple[str, ...] = (
     "endpoint",
     "features",
@@ -223,10 +233,11 @@ class _Split:
     images: dict[str, np.ndarray]
     seg_model: Path | None = None
     seg_card: dict[str, Any] | None = None
+    clinical_warnings: tuple[str, ...] = ()
 
 
 def _prepare(cfg: FusionStudyConfig, say: Callable[[str], None]) -> _Split:
-    from fedseg.data.clinical import read_clinical
+    from fedseg.data.clinical import read_clinical_table
     from fedseg.data.cohort import split_cases
     from fedseg.data.partition import case_attributes, partition, write_partition
 
@@ -251,7 +262,17 @@ def _prepare(cfg: FusionStudyConfig, say: Callable[[str], None]) -> _Split:
             "--clinical FILE)"
         )
     attrs = case_attributes(root)
-    records = read_clinical(clinical, set(attrs))
+    table = read_clinical_table(clinical, set(attrs))
+    for line in table.describe():
+        say(line)
+    records = table.records
+    without = [c for c in attrs if c not in records]
+    if without:
+        shown = ", ".join(without[:5]) + (", ..." if len(without) > 5 else "")
+        say(
+            f"clinical records: {len(without)} of {len(attrs)} image cases have no row "
+            f"({shown}): they have no endpoint and are left out of every arm"
+        )
     parts = partition(
         list(attrs.values()), cfg.sites, cfg.partition, alpha=cfg.alpha, seed=cfg.seed
     )
@@ -286,7 +307,9 @@ def _prepare(cfg: FusionStudyConfig, say: Callable[[str], None]) -> _Split:
         say(f"{site}: image features of {len(ids)} cases from {how}")
         images.update(case_image_features(root, sorted(ids), seg))
     card = seg.card if seg is not None else None
-    return _Split(root, clinical, records, dict(parts), train, test, images, seg_path, card)
+    return _Split(
+        root, clinical, records, dict(parts), train, test, images, seg_path, card, table.warnings
+    )
 
 
 def _fingerprint(cfg: FusionStudyConfig, split: _Split) -> str:
@@ -462,10 +485,21 @@ def run_fusion_study(
     for endpoint in cfg.endpoints:
         ref = _data(split, test_ids, endpoint, "clinical")
         train_ref = _data(split, [c for v in split.train.values() for c in v], endpoint, "clinical")
+        cases = doc["cohort"]["cases"]
+        have = doc["cohort"]["with_endpoint"][endpoint]
+        if have < cases:
+            say(
+                f"{endpoint}: {have} of {cases} cases have {ENDPOINT_NEEDS[endpoint]}; the "
+                f"other {cases - have} are left out of its arms"
+            )
         if _usable(ref, endpoint) and _usable(train_ref, endpoint):
             usable.append(endpoint)
         else:
-            reason = f"too few cases with the {endpoint} endpoint in the training or test set"
+            reason = (
+                f"too few cases with the {endpoint} endpoint in the training or test set "
+                f"({len(train_ref)} training and {len(ref)} test cases have "
+                f"{ENDPOINT_NEEDS[endpoint]}; each set needs {_ENDPOINT_MINIMUM[endpoint]})"
+            )
             doc["skipped"].append({"endpoint": endpoint, "reason": reason})
             say(f"{endpoint}: skipped ({reason})")
     doc["l2"] = _penalties(cfg, split, usable, old_l2, say)
@@ -848,11 +882,17 @@ def _cohort_summary(split: _Split) -> dict[str, Any]:
                 "missing": missing,
             }
         )
+    every = [c for v in split.sites.values() for c in v]
     return {
         "data": str(split.root),
         "clinical": str(split.clinical),
-        "cases": sum(len(v) for v in split.sites.values()),
-        "with_record": sum(1 for v in split.sites.values() for c in v if c in split.records),
+        "cases": len(every),
+        "with_record": sum(1 for c in every if c in split.records),
+        "with_endpoint": {
+            e: sum(1 for c in every if has_endpoint(split.records.get(c) or {}, e))
+            for e in ENDPOINTS
+        },
+        "clinical_warnings": list(split.clinical_warnings),
         "sites": sites,
     }
 
