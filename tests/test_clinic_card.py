@@ -180,8 +180,11 @@ def test_study_writes_a_card_beside_every_arm_model(tmp_path: Path) -> None:
             card = read_card(tmp_path / "study" / rel)
             assert card["strategy"] == arm
             assert sorted(card["hospitals"]) == ([site] if arm == "local" else sites)
-            assert card["dice"]["pooled"]["WT"] == pytest.approx(
-                doc["arms"][arm]["metrics"]["pooled"]["WT"]["dice"]
+            # a local model's card holds only its own site's Dice, measured with that model
+            group = site if arm == "local" else "pooled"
+            assert list(card["dice"]) == ([site] if arm == "local" else [*sites, "pooled"])
+            assert card["dice"][group]["WT"] == pytest.approx(
+                doc["arms"][arm]["metrics"][group]["WT"]["dice"]
             )
 
 
@@ -205,9 +208,9 @@ def test_federation_writes_tensorboard_events_per_round_and_site(dp_federation: 
 
     got = _scalars(dp_federation)
 
-    assert got["server/train-loss"] == [(1, pytest.approx(row["train-loss"]))]
+    assert got["train/loss"] == [(1, pytest.approx(row["train-loss"]))]
     assert got["server/round-seconds"] == [(1, pytest.approx(row["round-seconds"]))]
-    assert got["server/dice-WT"] == [(1, pytest.approx(row["mean-dice"]["WT"]))]
+    assert got["test/dice-WT"] == [(1, pytest.approx(row["mean-dice"]["WT"]))]
     assert got["server/model-bytes"][0][1] > 0
     for site in ("site-0", "site-1", "site-2"):
         m = row["train"][site]

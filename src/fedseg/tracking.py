@@ -3,10 +3,13 @@
 ``tensorboard --logdir runs/`` then shows every run under ``runs/`` while it trains:
 
 * ``fedseg train`` (:func:`track_epoch`): per epoch ``train/loss``, ``train/seconds``,
-  ``val/dice-WT|TC|ET``, ``val/mean-dice``;
+  ``val/dice-WT|TC|ET``, ``val/mean-dice`` (validation cases); a study's baseline arms the same
+  with ``test/`` (their curve is scored on the test cases);
 * a federation (:func:`track_round`, called by the server's round loop): per round
-  ``server/train-loss``, ``server/dice-WT|TC|ET`` (case-weighted mean over sites),
-  ``server/round-seconds``, ``server/overhead-seconds``, ``server/accepted-sites``,
+  ``train/loss`` (the sites' case-weighted training loss), ``test/dice-WT|TC|ET`` and
+  ``test/mean-dice`` (case-weighted mean over the sites' held-out cases), so a study's arms
+  share their charts, ``server/round-seconds``, ``server/overhead-seconds``,
+  ``server/accepted-sites``,
   ``server/model-bytes`` (model payload sent to the sampled sites and back from the accepted
   ones); and per site ``site/<name>/train-loss``, ``.../train-seconds``, ``.../dice-WT|TC|ET``
   and ``.../epsilon`` when differential privacy is on;
@@ -85,15 +88,19 @@ def _scalars(writer: Any, values: Mapping[str, Any], step: int) -> None:
             writer.add_scalar(tag, v, step)
 
 
-def track_epoch(run_dir: Path | None, row: Mapping[str, Any]) -> None:
-    """Write one epoch row of ``fedseg train`` (``epoch``, ``loss``, ``val-dice-*``...)."""
+def track_epoch(run_dir: Path | None, row: Mapping[str, Any], cases: str = "val") -> None:
+    """Write one epoch row of ``fedseg train`` (``epoch``, ``loss``, ``val-dice-*``...).
+
+    ``cases`` names the cases the row's Dice was measured on (``val``, or ``test`` for a
+    study's baseline arms): the tags' prefix.
+    """
     writer = _writer(run_dir)
     if writer is None:
         return
     step = int(row.get("epoch", 0))
     values = {"train/loss": row.get("loss"), "train/seconds": row.get("train-seconds")}
-    values |= {f"val/dice-{r}": row.get(f"val-dice-{r}") for r in _REGIONS}
-    values["val/mean-dice"] = row.get("val-mean-dice")
+    values |= {f"{cases}/dice-{r}": row.get(f"val-dice-{r}") for r in _REGIONS}
+    values[f"{cases}/mean-dice"] = row.get("val-mean-dice")
     _flush(writer, values, step)
 
 
@@ -117,12 +124,15 @@ def track_round(
     step = int(row.get("round", 0))
     mean = row.get("mean-dice") or {}
     values: dict[str, Any] = {
-        "server/train-loss": row.get("train-loss"),
+        "train/loss": row.get("train-loss"),
         "server/round-seconds": row.get("round-seconds"),
         "server/overhead-seconds": row.get("overhead-seconds"),
         "server/accepted-sites": len(row.get("accepted") or ()),
     }
-    values |= {f"server/dice-{r}": mean.get(r) for r in _REGIONS}
+    values |= {f"test/dice-{r}": mean.get(r) for r in _REGIONS}
+    regions = [_number(mean.get(r)) for r in _REGIONS]
+    if all(v is not None for v in regions):
+        values["test/mean-dice"] = sum(v for v in regions if v is not None) / len(regions)
     if weights is not None:
         size = sum(int(getattr(a, "nbytes", 0)) for a in weights.values())
         messages = len(row.get("sampled") or ()) + len(row.get("accepted") or ())

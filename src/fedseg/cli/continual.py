@@ -1,7 +1,8 @@
 """``fedseg continual``: a federation in two phases, and what it forgets (#17).
 
 Exit codes: 0 success; 2 bad usage or bad input (unknown arm, scanner, shift, tumour type or
-phase-B mode, a phase B without new cases, bad config value); 3 an internal failure.
+phase-B mode, a phase B without new cases, bad config value); 3 an internal failure; 130
+interrupted by Ctrl-C (one line names the finished arms kept; the same command resumes).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ _HELP = (
     "again beside phase B's: the upper bound). Every arm is scored on phase A's and phase B's "
     "held-out cases. Writes OUT/results.json, OUT/results.csv and "
     "OUT/report.html. Rerun the same command to resume (finished arms are reused)."
-    "\n\nExit codes: 0 success, 2 bad input, 3 internal failure."
+    "\n\nExit codes: 0 success, 2 bad input, 3 internal failure, 130 interrupted (Ctrl-C: "
+    "finished arms are kept, the same command resumes)."
 )
 
 
@@ -100,10 +102,11 @@ def continual_command(
     ] = False,
 ) -> None:
     """Run the continual study (see ``fedseg continual --help``)."""
+    from fedseg.cli.interrupt import arms_kept, interruptible
     from fedseg.cli.options import config_from_options, defaults_under_preset, parse_sets
     from fedseg.continual.study import parse_arms, run_continual
 
-    with user_errors():
+    with interruptible(lambda: arms_kept(out)), user_errors():
         chosen = parse_arms(arms)
         options: dict[str, Any] = defaults_under_preset(STUDY_DEFAULTS, preset)
         given = {

@@ -24,6 +24,13 @@ from fedseg.errors import CheckpointError, ConfigError, ModelCardError
 
 CARD_FORMAT = "fedseg-model-card-v1"
 CARD_SUFFIX = ".card.json"
+#: What every card says the model is for, and what it is not.
+INTENDED_USE = (
+    "research: segmentation of brain tumours (WT, TC, ET) in pre-operative multimodal MRI "
+    "(the inputs listed) like the hospitals' training cases; not a medical device, not for "
+    "diagnosis or treatment decisions; its accuracy is known only on the cases of the Dice "
+    "table, and other scanners, protocols or populations may score lower"
+)
 _REQUIRED = ("format", "fedseg-version", "config", "preset", "strategy", "modalities", "sha256")
 
 
@@ -50,24 +57,52 @@ def _finite(value: Any) -> float | None:
     return v if v == v and abs(v) != float("inf") else None
 
 
-def dice_table(metrics: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
-    """``{group: {WT, TC, ET, mean}}`` from any of fedseg's metric tables.
+def dice_table(metrics: Mapping[str, Any]) -> dict[str, dict[str, float | int | None]]:
+    """``{group: {WT, TC, ET, mean[, cases, mean-se]}}`` from any of fedseg's metric tables.
 
     Accepts ``{group: {region: {"dice": x}}}`` (trainer and study tables) and
     ``{group: {region: x}}`` (federation history); groups without a region are left out.
+    ``cases`` is the number of cases a group was measured on and ``mean-se`` the standard
+    error of its mean Dice over those cases, when the table holds them (``num-cases`` or
+    ``num-examples``; ``mean-dice-se`` or the ``per-case`` scores).
     """
-    table: dict[str, dict[str, float | None]] = {}
+    table: dict[str, dict[str, float | int | None]] = {}
     for group, block in metrics.items():
         if not isinstance(block, Mapping) or not any(r in block for r in REGIONS):
             continue
-        row: dict[str, float | None] = {}
+        row: dict[str, float | int | None] = {}
         for r in REGIONS:
             v = block.get(r)
             row[r] = _finite(v.get("dice") if isinstance(v, Mapping) else v)
         known = [v for v in row.values() if v is not None]
         row["mean"] = sum(known) / len(known) if len(known) == len(REGIONS) else None
+        cases = block.get("num-cases", block.get("num-examples"))
+        if isinstance(cases, int) and not isinstance(cases, bool):
+            row["cases"] = cases
+        se = _finite(block.get("mean-dice-se"))
+        if se is None and isinstance(block.get("per-case"), Mapping):
+            se = _standard_error(block["per-case"].values())
+        if se is not None:
+            row["mean-se"] = se
         table[str(group)] = row
     return table
+
+
+def _standard_error(per_case: Any) -> float | None:
+    """The standard error of the per-case mean Dice (``None`` under two cases)."""
+    means = []
+    for case in per_case:
+        if not isinstance(case, Mapping):
+            return None
+        d = [_finite((case.get(r) or {}).get("dice")) for r in REGIONS]
+        if any(v is None for v in d):
+            return None
+        means.append(sum(v for v in d if v is not None) / len(REGIONS))
+    n = len(means)
+    if n < 2:
+        return None
+    mu = sum(means) / n
+    return float((sum((m - mu) ** 2 for m in means) / (n - 1)) ** 0.5 / n**0.5)
 
 
 def write_card(
@@ -121,6 +156,7 @@ def write_card(
         "hospitals": {s: dict(c) for s, c in (hospitals or {}).items()},
         "epsilon": {s: float(e) for s, e in (epsilon or {}).items()} or None,
         "dice": dice_table(dice or {}),
+        "intended-use": INTENDED_USE,
         "config": cfg.to_run_config(),
     }
     path = card_path(model)
@@ -151,10 +187,13 @@ def federation_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def write_federation_cards(out: Path, history: Sequence[Mapping[str, Any]], cfg: Any) -> None:
     """Cards for a federation's ``final_model.pt`` and its ``site_models/*.pt`` (FedBN)."""
     s = federation_summary(history)
-    models = [Path(out) / "final_model.pt", *sorted((Path(out) / "site_models").glob("*.pt"))]
-    for model in models:
-        if model.is_file():
-            write_card(model, cfg, strategy=cfg.strategy, epochs=cfg.local_epochs, **s)
+    final = Path(out) / "final_model.pt"
+    if final.is_file():
+        write_card(final, cfg, strategy=cfg.strategy, epochs=cfg.local_epochs, **s)
+    for model in sorted((Path(out) / "site_models").glob("*.pt")):
+        # a site's own model (FedBN) is described by its own site's Dice only
+        own = {**s, "dice": {k: v for k, v in s["dice"].items() if k == model.stem}}
+        write_card(model, cfg, strategy=cfg.strategy, epochs=cfg.local_epochs, **own)
 
 
 def write_study_cards(
@@ -180,9 +219,17 @@ def write_study_cards(
     # a baseline arm trains for the study's epoch budget, never for cfg.epochs, which only
     # `fedseg train` uses
     epochs = cfg.local_epochs if history else cfg.epoch_budget
+    per_site = any(site != "*" for site in models)
     for site, rel in models.items():
         # a local-only model saw only its own hospital's cases
         own = {site: hospitals[site]} if arm == "local" and site in hospitals else hospitals
+        # with one model per site, each site's row (and the pooled one) was measured with
+        # that site's own model: a site model's card holds its own row only, the shared
+        # model's none
+        if per_site:
+            measured = {site: metrics[site]} if site in metrics else {}
+        else:
+            measured = dict(metrics)
         write_card(
             Path(out) / rel,
             cfg,
@@ -191,7 +238,7 @@ def write_study_cards(
             rounds=rounds,
             epochs=epochs,
             epsilon=fed["epsilon"],
-            dice=metrics,
+            dice=measured,
         )
 
 
@@ -323,11 +370,20 @@ def format_card(card: Mapping[str, Any]) -> str:
             f"hospital   {site}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + tail
         )
     if card.get("dice"):
-        lines.append("Dice       " + "  ".join(f"{r:>6}" for r in (*REGIONS, "mean")))
+        lines.append(
+            "Dice       " + "  ".join(f"{r:>6}" for r in (*REGIONS, "mean")) + "   (+/- se, cases)"
+        )
         for group, row in card["dice"].items():
             cells = "  ".join(
                 "     -" if row.get(k) is None else f"{row[k]:6.3f}" for k in (*REGIONS, "mean")
             )
-            lines.append(f"  {group:<9}{cells}")
+            se = row.get("mean-se")
+            extra = [] if se is None else [f"+/- {se:.3f}"]
+            if row.get("cases") is not None:
+                extra.append(f"{row['cases']} case(s)")
+            lines.append(f"  {group:<9}{cells}" + (f"   ({', '.join(extra)})" if extra else ""))
+    else:
+        lines.append("Dice       not measured for this model")
+    lines.append(f"use        {card.get('intended-use') or INTENDED_USE}")
     lines.append(f"sha256     {card['sha256']}")
     return "\n".join(lines)

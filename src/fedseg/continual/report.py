@@ -19,6 +19,13 @@ _COLOURS = {
 }
 
 
+def _per_site(value: Any) -> str:
+    """``{"site-0": 3, "site-1": 4}`` as ``site-0: 3, site-1: 4`` (anything else as text)."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}: {v}" for k, v in value.items())
+    return str(value)
+
+
 def curves_png(doc: Mapping[str, Any]) -> bytes:
     """Mean Dice per round: phase A, then each phase-B arm continuing from its last round.
 
@@ -33,7 +40,15 @@ def curves_png(doc: Mapping[str, Any]) -> bytes:
     if a.get("status") == "ok":
         pts = [(p["round"], p["mean-dice"]) for p in a["curve"] if p["mean-dice"] is not None]
         if pts:
-            ax.plot(*zip(*pts, strict=True), color=_COLOURS["phase-a"], label="phase A", lw=2)
+            # markers: a phase of one round is one point, which a line alone does not draw
+            ax.plot(
+                *zip(*pts, strict=True),
+                color=_COLOURS["phase-a"],
+                label="phase A",
+                lw=2,
+                marker="o",
+                ms=4,
+            )
             offset = max(r for r, _ in pts)
             ax.axvline(offset + 0.5, color="#999", ls=":", lw=1)
     for name in _ORDER[1:]:
@@ -46,7 +61,9 @@ def curves_png(doc: Mapping[str, Any]) -> bytes:
             if p["mean-dice"] is not None
         ]
         if pts:
-            ax.plot(*zip(*pts, strict=True), color=_COLOURS[name], label=name, lw=1.6)
+            ax.plot(
+                *zip(*pts, strict=True), color=_COLOURS[name], label=name, lw=1.6, marker="o", ms=3
+            )
     ax.set_xlabel("round (phase A, then phase B)")
     ax.set_ylabel("mean Dice (participating sites)")
     ax.set_ylim(0, 1)
@@ -172,12 +189,12 @@ def render_report(doc: Mapping[str, Any]) -> str:
                 if sc.get("shift") == "tumour"
                 else ["new scanner (phase B)", H.esc(sc["new-scanner"])]
             ),
-            ["phase A hospitals (cases)", H.esc(sc["old-sites"])],
+            ["phase A hospitals (cases)", H.esc(_per_site(sc["old-sites"]))],
             [
                 f"phase B sites (cases; --phase-b {H.esc(sc.get('phase-b', 'new-hospital'))})",
-                H.esc(sc["new-sites"]),
+                H.esc(_per_site(sc["new-sites"])),
             ],
-            ["held-out cases per site", H.esc(sc["test-cases"])],
+            ["held-out cases per site", H.esc(_per_site(sc["test-cases"]))],
             ["rounds", f"{sc['rounds-a']} (phase A) + {sc['rounds-b']} (phase B)"],
             ["strategy", H.esc(sc["strategy"])],
             [

@@ -369,6 +369,7 @@ def run_continual(
             raise ConfigError(f"{key}: expected an integer >= 1, found {value!r}")
     check_engine(engine)
     check_shift(shift, new_scanner, new_tumour, phase_b)
+    check_study_config(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = _cohort(out, cfg, data, progress)
@@ -452,6 +453,28 @@ def run_continual(
 
     atomic_write_text(out / "report.html", render_report(doc))
     return doc
+
+
+def check_study_config(cfg: FedsegConfig) -> None:
+    """Refuse ``continual`` (and with it ``ewc-fisher``) given for the whole study.
+
+    The study chooses each phase-B arm's method and estimates EWC's Fisher at phase A's
+    hospitals itself; given for the whole study, ``continual`` would also make phase A train
+    with EWC or LwF (and phase A's fingerprint does not read it, so a later change would
+    reuse that run). ``ewc-fisher`` is only valid with ``continual=ewc``.
+
+    Raises
+    ------
+    ConfigError
+        ``continual`` other than ``none``.
+    """
+    if cfg.continual != "none":
+        raise ConfigError(
+            f"config key 'continual': the continual study sets it for each arm (naive, ewc, "
+            f"lwf, joint), found {cfg.continual!r} for the whole study, phase A included; "
+            "choose arms with --arms, or run one phase-B federation with fedseg train "
+            "--set continual=... --set init-model=PHASE_A/final_model.pt"
+        )
 
 
 def _cohort(out: Path, cfg: FedsegConfig, data: Path | None, progress: bool) -> Path:
@@ -742,18 +765,20 @@ def findings(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if naive.get("status") == "ok" and "forgetting" in naive:
         f = naive["forgetting"]
         too_small = f < FORGETTING_TOO_SMALL
+        # a negative forgetting is a gain: "lost -0.003" would read as a loss
+        lost = (
+            f"lost {_dice(f):.3f} mean Dice"
+            if _dice(f) >= 0
+            else f"lost no mean Dice (changed it by {_dice(-f):+.3f})"
+        )
         if too_small:
             out.append(
-                f"Naive continued training lost {_dice(f):.3f} mean Dice on phase A's held-out "
-                "cases: "
+                f"Naive continued training {lost} on phase A's held-out cases: "
                 "there was next to nothing to forget in this scenario, so the methods against "
                 "forgetting cannot show their effect here (what they keep of it is noise)."
             )
         else:
-            out.append(
-                f"Naive continued training lost {_dice(f):.3f} mean Dice on phase A's held-out "
-                "cases."
-            )
+            out.append(f"Naive continued training {lost} on phase A's held-out cases.")
     for name in ("ewc", "lwf"):
         arm = arms.get(name, {})
         kept = arm.get("kept-of-naive-forgetting")
@@ -824,7 +849,10 @@ def write_csv(path: Path, doc: Mapping[str, Any]) -> None:
                     "test": which,
                     **{r: f"{arm[which][r]:.4f}" for r in REGIONS},
                     "mean": f"{arm[which]['mean']:.4f}",
-                    "forgetting": f"{arm['forgetting']:.4f}" if "forgetting" in arm else "",
+                    # forgetting is measured on phase A's cases: the "old" row's only
+                    "forgetting": (
+                        f"{arm['forgetting']:.4f}" if which == "old" and "forgetting" in arm else ""
+                    ),
                 }
             )
     import io

@@ -852,7 +852,7 @@ def _tracked(folder: Path, row: Mapping[str, Any]) -> None:
     from fedseg.tracking import track_epoch
 
     scores = {f"val-dice-{r}": row.get(r) for r in REGIONS}
-    track_epoch(folder, {**row, **scores, "val-mean-dice": row.get("mean-dice")})
+    track_epoch(folder, {**row, **scores, "val-mean-dice": row.get("mean-dice")}, cases="test")
 
 
 def _run_centralized(
