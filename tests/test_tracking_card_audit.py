@@ -126,6 +126,10 @@ def test_a_federation_s_site_model_card_holds_its_own_site_s_dice(tmp_path: Path
     write_federation_cards(tmp_path, history, cfg)
 
     assert list(read_card(tmp_path / "site_models" / "site-0.pt")["dice"]) == ["site-0"]
+    # the sites measured every round with their own normalisation layers, not the shared model
+    assert read_card(tmp_path / "final_model.pt")["dice"] == {}
+    (tmp_path / "site_models" / "site-0.pt").unlink()
+    write_federation_cards(tmp_path, history, cfg)  # a federation without site models
     assert set(read_card(tmp_path / "final_model.pt")["dice"]) == {"site-0", "site-1", "mean"}
 
 
@@ -150,3 +154,27 @@ def test_the_card_states_intended_use_uncertainty_and_cases(tmp_path: Path) -> N
     assert "+/- 0.150, 2 case(s)" in text
     assert "None" not in text and "nan" not in text
     assert json.loads(json.dumps(card)) == card
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("config", "cpu-demo"), ("modalities", "t1,t1ce"), ("dice", [0.8])]
+)
+def test_an_edited_card_of_the_wrong_form_is_refused_in_one_line(
+    key: str, value: object, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedseg.cli.main import app
+
+    model = _model(tmp_path / "best.pt")
+    write_card(model, tiny_cfg(), strategy="centralized")
+    path = tmp_path / "best.card.json"
+    card = json.loads(path.read_text())
+    card[key] = value
+    path.write_text(json.dumps(card))
+
+    result = CliRunner().invoke(app, ["model-card", str(model)])
+
+    assert result.exit_code == 2, result.output
+    assert f"model card key '{key}'" in result.output
+    assert "Traceback" not in result.output

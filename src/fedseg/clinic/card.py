@@ -32,6 +32,15 @@ INTENDED_USE = (
     "table, and other scanners, protocols or populations may score lower"
 )
 _REQUIRED = ("format", "fedseg-version", "config", "preset", "strategy", "modalities", "sha256")
+#: the form of a card's structured keys (an edited card is refused, not a traceback later)
+_SHAPES: tuple[tuple[str, type | tuple[type, ...], str], ...] = (
+    ("config", dict, "an object"),
+    ("modalities", list, "a list"),
+    ("sha256", str, "a string"),
+    ("dice", dict, "an object"),
+    ("hospitals", dict, "an object"),
+    ("epsilon", (dict, type(None)), "an object or null"),
+)
 
 
 def card_path(model: Path) -> Path:
@@ -188,9 +197,13 @@ def write_federation_cards(out: Path, history: Sequence[Mapping[str, Any]], cfg:
     """Cards for a federation's ``final_model.pt`` and its ``site_models/*.pt`` (FedBN)."""
     s = federation_summary(history)
     final = Path(out) / "final_model.pt"
+    site_models = sorted((Path(out) / "site_models").glob("*.pt"))
     if final.is_file():
-        write_card(final, cfg, strategy=cfg.strategy, epochs=cfg.local_epochs, **s)
-    for model in sorted((Path(out) / "site_models").glob("*.pt")):
+        # with site models (FedBN) every round's Dice was measured by each site with its own
+        # normalisation layers, never with the shared model alone: its card holds none
+        shared = {**s, "dice": {}} if site_models else s
+        write_card(final, cfg, strategy=cfg.strategy, epochs=cfg.local_epochs, **shared)
+    for model in site_models:
         # a site's own model (FedBN) is described by its own site's Dice only
         own = {**s, "dice": {k: v for k, v in s["dice"].items() if k == model.stem}}
         write_card(model, cfg, strategy=cfg.strategy, epochs=cfg.local_epochs, **own)
@@ -267,6 +280,11 @@ def read_card(model: Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in card]
     if missing:
         raise ModelCardError(f"{path}: model card lacks '{missing[0]}'")
+    for key, kind, name in _SHAPES:
+        if key in card and not isinstance(card[key], kind):
+            raise ModelCardError(
+                f"{path}: model card key '{key}' is {type(card[key]).__name__}, expected {name}"
+            )
     if sha256_file(model) != card["sha256"]:
         raise ModelCardError(
             f"{model}: weights do not match the sha256 of {path.name}; the model changed "
