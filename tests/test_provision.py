@@ -147,7 +147,7 @@ def test_scripts_carry_the_exact_flags(pki: Path) -> None:
     assert "--superlink fl.example.org:9443" in node
     assert '--root-certificates "$HERE"/ca.crt' in node
     assert '--auth-supernode-private-key "$HERE"/hospital-a.key' in node
-    assert "DATA_PATH=${DATA_PATH:-/srv/brats}" in node
+    assert "DEFAULT_DATA_PATH=/srv/brats\nDATA_PATH=${DATA_PATH:-$DEFAULT_DATA_PATH}" in node
     assert "site-name='hospital-a'" in node
     assert "--insecure" not in node
     assert 'export PATH="$HERE/bin:$PATH"' in node

@@ -71,7 +71,13 @@ def app_hash(app: Path) -> str:
         cannot build it.
     """
     app = Path(app)
+    if not app.exists():
+        raise ConfigError(f"{app}: no such app folder or .fab file")
     if app.is_file() and app.suffix == ".fab":
+        import zipfile
+
+        if not zipfile.is_zipfile(app):  # a FAB is a zip: anything else is not an app
+            raise ConfigError(f"{app}: not a Flower app (.fab): the file is not a zip archive")
         return hashlib.sha256(app.read_bytes()).hexdigest()
     if not (app / "pyproject.toml").is_file():
         raise ConfigError(
@@ -153,6 +159,14 @@ def approve(path: Path, digest: str, note: str = "") -> bool:
     existing = read_approved(path) if path.exists() else None
     if existing is not None and digest in existing:
         return False
+    mode = 0o644
+    if existing is not None:
+        mode = path.stat().st_mode & 0o7777
+        if not mode & 0o222:  # its owner made it read-only: do not replace it behind them
+            raise ConfigError(
+                f"the approved-apps list {path} is read-only (mode {mode:o}): make it writable "
+                "to approve an app in it"
+            )
     text = LIST_HEADER if existing is None else path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         text += "\n"
@@ -160,7 +174,7 @@ def approve(path: Path, digest: str, note: str = "") -> bool:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
         raise ConfigError(f"cannot write the approved-apps list {path}: {exc}") from None

@@ -83,8 +83,9 @@ DEFAULT_PORT = 9092
 DEFAULT_CONTROL_PORT = 9093
 CA_DAYS = 3650
 SERVER_DAYS = 825
-_SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# matched with fullmatch: ``$`` would also accept a trailing newline
+_SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _SERVER_KEYS = ("address", "port", "control-port", "dns-names", "ip-addresses")
 _SITE_KEYS = ("name", "data-path", "expected-cases")
 # The ServerApp process reaches the SuperLink's Runtime API on the loopback over the same TLS
@@ -175,7 +176,9 @@ def validate_spec(spec: FederationSpec) -> None:
     if not isinstance(spec.address, str) or not spec.address:
         raise ConfigError("server address is empty: give the DNS name or IP that sites dial")
     if not (_is_ip(spec.address) or _is_dns(spec.address)):
-        raise ConfigError(f"server address {spec.address!r} is neither an IP nor a DNS name")
+        raise ConfigError(
+            f"server address {spec.address!r} is neither an IP nor a DNS name{_port_hint(spec)}"
+        )
     if isinstance(spec.port, bool) or not isinstance(spec.port, int) or not 0 < spec.port < 65536:
         raise ConfigError(f"server port must be an integer in 1..65535, got {spec.port!r}")
     control = spec.control_port
@@ -193,7 +196,7 @@ def validate_spec(spec: FederationSpec) -> None:
         raise ConfigError("no sites: name at least one hospital")
     seen: set[str] = set()
     for site in spec.sites:
-        if not isinstance(site.name, str) or not _SITE_NAME.match(site.name):
+        if not isinstance(site.name, str) or not _SITE_NAME.fullmatch(site.name):
             raise ConfigError(
                 f"site name {site.name!r}: use 1-63 lowercase letters, digits, '-' or '_', "
                 "starting with a letter or digit"
@@ -201,8 +204,12 @@ def validate_spec(spec: FederationSpec) -> None:
         if site.name in seen:
             raise ConfigError(f"site name {site.name!r} appears twice")
         seen.add(site.name)
-        if not isinstance(site.data_path, str) or "'" in site.data_path:
-            raise ConfigError(f"site {site.name}: data-path must be a string without quotes (')")
+        data_path = site.data_path
+        if not isinstance(data_path, str) or "'" in data_path or not data_path.isprintable():
+            raise ConfigError(
+                f"site {site.name}, field 'data-path': expected a path without quotes (') or "
+                f"control characters, found {data_path!r}"
+            )
         count = site.expected_cases
         bad = isinstance(count, bool) or not isinstance(count, int) or count < 1
         if count is not None and bad:
@@ -281,6 +288,19 @@ def _unknown(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> Non
             raise ConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)}){hint}")
 
 
+def _port_hint(spec: FederationSpec) -> str:
+    """`` (give the port ...)`` when the address looks like ``host:port`` or a URL."""
+    text = spec.address
+    host, sep, port = text.rpartition(":")
+    if "://" in text:
+        return " (give the bare host name, without a scheme such as https://)"
+    if sep and port.isdigit() and (_is_dns(host) or _is_ip(host.strip("[]"))):
+        return f" (give the host alone and the port separately: --port {port} or port = {port})"
+    if text.startswith("[") and text.endswith("]") and _is_ip(text[1:-1]):
+        return f" (give the IPv6 address without brackets: {text[1:-1]})"
+    return ""
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -296,7 +316,7 @@ def _is_ipv6(text: str) -> bool:
 def _is_dns(text: str) -> bool:
     if len(text) > 253 or _is_ip(text):
         return False
-    return all(_DNS_LABEL.match(label) for label in text.rstrip(".").split("."))
+    return all(_DNS_LABEL.fullmatch(label) for label in text.rstrip(".").split("."))
 
 
 def _unique(items: list[str]) -> list[str]:
@@ -444,6 +464,13 @@ def _pem_key(key: Any) -> bytes:
 # writing
 
 
+def default_policy_name(site: str) -> str:
+    """The name of the default policy written for ``site``: ``<site>-default``, the site name
+    shortened so that it fits the policy's 64 characters."""
+    suffix = "-default"
+    return site[: 64 - len(suffix)] + suffix
+
+
 def site_dir_name(site: str) -> str:
     """The folder handed to ``site``: ``site-<name>``."""
     return f"site-{site}"
@@ -501,6 +528,13 @@ def provision(
 def _write_all(
     spec: FederationSpec, out: Path, *, ckks: bool = False, policy: SitePolicy | None = None
 ) -> ProvisionResult:
+    # every site's policy text first: a bad one stops before any key is written
+    policies = {
+        s.name: policy_to_toml(
+            policy if policy is not None else default_policy(default_policy_name(s.name))
+        )
+        for s in spec.sites
+    }
     ca_key, ca_cert = make_ca()
     ckks_key = _ckks_key_bytes() if ckks else b""
     srv_key, srv_cert = make_server_cert(ca_key, ca_cert, spec.san_dns(), spec.san_ips())
@@ -519,15 +553,14 @@ def _write_all(
     for site in spec.sites:
         private, public = make_site_keys(site.name)
         folder = out / site_dir_name(site.name)
-        folder.mkdir(parents=True, exist_ok=True)
+        _make_dirs(folder)
         os.chmod(folder, 0o700)
         _write(folder / "ca.crt", ca_pem, 0o644)
         _write(folder / f"{site.name}.key", private, 0o600)
         _write(folder / f"{site.name}.pub", public, 0o644)
         if ckks_key:
             _write(folder / CKKS_KEY_FILE, ckks_key, 0o600)
-        site_policy = policy if policy is not None else default_policy(f"{site.name}-default")
-        _write(folder / POLICY_FILE, policy_to_toml(site_policy).encode(), 0o644)
+        _write(folder / POLICY_FILE, policies[site.name].encode(), 0o644)
         script = supernode_script(spec, site, ckks=bool(ckks_key))
         _write(folder / "run-supernode.sh", script.encode(), 0o755)
         _write(folder / "run-clientapp.sh", clientapp_script(site).encode(), 0o755)
@@ -585,7 +618,7 @@ def _ckks_key_bytes() -> bytes:
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` so the file never exists with wider permissions than ``mode``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -595,6 +628,20 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _make_dirs(folder: Path) -> None:
+    """Create ``folder`` and its missing parents with mode 0755 whatever the umask (under
+    umask 000 they would be world-writable: anyone could swap a key or a script)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for each in reversed(missing):
+        each.mkdir(exist_ok=True)
+        os.chmod(each, 0o755)
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,7 +795,8 @@ def supernode_script(spec: FederationSpec, site: SiteSpec, *, ckks: bool = False
 # the SuperNode's code (run it under systemd or a container runtime that restarts it).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
-DATA_PATH=${{DATA_PATH:-{data}}}
+DEFAULT_DATA_PATH={shlex.quote(data)}
+DATA_PATH=${{DATA_PATH:-$DEFAULT_DATA_PATH}}
 RUNTIME_PORT=${{RUNTIME_PORT:-9094}}  # local port of the SuperNode's runtime API (loopback)
 STATE=${{FEDSEG_SITE_STATE:-$HERE/state}}  # the message in flight, the SuperNode's id
 {_python_lookup("flower-supernode", "FEDSEG_PYTHON")}export FEDSEG_PYTHON
@@ -867,7 +915,7 @@ def site_units(site: SiteSpec) -> dict[str, str]:
     """``site-<name>/systemd/``: the SuperNode and the long-running ClientApp, one unit each."""
     folder = f"{CONFIG_ROOT}/site-{site.name}"
     data = site.data_path or "/path/to/this/hospitals/cases"
-    env = f"""Environment=DATA_PATH={data}
+    env = f"""Environment={_unit_quote("DATA_PATH=" + data)}
 Environment=RUNTIME_PORT=9094
 Environment=FEDSEG_SITE_STATE=/var/lib/fedseg/site
 """
@@ -935,6 +983,13 @@ def connection_toml(spec: FederationSpec) -> str:
 address = "{spec.control}"
 root-certificates = "/path/to/server/ca.crt"
 """
+
+
+def _unit_quote(assignment: str) -> str:
+    """``assignment`` as one quoted word of a systemd ``Environment=`` line (spaces kept, ``%``
+    not taken for a specifier)."""
+    escaped = assignment.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"'
 
 
 def _quote(arg: str) -> str:
