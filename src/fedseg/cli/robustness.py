@@ -15,6 +15,7 @@ import typer
 
 from fedseg.cli._common import existing_folder, user_errors, writable_folder
 from fedseg.cli.options import PRESET_HELP
+from fedseg.errors import ConfigError
 from fedseg.study.robustness import (
     DEFAULT_ATTACKS,
     DEFAULT_DEFENCES,
@@ -157,7 +158,15 @@ def robustness_command(
         # --set wins over the study defaults, explicit options over --set
         from fedseg.cli.options import parse_sets
 
-        from_sets = {k.replace("-", "_") for k in parse_sets(sets or ())}
+        set_keys = parse_sets(sets or ())
+        owned = [k for k in set_keys if k in rob.STUDY_KEYS]
+        if owned:
+            raise ConfigError(
+                f"--set {owned[0]}: the study sets this key itself for every cell "
+                f"({', '.join(rob.STUDY_KEYS)}); choose the matrix with --attacks, --defences "
+                "and --settings"
+            )
+        from_sets = {k.replace("-", "_") for k in set_keys}
         for key in from_sets:
             if given.get(key) is None:
                 options.pop(key, None)

@@ -43,7 +43,6 @@ run folder).
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -57,7 +56,12 @@ from fedseg.config import ATTACKS, INFLATE, FedsegConfig, attack_parts
 from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError, did_you_mean
 from fedseg.experiment import Arm, fingerprint, run_experiment
-from fedseg.utils.io import atomic_write_json, atomic_write_text
+from fedseg.utils.io import (
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 #: every defence the study knows, in display order
 DEFENCES: tuple[str, ...] = (
@@ -116,6 +120,24 @@ CLEAN = "none"  # the attack name of the no-attack reference
 
 Progress = Callable[[str], None]
 
+#: config keys the study sets itself, per cell or per setting: a ``--set`` of one is refused
+#: (it would be overridden silently)
+STUDY_KEYS: tuple[str, ...] = (
+    "attack",
+    "attack-strength",
+    "inflate-factor",
+    "malicious-sites",
+    "aggregator",
+    "byzantine-sites",
+    "trim-fraction",
+    "update-clip-norm",
+    "anomaly-threshold",
+    "count-bound",
+    "site-registry",
+    "strategy",
+    "num-sites",
+)
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -154,6 +176,8 @@ def parse_settings(text: str | Sequence[str]) -> list[Setting]:
             raise ConfigError(
                 f"--settings {raw!r}: expected 1 <= M < N/2 (a majority of honest sites)"
             )
+        if Setting(m, n) in out:
+            raise ConfigError(f"--settings {raw!r}: {m}of{n} is given twice")
         out.append(Setting(m, n))
     if not out:
         raise ConfigError("--settings: give at least one MofN")
@@ -168,6 +192,9 @@ def _parse_list(text: str | Sequence[str], allowed: Sequence[str], what: str) ->
         if item not in allowed:
             hint = did_you_mean(item, list(allowed))
             raise ConfigError(f"--{what} {item!r}: expected some of {', '.join(allowed)}{hint}")
+    twice = sorted({i for i in out if out.count(i) > 1})
+    if twice:
+        raise ConfigError(f"--{what}: {', '.join(twice)} given twice; give each once")
     if not out:
         raise ConfigError(f"--{what}: give at least one")
     return out
@@ -538,7 +565,10 @@ def write_outputs(out: Path, doc: Mapping[str, Any]) -> None:
                     "defence": defence,
                     "dice": "" if dice is None else f"{dice:.4f}",
                     "clean-fedavg-dice": "" if ref is None else f"{ref:.4f}",
-                    "drop": "" if dice is None or ref is None else f"{ref - dice:.4f}",
+                    # rounded, then + 0.0: no change prints 0.0000, never -0.0000
+                    "drop": ""
+                    if dice is None or ref is None
+                    else f"{round(ref - dice, 4) + 0.0:.4f}",
                     "note": cell.get("na", ""),
                 }
             )
@@ -547,17 +577,20 @@ def write_outputs(out: Path, doc: Mapping[str, Any]) -> None:
         figures[setting] = site_heatmap(
             m, rows, cols, title=title, row_label="defence", col_label="attack"
         )
-        (out / f"heatmap-{setting}.png").write_bytes(figures[setting])
-    with open(out / "robustness.csv", "w", newline="") as fh:
-        fields = ["setting", "attack", "defence", "dice", "clean-fedavg-dice", "drop", "note"]
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows_out)
+        atomic_write_bytes(out / f"heatmap-{setting}.png", figures[setting])
+    fields = ["setting", "attack", "defence", "dice", "clean-fedavg-dice", "drop", "note"]
+    atomic_write_csv(out / "robustness.csv", rows_out, fields)
     atomic_write_text(out / "report.html", render_report(doc, figures))
 
 
 def findings(doc: Mapping[str, Any], setting: str, tolerance: float = 0.03) -> list[str]:
-    """Plain sentences from the numbers: FedAvg's damage and the defences that recover."""
+    """Plain sentences from the numbers: FedAvg's damage and the defences that recover.
+
+    A difference from the clean reference no larger than ``tolerance`` is read as none: an
+    attack that moves FedAvg by less is called harmless here (no defence is credited with
+    recovering from it), and a Dice above the clean one is called a gain, not a drop. Each cell
+    is one run (one seed, one split), so the tolerance is a reading rule, not a test.
+    """
     ref = reference(doc, setting)
     if ref is None:
         return [f"{setting}: the clean reference has no score."]
@@ -566,17 +599,33 @@ def findings(doc: Mapping[str, Any], setting: str, tolerance: float = 0.03) -> l
     if "fedavg" in rows:
         fav = m[rows.index("fedavg")]
         for j, a in enumerate(cols):
-            if np.isfinite(fav[j]):
-                recovered = [
-                    rows[i]
-                    for i in range(len(rows))
-                    if rows[i] != "fedavg" and np.isfinite(m[i, j]) and m[i, j] >= ref - tolerance
-                ]
+            if not np.isfinite(fav[j]):
+                continue
+            drop = ref - float(fav[j])
+            change = f"drop {drop:+.3f}" if drop >= 0 else f"gain {-drop:+.3f}"
+            head = f"{setting}, {a}: FedAvg {fav[j]:.3f} vs clean {ref:.3f} ({change})"
+            if drop <= tolerance:
+                where = f"within {tolerance:.2f} of" if drop >= -tolerance else "above"
                 out.append(
-                    f"{setting}, {a}: FedAvg {fav[j]:.3f} vs clean {ref:.3f} "
-                    f"(drop {ref - fav[j]:+.3f}); within {tolerance:.2f} of clean: "
-                    f"{', '.join(recovered) if recovered else 'no defence'}."
+                    f"{head}; {where} clean, so the attack does no measurable damage to FedAvg "
+                    "here and no defence is shown to help against it."
                 )
+                continue
+            recovered = [
+                rows[i]
+                for i in range(len(rows))
+                if rows[i] != "fedavg" and np.isfinite(m[i, j]) and m[i, j] >= ref - tolerance
+            ]
+            out.append(
+                f"{head}; within {tolerance:.2f} of clean: "
+                f"{', '.join(recovered) if recovered else 'no defence'}."
+            )
+    if out:
+        out.append(
+            f"{setting}: each cell is one run (one seed, one split of the held-out cases); "
+            f"differences of {tolerance:.2f} or less are read as none, and are not a "
+            "significance test."
+        )
     return out
 
 
@@ -604,7 +653,7 @@ def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
         ),
         (
             "federation",
-            f"{esc(cfg.get('num-server-rounds'))} rounds x "
+            f"{esc(cfg.get('num-server-rounds'))} round(s) x "
             f"{esc(cfg.get('local-epochs'))} local epoch(s), partition "
             f"<code>{esc(cfg.get('partition'))}</code>, seed {esc(cfg.get('seed'))}",
         ),
@@ -631,6 +680,11 @@ def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
         parts.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
         if setting in figures:
             parts.append(img(figures[setting], f"heatmap {setting}"))
+        parts.append(
+            f"<p>Clean reference (no attack, FedAvg): {num(reference(doc, setting))}. Rows: "
+            "defences; columns: attacks; every cell has the setting's malicious sites "
+            "attacking.</p>"
+        )
         rows, cols, m = matrix(doc, setting)
         per = doc.get("cells", {}).get(setting, {})
         body = []
