@@ -15,7 +15,8 @@ outcomes the tests below assert:
   ``tests/test_trust.py``) that writes a marker at import and sends the site's case names;
   every site must refuse it before unpacking it, and the server must record the refusal;
 * the researcher then runs the **approved** fedseg app, end to end; while it runs the outsider
-  tries to stop it.
+  tries to stop it. hospital-b joined the federation after hospital-a (``fedseg provision
+  --add``), so this run also shows an added hospital enrolled and training.
 
 Needs root and iproute2 (skipped otherwise, with the reason); ``FEDSEG_SKIP_DEPLOYMENT=1``
 leaves it out of a quick local run. About 4-6 minutes on 2 loaded cores (two short runs).
@@ -43,6 +44,7 @@ from drillkit import (
 from test_trust import make_app
 
 from fedseg.deploy.netns import SERVER_IP
+from fedseg.deploy.provision import FederationSpec, add_sites, provision
 
 SITES = ("hospital-a", "hospital-b")
 TIMEOUT = drill_timeout(120)
@@ -81,8 +83,13 @@ class TrustDrill(Hosts):
         from test_site_policy import OPEN_POLICY
 
         self.write_cohorts()
-        # policies that accept every run: these drills are about which app runs, not privacy
-        self.provision(OPEN_POLICY)
+        # policies that accept every run: these drills are about which app runs, not privacy.
+        # hospital-b joins after the others (fedseg provision --add): the approved run shows
+        # that a hospital added that way is enrolled, authenticated and trains like the rest.
+        pki = self.tmp / "pki"
+        first = FederationSpec(self.spec.address, self.spec.sites[:1], port=self.spec.port)
+        self.pki = provision(first, pki, policy=OPEN_POLICY)
+        self.pki.site_dirs.update(add_sites(self.spec, pki, policy=OPEN_POLICY).site_dirs)
         # A frozen copy of fedseg's app files: what was reviewed is exactly what is submitted.
         self.app = make_app(self.tmp / "approved" / "fedseg")
         self.approved = approve_app(self.pki, self.app, "fedseg, reviewed")

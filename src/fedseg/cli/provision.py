@@ -30,6 +30,11 @@ key, run-supernode.sh, policy.toml: the hospital's privacy policy, strict by def
 FILE writes FILE's policy instead). OUT/ca/ca.key signs server certificates: keep it offline.
 Private keys are written with mode 0600. Existing key material is never overwritten without --force.
 
+A new hospital joins with --add: give the whole federation as it is to be (the same server, the
+hospitals OUT has and the new ones); only the new hospitals get folders, the server gets their
+public keys, sites.csv and register-sites.sh (run it again); the CA, the server's certificate
+and every folder already handed over stay valid.
+
 Exit codes: 0 success, 2 bad description or existing key material.
 """
 
@@ -65,6 +70,14 @@ def provision_command(
         ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace existing key material.")] = False,
+    add: Annotated[
+        bool,
+        typer.Option(
+            "--add",
+            help="Add the description's hospitals that OUT does not have yet; keep the CA, the "
+            "server's certificate and every existing site folder.",
+        ),
+    ] = False,
     ckks: Annotated[
         bool,
         typer.Option(
@@ -115,21 +128,46 @@ def provision_command(
             doc["sites"] = _with_expected_cases(doc.get("sites"), expected_cases)
         if "address" not in server and description is None:
             raise ConfigError("give a DESCRIPTION file or --server-address and --site")
+        if add and (force or ckks):
+            raise ConfigError(
+                f"--add cannot be combined with {'--force' if force else '--ckks'}: --add keeps "
+                "the federation's key material (new hospitals get its CKKS key when it has one)"
+            )
         spec = P.spec_from_dict(doc, source=str(description or "options"))
         site_policy = None
         if policy is not None:
             from fedseg.site.policy import load_policy
 
             site_policy = load_policy(policy)
-        result = P.provision(spec, out, force=force, ckks=ckks, policy=site_policy)
+        if add:
+            result = P.add_sites(spec, out, policy=site_policy)
+        else:
+            result = P.provision(spec, out, force=force, ckks=ckks, policy=site_policy)
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), **result.manifest}, indent=2))
+        return
+    if add:
+        names = ", ".join(result.site_dirs)
+        typer.echo(f"added {names} to the federation of {spec.superlink} under {result.out}:")
+        for name, folder in result.site_dirs.items():
+            typer.echo(f"  {folder}/  -> {name}")
+        server = result.server_dir
+        typer.echo(
+            f"  {server}/site-keys/, sites.csv, register-sites.sh  -> the aggregation server "
+            "(copy them over, then run register-sites.sh again)"
+        )
+        typer.echo("  every other folder is unchanged: the server and hospitals carry on")
         return
     typer.echo(f"wrote key material for {spec.superlink} under {result.out}:")
     typer.echo(f"  {result.server_dir}/  -> the aggregation server")
     for name, folder in result.site_dirs.items():
         typer.echo(f"  {folder}/  -> {name}")
     typer.echo(f"  {result.ca_dir}/  -> keep offline (CA private key)")
+    for name, folder in result.stale_site_dirs.items():
+        typer.echo(
+            f"  {folder}/  left as it was: {name} is no longer in the federation (its public "
+            "key was removed from the server folder; delete the folder once its state is kept)"
+        )
 
 
 def _with_expected_cases(sites: object, given: list[str]) -> list[object]:

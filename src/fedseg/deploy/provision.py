@@ -165,6 +165,9 @@ class ProvisionResult:
     server_dir: Path
     site_dirs: dict[str, Path] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    #: (``force``) folders of sites an earlier provisioning had and this one has not, left as
+    #: they are: they may hold a site's state
+    stale_site_dirs: dict[str, Path] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,7 +496,11 @@ def provision(
     out:
         Output folder; created if missing.
     force:
-        Replace existing key material (otherwise refuse to touch it).
+        Replace existing key material (otherwise refuse to touch it). The public keys of sites
+        an earlier provisioning had and ``spec`` has not are removed from ``server/site-keys``;
+        their folders are left as they are (they may hold a site's state, its privacy ledger)
+        and listed in :attr:`ProvisionResult.stale_site_dirs`. A re-provisioned site folder
+        without ``ckks`` loses the earlier ``ckks.ctx``.
     ckks:
         Also give every site the shared CKKS secret key (``ckks.ctx``, default parameters of
         ``ckks-poly-degree`` / ``ckks-scale-bits``) and name it in ``run-supernode.sh``.
@@ -517,24 +524,309 @@ def provision(
     if existing and not force:
         raise ProvisionError(
             f"key material already exists in {', '.join(str(p) for p in existing)}; "
-            "refusing to overwrite it (use --force to replace it; sites must then get new folders)"
+            "refusing to overwrite it (use --force to replace it; sites must then get new "
+            "folders), or --add to add the description's new hospitals to it"
         )
+    earlier = _earlier_site_folders(out)
     try:
-        return _write_all(spec, out, ckks=ckks, policy=policy)
+        result = _write_all(spec, out, ckks=ckks, policy=policy)
+        names = {s.name for s in spec.sites}
+        for stale in sorted((out / "server" / "site-keys").glob("*.pub")):
+            if stale.stem not in names:
+                stale.unlink()
+        if not ckks:
+            for folder in result.site_dirs.values():
+                (folder / CKKS_KEY_FILE).unlink(missing_ok=True)
     except OSError as exc:
         raise ProvisionError(f"cannot write key material under {out}: {exc}") from None
+    result.stale_site_dirs = {
+        name: folder
+        for name, folder in earlier.items()
+        if name not in result.site_dirs and folder.is_dir()
+    }
+    return result
+
+
+def add_sites(
+    spec: FederationSpec, out: Path, *, policy: SitePolicy | None = None
+) -> ProvisionResult:
+    """Add the hospitals of ``spec`` that ``out`` has not provisioned yet, keeping everything
+    already handed over valid.
+
+    Each new site folder gets a new key pair, the federation's ``ca.crt`` (to check the server)
+    and, when the federation uses CKKS, the hospitals' shared ``ckks.ctx``, taken from a site
+    folder under ``out``. On the server side only what lists the sites changes:
+    ``server/site-keys/<new>.pub``, ``sites.csv``, ``register-sites.sh`` and
+    ``manifest.json``. The CA, the server's certificate and every existing site folder are left
+    untouched: the running server and hospitals carry on; the server runs
+    ``register-sites.sh`` again to enrol the newcomers.
+
+    Parameters
+    ----------
+    spec:
+        The whole federation, as it is to be: every hospital ``out`` already has, plus the new
+        ones; its ``[server]`` table must be the one ``out`` was provisioned with.
+    out:
+        A folder written by :func:`provision` (its ``manifest.json``, ``ca.crt`` and
+        ``server/site-keys``; the CA's key is not needed).
+    policy:
+        The privacy policy written to the new sites' folders; default: each gets
+        :func:`fedseg.site.policy.default_policy` named ``<site>-default``.
+
+    Returns
+    -------
+    ProvisionResult
+        ``site_dirs`` holds the new sites only.
+
+    Raises
+    ------
+    ProvisionError
+        ``out`` was not provisioned (no readable ``manifest.json``), its CA certificate is
+        missing or is not the manifest's, the server's address, port or names differ, a hospital of
+        ``out`` is missing from ``spec``, there is no new hospital, a new site's folder is in
+        the way, the registry's ``expected-cases`` would be given for some sites only, or the
+        CKKS key cannot be found.
+    """
+    out = Path(out)
+    manifest = _read_manifest(out)
+    ca_pem = _read_ca(out, manifest)
+    was = {
+        "address and port": manifest.get("superlink"),
+        "control listener": manifest.get("control"),
+        "certificate DNS names": manifest.get("server-dns-names"),
+        "certificate IP addresses": manifest.get("server-ip-addresses"),
+    }
+    now = {
+        "address and port": spec.superlink,
+        "control listener": spec.control,
+        "certificate DNS names": spec.san_dns(),
+        "certificate IP addresses": spec.san_ips(),
+    }
+    for what, before in was.items():
+        if before != now[what]:
+            raise ProvisionError(
+                f"--add: the description changes the server's {what} ({before!r} in {out}, "
+                f"{now[what]!r} in the description); that needs a new server certificate: keep "
+                "the [server] table as it was, or provision again with --force"
+            )
+    old_sites = manifest.get("sites")
+    if not isinstance(old_sites, dict):
+        raise ProvisionError(f"{out / 'manifest.json'}: no 'sites' table; provision again")
+    names = [s.name for s in spec.sites]
+    dropped = [n for n in old_sites if n not in names]
+    if dropped:
+        raise ProvisionError(
+            f"--add: {', '.join(dropped)} of {out} "
+            + ("is" if len(dropped) == 1 else "are")
+            + " not in the description; --add only adds "
+            "hospitals (give the whole federation: the hospitals it has and the new ones)"
+        )
+    new = [s for s in spec.sites if s.name not in old_sites]
+    if not new:
+        raise ProvisionError(
+            f"--add: every hospital of the description is already in {out}: nothing to add"
+        )
+    counted_before = any(EXPECTED_CASES in entry for entry in old_sites.values())
+    counted_now = any(s.expected_cases is not None for s in spec.sites)
+    if counted_before != counted_now:
+        raise ProvisionError(
+            f"--add: {out}'s site registry "
+            + ("bounds" if counted_before else "does not bound")
+            + " every site's weight by expected-cases; give it "
+            + ("for every site, the new ones too" if counted_before else "for none")
+        )
+    for site in new:
+        folder = out / site_dir_name(site.name)
+        if folder.exists() and any(folder.iterdir()):
+            raise ProvisionError(
+                f"--add: {folder} already exists and is not empty; move it away first"
+            )
+    fingerprints = _old_fingerprints(out, old_sites)
+    ckks_key = _federation_ckks_key(out, manifest)
+    policies = _site_policies(new, policy)
+    result = ProvisionResult(out=out, ca_dir=out / "ca", server_dir=out / "server")
+    try:
+        for site in new:
+            folder, fingerprints[site.name] = _write_site(
+                spec, out, site, ca_pem, policies[site.name], ckks_key
+            )
+            result.site_dirs[site.name] = folder
+        result.manifest = {**manifest, "sites": _write_site_lists(spec, out, fingerprints)}
+        _write_manifest(out, result.manifest)
+    except OSError as exc:
+        raise ProvisionError(f"cannot write key material under {out}: {exc}") from None
+    return result
+
+
+def _earlier_site_folders(out: Path) -> dict[str, Path]:
+    """The site folders an earlier provisioning of ``out`` listed in its manifest (if any)."""
+    try:
+        sites = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["sites"]
+        return {
+            name: out / str(entry.get("folder", site_dir_name(name)))
+            for name, entry in sites.items()
+            if isinstance(name, str) and _SITE_NAME.fullmatch(name) and isinstance(entry, dict)
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    path = out / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProvisionError(
+            f"--add: {path} not found: {out} was not written by fedseg provision (provision "
+            "the federation first, without --add)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ProvisionError(f"--add: {path} cannot be read as JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ProvisionError(f"--add: {path} is not a provisioning manifest (a JSON object)")
+    return manifest
+
+
+def _read_ca(out: Path, manifest: dict[str, Any]) -> bytes:
+    """``out``'s CA certificate (PEM; ``ca/ca.crt``, else ``server/ca.crt``), checked against
+    the manifest. The CA's key is not needed: a site is let in by enrolling its public key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    candidates = [out / "ca" / "ca.crt", out / "server" / "ca.crt"]
+    for path in candidates:
+        try:
+            ca_pem = path.read_bytes()
+        except OSError:
+            continue
+        try:
+            cert = x509.load_pem_x509_certificate(ca_pem)
+        except ValueError as exc:
+            raise ProvisionError(f"--add: {path} is not a PEM certificate ({exc})") from None
+        if cert.fingerprint(hashes.SHA256()).hex() != manifest.get("ca-sha256"):
+            raise ProvisionError(
+                f"--add: {path} is not the CA of {out / 'manifest.json'} (its SHA-256 differs); "
+                "bring back the CA certificate this federation was provisioned with"
+            )
+        return ca_pem
+    raise ProvisionError(
+        f"--add: the federation's CA certificate is needed for the new hospitals and neither "
+        f"{candidates[0]} nor {candidates[1]} can be read"
+    )
+
+
+def _old_fingerprints(out: Path, old_sites: dict[str, Any]) -> dict[str, str]:
+    """Every provisioned site's key fingerprint, checked against ``server/site-keys``."""
+    fingerprints: dict[str, str] = {}
+    for name, entry in old_sites.items():
+        expected = entry.get("key-fingerprint") if isinstance(entry, dict) else None
+        path = out / "server" / "site-keys" / f"{name}.pub"
+        try:
+            found = ssh_fingerprint(path.read_bytes())
+        except (OSError, IndexError, ValueError) as exc:
+            raise ProvisionError(f"--add: {path} cannot be read as a site key ({exc})") from None
+        if found != expected:
+            raise ProvisionError(
+                f"--add: {path} is not the key {out / 'manifest.json'} lists for {name} "
+                f"({found} != {expected})"
+            )
+        fingerprints[name] = found
+    return fingerprints
+
+
+def _federation_ckks_key(out: Path, manifest: dict[str, Any]) -> bytes:
+    """The hospitals' shared CKKS key when the federation has one (``b""`` otherwise), read
+    from a site folder under ``out`` and checked against the manifest's SHA-256."""
+    digest = manifest.get("ckks-key-sha256")
+    if not digest:
+        return b""
+    for entry in manifest.get("sites", {}).values():
+        path = out / str(entry.get("folder", "")) / CKKS_KEY_FILE
+        try:
+            key = path.read_bytes()
+        except OSError:
+            continue
+        if hashlib.sha256(key).hexdigest() == digest:
+            return key
+    raise ProvisionError(
+        f"--add: the federation uses CKKS and the new hospitals need the hospitals' shared key, "
+        f"but no site folder under {out} holds a {CKKS_KEY_FILE} with the manifest's SHA-256; "
+        f"copy it from a hospital into its folder under {out} and run again"
+    )
+
+
+def _site_policies(sites: Any, policy: SitePolicy | None) -> dict[str, str]:
+    """Every site's ``policy.toml`` text (a bad policy stops before any key is written)."""
+    return {
+        s.name: policy_to_toml(
+            policy if policy is not None else default_policy(default_policy_name(s.name))
+        )
+        for s in sites
+    }
+
+
+def _write_site(
+    spec: FederationSpec,
+    out: Path,
+    site: SiteSpec,
+    ca_pem: bytes,
+    policy_text: str,
+    ckks_key: bytes,
+) -> tuple[Path, str]:
+    """Write ``site``'s folder and its public key on the server; ``(folder, fingerprint)``."""
+    private, public = make_site_keys(site.name)
+    folder = out / site_dir_name(site.name)
+    _make_dirs(folder)
+    os.chmod(folder, 0o700)
+    _write(folder / "ca.crt", ca_pem, 0o644)
+    _write(folder / f"{site.name}.key", private, 0o600)
+    _write(folder / f"{site.name}.pub", public, 0o644)
+    if ckks_key:
+        _write(folder / CKKS_KEY_FILE, ckks_key, 0o600)
+    _write(folder / POLICY_FILE, policy_text.encode(), 0o644)
+    script = supernode_script(spec, site, ckks=bool(ckks_key))
+    _write(folder / "run-supernode.sh", script.encode(), 0o755)
+    _write(folder / "run-clientapp.sh", clientapp_script(site).encode(), 0o755)
+    for unit, text in site_units(site).items():
+        _write(folder / "systemd" / unit, text.encode(), 0o644)
+    _write(folder / APPROVED_APPS_FILE, LIST_HEADER.encode(), 0o644)
+    _write(folder / "bin" / "flwr-clientapp", CLIENTAPP_SHIM.encode(), 0o755)
+    _write(out / "server" / "site-keys" / f"{site.name}.pub", public, 0o644)
+    return folder, ssh_fingerprint(public)
+
+
+def _write_site_lists(
+    spec: FederationSpec, out: Path, fingerprints: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """``server/sites.csv`` and ``server/register-sites.sh`` for every site of ``spec``; the
+    manifest's ``sites`` table."""
+    server = out / "server"
+    counted = any(s.expected_cases is not None for s in spec.sites)
+    rows = ["site,fingerprint" + (f",{EXPECTED_CASES}" if counted else "")]
+    manifest_sites: dict[str, dict[str, Any]] = {}
+    for site in spec.sites:
+        row = f"{site.name},{fingerprints[site.name]}"
+        manifest_sites[site.name] = {
+            "folder": site_dir_name(site.name),
+            "key-fingerprint": fingerprints[site.name],
+        }
+        if counted:
+            row += f",{site.expected_cases}"
+            manifest_sites[site.name][EXPECTED_CASES] = site.expected_cases
+        rows.append(row)
+    _write(server / REGISTRY_FILE, ("\n".join(rows) + "\n").encode(), 0o644)
+    _write(server / "register-sites.sh", register_script(spec).encode(), 0o755)
+    return manifest_sites
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    _write(out / "manifest.json", json.dumps(manifest, indent=2).encode(), 0o644)
 
 
 def _write_all(
     spec: FederationSpec, out: Path, *, ckks: bool = False, policy: SitePolicy | None = None
 ) -> ProvisionResult:
-    # every site's policy text first: a bad one stops before any key is written
-    policies = {
-        s.name: policy_to_toml(
-            policy if policy is not None else default_policy(default_policy_name(s.name))
-        )
-        for s in spec.sites
-    }
+    policies = _site_policies(spec.sites, policy)
     ca_key, ca_cert = make_ca()
     ckks_key = _ckks_key_bytes() if ckks else b""
     srv_key, srv_cert = make_server_cert(ca_key, ca_cert, spec.san_dns(), spec.san_ips())
@@ -547,40 +839,15 @@ def _write_all(
     _write(server / "server.pem", _pem_cert(srv_cert), 0o644)
     _write(server / "server.key", _pem_key(srv_key), 0o600)
     result = ProvisionResult(out=out, ca_dir=ca_dir, server_dir=server)
-    counted = any(s.expected_cases is not None for s in spec.sites)
-    sites_rows = ["site,fingerprint" + (f",{EXPECTED_CASES}" if counted else "")]
-    manifest_sites = {}
+    fingerprints: dict[str, str] = {}
     for site in spec.sites:
-        private, public = make_site_keys(site.name)
-        folder = out / site_dir_name(site.name)
-        _make_dirs(folder)
-        os.chmod(folder, 0o700)
-        _write(folder / "ca.crt", ca_pem, 0o644)
-        _write(folder / f"{site.name}.key", private, 0o600)
-        _write(folder / f"{site.name}.pub", public, 0o644)
-        if ckks_key:
-            _write(folder / CKKS_KEY_FILE, ckks_key, 0o600)
-        _write(folder / POLICY_FILE, policies[site.name].encode(), 0o644)
-        script = supernode_script(spec, site, ckks=bool(ckks_key))
-        _write(folder / "run-supernode.sh", script.encode(), 0o755)
-        _write(folder / "run-clientapp.sh", clientapp_script(site).encode(), 0o755)
-        for unit, text in site_units(site).items():
-            _write(folder / "systemd" / unit, text.encode(), 0o644)
-        _write(folder / APPROVED_APPS_FILE, LIST_HEADER.encode(), 0o644)
-        _write(folder / "bin" / "flwr-clientapp", CLIENTAPP_SHIM.encode(), 0o755)
-        _write(server / "site-keys" / f"{site.name}.pub", public, 0o644)
-        fingerprint = ssh_fingerprint(public)
-        row = f"{site.name},{fingerprint}"
-        manifest_sites[site.name] = {"folder": folder.name, "key-fingerprint": fingerprint}
-        if counted:
-            row += f",{site.expected_cases}"
-            manifest_sites[site.name][EXPECTED_CASES] = site.expected_cases
-        sites_rows.append(row)
+        folder, fingerprints[site.name] = _write_site(
+            spec, out, site, ca_pem, policies[site.name], ckks_key
+        )
         result.site_dirs[site.name] = folder
-    _write(server / REGISTRY_FILE, ("\n".join(sites_rows) + "\n").encode(), 0o644)
+    manifest_sites = _write_site_lists(spec, out, fingerprints)
     _write(server / "run-superlink.sh", superlink_script(spec).encode(), 0o755)
     _write(server / "systemd" / SUPERLINK_UNIT, superlink_unit(spec).encode(), 0o644)
-    _write(server / "register-sites.sh", register_script(spec).encode(), 0o755)
     _write(server / "flwr-connection.toml", connection_toml(spec).encode(), 0o644)
     from cryptography.hazmat.primitives import hashes
 
@@ -596,7 +863,7 @@ def _write_all(
     }
     if ckks_key:  # lets the sites check they hold the same key; the key itself is not here
         result.manifest["ckks-key-sha256"] = hashlib.sha256(ckks_key).hexdigest()
-    _write(out / "manifest.json", json.dumps(result.manifest, indent=2).encode(), 0o644)
+    _write_manifest(out, result.manifest)
     return result
 
 
