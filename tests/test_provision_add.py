@@ -201,3 +201,15 @@ def test_cli_add_and_its_refusals(tmp_path: Path) -> None:
     res = runner.invoke(app, [*base, "--site", "hospital-a", "--force"])
     assert res.exit_code == 0
     assert "hospital-b is no longer in the federation" in res.output
+
+
+def test_approving_into_a_missing_folder_names_the_folder_not_a_temporary_file(
+    tmp_path: Path,
+) -> None:
+    from fedseg.deploy.approval import approve
+    from fedseg.errors import ConfigError
+
+    target = tmp_path / "site-typo" / "approved-apps.txt"
+    with pytest.raises(ConfigError, match=r"the folder .*site-typo does not exist") as info:
+        approve(target, "a" * 64, "reviewed")
+    assert ".tmp" not in str(info.value)

@@ -163,6 +163,13 @@ class DeviceMemoryError(FedsegError):
     code = "E900"
 
 
+class TrainingDivergedError(FedsegError):
+    """Training produced a non-finite loss (NaN or inf): the weights are no longer usable. The
+    message names the epoch, the learning rate and what was kept."""
+
+    code = "E910"
+
+
 class DeploymentError(FedsegError):
     """A deployed site or server cannot start or keep running: its ClientApp process cannot
     reach its SuperNode, a folder it must write is not writable, or its state was written by

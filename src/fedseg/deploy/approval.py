@@ -26,6 +26,7 @@ missing or malformed): ``run-supernode.sh`` runs it before starting the SuperNod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -167,6 +168,11 @@ def approve(path: Path, digest: str, note: str = "") -> bool:
                 f"the approved-apps list {path} is read-only (mode {mode:o}): make it writable "
                 "to approve an app in it"
             )
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"cannot write the approved-apps list {path}: the folder {path.parent} does not "
+            "exist (give the approved-apps.txt of the site folder fedseg provision wrote)"
+        )
     text = LIST_HEADER if existing is None else path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         text += "\n"
@@ -177,7 +183,10 @@ def approve(path: Path, digest: str, note: str = "") -> bool:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
-        raise ConfigError(f"cannot write the approved-apps list {path}: {exc}") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot write the approved-apps list {path}: {reason}") from None
     return True
 
 

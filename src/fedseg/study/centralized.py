@@ -16,13 +16,14 @@ cases, ``fedseg evaluate``, ``predict`` and ``serve`` apply it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedseg.config import FedsegConfig
 from fedseg.data.case import MODALITIES, REGIONS
-from fedseg.errors import CheckpointError, ConfigError
+from fedseg.errors import CheckpointError, ConfigError, TrainingDivergedError
 from fedseg.tracking import track_epoch
 from fedseg.utils.io import (
     atomic_write_csv,
@@ -87,6 +88,9 @@ def train_centralized(
     CheckpointError
         ``checkpoint.pt`` (when resuming) or ``best.pt`` cannot be read; the message names the
         file and what to do.
+    TrainingDivergedError
+        An epoch's mean loss was NaN or infinite (a learning rate too high): training stops
+        there, before that epoch is saved.
     fedseg.errors.OutputError
         A file of the run folder cannot be written (disk full, read-only); the files written
         before are kept.
@@ -157,6 +161,20 @@ def train_centralized(
     bar = _epoch_bar(cfg.epochs, start, progress)
     for epoch in range(start, cfg.epochs):
         fit = trainer.train_epoch(epoch, cfg.epochs)
+        if not math.isfinite(fit["loss"]):  # every later epoch would train NaN weights
+            if bar is not None:
+                bar.close()
+            kept = (
+                f"{ckpt_path} keeps the {epoch} epoch(s) before it; run again with a lower "
+                "learning-rate (--set learning-rate=...) and --no-resume"
+                if epoch
+                else "nothing was kept; run again with a lower learning-rate (--set "
+                "learning-rate=...)"
+            )
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch + 1}: the mean loss was {fit['loss']} at "
+                f"learning-rate {cfg.learning_rate:g}; {kept}"
+            )
         val = trainer.evaluate()
         row = {"epoch": epoch + 1, "loss": fit["loss"], "train-seconds": fit["train-seconds"]}
         row.update({f"val-dice-{r}": val[r]["dice"] for r in REGIONS})
