@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from fedseg.cli.main import app
 from fedseg.clinic.card import (
     card_path,
+    dice_table,
     federation_summary,
     load_carded_model,
     read_card,
@@ -55,6 +56,9 @@ def test_federation_card_names_strategy_sites_rounds_epsilon_and_hash(dp_federat
     assert card["sha256"] == sha256_file(model)
     assert card["config"]["dp-mode"] == "sample"
     assert set(card["dice"]) >= {"site-0", "mean"}
+    # each row says on how many held-out cases it was measured
+    assert card["dice"]["site-0"]["cases"] == history[0]["eval-cases"]["site-0"] >= 1
+    assert card["dice"]["mean"]["cases"] == sum(history[0]["eval-cases"].values())
 
 
 def test_model_card_command_prints_text_and_json(dp_federation: Path) -> None:
@@ -315,3 +319,23 @@ def test_a_model_older_than_a_config_key_is_loaded_as_it_was_trained(
     _, cfg, _ = load_carded_model(model, "cpu")
 
     assert cfg.bias_correction == "none"
+
+
+def test_federation_card_rows_say_how_many_held_out_cases_each_site_scored() -> None:
+    history = [
+        {
+            "train": {"a": {"num-examples": 8}, "b": {"num-examples": 5}},
+            "dice": {
+                "a": {"WT": 0.8, "TC": 0.7, "ET": 0.6},
+                "b": {"WT": 0.6, "TC": 0.5, "ET": 0.4},
+            },
+            "mean-dice": {"WT": 0.725, "TC": 0.625, "ET": 0.525},
+            "eval-cases": {"a": 3, "b": 2},
+        }
+    ]
+
+    table = dice_table(federation_summary(history)["dice"])
+
+    assert table["a"]["cases"] == 3 and table["b"]["cases"] == 2
+    assert table["mean"]["cases"] == 5
+    assert "mean-se" not in table["a"]  # no per-case score leaves a site

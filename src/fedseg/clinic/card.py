@@ -189,6 +189,18 @@ def federation_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for row in reversed(history):
         if row.get("dice"):
             dice = {**row["dice"], "mean": row.get("mean-dice") or {}}
+            # the held-out cases each site scored (no per-case score leaves a site, so the
+            # card has counts but no standard error here)
+            counts = {
+                site: int(n)
+                for site, n in (row.get("eval-cases") or {}).items()
+                if site in row["dice"] and isinstance(n, int | float) and not isinstance(n, bool)
+            }
+            if counts:
+                for site, n in counts.items():
+                    dice[site] = {**dice[site], "num-cases": n}
+                if len(counts) == len(row["dice"]):
+                    dice["mean"] = {**dice["mean"], "num-cases": sum(counts.values())}
             break
     return {"rounds": len(history), "hospitals": hospitals, "epsilon": epsilon, "dice": dice}
 

@@ -423,6 +423,7 @@ def history_row(
             "train": {s: dict(m) for s, m in train.metrics.items()},
             "dice": {s: dict(d) for s, d in evaluate.dice.items()},
             "mean-dice": evaluate.mean_dice(),
+            "eval-cases": {s: int(n) for s, n in evaluate.num_examples.items()},
             "eval-failed": dict(evaluate.failed),
             "train-seconds": train.compute_seconds,
             "eval-seconds": evaluate.compute_seconds,
