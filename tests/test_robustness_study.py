@@ -80,6 +80,14 @@ def test_tiny_study_end_to_end_through_the_cli(tmp_path: Path) -> None:
     per = doc["cells"]["1of3"]
     assert per["scale|krum"]["na"] == "krum needs n > 2f + 2 = 4 sites"
     assert len(per["none|fedavg"]["update-norms"]) == 3
+    # every cell scored case by case on the pooled held-out cases (one per site here): their
+    # mean is the Dice the sites reported in the federation's last round
+    for key in ("none|fedavg", "scale|fedavg", "scale|median"):
+        scores = per[key]["per-case"]
+        assert len(scores) == 3
+        assert np.mean(list(scores.values())) == pytest.approx(per[key]["dice"], abs=1e-6)
+    csv_rows = (out / "robustness.csv").read_text().splitlines()
+    assert csv_rows[0].split(",")[4] == "dice-se" and "drop-se" in csv_rows[0]
     assert doc["clip-norm"]["1of3"] == pytest.approx(np.median(per["none|fedavg"]["update-norms"]))
     assert (out / "heatmap-1of3.png").read_bytes()[:4] == b"\x89PNG"
     assert "scale,1of3" not in (out / "robustness.csv").read_text()

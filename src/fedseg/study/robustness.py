@@ -10,7 +10,10 @@ BENCHMARKS.md, "Experiment engines", times both).
 A cell's score is the final global model's mean Dice (WT, TC, ET averaged)
 on the pooled held-out cases of all sites (each site's held-out split, case-weighted), the same
 number the round loop records as ``mean-dice``. Each setting also runs the no-attack FedAvg
-reference.
+reference. The final model is also scored case by case on those held-out cases
+(:func:`score_cases`; possible in a simulation only), so each cell carries its standard error
+and each comparison with the reference a paired 95 % interval (:func:`paired`,
+:func:`findings`).
 
 The study plays a provisioned federation: the server's site registry
 (:mod:`fedseg.deploy.registry`, ``OUT/sites-<setting>.csv``) lists every site's expected count
@@ -333,8 +336,9 @@ def run_cell(
     for row in run.history:
         for site in row.get("rejected", {}):
             rejected[site] = rejected.get(site, 0) + 1
+    dice = float(np.mean([regions[r] for r in REGIONS if r in regions])) if regions else None
     out: dict[str, Any] = {
-        "dice": float(np.mean([regions[r] for r in REGIONS if r in regions])) if regions else None,
+        "dice": dice,
         "dice-regions": regions,
         "failed-rounds": [r["round"] for r in run.history if r.get("status") != "ok"],
         "rejected": rejected,
@@ -343,7 +347,76 @@ def run_cell(
     }
     if record_norms:
         out["update-norms"] = norms
+    if dice is not None and cfg.harmonise == "none":
+        out["per-case"] = score_cases(cfg, data, parts, run.weights)
     return out
+
+
+def score_cases(
+    cfg: FedsegConfig,
+    data: Path,
+    parts: Mapping[str, Sequence[str]],
+    weights: Mapping[str, np.ndarray],
+) -> dict[str, float]:
+    """Each pooled held-out case's mean Dice (WT, TC, ET averaged) under ``weights``.
+
+    The held-out cases are each site's own split (``test-fraction``, ``seed``: the cases its
+    evaluation scored), prepared through the cache the sites filled, and scored with the
+    sites' evaluation (:meth:`fedseg.site.trainer.SiteTrainer.evaluate`): their mean is the
+    cell's Dice, and comparing two cells case by case gives a paired standard error
+    (:func:`paired`). Only a simulation can do this: no per-case score leaves a real site.
+    """
+    from fedseg.data.cache import prepare_cases
+    from fedseg.data.cohort import split_cases
+    from fedseg.study.study import make_evaluator
+    from fedseg.utils.runtime import pick_device
+
+    ids = [
+        cid
+        for site_ids in parts.values()
+        for cid in split_cases(list(site_ids), cfg.test_fraction, 0.0, cfg.seed)["test"]
+    ]
+    if not ids:
+        return {}
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    items = prepare_cases(Path(data), cfg, case_ids=ids, cache_dir=cache)
+    evaluator = make_evaluator(cfg, pick_device())
+    evaluator.set_weights(dict(weights))
+    table = evaluator.evaluate(items)
+    return {
+        cid: float(np.mean([m[r]["dice"] for r in REGIONS])) for cid, m in table["per-case"].items()
+    }
+
+
+def _t95(n: int) -> float:
+    """The two-sided 95 % Student-t quantile for the mean of ``n`` values."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1))
+
+
+def standard_error(cell: Mapping[str, Any]) -> float | None:
+    """The standard error of a cell's Dice over its held-out cases (``None``: fewer than two
+    cases scored, or a cell written before per-case scores were kept)."""
+    scores = list((cell.get("per-case") or {}).values())
+    if len(scores) < 2:
+        return None
+    return float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
+
+
+def paired(doc: Mapping[str, Any], setting: str, key: str) -> tuple[float, float, int] | None:
+    """Clean reference minus cell ``key`` (``"attack|defence"``), case by case: the mean
+    difference (the drop), its paired standard error and the number of cases; ``None`` when
+    either lacks per-case scores or fewer than two cases are shared."""
+    per = doc.get("cells", {}).get(setting, {})
+    ref = per.get(f"{CLEAN}|fedavg", {}).get("per-case") or {}
+    got = per.get(key, {}).get("per-case") or {}
+    common = sorted(set(ref) & set(got))
+    if len(common) < 2:
+        return None
+    diffs = np.array([ref[c] - got[c] for c in common], dtype=np.float64)
+    se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+    return float(diffs.mean()), se, len(diffs)
 
 
 # ------------------------------------------------------------------------------ the matrix
@@ -520,7 +593,15 @@ def run_robustness(
 
 def _cell(res: Mapping[str, Any]) -> dict[str, Any]:
     """A cell of ``robustness.json`` from its arm's result."""
-    keys = ("dice", "dice-regions", "failed-rounds", "rejected", "seconds", "update-norms")
+    keys = (
+        "dice",
+        "dice-regions",
+        "per-case",
+        "failed-rounds",
+        "rejected",
+        "seconds",
+        "update-norms",
+    )
     return {k: res[k] for k in keys if k in res}
 
 
@@ -558,17 +639,22 @@ def write_outputs(out: Path, doc: Mapping[str, Any]) -> None:
         for key, cell in per.items():
             attack, defence = key.split("|")
             dice = cell.get("dice")
+            se = standard_error(cell)
+            pair = None if key == f"{CLEAN}|fedavg" else paired(doc, setting, key)
             rows_out.append(
                 {
                     "setting": setting,
                     "attack": attack,
                     "defence": defence,
                     "dice": "" if dice is None else f"{dice:.4f}",
+                    "dice-se": "" if se is None else f"{se:.4f}",
                     "clean-fedavg-dice": "" if ref is None else f"{ref:.4f}",
                     # rounded, then + 0.0: no change prints 0.0000, never -0.0000
                     "drop": ""
                     if dice is None or ref is None
                     else f"{round(ref - dice, 4) + 0.0:.4f}",
+                    "drop-se": "" if pair is None else f"{pair[1]:.4f}",
+                    "cases": "" if pair is None else str(pair[2]),
                     "note": cell.get("na", ""),
                 }
             )
@@ -578,7 +664,18 @@ def write_outputs(out: Path, doc: Mapping[str, Any]) -> None:
             m, rows, cols, title=title, row_label="defence", col_label="attack"
         )
         atomic_write_bytes(out / f"heatmap-{setting}.png", figures[setting])
-    fields = ["setting", "attack", "defence", "dice", "clean-fedavg-dice", "drop", "note"]
+    fields = [
+        "setting",
+        "attack",
+        "defence",
+        "dice",
+        "dice-se",
+        "clean-fedavg-dice",
+        "drop",
+        "drop-se",
+        "cases",
+        "note",
+    ]
     atomic_write_csv(out / "robustness.csv", rows_out, fields)
     atomic_write_text(out / "report.html", render_report(doc, figures))
 
@@ -586,24 +683,53 @@ def write_outputs(out: Path, doc: Mapping[str, Any]) -> None:
 def findings(doc: Mapping[str, Any], setting: str, tolerance: float = 0.03) -> list[str]:
     """Plain sentences from the numbers: FedAvg's damage and the defences that recover.
 
-    A difference from the clean reference no larger than ``tolerance`` is read as none: an
-    attack that moves FedAvg by less is called harmless here (no defence is credited with
-    recovering from it), and a Dice above the clean one is called a gain, not a drop. Each cell
-    is one run (one seed, one split), so the tolerance is a reading rule, not a test.
+    When the cells carry per-case scores, a cell is compared with the clean reference case by
+    case: its drop is given with the 95 % interval of the paired difference (Student t over
+    the held-out cases). An attack whose interval reaches zero (or lies below it) is said to do
+    no measurable damage, and no defence is credited against it; a defence recovers when its
+    own interval reaches zero. Without per-case scores (a document written before they were
+    kept) a difference no larger than ``tolerance`` is read as none, a reading rule rather
+    than a test. Either way a cell is one run: one seed, one split of the held-out cases.
     """
     ref = reference(doc, setting)
     if ref is None:
         return [f"{setting}: the clean reference has no score."]
     rows, cols, m = matrix(doc, setting)
     out = []
+    tested = False
     if "fedavg" in rows:
         fav = m[rows.index("fedavg")]
         for j, a in enumerate(cols):
             if not np.isfinite(fav[j]):
                 continue
             drop = ref - float(fav[j])
+            pair = paired(doc, setting, f"{a}|fedavg")
+            half = None if pair is None else _t95(pair[2]) * pair[1]
+            tested = tested or half is not None
             change = f"drop {drop:+.3f}" if drop >= 0 else f"gain {-drop:+.3f}"
+            if half is not None:
+                change += f" ± {half:.3f}"
             head = f"{setting}, {a}: FedAvg {fav[j]:.3f} vs clean {ref:.3f} ({change})"
+            if half is not None:
+                if drop - half <= 0:
+                    where = "reaches zero" if drop + half >= 0 else "lies above clean"
+                    out.append(
+                        f"{head}; the interval {where}, so the attack does no measurable damage "
+                        "to FedAvg here and no defence is shown to help against it."
+                    )
+                    continue
+                recovered = []
+                for i, d in enumerate(rows):
+                    if d == "fedavg" or not np.isfinite(m[i, j]):
+                        continue
+                    p = paired(doc, setting, f"{a}|{d}")
+                    if p is not None and p[0] - _t95(p[2]) * p[1] <= 0:
+                        recovered.append(d)
+                out.append(
+                    f"{head}; not distinguishable from clean: "
+                    f"{', '.join(recovered) if recovered else 'no defence'}."
+                )
+                continue
             if drop <= tolerance:
                 where = f"within {tolerance:.2f} of" if drop >= -tolerance else "above"
                 out.append(
@@ -620,7 +746,16 @@ def findings(doc: Mapping[str, Any], setting: str, tolerance: float = 0.03) -> l
                 f"{head}; within {tolerance:.2f} of clean: "
                 f"{', '.join(recovered) if recovered else 'no defence'}."
             )
-    if out:
+    if out and tested:
+        n = next(
+            p[2] for p in (paired(doc, setting, k) for k in doc["cells"][setting]) if p is not None
+        )
+        out.append(
+            f"{setting}: ± is the 95 % interval of the paired difference from the clean "
+            f"reference over the {n} held-out cases; each cell is one run (one seed, one split), "
+            "so the interval says nothing of another seed or split."
+        )
+    elif out:
         out.append(
             f"{setting}: each cell is one run (one seed, one split of the held-out cases); "
             f"differences of {tolerance:.2f} or less are read as none, and are not a "
@@ -680,10 +815,12 @@ def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
         parts.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
         if setting in figures:
             parts.append(img(figures[setting], f"heatmap {setting}"))
+        ref_se = standard_error(doc.get("cells", {}).get(setting, {}).get(f"{CLEAN}|fedavg", {}))
         parts.append(
-            f"<p>Clean reference (no attack, FedAvg): {num(reference(doc, setting))}. Rows: "
-            "defences; columns: attacks; every cell has the setting's malicious sites "
-            "attacking.</p>"
+            f"<p>Clean reference (no attack, FedAvg): {num(reference(doc, setting))}"
+            + ("" if ref_se is None else f" ± {num(ref_se)}")
+            + ". Rows: defences; columns: attacks; every cell has the setting's malicious sites "
+            "attacking; ± is the standard error over the held-out cases.</p>"
         )
         rows, cols, m = matrix(doc, setting)
         per = doc.get("cells", {}).get(setting, {})
@@ -692,7 +829,9 @@ def render_report(doc: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
             cells = [esc(d)]
             for j, a in enumerate(cols):
                 cell = per.get(f"{a}|{d}", {})
-                cells.append(esc("n/a") if "na" in cell else num(m[i, j]))
+                se = standard_error(cell)
+                text = esc("n/a") if "na" in cell else num(m[i, j])
+                cells.append(text if se is None or "na" in cell else f"{text} ± {num(se)}")
             body.append(cells)
         parts.append(table(["defence \\ attack", *(esc(c) for c in cols)], body))
         na = sorted({c["na"] for c in per.values() if "na" in c})
