@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: bumped when the cache layout or the preparation code changes results
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 #: name of the folder under a run or state folder that holds the cache by default
 CACHE_FOLDER = "cache"
 
@@ -282,6 +282,8 @@ def write_entry(base: Path, prep: Prepared) -> None:
         "spacing": list(prep.spacing),
         "scanner": str(prep.meta.get("scanner", "unknown")),
         "labelled": prep.regions is not None,
+        # the file's voxel order when it was not RAS (fedseg.data.orientation)
+        "orientation": prep.meta.get("orientation"),
     }
     atomic_write(_entry(base, "json"), lambda fh: fh.write(json.dumps(meta).encode()))
 
@@ -295,6 +297,8 @@ def read_entry(base: Path, case_id: str) -> Prepared:
     if meta["labelled"]:
         regions = np.load(_entry(base, "regions.npy"), mmap_mode="r", allow_pickle=False)
         extra["foreground"] = np.load(_entry(base, "fg.npy"), mmap_mode="r", allow_pickle=False)
+    if meta.get("orientation") is not None:
+        extra["orientation"] = meta["orientation"]
     return Prepared(
         case_id=case_id,
         image=image,

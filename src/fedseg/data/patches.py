@@ -1,5 +1,7 @@
 """Native-resolution preparation and patch sampling (``spacing > 0``, the ``gpu`` preset).
 
+Every case, in either mode, is first put in RAS voxel order (:mod:`fedseg.data.orientation`).
+
 A case stays on its own grid: cropped to the brain's bounding box, z-scored per modality inside
 the brain and, only when its voxels are not already ``spacing`` mm, resampled to that spacing.
 Training samples patches of ``patch-size``³ from it, a fraction ``foreground-fraction``
@@ -51,7 +53,20 @@ def prepare_case(case: Case, cfg: FedsegConfig) -> Prepared:
     Returns
     -------
     Prepared
+        On the grid of the case in RAS voxel order (:func:`fedseg.data.orientation.to_ras`);
+        when the file was stored otherwise, ``meta["orientation"]`` holds its orientation, for
+        :func:`fedseg.model.inference.to_original_grid` to put predictions back.
     """
+    from fedseg.data.orientation import to_ras
+
+    case, source = to_ras(case)
+    prep = _prepare_ras(case, cfg)
+    if source is not None:
+        prep.meta["orientation"] = source.tolist()
+    return prep
+
+
+def _prepare_ras(case: Case, cfg: FedsegConfig) -> Prepared:
     if cfg.bias_correction != "none":
         from dataclasses import replace
 

@@ -73,7 +73,9 @@ def to_original_grid(probs: np.ndarray, prep: Prepared, threshold: float = 0.5) 
     """Map prepared-grid probabilities back to binary regions on the case's own grid.
 
     The probabilities are resized (trilinear) to the brain crop and pasted into an empty volume
-    of the original shape; thresholding happens after resizing so boundaries stay smooth.
+    of the original shape; thresholding happens after resizing so boundaries stay smooth. A case
+    whose file was not in RAS voxel order (``prep.meta["orientation"]``) gets the regions back
+    in the file's order.
 
     Returns
     -------
@@ -104,7 +106,11 @@ def to_original_grid(probs: np.ndarray, prep: Prepared, threshold: float = 0.5) 
     out = np.zeros((probs.shape[0], *prep.orig_shape), dtype=bool)
     sl = tuple(slice(s, e) for s, e in zip(start, end, strict=True))
     out[(slice(None), *sl)] = resized >= threshold
-    return out
+    # a file stored in another voxel order than RAS gets its prediction in that order
+    from fedseg.data.orientation import from_ras
+
+    orientation = prep.meta.get("orientation")
+    return from_ras(out, None if orientation is None else np.asarray(orientation))
 
 
 def predict_regions(
