@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Argument(..., help="Run folder or checkpoint file (.pt)."),
         data: Path = typer.Argument(..., help="Dataset folder in any supported layout."),
         out: Path = typer.Option(
-            ..., "--out", help="Prediction folder (<case>.nii.gz, metrics.csv)."
+            ..., "--out", help="Prediction folder (<case>.nii.gz, metrics.csv, summary.json)."
         ),
         hd95: bool = typer.Option(
             True, "--hd95/--no-hd95", help="Also compute MONAI's HD95 (hd95_monai_mm, slower)."
@@ -39,6 +39,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Segment every case of DATA with a trained model; score cases that have labels.
 
+        Unlabelled cases are segmented only. A case that cannot be read (a missing file, a
+        label value BraTS does not use) stops the run with the file named, and OUT is left as
+        it was: the files are moved into OUT once every case is done.
+
         OUT/metrics.csv: one row per case and region (WT, TC, ET), every figure
         on the input's own grid, named by definition and unit. MONAI: dice_monai,
         hd95_monai_mm (larger directed 95th percentile). BraTS 2023+ evaluator:
@@ -50,9 +54,15 @@ def register(app: typer.Typer) -> None:
         import json
 
         from fedseg.data.case import REGIONS
+        from fedseg.errors import ConfigError
         from fedseg.study.evaluate import evaluate_folder
 
         with user_errors():
+            if et_min_volume is not None and not 0 <= et_min_volume < float("inf"):
+                # checked before the model is loaded, and named as the option, not the key
+                raise ConfigError(
+                    f"--et-min-volume {et_min_volume}: expected a number of mm³ >= 0 (0 = off)"
+                )
             existing_folder(data, "dataset folder in BraTS 2020/2021/2023 or MSD layout")
             writable_folder(out, "--out")
             summary = evaluate_folder(
@@ -61,8 +71,16 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print(json.dumps(summary))
             return
-        typer.echo(f"{summary['num-cases']} cases segmented into {out}/")
-        if summary["num-labelled"]:
+        cases, labelled = summary["num-cases"], summary["num-labelled"]
+        typer.echo(f"{cases} case{'s' if cases != 1 else ''} segmented into {out}/")
+        if not labelled:
+            typer.echo(
+                "no case has a reference label (_seg / -seg file, MSD labelsTr): nothing scored, "
+                f"{out}/metrics.csv holds no row"
+            )
+        elif labelled < cases:
+            typer.echo(f"{labelled} of them have a reference label and are scored below")
+        if labelled:
             m = summary["mean"]
 
             def line(title: str, key: str, fmt: str, unit: str = "") -> None:

@@ -51,10 +51,16 @@ def register(app: typer.Typer) -> None:
         from fedseg.clinic.card import load_carded_model
         from fedseg.clinic.dicom import load_mapping
         from fedseg.clinic.predict import load_patient, predict_patient
+        from fedseg.errors import ConfigError
         from fedseg.study.evaluate import model_landmarks
         from fedseg.utils.runtime import pick_device
 
         with user_errors():
+            if et_min_volume is not None and not 0 <= et_min_volume < float("inf"):
+                # checked before the model is loaded, and named as the option, not the key
+                raise ConfigError(
+                    f"--et-min-volume {et_min_volume}: expected a number of mm³ >= 0 (0 = off)"
+                )
             rules = load_mapping(mapping) if mapping is not None else None
             writable_folder(out, "--out")
             device = pick_device()

@@ -19,6 +19,7 @@ Output (:func:`predict_patient` writes into ``OUT``):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -98,6 +99,98 @@ def _load_dicom(folder: Path, rules: Any) -> Patient:
     )
 
 
+#: modality named by the last ``_``/``-`` token of a NIfTI file name (BraTS 2020/2021 and 2023
+#: suffixes, the MSD's names), or by the whole name (``t1ce.nii.gz``)
+_NAME_MODALITY: dict[str, str] = {
+    "t1": "t1",
+    "t1n": "t1",
+    "t1w": "t1",
+    "t1ce": "t1ce",
+    "t1c": "t1ce",
+    "t1gd": "t1ce",
+    "t2": "t2",
+    "t2w": "t2",
+    "flair": "flair",
+    "t2f": "flair",
+    "t2flair": "flair",
+}
+
+
+def _split_modality(path: Path) -> tuple[str, str | None]:
+    """``(stem without the modality token, modality)`` of a NIfTI file's name; ``(stem,
+    None)`` when the name does not say which modality it holds."""
+    stem = path.name
+    for ext in (".nii.gz", ".nii"):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    head, sep, token = max(
+        (stem.rpartition(s) for s in ("_", "-")), key=lambda parts: len(parts[0])
+    )
+    modality = _NAME_MODALITY.get(token.lower())
+    if modality is None:
+        return stem, None
+    if modality == "t1" and re.search(r"(?:^|_)ce-", head, re.I):
+        modality = "t1ce"  # BIDS: sub-01_ce-gadolinium_T1w is the contrast-enhanced T1
+    return (head if sep else ""), modality
+
+
+def modality_of_name(path: Path) -> str | None:
+    """The modality a NIfTI file's name says it holds (``SYN_0_t1ce.nii.gz``, ``BraTS-GLI-
+    00000-000-t2f.nii.gz``, ``flair.nii.gz``), or ``None`` when the name does not say.
+
+    Parameters
+    ----------
+    path:
+        The file.
+
+    Returns
+    -------
+    str or None
+        One of :data:`fedseg.data.case.MODALITIES`.
+    """
+    return _split_modality(Path(path))[1]
+
+
+def case_name_from_files(files: Sequence[Path]) -> str:
+    """The case name of four NIfTI files: the first file's name without its modality suffix
+    (``SYN_00000_t1.nii.gz`` -> ``SYN_00000``), else its folder's name (``t1.nii.gz`` in
+    ``patient-17/`` -> ``patient-17``), else ``case``.
+
+    Parameters
+    ----------
+    files:
+        The patient's image files, t1 first.
+
+    Returns
+    -------
+    str
+        A name usable in file names (``/`` and blanks never appear in it).
+    """
+    first = Path(files[0])
+    stem, modality = _split_modality(first)
+    name = stem if modality is not None else stem.rsplit("_", 1)[0]
+    if not name.strip("._- "):
+        name = first.resolve().parent.name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return name or "case"
+
+
+def _check_order(files: Sequence[Path]) -> None:
+    """Refuse NIfTI files whose names say they are given in another order than t1, t1ce, t2,
+    flair: read in that order, a FLAIR given first is taken for the T1 and the prediction is
+    silently wrong. Names that do not say their modality are taken as given."""
+    said = [modality_of_name(f) for f in files]
+    for position, (f, modality) in enumerate(zip(files, said, strict=True)):
+        expected = MODALITIES[position]
+        if modality is not None and modality != expected:
+            found = ", ".join(m or "?" for m in said)
+            raise LayoutError(
+                f"{f}: given as image {position + 1} ({expected}) but its name says {modality}; "
+                f"expected the files in the order {' '.join(MODALITIES)} (names say: {found})"
+            )
+
+
 def _channels_message(found: int, channels: int, uses: Sequence[str] | None) -> str:
     """Why ``found`` image channels are refused: what predict reads and what the model uses."""
     order = ", ".join(MODALITIES[:channels])
@@ -130,14 +223,28 @@ def _load_nifti_files(
     if len(arrays) != channels:
         names = ", ".join(p.name for p in files)
         raise LayoutError(f"{names}: {_channels_message(len(arrays), channels, uses)}")
+    if len(files) == len(arrays):  # one file per modality: its name must fit its place
+        _check_order(files)
     for f, a, arr in zip(files, affines, arrays, strict=False):
         if arr.shape != arrays[0].shape or not np.allclose(a, affines[0], atol=1e-3):
             raise GeometryError(
                 f"{f}: grid {arr.shape} differs from {files[0].name}'s {arrays[0].shape} "
                 "(expected co-registered images on one grid)"
             )
-    name = files[0].name.split(".nii")[0].rsplit("_", 1)[0] or "case"
+    name = case_name_from_files(files)
     return Patient(Case(name, np.stack(arrays), None, affines[0]), source="nifti")
+
+
+def _holds_case_folders(folder: Path) -> bool:
+    """Whether a subfolder of ``folder`` holds NIfTI files: a dataset of case folders, not
+    a DICOM export (which is told so rather than that it holds no DICOM image)."""
+    for sub in folder.iterdir():
+        try:
+            if sub.is_dir() and any(_is_nifti(q) for q in sub.iterdir()):
+                return True
+        except OSError:  # an unreadable subfolder: the readers name it
+            continue
+    return False
 
 
 def load_patient(
@@ -177,10 +284,14 @@ def load_patient(
         raise LayoutError(f"{missing[0]}: no such file or folder")
     if len(paths) == 1 and paths[0].is_dir():
         folder = paths[0]
-        if any(_is_nifti(p) for p in folder.iterdir()):
+        if any(_is_nifti(p) for p in folder.iterdir()) or _holds_case_folders(folder):
             refs = discover_cases(folder)
             if len(refs) != 1:
-                raise LayoutError(f"{folder}: holds {len(refs)} cases; expected one patient")
+                names = ", ".join(r.case_id for r in refs[:3]) + (", ..." if len(refs) > 3 else "")
+                raise LayoutError(
+                    f"{folder}: holds {len(refs)} cases ({names}); expected one patient's "
+                    "case folder (fedseg evaluate segments a folder of cases)"
+                )
             case = load_case(refs[0], require_label=False)
             case.label = None
             return Patient(case, source="nifti")
@@ -240,7 +351,22 @@ def write_overlay(
     title: str,
     affine: np.ndarray | None = None,
 ) -> None:
-    """PNG of the axial slice with the largest tumour area (:func:`axial_view`)."""
+    """PNG of the axial slice with the largest tumour area (:func:`axial_view`).
+
+    With ``affine`` the sides are marked (L, R, A, P): the slice is shown as in neurological
+    convention, the patient's left on the image's left.
+
+    Parameters
+    ----------
+    image, label:
+        The T1ce and the label map on one grid.
+    path:
+        The PNG written.
+    title:
+        Shown above the slice (the case's name).
+    affine:
+        Their voxel-to-world affine; ``None``: voxel axis 2 is taken as axial, sides unmarked.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,6 +381,15 @@ def write_overlay(
     ax.imshow(background, cmap="gray")
     ax.imshow(np.ma.masked_equal(shown, 0), cmap=colours, vmin=0, vmax=3, alpha=0.5)
     ax.set_title(f"{title} (axial slice {z}; red NCR, green ED, yellow ET)", fontsize=8)
+    if affine is not None:
+        # axial_view turns the slice to RAS, anterior up: the patient's left is on the image's
+        # left (neurological convention, not the radiological one a PACS viewer shows), so the
+        # sides are marked rather than left to be guessed
+        for x, y, side in ((0.02, 0.5, "L"), (0.98, 0.5, "R"), (0.5, 0.98, "A"), (0.5, 0.02, "P")):
+            ax.text(
+                x, y, side, transform=ax.transAxes, color="white", fontsize=10,
+                ha="center", va="center", fontweight="bold",
+            )  # fmt: skip
     ax.axis("off")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -16,13 +16,20 @@ traceback ever leaves it (internal failures are logged on the server).
     The result files (label map, DICOM SEG for DICOM input, volumes.json, overlay.png) as a zip;
     409 while the job is not done.
 ``DELETE /jobs/{job}``
-    Forget a job and delete its files.
+    Forget a job and delete its files; a queued job is not run, a running one's files are
+    deleted as soon as its prediction stops.
 ``GET /health``
     The model's strategy, preset and sha256.
+
+Jobs are kept in memory: after a restart the earlier jobs are unknown (404), and the files a
+stopped or killed service left in ``--work-dir`` are deleted when the next one starts there.
+At most ``max_queued`` uploads wait for prediction (each holds its images in memory); one more
+is answered 503 until one is done.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations (Request),
 # which are imported inside create_app, when the endpoints are defined.
+import errno
 import hmac
 import io
 import logging
@@ -49,6 +56,16 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _ABS_PATH = re.compile(r"(?:/[^\s/:'\",;()]+)+/([^\s/:'\",;()]+)")
 #: an archive may expand to at most this many times the upload limit (zip bombs)
 _EXPANSION = 8
+#: most members an archive may hold (a DICOM series is one file per slice: four series of a
+#: few hundred slices each fit many times over)
+MAX_MEMBERS = 20_000
+#: the file in the work folder that one running service holds locked
+LOCK_FILE = ".fedseg-serve.lock"
+#: prefix of each job's folder in the work folder
+_JOB_PREFIX = "job-"
+#: the folder of a job's folder that its upload is extracted into: the case's name when the
+#: archive's files are at its top and their names hold no case name (t1.nii.gz, ...)
+_UPLOAD = "case"
 
 
 class RequestError(Exception):
@@ -71,6 +88,8 @@ class Job:
     error: str | None = None
     volumes: dict[str, float] | None = None
     files: list[str] = field(default_factory=list)
+    #: the images read at upload, until the prediction has run
+    patient: Any = None
 
     def public(self) -> dict[str, Any]:
         """What the client may see."""
@@ -92,14 +111,25 @@ def public_message(text: str, folder: Path | None = None) -> str:
     return " ".join(text.split())
 
 
-def safe_extract(data: bytes, dest: Path, limit: int) -> None:
+def safe_extract(data: bytes, dest: Path, limit: int, max_members: int = MAX_MEMBERS) -> None:
     """Extract a zip archive held in memory into ``dest``, refusing anything unsafe.
+
+    Parameters
+    ----------
+    data:
+        The archive.
+    dest:
+        The folder to extract into.
+    limit:
+        Most bytes the members may expand to.
+    max_members:
+        Most members the archive may hold.
 
     Raises
     ------
     RequestError
-        Not a zip archive (400), a member with an absolute path or ``..`` (400), or more than
-        ``limit`` bytes once expanded (413).
+        Not a zip archive (400), a member with an absolute path or ``..`` (400), more than
+        ``limit`` bytes once expanded or more than ``max_members`` members (413).
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -107,6 +137,8 @@ def safe_extract(data: bytes, dest: Path, limit: int) -> None:
         raise RequestError(400, "upload is not a zip archive (expected application/zip)") from None
     with archive:
         members = archive.infolist()
+        if len(members) > max_members:
+            raise RequestError(413, f"archive holds {len(members)} members, limit {max_members}")
         total = sum(m.file_size for m in members)
         if total > limit:
             raise RequestError(413, f"archive expands to {total} bytes, limit {limit}")
@@ -122,7 +154,14 @@ def safe_extract(data: bytes, dest: Path, limit: int) -> None:
 
 
 def _inputs(folder: Path) -> list[Path]:
-    """The ``load_patient`` inputs inside an extracted upload."""
+    """The ``load_patient`` inputs inside an extracted upload.
+
+    A case folder is read as one (the case is named after it). Files at the top of the archive
+    are given as files, in the order t1, t1ce, t2, flair their names say, so that the case is
+    named after them rather than after the server's extraction folder.
+    """
+    from fedseg.clinic.predict import modality_of_name
+
     files = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
     if not files:
         raise RequestError(400, "archive is empty (expected one patient's images)")
@@ -132,7 +171,28 @@ def _inputs(folder: Path) -> list[Path]:
     parents = {p.parent for p in nifti}
     if len(parents) != 1:
         raise RequestError(400, "NIfTI files in several folders; expected one case")
-    return [parents.pop()]
+    parent = parents.pop()
+    if parent != folder:
+        return [parent]
+    by_modality: dict[str, list[Path]] = {}
+    for p in sorted(nifti):
+        modality = modality_of_name(p)
+        if modality is not None:
+            by_modality.setdefault(modality, []).append(p)
+    from fedseg.data.case import MODALITIES
+
+    if all(len(by_modality.get(m, [])) == 1 for m in MODALITIES):
+        return [by_modality[m][0] for m in MODALITIES]
+    if len(nifti) == 1:  # one 4D file of four channels
+        return nifti
+    return [folder]
+
+
+def _download_name(case: str) -> str:
+    """A ``Content-Disposition`` file name for ``case``'s result: ASCII letters, digits and
+    ``._-`` only (a header holds latin-1, and a quote would end the name)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", case).strip("._")
+    return f"{safe or 'case'}-result.zip"
 
 
 class Service:
@@ -146,47 +206,141 @@ class Service:
         max_upload_bytes: int,
         keep_jobs: int = 100,
         preset: str | None = None,
+        max_queued: int = 16,
     ) -> None:
+        """Load the model and take the work folder.
+
+        Parameters
+        ----------
+        model_path:
+            The exported model (with its card) or its run folder.
+        work_dir:
+            Where each job's upload and result are kept. The service holds it locked while
+            it runs; job folders an earlier service left there (killed, crashed) are deleted.
+        max_upload_bytes:
+            Largest upload accepted.
+        keep_jobs:
+            Finished jobs kept; the oldest are forgotten (and their files deleted) beyond it.
+        preset:
+            Refuse a model that does not come from this preset.
+        max_queued:
+            Most uploads waiting for prediction at once; one more is answered 503.
+
+        Raises
+        ------
+        OutputError
+            Another service is running on ``work_dir``.
+        ModelCardError, CheckpointError
+            As :func:`fedseg.clinic.card.load_carded_model` raises them.
+        """
         from fedseg.clinic.card import load_carded_model
         from fedseg.study.evaluate import model_landmarks
         from fedseg.utils.runtime import pick_device
 
-        self.device = pick_device()
-        self.model, self.cfg, self.card = load_carded_model(model_path, self.device, preset=preset)
-        self.landmarks = model_landmarks(model_path)
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # refuse a busy work folder before the minutes a model can take to load
+        self._lock_fd = _lock_work_dir(self.work_dir)
+        try:
+            self.device = pick_device()
+            self.model, self.cfg, self.card = load_carded_model(
+                model_path, self.device, preset=preset
+            )
+            self.landmarks = model_landmarks(model_path)
+        except BaseException:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            raise
         self.max_upload_bytes = int(max_upload_bytes)
         self.keep_jobs = keep_jobs
+        self.max_queued = int(max_queued)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.lock = threading.Lock()
+        self._waiting = 0  # uploads being read or queued, under self.lock
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedseg-predict")
 
-    def submit(self, data: bytes) -> Job:
-        """Check one upload, read its images and queue its prediction."""
+    def submit(self, data: bytes) -> dict[str, Any]:
+        """Check one upload, read its images and queue its prediction.
+
+        Parameters
+        ----------
+        data:
+            The zip archive of one patient.
+
+        Returns
+        -------
+        dict
+            The job as the client sees it (:meth:`Job.public`), status ``queued``.
+
+        Raises
+        ------
+        RequestError
+            503 when ``max_queued`` uploads already wait; 400/413 a bad archive
+            (:func:`safe_extract`); 422 images that cannot be read (named inside the archive).
+        """
         from fedseg.clinic.predict import load_patient
 
-        job = Job(uuid.uuid4().hex, Path(tempfile.mkdtemp(prefix="job-", dir=self.work_dir)))
-        try:
-            safe_extract(data, job.folder / "input", _EXPANSION * self.max_upload_bytes)
-            patient = load_patient(_inputs(job.folder / "input"))
-        except FedsegError as exc:
-            shutil.rmtree(job.folder, ignore_errors=True)
-            raise RequestError(422, public_message(str(exc), job.folder / "input")) from None
-        except RequestError:
-            shutil.rmtree(job.folder, ignore_errors=True)
-            raise
-        job.case = patient.case.case_id
         with self.lock:
-            self.jobs[job.id] = job
-            self._evict()
-        self.pool.submit(self._run, job, patient)
-        return job
+            self._check_queue()
+            self._waiting += 1
+        queued = False
+        try:
+            job = Job(
+                uuid.uuid4().hex, Path(tempfile.mkdtemp(prefix=_JOB_PREFIX, dir=self.work_dir))
+            )
+            try:
+                safe_extract(data, job.folder / _UPLOAD, _EXPANSION * self.max_upload_bytes)
+                job.patient = load_patient(_inputs(job.folder / _UPLOAD))
+            except FedsegError as exc:
+                shutil.rmtree(job.folder, ignore_errors=True)
+                raise RequestError(422, public_message(str(exc), job.folder / _UPLOAD)) from None
+            except BaseException:
+                shutil.rmtree(job.folder, ignore_errors=True)
+                raise
+            job.case = job.patient.case.case_id
+            with self.lock:
+                self.jobs[job.id] = job
+                self._evict()
+                answer = job.public()  # before the worker can start it
+            self.pool.submit(self._run, job)
+            queued = True
+        finally:
+            if not queued:
+                with self.lock:
+                    self._waiting -= 1
+        return answer
 
-    def _run(self, job: Job, patient: Any) -> None:
+    def _check_queue(self) -> None:
+        """Raise 503 when ``max_queued`` uploads wait already (called under ``self.lock``)."""
+        if self._waiting >= self.max_queued:
+            raise RequestError(
+                503,
+                f"{self._waiting} uploads are waiting for prediction (limit "
+                f"{self.max_queued}); send this one again when a job is done",
+            )
+
+    def check_queue(self) -> None:
+        """Raise 503 when ``max_queued`` uploads wait already: before an upload is read.
+
+        Raises
+        ------
+        RequestError
+            503, the queue is full.
+        """
+        with self.lock:
+            self._check_queue()
+
+    def _run(self, job: Job) -> None:
         from fedseg.clinic.predict import predict_patient
 
-        job.status = "running"
+        with self.lock:
+            self._waiting -= 1
+            patient, job.patient = job.patient, None
+            if job.id not in self.jobs:  # deleted while queued: its files are gone already
+                return
+            job.status = "running"
+        result: Any = None
+        error: str | None = None
         try:
             result = predict_patient(
                 self.model,
@@ -198,49 +352,138 @@ class Service:
                 landmarks=self.landmarks,
             )
         except FedsegError as exc:
-            job.status, job.error = "failed", public_message(str(exc), job.folder)
-            return
-        except Exception:  # the server log keeps the traceback; the client gets one line
+            error = public_message(str(exc), job.folder)
+        except Exception:
+            if self._deleted(job):  # its folder went away under the prediction
+                return
+            # the server log keeps the traceback; the client gets one line
             log.exception("job %s failed", job.id)
-            job.status, job.error = "failed", "internal error while predicting; see the server log"
+            error = "internal error while predicting; see the server log"
+        # the DICOM SEG reads the uploaded T1ce series: the upload goes only now
+        shutil.rmtree(job.folder / _UPLOAD, ignore_errors=True)
+        if self._deleted(job):
             return
-        finally:
-            shutil.rmtree(job.folder / "input", ignore_errors=True)
-        job.volumes, job.files, job.status = result.volumes_ml, result.files, "done"
+        with self.lock:
+            if result is not None:
+                job.volumes, job.files = result.volumes_ml, result.files
+            job.status, job.error = ("failed", error) if result is None else ("done", None)
+
+    def _deleted(self, job: Job) -> bool:
+        """Whether ``job`` was deleted while it ran; if so, delete what its prediction wrote
+        since (the prediction makes its result folder again)."""
+        with self.lock:
+            gone = job.id not in self.jobs
+        if gone:
+            shutil.rmtree(job.folder, ignore_errors=True)
+        return gone
 
     def _evict(self) -> None:
+        """Forget the oldest finished jobs beyond ``keep_jobs`` (called under ``self.lock``)."""
         finished = [j for j in self.jobs.values() if j.status in ("done", "failed")]
         for job in finished[: max(0, len(self.jobs) - self.keep_jobs)]:
-            self.forget(job.id)
+            self.jobs.pop(job.id, None)
+            shutil.rmtree(job.folder, ignore_errors=True)
 
     def get(self, job_id: str) -> Job:
         """The job, or 404."""
-        job = self.jobs.get(job_id) if _JOB_ID.match(job_id) else None
+        with self.lock:
+            job = self.jobs.get(job_id) if _JOB_ID.match(job_id) else None
         if job is None:
-            raise RequestError(404, f"no job '{job_id[:40]}'")
+            raise RequestError(
+                404,
+                f"no job '{job_id[:40]}' (deleted, dropped as one of the oldest beyond the "
+                f"{self.keep_jobs} kept, or made before the service restarted)",
+            )
         return job
 
     def forget(self, job_id: str) -> None:
-        """Drop a job and its files."""
-        job = self.jobs.pop(job_id, None)
+        """Drop a job and its files; a queued job will not run, a running one's files are
+        deleted again when its prediction stops."""
+        with self.lock:
+            job = self.jobs.pop(job_id, None)
         if job is not None:
             shutil.rmtree(job.folder, ignore_errors=True)
 
     def result_zip(self, job: Job) -> bytes:
-        """The result files of a finished job, zipped."""
+        """The result files of a finished job, zipped.
+
+        Raises
+        ------
+        RequestError
+            409 while the job is not done; 404 when it was deleted meanwhile.
+        """
         if job.status != "done":
             raise RequestError(409, f"job {job.id} is {job.status}, not done")
         buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-            for name in job.files:
-                zf.write(job.folder / "result" / name, name)
+        try:
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+                for name in job.files:
+                    zf.write(job.folder / "result" / name, name)
+        except FileNotFoundError:  # deleted (DELETE, eviction) while it was being read
+            raise RequestError(404, f"job {job.id} was deleted") from None
         return buf.getvalue()
 
     def close(self) -> None:
-        """Stop the worker and delete every job's files."""
+        """Stop the worker, delete every job's files and release the work folder."""
         self.pool.shutdown(wait=True, cancel_futures=True)
         for job_id in list(self.jobs):
             self.forget(job_id)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+
+def _lock_work_dir(work_dir: Path) -> int | None:
+    """Lock ``work_dir`` for this service and delete the job folders an earlier one left.
+
+    Jobs live in the service's memory: a job folder found at start belongs to a service that
+    was killed or crashed, and no request can reach it any more (it holds patient images
+    and results, so it is not left lying there). Only a folder that holds the lock file of an
+    earlier service is cleaned: a new folder's contents are never touched.
+
+    Returns
+    -------
+    int or None
+        The open lock file, held until :meth:`Service.close`; ``None`` where the platform has
+        no ``fcntl`` (nothing is cleaned there).
+
+    Raises
+    ------
+    OutputError
+        Another service holds ``work_dir``, or the lock file cannot be made.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    from fedseg.errors import OutputError
+
+    path = work_dir / LOCK_FILE
+    served_before = path.exists()  # only then can job-* folders here be a service's
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise OutputError(
+            f"--work-dir {work_dir}: cannot make {LOCK_FILE} there ({exc.strerror})"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise OutputError(
+                f"--work-dir {work_dir}: another fedseg serve is using it (expected a work "
+                "folder of its own for each service)"
+            ) from None
+        raise OutputError(f"--work-dir {work_dir}: cannot lock it ({exc.strerror})") from None
+    stale = [p for p in work_dir.glob(f"{_JOB_PREFIX}*") if p.is_dir() and not p.is_symlink()]
+    if not served_before:
+        stale = []
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    if stale:
+        log.warning("deleted %d job folder(s) left by an earlier service", len(stale))
+    return fd
 
 
 def create_app(service: Service, token: str) -> Any:
@@ -276,10 +519,14 @@ def create_app(service: Service, token: str) -> Any:
         log.error("internal error", exc_info=exc)
         return error(500, "internal error; see the server log")
 
+    expected = token.encode("utf-8")
+
     def check_token(request: Request) -> None:
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
+        # bytes: compare_digest refuses str with non-ASCII characters (TypeError, a 500)
+        given_token = value.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_token, expected):
             raise RequestError(
                 401, "missing or wrong API token (header Authorization: Bearer TOKEN)"
             )
@@ -299,6 +546,7 @@ def create_app(service: Service, token: str) -> Any:
     @app.post("/jobs", status_code=202, dependencies=guarded)
     async def submit(request: Request) -> JSONResponse:
         limit = service.max_upload_bytes
+        service.check_queue()  # a full queue is told before the upload is read
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"upload of {declared} bytes is over the limit of {limit}")
@@ -312,8 +560,8 @@ def create_app(service: Service, token: str) -> Any:
             raise RequestError(400, "empty upload (expected a zip archive of one patient)")
         from starlette.concurrency import run_in_threadpool
 
-        job = await run_in_threadpool(service.submit, b"".join(chunks))
-        return JSONResponse(job.public(), status_code=202)
+        answer = await run_in_threadpool(service.submit, b"".join(chunks))
+        return JSONResponse(answer, status_code=202)
 
     @app.get("/jobs/{job_id}", dependencies=guarded)
     def status(job_id: str) -> dict[str, Any]:
@@ -325,7 +573,7 @@ def create_app(service: Service, token: str) -> Any:
         return Response(
             service.result_zip(job),
             media_type="application/zip",
-            headers={"Content-Disposition": f'attachment; filename="{job.case}-result.zip"'},
+            headers={"Content-Disposition": f'attachment; filename="{_download_name(job.case)}"'},
         )
 
     @app.delete("/jobs/{job_id}", dependencies=guarded)

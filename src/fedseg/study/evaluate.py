@@ -174,6 +174,10 @@ def evaluate_folder(
     Writes ``pred_dir/<case>.nii.gz`` (BraTS labels 0/1/2/4 on the input's own grid and affine),
     ``pred_dir/metrics.csv`` (one row per case and region, the columns of
     :func:`metric_columns`, all computed on the input's own grid) and ``pred_dir/summary.json``.
+    Everything is written into a temporary folder inside ``pred_dir`` and moved into place once
+    every case is done: a case refused half-way (a label with a value BraTS does not use, a
+    missing file) or an interruption leaves ``pred_dir`` as it was, never new predictions
+    beside an earlier run's ``metrics.csv``.
 
     Parameters
     ----------
@@ -201,9 +205,22 @@ def evaluate_folder(
         ``{"num-cases": n, "num-labelled": m, "columns": [...], "mean": {region: {column:
         mean}}, "mean-dice": ...}``; means skip NaN (a region absent from both masks has no
         BraTS figure, as in the official evaluator).
+
+    Raises
+    ------
+    CheckpointError
+        ``checkpoint`` is not a fedseg model.
+    DataError
+        ``data`` holds no case, or a case that cannot be read (the file named).
+    OutputError
+        ``pred_dir`` cannot be written.
     """
-    from fedseg.data.readers import discover_cases, load_case, save_label
-    from fedseg.model.inference import predict_regions
+    import os
+    import shutil
+    import tempfile
+
+    from fedseg.data.readers import discover_cases
+    from fedseg.errors import OutputError
     from fedseg.utils.runtime import pick_device
 
     device = pick_device()
@@ -213,7 +230,53 @@ def evaluate_folder(
     landmarks = model_landmarks(checkpoint)
     refs = discover_cases(Path(data))
     pred_dir = Path(pred_dir)
-    pred_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        pred_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=pred_dir))
+    except OSError as exc:
+        raise OutputError(f"--out {pred_dir}: cannot write there ({exc.strerror})") from None
+    try:
+        summary = _evaluate_into(
+            tmp,
+            model,
+            cfg,
+            modalities,
+            refs,
+            device,
+            landmarks,
+            hd95=hd95,
+            brats=brats,
+            progress=progress,
+        )
+        summary["checkpoint"] = str(resolve_checkpoint(checkpoint))
+        atomic_write_json(tmp / "summary.json", summary)
+        tables = ["metrics.csv", "summary.json"]  # last: they describe the predictions
+        names = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".nii.gz"))
+        for name in names + tables:
+            os.replace(tmp / name, pred_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _evaluate_into(
+    folder: Path,
+    model: Any,
+    cfg: FedsegConfig,
+    modalities: tuple[str, ...],
+    refs: list[Any],
+    device: Any,
+    landmarks: np.ndarray | None,
+    *,
+    hd95: bool,
+    brats: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """Predict and score ``refs`` into ``folder``: the predictions and ``metrics.csv``; the
+    summary is returned (without its ``checkpoint``)."""
+    from fedseg.data.readers import load_case, save_label
+    from fedseg.model.inference import predict_regions
+
     rows: list[dict[str, Any]] = []
     per_case: list[dict[str, dict[str, float]]] = []
     it: Any = refs
@@ -225,7 +288,7 @@ def evaluate_folder(
         case = load_case(ref, require_label=False)
         regions = predict_regions(model, cfg, modalities, case, device, landmarks)
         label = regions_to_label(regions)
-        save_label(label, case.affine, pred_dir / f"{case.case_id}.nii.gz")
+        save_label(label, case.affine, folder / f"{case.case_id}.nii.gz")
         if case.label is not None:
             table = case_metrics(
                 regions,
@@ -239,10 +302,10 @@ def evaluate_folder(
             for r in REGIONS:
                 rows.append({"case_id": case.case_id, "region": r, **table[r]})
     columns = metric_columns(hd95=hd95, brats=brats)
-    atomic_write_csv(pred_dir / "metrics.csv", rows, ["case_id", "region", *columns])
+    atomic_write_csv(folder / "metrics.csv", rows, ["case_id", "region", *columns])
     means = mean_over_cases(per_case)
     summary: dict[str, Any] = {
-        "checkpoint": str(resolve_checkpoint(checkpoint)),
+        "checkpoint": "",
         "num-cases": len(refs),
         "num-labelled": len(per_case),
         "columns": columns,
@@ -253,5 +316,4 @@ def evaluate_folder(
     }
     if per_case:
         summary["mean-dice"] = float(np.mean([summary["mean"][r]["dice_monai"] for r in REGIONS]))
-    atomic_write_json(pred_dir / "summary.json", summary)
     return summary
