@@ -30,7 +30,8 @@ Writes the partition CSV (--out, header case_id,site; default DATA/partition.csv
 cohort, never the current folder) and, next to it, a JSON summary of the sites (OUT with the
 suffix .summary.json); prints a table of the sites, or the JSON with --json.
 
-Exit codes: 0 success, 2 bad input.
+Exit codes: 0 success, 2 bad input (the message names the option or file), 3 an internal
+failure.
 """
 
 
@@ -43,17 +44,31 @@ def partition_command(
     data: Annotated[Path, typer.Argument(help="Cohort folder.", show_default=False)],
     sites: Annotated[
         int | None,
-        typer.Option("--sites", "-k", help="Number of sites (default with --csv: the CSV's)."),
+        typer.Option(
+            "--sites",
+            "-k",
+            help="Number of sites (>= 1); required, except with --csv (the CSV's sites).",
+        ),
     ] = None,
     scheme: Annotated[
         str | None,
         typer.Option(help="Partition scheme (default: mixed, or csv when --csv is given)."),
     ] = None,
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (> 0).")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    min_cases: Annotated[int, typer.Option(help="Fewest cases per site.")] = 2,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            help="Dirichlet concentration (> 0) of the non-IID schemes; smaller is more "
+            "heterogeneous."
+        ),
+    ] = 0.5,
+    seed: Annotated[int, typer.Option(help="Random seed (>= 0).")] = 0,
+    min_cases: Annotated[int, typer.Option(help="Fewest cases per site (>= 1).")] = 2,
     by: Annotated[
-        str, typer.Option(help="Attribute skewed by the dirichlet scheme: scanner, wt-tercile...")
+        str,
+        typer.Option(
+            help="Attribute skewed by the dirichlet scheme: scanner, wt-tercile, tc-tercile or "
+            "et-tercile."
+        ),
     ] = "scanner",
     csv_map: Annotated[
         Path | None, typer.Option("--csv", help="Partition CSV mapping cases to sites.")
@@ -107,6 +122,7 @@ def _run(
 
     if scheme is None:
         scheme = "csv" if csv_map is not None else DEFAULT_SCHEME
+    _check_options(sites, alpha, seed, min_cases)
     existing_folder(data, "cohort folder")
     if out is None:
         out = data / "partition.csv"
@@ -120,6 +136,7 @@ def _run(
             raise ConfigError("scheme 'csv' needs a partition CSV (--csv)")
         sites = len(read_partition(csv_map))
     attrs = case_attributes(data)
+    _check_cases_on_disk(data, attrs)
     parts = partition(
         list(attrs.values()),
         sites,
@@ -148,3 +165,70 @@ def _run(
     write_partition(parts, out)
     write_summary_json(summary, summary_path, meta=meta)
     return {**meta, "partition_csv": str(out), "summary_json": str(summary_path), "sites": summary}
+
+
+def _check_options(sites: int | None, alpha: float, seed: int, min_cases: int) -> None:
+    """Refuse an out-of-range option by its name, before anything is read or written.
+
+    Raises
+    ------
+    ConfigError
+        ``--sites`` < 1, ``--alpha`` not a finite number > 0, ``--seed`` < 0 or
+        ``--min-cases`` < 1.
+    """
+    import math
+
+    if sites is not None and sites < 1:
+        raise ConfigError(f"--sites: expected an integer >= 1, found {sites}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"--alpha: expected a finite number > 0, found {alpha:g}")
+    if seed < 0:
+        raise ConfigError(f"--seed: expected an integer >= 0, found {seed}")
+    if min_cases < 1:
+        raise ConfigError(f"--min-cases: expected an integer >= 1, found {min_cases}")
+
+
+def _check_cases_on_disk(data: Path, attrs: dict[str, Any]) -> None:
+    """Refuse a ``cohort.csv`` that lists other cases than the case folders beside it.
+
+    The partition is made from ``cohort.csv``; a study then reads the case folders. A case
+    listed but absent (a folder removed after ``fedseg check``) or present but not listed (an
+    earlier cohort's) would otherwise be found only when a study starts. A folder with a
+    ``cohort.csv`` and no case folders at all is partitioned from the table alone.
+
+    Raises
+    ------
+    PartitionError
+        The listed cases and the case folders differ; the message names a few of each.
+    """
+    from fedseg.data.partition import COHORT_FILENAME
+    from fedseg.data.readers import discover_cases
+    from fedseg.errors import LayoutError, PartitionError
+
+    cohort = data / COHORT_FILENAME
+    if not cohort.is_file():
+        return  # the attributes were measured from the case folders themselves
+    try:
+        on_disk = {ref.case_id for ref in discover_cases(data)}
+    except LayoutError:
+        return  # no case folders: the table alone is partitioned
+    listed = set(attrs)
+
+    def few(ids: set[str]) -> str:
+        names = sorted(ids)
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    absent = listed - on_disk
+    if absent:
+        raise PartitionError(
+            f"{cohort}: lists {len(absent)} case(s) with no case folder in {data} ({few(absent)});"
+            " expected every listed case beside it: regenerate the cohort (fedseg synth) or "
+            "remove those rows"
+        )
+    unlisted = on_disk - listed
+    if unlisted:
+        raise PartitionError(
+            f"{data}: holds {len(unlisted)} case folder(s) that {cohort} does not list "
+            f"({few(unlisted)}); expected the cases of one cohort: remove those folders or "
+            "add their rows"
+        )

@@ -8,9 +8,13 @@ internal failure; 130 interrupted by Ctrl-C (one line names the finished arms ke
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from fedseg.cli._common import existing_folder, user_errors, writable_folder
@@ -182,9 +186,20 @@ def study_command(
     from fedseg.errors import ConfigError
     from fedseg.study.study import parse_arms, run_study
 
-    with interruptible(lambda: arms_kept(out)), user_errors():
+    with _no_new_empty_folders(out), interruptible(lambda: arms_kept(out)), user_errors():
         from fedseg.experiment.engine import check_engine
 
+        # an empty value would read as "nothing held out" and train on every hospital
+        if holdout_site is not None and not holdout_site.strip():
+            raise ConfigError(
+                f"--holdout-site: expected a hospital name (site-0, site-1, ...) or auto, "
+                f"found {holdout_site!r}"
+            )
+        if holdout_scanner is not None and not holdout_scanner.strip():
+            raise ConfigError(
+                f"--holdout-scanner: expected a scanner profile of the cohort, found "
+                f"{holdout_scanner!r}"
+            )
         selected = parse_arms(arms)
         engine = check_engine(engine, superlink)
         options: dict[str, Any] = {
@@ -219,6 +234,9 @@ def study_command(
             if key in explicit and per_arm not in explicit:
                 # an explicit learning rate (augment) is every arm's, as it reads
                 cfg = cfg.replace(**{per_arm.replace("-", "_"): ""})
+        if cfg.seed < 0:  # refused here, before a cohort is drawn or a seed folder made
+            given = "--seed" if seed is not None else "config key 'seed'"
+            raise ConfigError(f"{given}: expected an integer >= 0, found {cfg.seed}")
         if cfg.num_sites < 2:
             given = f"--sites {sites}" if sites is not None else f"num-sites {cfg.num_sites}"
             raise ConfigError(
@@ -242,6 +260,7 @@ def study_command(
                 )
         if data is not None:
             existing_folder(data, "labelled dataset folder in BraTS 2020/2021/2023 or MSD layout")
+            _check_data_files(data)
         writable_folder(out, "--out")
         from fedseg.study.seeds import check_seeds, run_seeds
         from fedseg.study.tuning import parse_tune
@@ -280,6 +299,64 @@ def study_command(
             tune=grid,
         )
     _print_summary(doc, as_json)
+
+
+def _check_data_files(data: Path) -> None:
+    """Refuse a ``--data`` folder of no known layout, or with a case's image file missing.
+
+    Only names are read (no image), so the refusal comes before a cohort, a seed or a tuning
+    point starts; unreadable files are found when the cases are read (``fedseg check`` lists
+    every problem at once).
+
+    Raises
+    ------
+    LayoutError
+        No supported layout in ``data`` (the message names the layouts expected).
+    MissingModalityError
+        A case lacks a modality file (the message names the file expected).
+    """
+    from fedseg.data.readers import discover_cases
+    from fedseg.errors import MissingModalityError
+
+    for ref in discover_cases(data):
+        for modality, path in ref.images.items():
+            if not path.exists():
+                raise MissingModalityError(
+                    f"{path}: case {ref.case_id} lacks modality {modality}; expected that file "
+                    f"(`fedseg check {data}` lists every problem of the folder)"
+                )
+
+
+def _folders_under(root: Path) -> set[Path]:
+    """Every folder under ``root``, ``root`` included (empty when it does not exist)."""
+    if not root.is_dir():
+        return set()
+    found = {root}
+    for parent, dirs, _ in os.walk(root):
+        found.update(Path(parent) / d for d in dirs)
+    return found
+
+
+@contextmanager
+def _no_new_empty_folders(out: Path) -> Iterator[None]:
+    """On failure, remove the empty folders the study created under ``out`` (deepest first).
+
+    A study refused after it started (a ``--data`` case that cannot be read, found by the first
+    seed or tuning point) would otherwise leave ``OUT/seed-0/tuning/<point>/`` behind, empty.
+    Folders that were there before, and any folder holding a file, are kept.
+    """
+    before = _folders_under(out)
+    try:
+        yield
+    except BaseException as exc:
+        if not (isinstance(exc, click.exceptions.Exit) and exc.exit_code == 0):
+            created = sorted(_folders_under(out) - before, key=lambda p: len(p.parts))
+            for folder in reversed(created):
+                try:
+                    folder.rmdir()  # only an empty folder goes
+                except OSError:
+                    continue
+        raise
 
 
 def _print_summary(doc: dict[str, Any], as_json: bool) -> None:

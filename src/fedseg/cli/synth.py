@@ -32,8 +32,11 @@ _HELP = "\n\n".join(
         "ghosts, contrast timing, skull-stripping residue); every range is in "
         "docs/generator.md. The same --seed always gives the same cases; case i does not depend on "
         "--cases or --workers.",
+        "An existing --out folder is written into: the files of the generated cases, "
+        "cohort.csv and clinical.csv are replaced, anything else is left alone; a folder "
+        "holding more cases of an earlier cohort (SYN_<i> for i >= --cases) is refused.",
         "Exit codes: 0 written; 2 bad arguments (unknown scanner, --cases < 1, ...) or the "
-        "folder cannot be written.",
+        "folder cannot be written; 3 an internal failure.",
     )
 )
 
@@ -79,13 +82,9 @@ def synth(
     # Heavy (numpy, scipy, nibabel; nilearn when the first case is drawn): imported when run.
     from fedseg.data.synth import generate_cohort
 
-    names = None
-    if scanners is not None:
-        names = [s.strip() for s in scanners.split(",") if s.strip()]
     start = time.perf_counter()
     with user_errors():
-        if cases < 1:
-            raise ConfigError(f"--cases: expected an integer >= 1, found {cases}")
+        names = _check_options(out, cases, seed, scanners, workers, spacing)
         writable_folder(out, "--out")
         try:
             refs = generate_cohort(
@@ -127,6 +126,61 @@ def synth(
         typer.echo(
             f"{name} volume (ml): median {v['median']:.1f}, range {v['min']:.1f}-{v['max']:.1f}"
         )
+
+
+def _check_options(
+    out: Path, cases: int, seed: int, scanners: str | None, workers: int | None, spacing: float
+) -> list[str] | None:
+    """Refuse a bad option before anything is written, naming the option.
+
+    Returns
+    -------
+    list of str or None
+        The scanner profiles asked for (``None``: all of them).
+
+    Raises
+    ------
+    ConfigError
+        An option out of range, an unknown scanner profile, or an ``--out`` folder holding
+        cases of a larger earlier cohort.
+    """
+    from fedseg.data.synth import SYNTH_SPACINGS, stale_cases
+    from fedseg.errors import did_you_mean
+
+    if cases < 1:
+        raise ConfigError(f"--cases: expected an integer >= 1, found {cases}")
+    if seed < 0:
+        raise ConfigError(f"--seed: expected an integer >= 0, found {seed}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers: expected an integer >= 1, found {workers}")
+    if spacing not in SYNTH_SPACINGS:
+        allowed = " or ".join(f"{s:g}" for s in SYNTH_SPACINGS)
+        raise ConfigError(f"--spacing: expected {allowed} (mm), found {spacing:g}")
+    names = None
+    if scanners is not None:
+        known = profile_names()
+        names = [s.strip() for s in scanners.split(",") if s.strip()]
+        if not names:
+            raise ConfigError(
+                f"--scanners: expected at least one scanner profile of {', '.join(known)}, "
+                f"found {scanners!r}"
+            )
+        for name in names:
+            if name not in known:
+                raise ConfigError(
+                    f"--scanners: unknown scanner profile '{name}'; expected one of "
+                    f"{', '.join(known)}{did_you_mean(name, known)}"
+                )
+    stale = stale_cases(out, cases)
+    if stale:
+        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise ConfigError(
+            f"--out {out}: holds {len(stale)} case folder(s) of an earlier, larger cohort "
+            f"({shown}) that --cases {cases} would not replace, so the folder would hold two "
+            "cohorts; expected an empty folder or one with at most that many cases: use "
+            "another --out, or remove those case folders first"
+        )
+    return names
 
 
 def _read_summary(path: Path) -> list[dict[str, str]]:

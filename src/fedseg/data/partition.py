@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedseg.data.case import REGION_LABELS
+from fedseg.data.case import REGION_LABELS, CaseRef
 from fedseg.errors import ConfigError, MissingModalityError, PartitionError, did_you_mean
 from fedseg.utils.io import atomic_write_json, atomic_write_text
 
@@ -156,7 +156,8 @@ def partition(
     ------
     ConfigError
         Unknown ``scheme`` or ``by`` (with the closest match), ``num_sites < 1``,
-        ``min_cases < 1``, ``alpha`` not a finite number > 0, ``csv_path`` missing for
+        ``min_cases < 1``, ``alpha`` not a finite number > 0, ``seed`` not an integer >= 0
+        (what ``numpy.random.default_rng`` takes), ``csv_path`` missing for
         ``"csv"`` or given for another scheme.
     PartitionError
         No cases, duplicate case ids, more sites than the cases allow, or a CSV that does not
@@ -174,6 +175,8 @@ def partition(
         or not (math.isfinite(alpha) and alpha > 0)
     ):
         raise ConfigError(f"alpha: expected a finite number > 0, found {alpha!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ConfigError(f"seed: expected an integer >= 0, found {seed!r}")
     if scheme != "csv" and csv_path is not None:
         raise ConfigError(f"a partition CSV is only used with scheme 'csv', not '{scheme}'")
 
@@ -636,7 +639,8 @@ def case_attributes(root: Path) -> dict[str, CaseAttributes]:
     From ``root/cohort.csv`` (written by the synthetic generator, columns
     ``case_id,scanner,wt_ml,tc_ml,et_ml``) when present; otherwise computed from the
     segmentations found by :func:`fedseg.data.readers.discover_cases`: region volumes in ml
-    (voxel count times voxel volume) and scanner ``"unknown"``.
+    (voxel count times voxel volume) and scanner ``"unknown"``. An MSD folder's ``imagesTs``
+    cases, unlabelled by design, are left out.
 
     Parameters
     ----------
@@ -709,9 +713,11 @@ def _attributes_from_labels(root: Path) -> dict[str, CaseAttributes]:
     # (cohort.csv present) must not need them
     from fedseg.data.readers import discover_cases, load_case
 
-    refs = discover_cases(root)
+    # MSD's imagesTs cases are unlabelled by design (as `fedseg check` treats them): they take
+    # no part in a partition of labelled cases, and no other unlabelled case is allowed
+    refs = [r for r in discover_cases(root) if not _is_msd_test_case(r)]
     if not refs:
-        raise PartitionError(f"no cases found under {root}")
+        raise PartitionError(f"no labelled cases found under {root}")
     unlabelled = sorted(r.case_id for r in refs if r.label is None)
     if unlabelled:
         raise MissingModalityError(
@@ -723,6 +729,11 @@ def _attributes_from_labels(root: Path) -> dict[str, CaseAttributes]:
         case = load_case(ref)
         out[case.case_id] = attributes_from_label(case.case_id, case.label, case.spacing)
     return dict(sorted(out.items()))
+
+
+def _is_msd_test_case(ref: CaseRef) -> bool:
+    first = next(iter(ref.images.values()), None)
+    return ref.layout == "msd" and first is not None and first.parent.name == "imagesTs"
 
 
 def attributes_from_label(

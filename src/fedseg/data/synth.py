@@ -1007,7 +1007,8 @@ def generate_cohort(
     ----------
     out_dir:
         Folder to write into (created if missing). Files of the generated cases and
-        ``cohort.csv`` are replaced; anything else there is left alone.
+        ``cohort.csv`` are replaced; anything else there is left alone, except that case
+        folders of a larger earlier cohort are refused (they would mix with this one).
     num_cases:
         Number of cases, >= 1.
     seed:
@@ -1033,7 +1034,8 @@ def generate_cohort(
     ------
     ConfigError
         If ``num_cases`` < 1, ``seed`` < 0, ``workers`` < 1, ``scanners`` is empty or names an
-        unknown profile, or ``out_dir`` is an existing file.
+        unknown profile, ``out_dir`` is an existing file, or ``out_dir`` holds case folders of
+        a larger cohort that this one would not replace (:func:`stale_cases`).
     """
     if isinstance(num_cases, bool) or not isinstance(num_cases, int) or num_cases < 1:
         raise ConfigError(f"num_cases must be an integer >= 1, got {num_cases!r}")
@@ -1055,6 +1057,7 @@ def generate_cohort(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output folder {str(out)!r} exists and is not a folder")
+    _refuse_stale_cases(out, num_cases)
     out.mkdir(parents=True, exist_ok=True)
 
     if workers is None:
@@ -1091,6 +1094,50 @@ def generate_cohort(
     else:
         marker.unlink(missing_ok=True)
     return [ref for ref, _, _ in results]
+
+
+def stale_cases(out_dir: Path, num_cases: int) -> list[str]:
+    """Case folders of an earlier, larger cohort in ``out_dir`` that ``num_cases`` would not
+    replace (``SYN_<i>`` with ``i >= num_cases``), sorted.
+
+    Parameters
+    ----------
+    out_dir:
+        The output folder (absent: no stale cases).
+    num_cases:
+        Size of the cohort about to be written.
+
+    Returns
+    -------
+    list of str
+        The folder names.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for entry in out.iterdir():
+        try:
+            index = case_index(entry.name)
+        except ConfigError:  # not a generated case: left alone
+            continue
+        if index >= num_cases and entry.is_dir():
+            found.append(entry.name)
+    return sorted(found)
+
+
+def _refuse_stale_cases(out: Path, num_cases: int) -> None:
+    # cohort.csv would list only the new cases while the readers (fedseg check, --data) would
+    # also find the old ones: two different cohorts in one folder
+    stale = stale_cases(out, num_cases)
+    if stale:
+        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise ConfigError(
+            f"output folder {out} holds {len(stale)} case folder(s) of an earlier, larger "
+            f"cohort ({shown}) that a cohort of {num_cases} case(s) would not replace; "
+            "expected an empty folder or one holding a cohort of at most this size: use "
+            "another folder, or remove those case folders first"
+        )
 
 
 def cohort_case(seed: int, index: int, scanner: ScannerProfile) -> tuple[Case, dict[str, Any]]:

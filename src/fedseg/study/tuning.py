@@ -70,7 +70,8 @@ def parse_tune(specs: Sequence[str], base: FedsegConfig) -> Grid:
     ------
     ConfigError
         Not ``KEY=V1,V2,...``, a key given twice, an unknown key, a key that decides the
-        cohort, sites, splits or epoch budget (:data:`UNTUNABLE`), fewer than two values, a
+        cohort, sites, splits or epoch budget (:data:`UNTUNABLE`), a per-arm key
+        (``arm-learning-rates``: tune ``learning-rate``), fewer than two values, a
         repeated value, or a value the config refuses; each message names ``--tune`` and the key.
     """
     grid: Grid = {}
@@ -83,6 +84,13 @@ def parse_tune(specs: Sequence[str], base: FedsegConfig) -> Grid:
             )
         if key in grid:
             raise ConfigError(f"--tune {key}: given twice; put every value in one --tune")
+        per_arm = {v: k for k, v in PER_ARM_KEYS.items()}
+        if key in per_arm:
+            raise ConfigError(
+                f"--tune {key}: holds every arm's own value, which is what tuning chooses; "
+                f"tune {per_arm[key]} instead, e.g. --tune {per_arm[key]}="
+                + ("0.002,0.003" if per_arm[key] == "learning-rate" else "none,basic")
+            )
         if key in UNTUNABLE:
             raise ConfigError(
                 f"--tune {key}: cannot be tuned (it decides the cohort, the sites, the splits, "
