@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -308,8 +309,8 @@ def test_epsilon_is_read_from_the_last_row_that_reports_it() -> None:
         "round": 2,
         "source": "history",
     }
-    # the privacy ledger's entry wins (a site without a finite epsilon is left out)
-    ledger = {"epsilon": {"a": 2.1, "b": 2.6, "c": None}, "max-epsilon": 9.9}
+    # the privacy ledger's entry wins
+    ledger = {"epsilon": {"a": 2.1, "b": 2.6}, "max-epsilon": 9.9}
     found = ps.epsilon_spent([*history[:2], _row(3, {}, privacy=ledger)])
     assert found == {
         "max": 2.6,
@@ -317,6 +318,10 @@ def test_epsilon_is_read_from_the_last_row_that_reports_it() -> None:
         "round": 3,
         "source": "privacy ledger",
     }
+    # a site whose epsilon is null (history.json's infinity: no noise) is the worst site
+    ledger = {"epsilon": {"a": 2.1, "b": 2.6, "c": None}, "max-epsilon": 9.9}
+    found = ps.epsilon_spent([*history[:2], _row(3, {}, privacy=ledger)])
+    assert found is not None and found["max"] == math.inf and found["values"]["c"] == math.inf
     # the configured target and budget are not what was spent
     assert ps.epsilon_spent([_row(1, {"a": {"dp-target-epsilon": 8.0}})]) is None
     assert ps.epsilon_spent([_row(1, {"a": {"epsilon-budget": 8.0, "loss": 1.0}})]) is None

@@ -21,12 +21,14 @@ _HELP = (
     "Run the same federation at several privacy levels and compare utility, privacy and cost."
     "\n\n"
     "Arms: no-dp (reference), dp-eps-<e> for each --epsilons value (sample-level DP-SGD at "
-    "every site, noise calibrated for that epsilon per site), and secure-<mode> for each "
+    "every site, noise calibrated for that epsilon per site at --delta; with --dp-mode client, "
+    "server-side noise for that epsilon per site's participation), and secure-<mode> for each "
     "--secure mode (secure aggregation, no DP). An arm whose feature this build lacks is "
     "skipped with the reason recorded. Per arm: pooled-test Dice WT/TC/ET, epsilon spent, "
     "membership-inference attack AUC on the final model (training vs held-out cases), wall "
-    "time and bytes exchanged. Writes OUT/privacy.csv, OUT/privacy.json, three PNGs and "
-    "OUT/report.html."
+    "time and bytes exchanged. Epsilon spent is the worst site's, from Opacus's RDP "
+    "accountant, at the delta in privacy.csv. Writes OUT/privacy.csv, OUT/privacy.json, three "
+    "PNGs and OUT/report.html."
     "\n\n"
     "Pretraining (--pretrain N, N > 0): a U-Net is first trained centrally for N epochs on "
     "public data (--public-data, or --public-cases generated cases with their own seed on "
@@ -105,7 +107,12 @@ def privacy_sweep_command(
         str | None, typer.Option(help="Federated strategy (default fedavg).")
     ] = None,
     sites: Annotated[int | None, typer.Option(help="Virtual hospitals (default 4).")] = None,
-    delta: Annotated[float | None, typer.Option(help="DP delta (dp-delta, default 1e-5).")] = None,
+    delta: Annotated[
+        float | None,
+        typer.Option(
+            help="DP delta (dp-delta, default 1e-5): every epsilon is targeted and reported at it."
+        ),
+    ] = None,
     clip_norm: Annotated[
         float | None, typer.Option("--clip-norm", help="DP per-sample clipping norm.")
     ] = None,
@@ -236,7 +243,12 @@ def privacy_sweep_command(
     if as_json:
         print(
             json.dumps(
-                {"report": doc["report"], "utility-target": doc["utility-target"], "arms": rows}
+                {
+                    "report": doc["report"],
+                    "utility-target": doc["utility-target"],
+                    "accountant": doc["sweep"].get("accountant"),
+                    "arms": rows,
+                }
             )
         )
         return
@@ -269,6 +281,15 @@ def _print_table(rows: list[dict[str, Any]], doc: dict[str, Any]) -> None:
         )
     console = make_console()
     console.print(table)
+    deltas = sorted({r["delta"] for r in rows if r.get("delta") is not None})
+    if any(r.get("epsilon_spent") is not None for r in rows):
+        mode = doc.get("sweep", {}).get("dp-mode", "sample")
+        unit = "one training case, DP-SGD at each site" if mode == "sample" else "one site"
+        at = ", ".join(f"{d:g}" for d in deltas) or "-"
+        console.print(
+            f"eps spent: the worst site's epsilon at delta {at} (Opacus RDP accountant; "
+            f"protected unit: {unit})"
+        )
     target = doc["utility-target"]
     if target.get("met") is not None:
         verdict = "met" if target["met"] else "not met"

@@ -1,6 +1,7 @@
 """``fedseg site-ledger``: what differential privacy has cost this hospital, run by run.
 
-Exit codes: 0 success; 2 no ledger there, or a damaged one (one line naming the file).
+Exit codes: 0 success; 2 no ledger there, a damaged one, or a bad ``--delta`` (one line naming
+the file or the option).
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import typer
 
 from fedseg.cli._common import user_errors
 
-_HELP = """Show the site's lifetime privacy ledger: for every run this site trained in, the
-epsilon planned, spent and charged; the lifetime total against the policy's budget; every
-refusal with its reason.
-
-PATH is the site's state folder (node config state-dir), the site folder `fedseg provision`
-wrote (its state/ folder), the folder of its policy file when it has no state folder, or the
-ledger file itself (privacy-ledger.json).
-
-Exit codes: 0 success, 2 no ledger found or a damaged ledger.
-"""
+_HELP = (
+    "Show the site's lifetime privacy ledger: for every run this site trained in, the epsilon "
+    "planned, spent and charged; the lifetime total against the policy's budget; every refusal "
+    "with its reason and round; what the site released without DP."
+    "\n\n"
+    "Epsilon is sample-level (one training case), from Opacus's RDP accountant, at the policy's "
+    "delta unless --delta says otherwise; the lifetime budget holds at the policy's delta."
+    "\n\n"
+    "PATH is the site's state folder (node config state-dir), the site folder `fedseg "
+    "provision` wrote (its state/ folder), the folder of its policy file when it has no state "
+    "folder, or the ledger file itself (privacy-ledger.json)."
+    "\n\n"
+    "Exit codes: 0 success, 2 no ledger found, a damaged ledger or a bad --delta (one line "
+    "naming the file or option)."
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -40,7 +46,11 @@ def site_ledger_command(
     ],
     delta: Annotated[
         float | None,
-        typer.Option(help="Report epsilon at this delta (default: the policy's).", min=0.0),
+        typer.Option(
+            help="Report epsilon at this delta, in (0, 1) (default: the policy's; the "
+            "lifetime budget holds at the policy's delta only).",
+            show_default=False,
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the ledger as JSON.")] = False,
 ) -> None:
@@ -58,7 +68,7 @@ def site_ledger_command(
                 "the ledger is written at the first request the site's policy checks"
             )
         if delta is not None and not 0 < delta < 1:
-            raise ConfigError(f"--delta: expected a number in (0, 1), found {delta}")
+            raise ConfigError(f"--delta: expected a number in (0, 1), found {delta:g}")
         summary = LifetimeLedger(file).summary(delta)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -74,18 +84,29 @@ def _eps(value: Any) -> str:
 
 def _print(s: dict[str, Any]) -> None:
     typer.echo(f"site ledger {s['ledger']}")
-    typer.echo(f"policy: {s['policy'] or '-'}   delta: {s['delta'] if s['delta'] else '-'}")
+    delta, own = s["delta"], s.get("policy-delta")
+    typer.echo(f"policy: {s['policy'] or '-'}   delta: {f'{delta:g}' if delta else '-'}")
+    typer.echo(f"epsilon: {s.get('accountant') or '-'}")
     budget = s.get("lifetime-budget")
     total = _eps(s["total-epsilon"])
-    typer.echo(f"lifetime epsilon: {total}" + (f" of {budget:g}" if budget else ""))
+    line = f"lifetime epsilon: {total}"
+    if budget and (own is None or delta == own):
+        line += f" of {budget:g}"
+    elif budget:
+        # the budget is stated at the policy's delta: a figure at another delta is not
+        # comparable with it
+        line += f" at delta {delta:g} (the budget, {budget:g}, holds at the policy's {own:g})"
+    typer.echo(line)
     typer.echo("")
+    width = max([14, *(len(k) for k in s["runs"])])
     typer.echo(
-        f"{'run':<14} {'dp-mode':<8} {'planned':>8} {'spent':>8} {'charged':>8}  rounds  last seen"
+        f"{'run':<{width}} {'dp-mode':<8} {'planned':>8} {'spent':>8} {'charged':>8}  "
+        "rounds  last seen"
     )
     for key, run in s["runs"].items():
         rounds = ",".join(str(r) for r in run["rounds-trained"]) or "-"
         typer.echo(
-            f"{key:<14} {run['dp-mode'] or '-':<8} {_eps(run.get('planned')):>8} "
+            f"{key:<{width}} {run['dp-mode'] or '-':<8} {_eps(run.get('planned')):>8} "
             f"{_eps(run.get('spent')):>8} {_eps(run.get('charged')):>8}  {rounds:<6}  "
             f"{run.get('last-seen') or '-'}"
         )
@@ -95,9 +116,13 @@ def _print(s: dict[str, Any]) -> None:
         typer.echo("")
         typer.echo("released without DP:")
         for r in s["releases"]:
-            typer.echo(f"  {r['run']}: {r['kind']} x{r['count']} ({r['what']}), last {r['last']}")
+            typer.echo(
+                f"  {r['run']}: {r['kind']} x{r.get('count', '?')} ({r.get('what') or '-'}), "
+                f"last {r.get('last') or '-'}"
+            )
     if s["refusals"]:
         typer.echo("")
         typer.echo("refused:")
         for r in s["refusals"]:
-            typer.echo(f"  {r['time']}  {r['run']}: {r['reason']}")
+            where = f" (round {r['round']})" if r.get("round") is not None else ""
+            typer.echo(f"  {r.get('time') or '-'}  {r['run']}: {r['reason']}{where}")

@@ -86,7 +86,7 @@ def epsilon_spent(history: Iterable[Sequence[float]], delta: float) -> float:
     Returns
     -------
     float
-        Epsilon; ``0.0`` for an empty history, ``inf`` when a step had no noise.
+        Epsilon, never negative; ``0.0`` for an empty history, ``inf`` when a step had no noise.
     """
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import get_privacy_spent
@@ -101,7 +101,56 @@ def epsilon_spent(history: Iterable[Sequence[float]], delta: float) -> float:
     orders = RDPAccountant.DEFAULT_ALPHAS
     rdp = sum(steps * _rdp_one_step(sigma, q) for sigma, q, steps in entries)
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-    return float(eps)
+    # Opacus's conversion goes below zero for a large delta and little privacy loss; an
+    # epsilon is never negative (a negative one would lower a sum of runs' epsilons)
+    return max(float(eps), 0.0)
+
+
+def rdp_curve(history: Iterable[Sequence[float]]) -> np.ndarray:
+    """The Renyi DP of a sequence of subsampled Gaussian mechanisms, one value per order.
+
+    Parameters
+    ----------
+    history:
+        ``(noise multiplier, sample rate, steps)`` entries.
+
+    Returns
+    -------
+    numpy.ndarray
+        RDP at each of Opacus's ``RDPAccountant.DEFAULT_ALPHAS`` (zeros for an empty history,
+        ``inf`` everywhere when a step had no noise). Curves of mechanisms run on the same
+        data add up (RDP composition); :func:`epsilon_of_rdp` converts one to epsilon.
+    """
+    from opacus.accountants import RDPAccountant
+
+    entries = normalise_history(history)
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    if any(sigma <= 0 for sigma, _, _ in entries):
+        return np.full(len(orders), math.inf)
+    out = np.zeros(len(orders))
+    for sigma, q, steps in entries:
+        out = out + steps * _rdp_one_step(sigma, q)
+    return out
+
+
+def epsilon_of_rdp(rdp: np.ndarray, delta: float) -> float:
+    """Epsilon at ``delta`` of an RDP curve from :func:`rdp_curve` (Opacus's conversion).
+
+    Returns
+    -------
+    float
+        ``0.0`` for an all-zero curve, ``inf`` when it holds an infinite or NaN value.
+    """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    values = np.asarray(rdp, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        return math.inf
+    if not np.any(values):
+        return 0.0
+    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=values, delta=delta)
+    return max(float(eps), 0.0)  # never negative (see epsilon_spent)
 
 
 @functools.lru_cache(maxsize=256)

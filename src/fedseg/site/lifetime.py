@@ -15,13 +15,19 @@ policy's delta when needed (Opacus RDP, :func:`fedseg.privacy.dpsgd.epsilon_spen
 * a run costs ``max(planned, spent)``: its planned epsilon is reserved as soon as it is
   admitted (a run stopped early keeps its reservation), and rounds beyond the plan (a server
   that sends more rounds or epochs than its config said) are counted as spent;
-* the lifetime total is the sum of the runs' costs (basic composition over runs);
+* the lifetime total is the sum of the runs' costs (basic composition over runs), or, when
+  larger, the epsilon at the policy's delta of all runs composed in RDP (each run's curve the
+  larger of its plan's and its rounds'). A plain sum of k runs' epsilons would hold at
+  ``k * delta`` only; the larger of the two holds at ``delta`` itself, which is what the
+  ledger states;
 * a training round is admitted only if, with it, the run's cost stays within
   ``max-epsilon-per-run`` and the total within ``max-epsilon-lifetime``
   (:meth:`LifetimeLedger.admit_training`); otherwise the refusal, with its reason, is added to
   the ledger and nothing is trained.
 
 A resumed run is a new Flower run and is charged again: conservative, never less than spent.
+A damaged ledger (not JSON, a row that is not a finite mechanism) is refused with the file and
+the field named, and never written over: the site then refuses to train until it is repaired.
 Runs without sample-level DP (accepted by a policy that allows them) are listed without an
 epsilon.
 
@@ -39,7 +45,7 @@ import datetime as dt
 import fcntl
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,16 +57,23 @@ if TYPE_CHECKING:
     from fedseg.site.policy import SitePolicy
 
 __all__ = [
+    "ACCOUNTANT",
     "LEDGER_FILE",
     "LEDGER_FORMAT",
     "LifetimeLedger",
-    "RunCost",
     "Mechanism",
+    "RunCost",
+    "lifetime_epsilon",
     "planned_entry",
     "round_entry",
 ]
 
 LEDGER_FILE = "privacy-ledger.json"
+#: how the ledger counts epsilon (stated in :meth:`LifetimeLedger.summary` and the CLI)
+ACCOUNTANT = (
+    "Opacus RDP accountant, sample-level DP-SGD (one training case); runs composed by the "
+    "larger of the sum of their epsilons and their RDP composition"
+)
 LEDGER_FORMAT = "fedseg-privacy-ledger-v1"
 
 #: one DP-SGD mechanism: ``(noise multiplier, sample rate, steps)``
@@ -115,6 +128,51 @@ def _epsilon(entries: Sequence[Sequence[float]], delta: float) -> float:
     return epsilon_spent(entries, delta) if entries else 0.0
 
 
+def _run_mechanisms(run: Any) -> tuple[list[Sequence[float]], list[Sequence[float]]]:
+    """A ledger run's planned mechanism (zero or one row) and its rounds' mechanisms."""
+    run = run if isinstance(run, dict) else {}
+    planned = run.get("planned")
+    return ([planned] if planned else []), [row[1:] for row in run.get("rounds") or []]
+
+
+def _run_cost(run: Any, delta: float) -> RunCost:
+    planned, rounds = _run_mechanisms(run)
+    return RunCost(planned=_epsilon(planned, delta), spent=_epsilon(rounds, delta))
+
+
+def lifetime_epsilon(runs: Iterable[Any], delta: float) -> float:
+    """The lifetime epsilon at ``delta`` of ledger runs (see the module docstring).
+
+    Parameters
+    ----------
+    runs:
+        The runs' ledger entries (``planned`` and ``rounds`` rows).
+    delta:
+        The delta at which the total must hold.
+
+    Returns
+    -------
+    float
+        ``max(sum of the runs' charged epsilons, epsilon of their RDP composition)``; ``inf``
+        when a run had no noise.
+    """
+    import numpy as np
+
+    from fedseg.privacy.dpsgd import epsilon_of_rdp, rdp_curve
+
+    basic = 0.0
+    composed: Any = 0.0
+    for run in runs:
+        planned, rounds = _run_mechanisms(run)
+        if not planned and not rounds:
+            continue
+        basic += _run_cost(run, delta).charged
+        composed = composed + np.maximum(rdp_curve(planned), rdp_curve(rounds))
+    if isinstance(composed, float):
+        return basic
+    return max(basic, epsilon_of_rdp(composed, delta))
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -150,45 +208,34 @@ class LifetimeLedger:
             return self.empty()
         where = f"site ledger {self.path}"
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{where}: cannot be read as JSON ({exc})") from None
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(
+                f"{where}: cannot be read as JSON ({exc}); it is left as it is: restore it "
+                "from a backup (the site refuses to train until then)"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ConfigError(f"{where}: key 'format': expected {LEDGER_FORMAT!r}, found {found!r}")
-        runs = data.get("runs")
-        if not isinstance(runs, dict):
-            raise ConfigError(f"{where}: key 'runs': expected an object, found {runs!r}")
-        for key, run in runs.items():
-            if not isinstance(run, dict):
-                raise ConfigError(f"{where}: runs.{key}: expected an object")
-            for part in ("planned", "rounds"):
-                rows = run.get(part) or []
-                rows = [rows] if part == "planned" and rows else rows
-                if not isinstance(rows, list) or not all(_is_mechanism(r) for r in rows):
-                    raise ConfigError(
-                        f"{where}: runs.{key}.{part}: expected (noise multiplier, sample rate, "
-                        f"steps) rows, found {run.get(part)!r}"
-                    )
+        _check_ledger(data, where)
         for key in ("refusals", "releases"):
-            if not isinstance(data.get(key, []), list):
-                raise ConfigError(f"{where}: key '{key}': expected a list")
             data.setdefault(key, [])
         return data
 
     def run_cost(self, run_key: str, delta: float) -> RunCost:
         """The epsilons of one run at ``delta`` (zero for a run without sample-level DP)."""
-        run = self.data["runs"].get(run_key) or {}
-        planned = run.get("planned")
-        rounds = [row[1:] for row in run.get("rounds") or []]
-        return RunCost(
-            planned=_epsilon([planned], delta) if planned else 0.0,
-            spent=_epsilon(rounds, delta),
-        )
+        return _run_cost(self.data["runs"].get(run_key), delta)
 
     def total(self, delta: float, *, exclude: str | None = None) -> float:
-        """The lifetime epsilon at ``delta``: the sum of every run's charged epsilon."""
-        return sum(self.run_cost(key, delta).charged for key in self.data["runs"] if key != exclude)
+        """The lifetime epsilon at ``delta`` (:func:`lifetime_epsilon` of every run but
+        ``exclude``)."""
+        return lifetime_epsilon(
+            (run for key, run in self.data["runs"].items() if key != exclude), delta
+        )
 
     def trained_in(self, run_key: str) -> bool:
         """Whether this site was admitted to train in run ``run_key``."""
@@ -215,6 +262,8 @@ class LifetimeLedger:
             "ledger": str(self.path),
             "policy": self.data.get("policy"),
             "delta": d,
+            "policy-delta": self.data.get("delta"),
+            "accountant": ACCOUNTANT,
             "lifetime-budget": self.data.get("lifetime-budget"),
             "total-epsilon": total,
             "runs": runs,
@@ -237,10 +286,10 @@ class LifetimeLedger:
 
         atomic_write_json(self.path, self.data)
 
-    def record_refusal(self, run_key: str, reason: str) -> None:
-        """Add a refusal (its time, the run, the reason) to the ledger."""
+    def record_refusal(self, run_key: str, reason: str, server_round: int | None = None) -> None:
+        """Add a refusal (its time, the run, the round when known, the reason) to the ledger."""
         with self._locked():
-            self._add_refusal(run_key, reason)
+            self._add_refusal(run_key, reason, server_round)
             self._save()
 
     def record_release(self, run_key: str, kind: str, what: str) -> None:
@@ -266,8 +315,11 @@ class LifetimeLedger:
                 row["last"] = now
             self._save()
 
-    def _add_refusal(self, run_key: str, reason: str) -> None:
-        self.data["refusals"].append({"time": _now(), "run": run_key, "reason": reason})
+    def _add_refusal(self, run_key: str, reason: str, server_round: int | None = None) -> None:
+        row: dict[str, Any] = {"time": _now(), "run": run_key}
+        if server_round is not None:
+            row["round"] = int(server_round)
+        self.data["refusals"].append({**row, "reason": reason})
 
     def admit_training(
         self,
@@ -319,34 +371,60 @@ class LifetimeLedger:
                 "rounds-trained": [],
             }
             cost = RunCost(0.0, 0.0)
-            if dp_mode == "sample" and planned is not None and this_round is not None:
+            if dp_mode == "sample" or run.get("planned") or run.get("rounds"):
+                if planned is None or this_round is None or dp_mode != "sample":
+                    # never book a round of a DP run without its epsilon
+                    raise ConfigError(
+                        f"site ledger {self.path}: {run_key} round {server_round}: dp-mode "
+                        f"{dp_mode!r} without its DP-SGD mechanism cannot be booked"
+                    )
+                bad = [
+                    f"{what} (noise multiplier {m[0]!r}, sample rate {m[1]!r}, steps {m[2]!r})"
+                    for what, m in (("plan", planned), ("round", this_round))
+                    if not _is_mechanism(_as_floats(m))
+                ]
+                if bad:
+                    # e.g. a message asking for negative local epochs: refused, never booked
+                    # (a row the ledger cannot read back would stop the site)
+                    reason = (
+                        f"policy '{policy.name}' refuses a DP-SGD {' and '.join(bad)} that is "
+                        "not a valid mechanism (requires noise multiplier >= 0, sample rate in "
+                        "(0, 1], whole steps >= 0)"
+                    )
+                    self._add_refusal(run_key, reason, server_round)
+                    self._save()
+                    raise SitePolicyError(reason, public_reason=reason)
                 old = run.get("planned")
-                plans = [p for p in (old, list(planned)) if p]
+                plans = [p for p in (old, [float(v) for v in planned]) if p]
                 # the larger plan is kept: a config that changes between messages never
                 # lowers what the run has reserved
                 best = max(plans, key=lambda p: _epsilon([p], delta))
-                rounds = [row[1:] for row in run.get("rounds") or []] + [list(this_round)]
-                cost = RunCost(_epsilon([best], delta), _epsilon(rounds, delta))
+                row = [int(server_round), *(float(v) for v in this_round[:2]), int(this_round[2])]
+                candidate = {**run, "planned": best, "rounds": [*(run.get("rounds") or []), row]}
+                cost = _run_cost(candidate, delta)
                 others = self.total(delta, exclude=run_key)
+                after = lifetime_epsilon(
+                    [*(r for k, r in self.data["runs"].items() if k != run_key), candidate], delta
+                )
                 problems = []
-                if cost.charged > policy.max_epsilon_per_run * (1 + _TOLERANCE):
+                # written as "not <=" so that a NaN (a damaged figure) refuses too
+                if not cost.charged <= policy.max_epsilon_per_run * (1 + _TOLERANCE):
                     problems.append(
                         f"a run of epsilon {_fmt(cost.charged)} at delta {delta:g} "
                         f"(requires at most {policy.max_epsilon_per_run:g} per run)"
                     )
-                if others + cost.charged > policy.max_epsilon_lifetime * (1 + _TOLERANCE):
+                if not after <= policy.max_epsilon_lifetime * (1 + _TOLERANCE):
                     problems.append(
                         f"a run of epsilon {_fmt(cost.charged)} at delta {delta:g} on top of "
-                        f"the {_fmt(others)} already spent (requires at most "
-                        f"{policy.max_epsilon_lifetime:g} in this site's lifetime)"
+                        f"the {_fmt(others)} already spent, {_fmt(after)} in all (requires at "
+                        f"most {policy.max_epsilon_lifetime:g} in this site's lifetime)"
                     )
                 if problems:
                     reason = f"policy '{policy.name}' refuses {'; '.join(problems)}"
-                    self._add_refusal(run_key, reason)
+                    self._add_refusal(run_key, reason, server_round)
                     self._save()
                     raise SitePolicyError(reason, public_reason=reason)
-                run["planned"] = best
-                run["rounds"] = [*(run.get("rounds") or []), [int(server_round), *this_round]]
+                run = candidate
             run["last-seen"] = _now()
             run["rounds-trained"] = [*(run.get("rounds-trained") or []), int(server_round)]
             self.data["runs"][run_key] = run
@@ -354,10 +432,89 @@ class LifetimeLedger:
         return cost
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_floats(row: Any) -> list[float] | None:
+    """``row`` as a list of floats (numpy scalars included); ``None`` when it is not one."""
+    try:
+        return [float(v) for v in row]
+    except (TypeError, ValueError):
+        return None
+
+
 def _is_mechanism(row: Any) -> bool:
-    if not isinstance(row, list) or len(row) not in (3, 4):
+    """``[noise multiplier >= 0, sample rate in (0, 1], whole steps >= 0]``, all finite."""
+    if not isinstance(row, list) or len(row) != 3 or not all(_is_number(v) for v in row):
         return False
-    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in row)
+    sigma, q, steps = row
+    return sigma >= 0 and 0 < q <= 1 and steps >= 0 and float(steps).is_integer()
+
+
+def _is_round(row: Any) -> bool:
+    """``[server round, noise multiplier, sample rate, steps]`` (see :func:`_is_mechanism`)."""
+    return (
+        isinstance(row, list)
+        and len(row) == 4
+        and _is_number(row[0])
+        and float(row[0]).is_integer()
+        and _is_mechanism(row[1:])
+    )
+
+
+def _check_ledger(data: dict[str, Any], where: str) -> None:
+    """Refuse a ledger whose content is not what :class:`LifetimeLedger` writes.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file (``where``), the field, what was expected and what was found.
+    """
+
+    def bad(field: str, expected: str, found: Any) -> ConfigError:
+        return ConfigError(f"{where}: {field}: expected {expected}, found {found!r}")
+
+    runs = data.get("runs")
+    if not isinstance(runs, dict):
+        raise ConfigError(f"{where}: key 'runs': expected an object, found {runs!r}")
+    delta = data.get("delta")
+    if delta is not None and not (_is_number(delta) and 0 < delta < 1):
+        raise bad("key 'delta'", "a number in (0, 1) or null", delta)
+    budget = data.get("lifetime-budget")
+    if budget is not None and not (_is_number(budget) and budget > 0):
+        raise bad("key 'lifetime-budget'", "a number > 0 or null", budget)
+    if data.get("policy") is not None and not isinstance(data.get("policy"), str):
+        raise bad("key 'policy'", "a policy name or null", data.get("policy"))
+    for key, run in runs.items():
+        if not isinstance(run, dict):
+            raise bad(f"runs.{key}", "an object", run)
+        planned = run.get("planned")
+        if planned is not None and not _is_mechanism(planned):
+            raise bad(
+                f"runs.{key}.planned", "(noise multiplier, sample rate, steps) or null", planned
+            )
+        rounds = run.get("rounds") or []
+        if not isinstance(rounds, list) or not all(_is_round(r) for r in rounds):
+            raise bad(
+                f"runs.{key}.rounds",
+                "(round, noise multiplier, sample rate, steps) rows",
+                run.get("rounds"),
+            )
+        trained = run.get("rounds-trained") or []
+        if not isinstance(trained, list) or not all(
+            isinstance(r, int) and not isinstance(r, bool) for r in trained
+        ):
+            raise bad(f"runs.{key}.rounds-trained", "a list of rounds", run.get("rounds-trained"))
+        if run.get("dp-mode") is not None and not isinstance(run.get("dp-mode"), str):
+            raise bad(f"runs.{key}.dp-mode", "a dp-mode", run.get("dp-mode"))
+    for key, fields in (("refusals", ("run", "reason")), ("releases", ("run", "kind"))):
+        rows = data.get(key, [])
+        if not isinstance(rows, list):
+            raise bad(f"key '{key}'", "a list", rows)
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in fields):
+                raise bad(f"{key}[{i}]", f"an object with {' and '.join(fields)}", row)
 
 
 def _fmt(eps: float) -> str:

@@ -16,7 +16,7 @@ The file (every key but ``name`` may be left out; a missing key takes the strict
     dp-modes = ["sample"]                    # accepted dp-mode values (none, sample, client)
     max-epsilon-per-run = 8.0                # largest epsilon of one run (dp-mode sample)
     max-epsilon-lifetime = 24.0              # largest epsilon of all runs together
-    delta = 1e-5                             # the delta at which this site counts epsilon
+    delta = 1e-5                             # the delta at which this site counts epsilon (<= 0.01)
     secure-aggregation = ["secagg+", "ckks"] # accepted secure-aggregation values
     strategies = ["fedavg", "fedprox", ...]  # accepted strategy values
     aggregators = ["mean", "median", ...]    # accepted aggregator values
@@ -44,6 +44,7 @@ from fedseg.config import AGGREGATORS, DP_MODES, SECURE_MODES, STRATEGIES
 from fedseg.errors import ConfigError, SitePolicyError, did_you_mean
 
 __all__ = [
+    "MAX_DELTA",
     "POLICY_KEYS",
     "PolicyRequest",
     "SitePolicy",
@@ -53,6 +54,10 @@ __all__ = [
     "policy_from_dict",
     "policy_to_toml",
 ]
+
+#: the largest ``delta`` a policy may state: a larger one is no meaningful DP guarantee (each
+#: case may leak with that probability), and usually a slip of units (a percentage, say)
+MAX_DELTA = 1e-2
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$")
 
@@ -177,8 +182,11 @@ def _validate(p: SitePolicy) -> None:
             f"{where}: key 'max-epsilon-per-run' ({p.max_epsilon_per_run:g}) is larger than "
             f"'max-epsilon-lifetime' ({p.max_epsilon_lifetime:g})"
         )
-    if not _is_number(p.delta) or not 0 < p.delta < 1:
-        raise ConfigError(f"{where}: key 'delta': expected a number in (0, 1), found {p.delta!r}")
+    if not _is_number(p.delta) or not 0 < p.delta <= MAX_DELTA:
+        raise ConfigError(
+            f"{where}: key 'delta': expected a probability in (0, {MAX_DELTA:g}] (DP needs it far "
+            f"below 1 / the number of cases, e.g. 1e-5), found {p.delta!r}"
+        )
     if not isinstance(p.evaluate_only, bool):
         raise ConfigError(
             f"{where}: key 'evaluate-only': expected true or false, found {p.evaluate_only!r}"

@@ -8,6 +8,7 @@ sweep's table rows (:func:`fedseg.study.privacy_sweep.table_rows`) and result do
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,15 +32,23 @@ def _reference(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
 
 
 def _dp_points(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, Mapping[str, Any]]]:
-    """DP arms that ran, by epsilon spent (the target when no epsilon was reported)."""
+    """DP arms that ran, by epsilon spent (the target when no epsilon was reported); an arm
+    whose epsilon is infinite (a site without noise) has no point (see :func:`_findings`)."""
     pts = []
     for r in _ok(rows):
         if r.get("dp_mode") in (None, "none"):
             continue
         eps = r.get("epsilon_spent") or r.get("target_epsilon")
-        if eps:
+        if eps and math.isfinite(float(eps)):
             pts.append((float(eps), r))
     return sorted(pts, key=lambda p: p[0])
+
+
+def _epsilon_axis(pts: Sequence[tuple[float, Mapping[str, Any]]]) -> str:
+    """The epsilon axis's label: the worst site's epsilon, at the delta(s) of the points."""
+    deltas = sorted({float(r["delta"]) for _, r in pts if r.get("delta") is not None})
+    at = f" at delta {', '.join(f'{d:g}' for d in deltas)}" if deltas else ""
+    return f"epsilon spent, worst site{at} (log scale)"
 
 
 def _public_only(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -84,7 +93,7 @@ def dice_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
         ax.axhline(
             public["mean_dice"], color=_NONE_COLOUR, ls="-.", lw=1, label="public data only, mean"
         )
-    ax.set_xlabel("epsilon spent per site (log scale)")
+    ax.set_xlabel(_epsilon_axis(pts))
     ax.set_ylabel("pooled test Dice")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3, which="both")
@@ -119,7 +128,7 @@ def mia_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
             if ref.get(key) is not None:
                 ax.axhline(ref[key], color=colour, ls="--", lw=1, label=f"no DP, {label}")
     ax.axhline(0.5, color="#777777", ls=":", lw=1, label="guessing (0.5)")
-    ax.set_xlabel("epsilon spent per site (log scale)")
+    ax.set_xlabel(_epsilon_axis(pts))
     ax.set_ylabel("attack AUC (train vs held-out cases)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3, which="both")
@@ -283,6 +292,13 @@ def _findings(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list
                 f"({reasons}); its model was trained and scored by fewer sites than planned, "
                 "so its numbers are not a clean measurement."
             )
+    for r in _ok(rows):
+        eps = r.get("epsilon_spent")
+        if eps is not None and not math.isfinite(float(eps)):
+            notes.append(
+                f"{r['arm']}: a site's epsilon is infinite (it trained without noise): this arm "
+                "has no differential privacy guarantee and is left out of the figures."
+            )
     skipped = [r for r in rows if r.get("status") != "ok"]
     for r in skipped:
         notes.append(f"{r['arm']} was skipped: {r.get('reason')}.")
@@ -441,7 +457,9 @@ def _method() -> str:
         "Dice: the final global model on every site's held-out test cases, pooled (mean over "
         "cases), thresholded at 0.5, on the prepared grid, as in <code>fedseg study</code>.",
         "ε spent: read from the run's history (the per-site privacy ledger); the worst site's "
-        "value at the stated δ. Arms without DP have none.",
+        "value at the stated δ (the table's δ column in privacy.csv), from Opacus's RDP "
+        "accountant: per training case at each site with DP-SGD (dp-mode sample), per site at "
+        "the server with client-level DP (dp-mode client). Arms without DP have none.",
         "Membership inference: loss-threshold attack (Yeom et al. 2018); score = −(soft Dice + "
         "BCE) of the final model per case; members are the sites' training cases, non-members "
         "their held-out test cases; AUC by ranks (Mann-Whitney U, ties count half). The "

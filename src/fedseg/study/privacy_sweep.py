@@ -95,7 +95,7 @@ from fedseg.data.case import REGIONS
 from fedseg.errors import ArmSpecError, ConfigError, did_you_mean
 from fedseg.experiment import Arm, ArmSkipped, fingerprint, run_experiment
 from fedseg.experiment.results import file_sha256
-from fedseg.utils.io import atomic_write_csv, atomic_write_json
+from fedseg.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json
 
 log = logging.getLogger("fedseg.privacy")
 
@@ -347,12 +347,17 @@ def epsilon_spent(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
     under a key naming ``epsilon`` counts (e.g. the sites' ``dp-epsilon`` training metric),
     except targets and budgets (configured values, not spent ones).
 
+    A site in the ledger whose epsilon is not a finite number (``None`` is how ``history.json``
+    stores an infinite one: a step without noise) counts as infinite: the worst site's figure
+    is never taken from the others only.
+
     Returns
     -------
     dict or None
         ``{"max": worst site's epsilon, "values": {site or key path: epsilon}, "round": r,
-        "source": "privacy ledger" | "history"}``; ``None`` when no row reports an epsilon (a
-        run without DP, or a build without the privacy ledger).
+        "source": "privacy ledger" | "history"}``, and ``"delta"`` (the ledger's) when read
+        from the ledger; ``None`` when no row reports an epsilon (a run without DP, or a build
+        without the ledger).
     """
     for row in reversed(list(history)):
         ledger = row.get("privacy")
@@ -360,17 +365,21 @@ def epsilon_spent(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
         found: dict[str, float] = {}
         source = "privacy ledger"
         if isinstance(per_site, Mapping):
-            found = {str(k): float(v) for k, v in per_site.items() if _finite(v)}
+            found = {str(k): float(v) if _finite(v) else math.inf for k, v in per_site.items()}
         if not found:
             source = "history"
             _collect_epsilons(row, (), found)
         if found:
-            return {
+            out: dict[str, Any] = {
                 "max": max(found.values()),
                 "values": found,
                 "round": row.get("round"),
                 "source": source,
             }
+            delta = ledger.get("delta") if source == "privacy ledger" else None
+            if _finite(delta):
+                out["delta"] = float(delta)
+            return out
     return None
 
 
@@ -551,10 +560,11 @@ def run_privacy_sweep(
     planned = plan_arms(epsilons, secure, arms, dp_mode)
     check_arm_configs(planned, cfg)
     engine = check_engine(engine, allowed=("simulation", "inprocess"))
-    if pretrain < 0 or public_cases < 4:
+    if pretrain < 0:
+        raise ConfigError(f"--pretrain: expected epochs >= 0, found {pretrain}")
+    if pretrain > 0 and public_data is None and public_cases < 4:
         raise ConfigError(
-            f"--pretrain: expected epochs >= 0 and --public-cases >= 4, found {pretrain} and "
-            f"{public_cases}"
+            f"--public-cases: expected at least 4 generated public cases, found {public_cases}"
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -626,6 +636,8 @@ def run_privacy_sweep(
             "num-server-rounds": cfg.num_server_rounds,
             "local-epochs": cfg.local_epochs,
             "dp-delta": cfg.dp_delta,
+            # how every epsilon of the sweep is counted (the protected unit: dp-mode)
+            "accountant": "Opacus RDP",
             "dp-clip-norm": cfg.dp_clip_norm,
             "dp-trainable": cfg.dp_trainable,
             "dp-trained-parameters": _count_trained(cfg),
@@ -909,7 +921,12 @@ def table_row(res: Mapping[str, Any], reference: float | None) -> dict[str, Any]
         "status": res.get("status"),
         "dp_mode": res.get("dp-mode"),
         "target_epsilon": res.get("target-epsilon") or None,
-        "delta": res.get("delta") if res.get("dp-mode") != "none" else None,
+        # the delta the run's ledger states its epsilon at, else the configured dp-delta
+        "delta": (
+            ((res.get("epsilon") or {}).get("delta") or res.get("delta"))
+            if res.get("dp-mode") != "none"
+            else None
+        ),
         "secure_aggregation": res.get("secure-aggregation"),
         "reason": res.get("reason", ""),
         "epsilon_spent": None,
@@ -994,7 +1011,7 @@ def write_outputs(out: Path, doc: dict[str, Any]) -> None:
         "cost.png": cost_bars(rows),
     }
     for name, png in figures.items():
-        (out / name).write_bytes(png)
+        atomic_write_bytes(out / name, png)
     report = write(out / "report.html", doc, rows, figures)
     doc["outputs"] = {
         "table": "privacy.csv",
