@@ -144,7 +144,7 @@ def _check_options(
         An option out of range, an unknown scanner profile, or an ``--out`` folder holding
         cases of a larger earlier cohort.
     """
-    from fedseg.data.synth import SYNTH_SPACINGS, stale_cases
+    from fedseg.data.synth import SYNTH_SPACINGS, refuse_stale_cases
     from fedseg.errors import did_you_mean
 
     if cases < 1:
@@ -171,15 +171,7 @@ def _check_options(
                     f"--scanners: unknown scanner profile '{name}'; expected one of "
                     f"{', '.join(known)}{did_you_mean(name, known)}"
                 )
-    stale = stale_cases(out, cases)
-    if stale:
-        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
-        raise ConfigError(
-            f"--out {out}: holds {len(stale)} case folder(s) of an earlier, larger cohort "
-            f"({shown}) that --cases {cases} would not replace, so the folder would hold two "
-            "cohorts; expected an empty folder or one with at most that many cases: use "
-            "another --out, or remove those case folders first"
-        )
+    refuse_stale_cases(out, cases, folder="--out", cases=f"--cases {cases}")
     return names
 
 

@@ -1057,7 +1057,7 @@ def generate_cohort(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output folder {str(out)!r} exists and is not a folder")
-    _refuse_stale_cases(out, num_cases)
+    refuse_stale_cases(out, num_cases)
     out.mkdir(parents=True, exist_ok=True)
 
     if workers is None:
@@ -1126,17 +1126,30 @@ def stale_cases(out_dir: Path, num_cases: int) -> list[str]:
     return sorted(found)
 
 
-def _refuse_stale_cases(out: Path, num_cases: int) -> None:
+def refuse_stale_cases(
+    out: Path, num_cases: int, *, folder: str = "output folder", cases: str = ""
+) -> None:
+    """Refuse ``out`` when it holds case folders of a larger cohort (:func:`stale_cases`).
+
+    ``folder`` and ``cases`` name the folder and the case count as the caller's user gave them
+    (``--out``, ``--cases``).
+
+    Raises
+    ------
+    ConfigError
+        Naming the leftover case folders and the way out.
+    """
     # cohort.csv would list only the new cases while the readers (fedseg check, --data) would
     # also find the old ones: two different cohorts in one folder
     stale = stale_cases(out, num_cases)
     if stale:
         shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        count = cases or f"a cohort of {num_cases} case(s)"
         raise ConfigError(
-            f"output folder {out} holds {len(stale)} case folder(s) of an earlier, larger "
-            f"cohort ({shown}) that a cohort of {num_cases} case(s) would not replace; "
-            "expected an empty folder or one holding a cohort of at most this size: use "
-            "another folder, or remove those case folders first"
+            f"{folder} {out} holds {len(stale)} case folder(s) of an earlier, larger cohort "
+            f"({shown}) that {count} would not replace, so the folder would hold two cohorts; "
+            "expected an empty folder or one with at most that many cases: use another "
+            "folder, or remove those case folders first"
         )
 
 
