@@ -13,6 +13,32 @@ import typer
 
 from fedseg.cli._common import GuardedGroup
 
+
+def _keep_argument_help() -> None:
+    """Show the help of positional arguments in ``--help`` again.
+
+    typer 0.20 stores an argument's ``help`` on the parameter and then calls
+    ``click.Argument.__init__``, which since click 8.2 sets ``help`` itself (to ``None``, as
+    typer does not pass it on): every ``DATA``, ``DIR`` or ``MODEL`` lost its description. The
+    text is put back after click's constructor; idempotent.
+    """
+    import typer.core
+
+    original = typer.core.TyperArgument.__init__
+    if getattr(original, "_keeps_help", False):
+        return
+
+    def __init__(self: typer.core.TyperArgument, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        if self.help is None and isinstance(kwargs.get("help"), str):
+            self.help = str(kwargs["help"])
+
+    __init__._keeps_help = True  # type: ignore[attr-defined]
+    typer.core.TyperArgument.__init__ = __init__  # type: ignore[method-assign]
+
+
+_keep_argument_help()
+
 app = typer.Typer(
     name="fedseg",
     cls=GuardedGroup,

@@ -1,0 +1,33 @@
+"""Every positional argument's help shows in its command's ``--help`` (typer 0.20 with click
+8.2+ dropped it: ``fedseg.cli.main._keep_argument_help``)."""
+
+from __future__ import annotations
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fedseg.cli.main import app
+
+GROUP = typer.main.get_command(app)
+assert isinstance(GROUP, click.Group)
+COMMANDS = sorted(GROUP.commands)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_arguments_keep_their_help(name: str) -> None:
+    command = GROUP.commands[name]
+    arguments = [p for p in command.params if isinstance(p, click.Argument)]
+    out = CliRunner().invoke(app, [name, "--help"], terminal_width=200).output
+    for arg in arguments:
+        assert arg.help, f"fedseg {name}: argument {arg.name} has no help"  # type: ignore[attr-defined]
+        first_words = " ".join(arg.help.split()[:3])  # type: ignore[attr-defined]
+        assert first_words in " ".join(out.split()), (name, arg.name, first_words)
+
+
+def test_the_commands_with_positional_arguments_are_covered() -> None:
+    with_arguments = [
+        n for n in COMMANDS if any(isinstance(p, click.Argument) for p in GROUP.commands[n].params)
+    ]
+    assert {"check", "train", "evaluate", "predict"} <= set(with_arguments)
