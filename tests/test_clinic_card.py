@@ -339,3 +339,30 @@ def test_federation_card_rows_say_how_many_held_out_cases_each_site_scored() -> 
     assert table["a"]["cases"] == 3 and table["b"]["cases"] == 2
     assert table["mean"]["cases"] == 5
     assert "mean-se" not in table["a"]  # no per-case score leaves a site
+
+
+def test_evaluate_refuses_a_model_whose_weights_changed_after_export(
+    dp_federation: Path, cohort: tuple[Path, dict[str, list[str]]], tmp_path: Path
+) -> None:
+    import shutil
+
+    import torch
+
+    from fedseg.cli.main import app
+
+    model, pred = tmp_path / FINAL_MODEL, str(tmp_path / "pred")
+    shutil.copy(dp_federation / FINAL_MODEL, model)
+    shutil.copy(card_path(dp_federation / FINAL_MODEL), card_path(model))
+    payload = torch.load(model, weights_only=False)
+    name = next(iter(payload["model"]))
+    payload["model"][name] = payload["model"][name] + 1.0  # still a loadable model
+    torch.save(payload, model)
+
+    res = CliRunner().invoke(app, ["evaluate", str(model), str(cohort[0]), "--out", pred])
+    assert res.exit_code == 2, res.output
+    assert "sha256" in res.output and str(model) in res.output
+    assert not (tmp_path / "pred" / "metrics.csv").exists()
+    # the model as exported is scored
+    shutil.copy(dp_federation / FINAL_MODEL, model)
+    res = CliRunner().invoke(app, ["evaluate", str(model), str(cohort[0]), "--out", pred])
+    assert res.exit_code == 0, res.output

@@ -65,6 +65,7 @@ def register(app: typer.Typer) -> None:
                 )
             existing_folder(data, "dataset folder in BraTS 2020/2021/2023 or MSD layout")
             writable_folder(out, "--out")
+            _check_card(model)
             summary = evaluate_folder(
                 model, data, out, hd95=hd95, brats=brats, et_min_volume=et_min_volume
             )
@@ -97,3 +98,15 @@ def register(app: typer.Typer) -> None:
                 line("mean lesion-wise HD95", "lesion_hd95_mm", ".1f", " mm")
                 line("mean HD95 (BraTS pooled)", "hd95_pooled_vox", ".2f", " voxels")
             typer.echo(f"per case and region: {out}/metrics.csv")
+
+
+def _check_card(model: Path) -> None:
+    """Refuse a model that no longer matches its card (weights changed after export, or the
+    card edited into a wrong form), as ``fedseg predict`` does; a model without a card (a
+    ``checkpoint.pt``) is scored as it is."""
+    from fedseg.clinic.card import card_path, read_card
+    from fedseg.study.evaluate import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(model)
+    if card_path(checkpoint).is_file():
+        read_card(checkpoint)
