@@ -64,3 +64,10 @@ def test_non_strict_ignores_foreign_keys() -> None:
 def test_string_values_from_cli_are_coerced() -> None:
     cfg = FedsegConfig.from_run_config({"epochs": "3", "augment": "false", "learning-rate": "0.01"})
     assert (cfg.epochs, cfg.augment, cfg.learning_rate) == (3, "none", 0.01)
+
+
+def test_an_unknown_key_with_no_close_match_says_where_the_keys_are() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'nope' \(the keys are those of"):
+        FedsegConfig.from_run_config({"nope": 1}, strict=True)
+    with pytest.raises(ConfigError, match="did you mean 'learning-rate'"):
+        FedsegConfig.from_run_config({"lerning-rate": 1}, strict=True)

@@ -806,7 +806,10 @@ class FedsegConfig:
         for key, value in run_config.items():
             if key not in known:
                 if strict:
-                    hint = did_you_mean(key, list(known))
+                    hint = did_you_mean(key, list(known)) or (
+                        " (the keys are those of [tool.flwr.app.config] in pyproject.toml, "
+                        "README 'Configuration')"
+                    )
                     raise ConfigError(f"unknown config key '{key}'{hint}")
                 continue
             f = known[key]
