@@ -304,3 +304,23 @@ def test_bad_study_option_is_refused_before_the_cohort(
 
     _one_error_line(result, fragment)
     assert not (tmp_path / "new").exists()
+
+
+def test_check_names_a_modality_held_by_two_files(tmp_path: Path) -> None:
+    import gzip
+
+    from helpers import write_cohort
+
+    from fedseg.data.check import check_dataset
+
+    write_cohort(tmp_path, 1)
+    case = tmp_path / "CASE_000"
+    packed = case / "CASE_000_t1.nii.gz"
+    (case / "CASE_000_t1.nii").write_bytes(gzip.decompress(packed.read_bytes()))
+
+    report = check_dataset(tmp_path)
+
+    (problem,) = report.problems
+    assert problem.code == "ambiguous-file" and problem.path == str(packed)
+    assert "CASE_000_t1.nii ignored" in problem.message
+    assert report.cases_clean == 0

@@ -24,6 +24,9 @@ spacing             GeometryError           a voxel side outside [0.2, 7] mm
 label-values        LabelValueError         label values the layout does not allow
 non-finite          IntensityError          NaN or infinite voxels
 empty-image         IntensityError          an image that is all zero
+ambiguous-file      LayoutError             two files for one modality or label (``.nii``
+                                            and ``.nii.gz``): the one named is read, the
+                                            others ignored (check only; loading reads it)
 =================== ======================= ================================================
 """
 
@@ -32,7 +35,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedseg.data.readers import Issue, inspect_case, inspect_dataset
+from fedseg.data.readers import Issue, duplicate_files, inspect_case, inspect_dataset
 from fedseg.errors import LayoutError
 
 
@@ -155,6 +158,7 @@ def check_dataset(
         first_image = next(iter(ref.images.values()), None)
         require = require_labels and not _is_msd_test_case(found_layout, first_image)
         _, case_issues = inspect_case(ref, require_label=require, validate=True)
+        case_issues = [*duplicate_files(ref), *case_issues]
         report.cases_checked += 1
         report.cases_clean += not case_issues
         for issue in case_issues:

@@ -108,6 +108,8 @@ PROBLEM_CODES: dict[str, type[DataError]] = {
     "label-values": LabelValueError,
     "non-finite": IntensityError,
     "empty-image": IntensityError,
+    # reported by fedseg check only: load_case reads the file _pick prefers
+    "ambiguous-file": LayoutError,
 }
 
 _SEP: dict[str, str] = {"brats2021": "_", "brats2023": "-"}
@@ -765,6 +767,34 @@ def _pick(candidates: list[Path], case_id: str, layout: str) -> Path | None:
         )
 
     return min(candidates, key=key)
+
+
+def duplicate_files(ref: CaseRef) -> list[Issue]:
+    """One ``ambiguous-file`` issue per modality (or label) for which a BraTS case folder holds
+    more than one file, e.g. both ``<case>_t1.nii`` and ``<case>_t1.nii.gz``: the case is read
+    with the one fedseg prefers (named in the issue) and the others are ignored, which may not
+    be what the hospital meant."""
+    if ref.layout not in _SEP or not ref.images:
+        return []
+    folder = next(iter(ref.images.values())).parent
+    used: dict[str, Path | None] = {**ref.images, "label": ref.label}
+    issues = []
+    for role, candidates in _files_by_role(folder, ref.layout).items():
+        present = [p for p in candidates if not _absent(p)]
+        chosen = used.get(role)
+        if len(present) < 2 or chosen is None:
+            continue
+        others = ", ".join(p.name for p in present if p != chosen)
+        what = "label" if role == "label" else f"{role} image"
+        issues.append(
+            Issue(
+                chosen,
+                "ambiguous-file",
+                f"{len(present)} files hold the case's {what}: this one is read and {others} "
+                "ignored; expected one file per modality (remove or move the others)",
+            )
+        )
+    return issues
 
 
 def _expected_brats_path(folder: Path, case_id: str, layout: str, role: str) -> Path:
