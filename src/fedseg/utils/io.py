@@ -168,7 +168,12 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (NaN written as null-free JSON is refused)."""
+    """Write ``obj`` as indented JSON atomically.
+
+    NaN and infinities are written as ``NaN`` / ``Infinity``, the extension Python's ``json``,
+    pandas and JavaScript's ``JSON5`` read (an infinite epsilon, a HD95 with an empty mask);
+    strict JSON tools such as ``jq`` refuse them.
+    """
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable))
 
 
