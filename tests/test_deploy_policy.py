@@ -174,7 +174,11 @@ def test_no_update_left_any_site_in_the_refused_run(drill: PolicyDrill) -> None:
         ledger = _ledger(drill, site)
         assert key not in ledger.data["runs"] and not ledger.trained_in(key)
         refused = [r for r in ledger.data["refusals"] if r["run"] == key]
-        assert refused and all("dp-mode 'none'" in r["reason"] for r in refused)
+        trained = [r for r in refused if r["request"] == "train"]
+        assert trained and all("dp-mode 'none'" in r["reason"] for r in trained)
+        # the evaluations of a run the site did not train in are refused and kept too
+        others = [r for r in refused if r["request"] != "train"]
+        assert all(r["request"] == "evaluate" for r in others)
 
 
 def test_the_third_run_at_epsilon_3_is_refused_past_a_lifetime_budget_of_8(
@@ -191,7 +195,7 @@ def test_the_third_run_at_epsilon_3_is_refused_past_a_lifetime_budget_of_8(
     shown = json.loads(drill.ledger_output)
     assert shown["policy"] == "lifetime-8" and shown["lifetime-budget"] == 8.0
     assert 5.8 < shown["total-epsilon"] <= 6.0
-    last = shown["refusals"][-1]
+    last = [r for r in shown["refusals"] if r["request"] == "train"][-1]
     assert "in this site's lifetime" in last["reason"] and "8" in last["reason"]
     assert last["run"] not in shown["runs"]
 

@@ -382,7 +382,10 @@ def test_the_third_run_past_the_lifetime_budget_is_refused_at_the_site(
         assert sorted(ledger.data["runs"]) == ["run-1", "run-2"]
         for key in ("run-1", "run-2"):
             assert 2.9 < ledger.run_cost(key, 1e-5).charged <= 3.0
-        assert [r["run"] for r in ledger.data["refusals"]] == ["run-3"]
+        refused = ledger.data["refusals"]
+        assert [r["run"] for r in refused if r["request"] == "train"] == ["run-3"]
+        # the evaluation of run 3, which the site did not train in, is refused and kept too
+        assert {r["request"] for r in refused} <= {"train", "evaluate"}
 
 
 @pytest.mark.parametrize(
@@ -438,6 +441,12 @@ def test_evaluation_only_and_oversized_models_are_refused(
     assert "an evaluation-only request" in code
     assert "a model of 16 parameters (requires at most 10)" in code
     assert R.METRICS not in reply.content.metric_records
+    # the refused evaluation is kept in the site's ledger with what was asked and when
+    site = grid.contexts[node].node_config["site-name"]
+    ledger = LifetimeLedger(tmp_path / f"site-{site}" / "state" / LEDGER_FILE)
+    (row,) = ledger.data["refusals"]
+    assert (row["run"], row["request"], row["round"]) == ("run-1", "evaluate", 1)
+    assert row["reason"] in code
 
 
 def test_only_a_policy_refusal_sends_its_reason_and_the_server_cuts_it() -> None:

@@ -124,5 +124,8 @@ def _print(s: dict[str, Any]) -> None:
         typer.echo("")
         typer.echo("refused:")
         for r in s["refusals"]:
-            where = f" (round {r['round']})" if r.get("round") is not None else ""
+            notes = [f"round {r['round']}"] if r.get("round") is not None else []
+            if r.get("request", "train") != "train":
+                notes.append(f"{r['request']} request")
+            where = f" ({', '.join(notes)})" if notes else ""
             typer.echo(f"  {r.get('time') or '-'}  {r['run']}: {r['reason']}{where}")

@@ -945,12 +945,14 @@ def enforce_site_policy(
         model_parameters=int(sum(np.asarray(a).size for a in received.values())),
         trained_in_run=ledger.trained_in(run_key),
     )
+    server_round = int(conf.get("server-round", 0))
     try:
         check_request(policy, request)
     except SitePolicyError as exc:
         log.warning("site %s: %s", spec.name, exc)
-        if kind == "train":
-            ledger.record_refusal(run_key, exc.public_reason)
+        # every refused request is kept, with what was asked: the operator sees a server that
+        # asks for statistics the policy does not release, not only refused training
+        ledger.record_refusal(run_key, exc.public_reason, server_round or None, kind)
         raise
     if kind != "train":
         return
@@ -959,7 +961,6 @@ def enforce_site_policy(
         n = train_case_count(spec, cfg)
         epochs = int(conf.get("local-epochs", cfg.local_epochs))
         planned, this_round = planned_entry(cfg, n), round_entry(cfg, n, epochs)
-    server_round = int(conf.get("server-round", 0))
     try:
         cost = ledger.admit_training(
             policy, run_key, server_round, cfg.dp_mode, planned, this_round

@@ -286,10 +286,17 @@ class LifetimeLedger:
 
         atomic_write_json(self.path, self.data)
 
-    def record_refusal(self, run_key: str, reason: str, server_round: int | None = None) -> None:
-        """Add a refusal (its time, the run, the round when known, the reason) to the ledger."""
+    def record_refusal(
+        self,
+        run_key: str,
+        reason: str,
+        server_round: int | None = None,
+        request: str = "train",
+    ) -> None:
+        """Add a refusal (its time, the run, the round when known, the request refused:
+        ``train``, ``evaluate``, ``fisher``, ``landmarks`` or ``fusion``, and the reason)."""
         with self._locked():
-            self._add_refusal(run_key, reason, server_round)
+            self._add_refusal(run_key, reason, server_round, request)
             self._save()
 
     def record_release(self, run_key: str, kind: str, what: str) -> None:
@@ -315,8 +322,14 @@ class LifetimeLedger:
                 row["last"] = now
             self._save()
 
-    def _add_refusal(self, run_key: str, reason: str, server_round: int | None = None) -> None:
-        row: dict[str, Any] = {"time": _now(), "run": run_key}
+    def _add_refusal(
+        self,
+        run_key: str,
+        reason: str,
+        server_round: int | None = None,
+        request: str = "train",
+    ) -> None:
+        row: dict[str, Any] = {"time": _now(), "run": run_key, "request": request}
         if server_round is not None:
             row["round"] = int(server_round)
         self.data["refusals"].append({**row, "reason": reason})
