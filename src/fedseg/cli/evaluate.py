@@ -105,8 +105,12 @@ def _check_card(model: Path) -> None:
     card edited into a wrong form), as ``fedseg predict`` does; a model without a card (a
     ``checkpoint.pt``) is scored as it is."""
     from fedseg.clinic.card import card_path, read_card
+    from fedseg.errors import CheckpointError
     from fedseg.study.evaluate import resolve_checkpoint
 
-    checkpoint = resolve_checkpoint(model)
+    try:
+        checkpoint = resolve_checkpoint(model)
+    except CheckpointError:
+        return  # no model there: loading it names what is missing
     if card_path(checkpoint).is_file():
         read_card(checkpoint)
