@@ -15,11 +15,13 @@ seconds, so they share one run); the tests below each assert one outcome of it:
   others (quorum ``min-fraction=0.3``) and ``b`` rejoins a later round;
 * after round 2 (checkpoint written) the SuperLink and its ServerApp are killed; the SuperLink
   restarts on the same ``--database`` and ``flwr run`` is repeated: the ServerApp resumes from
-  ``checkpoint.pt`` and finishes round 3;
+  ``checkpoint.pt`` (the sites' node ids and names with it, so it sends no handshake to a known
+  node) and finishes round 3;
 * round 3: ``hospital-a``'s link is cut as soon as it has pulled the restarted run's training
   message (its long-running ClientApp, which would answer within a second, is paused with
-  ``SIGSTOP`` from its handshake answer until the cable is out, so the reply cannot leave first;
-  the drill fails, saying so, if it did), and restored only once the server has logged its
+  ``SIGSTOP`` from the moment its SuperNode is done with the killed run's round 3, before the
+  run is repeated, until the cable is out, so the reply cannot leave first; the drill fails,
+  saying so, if it did), and restored only once the server has logged its
   decision about ``hospital-a`` for that round. The SuperLink marks the node offline after two
   missed 30 s heartbeats and then answers its message as unavailable (``UNREACHABLE``); with a
   ``round-timeout`` shorter than that the round times out first (``NO_REPLY``). Either way the
@@ -113,6 +115,17 @@ def _checkpoint_round(path: Path) -> int:
         return int(load_torch(path)["round"])
     except Exception:  # noqa: BLE001 - written atomically, but be patient with a first read
         return 0
+
+
+#: what a SuperNode logs once it is done with a message: answered, given up, or dropped
+_SETTLED = ("Sending: train message", "Failed to receive message", "is not in `RUNNING` status")
+
+
+def _done_with_third_training(log: Path) -> bool:
+    """Whether the SuperNode logging to ``log`` is done with its third training message."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    parts = text.split("Receiving: train message")
+    return len(parts) > 3 and any(mark in "".join(parts[3:]) for mark in _SETTLED)
 
 
 class Drill(Hosts):
@@ -260,16 +273,20 @@ class Drill(Hosts):
         self.lab.kill(link)
         self.mark("server-killed")
         link = self.start_superlink("2")
-        self.stream = self.flwr_run("2")
-        run_id = self._run_id("2")
         # hospital-a's long-running ClientApp answers a message within a second of its pull
-        # (faster than this drill can pull the cable), so it is paused once it has answered the
-        # restarted run's handshake (its next message is round 3's training) and goes on only
-        # once the link is down: the reply it then makes cannot reach the server.
-        self._wait(
-            lambda: messages(a_log, run_id, "query", "Sending") >= 1,
+        # (faster than this drill can pull the cable), so it is paused before the restarted run
+        # starts, and goes on only once the link is down: the reply it then makes to the
+        # restarted run's round 3 cannot reach the server. It is paused once hospital-a's
+        # SuperNode is done with the killed run's round 3 (it handles one message at a time):
+        # its reply made (the SuperLink then says that run is over), or the message given up
+        # (its objects were lost with the SuperLink, or the restarted SuperLink says the run is
+        # over before they came). The restarted run sends hospital-a no
+        # handshake: its node id and name are in the checkpoint.
+        # (Plain wait_for: no run streams until `flwr run` is repeated.)
+        wait_for(
+            lambda: _done_with_third_training(a_log),
             2 * TIMEOUT + 300,
-            "a's answer to the restarted run's handshake",
+            "a to be done with the killed run's round 3",
             0.1,
         )
         paused = clientapp_pids(self.lab, "hospital-a")
@@ -277,9 +294,11 @@ class Drill(Hosts):
             raise RuntimeError("drill: hospital-a's long-running ClientApp process is not running")
         pause(paused)
         self.mark("a-paused")
-        # The restarted run trains round 3 only: its first training message to hospital-a is
-        # round 3's (a message of the killed run is never counted: it has another run id).
         try:
+            self.stream = self.flwr_run("2")
+            run_id = self._run_id("2")
+            # The restarted run trains round 3 only: its first training message to hospital-a
+            # is round 3's (a message of the killed run is never counted: another run id).
             self._wait(
                 lambda: messages(a_log, run_id, "train") >= 1,
                 2 * TIMEOUT + 300,

@@ -335,6 +335,49 @@ def test_a_node_whose_handshake_failed_is_asked_again(cohort: Any, tmp_path: Pat
         assert row["not-sampled"] == {}
 
 
+def test_a_run_resumed_on_the_same_nodes_sends_no_handshake(cohort: Any, tmp_path: Path) -> None:
+    """A SuperLink restarted on its database keeps the node ids: the checkpoint names them.
+
+    A SuperNode handles one message at a time; one still busy with the killed run's message
+    would miss a handshake of the resumed run and take part as ``node-<id>``.
+    """
+    root, parts = cohort
+    out = tmp_path / "out"
+    grid, cfg = make_grid(tiny_cfg(num_server_rounds=1), root, parts, tmp_path)
+    first = serve(grid, cfg, out)
+    queries = sum(m.metadata.message_type == "query" for m in grid.sent)
+    busy = grid.node_of("partition-id", 0)
+    grid.faults[busy] = lambda msg, reply: None if msg.metadata.message_type == "query" else reply
+
+    result = serve(grid, cfg.replace(num_server_rounds=2), out)
+
+    assert queries == len(SITES)
+    assert [m.metadata.message_type for m in grid.sent].count("query") == queries
+    assert result.sites == first.sites
+    assert result.history[1]["accepted"] == list(SITES)
+
+
+def test_the_directory_survives_a_checkpoint_and_a_bad_one_is_named() -> None:
+    from fedseg.errors import CheckpointError
+    from fedseg.federation.strategy.handshake import SiteDirectory
+
+    before = SiteDirectory()
+    before.sites.update({11: "site-0", 12: "site-1"})
+    before.declared.update({"site-0": 3, "site-1": 4})
+    before.known.update({"site-0", "site-1", "site-9"})
+    after = SiteDirectory()
+
+    after.load_state_dict(before.state_dict())
+
+    assert after.sites == before.sites
+    assert after.declared == before.declared
+    assert after.known == {"site-0", "site-1"}  # the strategy's "known-sites" adds site-9
+    after.load_state_dict({})  # a checkpoint of an older fedseg: nothing known
+    assert after.sites == {} and after.declared == {}
+    with pytest.raises(CheckpointError, match="site-nodes"):
+        after.load_state_dict({"site-nodes": {"eleven": "site-0"}})
+
+
 # ------------------------------------------------------------------------- the study report
 
 

@@ -591,6 +591,8 @@ def test_checkpoint_state_has_one_layout_whatever_the_strategy(name: str) -> Non
         "privacy",
         "last-counts",
         "known-sites",
+        "site-nodes",
+        "declared-counts",
     ]
 
 

@@ -378,8 +378,9 @@ class FedsegStrategy(Strategy):
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
         """The strategy's state between rounds: the algorithm's (FedOpt moments, SCAFFOLD ``c``,
-        FedBN norms), the privacy ledger, the last reported case counts and the names of the
-        known sites.
+        FedBN norms), the privacy ledger, the last reported case counts, the names of the
+        known sites, and the node ids and declared counts of the handshake
+        (:meth:`.handshake.SiteDirectory.state_dict`).
 
         Every algorithm's keys are present (empty where another algorithm runs), so the
         checkpoint has one layout whatever the strategy.
@@ -397,6 +398,7 @@ class FedsegStrategy(Strategy):
             "privacy": self.privacy.state_dict(),
             **self.counts.state_dict(),
             "known-sites": sorted(self.known_sites),
+            **self.directory.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -415,6 +417,8 @@ class FedsegStrategy(Strategy):
         self.algorithm.load_state_dict(state)
         self.privacy.load_state_dict(state.get("privacy") or {})
         self.counts.load_state_dict(state)
+        # A resumed run asks only the nodes it has no name for (see .handshake).
+        self.directory.load_state_dict(state)
         # Sites known before a restart stay in every round's record, connected or not.
         self.known_sites.update(str(s) for s in state.get("known-sites") or ())
 

@@ -8,12 +8,21 @@ then, so round 1 carries no start-up cost.
 
 A node that does not answer (an error reply, e.g. the SuperLink reporting it unavailable just
 after a restart, or none before the timeout) is asked again at the next handshake and is
-``node-<id>`` until then. A name already taken by a node that is still connected gets
-``@<node id>`` appended, so names stay unique; a name whose node is no longer connected moves
-to the new node (the site came back as a new node, e.g. a restarted SuperNode without a
-registered key): :func:`assign_names`, a pure function. :class:`SiteDirectory` keeps the result
-between rounds; the names it has ever learnt (:attr:`SiteDirectory.known`) go into every
-round's record and the checkpoint.
+``node-<id>`` until then.
+
+A name already taken by a node that is still connected gets ``@<node id>`` appended, so names
+stay unique; a name whose node is no longer connected moves to the new node (the site came
+back as a new node, e.g. a restarted SuperNode without a registered key): :func:`assign_names`,
+a pure function. :class:`SiteDirectory` keeps the result between rounds; the names it has ever
+learnt (:attr:`SiteDirectory.known`) go into every round's record.
+
+The checkpoint keeps the whole directory: node ids with their names, and the declared counts
+(:meth:`SiteDirectory.state_dict`). A resumed run therefore asks only the nodes it has no name
+for. A SuperLink restarted on its ``--database`` keeps each registered key's node id, so a site
+is the same node after the restart; a node still busy with a message of the run that was killed
+(a SuperNode handles one message at a time) would otherwise miss the resumed run's handshake
+and take part as ``node-<id>``, and each round would wait for it twice. A node id that does not
+come back is harmless: its name moves to the site's new node at that node's handshake.
 """
 
 from __future__ import annotations
@@ -21,10 +30,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from fedseg.errors import CheckpointError
 from fedseg.federation import records as R
 from fedseg.federation.messaging import send_and_receive
 from fedseg.federation.strategy.reports import failure_reason, safe_name
@@ -190,6 +200,38 @@ class SiteDirectory:
         self.sites: dict[int, str] = {}
         self.known: set[str] = set()
         self.declared: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The directory to checkpoint: ``site-nodes`` (node id, as text, to site name) and
+        ``declared-counts`` (site name to count)."""
+        return {
+            "site-nodes": {str(node): name for node, name in sorted(self.sites.items())},
+            "declared-counts": dict(sorted(self.declared.items())),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (checkpoints without it: nothing known).
+
+        Raises
+        ------
+        CheckpointError
+            ``site-nodes`` or ``declared-counts`` is not a mapping of the expected types.
+        """
+        nodes = state.get("site-nodes") or {}
+        counts = state.get("declared-counts") or {}
+        try:
+            sites = {int(node): str(name) for node, name in dict(nodes).items()}
+            declared = {str(name): int(n) for name, n in dict(counts).items()}
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(
+                "checkpoint strategy state: 'site-nodes' must map node ids to site names and "
+                f"'declared-counts' site names to case counts ({err})"
+            ) from err
+        self.sites.clear()  # in place: callers may hold this dict
+        self.sites.update(sites)
+        self.declared.clear()
+        self.declared.update(declared)
+        self.known.update(sites.values())
 
     def site_of(self, node_id: int) -> str:
         """The site name of a node (``node-<id>`` before the handshake)."""
