@@ -95,6 +95,26 @@ def test_et_min_volume_relabels_small_et_as_necrosis_and_says_so(
     assert "et-min-volume" in stderr
 
 
+def test_a_second_patient_in_the_same_out_replaces_the_first_and_nothing_else(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run, data = trained
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("the radiologist's own file")
+    assert _predict(run, data / "CASE_000", "--out", out)[0] == 0
+    (out / ".predict-x-1-killed").mkdir()  # not fedseg's pattern: kept
+
+    code, stdout, stderr = _predict(run, data / "CASE_001", "--out", out, "--json")
+
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["case"] == "CASE_001"
+    left = sorted(p.name for p in out.iterdir())
+    assert left == sorted([*doc["files"], "notes.txt", ".predict-x-1-killed"])
+    assert "CASE_000_seg.nii.gz" not in left
+
+
 def test_four_nifti_files_give_the_same_label_as_the_folder(
     trained: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -18,10 +18,7 @@ Output (:func:`predict_patient` writes into ``OUT``):
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from fedseg.data.case import MODALITIES, REGIONS, Case, label_to_regions, regions_to_label
-from fedseg.errors import GeometryError, LayoutError, OutputError
+from fedseg.errors import GeometryError, LayoutError
+from fedseg.utils.io import staged_outputs
 
 #: BraTS label -> DICOM SEG segment number, with its label and SNOMED CT property type
 _SEGMENTS = (
@@ -474,6 +472,33 @@ class Prediction:
     seconds: float
 
 
+def _stale_prediction_files(out: Path) -> list[Path]:
+    """The files of an earlier prediction in ``out``, as its ``volumes.json`` lists them.
+
+    Only names ``fedseg predict`` writes (``*_seg.nii.gz``, ``*_seg.dcm``, ``overlay.png``)
+    that are plain files directly in ``out``; nothing when there is no readable
+    ``volumes.json``. ``volumes.json`` itself is always rewritten.
+    """
+    import json
+
+    try:
+        listed = json.loads((out / "volumes.json").read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(listed, list):
+        return []
+    found = []
+    for name in listed:
+        if not isinstance(name, str) or "/" in name or "\\" in name:
+            continue
+        if not (name.endswith(("_seg.nii.gz", "_seg.dcm")) or name == "overlay.png"):
+            continue
+        path = out / name
+        if path.is_file() and not path.is_symlink():
+            found.append(path)
+    return found
+
+
 def predict_patient(
     model: Any,
     cfg: Any,
@@ -490,7 +515,11 @@ def predict_patient(
     ``harmonise = "histogram"``; the patient's images are mapped onto them first.
 
     The files are written into a temporary folder inside ``out`` and moved into ``out`` at
-    the end, so a failure leaves no half-written result.
+    the end, so a failure leaves no half-written result. An ``out`` that held an earlier
+    prediction holds only this one afterwards: the files the earlier ``volumes.json`` listed
+    and this prediction did not rewrite (another case's label map, a SEG) are removed
+    (:func:`_stale_prediction_files`), so overlay, volumes and label map never describe two
+    patients.
 
     Raises
     ------
@@ -510,14 +539,9 @@ def predict_patient(
     regions = predict_regions(model, cfg, card["modalities"], case, device, landmarks=landmarks)
     label = regions_to_label(regions).astype(np.uint8)
     volumes = region_volumes_ml(label, case.affine)
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
-    except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write there ({exc.strerror})") from None
-    try:
-        names = [f"{case.case_id}_seg.nii.gz", "overlay.png", "volumes.json"]
+    names = [f"{case.case_id}_seg.nii.gz", "overlay.png", "volumes.json"]
+    earlier = _stale_prediction_files(Path(out))
+    with staged_outputs(out, "predict", last=("volumes.json",)) as tmp:
         save_label(label, case.affine, tmp / names[0])
         t1ce = case.image[MODALITIES.index("t1ce")]
         write_overlay(t1ce, label, tmp / names[1], case.case_id, case.affine)
@@ -537,8 +561,7 @@ def predict_patient(
             "files": names,
         }
         (tmp / "volumes.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
-        for name in names:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for stale in earlier:
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
     return Prediction(case.case_id, volumes, names, time.perf_counter() - t0)

@@ -13,7 +13,7 @@ from fedseg.data.case import MODALITIES, REGIONS, label_to_regions, regions_to_l
 from fedseg.errors import CheckpointError
 from fedseg.model.brats_metrics import BRATS_COLUMNS, brats_region_metrics
 from fedseg.model.metrics import mean_over_cases, region_metrics
-from fedseg.utils.io import atomic_write_csv, atomic_write_json, load_torch
+from fedseg.utils.io import atomic_write_csv, atomic_write_json, load_torch, staged_outputs
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -215,12 +215,7 @@ def evaluate_folder(
     OutputError
         ``pred_dir`` cannot be written.
     """
-    import os
-    import shutil
-    import tempfile
-
     from fedseg.data.readers import discover_cases
-    from fedseg.errors import OutputError
     from fedseg.utils.runtime import pick_device
 
     device = pick_device()
@@ -229,13 +224,8 @@ def evaluate_folder(
         cfg = cfg.replace(et_min_volume=float(et_min_volume))
     landmarks = model_landmarks(checkpoint)
     refs = discover_cases(Path(data))
-    pred_dir = Path(pred_dir)
-    try:
-        pred_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=pred_dir))
-    except OSError as exc:
-        raise OutputError(f"--out {pred_dir}: cannot write there ({exc.strerror})") from None
-    try:
+    # the tables last: they describe the predictions
+    with staged_outputs(pred_dir, "evaluate", last=("metrics.csv", "summary.json")) as tmp:
         summary = _evaluate_into(
             tmp,
             model,
@@ -250,12 +240,6 @@ def evaluate_folder(
         )
         summary["checkpoint"] = str(resolve_checkpoint(checkpoint))
         atomic_write_json(tmp / "summary.json", summary)
-        tables = ["metrics.csv", "summary.json"]  # last: they describe the predictions
-        names = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".nii.gz"))
-        for name in names + tables:
-            os.replace(tmp / name, pred_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

@@ -16,7 +16,8 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -155,6 +156,104 @@ def remove_partial_writes(folder: Path | str, *, recursive: bool = False) -> lis
             continue
         removed.append(tmp)
     return removed
+
+
+def _staging_owner(name: str, prefix: str) -> tuple[str, int] | None:
+    """``(host, pid)`` from a staging folder's name ``.PREFIX-HOST-PID-XXXX``, else ``None``."""
+    head = f".{prefix}-"
+    if not name.startswith(head):
+        return None
+    host, sep, rest = name[len(head) :].rpartition("-")  # rest: mkdtemp's random part
+    host, sep2, pid = host.rpartition("-")
+    if not (sep and sep2 and pid.isdigit()):
+        return None
+    return host, int(pid)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_dead_staging(folder: Path | str, prefix: str) -> list[Path]:
+    """Remove the staging folders (:func:`staged_outputs`) of processes that were killed.
+
+    Only folders this host made, whose process no longer runs: another command writing into
+    the same folder at this moment, here or on another host of a shared file system, keeps its
+    own.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The folders removed.
+    """
+    import shutil
+    import socket
+
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    host = socket.gethostname().replace("-", "_")
+    removed = []
+    for path in root.glob(f".{prefix}-*"):
+        owner = _staging_owner(path.name, prefix)
+        if owner is None or owner[0] != host or _process_alive(owner[1]):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def staged_outputs(out: Path | str, prefix: str, last: Sequence[str] = ()) -> Iterator[Path]:
+    """A hidden folder inside ``out`` in which a command writes a set of files first.
+
+    The files appear in ``out`` only when the block ends without an error: every file written
+    there, sorted, then those of ``last`` in that order (the files that describe the others:
+    a reader who sees them finds the rest); each is moved with :func:`os.replace`, so a reader
+    never sees half a file. The staging folder (``.PREFIX-HOST-PID-XXXX``) is removed on exit;
+    one left by a killed process is removed by the next command that stages into ``out``
+    (:func:`remove_dead_staging`).
+
+    Parameters
+    ----------
+    out:
+        The output folder; created if needed.
+    prefix:
+        The command's name, e.g. ``"predict"``.
+    last:
+        Files to publish after the others, in this order (those not written are skipped).
+
+    Raises
+    ------
+    fedseg.errors.OutputError
+        ``out`` cannot be created or written (the message names it as ``--out``).
+    """
+    import shutil
+    import socket
+
+    out = Path(out)
+    host = socket.gethostname().replace("-", "_")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_dead_staging(out, prefix)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-{host}-{os.getpid()}-", dir=out))
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    try:
+        yield tmp
+        written = {p.name for p in tmp.iterdir()}
+        ends = [name for name in last if name in written]
+        for name in [*sorted(written - set(ends)), *ends]:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
