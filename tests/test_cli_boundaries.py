@@ -192,8 +192,42 @@ def test_train_derives_patch_size_from_image_size(cohort: Path, tmp_path: Path) 
     assert ok.exit_code == 0, ok.output  # type: ignore[attr-defined]
     assert bad.exit_code == 2  # type: ignore[attr-defined]
     assert _one_error_line(bad) == (
-        "error: config key 'image-size': expected a multiple of 8 (2**(depth-1)), found 20"
+        "error: --image-size: expected a multiple of 8 (2**(depth-1)), found 20 "
+        "(config key 'image-size')"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["study", "--preset", "nope"],
+            "error: --preset: expected one of cpu-demo, cpu-native, gpu, found 'nope' "
+            "(config key 'preset')",
+        ),
+        (
+            ["privacy-sweep", "--delta", "0"],
+            "error: --delta: expected a number in (0, 1), found 0.0 (config key 'dp-delta')",
+        ),
+        (
+            ["robustness", "--rounds", "0"],
+            "error: --rounds: expected an integer >= 1, found 0 (config key 'num-server-rounds')",
+        ),
+        # typed as --set: named as the key it set
+        (
+            ["study", "--set", "num-server-rounds=0"],
+            "error: config key 'num-server-rounds': expected an integer >= 1, found 0",
+        ),
+    ],
+)
+def test_a_bad_value_is_named_as_the_user_typed_it(
+    args: list[str], line: str, tmp_path: Path
+) -> None:
+    result = _invoke(*args, "--out", tmp_path / "out")
+
+    assert result.exit_code == 2  # type: ignore[attr-defined]
+    assert _one_error_line(result) == line
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_preset_defaults_to_cpu_native_for_3d_models() -> None:

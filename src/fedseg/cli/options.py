@@ -48,15 +48,75 @@ def train_preset(preset: str | None, sets: Sequence[str], spatial_dims: int | No
     return "cpu-demo" if str(dims).strip() == "2" else TRAIN_PRESET
 
 
+#: the command-line flag that sets a config key, where the commands share one: a bad value
+#: typed there is refused naming the flag (:func:`config_from_options`)
+KEY_FLAGS = {
+    "preset": "--preset",
+    "num-server-rounds": "--rounds",
+    "local-epochs": "--local-epochs",
+    "num-sites": "--sites",
+    "num-cases": "--cases",
+    "seed": "--seed",
+    "image-size": "--image-size",
+    "base-channels": "--base-channels",
+    "depth": "--depth",
+    "spatial-dims": "--spatial-dims",
+    "strategy": "--strategy",
+    "holdout-site": "--holdout-site",
+    "holdout-scanner": "--holdout-scanner",
+    "dp-delta": "--delta",
+    "dp-clip-norm": "--clip-norm",
+}
+
+
 def config_from_options(*, sets: Sequence[str] = (), **options: Any) -> FedsegConfig:
     """Defaults from :class:`FedsegConfig`, overridden by the options that were given (not None).
 
     ``sets`` are ``KEY=VALUE`` strings (``--set``), any key of ``[tool.flwr.app.config]``; an
     explicit option wins over a ``--set`` of the same key.
+
+    Raises
+    ------
+    ConfigError
+        A value is refused. When the user typed it as a flag (:data:`KEY_FLAGS`), the
+        message names the flag first: ``--delta: expected ... (config key 'dp-delta')``.
     """
     given = {**parse_sets(sets)}
     given.update({k.replace("_", "-"): v for k, v in options.items() if v is not None})
-    return FedsegConfig.from_run_config(given)
+    try:
+        return FedsegConfig.from_run_config(given)
+    except ConfigError as err:
+        raise named_by_flag(err) from None
+
+
+def typed_flags() -> set[str]:
+    """The flags typed on the command line of the running command (empty outside one)."""
+    import click
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    typed: set[str] = set()
+    for param in ctx.command.params:
+        if param.name and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+            typed.update(param.opts)
+    return typed
+
+
+def named_by_flag(err: ConfigError) -> ConfigError:
+    """``err`` naming the flag the user typed for its config key, else ``err`` itself."""
+    import re
+
+    found = re.match(r"config key '([^']+)': ", str(err))
+    if found is None:
+        return err
+    flag = KEY_FLAGS.get(found[1])
+    if flag is None or flag not in typed_flags():
+        return err
+    renamed = type(err)(f"{flag}: {str(err)[found.end() :]} (config key '{found[1]}')")
+    renamed.__cause__ = err.__cause__
+    return renamed
 
 
 def parse_sets(sets: Sequence[str]) -> dict[str, str]:
