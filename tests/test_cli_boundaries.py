@@ -390,3 +390,29 @@ def test_out_on_a_read_only_mount_is_refused(command: str, cohort: Path, tmp_pat
         f"error: --out {out}: cannot write there (Read-only file system); "
         "expected a writable folder\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["serve", "model.pt", "--port", "abc"],
+            "error: Invalid value for '--port': 'abc' is not a valid integer. "
+            "(see 'fedseg serve --help')",
+        ),
+        (["nope"], "error: No such command 'nope'. (see 'fedseg --help')"),
+        (["predict"], "error: Missing argument 'MODEL'. (see 'fedseg predict --help')"),
+    ],
+)
+def test_a_usage_error_is_one_line_like_every_other_refusal(args: list[str], line: str) -> None:
+    result = _invoke(*args)
+
+    assert result.exit_code == 2  # type: ignore[attr-defined]
+    assert result.stderr.strip() == line  # type: ignore[attr-defined]
+
+
+def test_fedseg_alone_still_shows_its_help() -> None:
+    result = _invoke()
+
+    assert "Usage: fedseg" in result.output  # type: ignore[attr-defined]
+    assert "error" not in result.output  # type: ignore[attr-defined]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 
+import click
 import typer
 
-from fedseg.cli._common import GuardedGroup
+from fedseg.cli._common import GuardedGroup, print_error
 
 
 def _keep_argument_help() -> None:
@@ -38,6 +39,31 @@ def _keep_argument_help() -> None:
 
 
 _keep_argument_help()
+
+
+def _one_line_usage_errors() -> None:
+    """Usage errors (``--port abc``, an unknown option or command) as one ``error:`` line.
+
+    Typer prints click's usage errors in a multi-line box (``typer.rich_utils.
+    rich_format_error``), unlike every other refusal of fedseg; this prints
+    ``error: <click's message> (see 'fedseg CMD --help')`` on stderr instead. The exit code
+    stays click's (2). A group called without a command still shows its help.
+    """
+    from typer import rich_utils
+
+    def one_line_error(exc: click.ClickException) -> None:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help was shown: nothing to add
+            return
+        ctx = getattr(exc, "ctx", None)
+        hint = ""
+        if isinstance(exc, click.UsageError) and ctx is not None:
+            hint = f" (see '{ctx.command_path} {ctx.help_option_names[0]}')"
+        print_error(f"{exc.format_message()}{hint}")
+
+    rich_utils.rich_format_error = one_line_error  # type: ignore[assignment]
+
+
+_one_line_usage_errors()
 
 app = typer.Typer(
     name="fedseg",
