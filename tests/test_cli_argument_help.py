@@ -31,3 +31,14 @@ def test_the_commands_with_positional_arguments_are_covered() -> None:
         n for n in COMMANDS if any(isinstance(p, click.Argument) for p in GROUP.commands[n].params)
     ]
     assert {"check", "train", "evaluate", "predict"} <= set(with_arguments)
+
+
+def test_every_command_is_listed_with_a_one_line_summary() -> None:
+    """``fedseg --help`` lists each command with its help's first paragraph, unbroken."""
+    commands = GROUP.commands
+
+    assert commands["check"].short_help.startswith("Check every case of DIR: files present")
+    assert "label values, NaN/inf" in commands["check"].short_help
+    for name, command in commands.items():
+        assert command.short_help, name
+        assert "\n" not in command.short_help, name

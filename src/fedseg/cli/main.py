@@ -129,6 +129,25 @@ for _name in _COMMAND_MODULES:
     _mod.register(app)
 
 
+def _one_line_summaries(group: typer.Typer) -> None:
+    """Each command's entry in ``fedseg --help``: the first paragraph of its help as one line.
+
+    Typer's rich help keeps the line breaks of a docstring's first paragraph, so a summary
+    written over several source lines was listed broken mid-sentence.
+    """
+    import inspect
+
+    for info in group.registered_commands:
+        if info.short_help:
+            continue
+        text = info.help or (inspect.getdoc(info.callback) if info.callback else None)
+        if text:
+            info.short_help = " ".join(inspect.cleandoc(text).split("\n\n")[0].split())
+
+
+_one_line_summaries(app)
+
+
 def main() -> None:  # pragma: no cover - thin wrapper
     """Run the CLI."""
     app()
