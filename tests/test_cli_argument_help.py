@@ -42,3 +42,14 @@ def test_every_command_is_listed_with_a_one_line_summary() -> None:
     for name, command in commands.items():
         assert command.short_help, name
         assert "\n" not in command.short_help, name
+
+
+def test_help_prose_is_reflowed_and_examples_and_lists_kept() -> None:
+    from fedseg.cli._common import reflow_help
+
+    text = "One two\nthree.\n\n  cmd --a \\\n      --b\n\n- x\n  y\n- z\n\nEnd."
+
+    assert reflow_help(text) == "One two three.\n\n  cmd --a \\\n      --b\n\n- x y\n- z\n\nEnd."
+    approve = GROUP.commands["approve"].help or ""
+    assert "whose SHA-256 is in the site folder's approved-apps.txt; any other" in approve
+    assert "\n  fedseg approve /path/to/fedseg-0.2.0 --list" in approve

@@ -261,3 +261,35 @@ def make_console(stderr: bool = False) -> Any:
     if not console.is_terminal:
         console = Console(stderr=stderr, width=140)
     return console
+
+
+def reflow_help(text: str) -> str:
+    """A command's help with each prose paragraph on one line, for typer's rich help.
+
+    Typer's rich help keeps every line break of a help text, so prose wrapped at 100
+    columns in the source was printed broken mid-sentence at a terminal's width. Paragraphs
+    (separated by blank lines) are joined into one line each; a paragraph with an indented
+    line (an example command) is kept as written; in a list (lines starting ``- `` or
+    ``* ``) each item becomes one line.
+    """
+    import inspect
+
+    out = []
+    for para in inspect.cleandoc(text).split("\n\n"):
+        lines = para.split("\n")
+        if para.startswith("\b") or any(ln[:1].isspace() for ln in lines[:1]):
+            out.append(para)
+            continue
+        if any(ln.startswith(("- ", "* ")) for ln in lines):
+            items: list[str] = []
+            for ln in lines:
+                if ln.startswith(("- ", "* ")) or not items:
+                    items.append(ln.strip())
+                else:
+                    items[-1] += " " + ln.strip()
+            out.append("\n".join(items))
+        elif any(ln[:1].isspace() for ln in lines):
+            out.append(para)
+        else:
+            out.append(" ".join(ln.strip() for ln in lines))
+    return "\n\n".join(out)

@@ -12,7 +12,7 @@ import importlib
 import click
 import typer
 
-from fedseg.cli._common import GuardedGroup, print_error
+from fedseg.cli._common import GuardedGroup, print_error, reflow_help
 
 
 def _keep_argument_help() -> None:
@@ -129,23 +129,25 @@ for _name in _COMMAND_MODULES:
     _mod.register(app)
 
 
-def _one_line_summaries(group: typer.Typer) -> None:
-    """Each command's entry in ``fedseg --help``: the first paragraph of its help as one line.
+def _tidy_help(group: typer.Typer) -> None:
+    """Every command's help as a terminal shows it well (:func:`._common.reflow_help`), and its
+    entry in ``fedseg --help`` the first paragraph on one line.
 
-    Typer's rich help keeps the line breaks of a docstring's first paragraph, so a summary
-    written over several source lines was listed broken mid-sentence.
+    Typer's rich help keeps the line breaks of a help text, so prose written over several
+    source lines was printed broken mid-sentence (check, train, provision, approve).
     """
     import inspect
 
     for info in group.registered_commands:
-        if info.short_help:
-            continue
         text = info.help or (inspect.getdoc(info.callback) if info.callback else None)
-        if text:
-            info.short_help = " ".join(inspect.cleandoc(text).split("\n\n")[0].split())
+        if not text:
+            continue
+        info.help = reflow_help(text)
+        if not info.short_help:
+            info.short_help = " ".join(info.help.split("\n\n")[0].split())
 
 
-_one_line_summaries(app)
+_tidy_help(app)
 
 
 def main() -> None:  # pragma: no cover - thin wrapper
