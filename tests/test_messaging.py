@@ -38,6 +38,11 @@ class FakeGrid:
         raise AssertionError("push/pull grids must not go through send_and_receive")
 
 
+def _messages(n: int) -> list[Any]:
+    """``n`` messages to nodes 0..n-1 (only what the exchange reads of them)."""
+    return [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=i)) for i in range(n)]
+
+
 @pytest.fixture
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(messaging, "pull_interval", lambda grid: 0.005)
@@ -55,7 +60,7 @@ def test_every_reply_is_collected_with_short_sleeps_between_pulls(
 
     monkeypatch.setattr(messaging.time, "sleep", sleep)
     grid = FakeGrid([0.0, 0.05, 0.12])
-    replies = send_and_receive(grid, ["a", "b", "c"], timeout=5.0)  # type: ignore[arg-type]
+    replies = send_and_receive(grid, _messages(3), timeout=5.0)  # type: ignore[arg-type]
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
     assert sleeps and max(sleeps) <= 0.005  # never Flower's 0.1 s (simulation) or 3 s
     assert grid.pulls == len(sleeps) + 1  # stops at the pull that brought the last reply
@@ -64,15 +69,27 @@ def test_every_reply_is_collected_with_short_sleeps_between_pulls(
 def test_a_reply_that_misses_the_timeout_is_left_out(fast: None) -> None:
     grid = FakeGrid([0.0, 10.0])
     t0 = time.monotonic()
-    replies = send_and_receive(grid, ["a", "b"], timeout=0.1)  # type: ignore[arg-type]
+    replies = send_and_receive(grid, _messages(2), timeout=0.1)  # type: ignore[arg-type]
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert time.monotonic() - t0 < 2.0
 
 
 def test_without_timeout_it_waits_for_all(fast: None) -> None:
     grid = FakeGrid([0.03, 0.06])
-    replies = send_and_receive(grid, ["a", "b"], timeout=None)  # type: ignore[arg-type]
+    replies = send_and_receive(grid, _messages(2), timeout=None)  # type: ignore[arg-type]
     assert len(replies) == 2
+
+
+def test_a_reply_missed_is_named_and_can_be_waited_for_later(fast: None) -> None:
+    grid = FakeGrid([0.0, 0.3])
+    first = messaging.Exchange(grid, _messages(2), timeout=0.05)  # type: ignore[arg-type]
+    assert len(first.wait()) == 1
+    assert first.unanswered == {"m1": 1}
+
+    again = messaging.Exchange(grid, [], timeout=5.0, waiting=first.unanswered)  # type: ignore[arg-type]
+
+    assert [r.metadata.reply_to_message_id for r in again.wait()] == ["m1"]
+    assert again.unanswered == {}
 
 
 def test_which_grids_are_polled_how() -> None:

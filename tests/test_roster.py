@@ -335,6 +335,78 @@ def test_a_node_whose_handshake_failed_is_asked_again(cohort: Any, tmp_path: Pat
         assert row["not-sampled"] == {}
 
 
+def _queries_to(grid: InProcessGrid, node: int) -> int:
+    return sum(
+        m.metadata.message_type == "query" and m.metadata.dst_node_id == node for m in grid.sent
+    )
+
+
+def test_a_node_that_never_answers_is_asked_once_and_waited_for_twice(
+    cohort: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung SuperNode: a second question would only queue behind the first."""
+    from fedseg.federation import messaging
+
+    root, parts = cohort
+    cfg = tiny_cfg(num_server_rounds=4, round_timeout=0.5)
+    grid, cfg = make_grid(cfg, root, parts, tmp_path, push_pull=True)
+    hung = grid.node_of("partition-id", 0)
+    grid.faults[hung] = lambda msg, reply: None  # never answers anything
+    waited_for: list[set[str]] = []  # the message ids each exchange waited for
+    real = messaging.Exchange.wait
+
+    def recorded(self: messaging.Exchange) -> list[Message]:
+        waited_for.append(set(self.destinations))
+        return real(self)
+
+    monkeypatch.setattr(messaging.Exchange, "wait", recorded)
+
+    result = serve(grid, cfg, tmp_path / "out")
+
+    (question,) = [
+        m.metadata.message_id
+        for m in grid.sent
+        if m.metadata.message_type == "query" and m.metadata.dst_node_id == hung
+    ]
+    # waited for at the run's start and once more at round 1's start, then only looked for
+    assert sum(question in ids for ids in waited_for) == 2
+    for row in result.history:
+        assert row["accepted"] == ["site-1", "site-2"]
+
+
+def test_a_handshake_answered_late_is_taken_later_and_not_asked_again(
+    cohort: Any, tmp_path: Path
+) -> None:
+    """A SuperNode busy with another message answers the handshake after its timeout (and
+    after the next round's start): the answer is taken at a later round's start, and the node
+    is not asked again."""
+    root, parts = cohort
+    cfg = tiny_cfg(num_server_rounds=3, round_timeout=0.5)
+    grid, cfg = make_grid(cfg, root, parts, tmp_path, push_pull=True)
+    node = grid.node_of("partition-id", 0)
+    held: dict[str, Message] = {}
+
+    def slow_handshake(msg: Message, reply: Message | None) -> Message | None:
+        if msg.metadata.message_type == "query" and reply is not None:
+            held[msg.metadata.message_id] = reply  # on its way: in after the timeout
+            return None
+        if msg.metadata.message_type == "train":
+            grid._replies.update(held)  # arrives while round 1 trains
+            held.clear()
+        return reply
+
+    grid.faults[node] = slow_handshake
+
+    result = serve(grid, cfg, tmp_path / "out")
+
+    assert _queries_to(grid, node) == 1
+    assert result.sites[node] == "site-0"
+    first, *later = result.history
+    assert "site-0" not in first["accepted"]
+    for row in later:
+        assert row["accepted"] == list(SITES)
+
+
 def test_a_run_resumed_on_the_same_nodes_sends_no_handshake(cohort: Any, tmp_path: Path) -> None:
     """A SuperLink restarted on its database keeps the node ids: the checkpoint names them.
 

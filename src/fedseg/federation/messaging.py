@@ -13,7 +13,7 @@ SuperLink (one small HTTP request each). Grids that only offer ``send_and_receiv
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -74,9 +74,19 @@ class Exchange:
         The messages to push (none: an exchange that is already complete).
     timeout:
         Seconds from now to wait for the replies; ``None``: until every reply is in.
+    waiting:
+        Message id to destination node of messages pushed earlier whose replies are waited
+        for as well (push/pull grids only).
     """
 
-    def __init__(self, grid: Grid, messages: Iterable[Message], *, timeout: float | None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        messages: Iterable[Message],
+        *,
+        timeout: float | None,
+        waiting: Mapping[str, int] | None = None,
+    ) -> None:
         self.grid = grid
         messages = list(messages)
         self.interval = pull_interval(grid)
@@ -84,16 +94,25 @@ class Exchange:
         self.timeout = timeout
         self.replies: list[Message] = []
         self.pending: set[str] = set()
+        #: message id to destination node, for every message waited for on a push/pull grid
+        self.destinations: dict[str, int] = {}
+        #: after :meth:`wait`: message id to node of those whose reply had not come back by
+        #: the timeout (push/pull grids only: they may still be pulled later)
+        self.unanswered: dict[str, int] = {}
         self.unsent: list[Message] = []
-        if not messages:
-            return
-        if self.interval is None:
+        if self.interval is not None and waiting:
+            self.destinations.update(waiting)
+        if messages and self.interval is None:
             self.unsent = messages
-        else:
+        elif messages:
             if trace.enabled():
                 kind = messages[0].metadata.message_type
                 trace.record("push", type=kind, count=len(messages), t=trace.now())
-            self.pending = set(grid.push_messages(messages))
+            ids = list(grid.push_messages(messages))
+            # (empty when the SuperLink refused the whole push as too large)
+            pushed = zip(ids, messages, strict=False)
+            self.destinations.update({m: msg.metadata.dst_node_id for m, msg in pushed if m})
+        self.pending = set(self.destinations)
 
     def wait(self) -> list[Message]:
         """The replies, once all are in or the timeout has passed (those in by then)."""
@@ -113,6 +132,7 @@ class Exchange:
                     break
                 sleep = min(sleep, left)
             time.sleep(sleep)
+        self.unanswered = {mid: self.destinations[mid] for mid in self.pending}
         self.pending = set()  # what has not come back by now is not waited for again
         trace.record("replies", count=len(self.replies), t=trace.now())
         return list(self.replies)

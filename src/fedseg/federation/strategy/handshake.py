@@ -6,9 +6,15 @@ server asks each node it has no name for: a ``query`` message with ``want = "sit
 (the *declared* count, one of the bounds of its weight: :mod:`.counts`), and loads its data
 then, so round 1 carries no start-up cost.
 
-A node that does not answer (an error reply, e.g. the SuperLink reporting it unavailable just
-after a restart, or none before the timeout) is asked again at the next handshake and is
-``node-<id>`` until then.
+A node that does not answer is ``node-<id>`` until it does. One that answered with an error
+(e.g. the SuperLink reporting it unavailable just after a restart) is asked again at the next
+handshake. One that gave no answer before the timeout is not asked again: a SuperNode handles
+one message at a time, so a second question would only queue behind the first. On a SuperLink
+(and the Simulation Engine) the next handshake waits for that first answer once more (a site
+slow to start, e.g. the Simulation Engine's workers on a loaded machine, is named by round 1);
+after that the server only looks for it at each handshake, without waiting, so a node that
+never answers (hung) delays two handshakes, not the start of every round. fedseg's in-process
+grid answers at once or never: there the node is simply asked again.
 
 A name already taken by a node that is still connected gets ``@<node id>`` appended, so names
 stay unique; a name whose node is no longer connected moves to the new node (the site came
@@ -36,7 +42,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedseg.errors import CheckpointError
 from fedseg.federation import records as R
-from fedseg.federation.messaging import send_and_receive
+from fedseg.federation.messaging import Exchange
 from fedseg.federation.strategy.reports import failure_reason, safe_name
 
 if TYPE_CHECKING:
@@ -200,6 +206,19 @@ class SiteDirectory:
         self.sites: dict[int, str] = {}
         self.known: set[str] = set()
         self.declared: dict[str, int] = {}
+        #: handshake message id to node: unanswered by its timeout, waited for once more
+        self.unanswered: dict[str, int] = {}
+        #: handshake message id to node: unanswered twice, only looked for without waiting
+        self.overdue: dict[str, int] = {}
+
+    def _overdue_answers(self, grid: Grid) -> list[Message]:
+        """Answers to questions unanswered twice that have come back since (no waiting)."""
+        if not self.overdue:
+            return []
+        got = list(grid.pull_messages(list(self.overdue)))
+        for msg in got:
+            self.overdue.pop(msg.metadata.reply_to_message_id, None)
+        return got
 
     def state_dict(self) -> dict[str, Any]:
         """The directory to checkpoint: ``site-nodes`` (node id, as text, to site name) and
@@ -265,15 +284,39 @@ class SiteDirectory:
             Node id to site name, after the handshake (a copy).
         """
         connected = set(grid.get_node_ids())
-        unknown = [n for n in sorted(connected) if n not in self.sites]
-        if not unknown:
+        late = self._overdue_answers(grid)
+        asked_before = {*self.unanswered.values(), *self.overdue.values()}
+        answered = {m.metadata.src_node_id for m in late}
+        unknown = [
+            n
+            for n in sorted(connected)
+            if n not in self.sites and n not in asked_before and n not in answered
+        ]
+        if not unknown and not self.unanswered and not late:
             return dict(self.sites)
-        answers = read_answers(send_and_receive(grid, query_messages(unknown), timeout=timeout))
-        assigned = assign_names(self.sites, unknown, answers.names, connected)
+        # a node gone since is not waited for: its question is only looked for from now on
+        waited = {m: n for m, n in self.unanswered.items() if n in connected}
+        self.overdue.update({m: n for m, n in self.unanswered.items() if n not in connected})
+        exchange = Exchange(grid, query_messages(unknown), timeout=timeout, waiting=waited)
+        replies = [*late, *exchange.wait()]
+        self.unanswered = {m: n for m, n in exchange.unanswered.items() if m not in waited}
+        self.overdue.update({m: n for m, n in exchange.unanswered.items() if m in waited})
+        answers = read_answers(replies)
+        asked = sorted({*unknown, *waited.values(), *(m.metadata.src_node_id for m in replies)})
+        asked = [n for n in asked if n in connected]
+        assigned = assign_names(self.sites, asked, answers.names, connected)
         for node in assigned.unnamed:
-            log.warning(
-                "node %d did not answer the handshake; it is node-%d until it does", node, node
-            )
+            if node in self.overdue.values():
+                log.warning(
+                    "node %d has not answered the handshake; it is node-%d until its answer "
+                    "comes (looked for at each round, no longer waited for)",
+                    node,
+                    node,
+                )
+            else:
+                log.warning(
+                    "node %d did not answer the handshake; it is node-%d until it does", node, node
+                )
         for name, node, gone in assigned.moved:
             log.info("site %s is now node %d (was node %d)", name, node, gone)
         self.sites.clear()  # in place: callers may hold this dict
