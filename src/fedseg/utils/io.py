@@ -158,6 +158,13 @@ def remove_partial_writes(folder: Path | str, *, recursive: bool = False) -> lis
     return removed
 
 
+def _staging_host() -> str:
+    """This host as a staging folder's name holds it (``-`` separates the name's parts)."""
+    import socket
+
+    return socket.gethostname().replace("-", "_")
+
+
 def _staging_owner(name: str, prefix: str) -> tuple[str, int] | None:
     """``(host, pid)`` from a staging folder's name ``.PREFIX-HOST-PID-XXXX``, else ``None``."""
     head = f".{prefix}-"
@@ -193,12 +200,11 @@ def remove_dead_staging(folder: Path | str, prefix: str) -> list[Path]:
         The folders removed.
     """
     import shutil
-    import socket
 
     root = Path(folder)
     if not root.is_dir():
         return []
-    host = socket.gethostname().replace("-", "_")
+    host = _staging_host()
     removed = []
     for path in root.glob(f".{prefix}-*"):
         owner = _staging_owner(path.name, prefix)
@@ -236,14 +242,13 @@ def staged_outputs(out: Path | str, prefix: str, last: Sequence[str] = ()) -> It
         ``out`` cannot be created or written (the message names it as ``--out``).
     """
     import shutil
-    import socket
 
     out = Path(out)
-    host = socket.gethostname().replace("-", "_")
     try:
         out.mkdir(parents=True, exist_ok=True)
         remove_dead_staging(out, prefix)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-{host}-{os.getpid()}-", dir=out))
+        tag = f".{prefix}-{_staging_host()}-{os.getpid()}-"
+        tmp = Path(tempfile.mkdtemp(prefix=tag, dir=out))
     except OSError as exc:
         raise OutputError(f"--out {out}: cannot write there ({exc.strerror})") from None
     try:
