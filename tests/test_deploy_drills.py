@@ -92,7 +92,7 @@ from fedseg.deploy.provision import (
     superlink_command,
     supernode_command,
 )
-from fedseg.federation.roster import OFFLINE, describe_sites
+from fedseg.federation.roster import BUSY, OFFLINE, describe_sites
 from fedseg.federation.strategy import NO_REPLY, UNREACHABLE
 
 GUARD = Path(__file__).resolve().parent / "drills" / "pickle_guard"
@@ -482,7 +482,10 @@ def test_every_round_names_every_site_and_the_stream_shows_it(drill: Drill) -> N
     for row in rounds:
         parts = [*row["accepted"], *row["rejected"], *row["not-sampled"]]
         assert sorted(parts) == list(SITES), row["round"]
-        assert set(row["not-sampled"].values()) <= {OFFLINE}, row["round"]
+        for site, why in row["not-sampled"].items():
+            # hospital-c, far slower than the timeout on an overloaded machine, may still be
+            # working on the round before's message: busy, and sent nothing (fedseg.federation.busy)
+            assert why == OFFLINE or (site == "hospital-c" and why.startswith(f"{BUSY}: ")), row
         assert f"round {row['round']} sites: {describe_sites(row)}" in stream
 
 
@@ -500,15 +503,19 @@ def test_server_restart_resumes_from_checkpoint(drill: Drill) -> None:
     # training went out before the kill and may have reached it (it is redone after the
     # restart, from the checkpoint).
     trains = count(drill.logs / "hospital-c-1.log", "Receiving: train message")
-    assert ROUNDS <= trains <= ROUNDS + 1
+    sent = sum("hospital-c" in r["sampled"] for r in rounds)  # busy rounds send it nothing
+    assert sent <= trains <= sent + 1
 
 
 def test_nan_update_dropped_and_logged_with_site_name(drill: Drill) -> None:
     rounds = drill.history()
-    reasons = [r["rejected"]["hospital-c"] for r in rounds]  # never accepted, never absent
+    # never accepted, never absent (busy: see test_every_round_names_every_site...)
+    reasons = [r["rejected"].get("hospital-c") or r["not-sampled"]["hospital-c"] for r in rounds]
     # A reply that came back is refused for its NaN. On a machine loaded far beyond the
     # timeout's calibration (see the module docstring) a reply may come back too late instead.
-    arrived = [why for why in reasons if why not in (NO_REPLY, UNREACHABLE)]
+    arrived = [
+        why for why in reasons if why not in (NO_REPLY, UNREACHABLE) and not why.startswith(BUSY)
+    ]
     assert arrived, reasons
     assert all("non-finite" in why.lower() for why in arrived), reasons
     logs = (drill.logs / "run-1.log").read_text() + (drill.logs / "run-2.log").read_text()

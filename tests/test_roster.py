@@ -25,6 +25,7 @@ from fedseg.federation.roster import (
 )
 from fedseg.federation.server_app import serve
 from fedseg.federation.strategy import NO_REPLY, FedsegStrategy, TrainReport
+from fedseg.federation.strategy.adapter import HANDSHAKE_PENDING
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -379,30 +380,37 @@ def test_a_handshake_answered_late_is_taken_later_and_not_asked_again(
 ) -> None:
     """A SuperNode busy with another message answers the handshake after its timeout (and
     after the next round's start): the answer is taken at a later round's start, and the node
-    is not asked again."""
+    is not asked again. Until then it is sent nothing (a message would queue behind the
+    question)."""
     root, parts = cohort
     cfg = tiny_cfg(num_server_rounds=3, round_timeout=0.5)
     grid, cfg = make_grid(cfg, root, parts, tmp_path, push_pull=True)
     node = grid.node_of("partition-id", 0)
+    other = grid.node_of("partition-id", 1)
     held: dict[str, Message] = {}
 
     def slow_handshake(msg: Message, reply: Message | None) -> Message | None:
         if msg.metadata.message_type == "query" and reply is not None:
             held[msg.metadata.message_id] = reply  # on its way: in after the timeout
             return None
+        return reply
+
+    def round_one_trains(msg: Message, reply: Message | None) -> Message | None:
         if msg.metadata.message_type == "train":
-            grid._replies.update(held)  # arrives while round 1 trains
+            grid._replies.update(held)  # the answer arrives while round 1 trains
             held.clear()
         return reply
 
     grid.faults[node] = slow_handshake
+    grid.faults[other] = round_one_trains
 
     result = serve(grid, cfg, tmp_path / "out")
 
     assert _queries_to(grid, node) == 1
     assert result.sites[node] == "site-0"
     first, *later = result.history
-    assert "site-0" not in first["accepted"]
+    assert first["not-sampled"] == {f"node-{node}": f"busy: {HANDSHAKE_PENDING}"}
+    assert not any(m.metadata.dst_node_id == node for m in grid.pushes[1])  # round 1's
     for row in later:
         assert row["accepted"] == list(SITES)
 

@@ -140,8 +140,12 @@ class MeteredGrid(Grid):
         """The wrapped grid's connected nodes."""
         return self.grid.get_node_ids()
 
+    def get_nodes(self) -> Iterable[Any]:
+        """The wrapped grid's connected nodes with their details (Flower's ``NodeInfo``)."""
+        return self.grid.get_nodes()
+
     def __getattr__(self, name: str) -> Any:
-        # anything else a grid offers (e.g. Flower's get_nodes) comes from the wrapped grid
+        # anything else a grid offers comes from the wrapped grid
         return getattr(self.__dict__["grid"], name)
 
     # counted -------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Each round: training (:meth:`FedsegStrategy.run_train`, replies awaited up to
 a history row that accounts for every known site (accepted, rejected or not sampled, each with
 its reason: :mod:`fedseg.federation.roster`; logged as one line per round), then an atomic
 checkpoint. A round whose replies all fail, or fall below the quorum, leaves the model
-unchanged, is recorded as ``"failed"`` and the run goes on.
+unchanged, is recorded as ``"failed"`` and the run goes on. A site that has not answered a
+message by its timeout is sent nothing more until it does (:mod:`fedseg.federation.busy`):
+anything more would only queue behind that message.
 
 Evaluation overlaps the next round's training: once round ``r`` is aggregated, round ``r + 1``'s
 training messages (which carry round ``r``'s model) also ask each site to score that model
@@ -46,6 +48,7 @@ from flwr.serverapp import Grid
 
 from fedseg.config import FedsegConfig
 from fedseg.federation import records as R
+from fedseg.federation.busy import TrackedGrid
 from fedseg.federation.checkpoint import load_checkpoint, save_checkpoint
 from fedseg.federation.messaging import Exchange, pull_interval
 from fedseg.federation.roster import describe_sites
@@ -137,6 +140,21 @@ def run_rounds(
         log.warning("resuming after round %d from %s", start, checkpoint)
     strategy.global_weights = dict(weights)
 
+    # A node still working on a message it was sent gets nothing more until it answers.
+    tracked = TrackedGrid(grid) if pull_interval(grid) is not None else None
+    grid = tracked if tracked is not None else grid
+
+    def settle() -> None:
+        """Between rounds: take late replies, and tell the strategy who is still busy; when
+        every connected node is busy, wait up to ``round-timeout`` for one of them first."""
+        if tracked is None:
+            return
+        busy = tracked.settle(strategy.site_of)
+        online = set(grid.get_node_ids())
+        if online and online <= set(busy):
+            busy = tracked.settle(strategy.site_of, wait=cfg.round_timeout)
+        strategy.set_busy(busy)
+
     _wait_for_sites(grid, cfg)
     strategy.discover_sites(grid, timeout=cfg.round_timeout)
     ready_time = time.perf_counter()
@@ -207,6 +225,7 @@ def run_rounds(
 
     for server_round in range(start + 1, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
+        settle()
         strategy.discover_sites(grid, timeout=cfg.round_timeout)  # nodes that joined late
         previous: EvaluateReport | None = None
         if overlap:
@@ -256,6 +275,7 @@ def run_rounds(
     if pending is not None:  # the last round's model: evaluated on its own
         if overlap:
             save(pending.round, pending)
+        settle()
         finish(pending, evaluate(pending), time.perf_counter(), last=True)
     return LoopResult(
         weights=R.from_array_record(arrays),  # a copy the caller owns

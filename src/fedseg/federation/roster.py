@@ -12,8 +12,10 @@ for every site the server knows, in exactly one of three places:
 ``not-sampled`` (site -> reason)
     The site got no training message: :data:`OFFLINE` (the SuperLink did not list its node as
     connected when the round was sampled), :data:`NOT_SELECTED` (``fraction-train`` picked
-    others) or an ``excluded: ...`` reason (the server did not run the round for anyone, e.g. a
-    spent client-level privacy budget).
+    others), a ``busy: ...`` reason (its node is still working on a message the server stopped
+    waiting for, which anything sent to it would queue behind: :mod:`fedseg.federation.busy`)
+    or an ``excluded: ...`` reason (the server did not run the round for anyone, e.g. a spent
+    client-level privacy budget).
 
 A known site is one that has answered the server's handshake in this run or before a resume
 (the names are kept in the checkpoint). :func:`account_sites` builds the three parts from what
@@ -35,6 +37,8 @@ OFFLINE = "offline (the SuperLink did not list its node as connected when the ro
 NOT_SELECTED = "not selected by fraction-train"
 #: prefix of the reason of a site the server left out on purpose (:func:`account_sites`)
 EXCLUDED = "excluded"
+#: prefix of the reason of a connected site still working on an earlier message
+BUSY = "busy"
 #: rejected: sent a training message, yet nothing recorded what became of it (a defect guard)
 NO_OUTCOME = "sent a training message, but no outcome was recorded for it"
 
@@ -53,12 +57,16 @@ class Sampling:
         The known sites whose node the grid listed as connected then.
     selected:
         The sites sent a training message (a subset of ``connected``).
+    busy:
+        Connected sites left out because their node has not answered an earlier message, each
+        with the reason (:func:`fedseg.federation.busy.busy_reason`).
     """
 
     server_round: int
     known: tuple[str, ...] = ()
     connected: tuple[str, ...] = ()
     selected: tuple[str, ...] = ()
+    busy: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +100,7 @@ def account_sites(
     accepted: Iterable[str],
     rejected: Mapping[str, str],
     excluded: Mapping[str, str] | None = None,
+    busy: Mapping[str, str] | None = None,
 ) -> SiteOutcomes:
     """Account for every site in one round (see the module docstring).
 
@@ -112,27 +121,34 @@ def account_sites(
     excluded:
         Site to reason, for sites the server left out on purpose; their reason is written
         ``"excluded: <reason>"``.
+    busy:
+        Site to reason, for connected sites not sent the round because they are still working
+        on an earlier message; written ``"busy: <reason>"`` (``excluded`` wins over it).
 
     Returns
     -------
     SiteOutcomes
         ``accepted``, ``rejected`` and ``not_sampled``: disjoint, and their union is every
         known site. A sampled site with no outcome is rejected with :data:`NO_OUTCOME`; a
-        known site that was not sampled is :data:`OFFLINE` if it was not connected,
-        ``excluded: ...`` if the server excluded it, otherwise :data:`NOT_SELECTED`.
+        known site that was not sampled is ``excluded: ...`` if the server excluded it,
+        ``busy: ...`` if it was busy, :data:`OFFLINE` if it was not connected, otherwise
+        :data:`NOT_SELECTED`.
     """
     excluded = dict(excluded or {})
+    busy = dict(busy or {})
     online = set(connected)
     sent = set(sampled)
     refused = {str(s): str(r) for s, r in rejected.items()}
     used = sorted(set(accepted) - set(refused))
     for site in sorted(sent - set(used) - set(refused)):
         refused[site] = NO_OUTCOME
-    everyone = {*known, *online, *sent, *used, *refused, *excluded}
+    everyone = {*known, *online, *sent, *used, *refused, *excluded, *busy}
     left_out: dict[str, str] = {}
     for site in sorted(everyone - set(used) - set(refused)):
         if site in excluded:
             left_out[site] = f"{EXCLUDED}: {excluded[site]}"
+        elif site in busy:
+            left_out[site] = f"{BUSY}: {busy[site]}"
         elif site not in online:
             left_out[site] = OFFLINE
         else:

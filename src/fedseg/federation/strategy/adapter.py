@@ -4,7 +4,8 @@
 round it
 
 1. samples ``fraction-train`` of the known sites (:mod:`.sampling`), named by the query
-   handshake (:mod:`.handshake`);
+   handshake (:mod:`.handshake`), leaving out nodes still working on an earlier message
+   (:mod:`fedseg.federation.busy`);
 2. sends the global model (FedBN: only the shared, non-normalisation keys), the round's train
    config (``server-round``, ``strategy``, ``local-epochs``, the algorithm's keys) and the
    algorithm's records for each site (SCAFFOLD: its drift correction ``c - c_i``):
@@ -70,6 +71,9 @@ from fedseg.privacy.client_dp import ServerPrivacy
 
 log = logging.getLogger("fedseg.server")
 
+#: why a node whose handshake question is out is sent nothing else
+HANDSHAKE_PENDING = "has not answered the handshake; sent nothing until it answers"
+
 
 class FedsegStrategy(Strategy):
     """Validating, quorum-checking Flower strategy over the pure cores of :mod:`fedseg.strategies`.
@@ -126,6 +130,9 @@ class FedsegStrategy(Strategy):
         self.privacy = ServerPrivacy(cfg)
         #: case-count weights (#24): the site registry and each site's last reported count
         self.counts = CaseCounts(cfg)
+        #: node to reason, for nodes still working on a message of an earlier round
+        #: (:meth:`set_busy`): they are sent nothing
+        self.busy: dict[int, str] = {}
 
     # ---------------------------------------------------------------- views of the parts
     @property
@@ -352,17 +359,36 @@ class FedsegStrategy(Strategy):
         return self.counts.weigh(server_round, reported, report, self.declared)
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
-        """``max(1, int(fraction-train * K))`` of the K connected sites, ordered by name
-        (:func:`.sampling.sample_round`); what was seen is kept in :attr:`last_sampling`."""
+        """``max(1, int(fraction-train * K))`` of the K connected sites that are not busy,
+        ordered by name (:func:`.sampling.sample_round`); what was seen is kept in
+        :attr:`last_sampling`."""
+        online = list(grid.get_node_ids())
+        busy = self.busy_nodes()
         chosen, self.last_sampling = sample_round(
-            self._connected(grid),
+            self._eligible(online, busy),
             self.site_of,
             self.known_sites,
             fraction=self.cfg.fraction_train,
             seed=self.cfg.seed,
             server_round=server_round,
+            busy={self.site_of(n): why for n, why in busy.items() if n in online},
         )
         return chosen
+
+    def set_busy(self, busy: Mapping[int, str]) -> None:
+        """The nodes still working on a message of an earlier round, each with the reason
+        (:meth:`fedseg.federation.busy.TrackedGrid.settle`): until the loop says otherwise
+        they get no training or evaluation message."""
+        self.busy = dict(busy)
+
+    def busy_nodes(self) -> dict[int, str]:
+        """Node to reason, for every node sent nothing this round: those of :meth:`set_busy`
+        and those that have not answered the handshake's question (a message would queue
+        behind it)."""
+        out = dict(self.busy)
+        for node in sorted(self.directory.asking()):
+            out.setdefault(node, HANDSHAKE_PENDING)
+        return out
 
     def account(self, report: TrainReport) -> TrainReport:
         """Complete ``report`` so that it accounts for every known site, and return it
@@ -425,7 +451,10 @@ class FedsegStrategy(Strategy):
     # ---------------------------------------------------------------- internals
     def _connected(self, grid: Grid) -> list[int]:
         """The nodes that may take part, by site name (:func:`.sampling.eligible_nodes`)."""
-        return eligible_nodes(grid.get_node_ids(), self.site_of, self.counts.refusal)
+        return self._eligible(grid.get_node_ids(), self.busy_nodes())
+
+    def _eligible(self, node_ids: Iterable[int], busy: Collection[int]) -> list[int]:
+        return eligible_nodes(node_ids, self.site_of, self.counts.refusal, busy)
 
     def _source(self, msg: Message) -> int:
         """The site node a training reply is about (:func:`.reports.reply_node`)."""

@@ -252,6 +252,10 @@ class SiteDirectory:
         self.declared.update(declared)
         self.known.update(sites.values())
 
+    def asking(self) -> set[int]:
+        """The nodes whose handshake question is out, unanswered by its timeout."""
+        return {*self.unanswered.values(), *self.overdue.values()}
+
     def site_of(self, node_id: int) -> str:
         """The site name of a node (``node-<id>`` before the handshake)."""
         return self.sites.get(node_id, f"node-{node_id}")
@@ -285,7 +289,7 @@ class SiteDirectory:
         """
         connected = set(grid.get_node_ids())
         late = self._overdue_answers(grid)
-        asked_before = {*self.unanswered.values(), *self.overdue.values()}
+        asked_before = self.asking()
         answered = {m.metadata.src_node_id for m in late}
         unknown = [
             n
@@ -308,14 +312,13 @@ class SiteDirectory:
         for node in assigned.unnamed:
             if node in self.overdue.values():
                 log.warning(
-                    "node %d has not answered the handshake; it is node-%d until its answer "
-                    "comes (looked for at each round, no longer waited for)",
-                    node,
+                    "node %d has not answered the handshake; it is sent nothing until its "
+                    "answer comes (looked for at each round, no longer waited for)",
                     node,
                 )
             else:
                 log.warning(
-                    "node %d did not answer the handshake; it is node-%d until it does", node, node
+                    "node %d did not answer the handshake; it is sent nothing until it does", node
                 )
         for name, node, gone in assigned.moved:
             log.info("site %s is now node %d (was node %d)", name, node, gone)

@@ -4,7 +4,8 @@ Each round samples ``max(1, int(fraction-train * K))`` of the ``K`` eligible sit
 (:func:`sample_indices`), deterministically from ``(seed, server_round)`` and the order of the
 sites' names, so a resumed run samples the same sites as an uninterrupted one. Eligible are the
 connected nodes whose site is not refused (a site missing from a registry that requires case
-counts is never sent a round), ordered by site name (:func:`eligible_nodes`).
+counts is never sent a round) and that are not busy with an earlier message
+(:mod:`fedseg.federation.busy`), ordered by site name (:func:`eligible_nodes`).
 :func:`sample_round` also records who could have been sampled (a
 :class:`~fedseg.federation.roster.Sampling`), from which :func:`account_round` completes the
 round's report so that every known site is accepted, rejected or not sampled.
@@ -15,7 +16,7 @@ adapter (:class:`fedseg.federation.strategy.FedsegStrategy`) calls them with its
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -29,7 +30,10 @@ Refusal = Callable[[str], str | None]
 
 
 def eligible_nodes(
-    node_ids: Iterable[int], site_of: Callable[[int], str], refusal: Refusal
+    node_ids: Iterable[int],
+    site_of: Callable[[int], str],
+    refusal: Refusal,
+    busy: Collection[int] = (),
 ) -> list[int]:
     """The nodes that may take part in a round, ordered by ``(site name, node id)``.
 
@@ -41,13 +45,16 @@ def eligible_nodes(
         A node's site name (``node-<id>`` for a node not named yet).
     refusal:
         Why a site may not take part (``None``: it may).
+    busy:
+        Nodes still working on an earlier message: sent nothing.
 
     Returns
     -------
     list of int
-        Every node of ``node_ids`` whose site is not refused, in a fixed order.
+        Every node of ``node_ids`` that is not busy and whose site is not refused, in a fixed
+        order.
     """
-    nodes = [n for n in node_ids if refusal(site_of(n)) is None]
+    nodes = [n for n in node_ids if n not in busy and refusal(site_of(n)) is None]
     return sorted(nodes, key=lambda n: (site_of(n), n))
 
 
@@ -93,6 +100,7 @@ def sample_round(
     fraction: float,
     seed: int,
     server_round: int,
+    busy: Mapping[str, str] | None = None,
 ) -> tuple[list[int], Sampling]:
     """Sample one round's sites and record who could have been sampled.
 
@@ -106,21 +114,26 @@ def sample_round(
         Every site name the server knows (from the handshake, kept across a resume).
     fraction, seed, server_round:
         As for :func:`sample_indices`.
+    busy:
+        Site to reason, for connected sites left out of ``nodes`` because they are still
+        working on an earlier message.
 
     Returns
     -------
     tuple
         ``(sampled nodes, Sampling)``: the nodes in ``nodes``' order; the record names the
         known sites (with any connected node not named yet, as ``node-<id>``), the connected
-        ones and the selected ones.
+        ones (busy ones included), the selected ones and the busy ones.
     """
+    busy = dict(busy or {})
     chosen = [nodes[i] for i in sample_indices(len(nodes), fraction, seed, server_round)]
-    connected = tuple(site_of(n) for n in nodes)
+    connected = tuple(site_of(n) for n in nodes) + tuple(sorted(busy))
     sampling = Sampling(
         server_round=server_round,
         known=tuple(sorted(set(known).union(connected))),
         connected=connected,
         selected=tuple(site_of(n) for n in chosen),
+        busy=busy,
     )
     return chosen, sampling
 
@@ -132,8 +145,9 @@ def account_round(
 
     ``accepted`` and ``rejected`` are made disjoint (a sampled site without an outcome is
     rejected), and every other known site goes to ``not_sampled`` with its reason: offline
-    when the round was sampled, not selected by ``fraction-train``, refused, or excluded (a
-    round the server did not run for anyone: its reason). See
+    when the round was sampled, busy with an earlier message, not selected by
+    ``fraction-train``, refused, or excluded (a round the server did not run for anyone: its
+    reason). See
     :func:`fedseg.federation.roster.account_sites`.
 
     Parameters
@@ -171,6 +185,7 @@ def account_round(
         accepted=report.accepted,
         rejected=report.rejected,
         excluded=excluded,
+        busy=seen.busy,
     )
     report.accepted = outcome.accepted
     report.rejected = outcome.rejected
