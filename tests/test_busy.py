@@ -214,6 +214,22 @@ def test_settle_with_nothing_outstanding_pulls_nothing() -> None:
     assert inner.pulled == [["m1"]]
 
 
+class _NoNodeDetails(_PushPull):
+    def get_nodes(self) -> list[SimpleNamespace]:
+        raise RuntimeError("the SuperLink did not answer")
+
+
+def test_a_grid_without_node_details_still_tracks_its_messages() -> None:
+    grid = TrackedGrid(_NoNodeDetails())  # type: ignore[arg-type]
+
+    ids = grid.push_messages([_message(1, "train", 1)])
+    busy = grid.settle()
+
+    assert ids == ["m1"]
+    assert list(busy) == [1]
+    assert grid.backlog.messages["m1"].activated == ""
+
+
 class _AnswersOnSecondLook(_PushPull):
     def pull_messages(self, ids: list[str]) -> list[Message]:
         if self.pulled:  # the reply has come by the second look

@@ -283,7 +283,8 @@ class TrackedGrid(Grid):
         grid does not give them)."""
         try:
             nodes = list(self.grid.get_nodes())
-        except NotImplementedError:  # a grid without node details
+        except Exception as exc:  # noqa: BLE001 - node details are a help, never a reason to stop
+            log.debug("no node details from the grid (%s): restarts are not detected", exc)
             return {}
         return {int(n.node_id): str(getattr(n, "last_activated_at", "") or "") for n in nodes}
 

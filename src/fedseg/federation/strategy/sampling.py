@@ -2,7 +2,8 @@
 
 Each round samples ``max(1, int(fraction-train * K))`` of the ``K`` eligible sites
 (:func:`sample_indices`), deterministically from ``(seed, server_round)`` and the order of the
-sites' names, so a resumed run samples the same sites as an uninterrupted one. Eligible are the
+sites' names, so a resumed run samples the same sites as an uninterrupted one (as long as the
+same sites are eligible). Eligible are the
 connected nodes whose site is not refused (a site missing from a registry that requires case
 counts is never sent a round) and that are not busy with an earlier message
 (:mod:`fedseg.federation.busy`), ordered by site name (:func:`eligible_nodes`).
