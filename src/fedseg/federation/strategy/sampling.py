@@ -3,11 +3,10 @@
 Each round samples ``max(1, int(fraction-train * K))`` of the ``K`` eligible sites
 (:func:`sample_indices`), deterministically from ``(seed, server_round)`` and the order of the
 sites' names, so a resumed run samples the same sites as an uninterrupted one (as long as the
-same sites are eligible). Eligible are the
-connected nodes whose site is not refused (a site missing from a registry that requires case
-counts is never sent a round) and that are not busy with an earlier message
-(:mod:`fedseg.federation.busy`), ordered by site name (:func:`eligible_nodes`).
-:func:`sample_round` also records who could have been sampled (a
+same sites are eligible). Eligible are the connected nodes whose site is not refused (a site
+missing from a registry that requires case counts is never sent a round) and that are not busy
+with an earlier message (:mod:`fedseg.federation.busy`), ordered by site name
+(:func:`eligible_nodes`). :func:`sample_round` also records who could have been sampled (a
 :class:`~fedseg.federation.roster.Sampling`), from which :func:`account_round` completes the
 round's report so that every known site is accepted, rejected or not sampled.
 
