@@ -27,6 +27,7 @@ TINY_SHAPE = (12, 12, 12)
 #: the other modules one at a time (each module's fixtures are then built once).
 NETWORK_MODULES = frozenset(
     {
+        "test_deploy_busy.py",
         "test_deploy_drills.py",
         "test_deploy_policy.py",
         "test_deploy_trust.py",

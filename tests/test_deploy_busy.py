@@ -1,0 +1,131 @@
+"""Drill of a hospital that stops answering: it is asked once, then left alone until it answers.
+
+Two hospitals run ``run-supernode.sh`` as provisioned (TLS, site keys, network namespaces, the
+long-running ClientApp). One federation of four rounds (``min-fraction=0.5``) plays:
+
+* round 2: ``hospital-b``'s ClientApp process is stopped (``SIGSTOP``) while it works on its
+  training message (journalled: pulled, its reply not yet pushed). Its SuperNode stays online
+  (its heartbeats go on) and takes no other message: Flower's SuperNode handles one at a time.
+  The round ends at ``round-timeout`` with ``hospital-a`` alone (``b``: no reply);
+* round 3: ``b`` is not sent a message (one would only queue behind the message it holds): the
+  record says it is busy with round 2's. Once ``hospital-a`` has its round-3 message, ``b``'s
+  ClientApp goes on (``SIGCONT``) and its round-2 reply reaches the SuperLink during round 3;
+* round 4: the server takes that reply at the round's start (late: not used) and ``b`` trains
+  again.
+
+The pause (about one ``round-timeout``) stays within the 60 s a ClientApp's task token outlives
+its last heartbeat, so ``b``'s own reply is what frees it (not Flower's error reply for an
+expired task).
+
+Needs root and iproute2 (skipped otherwise); ``FEDSEG_SKIP_DEPLOYMENT=1`` leaves it out.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from drillkit import (
+    BIN,
+    ROOT,
+    approve_app,
+    clean,
+    count,
+    drill_fixtures,
+    drill_marks,
+    resume,
+    wait_for,
+    write_connection,
+)
+from test_deploy_warm import WarmDrill
+
+from fedseg.deploy.provision import superlink_command
+from fedseg.federation.roster import BUSY
+from fedseg.federation.strategy import NO_REPLY
+
+pytestmark = drill_marks("busy-site drill")
+
+SITES = ("hospital-a", "hospital-b")
+ROUNDS = 4
+#: long enough for a warm round of the tiny model under load, short enough that the paused
+#: ClientApp's task token (60 s after its last heartbeat) outlives the pause
+TIMEOUT = 40.0
+
+
+class BusyDrill(WarmDrill):
+    """The scenario of the module docstring; the tests read its results."""
+
+    def play(self) -> None:
+        from test_site_policy import OPEN_POLICY
+
+        self.write_cohorts()
+        self.provision(OPEN_POLICY)
+        approve_app(self.pki, ROOT)
+        write_connection(self.home, "fedseg", self.spec.control, self.pki.server_dir / "ca.crt")
+        self.lab.up()
+        (self.tmp / "state").mkdir()
+        cmd = superlink_command(
+            self.spec, str(self.pki.server_dir), str(self.tmp / "state" / "superlink.db")
+        )
+        link = self.run_superlink(cmd, self.env)
+        self.register_sites(self.env)
+        for site in SITES:
+            self.start_site(site, "1")
+        run_config = (
+            f"num-server-rounds={ROUNDS} num-sites={len(SITES)} image-size=16 patch-size=16 "
+            "base-channels=4 depth=3 augment=false test-fraction=0.34 local-epochs=1 "
+            f"min-fraction=0.5 round-timeout={TIMEOUT} out-dir='{self.out}'"
+        )
+        flwr = [str(BIN / "flwr"), "run", str(ROOT), "fedseg", "--stream"]
+        stream = self.lab.start("server", "run", [*flwr, "--run-config", run_config], self.env)
+
+        app = self.catch_in_flight("hospital-b", "train", 2)
+        self.mark("b-paused")
+        try:
+            a_log = self.site_log("hospital-a", "1")
+            wait_for(
+                lambda: count(a_log, "Receiving: train message") >= 3,
+                3 * TIMEOUT,
+                "a's round-3 training message",
+                poll=0.1,
+            )
+            self.mark("a-round-3")
+        finally:
+            resume([app])
+        self.mark("b-resumed")
+        wait_for(lambda: (self.out / "final_model.pt").is_file(), 4 * TIMEOUT, "the run's end")
+        stream.wait(timeout=60)
+        self.mark("done")
+        del link
+
+    def history(self) -> list[dict[str, Any]]:
+        return list(json.loads((self.out / "history.json").read_text())["rounds"])
+
+
+played, busy = drill_fixtures(BusyDrill, "busy")
+
+
+def test_the_silent_site_is_asked_once_and_rejoins_once_it_answers(busy: BusyDrill) -> None:
+    first, second, third, fourth = busy.history()
+    assert [r["status"] for r in (first, second, third, fourth)] == ["ok"] * ROUNDS
+    assert first["accepted"] == list(SITES)
+    assert second["accepted"] == ["hospital-a"]
+    assert second["rejected"] == {"hospital-b": NO_REPLY}
+    assert third["accepted"] == ["hospital-a"]
+    assert third["rejected"] == {}
+    assert third["not-sampled"]["hospital-b"].startswith(
+        f"{BUSY}: still working on the round-2 train message"
+    )
+    assert fourth["accepted"] == list(SITES)
+
+
+def test_the_silent_site_got_no_message_it_could_only_queue(busy: BusyDrill) -> None:
+    log = clean(busy.site_log("hospital-b", "1").read_text(errors="replace"))
+    # rounds 1, 2 and 4; not round 3's
+    assert log.count("Receiving: train message") == 3
+
+
+def test_the_server_log_says_the_late_reply_was_not_used(busy: BusyDrill) -> None:
+    stream = clean((busy.logs / "run.log").read_text(errors="replace"))
+    assert "hospital-b answered its round-2 train message late; not used" in stream
+    assert "hospital-b (busy: still working on the round-2 train message" in stream
