@@ -34,6 +34,7 @@ QUICK: dict[str, tuple[str, list[str]]] = {
     "dp": ("bench_dp.py", ["--repeats", "3"]),
     "secure": ("bench_secure.py", ["--params", "100000", "--sites", "3"]),
     "evaluate-cohort": ("bench_evaluate_cohort.py", ["--seeds", "0", "--cases", "5"]),
+    "busy-site": ("bench_busy_site.py", ["--rounds", "5", "--timeout", "3"]),
 }
 
 
