@@ -26,20 +26,15 @@ import json
 from typing import Any
 
 from drillkit import (
-    BIN,
-    ROOT,
-    approve_app,
     clean,
     count,
     drill_fixtures,
     drill_marks,
     resume,
     wait_for,
-    write_connection,
 )
 from test_deploy_warm import WarmDrill
 
-from fedseg.deploy.provision import superlink_command
 from fedseg.federation.roster import BUSY
 from fedseg.federation.strategy import NO_REPLY
 
@@ -56,29 +51,9 @@ class BusyDrill(WarmDrill):
     """The scenario of the module docstring; the tests read its results."""
 
     def play(self) -> None:
-        from test_site_policy import OPEN_POLICY
-
-        self.write_cohorts()
-        self.provision(OPEN_POLICY)
-        approve_app(self.pki, ROOT)
-        write_connection(self.home, "fedseg", self.spec.control, self.pki.server_dir / "ca.crt")
-        self.lab.up()
-        (self.tmp / "state").mkdir()
-        cmd = superlink_command(
-            self.spec, str(self.pki.server_dir), str(self.tmp / "state" / "superlink.db")
+        link, _sites, stream = self.start_federation(
+            f"num-server-rounds={ROUNDS} local-epochs=1 min-fraction=0.5 round-timeout={TIMEOUT}"
         )
-        link = self.run_superlink(cmd, self.env)
-        self.register_sites(self.env)
-        for site in SITES:
-            self.start_site(site, "1")
-        run_config = (
-            f"num-server-rounds={ROUNDS} num-sites={len(SITES)} image-size=16 patch-size=16 "
-            "base-channels=4 depth=3 augment=false test-fraction=0.34 local-epochs=1 "
-            f"min-fraction=0.5 round-timeout={TIMEOUT} out-dir='{self.out}'"
-        )
-        flwr = [str(BIN / "flwr"), "run", str(ROOT), "fedseg", "--stream"]
-        stream = self.lab.start("server", "run", [*flwr, "--run-config", run_config], self.env)
-
         app = self.catch_in_flight("hospital-b", "train", 2)
         self.mark("b-paused")
         try:

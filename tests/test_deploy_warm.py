@@ -63,6 +63,7 @@ pytestmark = drill_marks("warm-site drills")
 
 SITES = ("hospital-a", "hospital-b")
 ROUNDS = 3
+Process = subprocess.Popen[bytes]
 TIMEOUT = drill_timeout(240)
 #: a restarted SuperNode must be activated well inside the ~60 s Flower alone needs
 REJOIN_LIMIT = float(os.environ.get("FEDSEG_REJOIN_LIMIT", "10"))
@@ -147,7 +148,10 @@ class WarmDrill(Hosts):
             raise
         return caught[0]
 
-    def play(self) -> None:
+    def start_federation(self, run_config: str) -> tuple[Process, dict[str, Process], Process]:
+        """Cohorts, key material, the approved app, the SuperLink, every site's warm SuperNode
+        and ``flwr run --stream`` with ``run_config`` (the tiny model's keys are added):
+        ``(SuperLink, site processes, the run's stream)``."""
         from test_site_policy import OPEN_POLICY
 
         self.write_cohorts()
@@ -161,14 +165,21 @@ class WarmDrill(Hosts):
         )
         link = self.run_superlink(cmd, self.env)
         self.register_sites(self.env)
-        sites = {s: self.start_site(s, "1") for s in SITES}
-        run_config = (
-            f"num-server-rounds={ROUNDS} num-sites={len(SITES)} image-size=16 patch-size=16 "
-            "base-channels=4 depth=3 augment=false test-fraction=0.34 local-epochs=3 "
-            f"min-fraction=1.0 round-timeout={TIMEOUT} out-dir='{self.out}'"
+        sites = {s: self.start_site(s, "1") for s in self.sites}
+        tiny = (
+            f"num-sites={len(self.sites)} image-size=16 patch-size=16 base-channels=4 depth=3 "
+            f"augment=false test-fraction=0.34 out-dir='{self.out}'"
         )
         flwr = [str(BIN / "flwr"), "run", str(ROOT), "fedseg", "--stream"]
-        stream = self.lab.start("server", "run", [*flwr, "--run-config", run_config], self.env)
+        stream = self.lab.start(
+            "server", "run", [*flwr, "--run-config", f"{tiny} {run_config}"], self.env
+        )
+        return link, sites, stream
+
+    def play(self) -> None:
+        link, sites, stream = self.start_federation(
+            f"num-server-rounds={ROUNDS} local-epochs=3 min-fraction=1.0 round-timeout={TIMEOUT}"
+        )
 
         # Round 2: hospital-a's ClientApp process is killed with its training message journalled.
         # Its start script is held (SIGSTOP) until hospital-b is back. Otherwise the script

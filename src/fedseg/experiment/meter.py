@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp import Grid
 
+from fedseg.federation.messaging import GridWrapper
+
 if TYPE_CHECKING:
     from flwr.app import Message, RecordDict
 
@@ -87,7 +89,7 @@ class Meter:
         return {**snap, "total": snap["down"] + snap["up"], "record-keys": sorted(self.record_keys)}
 
 
-class MeteredGrid(Grid):
+class MeteredGrid(GridWrapper):
     """A Flower grid that counts what crosses it and forwards everything else.
 
     Parameters
@@ -101,52 +103,15 @@ class MeteredGrid(Grid):
 
     Notes
     -----
-    ``pull_seconds`` is the wrapped grid's pull interval
-    (:func:`fedseg.federation.messaging.pull_interval`), so the round loop pushes and pulls
-    through this wrapper exactly as it would through the grid itself.
+    Everything it does not count is forwarded
+    (:class:`~fedseg.federation.messaging.GridWrapper`).
     """
 
     def __init__(self, grid: Grid, meter: Meter | None = None, observer: Observer | None = None):
-        from fedseg.federation.messaging import pull_interval
-
-        self.grid = grid
+        super().__init__(grid)
         self.meter = meter if meter is not None else Meter()
         self.observer = observer
-        self.pull_seconds = pull_interval(grid)
         self._pushed: dict[str, Message] = {}
-
-    # forwarded -----------------------------------------------------------------------------
-    def set_run(self, run: Any) -> None:
-        """Forwarded to the wrapped grid."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        """The wrapped grid's run."""
-        return self.grid.run
-
-    def create_message(  # pragma: no cover - deprecated in Flower
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Forwarded to the wrapped grid (deprecated Flower API, kept for the ABC)."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """The wrapped grid's connected nodes."""
-        return self.grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        """The wrapped grid's connected nodes with their details (Flower's ``NodeInfo``)."""
-        return self.grid.get_nodes()
-
-    def __getattr__(self, name: str) -> Any:
-        # anything else a grid offers comes from the wrapped grid
-        return getattr(self.__dict__["grid"], name)
 
     # counted -------------------------------------------------------------------------------
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

@@ -36,12 +36,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedseg.federation import records as R
+from fedseg.federation.messaging import LOCAL_PULL_SECONDS, GridWrapper
 
 __all__ = ["Backlog", "TrackedGrid", "Unanswered", "busy_reason"]
 
@@ -205,7 +205,7 @@ class Backlog:
         return {node: busy_reason(item, now) for node, item in sorted(self.busy().items())}
 
 
-class TrackedGrid(Grid):
+class TrackedGrid(GridWrapper):
     """A Flower grid that keeps a :class:`Backlog` of the messages pushed through it.
 
     Parameters
@@ -218,56 +218,14 @@ class TrackedGrid(Grid):
 
     Notes
     -----
-    ``pull_seconds`` is the wrapped grid's pull interval, so
-    :mod:`fedseg.federation.messaging` pushes and pulls through this wrapper as it would through
-    the grid itself.
+    Everything it does not track is forwarded
+    (:class:`~fedseg.federation.messaging.GridWrapper`); messages sent with
+    ``send_and_receive`` are not tracked.
     """
 
     def __init__(self, grid: Grid, backlog: Backlog | None = None) -> None:
-        from fedseg.federation.messaging import pull_interval
-
-        self.grid = grid
+        super().__init__(grid)
         self.backlog = backlog if backlog is not None else Backlog()
-        self.pull_seconds = pull_interval(grid)
-
-    # forwarded -----------------------------------------------------------------------------
-    def set_run(self, run: Any) -> None:  # pragma: no cover - the runtime sets the inner grid's
-        """Forwarded to the wrapped grid."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        """The wrapped grid's run."""
-        return self.grid.run
-
-    def create_message(  # pragma: no cover - deprecated in Flower
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Forwarded to the wrapped grid (deprecated Flower API, kept for the ABC)."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """The wrapped grid's connected nodes."""
-        return self.grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        """The wrapped grid's connected nodes with their details (Flower's ``NodeInfo``)."""
-        return self.grid.get_nodes()
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Forwarded to the wrapped grid (its messages are not tracked)."""
-        return self.grid.send_and_receive(messages, timeout=timeout)
-
-    def __getattr__(self, name: str) -> Any:
-        # anything else a grid offers comes from the wrapped grid
-        return getattr(self.__dict__["grid"], name)
 
     # tracked -------------------------------------------------------------------------------
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -318,8 +276,6 @@ class TrackedGrid(Grid):
         dict
             Node to :func:`busy_reason`, for every node still working on an overdue message.
         """
-        from fedseg.federation.messaging import LOCAL_PULL_SECONDS
-
         name = site_of or (lambda node: f"node {node}")
         self.backlog.close_round()
         if self.backlog.overdue:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedseg.federation import trace
@@ -136,3 +137,70 @@ class Exchange:
         self.pending = set()  # what has not come back by now is not waited for again
         trace.record("replies", count=len(self.replies), t=trace.now())
         return list(self.replies)
+
+
+class GridWrapper(Grid):
+    """A Flower grid that forwards everything to the grid it wraps; subclasses observe what
+    they need (:class:`fedseg.experiment.meter.MeteredGrid` counts bytes,
+    :class:`fedseg.federation.busy.TrackedGrid` keeps unanswered messages).
+
+    Parameters
+    ----------
+    grid:
+        The grid to wrap.
+
+    Notes
+    -----
+    ``pull_seconds`` is the wrapped grid's pull interval (:func:`pull_interval`), so the round
+    loop pushes and pulls through a wrapper exactly as it would through the grid itself.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.pull_seconds = pull_interval(grid)
+
+    def set_run(self, run: Any) -> None:
+        """Forwarded to the wrapped grid."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        """The wrapped grid's run."""
+        return self.grid.run
+
+    def create_message(  # pragma: no cover - deprecated in Flower
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Forwarded to the wrapped grid (deprecated Flower API, kept for the ABC)."""
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The wrapped grid's connected nodes."""
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        """The wrapped grid's connected nodes with their details (Flower's ``NodeInfo``)."""
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Forwarded to the wrapped grid."""
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Forwarded to the wrapped grid."""
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Forwarded to the wrapped grid."""
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        # anything else a grid offers comes from the wrapped grid
+        return getattr(self.__dict__["grid"], name)
