@@ -45,6 +45,10 @@ ROUNDS = 4
 #: long enough for a warm round of the tiny model under load, short enough that the paused
 #: ClientApp's task token (60 s after its last heartbeat) outlives the pause
 TIMEOUT = 40.0
+#: a warm training message of the tiny model runs in well under a second: ten epochs keep it in
+#: flight long enough for the drill to catch it on a loaded machine (with one epoch, CI's run
+#: missed it once)
+LOCAL_EPOCHS = 10
 
 
 class BusyDrill(WarmDrill):
@@ -52,7 +56,8 @@ class BusyDrill(WarmDrill):
 
     def play(self) -> None:
         link, _sites, stream = self.start_federation(
-            f"num-server-rounds={ROUNDS} local-epochs=1 min-fraction=0.5 round-timeout={TIMEOUT}"
+            f"num-server-rounds={ROUNDS} local-epochs={LOCAL_EPOCHS} min-fraction=0.5 "
+            f"round-timeout={TIMEOUT}"
         )
         app = self.catch_in_flight("hospital-b", "train", 2)
         self.mark("b-paused")
