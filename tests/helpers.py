@@ -110,6 +110,34 @@ def make_grid(
     return grid, cfg
 
 
+def late_replies(
+    grid: InProcessGrid,
+    node: int,
+    held: Callable[[Any], bool],
+    carrier: int,
+    arrives: Callable[[Any], bool],
+) -> None:
+    """``node``'s replies to the messages ``held`` picks are on their way past their timeout:
+    they reach the grid only when ``carrier`` runs a message that ``arrives`` picks (the
+    in-process grid runs each message at once, so another node's message marks the time)."""
+    late: dict[str, Any] = {}
+
+    def hold(msg: Any, reply: Any) -> Any:
+        if held(msg) and reply is not None:
+            late[msg.metadata.message_id] = reply
+            return None
+        return reply
+
+    def carry(msg: Any, reply: Any) -> Any:
+        if arrives(msg):
+            grid._replies.update(late)
+            late.clear()
+        return reply
+
+    grid.faults[node] = hold
+    grid.faults[carrier] = carry
+
+
 def run(
     cfg: FedsegConfig,
     cohort: tuple[Path, dict[str, list[str]]],

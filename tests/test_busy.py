@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from helpers import make_grid, tiny_cfg, write_cohort
+from helpers import late_replies, make_grid, tiny_cfg, write_cohort
 
 from fedseg.federation.busy import Backlog, TrackedGrid, Unanswered, busy_reason
 from fedseg.federation.inprocess import InProcessGrid
@@ -310,23 +310,14 @@ def test_a_site_that_answers_a_round_late_takes_part_again(cohort: Any, tmp_path
     cfg = tiny_cfg(num_server_rounds=4, round_timeout=0.5)
     grid, cfg = make_grid(cfg, root, parts, tmp_path, push_pull=True)
     slow = grid.node_of("partition-id", 1)
-    other = grid.node_of("partition-id", 0)
-    held: dict[str, Message] = {}
-
-    def slow_at_round_two(msg: Message, reply: Message | None) -> Message | None:
-        if _round_of(msg) == 2 and msg.metadata.message_type == "train" and reply is not None:
-            held[msg.metadata.message_id] = reply  # on its way: in after the timeout
-            return None
-        return reply
-
-    def round_three_trains(msg: Message, reply: Message | None) -> Message | None:
-        if msg.metadata.message_type == "train" and _round_of(msg) == 3:
-            grid._replies.update(held)  # the late reply arrives while round 3 trains
-            held.clear()
-        return reply
-
-    grid.faults[slow] = slow_at_round_two
-    grid.faults[other] = round_three_trains
+    # its round-2 reply arrives while round 3 trains
+    late_replies(
+        grid,
+        slow,
+        held=lambda msg: msg.metadata.message_type == "train" and _round_of(msg) == 2,
+        carrier=grid.node_of("partition-id", 0),
+        arrives=lambda msg: msg.metadata.message_type == "train" and _round_of(msg) == 3,
+    )
 
     result = serve(grid, cfg, tmp_path / "out")
 

@@ -22,9 +22,6 @@ Needs root and iproute2 (skipped otherwise); ``FEDSEG_SKIP_DEPLOYMENT=1`` leaves
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from drillkit import (
     clean,
     count,
@@ -73,13 +70,8 @@ class BusyDrill(WarmDrill):
         finally:
             resume([app])
         self.mark("b-resumed")
-        wait_for(lambda: (self.out / "final_model.pt").is_file(), 4 * TIMEOUT, "the run's end")
-        stream.wait(timeout=60)
-        self.mark("done")
+        self.wait_for_end(stream, 4 * TIMEOUT)
         del link
-
-    def history(self) -> list[dict[str, Any]]:
-        return list(json.loads((self.out / "history.json").read_text())["rounds"])
 
 
 played, busy = drill_fixtures(BusyDrill, "busy")

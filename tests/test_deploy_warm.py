@@ -226,10 +226,14 @@ class WarmDrill(Hosts):
         finally:
             resume([script])  # a's ClientApp starts again and runs round 2's message again
         self.mark("a-script-resumed")
-        wait_for(lambda: (self.out / "final_model.pt").is_file(), 3 * TIMEOUT, "the run's end")
+        self.wait_for_end(stream, 3 * TIMEOUT)
+        del link
+
+    def wait_for_end(self, stream: Process, limit: float) -> None:
+        """Wait up to ``limit`` s for the run's final model, then for ``flwr run`` to exit."""
+        wait_for(lambda: (self.out / "final_model.pt").is_file(), limit, "the run's end")
         stream.wait(timeout=60)
         self.mark("done")
-        del link
 
     def history(self) -> list[dict[str, Any]]:
         return list(json.loads((self.out / "history.json").read_text())["rounds"])

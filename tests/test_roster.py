@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from flwr.app import Message
-from helpers import make_grid, tiny_cfg, write_cohort
+from helpers import late_replies, make_grid, tiny_cfg, write_cohort
 
 from fedseg.federation.inprocess import InProcessGrid
 from fedseg.federation.roster import (
@@ -386,23 +386,14 @@ def test_a_handshake_answered_late_is_taken_later_and_not_asked_again(
     cfg = tiny_cfg(num_server_rounds=3, round_timeout=0.5)
     grid, cfg = make_grid(cfg, root, parts, tmp_path, push_pull=True)
     node = grid.node_of("partition-id", 0)
-    other = grid.node_of("partition-id", 1)
-    held: dict[str, Message] = {}
-
-    def slow_handshake(msg: Message, reply: Message | None) -> Message | None:
-        if msg.metadata.message_type == "query" and reply is not None:
-            held[msg.metadata.message_id] = reply  # on its way: in after the timeout
-            return None
-        return reply
-
-    def round_one_trains(msg: Message, reply: Message | None) -> Message | None:
-        if msg.metadata.message_type == "train":
-            grid._replies.update(held)  # the answer arrives while round 1 trains
-            held.clear()
-        return reply
-
-    grid.faults[node] = slow_handshake
-    grid.faults[other] = round_one_trains
+    # the answer arrives while round 1 trains
+    late_replies(
+        grid,
+        node,
+        held=lambda msg: msg.metadata.message_type == "query",
+        carrier=grid.node_of("partition-id", 1),
+        arrives=lambda msg: msg.metadata.message_type == "train",
+    )
 
     result = serve(grid, cfg, tmp_path / "out")
 
