@@ -329,6 +329,19 @@ def test_version_and_help_texts() -> None:
     assert "Epochs (default 60" in train_help.stdout
 
 
+@pytest.mark.parametrize("module", ["fedseg", "fedseg.cli"])
+def test_python_dash_m_runs_the_command(module: str) -> None:
+    """``python -m fedseg`` (and ``-m fedseg.cli``) is the command where no script is installed."""
+    from fedseg import __version__
+
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"fedseg {__version__}\n"
+
+
 def test_bracketed_help_text_survives_rich_markup() -> None:
     # Rich reads an unescaped "[tool.flwr.app.config]" as a markup tag and drops it
     import re
