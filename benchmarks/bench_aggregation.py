@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             for kib in block_sizes:
                 aggregate._BLOCK_BYTES = kib * 1024
                 for n in (1, threads):
-                    seconds = _timed(lambda n=n: fedavg(updates, counts, out=reused, threads=n))
+                    seconds = _timed(partial(fedavg, updates, counts, out=reused, threads=n))
                     keep(f"block {kib} KiB, {n} threads", seconds)
                 aggregate._BLOCK_BYTES = default_block
             if stacked is not None:

@@ -44,7 +44,7 @@ def main() -> None:
         base_channels=8,
         depth=3,
         batch_size=16,
-        augment=False,
+        augment="none",
         num_server_rounds=args.rounds,
         local_epochs=1,
         strategy="fedavg",

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 
 def make_checkpoint(path: Path) -> None:
@@ -51,12 +52,12 @@ def check_grid(data: Path, pred: Path) -> list[str]:
 
     bad = []
     for ref in discover_cases(data):
-        src = nib.load(ref.images["t1"])
+        src = cast(nib.Nifti1Image, nib.load(ref.images["t1"]))
         out = pred / f"{ref.case_id}.nii.gz"
         if not out.is_file():
             bad.append(ref.case_id)
             continue
-        img = nib.load(out)
+        img = cast(nib.Nifti1Image, nib.load(out))
         if img.shape != src.shape or not np.allclose(img.affine, src.affine):
             bad.append(ref.case_id)
     return bad

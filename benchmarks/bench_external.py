@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parents[1]
 REGIONS = ("WT", "TC", "ET")
@@ -78,7 +79,7 @@ def core_volumes(data: Path) -> dict[str, float]:
     for ref in discover_cases(data):
         if ref.label is None:
             continue
-        img = nib.load(ref.label)
+        img = cast(nib.Nifti1Image, nib.load(ref.label))
         voxel_ml = affine_voxel_volume(img.affine) / 1000.0
         out[ref.case_id] = float(np.isin(np.asanyarray(img.dataobj), (1, 4)).sum()) * voxel_ml
     return out

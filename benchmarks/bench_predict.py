@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -77,7 +78,7 @@ def prepare(work: Path, preset: str | None = None) -> tuple[Path, Path, Path]:
     if not dicom.is_dir():
         study, frame = new_uid(), new_uid()
         for n, m in enumerate(MODALITIES, start=1):
-            img = nib.load(case / f"{case.name}_{m}.nii.gz")
+            img = cast(nib.Nifti1Image, nib.load(case / f"{case.name}_{m}.nii.gz"))
             write_series(
                 np.asarray(img.dataobj).astype(np.int16),
                 img.affine,
@@ -136,7 +137,7 @@ def main() -> None:
             _run(["import-dicom", str(dicom), "--out", str(out / "imported")], cpu["import-dicom"])
         )
         same = same and identical(case, out / "imported")
-    shape = nib.load(case / f"{case.name}_t1.nii.gz").shape
+    shape = cast(nib.Nifti1Image, nib.load(case / f"{case.name}_t1.nii.gz")).shape
     print(
         json.dumps(
             {

@@ -109,7 +109,7 @@ def main() -> None:
         patch_size=16,
         base_channels=2,
         depth=2,
-        augment=False,
+        augment="none",
         test_fraction=0.34,
         num_server_rounds=args.rounds,
         local_epochs=1,

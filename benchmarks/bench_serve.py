@@ -38,6 +38,7 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import httpx
 import nibabel as nib
@@ -110,7 +111,8 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
-    cli_label = np.asarray(nib.load(ref_dir / f"{cases[0].name}_seg.nii.gz").dataobj)
+    cli_seg = cast(nib.Nifti1Image, nib.load(ref_dir / f"{cases[0].name}_seg.nii.gz"))
+    cli_label = np.asarray(cli_seg.dataobj)
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -142,9 +144,8 @@ def main() -> None:
         for c in cases:
             _, label, _ = _request(url, c.name, bodies[c.name])
             reference[c.name] = label
-        cli_match = reference[cases[0].name] is not None and np.array_equal(
-            reference[cases[0].name], cli_label
-        )
+        warm_up = reference[cases[0].name]
+        cli_match = warm_up is not None and np.array_equal(warm_up, cli_label)
         rss = [_rss_mib(server.pid)]
         order = [cases[i % len(cases)].name for i in range(args.requests)]
         seconds, correct = [], 0
@@ -154,7 +155,8 @@ def main() -> None:
             for f in futures:
                 name, label, secs = f.result()
                 seconds.append(secs)
-                ok = label is not None and np.array_equal(label, reference[name])
+                expected = reference[name]
+                ok = label is not None and expected is not None and np.array_equal(label, expected)
                 correct += int(ok)
                 rss.append(_rss_mib(server.pid))
         wall = time.perf_counter() - t0
@@ -162,6 +164,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
     first, last = rss[min(args.concurrency, len(rss) - 1)], rss[-1]
+    if warm_up is None:
+        raise SystemExit(f"fedseg serve did not answer the warm-up request for {cases[0].name}")
     print(
         json.dumps(
             {
@@ -182,7 +186,7 @@ def main() -> None:
                     "max": round(max(rss), 1),
                 },
                 "memory-flat": bool(last - first <= max(50.0, 0.05 * first)),
-                "case-shape": list(reference[cases[0].name].shape),
+                "case-shape": list(warm_up.shape),
                 "load-1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "command": " ".join(sys.argv),
             }

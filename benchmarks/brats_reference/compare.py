@@ -38,7 +38,7 @@ import time
 import venv
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import nibabel as nib
 import numpy as np
@@ -66,9 +66,17 @@ PAIRS = {
 }
 REGION_KEYS = {"WT": "wt", "TC": "tc", "ET": "et"}
 
+
+class _Grid(TypedDict):
+    """A golden grid: its shape in voxels and its (x, y, z) spacing in mm."""
+
+    shape: list[int]
+    spacing: list[float]
+
+
 # The golden recipes: spheres painted in order (label, centre x, y, z, radius in voxels) on a
 # small anisotropic grid. tests/test_brats_metrics.py paints them the same way.
-GOLDEN_GRID = {"shape": [40, 32, 24], "spacing": [1.0, 1.5, 2.0]}
+GOLDEN_GRID: _Grid = {"shape": [40, 32, 24], "spacing": [1.0, 1.5, 2.0]}
 GOLDEN_RECIPES: dict[str, dict[str, list[list[float]]]] = {
     "golden-shifted": {
         "ref": [[2, 14, 14, 11, 7], [1, 14, 14, 11, 4], [4, 14, 14, 11, 2]],
@@ -291,12 +299,12 @@ def build_cases(work: Path, n_base: int, seed: int) -> list[dict[str, Any]]:
         _save(ref, case.affine, ref_dir / f"{name}-seg.nii.gz")
         _save(pred, case.affine, pred_dir / f"{name}.nii.gz")
         cases.append({"name": name, "case": case.case_id, "grid": grid, "recipe": recipe})
-    for g, (name, recipe) in enumerate(GOLDEN_RECIPES.items()):
+    for g, (golden, spheres) in enumerate(GOLDEN_RECIPES.items()):
         affine = np.diag([*GOLDEN_GRID["spacing"], 1.0])
         file = f"BraTS-GLI-{90000 + g:05d}-000"
-        _save(paint(recipe["ref"], GOLDEN_GRID["shape"]), affine, ref_dir / f"{file}-seg.nii.gz")
-        _save(paint(recipe["pred"], GOLDEN_GRID["shape"]), affine, pred_dir / f"{file}.nii.gz")
-        cases.append({"name": file, "case": name, "grid": "golden", "recipe": name})
+        _save(paint(spheres["ref"], GOLDEN_GRID["shape"]), affine, ref_dir / f"{file}-seg.nii.gz")
+        _save(paint(spheres["pred"], GOLDEN_GRID["shape"]), affine, pred_dir / f"{file}.nii.gz")
+        cases.append({"name": file, "case": golden, "grid": "golden", "recipe": golden})
     for c in cases:
         c["ref"] = str(ref_dir / f"{c['name']}-seg.nii.gz")
         c["pred"] = str(pred_dir / f"{c['name']}.nii.gz")
@@ -304,7 +312,7 @@ def build_cases(work: Path, n_base: int, seed: int) -> list[dict[str, Any]]:
 
 
 def _read_regions(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
-    img = nib.load(path)
+    img = cast(nib.Nifti1Image, nib.load(path))
     label = to_internal_labels(np.asarray(img.dataobj), "brats2023")
     return label_to_regions(label).astype(bool), tuple(float(z) for z in img.header.get_zooms())
 

@@ -13,6 +13,7 @@ import json
 import sys
 from importlib.metadata import version
 from importlib.resources import files
+from typing import Any
 
 from brats_evaluation.evaluation import evaluate_single_exam
 from panoptica import Panoptica_Evaluator
@@ -26,17 +27,18 @@ def main() -> None:
         pairs = json.load(f)
     config = files("brats_evaluation").joinpath("configs", "config_gli.yaml")
     evaluator = Panoptica_Evaluator.load_from_config(str(config))
+    cases: dict[str, dict[str, dict[str, Any]]] = {}
     out = {
         "brats-evaluation": version("BraTS_evaluation"),
         "panoptica": version("panoptica"),
         "config": "config_gli.yaml",
-        "cases": {},
+        "cases": cases,
     }
     for pair in pairs:
         res = evaluate_single_exam(pair["pred"], pair["ref"], pair["name"], evaluator)
         if "error" in res:
             raise SystemExit(f"{pair['name']}: the evaluator failed: {res['error']}")
-        out["cases"][pair["name"]] = {
+        cases[pair["name"]] = {
             region: {k: res[region][k] for k in KEYS} for region in ("wt", "tc", "et")
         }
     with open(out_path, "w") as f:

@@ -58,6 +58,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,11 @@ class BareLoop:
         return (time.perf_counter() - t0) / steps
 
 
+def bare_seconds(bare: BareLoop, steps: int, seed: int) -> float:
+    """Mean seconds per step of ``bare`` over ``steps`` steps (its batch is fixed: no ``seed``)."""
+    return bare.seconds(steps)
+
+
 def trainer_seconds(trainer: Any, seed: int) -> float:
     """Mean seconds per step of one ``SiteTrainer.train`` epoch (it ends with a host read)."""
     _sync(trainer.device)
@@ -290,7 +296,7 @@ def section_step(cfg: FedsegConfig, device: torch.device, size: dict[str, Any]) 
 
     steps, repeats = size["steps"], size["repeats"]
     items = _blob_items(steps * cfg.batch_size, cfg.patch_size)
-    plain = cfg.replace(augment=False, image_size=cfg.patch_size, device_augment=False)
+    plain = cfg.replace(augment="none", image_size=cfg.patch_size, device_augment=False)
     out: dict[str, Any] = {
         "patch": cfg.patch_size,
         "batch": cfg.batch_size,
@@ -309,9 +315,9 @@ def section_step(cfg: FedsegConfig, device: torch.device, size: dict[str, Any]) 
         streamed = SiteTrainer(plain.replace(amp=amp, data_on_device="off"), items, device=device)
         got = interleaved(
             {
-                "bare": lambda _r, b=bare: b.seconds(steps),
-                "trainer": lambda r, t=trainer: trainer_seconds(t, r),
-                "streamed": lambda r, t=streamed: trainer_seconds(t, r),
+                "bare": partial(bare_seconds, bare, steps),
+                "trainer": partial(trainer_seconds, trainer),
+                "streamed": partial(trainer_seconds, streamed),
             },
             repeats,
         )
@@ -341,7 +347,7 @@ def _dp_child(mode: str, tiny: bool, steps: int, repeats: int) -> None:
     from fedseg.utils.runtime import pick_device
 
     cfg = bench_config(tiny)
-    cfg = cfg.replace(augment=False, image_size=cfg.patch_size, device_augment=False)
+    cfg = cfg.replace(augment="none", image_size=cfg.patch_size, device_augment=False)
     device = pick_device()
     items = _blob_items(steps * cfg.batch_size, cfg.patch_size)
     plain = SiteTrainer(cfg, items, device=device)
@@ -428,10 +434,10 @@ def section_train(
     windows: list[tuple[float, float]] = []
     real = SiteTrainer.train_epoch
 
-    def timed(self: SiteTrainer, epoch: int, total: int) -> dict[str, float]:
+    def timed(self: SiteTrainer, epoch: int, total_epochs: int) -> dict[str, float]:
         a = time.time()
         try:
-            return real(self, epoch, total)
+            return real(self, epoch, total_epochs)
         finally:
             windows.append((a, time.time()))
 

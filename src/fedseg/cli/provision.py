@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -170,11 +170,11 @@ def provision_command(
         )
 
 
-def _with_expected_cases(sites: object, given: list[str]) -> list[object]:
+def _with_expected_cases(sites: object, given: list[str]) -> list[dict[str, Any]]:
     """The description's sites with ``--expected-cases SITE=N`` applied (as ``[[sites]]``)."""
     from fedseg.errors import ConfigError
 
-    entries = [
+    entries: list[dict[str, Any]] = [
         dict(item) if isinstance(item, dict) else {"name": item}
         for item in (sites if isinstance(sites, list) else [])
     ]

@@ -22,7 +22,7 @@ there once and cuts every patch on the device: the same patches, without per-ste
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -107,8 +107,10 @@ def preprocess_native(case: Case, spacing: float, margin: int = MARGIN) -> Prepa
     start, end = generate_spatial_bounding_box(img, select_fn=lambda x: x > 0, margin=margin)
     if any(e <= s for s, e in zip(start, end, strict=True)):  # an all-zero image: keep the grid
         start, end = [0] * (img.ndim - 1), list(img.shape[1:])
-    crop = SpatialCrop(roi_start=start, roi_end=end)
-    image = np.asarray(NormalizeIntensity(nonzero=True, channel_wise=True)(crop(img)))
+    # MONAI's array transforms take NumPy arrays too (their stubs say Tensor only, hence Any)
+    crop: Callable[[Any], Any] = SpatialCrop(roi_start=start, roi_end=end)
+    normalise: Callable[[Any], Any] = NormalizeIntensity(nonzero=True, channel_wise=True)
+    image = np.asarray(normalise(crop(img)))
     regions = None
     if case.label is not None:
         regions = np.asarray(crop(label_to_regions(case.label).astype(np.uint8)), dtype=np.uint8)
@@ -467,6 +469,8 @@ class ResidentPatches:
         for b, (index, seed) in enumerate(keys):
             self.sampler.set_random_state(seed)
             src, dst = self.sampler.window(index, self.items[index])
-            x[(b, slice(None), *dst)] = self.images[index][(slice(None), *src)]
-            y[(b, slice(None), *dst)] = self.regions[index][(slice(None), *src)]
+            into: tuple[int | slice, ...] = (b, slice(None), *dst)
+            taken: tuple[slice, ...] = (slice(None), *src)
+            x[into] = self.images[index][taken]
+            y[into] = self.regions[index][taken]
         return x, y

@@ -38,12 +38,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError
+from nibabel.spatialimages import HeaderDataError, SpatialImage
 
 from fedseg.data.case import MODALITIES, Case, CaseRef
 from fedseg.errors import (
@@ -438,7 +438,8 @@ def _read_nifti(path: Path) -> tuple[tuple[np.ndarray, np.ndarray, Any] | None, 
     if problem is not None:
         return None, *problem
     try:
-        img = nib.load(path)
+        # a .nii / .nii.gz loads as a spatial image (NIfTI-1 or NIfTI-2)
+        img = cast(SpatialImage, nib.load(path))
         # force the read: nibabel is lazy and a truncated .nii.gz only fails here
         data = np.asanyarray(img.dataobj)
     except _READ_ERRORS as exc:

@@ -176,7 +176,8 @@ def _anatomy() -> _Anatomy:
     dst = tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi, strict=True))
     stack = np.zeros((*shape, 3), dtype=np.float32)
     for k, vol in enumerate((csf, gm, wm)):
-        stack[(*dst, k)] = vol[src]
+        into: tuple[slice | int, ...] = (*dst, k)
+        stack[into] = vol[src]
     new_affine = affine.copy()
     new_affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
 
@@ -754,8 +755,10 @@ def draw_volumes(rng: np.random.Generator) -> tuple[float, float]:
     thin rim of oedema; the core is at least :data:`MIN_CORE_ML`. Growing the tumour and removing
     detached fragments later can take a little off either volume.
     """
-    wt_ml = math.exp(rng.uniform(*(math.log(v) for v in WT_ML_RANGE)))
-    logit = rng.uniform(*(math.log(v / (1.0 - v)) for v in CORE_SHARE_RANGE))
+    wt_lo, wt_hi = (math.log(v) for v in WT_ML_RANGE)
+    wt_ml = math.exp(rng.uniform(wt_lo, wt_hi))
+    share_lo, share_hi = (math.log(v / (1.0 - v)) for v in CORE_SHARE_RANGE)
+    logit = rng.uniform(share_lo, share_hi)
     share = 1.0 / (1.0 + math.exp(-logit))
     tc_ml = max(share * wt_ml, MIN_CORE_ML)
     return tc_ml, wt_ml - tc_ml
@@ -786,7 +789,8 @@ def _synthesise_unlimited(
     a_inv = np.linalg.inv(a_mat)
     c_out = a_inv @ (c_template - ctr - shift) + ctr
     ci = tuple(int(np.clip(round(v), 0, n - 1)) for v, n in zip(c_out, shape, strict=True))
-    c_out = a_inv @ (c_template - ctr - shift - disp[(slice(None), *ci)]) + ctr
+    at_centre: tuple[slice | int, ...] = (slice(None), *ci)
+    c_out = a_inv @ (c_template - ctr - shift - disp[at_centre]) + ctr
     c_out = np.clip(c_out, 0, np.asarray(shape) - 1)
 
     axes = [np.arange(n, dtype=np.float32) for n in shape]
@@ -808,7 +812,8 @@ def _synthesise_unlimited(
         g = k_mass * np.exp(-(dc[0] ** 2 + dc[1] ** 2 + dc[2] ** 2) / (2 * s * s))
         box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         for i in range(3):
-            coords[(i, *box)] -= dc[i] * g
+            in_box: tuple[int | slice, ...] = (i, *box)
+            coords[in_box] -= dc[i] * g
 
     # Interpolate only where the nearest template voxel is near the brain (about half).
     near = np.zeros(shape, dtype=np.float32)

@@ -13,7 +13,7 @@ nnU-Net's set in groups, or fedseg's earlier light set ``basic``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,15 +79,18 @@ def preprocess_case(case: Case, image_size: int, margin: int = 2) -> Prepared:
 
     img = np.asarray(case.image, dtype=np.float32)
     start, end = brain_bbox(img, margin)
-    crop = SpatialCrop(roi_start=start, roi_end=end)
+    # MONAI's array transforms take and give NumPy arrays as well as tensors (their stubs say
+    # Tensor only, hence Any)
+    crop: Callable[[Any], Any] = SpatialCrop(roi_start=start, roi_end=end)
     size = (image_size,) * (img.ndim - 1)
-    image = NormalizeIntensity(nonzero=True, channel_wise=True)(crop(img))
-    image = Resize(spatial_size=size, mode="area")(image)
+    normalise: Callable[[Any], Any] = NormalizeIntensity(nonzero=True, channel_wise=True)
+    resize_area: Callable[[Any], Any] = Resize(spatial_size=size, mode="area")
+    image = resize_area(normalise(crop(img)))
     regions = None
     if case.label is not None:
         reg = crop(label_to_regions(case.label).astype(np.float32))
-        regions = Resize(spatial_size=size, mode="nearest")(reg)
-        regions = np.asarray(regions, dtype=np.uint8)
+        resize_nearest: Callable[[Any], Any] = Resize(spatial_size=size, mode="nearest")
+        regions = np.asarray(resize_nearest(reg), dtype=np.uint8)
     crop_shape = np.asarray(end) - np.asarray(start)
     spacing = tuple(float(s) for s in np.asarray(case.spacing) * crop_shape / image_size)
     return Prepared(

@@ -138,9 +138,7 @@ class InProcessGrid(Grid):
         node = msg.metadata.dst_node_id
         reply = self.client_app(msg, self.contexts[node])
         fault = self.faults.get(node)
-        if fault is not None:
-            reply = fault(msg, reply)
-        return reply
+        return reply if fault is None else fault(msg, reply)
 
     def node_of(self, key: str, value: Any) -> int:
         """The node whose node config has ``key == value``."""

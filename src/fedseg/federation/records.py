@@ -364,6 +364,11 @@ def reply_error(content: RecordDict) -> str | None:
 MAX_REASON = 500
 
 
+def metric_record(values: Mapping[str, int | float]) -> MetricRecord:
+    """Scalar scores as a MetricRecord."""
+    return MetricRecord({key: value for key, value in values.items()})
+
+
 def metrics_dict(record: MetricRecord | None) -> dict[str, float]:
     """A MetricRecord's scalar entries as plain floats (lists are dropped)."""
     if record is None:

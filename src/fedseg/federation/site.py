@@ -340,10 +340,11 @@ def handle_query(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     if _message_config(msg).get("want") == "landmarks":  # harmonisation's landmark query
         return _landmarks_reply(msg, context, cfg)
     spec = resolve_site(context, cfg)
-    content = RecordDict({R.SITE: R.site_record(spec.name)})
+    site = R.site_record(spec.name)
     declared = _declared_count(spec, cfg, context)
     if declared is not None:  # the server bounds this site's weight by it (#24)
-        content[R.SITE][R.DECLARED_COUNT] = declared
+        site[R.DECLARED_COUNT] = declared
+    content = RecordDict({R.SITE: site})
     # Simulated sites live in a long-lived worker, deployed ones in the site's long-running
     # ClientApp (fedseg.deploy.warm_clientapp); a ClientApp process per message would only
     # lose the prepared data when it exits. A site with a policy of its own prepares only for
@@ -504,7 +505,7 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
     spec = resolve_site(context, cfg)
     conf = _message_config(msg)
     strategy = str(conf.get("strategy", cfg.strategy))
-    server_round = int(conf.get("server-round", 0))
+    server_round = _conf_int(conf, "server-round", 0)
     received = _received_weights(msg)
     if cfg.secure_aggregation == "ckks":
         # A site that could not seal its reply must refuse before its policy books epsilon.
@@ -530,8 +531,8 @@ def handle_train(msg: Message, context: Context, cfg: FedsegConfig) -> RecordDic
         content[key] = record
     _track(context, server_round, train=R.metrics_dict(content.metric_records.get(R.METRICS)))
     if "evaluate-round" in conf and R.EVAL_METRICS in content.metric_records:
-        scores = R.metrics_dict(content.metric_records.get(R.EVAL_METRICS))
-        _track(context, int(conf["evaluate-round"]), scores=scores)
+        evaluated = R.metrics_dict(content.metric_records.get(R.EVAL_METRICS))
+        _track(context, _conf_int(conf, "evaluate-round", 0), scores=evaluated)
     return content
 
 
@@ -561,9 +562,9 @@ def _train_received(
     from fedseg.site.attacks import attack_weights, reported_count
 
     strategy = str(conf.get("strategy", cfg.strategy))
-    server_round = int(conf.get("server-round", 0))
-    epochs = int(conf.get("local-epochs", cfg.local_epochs))
-    mu = float(conf.get("proximal-mu", cfg.proximal_mu))
+    server_round = _conf_int(conf, "server-round", 0)
+    epochs = _conf_int(conf, "local-epochs", cfg.local_epochs)
+    mu = _conf_float(conf, "proximal-mu", cfg.proximal_mu)
     _load_global(trainer, received, strategy, saved.get(FEDBN_STATE))
     _restore_optimizer(trainer, cfg, saved.get(OPTIMIZER_STATE))
 
@@ -721,7 +722,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> Record
     spec = resolve_site(context, cfg)
     conf = _message_config(msg)
     strategy = str(conf.get("strategy", cfg.strategy))
-    server_round = int(conf.get("server-round", 0))
+    server_round = _conf_int(conf, "server-round", 0)
     received = _received_weights(msg)
     enforce_site_policy(context, cfg, spec, "evaluate", conf, received)
     rt = harmonised_runtime(get_runtime(spec, cfg), cfg, conf)
@@ -733,7 +734,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: FedsegConfig) -> Record
     )
     metrics = _evaluate_received(rt, received, strategy, saved.get(FEDBN_STATE))
     _track(context, server_round, scores=metrics)
-    return RecordDict({R.METRICS: MetricRecord(metrics), R.SITE: R.site_record(spec.name)})
+    return RecordDict({R.METRICS: R.metric_record(metrics), R.SITE: R.site_record(spec.name)})
 
 
 def _evaluate_received(
@@ -775,7 +776,7 @@ def _fused_evaluation(
     except Exception as exc:  # noqa: BLE001 - the site boundary: reported as a code only
         log.exception("site %s: evaluation failed (reply carries only a code)", spec.name)
         return RecordDict({R.EVAL_ERROR: ConfigRecord({"code": R.public_code(exc)})})
-    return RecordDict({R.EVAL_METRICS: MetricRecord(metrics)})
+    return RecordDict({R.EVAL_METRICS: R.metric_record(metrics)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -945,7 +946,7 @@ def enforce_site_policy(
         model_parameters=int(sum(np.asarray(a).size for a in received.values())),
         trained_in_run=ledger.trained_in(run_key),
     )
-    server_round = int(conf.get("server-round", 0))
+    server_round = _conf_int(conf, "server-round", 0)
     try:
         check_request(policy, request)
     except SitePolicyError as exc:
@@ -959,7 +960,7 @@ def enforce_site_policy(
     planned = this_round = None
     if cfg.dp_mode == "sample":
         n = train_case_count(spec, cfg)
-        epochs = int(conf.get("local-epochs", cfg.local_epochs))
+        epochs = _conf_int(conf, "local-epochs", cfg.local_epochs)
         planned, this_round = planned_entry(cfg, n), round_entry(cfg, n, epochs)
     try:
         cost = ledger.admit_training(
@@ -1008,6 +1009,44 @@ def train_case_count(spec: SiteSpec, cfg: FedsegConfig) -> int:
 
 def _message_config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(R.CONFIG, ConfigRecord())
+
+
+def _conf_int(conf: ConfigRecord, key: str, default: int) -> int:
+    """The message config's ``key`` as an integer (``default`` when absent).
+
+    Raises
+    ------
+    UpdateValidationError
+        The value is not a number.
+    """
+    value = conf.get(key, default)
+    try:
+        if isinstance(value, list | bytes):
+            raise TypeError(type(value).__name__)
+        return int(value)
+    except (TypeError, ValueError):
+        raise UpdateValidationError(
+            f"the message's config '{key}' is {value!r}; expected an integer"
+        ) from None
+
+
+def _conf_float(conf: ConfigRecord, key: str, default: float) -> float:
+    """The message config's ``key`` as a number (``default`` when absent).
+
+    Raises
+    ------
+    UpdateValidationError
+        The value is not a number.
+    """
+    value = conf.get(key, default)
+    try:
+        if isinstance(value, list | bytes):
+            raise TypeError(type(value).__name__)
+        return float(value)
+    except (TypeError, ValueError):
+        raise UpdateValidationError(
+            f"the message's config '{key}' is {value!r}; expected a number"
+        ) from None
 
 
 def _array_record(msg: Message, key: str) -> dict[str, np.ndarray]:

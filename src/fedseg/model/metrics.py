@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedseg.data.case import REGIONS
+
+if TYPE_CHECKING:
+    import torch
 
 
 def region_metrics(
@@ -63,7 +67,7 @@ def region_metrics(
     return out
 
 
-def _hd95(p: torch.Tensor, r: torch.Tensor, spacing: tuple[float, ...]) -> float:  # noqa: F821
+def _hd95(p: torch.Tensor, r: torch.Tensor, spacing: tuple[float, ...]) -> float:
     from monai.metrics import compute_hausdorff_distance
 
     pe, re = bool(p.any()), bool(r.any())

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -393,13 +393,15 @@ class SiteTrainer:
         loads the sample, and the workers can live across calls (starting them every round
         would cost more than a round's steps on a GPU).
         """
-        from torch.utils.data import DataLoader
+        from torch.utils.data import DataLoader, Dataset
 
         self._reseed(gen)
         if self._train_loader is None:
             workers = self.cfg.num_workers
             self._train_loader = DataLoader(
-                _PerSampleSeeds(self.dataset),
+                # a map-style dataset (__len__, __getitem__); not a Dataset subclass, so that
+                # this module imports without torch
+                cast(Dataset[Any], _PerSampleSeeds(self.dataset)),
                 batch_size=self.cfg.batch_size,
                 sampler=_SeededSampler(len(self.dataset), self._sampler_gen, self._seed_gen),
                 generator=self._sampler_gen,  # also Opacus's Poisson sampler's

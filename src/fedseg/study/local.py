@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,7 +141,9 @@ def train_for_epochs(
         fit = trainer.train_epoch(epoch, epochs)
         t1 = time.perf_counter()
         scored = (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
-        table = trainer.evaluate(eval_items) if eval_items and scored else {"num-examples": 0}
+        table: dict[str, Any] = (
+            trainer.evaluate(eval_items) if eval_items and scored else {"num-examples": 0}
+        )
         t2 = time.perf_counter()
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -252,7 +255,7 @@ def run_local_arm(
             on_epoch=cb,
             eval_every=eval_every,
             checkpoint=site_checkpoint(checkpoints, site) if checkpoints is not None else None,
-            on_resume=(lambda n, _s=site: on_resume(_s, n)) if on_resume is not None else None,
+            on_resume=partial(on_resume, site) if on_resume is not None else None,
         )
     return runs
 

@@ -235,7 +235,7 @@ def unseen_bars(rows: Sequence[Mapping[str, Any]], target: float = 0.9) -> bytes
 
 
 def site_heatmap(
-    matrix: Sequence[Sequence[float]],
+    matrix: np.ndarray | Sequence[Sequence[float]],
     rows: Sequence[str],
     cols: Sequence[str],
     *,

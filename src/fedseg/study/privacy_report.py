@@ -79,7 +79,8 @@ def dice_vs_epsilon(rows: Sequence[Mapping[str, Any]]) -> bytes:
     if pts:
         x = [p[0] for p in pts]
         for key, label, colour in series:
-            y = [p[1].get(key) for p in pts]
+            # a missing region score is a gap in its line
+            y = [math.nan if p[1].get(key) is None else float(p[1][key]) for p in pts]
             lw = 2.2 if key == "mean_dice" else 1.2
             ax.plot(x, y, marker="o", color=colour, lw=lw, label=f"DP, {label}")
     _no_dp_note(ax, pts)
@@ -293,8 +294,8 @@ def _findings(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list
                 "so its numbers are not a clean measurement."
             )
     for r in _ok(rows):
-        eps = r.get("epsilon_spent")
-        if eps is not None and not math.isfinite(float(eps)):
+        spent = r.get("epsilon_spent")
+        if spent is not None and not math.isfinite(float(spent)):
             notes.append(
                 f"{r['arm']}: a site's epsilon is infinite (it trained without noise): this arm "
                 "has no differential privacy guarantee and is left out of the figures."

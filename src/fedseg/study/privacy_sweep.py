@@ -86,7 +86,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -383,7 +383,7 @@ def epsilon_spent(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
     return None
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[int | float | np.floating]:
     return (
         isinstance(value, int | float | np.floating)
         and not isinstance(value, bool)

@@ -784,11 +784,12 @@ def _run_arm(
     extra: dict[str, Any] = {}
     folder = out / "arms" / arm  # TensorBoard events of the baselines go to FOLDER/tensorboard
     base = split_arm(arm)[0]
-    standard = None
+    standard: np.ndarray | None = None
     if cfg.harmonise == "histogram" and not is_federated(arm):
         # the landmarks a federation would average: the same training cases, pooled
         standard = pooled_landmarks(sites)
         sites = harmonised_sites(sites, standard)
+    shared: Weights | None  # local-only training has no shared model
     if base == "centralized":
         shared, per_site, curve, timings = _run_centralized(cfg, sites, device, progress, folder)
     elif base == "local":

@@ -39,7 +39,7 @@ def _process_umask() -> int:
 FILE_MODE = 0o666 & ~_process_umask()
 
 
-def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], object]) -> Path:
     """Write a file atomically through a callback that receives a binary file object.
 
     Parameters

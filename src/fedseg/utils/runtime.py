@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
 
-def pick_device(prefer: str | None = None) -> torch.device:  # noqa: F821
+
+def pick_device(prefer: str | None = None) -> torch.device:
     """Return the GPU when one is present (or ``prefer`` when given), else the CPU.
 
     ``FEDSEG_DEVICE`` in the environment overrides the automatic choice.
