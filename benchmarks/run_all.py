@@ -4,7 +4,7 @@ The benchmarks that need a finished study (``runs/study``: ``bench_round_trace``
 ``bench_site_handler``; ``runs/fusion``: ``bench_fusion_l2``; studies with a held-out
 hospital: ``bench_et_transfer``; studies on a generated cohort: ``bench_scanner_paired``), a
 deployment (``bench_deploy``),
-a GPU (``bench_scale``) or tens of minutes (``bench_quality``, ``bench_throughput``,
+50 simulated sites (``bench_scale``) or tens of minutes (``bench_quality``, ``bench_trainer``,
 ``bench_augment``) are not run here; run them on their own (see each file's docstring and
 BENCHMARKS.md).
 

@@ -2,9 +2,8 @@
 user would start it (``python benchmarks/<script>.py``, a process of its own).
 
 Only that they run and report what their figures are read from is checked here, never a speed
-or a memory figure (those live in BENCHMARKS.md with their commands). The quick set of ``make
-bench`` and the GPU script have tests of their own (``benchmarks/run_all.py``,
-``test_bench_gpu_script.py``).
+or a memory figure (those live in BENCHMARKS.md with their commands). The GPU script has a test
+of its own (``test_bench_gpu_script.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,17 +70,6 @@ def test_trainer_step_reports_both_loops(tmp_path: Path) -> None:
     )
 
 
-def test_throughput_reports_the_overhead(tmp_path: Path) -> None:
-    (row,) = _run(
-        "bench_throughput.py",
-        *("--image-size", "16", "--steps", "2", "--repeats", "1"),
-        cwd=tmp_path,
-    )
-
-    assert row["image_size"] == 16
-    assert math.isfinite(row["overhead_pct"])
-
-
 def test_quality_trains_and_scores_held_out_cases(tmp_path: Path) -> None:
     rows = _run(
         "bench_quality.py",
@@ -91,3 +81,33 @@ def test_quality_trains_and_scores_held_out_cases(tmp_path: Path) -> None:
     (arm,) = [r for r in rows if r.get("arm") == "all"]
     assert arm["test_cases"] >= 1 and arm["epochs"] == 1
     assert all(0.0 <= arm[f"dice_{r}"] <= 1.0 for r in ("WT", "TC", "ET"))
+
+
+#: ``make bench``'s quick set (benchmarks/run_all.py), smaller still: script, arguments, and a
+#: key (or key=value) its last JSON line must hold
+QUICK = [
+    (
+        "bench_aggregation.py",
+        "--params 10000 --updates 3 --repeats 1 --busy 0 --block-kib 64",
+        "benchmark=fedavg",
+    ),
+    ("bench_robust.py", "--params 10000 --updates 5 --repeats 1", "ratio-to-fedavg"),
+    ("bench_dp.py", "--image-size 16 --base-channels 4 --repeats 1 --threads 1", "ratio-to-none"),
+    (
+        "bench_secure.py",
+        "--params 2000 --sites 2 --repeat 1 --no-anchor --clock cpu",
+        "secagg_round_s",
+    ),
+    ("bench_evaluate_cohort.py", "--seeds 0 --cases 2 --no-hd95", "failed-seeds=0"),
+    ("bench_busy_site.py", "--sites 3 --rounds 3 --timeout 2", "messages-to-silent-site=2"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "holds"), QUICK, ids=[q[0] for q in QUICK])
+def test_the_quick_set_runs(script: str, args: str, holds: str, tmp_path: Path) -> None:
+    rows = _run(script, *args.split(), cwd=tmp_path)
+
+    key, _, value = holds.partition("=")
+    assert rows and key in rows[-1], rows
+    if value:
+        assert str(rows[-1][key]) == value, rows[-1]
