@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/round-trace"))
     parser.add_argument("--rounds", type=int, default=None, help="default: the study's")
     args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 3:
+        parser.error(
+            f"--rounds {args.rounds}: expected at least 3 (the first and the last round are left "
+            "out of the breakdown)"
+        )
     fedseg = Path(sys.executable).with_name("fedseg")
     for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
         out = args.out / arm
