@@ -43,8 +43,3 @@ def build_unet(cfg: FedsegConfig, in_channels: int = len(MODALITIES)) -> nn.Modu
         num_res_units=2,
         norm=("instance", {"affine": True}),
     )
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

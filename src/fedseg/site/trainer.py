@@ -1,9 +1,10 @@
 """The framework-free site trainer (train / evaluate / get_weights / set_weights).
 
 This is the only place that runs gradient steps. The centralized baseline, local-only training
-and every federated algorithm use it; federated algorithms change the local objective only
-through two hooks (an extra loss term, e.g. FedProx's proximal term, and a gradient hook, e.g.
-SCAFFOLD's control-variate correction), so the training loop itself exists once.
+and every federated algorithm use it; federated algorithms change the local training only
+through hooks of :meth:`SiteTrainer.train` (an extra loss term, e.g. FedProx's proximal term; a
+call after each optimizer step, e.g. SCAFFOLD's drift correction; a call between backward and
+the step), so the training loop itself exists once.
 """
 
 from __future__ import annotations

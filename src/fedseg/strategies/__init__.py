@@ -19,6 +19,9 @@ fedopt
     FedAdam / FedYogi / FedAdagrad server steps with explicit state (Flower 1.41 formulas).
 fedbn
     Which state-dict keys are normalisation layers, and splitting / merging them.
+robust
+    Byzantine-robust rules (coordinate median, trimmed mean, Krum, Multi-Krum), update clipping
+    and the anomaly filter.
 validation
     ``validate_update``, ``filter_valid``, ``quorum_met``: refuse bad replies, one at a time.
 weights

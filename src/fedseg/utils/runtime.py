@@ -1,12 +1,9 @@
-"""Device choice and seeding."""
+"""Device choice."""
 
 from __future__ import annotations
 
 import os
-import random
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 if TYPE_CHECKING:
     import torch
@@ -23,12 +20,3 @@ def pick_device(prefer: str | None = None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy, torch and MONAI's global state."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
