@@ -98,7 +98,7 @@ import io
 import math
 import os
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -1108,23 +1108,3 @@ def _brats_survival(text: str, decimal: str = ".") -> dict[str, float | str | No
             "'ALIVE (361 days later)')"
         ) from None
     return {"survival_days": days, "vital_status": None if days is None else "dead"}
-
-
-def records_for(
-    records: Mapping[str, ClinicalRecord], case_ids: Iterable[str]
-) -> list[ClinicalRecord]:
-    """The records of ``case_ids`` in order; a case without a row gets an all-missing record.
-
-    Parameters
-    ----------
-    records:
-        As :func:`read_clinical` returns them.
-    case_ids:
-        The cases wanted.
-
-    Returns
-    -------
-    list of ClinicalRecord
-        One per case.
-    """
-    return [dict(records.get(c) or empty_record()) for c in case_ids]
