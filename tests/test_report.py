@@ -189,6 +189,16 @@ def test_summary_rows_ratio_and_worst_site() -> None:
     assert rows["local"]["hd95-ET"] == 7.0
 
 
+def test_a_model_as_good_away_as_at_home_is_not_called_worse() -> None:
+    doc = fake_doc()
+    doc["arms"]["local"]["cross-site"] = {
+        "site-0": {"site-0": 0.5, "site-<1>": 0.6},
+        "site-<1>": {"site-0": 0.7, "site-<1>": 0.6},
+    }
+    notes = " ".join(findings(doc))
+    assert "0.550 on its own test cases and 0.650 on the other sites'" in notes
+
+
 def test_ratio_is_nan_without_centralized() -> None:
     doc = fake_doc()
     del doc["arms"]["centralized"]
@@ -201,7 +211,7 @@ def test_findings_state_fraction_of_centralized_and_limits() -> None:
     notes = " ".join(findings(fake_doc()))
     assert "FedAvg reached 90% of the centralized pooled mean Dice (0.720 vs 0.800)" in notes
     assert "beats local-only training (0.600)" in notes
-    assert "0.550 on its own test cases but 0.250 on the other sites'" in notes
+    assert "0.550 on its own test cases but only 0.250 on the other sites'" in notes
     assert "Still improving at the end of training: FedAvg" in notes
     assert "Rounds with failed or missing sites: FedAvg 1 of 2" in notes
     assert "synthetic" in notes

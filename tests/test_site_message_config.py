@@ -27,10 +27,10 @@ def test_an_integer_entry_is_read_or_defaults(record: dict, expected: int) -> No
     assert _conf_int(ConfigRecord(record), "server-round", 9) == expected
 
 
-@pytest.mark.parametrize("value", [[1, 2], "two", b"\x01"])
-def test_an_integer_entry_that_is_no_number_is_refused_by_name(value: object) -> None:
-    with pytest.raises(UpdateValidationError, match="'local-epochs' is .*expected an integer"):
-        _conf_int(ConfigRecord({"local-epochs": value}), "local-epochs", 1)
+@pytest.mark.parametrize("value", [[1, 2], "two", b"\x01", 0, -1])
+def test_an_integer_entry_that_is_no_number_or_too_small_is_refused_by_name(value: object) -> None:
+    with pytest.raises(UpdateValidationError, match="'local-epochs' is .*expected an integer >= 1"):
+        _conf_int(ConfigRecord({"local-epochs": value}), "local-epochs", 1, minimum=1)
 
 
 def test_a_number_entry_is_read_or_refused_by_name() -> None:

@@ -563,16 +563,17 @@ def _train_received(
 
     strategy = str(conf.get("strategy", cfg.strategy))
     server_round = _conf_int(conf, "server-round", 0)
-    epochs = _conf_int(conf, "local-epochs", cfg.local_epochs)
+    epochs = _conf_int(conf, "local-epochs", cfg.local_epochs, minimum=1)
     mu = _conf_float(conf, "proximal-mu", cfg.proximal_mu)
     _load_global(trainer, received, strategy, saved.get(FEDBN_STATE))
     _restore_optimizer(trainer, cfg, saved.get(OPTIMIZER_STATE))
 
-    # The same poly decay over the epoch budget as the centralized and local-only arms.
+    # The same poly decay over the epoch budget as the centralized and local-only arms, counted
+    # in the local epochs the message asks for (the one source of this round's training)
     lr = poly_lr(
         cfg.learning_rate,
-        max(server_round - 1, 0) * cfg.local_epochs,
-        cfg.num_server_rounds * cfg.local_epochs,
+        max(server_round - 1, 0) * epochs,
+        cfg.num_server_rounds * epochs,
     )
     loss_hook = None
     step_hook = None
@@ -960,7 +961,7 @@ def enforce_site_policy(
     planned = this_round = None
     if cfg.dp_mode == "sample":
         n = train_case_count(spec, cfg)
-        epochs = _conf_int(conf, "local-epochs", cfg.local_epochs)
+        epochs = _conf_int(conf, "local-epochs", cfg.local_epochs, minimum=1)
         planned, this_round = planned_entry(cfg, n), round_entry(cfg, n, epochs)
     try:
         cost = ledger.admit_training(
@@ -1011,23 +1012,27 @@ def _message_config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(R.CONFIG, ConfigRecord())
 
 
-def _conf_int(conf: ConfigRecord, key: str, default: int) -> int:
+def _conf_int(conf: ConfigRecord, key: str, default: int, *, minimum: int | None = None) -> int:
     """The message config's ``key`` as an integer (``default`` when absent).
 
     Raises
     ------
     UpdateValidationError
-        The value is not a number.
+        The value is not an integer, or is below ``minimum``.
     """
     value = conf.get(key, default)
     try:
         if isinstance(value, list | bytes):
             raise TypeError(type(value).__name__)
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
+        number = None
+    if number is None or (minimum is not None and number < minimum):
+        floor = "" if minimum is None else f" >= {minimum}"
         raise UpdateValidationError(
-            f"the message's config '{key}' is {value!r}; expected an integer"
-        ) from None
+            f"the message's config '{key}' is {value!r}; expected an integer{floor}"
+        )
+    return number
 
 
 def _conf_float(conf: ConfigRecord, key: str, default: float) -> float:

@@ -201,9 +201,11 @@ def findings(doc: Mapping[str, Any]) -> list[str]:
         own = [v for v in own if v is not None and not math.isnan(v)]
         other = [v for v in other if v is not None and not math.isnan(v)]
         if own and other:
+            home, away = float(np.mean(own)), float(np.mean(other))
+            link = "but only" if away < home else "and"
             notes.append(
-                f"{pretty(a)}: each site's own model scores {np.mean(own):.3f} on its own test "
-                f"cases but {np.mean(other):.3f} on the other sites' (mean over site pairs)."
+                f"{pretty(a)}: each site's own model scores {home:.3f} on its own test cases "
+                f"{link} {away:.3f} on the other sites' (mean over site pairs)."
             )
     n = study.get("num-test") or (central or next(iter(rows.values()), {})).get("num-cases")
     if ses:
