@@ -106,7 +106,7 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
     from fedseg.deploy.netns import SERVER_IP, NetLab
     from fedseg.deploy.provision import (
         FederationSpec,
-        SiteSpec,
+        HospitalSpec,
         provision,
         superlink_command,
         supernode_command,
@@ -114,7 +114,7 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
     from fedseg.site.policy import permissive_policy
 
     sites = list(data)
-    spec = FederationSpec(address=SERVER_IP, port=PORT, sites=tuple(SiteSpec(s) for s in sites))
+    spec = FederationSpec(address=SERVER_IP, port=PORT, sites=tuple(HospitalSpec(s) for s in sites))
     # the sites accept every run: this measures round time, not the sites' privacy policies
     pki = provision(spec, tmp / "pki", policy=permissive_policy())
     digest = app_hash(ROOT)  # each hospital approves the app it runs
@@ -160,7 +160,7 @@ def run_deploy(args: argparse.Namespace, tmp: Path, data: dict[str, Path]) -> di
                 site_env = env | {"DATA_PATH": str(data[site]), "RUNTIME_PORT": str(9100 + i)}
                 lab.start(site, site, script, site_env)
                 continue
-            node = supernode_command(spec, SiteSpec(site), str(pki.site_dirs[site]),
+            node = supernode_command(spec, HospitalSpec(site), str(pki.site_dirs[site]),
                                      str(data[site]), 9100 + i)  # fmt: skip
             lab.start(site, site, node, env)
         before = {s: _counters(lab.hosts[s].netns, "eth0") for s in sites}

@@ -33,7 +33,7 @@ import pytest
 
 from fedseg.deploy.approval import APPROVED_APPS_FILE, app_hash, approve
 from fedseg.deploy.netns import SERVER_IP, NetLab, netns_unavailable
-from fedseg.deploy.provision import FederationSpec, ProvisionResult, SiteSpec, provision
+from fedseg.deploy.provision import FederationSpec, HospitalSpec, ProvisionResult, provision
 from fedseg.deploy.warm_clientapp import JOURNAL_FILE
 from fedseg.site.policy import SitePolicy
 
@@ -275,7 +275,7 @@ class Hosts:
         self.logs = tmp / "logs"
         self.lab = NetLab(sites, self.logs)
         self.spec = FederationSpec(
-            address=SERVER_IP, port=port, sites=tuple(SiteSpec(s) for s in sites)
+            address=SERVER_IP, port=port, sites=tuple(HospitalSpec(s) for s in sites)
         )
         self.data = {s: tmp / f"data-{s}" for s in sites}
         self.events: dict[str, float] = {}

@@ -87,7 +87,7 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from fedseg.deploy.netns import SERVER_IP, lab_namespaces
 from fedseg.deploy.provision import (
     FederationSpec,
-    SiteSpec,
+    HospitalSpec,
     provision,
     superlink_command,
     supernode_command,
@@ -168,7 +168,7 @@ class Drill(Hosts):
         # These drills are about failures, not privacy: every site accepts every run
         # (tests/test_deploy_policy.py drills the sites' own policies).
         self.provision(OPEN_POLICY)
-        rogue = FederationSpec(address=SERVER_IP, port=PORT, sites=(SiteSpec("rogue"),))
+        rogue = FederationSpec(address=SERVER_IP, port=PORT, sites=(HospitalSpec("rogue"),))
         self.rogue = provision(rogue, self.tmp / "rogue-pki")
         approve_app(self.pki, ROOT)  # as each hospital does with `fedseg approve`
         write_connection(self.home, "fedseg", self.spec.control, self.pki.server_dir / "ca.crt")
@@ -186,7 +186,9 @@ class Drill(Hosts):
         if site != "hospital-c":  # the script handed to the hospital, as it would run it
             env = {**self.env, "DATA_PATH": str(self.data[site]), "RUNTIME_PORT": str(port)}
             return self.lab.start(site, f"{site}-{tag}", [str(folder / "run-supernode.sh")], env)
-        cmd = supernode_command(self.spec, SiteSpec(site), str(folder), str(self.data[site]), port)
+        cmd = supernode_command(
+            self.spec, HospitalSpec(site), str(folder), str(self.data[site]), port
+        )
         cmd[cmd.index("--node-config") + 1] += " attack='nan'"
         return self.lab.start(site, f"{site}-{tag}", cmd, self.env)
 

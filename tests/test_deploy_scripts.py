@@ -20,7 +20,7 @@ from flwr.common.config import parse_config_args
 
 from fedseg.deploy.provision import (
     FederationSpec,
-    SiteSpec,
+    HospitalSpec,
     provision,
     register_script,
     supernode_script,
@@ -31,7 +31,9 @@ from fedseg.deploy.warm_clientapp import supernode_alive
 from fedseg.federation.site import ledger_path
 from fedseg.site.lifetime import LEDGER_FILE
 
-SPEC = FederationSpec(address="10.0.0.1", sites=(SiteSpec("hospital-a"), SiteSpec("hospital-b")))
+SPEC = FederationSpec(
+    address="10.0.0.1", sites=(HospitalSpec("hospital-a"), HospitalSpec("hospital-b"))
+)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -227,7 +229,7 @@ def test_registering_again_reports_enrolled_sites_and_goes_on(tmp_path: Path) ->
 def test_a_site_that_cannot_be_enrolled_does_not_stop_the_others(tmp_path: Path) -> None:
     spec = FederationSpec(
         address="10.0.0.1",
-        sites=(SiteSpec("hospital-c"), SiteSpec("hospital-b"), SiteSpec("hospital-a")),
+        sites=(HospitalSpec("hospital-c"), HospitalSpec("hospital-b"), HospitalSpec("hospital-a")),
     )
     done = _run_register(tmp_path, spec)
 

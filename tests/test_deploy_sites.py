@@ -21,13 +21,13 @@ from flwr.common.config import parse_config_args
 from fedseg.config import FedsegConfig
 from fedseg.data import patches
 from fedseg.deploy import warm_clientapp as W
-from fedseg.deploy.provision import FederationSpec, SiteSpec, provision, supernode_script
+from fedseg.deploy.provision import FederationSpec, HospitalSpec, provision, supernode_script
 from fedseg.deploy.supernode import read_node_id, write_node_id
 from fedseg.errors import DeploymentError
 from fedseg.federation import site
 
 BIN = Path(sys.executable).parent
-SPEC = FederationSpec(address="10.0.0.1", sites=(SiteSpec("hospital-a"),))
+SPEC = FederationSpec(address="10.0.0.1", sites=(HospitalSpec("hospital-a"),))
 
 
 def _free_port() -> int:

@@ -22,7 +22,7 @@ from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError, PrivacyBudgetError
 from fedseg.federation.server_app import HISTORY, serve
 from fedseg.model.unet import build_unet
-from fedseg.privacy.client_dp import ServerPrivacy, clip_update, noise_std, update_norm
+from fedseg.privacy.client_dp import ServerPrivacy, clipped_model, noise_std, update_norm
 from fedseg.privacy.dpsgd import (
     GRAD_SAMPLE_MODES,
     SitePrivacy,
@@ -331,8 +331,8 @@ def test_client_update_clipped_to_the_bound() -> None:
     big = [np.array([3.0, 0.0], np.float32), np.array([4.0], np.float32)]  # norm 5
     small = [np.array([0.3, 0.0], np.float32), np.array([0.4], np.float32)]  # norm 0.5
 
-    clipped = clip_update(big, ref, 1.0)
-    kept = clip_update(small, ref, 1.0)
+    clipped = clipped_model(big, ref, 1.0)
+    kept = clipped_model(small, ref, 1.0)
 
     np.testing.assert_allclose(clipped[0], [0.6, 0.0], rtol=1e-6)
     np.testing.assert_allclose(clipped[1], [0.8], rtol=1e-6)

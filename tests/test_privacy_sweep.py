@@ -302,7 +302,7 @@ def test_epsilon_is_read_from_the_last_row_that_reports_it() -> None:
         _row(2, {"a": {"dp-epsilon": 2.0}, "b": {"dp-epsilon": 2.5}}),
         _row(3, {}, status="failed"),
     ]
-    found = ps.epsilon_spent(history)
+    found = ps.reported_epsilon(history)
     assert found == {
         "max": 2.5,
         "values": {"train/a/dp-epsilon": 2.0, "train/b/dp-epsilon": 2.5},
@@ -311,7 +311,7 @@ def test_epsilon_is_read_from_the_last_row_that_reports_it() -> None:
     }
     # the privacy ledger's entry wins
     ledger = {"epsilon": {"a": 2.1, "b": 2.6}, "max-epsilon": 9.9}
-    found = ps.epsilon_spent([*history[:2], _row(3, {}, privacy=ledger)])
+    found = ps.reported_epsilon([*history[:2], _row(3, {}, privacy=ledger)])
     assert found == {
         "max": 2.6,
         "values": {"a": 2.1, "b": 2.6},
@@ -320,12 +320,12 @@ def test_epsilon_is_read_from_the_last_row_that_reports_it() -> None:
     }
     # a site whose epsilon is null (history.json's infinity: no noise) is the worst site
     ledger = {"epsilon": {"a": 2.1, "b": 2.6, "c": None}, "max-epsilon": 9.9}
-    found = ps.epsilon_spent([*history[:2], _row(3, {}, privacy=ledger)])
+    found = ps.reported_epsilon([*history[:2], _row(3, {}, privacy=ledger)])
     assert found is not None and found["max"] == math.inf and found["values"]["c"] == math.inf
     # the configured target and budget are not what was spent
-    assert ps.epsilon_spent([_row(1, {"a": {"dp-target-epsilon": 8.0}})]) is None
-    assert ps.epsilon_spent([_row(1, {"a": {"epsilon-budget": 8.0, "loss": 1.0}})]) is None
-    assert ps.epsilon_spent([]) is None
+    assert ps.reported_epsilon([_row(1, {"a": {"dp-target-epsilon": 8.0}})]) is None
+    assert ps.reported_epsilon([_row(1, {"a": {"epsilon-budget": 8.0, "loss": 1.0}})]) is None
+    assert ps.reported_epsilon([]) is None
 
 
 def test_feature_checks_stop_arms_without_their_feature() -> None:

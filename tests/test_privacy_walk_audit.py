@@ -267,7 +267,7 @@ def test_sweep_epsilon_never_hides_a_site_without_noise() -> None:
     from fedseg.study import privacy_sweep as ps
 
     # history.json stores an infinite epsilon as null
-    found = ps.epsilon_spent([_history_row({"site-0": 3.0, "site-1": None})])
+    found = ps.reported_epsilon([_history_row({"site-0": 3.0, "site-1": None})])
     assert found is not None and math.isinf(found["max"])
     assert found["values"]["site-0"] == 3.0
 
@@ -275,7 +275,7 @@ def test_sweep_epsilon_never_hides_a_site_without_noise() -> None:
 def test_sweep_row_states_the_ledger_delta() -> None:
     from fedseg.study import privacy_sweep as ps
 
-    found = ps.epsilon_spent([_history_row({"site-0": 3.0}, delta=1e-6)])
+    found = ps.reported_epsilon([_history_row({"site-0": 3.0}, delta=1e-6)])
     assert found is not None and found["delta"] == 1e-6
     res = {
         "arm": "dp-eps-3",

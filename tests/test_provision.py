@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from fedseg.cli.main import app
 from fedseg.deploy.provision import (
     FederationSpec,
-    SiteSpec,
+    HospitalSpec,
     load_spec,
     provision,
     spec_from_dict,
@@ -36,7 +36,7 @@ SPEC = FederationSpec(
     port=9443,
     dns_names=("fl.internal",),
     ip_addresses=("192.0.2.10",),
-    sites=(SiteSpec("hospital-a", "/srv/brats"), SiteSpec("hospital-b")),
+    sites=(HospitalSpec("hospital-a", "/srv/brats"), HospitalSpec("hospital-b")),
 )
 
 

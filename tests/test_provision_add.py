@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from fedseg.cli.main import app
 from fedseg.deploy.provision import (
     FederationSpec,
-    SiteSpec,
+    HospitalSpec,
     add_sites,
     provision,
     ssh_fingerprint,
@@ -25,8 +25,10 @@ from fedseg.deploy.registry import REGISTRY_FILE
 from fedseg.errors import ProvisionError
 
 SERVER = {"address": "fl.example.org", "port": 9443, "dns_names": ("fl.internal",)}
-TWO = FederationSpec(**SERVER, sites=(SiteSpec("hospital-a", "/srv/a"), SiteSpec("hospital-b")))
-THREE = FederationSpec(**SERVER, sites=(*TWO.sites, SiteSpec("hospital-c", "/data/c")))
+TWO = FederationSpec(
+    **SERVER, sites=(HospitalSpec("hospital-a", "/srv/a"), HospitalSpec("hospital-b"))
+)
+THREE = FederationSpec(**SERVER, sites=(*TWO.sites, HospitalSpec("hospital-c", "/data/c")))
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -116,7 +118,9 @@ def test_add_needs_no_ca_key(tmp_path: Path) -> None:
             "certificate DNS names",
         ),
         (
-            FederationSpec(**SERVER, sites=(SiteSpec("hospital-a"), SiteSpec("hospital-c"))),
+            FederationSpec(
+                **SERVER, sites=(HospitalSpec("hospital-a"), HospitalSpec("hospital-c"))
+            ),
             "hospital-b of .* is not in the description",
         ),
     ],
@@ -133,13 +137,14 @@ def test_add_refuses_what_would_change_the_federation(
 
 def test_add_keeps_the_registry_bounded_for_every_site(tmp_path: Path) -> None:
     counted = FederationSpec(
-        **SERVER, sites=(SiteSpec("hospital-a", "", 120), SiteSpec("hospital-b", "", 40))
+        **SERVER, sites=(HospitalSpec("hospital-a", "", 120), HospitalSpec("hospital-b", "", 40))
     )
     provision(counted, tmp_path)
     with pytest.raises(ProvisionError, match="expected-cases; give it for every site"):
         add_sites(THREE, tmp_path)
     add_sites(
-        FederationSpec(**SERVER, sites=(*counted.sites, SiteSpec("hospital-c", "", 60))), tmp_path
+        FederationSpec(**SERVER, sites=(*counted.sites, HospitalSpec("hospital-c", "", 60))),
+        tmp_path,
     )
     rows = (tmp_path / "server" / REGISTRY_FILE).read_text().splitlines()
     assert rows[0] == "site,fingerprint,expected-cases"
@@ -173,7 +178,7 @@ def test_force_with_fewer_hospitals_removes_their_keys_and_lists_their_folders(
     provision(THREE, tmp_path, ckks=True)
     (tmp_path / "site-hospital-b" / "state").mkdir()
     (tmp_path / "site-hospital-b" / "state" / "ledger.json").write_text("{}")
-    one = FederationSpec(**SERVER, sites=(SiteSpec("hospital-a"),))
+    one = FederationSpec(**SERVER, sites=(HospitalSpec("hospital-a"),))
     result = provision(one, tmp_path, force=True)
     assert sorted(p.name for p in (tmp_path / "server" / "site-keys").iterdir()) == [
         "hospital-a.pub"

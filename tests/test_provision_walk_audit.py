@@ -14,13 +14,13 @@ from typer.testing import CliRunner
 
 from fedseg.cli.main import app
 from fedseg.deploy.approval import approve, read_approved
-from fedseg.deploy.provision import FederationSpec, SiteSpec, provision, spec_from_dict
+from fedseg.deploy.provision import FederationSpec, HospitalSpec, provision, spec_from_dict
 from fedseg.errors import ConfigError
 
 HASH = "ab" * 32
 
 
-def _spec(*sites: SiteSpec, address: str = "fl.example.org") -> FederationSpec:
+def _spec(*sites: HospitalSpec, address: str = "fl.example.org") -> FederationSpec:
     return FederationSpec(address=address, sites=sites)
 
 
@@ -55,13 +55,13 @@ def test_bad_trailing_newline_is_refused(doc: dict, field: str) -> None:
 )
 def test_bad_address_says_how_to_give_it(address: str, hint: str) -> None:
     with pytest.raises(ConfigError, match="server address") as info:
-        _spec(SiteSpec("a"), address=address)
+        _spec(HospitalSpec("a"), address=address)
     assert hint in str(info.value)
 
 
 def test_longest_site_name_is_provisioned(tmp_path: Path) -> None:
     name = "h" * 63  # the longest the site-name rule allows
-    result = provision(_spec(SiteSpec(name)), tmp_path / "pki")
+    result = provision(_spec(HospitalSpec(name)), tmp_path / "pki")
     policy = (result.site_dirs[name] / "policy.toml").read_text(encoding="utf-8")
     assert "-default" in policy
 
@@ -77,14 +77,14 @@ def test_failed_provision_writes_no_key(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(P, "default_policy", refuse)
     out = tmp_path / "pki"
     with pytest.raises(ConfigError):
-        provision(_spec(SiteSpec("a")), out)
+        provision(_spec(HospitalSpec("a")), out)
     assert not out.exists() or not any(out.rglob("*.key"))
 
 
 def test_folders_not_world_writable_under_umask_000(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
-        provision(_spec(SiteSpec("a")), tmp_path / "pki")
+        provision(_spec(HospitalSpec("a")), tmp_path / "pki")
     finally:
         os.umask(old)
     for path in [tmp_path / "pki", *(tmp_path / "pki").rglob("*")]:
@@ -98,7 +98,7 @@ DATA = '/srv/BraTS 2021/$HOME/`touch pwned`/x}y"z%n'
 
 
 def test_data_path_with_spaces_and_shell_characters(tmp_path: Path) -> None:
-    result = provision(_spec(SiteSpec("a", DATA)), tmp_path / "pki")
+    result = provision(_spec(HospitalSpec("a", DATA)), tmp_path / "pki")
     folder = result.site_dirs["a"]
     script = (folder / "run-supernode.sh").read_text(encoding="utf-8")
     assert subprocess.run(["sh", "-n", folder / "run-supernode.sh"]).returncode == 0

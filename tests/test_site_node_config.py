@@ -125,11 +125,10 @@ def test_bad_node_config_key_is_refused_with_the_closest_and_known_keys(
 
 
 def test_every_key_fedseg_or_flower_writes_is_known() -> None:
-    from fedseg.deploy.provision import FederationSpec, supernode_command
-    from fedseg.deploy.provision import SiteSpec as ProvisionedSite
+    from fedseg.deploy.provision import FederationSpec, HospitalSpec, supernode_command
     from fedseg.secure.ckks_federation import KEY_FILE
 
-    spec = FederationSpec(address="10.0.0.1", sites=(ProvisionedSite("hospital-a"),))
+    spec = FederationSpec(address="10.0.0.1", sites=(HospitalSpec("hospital-a"),))
     command = supernode_command(spec, spec.sites[0], "/site", "/data", ckks=True)
     provisioned = parse_config_args([command[command.index("--node-config") + 1]])
     # what Flower's Simulation Engine gives a virtual node, and keys other modules read

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.deploy.provision import FederationSpec, SiteSpec, provision
+from fedseg.deploy.provision import FederationSpec, HospitalSpec, provision
 from fedseg.deploy.superlink import check_tls_files
 from fedseg.errors import DeploymentError
 
-SPEC = FederationSpec(address="10.0.0.1", sites=(SiteSpec("hospital-a"),))
+SPEC = FederationSpec(address="10.0.0.1", sites=(HospitalSpec("hospital-a"),))
 
 
 @pytest.fixture(scope="module")

@@ -483,9 +483,9 @@ def test_provision_writes_expected_counts_into_the_registry(tmp_path: Path) -> N
 
 
 def test_provision_without_counts_writes_a_registry_without_the_column(tmp_path: Path) -> None:
-    from fedseg.deploy.provision import FederationSpec, SiteSpec, provision
+    from fedseg.deploy.provision import FederationSpec, HospitalSpec, provision
 
-    provision(FederationSpec("fl.example.org", (SiteSpec("h1"),)), tmp_path)
+    provision(FederationSpec("fl.example.org", (HospitalSpec("h1"),)), tmp_path)
 
     reg = read_site_registry(tmp_path / "server" / "sites.csv")
     assert not reg.requires_counts and list(reg.expected) == ["h1"]

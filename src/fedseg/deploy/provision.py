@@ -95,7 +95,7 @@ _LOOPBACK_IPS = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
-class SiteSpec:
+class HospitalSpec:
     """One hospital: its name (also the SuperNode name) and, optionally, its data folder and
     the count of training cases the server expects from it (its weight bound)."""
 
@@ -123,7 +123,7 @@ class FederationSpec:
     """
 
     address: str
-    sites: tuple[SiteSpec, ...]
+    sites: tuple[HospitalSpec, ...]
     port: int = DEFAULT_PORT
     dns_names: tuple[str, ...] = ()
     ip_addresses: tuple[str, ...] = ()
@@ -261,13 +261,13 @@ def spec_from_dict(doc: dict[str, Any], *, source: str = "description") -> Feder
     sites = []
     for item in raw_sites:
         if isinstance(item, str):
-            sites.append(SiteSpec(item))
+            sites.append(HospitalSpec(item))
         elif isinstance(item, dict):
             _unknown(item, _SITE_KEYS, f"{source} [[sites]]")
             if "name" not in item:
                 raise ConfigError(f"{source} [[sites]]: an entry has no 'name'")
             sites.append(
-                SiteSpec(item["name"], item.get("data-path", ""), item.get("expected-cases"))
+                HospitalSpec(item["name"], item.get("data-path", ""), item.get("expected-cases"))
             )
         else:
             raise ConfigError(f"{source}: bad site entry {item!r}")
@@ -768,7 +768,7 @@ def _site_policies(sites: Any, policy: SitePolicy | None) -> dict[str, str]:
 def _write_site(
     spec: FederationSpec,
     out: Path,
-    site: SiteSpec,
+    site: HospitalSpec,
     ca_pem: bytes,
     policy_text: str,
     ckks_key: bytes,
@@ -942,7 +942,7 @@ def superlink_command(
 
 def supernode_command(
     spec: FederationSpec,
-    site: SiteSpec,
+    site: HospitalSpec,
     folder: str,
     data_path: str,
     port: int = 9094,
@@ -1029,7 +1029,7 @@ fi
 """
 
 
-def supernode_script(spec: FederationSpec, site: SiteSpec, *, ckks: bool = False) -> str:
+def supernode_script(spec: FederationSpec, site: HospitalSpec, *, ckks: bool = False) -> str:
     """``site-<name>/run-supernode.sh``: the SuperNode with this site's key and data path, and
     its long-running ClientApp process (:mod:`fedseg.deploy.warm_clientapp`), restarted by the
     script whenever it exits while the SuperNode runs."""
@@ -1111,7 +1111,7 @@ exit "$RC"
 """
 
 
-def clientapp_script(site: SiteSpec) -> str:
+def clientapp_script(site: HospitalSpec) -> str:
     """``site-<name>/run-clientapp.sh``: the long-running ClientApp alone, for a service manager
     that runs it as a unit of its own (``systemd/fedseg-clientapp.service``)."""
     return f"""#!/bin/sh
@@ -1178,7 +1178,7 @@ WantedBy=multi-user.target
 """
 
 
-def site_units(site: SiteSpec) -> dict[str, str]:
+def site_units(site: HospitalSpec) -> dict[str, str]:
     """``site-<name>/systemd/``: the SuperNode and the long-running ClientApp, one unit each."""
     folder = f"{CONFIG_ROOT}/site-{site.name}"
     data = site.data_path or "/path/to/this/hospitals/cases"

@@ -51,7 +51,7 @@ Weights = dict[str, np.ndarray]
 # pure cores
 
 
-def clip_update(
+def clipped_model(
     weights: Sequence[np.ndarray], reference: Sequence[np.ndarray], clip_norm: float
 ) -> list[np.ndarray]:
     """``reference + clip(weights - reference)``: the update clipped to L2 norm ``clip_norm``.
@@ -210,7 +210,7 @@ class ServerPrivacy:
         ref = [reference[k] for k in keys]
         out = []
         for site, weights, _ in valid:
-            clipped = clip_update([weights[k] for k in keys], ref, self.cfg.dp_clip_norm)
+            clipped = clipped_model([weights[k] for k in keys], ref, self.cfg.dp_clip_norm)
             out.append((site, dict(zip(keys, clipped, strict=True)), 1))
         return out
 

@@ -339,7 +339,7 @@ def check_arm_configs(arms: Sequence[SweepArm], cfg: FedsegConfig) -> None:
 # reading the run's history
 
 
-def epsilon_spent(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def reported_epsilon(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The epsilon spent so far, from the last history row that reports one.
 
     The privacy ledger's entry (``row["privacy"]["epsilon"]``: site to epsilon so far, see
@@ -478,7 +478,7 @@ def check_feature(arm: SweepArm, row: Mapping[str, Any], record_keys: Iterable[s
             f"round 1 failed with it ({row.get('reason') or 'no reason given'}; "
             f"rejected: {row.get('rejected') or {}})"
         )
-    if arm.dp_mode != "none" and epsilon_spent([row]) is None:
+    if arm.dp_mode != "none" and reported_epsilon([row]) is None:
         raise ArmSkipped(
             f"dp-mode '{arm.dp_mode}' ran round 1 without reporting an epsilon in the history "
             "(differential privacy is not implemented in this build)"
@@ -703,7 +703,7 @@ def _run_arm(
         "reason": "",
         "engine": run.engine,
         "metrics": ev["metrics"],
-        "epsilon": epsilon_spent(run.history),
+        "epsilon": reported_epsilon(run.history),
         "mia": mia,
         "traffic": run.traffic,
         "record-keys": run.record_keys,
