@@ -813,7 +813,7 @@ class FedsegConfig:
                     raise ConfigError(f"unknown config key '{key}'{hint}")
                 continue
             f = known[key]
-            kwargs[f.name] = _coerce(key, value, f.type)
+            kwargs[f.name] = coerce_value(key, value, f.type)
         return cls(**kwargs)
 
 
@@ -1029,8 +1029,18 @@ def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         )
 
 
-def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    """Coerce a run-config value to the field's type, refusing silent lossy conversions."""
+def coerce_value(key: str, value: Any, type_name: Any) -> Any:
+    """Coerce a run-config value to the field's type, refusing silent lossy conversions.
+
+    ``type_name`` is a type or its name (``"bool"``, ``"int"``, ``"float"``, ``"str"``); other
+    types pass ``value`` through. An integer may be given as ``3``, ``3.0`` or ``"3"``, never as
+    ``2.5`` or ``True``.
+
+    Raises
+    ------
+    ConfigError
+        ``value`` is not of that type, naming ``key``.
+    """
     tname = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
     if tname == "bool":
         if isinstance(value, bool):

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedseg.config import FedsegConfig
+from fedseg.config import FedsegConfig, coerce_value
 from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError, PartitionError, UpdateValidationError
 from fedseg.federation import records as R
@@ -1012,6 +1012,23 @@ def _message_config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(R.CONFIG, ConfigRecord())
 
 
+def _conf_value(conf: ConfigRecord, key: str, default: Any, type_name: str, expected: str) -> Any:
+    """The message config's ``key`` coerced as run-config values are (``default`` when absent).
+
+    Raises
+    ------
+    UpdateValidationError
+        The value is not of that type (a malformed message, not a bad configuration).
+    """
+    value = conf.get(key, default)
+    try:
+        return coerce_value(key, value, type_name)
+    except ConfigError:
+        raise UpdateValidationError(
+            f"the message's config '{key}' is {value!r}; expected {expected}"
+        ) from None
+
+
 def _conf_int(conf: ConfigRecord, key: str, default: int, *, minimum: int | None = None) -> int:
     """The message config's ``key`` as an integer (``default`` when absent).
 
@@ -1020,17 +1037,11 @@ def _conf_int(conf: ConfigRecord, key: str, default: int, *, minimum: int | None
     UpdateValidationError
         The value is not an integer, or is below ``minimum``.
     """
-    value = conf.get(key, default)
-    try:
-        if isinstance(value, list | bytes):
-            raise TypeError(type(value).__name__)
-        number = int(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or (minimum is not None and number < minimum):
-        floor = "" if minimum is None else f" >= {minimum}"
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    number = int(_conf_value(conf, key, default, "int", expected))
+    if minimum is not None and number < minimum:
         raise UpdateValidationError(
-            f"the message's config '{key}' is {value!r}; expected an integer{floor}"
+            f"the message's config '{key}' is {conf.get(key, default)!r}; expected {expected}"
         )
     return number
 
@@ -1043,15 +1054,7 @@ def _conf_float(conf: ConfigRecord, key: str, default: float) -> float:
     UpdateValidationError
         The value is not a number.
     """
-    value = conf.get(key, default)
-    try:
-        if isinstance(value, list | bytes):
-            raise TypeError(type(value).__name__)
-        return float(value)
-    except (TypeError, ValueError):
-        raise UpdateValidationError(
-            f"the message's config '{key}' is {value!r}; expected a number"
-        ) from None
+    return float(_conf_value(conf, key, default, "float", "a number"))
 
 
 def _array_record(msg: Message, key: str) -> dict[str, np.ndarray]:
