@@ -230,6 +230,28 @@ def test_a_bad_value_is_named_as_the_user_typed_it(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_key_error_keeps_its_key_and_only_such_an_error_is_renamed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedseg.cli import options
+    from fedseg.errors import ArmSpecError, ConfigError
+
+    err = ArmSpecError.for_key("dp-delta", "expected a number in (0, 1), found 0.0")
+    monkeypatch.setattr(options, "typed_flags", lambda: {"--delta"})
+    renamed = options.named_by_flag(err)
+    # a message that only reads like one key's error is not parsed for a key
+    lookalike = ConfigError("config key 'dp-delta': expected a number in (0, 1), found 0.0")
+
+    assert str(err) == "config key 'dp-delta': expected a number in (0, 1), found 0.0"
+    assert (err.key, err.detail) == ("dp-delta", "expected a number in (0, 1), found 0.0")
+    assert type(renamed) is ArmSpecError
+    assert str(renamed) == "--delta: expected a number in (0, 1), found 0.0 (config key 'dp-delta')"
+    assert renamed.key == "dp-delta"
+    assert options.named_by_flag(lookalike) is lookalike
+    monkeypatch.setattr(options, "typed_flags", lambda: {"--rounds"})  # --delta not typed
+    assert options.named_by_flag(err) is err
+
+
 def test_train_preset_defaults_to_cpu_native_for_3d_models() -> None:
     from fedseg.cli.options import train_preset
 

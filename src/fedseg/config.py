@@ -618,23 +618,26 @@ class FedsegConfig:
             self.dp_clip_norm,
         )
         if self.dp_mode == "client" and self.aggregator != "mean":
-            raise ConfigError(
-                f"config key 'dp-mode': client-level DP's noise (sigma * clip / sites) is "
+            raise ConfigError.for_key(
+                "dp-mode",
+                f"client-level DP's noise (sigma * clip / sites) is "
                 f"calibrated for the mean of clipped updates, not aggregator "
-                f"{self.aggregator!r}; use aggregator 'mean' or dp-mode 'sample'"
+                f"{self.aggregator!r}; use aggregator 'mean' or dp-mode 'sample'",
             )
         if self.dp_mode == "sample" and self.spatial_dims == 2:
-            raise ConfigError(
-                "config key 'dp-mode': sample-level DP-SGD accounts for one training case per "
+            raise ConfigError.for_key(
+                "dp-mode",
+                "sample-level DP-SGD accounts for one training case per "
                 "sample, but a 2D model (spatial-dims 2) trains on every slice of every case, "
                 "so its epsilon would be a per-slice figure; use spatial-dims 3 or dp-mode "
-                "'client'"
+                "'client'",
             )
         if self.dp_mode == "client" and self.strategy in ("scaffold", "cyclic"):
-            raise ConfigError(
-                f"config key 'dp-mode': client-level DP clips and noises averaged model updates, "
+            raise ConfigError.for_key(
+                "dp-mode",
+                f"client-level DP clips and noises averaged model updates, "
                 f"which strategy '{self.strategy}' does not produce; use fedavg, fedprox, "
-                f"fedbn, fedadam, fedyogi or fedadagrad"
+                f"fedbn, fedadam, fedyogi or fedadagrad",
             )
 
     def _check_secure(self) -> None:
@@ -668,36 +671,40 @@ class FedsegConfig:
             _check(math.isfinite(value) and value > 0, key, "a finite number > 0", value)
         parse_lwf_regions(self.lwf_regions)
         if self.continual != "none" and not self.init_model:
-            raise ConfigError(
-                f"config key 'continual': {self.continual!r} keeps what a phase-A model learned; "
-                f"set init-model to that model (final_model.pt of phase A)"
+            raise ConfigError.for_key(
+                "continual",
+                f"{self.continual!r} keeps what a phase-A model learned; "
+                f"set init-model to that model (final_model.pt of phase A)",
             )
         if self.ewc_fisher and self.continual != "ewc":
-            raise ConfigError(
-                f"config key 'ewc-fisher': only continual 'ewc' reads a Fisher file, found "
-                f"continual {self.continual!r}"
+            raise ConfigError.for_key(
+                "ewc-fisher",
+                f"only continual 'ewc' reads a Fisher file, found continual {self.continual!r}",
             )
         if self.save_fisher and (self.secure_aggregation != "none" or self.dp_mode != "none"):
-            raise ConfigError(
-                "config key 'save-fisher': the sites' Fisher is a noiseless statistic of their "
+            raise ConfigError.for_key(
+                "save-fisher",
+                "the sites' Fisher is a noiseless statistic of their "
                 "gradients; it is not asked for in a private or secure run (dp-mode and "
-                "secure-aggregation must be 'none')"
+                "secure-aggregation must be 'none')",
             )
         if self.continual != "none" and (
             self.secure_aggregation != "none" or self.dp_mode != "none"
         ):
-            raise ConfigError(
-                f"config key 'continual': {self.continual!r} is not available with "
+            raise ConfigError.for_key(
+                "continual",
+                f"{self.continual!r} is not available with "
                 f"secure-aggregation or dp-mode (EWC's Fisher is a noiseless statistic of the "
                 f"sites' gradients, and neither term is wired into DP-SGD's per-sample "
-                f"gradients); use continual 'none' for private or secure runs"
+                f"gradients); use continual 'none' for private or secure runs",
             )
         if self.compression != "none" and self.secure_aggregation != "none":
-            raise ConfigError(
-                f"config key 'compression': {self.compression!r} cannot be combined with "
+            raise ConfigError.for_key(
+                "compression",
+                f"{self.compression!r} cannot be combined with "
                 f"secure-aggregation {self.secure_aggregation!r}: the server must decode each "
                 f"site's update, which encryption (ckks) and masking (secagg+, which already "
-                f"sends its own fixed-point encoding of the update) hide from it"
+                f"sends its own fixed-point encoding of the update) hide from it",
             )
 
     def _check_task(self) -> None:
@@ -907,20 +914,19 @@ def parse_lwf_regions(value: object) -> tuple[int, ...]:
 
     names = [r.lower() for r in REGIONS]
     if not isinstance(value, str):
-        raise ConfigError(
-            f"config key 'lwf-regions': expected comma-separated regions of {names}, "
-            f"found {value!r}"
+        raise ConfigError.for_key(
+            "lwf-regions", f"expected comma-separated regions of {names}, found {value!r}"
         )
     parts = [p.strip().lower() for p in value.split(",") if p.strip()]
     if not parts:
-        raise ConfigError(f"config key 'lwf-regions': expected at least one of {names}, found none")
+        raise ConfigError.for_key("lwf-regions", f"expected at least one of {names}, found none")
     for p in parts:
         if p not in names:
-            raise ConfigError(
-                f"config key 'lwf-regions': unknown region {p!r}; expected regions of {names}"
+            raise ConfigError.for_key(
+                "lwf-regions", f"unknown region {p!r}; expected regions of {names}"
             )
     if len(set(parts)) != len(parts):
-        raise ConfigError(f"config key 'lwf-regions': a region is named twice in {value!r}")
+        raise ConfigError.for_key("lwf-regions", f"a region is named twice in {value!r}")
     return tuple(sorted(names.index(p) for p in parts))
 
 
@@ -958,9 +964,10 @@ def parse_augment(value: object) -> str:
         others = [p for p in parts if p != "basic"]
         if all(p in _WITH_BASIC for p in others) and len(set(others)) == len(others):
             return ",".join(["basic", *(g for g in AUGMENT_GROUPS if g in others)])
-        raise ConfigError(
-            f"config key 'augment': 'basic' is a set of its own and combines only with "
-            f"{', '.join(_WITH_BASIC)}, found {value!r}"
+        raise ConfigError.for_key(
+            "augment",
+            f"'basic' is a set of its own and combines only with "
+            f"{', '.join(_WITH_BASIC)}, found {value!r}",
         )
     wrong = [p for p in parts if p not in AUGMENT_GROUPS]
     if wrong or len(set(parts)) != len(parts):
@@ -969,10 +976,11 @@ def parse_augment(value: object) -> str:
         else:
             twice = next((p for p in parts if parts.count(p) > 1), text)
             hint = f"; '{twice}' is given twice"
-        raise ConfigError(
-            f"config key 'augment': expected true, false, one of {', '.join(AUGMENT_SETS)}, "
+        raise ConfigError.for_key(
+            "augment",
+            f"expected true, false, one of {', '.join(AUGMENT_SETS)}, "
             f"or a comma-separated list of distinct groups from {', '.join(AUGMENT_GROUPS)}, "
-            f"found {value!r}{hint}"
+            f"found {value!r}{hint}",
         )
     return ",".join(g for g in AUGMENT_GROUPS if g in parts)
 
@@ -996,7 +1004,7 @@ def augment_groups(value: str) -> tuple[str, ...]:
 
 def _check(ok: bool, key: str, expected: str, found: object) -> None:
     if not ok:
-        raise ConfigError(f"config key '{key}': expected {expected}, found {found!r}")
+        raise ConfigError.for_key(key, f"expected {expected}, found {found!r}")
 
 
 def attack_parts(name: str) -> tuple[str, bool]:
@@ -1014,9 +1022,10 @@ def attack_parts(name: str) -> tuple[str, bool]:
 def _check_attack(value: str) -> None:
     base, inflated = attack_parts(value)
     if "+" in str(value) and (not inflated or base in ("none", INFLATE) or base not in ATTACKS):
-        raise ConfigError(
-            f"config key 'attack': a combined attack is ATTACK+inflate with ATTACK one of "
-            f"{', '.join(a for a in ATTACKS if a not in ('none', INFLATE))}, found {value!r}"
+        raise ConfigError.for_key(
+            "attack",
+            f"a combined attack is ATTACK+inflate with ATTACK one of "
+            f"{', '.join(a for a in ATTACKS if a not in ('none', INFLATE))}, found {value!r}",
         )
     _check_choice("attack", base, ATTACKS)
 
@@ -1024,8 +1033,8 @@ def _check_attack(value: str) -> None:
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         hint = did_you_mean(str(value), list(allowed))
-        raise ConfigError(
-            f"config key '{key}': expected one of {', '.join(allowed)}, found {value!r}{hint}"
+        raise ConfigError.for_key(
+            key, f"expected one of {', '.join(allowed)}, found {value!r}{hint}"
         )
 
 
@@ -1047,10 +1056,10 @@ def coerce_value(key: str, value: Any, type_name: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"config key '{key}': expected true or false, found {value!r}")
+        raise ConfigError.for_key(key, f"expected true or false, found {value!r}")
     if tname == "int":
         if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected an integer, found {value!r}")
+            raise ConfigError.for_key(key, f"expected an integer, found {value!r}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -1060,14 +1069,14 @@ def coerce_value(key: str, value: Any, type_name: Any) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}': expected an integer, found {value!r}")
+        raise ConfigError.for_key(key, f"expected an integer, found {value!r}")
     if tname == "float":
         if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected a number, found {value!r}")
+            raise ConfigError.for_key(key, f"expected a number, found {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}': expected a number, found {value!r}") from None
+            raise ConfigError.for_key(key, f"expected a number, found {value!r}") from None
     if tname == "str":
         return str(value)
     return value

@@ -9,6 +9,7 @@ a case identifier (see :func:`FedsegError.public`).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Self
 
 
 class FedsegError(Exception):
@@ -22,9 +23,23 @@ class FedsegError(Exception):
 
 
 class ConfigError(FedsegError, ValueError):
-    """A configuration key has a bad or unknown value."""
+    """A configuration key has a bad or unknown value.
+
+    Raised for one key through :meth:`for_key`, the error keeps that ``key`` and the
+    ``detail`` after it, so a caller can name the key differently (the CLI names the flag the
+    user typed) without reading the message text.
+    """
 
     code = "E100"
+    key: str | None = None
+    detail: str = ""
+
+    @classmethod
+    def for_key(cls, key: str, detail: str) -> Self:
+        """``config key 'KEY': DETAIL``, with ``key`` and ``detail`` kept on the error."""
+        err = cls(f"config key '{key}': {detail}")
+        err.key, err.detail = key, detail
+        return err
 
 
 class ArmSpecError(ConfigError):

@@ -105,16 +105,16 @@ def typed_flags() -> set[str]:
 
 
 def named_by_flag(err: ConfigError) -> ConfigError:
-    """``err`` naming the flag the user typed for its config key, else ``err`` itself."""
-    import re
+    """``err`` naming the flag the user typed for its config key, else ``err`` itself.
 
-    found = re.match(r"config key '([^']+)': ", str(err))
-    if found is None:
-        return err
-    flag = KEY_FLAGS.get(found[1])
+    Only an error raised for one key (:meth:`ConfigError.for_key`) is renamed.
+    """
+    key = err.key
+    flag = KEY_FLAGS.get(key) if key is not None else None
     if flag is None or flag not in typed_flags():
         return err
-    renamed = type(err)(f"{flag}: {str(err)[found.end() :]} (config key '{found[1]}')")
+    renamed = type(err)(f"{flag}: {err.detail} (config key '{key}')")
+    renamed.key, renamed.detail = err.key, err.detail
     renamed.__cause__ = err.__cause__
     return renamed
 

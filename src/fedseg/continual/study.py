@@ -469,11 +469,12 @@ def check_study_config(cfg: FedsegConfig) -> None:
         ``continual`` other than ``none``.
     """
     if cfg.continual != "none":
-        raise ConfigError(
-            f"config key 'continual': the continual study sets it for each arm (naive, ewc, "
+        raise ConfigError.for_key(
+            "continual",
+            f"the continual study sets it for each arm (naive, ewc, "
             f"lwf, joint), found {cfg.continual!r} for the whole study, phase A included; "
             "choose arms with --arms, or run one phase-B federation with fedseg train "
-            "--set continual=... --set init-model=PHASE_A/final_model.pt"
+            "--set continual=... --set init-model=PHASE_A/final_model.pt",
         )
 
 

@@ -102,7 +102,6 @@ def correct_bias(image: np.ndarray, spacing: Sequence[float], method: str) -> np
         return image
     if method == "n4":
         return n4_correct(image, spacing)
-    raise ConfigError(
-        f"config key 'bias-correction': expected one of {', '.join(BIAS_CORRECTIONS)}, "
-        f"found {method!r}"
+    raise ConfigError.for_key(
+        "bias-correction", f"expected one of {', '.join(BIAS_CORRECTIONS)}, found {method!r}"
     )

@@ -340,9 +340,8 @@ def _check_trainable(trainable: str) -> None:
     from fedseg.config import DP_TRAINABLE
 
     if trainable not in DP_TRAINABLE:
-        raise ConfigError(
-            f"config key 'dp-trainable': expected one of {', '.join(DP_TRAINABLE)}, "
-            f"found {trainable!r}"
+        raise ConfigError.for_key(
+            "dp-trainable", f"expected one of {', '.join(DP_TRAINABLE)}, found {trainable!r}"
         )
 
 
@@ -377,7 +376,7 @@ def trainable_names(model: torch.nn.Module, trainable: str) -> list[str]:
         keep.update(n for n in names if n.rsplit(".", 1)[-1] == "bias")
     chosen = [n for n in names if n in keep]
     if not chosen:
-        raise ConfigError(f"config key 'dp-trainable': {trainable!r} selects no parameter here")
+        raise ConfigError.for_key("dp-trainable", f"{trainable!r} selects no parameter here")
     return chosen
 
 

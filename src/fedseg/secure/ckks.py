@@ -71,14 +71,13 @@ class CkksParams:
 
     def __post_init__(self) -> None:
         if self.poly_degree not in POLY_DEGREES:
-            raise ConfigError(
-                f"config key 'ckks-poly-degree': expected one of {POLY_DEGREES}, "
-                f"found {self.poly_degree!r}"
+            raise ConfigError.for_key(
+                "ckks-poly-degree", f"expected one of {POLY_DEGREES}, found {self.poly_degree!r}"
             )
         if not 20 <= self.scale_bits <= PRIME_BITS[0] - 10:
-            raise ConfigError(
-                f"config key 'ckks-scale-bits': expected an integer in [20, {PRIME_BITS[0] - 10}]"
-                f", found {self.scale_bits!r}"
+            raise ConfigError.for_key(
+                "ckks-scale-bits",
+                f"expected an integer in [20, {PRIME_BITS[0] - 10}], found {self.scale_bits!r}",
             )
 
     @property

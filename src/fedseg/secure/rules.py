@@ -73,30 +73,34 @@ def check_secure_combination(cfg: SecureSettings) -> None:
         return
     where = f"under secure-aggregation '{mode}' the server sees only the sum of the updates"
     if cfg.aggregator != "mean":
-        raise ConfigError(
-            f"config key 'aggregator': {cfg.aggregator!r} needs each site's update, but {where}; "
-            "use aggregator 'mean' or secure-aggregation 'none'"
+        raise ConfigError.for_key(
+            "aggregator",
+            f"{cfg.aggregator!r} needs each site's update, but {where}; "
+            "use aggregator 'mean' or secure-aggregation 'none'",
         )
     if cfg.anomaly_threshold > 0:
-        raise ConfigError(
-            f"config key 'anomaly-threshold': {cfg.anomaly_threshold!r} compares single "
-            f"updates, but {where}; set it to 0"
+        raise ConfigError.for_key(
+            "anomaly-threshold",
+            f"{cfg.anomaly_threshold!r} compares single updates, but {where}; set it to 0",
         )
     if cfg.update_clip_norm > 0:
-        raise ConfigError(
-            f"config key 'update-clip-norm': {cfg.update_clip_norm!r} clips single updates at "
-            f"the server, but {where}; set it to 0"
+        raise ConfigError.for_key(
+            "update-clip-norm",
+            f"{cfg.update_clip_norm!r} clips single updates at "
+            f"the server, but {where}; set it to 0",
         )
     if cfg.dp_mode == "client":
-        raise ConfigError(
-            f"config key 'dp-mode': 'client' clips each site's update at the server, but "
-            f"{where}; use dp-mode 'sample' (DP-SGD at the sites) with secure aggregation"
+        raise ConfigError.for_key(
+            "dp-mode",
+            f"'client' clips each site's update at the server, but "
+            f"{where}; use dp-mode 'sample' (DP-SGD at the sites) with secure aggregation",
         )
     if cfg.strategy not in SUM_ONLY_STRATEGIES:
-        raise ConfigError(
-            f"config key 'strategy': {cfg.strategy!r} cannot run under secure-aggregation "
+        raise ConfigError.for_key(
+            "strategy",
+            f"{cfg.strategy!r} cannot run under secure-aggregation "
             f"'{mode}': {_STRATEGY_WHY.get(cfg.strategy, 'it needs single updates')}; "
-            f"use one of {', '.join(SUM_ONLY_STRATEGIES)}"
+            f"use one of {', '.join(SUM_ONLY_STRATEGIES)}",
         )
     if mode == "ckks":
         from fedseg.secure.ckks import CkksParams

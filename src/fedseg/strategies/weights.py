@@ -131,13 +131,12 @@ def bounded_weights(
     ({'a': 10, 'b': 20}, {'b': (5000, 20)})
     """
     if mode not in COUNT_BOUND_MODES:
-        raise ConfigError(
-            f"config key 'count-bound': expected one of {', '.join(COUNT_BOUND_MODES)}, "
-            f"found {mode!r}"
+        raise ConfigError.for_key(
+            "count-bound", f"expected one of {', '.join(COUNT_BOUND_MODES)}, found {mode!r}"
         )
     if weighting not in WEIGHTINGS:
-        raise ConfigError(
-            f"config key 'weighting': expected one of {', '.join(WEIGHTINGS)}, found {weighting!r}"
+        raise ConfigError.for_key(
+            "weighting", f"expected one of {', '.join(WEIGHTINGS)}, found {weighting!r}"
         )
     decision: WeightDecision[S] = WeightDecision()
     for site, raw in reported.items():

@@ -47,8 +47,8 @@ def make_algorithm(
     """
     cls = ALGORITHMS.get(cfg.strategy)
     if cls is None:
-        raise ConfigError(
-            f"config key 'strategy': unknown strategy {cfg.strategy!r}; "
-            f"expected one of {', '.join(sorted(ALGORITHMS))}"
+        raise ConfigError.for_key(
+            "strategy",
+            f"unknown strategy {cfg.strategy!r}; expected one of {', '.join(sorted(ALGORITHMS))}",
         )
     return cls(cfg, param_names=param_names, num_sites=num_sites)
