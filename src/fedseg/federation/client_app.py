@@ -55,14 +55,12 @@ def guarded_reply(
     """
     started = trace.now()
     name: str | None = None
+    cfg: FedsegConfig | None = None
     try:
         cfg = site.site_config(context, overrides)
-        try:
-            name = site.resolve_site(context, cfg).name
-        except Exception:  # noqa: BLE001 - reported below by the handler itself
-            name = None
         content = handler(msg, context, cfg)
     except Exception as exc:  # noqa: BLE001 - the site boundary: nothing may escape
+        name = _site_name(context, cfg)
         if isinstance(exc, SitePolicyError):  # a decision, not a fault: no traceback
             log.warning(
                 "site %s: %s refused by the site's policy (reply: %s and the reason)",
@@ -85,6 +83,7 @@ def guarded_reply(
             for key, record in partial.items():
                 content[key] = record
     if trace.enabled():
+        name = name or _site_name(context, cfg)
         metrics = R.metrics_dict(content.metric_records.get(R.METRICS))
         scores = R.metrics_dict(content.metric_records.get(R.EVAL_METRICS))  # a fused evaluation
         trace.record(
@@ -98,6 +97,18 @@ def guarded_reply(
             + scores.get("eval-seconds", 0.0),
         )
     return Message(content, reply_to=msg)
+
+
+def _site_name(context: Context, cfg: FedsegConfig | None) -> str | None:
+    """This site's name for the log, a failure reply and the trace; None when it cannot be
+    found (the handler's own error says why). Only looked up when needed: a handler finds
+    its site itself (:func:`fedseg.federation.site.resolve_site`)."""
+    if cfg is None:
+        return None
+    try:
+        return site.resolve_site(context, cfg).name
+    except Exception:  # noqa: BLE001 - a name for the log only
+        return None
 
 
 def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
