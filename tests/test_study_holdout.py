@@ -28,7 +28,7 @@ from fedseg.model.norm_adapt import (
     entropy_adapt_affines,
     image_batches,
 )
-from fedseg.study.holdout import average_norms, unseen_rows
+from fedseg.study.holdout import ENHANCING, average_norms, enhancing_et, unseen_rows
 from fedseg.study.study import run_study
 from tests.test_study import TINY, _fake_run_federation, write_tiny_cohort
 
@@ -222,12 +222,87 @@ def test_unseen_table_puts_the_configured_fedbn_choice_first(held_out_study: tup
         assert r["ratio-WT"] == pytest.approx(r["unseen-WT"] / r["in-distribution-WT"])
     with open(out / "unseen.csv", newline="") as fh:
         csv_rows = list(csv.DictReader(fh))
-    assert len(csv_rows) == 4 * len(rows)
+    assert len(csv_rows) == 5 * len(rows)  # WT, TC, ET, mean, ET-enhancing
     report = (out / "report.html").read_text()
     assert "Unseen hospital: C" in report
     assert "FedBN (alternative)" in report
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["unseen"]["rows"] == json.loads(json.dumps(rows))
+
+
+def _with_et_share(et: float, enhancing: float, no_et: int, flagged: float, cases: int) -> None:
+    """ET over every case = (ET on the enhancing cases, the others 1 unless flagged) / all."""
+    assert et == pytest.approx((enhancing * cases + (no_et - flagged)) / (cases + no_et))
+
+
+def test_et_on_enhancing_tumours_is_reported_beside_et(held_out_study: tuple) -> None:
+    out, doc, _, _ = held_out_study
+    rows = doc["unseen"]["rows"]
+
+    for r in rows:
+        assert r[f"ratio-{ENHANCING}"] == pytest.approx(
+            r[f"unseen-{ENHANCING}"] / r[f"in-distribution-{ENHANCING}"]
+        )
+        assert r["unseen-et-cases"] + r["unseen-no-et-cases"] == r["num-cases"] == 4
+        _with_et_share(
+            r["unseen-ET"],
+            r[f"unseen-{ENHANCING}"],
+            r["unseen-no-et-cases"],
+            r["unseen-no-et-flagged"],
+            r["unseen-et-cases"],
+        )
+    for arm, res in doc["arms"].items():
+        pooled = res["metrics"]["pooled"]
+        block = pooled[ENHANCING]
+        assert block["cases"] + block["no-et-cases"] == pooled["num-cases"], arm
+        _with_et_share(
+            pooled["ET"]["dice"],
+            block["dice"],
+            block["no-et-cases"],
+            block["no-et-flagged"],
+            block["cases"],
+        )
+    with open(out / "unseen.csv", newline="") as fh:
+        enhancing = [row for row in csv.DictReader(fh) if row["region"] == ENHANCING]
+    assert len(enhancing) == len(rows)
+    assert {int(row["num_cases"]) for row in enhancing} == {rows[0]["unseen-et-cases"]}
+    assert (
+        "ET on the cases with enhancing tumour, unseen / in-dist."
+        in (out / "report.html").read_text()
+    )
+
+
+def _case(case_id: str, has_et: bool | None) -> object:
+    """A prepared case whose reference has ET or not (``None``: no label)."""
+    from types import SimpleNamespace
+
+    if has_et is None:
+        return SimpleNamespace(case_id=case_id, regions=None)
+    regions = np.zeros((3, 2, 2, 2), dtype=bool)
+    regions[:2, 0, 0, 0] = True
+    regions[2, 0, 0, 0] = has_et
+    return SimpleNamespace(case_id=case_id, regions=regions)
+
+
+def test_enhancing_et_by_hand() -> None:
+    def table(et: float) -> dict:
+        return {"WT": {"dice": 0.9}, "TC": {"dice": 0.8}, "ET": {"dice": et}}
+
+    per_case = {"a": table(0.6), "b": table(0.8), "c": table(1.0), "d": table(0.0)}
+    items = [
+        _case("a", True),
+        _case("b", True),
+        _case("c", False),  # no ET predicted: 1
+        _case("d", False),  # ET predicted where there is none: 0
+        _case("e", None),  # unlabelled: not scored
+        _case("f", True),  # no table: not scored
+    ]
+
+    got = enhancing_et(per_case, items)  # type: ignore[arg-type]
+
+    assert got == {"dice": pytest.approx(0.7), "cases": 2, "no-et-cases": 2, "no-et-flagged": 1}
+    none = enhancing_et({"c": table(1.0)}, [_case("c", False)])  # type: ignore[list-item]
+    assert np.isnan(none["dice"]) and none["cases"] == 0 and none["no-et-flagged"] == 0
 
 
 def test_another_holdout_does_not_reuse_results(held_out_study: tuple) -> None:
@@ -410,9 +485,14 @@ def test_evaluate_scores_an_external_labelled_folder(
 # over seeds
 
 
-def _ratio_row(arm: str, variant: str, first: bool, ratio: float) -> dict:
-    """An unseen-table row with mean ratio ``ratio``; WT keeps all, TC ``ratio``, ET half."""
+def _ratio_row(
+    arm: str, variant: str, first: bool, ratio: float, enhancing: float | None = None
+) -> dict:
+    """An unseen-table row with mean ratio ``ratio``; WT keeps all, TC ``ratio``, ET half;
+    with ``enhancing``, that ratio of ET on the cases with enhancing tumour."""
     regions = {"ratio-WT": 1.0, "ratio-TC": ratio, "ratio-ET": ratio / 2}
+    if enhancing is not None:
+        regions[f"ratio-{ENHANCING}"] = enhancing
     return {"arm": arm, "variant": variant, "first": first, "unseen-mean": 0.6 * ratio} | {
         "ratio-mean": ratio,
         **regions,
@@ -460,6 +540,30 @@ def test_seeds_summarise_the_unseen_hospital_with_an_interval() -> None:
     )
     assert "Unseen hospital, mean [95 % interval] over seeds" in render(out)
     assert all("paired" not in block for block in out["arms"].values())
+
+
+def test_seeds_summarise_et_on_enhancing_tumours_when_every_seed_has_it() -> None:
+    from fedseg.study.seeds import render, summarise
+
+    docs = {0: _unseen_doc("site-0", 1.0), 1: _unseen_doc("site-2", 0.9)}
+    for doc, value in zip(docs.values(), (0.8, 1.0), strict=True):
+        doc["unseen"]["rows"][0] = _ratio_row("fedavg", "model", True, 1.0, value)
+    out = summarise(docs)
+
+    fed = out["arms"]["fedavg"]["unseen"]
+    assert fed[f"ratio-{ENHANCING}"]["values"] == [0.8, 1.0]
+    assert any(
+        f.startswith("FedAvg at the unseen hospital")
+        and f.endswith("ET 0.50 (ET on the cases with enhancing tumour alone 0.90).")
+        for f in out["findings"]
+    )
+    assert "ET, cases with enhancing tumour" in render(out)
+    # a seed without the figure (NaN: no enhancing tumour on one side): not summarised
+    docs[1]["unseen"]["rows"][0] = _ratio_row("fedavg", "model", True, 1.0, float("nan"))
+    again = summarise(docs)
+    assert f"ratio-{ENHANCING}" not in again["arms"]["fedavg"]["unseen"]
+    assert "ratio-ET" in again["arms"]["fedavg"]["unseen"]
+    assert "ET, cases with enhancing tumour" not in render(again)
 
 
 def test_seeds_summarise_the_test_tumours_on_the_held_out_scanner() -> None:
@@ -606,7 +710,13 @@ def test_the_test_tumours_are_scored_again_on_the_held_out_scanner(
         assert r["in-distribution-ET"] == arm["metrics"]["pooled"]["ET"]["dice"]
         assert r["ratio-mean"] == pytest.approx(r["unseen-mean"] / r["in-distribution-mean"])
     with open(out / "paired.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == 4 * len(paired["rows"])
+        paired_csv = list(csv.DictReader(fh))
+    assert len(paired_csv) == 5 * len(paired["rows"])  # WT, TC, ET, mean, ET-enhancing
+    # the same tumours: as many with enhancing tumour as among the in-distribution test cases
+    for r in paired["rows"]:
+        home = doc["arms"][r["arm"]]["metrics"]["pooled"][ENHANCING]
+        assert r["unseen-et-cases"] == home["cases"]
+        assert r["unseen-no-et-cases"] == r["in-distribution-no-et-cases"] == home["no-et-cases"]
     assert "The same tumours on ge-1.5t" in (out / "report.html").read_text()
 
 

@@ -20,6 +20,11 @@ What is scored, per kind of arm:
     statistics, entropy minimisation of the normalisation affines; labels are not read).
 
   The config key ``unseen-norm`` says which the report shows first (both are always stored).
+
+ET is also scored apart on the cases whose reference has enhancing tumour (:data:`ENHANCING`,
+:func:`enhancing_et`), beside the in-distribution figure of the same kind: by the BraTS rule a
+case without enhancing tumour scores ET 1 when none is predicted and 0 otherwise, so with one
+or two such cases among a hospital's cases a single false alarm moves its ET Dice by a tenth.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ if TYPE_CHECKING:
     from fedseg.site.trainer import SiteTrainer
 
 Weights = dict[str, np.ndarray]
+
+#: the key of ET scored only on cases whose reference has enhancing tumour
+ENHANCING = "ET-enhancing"
 
 #: what each kind of arm is scored with at the unseen hospital (shown in the report)
 SCORED: dict[str, str] = {
@@ -110,12 +118,52 @@ def average_norms(
     return out
 
 
+def enhancing_et(
+    per_case: Mapping[str, Mapping[str, Mapping[str, float]]], items: Sequence[Prepared]
+) -> dict[str, Any]:
+    """ET Dice on the cases whose reference has enhancing tumour; the false alarms elsewhere.
+
+    Parameters
+    ----------
+    per_case:
+        Case id to its region table (``{"ET": {"dice": d, ...}, ...}``), as
+        :meth:`fedseg.site.trainer.SiteTrainer.evaluate` returns under ``per-case``.
+    items:
+        The prepared cases scored (their ``regions`` say which reference has ET); cases
+        without labels or without a table are left out.
+
+    Returns
+    -------
+    dict
+        ``dice``: mean ET Dice over the cases with enhancing tumour (NaN without one);
+        ``cases``: their number; ``no-et-cases``: the cases without; ``no-et-flagged``: how
+        many of those got ET predicted (their ET Dice is 0; 1 when none is predicted).
+    """
+    et = REGIONS.index("ET")
+    with_et: list[float] = []
+    without: list[float] = []
+    for prep in items:
+        table = per_case.get(prep.case_id)
+        if prep.regions is None or table is None:
+            continue
+        dice = float(table["ET"]["dice"])
+        (with_et if bool(np.asarray(prep.regions[et]).any()) else without).append(dice)
+    return {
+        "dice": float(np.mean(with_et)) if with_et else math.nan,
+        "cases": len(with_et),
+        "no-et-cases": len(without),
+        "no-et-flagged": sum(1 for d in without if d < 0.5),
+    }
+
+
 def _table(evaluator: SiteTrainer, items: Sequence[Prepared]) -> dict[str, Any]:
-    """Dice and HD95 per region, mean Dice and case count on ``items`` (current weights)."""
+    """Dice and HD95 per region, mean Dice, case count and :data:`ENHANCING` on ``items``
+    (current weights)."""
     t = evaluator.evaluate(items, hd95=True)
     out: dict[str, Any] = {r: {k: float(v) for k, v in t[r].items()} for r in REGIONS if r in t}
     out["mean-dice"] = float(t.get("mean-dice", float("nan")))
     out["num-cases"] = int(t["num-examples"])
+    out[ENHANCING] = enhancing_et(t.get("per-case", {}), items)
     return out
 
 
@@ -125,6 +173,15 @@ def _mean_of(tables: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
     out["mean-dice"] = float(np.mean([t["mean-dice"] for t in tables]))
     out["num-cases"] = int(tables[0]["num-cases"])
+    if all(ENHANCING in t for t in tables):
+        first = tables[0][ENHANCING]
+        out[ENHANCING] = {
+            "dice": float(np.mean([t[ENHANCING]["dice"] for t in tables])),
+            "cases": first["cases"],
+            "no-et-cases": first["no-et-cases"],
+            # mean over the models
+            "no-et-flagged": float(np.mean([t[ENHANCING]["no-et-flagged"] for t in tables])),
+        }
     return out
 
 
@@ -221,8 +278,11 @@ def unseen_rows(
     list[dict]
         Rows ``arm``, ``variant``, ``scored`` (what was scored), ``first`` (the arm's reported
         variant), per region ``unseen-<R>``, ``in-distribution-<R>``, ``ratio-<R>`` and the same
-        for ``mean`` (mean Dice over regions), and ``num-cases``. Arms without unseen scores are
-        left out.
+        for ``mean`` (mean Dice over regions) and :data:`ENHANCING` (ET on the cases with
+        enhancing tumour; NaN where a result has no such figure), ``unseen-et-cases`` (how
+        many there), ``unseen-no-et-cases`` / ``-no-et-flagged`` and the same for
+        ``in-distribution`` (:func:`enhancing_et`), and ``num-cases``. Arms without unseen
+        scores are left out.
     """
     rows: list[dict[str, Any]] = []
     for arm, res in arms.items():
@@ -248,16 +308,25 @@ def unseen_rows(
             row["unseen-mean"] = u.get("mean-dice")
             row["in-distribution-mean"] = pooled.get("mean-dice")
             row["ratio-mean"] = _ratio(row["unseen-mean"], row["in-distribution-mean"])
+            here, home = u.get(ENHANCING) or {}, pooled.get(ENHANCING) or {}
+            row[f"unseen-{ENHANCING}"] = here.get("dice", math.nan)
+            row[f"in-distribution-{ENHANCING}"] = home.get("dice", math.nan)
+            row[f"ratio-{ENHANCING}"] = _ratio(here.get("dice"), home.get("dice"))
+            row["unseen-et-cases"] = here.get("cases")
+            for side, block in (("unseen", here), ("in-distribution", home)):
+                row[f"{side}-no-et-cases"] = block.get("no-et-cases")
+                row[f"{side}-no-et-flagged"] = block.get("no-et-flagged")
             rows.append(row)
     return rows
 
 
 def unseen_csv_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """:func:`unseen_rows` as long CSV rows: arm, variant, region, unseen_dice,
-    in_distribution_dice, ratio, num_cases (region ``mean``: mean over regions)."""
+    in_distribution_dice, ratio, num_cases (region ``mean``: mean over regions; region
+    :data:`ENHANCING`: ET on the cases with enhancing tumour, ``num_cases`` their number)."""
     out = []
     for row in rows:
-        for r in (*REGIONS, "mean"):
+        for r in (*REGIONS, "mean", ENHANCING):
             out.append(
                 {
                     "arm": row["arm"],
@@ -266,7 +335,7 @@ def unseen_csv_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     "unseen_dice": row[f"unseen-{r}"],
                     "in_distribution_dice": row[f"in-distribution-{r}"],
                     "ratio": row[f"ratio-{r}"],
-                    "num_cases": row["num-cases"],
+                    "num_cases": row.get("unseen-et-cases") if r == ENHANCING else row["num-cases"],
                 }
             )
     return out

@@ -354,8 +354,49 @@ def _unseen_section(doc: Mapping[str, Any]) -> str:
         )
         + "</p>"
         + _ratio_table(rows, "unseen")
+        + _enhancing_part(rows)
         + img(plots.unseen_bars(rows), "Dice at the unseen hospital")
         + _paired_part(unseen)
+    )
+
+
+def _enhancing_part(rows: Sequence[Mapping[str, Any]]) -> str:
+    """ET on the cases with enhancing tumour alone, and ET predicted where there is none."""
+    from fedseg.study.holdout import ENHANCING
+
+    kept = [r for r in rows if r.get("unseen-no-et-cases") is not None]
+    if not kept:
+        return ""
+
+    def flagged(r: Mapping[str, Any], side: str) -> str:
+        n, k = r.get(f"{side}-no-et-cases"), r.get(f"{side}-no-et-flagged")
+        if not n:
+            return "none without"
+        return f"{k:g} of {n}" if k is not None else f"? of {n}"
+
+    body = [
+        [
+            esc(pretty(r["arm"]) + ("" if r["first"] else " (alternative)")),
+            esc(r["scored"]),
+            f"{num(r[f'unseen-{ENHANCING}'])} / {num(r[f'in-distribution-{ENHANCING}'])} "
+            f"({pct(r[f'ratio-{ENHANCING}'])})",
+            esc(flagged(r, "unseen")),
+            esc(flagged(r, "in-distribution")),
+        ]
+        for r in kept
+    ]
+    header = [
+        "arm",
+        "what is scored",
+        "ET on the cases with enhancing tumour, unseen / in-dist. (ratio)",
+        "ET predicted on cases without enhancing tumour, unseen",
+        "the same, in-dist.",
+    ]
+    return (
+        "<p>By the BraTS rule a case without enhancing tumour scores ET 1 when no ET is "
+        "predicted and 0 otherwise, so among a few such cases one false alarm moves ET by a "
+        "tenth. ET scored on the cases that have enhancing tumour, and the false alarms on "
+        "those that have none:</p>" + table(header, body, left=2)
     )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 from fedseg.config import FedsegConfig
 from fedseg.data.case import REGIONS
 from fedseg.errors import ConfigError
+from fedseg.study.holdout import ENHANCING
 from fedseg.utils.io import atomic_write_json, atomic_write_text
 from fedseg.utils.stats import mean_ci, paired
 
@@ -146,7 +148,7 @@ def unseen_over_seeds(
     columns = [
         ("mean-dice", "unseen-mean"),
         ("ratio", "ratio-mean"),
-        *((f"ratio-{r}", f"ratio-{r}") for r in REGIONS),
+        *((f"ratio-{r}", f"ratio-{r}") for r in (*REGIONS, ENHANCING)),
     ]
     out: dict[str, Any] = {}
     for arm in [a for a in rows[seeds[0]] if all(a in rows[s] for s in seeds)]:
@@ -155,7 +157,11 @@ def unseen_over_seeds(
             "variant": rows[seeds[0]][arm]["variant"],
         }
         for key, col in columns:
-            values = [float(rows[s][arm][col]) for s in seeds]
+            if col not in rows[seeds[0]][arm]:  # a result written before the figure existed
+                continue
+            values = [float(rows[s][arm].get(col, math.nan)) for s in seeds]
+            if col == f"ratio-{ENHANCING}" and not all(math.isfinite(v) for v in values):
+                continue  # a seed without an enhancing tumour on one side
             ci = mean_ci(values)
             block[key] = {"values": values, "mean": ci.mean, "low": ci.low, "high": ci.high}
         out[arm] = block
@@ -212,9 +218,13 @@ def findings(arms: Mapping[str, Mapping[str, Any]], n: int) -> list[str]:
 
 def _by_region(block: Mapping[str, Any]) -> str:
     """ "WT 0.97, TC 0.95, ET 0.91": the mean ratio per region over the seeds."""
-    return ", ".join(
+    text = ", ".join(
         f"{r} {block[f'ratio-{r}']['mean']:.2f}" for r in REGIONS if f"ratio-{r}" in block
     )
+    enhancing = block.get(f"ratio-{ENHANCING}") or {}
+    if enhancing and math.isfinite(enhancing["mean"]):
+        text += f" (ET on the cases with enhancing tumour alone {enhancing['mean']:.2f})"
+    return text
 
 
 def write_csv(path: Path, doc: Mapping[str, Any]) -> None:
@@ -299,15 +309,23 @@ def render(doc: Mapping[str, Any]) -> str:
         blocks = [(arm, b[key]) for arm, b in doc["arms"].items() if key in b]
         if not blocks:
             continue
+        enhancing = f"ratio-{ENHANCING}"
+        extra = any(enhancing in u for _, u in blocks)
         body += [
             f"<h2>{title}: Dice / in-distribution Dice by region, mean [95 % interval] over "
             "seeds</h2>",
             H.table(
-                ["arm", *REGIONS, "mean"],
+                [
+                    "arm",
+                    *REGIONS,
+                    *(["ET, cases with enhancing tumour"] if extra else []),
+                    "mean",
+                ],
                 [
                     [
                         H.esc(pretty(arm)),
                         *(cell(u[f"ratio-{r}"]) for r in REGIONS),
+                        *([cell(u[enhancing]) if enhancing in u else "–"] if extra else []),
                         cell(u["ratio"]),
                     ]
                     for arm, u in blocks

@@ -1110,8 +1110,14 @@ def evaluate_models(
     per_site: Mapping[str, Weights] | None,
     site_test: Mapping[str, Sequence[Prepared]],
 ) -> dict[str, Any]:
-    """Score an arm: each site's test set (its own model when per-site), pooled, cross-site."""
+    """Score an arm: each site's test set (its own model when per-site), pooled, cross-site.
+
+    The pooled figures also score ET on the cases with enhancing tumour alone
+    (:func:`fedseg.study.holdout.enhancing_et`, under ``ET-enhancing``), the in-distribution
+    side of the unseen hospital's figure of the same kind.
+    """
     from fedseg.model.metrics import mean_over_cases
+    from fedseg.study.holdout import ENHANCING, enhancing_et
 
     metrics: dict[str, Any] = {}
     per_case: dict[str, dict[str, Any]] = {}
@@ -1129,6 +1135,9 @@ def evaluate_models(
         per_case.update({cid: {"site": site, **m} for cid, m in cases.items()})
     all_cases = [{r: c[r] for r in REGIONS} for c in per_case.values()]
     metrics[POOLED] = _summarise(mean_over_cases(all_cases), all_cases)
+    metrics[POOLED][ENHANCING] = enhancing_et(
+        per_case, [p for items in site_test.values() for p in items]
+    )
 
     cross: dict[str, dict[str, float]] = {}
     if per_site:
