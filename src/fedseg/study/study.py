@@ -39,7 +39,8 @@ Output folder::
     OUT/metrics.csv             arm,site,region,dice,hd95,num_cases (site "pooled" = all tests)
     OUT/curves.csv              learning curves: arm,epoch,round,WT,TC,ET,mean_dice,loss
     OUT/unseen.csv              with a held-out hospital: arm,variant,region,unseen_dice,
-                                in_distribution_dice,ratio,num_cases
+                                in_distribution_dice,ratio,num_cases (region ET-enhancing: ET
+                                on the cases with enhancing tumour alone)
     OUT/paired/<scanner>/       with a held-out scanner profile on a generated cohort: the
                                 pooled test cases drawn again on that profile
     OUT/paired.csv              the same columns as unseen.csv, scored on those cases
