@@ -305,7 +305,7 @@ def test_trimmed_mean_cell_cuts_exactly_the_malicious_count(name: str) -> None:
 def test_robustness_table_summarises_its_cells(tmp_path: Path) -> None:
     import csv
 
-    from fedseg.study.robustness import matrix, write_outputs
+    from fedseg.study.robustness import matrix, write_robustness_files
 
     doc = {
         "settings": ["1of4"],
@@ -329,7 +329,7 @@ def test_robustness_table_summarises_its_cells(tmp_path: Path) -> None:
     assert (rows, cols) == (["fedavg", "median", "krum"], ["scale", "sign-flip"])
     assert m[0].tolist() == [0.10, 0.40] and m[1].tolist() == [0.58, 0.55]
     assert np.isnan(m[2]).all()
-    write_outputs(tmp_path, doc)
+    write_robustness_files(tmp_path, doc)
     with open(tmp_path / "robustness.csv", newline="") as fh:
         got = {(r["attack"], r["defence"]): r for r in csv.DictReader(fh)}
     assert got[("scale", "fedavg")]["drop"] == f"{0.60 - 0.10:.4f}"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedseg.study.robustness import findings, paired, standard_error, write_outputs
+from fedseg.study.robustness import findings, paired, standard_error, write_robustness_files
 
 REF = {"a": 0.6, "b": 0.7, "c": 0.5}
 
@@ -78,7 +78,7 @@ def test_an_attack_within_the_interval_does_no_measurable_damage() -> None:
 
 def test_outputs_carry_the_standard_errors(tmp_path: Path) -> None:
     doc = _doc({"a": 0.1, "b": 0.2, "c": 0.05}, median={"a": 0.58, "b": 0.71, "c": 0.49})
-    write_outputs(tmp_path, doc)
+    write_robustness_files(tmp_path, doc)
     rows = (tmp_path / "robustness.csv").read_text().splitlines()
     header = rows[0].split(",")
     row = dict(zip(header, next(r for r in rows if ",scale,fedavg," in r).split(","), strict=True))

@@ -16,7 +16,7 @@ from fedseg.study.robustness import (
     parse_attacks,
     parse_defences,
     parse_settings,
-    write_outputs,
+    write_robustness_files,
 )
 
 
@@ -89,7 +89,7 @@ def test_findings_do_not_credit_a_defence_when_fedavg_is_not_hurt() -> None:
 
 
 def test_report_states_the_clean_reference_next_to_the_table(tmp_path: Path) -> None:
-    write_outputs(tmp_path, _doc(0.10, 0.58))
+    write_robustness_files(tmp_path, _doc(0.10, 0.58))
     html = (tmp_path / "report.html").read_text()
     assert "Clean reference (no attack, FedAvg): 0.600" in html
     assert "Rows: defences; columns: attacks" in html
@@ -100,7 +100,7 @@ def test_outputs_are_replaced_whole_or_not_at_all(
 ) -> None:
     import fedseg.utils.io as io_mod
 
-    write_outputs(tmp_path, _doc(0.10, 0.58))
+    write_robustness_files(tmp_path, _doc(0.10, 0.58))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert {"robustness.csv", "heatmap-1of4.png", "report.html"} <= set(before)
 
@@ -115,6 +115,6 @@ def test_outputs_are_replaced_whole_or_not_at_all(
 
     monkeypatch.setattr(io_mod, "atomic_write", failing)
     with pytest.raises(Exception):  # noqa: B017 (an OSError or the OutputError naming it)
-        write_outputs(tmp_path, _doc(0.20, 0.50))
+        write_robustness_files(tmp_path, _doc(0.20, 0.50))
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert after == before  # no output was truncated or half-replaced

@@ -213,7 +213,7 @@ def serve(
         progress=progress,
         workers=workers,
     )
-    write_outputs(out, result, cfg)
+    write_federation_files(out, result, cfg)
     if cfg.save_fisher:  # phase A of continual learning: EWC's Fisher at the final model
         from fedseg.continual.server import FISHER_FILE, collect_fisher, save_fisher
 
@@ -231,7 +231,7 @@ def aggregated_rounds(history: list[dict[str, Any]]) -> list[int]:
     return [int(row["round"]) for row in history if row.get("status") == "ok"]
 
 
-def write_outputs(out: Path, result: LoopResult, cfg: FedsegConfig) -> None:
+def write_federation_files(out: Path, result: LoopResult, cfg: FedsegConfig) -> None:
     """``history.json``, ``final_model.pt`` and (FedBN) ``site_models/<site>.pt``.
 
     Without an aggregated round only ``history.json`` is written (with each round's reason)
@@ -348,7 +348,7 @@ def build_server_app(
                 code = ExitCode.SERVERAPP_STRATEGY_AGGREGATION_ERROR
             raise ServerAppFailed(str(exc), exit_code=code) from None
         if result is not None and not aggregated_rounds(result.history):
-            # write_outputs logged it and wrote no final model
+            # write_federation_files logged it and wrote no final model
             raise ServerAppFailed(
                 "no round was aggregated; each round's reason is in history.json",
                 exit_code=ExitCode.SERVERAPP_STRATEGY_AGGREGATION_ERROR,

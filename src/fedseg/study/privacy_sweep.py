@@ -649,7 +649,7 @@ def run_privacy_sweep(
         "arms": results,
     }
     doc["utility-target"] = utility_target(results)
-    write_outputs(out, doc)
+    write_privacy_files(out, doc)
     return doc
 
 
@@ -999,7 +999,7 @@ def utility_target(arms: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def write_outputs(out: Path, doc: dict[str, Any]) -> None:
+def write_privacy_files(out: Path, doc: dict[str, Any]) -> None:
     """``privacy.csv``, the three PNGs, ``report.html`` and ``privacy.json`` into ``out``."""
     from fedseg.study.privacy_report import cost_bars, dice_vs_epsilon, mia_vs_epsilon, write
 

@@ -587,7 +587,7 @@ def run_robustness(
                 per[f"{attack}|{defence}"] = _cell(done[arm.name])
     doc["seconds-this-invocation"] = time.perf_counter() - t_start
     atomic_write_json(out / RESULTS, doc)
-    write_outputs(out, doc)
+    write_robustness_files(out, doc)
     return doc
 
 
@@ -627,7 +627,7 @@ def reference(doc: Mapping[str, Any], setting: str) -> float | None:
     return doc.get("cells", {}).get(setting, {}).get(f"{CLEAN}|fedavg", {}).get("dice")
 
 
-def write_outputs(out: Path, doc: Mapping[str, Any]) -> None:
+def write_robustness_files(out: Path, doc: Mapping[str, Any]) -> None:
     """``robustness.csv``, ``heatmap-<setting>.png`` and ``report.html`` from the document."""
     from fedseg.study.plots import site_heatmap
 
