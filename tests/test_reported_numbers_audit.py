@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -73,10 +74,12 @@ class _FixedScores:
     def set_weights(self, weights: Any) -> None:
         """Nothing to load."""
 
-    def evaluate(self, items: Sequence[str], **_: Any) -> dict[str, Any]:
+    def evaluate(self, items: Sequence[Any], **_: Any) -> dict[str, Any]:
         from fedseg.model.metrics import mean_over_cases
 
-        cases = {c: {r: {"dice": self.per_case[c][r]} for r in REGIONS} for c in items}
+        cases = {
+            p.case_id: {r: {"dice": self.per_case[p.case_id][r]} for r in REGIONS} for p in items
+        }
         table: dict[str, Any] = dict(mean_over_cases(list(cases.values())))
         table["per-case"] = cases
         return table
@@ -90,7 +93,13 @@ def test_pooled_and_per_site_means_and_standard_errors() -> None:
         "b": {"WT": 0.8, "TC": 0.5, "ET": 0.0},  # ET predicted where there is none: 0
         "c": {"WT": 0.7, "TC": 0.4, "ET": 0.3},
     }
-    sites = {"site-0": ["a", "b"], "site-1": ["c"]}
+
+    def case(case_id: str, has_et: bool) -> SimpleNamespace:
+        regions = np.zeros((3, 2, 2, 2), dtype=bool)
+        regions[:, 0, 0, 0] = (True, True, has_et)
+        return SimpleNamespace(case_id=case_id, regions=regions)
+
+    sites = {"site-0": [case("a", False), case("b", False)], "site-1": [case("c", True)]}
     ev = evaluate_models(_FixedScores(per_case), {"w": np.zeros(1)}, None, sites)  # type: ignore[arg-type]
     m = ev["metrics"]
     case_means = {c: np.mean([d[r] for r in REGIONS]) for c, d in per_case.items()}
@@ -104,6 +113,13 @@ def test_pooled_and_per_site_means_and_standard_errors() -> None:
     assert m["site-0"]["mean-dice-se"] == pytest.approx(site0.std(ddof=1) / math.sqrt(2))
     assert m["site-1"]["mean-dice-se"] is None  # one case: no standard error
     assert (m[POOLED]["num-cases"], m["site-0"]["num-cases"]) == (3, 2)
+    # ET on the one case with enhancing tumour; one of the two without got ET predicted
+    assert m[POOLED]["ET-enhancing"] == {
+        "dice": pytest.approx(0.3),
+        "cases": 1,
+        "no-et-cases": 2,
+        "no-et-flagged": 1,
+    }
 
 
 def _study_doc(central: float, fed: float) -> dict[str, Any]:
