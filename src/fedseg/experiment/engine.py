@@ -47,7 +47,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,6 +55,9 @@ from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError, did_you_mean
 from fedseg.experiment.meter import Meter, MeteredGrid, Observer
 from fedseg.utils.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from fedseg.federation.loop import HistoryRow
 
 log = logging.getLogger("fedseg.engine")
 
@@ -66,7 +69,7 @@ FLOWER_LOG = "flower.log"
 #: Ray's object store floor is 75 MiB; the models here are a few MB.
 RAY_OBJECT_STORE_BYTES = 100 * 1024 * 1024
 
-Progress = Callable[[int, int, dict[str, Any]], None]
+Progress = Callable[[int, int, "HistoryRow"], None]
 
 
 @dataclass
@@ -102,7 +105,7 @@ class FederationRun:
     """
 
     engine: str
-    history: list[dict[str, Any]]
+    history: list[HistoryRow]
     weights: dict[str, np.ndarray]
     site_weights: dict[str, dict[str, np.ndarray]] | None
     start_round: int = 0
@@ -249,7 +252,7 @@ def _run_here(
     rounds: list[dict[str, Any]] = []
     last = {"down": 0, "up": 0, "messages": 0, "seconds": 0.0, "cpu-seconds": 0.0}
 
-    def on_round(rnd: int, total: int, row: dict[str, Any]) -> None:
+    def on_round(rnd: int, total: int, row: HistoryRow) -> None:
         now = meter.snapshot()
         rounds.append({"round": rnd, **{k: now[k] - last[k] for k in last}})
         last.update({k: now[k] for k in last})

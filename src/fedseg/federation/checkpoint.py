@@ -13,7 +13,7 @@ centralized baseline (``"format": "fedseg-model-v1"``) so ``fedseg evaluate`` re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ def save_checkpoint(
     server_round: int,
     weights: Mapping[str, np.ndarray],
     strategy_state: Mapping[str, Any],
-    history: list[dict[str, Any]],
+    history: Sequence[Mapping[str, Any]],
     cfg: FedsegConfig,
     unscored: Mapping[str, Any] | None = None,
 ) -> None:

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from flwr.app import ConfigRecord
@@ -57,7 +57,38 @@ from fedseg.tracking import track_round
 
 log = logging.getLogger("fedseg.server")
 
-Progress = Callable[[int, int, dict[str, Any]], None]
+Progress = Callable[[int, int, "HistoryRow"], None]
+
+
+#: One round of ``history.json`` (:func:`history_row`); ``privacy`` only in a private run.
+HistoryRow = TypedDict(
+    "HistoryRow",
+    {
+        "round": int,
+        "status": str,
+        "reason": str,
+        "sampled": list[str],
+        "accepted": list[str],
+        "rejected": dict[str, str],
+        "not-sampled": dict[str, str],
+        "train-loss": float | None,
+        "train": dict[str, dict[str, Any]],
+        "dice": dict[str, dict[str, float | None]],
+        "mean-dice": dict[str, float | None],
+        "eval-cases": dict[str, int],
+        "eval-failed": dict[str, str],
+        "train-seconds": float,
+        "eval-seconds": float,
+        "train-wall-seconds": float,
+        "round-seconds": float,
+        "overhead-seconds": float,
+        "site-train-seconds-sum": float,
+        "workers": int | None,
+        "evaluation-overlapped": bool,
+        "privacy": dict[str, Any],
+    },
+    total=False,
+)
 
 
 @dataclass
@@ -81,7 +112,7 @@ class LoopResult:
     """
 
     weights: dict[str, np.ndarray]
-    history: list[dict[str, Any]]
+    history: list[HistoryRow]
     site_weights: dict[str, dict[str, np.ndarray]] | None = None
     sites: dict[int, str] = field(default_factory=dict)
     start_round: int = 0
@@ -128,7 +159,7 @@ def run_rounds(
         The checkpoint was written with another configuration.
     """
     weights = {k: np.asarray(v) for k, v in initial.items()}
-    history: list[dict[str, Any]] = []
+    history: list[HistoryRow] = []
     start = 0
     pending: _Trained | None = None  # the last round trained, its model not yet evaluated
     if checkpoint is not None and Path(checkpoint).is_file():
@@ -374,7 +405,7 @@ def history_row(
     previous: EvaluateReport | None = None,
     overlapped: bool = False,
     own_evaluation: bool = True,
-) -> dict[str, Any]:
+) -> HistoryRow:
     """One round of ``history.json``: plain JSON types, NaN written as ``null``.
 
     Keys: ``round``, ``status`` (``ok`` / ``failed``), ``reason``, ``sampled``, ``accepted``,

@@ -35,7 +35,7 @@ that reason as its status details). Any other exception keeps its traceback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -222,7 +222,7 @@ def serve(
     return result
 
 
-def aggregated_rounds(history: list[dict[str, Any]]) -> list[int]:
+def aggregated_rounds(history: Sequence[Mapping[str, Any]]) -> list[int]:
     """The rounds of ``history`` whose training was aggregated (status ``ok``), in order.
 
     A failed round leaves the global model unchanged, so the model after ``history`` is the

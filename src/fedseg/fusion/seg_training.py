@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedseg.errors import CheckpointError, ModelCardError
+
+if TYPE_CHECKING:
+    from fedseg.federation.loop import HistoryRow
 
 
 def segmentation_config(
@@ -91,7 +94,7 @@ def train_segmentation(
             say(f"reusing the segmentation model {model}")
             return model
 
-    def progress(rnd: int, total: int, row: dict[str, Any]) -> None:
+    def progress(rnd: int, total: int, row: HistoryRow) -> None:
         dice = row.get("mean-dice") or {}
         shown = [f"{r} {v:.3f}" for r, v in dice.items() if isinstance(v, float)]
         tail = f", test Dice {' '.join(shown)}" if shown else ""
