@@ -17,10 +17,13 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedseg.data.case import MODALITIES, REGIONS
 from fedseg.errors import CheckpointError, ConfigError, ModelCardError
+
+if TYPE_CHECKING:
+    from fedseg.federation.loop import HistoryRow
 
 CARD_FORMAT = "fedseg-model-card-v1"
 CARD_SUFFIX = ".card.json"
@@ -173,7 +176,7 @@ def write_card(
     return path
 
 
-def federation_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def federation_summary(history: Sequence[HistoryRow]) -> dict[str, Any]:
     """Rounds, hospitals (train case counts), epsilon per site and last Dice from a history."""
     hospitals: dict[str, dict[str, int]] = {}
     epsilon: dict[str, float] = {}
@@ -205,7 +208,7 @@ def federation_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"rounds": len(history), "hospitals": hospitals, "epsilon": epsilon, "dice": dice}
 
 
-def write_federation_cards(out: Path, history: Sequence[Mapping[str, Any]], cfg: Any) -> None:
+def write_federation_cards(out: Path, history: Sequence[HistoryRow], cfg: Any) -> None:
     """Cards for a federation's ``final_model.pt`` and its ``site_models/*.pt`` (FedBN)."""
     s = federation_summary(history)
     final = Path(out) / "final_model.pt"
@@ -228,7 +231,7 @@ def write_study_cards(
     arm: str,
     sites: Any,
     metrics: Mapping[str, Any],
-    history: Sequence[Mapping[str, Any]] | None,
+    history: Sequence[HistoryRow] | None,
 ) -> None:
     """Cards for one study arm's models (``models``: site or ``*`` to a path under ``out``).
 

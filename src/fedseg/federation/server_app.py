@@ -49,7 +49,7 @@ from flwr.supercore.exit import ExitCode
 from fedseg.config import FedsegConfig, given_keys
 from fedseg.errors import AggregationError, FedsegError
 from fedseg.federation.checkpoint import save_model
-from fedseg.federation.loop import LoopResult, Progress, run_rounds
+from fedseg.federation.loop import HistoryRow, LoopResult, Progress, run_rounds
 from fedseg.federation.strategy import make_strategy
 from fedseg.utils.io import atomic_write_json
 
@@ -222,7 +222,7 @@ def serve(
     return result
 
 
-def aggregated_rounds(history: Sequence[Mapping[str, Any]]) -> list[int]:
+def aggregated_rounds(history: Sequence[HistoryRow]) -> list[int]:
     """The rounds of ``history`` whose training was aggregated (status ``ok``), in order.
 
     A failed round leaves the global model unchanged, so the model after ``history`` is the

@@ -86,7 +86,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -96,6 +96,9 @@ from fedseg.errors import ArmSpecError, ConfigError, did_you_mean
 from fedseg.experiment import Arm, ArmSkipped, fingerprint, run_experiment
 from fedseg.experiment.results import file_sha256
 from fedseg.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json
+
+if TYPE_CHECKING:
+    from fedseg.federation.loop import HistoryRow
 
 log = logging.getLogger("fedseg.privacy")
 
@@ -339,7 +342,7 @@ def check_arm_configs(arms: Sequence[SweepArm], cfg: FedsegConfig) -> None:
 # reading the run's history
 
 
-def reported_epsilon(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def reported_epsilon(history: Sequence[HistoryRow]) -> dict[str, Any] | None:
     """The epsilon spent so far, from the last history row that reports one.
 
     The privacy ledger's entry (``row["privacy"]["epsilon"]``: site to epsilon so far, see
@@ -408,7 +411,7 @@ def _collect_epsilons(obj: Any, path: tuple[str, ...], out: dict[str, float]) ->
         out["/".join(path)] = value
 
 
-def site_failures(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def site_failures(history: Sequence[HistoryRow]) -> dict[str, Any]:
     """Site replies that failed during a run: rejected training replies and failed evaluations.
 
     An arm with failures still ends (the quorum decides), but its numbers then come from fewer
@@ -435,7 +438,7 @@ def site_failures(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"count": count, "rounds": rounds, "reasons": reasons}
 
 
-def secure_evidence(record_keys: Iterable[str], history_row: Mapping[str, Any]) -> str | None:
+def secure_evidence(record_keys: Iterable[str], history_row: HistoryRow) -> str | None:
     """What shows that a secure protocol ran: a non-plain record on the wire or a history key.
 
     Returns
@@ -463,7 +466,7 @@ def _keys(obj: Any, out: list[str]) -> None:
 # one arm
 
 
-def check_feature(arm: SweepArm, row: Mapping[str, Any], record_keys: Iterable[str]) -> None:
+def check_feature(arm: SweepArm, row: HistoryRow, record_keys: Iterable[str]) -> None:
     """Skip an arm whose first round shows no sign of its feature (not in this build).
 
     Raises

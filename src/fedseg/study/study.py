@@ -86,6 +86,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedseg.data.transforms import Prepared
+    from fedseg.federation.loop import HistoryRow
     from fedseg.site.trainer import SiteTrainer
 
 RESULTS_FORMAT = "fedseg-study-v1"
@@ -984,9 +985,7 @@ def _regions(block: Any) -> dict[str, float] | None:
     return None if any(v is None for v in out.values()) else out  # type: ignore[return-value]
 
 
-def curve_from_history(
-    history: Sequence[Mapping[str, Any]], local_epochs: int
-) -> list[dict[str, Any]]:
+def curve_from_history(history: Sequence[HistoryRow], local_epochs: int) -> list[dict[str, Any]]:
     """Turn a federated arm's per-round history into learning-curve rows.
 
     A round's Dice per region is the runner's ``mean-dice``: the per-site Dice of the global
