@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import numpy as np
 from flwr.app import ConfigRecord
@@ -406,13 +406,15 @@ def history_row(
     overlapped: bool = False,
     own_evaluation: bool = True,
 ) -> HistoryRow:
-    """One round of ``history.json``: plain JSON types, NaN written as ``null``.
+    """One round of ``history.json`` (:data:`HistoryRow`): plain JSON types, NaN written as
+    ``null``.
 
     Keys: ``round``, ``status`` (``ok`` / ``failed``), ``reason``, ``sampled``, ``accepted``,
     ``rejected`` (site -> reason), ``not-sampled`` (site -> reason: every other known site, see
     :mod:`fedseg.federation.roster`; filled by :meth:`FedsegStrategy.account`), ``train-loss``,
     ``train`` (site -> metrics), ``dice`` (site -> region -> Dice of this round's model),
-    ``mean-dice`` (region -> case-weighted mean), ``eval-failed``, ``train-seconds`` (the longest
+    ``mean-dice`` (region -> case-weighted mean), ``eval-cases`` (site -> cases scored),
+    ``eval-failed``, ``train-seconds`` (the longest
     site training), ``eval-seconds`` (the longest site evaluation), ``train-wall-seconds`` (from
     the round's start to its aggregated model), ``round-seconds`` (the round's interval,
     ``wall_seconds``), ``overhead-seconds`` (the interval minus the site training and evaluation
@@ -461,31 +463,30 @@ def history_row(
             compute = max(before.values(), default=0.0) + train.compute_seconds
         if own_evaluation:
             compute += evaluate.compute_seconds
-    return _clean(
-        {
-            "round": train.server_round,
-            "status": train.status,
-            "reason": train.reason,
-            "sampled": list(train.sampled),
-            "accepted": list(train.accepted),
-            "rejected": dict(train.rejected),
-            "not-sampled": dict(train.not_sampled),
-            "train-loss": train.train_loss(),
-            "train": {s: dict(m) for s, m in train.metrics.items()},
-            "dice": {s: dict(d) for s, d in evaluate.dice.items()},
-            "mean-dice": evaluate.mean_dice(),
-            "eval-cases": {s: int(n) for s, n in evaluate.num_examples.items()},
-            "eval-failed": dict(evaluate.failed),
-            "train-seconds": train.compute_seconds,
-            "eval-seconds": evaluate.compute_seconds,
-            "train-wall-seconds": train_wall_seconds,
-            "round-seconds": wall_seconds,
-            "overhead-seconds": max(0.0, wall_seconds - compute),
-            "site-train-seconds-sum": site_sum,
-            "workers": workers,
-            "evaluation-overlapped": bool(overlapped),
-        }
-    )
+    row: HistoryRow = {
+        "round": train.server_round,
+        "status": train.status,
+        "reason": train.reason,
+        "sampled": list(train.sampled),
+        "accepted": list(train.accepted),
+        "rejected": dict(train.rejected),
+        "not-sampled": dict(train.not_sampled),
+        "train-loss": train.train_loss(),
+        "train": {s: dict(m) for s, m in train.metrics.items()},
+        "dice": {s: dict(d) for s, d in evaluate.dice.items()},
+        "mean-dice": evaluate.mean_dice(),
+        "eval-cases": {s: int(n) for s, n in evaluate.num_examples.items()},
+        "eval-failed": dict(evaluate.failed),
+        "train-seconds": train.compute_seconds,
+        "eval-seconds": evaluate.compute_seconds,
+        "train-wall-seconds": train_wall_seconds,
+        "round-seconds": wall_seconds,
+        "overhead-seconds": max(0.0, wall_seconds - compute),
+        "site-train-seconds-sum": site_sum,
+        "workers": workers,
+        "evaluation-overlapped": bool(overlapped),
+    }
+    return cast(HistoryRow, _clean(row))
 
 
 def _clean(obj: Any) -> Any:
