@@ -576,11 +576,12 @@ class FedsegConfig:
         _check(math.isfinite(strength), "attack-strength", "a finite number", strength)
         robust = self.aggregator != "mean" or clip > 0 or thr > 0
         if robust and self.strategy in ("scaffold", "cyclic"):
-            raise ConfigError(
-                f"config key 'aggregator' (with update-clip-norm, anomaly-threshold): robust "
-                f"aggregation works with fedavg, fedprox, fedbn, fedadam, fedyogi, fedadagrad, not "
+            raise ConfigError.for_key(
+                "aggregator",
+                f"robust aggregation (aggregator, update-clip-norm, anomaly-threshold) works "
+                f"with fedavg, fedprox, fedbn, fedadam, fedyogi, fedadagrad, not "
                 f"'{self.strategy}' (SCAFFOLD's control variates and cyclic's single model "
-                f"have no robust counterpart here); found aggregator {self.aggregator!r}"
+                f"have no robust counterpart here); found aggregator {self.aggregator!r}",
             )
 
     def _check_privacy(self) -> None:
