@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -48,6 +48,11 @@ Weights = dict[str, np.ndarray]
 
 #: the key of ET scored only on cases whose reference has enhancing tumour
 ENHANCING = "ET-enhancing"
+
+#: :func:`enhancing_et`'s figures
+EnhancingET = TypedDict(
+    "EnhancingET", {"dice": float, "cases": int, "no-et-cases": int, "no-et-flagged": int}
+)
 
 #: what each kind of arm is scored with at the unseen hospital (shown in the report)
 SCORED: dict[str, str] = {
@@ -120,7 +125,7 @@ def average_norms(
 
 def enhancing_et(
     per_case: Mapping[str, Mapping[str, Mapping[str, float]]], items: Sequence[Prepared]
-) -> dict[str, Any]:
+) -> EnhancingET:
     """ET Dice on the cases whose reference has enhancing tumour; the false alarms elsewhere.
 
     Parameters
