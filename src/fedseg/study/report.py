@@ -303,9 +303,13 @@ def _ratio_table(rows: Sequence[Mapping[str, Any]], where: str) -> str:
             f"{num(r[f'unseen-{k}'])} / {num(r[f'in-distribution-{k}'])} ({pct(r[f'ratio-{k}'])})"
             for k in (*REGIONS, "mean")
         ]
-        name = pretty(r["arm"]) + ("" if r["first"] else " (alternative)")
-        body.append([esc(name), esc(r["scored"]), *cells])
+        body.append([esc(_row_name(r)), esc(r["scored"]), *cells])
     return table(header, body, left=2)
+
+
+def _row_name(row: Mapping[str, Any]) -> str:
+    """An unseen-table row's arm, marked when it is not the variant the arm reports."""
+    return pretty(row["arm"]) + ("" if row["first"] else " (alternative)")
 
 
 def _paired_part(unseen: Mapping[str, Any]) -> str:
@@ -376,7 +380,7 @@ def _enhancing_part(rows: Sequence[Mapping[str, Any]]) -> str:
 
     body = [
         [
-            esc(pretty(r["arm"]) + ("" if r["first"] else " (alternative)")),
+            esc(_row_name(r)),
             esc(r["scored"]),
             f"{num(r[f'unseen-{ENHANCING}'])} / {num(r[f'in-distribution-{ENHANCING}'])} "
             f"({pct(r[f'ratio-{ENHANCING}'])})",

@@ -157,11 +157,12 @@ def unseen_over_seeds(
             "variant": rows[seeds[0]][arm]["variant"],
         }
         for key, col in columns:
-            if col not in rows[seeds[0]][arm]:  # a result written before the figure existed
-                continue
-            values = [float(rows[s][arm].get(col, math.nan)) for s in seeds]
-            if col == f"ratio-{ENHANCING}" and not all(math.isfinite(v) for v in values):
-                continue  # a seed without an enhancing tumour on one side
+            if col == f"ratio-{ENHANCING}":
+                values = [float(rows[s][arm].get(col, math.nan)) for s in seeds]
+                if not all(math.isfinite(v) for v in values):
+                    continue  # a seed without it: an older result, or no enhancing tumour
+            else:
+                values = [float(rows[s][arm][col]) for s in seeds]
             ci = mean_ci(values)
             block[key] = {"values": values, "mean": ci.mean, "low": ci.low, "high": ci.high}
         out[arm] = block
