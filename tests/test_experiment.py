@@ -16,7 +16,13 @@ from fedseg.config import FedsegConfig
 from fedseg.errors import ArmSpecError, ConfigError
 from fedseg.experiment import Arm, ArmSkipped, fingerprint, read_result, run_experiment
 from fedseg.experiment.engine import check_engine, run_federation
-from fedseg.experiment.results import RESULT_FORMAT, first_difference, write_result
+from fedseg.experiment.results import (
+    RESULT_FORMAT,
+    comparable,
+    data_sha1,
+    first_difference,
+    write_result,
+)
 
 BASE = FedsegConfig(num_server_rounds=2)
 
@@ -36,7 +42,7 @@ class Recorder:
 
 
 def _fp(base: FedsegConfig) -> Any:
-    return lambda arm: fingerprint(arm.config(base), data=Path("/data"), partition={"a": ["x"]})
+    return lambda arm: fingerprint(arm.config(base), partition={"a": ["x"]})
 
 
 def _run(out: Path, arms: list[Arm], recorder: Recorder, base: FedsegConfig = BASE, **kw: Any):
@@ -150,30 +156,98 @@ def test_a_damaged_result_file_only_reruns_the_arm(tmp_path: Path) -> None:
 
 
 def test_fingerprint_names_what_the_result_depends_on(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_cohort(data, num_cases=2)
     model = tmp_path / "init.pt"
     model.write_bytes(b"weights v1")
     cfg = FedsegConfig(init_model=str(model))
     parts = {"b": ["2", "1"], "a": ["3"]}
 
-    fp = fingerprint(cfg, data=tmp_path, partition=parts, ignore=["epochs"], extra={"k": 1})
+    fp = fingerprint(cfg, data=data, partition=parts, ignore=["epochs"], extra={"k": 1})
 
-    assert fp["data"] == str(tmp_path.resolve())
+    assert fp["data-sha1"] == data_sha1(data) and "data" not in fp
     assert fp["k"] == 1
+    # the model file by its contents, not its path
+    assert "init-model" not in fp["config"] and fp["config"]["init-model-sha256"]
     assert "epochs" not in fp["config"] and "out-dir" not in fp["config"]
     # the order of sites and cases does not matter, their membership does
     reordered = {"a": ["3"], "b": ["1", "2"]}
-    same = fingerprint(cfg, data=tmp_path, partition=reordered, ignore=["epochs"], extra={"k": 1})
+    same = fingerprint(cfg, data=data, partition=reordered, ignore=["epochs"], extra={"k": 1})
     assert same == fp
-    moved = fingerprint(cfg, data=tmp_path, partition={"a": ["3", "1"], "b": ["2"]})
+    moved = fingerprint(cfg, data=data, partition={"a": ["3", "1"], "b": ["2"]})
     assert moved["partition-sha1"] != fp["partition-sha1"]
     assert first_difference(fp, {**fp, "partition-sha1": "x"}) == (
         "another partition of the cases into sites"
     )
     # the same path holding another model is another result
     model.write_bytes(b"weights v2")
-    again = fingerprint(cfg, data=tmp_path, partition=parts, ignore=["epochs"], extra={"k": 1})
+    again = fingerprint(cfg, data=data, partition=parts, ignore=["epochs"], extra={"k": 1})
     assert again != fp
     assert first_difference(fp, again).startswith("config 'init-model-sha256'")
+
+
+def test_data_digest_follows_the_cases_not_the_folder(tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    write_cohort(data, num_cases=3)
+    digest = data_sha1(data)
+    # named relatively, or with other files beside the cases: the same cases
+    (data / "notes.csv").write_text("anything")
+    (data / "predictions").mkdir()
+    assert data_sha1(Path(os.path.relpath(data))) == digest
+    # moved, or copied with its modification times: the same cases
+    shutil.move(data, tmp_path / "moved")
+    assert data_sha1(tmp_path / "moved") == digest
+    shutil.copytree(tmp_path / "moved", tmp_path / "copy")
+    assert data_sha1(tmp_path / "copy") == digest
+    # a label written again, a case removed, a cohort of another seed in the same place
+    label = next((tmp_path / "copy").glob("*/*seg.nii.gz"))
+    label.write_bytes(label.read_bytes())  # same bytes, a later time (set, not left to the clock)
+    st = label.stat()
+    os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert data_sha1(tmp_path / "copy") != digest
+    shutil.rmtree(next((tmp_path / "moved").glob("CASE_002")))
+    assert data_sha1(tmp_path / "moved") != digest
+    write_cohort(tmp_path / "other", num_cases=3, seed=1)
+    assert data_sha1(tmp_path / "other") != digest
+    fp = {"data-sha1": digest}
+    assert first_difference(fp, {"data-sha1": data_sha1(tmp_path / "other")}) == (
+        "other cases in the data folder (written again or changed since)"
+    )
+
+
+def test_a_fingerprint_that_named_the_data_folder_by_path_still_matches(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_cohort(data, num_cases=2)
+    model = tmp_path / "init.pt"
+    model.write_bytes(b"weights")
+    cfg = FedsegConfig(init_model=str(model))
+    now = fingerprint(cfg, data=data, partition={"a": ["x"]})
+    legacy = {
+        "config": {**now["config"], "init-model": str(model)},
+        "data": str(data.resolve()),
+        "partition-sha1": now["partition-sha1"],
+    }
+    assert comparable(legacy) == now
+    # written by the runner before: read back in today's form, so the arm is reused
+    out = tmp_path / "out"
+    recorder = Recorder()
+    fp_of = lambda arm: fingerprint(arm.config(cfg), data=data, partition={"a": ["x"]})  # noqa: E731
+    run_experiment(ARMS[:1], out, run_arm=recorder, fingerprint_of=fp_of)
+    result = out / "arms" / "fedavg" / "result.json"
+    doc = json.loads(result.read_text())
+    doc["fingerprint"] = {
+        **{k: v for k, v in doc["fingerprint"].items() if k != "data-sha1"},
+        "config": {**doc["fingerprint"]["config"], "init-model": str(model)},
+        "data": str(data.resolve()),
+    }
+    result.write_text(json.dumps(doc))
+    run_experiment(ARMS[:1], out, run_arm=recorder, fingerprint_of=fp_of)
+    assert recorder.ran == ["fedavg"]
+    # a folder that is gone, or holds no cases, matches nothing
+    assert comparable({**legacy, "data": str(tmp_path / "gone")})["data"].endswith("gone")
+    assert comparable({**legacy, "data": str(tmp_path / "out")}) != now
 
 
 def test_result_schema_round_trip(tmp_path: Path) -> None:

@@ -647,6 +647,7 @@ def test_an_edited_clinical_file_reruns_the_arms_it_decides(
     tiny_root: Path, tmp_path: Path
 ) -> None:
     import shutil
+    from dataclasses import replace
 
     from fedseg.fusion.study import FusionStudyConfig, run_fusion_study
 
@@ -660,6 +661,14 @@ def test_an_edited_clinical_file_reruns_the_arms_it_decides(
     said: list[str] = []
     run_fusion_study(cfg, said.append)
     assert sum("finished in an earlier run" in s for s in said) == 9
+    # the study and its data moved elsewhere: the same records, the same arms
+    shutil.copytree(tmp_path / "study", tmp_path / "moved" / "study")
+    shutil.copytree(data, tmp_path / "moved" / "data")
+    moved = replace(cfg, out=tmp_path / "moved" / "study", data=tmp_path / "moved" / "data")
+    said.clear()
+    run_fusion_study(moved, said.append)
+    assert sum("finished in an earlier run" in s for s in said) == 9
+    said.clear()
     rows = (data / "clinical.csv").read_text().splitlines()
     header = rows[0].split(",")
     grade = header.index("who_grade")

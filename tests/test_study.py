@@ -269,6 +269,30 @@ def test_rerun_skips_finished_arms(
         assert again["arms"][arm]["metrics"] == doc["arms"][arm]["metrics"]
 
 
+def test_a_moved_study_and_cohort_keep_their_finished_arms(
+    baseline_study: tuple[Path, dict],
+    tiny_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    out, doc = baseline_study
+    # both folders moved to another disk (copied with their modification times)
+    shutil.copytree(out, tmp_path / "study")
+    shutil.copytree(tiny_data, tmp_path / "study" / "data")
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished arm was trained again")
+
+    monkeypatch.setattr(study_mod, "_run_arm", no_training)
+    again = run_study(
+        tmp_path / "study", TINY, arms=BASELINES, data=tmp_path / "study" / "data", progress=False
+    )
+    for arm in BASELINES:
+        assert again["arms"][arm]["metrics"] == doc["arms"][arm]["metrics"]
+
+
 def test_no_resume_recomputes_selected_arms(
     baseline_study: tuple[Path, dict], tiny_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -398,16 +398,16 @@ def run_continual(
     evaluator = _Evaluator(base, scenario, out)
 
     def fingerprint_of(arm: Arm) -> dict[str, Any]:
-        # init-model, ewc-fisher: their SHA-256 stands for them; an arm ignores the phase-B
-        # keys its method does not read (phase A all of them), so changing LwF's weight
-        # reruns the LwF arm only
+        # init-model, ewc-fisher: their SHA-256 stands for them (fingerprint's rule); an arm
+        # ignores the phase-B keys its method does not read (phase A all of them), so changing
+        # LwF's weight reruns the LwF arm only
         used = () if arm.name == PHASE_A else _METHOD_KEYS[_METHOD[arm.name]]
         unused = tuple(k for k in _PHASE_B_KEYS if k not in used)
         return fingerprint(
             arm.config(base),
             data=data_dir,
             partition=scenario.parts(arm.name),
-            ignore=("init-model", "ewc-fisher", *unused),
+            ignore=unused,
             extra={
                 "test": scenario.test,
                 "new-scanner": scenario.new_scanner,

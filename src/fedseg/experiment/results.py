@@ -13,8 +13,13 @@ rerun reads to skip the arm. Its schema (``fedseg-arm-v1``)::
     ...          the experiment's own fields (metrics, curves, epsilon...)
 
 The fingerprint is the configuration (kebab-case keys, minus those that cannot change the
-result), the data folder, a digest of the partition and, when the arm starts from a model file
-(``init-model``), that file's SHA-256 (the same path may hold another model later).
+result), a digest of the cases in the data folder (:func:`data_sha1`: each case file's place in
+the folder, size and modification time, so a study folder moved or copied with its times kept
+is still the same study, and a cohort written again in the same place is not), a digest of the
+partition and, when the arm starts from a model file (``init-model``), that file's SHA-256 in
+place of its path (the same path may hold another model later, and a moved file is the same).
+Fingerprints written when the data folder was named by its path are read in today's form
+(:func:`comparable`), so their arms are still reused while that folder is where it was.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.config import FedsegConfig
+from fedseg.errors import FedsegError
 from fedseg.utils.io import atomic_write_json
 
 RESULT_FORMAT = "fedseg-arm-v1"
@@ -35,6 +41,71 @@ STATUSES: tuple[str, ...] = ("ok", "skipped")
 NOT_FINGERPRINTED: frozenset[str] = frozenset(
     {"data-path", "partition-file", "out-dir", "round-timeout", "cache-dir"}
 )
+
+
+#: run-config keys naming a model file whose SHA-256 is fingerprinted in place of its path,
+#: and the :class:`~fedseg.config.FedsegConfig` field that holds it
+MODEL_FILES: dict[str, str] = {"init-model": "init_model", "ewc-fisher": "ewc_fisher"}
+
+
+def data_sha1(folder: Path) -> str:
+    """A digest of the cases a data folder holds, for an arm's fingerprint.
+
+    Each case file the folder's layout names (:func:`fedseg.data.readers.discover_cases`:
+    modalities and label) counts with its path relative to the folder, its size and its
+    modification time; nothing else in the folder does (a CSV, predictions written beside).
+    So the same cases moved to another folder, or named by another path, give the same digest,
+    and cases written again (another seed, an edited label) give another.
+
+    Parameters
+    ----------
+    folder:
+        The data folder, as the study reads it.
+
+    Returns
+    -------
+    str
+        A SHA-1 hex digest.
+    """
+    from fedseg.data.readers import discover_cases
+
+    root = Path(folder).resolve()
+    digest = hashlib.sha1()
+    for ref in discover_cases(root):
+        files = {Path(f) for f in (*ref.images.values(), *([ref.label] if ref.label else []))}
+        for path in sorted(files):
+            full = path.resolve()
+            name = full.relative_to(root) if full.is_relative_to(root) else full
+            try:
+                st = full.stat()
+                stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                stamp = "missing"
+            digest.update(f"{ref.case_id}\t{name.as_posix()}\t{stamp}\n".encode())
+    return digest.hexdigest()
+
+
+def comparable(found: Mapping[str, Any]) -> dict[str, Any]:
+    """A fingerprint read from a result or start marker, in the form :func:`fingerprint` writes.
+
+    Fingerprints written before the data folder was digested hold its resolved path under
+    ``data``: while that folder exists it is digested now (so an arm finished then is reused
+    when its cases have not changed); a model file's path beside its SHA-256 is dropped.
+    """
+    out = dict(found)
+    conf = out.get("config")
+    if isinstance(conf, Mapping):
+        out["config"] = {
+            k: v for k, v in conf.items() if not (k in MODEL_FILES and f"{k}-sha256" in conf)
+        }
+    old = out.get("data")
+    if isinstance(old, str) and "data-sha1" not in out and Path(old).is_dir():
+        try:
+            out["data-sha1"] = data_sha1(Path(old))
+        except FedsegError:  # no cases there any more: it stays unlike any fingerprint now
+            return out
+        del out["data"]
+    return out
 
 
 def fingerprint(
@@ -64,18 +135,20 @@ def fingerprint(
     Returns
     -------
     dict
-        ``config`` (and ``init-model-sha256`` in it when ``init-model`` is set), ``data`` and
-        ``partition-sha1`` when given, and the ``extra`` keys.
+        ``config`` (with ``init-model-sha256`` in place of ``init-model`` when it is set),
+        ``data-sha1`` and ``partition-sha1`` when given, and the ``extra`` keys.
     """
     skip = NOT_FINGERPRINTED | set(ignore)
     conf = {k: v for k, v in cfg.to_run_config().items() if k not in skip}
-    for key, value in (("init-model", cfg.init_model), ("ewc-fisher", cfg.ewc_fisher)):
-        if value:  # a file's contents, not its path, make the result
-            path = Path(value)
+    for key, value in MODEL_FILES.items():
+        path_value = getattr(cfg, value)
+        conf.pop(key, None)
+        if path_value:  # a file's contents, not its path, make the result
+            path = Path(path_value)
             conf[f"{key}-sha256"] = file_sha256(path) if path.is_file() else None
     out: dict[str, Any] = {"config": conf}
     if data is not None:
-        out["data"] = str(Path(data).resolve())
+        out["data-sha1"] = data_sha1(Path(data))
     if partition is not None:
         parts = {str(s): sorted(str(c) for c in ids) for s, ids in partition.items()}
         out["partition-sha1"] = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -94,6 +167,8 @@ def first_difference(found: Mapping[str, Any], now: Mapping[str, Any]) -> str:
         if key != "config" and found.get(key) != now.get(key):
             if key == "partition-sha1":
                 return "another partition of the cases into sites"
+            if key == "data-sha1":
+                return "other cases in the data folder (written again or changed since)"
             return f"'{key}': {found.get(key)!r} there, {now.get(key)!r} now"
     return ""
 
@@ -184,4 +259,5 @@ def read_result(path: Path) -> dict[str, Any] | None:
     if doc.get("format", RESULT_FORMAT) != RESULT_FORMAT:
         return None
     doc.setdefault("status", "ok")
+    doc["fingerprint"] = comparable(doc["fingerprint"])
     return doc

@@ -25,7 +25,13 @@ from typing import Any
 
 from fedseg.experiment.arms import Arm, check_arms
 from fedseg.experiment.meter import Meter
-from fedseg.experiment.results import RESULT, first_difference, read_result, write_result
+from fedseg.experiment.results import (
+    RESULT,
+    comparable,
+    first_difference,
+    read_result,
+    write_result,
+)
 from fedseg.utils.io import atomic_write_json, remove_partial_writes
 
 #: the marker of an arm's folder: the fingerprint it was started with
@@ -178,4 +184,4 @@ def _read_started(folder: Path) -> dict[str, Any] | None:
         doc = json.loads((folder / STARTED).read_text())
     except (OSError, ValueError):
         return None
-    return doc if isinstance(doc, dict) else None
+    return comparable(doc) if isinstance(doc, dict) else None

@@ -210,10 +210,14 @@ class FusionStudyConfig:
             segmentation_config(self.seed, self.test_fraction, self.seg_rounds, self.seg_overrides)
 
     def fingerprint(self) -> str:
-        """A hash of the settings that decide the results (not the output folder)."""
+        """A hash of the settings that decide the results.
+
+        Not the output folder, nor where the data and clinical records are: the study's
+        fingerprint adds what it read from them (``_fingerprint``), so a moved study finds
+        its arms and a changed record reruns them."""
         d = asdict(self)
-        d.pop("out")
-        d.pop("bootstrap")
+        for key in ("out", "bootstrap", "data", "clinical"):
+            d.pop(key)
         if self.seg_model is not None:  # the model's weights, not only its path
             from fedseg.clinic.card import read_card, resolve_model
 
