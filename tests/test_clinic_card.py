@@ -17,10 +17,10 @@ from fedseg.clinic.card import (
     federation_summary,
     load_carded_model,
     read_card,
-    sha256_file,
 )
 from fedseg.errors import ModelCardError
 from fedseg.federation.server_app import FINAL_MODEL
+from fedseg.utils.io import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_federation_card_names_strategy_sites_rounds_epsilon_and_hash(dp_federat
     assert sorted(card["epsilon"]) == ["site-0", "site-1", "site-2"]
     assert all(e > 0 for e in card["epsilon"].values())
     assert card["epsilon"]["site-0"] == history[0]["train"]["site-0"]["dp-epsilon"]
-    assert card["sha256"] == sha256_file(model)
+    assert card["sha256"] == file_sha256(model)
     assert card["config"]["dp-mode"] == "sample"
     assert set(card["dice"]) >= {"site-0", "mean"}
     # each row says on how many held-out cases it was measured
@@ -313,7 +313,7 @@ def test_a_model_older_than_a_config_key_is_loaded_as_it_was_trained(
     torch.save(payload, model)
     card = json.loads(card_path(model).read_text())
     card["config"].pop("bias-correction")
-    card["sha256"] = sha256_file(model)
+    card["sha256"] = file_sha256(model)
     card_path(model).write_text(json.dumps(card))
 
     _, cfg, _ = load_carded_model(model, "cpu")

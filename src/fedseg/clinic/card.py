@@ -12,7 +12,6 @@ config that cannot be rebuilt, or a model from another preset.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedseg.data.case import MODALITIES, REGIONS
 from fedseg.errors import CheckpointError, ConfigError, ModelCardError
+from fedseg.utils.io import file_sha256
 
 if TYPE_CHECKING:
     from fedseg.federation.loop import HistoryRow
@@ -50,15 +50,6 @@ def card_path(model: Path) -> Path:
     """Where the card of ``model`` lives: ``best.pt`` -> ``best.card.json``."""
     model = Path(model)
     return model.with_name(model.stem + CARD_SUFFIX)
-
-
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _finite(value: Any) -> float | None:
@@ -159,7 +150,7 @@ def write_card(
         "fedseg-version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model-file": model.name,
-        "sha256": sha256_file(model),
+        "sha256": file_sha256(model),
         "preset": cfg.preset,
         "strategy": strategy,
         "modalities": list(modalities),
@@ -300,7 +291,7 @@ def read_card(model: Path) -> dict[str, Any]:
             raise ModelCardError(
                 f"{path}: model card key '{key}' is {type(card[key]).__name__}, expected {name}"
             )
-    if sha256_file(model) != card["sha256"]:
+    if file_sha256(model) != card["sha256"]:
         raise ModelCardError(
             f"{model}: weights do not match the sha256 of {path.name}; the model changed "
             "after export"

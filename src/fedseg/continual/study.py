@@ -563,7 +563,6 @@ class _Evaluator:
         tunes its post-processing on its own labelled cases, nothing but its own data decides
         it. Cached beside the model in ``postprocessed.json`` under the model's SHA-256.
         """
-        from fedseg.experiment.results import file_sha256
         from fedseg.model.postprocess import (
             ET_MIN_VOLUMES,
             choose_min_volume,
@@ -571,6 +570,7 @@ class _Evaluator:
             threshold_tables,
         )
         from fedseg.study.evaluate import load_model
+        from fedseg.utils.io import file_sha256
 
         cache = model_path.parent / POSTPROCESSED
         sha = file_sha256(model_path)

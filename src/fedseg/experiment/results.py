@@ -32,7 +32,7 @@ from typing import Any
 
 from fedseg.config import FedsegConfig
 from fedseg.errors import FedsegError
-from fedseg.utils.io import atomic_write_json
+from fedseg.utils.io import atomic_write_json, file_sha256
 
 RESULT_FORMAT = "fedseg-arm-v1"
 RESULT = "result.json"
@@ -171,15 +171,6 @@ def first_difference(found: Mapping[str, Any], now: Mapping[str, Any]) -> str:
                 return "other cases in the data folder (written again or changed since)"
             return f"'{key}': {found.get(key)!r} there, {now.get(key)!r} now"
     return ""
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_result(

@@ -94,8 +94,7 @@ from fedseg.config import SECURE_MODES, FedsegConfig
 from fedseg.data.case import REGIONS
 from fedseg.errors import ArmSpecError, ConfigError, did_you_mean
 from fedseg.experiment import Arm, ArmSkipped, fingerprint, run_experiment
-from fedseg.experiment.results import file_sha256
-from fedseg.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json
+from fedseg.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, file_sha256
 
 if TYPE_CHECKING:
     from fedseg.federation.loop import HistoryRow

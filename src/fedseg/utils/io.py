@@ -11,6 +11,7 @@ temporary file (``.NAME.XXXXXXXX.tmp``), which :func:`remove_partial_writes` cle
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -259,6 +260,15 @@ def staged_outputs(out: Path | str, prefix: str, last: Sequence[str] = ()) -> It
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: Path | str) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
