@@ -124,6 +124,55 @@ def test_a_changed_source_file_is_prepared_again(
     C.prepare_cases(data, CFG, cache_dir=cache)
 
     assert counted == ["case_001"]
+    # the entry of the file before the change is gone, the others are untouched
+    assert _entries(cache) == {"case_000": 1, "case_001": 1, "case_002": 1}
+
+
+def _entries(cache: Path) -> dict[str, int]:
+    """Case id to its number of complete entries (descriptions) in the cache."""
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    found: dict[str, int] = {}
+    for described in folder.glob("*.json"):
+        if described.name != "manifest.json":
+            case = described.name.rsplit("-", 1)[0]
+            found[case] = found.get(case, 0) + 1
+    return found
+
+
+def test_a_moved_data_folder_leaves_no_stale_entries_and_another_folder_keeps_its_own(
+    data: Path, tmp_path: Path, counted: list[str]
+) -> None:
+    import shutil
+
+    cache = tmp_path / "cache"
+    C.prepare_cases(data, CFG, cache_dir=cache)
+    # another folder holding cases of the same ids (its own files): both kept
+    other = tmp_path / "other"
+    for i in range(2):
+        write_case_as(make_tiny_case(f"case_{i:03d}", seed=10 + i), other, "brats2021")
+    C.prepare_cases(other, CFG, cache_dir=cache)
+    assert _entries(cache) == {"case_000": 2, "case_001": 2, "case_002": 1}
+    again = C.prepare_cases(data, CFG, cache_dir=cache)
+    assert len(counted) == 5
+    # the data folder moved: its cases are prepared again and the entries of the old place go,
+    # the other folder's stay
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)
+    counted.clear()
+    after = C.prepare_cases(moved, CFG, cache_dir=cache)
+    assert sorted(counted) == ["case_000", "case_001", "case_002"]
+    assert _entries(cache) == {"case_000": 2, "case_001": 2, "case_002": 1}
+    counted.clear()
+    C.prepare_cases(other, CFG, cache_dir=cache)
+    assert counted == []
+    for a, b in zip(again, after, strict=True):  # the same cases, prepared the same way
+        np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+    # a case whose id begins like another's is never taken for it
+    folder = next(p for p in cache.iterdir() if p.is_dir())
+    gone = folder / f"a-b-{'1' * 16}.json"
+    gone.write_text(json.dumps({"source": [str(tmp_path / "gone.nii.gz")]}))
+    assert C.remove_stale_entries(folder, "a", "0" * 16, []) == 0 and gone.is_file()
+    assert C.remove_stale_entries(folder, "a-b", "0" * 16, []) == 1 and not gone.exists()
 
 
 def test_a_damaged_entry_is_prepared_again(data: Path, tmp_path: Path, counted: list[str]) -> None:

@@ -12,8 +12,12 @@ Layout of a cache folder (``cache-dir``; chosen by the site, never inside the da
 image size or spacing, crop margin); ``<stamp>`` hashes the case's source files (path, size,
 modification time). A cache written by another fedseg version or with other parameters is
 never read: its key differs, so the cases are prepared again, and folders of other fedseg
-versions are removed. Each file is written atomically and the ``.json`` last, so an entry that
-a killed process left half-written is prepared again.
+versions are removed. When a case is prepared again, the entries of the same case under
+another stamp that came from the same files (changed since) or from files that are gone
+(moved, deleted) are removed, so the cache does not grow each time a hospital re-exports its
+cases or a study folder moves; an entry from other files that still exist (another data folder
+with a case of that id) is kept. Each file is written atomically and the ``.json`` last, so an
+entry that a killed process left half-written is prepared again.
 
 Arrays are opened with ``numpy.load(mmap_mode="r")``: a site holds the cases as memory maps and
 reads only the voxels a patch or a prediction touches, so its memory does not grow with its
@@ -22,10 +26,12 @@ number of cases.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -238,10 +244,18 @@ def _prepare_one(
         except (OSError, ValueError, KeyError):  # a damaged entry is prepared again
             log.warning("prepared case %s is damaged in the cache; preparing it again", ref.case_id)
     prep = prepare_case(load_case(ref, require_label=require_label), cfg)
-    if base is None:
+    if base is None or folder is None or stamp is None:
         return prep
-    write_entry(base, prep)
+    sources = source_files(ref)
+    write_entry(base, prep, sources)
+    remove_stale_entries(folder, ref.case_id, stamp, sources)
     return read_entry(base, ref.case_id)
+
+
+def source_files(ref: CaseRef) -> list[str]:
+    """The case's source files (modalities and label), absolute and sorted."""
+    files = [*ref.images.values(), *([ref.label] if ref.label else [])]
+    return sorted({str(Path(f).resolve()) for f in files})
 
 
 def source_stamp(ref: CaseRef) -> str | None:
@@ -251,8 +265,7 @@ def source_stamp(ref: CaseRef) -> str | None:
     The paths are made absolute first, so a folder named relatively (``--data data``) and
     absolutely (a site's ``data-path``) finds the same prepared cases."""
     h = hashlib.sha1()
-    files = [*ref.images.values(), *([ref.label] if ref.label else [])]
-    for p in sorted({str(Path(f).resolve()) for f in files}):
+    for p in source_files(ref):
         try:
             st = Path(p).stat()
         except OSError:
@@ -261,12 +274,68 @@ def source_stamp(ref: CaseRef) -> str | None:
     return h.hexdigest()[:16]
 
 
+#: a cache entry's stamp (:func:`source_stamp`)
+_STAMP = re.compile(r"[0-9a-f]{16}")
+#: an entry's files, the description first: a reader never takes a half-removed entry for whole
+_ENTRY_FILES: tuple[str, ...] = ("json", "image.npy", "regions.npy", "fg.npy")
+
+
+def remove_stale_entries(folder: Path, case_id: str, stamp: str, sources: Sequence[str]) -> int:
+    """Remove the entries of ``case_id`` under another stamp that are stale for good.
+
+    An entry is stale when its description names the same ``sources`` (those files changed
+    since it was prepared) or files of which one no longer exists (moved or deleted). An entry
+    of other files that all still exist is kept (another data folder holding a case of that
+    id), as is one written before entries named their source files.
+
+    Parameters
+    ----------
+    folder:
+        The cache folder of the preparation (:func:`open_cache`).
+    case_id, stamp:
+        The case and the stamp of the entry now in use.
+    sources:
+        :func:`source_files` of the case now.
+
+    Returns
+    -------
+    int
+        How many entries were removed.
+    """
+    removed = 0
+    wanted = sorted(sources)
+    for described in folder.glob(f"{glob.escape(case_id)}-*.json"):
+        other = described.name[len(case_id) + 1 : -len(".json")]
+        if other == stamp or not _STAMP.fullmatch(other):
+            continue
+        try:
+            named = json.loads(described.read_text()).get("source")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(named, list) or not named:
+            continue
+        if sorted(named) != wanted and all(Path(str(f)).exists() for f in named):
+            continue
+        base = folder / f"{case_id}-{other}"
+        for suffix in _ENTRY_FILES:
+            _entry(base, suffix).unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info(
+            "removed %d prepared version(s) of %s whose source files changed or are gone",
+            removed,
+            case_id,
+        )
+    return removed
+
+
 def _entry(base: Path, suffix: str) -> Path:
     return base.with_name(f"{base.name}.{suffix}")
 
 
-def write_entry(base: Path, prep: Prepared) -> None:
-    """Write one prepared case (arrays first, the ``.json`` description last)."""
+def write_entry(base: Path, prep: Prepared, sources: Sequence[str] = ()) -> None:
+    """Write one prepared case (arrays first, the ``.json`` description last); ``sources``:
+    the files it was prepared from (:func:`source_files`), named in the description."""
     atomic_write(_entry(base, "image.npy"), lambda fh: np.save(fh, prep.image))
     if prep.regions is not None:
         from fedseg.data.patches import foreground_points
@@ -284,6 +353,7 @@ def write_entry(base: Path, prep: Prepared) -> None:
         "labelled": prep.regions is not None,
         # the file's voxel order when it was not RAS (fedseg.data.orientation)
         "orientation": prep.meta.get("orientation"),
+        "source": list(sources),
     }
     atomic_write(_entry(base, "json"), lambda fh: fh.write(json.dumps(meta).encode()))
 
