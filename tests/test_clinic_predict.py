@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from fedseg.cli.main import app
 from fedseg.clinic.card import card_path
 from fedseg.clinic.dicom_write import new_uid, write_series
-from fedseg.clinic.predict import region_volumes_ml
+from fedseg.clinic.predict import plausibility_warnings, region_volumes_ml
 from fedseg.data.case import MODALITIES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,6 +67,56 @@ def test_case_folder_gives_label_on_input_grid_volumes_and_overlay(
     )
     assert (tmp_path / "o" / "overlay.png").read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(doc["files"])
+    images = np.stack(
+        [
+            np.asarray(nib.load(data / "CASE_000" / f"CASE_000_{m}.nii.gz").dataobj)
+            for m in MODALITIES
+        ]
+    )
+    assert doc["warnings"] == plausibility_warnings(label, images)
+    assert json.loads((tmp_path / "o" / "volumes.json").read_text())["warnings"] == doc["warnings"]
+
+
+def test_plausibility_warnings_by_hand() -> None:
+    image = np.zeros((4, 10, 10, 10), np.float32)
+    image[2, :, :, :5] = 1.0  # a "brain" of 500 voxels, seen in one modality only
+    label = np.zeros((10, 10, 10), np.uint8)
+    assert plausibility_warnings(label, image) == []  # no tumour: nothing to doubt
+    label[:5, :, :2] = 2  # 100 voxels, all in the brain: 20 %
+    assert plausibility_warnings(label, image) == []
+    label[:, :, :3] = 4  # 300 voxels: 60 % of the brain
+    (only,) = plausibility_warnings(label, image)
+    assert only.startswith("the predicted tumour's volume is 60% of the brain's")
+    label[:] = 0
+    label[:, :4, 3:6] = 1  # 120 voxels, 40 of them outside the brain: a third
+    (only,) = plausibility_warnings(label, image)
+    assert only.startswith("33% of the predicted tumour lies outside the brain")
+    label[:, :, :] = 1  # the whole field of view: both
+    assert len(plausibility_warnings(label, image)) == 2
+
+
+def test_an_implausible_segmentation_is_said_on_stderr_and_in_volumes_json(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedseg.clinic.predict as predict
+
+    seen: list[tuple[int, ...]] = []
+
+    def doubt(label: np.ndarray, image: np.ndarray) -> list[str]:
+        seen.append((*label.shape, image.shape[0]))
+        return ["the predicted tumour covers 99% of the brain"]
+
+    monkeypatch.setattr(predict, "plausibility_warnings", doubt)
+    run, data = trained
+    code, stdout, stderr = _predict(run, data / "CASE_001", "--out", tmp_path / "o")
+
+    assert code == 0, stderr
+    assert "warning: the predicted tumour covers 99% of the brain" in stderr
+    assert "warning" not in stdout
+    doc = json.loads((tmp_path / "o" / "volumes.json").read_text())
+    assert doc["warnings"] == ["the predicted tumour covers 99% of the brain"]
+    src = nib.load(data / "CASE_001" / "CASE_001_t1.nii.gz")
+    assert seen == [(*src.shape, 4)]  # the label on the input grid, with the four images
 
 
 def test_et_min_volume_relabels_small_et_as_necrosis_and_says_so(

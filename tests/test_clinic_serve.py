@@ -125,7 +125,9 @@ def test_upload_status_and_result_match_fedseg_predict(
     assert posted.status_code == 202
     assert posted.json()["case"] == "CASE_002"
     assert doc["status"] == "done", doc
-    assert doc["volumes-ml"] == json.loads((tmp_path / "volumes.json").read_text())["volumes-ml"]
+    by_predict = json.loads((tmp_path / "volumes.json").read_text())
+    assert doc["volumes-ml"] == by_predict["volumes-ml"]
+    assert doc["warnings"] == by_predict["warnings"]
     assert result.status_code == 200
     assert result.headers["content-type"] == "application/zip"
     assert np.array_equal(_label_from_result(result.content, "CASE_002"), want)

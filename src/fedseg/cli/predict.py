@@ -76,9 +76,12 @@ def register(app: typer.Typer) -> None:
                 "volumes-ml": result.volumes_ml,
                 "files": result.files,
                 "seconds": round(result.seconds, 3),
+                "warnings": result.warnings,
             }
             print(json.dumps(doc))
             return
         vols = "  ".join(f"{r} {v:.1f} ml" for r, v in result.volumes_ml.items())
         typer.echo(f"{result.case_id}: {vols}")
+        for doubt in result.warnings:
+            typer.secho(f"warning: {doubt}", fg="yellow", err=True)
         typer.echo(f"written to {out}/: {', '.join(result.files)}")

@@ -11,7 +11,9 @@ Output (:func:`predict_patient` writes into ``OUT``):
 ``<case>_seg.dcm``
     DICOM SEG (highdicom) referencing the source T1ce series, when the input was DICOM.
 ``volumes.json``
-    WT, TC and ET volumes in ml, the model's sha256 and the files written.
+    WT, TC and ET volumes in ml, the model's sha256, the files written and ``warnings``: what
+    makes the segmentation implausible (:func:`plausibility_warnings`: a tumour over half the
+    brain, or a tenth of it outside the brain), so that it is checked before it is read.
 ``overlay.png``
     The axial slice with the largest tumour area: T1ce with the labels over it.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +313,60 @@ def region_volumes_ml(label: np.ndarray, affine: np.ndarray) -> dict[str, float]
     return {r: round(float(regions[i].sum()) * voxel_ml, 3) for i, r in enumerate(REGIONS)}
 
 
+#: a predicted whole tumour over this fraction of the brain is implausible: BraTS's largest
+#: tumours are about 400-500 ml against brains of 1,100-1,600 ml (a third at most)
+MAX_TUMOUR_SHARE = 0.5
+#: a predicted whole tumour with more than this fraction of its voxels outside the brain (the
+#: voxels where every modality is 0 in skull-stripped images) is implausible
+MAX_OUTSIDE_SHARE = 0.1
+
+
+def plausibility_warnings(label: np.ndarray, image: np.ndarray) -> list[str]:
+    """What makes a predicted label map implausible, in words (empty when nothing does).
+
+    Two checks, on the brain as the images show it (voxels where any modality is non-zero;
+    BraTS images are skull-stripped with a zero background, so in images that are not the
+    "brain" is the whole field of view and the checks are weaker, never stricter):
+
+    * the whole tumour covers more than :data:`MAX_TUMOUR_SHARE` of the brain;
+    * more than :data:`MAX_OUTSIDE_SHARE` of the whole tumour lies outside the brain.
+
+    Either usually means the model does not suit these images (another contrast or
+    orientation, a model trained briefly): the volumes are not to be read as measurements.
+
+    Parameters
+    ----------
+    label:
+        The predicted BraTS label map (0 background).
+    image:
+        The case's images, channels first, on the label's grid.
+
+    Returns
+    -------
+    list[str]
+        One sentence per failed check.
+    """
+    tumour = np.asarray(label) > 0
+    found = int(tumour.sum())
+    if found == 0:
+        return []
+    brain = np.any(np.asarray(image) != 0, axis=0)
+    out: list[str] = []
+    share = found / max(int(brain.sum()), 1)
+    if share > MAX_TUMOUR_SHARE:
+        out.append(
+            f"the predicted tumour's volume is {share:.0%} of the brain's (implausible above "
+            f"{MAX_TUMOUR_SHARE:.0%}): check that the model suits these images"
+        )
+    outside = int((tumour & ~brain).sum()) / found
+    if outside > MAX_OUTSIDE_SHARE:
+        out.append(
+            f"{outside:.0%} of the predicted tumour lies outside the brain (implausible above "
+            f"{MAX_OUTSIDE_SHARE:.0%}): check that the model suits these images"
+        )
+    return out
+
+
 def axial_view(
     image: np.ndarray, label: np.ndarray, affine: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -470,6 +526,8 @@ class Prediction:
     volumes_ml: dict[str, float]
     files: list[str]
     seconds: float
+    #: :func:`plausibility_warnings` of the segmentation
+    warnings: list[str] = field(default_factory=list)
 
 
 def _stale_prediction_files(out: Path) -> list[Path]:
@@ -539,6 +597,7 @@ def predict_patient(
     regions = predict_regions(model, cfg, card["modalities"], case, device, landmarks=landmarks)
     label = regions_to_label(regions).astype(np.uint8)
     volumes = region_volumes_ml(label, case.affine)
+    doubts = plausibility_warnings(label, case.image)
     names = [f"{case.case_id}_seg.nii.gz", "overlay.png", "volumes.json"]
     earlier = _stale_prediction_files(Path(out))
     with staged_outputs(out, "predict", last=("volumes.json",)) as tmp:
@@ -559,9 +618,10 @@ def predict_patient(
             # BraTS post-processing applied (mm³; 0 = none): the ET shown is what is left
             "et-min-volume": float(cfg.et_min_volume),
             "files": names,
+            "warnings": doubts,
         }
         (tmp / "volumes.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
     for stale in earlier:
         if stale.name not in names:
             stale.unlink(missing_ok=True)
-    return Prediction(case.case_id, volumes, names, time.perf_counter() - t0)
+    return Prediction(case.case_id, volumes, names, time.perf_counter() - t0, doubts)

@@ -11,7 +11,8 @@ traceback ever leaves it (internal failures are logged on the server).
     read and checked before the answer (bad input: 400/422 naming the file inside the archive);
     the prediction is queued. Answer 202 ``{"job", "status": "queued", "case"}``.
 ``GET /jobs/{job}``
-    ``{"job", "status": queued|running|done|failed, "case", "volumes-ml", "files", "error"}``.
+    ``{"job", "status": queued|running|done|failed, "case", "volumes-ml", "files", "warnings",
+    "error"}`` (``warnings``: what makes the segmentation implausible, empty when nothing does).
 ``GET /jobs/{job}/result``
     The result files (label map, DICOM SEG for DICOM input, volumes.json, overlay.png) as a zip;
     409 while the job is not done.
@@ -88,6 +89,8 @@ class Job:
     error: str | None = None
     volumes: dict[str, float] | None = None
     files: list[str] = field(default_factory=list)
+    #: what makes the segmentation implausible (:func:`fedseg.clinic.predict.plausibility_warnings`)
+    warnings: list[str] = field(default_factory=list)
     #: the images read at upload, until the prediction has run
     patient: Any = None
 
@@ -99,6 +102,7 @@ class Job:
             "case": self.case,
             "volumes-ml": self.volumes,
             "files": list(self.files),
+            "warnings": list(self.warnings),
             "error": self.error,
         }
 
@@ -366,6 +370,7 @@ class Service:
         with self.lock:
             if result is not None:
                 job.volumes, job.files = result.volumes_ml, result.files
+                job.warnings = list(result.warnings)
             job.status, job.error = ("failed", error) if result is None else ("done", None)
 
     def _deleted(self, job: Job) -> bool:
