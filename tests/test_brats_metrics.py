@@ -268,6 +268,16 @@ def test_evaluate_writes_monai_and_brats_columns(tmp_path: Path) -> None:
                 assert float(row[col]) == pytest.approx(expected)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["mean"]["WT"]) == set(metric_columns())
+    # predict's plausibility check, case by case (an untrained model's segmentation)
+    from fedseg.clinic.predict import plausibility_warnings
+    from fedseg.data.case import MODALITIES
+
+    images = np.stack(
+        [np.asarray(nib.load(data / case / f"{case}_{m}.nii.gz").dataobj) for m in MODALITIES]
+    )
+    doubts = plausibility_warnings(np.asarray(pred_img.dataobj), images)
+    assert summary["implausible"] == ({case: doubts} if doubts else {})
+    assert (f"warning: {case}: {doubts[0]}" in result.stderr) == bool(doubts)
 
 
 def _arm(lesion: bool) -> dict:

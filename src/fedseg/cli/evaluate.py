@@ -81,6 +81,16 @@ def register(app: typer.Typer) -> None:
             )
         elif labelled < cases:
             typer.echo(f"{labelled} of them have a reference label and are scored below")
+        doubted = summary.get("implausible") or {}
+        for case_id, doubts in sorted(doubted.items())[:5]:
+            typer.secho(f"warning: {case_id}: {doubts[0]}", fg="yellow", err=True)
+        if len(doubted) > 5:
+            typer.secho(
+                f"warning: {len(doubted)} implausible segmentations in all "
+                f"({out}/summary.json, 'implausible')",
+                fg="yellow",
+                err=True,
+            )
         if labelled:
             m = summary["mean"]
 

@@ -203,8 +203,10 @@ def evaluate_folder(
     -------
     dict
         ``{"num-cases": n, "num-labelled": m, "columns": [...], "mean": {region: {column:
-        mean}}, "mean-dice": ...}``; means skip NaN (a region absent from both masks has no
-        BraTS figure, as in the official evaluator).
+        mean}}, "implausible": {case: [warning, ...]}, "mean-dice": ...}``; means skip NaN (a
+        region absent from both masks has no BraTS figure, as in the official evaluator);
+        ``implausible`` names the cases whose segmentation
+        :func:`fedseg.clinic.predict.plausibility_warnings` doubts.
 
     Raises
     ------
@@ -258,11 +260,13 @@ def _evaluate_into(
 ) -> dict[str, Any]:
     """Predict and score ``refs`` into ``folder``: the predictions and ``metrics.csv``; the
     summary is returned (without its ``checkpoint``)."""
+    from fedseg.clinic.predict import plausibility_warnings
     from fedseg.data.readers import load_case, save_label
     from fedseg.model.inference import predict_regions
 
     rows: list[dict[str, Any]] = []
     per_case: list[dict[str, dict[str, float]]] = []
+    implausible: dict[str, list[str]] = {}
     it: Any = refs
     if progress:
         from tqdm.auto import tqdm
@@ -273,6 +277,9 @@ def _evaluate_into(
         regions = predict_regions(model, cfg, modalities, case, device, landmarks)
         label = regions_to_label(regions)
         save_label(label, case.affine, folder / f"{case.case_id}.nii.gz")
+        doubts = plausibility_warnings(label, case.image)
+        if doubts:
+            implausible[case.case_id] = doubts
         if case.label is not None:
             table = case_metrics(
                 regions,
@@ -297,6 +304,8 @@ def _evaluate_into(
         "mean": {
             r: {k: None if math.isnan(v) else v for k, v in t.items()} for r, t in means.items()
         },
+        # case id to what makes its segmentation implausible (predict's check), labelled or not
+        "implausible": implausible,
     }
     if per_case:
         summary["mean-dice"] = float(np.mean([summary["mean"][r]["dice_monai"] for r in REGIONS]))
