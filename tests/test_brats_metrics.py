@@ -275,7 +275,7 @@ def test_evaluate_writes_monai_and_brats_columns(tmp_path: Path) -> None:
     images = np.stack(
         [np.asarray(nib.load(data / case / f"{case}_{m}.nii.gz").dataobj) for m in MODALITIES]
     )
-    doubts = plausibility_warnings(np.asarray(pred_img.dataobj), images)
+    doubts = plausibility_warnings(np.asarray(pred_img.dataobj), images, pred_img.affine)
     assert summary["implausible"] == ({case: doubts} if doubts else {})
     assert (f"warning: {case}: {doubts[0]}" in result.stderr) == bool(doubts)
 

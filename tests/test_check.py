@@ -65,7 +65,41 @@ def test_clean_dataset_json(tmp_path: Path, tiny_case: Case, write_case: Writer)
         "cases_checked": 1,
         "cases_clean": 1,
         "problems": [],
+        "warnings": [],
     }
+
+
+def test_images_that_do_not_look_skull_stripped_are_a_warning_not_a_problem(
+    tmp_path: Path, write_case: Writer
+) -> None:
+    rng = np.random.default_rng(0)
+    shape = (30, 30, 30)  # 5 mm voxels: 3,375 ml, all of it non-zero (a noisy background)
+    head = (100.0 + rng.random((4, *shape))).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    label[10:14, 10:14, 10:14] = 2
+    affine = np.diag([5.0, 5.0, 5.0, 1.0])
+    write_case(Case("head_000", head, label, affine), tmp_path, "brats2021")
+    brain = head.copy()
+    brain[:, :, :, 20:] = 0  # 2,250 ml left: a (large) brain
+    write_case(Case("brain_000", brain, label, affine), tmp_path, "brats2021")
+
+    report = check_dataset(tmp_path)
+    code, output = run_check(str(tmp_path))
+    _, as_json = run_check(str(tmp_path), "--json")
+
+    assert report.ok and report.cases_clean == 2
+    (warning,) = report.warnings
+    assert warning.code == "not-skull-stripped"
+    assert warning.path == str(tmp_path / "head_000")
+    assert warning.message.startswith("3,375 ml of the images is non-zero, more than any brain")
+    assert code == 0
+    assert output.strip().splitlines() == [
+        f"{tmp_path / 'head_000'}: warning not-skull-stripped {warning.message}",
+        f"OK: 2 case(s) checked in {tmp_path} (layout brats2021), no problems; 1 warning(s)",
+    ]
+    assert json.loads(as_json)["warnings"] == [
+        {"path": warning.path, "code": warning.code, "message": warning.message}
+    ]
 
 
 def test_unlabelled_cases_and_require_labels(tmp_path: Path, write_case: Writer) -> None:

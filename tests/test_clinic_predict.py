@@ -73,7 +73,7 @@ def test_case_folder_gives_label_on_input_grid_volumes_and_overlay(
             for m in MODALITIES
         ]
     )
-    assert doc["warnings"] == plausibility_warnings(label, images)
+    assert doc["warnings"] == plausibility_warnings(label, images, seg.affine)
     assert json.loads((tmp_path / "o" / "volumes.json").read_text())["warnings"] == doc["warnings"]
 
 
@@ -93,6 +93,13 @@ def test_plausibility_warnings_by_hand() -> None:
     assert only.startswith("33% of the predicted tumour lies outside the brain")
     label[:, :, :] = 1  # the whole field of view: both
     assert len(plausibility_warnings(label, image)) == 2
+    # with the affine, the images are also checked for skull-stripping: 1,000 voxels of 4 mm
+    # are 64 ml, a brain's size; all non-zero at 16 mm they are 4,096 ml, a head's or more
+    label[:] = 0
+    assert plausibility_warnings(label, image, np.diag([4.0, 4.0, 4.0, 1.0])) == []
+    image[:] = 1.0
+    (only,) = plausibility_warnings(label, image, np.diag([16.0, 16.0, 16.0, 1.0]))
+    assert only.startswith("4,096 ml of the images is non-zero")
 
 
 def test_an_implausible_segmentation_is_said_on_stderr_and_in_volumes_json(
@@ -102,8 +109,8 @@ def test_an_implausible_segmentation_is_said_on_stderr_and_in_volumes_json(
 
     seen: list[tuple[int, ...]] = []
 
-    def doubt(label: np.ndarray, image: np.ndarray) -> list[str]:
-        seen.append((*label.shape, image.shape[0]))
+    def doubt(label: np.ndarray, image: np.ndarray, affine: np.ndarray) -> list[str]:
+        seen.append((*label.shape, image.shape[0], *np.asarray(affine).shape))
         return ["the predicted tumour covers 99% of the brain"]
 
     monkeypatch.setattr(predict, "plausibility_warnings", doubt)
@@ -116,7 +123,7 @@ def test_an_implausible_segmentation_is_said_on_stderr_and_in_volumes_json(
     doc = json.loads((tmp_path / "o" / "volumes.json").read_text())
     assert doc["warnings"] == ["the predicted tumour covers 99% of the brain"]
     src = nib.load(data / "CASE_001" / "CASE_001_t1.nii.gz")
-    assert seen == [(*src.shape, 4)]  # the label on the input grid, with the four images
+    assert seen == [(*src.shape, 4, 4, 4)]  # the label on the input grid, the images, affine
 
 
 def test_et_min_volume_relabels_small_et_as_necrosis_and_says_so(

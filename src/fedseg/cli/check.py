@@ -45,8 +45,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Check every case of DIR: files present and readable, shapes, affines, spacing,
         label values, NaN/inf and empty images. Prints one line per problem:
-        "<path>: <code> <message>". Exit 0 when clean, 1 with problems, 2 on bad usage,
-        3 on an internal failure."""
+        "<path>: <code> <message>", then one per warning (images that do not look
+        skull-stripped): "<path>: warning <code> <message>". Exit 0 when clean (warnings
+        allowed), 1 with problems, 2 on bad usage, 3 on an internal failure."""
         import json
 
         from fedseg.data.check import check_dataset
@@ -57,18 +58,24 @@ def register(app: typer.Typer) -> None:
             report = check_dataset(directory, layout=layout, require_labels=require_labels)
         if json_out:
             print(json.dumps(report.to_dict(), indent=2))
-        elif report.ok:
+            if not report.ok:
+                raise typer.Exit(EXIT_PROBLEMS)
+            return
+        for problem in report.problems:
+            print(problem.line())
+        for warning in report.warnings:
+            print(f"{warning.path}: warning {warning.code} {warning.message}")
+        warned = f"; {len(report.warnings)} warning(s)" if report.warnings else ""
+        if report.ok:
             print(
                 f"OK: {report.cases_checked} case(s) checked in {directory} "
-                f"(layout {report.layout}), no problems"
+                f"(layout {report.layout}), no problems{warned}"
             )
         else:
-            for problem in report.problems:
-                print(problem.line())
             print(
                 f"{len(report.problems)} problem(s) in "
                 f"{report.cases_checked - report.cases_clean} of {report.cases_checked} "
-                f"case(s) in {directory} (layout {report.layout or 'unknown'})"
+                f"case(s) in {directory} (layout {report.layout or 'unknown'}){warned}"
             )
         if not report.ok:
             raise typer.Exit(EXIT_PROBLEMS)

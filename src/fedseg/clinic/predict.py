@@ -12,8 +12,9 @@ Output (:func:`predict_patient` writes into ``OUT``):
     DICOM SEG (highdicom) referencing the source T1ce series, when the input was DICOM.
 ``volumes.json``
     WT, TC and ET volumes in ml, the model's sha256, the files written and ``warnings``: what
-    makes the segmentation implausible (:func:`plausibility_warnings`: a tumour over half the
-    brain, or a tenth of it outside the brain), so that it is checked before it is read.
+    makes the segmentation implausible (:func:`plausibility_warnings`: images that do not look
+    skull-stripped, a tumour over half the brain, or a tenth of it outside the brain), so that
+    it is checked before it is read.
 ``overlay.png``
     The axial slice with the largest tumour area: T1ce with the labels over it.
 """
@@ -321,7 +322,9 @@ MAX_TUMOUR_SHARE = 0.5
 MAX_OUTSIDE_SHARE = 0.1
 
 
-def plausibility_warnings(label: np.ndarray, image: np.ndarray) -> list[str]:
+def plausibility_warnings(
+    label: np.ndarray, image: np.ndarray, affine: np.ndarray | None = None
+) -> list[str]:
     """What makes a predicted label map implausible, in words (empty when nothing does).
 
     Two checks, on the brain as the images show it (voxels where any modality is non-zero;
@@ -333,6 +336,8 @@ def plausibility_warnings(label: np.ndarray, image: np.ndarray) -> list[str]:
 
     Either usually means the model does not suit these images (another contrast or
     orientation, a model trained briefly): the volumes are not to be read as measurements.
+    With ``affine``, images that do not look skull-stripped are said first
+    (:func:`fedseg.data.check.skull_strip_warning`), whatever the label.
 
     Parameters
     ----------
@@ -340,18 +345,25 @@ def plausibility_warnings(label: np.ndarray, image: np.ndarray) -> list[str]:
         The predicted BraTS label map (0 background).
     image:
         The case's images, channels first, on the label's grid.
+    affine:
+        Their voxel-to-mm affine (``None``: no skull-stripping check).
 
     Returns
     -------
     list[str]
         One sentence per failed check.
     """
+    from fedseg.data.check import skull_strip_warning
+
+    out: list[str] = []
+    stripped = skull_strip_warning(image, affine) if affine is not None else None
+    if stripped is not None:
+        out.append(stripped)
     tumour = np.asarray(label) > 0
     found = int(tumour.sum())
     if found == 0:
-        return []
+        return out
     brain = np.any(np.asarray(image) != 0, axis=0)
-    out: list[str] = []
     share = found / max(int(brain.sum()), 1)
     if share > MAX_TUMOUR_SHARE:
         out.append(
@@ -597,7 +609,7 @@ def predict_patient(
     regions = predict_regions(model, cfg, card["modalities"], case, device, landmarks=landmarks)
     label = regions_to_label(regions).astype(np.uint8)
     volumes = region_volumes_ml(label, case.affine)
-    doubts = plausibility_warnings(label, case.image)
+    doubts = plausibility_warnings(label, case.image, case.affine)
     names = [f"{case.case_id}_seg.nii.gz", "overlay.png", "volumes.json"]
     earlier = _stale_prediction_files(Path(out))
     with staged_outputs(out, "predict", last=("volumes.json",)) as tmp:

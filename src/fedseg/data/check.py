@@ -28,6 +28,16 @@ ambiguous-file      LayoutError             two files for one modality or label 
                                             and ``.nii.gz``): the one named is read, the
                                             others ignored (check only; loading reads it)
 =================== ======================= ================================================
+
+Warnings are reported beside the problems but do not fail the check (the case loads):
+
+=================== ================================================================
+code                meaning
+=================== ================================================================
+not-skull-stripped  more than :data:`MAX_BRAIN_ML` of the images is non-zero: no brain
+                    is that large, so the skull and scalp (or a noisy background) are
+                    still there, where BraTS-style models expect skull-stripped images
+=================== ================================================================
 """
 
 from __future__ import annotations
@@ -35,8 +45,45 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fedseg.data.readers import Issue, duplicate_files, inspect_case, inspect_dataset
 from fedseg.errors import LayoutError
+
+#: the most of an image that may be non-zero (ml) before it does not look skull-stripped:
+#: adult brains are about 1,000-1,700 ml (fedseg's generated cases 1,600-2,100 with the
+#: stripping's residue), a head with skull and scalp 3,500 ml and more, a field of view with a
+#: noisy background all of it
+MAX_BRAIN_ML = 3000.0
+
+
+def skull_strip_warning(image: np.ndarray, affine: np.ndarray) -> str | None:
+    """Why the images do not look skull-stripped, or ``None`` when they do.
+
+    The brain is taken as the voxels where any modality is non-zero (BraTS images are
+    skull-stripped onto a zero background); more than :data:`MAX_BRAIN_ML` of it is no brain.
+
+    Parameters
+    ----------
+    image:
+        The case's images, channels first.
+    affine:
+        Their voxel-to-mm affine.
+
+    Returns
+    -------
+    str or None
+        One sentence naming the non-zero volume.
+    """
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    nonzero_ml = float(np.any(np.asarray(image) != 0, axis=0).sum()) * voxel_ml
+    if nonzero_ml <= MAX_BRAIN_ML:
+        return None
+    return (
+        f"{nonzero_ml:,.0f} ml of the images is non-zero, more than any brain "
+        f"({MAX_BRAIN_ML:,.0f} ml): they do not look skull-stripped, and BraTS-style models "
+        "expect skull-stripped images (strip them first, e.g. with HD-BET or SynthStrip)"
+    )
 
 
 @dataclass(frozen=True)
@@ -78,6 +125,9 @@ class CheckReport:
         Number of those cases without any problem.
     problems:
         Every problem, in case order.
+    warnings:
+        What does not stop a case from loading but should be looked at (the module's second
+        table), in case order.
     """
 
     root: str
@@ -85,6 +135,7 @@ class CheckReport:
     cases_checked: int = 0
     cases_clean: int = 0
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +151,7 @@ class CheckReport:
             "cases_checked": self.cases_checked,
             "cases_clean": self.cases_clean,
             "problems": [asdict(p) for p in self.problems],
+            "warnings": [asdict(p) for p in self.warnings],
         }
 
 
@@ -157,13 +209,17 @@ def check_dataset(
     for ref in refs:
         first_image = next(iter(ref.images.values()), None)
         require = require_labels and not _is_msd_test_case(found_layout, first_image)
-        _, case_issues = inspect_case(ref, require_label=require, validate=True)
+        case, case_issues = inspect_case(ref, require_label=require, validate=True)
         case_issues = [*duplicate_files(ref), *case_issues]
         report.cases_checked += 1
         report.cases_clean += not case_issues
         for issue in case_issues:
             add(issue)
+        stripped = skull_strip_warning(case.image, case.affine) if case is not None else None
+        if stripped is not None:
+            where = first_image.parent if found_layout != "msd" and first_image else first_image
+            report.warnings.append(Problem(str(where), "not-skull-stripped", stripped))
     return report
 
 
-__all__ = ["CheckReport", "Problem", "check_dataset"]
+__all__ = ["MAX_BRAIN_ML", "CheckReport", "Problem", "check_dataset", "skull_strip_warning"]

@@ -277,7 +277,7 @@ def _evaluate_into(
         regions = predict_regions(model, cfg, modalities, case, device, landmarks)
         label = regions_to_label(regions)
         save_label(label, case.affine, folder / f"{case.case_id}.nii.gz")
-        doubts = plausibility_warnings(label, case.image)
+        doubts = plausibility_warnings(label, case.image, case.affine)
         if doubts:
             implausible[case.case_id] = doubts
         if case.label is not None:
