@@ -175,10 +175,8 @@ def dice_ce_loss(probs: np.ndarray, target: np.ndarray, eps: float = 1e-7) -> fl
     Per region channel ``1 - (2 sum(p t) + s) / (sum(p^2) + sum(t^2) + s)`` (MONAI's
     ``DiceLoss(sigmoid=True, squared_pred=True, smooth_nr=smooth_dr=1e-5)``, the Dice term the
     sites train with), averaged over channels, plus the mean binary cross-entropy over all voxels
-    and channels (``BCEWithLogitsLoss``). The training objective's second term differs: MONAI's
-    ``DiceCELoss`` applies a softmax cross-entropy across the three (nested) region channels;
-    the per-region BCE is the natural likelihood of the sigmoid outputs and is what the attack
-    scores.
+    and channels (``BCEWithLogitsLoss``): the training objective
+    (:func:`fedseg.model.losses.build_loss`) of one case, probabilities clipped.
 
     Parameters
     ----------
