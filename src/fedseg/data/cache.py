@@ -12,12 +12,12 @@ Layout of a cache folder (``cache-dir``; chosen by the site, never inside the da
 image size or spacing, crop margin); ``<stamp>`` hashes the case's source files (path, size,
 modification time). A cache written by another fedseg version or with other parameters is
 never read: its key differs, so the cases are prepared again, and folders of other fedseg
-versions are removed. When a case is prepared again, the entries of the same case under
-another stamp that came from the same files (changed since) or from files that are gone
-(moved, deleted) are removed, so the cache does not grow each time a hospital re-exports its
-cases or a study folder moves; an entry from other files that still exist (another data folder
-with a case of that id) is kept. Each file is written atomically and the ``.json`` last, so an
-entry that a killed process left half-written is prepared again.
+versions are removed. When a case is prepared again because its files changed, its entries
+of the same files under an earlier stamp are removed, so the cache does not grow each time a
+hospital re-exports its cases; an entry of other files (another data folder with a case of
+that id) is kept. An entry names its files only by a digest of their paths (``source-sha1``):
+the cache holds no path of the site's data. Each file is written atomically and the ``.json``
+last, so an entry that a killed process left half-written is prepared again.
 
 Arrays are opened with ``numpy.load(mmap_mode="r")``: a site holds the cases as memory maps and
 reads only the voxels a patch or a prediction touches, so its memory does not grow with its
@@ -280,13 +280,18 @@ _STAMP = re.compile(r"[0-9a-f]{16}")
 _ENTRY_FILES: tuple[str, ...] = ("json", "image.npy", "regions.npy", "fg.npy")
 
 
-def remove_stale_entries(folder: Path, case_id: str, stamp: str, sources: Sequence[str]) -> int:
-    """Remove the entries of ``case_id`` under another stamp that are stale for good.
+def sources_sha1(sources: Sequence[str]) -> str:
+    """A digest of a case's source paths (:func:`source_files`): which files, not their state."""
+    return hashlib.sha1("\n".join(sorted(sources)).encode()).hexdigest()
 
-    An entry is stale when its description names the same ``sources`` (those files changed
-    since it was prepared) or files of which one no longer exists (moved or deleted). An entry
-    of other files that all still exist is kept (another data folder holding a case of that
-    id), as is one written before entries named their source files.
+
+def remove_stale_entries(folder: Path, case_id: str, stamp: str, sources: Sequence[str]) -> int:
+    """Remove the entries of ``case_id`` under another stamp prepared from the same files.
+
+    Those files have changed since (another size or time: another stamp), so the entries are
+    stale for good. An entry of other files (another data folder holding a case of that id,
+    or the same cases at another path) is kept, as is one written before entries recorded
+    their files' digest.
 
     Parameters
     ----------
@@ -303,29 +308,23 @@ def remove_stale_entries(folder: Path, case_id: str, stamp: str, sources: Sequen
         How many entries were removed.
     """
     removed = 0
-    wanted = sorted(sources)
+    wanted = sources_sha1(sources)
     for described in folder.glob(f"{glob.escape(case_id)}-*.json"):
         other = described.name[len(case_id) + 1 : -len(".json")]
         if other == stamp or not _STAMP.fullmatch(other):
             continue
         try:
-            named = json.loads(described.read_text()).get("source")
+            named = json.loads(described.read_text()).get("source-sha1")
         except (OSError, ValueError, AttributeError):
             continue
-        if not isinstance(named, list) or not named:
-            continue
-        if sorted(named) != wanted and all(Path(str(f)).exists() for f in named):
+        if named != wanted:
             continue
         base = folder / f"{case_id}-{other}"
         for suffix in _ENTRY_FILES:
             _entry(base, suffix).unlink(missing_ok=True)
         removed += 1
     if removed:
-        log.info(
-            "removed %d prepared version(s) of %s whose source files changed or are gone",
-            removed,
-            case_id,
-        )
+        log.info("removed %d prepared version(s) of %s whose files changed", removed, case_id)
     return removed
 
 
@@ -335,7 +334,8 @@ def _entry(base: Path, suffix: str) -> Path:
 
 def write_entry(base: Path, prep: Prepared, sources: Sequence[str] = ()) -> None:
     """Write one prepared case (arrays first, the ``.json`` description last); ``sources``:
-    the files it was prepared from (:func:`source_files`), named in the description."""
+    the files it was prepared from (:func:`source_files`), recorded by their digest
+    (:func:`sources_sha1`)."""
     atomic_write(_entry(base, "image.npy"), lambda fh: np.save(fh, prep.image))
     if prep.regions is not None:
         from fedseg.data.patches import foreground_points
@@ -353,7 +353,7 @@ def write_entry(base: Path, prep: Prepared, sources: Sequence[str] = ()) -> None
         "labelled": prep.regions is not None,
         # the file's voxel order when it was not RAS (fedseg.data.orientation)
         "orientation": prep.meta.get("orientation"),
-        "source": list(sources),
+        "source-sha1": sources_sha1(sources),
     }
     atomic_write(_entry(base, "json"), lambda fh: fh.write(json.dumps(meta).encode()))
 
