@@ -67,14 +67,13 @@ def data_sha1(folder: Path) -> str:
     str
         A SHA-1 hex digest.
     """
+    from fedseg.data.cache import source_files
     from fedseg.data.readers import discover_cases
 
     root = Path(folder).resolve()
     digest = hashlib.sha1()
     for ref in discover_cases(root):
-        files = {Path(f) for f in (*ref.images.values(), *([ref.label] if ref.label else []))}
-        for path in sorted(files):
-            full = path.resolve()
+        for full in map(Path, source_files(ref)):
             name = full.relative_to(root) if full.is_relative_to(root) else full
             try:
                 st = full.stat()
