@@ -102,6 +102,32 @@ def test_plausibility_warnings_by_hand() -> None:
     assert only.startswith("4,096 ml of the images is non-zero")
 
 
+def test_plausibility_computes_the_brain_once_for_both_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fedseg.data.harmonise as harmonise
+    from fedseg.data.check import skull_strip_warning
+
+    calls: list[tuple[int, ...]] = []
+    real = harmonise.brain_mask
+
+    def counted(image: np.ndarray) -> np.ndarray:
+        calls.append(np.asarray(image).shape)
+        return real(image)
+
+    monkeypatch.setattr(harmonise, "brain_mask", counted)
+    image = np.ones((4, 10, 10, 10), np.float32)
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[:2] = 1
+    assert len(plausibility_warnings(label, image, np.diag([16.0, 16.0, 16.0, 1.0]))) == 1
+    assert calls == [(4, 10, 10, 10)]
+    # a brain handed in is the one measured: 10 voxels of 16 mm are 41 ml, no head
+    brain = np.zeros((10, 10, 10), bool)
+    brain[0, 0] = True
+    assert skull_strip_warning(image, np.diag([16.0, 16.0, 16.0, 1.0]), brain=brain) is None
+    assert len(calls) == 1
+
+
 def test_an_implausible_segmentation_is_said_on_stderr_and_in_volumes_json(
     trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -354,17 +354,20 @@ def plausibility_warnings(
         One sentence per failed check.
     """
     from fedseg.data.check import skull_strip_warning
+    from fedseg.data.harmonise import brain_mask
 
     out: list[str] = []
-    stripped = skull_strip_warning(image, affine) if affine is not None else None
-    if stripped is not None:
-        out.append(stripped)
     tumour = np.asarray(label) > 0
     found = int(tumour.sum())
+    if found == 0 and affine is None:
+        return out
+    brain = brain_mask(image)  # once, for both checks (about 30 ms on a 1 mm case)
+    stripped = skull_strip_warning(image, affine, brain=brain) if affine is not None else None
+    if stripped is not None:
+        out.append(stripped)
     if found == 0:
         return out
-    brain = np.any(np.asarray(image) != 0, axis=0)
-    share = found / max(int(brain.sum()), 1)
+    share = found / max(int(np.count_nonzero(brain)), 1)
     if share > MAX_TUMOUR_SHARE:
         out.append(
             f"the predicted tumour's volume is {share:.0%} of the brain's (implausible above "

@@ -57,11 +57,14 @@ from fedseg.errors import LayoutError
 MAX_BRAIN_ML = 3000.0
 
 
-def skull_strip_warning(image: np.ndarray, affine: np.ndarray) -> str | None:
+def skull_strip_warning(
+    image: np.ndarray, affine: np.ndarray, *, brain: np.ndarray | None = None
+) -> str | None:
     """Why the images do not look skull-stripped, or ``None`` when they do.
 
-    The brain is taken as the voxels where any modality is non-zero (BraTS images are
-    skull-stripped onto a zero background); more than :data:`MAX_BRAIN_ML` of it is no brain.
+    The brain is taken as the voxels where any modality is non-zero
+    (:func:`fedseg.data.harmonise.brain_mask`; BraTS images are skull-stripped onto a zero
+    background); more than :data:`MAX_BRAIN_ML` of it is no brain.
 
     Parameters
     ----------
@@ -69,6 +72,9 @@ def skull_strip_warning(image: np.ndarray, affine: np.ndarray) -> str | None:
         The case's images, channels first.
     affine:
         Their voxel-to-mm affine.
+    brain:
+        :func:`~fedseg.data.harmonise.brain_mask` of ``image`` when the caller has it
+        already (``None``: computed here).
 
     Returns
     -------
@@ -76,7 +82,11 @@ def skull_strip_warning(image: np.ndarray, affine: np.ndarray) -> str | None:
         One sentence naming the non-zero volume.
     """
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    nonzero_ml = float(np.any(np.asarray(image) != 0, axis=0).sum()) * voxel_ml
+    if brain is None:
+        from fedseg.data.harmonise import brain_mask
+
+        brain = brain_mask(image)
+    nonzero_ml = float(np.count_nonzero(brain)) * voxel_ml
     if nonzero_ml <= MAX_BRAIN_ML:
         return None
     return (
