@@ -264,7 +264,7 @@ class FedsegConfig:
     # ``fedseg study`` only: these arms train with their own learning rate instead of
     # learning-rate (each chosen on validation cases with ``fedseg study --tune``; README)
     arm_learning_rates: str = (
-        "centralized=0.03,local=0.012,fedavg=0.005,fedprox=0.003,scaffold=0.005,fedbn=0.012"
+        "centralized=0.03,local=0.005,fedavg=0.005,fedprox=0.003,scaffold=0.003,fedbn=0.008"
     )
     # `fedseg study`: an arm's own augment (ARM=AUGMENT, ...), chosen on validation cases at the
     # cpu-demo budget: a hospital training alone on 4-18 cases does better with it
