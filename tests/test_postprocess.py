@@ -16,6 +16,7 @@ from fedseg.model.postprocess import (
     choose_min_volume,
     dice_by_threshold,
     mean_dice_by_threshold,
+    affine_voxel_volume,
     suppress_small_et,
     voxel_volume,
 )
@@ -57,6 +58,26 @@ def test_small_et_moves_into_tc_and_wt() -> None:
 def test_et_at_or_above_the_threshold_or_off_is_unchanged(et_voxels: int, threshold: float) -> None:
     pred = regions(et_voxels)
     assert np.array_equal(suppress_small_et(pred, 8.0, threshold), pred)
+
+
+def test_a_volume_at_the_threshold_up_to_rounding_is_kept_on_every_grid() -> None:
+    # numpy's determinant of a 2 mm grid is 7.999999999999998, not 8: 250 predicted ET voxels
+    # at 2000 mm³ were kept when the trainer scored the case (8.0 from the spacing) and removed
+    # by evaluate and predict (the file's affine), so the two disagreed on the same model
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    assert affine_voxel_volume(affine) != 8.0
+    pred = np.zeros((3, 10, 10, 10), dtype=bool)
+    pred[2].flat[:250] = True
+    pred[1] |= pred[2]
+    pred[0] |= pred[1]
+    on_the_grid = suppress_small_et(pred, voxel_volume((2.0, 2.0, 2.0)), 2000.0)
+    from_the_file = suppress_small_et(pred, affine_voxel_volume(affine), 2000.0)
+    assert on_the_grid[2].sum() == from_the_file[2].sum() == 250
+    # a volume truly below the threshold is still removed: 249 voxels, 1992 mm³
+    pred[2].flat[249] = False
+    assert not suppress_small_et(pred, affine_voxel_volume(affine), 2000.0)[2].any()
+    # and one a hundredth of a per cent below it as well
+    assert not suppress_small_et(regions(2), 8.0, 16.0 * 1.0001)[2].any()
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,12 @@ import numpy as np
 #: BraTS entries used 200-500 voxels at 1 mm; the larger ones matter on coarse grids.
 ET_MIN_VOLUMES: tuple[float, ...] = (0.0, 250.0, 500.0, 1000.0, 2000.0, 3000.0, 5000.0, 8000.0)
 
+#: A predicted ET volume within this relative distance of the threshold counts as at it (kept).
+#: Voxel volumes read from a float32 header or an affine's determinant carry rounding
+#: (2 mm voxels: 7.999999999999998 mm³), and a count x volume that lands on a round threshold
+#: (250 x 8 mm³ = 2000 mm³) must give the same answer on the training grid and in a file.
+VOLUME_RTOL = 1e-6
+
 
 def voxel_volume(spacing: Sequence[float]) -> float:
     """The volume in mm³ of one voxel of the given spacing (mm per axis)."""
@@ -45,7 +51,8 @@ def suppress_small_et(regions: np.ndarray, voxel_mm3: float, min_volume_mm3: flo
     voxel_mm3:
         Volume of one voxel in mm³ (:func:`voxel_volume`).
     min_volume_mm3:
-        ET whose total volume is below this is removed; ``<= 0`` changes nothing.
+        ET whose total volume is below this is removed; ``<= 0`` changes nothing. A volume
+        within :data:`VOLUME_RTOL` of it counts as at it, and is kept.
 
     Returns
     -------
@@ -67,7 +74,7 @@ def suppress_small_et(regions: np.ndarray, voxel_mm3: float, min_volume_mm3: flo
         return reg
     et = reg[2]
     count = int(et.sum())
-    if 0 < count and count * voxel_mm3 < min_volume_mm3:
+    if 0 < count and count * voxel_mm3 < min_volume_mm3 * (1.0 - VOLUME_RTOL):
         reg[1] |= et
         reg[0] |= et
         reg[2] = False
