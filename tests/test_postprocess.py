@@ -13,10 +13,10 @@ from fedseg.config import FedsegConfig
 from fedseg.errors import ConfigError
 from fedseg.model.postprocess import (
     ET_MIN_VOLUMES,
+    affine_voxel_volume,
     choose_min_volume,
     dice_by_threshold,
     mean_dice_by_threshold,
-    affine_voxel_volume,
     suppress_small_et,
     voxel_volume,
 )
