@@ -65,14 +65,14 @@ def test_a_volume_at_the_threshold_up_to_rounding_is_kept_on_every_grid() -> Non
     # at 2000 mm³ were kept when the trainer scored the case (8.0 from the spacing) and removed
     # by evaluate and predict (the file's affine), so the two disagreed on the same model
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    assert affine_voxel_volume(affine) != 8.0
     pred = np.zeros((3, 10, 10, 10), dtype=bool)
     pred[2].flat[:250] = True
     pred[1] |= pred[2]
     pred[0] |= pred[1]
     on_the_grid = suppress_small_et(pred, voxel_volume((2.0, 2.0, 2.0)), 2000.0)
     from_the_file = suppress_small_et(pred, affine_voxel_volume(affine), 2000.0)
-    assert on_the_grid[2].sum() == from_the_file[2].sum() == 250
+    just_below = suppress_small_et(pred, float(np.nextafter(8.0, 0.0)), 2000.0)
+    assert on_the_grid[2].sum() == from_the_file[2].sum() == just_below[2].sum() == 250
     # a volume truly below the threshold is still removed: 249 voxels, 1992 mm³
     pred[2].flat[249] = False
     assert not suppress_small_et(pred, affine_voxel_volume(affine), 2000.0)[2].any()
